@@ -1,0 +1,28 @@
+"""Errors a user can meet: one clear sentence, with the fix where there is one.
+
+Anything else that escapes is our bug and keeps its traceback.
+"""
+
+
+class StackerKernelError(Exception):
+    """Base of every user-facing error; str(e) is the one-line message."""
+
+
+class StorageError(StackerKernelError):
+    """The storage root is missing, not btrfs, or mounted without the options we need."""
+
+
+class ContainerError(StackerKernelError):
+    """The container could not be started (namespaces, id maps, mounts)."""
+
+
+class StepError(StackerKernelError):
+    """A build step failed: non-zero status, interrupt, or its shell died."""
+
+
+class RecipeError(StackerKernelError):
+    """A stacker.yaml, a notebook or a magic line is invalid."""
+
+
+class ImageError(StackerKernelError):
+    """A base image (tar, OCI layout, registry) is unreadable or hostile."""
