@@ -1,0 +1,69 @@
+"""Shared test setup.
+
+The suite runs twice (scripts/test.sh): as an unprivileged user with a subuid
+range, deselecting `rootful` tests, and as root running only them. Tests are
+deselected rather than skipped so that a skip never hides a missing feature.
+"""
+import os
+import shutil
+import subprocess
+import tarfile
+import io
+from pathlib import Path
+
+import pytest
+
+IS_ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        rootful = item.get_closest_marker("rootful") is not None
+        (keep if rootful == IS_ROOT else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def _busybox_rootfs_tar(dest: Path) -> Path:
+    """A minimal busybox rootfs as an uncompressed tar, owned by 0:0."""
+    busybox = Path("/bin/busybox")
+    applets = subprocess.run([str(busybox), "--list-full"], check=True,
+                             capture_output=True, text=True).stdout.split()
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+        def add_dir(name, mode=0o755):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, mode, 1700000000
+            tar.addfile(ti)
+
+        def add_file(name, data: bytes, mode=0o644):
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), mode, 1700000000
+            tar.addfile(ti, io.BytesIO(data))
+
+        for d in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "root", "proc",
+                  "sys", "dev", "var", "var/tmp", "home", "run"]:
+            add_dir(d, 0o700 if d == "root" else 0o755)
+        add_dir("tmp", 0o1777)
+        ti = tarfile.TarInfo("bin/busybox")
+        ti.size, ti.mode, ti.mtime = busybox.stat().st_size, 0o755, 1700000000
+        with busybox.open("rb") as f:
+            tar.addfile(ti, f)
+        for path in applets:
+            path = path.lstrip("/")
+            if path == "bin/busybox":
+                continue
+            ti = tarfile.TarInfo(path)
+            ti.type, ti.mtime = tarfile.SYMTYPE, 1700000000
+            ti.linkname = "/bin/busybox"
+            tar.addfile(ti)
+        add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+        add_file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def busybox_tar(tmp_path_factory) -> Path:
+    """Path to a busybox rootfs tar (from Debian's busybox-static)."""
+    return _busybox_rootfs_tar(tmp_path_factory.mktemp("busybox") / "busybox.tar")
