@@ -1,0 +1,236 @@
+"""User namespaces that hold the caller's whole subordinate uid/gid range.
+
+Inside, root is the caller and ids 1..65535 are the caller's subordinate ids
+(inside id N is outside id SUBID_START + N), so `apt` can drop to `_apt` and
+files keep their owners. The maps are written by the setuid helpers
+newuidmap/newgidmap (Debian's `uidmap`), which check /etc/subuid and
+/etc/subgid. Real root needs no subordinate ranges: it maps ids one to one.
+
+Everything here works in a forked, single-threaded child: unshare(CLONE_NEWUSER)
+fails with EINVAL in a process with several threads (ipykernel has several).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from stacker_kernel.errors import ContainerError, StackerKernelError
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+PR_SET_PDEATHSIG = 1
+NS_SIZE = 65536  # ids inside: 0 (the caller) and 1..65535 (subordinate ids)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def libc_call(name: str, *args: Any) -> int:
+    """Call a libc function, raising OSError with errno on -1."""
+    ret = getattr(_libc, name)(*args)
+    if ret == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+    return ret
+
+
+def unshare(flags: int) -> None:
+    libc_call("unshare", ctypes.c_int(flags))
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent thread dies."""
+    libc_call("prctl", ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class IdRange:
+    """`count` ids starting at `inside` map onto ids starting at `outside`."""
+    inside: int
+    outside: int
+    count: int
+
+
+@dataclass(frozen=True)
+class IdMap:
+    uids: tuple[IdRange, ...]
+    gids: tuple[IdRange, ...]
+    rootful: bool
+
+    def to_outside_uid(self, uid: int) -> int:
+        return _translate(self.uids, uid)
+
+    def to_outside_gid(self, gid: int) -> int:
+        return _translate(self.gids, gid)
+
+    @classmethod
+    def for_current_user(cls) -> "IdMap":
+        """The map for this process's user; a clear error if it has no subordinate range."""
+        if os.geteuid() == 0:
+            full = (IdRange(0, 0, 4294967295),)
+            return cls(full, full, rootful=True)
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        sub_u = _subordinate_start("/etc/subuid", name, uid)
+        sub_g = _subordinate_start("/etc/subgid", name, uid)
+        return cls(
+            (IdRange(0, uid, 1), IdRange(1, sub_u + 1, NS_SIZE - 1)),
+            (IdRange(0, gid, 1), IdRange(1, sub_g + 1, NS_SIZE - 1)),
+            rootful=False,
+        )
+
+
+def _translate(ranges: tuple[IdRange, ...], ident: int) -> int:
+    for r in ranges:
+        if r.inside <= ident < r.inside + r.count:
+            return r.outside + ident - r.inside
+    raise ValueError(f"id {ident} is not mapped")
+
+
+def _subordinate_start(path: str, name: str, uid: int) -> int:
+    """Start of the first range in `path` for this user that holds NS_SIZE ids."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) != 3 or parts[0] not in (name, str(uid)):
+            continue
+        try:
+            start, count = int(parts[1]), int(parts[2])
+        except ValueError:
+            continue
+        if count >= NS_SIZE:
+            return start
+    raise ContainerError(
+        f"user {name} has no subordinate range of {NS_SIZE} ids in {path}: "
+        f"as root, add a line like '{name}:100000:{NS_SIZE}' to /etc/subuid and /etc/subgid "
+        f"(or run 'usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}')"
+    )
+
+
+def write_maps(pid: int, idmap: IdMap) -> None:
+    """Write the uid/gid maps of `pid`, which has just unshared its user namespace."""
+    if idmap.rootful:
+        for kind, ranges in (("uid_map", idmap.uids), ("gid_map", idmap.gids)):
+            with open(f"/proc/{pid}/{kind}", "w") as f:
+                f.write("".join(f"{r.inside} {r.outside} {r.count}\n" for r in ranges))
+        return
+    for tool, ranges in (("newuidmap", idmap.uids), ("newgidmap", idmap.gids)):
+        exe = shutil.which(tool) or f"/usr/bin/{tool}"
+        if not os.path.exists(exe):
+            raise ContainerError(f"{tool} is missing: install Debian's uidmap package (apt-get install uidmap)")
+        args = [exe, str(pid)] + [str(x) for r in ranges for x in (r.inside, r.outside, r.count)]
+        res = subprocess.run(args, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise ContainerError(f"{tool} refused the id map ({res.stderr.strip()}): check /etc/subuid and /etc/subgid")
+
+
+def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
+    """Move the calling (single-threaded) process into a new user namespace with
+    `idmap`, plus the other namespaces in `flags`, and become root in it.
+
+    A helper forked before the unshare writes the maps from outside, as the
+    setuid helpers require; the pipes order the two processes.
+    """
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    me = os.getpid()
+    helper = os.fork()
+    if helper == 0:
+        try:
+            os.close(go_w)
+            os.close(done_r)
+            os.read(go_r, 1)
+            try:
+                write_maps(me, idmap)
+                os.write(done_w, b"ok")
+            except BaseException as e:  # report, never raise in the helper
+                os.write(done_w, str(e).encode()[:4000] or b"error")
+        finally:
+            os._exit(0)
+    os.close(go_r)
+    os.close(done_w)
+    try:
+        try:
+            unshare(CLONE_NEWUSER)
+        except OSError as e:
+            raise ContainerError(
+                f"cannot create a user namespace ({e.strerror}): enable unprivileged user namespaces "
+                "(sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0)"
+            ) from None
+        os.write(go_w, b"x")
+        answer = os.read(done_r, 4096)
+    finally:
+        os.close(go_w)
+        os.close(done_r)
+        os.waitpid(helper, 0)
+    if answer != b"ok":
+        raise ContainerError(answer.decode(errors="replace"))
+    os.setgroups([0])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    if flags:
+        unshare(flags)
+
+
+def run_in_userns(fn: Callable[..., Any], *args: Any, idmap: IdMap | None = None,
+                  flags: int = CLONE_NEWNS, **kwargs: Any) -> Any:
+    """Run fn(*args, **kwargs) as root of a new user namespace in a forked child and
+    return its (picklable) result, or raise its exception here.
+
+    Use it for file work on a rootfs, whose files belong to subordinate ids the
+    caller cannot read or chown from outside. The child dies with the caller.
+    """
+    idmap = idmap or IdMap.for_current_user()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        code = 0
+        try:
+            set_pdeathsig()
+            enter_new_userns(idmap, flags)
+            payload = ("ok", fn(*args, **kwargs))
+        except StackerKernelError as e:
+            payload, code = ("err", e), 1
+        except BaseException as e:  # keep the traceback text: it is our bug
+            payload, code = ("bug", "".join(traceback.format_exception(e))), 1
+        try:
+            data = pickle.dumps(payload)
+        except Exception as e:
+            data, code = pickle.dumps(("bug", f"unpicklable result: {e!r}")), 1
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+        sys.stdout.flush()
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    if not data:
+        raise ContainerError("the user-namespace helper died before answering")
+    kind, value = pickle.loads(data)
+    if kind == "ok":
+        return value
+    if kind == "err":
+        raise value
+    raise RuntimeError(f"error in user-namespace helper:\n{value}")
