@@ -67,3 +67,16 @@ def _busybox_rootfs_tar(dest: Path) -> Path:
 def busybox_tar(tmp_path_factory) -> Path:
     """Path to a busybox rootfs tar (from Debian's busybox-static)."""
     return _busybox_rootfs_tar(tmp_path_factory.mktemp("busybox") / "busybox.tar")
+
+
+@pytest.fixture
+def storage() -> Path:
+    """A fresh storage root directory under $STACKER_KERNEL_STORAGE, deleted (with its subvolumes) afterwards."""
+    import uuid
+
+    from stacker_kernel.storage import btrfs
+
+    root = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-{uuid.uuid4().hex}"
+    root.mkdir()
+    yield root
+    btrfs.remove_tree(root)

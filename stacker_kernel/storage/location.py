@@ -1,0 +1,142 @@
+"""Where a user's storage root is, and whether it is usable.
+
+The root comes from `--storage DIR`, else `$STACKER_KERNEL_STORAGE`, else the
+config file that `stacker-kernel setup-storage` writes for the user. A usable
+root is an existing directory on btrfs mounted with `user_subvol_rm_allowed`
+(unprivileged users may delete their subvolumes only with that option).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+
+from stacker_kernel.errors import StorageError
+from stacker_kernel.storage import btrfs
+
+ENV_VAR = "STACKER_KERNEL_STORAGE"
+CONFIG_RELPATH = Path(".config/stacker-kernel/config.json")
+DEFAULT_MOUNT = Path("/var/lib/stacker-kernel/btrfs")
+DEFAULT_IMAGE = Path("/var/lib/stacker-kernel/btrfs.img")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo: where, what, and all options (per-mount and fs)."""
+
+    mount_point: Path
+    fstype: str
+    source: str
+    options: frozenset[str]
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and len(field[i + 1:i + 4]) == 3:
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[Mount]:
+    """All mounts of this mount namespace, in /proc/self/mountinfo order."""
+    result = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            lf, rf = left.split(" "), right.split(" ")
+            if len(lf) < 6 or len(rf) < 3:
+                continue
+            opts = set(lf[5].split(",")) | set(rf[2].split(","))
+            result.append(Mount(Path(_unescape(lf[4])), rf[0], _unescape(rf[1]), frozenset(opts)))
+    return result
+
+
+def find_mount(path: os.PathLike | str) -> Mount | None:
+    """The mount that holds `path` (longest matching mount point; the last one wins on overmounts)."""
+    real = Path(os.path.realpath(path))
+    best: Mount | None = None
+    for m in mounts():
+        if real == m.mount_point or m.mount_point in real.parents:
+            if best is None or len(m.mount_point.parts) >= len(best.mount_point.parts):
+                best = m
+    return best
+
+
+def is_mount_point(path: os.PathLike | str) -> bool:
+    """True when `path` is itself a mount point in this mount namespace."""
+    real = Path(os.path.realpath(path))
+    return any(m.mount_point == real for m in mounts())
+
+
+def config_file(home: os.PathLike | str) -> Path:
+    """The per-user config file under home `home`."""
+    return Path(home) / CONFIG_RELPATH
+
+
+def read_config_storage(home: os.PathLike | str) -> Path | None:
+    """The storage root recorded in the config file under `home`, or None if there is none."""
+    try:
+        data = json.loads(config_file(home).read_text())
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return None
+    except ValueError:
+        raise StorageError(f"{config_file(home)} is not valid JSON: fix it or run "
+                           "'sudo stacker-kernel setup-storage --user NAME' again") from None
+    storage = data.get("storage") if isinstance(data, dict) else None
+    return Path(storage) if isinstance(storage, str) and storage else None
+
+
+def current_user() -> str:
+    """Login name of the effective user (for messages that tell how to fix things)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _setup_command() -> str:
+    return f"'sudo stacker-kernel setup-storage --user {current_user()}'"
+
+
+def _fix() -> str:
+    return f"run {_setup_command()}"
+
+
+def resolve_storage(arg: str | os.PathLike | None = None) -> Path:
+    """The storage root: `arg`, else $STACKER_KERNEL_STORAGE, else the user's config file.
+
+    Raises StorageError when none of them names one. Does not check the root;
+    call `check_storage` for that.
+    """
+    if arg:
+        return Path(arg).expanduser().absolute()
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser().absolute()
+    configured = read_config_storage(Path.home())
+    if configured is not None:
+        return configured
+    raise StorageError(f"no btrfs storage is configured: {_fix()}, "
+                       f"or pass --storage DIR or set {ENV_VAR}")
+
+
+def check_storage(path: os.PathLike | str) -> None:
+    """Raise StorageError unless `path` is an existing directory on btrfs mounted with user_subvol_rm_allowed."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StorageError(f"storage {path} does not exist: {_fix()} to create it on btrfs")
+    if not btrfs.is_btrfs(path):
+        raise StorageError(f"storage {path} is not on btrfs: {_fix()}")
+    mount = find_mount(path)
+    if mount is None or "user_subvol_rm_allowed" not in mount.options:
+        where = mount.mount_point if mount else path
+        raise StorageError(f"storage {path} is on a btrfs mounted without user_subvol_rm_allowed: "
+                           f"run 'sudo mount -o remount,user_subvol_rm_allowed {where}' or {_setup_command()}")

@@ -1,0 +1,539 @@
+"""The snapshot store: read-only subvolumes on btrfs plus their records in SQLite.
+
+Layout under the storage root (DESIGN.md "Storage layout"):
+
+    stacker-kernel.db   records of snapshots (bases and steps) and sessions, WAL mode
+    bases/<digest>      read-only subvolumes of imported bases (content-addressed)
+    snapshots/<id>      read-only subvolumes, one per successful step
+    live/<session>      writable subvolumes of running containers
+    logs/<id>           step output
+    lock                flock(2)ed for every write
+
+Invariant: a record exists only once its subvolume is read-only. Every write
+(btrfs and SQLite) happens under the exclusive write lock, so opening a store
+(which collects orphans in both directions) never deletes what another process
+is in the middle of committing.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from stacker_kernel.errors import StorageError
+from stacker_kernel.storage import btrfs
+from stacker_kernel.storage.location import check_storage
+
+DB_NAME = "stacker-kernel.db"
+LOCK_NAME = "lock"
+TMP_PREFIX = ".tmp-"
+
+
+def new_id() -> str:
+    """A fresh snapshot or session id (uuid4 hex)."""
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Snapshot:
+    """One read-only subvolume: an imported base or the result of a step."""
+
+    id: str = field(default_factory=new_id)
+    kind: str = "step"  # "base" | "step"
+    parent: str | None = None
+    session: str | None = None
+    layer: str = ""
+    cell_id: str | None = None
+    source: str = ""  # the step script, or a description of the base
+    cache_key: str | None = None
+    state: str = "{}"  # shell state after the step, opaque JSON text
+    status: str = "ok"
+    started: float = 0.0
+    duration: float = 0.0
+    size_delta: int | None = None
+    created: float = field(default_factory=time.time)
+    root: Path | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def path(self) -> Path:
+        """The subvolume: root/bases/<id> for bases, root/snapshots/<id> for steps."""
+        if self.root is None:
+            raise ValueError(f"snapshot {self.id} is not attached to a store")
+        return self.root / ("bases" if self.kind == "base" else "snapshots") / self.id
+
+
+@dataclass
+class Session:
+    """A kernel, build or chroot working on one notebook / stacker.yaml."""
+
+    id: str
+    kind: str  # "kernel" | "build" | "chroot"
+    name: str
+    owner_pid: int
+    owner_start: int
+    head: str | None = None
+    layer: str = ""
+    tags: dict[str, str] = field(default_factory=dict)  # layer name -> last snapshot id
+    history: list[str] = field(default_factory=list)  # active history, oldest first
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+
+_SNAP_COLS = ("id", "kind", "parent", "session", "layer", "cell_id", "source", "cache_key",
+              "state", "status", "started", "duration", "size_delta", "created")
+_SESS_COLS = ("id", "kind", "name", "owner_pid", "owner_start", "head", "layer", "tags",
+              "history", "created", "updated")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, parent TEXT, session TEXT, layer TEXT NOT NULL,
+    cell_id TEXT, source TEXT NOT NULL, cache_key TEXT, state TEXT NOT NULL,
+    status TEXT NOT NULL, started REAL NOT NULL, duration REAL NOT NULL,
+    size_delta INTEGER, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS snapshots_cache_key ON snapshots(cache_key);
+CREATE INDEX IF NOT EXISTS snapshots_session ON snapshots(session);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, owner_pid INTEGER NOT NULL,
+    owner_start INTEGER NOT NULL, head TEXT, layer TEXT NOT NULL, tags TEXT NOT NULL,
+    history TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sessions_name ON sessions(name);
+"""
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of process `pid` in clock ticks since boot (/proc/PID/stat field 22), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[19])
+
+
+class _ProcessLock:
+    """The write lock of one storage root within this process: an RLock over one flock."""
+
+    def __init__(self, lock_file: Path):
+        self.fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.rlock = threading.RLock()
+        self.depth = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self.rlock:
+            if self.depth == 0:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+                if self.depth == 0:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+# One lock object per root and process, so that two Store objects on the same
+# root in one process share reentrancy instead of deadlocking on each other.
+_LOCKS: dict[Path, _ProcessLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(root: Path) -> _ProcessLock:
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(root)
+        if lock is None:
+            lock = _LOCKS[root] = _ProcessLock(root / LOCK_NAME)
+        return lock
+
+
+class Store:
+    """Snapshots and sessions of one storage root. Thread-safe; many processes may share a root."""
+
+    def __init__(self, root: Path, conn: sqlite3.Connection):
+        """Use `Store.open`."""
+        self.root = root
+        self._conn = conn
+        self._db_lock = threading.Lock()
+        self._lock = _process_lock(root)
+
+    # --- opening --------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: os.PathLike | str) -> "Store":
+        """Open (creating the layout if needed) the store at `root` and run crash recovery.
+
+        Raises StorageError when `root` is not a usable btrfs storage root.
+        """
+        root = Path(os.path.realpath(root))
+        check_storage(root)
+        for sub in ("bases", "snapshots", "live", "logs"):
+            (root / sub).mkdir(mode=0o700, exist_ok=True)
+        store = cls(root, None)  # type: ignore[arg-type]
+        with store.write_lock():
+            conn = sqlite3.connect(root / DB_NAME, timeout=60, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 60000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # A process crash cannot lose a committed transaction in WAL mode
+            # with NORMAL; power loss may, and recovery then drops the orphan.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.executescript(_SCHEMA)
+            store._conn = conn
+            store.recover()
+        return store
+
+    def close(self) -> None:
+        """Close the database connection (the store is unusable afterwards)."""
+        with self._db_lock:
+            self._conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Hold the exclusive write lock of this root (flock; reentrant within the process)."""
+        with self._lock.hold():
+            yield
+
+    # --- SQL helpers ------------------------------------------------------------
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._db_lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> None:
+        """Run `statements` in one transaction (the caller holds the write lock)."""
+        with self._db_lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._conn.execute(sql, args)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _snap(self, row: tuple) -> Snapshot:
+        return Snapshot(**dict(zip(_SNAP_COLS, row)), root=self.root)
+
+    @staticmethod
+    def _sess(row: tuple) -> Session:
+        d = dict(zip(_SESS_COLS, row))
+        d["tags"] = json.loads(d["tags"])
+        d["history"] = json.loads(d["history"])
+        return Session(**d)
+
+    @staticmethod
+    def _snap_values(s: Snapshot) -> tuple:
+        return tuple(getattr(s, c) for c in _SNAP_COLS)
+
+    @staticmethod
+    def _sess_values(s: Session) -> tuple:
+        return (s.id, s.kind, s.name, s.owner_pid, s.owner_start, s.head, s.layer,
+                json.dumps(s.tags, sort_keys=True), json.dumps(s.history), s.created, s.updated)
+
+    # --- snapshots ------------------------------------------------------------------
+
+    def get(self, id: str) -> Snapshot | None:
+        """The record of snapshot or base `id`, or None."""
+        rows = self._query(f"SELECT {','.join(_SNAP_COLS)} FROM snapshots WHERE id = ?", (id,))
+        return self._snap(rows[0]) if rows else None
+
+    def snapshots(self, session: str | None = None) -> list[Snapshot]:
+        """All snapshot records (or those made by `session`), oldest first."""
+        cols = ",".join(_SNAP_COLS)
+        if session is None:
+            rows = self._query(f"SELECT {cols} FROM snapshots ORDER BY created, rowid")
+        else:
+            rows = self._query(f"SELECT {cols} FROM snapshots WHERE session = ? ORDER BY created, rowid",
+                               (session,))
+        return [self._snap(r) for r in rows]
+
+    def chain(self, id: str) -> list[Snapshot]:
+        """Snapshot `id` and its ancestors, base first; empty if `id` is unknown."""
+        out: list[Snapshot] = []
+        seen: set[str] = set()
+        cur = self.get(id)
+        while cur is not None and cur.id not in seen:
+            seen.add(cur.id)
+            out.append(cur)
+            cur = self.get(cur.parent) if cur.parent else None
+        out.reverse()
+        return out
+
+    def find_cache(self, key: str) -> Snapshot | None:
+        """The newest step snapshot recorded with cache key `key` whose subvolume exists, or None."""
+        rows = self._query(f"SELECT {','.join(_SNAP_COLS)} FROM snapshots "
+                           "WHERE cache_key = ? AND kind = 'step' ORDER BY created DESC", (key,))
+        for row in rows:
+            snap = self._snap(row)
+            if snap.path.is_dir():
+                return snap
+        return None
+
+    def log_path(self, id: str) -> Path:
+        """Where the output of step `id` is (or will be) stored."""
+        return self.root / "logs" / id
+
+    def commit(self, live: os.PathLike | str, snap: Snapshot) -> Snapshot:
+        """Freeze subvolume `live` as read-only snapshot `snap.id` and record `snap`.
+
+        The snapshot is taken read-only atomically and the record inserted
+        under the write lock, so a crash in between leaves only an orphan
+        subvolume that the next `Store.open` deletes. Returns `snap` attached
+        to this store (kind "step").
+        """
+        snap = replace(snap, kind="step", root=self.root)
+        with self.write_lock():
+            if self.get(snap.id) is not None:
+                raise StorageError(f"snapshot {snap.id} already exists; use a fresh id")
+            btrfs.snapshot(live, snap.path, readonly=True)
+            try:
+                self._insert_snapshot(snap)
+            except BaseException:
+                btrfs.delete_subvolume(snap.path)
+                raise
+        return snap
+
+    def _insert_snapshot(self, snap: Snapshot) -> None:
+        marks = ",".join("?" * len(_SNAP_COLS))
+        self._write([(f"INSERT INTO snapshots ({','.join(_SNAP_COLS)}) VALUES ({marks})",
+                      self._snap_values(snap))])
+
+    def add_base(self, digest: str, populate: Callable[[Path], None], source: str) -> Snapshot:
+        """The read-only base subvolume for content digest `digest`, populating it if new.
+
+        When the base is already stored it is returned at once. Otherwise
+        `populate(path)` fills a fresh writable subvolume (outside the write
+        lock, it may take long); the subvolume is then made read-only, renamed
+        to bases/<digest> and recorded. If `populate` raises, the temporary
+        subvolume is deleted and the exception propagates. A concurrent import
+        of the same digest is harmless: the first one wins.
+        """
+        if "/" in digest or digest.startswith("."):
+            raise StorageError(f"base digest {digest!r} is not a valid name")
+        existing = self.get(digest)
+        if existing is not None and existing.path.is_dir():
+            return existing
+        tmp = self.root / "bases" / f"{TMP_PREFIX}{new_id()}"
+        # The flock on tmp's lock file tells recovery in other processes that
+        # this temporary base is being populated (works across pid namespaces).
+        lock_fd = os.open(f"{tmp}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            btrfs.create_subvolume(tmp)
+            try:
+                populate(tmp)
+                btrfs.set_readonly(tmp, True)
+                with self.write_lock():
+                    existing = self.get(digest)
+                    if existing is not None and existing.path.is_dir():
+                        btrfs.delete_subvolume(tmp)
+                        return existing
+                    snap = Snapshot(id=digest, kind="base", source=source, root=self.root)
+                    if existing is not None:  # record left without subvolume: replace it
+                        self._write([("DELETE FROM snapshots WHERE id = ?", (digest,))])
+                    btrfs.remove_tree(snap.path)
+                    os.rename(tmp, snap.path)
+                    try:
+                        self._insert_snapshot(snap)
+                    except BaseException:
+                        btrfs.delete_subvolume(snap.path)
+                        raise
+                    return snap
+            except BaseException:
+                btrfs.remove_tree(tmp)
+                raise
+        finally:
+            Path(f"{tmp}.lock").unlink(missing_ok=True)
+            os.close(lock_fd)
+
+    def delete_snapshot(self, id: str) -> None:
+        """Delete snapshot or base `id`: its subvolume, log and record.
+
+        Children are re-parented to its parent and sessions pointing at it
+        move to its parent, so every chain stays walkable.
+        """
+        with self.write_lock():
+            snap = self.get(id)
+            if snap is None:
+                return
+            btrfs.remove_tree(snap.path)
+            self.log_path(id).unlink(missing_ok=True)
+            self._drop_records({id})
+
+    def _drop_records(self, ids: set[str]) -> None:
+        """Delete the records `ids`, re-pointing children and sessions to the nearest kept ancestor."""
+        parents = {row[0]: row[1] for row in self._query("SELECT id, parent FROM snapshots")}
+
+        def survivor(sid: str | None) -> str | None:
+            seen = set()
+            while sid is not None and sid in ids and sid not in seen:
+                seen.add(sid)
+                sid = parents.get(sid)
+            return sid
+
+        stmts: list[tuple[str, tuple]] = []
+        for sid, parent in parents.items():
+            if sid not in ids and parent in ids:
+                stmts.append(("UPDATE snapshots SET parent = ? WHERE id = ?", (survivor(parent), sid)))
+        for sess in self.find_sessions():
+            head = survivor(sess.head)
+            tags = {k: v for k, v in ((k, survivor(v)) for k, v in sess.tags.items()) if v is not None}
+            history = [h for h in sess.history if h not in ids]
+            if (head, tags, history) != (sess.head, sess.tags, sess.history):
+                sess.head, sess.tags, sess.history = head, tags, history
+                stmts.append(self._session_update(sess))
+        stmts.extend(("DELETE FROM snapshots WHERE id = ?", (sid,)) for sid in ids)
+        self._write(stmts)
+
+    # --- sessions -------------------------------------------------------------
+
+    def new_session(self, kind: str, name: str) -> Session:
+        """Record a new session of `kind` for `name`, owned by this process."""
+        pid = os.getpid()
+        sess = Session(id=new_id(), kind=kind, name=name, owner_pid=pid,
+                       owner_start=process_start_time(pid) or 0)
+        marks = ",".join("?" * len(_SESS_COLS))
+        with self.write_lock():
+            self._write([(f"INSERT INTO sessions ({','.join(_SESS_COLS)}) VALUES ({marks})",
+                          self._sess_values(sess))])
+        return sess
+
+    def _session_update(self, sess: Session) -> tuple[str, tuple]:
+        sets = ",".join(f"{c} = ?" for c in _SESS_COLS[1:])
+        vals = self._sess_values(sess)
+        return (f"UPDATE sessions SET {sets} WHERE id = ?", vals[1:] + (vals[0],))
+
+    def update_session(self, session: Session) -> None:
+        """Store every field of `session` (its `updated` becomes now)."""
+        session.updated = time.time()
+        with self.write_lock():
+            self._write([self._session_update(session)])
+
+    def get_session(self, id: str) -> Session | None:
+        """The session record `id`, or None."""
+        rows = self._query(f"SELECT {','.join(_SESS_COLS)} FROM sessions WHERE id = ?", (id,))
+        return self._sess(rows[0]) if rows else None
+
+    def find_sessions(self, name: str | None = None, kind: str | None = None) -> list[Session]:
+        """Sessions, newest first, optionally only those with this `name` and/or `kind`."""
+        sql, args = f"SELECT {','.join(_SESS_COLS)} FROM sessions WHERE 1", []
+        if name is not None:
+            sql += " AND name = ?"
+            args.append(name)
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        rows = self._query(sql + " ORDER BY created DESC, rowid DESC", tuple(args))
+        return [self._sess(r) for r in rows]
+
+    @staticmethod
+    def session_alive(session: Session) -> bool:
+        """True while the process that owns `session` runs (same pid and same start time)."""
+        return process_start_time(session.owner_pid) == session.owner_start
+
+    def live_path(self, session_id: str) -> Path:
+        """Where session `session_id` keeps its writable rootfs subvolume (the engine creates it)."""
+        return self.root / "live" / session_id
+
+    def end_session(self, session_id: str) -> None:
+        """Delete the live subvolume of `session_id`; its records stay (for gc and history)."""
+        with self.write_lock():
+            btrfs.remove_tree(self.live_path(session_id))
+
+    def forget_session(self, session_id: str) -> None:
+        """Delete session `session_id` entirely (live subvolume and record); gc may then drop its snapshots."""
+        with self.write_lock():
+            btrfs.remove_tree(self.live_path(session_id))
+            self._write([("DELETE FROM sessions WHERE id = ?", (session_id,))])
+
+    # --- recovery and gc ------------------------------------------------------
+
+    def recover(self) -> None:
+        """Make disk and records agree after a crash (runs on open, under the write lock).
+
+        Deletes subvolumes in snapshots/ and bases/ without a record (and
+        temporary bases whose importer is gone), records without a subvolume
+        (re-pointing children and sessions to the nearest existing ancestor),
+        and live subvolumes whose session is unknown or whose owner is dead.
+        """
+        with self.write_lock():
+            known = {s.id: s for s in self.snapshots()}
+            for sub, kind in (("snapshots", "step"), ("bases", "base")):
+                for entry in (self.root / sub).iterdir():
+                    name = entry.name
+                    if kind == "base" and name.startswith(TMP_PREFIX):
+                        self._recover_tmp_base(entry)
+                    elif name not in known or known[name].kind != kind:
+                        btrfs.remove_tree(entry)
+            missing = {sid for sid, s in known.items() if not s.path.is_dir()}
+            if missing:
+                self._drop_records(missing)
+            sessions = {s.id: s for s in self.find_sessions()}
+            for entry in (self.root / "live").iterdir():
+                sess = sessions.get(entry.name)
+                if sess is None or not self.session_alive(sess):
+                    btrfs.remove_tree(entry)
+
+    def _recover_tmp_base(self, entry: Path) -> None:
+        if entry.name.endswith(".lock"):
+            # A lone lock file may belong to an importer about to create its
+            # subvolume; it is empty, so leaving it is harmless.
+            return
+        lock = Path(f"{entry}.lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            btrfs.remove_tree(entry)  # its importer is gone (it unlinks the lock last)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # still being populated by a live process
+        finally:
+            os.close(fd)
+        btrfs.remove_tree(entry)
+        lock.unlink(missing_ok=True)
+
+    def referenced(self) -> set[str]:
+        """Ids that gc keeps: the chains of every session's head, tags and history,
+        and every snapshot made by a session whose owner is still alive."""
+        keep: set[str] = set()
+        sessions = self.find_sessions()
+        roots: list[str] = []
+        for sess in sessions:
+            roots.extend(x for x in [sess.head, *sess.tags.values(), *sess.history] if x)
+        alive = {s.id for s in sessions if self.session_alive(s)}
+        # A live session may have committed a step it has not pointed at yet.
+        roots.extend(s.id for s in self.snapshots() if s.session in alive)
+        for rid in roots:
+            if rid not in keep:
+                keep.update(s.id for s in self.chain(rid))
+        return keep
+
+    def gc(self) -> list[str]:
+        """Delete every snapshot and base nothing references (see `referenced`); return their ids."""
+        with self.write_lock():
+            keep = self.referenced()
+            drop = [s for s in self.snapshots() if s.id not in keep]
+            for snap in drop:
+                btrfs.remove_tree(snap.path)
+                self.log_path(snap.id).unlink(missing_ok=True)
+            if drop:
+                self._drop_records({s.id for s in drop})
+        return [s.id for s in drop]
