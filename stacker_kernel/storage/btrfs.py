@@ -384,7 +384,10 @@ def _remove(path: Path, st: os.stat_result, on_btrfs: bool) -> None:
 def sync(path: os.PathLike | str) -> None:
     """Commit the current btrfs transaction of the filesystem holding `path` (BTRFS_IOC_SYNC)."""
     with _open_dir(path, "directory") as fd:
-        btrfs.ioctl.sync(fd)
+        try:
+            btrfs.ioctl.sync(fd)
+        except OSError as e:
+            raise _fail("sync", Path(path), e) from None
 
 
 def fs_usage(path: os.PathLike | str) -> int:
@@ -394,5 +397,8 @@ def fs_usage(path: os.PathLike | str) -> int:
     background, so a drop shows up only after btrfs's cleaner has run.
     """
     with _open_dir(path, "directory") as fd:
-        spaces = btrfs.ioctl.space_info(fd)
+        try:
+            spaces = btrfs.ioctl.space_info(fd)
+        except OSError as e:
+            raise _fail("read the space usage of", Path(path), e) from None
     return sum(s.used_bytes for s in spaces if not s.flags & btrfs.ctree.SPACE_INFO_GLOBAL_RSV)

@@ -1,0 +1,213 @@
+"""`stacker-kernel …`: one function per subcommand, registered in COMMANDS.
+
+To add a command: write `add_NAME(parser)` (its options) and `cmd_NAME(args) -> int`,
+then append a `Command` to COMMANDS. Every command gets `--storage DIR`.
+User errors (StackerKernelError) print `stacker-kernel: <message>` and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from stacker_kernel.errors import StackerKernelError
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one-line help, option adder and runner."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def human_size(n: int | None, signed: bool = False) -> str:
+    """`n` bytes as e.g. "12.3 MiB" (with a sign when `signed`); "" for None."""
+    if n is None:
+        return ""
+    sign = ("+" if n >= 0 else "-") if signed else ("-" if n < 0 else "")
+    v = float(abs(n))
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if v < 1024 or unit == "TiB":
+            return f"{sign}{v:.0f} {unit}" if unit == "B" else f"{sign}{v:.1f} {unit}"
+        v /= 1024
+    return ""
+
+
+def _open_store(args: argparse.Namespace):
+    from stacker_kernel.storage.location import resolve_storage
+    from stacker_kernel.storage.store import Store
+
+    return Store.open(resolve_storage(args.storage))
+
+
+# --- setup-storage ----------------------------------------------------------
+
+def add_setup_storage(p: argparse.ArgumentParser) -> None:
+    from stacker_kernel.storage.location import DEFAULT_IMAGE, DEFAULT_MOUNT
+
+    p.add_argument("--user", required=True, help="the user who gets a storage dir")
+    p.add_argument("--size", default="20G", help="size of a new sparse image (default 20G)")
+    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help=f"btrfs image file (default {DEFAULT_IMAGE})")
+    p.add_argument("--mount", type=Path, default=DEFAULT_MOUNT, help=f"where to mount it (default {DEFAULT_MOUNT})")
+    p.add_argument("--teardown", action="store_true",
+                   help="remove the user's storage; unmount and delete the image if no user is left")
+
+
+def cmd_setup_storage(args: argparse.Namespace) -> int:
+    from stacker_kernel.storage import setup
+
+    storage = Path(args.storage) if args.storage else None
+    if args.teardown:
+        for line in setup.teardown_storage(args.user, args.image, args.mount, storage):
+            print(line)
+        return 0
+    print(setup.setup_storage(args.user, args.size, args.image, args.mount, storage))
+    return 0
+
+
+# --- storage-path -----------------------------------------------------------
+
+def add_storage_path(p: argparse.ArgumentParser) -> None:
+    from stacker_kernel.storage.location import DEFAULT_MOUNT
+
+    p.add_argument("--user", help="print this user's storage root (from their config, else MOUNT/USER)")
+    p.add_argument("--mount", type=Path, default=DEFAULT_MOUNT, help=argparse.SUPPRESS)
+
+
+def cmd_storage_path(args: argparse.Namespace) -> int:
+    from stacker_kernel.storage import location, setup
+
+    if args.user:
+        print(setup.storage_path(args.user, args.mount))
+        return 0
+    try:
+        print(location.resolve_storage(args.storage))
+    except StackerKernelError:
+        print(setup.storage_path(location.current_user(), args.mount))
+    return 0
+
+
+# --- layers -----------------------------------------------------------------
+
+def add_layers(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _first_line(text: str, width: int = 48) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def _snapshot_line(snap, cached: bool) -> str:
+    if snap.kind == "base":
+        return f"base {snap.id[:19]}  {_first_line(snap.source)}"
+    cols = [snap.id[:8], f"cell {snap.cell_id[:8]}" if snap.cell_id else "", _first_line(snap.source),
+            f"{snap.duration:.2f}s", "cached" if cached else human_size(snap.size_delta, signed=True)]
+    return "  ".join(c for c in cols if c)
+
+
+def render_layers(store) -> list[str]:
+    """The `layers` tree: per session, per layer, one line per snapshot; then unreferenced ones."""
+    lines: list[str] = []
+    shown: set[str] = set()
+    for sess in store.find_sessions():
+        state = "alive" if store.session_alive(sess) else "ended"
+        lines.append(f"session {sess.id[:8]} {sess.kind} {sess.name} ({state})")
+        ids = list(sess.history)
+        if not ids and sess.head:
+            ids = [s.id for s in store.chain(sess.head)]
+        snaps = store.chain(ids[0])[:-1] if ids else []
+        snaps += [s for s in (store.get(i) for i in ids) if s is not None]
+        layer = None
+        for snap in snaps:
+            if snap.kind != "base" and snap.layer != layer:
+                layer = snap.layer
+                lines.append(f"  layer {layer}")
+            head = "*" if snap.id == sess.head else " "
+            cached = snap.kind == "step" and snap.session != sess.id
+            lines.append(f"   {head} {_snapshot_line(snap, cached)}")
+            shown.add(snap.id)
+    rest = [s for s in store.snapshots() if s.id not in shown]
+    if rest:
+        lines.append("not in any session history")
+        lines.extend(f"     {_snapshot_line(s, False)}" for s in rest)
+    return lines
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        lines = render_layers(store)
+    print("\n".join(lines) if lines else "no snapshots")
+    return 0
+
+
+# --- gc ---------------------------------------------------------------------
+
+def add_gc(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from stacker_kernel.storage import btrfs
+
+    with _open_store(args) as store:
+        before = btrfs.fs_usage(store.root)
+        removed = store.gc()
+        btrfs.sync(store.root)
+        freed = before - btrfs.fs_usage(store.root)
+    for sid in removed:
+        print(f"removed {sid}")
+    print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))} so far "
+          "(btrfs keeps freeing space in the background)")
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command("setup-storage", "as root: btrfs storage for a user (loop-mounted image if needed)",
+            add_setup_storage, cmd_setup_storage),
+    Command("storage-path", "print the storage root", add_storage_path, cmd_storage_path),
+    Command("layers", "show the snapshots of every session, per layer", add_layers, cmd_layers),
+    Command("gc", "delete snapshots that no session references", add_gc, cmd_gc),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    def storage_option(default: object) -> argparse.ArgumentParser:
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument("--storage", metavar="DIR", default=default,
+                            help="storage root (default: $STACKER_KERNEL_STORAGE, else your config file)")
+        return common
+
+    parser = argparse.ArgumentParser(prog="stacker-kernel", parents=[storage_option(None)],
+                                     description="Build container images cell by cell on btrfs snapshots.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # SUPPRESS: a subcommand without --storage keeps the value given before it.
+    sub_common = storage_option(argparse.SUPPRESS)
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help, description=c.help, parents=[sub_common])
+        c.add_arguments(p)
+        p.set_defaults(run=c.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except StackerKernelError as e:
+        print(f"stacker-kernel: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
