@@ -1,0 +1,637 @@
+"""BuildSession: steps in a persistent container, a read-only snapshot after each.
+
+The contract is DESIGN.md's step semantics:
+
+- a step runs in the layer's container; shell state (cwd, variables) carries
+  to the next step of the same layer; a new layer starts fresh;
+- after a successful step the rootfs is frozen as a read-only snapshot with
+  its record; a failed, interrupted or dead step leaves no trace (the rootfs
+  and the shell state go back to the last snapshot), unless `keep_failed`;
+- a step whose cache key (parent snapshot, state before, script, imports,
+  build environment) was built before does not run: the live rootfs becomes a
+  writable snapshot of the cached one and the stored output is replayed;
+- rollback to any earlier snapshot is a snapshot of it, whatever its size.
+
+The faces (kernel, CLI) call this class; it knows nothing about Jupyter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
+from stacker_kernel.container.step import ShellState
+from stacker_kernel.engine import imports as imports_mod
+from stacker_kernel.errors import RecipeError, StackerKernelError, StepError
+from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step
+from stacker_kernel.storage import btrfs
+from stacker_kernel.storage.store import Session, Snapshot, Store
+
+BUILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# stacker's default build_env_passthrough (pkg/types/layer.go)
+DEFAULT_PASSTHROUGH = ["ftp_proxy", "http_proxy", "https_proxy", "no_proxy", "FTP_PROXY",
+                       "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "TERM", "SOURCE_DATE_EPOCH"]
+REPLAY_CAP = 2_000_000
+
+OutputFn = Callable[[str], None]
+
+
+@dataclass
+class StepView:
+    """One row of `%layers` / `stacker-kernel layers`."""
+    index: int  # 1-based position in the session history
+    snapshot_id: str
+    layer: str
+    cell_id: str | None
+    first_line: str
+    status: str
+    duration: float
+    size_delta: int | None
+    cached: bool
+
+
+@dataclass
+class StepOutcome:
+    ok: bool
+    cached: bool
+    snapshot_id: str | None
+    message: str  # one line when not ok: the status and the failing command
+    status: int
+    interrupted: bool
+    log_path: str | None
+    duration: float = 0.0
+
+
+def first_line(source: str) -> str:
+    for line in source.splitlines():
+        if line.strip() and not line.lstrip().startswith("#!"):
+            return line.strip()
+    return source.strip().splitlines()[0] if source.strip() else ""
+
+
+def build_environment(layer: Layer, host_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a `run` step, as stacker builds it (not `environment:`)."""
+    host_env = os.environ if host_env is None else host_env
+    env = {"PATH": BUILD_PATH}
+    patterns = DEFAULT_PASSTHROUGH if layer.build_env_passthrough is None else layer.build_env_passthrough
+    for key, value in host_env.items():
+        if value and any(re.fullmatch(p, key) for p in patterns):
+            env[key] = value
+    env.update({k: str(v) for k, v in layer.build_env.items() if str(v) != ""})
+    env["STACKER_LAYER_NAME"] = layer.name
+    return env
+
+
+@dataclass
+class _LayerRun:
+    """The engine's view of the layer being built."""
+    layer: Layer
+    base: Snapshot | None = None  # resolved at its first step
+    base_dir: str | None = None   # directory that relative imports are resolved against
+
+
+class BuildSession:
+    """A notebook's (or a build's) sequence of layers and steps over one store."""
+
+    def __init__(self, store: Store, session: Session, *, default_layer: str, base_dir: str,
+                 resolve_built: Callable[[str], Snapshot] | None = None):
+        self.store = store
+        self.session = session
+        self.default_layer = default_layer
+        self.base_dir = base_dir
+        self.external_built = resolve_built
+        self.keep_failed = False
+        self.use_cache = True
+        self.network = "host"
+        self.resumed: StepView | None = None
+        self.recipe = Recipe()
+        self._run = _LayerRun(Layer(name=default_layer, from_=ImageSource(type="scratch")), base_dir=base_dir)
+        self.recipe.layers[default_layer] = self._run.layer
+        self.head: Snapshot | None = None  # last committed snapshot of the current layer (or its base)
+        self.state: ShellState | None = None
+        self.container: Container | None = None
+        self.inspecting_failure = False
+        self._live_ready = False
+        self._imports_digest = ""
+        self._lock = threading.RLock()  # session state; widgets read it from other threads
+        self._step_lock = threading.Lock()  # one step at a time
+
+    # --- opening and closing -------------------------------------------------
+
+    @classmethod
+    def open(cls, store: Store, name: str, *, kind: str = "kernel", resume: bool = True,
+             default_layer: str | None = None, base_dir: str | None = None,
+             resolve_built: Callable[[str], Snapshot] | None = None) -> "BuildSession":
+        """A new session for `name` (a notebook or stacker.yaml path). With `resume`,
+        a previous session of the same name whose owner is gone is taken over at
+        its last snapshot (`self.resumed` says which)."""
+        default_layer = default_layer or Path(name).stem or "layer"
+        base_dir = base_dir or str(Path(name).parent if os.path.isabs(name) else os.getcwd())
+        previous = None
+        if resume:
+            for old in store.find_sessions(name=name, kind=kind):
+                if not store.session_alive(old) and old.history:
+                    previous = old
+                    break
+        sess = store.new_session(kind, name)
+        self = cls(store, sess, default_layer=default_layer, base_dir=base_dir, resolve_built=resolve_built)
+        if previous is not None:
+            self._take_over(previous)
+        return self
+
+    def _take_over(self, old: Session) -> None:
+        history = [sid for sid in old.history if self.store.get(sid) is not None]
+        if not history:
+            return
+        self.session.history = history
+        self.session.tags = dict(old.tags)
+        head = self.store.get(history[-1])
+        self.session.head = head.id
+        self.session.layer = head.layer
+        self.store.update_session(self.session)
+        self.store.forget_session(old.id)
+        # Rebuild the layer skeleton: names and order come from the history.
+        self.recipe = Recipe()
+        for sid in history:
+            snap = self.store.get(sid)
+            if snap.layer not in self.recipe.layers:
+                self.recipe.layers[snap.layer] = Layer(name=snap.layer, from_=ImageSource(type="scratch"))
+            self.recipe.layers[snap.layer].steps.append(Step(snap.source, snap.cell_id))
+        self._run = _LayerRun(self.recipe.layers[head.layer], base_dir=self.base_dir)
+        chain = self.store.chain(head.id)
+        self._run.base = next((s for s in reversed(chain) if s.layer != head.layer or s.kind == "base"), None)
+        self.head = head
+        self.state = ShellState.from_json(head.state)
+        self.resumed = self.history()[-1]
+
+    def close(self) -> None:
+        """Stop the container and drop the live rootfs; snapshots and records stay."""
+        with self._lock:
+            self._stop_container()
+            try:
+                self.store.end_session(self.session.id)
+            except StackerKernelError:
+                pass
+
+    # --- layers and directives -------------------------------------------------
+
+    @property
+    def layer(self) -> Layer:
+        return self._run.layer
+
+    def layer_steps(self, name: str | None = None) -> list[Snapshot]:
+        name = name or self.layer.name
+        return [s for s in self._history_snaps() if s.layer == name]
+
+    def begin_layer(self, layer: Layer, base_dir: str | None = None) -> None:
+        """Start building `layer` (a whole recipe layer: the headless build path)."""
+        with self._lock:
+            self._finish_layer()
+            self.recipe.layers[layer.name] = layer
+            self._run = _LayerRun(layer, base_dir=base_dir or self.base_dir)
+            self._reset_live()
+
+    def apply_directives(self, directives, cell_id: str | None = None) -> list[str]:
+        """Apply the recipe directives of one cell to the session; returns lines to show."""
+        from stacker_kernel.recipe.cells import apply_directive
+
+        info: list[str] = []
+        with self._lock:
+            for d in directives:
+                if d.name == "layer":
+                    info.extend(self._directive_layer(d.args.name if hasattr(d.args, "name") else _arg0(d)))
+                elif d.name == "from":
+                    if self.layer_steps():
+                        raise RecipeError(
+                            f"%from must come before the first step of layer {self.layer.name}: "
+                            "start a new layer with %layer NAME, or re-run the cell that starts this layer")
+                    apply_directive(self.layer, d)
+                    self._reset_live()
+                elif d.name == "import" or d.name == "binds":
+                    if self.layer_steps() and d.name == "binds":
+                        raise RecipeError("%binds must come before the first step of the layer (the container mounts them at start)")
+                    apply_directive(self.layer, d)
+                    self._stop_container()
+                else:
+                    apply_directive(self.layer, d)
+        return info
+
+    def _directive_layer(self, name: str) -> list[str]:
+        if not name or ":" in name:
+            raise RecipeError(f"invalid layer name {name!r}: a layer name must be non-empty and must not contain ':'")
+        if name == self.layer.name and not self.layer_steps():
+            return []
+        if name in self.recipe.layers:
+            # Re-running the cell that starts an existing layer: back to its start.
+            self._rollback_to_layer_start(name)
+            return [f"layer {name}: back to its start (its steps and later layers left the history)"]
+        self._finish_layer()
+        layer = Layer(name=name, from_=ImageSource(type="scratch"))
+        self.recipe.layers[name] = layer
+        self._run = _LayerRun(layer, base_dir=self.base_dir)
+        self._reset_live()
+        self.session.layer = name
+        self.store.update_session(self.session)
+        return []
+
+    def _finish_layer(self) -> None:
+        if self.head is not None:
+            self.session.tags[self.layer.name] = self.head.id
+            self.store.update_session(self.session)
+        self._stop_container()
+
+    def finish(self) -> None:
+        """End the current layer: its last snapshot becomes its tag (for `built` bases)."""
+        with self._lock:
+            self._finish_layer()
+
+    def prepare_empty_layer(self) -> None:
+        """A layer without steps: its base is its content."""
+        with self._lock:
+            self._ensure_live()
+
+    def _rollback_to_layer_start(self, name: str) -> None:
+        keep = []
+        for sid in self.session.history:
+            snap = self.store.get(sid)
+            if snap is None or snap.layer == name:
+                break
+            keep.append(sid)
+        names = list(self.recipe.layers)
+        for later in names[names.index(name):]:
+            if later != name:
+                del self.recipe.layers[later]
+            self.session.tags.pop(later, None)
+        fresh = Layer(name=name, from_=ImageSource(type="scratch"))
+        self.recipe.layers[name] = fresh
+        self._run = _LayerRun(fresh, base_dir=self.base_dir)
+        self.session.history = keep
+        self.session.head = None
+        self.session.layer = name
+        self.store.update_session(self.session)
+        self._reset_live()
+
+    # --- the live rootfs -------------------------------------------------------
+
+    def _reset_live(self) -> None:
+        """Forget the live rootfs: the next step prepares it from the layer's base."""
+        self._stop_container()
+        self.head = None
+        self.state = None
+        self._live_ready = False
+        self.inspecting_failure = False
+
+    @property
+    def live(self) -> Path:
+        return self.store.live_path(self.session.id)
+
+    def _resolve_built(self, name: str) -> Snapshot:
+        tip = self.session.tags.get(name)
+        if tip is None and name in self.recipe.layers and name != self.layer.name:
+            steps = self.layer_steps(name)
+            tip = steps[-1].id if steps else None
+        if tip is not None:
+            snap = self.store.get(tip)
+            if snap is not None:
+                return snap
+        if self.external_built is not None:
+            return self.external_built(name)
+        raise RecipeError(f"layer {name} is not built yet: build it before a layer that says 'from: built {name}'")
+
+    def _ensure_live(self) -> None:
+        """The live rootfs is a writable snapshot of the head (importing the base first)."""
+        if self._live_ready:
+            return
+        if self.head is None:
+            from stacker_kernel.oci.bases import import_base
+
+            source = _absolute_source(self.layer.from_, self._run.base_dir)
+            base = import_base(self.store, source, resolve_built=self._resolve_built)
+            self._run.base = base
+            self.head = base
+            self.state = None
+        self._replace_live(self.head)
+        self._stage_imports()
+        self._live_ready = True
+
+    def _replace_live(self, snap: Snapshot) -> None:
+        self._stop_container()
+        live = self.live
+        if live.exists():
+            btrfs.delete_subvolume(live)
+        live.parent.mkdir(parents=True, exist_ok=True)
+        btrfs.snapshot(snap.path, live, readonly=False)
+
+    def _imports_dir(self) -> Path:
+        return self.store.root / "imports" / self.session.id
+
+    def _stage_imports(self) -> None:
+        """Copy the layer's imports to the staging dir the container shows read-only at
+        /stacker/imports (stale files gone), and land `dest` imports in the rootfs."""
+        self._imports_digest = imports_mod.stage(self.layer, self._imports_dir(), self._run.base_dir)
+
+    def _ensure_container(self) -> Container:
+        if self.container is not None and self.container.alive:
+            return self.container
+        mounts = [Mount(str(self._imports_dir()), "/stacker/imports", readonly=True)]
+        for b in self.layer.binds:
+            src = b.source if os.path.isabs(b.source) else os.path.join(self._run.base_dir, b.source)
+            if not os.path.exists(src):
+                raise StepError(f"bind source {src} does not exist: fix the binds of layer {self.layer.name}")
+            mounts.append(Mount(src, b.dest or b.source, readonly=False))
+        self.container = Container.start(ContainerConfig(rootfs=str(self.live), mounts=mounts,
+                                                         network=self.network))
+        return self.container
+
+    def _stop_container(self) -> None:
+        if self.container is not None:
+            try:
+                self.container.stop()
+            finally:
+                self.container = None
+
+    # --- steps ---------------------------------------------------------------
+
+    def cache_key(self, script: str, env: dict[str, str]) -> str:
+        parent = self.head.id if self.head else ""
+        blob = json.dumps({
+            "parent": parent,
+            "state": self.state.to_json() if self.state else None,
+            "script": script,
+            "imports": self._imports_digest,
+            "env": env,
+            "network": self.network,
+        }, sort_keys=True)
+        return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+    def run_step(self, script: str, cell_id: str | None = None,
+                 on_output: OutputFn | None = None) -> StepOutcome:
+        """Run one step (a cell, or a layer's `run`) and commit it; blocking."""
+        with self._step_lock:
+            with self._lock:
+                if cell_id is not None and not self.inspecting_failure:
+                    self._rollback_for_rerun(cell_id)
+                self._ensure_live()
+                env = build_environment(self.layer)
+                key = self.cache_key(script, env)
+                if self.use_cache and not self.layer.binds and not self.inspecting_failure:
+                    hit = self.store.find_cache(key)
+                    if hit is not None:
+                        return self._replay(hit, cell_id, on_output)
+                container = self._ensure_container()
+                state = self.state
+            log_tmp = self.store.root / "logs" / f"running-{self.session.id}"
+            log_tmp.parent.mkdir(parents=True, exist_ok=True)
+            used_before = _fs_used(self.store.root)
+            started = time.time()
+            result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp))
+            with self._lock:
+                if not result.ok:
+                    return self._failed(result, str(log_tmp))
+                if self.inspecting_failure:
+                    return StepOutcome(True, False, None, "", 0, False, str(log_tmp), result.duration)
+                snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
+                                layer=self.layer.name, cell_id=cell_id, source=script, cache_key=key,
+                                state=result.state.to_json(), status="ok", started=started,
+                                duration=result.duration)
+                snap = self.store.commit(self.live, snap)
+                # The snapshot flushed delayed allocation, so this counts the step's writes
+                # (approximate when other builds share the filesystem).
+                snap.size_delta = _fs_used(self.store.root) - used_before
+                self.store.set_size_delta(snap.id, snap.size_delta)
+                os.replace(log_tmp, self.store.log_path(snap.id))
+                self._advance(snap)
+                self.layer.steps.append(Step(script, cell_id))
+                return StepOutcome(True, False, snap.id, "", 0, False, str(self.store.log_path(snap.id)),
+                                   result.duration)
+
+    def _advance(self, snap: Snapshot) -> None:
+        self.head = snap
+        self.state = ShellState.from_json(snap.state)
+        self.session.history.append(snap.id)
+        self.session.head = snap.id
+        self.session.layer = snap.layer
+        self.store.update_session(self.session)
+
+    def _replay(self, hit: Snapshot, cell_id: str | None, on_output: OutputFn | None) -> StepOutcome:
+        """A cache hit: the live rootfs becomes a writable snapshot of `hit`; nothing runs."""
+        t0 = time.monotonic()
+        log = self.store.log_path(hit.id)
+        self._replace_live(hit)
+        if on_output is not None and log.exists():
+            with open(log, "rb") as f:
+                data = f.read(REPLAY_CAP + 1)
+            text = data[:REPLAY_CAP].decode("utf-8", errors="replace")
+            if len(data) > REPLAY_CAP:
+                text += f"\n[output truncated: full log in {log}]\n"
+            if text:
+                on_output(text)
+        self._advance(hit)
+        self.layer.steps.append(Step(hit.source, cell_id))
+        return StepOutcome(True, True, hit.id, "", 0, False, str(log), time.monotonic() - t0)
+
+    def _failed(self, result, log_path: str) -> StepOutcome:
+        message = result.message
+        if self.keep_failed:
+            self.inspecting_failure = True
+            message += " (keep_failed: the container keeps the failed state for inspection; later steps are not committed until %rollback)"
+        else:
+            # No trace: back to the last snapshot (a fresh container at the next step).
+            self._replace_live(self.head)
+        return StepOutcome(False, False, None, message, result.status, result.interrupted, log_path,
+                           result.duration)
+
+    def interrupt(self) -> None:
+        """Interrupt the running step (SIGINT to its process group, SIGKILL after a grace)."""
+        container = self.container
+        if container is not None:
+            container.interrupt()
+
+    # --- history and rollback --------------------------------------------------
+
+    def _history_snaps(self) -> list[Snapshot]:
+        snaps = []
+        for sid in self.session.history:
+            snap = self.store.get(sid)
+            if snap is not None:
+                snaps.append(snap)
+        return snaps
+
+    def history(self) -> list[StepView]:
+        with self._lock:
+            views = []
+            for i, snap in enumerate(self._history_snaps(), 1):
+                views.append(StepView(i, snap.id, snap.layer, snap.cell_id, first_line(snap.source),
+                                      snap.status, snap.duration, snap.size_delta,
+                                      cached=snap.session != self.session.id))
+            return views
+
+    def _rollback_for_rerun(self, cell_id: str) -> None:
+        """Re-running a cell that produced a snapshot: back to that snapshot's parent."""
+        snaps = self._history_snaps()
+        for i, snap in enumerate(snaps):
+            if snap.cell_id == cell_id:
+                self._rollback_to_position(i)  # keep history[:i]
+                return
+
+    def _rollback_to_position(self, keep: int) -> StepView | None:
+        """Keep the first `keep` history entries; the head becomes the last kept (or a layer base)."""
+        snaps = self._history_snaps()
+        target_layer = snaps[keep].layer if keep < len(snaps) else self.layer.name
+        kept = snaps[:keep]
+        self.session.history = [s.id for s in kept]
+        # Layers after the target's layer leave the recipe.
+        names = list(self.recipe.layers)
+        if target_layer in names:
+            for later in names[names.index(target_layer) + 1:]:
+                del self.recipe.layers[later]
+                self.session.tags.pop(later, None)
+            layer = self.recipe.layers[target_layer]
+        else:
+            layer = Layer(name=target_layer, from_=ImageSource(type="scratch"))
+            self.recipe.layers[target_layer] = layer
+        layer.steps = [Step(s.source, s.cell_id) for s in kept if s.layer == target_layer]
+        if self._run.layer is not layer:
+            self._run = _LayerRun(layer, base_dir=self.base_dir)
+        same_layer = [s for s in kept if s.layer == target_layer]
+        self._stop_container()
+        self.inspecting_failure = False
+        if same_layer:
+            self.head = same_layer[-1]
+            self.state = ShellState.from_json(self.head.state)
+            self._replace_live(self.head)
+            self._live_ready = True
+            self._stage_imports()
+        else:
+            # Back to the layer's base: prepared again (content-addressed, so free) at the next step.
+            self.head = None
+            self.state = None
+            self._live_ready = False
+        self.session.head = self.head.id if self.head else None
+        self.session.layer = target_layer
+        self.store.update_session(self.session)
+        return self.history()[-1] if kept else None
+
+    def rollback(self, to: int | str | None = None) -> StepView | None:
+        """Return to an earlier snapshot: `to` is a 1-based history index, a cell id,
+        or None for one step back. Later steps leave the history (kept until gc)."""
+        with self._step_lock, self._lock:
+            snaps = self._history_snaps()
+            if not snaps and not self.inspecting_failure:
+                raise RecipeError("nothing to roll back: no step has been committed in this session")
+            if to is None:
+                keep = len(snaps) if self.inspecting_failure else len(snaps) - 1
+            elif isinstance(to, int) or (isinstance(to, str) and to.isdigit()):
+                n = int(to)
+                if not 0 <= n <= len(snaps):
+                    raise RecipeError(f"no step {n}: %layers lists steps 1..{len(snaps)}")
+                keep = n
+            else:
+                idx = [i for i, s in enumerate(snaps) if s.cell_id == to or s.id.startswith(to)]
+                if not idx:
+                    raise RecipeError(f"no step of cell or snapshot {to!r} in this session's history (%layers lists them)")
+                keep = idx[-1] + 1
+            return self._rollback_to_position(keep)
+
+    def forget_cells(self, cell_ids) -> None:
+        """JupyterLab's deletedCells: their snapshots leave the history (kept on disk until gc)."""
+        ids = set(cell_ids or ())
+        if not ids:
+            return
+        with self._lock:
+            before = self.session.history
+            self.session.history = [sid for sid in before
+                                    if (self.store.get(sid) or Snapshot()).cell_id not in ids]
+            if self.session.history != before:
+                self.store.update_session(self.session)
+
+    # --- reading snapshots -----------------------------------------------------
+
+    def snapshot_at(self, index: int | None = None) -> Snapshot:
+        snaps = self._history_snaps()
+        if index is None:
+            if self.head is not None:
+                return self.head
+            if not snaps:
+                raise RecipeError("no snapshot yet: run a step first")
+            return snaps[-1]
+        if not 1 <= index <= len(snaps):
+            raise RecipeError(f"no step {index}: %layers lists steps 1..{len(snaps)}")
+        return snaps[index - 1]
+
+    def diff(self, index: int | None = None) -> list[tuple[str, str]]:
+        """Files added (A), modified (M) and removed (D) by step `index` (default: the last)."""
+        from stacker_kernel.engine.inspect import diff_summary
+
+        snap = self.snapshot_at(index)
+        parent = self.store.get(snap.parent) if snap.parent else None
+        return diff_summary(parent.path if parent else None, snap.path)
+
+    def grab(self, path: str, dest: str, index: int | None = None) -> str:
+        """Copy `path` out of the current snapshot (or step `index`) to `dest`, like `stacker grab`."""
+        from stacker_kernel.engine.inspect import grab
+
+        snap = self.snapshot_at(index)
+        return grab(snap.path, path, dest)
+
+    def rootfs_path(self) -> str:
+        return str(self.live if self._live_ready else (self.head.path if self.head else self.live))
+
+    def layer_tips(self) -> dict[str, Snapshot]:
+        """Each layer's last snapshot in this session, in recipe order."""
+        tips: dict[str, Snapshot] = {}
+        for snap in self._history_snaps():
+            tips[snap.layer] = snap
+        return tips
+
+    def export_recipe(self) -> Recipe:
+        """The recipe of what was actually built: each layer's steps are its snapshot chain."""
+        with self._lock:
+            out = Recipe()
+            for name, layer in self.recipe.layers.items():
+                steps = [Step(s.source, s.cell_id) for s in self._history_snaps() if s.layer == name]
+                out.layers[name] = replace(layer, steps=steps)
+            return out
+
+    def export_yaml(self, path: str | None = None) -> str:
+        from stacker_kernel.recipe.stacker_yaml import dump
+
+        text = dump(self.export_recipe())
+        if path:
+            Path(path).write_text(text)
+        return text
+
+    def export_oci(self, oci_dir: str, **kwargs) -> list[str]:
+        from stacker_kernel.engine.export import export_session_oci
+
+        return export_session_oci(self, oci_dir, **kwargs)
+
+
+def _arg0(d) -> str:
+    args = getattr(d, "args", None)
+    if isinstance(args, (list, tuple)):
+        return args[0] if args else ""
+    if isinstance(args, dict):
+        return next(iter(args.values()), "")
+    return str(args or "")
+
+
+def _absolute_source(src: ImageSource, base_dir: str) -> ImageSource:
+    """Local tar/oci paths are relative to the notebook's (or stacker.yaml's) directory."""
+    url = src.url
+    if not url or src.type not in ("tar", "oci") or "://" in url or os.path.isabs(url):
+        return src
+    return replace(src, url=os.path.join(base_dir, url))
+
+
+def _fs_used(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
