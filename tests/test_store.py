@@ -1,0 +1,454 @@
+"""The snapshot store on real btrfs: records, cache, chains, crash recovery, concurrency, gc, CLI."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stacker_kernel import cli
+from stacker_kernel.errors import StorageError
+from stacker_kernel.storage import btrfs
+from stacker_kernel.storage.store import Snapshot, Store
+
+
+@pytest.fixture
+def store(storage):
+    s = Store.open(storage)
+    yield s
+    s.close()
+
+
+def _populate(path: Path) -> None:
+    (path / "etc").mkdir()
+    (path / "etc" / "os-release").write_text("NAME=test\n")
+
+
+def _base(store: Store) -> Snapshot:
+    return store.add_base("sha256-" + "ab" * 32, _populate, "test base")
+
+
+def _step(store: Store, live: Path, parent: Snapshot, text: str, **kw) -> Snapshot:
+    """Write a file in `live` and commit it as a step on `parent`."""
+    (live / "step.txt").write_text(text)
+    return store.commit(live, Snapshot(parent=parent.id, layer=kw.pop("layer", "l"), source=text, **kw))
+
+
+def _live_from(store: Store, session_id: str, snap: Snapshot) -> Path:
+    live = store.live_path(session_id)
+    btrfs.snapshot(snap.path, live)
+    return live
+
+
+def _run_child(code: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], text=True,
+                            stdout=subprocess.PIPE, stdin=subprocess.PIPE, **kw)
+
+
+# --- opening -------------------------------------------------------------------
+
+def test_open_creates_the_layout(storage):
+    Store.open(storage).close()
+    for name in ("bases", "snapshots", "live", "logs", "stacker-kernel.db"):
+        assert (storage / name).exists(), name
+
+
+def test_open_refuses_storage_not_on_btrfs(tmp_path):
+    with pytest.raises(StorageError, match="btrfs"):
+        Store.open(tmp_path)
+
+
+def test_open_refuses_missing_storage(storage):
+    with pytest.raises(StorageError, match="does not exist.*btrfs"):
+        Store.open(storage / "missing")
+
+
+def test_database_uses_wal(store):
+    assert store._query("PRAGMA journal_mode")[0][0] == "wal"
+
+
+# --- bases -------------------------------------------------------------------------
+
+def test_add_base_makes_a_readonly_populated_base(store):
+    base = _base(store)
+    assert base.kind == "base" and base.path == store.root / "bases" / base.id
+    assert btrfs.is_readonly(base.path)
+    assert (base.path / "etc" / "os-release").read_text() == "NAME=test\n"
+
+
+def test_add_base_twice_populates_once(store):
+    calls = []
+    first = store.add_base("sha256-1", lambda p: calls.append(p), "x")
+    second = store.add_base("sha256-1", lambda p: calls.append(p), "x")
+    assert len(calls) == 1 and first.id == second.id
+
+
+def test_add_base_failure_leaves_nothing(store):
+    def boom(path: Path) -> None:
+        (path / "half").write_text("x")
+        raise RuntimeError("download failed")
+
+    with pytest.raises(RuntimeError):
+        store.add_base("sha256-2", boom, "x")
+    assert store.get("sha256-2") is None
+    assert list((store.root / "bases").iterdir()) == []
+
+
+# --- commits, chains, cache ----------------------------------------------------------
+
+def test_commit_makes_a_readonly_snapshot_and_a_record(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    live = _live_from(store, sess.id, _base(store))
+    snap = _step(store, live, store.get("sha256-" + "ab" * 32), "one", session=sess.id, cache_key="k")
+    assert btrfs.is_readonly(snap.path)
+    assert (snap.path / "step.txt").read_text() == "one"
+    assert store.get(snap.id) == snap
+
+
+def test_commit_leaves_the_live_subvolume_writable(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    _step(store, live, base, "one")
+    (live / "more").write_text("x")
+    assert (live / "more").exists()
+
+
+def test_get_of_an_unknown_id_is_none(store):
+    assert store.get("nope") is None
+
+
+def test_chain_lists_the_base_first(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    s1 = _step(store, live, base, "one")
+    s2 = _step(store, live, s1, "two")
+    assert [s.id for s in store.chain(s2.id)] == [base.id, s1.id, s2.id]
+
+
+def test_find_cache_returns_the_snapshot_with_that_key(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    _step(store, live, base, "one", cache_key="k1")
+    s2 = _step(store, live, base, "two", cache_key="k2")
+    assert store.find_cache("k2").id == s2.id
+    assert store.find_cache("k3") is None
+
+
+def test_snapshots_filters_by_session(store):
+    a, b = store.new_session("kernel", "/a.ipynb"), store.new_session("kernel", "/b.ipynb")
+    base = _base(store)
+    live = _live_from(store, a.id, base)
+    sa = _step(store, live, base, "a", session=a.id)
+    _step(store, live, base, "b", session=b.id)
+    assert [s.id for s in store.snapshots(session=a.id)] == [sa.id]
+
+
+def test_delete_snapshot_reparents_its_children(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    s1 = _step(store, live, base, "one")
+    s2 = _step(store, live, s1, "two")
+    store.delete_snapshot(s1.id)
+    assert not s1.path.exists()
+    assert [s.id for s in store.chain(s2.id)] == [base.id, s2.id]
+
+
+# --- sessions ------------------------------------------------------------------------
+
+def test_find_sessions_is_newest_first_and_filters(store):
+    a = store.new_session("kernel", "/nb.ipynb")
+    b = store.new_session("build", "/nb.ipynb")
+    c = store.new_session("kernel", "/other.ipynb")
+    assert [s.id for s in store.find_sessions()] == [c.id, b.id, a.id]
+    assert [s.id for s in store.find_sessions(name="/nb.ipynb", kind="kernel")] == [a.id]
+
+
+def test_update_session_stores_head_tags_and_history(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    sess.head, sess.layer, sess.tags, sess.history = "h", "l2", {"l1": "x"}, ["x", "h"]
+    store.update_session(sess)
+    again = store.find_sessions()[0]
+    assert (again.head, again.layer, again.tags, again.history) == ("h", "l2", {"l1": "x"}, ["x", "h"])
+
+
+def test_new_session_is_alive_while_its_owner_runs(store):
+    assert store.session_alive(store.new_session("kernel", "/nb.ipynb"))
+
+
+def test_session_with_a_reused_pid_is_dead(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    sess.owner_start += 1  # same pid, different start time: the pid was reused
+    assert not store.session_alive(sess)
+
+
+def test_end_session_deletes_the_live_subvolume_and_keeps_records(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    live = _live_from(store, sess.id, _base(store))
+    store.end_session(sess.id)
+    assert not live.exists()
+    assert store.find_sessions()[0].id == sess.id
+
+
+# --- write lock ------------------------------------------------------------------------
+
+def test_write_lock_is_reentrant(store):
+    with store.write_lock():
+        with store.write_lock():
+            sess = store.new_session("kernel", "/nb.ipynb")
+    assert store.find_sessions()[0].id == sess.id
+
+
+def test_write_lock_excludes_other_processes(store):
+    probe = f"""
+        import fcntl, os
+        fd = os.open({str(store.root / "lock")!r}, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            print("got it")
+        except BlockingIOError:
+            print("busy")
+    """
+    with store.write_lock():
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(probe)], capture_output=True, text=True)
+    assert out.stdout.strip() == "busy"
+
+
+# --- crash recovery ------------------------------------------------------------------
+
+_CRASHING_COMMIT = """
+    import sys, time
+    from stacker_kernel.storage import btrfs
+    from stacker_kernel.storage.store import Store
+    store = Store.open({root!r})
+    with store.write_lock():
+        # What commit() does, stopped between the snapshot and the record.
+        btrfs.snapshot({live!r}, store.root / "snapshots" / "orphan", readonly=True)
+        print("snapshotted", flush=True)
+        time.sleep(600)
+"""
+
+
+def _crash_in_commit(store: Store, live: Path) -> None:
+    child = _run_child(_CRASHING_COMMIT.format(root=str(store.root), live=str(live)))
+    assert child.stdout.readline().strip() == "snapshotted"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
+def test_open_after_a_crash_in_commit_deletes_the_orphan(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    live = _live_from(store, sess.id, _base(store))
+    _crash_in_commit(store, live)
+    assert (store.root / "snapshots" / "orphan").exists()
+    Store.open(store.root).close()
+    assert not (store.root / "snapshots" / "orphan").exists()
+
+
+def test_open_after_a_crash_in_commit_keeps_committed_snapshots(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    s1 = _step(store, live, base, "one")
+    _crash_in_commit(store, live)
+    again = Store.open(store.root)
+    assert again.get(s1.id) == s1 and btrfs.is_readonly(s1.path)
+    assert [s.id for s in again.chain(s1.id)] == [base.id, s1.id]
+    again.close()
+
+
+def test_open_does_not_delete_a_commit_in_progress(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    slow_commit = f"""
+        import sys
+        from stacker_kernel.storage import btrfs
+        from stacker_kernel.storage.store import Store, Snapshot
+        store = Store.open({str(store.root)!r})
+        with store.write_lock():
+            snap = Snapshot(id="inflight", parent={base.id!r})
+            btrfs.snapshot({str(live)!r}, store.root / "snapshots" / "inflight", readonly=True)
+            print("snapshotted", flush=True)
+            sys.stdin.readline()
+            store._insert_snapshot(snap)
+    """
+    child = _run_child(slow_commit)
+    assert child.stdout.readline().strip() == "snapshotted"
+    opened = []
+    opener = threading.Thread(target=lambda: opened.append(Store.open(store.root)))
+    opener.start()
+    time.sleep(0.2)  # give the opener a chance to run recovery too early, if the lock let it
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    assert child.wait() == 0
+    opener.join()
+    assert opened[0].get("inflight") is not None
+    assert (store.root / "snapshots" / "inflight").is_dir()
+    opened[0].close()
+
+
+def test_open_drops_records_whose_subvolume_vanished_and_moves_heads_back(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    s1 = _step(store, live, base, "one")
+    s2 = _step(store, live, s1, "two")
+    sess.head, sess.history = s2.id, [s1.id, s2.id]
+    store.update_session(sess)
+    btrfs.delete_subvolume(s2.path)  # behind the store's back
+    again = Store.open(store.root)
+    after = again.find_sessions()[0]
+    assert again.get(s2.id) is None
+    assert (after.head, after.history) == (s1.id, [s1.id])
+    again.close()
+
+
+def test_open_deletes_live_subvolumes_of_dead_owners(store):
+    base = _base(store)
+    child = f"""
+        from stacker_kernel.storage import btrfs
+        from stacker_kernel.storage.store import Store
+        store = Store.open({str(store.root)!r})
+        sess = store.new_session("kernel", "/nb.ipynb")
+        btrfs.snapshot({str(base.path)!r}, store.live_path(sess.id))
+        print(sess.id)
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(child)], capture_output=True, text=True)
+    live = store.live_path(out.stdout.strip())
+    assert live.is_dir(), out.stderr
+    Store.open(store.root).close()
+    assert not live.exists()
+
+
+def test_open_keeps_live_subvolumes_of_living_owners(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    live = _live_from(store, sess.id, _base(store))
+    Store.open(store.root).close()
+    assert live.is_dir()
+
+
+def test_open_deletes_live_subvolumes_without_a_session(store):
+    live = _live_from(store, "no-such-session", _base(store))
+    Store.open(store.root).close()
+    assert not live.exists()
+
+
+def test_open_deletes_temporary_bases_of_dead_importers(store):
+    btrfs.create_subvolume(store.root / "bases" / ".tmp-dead")
+    Store.open(store.root).close()
+    assert not (store.root / "bases" / ".tmp-dead").exists()
+
+
+# --- concurrency -----------------------------------------------------------------------
+
+_COMMITTER = """
+    from stacker_kernel.storage import btrfs
+    from stacker_kernel.storage.store import Store, Snapshot
+    store = Store.open({root!r})
+    sess = store.new_session("build", "/{tag}")
+    live = store.live_path(sess.id)
+    btrfs.snapshot({base!r}, live)
+    parent = {base_id!r}
+    for i in range(50):
+        (live / "n").write_text("{tag}%d" % i)
+        snap = store.commit(live, Snapshot(parent=parent, session=sess.id, layer="{tag}",
+                                           source="step %d" % i, cache_key="{tag}-%d" % i))
+        parent = snap.id
+        sess.head = snap.id
+        sess.history.append(snap.id)
+        store.update_session(sess)
+    store.end_session(sess.id)
+    print("done")
+"""
+
+
+def test_two_processes_commit_50_snapshots_each_consistently(store):
+    base = _base(store)
+    children = [_run_child(_COMMITTER.format(root=str(store.root), base=str(base.path),
+                                             base_id=base.id, tag=tag)) for tag in ("a", "b")]
+    outs = [c.communicate()[0].strip() for c in children]
+    assert outs == ["done", "done"]
+    steps = [s for s in store.snapshots() if s.kind == "step"]
+    assert len(steps) == 100
+    for sess in store.find_sessions():
+        chain = store.chain(sess.head)
+        assert [s.id for s in chain[1:]] == sess.history and len(chain) == 51
+        for i, snap in enumerate(chain[1:]):
+            assert (snap.path / "n").read_text() == f"{snap.layer}{i}"
+            assert btrfs.is_readonly(snap.path)
+    assert sorted(p.name for p in (store.root / "snapshots").iterdir()) == sorted(s.id for s in steps)
+
+
+# --- gc ------------------------------------------------------------------------------------
+
+def _ended_session_with_chain(store: Store):
+    """A session whose owner is gone, with base -> s1 -> s2 and head at s1 (s2 rolled back)."""
+    sess = store.new_session("kernel", "/nb.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    s1 = _step(store, live, base, "one", session=sess.id)
+    s2 = _step(store, live, s1, "two", session=sess.id)
+    sess.head, sess.history, sess.owner_start = s1.id, [s1.id], sess.owner_start + 1
+    store.update_session(sess)
+    store.end_session(sess.id)
+    return sess, base, s1, s2
+
+
+def test_gc_removes_unreferenced_snapshots(store):
+    _, _, _, s2 = _ended_session_with_chain(store)
+    assert store.gc() == [s2.id]
+    assert not s2.path.exists() and store.get(s2.id) is None
+
+
+def test_gc_keeps_the_chain_of_a_session_head(store):
+    _, base, s1, _ = _ended_session_with_chain(store)
+    store.gc()
+    assert store.get(s1.id) is not None and store.get(base.id) is not None
+    assert s1.path.is_dir() and base.path.is_dir()
+
+
+def test_gc_keeps_snapshots_of_a_live_session_not_yet_pointed_at(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    s1 = _step(store, live, base, "one", session=sess.id)
+    store.gc()
+    assert store.get(s1.id) is not None
+
+
+def test_gc_after_forget_session_removes_everything(store):
+    sess, base, s1, s2 = _ended_session_with_chain(store)
+    store.forget_session(sess.id)
+    assert sorted(store.gc()) == sorted([base.id, s1.id, s2.id])
+    assert list((store.root / "snapshots").iterdir()) == []
+
+
+# --- CLI ---------------------------------------------------------------------------------
+
+def test_cli_layers_shows_sessions_layers_and_steps(store, capsys):
+    sess, base, s1, _ = _ended_session_with_chain(store)
+    assert cli.main(["layers", "--storage", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"session {sess.id[:8]} kernel /nb.ipynb (ended)" in out
+    assert "  layer l" in out and f"* {s1.id[:8]}" in out and "base sha256-abab" in out
+
+
+def test_cli_gc_prints_what_it_removed(store, capsys):
+    _, _, _, s2 = _ended_session_with_chain(store)
+    assert cli.main(["--storage", str(store.root), "gc"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {s2.id}" in out and "removed 1 snapshot(s), freed" in out
+
+
+def test_cli_reports_storage_errors_in_one_line(tmp_path, capsys):
+    assert cli.main(["layers", "--storage", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("stacker-kernel: storage ") and "btrfs" in err and err.count("\n") == 1
