@@ -91,9 +91,9 @@ def grab(snapshot_root: str | Path, path: str, dest: str | Path) -> str:
 
 
 def _diff_in_ns(old: str | None, new: str) -> list[tuple[str, str]]:
-    from stacker_kernel.oci.diff import diff_snapshots
+    from stacker_kernel.oci.diff import diff_snapshots, summary
 
-    return diff_snapshots(old, new).summary()
+    return summary(diff_snapshots(old, new))
 
 
 def diff_summary(old: str | Path | None, new: str | Path) -> list[tuple[str, str]]:
