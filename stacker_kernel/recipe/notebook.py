@@ -1,0 +1,146 @@
+"""nbformat notebook <-> Recipe.
+
+A notebook is a sequence of layers: `%layer NAME` starts one, every other
+recipe magic applies to the current layer, and every code cell's script is a
+step of it (DESIGN.md, Semantics 1-2). Importing a stacker.yaml gives, per
+layer, a `## Layer NAME` heading, a directive cell and the `run` script cut
+into cells (`cells.split_script`).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping
+
+import nbformat
+from nbformat import NotebookNode
+
+from stacker_kernel.errors import RecipeError
+from stacker_kernel.recipe.cells import (
+    apply_cell, format_directives, format_generate_labels, parse_cell, split_script,
+)
+from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, check_layer_name
+
+KERNELSPEC = {"name": "stacker", "display_name": "Stacker (container build)",
+              "language": "stacker"}
+LANGUAGE_INFO = {"name": "stacker", "codemirror_mode": "shell", "mimetype": "text/x-sh",
+                 "file_extension": ".sh", "pygments_lexer": "bash"}
+
+
+def _source(cell: Mapping[str, Any]) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def recipe_from_notebook(nb: Mapping[str, Any], name: str) -> Recipe:
+    """The Recipe a notebook describes.
+
+    The first layer is named `name` (the notebook's file stem) unless the
+    first cell that does anything says `%layer`; a cell's script (if not
+    blank) is a Step carrying the cell's id; `%generate_labels` cells give the
+    layer's generate_labels script instead; interactive magics and markdown
+    are ignored. Prerequisites come from `metadata.stacker.prerequisites`.
+    Raises RecipeError naming the cell for bad magics, a layer without
+    `%from`, a layer name used twice, or unresolvable dependencies.
+    """
+    recipe = Recipe()
+    meta = (nb.get("metadata") or {}).get("stacker") or {}
+    recipe.prerequisites = list(meta.get("prerequisites") or [])
+    current: Layer | None = None
+    has_from: dict[str, int] = {}
+    started: dict[str, int] = {}
+    code_cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    for index, cell in enumerate(code_cells, start=1):
+        where = f"code cell {index}" + (f" (id {cell['id']})" if cell.get("id") else "")
+        try:
+            parsed = parse_cell(_source(cell))
+        except RecipeError as e:
+            raise RecipeError(f"{where}: {e}") from None
+        directives = parsed.recipe_directives()
+        is_labels = any(d.name == "generate_labels" for d in directives)
+        script = parsed.script.rstrip()
+        if not directives and not script.strip():
+            continue
+        if directives and directives[0].name == "layer":
+            new_name = directives[0].args
+            if new_name in started:
+                raise RecipeError(f"{where}: layer {new_name} is already started in code cell "
+                                  f"{started[new_name]}: give this layer another name")
+            current = Layer(new_name, ImageSource("scratch"))
+            recipe.layers[new_name] = current
+            started[new_name] = index
+        elif current is None:
+            check_layer_name(name, " (the notebook's name)")
+            current = Layer(name, ImageSource("scratch"))
+            recipe.layers[name] = current
+            started[name] = index
+        if any(d.name == "from" for d in directives):
+            has_from[current.name] = index
+        try:
+            current = apply_cell(current, parsed)
+        except RecipeError as e:
+            raise RecipeError(f"{where}: {e}") from None
+        recipe.layers[current.name] = current
+        if script.strip() and not is_labels:
+            if current.steps and script.startswith("#!"):
+                current.warnings.append(
+                    f"{where} starts with #! but is not the layer's first step: in the "
+                    "exported run script it runs under the first step's interpreter "
+                    "(export --per-cell keeps it separate)")
+            current.steps.append(Step(script, cell.get("id")))
+    for layer_name, first in started.items():
+        if layer_name not in has_from:
+            raise RecipeError(f"layer {layer_name} (code cell {first}) has no %from: add "
+                              "'%from TYPE ...' to its first cell, e.g. %from oci ./oci:busybox")
+    recipe.dependency_order()
+    return recipe
+
+
+def _cell_id(used: set[str], wanted: str | None, seed: str) -> str:
+    """A cell id valid for nbformat 4.5, unique in the notebook, stable for `seed`."""
+    if wanted and wanted not in used:
+        used.add(wanted)
+        return wanted
+    n = 0
+    while True:
+        cid = hashlib.sha1(f"{seed}\0{n}".encode()).hexdigest()[:12]
+        if cid not in used:
+            used.add(cid)
+            return cid
+        n += 1
+
+
+def notebook_from_recipe(recipe: Recipe) -> NotebookNode:
+    """A notebook for `recipe`: per layer a `## Layer NAME` heading, a directive
+    cell and one code cell per step.
+
+    Steps from a notebook (with a cell id) stay one cell each, with their id;
+    steps from a stacker.yaml are cut with `split_script` (at empty lines, or
+    `# %%` markers; a `#!` script stays whole). Cell ids are deterministic, so
+    importing the same file twice gives the same notebook.
+    """
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    nb.metadata["language_info"] = dict(LANGUAGE_INFO)
+    if recipe.prerequisites:
+        nb.metadata["stacker"] = {"prerequisites": list(recipe.prerequisites)}
+    used: set[str] = set()
+    for name, layer in recipe.layers.items():
+        cells = [nbformat.v4.new_markdown_cell(f"## Layer {name}"),
+                 nbformat.v4.new_code_cell(format_directives(layer))]
+        for i, cell in enumerate(cells):
+            cell["id"] = _cell_id(used, None, f"{name}\0head{i}")
+        n = 0
+        for step in layer.steps:
+            pieces = [step.source] if step.cell_id else split_script(step.source)
+            for piece in pieces:
+                cell = nbformat.v4.new_code_cell(piece)
+                cell["id"] = _cell_id(used, step.cell_id, f"{name}\0step{n}")
+                cells.append(cell)
+                n += 1
+        labels = format_generate_labels(layer)
+        if labels is not None:
+            cell = nbformat.v4.new_code_cell(labels)
+            cell["id"] = _cell_id(used, None, f"{name}\0labels")
+            cells.append(cell)
+        nb.cells.extend(cells)
+    return nb
