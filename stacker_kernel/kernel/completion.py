@@ -1,0 +1,158 @@
+"""Tab completion of a cell: magic names and arguments, rootfs paths, rootfs commands.
+
+Paths and commands are read from the host side of the container's rootfs,
+so completion never waits for the build shell. The rootfs belongs to the
+user's subordinate ids; directories the user cannot read simply give no
+matches. Symlinks are resolved inside the rootfs (an absolute link target
+is taken relative to the rootfs), never on the host.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+# The PATH a step gets (stacker's default for `run`), searched in order.
+CONTAINER_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+_WORD_BREAKS = " \t\n;|&()<>=\"'`"
+_COMMAND_POSITION = re.compile(r"(^|[;&|(`]|\$\(|\b(then|do|else|elif|if|while|until|!))\s*$")
+_MAX_SYMLINKS = 16
+
+
+@dataclass
+class Completion:
+    """A complete_reply body: matches replacing code[cursor_start:cursor_end]."""
+
+    matches: list[str] = field(default_factory=list)
+    cursor_start: int = 0
+    cursor_end: int = 0
+
+    def reply(self) -> dict:
+        return {"status": "ok", "matches": self.matches, "cursor_start": self.cursor_start,
+                "cursor_end": self.cursor_end, "metadata": {}}
+
+
+def _inside(rootfs: str, path: str) -> str | None:
+    """Host path of container path `path`, following symlinks within the rootfs; None if absent."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        host = os.path.join(rootfs, *resolved, name)
+        try:
+            target = os.readlink(host)
+        except FileNotFoundError:
+            return None
+        except OSError:  # not a symlink (or unreadable): take it as it is
+            resolved.append(name)
+            continue
+        hops += 1
+        if hops > _MAX_SYMLINKS:
+            return None
+        if target.startswith("/"):
+            resolved = []
+        parts = [p for p in target.split("/") if p and p != "."] + parts
+    host = os.path.join(rootfs, *resolved)
+    return host if os.path.lexists(host) else None
+
+
+def _is_dir(rootfs: str, container_path: str) -> bool:
+    host = _inside(rootfs, container_path)
+    return bool(host) and os.path.isdir(host) and not os.path.islink(host)
+
+
+def _list(rootfs: str, container_dir: str) -> list[str]:
+    host = _inside(rootfs, container_dir)
+    if host is None:
+        return []
+    try:
+        return sorted(os.listdir(host))
+    except OSError:
+        return []
+
+
+def complete_path(rootfs: str, word: str, cwd: str = "/") -> list[str]:
+    """Entries of the container rootfs that complete `word` (directories get a trailing /)."""
+    head, _, prefix = word.rpartition("/")
+    if "/" in word:
+        base = head + "/" if head else "/"
+    else:
+        base = ""
+    container_dir = base if base.startswith("/") else os.path.join(cwd, base)
+    matches = []
+    for name in _list(rootfs, container_dir):
+        if not name.startswith(prefix) or (name.startswith(".") and not prefix.startswith(".")):
+            continue
+        candidate = base + name
+        if _is_dir(rootfs, os.path.join(container_dir, name)):
+            candidate += "/"
+        matches.append(candidate)
+    return matches
+
+
+def complete_command(rootfs: str, prefix: str) -> list[str]:
+    """Executables on the container's PATH whose names start with `prefix`, without duplicates."""
+    seen: dict[str, None] = {}
+    for directory in CONTAINER_PATH:
+        for name in _list(rootfs, directory):
+            if name.startswith(prefix):
+                seen.setdefault(name)
+    return sorted(seen)
+
+
+def find_command(rootfs: str, name: str) -> str | None:
+    """The container path of command `name` on the container's PATH, or None."""
+    for directory in CONTAINER_PATH:
+        candidate = f"{directory}/{name}"
+        host = _inside(rootfs, candidate)
+        if host and os.path.isfile(host):
+            return candidate
+    return None
+
+
+def current_word(code: str, cursor_pos: int) -> tuple[int, str]:
+    """Start offset and text of the shell word that ends at the cursor."""
+    start = cursor_pos
+    while start > 0 and code[start - 1] not in _WORD_BREAKS:
+        start -= 1
+    return start, code[start:cursor_pos]
+
+
+def complete_shell(rootfs: str | None, code: str, cursor_pos: int, cwd: str = "/") -> Completion:
+    """Commands in command position, else paths; nothing without a rootfs."""
+    start, word = current_word(code, cursor_pos)
+    result = Completion(cursor_start=start, cursor_end=cursor_pos)
+    if rootfs is None:
+        return result
+    before = code[:start]
+    line_before = before.rsplit("\n", 1)[-1]
+    if "/" not in word and _COMMAND_POSITION.search(line_before):
+        result.matches = complete_command(rootfs, word)
+    else:
+        result.matches = complete_path(rootfs, word, cwd)
+    return result
+
+
+def complete_magic_line(line: str, line_start: int, cursor_pos: int,
+                        names: Callable[[str], list[str]],
+                        arguments: Callable[[str, list[str], str], list[str]]) -> Completion:
+    """Complete a `%magic args` line: the name via `names(prefix)`, later words via `arguments`.
+
+    `arguments(name, previous_args, prefix)` lists candidates for the word at
+    the cursor. `line` is the text of the line up to the cursor.
+    """
+    if " " not in line.rstrip("\n") and "\t" not in line:
+        prefix = line[1:]
+        return Completion(sorted("%" + n for n in names(prefix)), line_start, cursor_pos)
+    name, *rest = line[1:].split()
+    if line[-1:].isspace():
+        previous, prefix = rest, ""
+    else:
+        previous, prefix = rest[:-1], rest[-1] if rest else ""
+    return Completion(arguments(name, previous, prefix), cursor_pos - len(prefix), cursor_pos)

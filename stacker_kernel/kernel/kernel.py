@@ -1,0 +1,411 @@
+"""The Jupyter face: an ipykernel wrapper kernel whose code cells are build steps.
+
+Each execute_request is one cell: its magic lines (recipe/cells.py) change the
+recipe or act on the session, its script runs as one step through the engine
+(engine/session.py). The step runs in a worker thread while `do_execute`
+awaits it, so the event loop keeps serving comm (widget) messages, and the
+step's output is published every few tens of milliseconds as it arrives.
+
+Reply discipline (reference/jupyter.md §1.4, §2.2): every request gets a
+reply. A failed, interrupted or dead step, a bad magic line, unusable
+storage, or a bug of ours all become an `error` reply with an `error` iopub
+message, so Run All stops at that cell.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib.metadata
+import os
+import signal
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import comm
+from ipykernel.kernelbase import Kernel
+
+from stacker_kernel.errors import StackerKernelError
+from stacker_kernel.kernel import completion, magics
+from stacker_kernel.kernel.output import OutputSink
+from stacker_kernel.kernel.syntax import shell_completeness
+
+try:
+    __version__ = importlib.metadata.version("stacker-kernel")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+FLUSH_INTERVAL = 0.05  # seconds between two stream messages of a running cell
+RED, RESET = "\x1b[0;31m", "\x1b[0m"
+
+
+@dataclass
+class CellError(Exception):
+    """A cell's failure as the notebook shows it: ename, the one-line evalue, extra lines."""
+
+    ename: str
+    evalue: str
+    details: tuple[str, ...] = ()
+
+
+def notebook_path() -> Path:
+    """The notebook this kernel serves, as an absolute path (it names the session).
+
+    JupyterLab sets JPY_SESSION_NAME to the notebook's path relative to the
+    server root and starts the kernel in the notebook's directory; without it
+    (a console, a plain jupyter_client) the kernel's cwd gives a stable name.
+    """
+    name = os.environ.get("JPY_SESSION_NAME", "").strip()
+    if not name:
+        return Path.cwd() / "stacker-console"
+    path = Path(name)
+    return path if path.is_absolute() else Path.cwd() / path.name
+
+
+class StackerKernel(Kernel):
+    """Cells are build steps in a persistent unprivileged container (DESIGN.md)."""
+
+    implementation = "stacker-kernel"
+    implementation_version = __version__
+    banner = ("stacker-kernel: each cell is a build step in an unprivileged container,"
+              " frozen as a btrfs snapshot. %help lists the magics.")
+    language_info = {
+        # Never "bash": front-ends would fall back to a host bash kernel (§2.9).
+        "name": "stacker",
+        "version": __version__,
+        "mimetype": "text/x-sh",
+        "file_extension": ".sh",
+        "codemirror_mode": "shell",
+        "pygments_lexer": "bash",
+    }
+    help_links = [{"text": "stacker.yaml reference",
+                   "url": "https://stackerbuild.io/main/reference/stacker_yaml/"}]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Comms for widgets: the base Kernel does not wire them (reference §2.7).
+        self.comm_manager = comm.get_comm_manager()
+        for msg_type in ("comm_open", "comm_msg", "comm_close"):
+            self.shell_handlers[msg_type] = getattr(self.comm_manager, msg_type)
+        try:
+            import ipywidgets
+
+            ipywidgets.register_comm_target()
+        except Exception as e:  # widgets are optional for building; say why they are off
+            self.log.warning("ipywidgets comm target not registered: %s", e)
+        # One engine thread: the session is used from it only (plus thread-safe
+        # interrupt()), so engine calls never overlap.
+        self._engine = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stacker-engine")
+        self.build: Any = None  # engine.session.BuildSession once opened
+        self.notebook = notebook_path()
+        self._step_running = False
+        self._reply_metadata: dict[str, dict] = {}
+
+    # --- kernel_info, subshells ------------------------------------------------
+
+    @property
+    def kernel_info(self) -> dict:
+        info = super().kernel_info
+        # One build shell: no concurrent subshells; no debugger (§2.1, §2.4).
+        info["supported_features"] = [f for f in info.get("supported_features", [])
+                                      if f not in ("debugger", "kernel subshells")]
+        return info
+
+    async def create_subshell_request(self, socket, ident, parent) -> None:
+        # The base class logs and sends nothing when it declines; we always reply.
+        self.session.send(socket, "create_subshell_reply", {
+            "status": "error", "ename": "SubshellsUnsupported",
+            "evalue": "stacker-kernel runs one build shell: it has no subshells",
+            "traceback": []}, parent, ident)
+
+    # --- execute ------------------------------------------------------------------
+
+    async def do_execute(self, code, silent, store_history=True, user_expressions=None,
+                         allow_stdin=False, *, cell_meta=None, cell_id=None):
+        parent = self.get_parent()
+        publish = _Publisher(self, parent, silent)
+        try:
+            if parent.get("header", {}).get("subshell_id"):
+                raise CellError("SubshellsUnsupported",
+                                "stacker-kernel runs cells only in its main shell:"
+                                " run this cell in the notebook, not in a subshell console")
+            outcome = await self._execute_cell(code, cell_id, cell_meta or {}, publish)
+        except CellError as e:
+            return publish.error(self.execution_count, e.ename, e.evalue, e.details)
+        except StackerKernelError as e:
+            return publish.error(self.execution_count, type(e).__name__, str(e))
+        except Exception as e:  # our bug: keep the traceback, still reply
+            self.log.exception("cell failed with an internal error")
+            return publish.error(self.execution_count, type(e).__name__, str(e),
+                                 tuple(traceback.format_exc().splitlines()))
+        if outcome is not None:
+            self._reply_metadata[parent.get("header", {}).get("msg_id", "")] = outcome
+        return {"status": "ok", "execution_count": self.execution_count,
+                "payload": [], "user_expressions": {}}
+
+    def finish_metadata(self, parent, metadata, reply_content):
+        metadata = super().finish_metadata(parent, metadata, reply_content)
+        step = self._reply_metadata.pop(parent.get("header", {}).get("msg_id", ""), None)
+        if step is not None:
+            metadata["stacker"] = step
+        return metadata
+
+    async def _execute_cell(self, code: str, cell_id: str | None, cell_meta: dict,
+                            publish: "_Publisher") -> dict | None:
+        """Run one cell; returns the step's reply metadata, raises CellError/StackerKernelError."""
+        from stacker_kernel.recipe.cells import parse_cell
+
+        cell = parse_cell(code)  # a bad magic line runs nothing
+        script = cell.script if cell.script.strip() else ""
+        needs = bool(script) or any(not d.interactive or magics.needs_session(d.name)
+                                    for d in cell.directives)
+        deleted = [c for c in cell_meta.get("deletedCells", []) or [] if isinstance(c, str)]
+        if needs:
+            await self._ensure_session(publish)
+        if deleted and self.build is not None:
+            await self._in_engine(self.build.forget_cells, deleted)
+        pending: list = []  # consecutive recipe directives go to the engine together
+        for directive in cell.directives:
+            if not directive.interactive:
+                pending.append(directive)
+                continue
+            await self._apply(pending, cell_id, publish)
+            pending = []
+            ctx = magics.MagicContext(self.notebook.parent, self._magic_specs())
+            shown = await self._in_engine(magics.run_magic, self.build, directive.name,
+                                          directive.args, ctx)
+            publish.show(shown)
+        await self._apply(pending, cell_id, publish)
+        if not script:
+            return None
+        return await self._run_step(script, cell_id, publish)
+
+    async def _apply(self, directives: list, cell_id: str | None, publish: "_Publisher") -> None:
+        if directives:
+            for line in await self._in_engine(self.build.apply_directives, directives, cell_id):
+                publish.stream(line + "\n")
+
+    @staticmethod
+    def _magic_specs() -> dict:
+        from stacker_kernel.recipe.cells import MAGICS
+
+        return MAGICS
+
+    async def _run_step(self, script: str, cell_id: str | None, publish: "_Publisher") -> dict:
+        sink = OutputSink()
+        self._step_running = True
+        try:
+            outcome = await self._in_engine(self.build.run_step, script, cell_id, sink.write,
+                                            sink=sink, publish=publish)
+        finally:
+            self._step_running = False
+        publish.stream(sink.take(final=True))
+        if sink.capped and outcome.log_path:
+            publish.stream(f"[stacker-kernel: the full log is {outcome.log_path}]\n")
+        if not outcome.ok:
+            ename = "KeyboardInterrupt" if outcome.interrupted else "StepFailed"
+            details = (f"full log: {outcome.log_path}",) if outcome.log_path else ()
+            raise CellError(ename, outcome.message, details)
+        if outcome.cached:
+            publish.stream(f"[cached: step {outcome.snapshot_id}]\n")
+        return {"cached": outcome.cached, "snapshot": outcome.snapshot_id,
+                "duration": outcome.duration, "log": outcome.log_path}
+
+    async def _in_engine(self, fn: Callable, *args: Any, sink: OutputSink | None = None,
+                         publish: "_Publisher | None" = None) -> Any:
+        """Run `fn(*args)` on the engine thread, publishing `sink` output while it runs."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._engine, fn, *args)
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=FLUSH_INTERVAL)
+            if sink is not None and publish is not None:
+                publish.stream(sink.take())
+            if done:
+                return future.result()
+
+    async def _ensure_session(self, publish: "_Publisher") -> None:
+        """Open the notebook's build session on first use; StorageError leaves it closed."""
+        if self.build is not None:
+            return
+        self.build = await self._in_engine(open_session, self.notebook)
+        resumed = self.build.resumed
+        if resumed is not None:
+            cell = f", cell {resumed.cell_id}" if resumed.cell_id else ""
+            publish.stream(f"[resumed this notebook's previous session at step {resumed.index}"
+                           f" (layer {resumed.layer}{cell}: {resumed.first_line});"
+                           " %layers shows its steps]\n")
+
+    # --- interrupts -------------------------------------------------------------
+
+    def interrupt_step(self) -> None:
+        """Interrupt the running step, if any (the engine escalates to SIGKILL)."""
+        build = self.build
+        if build is not None and self._step_running:
+            build.interrupt()
+
+    async def interrupt_request(self, stream, ident, parent):
+        content: dict = {"status": "ok"}
+        try:
+            self.interrupt_step()
+        except Exception as e:
+            self.log.exception("interrupt failed")
+            content = {"status": "error", "ename": type(e).__name__, "evalue": str(e),
+                       "traceback": traceback.format_exc().splitlines()}
+        self.session.send(stream, "interrupt_reply", content, parent, ident=ident)
+
+    def pre_handler_hook(self):
+        # A client that signals (interrupt_mode ignored) interrupts the step
+        # instead of raising KeyboardInterrupt somewhere in the event loop.
+        self.saved_sigint_handler = signal.signal(signal.SIGINT,
+                                                  lambda signum, frame: self.interrupt_step())
+
+    # --- completion, inspection, is_complete -------------------------------------
+
+    async def do_complete(self, code, cursor_pos):
+        try:
+            return self._complete(code, len(code) if cursor_pos is None else cursor_pos).reply()
+        except Exception:
+            self.log.exception("completion failed")
+            return completion.Completion([], cursor_pos or 0, cursor_pos or 0).reply()
+
+    def _rootfs(self) -> str | None:
+        try:
+            return self.build.rootfs_path() if self.build is not None else None
+        except Exception:
+            return None
+
+    def _complete(self, code: str, cursor_pos: int) -> completion.Completion:
+        from stacker_kernel.recipe.cells import complete_magic
+
+        line_start = code.rfind("\n", 0, cursor_pos) + 1
+        line = code[line_start:cursor_pos]
+        if line.lstrip().startswith("%"):
+            matches = complete_magic(line)
+            start = cursor_pos
+            if matches:
+                word = line.rsplit(None, 1)[-1] if not line[-1:].isspace() else ""
+                start = cursor_pos - len(word)
+            elif " " in line.strip():
+                # Arguments that are paths: %grab, %diff, %import, %binds ...
+                return completion.complete_shell(self._rootfs(), code, cursor_pos)
+            return completion.Completion(matches, start, cursor_pos)
+        return completion.complete_shell(self._rootfs(), code, cursor_pos)
+
+    async def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
+        try:
+            text = self._inspect(code, len(code) if cursor_pos is None else cursor_pos)
+        except Exception:
+            self.log.exception("inspect failed")
+            text = None
+        return {"status": "ok", "found": text is not None,
+                "data": {"text/plain": text} if text else {}, "metadata": {}}
+
+    def _inspect(self, code: str, cursor_pos: int) -> str | None:
+        from stacker_kernel.recipe.cells import MAGICS
+
+        start = cursor_pos
+        while start > 0 and not code[start - 1].isspace():
+            start -= 1
+        end = cursor_pos
+        while end < len(code) and not code[end].isspace():
+            end += 1
+        word = code[start:end]
+        if word.startswith("%") and word[1:] in MAGICS:
+            spec = MAGICS[word[1:]]
+            return f"{spec.usage}\n\n{spec.help}"
+        rootfs = self._rootfs()
+        if not word or rootfs is None:
+            return None
+        found = completion.find_command(rootfs, word)
+        if found is None:
+            return f"{word}: not found on the container's PATH ({':'.join(completion.CONTAINER_PATH)})"
+        return f"{word} is {found} in the container"
+
+    async def do_is_complete(self, code):
+        try:
+            from stacker_kernel.recipe.cells import parse_cell
+
+            try:
+                script = parse_cell(code).script
+            except StackerKernelError:
+                return {"status": "invalid"}
+            verdict = shell_completeness(script)
+        except Exception:
+            self.log.exception("is_complete failed")
+            return {"status": "unknown"}
+        if verdict.status == "incomplete":
+            return {"status": "incomplete", "indent": ""}
+        return {"status": verdict.status}
+
+    # --- shutdown ------------------------------------------------------------------
+
+    async def do_shutdown(self, restart):
+        # Must be quick (the manager kills us after a few seconds): stop the
+        # container, keep every snapshot; no exporting here.
+        build, self.build = self.build, None
+        if build is not None:
+            try:
+                build.interrupt()
+                build.close()
+            except Exception:
+                self.log.exception("closing the build session failed")
+        return {"status": "ok", "restart": restart}
+
+
+def open_session(notebook: Path) -> Any:
+    """The notebook's BuildSession on the user's storage, resuming its previous one.
+
+    Raises StorageError (one line with the fix) when the storage is unusable.
+    """
+    from stacker_kernel.engine.session import BuildSession
+    from stacker_kernel.storage.location import resolve_storage
+    from stacker_kernel.storage.store import Store
+
+    store = Store.open(resolve_storage())
+    return BuildSession.open(store, str(notebook), kind="kernel", resume=True,
+                             default_layer=notebook.stem, base_dir=str(notebook.parent))
+
+
+class _Publisher:
+    """iopub output of one execute_request, addressed to its parent message.
+
+    The parent is captured when the request starts: ipykernel keeps it in a
+    ContextVar, and output must reach this cell even if it is sent while
+    another message (a comm message of a widget) is being handled.
+    """
+
+    def __init__(self, kernel: StackerKernel, parent: dict, silent: bool) -> None:
+        self.kernel, self.parent, self.silent = kernel, parent, silent
+
+    def _send(self, msg_type: str, content: dict) -> None:
+        if not self.silent:
+            k = self.kernel
+            k.session.send(k.iopub_socket, msg_type, content, parent=self.parent,
+                           ident=k._topic(msg_type))
+
+    def stream(self, text: str, name: str = "stdout") -> None:
+        if text:
+            self._send("stream", {"name": name, "text": text})
+
+    def show(self, shown: magics.Shown) -> None:
+        data = {"text/plain": shown.text}
+        if shown.html:
+            data["text/html"] = shown.html
+        self._send("display_data", {"data": data, "metadata": {}, "transient": {}})
+
+    def error(self, execution_count: int, ename: str, evalue: str,
+              details: tuple[str, ...] = ()) -> dict:
+        content = {"ename": ename, "evalue": evalue,
+                   "traceback": [f"{RED}{ename}{RESET}: {evalue}", *details]}
+        self._send("error", content)
+        return {"status": "error", "execution_count": execution_count, **content}
+
+
+def launch() -> None:
+    """Start the kernel (`python -m stacker_kernel -f CONNECTION_FILE`)."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    # Helper processes (btrfs, tar, newuidmap) must not write into cells through
+    # the process's fds 1/2: the engine captures what it needs itself.
+    IPKernelApp.launch_instance(kernel_class=StackerKernel, capture_fd_output=False)

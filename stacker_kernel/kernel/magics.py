@@ -1,0 +1,183 @@
+"""The interactive magics: UI actions on the build session, never part of the recipe.
+
+`%rollback`, `%layers`, `%diff`, `%grab`, `%export`, `%keep_failed`,
+`%cache`, `%network`, `%help` (and `%browse`, which needs the widgets).
+Their syntax is parsed in recipe/cells.py; this module only carries them
+out on a BuildSession and says what to show: plain text, plus HTML where a
+table or a link reads better in JupyterLab.
+"""
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from stacker_kernel.errors import RecipeError
+
+
+@dataclass
+class Shown:
+    """What an interactive magic displays: text/plain, and text/html when set."""
+
+    text: str
+    html: str | None = None
+
+
+def needs_session(name: str) -> bool:
+    """False for the magics that work without storage (help, and the widgets notice)."""
+    return name not in ("help", "browse")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return ""
+    sign = "-" if n < 0 else "+"
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    return f"{sign}{n}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> Shown:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:{w}}}" for w in widths)
+    text = "\n".join([fmt.format(*headers)] + [fmt.format(*r) for r in rows])
+    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td style='text-align:left'><code>{html.escape(c)}</code></td>"
+                                    for c in r) + "</tr>" for r in rows)
+    return Shown(text, f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def layers_table(steps: list[Any]) -> Shown:
+    """`%layers`: one row per step (StepView): cell, first line, status, duration, size change, cached."""
+    if not steps:
+        return Shown("no steps yet: run a cell with a shell script to make the first snapshot")
+    rows = [[str(s.index), s.layer, s.cell_id or "", s.first_line, s.status,
+             f"{s.duration:.2f} s", _size(s.size_delta), "cached" if s.cached else ""]
+            for s in steps]
+    return _table(["step", "layer", "cell", "first line", "status", "duration", "size", "cached"],
+                  rows)
+
+
+def _step_label(view: Any) -> str:
+    cell = f", cell {view.cell_id}" if view.cell_id else ""
+    return f"step {view.index} (layer {view.layer}{cell}: {view.first_line})"
+
+
+def _rollback(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
+    view = session.rollback(target)
+    if view is None:
+        return Shown("rolled back to the start of the build: no steps left")
+    return Shown(f"rolled back to {_step_label(view)}")
+
+
+def _diff(session: Any, index: int | None, ctx: "MagicContext") -> Shown:
+    changes = session.diff(index)
+    if not changes:
+        return Shown("no files changed")
+    return Shown("\n".join(f"{letter} {path}" for letter, path in changes))
+
+
+def _beside_notebook(ctx: "MagicContext", path: str) -> Path:
+    target = Path(path)
+    return target if target.is_absolute() else ctx.notebook_dir / target
+
+
+def _link(ctx: "MagicContext", path: Path) -> str | None:
+    """A link JupyterLab serves: relative to the notebook, and only below its directory."""
+    try:
+        rel = os.path.relpath(path, ctx.notebook_dir)
+    except ValueError:
+        return None
+    return None if rel.startswith("..") else rel
+
+
+def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
+    dest = _beside_notebook(ctx, args.dest or os.path.basename(args.path.rstrip("/")) or "rootfs")
+    written = Path(session.grab(args.path, str(dest)))
+    text = f"grabbed {args.path} to {written}"
+    link = _link(ctx, written)
+    if link is None:
+        return Shown(text)
+    return Shown(text, f"grabbed <code>{html.escape(args.path)}</code> to "
+                       f"<a href='{html.escape(link)}' download>{html.escape(link)}</a>")
+
+
+def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
+    rest = list(args.args or [])
+    if args.format == "oci":
+        target = _beside_notebook(ctx, rest[0] if rest else "oci")
+        tags = session.export_oci(str(target))
+        return Shown(f"wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
+    target = _beside_notebook(ctx, rest[0] if rest else "stacker.yaml")
+    text = session.export_yaml(str(target))
+    return Shown(f"wrote {target}\n\n{text}")
+
+
+def _switch(attribute: str, label: str) -> Callable[..., Shown]:
+    def run(session: Any, value: Any, ctx: "MagicContext") -> Shown:
+        setattr(session, attribute, value)
+        shown = ("on" if value else "off") if isinstance(value, bool) else value
+        return Shown(f"{label} is {shown}")
+    return run
+
+
+def _browse(session: Any, args: Any, ctx: "MagicContext") -> Shown:
+    return Shown("%browse needs the widgets feature, which this version does not have yet:"
+                 " use %layers, %diff N and %grab PATH meanwhile")
+
+
+def _help(session: Any, name: str | None, ctx: "MagicContext") -> Shown:
+    specs = ctx.magics
+    if name is not None:
+        spec = specs[name]
+        kind = "interactive (acts on the session)" if spec.interactive else "recipe (exported)"
+        return Shown(f"{spec.usage}\n  {spec.help}\n  {kind}")
+    rows = [[spec.usage, spec.help, "" if spec.interactive else "recipe"]
+            for spec in specs.values()]
+    shown = _table(["magic", "what it does", ""], rows)
+    shown.text = ("Cells are shell scripts run with /bin/sh -e in the build container;"
+                  " magic lines at the top of a cell change the recipe or act on the session.\n\n"
+                  + shown.text)
+    return shown
+
+
+@dataclass
+class MagicContext:
+    """What the magics need from the kernel besides the session."""
+
+    notebook_dir: Path
+    magics: dict[str, Any]  # recipe.cells.MAGICS: name -> MagicSpec (usage, help, interactive)
+
+
+HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
+    "rollback": _rollback,
+    "layers": lambda session, args, ctx: layers_table(session.history()),
+    "diff": _diff,
+    "grab": _grab,
+    "export": _export,
+    "keep_failed": _switch("keep_failed", "keep_failed"),
+    "cache": _switch("use_cache", "cache"),
+    "network": _switch("network", "network"),
+    "browse": _browse,
+    "help": _help,
+}
+
+
+def run_magic(session: Any, name: str, args: Any, ctx: MagicContext) -> Shown:
+    """Carry out interactive magic `name` with its parsed `args` on `session`.
+
+    `session` may be None only for the magics where `needs_session` is False.
+    Raises RecipeError for a magic this kernel does not carry out; the engine's
+    own errors (unknown rollback target, missing path) pass through.
+    """
+    handler = HANDLERS.get(name)
+    if handler is None:
+        raise RecipeError(f"%{name} is not an interactive magic: put it at the top of a cell"
+                          " with the build script it belongs to")
+    return handler(session, args, ctx)
