@@ -167,12 +167,25 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_install(p: argparse.ArgumentParser) -> None:
+    from stacker_kernel.kernel.install import add_arguments
+
+    add_arguments(p)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from stacker_kernel.kernel.install import run
+
+    return run(args)
+
+
 COMMANDS: list[Command] = [
     Command("setup-storage", "as root: btrfs storage for a user (loop-mounted image if needed)",
             add_setup_storage, cmd_setup_storage),
     Command("storage-path", "print the storage root", add_storage_path, cmd_storage_path),
     Command("layers", "show the snapshots of every session, per layer", add_layers, cmd_layers),
     Command("gc", "delete snapshots that no session references", add_gc, cmd_gc),
+    Command("install", "install the 'stacker' Jupyter kernel spec", add_install, cmd_install),
 ]
 
 
