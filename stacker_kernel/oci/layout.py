@@ -1,0 +1,225 @@
+"""Reading an OCI image layout: tags, manifests, configs and verified blobs.
+
+The layout is data from somewhere else: every digest is checked against a
+strict grammar before it becomes a path (no traversal through the digest
+string), and blobs are verified by streaming them through sha256/sha512.
+Writing layouts belongs to the export side (oci/export.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stacker_kernel.errors import ImageError
+
+REF_NAME = "org.opencontainers.image.ref.name"
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_TYPES = (MT_MANIFEST, MT_DOCKER_MANIFEST)
+INDEX_TYPES = (MT_INDEX, MT_DOCKER_LIST)
+#: layer media types apply_layer can unpack (it detects the compression itself)
+TAR_LAYER_TYPES = (
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+)
+_DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+_CHUNK = 1 << 20
+_MAX_JSON = 16 << 20  # manifests and configs are small; refuse absurd ones
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """One layer of a manifest: where its blob is and what it claims to be."""
+
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A tag resolved to one image manifest, its config and its layers (base first)."""
+
+    manifest_digest: str
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+    layers: list[LayerRef]
+
+
+def parse_oci_ref(ref: str) -> tuple[str, str]:
+    """Split stacker's `LAYOUT_DIR:TAG` (also accepted with an `oci:` prefix) into (dir, tag).
+
+    The split is at the first colon, as stacker and containers/image do, so a
+    tag may itself hold colons (`dest:busybox:0.1.1` is layout `dest`, tag
+    `busybox:0.1.1`).
+    """
+    body = ref[len("oci:"):] if ref.startswith("oci:") else ref
+    layout, sep, tag = body.partition(":")
+    if not sep or not layout or not tag:
+        raise ImageError(f"OCI reference {ref!r} has no tag: write it as LAYOUT_DIR:TAG (e.g. oci:base)")
+    return layout, tag
+
+
+def check_digest(digest: str, where: str) -> str:
+    """`digest` itself if it is a well-formed sha256/sha512 digest, else ImageError."""
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise ImageError(f"{where} names the malformed digest {str(digest)[:100]!r}: "
+                         "the image is broken or hostile; re-create it")
+    return digest
+
+
+def host_platform() -> tuple[str, str]:
+    """(os, architecture) of this machine in OCI's words (linux, amd64/arm64/...)."""
+    machine = platform.machine().lower()
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
+            "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}.get(machine, machine)
+    return "linux", arch
+
+
+class OCILayout:
+    """A read-only view of an OCI image layout directory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        """Open the layout at `path`; ImageError unless it has `oci-layout` and `index.json`."""
+        self.path = Path(path)
+        marker = self.path / "oci-layout"
+        try:
+            version = json.loads(marker.read_text()).get("imageLayoutVersion")
+        except (OSError, ValueError, AttributeError):
+            raise ImageError(f"{self.path} is not an OCI image layout (no readable oci-layout file): "
+                             "give the directory made by umoci, skopeo or stacker") from None
+        if not isinstance(version, str) or not version.startswith("1."):
+            raise ImageError(f"{self.path} is an OCI layout of unknown version {version!r}: "
+                             "re-create it with umoci or skopeo (version 1.0.0)")
+        try:
+            self.index = json.loads((self.path / "index.json").read_text())
+        except (OSError, ValueError):
+            raise ImageError(f"{self.path} is not an OCI image layout (index.json is missing or not JSON): "
+                             "give the directory made by umoci, skopeo or stacker") from None
+        if not isinstance(self.index, dict) or not isinstance(self.index.get("manifests", []), list):
+            raise ImageError(f"{self.path}/index.json is not an image index: re-create the layout")
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def _descriptors(self) -> list[dict[str, Any]]:
+        return [d for d in self.index.get("manifests") or [] if isinstance(d, dict)]
+
+    def tags(self) -> list[str]:
+        """Tags of the layout (ref.name annotations on index.json), in index order."""
+        out = []
+        for d in self._descriptors():
+            name = (d.get("annotations") or {}).get(REF_NAME)
+            if isinstance(name, str) and name not in out:
+                out.append(name)
+        return out
+
+    def blob_path(self, digest: str) -> Path:
+        """Path of the blob `digest` (which must be well-formed; the file may be missing)."""
+        check_digest(digest, f"layout {self.path}")
+        algorithm, encoded = digest.split(":", 1)
+        return self.path / "blobs" / algorithm / encoded
+
+    def verify_blob(self, digest: str, size: int | None = None) -> Path:
+        """Hash the blob while streaming it; its path if it matches `digest` (and `size`).
+
+        A missing blob or a mismatch is ImageError.
+        """
+        path = self.blob_path(digest)
+        algorithm, encoded = digest.split(":", 1)
+        h = hashlib.new(algorithm)
+        total = 0
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+                    total += len(chunk)
+        except FileNotFoundError:
+            raise ImageError(f"blob {digest} is missing from layout {self.path}: "
+                             "copy the image again (skopeo copy or umoci)") from None
+        if h.hexdigest() != encoded or (size is not None and size != total):
+            raise ImageError(f"blob {digest} of {self.path} does not match its digest: "
+                             "the layout is corrupt; copy the image again")
+        return path
+
+    def read_json(self, digest: str, size: int | None = None) -> dict[str, Any]:
+        """The verified blob `digest` parsed as a JSON object."""
+        if size is not None and size > _MAX_JSON:
+            raise ImageError(f"blob {digest} of {self.path} claims {size} bytes, too large for a "
+                             "manifest or config: the layout is broken; copy the image again")
+        path = self.verify_blob(digest, size)
+        try:
+            data = json.loads(path.read_bytes())
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise ImageError(f"blob {digest} of {self.path} is not a JSON object: "
+                             "the layout is broken; copy the image again")
+        return data
+
+    def _pick(self, descriptors: list[dict[str, Any]], what: str) -> dict[str, Any]:
+        """The descriptor for this host's platform, or the only one."""
+        if len(descriptors) == 1:
+            return descriptors[0]
+        want_os, want_arch = host_platform()
+        for d in descriptors:
+            plat = d.get("platform") or {}
+            if plat.get("os") == want_os and plat.get("architecture") == want_arch:
+                return d
+        raise ImageError(f"{what} in {self.path} has no manifest for {want_os}/{want_arch}: "
+                         "copy an image built for this platform")
+
+    def resolve(self, tag: str) -> ImageRef:
+        """The image tagged `tag`: its manifest (following one level of image index), config and layers.
+
+        Manifest, index and config blobs are verified; layer blobs are not
+        (verify_blob them before use, it costs a full read).
+        """
+        matches = [d for d in self._descriptors() if (d.get("annotations") or {}).get(REF_NAME) == tag]
+        if not matches:
+            known = ", ".join(self.tags()) or "none"
+            raise ImageError(f"tag {tag!r} is not in OCI layout {self.path} (tags: {known}): "
+                             "use one of those tags or copy the image into the layout")
+        desc = self._pick(matches, f"tag {tag!r}")
+        if desc.get("mediaType") in INDEX_TYPES:
+            inner = self.read_json(check_digest(desc.get("digest"), f"tag {tag!r} of {self.path}"),
+                                   desc.get("size"))
+            children = [d for d in inner.get("manifests") or [] if isinstance(d, dict)
+                        and d.get("mediaType", MT_MANIFEST) in MANIFEST_TYPES]
+            if not children:
+                raise ImageError(f"the image index of tag {tag!r} in {self.path} lists no image manifest: "
+                                 "copy a complete image")
+            desc = self._pick(children, f"the image index of tag {tag!r}")
+        elif desc.get("mediaType", MT_MANIFEST) not in MANIFEST_TYPES:
+            raise ImageError(f"tag {tag!r} of {self.path} points at a {desc.get('mediaType')!r}, "
+                             "not an image manifest: tag an image instead")
+        digest = check_digest(desc.get("digest"), f"tag {tag!r} of {self.path}")
+        manifest = self.read_json(digest, desc.get("size"))
+        cfg_desc = manifest.get("config")
+        if not isinstance(cfg_desc, dict):
+            raise ImageError(f"manifest {digest} of {self.path} has no config: the image is broken; copy it again")
+        config = self.read_json(check_digest(cfg_desc.get("digest"), f"manifest {digest}"), cfg_desc.get("size"))
+        layers = []
+        for ld in manifest.get("layers") or []:
+            ldigest = check_digest(ld.get("digest") if isinstance(ld, dict) else None, f"manifest {digest}")
+            media_type = ld.get("mediaType", "")
+            if media_type not in TAR_LAYER_TYPES:
+                raise ImageError(f"layer {ldigest} of {self.path}:{tag} has media type {media_type!r}, "
+                                 "which is not a tar layer: use an image with tar layers (not squashfs/erofs)")
+            size = ld.get("size")
+            layers.append(LayerRef(ldigest, media_type, size if isinstance(size, int) else -1))
+        return ImageRef(digest, manifest, config, layers)
