@@ -362,6 +362,11 @@ class Store:
             Path(f"{tmp}.lock").unlink(missing_ok=True)
             os.close(lock_fd)
 
+    def set_size_delta(self, id: str, size_delta: int | None) -> None:
+        """Record how much step `id` changed the filesystem's usage (known only after its snapshot)."""
+        with self.write_lock():
+            self._write([("UPDATE snapshots SET size_delta = ? WHERE id = ?", (size_delta, id))])
+
     def delete_snapshot(self, id: str) -> None:
         """Delete snapshot or base `id`: its subvolume, log and record.
 
