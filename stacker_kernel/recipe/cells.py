@@ -602,7 +602,7 @@ def parse_cell(text: str) -> Cell:
 def complete_magic(prefix: str) -> list[str]:
     """Completions for the last word of a magic line being typed.
 
-    `%la` gives `%layer`, `%layers`; `%from d` gives `docker`; `%help ro`
+    `%lay` gives `%layer`, `%layers`; `%from d` gives `docker`; `%help ro`
     gives `%rollback`. Returns [] when nothing applies.
     """
     stripped = prefix.lstrip()

@@ -343,9 +343,6 @@ def _layer(name: str, node: yaml.Node, line: int) -> Layer:
     if "import" in keys and "imports" in keys:
         raise RecipeError(f"layer {name}: 'import' and 'imports' cannot be used together "
                           f"(line {line}): move every entry to 'imports'")
-    if "from" not in keys:
-        raise RecipeError(f"layer {name} (line {line}) has no 'from': add one, e.g. "
-                          "from: {type: oci, url: ./oci:busybox}")
     for key, vnode, kline in pairs:
         handler = _KEYS.get(key)
         if handler is None:
@@ -355,6 +352,9 @@ def _layer(name: str, node: yaml.Node, line: int) -> Layer:
                               f"(line {kline}): {hint}the directives are "
                               + ", ".join(LAYER_KEYS))
         handler(layer, vnode, _Ctx(name, key, vnode))
+    if "from" not in keys:
+        raise RecipeError(f"layer {name} (line {line}) has no 'from': add one, e.g. "
+                          "from: {type: oci, url: ./oci:busybox}")
     check_imports_kinds(layer.imports, name)
     return layer
 
