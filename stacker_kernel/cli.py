@@ -179,6 +179,122 @@ def cmd_install(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# --- build ------------------------------------------------------------------
+
+def _substitutions(pairs: list[str]) -> dict[str, str]:
+    subs = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise StackerKernelError(f"--substitute {pair!r} is not KEY=VALUE")
+        subs[key] = value
+    return subs
+
+
+def add_build(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--stacker-file", dest="file", default="stacker.yaml",
+                   help="stacker.yaml or notebook (.ipynb) to build (default stacker.yaml)")
+    p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
+    p.add_argument("--oci-dir", default=None, help="write the images to this OCI layout (default: oci)")
+    p.add_argument("--no-oci", action="store_true", help="keep results in the store only")
+    p.add_argument("--no-cache", action="store_true", help="run every step even when a cached result exists")
+    p.add_argument("--squash", action="store_true", help="one OCI layer per stacker layer (as stacker emits)")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import time
+
+    from stacker_kernel.engine.build import build
+
+    t0 = time.monotonic()
+    oci_dir = None if args.no_oci else (args.oci_dir or "oci")
+    with _open_store(args) as store:
+        result = build(store, args.file, substitutions=_substitutions(args.substitute),
+                       no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash)
+    print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
+          f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
+    return 0
+
+
+# --- grab -------------------------------------------------------------------
+
+def add_grab(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--stacker-file", dest="file", default="stacker.yaml",
+                   help="the stacker.yaml or notebook that was built (default stacker.yaml)")
+    p.add_argument("source", metavar="LAYER:/PATH", help="what to copy out of the layer's last snapshot")
+    p.add_argument("dest", nargs="?", default=".", help="where to put it (default: the current directory)")
+
+
+def cmd_grab(args: argparse.Namespace) -> int:
+    from stacker_kernel.engine.build import layer_snapshot
+    from stacker_kernel.engine.inspect import grab
+
+    layer, sep, path = args.source.partition(":")
+    if not sep or not path:
+        raise StackerKernelError(f"grab {args.source!r}: give LAYER:/path, e.g. build:/usr/bin/hello")
+    with _open_store(args) as store:
+        snap = layer_snapshot(store, args.file, layer)
+        print(grab(snap.path, path, args.dest))
+    return 0
+
+
+# --- chroot -----------------------------------------------------------------
+
+def add_chroot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--stacker-file", dest="file", default="stacker.yaml",
+                   help="the stacker.yaml or notebook that was built (default stacker.yaml)")
+    p.add_argument("layer", nargs="?", help="layer to enter (default: the last one built)")
+
+
+def cmd_chroot(args: argparse.Namespace) -> int:
+    from stacker_kernel.engine.build import chroot
+
+    with _open_store(args) as store:
+        return chroot(store, args.file, args.layer)
+
+
+# --- export / import ----------------------------------------------------------
+
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("notebook", help="the notebook (.ipynb) to export")
+    p.add_argument("-o", "--output", default=None, help="stacker.yaml to write (default: print it)")
+    p.add_argument("--per-cell", action="store_true", help="one build_only layer per cell")
+    p.add_argument("--oci", action="store_true", help="also write the images of the notebook's last session")
+    p.add_argument("--oci-dir", default="oci", help="OCI layout for --oci (default oci)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stacker_kernel.engine.build import export_notebook
+
+    text = export_notebook(args.notebook, per_cell=args.per_cell,
+                           oci_dir=args.oci_dir if args.oci else None,
+                           open_store=lambda: _open_store(args))
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stacker_yaml", help="the stacker.yaml to turn into a notebook")
+    p.add_argument("-o", "--output", required=True, help="notebook (.ipynb) to write")
+    p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    import nbformat
+
+    from stacker_kernel.recipe.notebook import notebook_from_recipe
+    from stacker_kernel.recipe.stacker_yaml import load_file
+
+    recipe = load_file(args.stacker_yaml, _substitutions(args.substitute))
+    nbformat.write(notebook_from_recipe(recipe), args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("setup-storage", "as root: btrfs storage for a user (loop-mounted image if needed)",
             add_setup_storage, cmd_setup_storage),
@@ -186,6 +302,11 @@ COMMANDS: list[Command] = [
     Command("layers", "show the snapshots of every session, per layer", add_layers, cmd_layers),
     Command("gc", "delete snapshots that no session references", add_gc, cmd_gc),
     Command("install", "install the 'stacker' Jupyter kernel spec", add_install, cmd_install),
+    Command("build", "build a stacker.yaml or a notebook, layer by layer", add_build, cmd_build),
+    Command("grab", "copy a file out of a built layer", add_grab, cmd_grab),
+    Command("chroot", "an interactive shell in a throwaway copy of a built layer", add_chroot, cmd_chroot),
+    Command("export", "a notebook as stacker.yaml (and OCI images)", add_export, cmd_export),
+    Command("import", "a stacker.yaml as a notebook", add_import, cmd_import),
 ]
 
 

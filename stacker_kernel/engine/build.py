@@ -134,3 +134,52 @@ def layer_snapshot(store: Store, path: str, layer: str | None) -> Snapshot:
     if snap is None:
         raise RecipeError(f"the snapshot of layer {layer} is gone (gc?): build {path} again")
     return snap
+
+
+def chroot(store: Store, path: str, layer: str | None) -> int:
+    """An interactive shell in a throwaway writable snapshot of a built layer, as
+    `stacker chroot`: nothing done in it is kept. Returns the shell's status."""
+    from stacker_kernel.container.runtime import Container, ContainerConfig
+    from stacker_kernel.container.step import ShellState
+    from stacker_kernel.engine.session import build_environment
+    from stacker_kernel.recipe.model import ImageSource, Layer
+    from stacker_kernel.storage import btrfs
+
+    snap = layer_snapshot(store, path, layer)
+    sess = store.new_session("chroot", os.path.abspath(path))
+    live = store.live_path(sess.id)
+    live.parent.mkdir(parents=True, exist_ok=True)
+    btrfs.snapshot(snap.path, live, readonly=False)
+    container = None
+    try:
+        container = Container.start(ContainerConfig(rootfs=str(live)))
+        env = build_environment(Layer(name=snap.layer, from_=ImageSource(type="scratch")))
+        state = ShellState.from_json(snap.state) if snap.kind == "step" else None
+        return container.interact(env, state)
+    finally:
+        if container is not None:
+            container.stop()
+        store.forget_session(sess.id)
+
+
+def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = None,
+                    open_store: Callable[[], Store] | None = None) -> str:
+    """A notebook as stacker.yaml text; with `oci_dir`, also the images of its last
+    session (what was actually built)."""
+    import nbformat
+
+    from stacker_kernel.recipe.nbconvert import notebook_to_stacker_yaml
+
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except FileNotFoundError:
+        raise RecipeError(f"{path} does not exist") from None
+    except Exception as e:
+        raise RecipeError(f"{path} is not a readable notebook: {e}") from None
+    text = notebook_to_stacker_yaml(nb, Path(path).stem, per_cell=per_cell)
+    if oci_dir and open_store is not None:
+        from stacker_kernel.engine.export import export_stored_session
+
+        with open_store() as store:
+            export_stored_session(store, latest_session(store, path), oci_dir, stacker_yaml=text)
+    return text

@@ -1,0 +1,193 @@
+"""BuildSession: the step semantics of DESIGN.md on real btrfs and real namespaces."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stacker_kernel.engine.session import BuildSession
+from stacker_kernel.errors import RecipeError
+from stacker_kernel.recipe.model import ImageSource, Layer
+from stacker_kernel.storage.store import Store
+
+
+def busybox_layer(name, tar):
+    return Layer(name=name, from_=ImageSource(type="tar", url=str(tar)))
+
+
+@pytest.fixture
+def session(storage, busybox_tar, tmp_path):
+    store = Store.open(storage)
+    s = BuildSession.open(store, str(tmp_path / "nb.ipynb"), resume=False)
+    s.begin_layer(busybox_layer("nb", busybox_tar))
+    yield s
+    s.close()
+    store.close()
+
+
+def run_ok(session, script, cell_id=None):
+    out = []
+    outcome = session.run_step(script, cell_id, on_output=out.append)
+    assert outcome.ok, outcome.message
+    return "".join(out), outcome
+
+
+def test_state_carries_between_steps_of_a_layer(session):
+    run_ok(session, "cd /tmp\nX='a b'\nexport Y=2")
+    out, _ = run_ok(session, 'echo "$(pwd)|$X|$Y|$(sh -c \'echo $X$Y\')"')
+    assert out.strip() == "/tmp|a b|2|2"
+
+
+def test_new_layer_starts_fresh(session, busybox_tar):
+    run_ok(session, "cd /tmp; export Y=2; touch /from-first")
+    session.begin_layer(Layer(name="second", from_=ImageSource(type="built", tag="nb")))
+    out, _ = run_ok(session, 'echo "$(pwd)|${Y-unset}"; ls /from-first')
+    assert out.splitlines()[0] == "/|unset"
+    assert "/from-first" in out
+
+
+def test_failed_step_leaves_no_trace(session):
+    run_ok(session, "X=kept; echo one > /f")
+    outcome = session.run_step("echo two > /f; touch /g; X=changed; false; echo never")
+    assert not outcome.ok
+    assert outcome.status == 1
+    assert "false" in outcome.message
+    out, _ = run_ok(session, "cat /f; ls /g 2>/dev/null || echo no-g; echo $X")
+    assert out.split() == ["one", "no-g", "kept"]
+
+
+def test_exit_in_a_step_is_a_failure_and_the_engine_goes_on(session):
+    outcome = session.run_step("exit 0")
+    assert not outcome.ok
+    out, _ = run_ok(session, "echo alive")
+    assert out.strip() == "alive"
+
+
+def test_cache_hit_does_not_run(session, tmp_path):
+    script = "date +%s%N > /stamp; cat /stamp"
+    first, o1 = run_ok(session, script)
+    session.rollback(0)
+    second, o2 = run_ok(session, script)
+    assert o2.cached and not o1.cached
+    assert first == second
+    out, _ = run_ok(session, "cat /stamp")
+    # A re-run would have written a new timestamp.
+    assert out.strip() == first.strip()
+
+
+def test_no_cache_runs_again(session):
+    script = "date +%s%N > /stamp; cat /stamp"
+    first, _ = run_ok(session, script)
+    session.rollback(0)
+    session.use_cache = False
+    second, o2 = run_ok(session, script)
+    assert not o2.cached and first != second
+
+
+def test_rollback_restores_files_and_state(session):
+    run_ok(session, "echo 1 > /v; N=1")
+    run_ok(session, "echo 2 > /v; N=2; cd /tmp")
+    run_ok(session, "echo 3 > /v; N=3")
+    view = session.rollback(1)
+    assert view.index == 1
+    out, _ = run_ok(session, 'cat /v; echo "$N $(pwd)"')
+    assert out.split() == ["1", "1", "/"]
+    assert [v.index for v in session.history()] == [1, 2]
+
+
+def test_rerunning_a_cell_rolls_back_to_its_parent(session):
+    run_ok(session, "touch /a", cell_id="c1")
+    run_ok(session, "touch /b", cell_id="c2")
+    run_ok(session, "touch /c", cell_id="c2")  # c2 edited and run again
+    out, _ = run_ok(session, "ls /a /b 2>&1; ls /c")
+    assert "/b" in out and "No such file" in out
+    assert [v.cell_id for v in session.history()][:2] == ["c1", "c2"]
+
+
+def test_rollback_to_unknown_step_is_a_clear_error(session):
+    run_ok(session, "true")
+    with pytest.raises(RecipeError, match="no step 7"):
+        session.rollback(7)
+
+
+def test_interrupt_ends_a_hanging_step(session):
+    timer = threading.Timer(0.5, session.interrupt)
+    timer.start()
+    t0 = time.monotonic()
+    outcome = session.run_step("sleep 1000")
+    assert not outcome.ok and outcome.interrupted
+    assert time.monotonic() - t0 < 30
+    out, _ = run_ok(session, "echo after")
+    assert out.strip() == "after"
+
+
+def test_imports_are_read_only_and_not_in_the_layer(storage, busybox_tar, tmp_path):
+    (tmp_path / "data.txt").write_text("imported\n")
+    store = Store.open(storage)
+    s = BuildSession.open(store, str(tmp_path / "nb.ipynb"), resume=False)
+    layer = busybox_layer("nb", busybox_tar)
+    from stacker_kernel.recipe.model import Import
+
+    layer.imports = [Import(path="data.txt")]
+    s.begin_layer(layer, base_dir=str(tmp_path))
+    try:
+        out, o = run_ok(s, "cat /stacker/imports/data.txt; touch /stacker/imports/x 2>/dev/null || echo ro")
+        assert out.split() == ["imported", "ro"]
+        snap = store.get(o.snapshot_id)
+        assert not (snap.path / "stacker" / "imports").exists()
+    finally:
+        s.close()
+        store.close()
+
+
+def test_killed_build_loses_no_snapshot_and_leaves_no_process(storage, busybox_tar, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from stacker_kernel.engine.session import BuildSession
+        from stacker_kernel.recipe.model import ImageSource, Layer
+        from stacker_kernel.storage.store import Store
+        store = Store.open({str(storage)!r})
+        s = BuildSession.open(store, {str(tmp_path / 'k.ipynb')!r}, resume=False)
+        s.begin_layer(Layer(name='k', from_=ImageSource(type='tar', url={str(busybox_tar)!r})))
+        o = s.run_step('echo committed > /c')
+        print(o.snapshot_id, flush=True)
+        s.run_step('echo started; sleep 98765', on_output=lambda t: print('OUT', t, flush=True))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    snap_id = proc.stdout.readline().strip()
+    assert proc.stdout.readline().startswith("OUT")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _sleepers():
+        time.sleep(0.1)
+    assert _sleepers() == []
+    store = Store.open(storage)
+    try:
+        snap = store.get(snap_id)
+        assert snap is not None
+        assert (snap.path / "c").read_text() == "committed\n"
+        assert list((storage / "live").iterdir()) == []
+    finally:
+        store.close()
+
+
+def _sleepers():
+    me = os.getuid()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            st = os.stat(f"/proc/{pid}")
+        except OSError:
+            continue
+        if cmd[:2] == [b"sleep", b"98765"] and st.st_uid in (me, os.getuid()):
+            found.append(int(pid))
+    return found
