@@ -61,14 +61,13 @@ class ImageRef:
 
 
 def parse_oci_ref(ref: str) -> tuple[str, str]:
-    """Split stacker's `LAYOUT_DIR:TAG` (also accepted with an `oci:` prefix) into (dir, tag).
+    """Split stacker's `LAYOUT_DIR:TAG` (the url of `from: type: oci`) into (dir, tag).
 
     The split is at the first colon, as stacker and containers/image do, so a
-    tag may itself hold colons (`dest:busybox:0.1.1` is layout `dest`, tag
-    `busybox:0.1.1`).
+    tag may itself hold colons: `dest:busybox:0.1.1` is layout `dest`, tag
+    `busybox:0.1.1`, and `oci:base` is the layout dir `oci`, tag `base`.
     """
-    body = ref[len("oci:"):] if ref.startswith("oci:") else ref
-    layout, sep, tag = body.partition(":")
+    layout, sep, tag = ref.partition(":")
     if not sep or not layout or not tag:
         raise ImageError(f"OCI reference {ref!r} has no tag: write it as LAYOUT_DIR:TAG (e.g. oci:base)")
     return layout, tag

@@ -1,0 +1,331 @@
+"""`from` sources -> read-only base subvolumes, content-addressed.
+
+    scratch            -> bases/scratch (empty)
+    tar PATH|URL       -> bases/tar-sha256-<hex of the file>
+    oci LAYOUT:TAG     -> bases/oci-<hex of the manifest digest>
+    docker URL         -> skopeo copy into <root>/cache/images, then as oci
+    built NAME         -> the other layer's snapshot, through the engine's resolver
+
+The id is computed before anything is extracted, so importing the same tar
+content or the same image digest again costs one hash (tar) or nothing
+(oci). Extraction happens inside the user namespace, so owners land in the
+caller's subordinate range. The image config of OCI bases is kept beside
+the store (cache/base-images/<id>.json), outside bases/ which the store
+keeps for subvolumes only.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+from stacker_kernel.container.userns import run_in_userns
+from stacker_kernel.errors import ImageError
+from stacker_kernel.oci.layout import ImageRef, LayerRef, OCILayout, parse_oci_ref
+from stacker_kernel.oci.tarlayer import ApplyReport, apply_layer, open_in_root
+from stacker_kernel.storage.store import Snapshot, Store
+
+log = logging.getLogger(__name__)
+
+STACKER_URL = "stacker://"
+_CHUNK = 1 << 20
+_DOWNLOAD_TIMEOUT = 60
+
+
+class SourceLike(Protocol):
+    """What import_base reads from a `from`: recipe.model.ImageSource fits."""
+
+    type: str
+    url: str | None
+    tag: str | None
+    insecure: bool
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """Where an OCI base came from: the manifest and config the export side starts from."""
+
+    source: str
+    layout: str
+    tag: str
+    manifest_digest: str
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+
+
+Warn = Callable[[str], None]
+
+
+def cache_root(store: Store) -> Path:
+    """<root>/cache: downloads, the skopeo image cache and base image records."""
+    path = store.root / "cache"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _record_path(store: Store, base_id: str) -> Path:
+    return cache_root(store) / "base-images" / f"{base_id}.json"
+
+
+def base_image(store: Store, snapshot: Snapshot) -> BaseImage | None:
+    """The OCI origin of a base imported from an oci/docker source; None for other bases."""
+    try:
+        data = json.loads(_record_path(store, snapshot.id).read_text())
+    except (OSError, ValueError):
+        return None
+    return BaseImage(**data)
+
+
+def base_config(store: Store, snapshot: Snapshot) -> dict[str, Any] | None:
+    """The OCI image config (architecture, os, config{Env, Cmd, Entrypoint…}, history…)
+    of a base imported from an oci/docker source; None for scratch, tar and built bases."""
+    image = base_image(store, snapshot)
+    return image.config if image else None
+
+
+def _write_record(store: Store, base_id: str, image: BaseImage) -> None:
+    path = _record_path(store, base_id)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(image.__dict__, f)
+    os.replace(tmp, path)  # atomic: readers see the old record or the new one
+
+
+def _in_container_ids(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run file work on a rootfs as the container's root.
+
+    Real root runs it in-process: ids already map one to one, and only the
+    initial user namespace may create device nodes.
+    """
+    if os.geteuid() == 0:
+        return fn(*args, **kwargs)
+    return run_in_userns(fn, *args, **kwargs)
+
+
+def _report(reports: list[ApplyReport], warn: Warn | None) -> None:
+    for rep in reports:
+        for line in rep.warnings:
+            (warn or log.warning)(line)
+
+
+# --- scratch ---------------------------------------------------------------------
+
+def _import_scratch(store: Store) -> Snapshot:
+    return store.add_base("scratch", lambda path: None, "scratch")
+
+
+# --- tar ----------------------------------------------------------------------------
+
+def _sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(url: str, dest_dir: Path) -> Path:
+    """Download `url` into dest_dir (streamed); one clear ImageError on any failure."""
+    dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT) as resp:
+            shutil.copyfileobj(resp, out, _CHUNK)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        os.unlink(tmp)
+        why = getattr(e, "reason", None) or e
+        raise ImageError(f"cannot download the base tar {url} ({why}): check the URL and the network") from None
+    return Path(tmp)
+
+
+def _apply_tar_in_root(tar: str, rootfs: str) -> ApplyReport:
+    return apply_layer(tar, rootfs)
+
+
+def _import_tar_file(store: Store, path: Path, source: str, warn: Warn | None) -> Snapshot:
+    try:
+        digest = _sha256_file(path)
+    except FileNotFoundError:
+        raise ImageError(f"base tar {path} does not exist: fix the path in 'from'") from None
+    except OSError as e:
+        raise ImageError(f"cannot read base tar {path} ({e.strerror}): fix its permissions") from None
+
+    def populate(rootfs: Path) -> None:
+        _report([_in_container_ids(_apply_tar_in_root, str(path), str(rootfs))], warn)
+
+    return store.add_base(f"tar-sha256-{digest}", populate, source)
+
+
+def _import_tar(store: Store, url: str, resolve_built: Callable[[str], Snapshot] | None,
+                downloads: Path, warn: Warn | None) -> Snapshot:
+    if url.startswith(("http://", "https://")):
+        tmp = _download(url, downloads)
+        try:
+            return _import_tar_file(store, tmp, url, warn)
+        finally:
+            tmp.unlink(missing_ok=True)
+    if url.startswith(STACKER_URL):
+        return _import_stacker_tar(store, url, resolve_built, warn)
+    return _import_tar_file(store, Path(url), url, warn)
+
+
+def _hash_in_rootfs(rootfs: str, rel: str) -> str:
+    """sha256 of the file `rel` inside `rootfs`, read as the container's root."""
+    h = hashlib.sha256()
+    with os.fdopen(open_in_root(rootfs, rel), "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _apply_tar_from_rootfs(rootfs: str, rel: str, dest: str, name: str) -> ApplyReport:
+    """Apply the tar at `rel` inside another (read-only) rootfs onto `dest`."""
+    fd = open_in_root(rootfs, rel)
+    try:
+        # the same file the hash was taken of, reached without re-resolving the path
+        return apply_layer(f"/proc/self/fd/{fd}", dest, name=name)
+    finally:
+        os.close(fd)
+
+
+def _import_stacker_tar(store: Store, url: str, resolve_built: Callable[[str], Snapshot] | None,
+                        warn: Warn | None) -> Snapshot:
+    """`stacker://LAYER/path/to.tar`: a tarball another layer of this build produced."""
+    layer, _, rel = url[len(STACKER_URL):].partition("/")
+    if not layer or not rel:
+        raise ImageError(f"tar URL {url} is not stacker://LAYER/PATH: name the layer and the file in it")
+    snap = _resolve_built(layer, resolve_built, url)
+    try:
+        digest = _in_container_ids(_hash_in_rootfs, str(snap.path), rel)
+    except FileNotFoundError:
+        raise ImageError(f"{url}: layer {layer} has no file /{rel}: fix the path or make the file in that layer") from None
+
+    def populate(rootfs: Path) -> None:
+        _report([_in_container_ids(_apply_tar_from_rootfs, str(snap.path), rel, str(rootfs), url)], warn)
+
+    return store.add_base(f"tar-sha256-{digest}", populate, url)
+
+
+# --- oci and docker -------------------------------------------------------------------
+
+def _apply_layers(layers: list[str], rootfs: str) -> list[ApplyReport]:
+    """Apply layer blobs base-first, whiteouts hiding lower layers (one namespace for all)."""
+    return [apply_layer(blob, rootfs) for blob in layers]
+
+
+def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn: Warn | None) -> Snapshot:
+    image: ImageRef = layout.resolve(tag)
+    base_id = "oci-" + image.manifest_digest.split(":", 1)[1]
+    _write_record(store, base_id, BaseImage(source, str(layout.path), tag, image.manifest_digest,
+                                            image.manifest, image.config))
+
+    def populate(rootfs: Path) -> None:
+        blobs = [str(layout.verify_blob(ly.digest, ly.size if ly.size >= 0 else None)) for ly in image.layers]
+        _report(_in_container_ids(_apply_layers, blobs, str(rootfs)), warn)
+
+    return store.add_base(base_id, populate, source)
+
+
+def _import_oci(store: Store, ref: str, warn: Warn | None) -> Snapshot:
+    layout_dir, tag = parse_oci_ref(ref)
+    return _import_layout(store, OCILayout(layout_dir), tag, ref, warn)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive flock on `path`: two importers never write one cache layout at once."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _skopeo_copy(url: str, layout: Path, tag: str, insecure: bool) -> None:
+    exe = shutil.which("skopeo")
+    if exe is None:
+        raise ImageError(f"cannot import {url}: skopeo is missing; install Debian's skopeo package "
+                         "(apt-get install skopeo)")
+    # stacker accepts any image too (it copies with an accept-anything policy)
+    cmd = [exe, "--insecure-policy", "copy", "--quiet"]
+    if insecure:
+        cmd.append("--src-tls-verify=false")
+    cmd += [url, f"oci:{layout}:{tag}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"skopeo exited with status {res.returncode}"
+        raise ImageError(f"cannot copy {url} ({why[:300]}): check the URL and that the registry "
+                         "is reachable (use 'insecure: true' for a plain-http registry)")
+
+
+def _import_docker(store: Store, url: str, insecure: bool, warn: Warn | None) -> Snapshot:
+    if not url.startswith(("docker://", "oci:", "docker-archive:", "oci-archive:", "dir:")):
+        raise ImageError(f"docker base {url!r} is not an image reference: write docker://HOST/REPO:TAG "
+                         "or oci:LAYOUT_DIR:TAG")
+    images = cache_root(store) / "images"
+    # the tag is derived from the URL only: ref names allow few characters
+    tag = "u-" + hashlib.sha256(url.encode()).hexdigest()[:40]
+    # one lock around copy and extraction: the tag and its blobs stay put meanwhile
+    with _locked(cache_root(store) / "images.lock"):
+        # copied again every time, as stacker does: the registry's tag may have moved
+        _skopeo_copy(url, images, tag, insecure)
+        return _import_layout(store, OCILayout(images), tag, url, warn)
+
+
+# --- built ----------------------------------------------------------------------------
+
+def _resolve_built(name: str | None, resolve_built: Callable[[str], Snapshot] | None, what: str) -> Snapshot:
+    if not name:
+        raise ImageError(f"'from: built' needs the name of a layer ({what}): add 'tag: LAYER'")
+    snap = resolve_built(name) if resolve_built is not None else None
+    if snap is None:
+        raise ImageError(f"layer {name} is not built yet: build it before a layer that uses it ({what})")
+    return snap
+
+
+# --- the entry point -----------------------------------------------------------------------
+
+def import_base(store: Store, source: SourceLike, *,
+                resolve_built: Callable[[str], Snapshot] | None = None,
+                cache_dir: Path | None = None, warn: Warn | None = None) -> Snapshot:
+    """The read-only snapshot a layer starts from, importing `source` if it is new.
+
+    Guarantees: the result is a read-only subvolume recorded in `store`
+    (for `built`, the other layer's snapshot as `resolve_built` returns it);
+    an identical tar or image digest imported before is reused without
+    extracting; failures are ImageError naming the source. Downloads go to
+    `cache_dir` (default <root>/cache/downloads). Extraction warnings (device
+    nodes made as empty files, owners that could not be set) go to `warn`,
+    else to this module's logger.
+    """
+    kind = source.type
+    url = source.url
+    if kind == "scratch":
+        return _import_scratch(store)
+    if kind == "built":
+        return _resolve_built(source.tag or url, resolve_built, "from: built")
+    if not url:
+        raise ImageError(f"'from: {kind}' needs a url: add 'url: ...' to the layer's from")
+    if kind == "tar":
+        downloads = cache_dir if cache_dir is not None else cache_root(store) / "downloads"
+        return _import_tar(store, url, resolve_built, downloads, warn)
+    if kind == "oci":
+        return _import_oci(store, url, warn)
+    if kind == "docker":
+        return _import_docker(store, url, bool(getattr(source, "insecure", False)), warn)
+    raise ImageError(f"unknown base type {kind!r}: use scratch, tar, oci, docker or built")
+
