@@ -1,0 +1,537 @@
+"""The container's init: `python -m stacker_kernel.container.init CONFIG_JSON`.
+
+Started by `runtime.Container.start` on a pty. P0 (this process) enters a new
+user namespace with mount, pid, uts, ipc (and, for network "none", net)
+namespaces and forks P1, pid 1 of the new pid namespace; P0 only waits. P1
+builds the root (proc, a tmpfs /dev, read-only /sys, staged binds), pivots
+into it, writes the ready sentinel and serves one command per line from the
+pty (protocol in step.py). Both die with their parent (PR_SET_PDEATHSIG), and
+when P1 dies the kernel kills everything in its pid namespace.
+
+P1 loses the host filesystem at pivot_root, so everything it uses is imported
+at the top of this module, before that.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import platform
+import select
+import signal
+import socket
+import struct
+import sys
+import termios
+import time
+import traceback
+import tty
+from collections import deque
+from dataclasses import dataclass, field
+
+from stacker_kernel.container import userns
+from stacker_kernel.container.step import (
+    SCRIPT_FD, STATE_FD, WRAPPER_FD, decode_command, format_sentinel,
+)
+from stacker_kernel.errors import ContainerError, StackerKernelError
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+# statvfs f_flag bit -> the MS_ flag a read-only remount must keep (the
+# kernel refuses to drop flags locked when the mount entered our userns)
+_KEEP_FLAGS = {2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 16: 16, 64: 64,
+               1024: 1024, 2048: 2048, 4096: 1 << 21}
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+STAGING = "/dev/.stacker-kernel"
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+# signals P1 ignores (Python's SIGINT handler would raise in pid 1) and every
+# step gets back at their defaults: ignored dispositions survive exec
+_STEP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTERM,
+                 signal.SIGHUP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+@dataclass(frozen=True)
+class StagedMount:
+    """A host source bound under STAGING before pivot_root, bound at `dest` per step."""
+    staged: str
+    dest: str
+    readonly: bool
+    is_dir: bool
+
+
+@dataclass
+class StepMounts:
+    """The per-step binds made, and the placeholders created for them (to remove)."""
+    mounted: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = (lambda s: s.encode() if s is not None else None)
+    userns.libc_call("mount", enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
+
+
+def umount(target: str, flags: int = MNT_DETACH) -> None:
+    userns.libc_call("umount2", target.encode(), ctypes.c_int(flags))
+
+
+def remount_readonly(path: str) -> None:
+    """Make the bind mount at `path` read-only, keeping its locked flags."""
+    f_flag = os.statvfs(path).f_flag
+    keep = 0
+    for st, ms in _KEEP_FLAGS.items():
+        if f_flag & st:
+            keep |= ms
+    mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | keep)
+
+
+def _mount_points_under(prefix: str) -> list[str]:
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == prefix or point.startswith(prefix + "/"):
+                points.append(point)
+    return points
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        try:
+            n = os.write(fd, data)
+        except InterruptedError:
+            continue
+        data = data[n:]
+
+
+def _create_placeholder(path: str, is_dir: bool) -> None:
+    if is_dir:
+        os.mkdir(path, 0o755)
+    else:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+
+def setup_root(config: dict) -> list[StagedMount]:
+    """Build the container's root from config["rootfs"] and pivot into it.
+
+    Guarantees on return: cwd and / are the rootfs, the host filesystem is
+    gone, /proc /dev /sys are mounted, and each configured bind (plus the
+    host's resolv.conf) waits under STAGING for `mount_step`.
+    """
+    root = os.path.realpath(config["rootfs"])
+    if not os.path.isdir(root):
+        raise ContainerError(f"the rootfs {root} is not a directory: give the path of an extracted root filesystem")
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount(root, root, None, MS_BIND | MS_REC)
+    for d in ("proc", "dev", "sys"):
+        # A rootfs without them gains the empty directory, as LXC does.
+        if not os.path.isdir(f"{root}/{d}"):
+            os.mkdir(f"{root}/{d}", 0o555 if d != "dev" else 0o755)
+    mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    dev = f"{root}/dev"
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755,size=65536k")
+    for name in DEVICES:
+        if os.path.exists(f"/dev/{name}"):
+            _create_placeholder(f"{dev}/{name}", False)
+            mount(f"/dev/{name}", f"{dev}/{name}", None, MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                         ("ptmx", "pts/ptmx")):
+        os.symlink(target, f"{dev}/{name}")
+    os.mkdir(f"{dev}/pts", 0o755)
+    mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    os.mkdir(f"{dev}/shm", 0o1777)
+    mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("/sys", f"{root}/sys", None, MS_BIND | MS_REC)
+    for point in reversed(_mount_points_under(f"{root}/sys")):
+        try:
+            remount_readonly(point)
+        except OSError:
+            if point == f"{root}/sys":
+                raise
+    staged = _stage_binds(config, root)
+    name = config.get("hostname", "stacker").encode()
+    userns.libc_call("sethostname", name, ctypes.c_size_t(len(name)))
+    os.chdir(root)
+    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise ContainerError(f"pivot_root's syscall number on {platform.machine()} is unknown: add it to _SYS_PIVOT_ROOT")
+    userns.libc_call("syscall", ctypes.c_long(nr), b".", b".")
+    umount(".")
+    os.chdir("/")
+    if not os.path.exists("/bin/sh"):
+        raise ContainerError(f"the rootfs {root} has no /bin/sh: steps run with /bin/sh, so use a base image that has one")
+    if config.get("network") == "none":
+        _loopback_up()
+    return staged
+
+
+def _stage_binds(config: dict, root: str) -> list[StagedMount]:
+    binds = [(m["source"], m["dest"], bool(m.get("readonly", True))) for m in config.get("mounts", [])]
+    if os.path.exists("/etc/resolv.conf") and os.path.isdir(f"{root}/etc"):
+        binds.append(("/etc/resolv.conf", "/etc/resolv.conf", True))
+    if not binds:
+        return []
+    os.mkdir(f"{root}{STAGING}", 0o700)
+    staged = []
+    for i, (source, dest, readonly) in enumerate(binds):
+        if not os.path.exists(source):
+            raise ContainerError(f"the bind source {source} does not exist: create it or remove it from the binds")
+        is_dir = os.path.isdir(source)
+        path = f"{root}{STAGING}/{i}"
+        _create_placeholder(path, is_dir)
+        mount(source, path, None, MS_BIND | MS_REC)
+        if readonly:
+            remount_readonly(path)
+        staged.append(StagedMount(f"{STAGING}/{i}", "/" + dest.strip("/"), readonly, is_dir))
+    return staged
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, SIOCGIFFLAGS, ifr))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+
+
+def mount_step(staged: list[StagedMount]) -> StepMounts:
+    """Bind the staged sources at their destinations, creating (and recording)
+    whatever mount points the rootfs lacks, so `unmount_step` leaves no trace."""
+    done = StepMounts()
+    for s in staged:
+        path = os.path.realpath(s.dest)  # a symlinked resolv.conf mounts at its target
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            d = "/" + "/".join(parts[:i])
+            if not os.path.lexists(d):
+                os.mkdir(d, 0o755)
+                done.created.append(d)
+        if not os.path.lexists(path):
+            _create_placeholder(path, s.is_dir)
+            done.created.append(path)
+        mount(s.staged, path, None, MS_BIND | MS_REC)
+        done.mounted.append(path)
+        if s.readonly:
+            remount_readonly(path)
+    return done
+
+
+def unmount_step(done: StepMounts) -> None:
+    """Undo `mount_step`: unmount, then remove the placeholders it created
+    (a directory the step filled through a placeholder parent stays)."""
+    for path in reversed(done.mounted):
+        try:
+            umount(path)
+        except OSError:
+            pass
+    for path in reversed(done.created):
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+class CommandReader:
+    """Reads `base64(json)` lines from the raw pty into `queue`, in order."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+        self.queue: deque[dict] = deque()
+
+    def read(self) -> bool:
+        """Read what is available; False when the engine has closed the pty."""
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except InterruptedError:
+            return True
+        except OSError:
+            data = b""  # EIO: the engine closed the pty
+        if not data:
+            return False
+        self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            if line.strip():
+                self.queue.append(decode_command(line))
+        return True
+
+    def next(self) -> dict | None:
+        """The next command, blocking; None at EOF."""
+        while not self.queue:
+            if not self.read():
+                return None
+        return self.queue.popleft()
+
+
+def kill_all() -> None:
+    """SIGKILL every other process of the pid namespace and reap them all."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
+def _status(wstatus: int) -> int:
+    code = os.waitstatus_to_exitcode(wstatus)
+    return 128 - code if code < 0 else code
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, 0)  # not CLOEXEC: the step opens it by /proc/self/fd/N
+    _write_all(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _exec_step(cmd: dict, state_w: int, wrapper_fd: int | None, script_fd: int) -> None:
+    """In the forked child: become the step. Never returns."""
+    try:
+        os.setsid()
+        for sig in _STEP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        wanted = {STATE_FD: state_w, SCRIPT_FD: script_fd}
+        if wrapper_fd is not None:
+            wanted[WRAPPER_FD] = wrapper_fd
+        # dup high first so no target clobbers a source
+        high = {t: fcntl.fcntl(s, fcntl.F_DUPFD, 64) for t, s in wanted.items()}
+        for t, h in high.items():
+            os.dup2(h, t, inheritable=True)
+        os.closerange(3, STATE_FD)
+        os.closerange(SCRIPT_FD + 1, 1 << 20)
+        if wrapper_fd is None:
+            os.closerange(WRAPPER_FD, WRAPPER_FD + 1)
+        os.chdir(cmd.get("cwd") or "/")
+        env = {str(k): str(v) for k, v in cmd["env"].items()}
+        if cmd.get("shebang"):
+            path = f"/proc/self/fd/{SCRIPT_FD}"
+            os.execve(path, [path], env)
+        os.execve("/bin/sh", ["/bin/sh", "-e", f"/proc/self/fd/{WRAPPER_FD}"], env)
+    except BaseException as e:
+        os.write(2, f"stacker-kernel: cannot start the step: {e}\n".encode(errors="replace"))
+    os._exit(127)
+
+
+def run_step(cmd: dict, staged: list[StagedMount], grace: float, reader: CommandReader) -> None:
+    """Run one step and answer with its sentinel. Returns when everything the
+    step started is dead, its mounts are gone and the sentinel is written."""
+    nonce = cmd["nonce"]
+    try:
+        done = mount_step(staged)
+    except OSError as e:
+        _write_all(1, f"stacker-kernel: cannot mount the step's binds: {e}\n".encode())
+        _write_all(1, format_sentinel(nonce, 125, b""))
+        return
+    script_fd = _memfd("step", cmd["script"].encode("utf-8", "surrogateescape"))
+    wrapper_fd = None if cmd.get("shebang") else _memfd("wrapper", cmd["wrapper"].encode("utf-8", "surrogateescape"))
+    state_r, state_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _exec_step(cmd, state_w, wrapper_fd, script_fd)
+    for fd in (state_w, script_fd, wrapper_fd):
+        if fd is not None:
+            os.close(fd)
+    state, exit_requested = _wait_step(pid, state_r, grace, reader)
+    wstatus = os.waitpid(pid, 0)[1]
+    kill_all()  # nothing a step started outlives it; the rootfs is quiet for the snapshot
+    unmount_step(done)
+    while True:  # every writer is dead now: read to EOF
+        chunk = os.read(state_r, 1 << 16)
+        if not chunk:
+            break
+        state += chunk
+    os.close(state_r)
+    _write_all(1, format_sentinel(nonce, _status(wstatus), bytes(state)))
+    if exit_requested:
+        os._exit(0)
+
+
+def _wait_step(pid: int, state_r: int, grace: float, reader: CommandReader) -> tuple[bytearray, bool]:
+    """Wait for the step's shell to exit while reading its state pipe (which
+    may exceed a pipe buffer) and serving `int` and `exit` commands."""
+    pidfd = os.pidfd_open(pid)
+    state = bytearray()
+    state_open, deadline, killed, exit_requested = True, None, False, False
+    try:
+        while True:
+            fds = [pidfd, reader.fd] + ([state_r] if state_open else [])
+            timeout = None if deadline is None or killed else max(0.0, deadline - time.monotonic())
+            ready = select.select(fds, [], [], timeout)[0]
+            if state_r in ready:
+                chunk = os.read(state_r, 1 << 16)
+                state += chunk
+                state_open = bool(chunk)
+            if reader.fd in ready:
+                if not reader.read():  # the engine is gone
+                    kill_all()
+                    os._exit(1)
+                later = deque()
+                while reader.queue:
+                    c = reader.queue.popleft()
+                    if c.get("op") not in ("int", "exit"):
+                        later.append(c)  # served after this step
+                        continue
+                    if deadline is None:
+                        try:
+                            os.killpg(pid, signal.SIGINT)
+                        except ProcessLookupError:
+                            pass
+                        deadline = time.monotonic() + (0.0 if c["op"] == "exit" else grace)
+                    exit_requested = exit_requested or c["op"] == "exit"
+                reader.queue = later
+            if pidfd in ready:
+                return state, exit_requested
+            if deadline is not None and not killed and time.monotonic() >= deadline:
+                os.kill(-1, signal.SIGKILL)
+                killed = True
+    finally:
+        os.close(pidfd)
+
+
+def run_shell(cmd: dict, staged: list[StagedMount], cooked: list, raw: list) -> None:
+    """An interactive shell on the pty (for `chroot`): cooked mode, foreground
+    process group, then back to raw mode and the sentinel."""
+    nonce = cmd["nonce"]
+    done = mount_step(staged)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setpgid(0, 0)
+            for sig in _STEP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            os.chdir(cmd.get("cwd") or "/")
+            argv = cmd.get("argv") or ["/bin/sh"]
+            os.execve(argv[0], argv, {str(k): str(v) for k, v in cmd["env"].items()})
+        except BaseException as e:
+            os.write(2, f"stacker-kernel: cannot start the shell: {e}\n".encode(errors="replace"))
+        os._exit(127)
+    try:
+        os.setpgid(pid, pid)
+    except OSError:
+        pass  # the child did it first
+    termios.tcsetattr(0, termios.TCSANOW, cooked)
+    try:
+        os.tcsetpgrp(0, pid)
+    except OSError:
+        pass
+    wstatus = os.waitpid(pid, 0)[1]
+    os.tcsetpgrp(0, os.getpgrp())
+    kill_all()
+    unmount_step(done)
+    termios.tcsetattr(0, termios.TCSANOW, raw)
+    _write_all(1, format_sentinel(nonce, _status(wstatus), b""))
+
+
+def _cooked(attrs: list) -> list:
+    attrs = list(attrs)
+    attrs[6] = list(attrs[6])
+    attrs[0] |= termios.ICRNL
+    attrs[1] |= termios.OPOST | termios.ONLCR
+    attrs[3] |= termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ICANON | termios.ISIG | termios.IEXTEN
+    return attrs
+
+
+def serve(staged: list[StagedMount], grace: float) -> None:
+    """P1's loop: one command at a time until `exit` or EOF."""
+    orig = termios.tcgetattr(0)
+    tty.setraw(0)  # no echo, no line editing, no signals, no output processing
+    raw = termios.tcgetattr(0)
+    cooked = _cooked(orig)
+    _write_all(1, format_sentinel("ready", 0, b""))
+    reader = CommandReader(0)
+    while True:
+        cmd = reader.next()
+        if cmd is None or cmd.get("op") == "exit":
+            kill_all()
+            os._exit(0)
+        if cmd.get("op") == "run":
+            run_step(cmd, staged, grace, reader)
+        elif cmd.get("op") == "shell":
+            run_shell(cmd, staged, cooked, raw)
+        # "int" between steps: nothing to interrupt
+
+
+def report_error(message: str) -> None:
+    _write_all(1, format_sentinel("error", 1, message.encode("utf-8", "replace")))
+
+
+def p1_main(config: dict, pid_r: int) -> None:
+    """pid 1 of the container. Never returns."""
+    code = 1
+    try:
+        userns.set_pdeathsig()
+        os.read(pid_r, 64)  # P0 has written the host pid to the engine: keep going
+        os.close(pid_r)
+        for sig in _STEP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        # Our own process group, in the foreground of the pty: a background
+        # group's reads of its terminal fail (EIO with SIGTTIN ignored), and
+        # the shell op hands the terminal to the shell and back.
+        os.setpgid(0, 0)
+        os.tcsetpgrp(0, os.getpgrp())
+        staged = setup_root(config)
+        serve(staged, float(config.get("interrupt_grace", 3.0)))
+        code = 0
+    except StackerKernelError as e:
+        report_error(str(e))
+    except OSError as e:
+        report_error(f"cannot set up the container: {e}")
+    except BaseException:
+        report_error("container init failed:\n" + traceback.format_exc())
+    os._exit(code)
+
+
+def main(argv: list[str]) -> None:
+    """P0: namespaces, fork P1, wait for it and exit with its status."""
+    config = json.loads(argv[1])
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        userns.set_pdeathsig()
+        if os.getppid() != config.get("engine_pid", os.getppid()):
+            os._exit(1)  # the engine died before we could tie ourselves to it
+        flags = userns.CLONE_NEWNS | userns.CLONE_NEWPID | userns.CLONE_NEWUTS | userns.CLONE_NEWIPC
+        if config.get("network") == "none":
+            flags |= userns.CLONE_NEWNET
+        userns.enter_new_userns(userns.IdMap.for_current_user(), flags)
+    except StackerKernelError as e:
+        report_error(str(e))
+        os._exit(1)
+    except OSError as e:
+        report_error(f"cannot create the container's namespaces: {e}")
+        os._exit(1)
+    pid_r, pid_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(pid_w)
+        p1_main(config, pid_r)
+    os.close(pid_r)
+    _write_all(1, format_sentinel("pid", pid, b""))
+    os.close(pid_w)
+    while True:
+        try:
+            wstatus = os.waitpid(pid, 0)[1]
+            break
+        except InterruptedError:
+            continue
+    os._exit(_status(wstatus))
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,388 @@
+"""The persistent unprivileged container, engine side.
+
+`Container.start` spawns `python -m stacker_kernel.container.init` on a pty
+(pexpect) and returns once init has pivoted into the rootfs. `run_step` sends
+one step and reads its output and sentinel straight from the pty fd (no
+pexpect expect(): its buffer search is quadratic on large outputs).
+"""
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+import os
+import secrets
+import select
+import signal
+import sys
+import termios
+import threading
+import time
+import tty
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO, Callable
+
+import pexpect
+
+from stacker_kernel.container.step import (
+    SENTINEL_RE, OutputFilter, ShellState, StepResult, build_wrapper, encode_command,
+    failure_message, is_shebang, parse_state_dump,
+)
+from stacker_kernel.container.userns import IdMap
+from stacker_kernel.errors import ContainerError
+
+START_TIMEOUT = 60.0
+INIT_MODULE = "stacker_kernel.container.init"
+
+
+@dataclass
+class Mount:
+    """A host path bound into the container at `dest` during every step."""
+    source: str
+    dest: str
+    readonly: bool = True
+
+
+@dataclass
+class ContainerConfig:
+    """What a container is made of. `rootfs` is a writable directory (a btrfs
+    subvolume in the engine); `network` is "host" (stacker's default) or "none"."""
+    rootfs: str
+    mounts: list[Mount] = field(default_factory=list)
+    network: str = "host"
+    hostname: str = "stacker"
+    interrupt_grace: float = 3.0
+
+
+def _reset_signals() -> None:
+    # ipykernel ignores SIGINT and Python ignores SIGPIPE; ignored dispositions
+    # survive exec, so give the container the defaults (init sets its own).
+    for sig in (signal.SIGINT, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+class Container:
+    """A running container: one init (pid 1 of its own pid namespace) that runs
+    steps one at a time. Not reusable after `stop` or after it died."""
+
+    def __init__(self, config: ContainerConfig, child: pexpect.spawn, init_pid: int) -> None:
+        self.config = config
+        self.child = child
+        self.host_pid: int = child.pid
+        self.init_pid = init_pid  # P1 as the host sees it
+        self.alive = True
+        self._write_lock = threading.Lock()
+        self._running = False
+        self._interrupted = False
+
+    @classmethod
+    def start(cls, config: ContainerConfig) -> "Container":
+        """Start a container on `config.rootfs`; returns when it is ready for steps.
+
+        Raises ContainerError with the fix when it cannot start (no subordinate
+        id range, no user namespaces, no /bin/sh in the rootfs, a missing bind
+        source). Call it from a thread that outlives the container: the
+        container dies with the thread that started it (PR_SET_PDEATHSIG).
+        """
+        if config.network not in ("host", "none"):
+            raise ContainerError(f"unknown network mode {config.network!r}: use 'host' or 'none'")
+        if not os.path.isdir(config.rootfs):
+            raise ContainerError(f"the rootfs {config.rootfs} does not exist: create the layer's subvolume first")
+        IdMap.for_current_user()  # the subuid error, here rather than from the pty
+        payload = json.dumps({
+            "rootfs": os.path.abspath(config.rootfs),
+            "mounts": [asdict(m) for m in config.mounts],
+            "network": config.network, "hostname": config.hostname,
+            "interrupt_grace": config.interrupt_grace, "engine_pid": os.getpid(),
+        })
+        child = pexpect.spawn(sys.executable, ["-m", INIT_MODULE, payload], echo=False,
+                              cwd="/", env=dict(os.environ), preexec_fn=_reset_signals)
+        try:
+            init_pid = _await_ready(child)
+        except BaseException:
+            child.close(force=True)
+            raise
+        return cls(config, child, init_pid)
+
+    # -- steps -------------------------------------------------------------
+
+    def run_step(self, script: str, env: dict[str, str], state: ShellState | None,
+                 on_output: Callable[[str], None] | None = None, log_path: str | None = None,
+                 stream_cap: int = 2_000_000, flush_interval: float = 0.05) -> StepResult:
+        """Run one step and block until it ended and everything it started is dead.
+
+        `state=None` starts a fresh layer (cwd /, only `env`). Output goes to
+        `on_output` as text, at most every `flush_interval` seconds while it
+        arrives, and up to `stream_cap` bytes (then one truncation line); the
+        log at `log_path` gets all of it. Trace lines never appear in either.
+        """
+        t0 = time.monotonic()
+        if not self.alive:
+            return _died_result(0.0, 0)
+        nonce, trace = secrets.token_hex(8), secrets.token_hex(8)
+        shebang = is_shebang(script)
+        cmd = {"op": "run", "nonce": nonce, "script": script, "shebang": shebang}
+        if shebang:
+            cmd["env"] = state.environment(env) if state else dict(env)
+            cmd["cwd"] = state.cwd if state else "/"
+        else:
+            cmd["env"] = dict(env)
+            cmd["wrapper"] = build_wrapper(state, env, trace)
+        filt = OutputFilter(nonce, None if shebang else trace)
+        sink = _OutputSink(on_output, log_path, stream_cap, flush_interval)
+        self._interrupted = False
+        self._running = True
+        try:
+            self._send(cmd)
+            died = self._pump(filt, sink)
+        finally:
+            self._running = False
+            sink.close()
+        duration = time.monotonic() - t0
+        if died:
+            return _died_result(duration, sink.total)
+        sentinel = filt.sentinel
+        status = sentinel.status
+        if shebang:
+            after = (state or ShellState(exported=dict(env))) if status == 0 else None
+            has_state = True
+        else:
+            after = parse_state_dump(sentinel.state)
+            has_state = after is not None
+        ok = status == 0 and has_state
+        failed = None if ok or shebang else filt.last_trace
+        interrupted = self._interrupted and not ok
+        return StepResult(
+            status=status, ok=ok, state=after if ok else None, failed_command=failed,
+            interrupted=interrupted, container_died=False, duration=duration,
+            output_bytes=sink.total,
+            message="" if ok else failure_message(status, has_state, failed, interrupted, False),
+        )
+
+    def _pump(self, filt: OutputFilter, sink: "_OutputSink") -> bool:
+        """Read the pty until the step's sentinel; True if the container died."""
+        fd = self.child.child_fd
+        while filt.sentinel is None:
+            timeout = sink.time_to_flush()
+            ready = select.select([fd], [], [], timeout)[0]
+            if ready:
+                try:
+                    data = os.read(fd, 1 << 16)
+                except OSError:
+                    data = b""
+                if not data:
+                    sink.write(filt.flush())
+                    self._mark_dead()
+                    return True
+                sink.write(filt.feed(data))
+            sink.maybe_flush()
+        return False
+
+    def interrupt(self) -> None:
+        """Interrupt the running step (SIGINT to its process group, SIGKILL to
+        everything after the grace period). Safe from another thread; a no-op
+        when no step runs."""
+        if self._running and self.alive:
+            self._interrupted = True
+            self._send({"op": "int"})
+
+    def interact(self, env: dict[str, str], state: ShellState | None) -> int:
+        """An interactive /bin/sh in the container on this process's terminal
+        (for `chroot`), with `state`'s cwd and exported variables. Returns its
+        exit status once it exits; what it started is killed then."""
+        if not self.alive:
+            raise ContainerError("the container is not running: start a new one")
+        nonce = secrets.token_hex(8)
+        shell_env = state.environment(env) if state else dict(env)
+        shell_env.setdefault("TERM", os.environ.get("TERM", "xterm"))
+        stdin = sys.stdin.fileno()
+        is_tty = os.isatty(stdin)
+        if is_tty:
+            rows, cols = os.get_terminal_size(stdin)
+            self.child.setwinsize(rows, cols)
+        filt = OutputFilter(nonce, None)
+        self._send({"op": "shell", "nonce": nonce, "env": shell_env, "cwd": state.cwd if state else "/"})
+        saved = termios.tcgetattr(stdin) if is_tty else None
+        if is_tty:
+            tty.setraw(stdin)
+        fd = self.child.child_fd
+        try:
+            while filt.sentinel is None:
+                ready = select.select([fd, stdin], [], [])[0]
+                if stdin in ready:
+                    data = os.read(stdin, 4096)
+                    if data:
+                        with self._write_lock:
+                            _write_all(fd, data)
+                if fd in ready:
+                    try:
+                        data = os.read(fd, 1 << 16)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._mark_dead()
+                        raise ContainerError("the container died during the interactive shell")
+                    _write_all(sys.stdout.fileno(), filt.feed(data))
+        finally:
+            if saved is not None:
+                termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        return filt.sentinel.status
+
+    # -- lifetime ----------------------------------------------------------
+
+    def stop(self) -> None:
+        """Kill the container and everything in it; returns once all of it is
+        gone (so its rootfs can be deleted). Idempotent."""
+        if self.child is None:
+            return
+        try:
+            pidfd = os.pidfd_open(self.init_pid)
+        except OSError:
+            pidfd = None
+        if self.alive and not self._running:
+            try:
+                self._send({"op": "exit"})
+                self.child.expect(pexpect.EOF, timeout=2)
+            except (OSError, pexpect.ExceptionPexpect):
+                pass
+        try:
+            os.kill(self.host_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.child.close(force=True)
+        if pidfd is not None:
+            # P1 dies of PDEATHSIG; its pid namespace dies with it
+            select.select([pidfd], [], [], 10)
+            os.close(pidfd)
+        self.alive = False
+        self.child = None
+
+    @staticmethod
+    def kill_leftover(host_pid: int) -> bool:
+        """Kill a container init left by a crashed engine (its recorded
+        `host_pid`), if that pid still is one; True if one was killed."""
+        try:
+            with open(f"/proc/{host_pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            return False
+        if INIT_MODULE.encode() not in argv:
+            return False
+        try:
+            os.kill(host_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _send(self, cmd: dict) -> None:
+        with self._write_lock:
+            _write_all(self.child.child_fd, encode_command(cmd))
+
+    def _mark_dead(self) -> None:
+        self.alive = False
+
+    def __enter__(self) -> "Container":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _await_ready(child: pexpect.spawn) -> int:
+    """Wait for init's ready sentinel; return P1's host pid. Raises ContainerError
+    with init's own message if it failed."""
+    fd, buf, init_pid = child.child_fd, b"", 0
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ContainerError(f"the container did not start within {START_TIMEOUT:.0f} s: check the system load")
+        if select.select([fd], [], [], left)[0]:
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                text = buf.decode(errors="replace").strip()
+                raise ContainerError(f"the container exited while starting: {text or 'no message'}")
+            buf += data
+        for m in SENTINEL_RE.finditer(buf):
+            kind = m.group(1)
+            if kind == b"pid":
+                init_pid = int(m.group(2))
+            elif kind == b"error":
+                raise ContainerError(base64.b64decode(m.group(3)).decode(errors="replace"))
+            elif kind == b"ready":
+                return init_pid
+
+
+def _died_result(duration: float, total: int) -> StepResult:
+    return StepResult(status=-1, ok=False, state=None, failed_command=None, interrupted=False,
+                      container_died=True, duration=duration, output_bytes=total,
+                      message=failure_message(-1, False, None, False, True))
+
+
+class _OutputSink:
+    """Delivers a step's output: decoded and batched to the callback up to a
+    cap, raw to the log file."""
+
+    def __init__(self, on_output: Callable[[str], None] | None, log_path: str | None,
+                 cap: int, interval: float) -> None:
+        self.on_output = on_output
+        self.log: BinaryIO | None = open(log_path, "wb") if log_path else None
+        self.log_path = log_path
+        self.cap, self.interval = cap, interval
+        self.total = 0
+        self.streamed = 0
+        self.truncated = False
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending: list[str] = []
+        self.last_flush = 0.0
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.total += len(data)
+        if self.log:
+            self.log.write(data)
+        if self.on_output is None or self.truncated:
+            return
+        room = self.cap - self.streamed
+        part = data[:room]
+        self.streamed += len(part)
+        text = self.decoder.decode(part)
+        if text:
+            self.pending.append(text)
+        if len(part) < len(data):
+            self.truncated = True
+            tail = self.decoder.decode(b"", final=True)
+            where = self.log_path or "no log kept"
+            self.pending.append(tail + f"\n[output truncated: full log in {where}]\n")
+
+    def time_to_flush(self) -> float | None:
+        if not self.pending:
+            return None
+        return max(0.0, self.last_flush + self.interval - time.monotonic())
+
+    def maybe_flush(self, force: bool = False) -> None:
+        if not self.pending or self.on_output is None:
+            return
+        now = time.monotonic()
+        if force or now - self.last_flush >= self.interval:
+            text, self.pending = "".join(self.pending), []
+            self.last_flush = now
+            self.on_output(text)
+
+    def close(self) -> None:
+        if self.on_output is not None and not self.truncated:
+            tail = self.decoder.decode(b"", final=True)
+            if tail:
+                self.pending.append(tail)
+        self.maybe_flush(force=True)
+        if self.log:
+            self.log.close()

@@ -1,0 +1,339 @@
+"""The step protocol between the engine and the container's init, engine side.
+
+A step is one build script. Non-shebang steps run as `/bin/sh -e WRAPPER`: the
+wrapper (made here) restores the shell state of the previous step, traces each
+command with a marker (so a failure names its command), sources the user's
+script and, only if the script reaches its end, dumps the new state to a pipe.
+Init answers each step with the output bytes followed by one sentinel
+`ESC ] 5379 ; NONCE ; STATUS ; BASE64(STATE) BEL`; the nonce is known only to
+the engine and init, so a step cannot fake its end.
+
+Commands to init travel as one line `base64(json)\\n` each, so any script size
+and any byte fits through the raw pty.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass, field
+
+#: the OSC number that opens every sentinel init writes
+SENTINEL_OSC = b"\x1b]5379;"
+SENTINEL_RE = re.compile(rb"\x1b\]5379;([^;\x07]*);(-?\d+);([A-Za-z0-9+/=]*)\x07")
+#: first byte of every trace line (bash repeats PS4's first character per nesting level)
+TRACE_LEAD = b"\x1e"
+#: fds the step's shell inherits (dash redirects only single-digit fds, hence 9)
+STATE_FD = 9
+WRAPPER_FD = 10
+SCRIPT_FD = 11
+
+# Variables the shell owns or recomputes: never saved, never restored.
+SPECIAL_VARS = (
+    "PPID PWD OLDPWD OPTIND LINENO RANDOM SECONDS PS1 PS2 PS4 _ SHLVL EUID UID GROUPS "
+    "FUNCNAME HISTCMD SHELLOPTS BASHOPTS DIRSTACK PIPESTATUS IFS"
+).split()
+_SPECIAL_PATTERN = "|".join(SPECIAL_VARS + ["BASH*", "__sk_*"])
+#: `set` options carried between steps (x is ours, for the trace)
+CARRIED_OPTIONS = "aCfuv"
+DEFAULT_IFS = " \t\n"
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass(frozen=True)
+class ShellState:
+    """What carries from step to step within a layer.
+
+    `options` lists the `set` letters to apply on top of a fresh `sh -e`
+    (letters among "aCfuv"), plus "+e" when the script turned errexit off.
+    """
+
+    cwd: str = "/"
+    exported: dict[str, str] = field(default_factory=dict)
+    plain: dict[str, str] = field(default_factory=dict)
+    options: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"cwd": self.cwd, "exported": self.exported,
+                           "plain": self.plain, "options": self.options}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ShellState":
+        d = json.loads(s)
+        return cls(cwd=d.get("cwd", "/"), exported=dict(d.get("exported", {})),
+                   plain=dict(d.get("plain", {})), options=d.get("options", ""))
+
+    def environment(self, env: dict[str, str]) -> dict[str, str]:
+        """The process environment of a shebang step run in this state: the
+        exported variables of the state, plus the entries of `env` a shell
+        cannot name (so the state cannot track them). Other names of `env`
+        that the state lacks were unset by an earlier step and stay unset.
+        """
+        out = {k: v for k, v in env.items() if not _NAME_RE.match(k) or k in SPECIAL_VARS}
+        out.update(self.exported)
+        return out
+
+
+@dataclass
+class StepResult:
+    """The outcome of one step, as the engine and the kernel report it."""
+
+    status: int
+    ok: bool
+    state: ShellState | None
+    failed_command: str | None
+    interrupted: bool
+    container_died: bool
+    duration: float
+    output_bytes: int
+    message: str
+
+    def error_line(self) -> str:
+        """One line for the user: empty when the step succeeded."""
+        return "" if self.ok else self.message
+
+
+def failure_message(status: int, has_state: bool, failed_command: str | None,
+                    interrupted: bool, container_died: bool) -> str:
+    """The one-line explanation of a failed step ("" when it succeeded)."""
+    if container_died:
+        return "the container died during the step: the step failed and the container must be restarted"
+    if interrupted:
+        return f"step interrupted (status {status})"
+    at = f" at `{failed_command}`" if failed_command else ""
+    if status == 0 and not has_state:
+        return "the step called exit before its end: remove the `exit` (a step must run to its last line)"
+    if status == 0:
+        return ""
+    if status > 128:
+        return f"step killed by signal {status - 128} (status {status}){at}"
+    return f"step failed with status {status}{at}"
+
+
+def is_shebang(script: str) -> bool:
+    """True when the step chooses its own interpreter (`#!` first line), as in stacker."""
+    return script.startswith("#!")
+
+
+def sh_quote(value: str) -> str:
+    """Single-quote `value` for any POSIX shell."""
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def _restore_lines(state: ShellState, env: dict[str, str]) -> list[str]:
+    lines = [f"cd -- {sh_quote(state.cwd)}"]
+    gone = [k for k in env if _NAME_RE.match(k) and k not in SPECIAL_VARS
+            and k not in state.exported and k not in state.plain]
+    if gone:
+        lines.append("unset -v " + " ".join(sorted(gone)))
+    for name, value in sorted(state.plain.items()):
+        if _NAME_RE.match(name) and name not in SPECIAL_VARS:
+            lines.append(f"{name}={sh_quote(value)}")
+    for name, value in sorted(state.exported.items()):
+        if _NAME_RE.match(name) and name not in SPECIAL_VARS:
+            lines.append(f"{name}={sh_quote(value)}; export {name}")
+    if "IFS" in state.plain:
+        lines.append(f"IFS={sh_quote(state.plain['IFS'])}")
+    letters = "".join(c for c in state.options.replace("+e", "") if c in CARRIED_OPTIONS)
+    if letters:
+        lines.append(f"set -{letters}")
+    if "+e" in state.options:
+        lines.append("set +e")
+    return lines
+
+
+# Only builtins after the user's script: the rootfs may lack cat, env, test.
+_POSTAMBLE = r"""set +x
+__sk_o=$-
+__sk_ifs_set=${IFS+x}
+__sk_ifs=${IFS-}
+__sk_set=$(set)
+__sk_exp=$(export -p)
+IFS='
+'
+set -f
+__sk_x=' '
+for __sk_l in $__sk_exp; do
+  case $__sk_l in
+    'declare -x '*) __sk_l=${__sk_l#declare -x } ;;
+    'export '*) __sk_l=${__sk_l#export } ;;
+    *) continue ;;
+  esac
+  __sk_x="$__sk_x${__sk_l%%=*} "
+done
+{
+printf 'c\0%s\0o\0%s\0' "$PWD" "$__sk_o"
+for __sk_l in $__sk_set; do
+  case $__sk_l in [A-Za-z_]*=*) ;; *) continue ;; esac
+  __sk_n=${__sk_l%%=*}
+  case $__sk_n in *[!A-Za-z0-9_]*|@SPECIAL@) continue ;; esac
+  eval "__sk_s=\${$__sk_n+x}"
+  case $__sk_s in x) ;; *) continue ;; esac
+  case $__sk_x in *" $__sk_n "*) __sk_t=x ;; *) __sk_t=v ;; esac
+  eval "printf '%s\0%s\0%s\0' \"\$__sk_t\" \"\$__sk_n\" \"\${$__sk_n}\""
+done
+case $__sk_ifs_set in x)
+  case $__sk_ifs in @DEFAULT_IFS@) ;; *) printf 'v\0IFS\0%s\0' "$__sk_ifs" ;; esac ;;
+esac
+printf 'e\0'
+} >&@STATE_FD@
+exit 0
+""".replace("@SPECIAL@", _SPECIAL_PATTERN).replace("@DEFAULT_IFS@", sh_quote(DEFAULT_IFS)) \
+   .replace("@STATE_FD@", str(STATE_FD))
+
+
+def trace_marker(token: str) -> bytes:
+    """The PS4 of a step: a line that starts with it is a trace line, not output."""
+    return TRACE_LEAD + b"sk" + token.encode() + b" "
+
+
+def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: str) -> str:
+    """The `/bin/sh -e` script that restores `state`, traces and sources the
+    user's script from fd SCRIPT_FD, and dumps the state after it to fd STATE_FD.
+
+    `env` is the environment the shell starts with; its names that `state`
+    lacks are unset (an earlier step unset them). `trace_token` must differ
+    from the sentinel nonce: the script can read PS4.
+    """
+    lines = _restore_lines(state, env) if state is not None else []
+    ps4 = trace_marker(trace_token).decode()
+    lines += [f"PS4={sh_quote(ps4)}", "set -x", f". /proc/self/fd/{SCRIPT_FD}"]
+    return "\n".join(lines) + "\n" + _POSTAMBLE
+
+
+def parse_state_dump(data: bytes) -> ShellState | None:
+    """Decode what the wrapper's postamble wrote; None if it is incomplete."""
+    parts = data.split(b"\0")
+    if not parts or parts[-1] != b"":
+        return None
+    parts = [p.decode("utf-8", "surrogateescape") for p in parts[:-1]]
+    cwd, opts = "/", ""
+    exported: dict[str, str] = {}
+    plain: dict[str, str] = {}
+    complete = False
+    i = 0
+    try:
+        while i < len(parts):
+            tag = parts[i]
+            if tag == "c":
+                cwd, opts, i = parts[i + 1], parts[i + 3], i + 4
+            elif tag in ("v", "x"):
+                (exported if tag == "x" else plain)[parts[i + 1]] = parts[i + 2]
+                i += 3
+            elif tag == "e":
+                complete, i = True, i + 1
+            else:
+                return None
+    except IndexError:
+        return None
+    if not complete:
+        return None
+    options = "".join(c for c in CARRIED_OPTIONS if c in opts)
+    if "e" not in opts:
+        options += "+e"
+    return ShellState(cwd=cwd, exported=exported, plain=plain, options=options)
+
+
+def encode_command(cmd: dict) -> bytes:
+    """One protocol line for init."""
+    return base64.b64encode(json.dumps(cmd).encode()) + b"\n"
+
+
+def decode_command(line: bytes) -> dict:
+    return json.loads(base64.b64decode(line.strip()))
+
+
+def format_sentinel(nonce: str, status: int, state: bytes) -> bytes:
+    return SENTINEL_OSC + f"{nonce};{status};".encode() + base64.b64encode(state) + b"\x07"
+
+
+@dataclass
+class Sentinel:
+    nonce: str
+    status: int
+    state: bytes
+
+
+class OutputFilter:
+    """Splits the pty byte stream of one step into output, trace lines and the
+    end sentinel. Bytes that might begin a trace line or the sentinel are held
+    back until they can be decided, so split reads never leak markers.
+    """
+
+    def __init__(self, nonce: str, trace_token: str | None) -> None:
+        self.nonce = nonce
+        self.marker = trace_marker(trace_token) if trace_token else None
+        self.last_trace: str | None = None
+        self.sentinel: Sentinel | None = None
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """Output bytes of `data` that are decided; sets `sentinel` at the end."""
+        buf = self._held + data
+        self._held = b""
+        out = bytearray()
+        i = 0
+        while i < len(buf) and self.sentinel is None:
+            j = _next_special(buf, i)
+            if j < 0:
+                out += buf[i:]
+                break
+            out += buf[i:j]
+            consumed = self._special(buf, j)
+            if consumed is None:  # undecidable yet: hold the rest
+                self._held = buf[j:]
+                break
+            if consumed == 0:  # not ours: it is output
+                out += buf[j:j + 1]
+                i = j + 1
+            else:
+                i = j + consumed
+        return bytes(out)
+
+    def flush(self) -> bytes:
+        """Whatever is still held (the stream ended without a sentinel)."""
+        held, self._held = self._held, b""
+        return held
+
+    def _special(self, buf: bytes, j: int) -> int | None:
+        """Bytes consumed at buf[j] (0: ordinary byte), or None to wait for more."""
+        rest = buf[j:]
+        if rest[:1] == b"\x1b":
+            if not SENTINEL_OSC.startswith(rest[:len(SENTINEL_OSC)]):
+                return 0
+            if len(rest) < len(SENTINEL_OSC):
+                return None
+            end = rest.find(b"\x07")
+            if end < 0:
+                return None if len(rest) < 4096 else 0
+            m = SENTINEL_RE.match(rest[:end + 1])
+            if not m or m.group(1).decode(errors="replace") != self.nonce:
+                return 0
+            self.sentinel = Sentinel(self.nonce, int(m.group(2)), base64.b64decode(m.group(3)))
+            return end + 1
+        if self.marker is None:
+            return 0
+        k = 0
+        while k < len(rest) and rest[k:k + 1] == TRACE_LEAD:
+            k += 1  # bash repeats the lead per nesting level
+        tail = rest[k - 1:] if k else rest
+        if len(tail) < len(self.marker):
+            return None if self.marker.startswith(tail) else 0
+        if not tail.startswith(self.marker):
+            return 0
+        nl = rest.find(b"\n")
+        if nl < 0:
+            return None
+        line = rest[k - 1 + len(self.marker):nl]
+        self.last_trace = line.decode("utf-8", "replace")
+        return nl + 1
+
+
+def _next_special(buf: bytes, start: int) -> int:
+    a = buf.find(b"\x1b", start)
+    b = buf.find(TRACE_LEAD, start)
+    if a < 0:
+        return b
+    if b < 0:
+        return a
+    return min(a, b)
