@@ -337,3 +337,27 @@ def test_split_then_join_gives_the_script_back(script):
 ])
 def test_join_then_split_gives_the_steps_back(steps):
     assert split_script(join_steps(steps)) == steps
+
+
+# --- fuzz ------------------------------------------------------------------------------
+
+
+def test_random_cells_fail_only_with_recipe_error_and_split_join_exactly():
+    import random
+    rng = random.Random(4)
+    pieces = ["%layer a", "%from oci ./o:t", "%from", "%import x --dest", "%cmd 'a",
+              "%env A=1", "%help", "# c", "", "echo hi", "if x; then", "fi", "cat <<E",
+              "E", "'", '"', "\\", "%", "%%", "(", ")", "{", "}", "case x in", "a) ;;",
+              "esac", "do", "done", "# %%", "#!/bin/sh", "%labels k=v", "  %cache on"]
+    for _ in range(2000):
+        text = "\n".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        try:
+            cell = parse_cell(text)
+        except RecipeError:
+            continue
+        script = cell.script.rstrip("\n")
+        parts = split_script(script)
+        if all(p.strip() for p in parts):  # an empty piece between markers is dropped
+            assert split_script(join_steps(parts)) == parts
+        if "# %%" not in script:
+            assert join_steps(parts) == script

@@ -128,6 +128,8 @@ def split_script(script: str) -> list[str]:
     interpreter covers all of it), else it is cut at empty lines that are at
     top level (never inside a heredoc, quote or compound command). Comment-only
     pieces join the following piece, so comments stay with their commands.
+    The round trip is exact unless markers enclose an empty piece (dropped by
+    `join_steps`).
     """
     body = script.rstrip("\n")
     trailing = script[len(body):]
