@@ -80,3 +80,22 @@ def storage() -> Path:
     root.mkdir()
     yield root
     btrfs.remove_tree(root)
+
+
+@pytest.fixture(scope="session")
+def busybox_oci(busybox_tar, tmp_path_factory) -> str:
+    """`LAYOUT:busybox`: an OCI layout of the busybox rootfs, made by umoci (rootless)."""
+    base = tmp_path_factory.mktemp("busybox-oci")
+    layout, bundle = base / "oci", base / "bundle"
+
+    def umoci(*args):
+        subprocess.run(["umoci", *args], check=True, capture_output=True)
+
+    umoci("init", "--layout", str(layout))
+    umoci("new", "--image", f"{layout}:busybox")
+    umoci("unpack", "--rootless", "--image", f"{layout}:busybox", str(bundle))
+    with tarfile.open(busybox_tar) as tar:
+        for m in tar.getmembers():
+            tar.extract(m, bundle / "rootfs", set_attrs=m.isdir())
+    umoci("repack", "--image", f"{layout}:busybox", str(bundle))
+    return f"{layout}:busybox"

@@ -1,0 +1,180 @@
+"""`stacker-kernel build`, `grab` and friends on stacker.yaml files (stacker's acceptance cases)."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from stacker_kernel.cli import main
+from stacker_kernel.engine.build import build, layer_snapshot
+from stacker_kernel.errors import StackerKernelError
+from stacker_kernel.storage.store import Store
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def cli(storage, *args):
+    return main(["--storage", str(storage), *args])
+
+
+def test_sc01_minimal_build_with_a_run_step(storage, busybox_oci, tmp_path):
+    yaml = write(tmp_path / "stacker.yaml", """
+        busybox:
+            from:
+                type: oci
+                url: ${{BUSYBOX_OCI}}
+            run: |
+                touch /foo
+        """)
+    with Store.open(storage) as store:
+        build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
+              stream=lambda s: None)
+        snap = layer_snapshot(store, str(yaml), "busybox")
+        assert (snap.path / "foo").is_file()
+
+
+def test_sc02_built_type_chaining(storage, busybox_oci, tmp_path):
+    yaml = write(tmp_path / "stacker.yaml", """
+        parent:
+            from:
+                type: oci
+                url: ${{BUSYBOX_OCI}}
+            run: |
+                touch /root/parent
+                cat /proc/self/mountinfo
+        child:
+            from:
+                type: built
+                tag: parent
+            run: |
+                cat /proc/self/mountinfo
+                touch /root/child
+        """)
+    with Store.open(storage) as store:
+        build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
+              stream=lambda s: None)
+        parent = layer_snapshot(store, str(yaml), "parent")
+        child = layer_snapshot(store, str(yaml), "child")
+        assert (parent.path / "root/parent").exists() and not (parent.path / "root/child").exists()
+        assert (child.path / "root/parent").exists() and (child.path / "root/child").exists()
+
+
+def test_layers_build_in_dependency_order_not_file_order(storage, busybox_oci, tmp_path):
+    yaml = write(tmp_path / "stacker.yaml", """
+        second:
+            from:
+                type: built
+                tag: first
+            run: test -e /first && touch /second
+        first:
+            from:
+                type: oci
+                url: ${{BUSYBOX_OCI}}
+            run: touch /first
+        """)
+    lines = []
+    with Store.open(storage) as store:
+        build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lines.append,
+              stream=lambda s: None)
+    assert [l for l in lines if l.startswith("building")] == ["building layer first", "building layer second"]
+
+
+def test_second_build_is_served_from_the_cache(storage, busybox_oci, tmp_path):
+    yaml = write(tmp_path / "stacker.yaml", """
+        l:
+            from:
+                type: oci
+                url: ${{BUSYBOX_OCI}}
+            run: date +%s%N > /stamp
+        """)
+    subs = {"BUSYBOX_OCI": busybox_oci}
+    with Store.open(storage) as store:
+        first = build(store, str(yaml), substitutions=subs, out=lambda s: None, stream=lambda s: None)
+        stamp1 = (layer_snapshot(store, str(yaml), "l").path / "stamp").read_text()
+        second = build(store, str(yaml), substitutions=subs, out=lambda s: None, stream=lambda s: None)
+        stamp2 = (layer_snapshot(store, str(yaml), "l").path / "stamp").read_text()
+        third = build(store, str(yaml), substitutions=subs, no_cache=True, out=lambda s: None,
+                      stream=lambda s: None)
+        stamp3 = (layer_snapshot(store, str(yaml), "l").path / "stamp").read_text()
+    assert (first.steps_run, second.steps_cached, third.steps_run) == (1, 1, 1)
+    assert stamp1 == stamp2 != stamp3
+
+
+def test_failing_run_names_the_layer_and_command(storage, busybox_oci, tmp_path, capsys):
+    yaml = write(tmp_path / "stacker.yaml", """
+        broken:
+            from:
+                type: oci
+                url: ${{BUSYBOX_OCI}}
+            run: |
+                echo before
+                ls /does-not-exist
+                echo after
+        """)
+    rc = cli(storage, "build", "-f", str(yaml), "--no-oci", "--substitute", f"BUSYBOX_OCI={busybox_oci}")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "broken" in err and "ls /does-not-exist" in err
+
+
+def test_grab_copies_a_file_from_a_layer(storage, busybox_oci, tmp_path, capsys):
+    yaml = write(tmp_path / "stacker.yaml", """
+        g:
+            from:
+                type: oci
+                url: ${{BUSYBOX_OCI}}
+            run: |
+                mkdir -p /out && echo payload > /out/file.txt && chown 1000:1000 /out/file.txt
+                ln -s /out/file.txt /link
+                ln -s ../../../../etc/passwd /escape
+        """)
+    assert cli(storage, "build", "-f", str(yaml), "--no-oci", "--substitute", f"BUSYBOX_OCI={busybox_oci}") == 0
+    dest = tmp_path / "grabbed"
+    dest.mkdir()
+    assert cli(storage, "grab", "-f", str(yaml), "g:/out/file.txt", str(dest)) == 0
+    assert (dest / "file.txt").read_text() == "payload\n"
+    assert (dest / "file.txt").stat().st_uid == os.getuid()
+    assert cli(storage, "grab", "-f", str(yaml), "g:/link", str(dest / "via-link")) == 0
+    assert (dest / "via-link").read_text() == "payload\n"
+    capsys.readouterr()
+    assert cli(storage, "grab", "-f", str(yaml), "g:/escape", str(dest)) == 1
+    assert "escapes the rootfs" in capsys.readouterr().err
+    assert cli(storage, "grab", "-f", str(yaml), "g:/../../etc/passwd", str(dest)) == 1
+    assert "escapes the rootfs" in capsys.readouterr().err
+
+
+def test_unknown_layer_for_grab_is_a_clear_error(storage, busybox_oci, tmp_path, capsys):
+    yaml = write(tmp_path / "stacker.yaml", """
+        a:
+            from:
+                type: oci
+                url: ${{BUSYBOX_OCI}}
+            run: true
+        """)
+    assert cli(storage, "build", "-f", str(yaml), "--no-oci", "--substitute", f"BUSYBOX_OCI={busybox_oci}") == 0
+    capsys.readouterr()
+    assert cli(storage, "grab", "-f", str(yaml), "nope:/etc/passwd") == 1
+    assert "layer nope is not built" in capsys.readouterr().err
+
+
+def test_missing_substitution_is_a_clear_error(storage, tmp_path, capsys):
+    yaml = write(tmp_path / "stacker.yaml", """
+        a:
+            from:
+                type: oci
+                url: ${{BUSYBOX_OCI}}
+            run: true
+        """)
+    assert cli(storage, "build", "-f", str(yaml), "--no-oci") == 1
+    assert "BUSYBOX_OCI" in capsys.readouterr().err
+
+
+def test_non_btrfs_storage_is_refused_with_one_line(tmp_path, capsys):
+    assert main(["--storage", str(tmp_path), "layers"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "btrfs" in err and len(err.splitlines()) == 1
