@@ -1,0 +1,347 @@
+"""Snapshot chains -> an OCI image layout, tagged as stacker tags its output.
+
+One image per stacker layer, tag = layer name, manifests in build order;
+build_only layers get no tag and their diffs are carried into their children
+as layers (reference/stacker.md §1.8, §7). By default every step (cell) that
+changed something is one OCI layer, and a step that changed nothing is a
+history entry with `empty_layer`; `squash=True` makes one layer per stacker
+layer, as stacker emits. The image config follows stacker's rules (§1.7):
+environment appended, labels and volumes merged, `cmd`/`entrypoint` assigned
+(never inherited), `full_command` sets Entrypoint and clears Cmd.
+
+Same inputs and the same SOURCE_DATE_EPOCH give byte-identical manifests:
+timestamps come from the epoch, tar mtimes are clamped to it, JSON is
+canonical, and nothing depends on dict or directory order.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import getpass
+import json
+import os
+import platform
+import shlex
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from stacker_kernel.container.userns import run_in_userns
+from stacker_kernel.errors import ImageError, RecipeError
+from stacker_kernel.oci import layout_write as lw
+from stacker_kernel.oci.diff import Diff, diff_snapshots
+from stacker_kernel.oci.tarwriter import LayerBlob, write_layer
+
+STACKER_VERSION = "stacker-kernel 0.1.0"
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+           "armv7l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le",
+           "s390x": "s390x", "riscv64": "riscv64"}
+
+
+@dataclass(frozen=True)
+class StepSnapshot:
+    """The read-only snapshot after one step, with the step's script.
+
+    `created_by` overrides the history text (default: `stacker-kernel step N of
+    layer NAME: <first line of source>`).
+    """
+    path: str
+    source: str = ""
+    created_by: str | None = None
+
+
+@dataclass(frozen=True)
+class OciBase:
+    """A base image in an OCI layout (`LAYOUT:TAG`): its layers are copied as-is."""
+    layout: str
+    tag: str
+
+
+@dataclass
+class ImageSpec:
+    """One stacker layer to export.
+
+    `config` is any object with the stacker directives as attributes
+    (`environment`, `labels`, `cmd`, `entrypoint`, `full_command`,
+    `working_dir`, `volumes`, `runtime_user`, `annotations`, `os`, `arch`,
+    `build_only`), e.g. recipe.model.Layer. The image starts from:
+    `parent` (the name of an earlier ImageSpec in the same export, a `built`
+    base), else `base_oci` (whose unpacked rootfs is the snapshot
+    `base_rootfs`), else empty; a `base_rootfs` without `base_oci` (a tar
+    base) becomes a layer of its own, described by `base_created_by`.
+    `steps` run from that rootfs, in order.
+    """
+    name: str
+    config: Any
+    steps: list[StepSnapshot] = field(default_factory=list)
+    base_rootfs: str | None = None
+    base_oci: OciBase | None = None
+    base_created_by: str | None = None
+    parent: str | None = None
+
+    @property
+    def build_only(self) -> bool:
+        return bool(getattr(self.config, "build_only", False))
+
+
+@dataclass
+class _Image:
+    """An image under construction: config JSON, layer descriptors, manifest annotations."""
+    config: dict[str, Any]
+    layers: list[lw.Descriptor]
+    annotations: dict[str, str]
+    tip: str | None  # the rootfs the image's layers produce
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One layer to make: diff `old` -> `new`; history text for it."""
+    old: str | None
+    new: str
+    created_by: str
+
+
+def source_date_epoch_from_env(environ: dict[str, str] | None = None) -> int | None:
+    """SOURCE_DATE_EPOCH from the environment, None when unset."""
+    value = (environ if environ is not None else os.environ).get("SOURCE_DATE_EPOCH")
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise RecipeError(f"invalid SOURCE_DATE_EPOCH {value!r}: set it to a whole number of seconds since 1970")
+    return int(value)
+
+
+def export_image(layout_dir: str, images: list[ImageSpec], *, source_date_epoch: int | None = None,
+                 annotations_namespace: str = "io.stackeroci", stacker_yaml: str | None = None,
+                 squash: bool = False) -> list[str]:
+    """Write `images` (in build order) into the OCI layout `layout_dir` and
+    return the tags written (the names of the non-build_only images).
+
+    Creates the layout when absent; an existing tag is replaced. Diffs and
+    tars of one image run in one user-namespace helper. Raises ImageError when
+    a base or parent is missing or a snapshot cannot be read.
+    """
+    lw.init_layout(layout_dir)
+    created = _timestamp(source_date_epoch)
+    author = "stacker" if source_date_epoch is not None else f"{getpass.getuser()}@{socket.gethostname()}"
+    built: dict[str, _Image] = {}
+    tagged: list[tuple[str, lw.Descriptor]] = []
+    for spec in images:
+        image = _start(layout_dir, spec, built)
+        jobs = _jobs(spec, image.tip, squash)
+        blobs = _run_jobs(layout_dir, jobs, source_date_epoch)
+        for job, blob in zip(jobs, blobs):
+            entry: dict[str, Any] = {"created": created, "created_by": job.created_by}
+            if blob is None:
+                entry["empty_layer"] = True
+            else:
+                image.layers.append(lw.Descriptor(blob.media_type, blob.digest, blob.size))
+                image.config["rootfs"]["diff_ids"].append(blob.diff_id)
+            image.config["history"].append(entry)
+        if jobs:
+            image.tip = jobs[-1].new
+        if not spec.build_only:
+            _apply_directives(image, spec.config)
+            image.config["history"].append({"created": created, "created_by": f"stacker build of {spec.name}: image config",
+                                            "author": author, "empty_layer": True})
+            image.config["created"], image.config["author"] = created, author
+            _ensure_a_layer(layout_dir, image, spec.name, created)
+            manifest = _write_manifest(layout_dir, image, spec, annotations_namespace, stacker_yaml)
+            tagged.append((spec.name, manifest))
+        built[spec.name] = image
+    lw.set_tags(layout_dir, tagged)
+    return [tag for tag, _ in tagged]
+
+
+# --- start of an image -------------------------------------------------------
+
+def _start(layout_dir: str, spec: ImageSpec, built: dict[str, _Image]) -> _Image:
+    if spec.parent is not None:
+        if spec.parent not in built:
+            raise ImageError(f"layer {spec.name} is built from {spec.parent}, which is not exported before it: export {spec.parent} first")
+        return copy.deepcopy(built[spec.parent])
+    if spec.base_oci is not None:
+        if spec.base_rootfs is None:
+            raise ImageError(f"layer {spec.name}: the OCI base {spec.base_oci.layout}:{spec.base_oci.tag} has no unpacked rootfs to diff against: import the base first")
+        return _from_oci(layout_dir, spec.base_oci, spec.base_rootfs)
+    config = {"architecture": _host_arch(), "os": "linux", "config": {},
+              "rootfs": {"type": "layers", "diff_ids": []}, "history": []}
+    return _Image(config, [], {}, None)
+
+
+def _from_oci(layout_dir: str, base: OciBase, rootfs: str) -> _Image:
+    manifest = _load_manifest(base.layout, base.tag)
+    config = _read_json(base.layout, manifest["config"]["digest"])
+    config.setdefault("config", {})
+    config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+    config.setdefault("history", [])
+    layers = [lw.Descriptor.from_json(d) for d in manifest.get("layers") or []]
+    for d in layers:
+        lw.copy_blob(base.layout, layout_dir, d.digest)
+    annotations = {k: v for k, v in (manifest.get("annotations") or {}).items() if k != lw.REF_NAME}
+    return _Image(config, layers, annotations, rootfs)
+
+
+def _read_json(layout: str, digest: str) -> dict[str, Any]:
+    try:
+        with open(lw.blob_path(layout, digest), "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"cannot read blob {digest} of {layout} ({e}): re-import the base image") from None
+
+
+def _load_manifest(layout: str, tag: str) -> dict[str, Any]:
+    """The image manifest tagged `tag` (for an index, the host platform's)."""
+    try:
+        with open(os.path.join(layout, "index.json"), "rb") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{layout} is not a readable OCI layout ({e}): check the base's LAYOUT:TAG") from None
+    for d in index.get("manifests") or []:
+        if (d.get("annotations") or {}).get(lw.REF_NAME) == tag:
+            doc = _read_json(layout, d["digest"])
+            if doc.get("mediaType") == lw.MEDIA_TYPE_INDEX or "manifests" in doc:
+                return _pick_platform(layout, tag, doc)
+            return doc
+    raise ImageError(f"tag {tag} is not in {layout}: check the base's LAYOUT:TAG")
+
+
+def _pick_platform(layout: str, tag: str, index: dict[str, Any]) -> dict[str, Any]:
+    arch = _host_arch()
+    for d in index.get("manifests") or []:
+        p = d.get("platform") or {}
+        if p.get("os", "linux") == "linux" and p.get("architecture", arch) == arch:
+            return _read_json(layout, d["digest"])
+    raise ImageError(f"{layout}:{tag} has no linux/{arch} image: use an image for this machine's platform")
+
+
+def _host_arch() -> str:
+    machine = platform.machine()
+    return _GOARCH.get(machine, machine)
+
+
+# --- layers ----------------------------------------------------------------------
+
+def _first_line(source: str) -> str:
+    for line in source.splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= 200 else line[:199] + "…"
+    return "(empty)"
+
+
+def _jobs(spec: ImageSpec, start: str | None, squash: bool) -> list[_Job]:
+    """The diffs that make this image's own layers, base first."""
+    jobs: list[_Job] = []
+    if spec.parent is None and spec.base_oci is None and spec.base_rootfs is not None:
+        jobs.append(_Job(None, spec.base_rootfs, spec.base_created_by or f"stacker-kernel base of layer {spec.name}"))
+        start = spec.base_rootfs
+    if not spec.steps:
+        return jobs
+    if squash:
+        jobs.append(_Job(start, spec.steps[-1].path, f"stacker build of {spec.name}"))
+        return jobs
+    prev = start
+    for i, step in enumerate(spec.steps, 1):
+        text = step.created_by or f"stacker-kernel step {i} of layer {spec.name}: {_first_line(step.source)}"
+        jobs.append(_Job(prev, step.path, text))
+        prev = step.path
+    return jobs
+
+
+def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None) -> list[LayerBlob | None]:
+    """Diff and tar each job (inside the user namespace); None for an empty diff."""
+    out: list[LayerBlob | None] = []
+    for job in jobs:
+        diff: Diff = diff_snapshots(job.old, job.new)
+        out.append(None if diff.empty else write_layer(job.new, diff, layout_dir, source_date_epoch=epoch))
+    return out
+
+
+def _run_jobs(layout_dir: str, jobs: list[_Job], epoch: int | None) -> list[LayerBlob | None]:
+    if not jobs:
+        return []
+    return run_in_userns(_layers_in_userns, jobs, os.path.abspath(layout_dir), epoch)
+
+
+def _ensure_a_layer(layout_dir: str, image: _Image, name: str, created: str) -> None:
+    # The manifest schema requires at least one layer: an image of nothing
+    # (scratch, no changes) gets one empty tar layer.
+    if image.layers:
+        return
+    blob = write_layer("/", Diff(old=None, new="/"), layout_dir)
+    image.layers.append(lw.Descriptor(blob.media_type, blob.digest, blob.size))
+    image.config["rootfs"]["diff_ids"].append(blob.diff_id)
+    image.config["history"].append({"created": created, "created_by": f"stacker-kernel empty rootfs of layer {name}"})
+
+
+# --- config and manifest -----------------------------------------------------------
+
+def _command(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return shlex.split(value)
+    return [str(v) for v in value]
+
+
+def _apply_directives(image: _Image, layer: Any) -> None:
+    """stacker's updateOCIConfigForOutput on `image` (reference/stacker.md §1.7)."""
+    cfg = image.config.setdefault("config", {})
+    env: list[str] = list(cfg.get("Env") or [])
+    for key, value in (getattr(layer, "environment", None) or {}).items():
+        # stacker appends; replacing an inherited KEY= in place gives the
+        # same effective value without duplicate keys.
+        entry = f"{key}={value}"
+        at = next((i for i, e in enumerate(env) if e.split("=", 1)[0] == key), None)
+        if at is None:
+            env.append(entry)
+        else:
+            env[at] = entry
+    if not any(e.startswith("PATH=") for e in env):
+        env.append(DEFAULT_PATH)
+    cfg["Env"] = env
+    labels = getattr(layer, "labels", None) or {}
+    if labels:
+        cfg["Labels"] = {**(cfg.get("Labels") or {}), **{k: str(v) for k, v in labels.items()}}
+    volumes = getattr(layer, "volumes", None) or []
+    if volumes:
+        cfg["Volumes"] = {**(cfg.get("Volumes") or {}), **{v: {} for v in volumes}}
+    full_command = _command(getattr(layer, "full_command", None))
+    if full_command is not None:
+        cmd, entrypoint = None, full_command
+    else:  # assigned, never inherited (stacker since bb555f0)
+        cmd, entrypoint = _command(getattr(layer, "cmd", None)), _command(getattr(layer, "entrypoint", None))
+    for key, value in (("Cmd", cmd), ("Entrypoint", entrypoint)):
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    if getattr(layer, "working_dir", None):
+        cfg["WorkingDir"] = layer.working_dir
+    if getattr(layer, "runtime_user", None):
+        cfg["User"] = str(layer.runtime_user)
+    if getattr(layer, "os", None):
+        image.config["os"] = layer.os
+    if getattr(layer, "arch", None):
+        image.config["architecture"] = layer.arch
+
+
+def _write_manifest(layout_dir: str, image: _Image, spec: ImageSpec, ns: str, stacker_yaml: str | None) -> lw.Descriptor:
+    config_desc = lw.put_json(layout_dir, image.config, lw.MEDIA_TYPE_CONFIG)
+    annotations = dict(image.annotations)
+    if stacker_yaml is not None:
+        annotations[f"{ns}.stacker.stacker_yaml"] = stacker_yaml
+    annotations[f"{ns}.stacker.stacker_version"] = STACKER_VERSION
+    annotations.update({k: str(v) for k, v in (getattr(spec.config, "annotations", None) or {}).items()})
+    image.annotations = annotations
+    manifest = {"schemaVersion": 2, "mediaType": lw.MEDIA_TYPE_MANIFEST, "config": config_desc.to_json(),
+                "layers": [d.to_json() for d in image.layers], "annotations": annotations}
+    return lw.put_json(layout_dir, manifest, lw.MEDIA_TYPE_MANIFEST)
+
+
+def _timestamp(epoch: int | None) -> str:
+    when = (datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc) if epoch is not None
+            else datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0))
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
