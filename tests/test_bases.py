@@ -8,7 +8,6 @@ import io
 import json
 import lzma
 import os
-import shutil
 import socket
 import stat
 import subprocess

@@ -162,6 +162,15 @@ def test_directory_replaces_a_lower_file(work):
     assert (work / "rootfs/x/inner").read_bytes() == b"1"
 
 
+def test_symlink_entry_may_point_anywhere(work, canary):
+    tar = make_tar(work / "l.tar", [entry("abs", "symlink", link=str(canary / "canary")),
+                                    entry("rel", "symlink", link="../../../../etc/shadow")])
+    apply(tar, work / "rootfs")
+    assert os.readlink(work / "rootfs/abs") == str(canary / "canary")
+    assert os.readlink(work / "rootfs/rel") == "../../../../etc/shadow"
+    assert_canary(canary)
+
+
 def test_lower_dirlink_is_followed_inside_the_root(work):
     apply(make_tar(work / "1.tar", [entry("usr", "dir"), entry("usr/lib", "dir"),
                                     entry("lib", "symlink", link="usr/lib")]), work / "rootfs")

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import ImageError
-from stacker_kernel.oci.layout import ImageRef, LayerRef, OCILayout, parse_oci_ref
+from stacker_kernel.oci.layout import ImageRef, OCILayout, parse_oci_ref
 from stacker_kernel.oci.tarlayer import ApplyReport, apply_layer, open_in_root
 from stacker_kernel.storage.store import Snapshot, Store
 
@@ -228,14 +228,16 @@ def _apply_layers(layers: list[str], rootfs: str) -> list[ApplyReport]:
 def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn: Warn | None) -> Snapshot:
     image: ImageRef = layout.resolve(tag)
     base_id = "oci-" + image.manifest_digest.split(":", 1)[1]
-    _write_record(store, base_id, BaseImage(source, str(layout.path), tag, image.manifest_digest,
-                                            image.manifest, image.config))
 
     def populate(rootfs: Path) -> None:
         blobs = [str(layout.verify_blob(ly.digest, ly.size if ly.size >= 0 else None)) for ly in image.layers]
         _report(_in_container_ids(_apply_layers, blobs, str(rootfs)), warn)
 
-    return store.add_base(base_id, populate, source)
+    snap = store.add_base(base_id, populate, source)
+    # rewritten on every import: it says where the image was found last
+    _write_record(store, base_id, BaseImage(source, str(layout.path), tag, image.manifest_digest,
+                                            image.manifest, image.config))
+    return snap
 
 
 def _import_oci(store: Store, ref: str, warn: Warn | None) -> Snapshot:
