@@ -199,30 +199,36 @@ class BuildSession:
             self._run = _LayerRun(layer, base_dir=base_dir or self.base_dir)
             self._reset_live()
 
-    def apply_directives(self, directives, cell_id: str | None = None) -> list[str]:
-        """Apply the recipe directives of one cell to the session; returns lines to show."""
+    def apply_directives(self, directives, cell_id: str | None = None, script: str = "") -> list[str]:
+        """Apply the recipe directives of one cell to the session; returns lines to show.
+
+        `%layer` starts a layer (or, naming an existing one, goes back to its
+        start: the cell that starts it is being run again); `%from`, `%binds`
+        and `%import` change what the container starts from, so they must come
+        before the layer's first step.
+        """
         from stacker_kernel.recipe.cells import apply_directive
 
         info: list[str] = []
         with self._lock:
             for d in directives:
+                if d.interactive:
+                    continue
                 if d.name == "layer":
-                    info.extend(self._directive_layer(d.args.name if hasattr(d.args, "name") else _arg0(d)))
-                elif d.name == "from":
-                    if self.layer_steps():
-                        raise RecipeError(
-                            f"%from must come before the first step of layer {self.layer.name}: "
-                            "start a new layer with %layer NAME, or re-run the cell that starts this layer")
-                    apply_directive(self.layer, d)
+                    info.extend(self._directive_layer(d.args))
+                    continue
+                if d.name in ("from", "binds", "import") and self.layer_steps():
+                    raise RecipeError(
+                        f"%{d.name} must come before the first step of layer {self.layer.name}: "
+                        "start a new layer with %layer NAME, or re-run the cell that starts this layer")
+                self._set_layer(apply_directive(self.layer, d, script))
+                if d.name in ("from", "binds", "import"):
                     self._reset_live()
-                elif d.name == "import" or d.name == "binds":
-                    if self.layer_steps() and d.name == "binds":
-                        raise RecipeError("%binds must come before the first step of the layer (the container mounts them at start)")
-                    apply_directive(self.layer, d)
-                    self._stop_container()
-                else:
-                    apply_directive(self.layer, d)
         return info
+
+    def _set_layer(self, layer: Layer) -> None:
+        self._run.layer = layer
+        self.recipe.layers[layer.name] = layer
 
     def _directive_layer(self, name: str) -> list[str]:
         if not name or ":" in name:
@@ -613,15 +619,6 @@ class BuildSession:
         from stacker_kernel.engine.export import export_session_oci
 
         return export_session_oci(self, oci_dir, **kwargs)
-
-
-def _arg0(d) -> str:
-    args = getattr(d, "args", None)
-    if isinstance(args, (list, tuple)):
-        return args[0] if args else ""
-    if isinstance(args, dict):
-        return next(iter(args.values()), "")
-    return str(args or "")
 
 
 def _absolute_source(src: ImageSource, base_dir: str) -> ImageSource:
