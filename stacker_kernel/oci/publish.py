@@ -1,0 +1,101 @@
+"""Publish tags of an OCI layout with `skopeo copy` (stacker's `publish`).
+
+Destinations follow stacker (reference/stacker.md §2): for `docker://HOST/PATH`
+each image goes to `HOST/PATH/<layer>:<tag>`, for `oci:DIR` to
+`DIR:<layer>_<tag>`. A URL that already names a tag
+(`docker://HOST/REPO:TAG`) receives exactly one image under that name.
+TLS verification is off for registries on localhost, as for a test registry.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from stacker_kernel.errors import ImageError, RecipeError
+from stacker_kernel.oci.layout_write import REF_NAME
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+_UNREACHABLE = re.compile(r"connection refused|no such host|dial tcp|i/o timeout|network is unreachable|"
+                          r"server gave HTTP response to HTTPS client|no route to host", re.I)
+
+
+@dataclass(frozen=True)
+class Published:
+    """One copy made: layout tag -> destination reference."""
+    image: str
+    destination: str
+
+
+def layout_tags(layout_dir: str) -> list[str]:
+    """The tags of `layout_dir` in index order."""
+    try:
+        with open(os.path.join(layout_dir, "index.json"), "rb") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{layout_dir} is not a readable OCI layout ({e}): build first or pass the right --oci-dir") from None
+    tags = [(d.get("annotations") or {}).get(REF_NAME) for d in index.get("manifests") or []]
+    return [t for t in tags if t]
+
+
+def destinations(url: str, images: list[str], tags: list[str] | None) -> list[Published]:
+    """Where each image goes (see the module docstring); pure, no I/O."""
+    if url.startswith("docker://"):
+        rest = url[len("docker://"):].rstrip("/")
+        last = rest.rsplit("/", 1)[-1]
+        if "/" in rest and ":" in last:  # docker://HOST/REPO:TAG names the destination
+            if tags:
+                raise RecipeError(f"{url} already names a tag: drop --tag or the ':TAG' of --url")
+            if len(images) != 1:
+                raise RecipeError(f"{url} names one image but {len(images)} would go there: pick one with --image")
+            return [Published(images[0], url)]
+        return [Published(i, f"docker://{rest}/{i}:{t}") for i in images for t in (tags or ["latest"])]
+    if url.startswith("oci:"):
+        return [Published(i, f"{url}:{i}_{t}") for i in images for t in (tags or ["latest"])]
+    raise RecipeError(f"cannot publish to {url!r}: use --url docker://HOST/PATH or oci:DIR")
+
+
+def _is_local(reference: str) -> bool:
+    host = reference[len("docker://"):].split("/", 1)[0]
+    if host.startswith("["):
+        host = host[: host.index("]") + 1]
+    else:
+        host = host.split(":", 1)[0]
+    return host in _LOCAL_HOSTS
+
+
+def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images: list[str] | None = None,
+            username: str | None = None, password: str | None = None) -> list[Published]:
+    """Copy `images` (default: every tag of the layout) to `url` with skopeo,
+    each under every tag in `tags` (default `latest`); the copies made, in order.
+
+    Raises ImageError naming the registry when it cannot be reached or refuses
+    the push, and when an image is not in the layout.
+    """
+    available = layout_tags(layout_dir)
+    chosen = list(images) if images else available
+    missing = [i for i in chosen if i not in available]
+    if missing:
+        raise ImageError(f"{', '.join(missing)} not in {layout_dir}: build it first (tags there: {', '.join(available) or 'none'})")
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:
+        raise ImageError("skopeo is missing: install Debian's skopeo package (apt-get install skopeo)")
+    done = []
+    for p in destinations(url, chosen, tags):
+        cmd = [skopeo, "copy", "--quiet"]
+        if p.destination.startswith("docker://") and _is_local(p.destination):
+            cmd.append("--dest-tls-verify=false")
+        if username is not None:
+            cmd.append(f"--dest-creds={username}:{password or ''}")
+        cmd += [f"oci:{layout_dir}:{p.image}", p.destination]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            detail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"status {res.returncode}"
+            if _UNREACHABLE.search(res.stderr):
+                raise ImageError(f"cannot reach the registry for {p.destination} ({detail}): start it or check --url")
+            raise ImageError(f"publishing {p.image} to {p.destination} failed ({detail}): check --url and the credentials")
+        done.append(p)
+    return done
