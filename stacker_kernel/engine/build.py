@@ -180,6 +180,10 @@ def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = 
     if oci_dir and open_store is not None:
         from stacker_kernel.engine.export import export_stored_session
 
+        from stacker_kernel.recipe.notebook import recipe_from_notebook
+
+        layers = recipe_from_notebook(nb, Path(path).stem).layers
         with open_store() as store:
-            export_stored_session(store, latest_session(store, path), oci_dir, stacker_yaml=text)
+            export_stored_session(store, latest_session(store, path), oci_dir, layers=layers,
+                                  stacker_yaml=text)
     return text

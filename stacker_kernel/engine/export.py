@@ -1,0 +1,76 @@
+"""A session's snapshot chains -> OCI images (one per stacker layer), via oci/export.py.
+
+What is exported is what was built: each layer's steps are the snapshots in
+the session's history, and its base is the parent of its first step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from stacker_kernel.oci.bases import base_image
+from stacker_kernel.oci.export import ImageSpec, OciBase, StepSnapshot, export_image, source_date_epoch_from_env
+from stacker_kernel.recipe.model import ImageSource, Layer
+from stacker_kernel.storage.store import Session, Snapshot, Store
+
+
+def image_specs(store: Store, history: list[Snapshot], tags: dict[str, str],
+                layers: dict[str, Any]) -> list[ImageSpec]:
+    """One ImageSpec per layer, in build order. `layers` gives each layer's image
+    config (recipe.model.Layer); a layer missing from it gets an empty config."""
+    order: list[str] = [name for name in layers]
+    for snap in history:
+        if snap.layer not in order:
+            order.append(snap.layer)
+    steps_of: dict[str, list[Snapshot]] = {name: [] for name in order}
+    for snap in history:
+        steps_of[snap.layer].append(snap)
+    specs: list[ImageSpec] = []
+    exported: set[str] = set()
+    for name in order:
+        config = layers.get(name) or Layer(name=name, from_=ImageSource(type="scratch"))
+        steps = steps_of.get(name, [])
+        if steps:
+            base = store.get(steps[0].parent) if steps[0].parent else None
+        else:
+            tip = tags.get(name)
+            base = store.get(tip) if tip else None
+            if base is None:
+                continue  # declared but never built: nothing to export
+        spec = ImageSpec(name=name, config=config,
+                         steps=[StepSnapshot(str(s.path), s.source) for s in steps])
+        if base is not None:
+            if base.kind == "step" and base.layer in exported:
+                spec.parent = base.layer
+            elif base.kind == "step":
+                spec.base_rootfs, spec.base_created_by = str(base.path), f"built layer {base.layer}"
+            else:
+                origin = base_image(store, base)
+                if origin is not None:
+                    spec.base_oci = OciBase(origin.layout, origin.tag)
+                    spec.base_rootfs = str(base.path)
+                elif base.id != "scratch":
+                    spec.base_rootfs, spec.base_created_by = str(base.path), base.source
+        specs.append(spec)
+        exported.add(name)
+    return specs
+
+
+def export_session_oci(session, oci_dir: str, *, squash: bool = False,
+                       stacker_yaml: str | None = None, annotations_namespace: str = "io.stackeroci") -> list[str]:
+    """Write the images of a live BuildSession to the OCI layout `oci_dir`; returns the tags."""
+    history = session._history_snaps()
+    if stacker_yaml is None:
+        stacker_yaml = session.export_yaml()
+    specs = image_specs(session.store, history, session.session.tags, session.recipe.layers)
+    return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
+                        annotations_namespace=annotations_namespace, stacker_yaml=stacker_yaml,
+                        squash=squash)
+
+
+def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: dict[str, Any] | None = None,
+                          stacker_yaml: str | None = None, squash: bool = False) -> list[str]:
+    """Write the images of a stored (ended) session to `oci_dir`; returns the tags."""
+    history = [s for s in (store.get(i) for i in sess.history) if s is not None]
+    specs = image_specs(store, history, sess.tags, layers or {})
+    return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
+                        stacker_yaml=stacker_yaml, squash=squash)
