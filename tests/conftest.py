@@ -96,6 +96,6 @@ def busybox_oci(busybox_tar, tmp_path_factory) -> str:
     umoci("unpack", "--rootless", "--image", f"{layout}:busybox", str(bundle))
     with tarfile.open(busybox_tar) as tar:
         for m in tar.getmembers():
-            tar.extract(m, bundle / "rootfs", set_attrs=m.isdir())
+            tar.extract(m, bundle / "rootfs", set_attrs=not m.issym())
     umoci("repack", "--image", f"{layout}:busybox", str(bundle))
     return f"{layout}:busybox"

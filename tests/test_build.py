@@ -90,7 +90,7 @@ def test_second_build_is_served_from_the_cache(storage, busybox_oci, tmp_path):
             from:
                 type: oci
                 url: ${{BUSYBOX_OCI}}
-            run: date +%s%N > /stamp
+            run: cat /proc/sys/kernel/random/uuid > /stamp
         """)
     subs = {"BUSYBOX_OCI": busybox_oci}
     with Store.open(storage) as store:

@@ -69,7 +69,7 @@ def test_exit_in_a_step_is_a_failure_and_the_engine_goes_on(session):
 
 
 def test_cache_hit_does_not_run(session, tmp_path):
-    script = "date +%s%N > /stamp; cat /stamp"
+    script = "cat /proc/sys/kernel/random/uuid > /stamp; cat /stamp"
     first, o1 = run_ok(session, script)
     session.rollback(0)
     second, o2 = run_ok(session, script)
@@ -81,7 +81,7 @@ def test_cache_hit_does_not_run(session, tmp_path):
 
 
 def test_no_cache_runs_again(session):
-    script = "date +%s%N > /stamp; cat /stamp"
+    script = "cat /proc/sys/kernel/random/uuid > /stamp; cat /stamp"
     first, _ = run_ok(session, script)
     session.rollback(0)
     session.use_cache = False
@@ -104,7 +104,7 @@ def test_rerunning_a_cell_rolls_back_to_its_parent(session):
     run_ok(session, "touch /a", cell_id="c1")
     run_ok(session, "touch /b", cell_id="c2")
     run_ok(session, "touch /c", cell_id="c2")  # c2 edited and run again
-    out, _ = run_ok(session, "ls /a /b 2>&1; ls /c")
+    out, _ = run_ok(session, "ls /a /b 2>&1 || true; ls /c")
     assert "/b" in out and "No such file" in out
     assert [v.cell_id for v in session.history()][:2] == ["c1", "c2"]
 
