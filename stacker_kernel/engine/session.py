@@ -312,15 +312,17 @@ class BuildSession:
             return self.external_built(name)
         raise RecipeError(f"layer {name} is not built yet: build it before a layer that says 'from: built {name}'")
 
-    def _ensure_live(self) -> None:
-        """The live rootfs is a writable snapshot of the head (importing the base first)."""
+    def _ensure_live(self, on_output: OutputFn | None = None) -> None:
+        """The live rootfs is a writable snapshot of the head (importing the base first;
+        its warnings, e.g. device nodes made empty files, go to `on_output`)."""
         if self._live_ready:
             return
         if self.head is None:
             from stacker_kernel.oci.bases import import_base
 
             source = _absolute_source(self.layer.from_, self._run.base_dir)
-            base = import_base(self.store, source, resolve_built=self._resolve_built)
+            warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
+            base = import_base(self.store, source, resolve_built=self._resolve_built, warn=warn)
             self._run.base = base
             self.head = base
             self.state = None
@@ -385,7 +387,7 @@ class BuildSession:
             with self._lock:
                 if cell_id is not None and not self.inspecting_failure:
                     self._rollback_for_rerun(cell_id)
-                self._ensure_live()
+                self._ensure_live(on_output)
                 env = build_environment(self.layer)
                 key = self.cache_key(script, env)
                 if self.use_cache and not self.layer.binds and not self.inspecting_failure:
