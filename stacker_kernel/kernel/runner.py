@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import nbformat
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
 
@@ -61,9 +62,14 @@ class NotebookKernel:
     """A stacker kernel serving one notebook, started like jupyter_server starts it."""
 
     def __init__(self, notebook: Path, kernel_name: str = "stacker",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, kernels_dir: Path | None = None) -> None:
+        """Start the kernel; `kernels_dir` (a directory of kernel specs) overrides Jupyter's path."""
         self.notebook = notebook.absolute()
-        self.km = KernelManager(kernel_name=kernel_name)
+        if kernels_dir is not None:
+            specs = KernelSpecManager(kernel_dirs=[str(kernels_dir)])
+            self.km = KernelManager(kernel_name=kernel_name, kernel_spec_manager=specs)
+        else:
+            self.km = KernelManager(kernel_name=kernel_name)
         kernel_env = dict(os.environ if env is None else env)
         kernel_env["JPY_SESSION_NAME"] = str(self.notebook)
         self.km.start_kernel(cwd=str(self.notebook.parent), env=kernel_env)
@@ -128,14 +134,16 @@ class NotebookKernel:
 
 def run_notebook(path: Path, kernel_name: str = "stacker", timeout: float = 600,
                  on_cell: Callable[[CellRun], None] | None = None,
-                 extra: list[str] = (), write_outputs: Path | None = None) -> list[CellRun]:
+                 extra: list[str] = (), write_outputs: Path | None = None,
+                 kernels_dir: Path | None = None) -> list[CellRun]:
     """Run every code cell of `path` in order in a new kernel, stopping at the first error.
 
     `extra` cells (e.g. `%export stacker.yaml`) run after the notebook when it
-    succeeded. With `write_outputs`, the executed notebook is saved there.
+    succeeded. With `write_outputs`, the executed notebook is saved there;
+    `kernels_dir` is as for NotebookKernel.
     """
     nb = nbformat.read(path, as_version=4)
-    kernel = NotebookKernel(path, kernel_name)
+    kernel = NotebookKernel(path, kernel_name, kernels_dir=kernels_dir)
     runs: list[CellRun] = []
     try:
         code_cells = [c for c in nb.cells if c.cell_type == "code"]

@@ -1,0 +1,49 @@
+"""Helpers of the kernel tests (tests/test_kernel_*.py): a kernel spec in a temp dir, notebooks.
+
+The kernel runs for real: its spec is installed into a temporary kernels
+directory (never the user's Jupyter path), it is started the way
+jupyter_server starts it (cwd = the notebook's directory, JPY_SESSION_NAME =
+the notebook path), and it builds on the storage of $STACKER_KERNEL_STORAGE.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nbformat
+
+from stacker_kernel.kernel.install import write_spec
+from stacker_kernel.kernel.runner import NotebookKernel
+
+
+def install_spec(directory: Path) -> Path:
+    """Install the stacker kernel spec under `directory`; returns the kernels dir."""
+    kernels = directory / "kernels"
+    write_spec(kernels / "stacker")
+    return kernels
+
+
+def notebook_dir(directory: Path, busybox_tar: Path) -> Path:
+    """A directory with busybox.tar in it, for notebooks whose base is `%from tar busybox.tar`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(busybox_tar, directory / "busybox.tar")
+    return directory
+
+
+def write_notebook(path: Path, cells: list[tuple[str, str]]) -> Path:
+    """An nbformat 4.5 notebook of code cells given as (cell id, source)."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {
+        "name": "stacker", "display_name": "Stacker", "language": "stacker"}})
+    for cell_id, source in cells:
+        cell = nbformat.v4.new_code_cell(source)
+        cell.id = cell_id
+        nb.cells.append(cell)
+    nbformat.write(nb, path)
+    return path
+
+
+def start_kernel(notebook: Path, kernels: Path, **env: str) -> NotebookKernel:
+    """A stacker kernel serving `notebook`; `env` entries override the kernel's environment."""
+    kernel_env = dict(os.environ, JUPYTER_PATH=str(kernels.parent), **env)
+    return NotebookKernel(notebook, env=kernel_env, kernels_dir=kernels)
