@@ -34,7 +34,7 @@ from stacker_kernel.oci.diff import Change, Diff
 MEDIA_TYPE_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
-GZIP_LEVEL = 6
+GZIP_LEVEL = 4  # pigz -4: 3% larger than -6 at half the CPU (bench/export.py)
 _CHUNK = 1 << 20
 
 # Never exported, as umoci: host-specific labels and ACL flavours, overlay
