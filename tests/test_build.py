@@ -178,3 +178,101 @@ def test_non_btrfs_storage_is_refused_with_one_line(tmp_path, capsys):
     assert main(["--storage", str(tmp_path), "layers"]) == 1
     err = capsys.readouterr().err.strip()
     assert "btrfs" in err and len(err.splitlines()) == 1
+
+
+def test_sc09_imports_with_dest_and_stacker_urls(storage, busybox_oci, tmp_path):
+    (tmp_path / "folder1" / "subfolder2").mkdir(parents=True)
+    (tmp_path / "folder1" / "file1").write_text("1")
+    (tmp_path / "folder1" / "subfolder2" / "subfile1").write_text("s")
+    yaml = write(tmp_path / "stacker.yaml", """
+        first:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          imports:
+          - path: folder1/
+            dest: /folder1/
+          run: |
+            [ -f /folder1/file1 ]
+        second:
+          from:
+            type: built
+            tag: first
+          run: |
+            mkdir -p /folder1
+            touch /folder1/file1
+            touch /folder1/file2
+        third:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          imports:
+            - path: stacker://second/folder1/
+              dest: /folder1/
+          run: |
+            [ -f /folder1/file1 ]
+            [ -f /folder1/file2 ]
+        fourth:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          imports:
+          - path: folder1/
+            dest: /
+          run: |
+            ls -l /
+            [ -f /file1 ]
+            mkdir -p /folder4/subfolder5
+            touch /folder4/subfolder5/subfile6
+        fifth:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          imports:
+          - path: folder1/subfolder2/
+            dest: /folder3/
+          - path: folder1/subfolder2
+            dest: /folder4
+          - path: stacker://fourth/folder4/subfolder5/
+            dest: /folder6/
+          - path: stacker://fourth/folder4/
+            dest: /folder7/
+          run: |
+            ls -l /folder*
+            [ -f /folder3/subfile1 ]
+            [ ! -e /folder3/subfolder2 ]
+            [ -f /folder4/subfile1 ]
+            [ -f /folder6/subfile6 ]
+            [ ! -e /folder6/subfolder5 ]
+            [ -f /folder7/subfolder5/subfile6 ]
+        """)
+    with Store.open(storage) as store:
+        build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
+              stream=lambda s: None)
+        first = layer_snapshot(store, str(yaml), "first")
+        # dest imports are part of the image; plain imports never are
+        assert (first.path / "folder1" / "file1").read_text() == "1"
+        assert not (first.path / "stacker").exists()
+
+
+def test_changed_import_content_invalidates_the_cache(storage, busybox_oci, tmp_path):
+    (tmp_path / "conf").write_text("one")
+    yaml = write(tmp_path / "stacker.yaml", """
+        l:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          imports:
+            - conf
+          run: cp /stacker/imports/conf /conf
+        """)
+    subs = {"BUSYBOX_OCI": busybox_oci}
+    with Store.open(storage) as store:
+        build(store, str(yaml), substitutions=subs, out=lambda s: None, stream=lambda s: None)
+        os.utime(tmp_path / "conf", (1, 1))
+        again = build(store, str(yaml), substitutions=subs, out=lambda s: None, stream=lambda s: None)
+        assert again.steps_cached == 1  # an mtime alone changes nothing
+        (tmp_path / "conf").write_text("two")
+        changed = build(store, str(yaml), substitutions=subs, out=lambda s: None, stream=lambda s: None)
+        assert changed.steps_run == 1
+        assert (layer_snapshot(store, str(yaml), "l").path / "conf").read_text() == "two"

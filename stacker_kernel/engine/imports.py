@@ -19,8 +19,19 @@ from stacker_kernel.errors import RecipeError
 from stacker_kernel.storage import btrfs
 
 
-def _source_path(imp, base_dir: str, download_dir: Path) -> Path:
+def _source_path(imp, base_dir: str, download_dir: Path, fetch_layer_path=None) -> Path:
     path = imp.path
+    if path.startswith("stacker://"):
+        layer, _, inner = path[len("stacker://"):].partition("/")
+        if not layer or not inner:
+            raise RecipeError(f"import {path}: a stacker:// import is stacker://LAYER/path")
+        if fetch_layer_path is None:
+            raise RecipeError(f"import {path}: stacker:// imports need a build of layer {layer}")
+        download_dir.mkdir(parents=True, exist_ok=True)
+        dest = download_dir / (os.path.basename(inner.rstrip("/")) or layer)
+        if dest.exists():
+            btrfs.remove_tree(dest)
+        return Path(fetch_layer_path(layer, "/" + inner, str(dest)))
     if path.startswith(("http://", "https://")):
         download_dir.mkdir(parents=True, exist_ok=True)
         dest = download_dir / (os.path.basename(path.rstrip("/")) or "download")
@@ -46,16 +57,20 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def stage(layer, dest_dir: Path, base_dir: str) -> str:
+def stage(layer, dest_dir: Path, base_dir: str, fetch_layer_path=None) -> str:
     """Copy `layer.imports` into `dest_dir` (emptied first); check hashes; return a
-    digest of the staged tree ("" when there are no imports)."""
+    digest of the staged tree ("" when there are no imports).
+
+    `fetch_layer_path(layer, path, dest)` copies a path out of another layer's
+    snapshot for `stacker://LAYER/path` imports and returns where it put it.
+    """
     if dest_dir.exists():
         btrfs.remove_tree(dest_dir)
     dest_dir.mkdir(parents=True)
     if not layer.imports:
         return ""
     for imp in layer.imports:
-        src = _source_path(imp, base_dir, dest_dir.parent / (dest_dir.name + ".downloads"))
+        src = _source_path(imp, base_dir, dest_dir.parent / (dest_dir.name + ".downloads"), fetch_layer_path)
         if imp.hash:
             if not src.is_file():
                 raise RecipeError(f"import {imp.path} has a hash but is not a file")
@@ -90,3 +105,47 @@ def tree_digest(root: Path) -> str:
         for d in dirnames:
             h.update(f"{os.path.relpath(os.path.join(dirpath, d), root)}/\0".encode())
     return "sha256:" + h.hexdigest()
+
+
+def staged_name(imp) -> str:
+    """The name an import has in the staging dir (and at /stacker/imports)."""
+    return os.path.basename(imp.path.rstrip("/")) or "import"
+
+
+def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, str, int | None, int | None, int | None]]) -> None:
+    """Copy staged imports into the rootfs, stacker's way (run inside the user namespace).
+
+    items: (staged name, dest, mode, uid, gid). A directory's contents go into
+    dest; a file goes to dest, or into it when dest ends with '/'. Owners
+    default to root of the container.
+    """
+    for name, dest, mode, uid, gid in items:
+        src = os.path.join(staged, name)
+        uid = 0 if uid is None else uid
+        gid = 0 if gid is None else gid
+        if os.path.isdir(src) and not os.path.islink(src):
+            target = _dest_in_root(rootfs, dest)
+            os.makedirs(target, exist_ok=True)
+            shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+            for dirpath, dirnames, filenames in os.walk(target):
+                for n in dirnames + filenames:
+                    os.lchown(os.path.join(dirpath, n), uid, gid)
+        else:
+            target = _dest_in_root(rootfs, dest.rstrip("/") + "/" + name if dest.endswith("/") else dest)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.lexists(target) and os.path.isdir(target) and not os.path.islink(target):
+                target = os.path.join(target, name)
+            shutil.copy2(src, target, follow_symlinks=False)
+            os.lchown(target, uid, gid)
+            if mode is not None and not os.path.islink(target):
+                os.chmod(target, mode)
+
+
+def _dest_in_root(rootfs: str, dest: str) -> str:
+    """Host path of container path `dest`; symlinks resolve inside the rootfs."""
+    from stacker_kernel.engine.inspect import GrabError, resolve_in_root
+
+    try:
+        return resolve_in_root(rootfs, dest, missing_ok=True)
+    except GrabError as e:
+        raise RecipeError(f"import dest {dest}: {e}") from None

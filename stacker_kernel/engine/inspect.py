@@ -22,9 +22,10 @@ class GrabError(StackerKernelError):
     """A path to grab or browse is missing or escapes the rootfs."""
 
 
-def resolve_in_root(root: str, path: str) -> str:
+def resolve_in_root(root: str, path: str, missing_ok: bool = False) -> str:
     """The host path of container path `path` in rootfs `root`, following symlinks
-    inside the rootfs. Raises GrabError if it would leave the rootfs."""
+    inside the rootfs. Raises GrabError if it would leave the rootfs, or (unless
+    `missing_ok`, which keeps the missing rest as plain names) if it does not exist."""
     root = os.path.abspath(root)
     todo = [p for p in path.split("/") if p not in ("", ".")]
     done: list[str] = []
@@ -40,6 +41,8 @@ def resolve_in_root(root: str, path: str) -> str:
         try:
             st = os.lstat(host)
         except FileNotFoundError:
+            if missing_ok and ".." not in todo:
+                return os.path.join(root, *done, part, *todo)
             raise GrabError(f"{path} does not exist in the rootfs") from None
         if stat.S_ISLNK(st.st_mode):
             links += 1

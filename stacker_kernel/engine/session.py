@@ -344,7 +344,39 @@ class BuildSession:
     def _stage_imports(self) -> None:
         """Copy the layer's imports to the staging dir the container shows read-only at
         /stacker/imports (stale files gone), and land `dest` imports in the rootfs."""
-        self._imports_digest = imports_mod.stage(self.layer, self._imports_dir(), self._run.base_dir)
+        self._imports_digest = imports_mod.stage(self.layer, self._imports_dir(), self._run.base_dir,
+                                                 fetch_layer_path=self._fetch_layer_path)
+        if not self.layer_steps():
+            self._land_dest_imports()
+
+    def _fetch_layer_path(self, layer: str, path: str, dest: str) -> str:
+        from stacker_kernel.engine.inspect import grab
+
+        return grab(self._resolve_built(layer).path, path, dest)
+
+    def _land_dest_imports(self) -> None:
+        """Imports with `dest` land in the image, as stacker does: as their own
+        snapshot (an OCI layer of their own), before the layer's first step."""
+        from stacker_kernel.container.userns import run_in_userns
+
+        dests = [i for i in self.layer.imports if i.dest]
+        if not dests:
+            return
+        source = "\n".join(f"# stacker import {i.path} -> {i.dest}" for i in dests)
+        key = self.cache_key(source, {"dest-imports": "v1"})
+        hit = self.store.find_cache(key) if self.use_cache else None
+        if hit is not None:
+            self._replace_live(hit)
+            self._advance(hit)
+            return
+        items = [(imports_mod.staged_name(i), i.dest, i.mode, i.uid, i.gid) for i in dests]
+        started = time.time()
+        run_in_userns(imports_mod.land_in_rootfs, str(self._imports_dir()), str(self.live), items)
+        snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
+                        layer=self.layer.name, source=source, cache_key=key,
+                        state=(self.state or ShellState()).to_json(), started=started,
+                        duration=time.time() - started)
+        self._advance(self.store.commit(self.live, snap))
 
     def _ensure_container(self) -> Container:
         if self.container is not None and self.container.alive:
