@@ -276,3 +276,21 @@ def test_changed_import_content_invalidates_the_cache(storage, busybox_oci, tmp_
         changed = build(store, str(yaml), substitutions=subs, out=lambda s: None, stream=lambda s: None)
         assert changed.steps_run == 1
         assert (layer_snapshot(store, str(yaml), "l").path / "conf").read_text() == "two"
+
+
+def test_generate_labels_become_image_labels(storage, busybox_oci, tmp_path):
+    yaml = write(tmp_path / "stacker.yaml", """
+        l:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          run: echo 1.2.3 > /version
+          generate_labels: |
+            cat /version > /stacker/oci-labels/version
+            touch /should-not-persist
+        """)
+    with Store.open(storage) as store:
+        result = build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
+                       stream=lambda s: None)
+        assert result.session.recipe.layers["l"].labels == {"version": "1.2.3"}
+        assert not (layer_snapshot(store, str(yaml), "l").path / "should-not-persist").exists()
