@@ -294,3 +294,47 @@ def test_generate_labels_become_image_labels(storage, busybox_oci, tmp_path):
                        stream=lambda s: None)
         assert result.session.recipe.layers["l"].labels == {"version": "1.2.3"}
         assert not (layer_snapshot(store, str(yaml), "l").path / "should-not-persist").exists()
+
+
+def test_build_writes_an_oci_layout_umoci_unpacks(storage, busybox_oci, tmp_path):
+    yaml = write(tmp_path / "stacker.yaml", """
+        base:
+            from:
+                type: oci
+                url: ${{BUSYBOX_OCI}}
+            run: |
+                echo hello > /hello
+            environment:
+                GREETING: hi
+            cmd: /bin/sh -c "cat /hello"
+        tmp:
+            from:
+                type: built
+                tag: base
+            build_only: true
+            run: touch /from-build-only
+        app:
+            from:
+                type: built
+                tag: tmp
+            run: rm /hello && touch /app
+        """)
+    oci = tmp_path / "oci"
+    assert cli(storage, "build", "-f", str(yaml), "--oci-dir", str(oci),
+               "--substitute", f"BUSYBOX_OCI={busybox_oci}") == 0
+    import json
+
+    index = json.loads((oci / "index.json").read_text())
+    tags = [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]]
+    assert tags == ["base", "app"]  # build order; build_only untagged
+    for tag, present, absent in (("base", ["hello"], ["app"]), ("app", ["app", "from-build-only"], ["hello"])):
+        out = tmp_path / f"unpacked-{tag}"
+        subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{oci}:{tag}", str(out)],
+                       check=True, capture_output=True)
+        for name in present:
+            assert (out / "rootfs" / name).exists(), (tag, name)
+        for name in absent:
+            assert not (out / "rootfs" / name).exists(), (tag, name)
+    config = json.loads((tmp_path / "unpacked-base" / "config.json").read_text())
+    assert "GREETING=hi" in config["process"]["env"]
+    assert config["process"]["args"] == ["/bin/sh", "-c", "cat /hello"]
