@@ -111,8 +111,12 @@ def layer_tar(layout, desc) -> tarfile.TarFile:
 
 
 def check_digests(layout, tag):
-    """Our own validator: every blob hashes to its name and size, every layer's
-    DiffID matches its tar, one non-empty history entry per layer."""
+    """Validate `tag`: `oci-image-tool validate` (image-spec JSON schemas, blob
+    digests and sizes), then our own checks: every layer's DiffID matches its
+    tar, one non-empty history entry per layer."""
+    res = subprocess.run(["oci-image-tool", "validate", "--type", "image", "--ref", f"name={tag}", str(layout)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
     m = manifest(layout, tag)
     c = config(layout, tag)
     for desc in [m["config"]] + m["layers"]:

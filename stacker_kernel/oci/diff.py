@@ -3,7 +3,9 @@
 A path is unchanged when it has the same file type, inode number and ctime in
 both snapshots (reference/oci-btrfs.md §2.2): a snapshot keeps every inode
 item byte for byte, any change to content, mode, owner, xattrs, link count or
-name sets ctime, and user space cannot set ctime. So nothing is hashed.
+name sets ctime, and user space cannot set ctime. So unchanged files are
+never hashed; only the few inodes whose ctime falls in the coarse-clock tick of
+the old snapshot's creation are compared in full (see COARSE_CLOCK_WINDOW_NS).
 
 Run `diff_snapshots` inside the user namespace (`run_in_userns`): rootfs
 files belong to subordinate ids and directories may be unreadable from
