@@ -54,7 +54,7 @@ def install(user: bool = False, prefix: str | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         write_spec(Path(tmp))
         return KernelSpecManager().install_kernel_spec(
-            tmp, KERNEL_NAME, user=user, replace=True, prefix=prefix)
+            tmp, KERNEL_NAME, user=user, prefix=prefix)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
