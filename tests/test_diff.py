@@ -263,3 +263,20 @@ def test_root_diff_sees_real_owners(chain):
     d = by_path(chain.diff(s0, s1))
     assert d["etc/keep"].kind == "metadata"
     assert os.lstat(f"{s1}/etc/keep").st_uid == 123
+
+
+def test_entry_stamped_in_the_old_snapshots_clock_tick_is_compared_in_full(chain):
+    from stacker_kernel.oci.diff import compare, walk
+    chain.change(_base)
+    s0, s1 = chain.snap(), chain.snap()
+    old, _ = run_in_userns(walk, s0)
+    new, _ = run_in_userns(walk, s1)
+    tick = new["etc/keep"].ctime_ns
+    asked = []
+
+    def differs(path, o, n):
+        asked.append(path)
+        return path != "etc/keep"
+    changes = compare(old, new, old_taken_ns=tick, same=differs)
+    assert "etc/keep" in asked
+    assert [c.path for c in changes if c.path == "etc/keep"] == ["etc/keep"]
