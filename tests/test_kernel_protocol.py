@@ -69,7 +69,8 @@ def _is_stream_with(text: str):
 
 
 def test_output_streams_before_the_cell_ends(kernel):
-    msg_id = _send(kernel, "echo first; sleep 4; echo second", "c1")
+    # A fresh script each time: a cache hit would replay both lines at once.
+    msg_id = _send(kernel, f": {uuid.uuid4().hex}; echo first; sleep 4; echo second", "c1")
     first = _iopub_until(kernel, msg_id, _is_stream_with("first"))
     assert "second" not in first["content"]["text"]
     # The cell is still running: its reply has not come yet.
@@ -138,7 +139,7 @@ def test_bad_magic_line_is_an_error_and_runs_nothing(kernel):
 def test_restart_and_run_all_of_an_unchanged_notebook_is_served_from_the_cache(nbdir, kernels):
     token = uuid.uuid4().hex  # a fresh cache key: the first run must really run
     nb = write_notebook(nbdir / "cached.ipynb", [
-        ("base", BASE),
+        ("base", "%layer cached\n" + BASE),
         ("one", f"echo {token} > /token; date +%s%N"),
         ("two", "cat /token"),
     ])
@@ -150,6 +151,18 @@ def test_restart_and_run_all_of_an_unchanged_notebook_is_served_from_the_cache(n
     # The replayed output is the stored one: `date` did not run again.
     assert second[1].text().split("\n")[0] == first[1].text().split("\n")[0]
     assert "[cached" in second[1].text()
+
+
+def test_rerunning_the_first_cell_after_a_restart_starts_its_layer_over(nbdir, kernels):
+    # Restart & Run All of a notebook whose first cell sets the base without %layer.
+    nb = write_notebook(nbdir / "from-only.ipynb", [
+        ("base", BASE),
+        ("one", "echo built > /one"),
+    ])
+    first = _run_all(nb, kernels)
+    second = _run_all(nb, kernels)
+    assert [r.status for r in first + second] == ["ok"] * 4, [r.error for r in second]
+    assert second[1].cached
 
 
 def _run_all(nb: Path, kernels: Path):
