@@ -1,0 +1,78 @@
+"""Pure parts of the kernel: output batching, shell completeness, rootfs path completion.
+
+The same features are tested end to end over the protocol in
+test_kernel_protocol.py and test_kernel_conformance.py; these pin the edge cases.
+"""
+from __future__ import annotations
+
+import os
+
+from stacker_kernel.kernel.completion import complete_path, complete_shell
+from stacker_kernel.kernel.output import OutputSink
+from stacker_kernel.kernel.syntax import shell_completeness
+
+
+def test_output_sink_folds_crlf_split_across_chunks():
+    sink = OutputSink()
+    sink.write(b"one\r")
+    sink.write(b"\ntwo\r\n")
+    assert sink.take(final=True) == "one\ntwo\n"
+
+
+def test_output_sink_keeps_a_lone_carriage_return_for_progress_bars():
+    sink = OutputSink()
+    sink.write("10%\r20%\r")
+    assert sink.take(final=True) == "10%\r20%\r"
+
+
+def test_output_sink_decodes_a_utf8_character_split_across_chunks():
+    sink = OutputSink()
+    data = "héllo\n".encode()
+    sink.write(data[:2])
+    sink.write(data[2:])
+    assert sink.take() == "héllo\n"
+
+
+def test_output_sink_caps_a_cell_and_says_so():
+    sink = OutputSink(cap=10)
+    sink.write("x" * 100)
+    sink.write("more")
+    text = sink.take()
+    assert text.startswith("x" * 10) and "capped" in text and "more" not in text
+    assert sink.capped
+
+
+def test_unterminated_heredoc_is_incomplete():
+    assert shell_completeness("cat <<EOF\nbody").status == "incomplete"
+
+
+def test_trailing_backslash_is_incomplete_but_an_escaped_one_is_complete():
+    assert shell_completeness("echo a \\").status == "incomplete"
+    assert shell_completeness("echo a \\\\").status == "complete"
+
+
+def test_stray_keyword_is_invalid():
+    assert shell_completeness("done").status == "invalid"
+
+
+def test_path_completion_follows_absolute_symlinks_inside_the_rootfs(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "real" / "inner").mkdir(parents=True)
+    # /link -> /real inside the container; on the host /real does not exist.
+    os.symlink("/real", rootfs / "link")
+    assert complete_path(str(rootfs), "/link/in") == ["/link/inner/"]
+
+
+def test_path_completion_never_lists_the_host_through_a_symlink(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    os.symlink("/etc", rootfs / "hostetc")  # /etc of the container, which is empty here
+    assert complete_path(str(rootfs), "/hostetc/pass") == []
+
+
+def test_commands_complete_in_command_position_and_paths_elsewhere(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "bin" / "busybox").write_text("")
+    assert complete_shell(str(rootfs), "cd /; busy", 10).matches == ["busybox"]
+    assert complete_shell(str(rootfs), "ls /b", 5).matches == ["/bin/"]
