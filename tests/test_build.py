@@ -338,3 +338,44 @@ def test_build_writes_an_oci_layout_umoci_unpacks(storage, busybox_oci, tmp_path
     config = json.loads((tmp_path / "unpacked-base" / "config.json").read_text())
     assert "GREETING=hi" in config["process"]["env"]
     assert config["process"]["args"] == ["/bin/sh", "-c", "cat /hello"]
+
+
+def test_legacy_import_key_lands_at_slash_stacker(storage, busybox_oci, tmp_path):
+    (tmp_path / "old.txt").write_text("legacy")
+    (tmp_path / "f.sha").write_text("x")
+    yaml = write(tmp_path / "stacker.yaml", """
+        l:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          import:
+            - old.txt
+          run: cp /stacker/old.txt /copied
+        """)
+    with Store.open(storage) as store:
+        build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
+              stream=lambda s: None)
+        snap = layer_snapshot(store, str(yaml), "l")
+        assert (snap.path / "copied").read_text() == "legacy"
+        assert not (snap.path / "stacker").exists()
+
+
+def test_import_hash_is_checked_case_insensitively(storage, busybox_oci, tmp_path, capsys):
+    import hashlib
+
+    (tmp_path / "blob").write_bytes(b"content")
+    digest = hashlib.sha256(b"content").hexdigest()
+    for given, rc in ((digest.upper(), 0), ("0" * 64, 1)):
+        yaml = write(tmp_path / "stacker.yaml", f"""
+            l:
+              from:
+                type: oci
+                url: ${{{{BUSYBOX_OCI}}}}
+              imports:
+                - path: blob
+                  hash: {given}
+              run: cat /stacker/imports/blob
+            """)
+        assert cli(storage, "build", "-f", str(yaml), "--no-oci",
+                   "--substitute", f"BUSYBOX_OCI={busybox_oci}") == rc
+    assert "sha256" in capsys.readouterr().err

@@ -412,7 +412,9 @@ class BuildSession:
     def _ensure_container(self) -> Container:
         if self.container is not None and self.container.alive:
             return self.container
-        mounts = [Mount(str(self._imports_dir()), "/stacker/imports", readonly=True)]
+        # The legacy `import:` key put files at /stacker/ (stacker < 1.0); `imports:` at /stacker/imports.
+        where = "/stacker" if self.layer.uses_legacy_import() else "/stacker/imports"
+        mounts = [Mount(str(self._imports_dir()), where, readonly=True)]
         for b in self.layer.binds:
             src = b.source if os.path.isabs(b.source) else os.path.join(self._run.base_dir, b.source)
             if not os.path.exists(src):
