@@ -217,7 +217,12 @@ class BuildSession:
                 if d.name == "layer":
                     info.extend(self._directive_layer(d.args))
                     continue
-                if d.name in ("from", "binds", "import") and self.layer_steps():
+                if d.name == "from" and self.layer_steps():
+                    # A new base invalidates every step of the layer: this is the cell that
+                    # starts the layer being run again (e.g. Run All after a restart).
+                    self._rollback_to_layer_start(self.layer.name)
+                    info.append(f"layer {self.layer.name}: back to its start (its base is set again)")
+                elif d.name in ("binds", "import") and self.layer_steps():
                     raise RecipeError(
                         f"%{d.name} must come before the first step of layer {self.layer.name}: "
                         "start a new layer with %layer NAME, or re-run the cell that starts this layer")
@@ -584,10 +589,19 @@ class BuildSession:
             self._live_ready = True
             self._stage_imports()
         else:
-            # Back to the layer's base: prepared again (content-addressed, so free) at the next step.
-            self.head = None
+            # Back to the layer's base: the parent of the layer's first step (its recipe
+            # may be unknown, e.g. after a resume), else prepared again at the next step.
+            first = next((s for s in snaps if s.layer == target_layer), None)
+            base = self.store.get(first.parent) if first is not None and first.parent else None
             self.state = None
-            self._live_ready = False
+            if base is not None:
+                self.head = self._run.base = base
+                self._replace_live(base)
+                self._live_ready = True
+                self._stage_imports()
+            else:
+                self.head = None
+                self._live_ready = False
         self.session.head = self.head.id if self.head else None
         self.session.layer = target_layer
         self.store.update_session(self.session)

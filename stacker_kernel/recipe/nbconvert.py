@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
+from nbconvert.exporters import Exporter
+
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.model import ImageSource, Layer, Recipe
 from stacker_kernel.recipe.notebook import recipe_from_notebook
@@ -77,3 +79,18 @@ def recipe_per_cell(recipe: Recipe) -> Recipe:
             taken.add(part.name)
     out.dependency_order()
     return out
+
+
+class StackerExporter(Exporter):
+    """`jupyter nbconvert --to stacker NB.ipynb` writes NB.stacker.yaml."""
+
+    export_from_notebook = "stacker.yaml"
+    output_mimetype = "text/yaml"
+
+    def _file_extension_default(self) -> str:
+        return ".stacker.yaml"
+
+    def from_notebook_node(self, nb, resources=None, **kw):
+        nb_copy, resources = super().from_notebook_node(nb, resources, **kw)
+        name = (resources.get("metadata") or {}).get("name") or "notebook"
+        return notebook_to_stacker_yaml(nb_copy, name), resources
