@@ -688,6 +688,21 @@ class BuildSession:
                 out.layers[name] = replace(layer, steps=steps)
             return out
 
+    def order_warnings(self, notebook_cell_ids: list[str]) -> list[str]:
+        """Where the notebook (its code cells' ids, in order) differs from what was built."""
+        built = [s.cell_id for s in self._history_snaps() if s.cell_id]
+        pos = {cid: i for i, cid in enumerate(notebook_cell_ids)}
+        warnings = []
+        gone = [cid for cid in built if cid not in pos]
+        if gone:
+            warnings.append(f"{len(gone)} built step(s) come from cells no longer in the notebook "
+                            f"({', '.join(c[:8] for c in gone)}): the export has them")
+        order = [pos[cid] for cid in built if cid in pos]
+        if order != sorted(order):
+            warnings.append("cells were run in another order than the notebook shows them: "
+                            "the export follows the order they were built in")
+        return warnings
+
     def export_yaml(self, path: str | None = None) -> str:
         from stacker_kernel.recipe.stacker_yaml import dump
 

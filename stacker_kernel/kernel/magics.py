@@ -116,7 +116,20 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
         return Shown(f"wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
     target = _beside_notebook(ctx, rest[0] if rest else "stacker.yaml")
     text = session.export_yaml(str(target))
-    return Shown(f"wrote {target}\n\n{text}")
+    warnings = session.order_warnings(_notebook_cell_ids(session.session.name))
+    notes = "".join(f"warning: {w}\n" for w in warnings)
+    return Shown(f"{notes}wrote {target}\n\n{text}")
+
+
+def _notebook_cell_ids(path: str) -> list[str]:
+    """The ids of the saved notebook's code cells, in order ([] if it cannot be read)."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception:  # unsaved or not a notebook: nothing to compare with
+        return []
+    return [c.get("id") for c in nb.cells if c.cell_type == "code" and c.get("id")]
 
 
 def _switch(attribute: str, label: str) -> Callable[..., Shown]:
