@@ -690,6 +690,8 @@ class BuildSession:
 
     def order_warnings(self, notebook_cell_ids: list[str]) -> list[str]:
         """Where the notebook (its code cells' ids, in order) differs from what was built."""
+        if not notebook_cell_ids:
+            return []  # nothing to compare with (e.g. the notebook is not saved yet)
         built = [s.cell_id for s in self._history_snaps() if s.cell_id]
         pos = {cid: i for i, cid in enumerate(notebook_cell_ids)}
         warnings = []

@@ -1,0 +1,98 @@
+"""notebook <-> stacker.yaml through the CLI and nbconvert: import, export, round trips."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+
+from stacker_kernel.cli import main
+from stacker_kernel.recipe.stacker_yaml import load
+
+YAML = """\
+build:
+  from:
+    type: oci
+    url: ${{BUSYBOX_OCI}}
+  environment:
+    GREETING: hi
+  run: |
+    # make a work dir
+    mkdir -p /work
+    cd /work
+
+    # write the program
+    echo 'echo "$GREETING"' > hello.sh
+    chmod +x hello.sh
+app:
+  from:
+    type: built
+    tag: build
+  cmd: /work/hello.sh
+  run: |
+    test -x /work/hello.sh
+"""
+SUBS = ["--substitute", "BUSYBOX_OCI=x:y"]
+
+
+def test_import_gives_a_heading_a_directive_cell_and_script_cells(tmp_path, capsys):
+    (tmp_path / "stacker.yaml").write_text(YAML)
+    nb_path = tmp_path / "nb.ipynb"
+    assert main(["import", str(tmp_path / "stacker.yaml"), "-o", str(nb_path), *SUBS]) == 0
+    nb = nbformat.read(nb_path, as_version=4)
+    kinds = [(c.cell_type, c.source.splitlines()[0]) for c in nb.cells]
+    assert kinds[0] == ("markdown", "## Layer build")
+    assert kinds[1][0] == "code" and kinds[1][1] == "%layer build"
+    assert "%environment GREETING=hi" in nb.cells[1].source
+    scripts = [c.source for c in nb.cells[2:4]]
+    assert scripts[0].startswith("# make a work dir") and scripts[1].startswith("# write the program")
+    assert nb.metadata.kernelspec.name == "stacker" and nb.metadata.language_info.name == "stacker"
+
+
+def test_yaml_notebook_yaml_round_trip_is_equal(tmp_path):
+    (tmp_path / "stacker.yaml").write_text(YAML)
+    assert main(["import", str(tmp_path / "stacker.yaml"), "-o", str(tmp_path / "nb.ipynb"), *SUBS]) == 0
+    assert main(["export", str(tmp_path / "nb.ipynb"), "-o", str(tmp_path / "back.yaml")]) == 0
+    subs = {"BUSYBOX_OCI": "x:y"}
+    assert load((tmp_path / "back.yaml").read_text(), subs) == load(YAML, subs)
+
+
+def test_per_cell_export_is_a_build_only_chain(tmp_path, capsys):
+    (tmp_path / "stacker.yaml").write_text(YAML)
+    main(["import", str(tmp_path / "stacker.yaml"), "-o", str(tmp_path / "nb.ipynb"), *SUBS])
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "nb.ipynb"), "--per-cell"]) == 0
+    recipe = load(capsys.readouterr().out, {"BUSYBOX_OCI": "x:y"})
+    names = list(recipe.layers)
+    assert names[-1] == "app" and len(names) > 2
+    assert all(recipe.layers[n].build_only for n in names if n not in ("build", "app"))
+
+
+def test_jupyter_nbconvert_to_stacker(tmp_path):
+    (tmp_path / "stacker.yaml").write_text(YAML)
+    main(["import", str(tmp_path / "stacker.yaml"), "-o", str(tmp_path / "nb.ipynb"), *SUBS])
+    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "stacker", str(tmp_path / "nb.ipynb")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    out = tmp_path / "nb.stacker.yaml"
+    assert load(out.read_text(), {"BUSYBOX_OCI": "x:y"}) == load(YAML, {"BUSYBOX_OCI": "x:y"})
+
+
+def test_export_oci_from_the_notebooks_last_build(storage, busybox_tar, tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"%layer app\n%from tar {busybox_tar}\n%cmd /bin/true"),
+                nbformat.v4.new_code_cell("echo built > /built")]
+    nb_path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, nb_path)
+    assert main(["--storage", str(storage), "build", "-f", str(nb_path), "--no-oci"]) == 0
+    oci = tmp_path / "oci"
+    assert main(["--storage", str(storage), "export", str(nb_path), "--oci", "--oci-dir", str(oci),
+                 "-o", str(tmp_path / "stacker.yaml")]) == 0
+    index = json.loads((oci / "index.json").read_text())
+    assert [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]] == ["app"]
+    out = tmp_path / "unpacked"
+    subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{oci}:app", str(out)], check=True,
+                   capture_output=True)
+    assert (out / "rootfs" / "built").read_text() == "built\n"
+    assert json.loads((out / "config.json").read_text())["process"]["args"] == ["/bin/true"]
