@@ -411,6 +411,9 @@ def load_file(path: str, subs: dict[str, str] | None = None) -> Recipe:
             text = f.read()
     except OSError as e:
         raise RecipeError(f"cannot read {path}: {e.strerror}: check the path") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path} is not UTF-8 text (bad byte at offset {e.start}): "
+                          "save it as UTF-8") from None
     return load(text, subs, path)
 
 
