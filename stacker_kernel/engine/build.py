@@ -27,12 +27,18 @@ def load_recipes(path: str, substitutions: dict[str, str] | None = None) -> list
 
         from stacker_kernel.recipe.notebook import recipe_from_notebook
 
+        invalid: dict = {}
         try:
-            nb = nbformat.read(path, as_version=4)
+            # Schema errors are captured (not logged) and refused: a cell whose source
+            # is not text would otherwise reach the parser as a traceback.
+            nb = nbformat.read(path, as_version=4, capture_validation_error=invalid)
         except FileNotFoundError:
             raise RecipeError(f"{path} does not exist") from None
         except Exception as e:  # nbformat raises many kinds for a broken file
-            raise RecipeError(f"{path} is not a readable notebook: {e}") from None
+            raise RecipeError(f"{path} is not a readable notebook: {_first_line_of(e)}") from None
+        if invalid.get("ValidationError") is not None:
+            raise RecipeError(f"{path} is not a valid notebook: "
+                              f"{_first_line_of(invalid['ValidationError'])}: fix it in JupyterLab")
         recipe = recipe_from_notebook(nb, Path(path).stem)
         recipe.source_path = os.path.abspath(path)
         return [recipe]
@@ -41,6 +47,12 @@ def load_recipes(path: str, substitutions: dict[str, str] | None = None) -> list
     if not os.path.exists(path):
         raise RecipeError(f"{path} does not exist: give the stacker.yaml with -f")
     return load_with_prerequisites(path, substitutions or {})
+
+
+def _first_line_of(error: BaseException) -> str:
+    """An exception's message cut to its first line (library messages may span many)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 @dataclass
