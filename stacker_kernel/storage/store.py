@@ -6,7 +6,7 @@ Layout under the storage root (DESIGN.md "Storage layout"):
     bases/<digest>      read-only subvolumes of imported bases (content-addressed)
     snapshots/<id>      read-only subvolumes, one per successful step
     live/<session>      writable subvolumes of running containers
-    logs/<id>           step output
+    logs/<id>           step output (logs/running-<session> while the step runs)
     lock                flock(2)ed for every write
 
 Invariant: a record exists only once its subvolume is read-only. Every write
@@ -35,6 +35,9 @@ from stacker_kernel.storage.location import check_storage
 DB_NAME = "stacker-kernel.db"
 LOCK_NAME = "lock"
 TMP_PREFIX = ".tmp-"
+# logs/running-<session>: the output of a step still running in that session (the
+# engine renames it to logs/<snapshot id> at commit).
+RUNNING_LOG_PREFIX = "running-"
 
 
 def new_id() -> str:
@@ -475,7 +478,8 @@ class Store:
         Deletes subvolumes in snapshots/ and bases/ without a record (and
         temporary bases whose importer is gone), records without a subvolume
         (re-pointing children and sessions to the nearest existing ancestor),
-        and live subvolumes whose session is unknown or whose owner is dead.
+        live subvolumes whose session is unknown or whose owner is dead, and
+        logs of neither a snapshot nor a step running in a live session.
         """
         with self.write_lock():
             known = {s.id: s for s in self.snapshots()}
@@ -494,6 +498,15 @@ class Store:
                 sess = sessions.get(entry.name)
                 if sess is None or not self.session_alive(sess):
                     btrfs.remove_tree(entry)
+            kept = set(known) - missing
+            for entry in (self.root / "logs").iterdir():
+                name = entry.name
+                if name.startswith(RUNNING_LOG_PREFIX):
+                    sess = sessions.get(name[len(RUNNING_LOG_PREFIX):])
+                    if sess is None or not self.session_alive(sess):
+                        entry.unlink(missing_ok=True)
+                elif name not in kept:
+                    entry.unlink(missing_ok=True)
 
     def _recover_tmp_base(self, entry: Path) -> None:
         if entry.name.endswith(".lock"):
