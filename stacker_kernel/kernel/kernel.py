@@ -30,6 +30,7 @@ from stacker_kernel.errors import StackerKernelError
 from stacker_kernel.kernel import completion, magics
 from stacker_kernel.kernel.output import OutputSink
 from stacker_kernel.kernel.syntax import shell_completeness
+from stacker_kernel.kernel.widgets import WidgetHost, WidgetRegistry
 
 try:
     __version__ = importlib.metadata.version("stacker-kernel")
@@ -100,7 +101,12 @@ class StackerKernel(Kernel):
         self.build: Any = None  # engine.session.BuildSession once opened
         self.notebook = notebook_path()
         self._step_running = False
+        self._cell_running = False  # widgets refuse to roll back under a running cell
         self._reply_metadata: dict[str, dict] = {}
+        # Widget callbacks: slow reads (diffs, downloads) on their own thread, so a
+        # click never waits for a step; live %layers widgets refresh after each cell.
+        self._widget_io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stacker-widgets")
+        self.widgets = WidgetRegistry()
 
     # --- kernel_info, subshells ------------------------------------------------
 
@@ -130,7 +136,12 @@ class StackerKernel(Kernel):
                 raise CellError("SubshellsUnsupported",
                                 "stacker-kernel runs cells only in its main shell:"
                                 " run this cell in the notebook, not in a subshell console")
-            outcome = await self._execute_cell(code, cell_id, cell_meta or {}, publish)
+            self._cell_running = True
+            try:
+                outcome = await self._execute_cell(code, cell_id, cell_meta or {}, publish)
+            finally:
+                self._cell_running = False
+                self._refresh_widgets()
         except CellError as e:
             return publish.error(self.execution_count, e.ename, e.evalue, e.details)
         except StackerKernelError as e:
@@ -172,9 +183,14 @@ class StackerKernel(Kernel):
                 continue
             await self._apply(pending, cell_id, publish)
             pending = []
-            ctx = magics.MagicContext(self.notebook.parent, self._magic_specs())
-            shown = await self._in_engine(magics.run_magic, self.build, directive.name,
-                                          directive.args, ctx)
+            ctx = magics.MagicContext(self.notebook.parent, self._magic_specs(),
+                                      self._widget_host())
+            if directive.name in magics.ON_EVENT_LOOP:
+                # Widgets live on the event loop, where their comm messages are handled.
+                shown = magics.run_magic(self.build, directive.name, directive.args, ctx)
+            else:
+                shown = await self._in_engine(magics.run_magic, self.build, directive.name,
+                                              directive.args, ctx)
             publish.show(shown)
         await self._apply(pending, cell_id, publish)
         if not script:
@@ -185,6 +201,20 @@ class StackerKernel(Kernel):
         if directives:
             for line in await self._in_engine(self.build.apply_directives, directives, cell_id):
                 publish.stream(line + "\n")
+
+    def _widget_host(self) -> WidgetHost | None:
+        if self.build is None:
+            return None
+        return WidgetHost(self.build, self.notebook.parent, self._engine, self._widget_io,
+                          lambda: self._cell_running, self.widgets)
+
+    def _refresh_widgets(self) -> None:
+        """Bring the live %layers widgets up to date (after a cell, a rollback, a re-run)."""
+        if self.build is not None:
+            try:
+                self.widgets.refresh_all()
+            except Exception:
+                self.log.exception("refreshing the layer widgets failed")
 
     @staticmethod
     def _magic_specs() -> dict:
@@ -390,7 +420,11 @@ class _Publisher:
 
     def show(self, shown: magics.Shown) -> None:
         data = {"text/plain": shown.text}
-        if shown.html:
+        if shown.widget is not None:
+            # The widget view (reference §2.7); text/plain stays for non-widget clients.
+            data.update(shown.widget._repr_mimebundle_())
+            data["text/plain"] = shown.text
+        elif shown.html:
             data["text/html"] = shown.html
         self._send("display_data", {"data": data, "metadata": {}, "transient": {}})
 

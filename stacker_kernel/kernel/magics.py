@@ -1,15 +1,19 @@
 """The interactive magics: UI actions on the build session, never part of the recipe.
 
 `%rollback`, `%layers`, `%diff`, `%grab`, `%export`, `%keep_failed`,
-`%cache`, `%network`, `%help` (and `%browse`, which needs the widgets).
+`%cache`, `%network`, `%browse`, `%help`.
 Their syntax is parsed in recipe/cells.py; this module only carries them
 out on a BuildSession and says what to show: plain text, plus HTML where a
-table or a link reads better in JupyterLab.
+table or a link reads better in JupyterLab, plus a widget (kernel/widgets.py)
+for `%layers` and `%browse`. Those two run on the kernel's event loop
+(ON_EVENT_LOOP), where widgets are created and their callbacks run; the
+others run on the engine thread.
 """
 from __future__ import annotations
 
 import html
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,11 +27,21 @@ class Shown:
 
     text: str
     html: str | None = None
+    widget: Any = None  # an ipywidgets widget to display (its view replaces the html)
+
+
+# Magics that create widgets: the kernel runs them on its event loop, not the engine thread.
+ON_EVENT_LOOP = frozenset({"layers", "browse"})
 
 
 def needs_session(name: str) -> bool:
-    """False for the magics that work without storage (help, and the widgets notice)."""
-    return name not in ("help", "browse")
+    """False for the magics that work without storage (help)."""
+    return name != "help"
+
+
+def size_change(n: int | None) -> str:
+    """A step's size change for display: '+1.5 KiB', '-12 B', '' when unknown."""
+    return _size(n)
 
 
 def _size(n: int | None) -> str:
@@ -98,14 +112,25 @@ def _link(ctx: "MagicContext", path: Path) -> str | None:
 
 
 def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
+    """Copy out of the current snapshot (never the live container, which a step may be
+    changing) beside the notebook or to DEST; link the copy when JupyterLab can serve it."""
     dest = _beside_notebook(ctx, args.dest or os.path.basename(args.path.rstrip("/")) or "rootfs")
     written = Path(session.grab(args.path, str(dest)))
     text = f"grabbed {args.path} to {written}"
     link = _link(ctx, written)
     if link is None:
         return Shown(text)
-    return Shown(text, f"grabbed <code>{html.escape(args.path)}</code> to "
-                       f"<a href='{html.escape(link)}' download>{html.escape(link)}</a>")
+    shown_path = f"<code>{html.escape(args.path)}</code>"
+    if written.is_dir():
+        # The server cannot download a directory: point at it in the file browser instead.
+        return Shown(text, f"grabbed {shown_path} to the directory <code>{html.escape(link)}</code>"
+                           " (JupyterLab's file browser shows it)")
+    # A relative href: JupyterLab resolves it against the notebook to its files/ URL,
+    # and leaves an anchor with `download` to the browser (reference/jupyter.md §4).
+    href = urllib.parse.quote(link)
+    return Shown(text, f"grabbed {shown_path} to "
+                       f"<a href=\"{html.escape(href)}\" download=\"{html.escape(written.name)}\">"
+                       f"{html.escape(link)}</a>")
 
 
 def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
@@ -140,9 +165,30 @@ def _switch(attribute: str, label: str) -> Callable[..., Shown]:
     return run
 
 
+def _layers(session: Any, args: Any, ctx: "MagicContext") -> Shown:
+    table = layers_table(session.history())
+    if ctx.widgets is None:
+        return table
+    from stacker_kernel.kernel.widgets import LayerHistory
+
+    widget = LayerHistory(ctx.widgets)
+    ctx.widgets.registry.add(widget)
+    return Shown(table.text, table.html, widget.widget)
+
+
 def _browse(session: Any, args: Any, ctx: "MagicContext") -> Shown:
-    return Shown("%browse needs the widgets feature, which this version does not have yet:"
-                 " use %layers, %diff N and %grab PATH meanwhile")
+    if ctx.widgets is None:
+        raise RecipeError("%browse needs a kernel with widgets (JupyterLab or Notebook 7):"
+                          " use %diff N and %grab PATH here")
+    from stacker_kernel.kernel.widgets import FileBrowser, resolve_snapshot
+
+    snapshot = resolve_snapshot(session, args.target)
+    browser = FileBrowser(ctx.widgets, snapshot, args.path or "/")
+    text = f"browsing {args.path or '/'} in {snapshot.label}"
+    if browser.listing is None:  # a bad PATH: say so as an error, not as an empty widget
+        browser.close()
+        raise RecipeError(f"cannot browse {args.path}: {browser.status_text()}")
+    return Shown(text, None, browser.widget)
 
 
 def _help(session: Any, name: str | None, ctx: "MagicContext") -> Shown:
@@ -166,11 +212,12 @@ class MagicContext:
 
     notebook_dir: Path
     magics: dict[str, Any]  # recipe.cells.MAGICS: name -> MagicSpec (usage, help, interactive)
+    widgets: Any = None  # kernel.widgets.WidgetHost on the event loop (ON_EVENT_LOOP magics)
 
 
 HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
     "rollback": _rollback,
-    "layers": lambda session, args, ctx: layers_table(session.history()),
+    "layers": _layers,
     "diff": _diff,
     "grab": _grab,
     "export": _export,

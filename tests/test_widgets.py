@@ -1,0 +1,377 @@
+"""The widgets over the kernel protocol: what JupyterLab's widget manager sees and sends.
+
+A real kernel builds on real btrfs in a real user namespace; the test plays
+the front-end: it mirrors the widget models from the iopub comm messages
+(comm_open, update, comm_close) and clicks buttons by sending the `comm_msg`
+a button view sends. The real-browser test is tests/test_browser.py.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import queue
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from kernel_support import install_spec, notebook_dir, start_kernel
+
+BASE = "%from tar busybox.tar"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+class FrontEnd:
+    """The kernel's widget models as a front-end holds them, kept from iopub messages."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.models: dict[str, dict] = {}
+
+    def _apply(self, msg: dict) -> None:
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "comm_open" and content.get("target_name") == "jupyter.widget":
+            self.models[content["comm_id"]] = dict(content["data"]["state"])
+        elif kind == "comm_msg" and content["data"].get("method") in ("update", "echo_update"):
+            self.models.setdefault(content["comm_id"], {}).update(content["data"]["state"])
+        elif kind == "comm_close":
+            self.models.pop(content["comm_id"], None)
+
+    def pump(self, timeout: float = 0.1) -> list[dict]:
+        """Apply the iopub messages that arrive within `timeout`; returns them."""
+        seen = []
+        while True:
+            try:
+                msg = self.kernel.kc.get_iopub_msg(timeout=timeout)
+            except queue.Empty:
+                return seen
+            self._apply(msg)
+            seen.append(msg)
+
+    def execute(self, code: str, cell_id: str, timeout: float = 120) -> tuple[dict, list[dict]]:
+        """Run a cell; returns its execute_reply content and its iopub output messages."""
+        msg_id = self.send_execute(code, cell_id)
+        outputs: list[dict] = []
+        deadline = time.monotonic() + timeout
+        idle = False
+        while not idle:
+            msg = self.kernel.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            self._apply(msg)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] in ("stream", "display_data", "error"):
+                outputs.append(msg)
+            idle = msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+        return self.reply(msg_id, deadline - time.monotonic()), outputs
+
+    def send_execute(self, code: str, cell_id: str) -> str:
+        msg = self.kernel.kc.session.msg("execute_request", {
+            "code": code, "silent": False, "store_history": True, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": True}, metadata={"cellId": cell_id})
+        self.kernel.kc.shell_channel.send(msg)
+        return msg["header"]["msg_id"]
+
+    def reply(self, msg_id: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.kernel.kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg["content"]
+
+    def ok(self, code: str, cell_id: str) -> list[dict]:
+        reply, outputs = self.execute(code, cell_id)
+        assert reply["status"] == "ok", reply
+        return outputs
+
+    def find(self, **attrs: str) -> list[str]:
+        """Ids of the models whose state has these values (a regex for `match_*` keys)."""
+        found = []
+        for comm_id, state in self.models.items():
+            good = True
+            for key, want in attrs.items():
+                if key.startswith("match_"):
+                    good = good and re.search(want, str(state.get(key[6:], ""))) is not None
+                else:
+                    good = good and state.get(key) == want
+            if good:
+                found.append(comm_id)
+        return found
+
+    def wait_for(self, timeout: float = 60, **attrs: str) -> str:
+        """The id of the (last-opened) model with these attributes, once it exists."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.find(**attrs)
+            if found:
+                return found[-1]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no widget with {attrs} within {timeout} s")
+            self.pump()
+
+    def wait_gone(self, timeout: float = 60, **attrs: str) -> None:
+        deadline = time.monotonic() + timeout
+        while self.find(**attrs):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"a widget with {attrs} is still shown after {timeout} s")
+            self.pump()
+
+    def click(self, comm_id: str) -> None:
+        """What a button view sends on a click."""
+        self.kernel.kc.shell_channel.send(self.kernel.kc.session.msg("comm_msg", {
+            "comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}}))
+
+    def click_button(self, tooltip: str) -> None:
+        self.click(self.wait_for(_model_name="ButtonModel", tooltip=tooltip))
+
+    def html_values(self) -> list[str]:
+        return [s.get("value", "") for s in self.models.values() if s.get("_model_name") == "HTMLModel"]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> Path:
+    return install_spec(tmp_path_factory.mktemp("jupyter"))
+
+
+@pytest.fixture
+def nbdir(tmp_path, busybox_tar) -> Path:
+    return notebook_dir(tmp_path / "nb", busybox_tar)
+
+
+@pytest.fixture
+def ui(nbdir, kernels):
+    k = start_kernel(nbdir / "widgets.ipynb", kernels)
+    front = FrontEnd(k)
+    front.ok(BASE, "base")
+    yield front
+    k.close()
+
+
+def _data_uri_bytes(values: list[str], name: str) -> bytes:
+    for value in values:
+        m = re.search(r'href="data:application/octet-stream;base64,([^"]*)" download="' + re.escape(name), value)
+        if m:
+            return base64.b64decode(m.group(1))
+    raise AssertionError(f"no data: link for {name} in {values}")
+
+
+def _wait_html(ui: FrontEnd, pattern: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        for value in ui.html_values():
+            if re.search(pattern, value):
+                return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no HTML widget matching {pattern!r} within {timeout} s")
+        ui.pump()
+
+
+# --- %layers ------------------------------------------------------------------
+
+
+def test_layers_displays_a_widget_view_with_the_table_as_plain_text(ui):
+    ui.ok("echo one > /one", "s1")
+    outputs = ui.ok("%layers", "l")
+    data = [m["content"]["data"] for m in outputs if m["msg_type"] == "display_data"][0]
+    assert data[WIDGET_VIEW]["model_id"] in ui.models
+    assert "echo one > /one" in data["text/plain"]
+
+
+def test_layers_widget_has_a_row_per_step_with_roll_back_diff_and_browse(ui):
+    ui.ok("echo one > /one", "s1")
+    ui.ok("echo two > /two", "s2")
+    ui.ok("%layers", "l")
+    for step in (1, 2):
+        ui.wait_for(_model_name="ButtonModel", tooltip=f"roll back to step {step}")
+        ui.wait_for(_model_name="ButtonModel", tooltip=f"files step {step} changed")
+        ui.wait_for(_model_name="ButtonModel", tooltip=f"browse the snapshot of step {step}")
+    assert any("echo two &gt; /two" in v for v in ui.html_values())
+
+
+def test_roll_back_here_returns_the_container_to_that_step(ui):
+    ui.ok("echo one > /one", "s1")
+    ui.ok("echo two > /two", "s2")
+    ui.ok("%layers", "l")
+    ui.click_button("roll back to step 1")
+    ui.wait_gone(_model_name="ButtonModel", tooltip="roll back to step 2")
+    ui.ok("test -e /one && test ! -e /two", "check")
+
+
+def test_layers_widget_adds_the_row_of_a_new_cell(ui):
+    ui.ok("echo one > /one", "s1")
+    ui.ok("%layers", "l")
+    ui.ok("echo two > /two", "s2")
+    ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 2")
+
+
+def test_layers_widget_drops_rows_after_the_rollback_magic(ui):
+    ui.ok("echo one > /one", "s1")
+    ui.ok("echo two > /two", "s2")
+    ui.ok("%layers", "l")
+    ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 2")
+    ui.ok("%rollback 1", "rb")
+    ui.wait_gone(_model_name="ButtonModel", tooltip="roll back to step 2")
+
+
+def test_diff_button_lists_the_files_a_step_changed(ui):
+    ui.ok("echo one > /one", "s1")
+    ui.ok("echo two > /two", "s2")
+    ui.ok("%layers", "l")
+    ui.click_button("files step 2 changed")
+    diff = _wait_html(ui, "stacker-diff")
+    assert "A /two" in diff and "/one" not in diff
+
+
+def test_browse_button_opens_the_snapshot_of_that_step(ui):
+    ui.ok("echo one > /one", "s1")
+    ui.ok("echo two > /two", "s2")
+    ui.ok("%layers", "l")
+    ui.click_button("browse the snapshot of step 1")
+    _wait_html(ui, r"<b>/</b> in step 1 ")
+    ui.wait_for(_model_name="ButtonModel", tooltip="download /one")
+    assert not ui.find(_model_name="ButtonModel", tooltip="download /two")
+
+
+def test_rollback_button_refuses_while_a_cell_runs(ui):
+    ui.ok("echo one > /one", "s1")
+    ui.ok("echo two > /two", "s2")
+    ui.ok("%layers", "l")
+    msg_id = ui.send_execute("sleep 60", "slow")
+    time.sleep(1)  # let the step start; the assertion below does not depend on it
+    ui.click_button("roll back to step 1")
+    _wait_html(ui, "a cell is running")
+    ui.kernel.km.interrupt_kernel()
+    assert ui.reply(msg_id, 60)["status"] == "error"
+    ui.ok("test -e /two", "check")
+
+
+# --- %browse ------------------------------------------------------------------
+
+
+DATA = ("mkdir -p /data/sub && printf 'hello bytes\\n' > /data/f && chown 12:34 /data/f"
+        " && chmod 640 /data/f && mkfifo /data/pipe && ln -s ../../../../../etc /data/up"
+        " && ln -s /data/sub /data/tosub && echo in-sub > /data/sub/g")
+
+
+def test_browse_lists_size_mode_owner_and_mtime(ui):
+    ui.ok(DATA, "data")
+    ui.ok("%browse /data", "b")
+    _wait_html(ui, r"<b>/data</b> in step 1 ")
+    assert "12:34" in ui.html_values()
+    assert "<code>-rw-r-----</code>" in ui.html_values()
+    assert "12 B" in ui.html_values()
+    assert any(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", v) for v in ui.html_values())
+
+
+def test_clicking_a_directory_enters_it_and_dotdot_goes_back_up(ui):
+    ui.ok(DATA, "data")
+    ui.ok("%browse /data", "b")
+    ui.click_button("open /data/sub")
+    ui.wait_for(_model_name="ButtonModel", tooltip="download /data/sub/g")
+    up = ui.wait_for(_model_name="ButtonModel", description="..")
+    ui.click(up)
+    ui.wait_for(_model_name="ButtonModel", tooltip="download /data/f")
+
+
+def test_dotdot_is_disabled_at_the_root(ui):
+    ui.ok(DATA, "data")
+    ui.ok("%browse", "b")
+    _wait_html(ui, r"<b>/</b> in step 1 ")
+    up = ui.wait_for(_model_name="ButtonModel", description="..")
+    assert ui.models[up]["disabled"] is True
+
+
+def test_symlink_to_a_directory_opens_its_target_inside_the_rootfs(ui):
+    ui.ok(DATA, "data")
+    ui.ok("%browse /data", "b")
+    assert any("tosub/ → /data/sub" in ui.models[i]["description"]
+               for i in ui.find(_model_name="ButtonModel", match_tooltip="^open /data/sub$"))
+    ui.click(ui.find(_model_name="ButtonModel", match_description="^tosub/")[0])
+    _wait_html(ui, r"<b>/data/sub</b>")
+
+
+def test_symlink_leaving_the_rootfs_is_shown_with_its_target_and_not_followed(ui):
+    ui.ok(DATA, "data")
+    ui.ok("%browse /data", "b")
+    assert any("up → ../../../../../etc" in v for v in ui.html_values())
+    assert "<i>points outside the rootfs</i>" in ui.html_values()
+    assert not ui.find(_model_name="ButtonModel", match_description="^up/")
+
+
+def test_special_files_say_why_they_cannot_be_downloaded(ui):
+    ui.ok(DATA, "data")
+    ui.ok("%browse /data", "b")
+    assert "<i>fifo: not downloadable</i>" in ui.html_values()
+    assert not ui.find(_model_name="ButtonModel", tooltip="download /data/pipe")
+
+
+def test_small_file_downloads_as_a_data_uri_of_its_bytes(ui):
+    ui.ok(DATA, "data")
+    ui.ok("%browse /data", "b")
+    ui.click_button("download /data/f")
+    _wait_html(ui, "data:application/octet-stream")
+    assert _data_uri_bytes(ui.html_values(), "f") == b"hello bytes\n"
+
+
+def test_large_file_is_copied_beside_the_notebook_and_offered_as_a_served_link(ui, nbdir):
+    ui.ok("mkdir /big && yes stacker | head -c 6000000 > /big/blob", "big")
+    ui.ok("%browse /big", "b")
+    ui.click_button("download /big/blob")
+    output = ui.wait_for(_model_name="OutputModel", match_outputs="stacker-downloads/")
+    html_link = ui.models[output]["outputs"][0]["data"]["text/html"]
+    href = re.search(r'href="([^"]+)" download="blob"', html_link).group(1)
+    copy = nbdir / href
+    assert copy.read_bytes() == (b"stacker\n" * 750000)[:6000000]
+
+
+def test_browse_by_step_number_shows_that_snapshot(ui):
+    ui.ok("echo one > /one", "s1")
+    ui.ok("echo two > /two", "s2")
+    ui.ok("%browse 1 /", "b")
+    _wait_html(ui, r"<b>/</b> in step 1 ")
+    assert not ui.find(_model_name="ButtonModel", tooltip="download /two")
+
+
+def test_browse_of_a_missing_path_is_an_error_naming_it(ui):
+    ui.ok("echo one > /one", "s1")
+    reply, _ = ui.execute("%browse /nope", "b")
+    assert reply["status"] == "error"
+    assert "/nope does not exist" in reply["evalue"]
+
+
+def test_browser_answers_clicks_while_a_cell_runs(ui):
+    ui.ok(DATA, "data")
+    ui.ok("%browse /data", "b")
+    msg_id = ui.send_execute("sleep 60", "slow")
+    time.sleep(1)  # let the step start
+    ui.click_button("open /data/sub")
+    ui.wait_for(_model_name="ButtonModel", tooltip="download /data/sub/g")
+    with pytest.raises(queue.Empty):  # the sleeping cell has not replied yet
+        ui.kernel.kc.get_shell_msg(timeout=0.01)
+    ui.kernel.km.interrupt_kernel()
+    assert ui.reply(msg_id, 60)["status"] == "error"
+
+
+# --- %grab --------------------------------------------------------------------
+
+
+def test_grab_copies_from_the_snapshot_beside_the_notebook_with_a_download_link(ui, nbdir):
+    ui.ok(DATA, "data")
+    outputs = ui.ok("%grab /data/f", "g")
+    html_out = [m["content"]["data"]["text/html"] for m in outputs if m["msg_type"] == "display_data"][0]
+    assert '<a href="f" download="f">' in html_out
+    assert (nbdir / "f").read_bytes() == b"hello bytes\n"
+
+
+def test_grab_to_dest_writes_there(ui, nbdir):
+    ui.ok(DATA, "data")
+    ui.ok("%grab /data/sub out", "g")
+    assert (nbdir / "out" / "g").read_text() == "in-sub\n"
+
+
+def test_grab_reads_the_snapshot_not_a_failed_cells_leftovers(ui, nbdir):
+    ui.ok(DATA, "data")
+    reply, _ = ui.execute("echo changed > /data/f; false", "bad")
+    assert reply["status"] == "error"
+    ui.ok("%grab /data/f", "g")
+    assert hashlib.sha256((nbdir / "f").read_bytes()).digest() == hashlib.sha256(b"hello bytes\n").digest()
