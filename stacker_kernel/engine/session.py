@@ -30,7 +30,7 @@ from typing import Callable
 from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine import imports as imports_mod
-from stacker_kernel.errors import RecipeError, StackerKernelError, StepError
+from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
 from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Session, Snapshot, Store
@@ -354,17 +354,31 @@ class BuildSession:
         if self._live_ready:
             return
         if self.head is None:
-            from stacker_kernel.oci.bases import import_base
-
             source = _absolute_source(self.layer.from_, self._run.base_dir)
             warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
-            base = import_base(self.store, source, resolve_built=self._resolve_built, warn=warn)
+            base = self._import_pinned_base(source, warn)
             self._run.base = base
             self.head = base
             self.state = None
         self._replace_live(self.head)
         self._stage_imports()
         self._live_ready = True
+
+    def _import_pinned_base(self, source: ImageSource, warn) -> Snapshot:
+        """Import the layer's base and make the session point at it, checked under the
+        store's write lock: a concurrent `gc` (which holds that lock) either ran first,
+        and the base is imported again, or sees it referenced and keeps it."""
+        from stacker_kernel.oci.bases import import_base
+
+        for _ in range(3):
+            base = import_base(self.store, source, resolve_built=self._resolve_built, warn=warn)
+            with self.store.write_lock():
+                if self.store.get(base.id) is not None and base.path.is_dir():
+                    self.session.head = base.id
+                    self.store.update_session(self.session)
+                    return base
+        raise StorageError(f"the base of layer {self.layer.name} was deleted while it was being "
+                           "imported (a gc running beside the build?): run the step again")
 
     def _replace_live(self, snap: Snapshot) -> None:
         self._stop_container()
@@ -400,10 +414,12 @@ class BuildSession:
             return
         source = "\n".join(f"# stacker import {i.path} -> {i.dest}" for i in dests)
         key = self.cache_key(source, {"dest-imports": "v1"})
-        hit = self.store.find_cache(key) if self.use_cache else None
+        with self.store.write_lock():  # see run_step: gc must not take the hit meanwhile
+            hit = self.store.find_cache(key) if self.use_cache else None
+            if hit is not None:
+                self._replace_live(hit)
+                self._advance(hit)
         if hit is not None:
-            self._replace_live(hit)
-            self._advance(hit)
             return
         items = [(imports_mod.staged_name(i), i.dest, i.mode, i.uid, i.gid) for i in dests]
         started = time.time()
@@ -461,9 +477,16 @@ class BuildSession:
                 env = build_environment(self.layer)
                 key = self.cache_key(script, env)
                 if self.use_cache and not self.layer.binds and not self.inspecting_failure:
-                    hit = self.store.find_cache(key)
+                    # Under the write lock, so a concurrent gc cannot delete the hit
+                    # between finding it and the session pointing at it.
+                    with self.store.write_lock():
+                        hit = self.store.find_cache(key)
+                        if hit is not None:
+                            t0 = time.monotonic()
+                            self._replace_live(hit)
+                            self._advance(hit)
                     if hit is not None:
-                        return self._replay(hit, cell_id, on_output)
+                        return self._replay(hit, cell_id, on_output, t0)
                 container = self._ensure_container()
                 state = self.state
             log_tmp = self.store.root / "logs" / f"running-{self.session.id}"
@@ -499,11 +522,11 @@ class BuildSession:
         self.session.layer = snap.layer
         self.store.update_session(self.session)
 
-    def _replay(self, hit: Snapshot, cell_id: str | None, on_output: OutputFn | None) -> StepOutcome:
-        """A cache hit: the live rootfs becomes a writable snapshot of `hit`; nothing runs."""
-        t0 = time.monotonic()
+    def _replay(self, hit: Snapshot, cell_id: str | None, on_output: OutputFn | None,
+                t0: float) -> StepOutcome:
+        """A cache hit, once the live rootfs is a writable snapshot of `hit` and the
+        session points at it: nothing runs, the stored output is replayed."""
         log = self.store.log_path(hit.id)
-        self._replace_live(hit)
         if on_output is not None and log.exists():
             with open(log, "rb") as f:
                 data = f.read(REPLAY_CAP + 1)
@@ -512,7 +535,6 @@ class BuildSession:
                 text += f"\n[output truncated: full log in {log}]\n"
             if text:
                 on_output(text)
-        self._advance(hit)
         self.layer.steps.append(Step(hit.source, cell_id))
         return StepOutcome(True, True, hit.id, "", 0, False, str(log), time.monotonic() - t0)
 
