@@ -402,3 +402,33 @@ def fs_usage(path: os.PathLike | str) -> int:
         except OSError as e:
             raise _fail("read the space usage of", Path(path), e) from None
     return sum(s.used_bytes for s in spaces if not s.flags & btrfs.ctree.SPACE_INFO_GLOBAL_RSV)
+
+
+# chattr's flags ioctls (linux/fs.h); the argument is a C int.
+FS_IOC_GETFLAGS = _IOR(ord("f"), 1, struct.Struct("l"))
+FS_IOC_SETFLAGS = _IOW(ord("f"), 2, struct.Struct("l"))
+FS_NOCOW_FL = 0x00800000
+
+
+def create_nocow_file(path: os.PathLike | str) -> bool:
+    """Create `path` empty with btrfs's No_COW flag (chattr +C), if it does not exist yet.
+
+    A NOCOW file is overwritten in place, so writes through a shared mmap of
+    already allocated pages need no new space: SQLite's WAL index (-shm) on a
+    full btrfs then fails with ENOSPC instead of killing the process with
+    SIGBUS. Returns False when the file already existed (it is left as it is).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        flags = bytearray(struct.pack("i", 0))
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
+        value = struct.unpack("i", flags)[0] | FS_NOCOW_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, bytearray(struct.pack("i", value)))
+    except OSError as e:
+        raise _fail("set No_COW on", Path(path), e) from None
+    finally:
+        os.close(fd)
+    return True
