@@ -183,6 +183,10 @@ class Store:
             (root / sub).mkdir(mode=0o700, exist_ok=True)
         store = cls(root, None)  # type: ignore[arg-type]
         with store.write_lock():
+            # SQLite mmaps the WAL index: on a full btrfs a copy-on-write page fault is
+            # SIGBUS; NOCOW files make it an ordinary "disk is full" error instead.
+            for suffix in ("-wal", "-shm"):
+                btrfs.create_nocow_file(root / (DB_NAME + suffix))
             conn = sqlite3.connect(root / DB_NAME, timeout=60, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 60000")
@@ -197,7 +201,9 @@ class Store:
 
     def close(self) -> None:
         """Close the database connection (the store is unusable afterwards)."""
-        with self._db_lock:
+        # Under the write lock: the last close deletes the WAL files, which must not
+        # happen between another process's `open` preparing them and connecting.
+        with self.write_lock(), self._db_lock:
             self._conn.close()
 
     def __enter__(self) -> "Store":
@@ -225,10 +231,14 @@ class Store:
             try:
                 for sql, args in statements:
                     self._conn.execute(sql, args)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.execute("COMMIT")
+            except BaseException as e:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.OperationalError):
+                    raise StorageError(f"the store's database in {self.root} could not be written "
+                                       f"({e}): free space (stacker-kernel gc) and try again") from None
                 raise
-            self._conn.execute("COMMIT")
 
     def _snap(self, row: tuple) -> Snapshot:
         return Snapshot(**dict(zip(_SNAP_COLS, row)), root=self.root)
