@@ -493,7 +493,13 @@ class BuildSession:
             log_tmp.parent.mkdir(parents=True, exist_ok=True)
             used_before = _fs_used(self.store.root)
             started = time.time()
-            result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp))
+            try:
+                result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp))
+            except OSError as e:  # the step's log is on the storage: a full disk shows here
+                with self._lock:
+                    self._back_to_head()
+                raise StorageError(f"the step's output could not be stored ({e.strerror}): free space "
+                                   f"on {self.store.root} (e.g. stacker-kernel gc) and run the step again") from None
             with self._lock:
                 if not result.ok:
                     return self._failed(result, str(log_tmp))
@@ -503,7 +509,11 @@ class BuildSession:
                                 layer=self.layer.name, cell_id=cell_id, source=script, cache_key=key,
                                 state=result.state.to_json(), status="ok", started=started,
                                 duration=result.duration)
-                snap = self.store.commit(self.live, snap)
+                try:
+                    snap = self.store.commit(self.live, snap)
+                except (OSError, StorageError):  # e.g. a full disk: the step leaves no trace
+                    self._back_to_head()
+                    raise
                 # The snapshot flushed delayed allocation, so this counts the step's writes
                 # (approximate when other builds share the filesystem).
                 snap.size_delta = _fs_used(self.store.root) - used_before
@@ -513,6 +523,17 @@ class BuildSession:
                 self.layer.steps.append(Step(script, cell_id))
                 return StepOutcome(True, False, snap.id, "", 0, False, str(self.store.log_path(snap.id)),
                                    result.duration)
+
+    def _back_to_head(self) -> None:
+        """Drop what a step did after an error outside it (a full disk); if even that
+        fails, the next step prepares the live rootfs from the head again."""
+        self._live_ready = False
+        try:
+            self._replace_live(self.head)
+            self._stage_imports()
+            self._live_ready = True
+        except (OSError, StackerKernelError):
+            pass
 
     def _advance(self, snap: Snapshot) -> None:
         self.head = snap
