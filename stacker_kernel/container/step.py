@@ -256,16 +256,25 @@ class Sentinel:
 
 class OutputFilter:
     """Splits the pty byte stream of one step into output, trace lines and the
-    end sentinel. Bytes that might begin a trace line or the sentinel are held
-    back until they can be decided, so split reads never leak markers.
+    end sentinel. Bytes that might begin a trace marker or the sentinel are
+    held back until they can be decided, so split reads never leak markers.
+
+    Shells write a trace line in several write() calls, so the lines of a
+    pipeline's members (traced at once by forked shells) interleave: every
+    marker opens one trace line, and bytes are swallowed until as many
+    newlines have closed them.
     """
 
     def __init__(self, nonce: str, trace_token: str | None) -> None:
         self.nonce = nonce
-        self.marker = trace_marker(trace_token) if trace_token else None
+        self.marker = trace_marker(trace_token)[1:] if trace_token else None  # after the lead byte(s)
         self.last_trace: str | None = None
         self.sentinel: Sentinel | None = None
         self._held = b""
+        self._open_lines = 0  # trace lines begun and not yet ended by a newline
+        self._trace = bytearray()
+        self._quote: str | None = None  # quote open in the current trace line
+        self._escape = False
 
     def feed(self, data: bytes) -> bytes:
         """Output bytes of `data` that are decided; sets `sentinel` at the end."""
@@ -275,20 +284,57 @@ class OutputFilter:
         i = 0
         while i < len(buf) and self.sentinel is None:
             j = _next_special(buf, i)
+            if self._open_lines:
+                nl = self._trace_end(buf, i, len(buf) if j < 0 else j)
+                if nl is not None:
+                    self._trace += buf[i:nl]
+                    self._open_lines -= 1
+                    if not self._open_lines:
+                        self.last_trace = self._trace.decode("utf-8", "replace")
+                        self._trace.clear()
+                    i = nl + 1
+                    continue
+            end = len(buf) if j < 0 else j
+            (self._trace if self._open_lines else out).extend(buf[i:end])
             if j < 0:
-                out += buf[i:]
                 break
-            out += buf[i:j]
             consumed = self._special(buf, j)
             if consumed is None:  # undecidable yet: hold the rest
                 self._held = buf[j:]
                 break
-            if consumed == 0:  # not ours: it is output
-                out += buf[j:j + 1]
+            if consumed == 0:  # not ours: an ordinary byte
+                (self._trace if self._open_lines else out).extend(buf[j:j + 1])
                 i = j + 1
             else:
                 i = j + consumed
         return bytes(out)
+
+    def _trace_end(self, buf: bytes, i: int, stop: int) -> int | None:
+        """Index of the newline in buf[i:stop] that ends the open trace line.
+
+        A newline inside the shell's quoting of an argument ('...', "...",
+        bash's $'...') is part of the line: the scan keeps the quote state
+        across calls, so every byte of a trace line is scanned once.
+        """
+        q, esc = self._quote, self._escape
+        for k in range(i, stop):
+            c = buf[k]
+            if esc:
+                esc = False
+            elif c == 0x5C and q != "'":  # backslash escapes, except in '...'
+                esc = True
+            elif q is None:
+                if c == 0x27:
+                    q = "$'" if k > 0 and buf[k - 1] == 0x24 else "'"
+                elif c == 0x22:
+                    q = '"'
+                elif c == 0x0A:
+                    self._quote, self._escape = None, False
+                    return k
+            elif (c == 0x27 and q in ("'", "$'")) or (c == 0x22 and q == '"'):
+                q = None
+        self._quote, self._escape = q, esc
+        return None
 
     def flush(self) -> bytes:
         """Whatever is still held (the stream ended without a sentinel)."""
@@ -299,15 +345,14 @@ class OutputFilter:
         """Bytes consumed at buf[j] (0: ordinary byte), or None to wait for more."""
         rest = buf[j:]
         if rest[:1] == b"\x1b":
-            if not SENTINEL_OSC.startswith(rest[:len(SENTINEL_OSC)]):
-                return 0
-            if len(rest) < len(SENTINEL_OSC):
-                return None
+            head = SENTINEL_OSC + self.nonce.encode() + b";"
+            if not head.startswith(rest[:len(head)]):
+                return 0  # not our sentinel (another nonce: a step cannot fake it)
             end = rest.find(b"\x07")
             if end < 0:
-                return None if len(rest) < 4096 else 0
+                return None  # ours: the state may be long, wait for its end
             m = SENTINEL_RE.match(rest[:end + 1])
-            if not m or m.group(1).decode(errors="replace") != self.nonce:
+            if not m:
                 return 0
             self.sentinel = Sentinel(self.nonce, int(m.group(2)), base64.b64decode(m.group(3)))
             return end + 1
@@ -316,17 +361,15 @@ class OutputFilter:
         k = 0
         while k < len(rest) and rest[k:k + 1] == TRACE_LEAD:
             k += 1  # bash repeats the lead per nesting level
-        tail = rest[k - 1:] if k else rest
+        tail = rest[k:]
         if len(tail) < len(self.marker):
             return None if self.marker.startswith(tail) else 0
         if not tail.startswith(self.marker):
             return 0
-        nl = rest.find(b"\n")
-        if nl < 0:
-            return None
-        line = rest[k - 1 + len(self.marker):nl]
-        self.last_trace = line.decode("utf-8", "replace")
-        return nl + 1
+        if self._open_lines:
+            self._trace += b" | "
+        self._open_lines += 1
+        return k + len(self.marker)
 
 
 def _next_special(buf: bytes, start: int) -> int:

@@ -1,0 +1,250 @@
+"""The persistent unprivileged container: namespaces, mounts, lifetime.
+
+Real user namespaces, real btrfs subvolumes under $STACKER_KERNEL_STORAGE.
+The rootfs helpers here are shared with test_step.py.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
+from stacker_kernel.container.userns import IdMap, run_in_userns
+from stacker_kernel.errors import ContainerError
+from stacker_kernel.storage import btrfs
+
+ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+IS_ROOT = os.geteuid() == 0
+
+
+def _extract(tar_path: str, dest: str) -> None:
+    """Inside the userns: unpack a rootfs tar keeping owners (device nodes are
+    skipped: the container's /dev is a tmpfs anyway)."""
+    with tarfile.open(tar_path) as tf:
+        members = [m for m in tf.getmembers() if not (m.ischr() or m.isblk() or m.isfifo())]
+        tf.extractall(dest, members=members, numeric_owner=True)
+
+
+def make_rootfs(tar: Path, parent: Path, name: str = "rootfs") -> Path:
+    """A writable subvolume `parent/name` holding the rootfs in `tar`."""
+    path = parent / name
+    btrfs.create_subvolume(path)
+    run_in_userns(_extract, str(tar), str(path))
+    return path
+
+
+def storage_dir() -> Path:
+    root = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"tc-{uuid.uuid4().hex[:12]}"
+    root.mkdir()
+    return root
+
+
+def remove_storage_dir(root: Path) -> None:
+    btrfs.remove_tree(root)
+
+
+def debian_tar() -> Path:
+    out = subprocess.run([str(Path(__file__).parent.parent / "scripts/debian-rootfs.sh")],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    return Path(out)
+
+
+def run(container: Container, script: str, state=None):
+    """Run a step, returning (result, output text)."""
+    chunks: list[str] = []
+    result = container.run_step(script, ENV, state, on_output=chunks.append)
+    return result, "".join(chunks)
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    root = storage_dir()
+    yield root
+    remove_storage_dir(root)
+
+
+@pytest.fixture(scope="module")
+def bb_rootfs(busybox_tar, workdir) -> Path:
+    return make_rootfs(busybox_tar, workdir, "busybox")
+
+
+@pytest.fixture(scope="module")
+def imports_dir(workdir) -> Path:
+    d = workdir / "imports"
+    d.mkdir()
+    (d / "hello.txt").write_text("hello from the host\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def container(bb_rootfs, imports_dir):
+    c = Container.start(ContainerConfig(str(bb_rootfs), mounts=[Mount(str(imports_dir), "/stacker/imports")]))
+    yield c
+    c.stop()
+
+
+def test_uid_map_inside_holds_65536_ids(container):
+    result, out = run(container, "cat /proc/self/uid_map")
+    rows = [line.split() for line in out.splitlines()]
+    assert result.ok
+    assert sum(int(r[2]) for r in rows) == 65536
+    assert rows[0][:2] == ["0", str(os.getuid())]
+
+
+def test_chown_inside_is_a_subordinate_id_outside(container, bb_rootfs):
+    result, _ = run(container, "touch /owned && chown 1000:1000 /owned")
+    st = os.lstat(bb_rootfs / "owned")
+    idmap = IdMap.for_current_user()
+    assert result.ok
+    assert (st.st_uid, st.st_gid) == (idmap.to_outside_uid(1000), idmap.to_outside_gid(1000))
+
+
+def test_hostname_is_stacker(container):
+    _, out = run(container, "hostname")
+    assert out.strip() == "stacker"
+
+
+def test_proc_shows_only_the_containers_processes(container):
+    # builtins only, so the step's shell is the one process besides init
+    _, out = run(container, "echo $$; for p in /proc/[0-9]*; do echo ${p#/proc/}; done")
+    shell, *listed = [int(p) for p in out.split()]
+    assert sorted(listed) == sorted({1, shell})
+
+
+def test_sys_is_read_only(container):
+    result, out = run(container, "if touch /sys/kernel/x 2>/dev/null || mkdir /sys/x 2>/dev/null; "
+                                 "then echo writable; else echo readonly; fi; grep ' /sys ' /proc/mounts")
+    assert out.splitlines()[0] == "readonly"
+    assert " ro," in out or " ro " in out
+
+
+def test_resolv_conf_is_the_hosts(container):
+    _, out = run(container, "cat /etc/resolv.conf")
+    assert out == Path("/etc/resolv.conf").read_text()
+
+
+def test_resolv_conf_cannot_be_written(container):
+    result, out = run(container, "echo 'nameserver 1.2.3.4' > /etc/resolv.conf")
+    assert not result.ok
+    assert "1.2.3.4" not in Path("/etc/resolv.conf").read_text()
+
+
+def test_imports_are_mounted_read_only(container):
+    result, out = run(container, "cat /stacker/imports/hello.txt; touch /stacker/imports/new 2>/dev/null && echo wrote || echo refused")
+    assert result.ok
+    assert out.splitlines() == ["hello from the host", "refused"]
+
+
+def test_no_placeholder_remains_in_the_rootfs_after_a_step(container, bb_rootfs):
+    # The busybox rootfs has neither /stacker nor /etc/resolv.conf: both are
+    # placeholders that exist only while a step runs.
+    result, out = run(container, "test -d /stacker/imports && test -f /etc/resolv.conf && echo present")
+    assert out.strip() == "present"
+    assert not os.path.lexists(bb_rootfs / "stacker")
+    assert not os.path.lexists(bb_rootfs / "etc/resolv.conf")
+
+
+def test_dev_has_the_host_devices_and_a_private_devpts(container):
+    _, out = run(container, "head -c 4 /dev/zero | od -An -tx1; ls /dev/pts; echo x > /dev/null && echo null-ok")
+    assert "00 00 00 00" in out
+    assert "ptmx" in out
+    assert "null-ok" in out
+
+
+def test_network_none_has_only_loopback(bb_rootfs):
+    with Container.start(ContainerConfig(str(bb_rootfs), network="none")) as c:
+        _, out = run(c, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
+    assert out.split() == ["lo"]
+
+
+def test_host_network_is_the_hosts(container):
+    _, out = run(container, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
+    assert len(out.split()) > 1
+
+
+def test_rootfs_without_sh_is_refused(workdir):
+    empty = workdir / "empty"
+    btrfs.create_subvolume(empty)
+    with pytest.raises(ContainerError, match="no /bin/sh"):
+        Container.start(ContainerConfig(str(empty)))
+
+
+def test_missing_bind_source_is_refused(bb_rootfs, workdir):
+    with pytest.raises(ContainerError, match="does not exist"):
+        Container.start(ContainerConfig(str(bb_rootfs), mounts=[Mount(str(workdir / "nope"), "/x")]))
+
+
+def test_stop_is_idempotent_and_kills_the_init(bb_rootfs):
+    c = Container.start(ContainerConfig(str(bb_rootfs)))
+    init_pid = c.init_pid
+    c.stop()
+    c.stop()
+    assert not c.alive
+    assert not os.path.exists(f"/proc/{init_pid}")
+
+
+def _container_pids(ns_link: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") == ns_link:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def test_killing_the_engine_leaves_no_container_process(bb_rootfs, tmp_path):
+    engine = tmp_path / "engine.py"
+    engine.write_text(textwrap.dedent(f"""
+        import sys
+        from stacker_kernel.container.runtime import Container, ContainerConfig
+        c = Container.start(ContainerConfig({str(bb_rootfs)!r}))
+        print(c.host_pid, c.init_pid, flush=True)
+        c.run_step("sleep 1000 & sleep 1000", {ENV!r}, None)
+    """))
+    proc = subprocess.Popen([sys.executable, str(engine)], stdout=subprocess.PIPE, text=True)
+    host_pid, init_pid = map(int, proc.stdout.readline().split())
+    ns_link = os.readlink(f"/proc/{init_pid}/ns/pid")
+    deadline = time.monotonic() + 30
+    while len(_container_pids(ns_link)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until both sleeps run
+    assert len(_container_pids(ns_link)) >= 3
+    proc.kill()
+    proc.wait()
+    while (_container_pids(ns_link) or os.path.exists(f"/proc/{host_pid}")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _container_pids(ns_link) == []
+    assert not os.path.exists(f"/proc/{host_pid}/ns")
+
+
+@pytest.mark.slow
+def test_apt_get_install_works_in_a_debian_container(workdir):
+    rootfs = make_rootfs(debian_tar(), workdir, "debian-apt")
+    with Container.start(ContainerConfig(str(rootfs))) as c:
+        result, out = run(c, "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hello >/dev/null && hello")
+    assert result.ok, out
+    assert "Hello, world!" in out
+
+
+@pytest.mark.rootful
+def test_rootful_container_maps_ids_one_to_one(container):
+    _, out = run(container, "cat /proc/self/uid_map")
+    assert out.split() == ["0", "0", "4294967295"]
+
+
+@pytest.mark.rootful
+def test_rootful_chown_keeps_the_id(container, bb_rootfs):
+    result, _ = run(container, "touch /owned-root && chown 1000:1000 /owned-root")
+    st = os.lstat(bb_rootfs / "owned-root")
+    assert result.ok
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
