@@ -435,3 +435,25 @@ def test_root_export_keeps_owners_and_unpacks(storage, busybox_base):
     subprocess.run(["umoci", "unpack", "--image", f"{layout}:r", str(bundle)], check=True, capture_output=True)
     st = os.lstat(bundle / "rootfs" / "owned")
     assert (st.st_uid, st.st_gid) == (1234, 5678)
+
+
+def test_reexport_reuses_layers_made_from_the_same_snapshots(storage, busybox_oci, tmp_path):
+    """A second export of the same build into the same layout makes no layer again."""
+    from stacker_kernel.cli import main as cli_main
+
+    yaml = tmp_path / "stacker.yaml"
+    yaml.write_text("l:\n  from:\n    type: oci\n    url: ${{B}}\n  run: echo x > /x\n")
+    oci = tmp_path / "oci"
+    args = ["--storage", str(storage), "build", "-f", str(yaml), "--oci-dir", str(oci),
+            "--substitute", f"B={busybox_oci}"]
+
+    def layer_mtimes():
+        index = json.loads((oci / "index.json").read_text())
+        blob = lambda d: oci / "blobs" / "sha256" / d.split(":")[1]  # noqa: E731
+        manifest = json.loads(blob(index["manifests"][0]["digest"]).read_text())
+        return {d["digest"]: blob(d["digest"]).stat().st_mtime_ns for d in manifest["layers"]}
+
+    assert cli_main(args) == 0
+    first = layer_mtimes()
+    assert cli_main(args) == 0
+    assert layer_mtimes() == first

@@ -64,7 +64,7 @@ def export_session_oci(session, oci_dir: str, *, squash: bool = False,
     specs = image_specs(session.store, history, session.session.tags, session.recipe.layers)
     return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
                         annotations_namespace=annotations_namespace, stacker_yaml=stacker_yaml,
-                        squash=squash)
+                        squash=squash, layer_cache=layer_cache(session.store))
 
 
 def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: dict[str, Any] | None = None,
@@ -73,4 +73,9 @@ def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: 
     history = [s for s in (store.get(i) for i in sess.history) if s is not None]
     specs = image_specs(store, history, sess.tags, layers or {})
     return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
-                        stacker_yaml=stacker_yaml, squash=squash)
+                        stacker_yaml=stacker_yaml, squash=squash, layer_cache=layer_cache(store))
+
+
+def layer_cache(store: Store) -> str:
+    """Where the layers made from this store's snapshots are remembered."""
+    return str(store.root / "cache" / "layers")

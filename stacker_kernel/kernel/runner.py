@@ -39,6 +39,7 @@ class CellRun:
     cached: bool
     outputs: list[dict] = field(default_factory=list)  # nbformat outputs
     error: str | None = None   # "ename: evalue" when status is error
+    expected_error: bool = False  # the cell is tagged raises-exception (JupyterLab goes on past it)
 
     def text(self) -> str:
         """All stream and text/plain output, concatenated."""
@@ -151,10 +152,11 @@ def run_notebook(path: Path, kernel_name: str = "stacker", timeout: float = 600,
             run = kernel.execute(cell.source, cell.get("id"), cell.metadata.get("tags"),
                                  timeout, index=n)
             cell.outputs = [nbformat.from_dict(o) for o in run.outputs]
+            run.expected_error = EXPECTED_ERROR_TAG in (cell.metadata.get("tags") or [])
             runs.append(run)
             if on_cell:
                 on_cell(run)
-            if run.status != "ok":
+            if run.status != "ok" and not run.expected_error:
                 break
         else:
             for code in extra:
@@ -173,11 +175,12 @@ def run_notebook(path: Path, kernel_name: str = "stacker", timeout: float = 600,
 
 def print_cell(run: CellRun, total: int) -> None:
     """One line per cell: position, cell id, time, ran/cached/failed, first line."""
-    what = "cached" if run.cached else "ran" if run.status == "ok" else "FAILED"
+    what = ("cached" if run.cached else "ran" if run.status == "ok"
+            else "failed as expected" if run.expected_error else "FAILED")
     where = f"[{run.index:>2}/{total}]" if run.index else "[extra]"
     print(f"{where} {run.cell_id or '-':<14} {run.seconds * 1000:8.0f} ms  {what:<6}  "
           f"{run.first_line[:60]}", flush=True)
-    if run.status != "ok":
+    if run.status != "ok" and not run.expected_error:
         print(run.text().rstrip(), file=sys.stderr)
         print(f"error: {run.error}", file=sys.stderr)
 
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = run_notebook(args.notebook, args.kernel, args.timeout,
                         on_cell=lambda r: print_cell(r, total), extra=extra,
                         write_outputs=args.output)
-    failed = any(r.status != "ok" for r in runs)
+    failed = any(r.status != "ok" and not r.expected_error for r in runs)
     cells = [r for r in runs if r.index]
     print(f"{len(cells)}/{total} cells, {sum(r.cached for r in cells)} cached, "
           f"{time.monotonic() - started:.2f} s in all" + (" -- stopped at an error" if failed else ""))

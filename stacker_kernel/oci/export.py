@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import datetime
 import getpass
+import hashlib
 import json
 import os
 import platform
 import shlex
 import socket
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stacker_kernel.container.userns import run_in_userns
@@ -114,12 +115,14 @@ def source_date_epoch_from_env(environ: dict[str, str] | None = None) -> int | N
 
 def export_image(layout_dir: str, images: list[ImageSpec], *, source_date_epoch: int | None = None,
                  annotations_namespace: str = "io.stackeroci", stacker_yaml: str | None = None,
-                 squash: bool = False) -> list[str]:
+                 squash: bool = False, layer_cache: str | None = None) -> list[str]:
     """Write `images` (in build order) into the OCI layout `layout_dir` and
     return the tags written (the names of the non-build_only images).
 
     Creates the layout when absent; an existing tag is replaced. Diffs and
-    tars of one image run in one user-namespace helper. Raises ImageError when
+    tars of one image run in one user-namespace helper. With `layer_cache` (a
+    directory), layers made before from the same snapshots are reused when the
+    layout still holds their blobs. Raises ImageError when
     a base or parent is missing or a snapshot cannot be read.
     """
     lw.init_layout(layout_dir)
@@ -130,7 +133,7 @@ def export_image(layout_dir: str, images: list[ImageSpec], *, source_date_epoch:
     for spec in images:
         image = _start(layout_dir, spec, built)
         jobs = _jobs(spec, image.tip, squash)
-        blobs = _run_jobs(layout_dir, jobs, source_date_epoch)
+        blobs = _run_jobs(layout_dir, jobs, source_date_epoch, layer_cache)
         for job, blob in zip(jobs, blobs):
             entry: dict[str, Any] = {"created": created, "created_by": job.created_by}
             if blob is None:
@@ -259,10 +262,65 @@ def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None) -> l
     return out
 
 
-def _run_jobs(layout_dir: str, jobs: list[_Job], epoch: int | None) -> list[LayerBlob | None]:
-    if not jobs:
-        return []
-    return run_in_userns(_layers_in_userns, jobs, os.path.abspath(layout_dir), epoch)
+_MISS = object()
+
+
+def _cache_file(cache_dir: str, job: _Job, epoch: int | None) -> str:
+    # Snapshots are read-only and their paths never reused, so (old, new, epoch) fixes the layer.
+    key = hashlib.sha256(f"v1|{job.old}|{job.new}|{epoch}".encode()).hexdigest()
+    return os.path.join(cache_dir, key + ".json")
+
+
+def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int | None):
+    """The layer made before for `job` if its blob is in `layout_dir` (None: an empty
+    diff), else _MISS."""
+    if cache_dir is None:
+        return _MISS
+    try:
+        with open(_cache_file(cache_dir, job, epoch)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return _MISS
+    if data.get("empty"):
+        return None
+    try:
+        blob = LayerBlob(**data)
+        if os.path.getsize(lw.blob_path(layout_dir, blob.digest)) == blob.size:
+            return blob
+    except (OSError, TypeError, ValueError):
+        pass
+    return _MISS
+
+
+def _remember_layer(cache_dir: str | None, job: _Job, epoch: int | None, blob: LayerBlob | None) -> None:
+    if cache_dir is None:
+        return
+    os.makedirs(cache_dir, exist_ok=True)
+    data = {"empty": True} if blob is None else asdict(blob)
+    tmp = _cache_file(cache_dir, job, epoch) + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, _cache_file(cache_dir, job, epoch))
+
+
+def _run_jobs(layout_dir: str, jobs: list[_Job], epoch: int | None,
+              cache_dir: str | None = None) -> list[LayerBlob | None]:
+    """The layer of each job: from `cache_dir` when this layout already holds it (a
+    re-export after a cached build costs no diff and no gzip), else made now."""
+    results: list[LayerBlob | None] = [None] * len(jobs)
+    todo = []
+    for i, job in enumerate(jobs):
+        hit = _cached_layer(cache_dir, layout_dir, job, epoch)
+        if hit is _MISS:
+            todo.append(i)
+        else:
+            results[i] = hit
+    if todo:
+        made = run_in_userns(_layers_in_userns, [jobs[i] for i in todo], os.path.abspath(layout_dir), epoch)
+        for i, blob in zip(todo, made):
+            results[i] = blob
+            _remember_layer(cache_dir, jobs[i], epoch, blob)
+    return results
 
 
 def _ensure_a_layer(layout_dir: str, image: _Image, name: str, created: str) -> None:

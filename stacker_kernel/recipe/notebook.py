@@ -31,6 +31,10 @@ def _source(cell: Mapping[str, Any]) -> str:
     return "".join(src) if isinstance(src, list) else src
 
 
+# Cells tagged so (JupyterLab's and nbclient's convention) are expected to fail.
+EXPECTED_ERROR_TAG = "raises-exception"
+
+
 def recipe_from_notebook(nb: Mapping[str, Any], name: str) -> Recipe:
     """The Recipe a notebook describes.
 
@@ -38,7 +42,8 @@ def recipe_from_notebook(nb: Mapping[str, Any], name: str) -> Recipe:
     first cell that does anything says `%layer`; a cell's script (if not
     blank) is a Step carrying the cell's id; `%generate_labels` cells give the
     layer's generate_labels script instead; interactive magics and markdown
-    are ignored. Prerequisites come from `metadata.stacker.prerequisites`.
+    are ignored, and so are cells tagged `raises-exception` (expected to
+    fail: demonstrations, not steps). Prerequisites come from `metadata.stacker.prerequisites`.
     Raises RecipeError naming the cell for bad magics, a layer without
     `%from`, a layer name used twice, or unresolvable dependencies.
     """
@@ -51,6 +56,8 @@ def recipe_from_notebook(nb: Mapping[str, Any], name: str) -> Recipe:
     code_cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
     for index, cell in enumerate(code_cells, start=1):
         where = f"code cell {index}" + (f" (id {cell['id']})" if cell.get("id") else "")
+        if EXPECTED_ERROR_TAG in ((cell.get("metadata") or {}).get("tags") or []):
+            continue  # a cell expected to fail (a demonstration) is no step of the recipe
         try:
             parsed = parse_cell(_source(cell))
         except RecipeError as e:
