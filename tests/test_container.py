@@ -248,3 +248,23 @@ def test_rootful_chown_keeps_the_id(container, bb_rootfs):
     st = os.lstat(bb_rootfs / "owned-root")
     assert result.ok
     assert (st.st_uid, st.st_gid) == (1000, 1000)
+
+
+def test_interact_runs_a_shell_on_the_terminal(bb_rootfs, tmp_path):
+    import pexpect
+
+    script = tmp_path / "chroot.py"
+    script.write_text(textwrap.dedent(f"""
+        from stacker_kernel.container.runtime import Container, ContainerConfig
+        from stacker_kernel.container.step import ShellState
+        with Container.start(ContainerConfig({str(bb_rootfs)!r})) as c:
+            status = c.interact({ENV!r}, ShellState(cwd="/tmp", exported={{"PATH": "/bin", "GREETING": "hi"}}))
+        print("status", status)
+    """))
+    child = pexpect.spawn(sys.executable, [str(script)], timeout=30, encoding="utf-8")
+    child.expect("# ")
+    child.sendline("echo $GREETING-$(pwd)-$((40+2))")
+    child.expect("hi-/tmp-42")
+    child.sendline("exit 3")
+    child.expect("status 3")
+    child.expect(pexpect.EOF)

@@ -291,3 +291,15 @@ def test_filter_keeps_quoted_newlines_inside_the_trace_line():
     out = f.feed(trace_marker("tok") + b"printf %s 'a\nb' $'c\\'\nd'\nreal\n")
     assert out == b"real\n"
     assert f.last_trace == "printf %s 'a\nb' $'c\\'\nd'"
+
+
+def test_death_of_the_init_fails_the_step_and_marks_the_container_dead(busybox_tar, workdir):
+    c = Container.start(ContainerConfig(str(make_rootfs(busybox_tar, workdir, "doomed"))))
+    try:
+        threading.Timer(0.5, os.kill, (c.init_pid, 9)).start()
+        result = c.run_step("sleep 1000", ENV, None)
+        assert result.container_died and not result.ok
+        assert "container died" in result.message
+        assert not c.alive
+    finally:
+        c.stop()

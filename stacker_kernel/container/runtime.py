@@ -131,9 +131,11 @@ class Container:
         filt = OutputFilter(nonce, None if shebang else trace)
         sink = _OutputSink(on_output, log_path, stream_cap, flush_interval)
         self._interrupted = False
-        self._running = True
+        self._running = True  # from here interrupt() reaches this step
         try:
             self._send(cmd)
+            if self._interrupted:  # interrupt() came before the step was sent
+                self._send({"op": "int"})
             died = self._pump(filt, sink)
         finally:
             self._running = False
@@ -204,7 +206,7 @@ class Container:
         self._send({"op": "shell", "nonce": nonce, "env": shell_env, "cwd": state.cwd if state else "/"})
         saved = termios.tcgetattr(stdin) if is_tty else None
         if is_tty:
-            tty.setraw(stdin)
+            tty.setraw(stdin, termios.TCSANOW)  # TCSAFLUSH would drop typed-ahead input
         fd = self.child.child_fd
         try:
             while filt.sentinel is None:
