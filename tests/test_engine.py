@@ -191,3 +191,10 @@ def _sleepers():
         if cmd[:2] == [b"sleep", b"98765"] and st.st_uid in (me, os.getuid()):
             found.append(int(pid))
     return found
+
+
+def test_history_shows_each_steps_size_change(session):
+    run_ok(session, "head -c 100000 /dev/zero > /big")
+    run_ok(session, "rm /big; mkdir /d")
+    sizes = [v.size_delta for v in session.history()]
+    assert sizes == [100000, -100000]

@@ -102,3 +102,50 @@ def _diff_in_ns(old: str | None, new: str) -> list[tuple[str, str]]:
 def diff_summary(old: str | Path | None, new: str | Path) -> list[tuple[str, str]]:
     """[(A|M|D, path)] between two snapshots (old None: everything is added)."""
     return run_in_userns(_diff_in_ns, str(old) if old else None, str(new))
+
+
+def _tree_bytes(path: str) -> int:
+    """Bytes of regular-file content under `path` (a file or a directory), not following links."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def _file_bytes(root: str | None, rel: str) -> int:
+    if root is None:
+        return 0
+    try:
+        st = os.lstat(os.path.join(root, rel))
+    except FileNotFoundError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def _size_changes_in_ns(pairs: list[tuple[str | None, str]]) -> list[int]:
+    from stacker_kernel.oci.diff import diff_snapshots
+
+    out = []
+    for old, new in pairs:
+        delta = 0
+        for change in diff_snapshots(old, new).changes:
+            if change.kind == "removed":
+                delta -= _tree_bytes(os.path.join(old, change.path)) if old else 0
+            elif change.kind in ("added", "modified") and change.type == "file":
+                delta += _file_bytes(new, change.path) - _file_bytes(old, change.path)
+        out.append(delta)
+    return out
+
+
+def size_changes(pairs: list[tuple[str | Path | None, str | Path]]) -> list[int]:
+    """For each (parent snapshot, snapshot): bytes of file content the step added
+    (negative when it removed more), from the snapshot diff, in one helper."""
+    if not pairs:
+        return []
+    return run_in_userns(_size_changes_in_ns, [(str(o) if o else None, str(n)) for o, n in pairs])

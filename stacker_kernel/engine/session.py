@@ -491,7 +491,6 @@ class BuildSession:
                 state = self.state
             log_tmp = self.store.root / "logs" / f"running-{self.session.id}"
             log_tmp.parent.mkdir(parents=True, exist_ok=True)
-            used_before = _fs_used(self.store.root)
             started = time.time()
             try:
                 result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp))
@@ -514,10 +513,6 @@ class BuildSession:
                 except (OSError, StorageError):  # e.g. a full disk: the step leaves no trace
                     self._back_to_head()
                     raise
-                # The snapshot flushed delayed allocation, so this counts the step's writes
-                # (approximate when other builds share the filesystem).
-                snap.size_delta = _fs_used(self.store.root) - used_before
-                self.store.set_size_delta(snap.id, snap.size_delta)
                 os.replace(log_tmp, self.store.log_path(snap.id))
                 self._advance(snap)
                 self.layer.steps.append(Step(script, cell_id))
@@ -587,13 +582,29 @@ class BuildSession:
         return snaps
 
     def history(self) -> list[StepView]:
+        """The session's steps, oldest first. Size changes are measured here, from the
+        snapshot diffs, the first time a step is shown (not on the step's hot path)."""
         with self._lock:
+            snaps = self._history_snaps()
+            self._measure_sizes(snaps)
             views = []
-            for i, snap in enumerate(self._history_snaps(), 1):
+            for i, snap in enumerate(snaps, 1):
                 views.append(StepView(i, snap.id, snap.layer, snap.cell_id, first_line(snap.source),
                                       snap.status, snap.duration, snap.size_delta,
                                       cached=snap.session != self.session.id))
             return views
+
+    def _measure_sizes(self, snaps: list[Snapshot]) -> None:
+        from stacker_kernel.engine.inspect import size_changes
+
+        todo = [s for s in snaps if s.size_delta is None]
+        if not todo:
+            return
+        parents = [self.store.get(s.parent) if s.parent else None for s in todo]
+        deltas = size_changes([(p.path if p else None, s.path) for s, p in zip(todo, parents)])
+        for snap, delta in zip(todo, deltas):
+            snap.size_delta = delta
+            self.store.set_size_delta(snap.id, delta)
 
     def _rollback_for_rerun(self, cell_id: str) -> None:
         """Re-running a cell that produced a snapshot: back to that snapshot's parent."""
@@ -768,8 +779,3 @@ def _absolute_source(src: ImageSource, base_dir: str) -> ImageSource:
     if not url or src.type not in ("tar", "oci") or "://" in url or os.path.isabs(url):
         return src
     return replace(src, url=os.path.join(base_dir, url))
-
-
-def _fs_used(path: Path) -> int:
-    st = os.statvfs(path)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
