@@ -303,3 +303,21 @@ def test_death_of_the_init_fails_the_step_and_marks_the_container_dead(busybox_t
         assert not c.alive
     finally:
         c.stop()
+
+
+def test_an_output_callback_error_surfaces_after_the_step(container):
+    def broken(text: str) -> None:
+        raise ValueError("callback broke")
+
+    with pytest.raises(ValueError, match="callback broke"):
+        container.run_step("echo x; sleep 0.2; echo y", ENV, None, on_output=broken)
+    after, out = run(container, "echo in-sync")
+    assert out == "in-sync\n"
+
+
+def test_sigint_in_the_waiting_thread_interrupts_the_step(container):
+    threading.Timer(0.5, os.kill, (os.getpid(), 2)).start()
+    result = container.run_step("sleep 1000", ENV, None)
+    after, out = run(container, "echo in-sync")
+    assert result.interrupted and not result.ok
+    assert out == "in-sync\n"

@@ -408,7 +408,12 @@ def run_shell(cmd: dict, staged: list[StagedMount], cooked: list, raw: list) -> 
     """An interactive shell on the pty (for `chroot`): cooked mode, foreground
     process group, then back to raw mode and the sentinel."""
     nonce = cmd["nonce"]
-    done = mount_step(staged)
+    try:
+        done = mount_step(staged)
+    except OSError as e:
+        _write_all(1, f"stacker-kernel: cannot mount the binds: {e}\n".encode())
+        _write_all(1, format_sentinel(nonce, 125, b""))
+        return
     pid = os.fork()
     if pid == 0:
         try:

@@ -141,6 +141,8 @@ class Container:
             self._running = False
             sink.close()
         duration = time.monotonic() - t0
+        if sink.error is not None:
+            raise sink.error
         if died:
             return _died_result(duration, sink.total)
         sentinel = filt.sentinel
@@ -163,22 +165,31 @@ class Container:
 
     def _pump(self, filt: OutputFilter, sink: "_OutputSink") -> bool:
         """Read the pty until the step's sentinel; True if the container died."""
-        fd = self.child.child_fd
         while filt.sentinel is None:
-            timeout = sink.time_to_flush()
-            ready = select.select([fd], [], [], timeout)[0]
-            if ready:
-                try:
-                    data = os.read(fd, 1 << 16)
-                except OSError:
-                    data = b""
-                if not data:
-                    sink.write(filt.flush())
-                    self._mark_dead()
+            try:
+                if not self._pump_once(filt, sink):
                     return True
-                sink.write(filt.feed(data))
-            sink.maybe_flush()
+            except KeyboardInterrupt:
+                # SIGINT in this thread (a kernel's interrupt): interrupt the
+                # step and keep reading, so the protocol stays in step.
+                self.interrupt()
         return False
+
+    def _pump_once(self, filt: OutputFilter, sink: "_OutputSink") -> bool:
+        """One wait and read of the pty; False when the container is gone."""
+        fd = self.child.child_fd
+        if select.select([fd], [], [], sink.time_to_flush())[0]:
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                sink.write(filt.flush())
+                self._mark_dead()
+                return False
+            sink.write(filt.feed(data))
+        sink.maybe_flush()
+        return True
 
     def interrupt(self) -> None:
         """Interrupt the running step (SIGINT to its process group, SIGKILL to
@@ -345,6 +356,7 @@ class _OutputSink:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending: list[str] = []
         self.last_flush = 0.0
+        self.error: BaseException | None = None
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -378,7 +390,10 @@ class _OutputSink:
         if force or now - self.last_flush >= self.interval:
             text, self.pending = "".join(self.pending), []
             self.last_flush = now
-            self.on_output(text)
+            try:
+                self.on_output(text)
+            except BaseException as e:  # re-raised once the step has ended
+                self.error, self.on_output = e, None
 
     def close(self) -> None:
         if self.on_output is not None and not self.truncated:
