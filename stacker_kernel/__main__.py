@@ -1,9 +1,10 @@
-"""`python -m stacker_kernel`: the kernel when given `-f CONNECTION_FILE`, else the CLI."""
+"""`python -m stacker_kernel`: the kernel when started as `-f CONNECTION_FILE` (the
+kernel spec's argv), else the CLI (`python -m stacker_kernel build -f stacker.yaml`)."""
 import sys
 
 
 def main() -> None:
-    if "-f" in sys.argv[1:]:
+    if sys.argv[1:2] == ["-f"]:
         from stacker_kernel.kernel.kernel import launch
 
         launch()

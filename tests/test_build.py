@@ -379,3 +379,29 @@ def test_import_hash_is_checked_case_insensitively(storage, busybox_oci, tmp_pat
         assert cli(storage, "build", "-f", str(yaml), "--no-oci",
                    "--substitute", f"BUSYBOX_OCI={busybox_oci}") == rc
     assert "sha256" in capsys.readouterr().err
+
+
+def test_chroot_gives_a_shell_in_a_throwaway_copy(storage, busybox_oci, tmp_path):
+    import pexpect
+
+    yaml = write(tmp_path / "stacker.yaml", """
+        c:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          run: echo inside > /marker
+        """)
+    assert cli(storage, "build", "-f", str(yaml), "--no-oci", "--substitute", f"BUSYBOX_OCI={busybox_oci}") == 0
+    child = pexpect.spawn(sys.executable, ["-m", "stacker_kernel", "--storage", str(storage), "chroot",
+                                           "-f", str(yaml), "c"], timeout=30, encoding="utf-8")
+    child.sendline("cat /marker; touch /scribble; echo done-$((6*7))")
+    child.expect("inside")  # the layer's file, printed by the shell in the container
+    child.expect("done-42")
+    child.sendline("exit 3")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 3
+    with Store.open(storage) as store:
+        snap = layer_snapshot(store, str(yaml), "c")
+        assert not (snap.path / "scribble").exists()
+        assert list((storage / "live").iterdir()) == []
