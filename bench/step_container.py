@@ -7,7 +7,6 @@ rootfs is given). Prints one table; no pass/fail.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys

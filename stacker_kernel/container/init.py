@@ -14,7 +14,6 @@ at the top of this module, before that.
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import json
 import os
