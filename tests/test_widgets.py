@@ -12,6 +12,7 @@ import hashlib
 import queue
 import re
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,14 @@ class FrontEnd:
                 raise AssertionError(f"a widget with {attrs} is still shown after {timeout} s")
             self.pump()
 
+    def connect_widget_manager(self) -> None:
+        """What JupyterLab's widget manager does when it connects: open the control comm."""
+        from ipywidgets._version import __control_protocol_version__
+
+        self.kernel.kc.shell_channel.send(self.kernel.kc.session.msg(
+            "comm_open", {"comm_id": uuid.uuid4().hex, "target_name": "jupyter.widget.control",
+                          "data": {}}, metadata={"version": __control_protocol_version__}))
+
     def click(self, comm_id: str) -> None:
         """What a button view sends on a click."""
         self.kernel.kc.shell_channel.send(self.kernel.kc.session.msg("comm_msg", {
@@ -139,12 +148,20 @@ def nbdir(tmp_path, busybox_tar) -> Path:
 
 
 @pytest.fixture
-def ui(nbdir, kernels):
+def plain(nbdir, kernels):
+    """A kernel whose client renders no widgets (a console, nbclient, the headless runner)."""
     k = start_kernel(nbdir / "widgets.ipynb", kernels)
     front = FrontEnd(k)
     front.ok(BASE, "base")
     yield front
     k.close()
+
+
+@pytest.fixture
+def ui(plain):
+    """A kernel connected to a widget manager, as in JupyterLab."""
+    plain.connect_widget_manager()
+    return plain
 
 
 def _data_uri_bytes(values: list[str], name: str) -> bytes:
@@ -169,12 +186,29 @@ def _wait_html(ui: FrontEnd, pattern: str, timeout: float = 60) -> str:
 # --- %layers ------------------------------------------------------------------
 
 
+def test_layers_is_a_plain_table_until_a_widget_front_end_connects(plain):
+    plain.ok("echo one > /one", "s1")
+    outputs = plain.ok("%layers", "l")
+    data = [m["content"]["data"] for m in outputs if m["msg_type"] == "display_data"][0]
+    assert WIDGET_VIEW not in data
+    assert "echo one &gt; /one" in data["text/html"]
+    assert not plain.models
+
+
+def test_browse_without_a_widget_front_end_says_what_to_use_instead(plain):
+    plain.ok("echo one > /one", "s1")
+    reply, _ = plain.execute("%browse", "b")
+    assert reply["status"] == "error"
+    assert "%grab PATH" in reply["evalue"]
+
+
 def test_layers_displays_a_widget_view_with_the_table_as_plain_text(ui):
     ui.ok("echo one > /one", "s1")
     outputs = ui.ok("%layers", "l")
     data = [m["content"]["data"] for m in outputs if m["msg_type"] == "display_data"][0]
     assert data[WIDGET_VIEW]["model_id"] in ui.models
     assert "echo one > /one" in data["text/plain"]
+    assert "echo one &gt; /one" in data["text/html"]  # for renderers without widgets
 
 
 def test_layers_widget_has_a_row_per_step_with_roll_back_diff_and_browse(ui):

@@ -89,10 +89,12 @@ class StackerKernel(Kernel):
         self.comm_manager = comm.get_comm_manager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = getattr(self.comm_manager, msg_type)
+        self.widget_frontend = False  # set once a widget manager connects
         try:
             import ipywidgets
 
             ipywidgets.register_comm_target()
+            self._watch_widget_frontend()
         except Exception as e:  # widgets are optional for building; say why they are off
             self.log.warning("ipywidgets comm target not registered: %s", e)
         # One engine thread: the session is used from it only (plus thread-safe
@@ -107,6 +109,23 @@ class StackerKernel(Kernel):
         # click never waits for a step; live %layers widgets refresh after each cell.
         self._widget_io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stacker-widgets")
         self.widgets = WidgetRegistry()
+
+    def _watch_widget_frontend(self) -> None:
+        """Note when a front-end that renders widgets connects.
+
+        JupyterLab's and Notebook 7's widget manager opens a comm on
+        `jupyter.widget.control` whenever it connects to the kernel (to restore
+        widget state). Until one has, %layers shows a plain table and %browse
+        says it needs widgets: a console, nbclient or our headless runner would
+        only get widget models nobody renders.
+        """
+        control = self.comm_manager.targets["jupyter.widget.control"]
+
+        def opened(comm_obj: Any, msg: dict) -> None:
+            self.widget_frontend = True
+            control(comm_obj, msg)
+
+        self.comm_manager.register_target("jupyter.widget.control", opened)
 
     # --- kernel_info, subshells ------------------------------------------------
 
@@ -203,7 +222,7 @@ class StackerKernel(Kernel):
                 publish.stream(line + "\n")
 
     def _widget_host(self) -> WidgetHost | None:
-        if self.build is None:
+        if self.build is None or not self.widget_frontend:
             return None
         return WidgetHost(self.build, self.notebook.parent, self._engine, self._widget_io,
                           lambda: self._cell_running, self.widgets)
@@ -420,12 +439,13 @@ class _Publisher:
 
     def show(self, shown: magics.Shown) -> None:
         data = {"text/plain": shown.text}
+        if shown.html:
+            data["text/html"] = shown.html
         if shown.widget is not None:
-            # The widget view (reference §2.7); text/plain stays for non-widget clients.
+            # The widget view (reference §2.7) ranks above html; the table stays for
+            # renderers without widgets (a saved notebook on GitHub, nbconvert).
             data.update(shown.widget._repr_mimebundle_())
             data["text/plain"] = shown.text
-        elif shown.html:
-            data["text/html"] = shown.html
         self._send("display_data", {"data": data, "metadata": {}, "transient": {}})
 
     def error(self, execution_count: int, ename: str, evalue: str,

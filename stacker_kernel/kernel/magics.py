@@ -27,7 +27,7 @@ class Shown:
 
     text: str
     html: str | None = None
-    widget: Any = None  # an ipywidgets widget to display (its view replaces the html)
+    widget: Any = None  # an ipywidgets widget to display (front-ends without widgets show html)
 
 
 # Magics that create widgets: the kernel runs them on its event loop, not the engine thread.
@@ -178,8 +178,8 @@ def _layers(session: Any, args: Any, ctx: "MagicContext") -> Shown:
 
 def _browse(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     if ctx.widgets is None:
-        raise RecipeError("%browse needs a kernel with widgets (JupyterLab or Notebook 7):"
-                          " use %diff N and %grab PATH here")
+        raise RecipeError("%browse needs a front-end that shows widgets (JupyterLab or"
+                          " Notebook 7): here, use %diff N and %grab PATH")
     from stacker_kernel.kernel.widgets import FileBrowser, resolve_snapshot
 
     snapshot = resolve_snapshot(session, args.target)

@@ -197,7 +197,8 @@ def relative_link(path: str, notebook_dir: Path) -> str | None:
 def download_link_html(name: str, href: str, size: int, note: str = "") -> str:
     """An `<a download>` that JupyterLab leaves to the browser (it does not open it in a tab)."""
     return (f"<a href=\"{html.escape(href)}\" download=\"{html.escape(name)}\""
-            f" class=\"stacker-download\">Save {html.escape(name)}</a>"
+            " class=\"stacker-download\" style=\"color:var(--jp-content-link-color,#1976d2);"
+            f"text-decoration:underline\">Save {html.escape(name)}</a>"
             f" <span>({human_size(size)}{html.escape(note)})</span>")
 
 
@@ -296,6 +297,11 @@ def _close_tree(widget: w.Widget, keep: set[int] = frozenset()) -> None:
         widget.close()
 
 
+# Directory names read as names, not as centred button labels.
+STYLE = ("<style>.stacker-dir{justify-content:flex-start;text-align:left;"
+         "font-family:var(--jp-code-font-family)}</style>")
+
+
 class _Panel:
     """Status line and closing shared by both widgets."""
 
@@ -340,7 +346,9 @@ class SnapshotRef:
 
 
 def _step_label(view: Any) -> str:
-    cell = f", cell {view.cell_id}" if view.cell_id else ""
+    cell_id = view.cell_id or ""
+    # JupyterLab's cell ids are uuids: their first 8 characters identify them well enough.
+    cell = f", cell {cell_id[:8] if len(cell_id) > 12 else cell_id}" if cell_id else ""
     return f"step {view.index} (layer {view.layer}{cell}: {view.first_line})"
 
 
@@ -395,8 +403,8 @@ class FileBrowser(_Panel):
         self.pager = w.HBox([self.prev, self.pages, self.next])
         self.saved = w.HTML("")  # data: URI links (the HTML widget keeps them as written)
         self.served = w.Output()  # files/ links (rendermime resolves them to the server)
-        self.widget = w.VBox([self.title, w.HBox([self.up]), self.header, self.rows, self.pager,
-                              self.saved, self.served, self.status])
+        self.widget = w.VBox([w.HTML(STYLE), self.title, w.HBox([self.up]), self.header, self.rows,
+                              self.pager, self.saved, self.served, self.status])
         self.widget.add_class("stacker-browser")
         self.open(path)
 
@@ -562,7 +570,8 @@ class LayerHistory(_Panel):
         values = [str(v.index), v.layer, v.cell_id or "", v.first_line, v.status,
                   f"{v.duration:.2f} s", size_change(v.size_delta), "cached" if v.cached else ""]
         cells: list[w.Widget] = [
-            w.HTML(f"<code title='{html.escape(value)}'>{html.escape(value)}</code>", layout=lay)
+            w.HTML(f"<code title='{html.escape(value)}' style='white-space:nowrap'>"
+                   f"{html.escape(value)}</code>", layout=lay)
             for value, lay in zip(values, self._layouts)]
         buttons = [
             ("Roll back here", f"roll back to step {v.index}", self.rollback),
