@@ -307,6 +307,22 @@ def test_clicking_a_directory_enters_it_and_dotdot_goes_back_up(ui):
     ui.wait_for(_model_name="ButtonModel", tooltip="download /data/f")
 
 
+def test_leaving_a_directory_closes_the_models_of_its_rows(ui):
+    ui.ok(DATA, "data")
+    ui.ok("%browse /data", "b")
+    up = ui.wait_for(_model_name="ButtonModel", description="..")
+    ui.wait_for(_model_name="ButtonModel", tooltip="download /data/f")
+    ui.pump(0.5)
+    before = len(ui.models)
+    ui.click_button("open /data/sub")
+    ui.wait_gone(_model_name="ButtonModel", tooltip="download /data/f")
+    ui.click(up)
+    ui.wait_gone(_model_name="ButtonModel", tooltip="download /data/sub/g")
+    ui.wait_for(_model_name="ButtonModel", tooltip="download /data/f")
+    ui.pump(0.5)
+    assert len(ui.models) == before
+
+
 def test_dotdot_is_disabled_at_the_root(ui):
     ui.ok(DATA, "data")
     ui.ok("%browse", "b")

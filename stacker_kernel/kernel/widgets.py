@@ -28,7 +28,7 @@ import os
 import stat
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,12 +176,10 @@ def prepare_download(snapshot_root: str | Path, snapshot_id: str, path: str,
 def human_size(n: int) -> str:
     """1536 -> '1.5 KiB'."""
     size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
             break
         size /= 1024
-    else:
-        unit = "TiB"
     return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
@@ -290,11 +288,13 @@ def _error_text(error: BaseException) -> str:
 
 
 def _close_tree(widget: w.Widget, keep: set[int] = frozenset()) -> None:
-    """Close `widget` and its children (not shared layouts/styles, which they do not own)."""
+    """Close `widget`, its children and their layout and style models, except those in
+    `keep` (layouts shared by the rows): closed models leave the kernel and the page."""
     for child in getattr(widget, "children", ()):
         _close_tree(child, keep)
-    if id(widget) not in keep:
-        widget.close()
+    for part in (getattr(widget, "style", None), getattr(widget, "layout", None), widget):
+        if part is not None and id(part) not in keep:
+            part.close()
 
 
 # Directory names read as names, not as centred button labels.
@@ -387,7 +387,8 @@ class FileBrowser(_Panel):
         self.host, self.snapshot = host, snapshot
         self.listing: Listing | None = None
         self.page = 0
-        self._layouts = [w.Layout(width=width, overflow="hidden") for _, width in self.COLUMNS]
+        self._layouts = [w.Layout(width=width, flex="0 0 auto", overflow="hidden",
+                                  margin="2px 0.6em 2px 0") for _, width in self.COLUMNS]
         self.title = w.HTML("")
         self.up = w.Button(description="..", tooltip="up to the parent directory",
                            layout=w.Layout(width="4em"))
@@ -523,14 +524,16 @@ class FileBrowser(_Panel):
 class LayerHistory(_Panel):
     """`%layers` as a widget: a row per step with Roll back here, Diff and Browse."""
 
-    COLUMNS = (("step", "3.5em"), ("layer", "8em"), ("cell", "7em"), ("first line", "20em"),
-               ("status", "4em"), ("duration", "5.5em"), ("size", "6.5em"), ("cached", "4.5em"))
+    COLUMNS = (("step", "3.5em"), ("layer", "8em"), ("cell", "7em"), ("first line", "17em"),
+               ("status", "4em"), ("duration", "5.5em"), ("size", "6em"), ("cached", "4em"))
 
     def __init__(self, host: WidgetHost) -> None:
         super().__init__()
         self.host = host
-        self._layouts = [w.Layout(width=width, overflow="hidden") for _, width in self.COLUMNS]
-        self._button_layout = w.Layout(width="9em")
+        self._layouts = [w.Layout(width=width, flex="0 0 auto", overflow="hidden",
+                                  margin="2px 0.6em 2px 0") for _, width in self.COLUMNS]
+        self._button_layouts = {"wide": w.Layout(width="9.5em", flex="0 0 auto"),
+                                "narrow": w.Layout(width="6em", flex="0 0 auto")}
         self.header = w.HBox([w.HTML(f"<b>{name}</b>", layout=lay)
                               for (name, _), lay in zip(self.COLUMNS, self._layouts)])
         self.rows = w.VBox([])
@@ -560,7 +563,7 @@ class LayerHistory(_Panel):
         else:
             self.rows.children = [w.HTML("<i>no steps yet: run a cell with a shell script"
                                          " to make the first snapshot</i>")]
-        keep = {id(x) for x in self._layouts} | {id(self._button_layout)}
+        keep = {id(x) for x in (*self._layouts, *self._button_layouts.values())}
         for row in old:
             _close_tree(row, keep)
 
@@ -579,7 +582,8 @@ class LayerHistory(_Panel):
             ("Browse", f"browse the snapshot of step {v.index}", self.browse),
         ]
         for label, tip, action in buttons:
-            button = w.Button(description=label, tooltip=tip, layout=self._button_layout)
+            width = "wide" if label == "Roll back here" else "narrow"
+            button = w.Button(description=label, tooltip=tip, layout=self._button_layouts[width])
             button.on_click(self.guarded(lambda _, n=v.index, a=action: a(n)))
             if label == "Roll back here" and last:
                 button.disabled = True  # already the head
@@ -637,5 +641,5 @@ class LayerHistory(_Panel):
         if self.browser is not None:
             self.browser.close()
         _close_tree(self.widget)
-        for lay in (*self._layouts, self._button_layout):
+        for lay in (*self._layouts, *self._button_layouts.values()):
             lay.close()
