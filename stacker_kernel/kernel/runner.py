@@ -26,6 +26,8 @@ import nbformat
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+from stacker_kernel.recipe.notebook import EXPECTED_ERROR_TAG
+
 
 @dataclass
 class CellRun:
