@@ -198,3 +198,23 @@ def test_history_shows_each_steps_size_change(session):
     run_ok(session, "rm /big; mkdir /d")
     sizes = [v.size_delta for v in session.history()]
     assert sizes == [100000, -100000]
+
+
+def test_an_interrupt_while_the_step_is_being_prepared_still_ends_it(storage, busybox_tar, tmp_path):
+    store = Store.open(storage)
+    s = BuildSession.open(store, str(tmp_path / "i.ipynb"), resume=False)
+    s.begin_layer(busybox_layer("i", busybox_tar))  # the base import and container start come first
+    outcomes = []
+    worker = threading.Thread(target=lambda: outcomes.append(s.run_step("sleep 1000")))
+    worker.start()
+    s.interrupt()  # before the container exists
+    worker.join(30)
+    try:
+        assert not worker.is_alive(), "the interrupt was lost"
+        assert not outcomes[0].ok and outcomes[0].interrupted
+    finally:
+        while worker.is_alive():
+            s.interrupt()
+            worker.join(1)
+        s.close()
+        store.close()

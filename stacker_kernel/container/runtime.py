@@ -108,13 +108,17 @@ class Container:
 
     def run_step(self, script: str, env: dict[str, str], state: ShellState | None,
                  on_output: Callable[[str], None] | None = None, log_path: str | None = None,
-                 stream_cap: int = 2_000_000, flush_interval: float = 0.05) -> StepResult:
+                 stream_cap: int = 2_000_000, flush_interval: float = 0.05,
+                 interrupted: Callable[[], bool] | None = None) -> StepResult:
         """Run one step and block until it ended and everything it started is dead.
 
         `state=None` starts a fresh layer (cwd /, only `env`). Output goes to
         `on_output` as text, at most every `flush_interval` seconds while it
         arrives, and up to `stream_cap` bytes (then one truncation line); the
         log at `log_path` gets all of it. Trace lines never appear in either.
+        `interrupted()` true when the step starts means the caller was
+        interrupted before the step reached the container: it is interrupted
+        at once.
         """
         t0 = time.monotonic()
         if not self.alive:
@@ -134,7 +138,7 @@ class Container:
         self._running = True  # from here interrupt() reaches this step
         try:
             self._send(cmd)
-            if self._interrupted:  # interrupt() came before the step was sent
+            if self._interrupted or (interrupted is not None and interrupted()):
                 self._send({"op": "int"})
             died = self._pump(filt, sink)
         finally:
@@ -253,7 +257,7 @@ class Container:
         except OSError:
             pidfd = None
         if self.alive and not self._running:
-            try:
+            try:  # init exits and P0 reaps it, so no zombie outlives stop()
                 self._send({"op": "exit"})
                 self.child.expect(pexpect.EOF, timeout=2)
             except (OSError, pexpect.ExceptionPexpect):
@@ -262,11 +266,13 @@ class Container:
             os.kill(self.host_pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.child.close(force=True)
         if pidfd is not None:
-            # P1 dies of PDEATHSIG; its pid namespace dies with it
             select.select([pidfd], [], [], 10)
             os.close(pidfd)
+        # pexpect sleeps delayafterclose/delayafterterminate (0.1 s each) by default.
+        self.child.delayafterclose = self.child.delayafterterminate = 0
+        self.child.ptyproc.delayafterclose = self.child.ptyproc.delayafterterminate = 0
+        self.child.close(force=True)
         self.alive = False
         self.child = None
 

@@ -120,6 +120,7 @@ class BuildSession:
         self.container: Container | None = None
         self.inspecting_failure = False
         self._live_ready = False
+        self._interrupt_requested = False
         self._imports_digest = ""
         self._lock = threading.RLock()  # session state; widgets read it from other threads
         self._step_lock = threading.Lock()  # one step at a time
@@ -170,7 +171,7 @@ class BuildSession:
         self._run.base = next((s for s in reversed(chain) if s.layer != head.layer or s.kind == "base"), None)
         self.head = head
         self.state = ShellState.from_json(head.state)
-        self.resumed = self.history()[-1]
+        self.resumed = self.history(measure=False)[-1]
 
     def close(self) -> None:
         """Stop the container and drop the live rootfs; snapshots and records stay."""
@@ -470,6 +471,7 @@ class BuildSession:
                  on_output: OutputFn | None = None) -> StepOutcome:
         """Run one step (a cell, or a layer's `run`) and commit it; blocking."""
         with self._step_lock:
+            self._interrupt_requested = False
             with self._lock:
                 if cell_id is not None and not self.inspecting_failure:
                     self._rollback_for_rerun(cell_id)
@@ -493,7 +495,8 @@ class BuildSession:
             log_tmp.parent.mkdir(parents=True, exist_ok=True)
             started = time.time()
             try:
-                result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp))
+                result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp),
+                                        interrupted=lambda: self._interrupt_requested)
             except OSError as e:  # the step's log is on the storage: a full disk shows here
                 with self._lock:
                     self._back_to_head()
@@ -566,7 +569,10 @@ class BuildSession:
                            result.duration)
 
     def interrupt(self) -> None:
-        """Interrupt the running step (SIGINT to its process group, SIGKILL after a grace)."""
+        """Interrupt the running step (SIGINT to its process group, SIGKILL after a grace).
+        An interrupt while the step is still being prepared (base import, container
+        start) reaches it as soon as it starts."""
+        self._interrupt_requested = True
         container = self.container
         if container is not None:
             container.interrupt()
@@ -581,12 +587,14 @@ class BuildSession:
                 snaps.append(snap)
         return snaps
 
-    def history(self) -> list[StepView]:
+    def history(self, measure: bool = True) -> list[StepView]:
         """The session's steps, oldest first. Size changes are measured here, from the
-        snapshot diffs, the first time a step is shown (not on the step's hot path)."""
+        snapshot diffs, the first time a step is shown (not on the step's hot path;
+        `measure=False` leaves unknown ones None)."""
         with self._lock:
             snaps = self._history_snaps()
-            self._measure_sizes(snaps)
+            if measure:
+                self._measure_sizes(snaps)
             views = []
             for i, snap in enumerate(snaps, 1):
                 views.append(StepView(i, snap.id, snap.layer, snap.cell_id, first_line(snap.source),
@@ -659,7 +667,7 @@ class BuildSession:
         self.session.head = self.head.id if self.head else None
         self.session.layer = target_layer
         self.store.update_session(self.session)
-        return self.history()[-1] if kept else None
+        return self.history(measure=False)[-1] if kept else None
 
     def rollback(self, to: int | str | None = None) -> StepView | None:
         """Return to an earlier snapshot: `to` is a 1-based history index, a cell id,
