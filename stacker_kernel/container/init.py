@@ -369,17 +369,8 @@ def _wait_step(pid: int, state_r: int, grace: float, reader: CommandReader) -> t
     state_open, deadline, killed, exit_requested = True, None, False, False
     try:
         while True:
-            fds = [pidfd, reader.fd] + ([state_r] if state_open else [])
-            timeout = None if deadline is None or killed else max(0.0, deadline - time.monotonic())
-            ready = select.select(fds, [], [], timeout)[0]
-            if state_r in ready:
-                chunk = os.read(state_r, 1 << 16)
-                state += chunk
-                state_open = bool(chunk)
-            if reader.fd in ready:
-                if not reader.read():  # the engine is gone
-                    kill_all()
-                    os._exit(1)
+            # Commands first: an "int" may have come in one read with the "run" command.
+            if reader.queue:
                 later = deque()
                 while reader.queue:
                     c = reader.queue.popleft()
@@ -394,6 +385,16 @@ def _wait_step(pid: int, state_r: int, grace: float, reader: CommandReader) -> t
                         deadline = time.monotonic() + (0.0 if c["op"] == "exit" else grace)
                     exit_requested = exit_requested or c["op"] == "exit"
                 reader.queue = later
+            fds = [pidfd, reader.fd] + ([state_r] if state_open else [])
+            timeout = None if deadline is None or killed else max(0.0, deadline - time.monotonic())
+            ready = select.select(fds, [], [], timeout)[0]
+            if state_r in ready:
+                chunk = os.read(state_r, 1 << 16)
+                state += chunk
+                state_open = bool(chunk)
+            if reader.fd in ready and not reader.read():  # the engine is gone
+                kill_all()
+                os._exit(1)
             if pidfd in ready:
                 return state, exit_requested
             if deadline is not None and not killed and time.monotonic() >= deadline:

@@ -138,7 +138,9 @@ class Container:
         self._running = True  # from here interrupt() reaches this step
         try:
             self._send(cmd)
-            if self._interrupted or (interrupted is not None and interrupted()):
+            if interrupted is not None and interrupted():
+                self._interrupted = True
+            if self._interrupted:
                 self._send({"op": "int"})
             died = self._pump(filt, sink)
         finally:

@@ -471,56 +471,61 @@ class BuildSession:
                  on_output: OutputFn | None = None) -> StepOutcome:
         """Run one step (a cell, or a layer's `run`) and commit it; blocking."""
         with self._step_lock:
-            self._interrupt_requested = False
-            with self._lock:
-                if cell_id is not None and not self.inspecting_failure:
-                    self._rollback_for_rerun(cell_id)
-                self._ensure_live(on_output)
-                env = build_environment(self.layer)
-                key = self.cache_key(script, env)
-                if self.use_cache and not self.layer.binds and not self.inspecting_failure:
-                    # Under the write lock, so a concurrent gc cannot delete the hit
-                    # between finding it and the session pointing at it.
-                    with self.store.write_lock():
-                        hit = self.store.find_cache(key)
-                        if hit is not None:
-                            t0 = time.monotonic()
-                            self._replace_live(hit)
-                            self._advance(hit)
-                    if hit is not None:
-                        return self._replay(hit, cell_id, on_output, t0)
-                container = self._ensure_container()
-                state = self.state
-            log_tmp = self.store.root / "logs" / f"running-{self.session.id}"
-            log_tmp.parent.mkdir(parents=True, exist_ok=True)
-            started = time.time()
             try:
-                result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp),
-                                        interrupted=lambda: self._interrupt_requested)
-            except OSError as e:  # the step's log is on the storage: a full disk shows here
-                with self._lock:
-                    self._back_to_head()
-                raise StorageError(f"the step's output could not be stored ({e.strerror}): free space "
-                                   f"on {self.store.root} (e.g. stacker-kernel gc) and run the step again") from None
+                return self._run_step(script, cell_id, on_output)
+            finally:
+                self._interrupt_requested = False  # an interrupt ends at most the step it came during
+
+    def _run_step(self, script: str, cell_id: str | None, on_output: OutputFn | None) -> StepOutcome:
+        with self._lock:
+            if cell_id is not None and not self.inspecting_failure:
+                self._rollback_for_rerun(cell_id)
+            self._ensure_live(on_output)
+            env = build_environment(self.layer)
+            key = self.cache_key(script, env)
+            if self.use_cache and not self.layer.binds and not self.inspecting_failure:
+                # Under the write lock, so a concurrent gc cannot delete the hit
+                # between finding it and the session pointing at it.
+                with self.store.write_lock():
+                    hit = self.store.find_cache(key)
+                    if hit is not None:
+                        t0 = time.monotonic()
+                        self._replace_live(hit)
+                        self._advance(hit)
+                if hit is not None:
+                    return self._replay(hit, cell_id, on_output, t0)
+            container = self._ensure_container()
+            state = self.state
+        log_tmp = self.store.root / "logs" / f"running-{self.session.id}"
+        log_tmp.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        try:
+            result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp),
+                                    interrupted=lambda: self._interrupt_requested)
+        except OSError as e:  # the step's log is on the storage: a full disk shows here
             with self._lock:
-                if not result.ok:
-                    return self._failed(result, str(log_tmp))
-                if self.inspecting_failure:
-                    return StepOutcome(True, False, None, "", 0, False, str(log_tmp), result.duration)
-                snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
-                                layer=self.layer.name, cell_id=cell_id, source=script, cache_key=key,
-                                state=result.state.to_json(), status="ok", started=started,
-                                duration=result.duration)
-                try:
-                    snap = self.store.commit(self.live, snap)
-                except (OSError, StorageError):  # e.g. a full disk: the step leaves no trace
-                    self._back_to_head()
-                    raise
-                os.replace(log_tmp, self.store.log_path(snap.id))
-                self._advance(snap)
-                self.layer.steps.append(Step(script, cell_id))
-                return StepOutcome(True, False, snap.id, "", 0, False, str(self.store.log_path(snap.id)),
-                                   result.duration)
+                self._back_to_head()
+            raise StorageError(f"the step's output could not be stored ({e.strerror}): free space "
+                               f"on {self.store.root} (e.g. stacker-kernel gc) and run the step again") from None
+        with self._lock:
+            if not result.ok:
+                return self._failed(result, str(log_tmp))
+            if self.inspecting_failure:
+                return StepOutcome(True, False, None, "", 0, False, str(log_tmp), result.duration)
+            snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
+                            layer=self.layer.name, cell_id=cell_id, source=script, cache_key=key,
+                            state=result.state.to_json(), status="ok", started=started,
+                            duration=result.duration)
+            try:
+                snap = self.store.commit(self.live, snap)
+            except (OSError, StorageError):  # e.g. a full disk: the step leaves no trace
+                self._back_to_head()
+                raise
+            os.replace(log_tmp, self.store.log_path(snap.id))
+            self._advance(snap)
+            self.layer.steps.append(Step(script, cell_id))
+            return StepOutcome(True, False, snap.id, "", 0, False, str(self.store.log_path(snap.id)),
+                               result.duration)
 
     def _back_to_head(self) -> None:
         """Drop what a step did after an error outside it (a full disk); if even that
