@@ -199,6 +199,8 @@ def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-oci", action="store_true", help="keep results in the store only")
     p.add_argument("--no-cache", action="store_true", help="run every step even when a cached result exists")
     p.add_argument("--squash", action="store_true", help="one OCI layer per stacker layer (as stacker emits)")
+    p.add_argument("--annotations-namespace", default="io.stackeroci",
+                   help="namespace of the manifest annotations (default io.stackeroci)")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -210,7 +212,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     oci_dir = None if args.no_oci else (args.oci_dir or "oci")
     with _open_store(args) as store:
         result = build(store, args.file, substitutions=_substitutions(args.substitute),
-                       no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash)
+                       no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
+                       annotations_namespace=args.annotations_namespace)
     print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
           f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
     return 0
@@ -295,6 +298,26 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- publish ------------------------------------------------------------------
+
+def add_publish(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="docker://HOST/PATH[:TAG] or oci:DIR")
+    p.add_argument("--tag", action="append", help="tag to publish under (repeatable; default latest)")
+    p.add_argument("--image", action="append", help="only this layer (repeatable; default every tag)")
+    p.add_argument("--oci-dir", default="oci", help="the OCI layout built before (default oci)")
+    p.add_argument("--username", help="registry user")
+    p.add_argument("--password", help="registry password")
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from stacker_kernel.oci.publish import publish
+
+    for done in publish(args.oci_dir, args.url, args.tag, images=args.image,
+                        username=args.username, password=args.password):
+        print(f"published {done.image} to {done.destination}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("setup-storage", "as root: btrfs storage for a user (loop-mounted image if needed)",
             add_setup_storage, cmd_setup_storage),
@@ -307,6 +330,8 @@ COMMANDS: list[Command] = [
     Command("chroot", "an interactive shell in a throwaway copy of a built layer", add_chroot, cmd_chroot),
     Command("export", "a notebook as stacker.yaml (and OCI images)", add_export, cmd_export),
     Command("import", "a stacker.yaml as a notebook", add_import, cmd_import),
+    Command("publish", "copy built images to a registry or another OCI layout (skopeo)", add_publish,
+            cmd_publish),
 ]
 
 

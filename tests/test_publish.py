@@ -100,3 +100,21 @@ def test_unknown_image_is_refused(layout):
 def test_a_tagged_url_with_several_images_is_refused():
     with pytest.raises(RecipeError, match="pick one"):
         destinations("docker://h:5000/r:1", ["a", "b"], None)
+
+
+def test_cli_publish_pushes_a_built_layer(storage, busybox_oci, registry, tmp_path, capsys):
+    from stacker_kernel.cli import main
+
+    yaml = tmp_path / "stacker.yaml"
+    yaml.write_text("app:\n  from:\n    type: oci\n    url: ${{B}}\n  run: echo published > /p\n")
+    oci = tmp_path / "oci"
+    assert main(["--storage", str(storage), "build", "-f", str(yaml), "--oci-dir", str(oci),
+                 "--substitute", f"B={busybox_oci}", "--annotations-namespace", "org.example"]) == 0
+    index = json.loads((oci / "index.json").read_text())
+    manifest = json.loads((oci / "blobs/sha256" / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    assert "org.example.stacker.stacker_yaml" in manifest["annotations"]
+    capsys.readouterr()
+    assert main(["publish", "--oci-dir", str(oci), "--url", f"docker://{registry}/cli", "--tag", "t1"]) == 0
+    assert f"docker://{registry}/cli/app:t1" in capsys.readouterr().out
+    subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry}/cli/app:t1"],
+                   check=True, capture_output=True)

@@ -66,7 +66,8 @@ class BuildResult:
 
 def build(store: Store, path: str, *, substitutions: dict[str, str] | None = None,
           no_cache: bool = False, oci_dir: str | None = None, squash: bool = False,
-          out: Printer = print, stream: Callable[[str], None] | None = None) -> BuildResult:
+          annotations_namespace: str = "io.stackeroci", out: Printer = print,
+          stream: Callable[[str], None] | None = None) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). The first
@@ -105,7 +106,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
             session.finish()
         result.tags = dict(session.session.tags)
         if oci_dir:
-            result.oci_tags = session.export_oci(oci_dir, squash=squash)
+            result.oci_tags = session.export_oci(oci_dir, squash=squash,
+                                                 annotations_namespace=annotations_namespace)
             out(f"wrote {', '.join(result.oci_tags) or 'no tags'} to {oci_dir}")
         # Older builds of the same file are superseded: let gc reclaim them.
         for old in store.find_sessions(name=abspath, kind="build"):
