@@ -11,6 +11,7 @@ of the same change in an unpacked bundle (umoci re-hashes every file).
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import shutil
@@ -72,14 +73,29 @@ def umoci_repacks(work: Path, rootfs_tar: str, scripts: list[str], rootless: boo
     return times
 
 
+# A typical package, the same on every machine: ~7 MB, ~2000 files.
+PACKAGE = "vim-runtime"
+
+
+def fetch_package(name: str) -> str | None:
+    """`apt-get download` the package into a temp dir (the Debian mirror); else the
+    largest cached .deb up to 20 MB; else None (the step is left out)."""
+    tmp = tempfile.mkdtemp(prefix="bench-deb-")
+    atexit.register(shutil.rmtree, tmp, True)
+    if subprocess.run(["apt-get", "download", "-q", name], cwd=tmp, capture_output=True).returncode == 0:
+        found = glob.glob(os.path.join(tmp, "*.deb"))
+        if found:
+            return found[0]
+    debs = sorted((d for d in glob.glob("/var/cache/apt/archives/*.deb") if os.path.getsize(d) <= 20e6),
+                  key=os.path.getsize)
+    return debs[-1] if debs else None
+
+
 def main() -> None:
     rootfs_tar = sys.argv[1] if len(sys.argv) > 1 else subprocess.run(
         [str(REPO / "scripts/debian-rootfs.sh")], check=True, capture_output=True, text=True).stdout.strip()
     storage = Path(os.environ.get("STACKER_KERNEL_STORAGE", "/var/lib/stacker-kernel/btrfs/root"))
-    # The largest cached .deb up to 20 MB: a typical package, not a giant.
-    debs = sorted((d for d in glob.glob("/var/cache/apt/archives/*.deb") if os.path.getsize(d) <= 20e6),
-                  key=os.path.getsize)
-    deb = debs[-1] if debs else None
+    deb = fetch_package(PACKAGE)
     plan = steps(deb)
     work = Path(tempfile.mkdtemp(prefix="bench-export-", dir=storage))
     try:
