@@ -22,10 +22,11 @@ class GrabError(StackerKernelError):
     """A path to grab or browse is missing or escapes the rootfs."""
 
 
-def resolve_in_root(root: str, path: str, missing_ok: bool = False) -> str:
+def resolve_in_root(root: str, path: str, missing_ok: bool = False, clamp: bool = False) -> str:
     """The host path of container path `path` in rootfs `root`, following symlinks
     inside the rootfs. Raises GrabError if it would leave the rootfs, or (unless
-    `missing_ok`, which keeps the missing rest as plain names) if it does not exist."""
+    `missing_ok`, which keeps the missing rest as plain names) if it does not exist.
+    With `clamp`, `..` at the root stays at the root, as inside the container."""
     root = os.path.abspath(root)
     todo = [p for p in path.split("/") if p not in ("", ".")]
     done: list[str] = []
@@ -33,9 +34,10 @@ def resolve_in_root(root: str, path: str, missing_ok: bool = False) -> str:
     while todo:
         part = todo.pop(0)
         if part == "..":
-            if not done:
+            if done:
+                done.pop()
+            elif not clamp:
                 raise GrabError(f"{path} escapes the rootfs through '..'")
-            done.pop()
             continue
         host = os.path.join(root, *done, part)
         try:
@@ -51,7 +53,7 @@ def resolve_in_root(root: str, path: str, missing_ok: bool = False) -> str:
             target = os.readlink(host)
             if target.startswith("/"):
                 done = []
-            elif _escapes(done, target):
+            elif not clamp and _escapes(done, target):
                 raise GrabError(f"{path} escapes the rootfs through the symlink /{'/'.join(done + [part])} -> {target}")
             todo = [p for p in target.split("/") if p not in ("", ".")] + todo
             continue

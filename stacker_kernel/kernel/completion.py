@@ -13,11 +13,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from stacker_kernel.engine.inspect import GrabError, resolve_in_root
+from stacker_kernel.engine.session import BUILD_PATH
+
 # The PATH a step gets (stacker's default for `run`), searched in order.
-CONTAINER_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+CONTAINER_PATH = tuple(BUILD_PATH.split(":"))
 _WORD_BREAKS = " \t\n;|&()<>=\"'`"
 _COMMAND_POSITION = re.compile(r"(^|[;&|(`]|\$\(|\b(then|do|else|elif|if|while|until|!))\s*$")
-_MAX_SYMLINKS = 16
 
 
 @dataclass
@@ -34,31 +36,12 @@ class Completion:
 
 
 def _inside(rootfs: str, path: str) -> str | None:
-    """Host path of container path `path`, following symlinks within the rootfs; None if absent."""
-    parts = [p for p in path.split("/") if p and p != "."]
-    resolved: list[str] = []
-    hops = 0
-    while parts:
-        name = parts.pop(0)
-        if name == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        host = os.path.join(rootfs, *resolved, name)
-        try:
-            target = os.readlink(host)
-        except FileNotFoundError:
-            return None
-        except OSError:  # not a symlink (or unreadable): take it as it is
-            resolved.append(name)
-            continue
-        hops += 1
-        if hops > _MAX_SYMLINKS:
-            return None
-        if target.startswith("/"):
-            resolved = []
-        parts = [p for p in target.split("/") if p and p != "."] + parts
-    host = os.path.join(rootfs, *resolved)
+    """Host path of container path `path`, symlinks resolved as the container sees
+    them (never out of the rootfs); None if absent."""
+    try:
+        host = resolve_in_root(rootfs, path, clamp=True)
+    except (GrabError, OSError):  # absent, a symlink loop, or unreadable from the host
+        return None
     return host if os.path.lexists(host) else None
 
 
