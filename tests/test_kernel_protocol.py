@@ -6,6 +6,7 @@ means them to.
 """
 from __future__ import annotations
 
+import os
 import queue
 import time
 import uuid
@@ -253,3 +254,50 @@ def test_demo_notebook_builds_and_exports_its_stacker_yaml(busybox_tar, kernels,
     assert [r.status for r in runs] == ["ok"] * len(runs), [r.error for r in runs]
     text = yaml_path.read_text()
     assert "hello:" in text and "hello-web:" in text
+
+
+def test_kernel_killed_with_kill_9_leaves_no_process_and_loses_no_snapshot(nbdir, kernels):
+    import os
+    import signal
+
+    from stacker_kernel.storage.location import resolve_storage
+    from stacker_kernel.storage.store import Store
+
+    marker = f"sleep 9{uuid.uuid4().int % 10**6:06d}"
+    k = start_kernel(nbdir / "killed.ipynb", kernels)
+    try:
+        assert k.execute(BASE, "base", timeout=120).status == "ok"
+        done = k.execute(f"echo committed > /c-{marker.split()[1]}", "commit", timeout=60)
+        assert done.status == "ok"
+        msg_id = _send(k, f"{marker} & wait", "hang")
+        _iopub_until(k, msg_id, lambda m: m["msg_type"] == "status" and m["content"]["execution_state"] == "busy")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _processes(marker):
+            time.sleep(0.1)
+        assert _processes(marker), "the step never started"
+        os.kill(k.km.provisioner.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _processes(marker):
+            time.sleep(0.1)
+        assert _processes(marker) == []
+    finally:
+        k.close()
+    with Store.open(resolve_storage()) as store:
+        name = str((nbdir / "killed.ipynb").resolve())
+        sess = next(s for s in store.find_sessions(name=name) if s.history)
+        snaps = [store.get(i) for i in sess.history]
+        assert any((s.path / f"c-{marker.split()[1]}").exists() for s in snaps)
+        assert not store.live_path(sess.id).exists()  # collected on open: its owner is dead
+
+
+def _processes(cmdline: str) -> list[int]:
+    want = cmdline.split()
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")[:2] == want:
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found

@@ -112,7 +112,8 @@ CREATE INDEX IF NOT EXISTS sessions_name ON sessions(name);
 
 
 def process_start_time(pid: int) -> int | None:
-    """Start time of process `pid` in clock ticks since boot (/proc/PID/stat field 22), None if gone."""
+    """Start time of process `pid` in clock ticks since boot (/proc/PID/stat field 22),
+    None if gone or dead (a zombie that its parent has not reaped yet is dead)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -120,6 +121,8 @@ def process_start_time(pid: int) -> int | None:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
     return int(fields[19])
 
 
