@@ -289,11 +289,17 @@ def test_generate_labels_become_image_labels(storage, busybox_oci, tmp_path):
             cat /version > /stacker/oci-labels/version
             touch /should-not-persist
         """)
+    oci = tmp_path / "oci"
     with Store.open(storage) as store:
-        result = build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
-                       stream=lambda s: None)
-        assert result.session.recipe.layers["l"].labels == {"version": "1.2.3"}
+        build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, oci_dir=str(oci),
+              out=lambda s: None, stream=lambda s: None)
         assert not (layer_snapshot(store, str(yaml), "l").path / "should-not-persist").exists()
+    import json
+
+    index = json.loads((oci / "index.json").read_text())
+    blob = lambda d: json.loads((oci / "blobs/sha256" / d.split(":")[1]).read_text())  # noqa: E731
+    config = blob(blob(index["manifests"][0]["digest"])["config"]["digest"])
+    assert config["config"]["Labels"] == {"version": "1.2.3"}
 
 
 def test_build_writes_an_oci_layout_umoci_unpacks(storage, busybox_oci, tmp_path):

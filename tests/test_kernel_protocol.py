@@ -301,3 +301,19 @@ def _processes(cmdline: str) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+def test_generate_labels_cell_is_not_a_step_and_labels_the_exported_image(kernel, nbdir):
+    import json
+
+    assert kernel.execute("echo 2.0 > /version", "v", timeout=60).status == "ok"
+    labels = kernel.execute("%generate_labels\ncp /version /stacker/oci-labels/version", "labels", timeout=60)
+    assert labels.status == "ok" and "generate_labels set" in labels.text()
+    steps_before = kernel.execute("%layers", "l1", timeout=60).text()
+    assert "oci-labels" not in steps_before
+    oci = nbdir / "oci"
+    assert kernel.execute(f"%export oci {oci}", "exp", timeout=120).status == "ok"
+    index = json.loads((oci / "index.json").read_text())
+    blob = lambda d: json.loads((oci / "blobs/sha256" / d.split(":")[1]).read_text())  # noqa: E731
+    config = blob(blob(index["manifests"][-1]["digest"])["config"]["digest"])
+    assert config["config"]["Labels"]["version"] == "2.0"

@@ -5,6 +5,7 @@ the session's history, and its base is the parent of its first step.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from stacker_kernel.oci.bases import base_image
@@ -61,7 +62,11 @@ def export_session_oci(session, oci_dir: str, *, squash: bool = False,
     history = session._history_snaps()
     if stacker_yaml is None:
         stacker_yaml = session.export_yaml()
-    specs = image_specs(session.store, history, session.session.tags, session.recipe.layers)
+    # generate_labels scripts run now, on each layer's last snapshot (as stacker runs them
+    # after the layer's run); their labels join the image config, not the recipe.
+    layers = {name: replace(layer, labels={**layer.labels, **session.generated_labels(name)})
+              if layer.generate_labels else layer for name, layer in session.recipe.layers.items()}
+    specs = image_specs(session.store, history, session.session.tags, layers)
     return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
                         annotations_namespace=annotations_namespace, stacker_yaml=stacker_yaml,
                         squash=squash, layer_cache=layer_cache(session.store))

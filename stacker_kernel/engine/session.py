@@ -261,35 +261,33 @@ class BuildSession:
         self._stop_container()
 
     def finish(self) -> None:
-        """End the current layer: run its generate_labels script, and its last snapshot
-        becomes its tag (for `built` bases)."""
+        """End the current layer: its last snapshot becomes its tag (for `built` bases)."""
         with self._lock:
-            if self.layer.generate_labels and self.head is not None:
-                labels = self.generate_labels()
-                self._set_layer(replace(self.layer, labels={**self.layer.labels, **labels}))
             self._finish_layer()
 
-    def generate_labels(self) -> dict[str, str]:
-        """stacker's generate_labels: the script runs in a throwaway copy of the layer's
-        last snapshot; each file it writes to /stacker/oci-labels/NAME is label NAME."""
+    def generated_labels(self, name: str) -> dict[str, str]:
+        """stacker's generate_labels for layer `name`: its script runs in a throwaway
+        copy of the layer's last snapshot; each file it writes to
+        /stacker/oci-labels/NAME becomes label NAME. {} when the layer has none."""
         import tempfile
 
+        layer = self.recipe.layers.get(name)
+        tip = self.layer_tips().get(name) or (self.head if name == self.layer.name else None)
+        if layer is None or not layer.generate_labels or tip is None:
+            return {}
         throwaway = self.store.new_session("chroot", self.session.name + "#generate_labels")
         live = self.store.live_path(throwaway.id)
         labels_dir = Path(tempfile.mkdtemp(prefix="oci-labels-", dir=self.store.root))
         container = None
         try:
-            btrfs.snapshot(self.head.path, live, readonly=False)
+            btrfs.snapshot(tip.path, live, readonly=False)
             container = Container.start(ContainerConfig(rootfs=str(live), mounts=[
                 Mount(str(labels_dir), "/stacker/oci-labels", readonly=False)], network=self.network))
-            result = container.run_step(self.layer.generate_labels, build_environment(self.layer), None)
+            result = container.run_step(layer.generate_labels, build_environment(layer), None)
             if not result.ok:
-                raise StepError(f"generate_labels of layer {self.layer.name} failed: {result.message}")
-            labels = {}
-            for entry in sorted(labels_dir.iterdir()):
-                if entry.is_file():
-                    labels[entry.name] = entry.read_text(errors="replace").strip()
-            return labels
+                raise StepError(f"generate_labels of layer {name} failed: {result.message}")
+            return {entry.name: entry.read_text(errors="replace").strip()
+                    for entry in sorted(labels_dir.iterdir()) if entry.is_file()}
         finally:
             if container is not None:
                 container.stop()

@@ -211,14 +211,21 @@ class StackerKernel(Kernel):
                 shown = await self._in_engine(magics.run_magic, self.build, directive.name,
                                               directive.args, ctx)
             publish.show(shown)
-        await self._apply(pending, cell_id, publish)
+        # A %generate_labels cell's script is the layer's generate_labels, not a step:
+        # it runs at export, in a throwaway copy of the layer's last snapshot.
+        labels_cell = any(d.name == "generate_labels" for d in cell.directives)
+        await self._apply(pending, cell_id, publish, script if labels_cell else "")
+        if labels_cell:
+            publish.stream("generate_labels set: it runs when the layer is exported (%export oci)\n")
+            return None
         if not script:
             return None
         return await self._run_step(script, cell_id, publish)
 
-    async def _apply(self, directives: list, cell_id: str | None, publish: "_Publisher") -> None:
+    async def _apply(self, directives: list, cell_id: str | None, publish: "_Publisher",
+                     script: str = "") -> None:
         if directives:
-            for line in await self._in_engine(self.build.apply_directives, directives, cell_id):
+            for line in await self._in_engine(self.build.apply_directives, directives, cell_id, script):
                 publish.stream(line + "\n")
 
     def _widget_host(self) -> WidgetHost | None:
