@@ -96,10 +96,9 @@ NOTES = [
     "read-only btrfs snapshot and the SQLite record; `sh -c true` is the floor with no container; "
     "`buildah run` + `buildah commit` is what another daemonless builder pays for the same step "
     "(a fresh chroot per run, and a layer diff + image write per commit).",
-    "- **Rollback** is dominated by stopping the step's container: pexpect's `close()` sleeps "
-    "`delayafterclose` (0.1 s) before it checks the child; the btrfs work (delete the live "
-    "subvolume, snapshot the target) takes a few ms whatever the rootfs size, as the busybox "
-    "and Debian rows show.",
+    "- **Rollback** stops the layer's container (its pid namespace ends with it), deletes the "
+    "live subvolume and snapshots the target: a few ms whatever the rootfs size, as the busybox "
+    "and Debian rows show; the next step starts a fresh container.",
     "- **Export** compares one layer's diff + tar + gzip with `umoci repack`, which re-hashes "
     "the whole bundle to find the change.",
     "- **Cell** is end to end through the Jupyter protocol: bash_kernel pays its prompt-scraping "
