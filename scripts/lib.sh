@@ -7,6 +7,10 @@ VENV=${STACKER_KERNEL_VENV:-/opt/stacker-kernel/venv}
 TEST_USER=${STACKER_KERNEL_TEST_USER:-sktest}
 "$repo/scripts/setup-host.sh" >/dev/null
 home=$(getent passwd "$TEST_USER" | cut -d: -f6)
+if ! runuser -u "$TEST_USER" -- test -r "$repo/pyproject.toml"; then
+  echo "${SK_SCRIPT:-$0}: $repo is not readable by $TEST_USER: clone it under a world-readable path" >&2
+  exit 1
+fi
 storage=$(stacker-kernel storage-path --user "$TEST_USER")
 
 # Run a command as the test user, with the kernel spec of $work.
