@@ -268,3 +268,33 @@ def test_interact_runs_a_shell_on_the_terminal(bb_rootfs, tmp_path):
     child.sendline("exit 3")
     child.expect("status 3")
     child.expect(pexpect.EOF)
+
+
+def test_kill_orphans_ends_containers_whose_engine_is_gone(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from stacker_kernel.container.runtime import INIT_MODULE
+
+    live = tmp_path / "live"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+
+    def fake_init(rootfs, engine_pid):
+        # A process that looks like a container init (its argv is what ps shows).
+        config = json.dumps({"rootfs": str(rootfs), "engine_pid": engine_pid})
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", INIT_MODULE, config])
+
+    orphan = fake_init(live / "s1", dead.pid)
+    owned = fake_init(live / "s2", os.getpid())
+    elsewhere = fake_init(tmp_path / "other" / "s3", dead.pid)
+    try:
+        time.sleep(0.2)
+        assert Container.kill_orphans(str(live)) == [orphan.pid]
+        assert orphan.wait(5) == -9
+        assert owned.poll() is None and elsewhere.poll() is None
+    finally:
+        for p in (orphan, owned, elsewhere):
+            p.kill()
+            p.wait()

@@ -30,6 +30,7 @@ from stacker_kernel.container.step import (
 )
 from stacker_kernel.container.userns import IdMap
 from stacker_kernel.errors import ContainerError
+from stacker_kernel.storage.store import process_start_time
 
 START_TIMEOUT = 60.0
 INIT_MODULE = "stacker_kernel.container.init"
@@ -279,21 +280,30 @@ class Container:
         self.child = None
 
     @staticmethod
-    def kill_leftover(host_pid: int) -> bool:
-        """Kill a container init left by a crashed engine (its recorded
-        `host_pid`), if that pid still is one; True if one was killed."""
-        try:
-            with open(f"/proc/{host_pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            return False
-        if INIT_MODULE.encode() not in argv:
-            return False
-        try:
-            os.kill(host_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return False
-        return True
+    def kill_orphans(rootfs_prefix: str) -> list[int]:
+        """Kill every container of this user whose rootfs is under `rootfs_prefix` and
+        whose engine is gone (PDEATHSIG normally sees to it; this is the cleanup on
+        the next start). Returns the pids killed."""
+        killed = []
+        prefix = os.path.join(os.path.abspath(rootfs_prefix), "")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                config = json.loads(argv[argv.index(INIT_MODULE.encode()) + 1])
+                rootfs, engine = str(config["rootfs"]), int(config["engine_pid"])
+            except (OSError, ValueError, IndexError, KeyError, TypeError):
+                continue  # not one of our containers (or not readable: not ours)
+            if not os.path.join(os.path.abspath(rootfs), "").startswith(prefix) or process_start_time(engine) is not None:
+                continue
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+        return killed
 
     def _send(self, cmd: dict) -> None:
         with self._write_lock:
@@ -411,3 +421,4 @@ class _OutputSink:
         self.maybe_flush(force=True)
         if self.log:
             self.log.close()
+

@@ -134,6 +134,8 @@ class BuildSession:
         """A new session for `name` (a notebook or stacker.yaml path). With `resume`,
         a previous session of the same name whose owner is gone is taken over at
         its last snapshot (`self.resumed` says which)."""
+        # Containers of crashed engines on this store (PDEATHSIG should have ended them).
+        Container.kill_orphans(str(store.root / "live"))
         default_layer = default_layer or Path(name).stem or "layer"
         base_dir = base_dir or str(Path(name).parent if os.path.isabs(name) else os.getcwd())
         previous = None
