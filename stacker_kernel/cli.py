@@ -38,6 +38,15 @@ def human_size(n: int | None, signed: bool = False) -> str:
     return ""
 
 
+def _write_output(path: str, write: Callable[[str], object]) -> None:
+    """Call `write(path)`; an unwritable output path is a user error, not a traceback."""
+    try:
+        write(path)
+    except OSError as e:
+        raise StackerKernelError(f"cannot write {path}: {e.strerror or e}: "
+                                 "give an output path in an existing, writable directory") from None
+
+
 def _open_store(args: argparse.Namespace):
     from stacker_kernel.storage.location import resolve_storage
     from stacker_kernel.storage.store import Store
@@ -273,7 +282,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                            oci_dir=args.oci_dir if args.oci else None,
                            open_store=lambda: _open_store(args))
     if args.output:
-        Path(args.output).write_text(text)
+        _write_output(args.output, lambda p: Path(p).write_text(text))
         print(f"wrote {args.output}")
     else:
         sys.stdout.write(text)
@@ -293,7 +302,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from stacker_kernel.recipe.stacker_yaml import load_file
 
     recipe = load_file(args.stacker_yaml, _substitutions(args.substitute))
-    nbformat.write(notebook_from_recipe(recipe), args.output)
+    notebook = notebook_from_recipe(recipe)
+    _write_output(args.output, lambda p: nbformat.write(notebook, p))
     print(f"wrote {args.output}")
     return 0
 

@@ -96,3 +96,21 @@ def test_export_oci_from_the_notebooks_last_build(storage, busybox_tar, tmp_path
                    capture_output=True)
     assert (out / "rootfs" / "built").read_text() == "built\n"
     assert json.loads((out / "config.json").read_text())["process"]["args"] == ["/bin/true"]
+
+
+def test_import_to_a_missing_directory_is_one_line_and_exit_1(tmp_path, capsys):
+    (tmp_path / "stacker.yaml").write_text(YAML)
+    out = tmp_path / "no-such-dir" / "nb.ipynb"
+    assert main(["import", str(tmp_path / "stacker.yaml"), "-o", str(out), *SUBS]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("stacker-kernel: ") and str(out) in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_to_a_missing_directory_is_one_line_and_exit_1(tmp_path, capsys):
+    (tmp_path / "stacker.yaml").write_text(YAML)
+    assert main(["import", str(tmp_path / "stacker.yaml"), "-o", str(tmp_path / "nb.ipynb"), *SUBS]) == 0
+    capsys.readouterr()
+    out = tmp_path / "no-such-dir" / "back.yaml"
+    assert main(["export", str(tmp_path / "nb.ipynb"), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("stacker-kernel: ") and str(out) in err and len(err.strip().splitlines()) == 1
