@@ -321,3 +321,9 @@ def test_sigint_in_the_waiting_thread_interrupts_the_step(container):
     after, out = run(container, "echo in-sync")
     assert result.interrupted and not result.ok
     assert out == "in-sync\n"
+
+
+def test_output_with_apostrophes_survives_dash_traces(debian):
+    result, out = run(debian, "echo \"don't\"\necho hello\necho \"it's ok\"")
+    assert result.ok
+    assert out == "don't\nhello\nit's ok\n"

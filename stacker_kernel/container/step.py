@@ -182,9 +182,13 @@ exit 0
    .replace("@STATE_FD@", str(STATE_FD))
 
 
-def trace_marker(token: str) -> bytes:
-    """The PS4 of a step: a line that starts with it is a trace line, not output."""
-    return TRACE_LEAD + b"sk" + token.encode() + b" "
+def trace_marker(token: str, quoted: bool = True) -> bytes:
+    """The PS4 of a step: a line that starts with it is a trace line, not output.
+
+    `quoted` says the shell quotes the arguments it traces (bash, busybox);
+    dash does not, so a quote in its trace lines is a literal byte.
+    """
+    return TRACE_LEAD + b"sk" + token.encode() + (b" " if quoted else b"u ")
 
 
 def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: str) -> str:
@@ -196,8 +200,10 @@ def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: st
     from the sentinel nonce: the script can read PS4.
     """
     lines = _restore_lines(state, env) if state is not None else []
-    ps4 = trace_marker(trace_token).decode()
-    lines += [f"PS4={sh_quote(ps4)}", "set -x", f". /proc/self/fd/{SCRIPT_FD}"]
+    quoted, plain = (sh_quote(trace_marker(trace_token, q).decode()) for q in (True, False))
+    # dash traces arguments unquoted: its PS4 tells the filter so
+    lines += [f"""case $(exec 2>&1; PS4=; set -x; : "'") in ": '") PS4={plain} ;; *) PS4={quoted} ;; esac""",
+              "set -x", f". /proc/self/fd/{SCRIPT_FD}"]
     return "\n".join(lines) + "\n" + _POSTAMBLE
 
 
@@ -267,7 +273,9 @@ class OutputFilter:
 
     def __init__(self, nonce: str, trace_token: str | None) -> None:
         self.nonce = nonce
-        self.marker = trace_marker(trace_token)[1:] if trace_token else None  # after the lead byte(s)
+        # after the lead byte(s): the marker of quoting shells, then dash's
+        self.markers = tuple(trace_marker(trace_token, q)[1:] for q in (True, False)) if trace_token else ()
+        self._plain = False  # the open trace lines come from a shell that does not quote
         self.last_trace: str | None = None
         self.sentinel: Sentinel | None = None
         self._held = b""
@@ -316,6 +324,9 @@ class OutputFilter:
         bash's $'...') is part of the line: the scan keeps the quote state
         across calls, so every byte of a trace line is scanned once.
         """
+        if self._plain:
+            nl = buf.find(b"\n", i, stop)
+            return None if nl < 0 else nl
         q, esc = self._quote, self._escape
         for k in range(i, stop):
             c = buf[k]
@@ -356,20 +367,23 @@ class OutputFilter:
                 return 0
             self.sentinel = Sentinel(self.nonce, int(m.group(2)), base64.b64decode(m.group(3)))
             return end + 1
-        if self.marker is None:
+        if not self.markers:
             return 0
         k = 0
         while k < len(rest) and rest[k:k + 1] == TRACE_LEAD:
             k += 1  # bash repeats the lead per nesting level
         tail = rest[k:]
-        if len(tail) < len(self.marker):
-            return None if self.marker.startswith(tail) else 0
-        if not tail.startswith(self.marker):
+        for marker in self.markers:
+            if len(tail) < len(marker) and marker.startswith(tail):
+                return None
+        marker = next((m for m in self.markers if tail.startswith(m)), None)
+        if marker is None:
             return 0
+        self._plain = marker is not self.markers[0]
         if self._open_lines:
             self._trace += b" | "
         self._open_lines += 1
-        return k + len(self.marker)
+        return k + len(marker)
 
 
 def _next_special(buf: bytes, start: int) -> int:
