@@ -218,3 +218,22 @@ def test_an_interrupt_while_the_step_is_being_prepared_still_ends_it(storage, bu
             worker.join(1)
         s.close()
         store.close()
+
+
+def test_network_none_takes_effect_in_a_running_layer(session):
+    run_ok(session, "true")  # the layer's container is up, with the host's network
+    session.network = "none"
+    out, _ = run_ok(session, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
+    assert out.split() == ["lo"]
+
+
+def test_rerunning_a_cell_whose_step_came_from_the_cache_rolls_back(session):
+    script = "echo x >> /log"
+    run_ok(session, script, cell_id="c1")
+    session.rollback(0)
+    _, hit = run_ok(session, script, cell_id="c9")  # another cell, same step: a cache hit
+    assert hit.cached
+    run_ok(session, script, cell_id="c9")  # c9 run again: back to its parent first
+    out, _ = run_ok(session, "cat /log")
+    assert out.split() == ["x"]
+    assert [v.cell_id for v in session.history()][:1] == ["c9"]

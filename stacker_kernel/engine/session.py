@@ -122,6 +122,9 @@ class BuildSession:
         self._live_ready = False
         self._interrupt_requested = False
         self._imports_digest = ""
+        # A cache hit's record names the cell that first built it; in this session
+        # the step belongs to the cell that hit it (re-run and %rollback use that).
+        self._cell_ids: dict[str, str | None] = {}
         self._lock = threading.RLock()  # session state; widgets read it from other threads
         self._step_lock = threading.Lock()  # one step at a time
 
@@ -433,7 +436,11 @@ class BuildSession:
 
     def _ensure_container(self) -> Container:
         if self.container is not None and self.container.alive:
-            return self.container
+            if self.container.config.network == self.network:
+                return self.container
+            # `%network` changed: the mode is the container's, so start it again (the
+            # live rootfs and the shell state carry over, as between any two steps).
+            self._stop_container()
         # The legacy `import:` key put files at /stacker/ (stacker < 1.0); `imports:` at /stacker/imports.
         where = "/stacker" if self.layer.uses_legacy_import() else "/stacker/imports"
         mounts = [Mount(str(self._imports_dir()), where, readonly=True)]
@@ -559,6 +566,8 @@ class BuildSession:
                 text += f"\n[output truncated: full log in {log}]\n"
             if text:
                 on_output(text)
+        if cell_id != hit.cell_id:
+            self._cell_ids[hit.id] = cell_id
         self.layer.steps.append(Step(hit.source, cell_id))
         return StepOutcome(True, True, hit.id, "", 0, False, str(log), time.monotonic() - t0)
 
@@ -589,6 +598,8 @@ class BuildSession:
         for sid in self.session.history:
             snap = self.store.get(sid)
             if snap is not None:
+                if sid in self._cell_ids:
+                    snap = replace(snap, cell_id=self._cell_ids[sid])
                 snaps.append(snap)
         return snaps
 
@@ -702,8 +713,7 @@ class BuildSession:
             return
         with self._lock:
             before = self.session.history
-            self.session.history = [sid for sid in before
-                                    if (self.store.get(sid) or Snapshot()).cell_id not in ids]
+            self.session.history = [s.id for s in self._history_snaps() if s.cell_id not in ids]
             if self.session.history != before:
                 self.store.update_session(self.session)
 
