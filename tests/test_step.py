@@ -327,3 +327,22 @@ def test_output_with_apostrophes_survives_dash_traces(debian):
     result, out = run(debian, "echo \"don't\"\necho hello\necho \"it's ok\"")
     assert result.ok
     assert out == "don't\nhello\nit's ok\n"
+
+
+def test_set_v_does_not_echo_the_wrapper(container):
+    result, out = carry(container, "set -v", "echo hi")
+    assert result.ok, out
+    assert "__sk_" not in out and "PS4" not in out
+    assert out.endswith("hi\n")
+
+
+def test_pipefail_carries_to_the_next_step(container):
+    result, out = carry(container, "set -o pipefail", "false | true\necho not-reached")
+    assert (result.ok, result.status) == (False, 1)
+    assert out == ""
+
+
+def test_pipefail_turned_off_stays_off(container):
+    result, out = carry(container, "set -o pipefail", "set +o pipefail", "false | true\necho reached")
+    assert result.ok
+    assert out == "reached\n"

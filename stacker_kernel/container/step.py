@@ -36,6 +36,8 @@ SPECIAL_VARS = (
 _SPECIAL_PATTERN = "|".join(SPECIAL_VARS + ["BASH*", "__sk_*"])
 #: `set` options carried between steps (x is ours, for the trace)
 CARRIED_OPTIONS = "aCfuv"
+#: the option without a letter that carries too (bash, busybox; not dash)
+PIPEFAIL = "-o pipefail"
 DEFAULT_IFS = " \t\n"
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -45,7 +47,8 @@ class ShellState:
     """What carries from step to step within a layer.
 
     `options` lists the `set` letters to apply on top of a fresh `sh -e`
-    (letters among "aCfuv"), plus "+e" when the script turned errexit off.
+    (letters among "aCfuv"), plus "+e" when the script turned errexit off,
+    plus "-o pipefail" when the script turned pipefail on.
     """
 
     cwd: str = "/"
@@ -134,17 +137,25 @@ def _restore_lines(state: ShellState, env: dict[str, str]) -> list[str]:
             lines.append(f"{name}={sh_quote(value)}; export {name}")
     if "IFS" in state.plain:
         lines.append(f"IFS={sh_quote(state.plain['IFS'])}")
-    letters = "".join(c for c in state.options.replace("+e", "") if c in CARRIED_OPTIONS)
-    if letters:
-        lines.append(f"set -{letters}")
-    if "+e" in state.options:
-        lines.append("set +e")
     return lines
 
 
+def _option_commands(options: str) -> list[str]:
+    """The `set` commands that apply `options` (a ShellState's) on top of `sh -e`."""
+    cmds = []
+    rest = options.replace(PIPEFAIL, "")
+    letters = "".join(c for c in rest.replace("+e", "") if c in CARRIED_OPTIONS)
+    if letters:
+        cmds.append(f"set -{letters}")
+    if "+e" in rest:
+        cmds.append("set +e")
+    if PIPEFAIL in options:
+        cmds.append("set -o pipefail")
+    return cmds
+
+
 # Only builtins after the user's script: the rootfs may lack cat, env, test.
-_POSTAMBLE = r"""set +x
-__sk_o=$-
+_POSTAMBLE = r"""case $(set +o) in *"set -o pipefail"*) __sk_o="$__sk_o pipefail" ;; esac
 __sk_ifs_set=${IFS+x}
 __sk_ifs=${IFS-}
 __sk_set=$(set)
@@ -202,8 +213,12 @@ def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: st
     lines = _restore_lines(state, env) if state is not None else []
     quoted, plain = (sh_quote(trace_marker(trace_token, q).decode()) for q in (True, False))
     # dash traces arguments unquoted: its PS4 tells the filter so
-    lines += [f"""case $(exec 2>&1; PS4=; set -x; : "'") in ": '") PS4={plain} ;; *) PS4={quoted} ;; esac""",
-              "set -x", f". /proc/self/fd/{SCRIPT_FD}"]
+    lines.append(f"""case $(exec 2>&1; PS4=; set -x; : "'") in ": '") PS4={plain} ;; *) PS4={quoted} ;; esac""")
+    # One line from the options to `set +vx`: a shell echoes the lines it
+    # reads under `set -v`, and our lines are no output of the step.
+    run = _option_commands(state.options) if state is not None else []
+    run += ["set -x", f". /proc/self/fd/{SCRIPT_FD}", "__sk_o=$-", "set +vx"]
+    lines.append("; ".join(run))
     return "\n".join(lines) + "\n" + _POSTAMBLE
 
 
@@ -234,9 +249,12 @@ def parse_state_dump(data: bytes) -> ShellState | None:
         return None
     if not complete:
         return None
+    opts, _, extra = opts.partition(" ")  # `$-`, then the named options that are on
     options = "".join(c for c in CARRIED_OPTIONS if c in opts)
     if "e" not in opts:
         options += "+e"
+    if "pipefail" in extra.split():
+        options += PIPEFAIL
     return ShellState(cwd=cwd, exported=exported, plain=plain, options=options)
 
 
