@@ -346,3 +346,14 @@ def test_truncated_plain_tar_is_a_clear_error(work):
     (work / "cut.tar").write_bytes(raw[:50000])
     with pytest.raises(ImageError, match=r"cut\.tar.*truncated"):
         apply(work / "cut.tar", work / "rootfs")
+
+
+@pytest.mark.parametrize("name", [".wh...", "sub/.wh...", ".wh.."])
+def test_whiteout_of_dot_or_dotdot_is_refused_and_removes_nothing(work, name):
+    (work / "sibling").mkdir()
+    (work / "sibling/keep").write_text("keep")
+    apply(make_tar(work / "1.tar", [entry("sub", "dir"), entry("sub/f", data=b"1")]), work / "rootfs")
+    with pytest.raises(ImageError, match="hostile"):
+        apply(make_tar(work / "2.tar", [entry(name)]), work / "rootfs")
+    assert (work / "sibling/keep").read_text() == "keep"
+    assert os.path.exists(work / "rootfs/sub/f")

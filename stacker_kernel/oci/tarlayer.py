@@ -442,6 +442,9 @@ class _Applier:
             self.warnings.add("aufs", f"ignored whiteout metadata {member.name!r} of {self.src}")
             return
         name = base[len(WHITEOUT_PREFIX):]
+        if name in (".", ".."):  # would remove the directory itself, or its parent (outside, at the root)
+            raise ImageError(f"whiteout {member.name!r} of {self.src} names {name!r}: "
+                             "the archive is hostile or broken; do not use it")
         with self.root.directory(parts[:-1], member.name, create=False) as found:
             if found is None:
                 return  # nothing below to hide
