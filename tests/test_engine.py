@@ -237,3 +237,21 @@ def test_rerunning_a_cell_whose_step_came_from_the_cache_rolls_back(session):
     out, _ = run_ok(session, "cat /log")
     assert out.split() == ["x"]
     assert [v.cell_id for v in session.history()][:1] == ["c9"]
+
+
+def run_cell(session, text, cell_id):
+    """A cell as the kernel runs it: its recipe directives, then its script as a step."""
+    from stacker_kernel.recipe.cells import parse_cell
+
+    cell = parse_cell(text)
+    session.apply_directives(cell.directives, cell_id, cell.script)
+    return run_ok(session, cell.script, cell_id)
+
+
+def test_rerunning_a_cell_of_an_earlier_layer_applies_its_directives_to_that_layer(session):
+    run_cell(session, "%build_env FOO=1\necho $FOO > /foo", "a1")
+    run_cell(session, "%layer b\n%from built nb\ntrue", "b1")
+    run_cell(session, "%build_env FOO=2\necho $FOO > /foo", "a1")  # a1 edited and run again
+    out, _ = run_ok(session, "cat /foo")
+    assert out.strip() == "2"
+    assert session.layer.name == "nb" and session.layer.build_env == {"FOO": "2"}

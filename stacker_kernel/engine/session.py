@@ -217,6 +217,12 @@ class BuildSession:
 
         info: list[str] = []
         with self._lock:
+            if (cell_id is not None and not self.inspecting_failure
+                    and not any(d.name == "layer" for d in directives)):
+                # A cell run again goes back to its step's parent first, so its
+                # directives change the layer that step belongs to (not the current
+                # one); a `%layer` cell goes back to the layer's start by itself.
+                self._rollback_for_rerun(cell_id)
             for d in directives:
                 if d.interactive:
                     continue
