@@ -317,3 +317,9 @@ def test_generate_labels_cell_is_not_a_step_and_labels_the_exported_image(kernel
     blob = lambda d: json.loads((oci / "blobs/sha256" / d.split(":")[1]).read_text())  # noqa: E731
     config = blob(blob(index["manifests"][-1]["digest"])["config"]["digest"])
     assert config["config"]["Labels"]["version"] == "2.0"
+
+
+def test_completion_of_a_relative_path_starts_at_the_shells_cwd(kernel):
+    assert kernel.execute("mkdir -p /srv/site/htdocs; cd /srv/site", "c1").status == "ok"
+    paths = kernel.kc.complete("ls htd", reply=True, timeout=15)["content"]
+    assert paths["matches"] == ["htdocs/"]

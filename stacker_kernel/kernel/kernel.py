@@ -331,6 +331,11 @@ class StackerKernel(Kernel):
         except Exception:
             return None
 
+    def _cwd(self) -> str:
+        """The build shell's working directory after the last step (relative paths start there)."""
+        state = self.build.state if self.build is not None else None
+        return (state.cwd if state is not None else None) or "/"
+
     def _complete(self, code: str, cursor_pos: int) -> completion.Completion:
         from stacker_kernel.recipe.cells import complete_magic
 
@@ -344,9 +349,9 @@ class StackerKernel(Kernel):
                 start = cursor_pos - len(word)
             elif " " in line.strip():
                 # Arguments that are paths: %grab, %diff, %import, %binds ...
-                return completion.complete_shell(self._rootfs(), code, cursor_pos)
+                return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd())
             return completion.Completion(matches, start, cursor_pos)
-        return completion.complete_shell(self._rootfs(), code, cursor_pos)
+        return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd())
 
     async def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
         try:
