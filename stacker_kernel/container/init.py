@@ -414,6 +414,10 @@ def run_shell(cmd: dict, staged: list[StagedMount], cooked: list, raw: list) -> 
         _write_all(1, f"stacker-kernel: cannot mount the binds: {e}\n".encode())
         _write_all(1, format_sentinel(nonce, 125, b""))
         return
+    # Cooked mode before the engine forwards any typing: until this marker, what the
+    # user types would reach our command reader instead of the shell.
+    termios.tcsetattr(0, termios.TCSANOW, cooked)
+    _write_all(1, format_sentinel(nonce + "-ready", 0, b""))
     pid = os.fork()
     if pid == 0:
         try:

@@ -26,7 +26,7 @@ import pexpect
 
 from stacker_kernel.container.step import (
     SENTINEL_RE, OutputFilter, ShellState, StepResult, build_wrapper, encode_command,
-    failure_message, is_shebang, parse_state_dump,
+    failure_message, format_sentinel, is_shebang, parse_state_dump,
 )
 from stacker_kernel.container.userns import IdMap
 from stacker_kernel.errors import ContainerError
@@ -226,10 +226,14 @@ class Container:
         if is_tty:
             tty.setraw(stdin, termios.TCSANOW)  # TCSAFLUSH would drop typed-ahead input
         fd = self.child.child_fd
+        # Typing is forwarded only once init says the shell owns the pty (the marker):
+        # before that it would land in init's command reader.
+        marker = format_sentinel(nonce + "-ready", 0, b"")
+        early = b""
         try:
             while filt.sentinel is None:
-                ready = select.select([fd, stdin], [], [])[0]
-                if stdin in ready:
+                ready = select.select([fd, stdin] if early is None else [fd], [], [])[0]
+                if early is None and stdin in ready:
                     data = os.read(stdin, 4096)
                     if data:
                         with self._write_lock:
@@ -242,6 +246,14 @@ class Container:
                     if not data:
                         self._mark_dead()
                         raise ContainerError("the container died during the interactive shell")
+                    if early is not None:
+                        early += data
+                        if marker in early:
+                            data, early = early.replace(marker, b""), None
+                        elif f"{nonce};".encode() in early:  # no shell (e.g. a bind failed)
+                            data, early = early, None
+                        else:
+                            continue
                     _write_all(sys.stdout.fileno(), filt.feed(data))
         finally:
             if saved is not None:
