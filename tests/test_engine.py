@@ -255,3 +255,16 @@ def test_rerunning_a_cell_of_an_earlier_layer_applies_its_directives_to_that_lay
     out, _ = run_ok(session, "cat /foo")
     assert out.strip() == "2"
     assert session.layer.name == "nb" and session.layer.build_env == {"FOO": "2"}
+
+
+def test_deleting_a_built_cell_leaves_the_history_but_not_the_export(session):
+    run_ok(session, "echo a > /a", cell_id="c1")
+    run_ok(session, "echo b > /b", cell_id="c2")
+    run_ok(session, "cat /a /b > /ab", cell_id="c3")
+    session.forget_cells(["c2"])
+    assert [v.cell_id for v in session.history()] == ["c1", "c3"]
+    # The rootfs was built on c2's step: what was built, and so the export, keeps it.
+    steps = session.export_recipe().layers["nb"].steps
+    assert [s.cell_id for s in steps] == ["c1", "c2", "c3"]
+    assert session.order_warnings(["c1", "c3"]) == [
+        "1 built step(s) come from cells no longer in the notebook (c2): the export has them"]

@@ -59,7 +59,7 @@ def image_specs(store: Store, history: list[Snapshot], tags: dict[str, str],
 def export_session_oci(session, oci_dir: str, *, squash: bool = False,
                        stacker_yaml: str | None = None, annotations_namespace: str = "io.stackeroci") -> list[str]:
     """Write the images of a live BuildSession to the OCI layout `oci_dir`; returns the tags."""
-    history = session._history_snaps()
+    history = session.built_steps()
     if stacker_yaml is None:
         stacker_yaml = session.export_yaml()
     # generate_labels scripts run now, on each layer's last snapshot (as stacker runs them

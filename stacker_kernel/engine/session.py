@@ -755,19 +755,34 @@ class BuildSession:
     def rootfs_path(self) -> str:
         return str(self.live if self._live_ready else (self.head.path if self.head else self.live))
 
+    def built_steps(self) -> list[Snapshot]:
+        """What the layers are made of, oldest first: the steps in the snapshot chain of
+        each layer's last snapshot. Unlike the history, this keeps the steps of deleted
+        cells that later steps were built on (the export must have them)."""
+        with self._lock:
+            tips = dict(self.session.tags)
+            tips[self.layer.name] = self.head.id if self.head is not None else None
+            steps: list[Snapshot] = []
+            for name in self.recipe.layers:
+                if tips.get(name):
+                    steps += [replace(s, cell_id=self._cell_ids.get(s.id, s.cell_id))
+                              for s in self.store.chain(tips[name]) if s.kind == "step" and s.layer == name]
+            return steps
+
     def layer_tips(self) -> dict[str, Snapshot]:
-        """Each layer's last snapshot in this session, in recipe order."""
+        """Each layer's last snapshot, in recipe order."""
         tips: dict[str, Snapshot] = {}
-        for snap in self._history_snaps():
+        for snap in self.built_steps():
             tips[snap.layer] = snap
         return tips
 
     def export_recipe(self) -> Recipe:
         """The recipe of what was actually built: each layer's steps are its snapshot chain."""
         with self._lock:
+            built = self.built_steps()
             out = Recipe()
             for name, layer in self.recipe.layers.items():
-                steps = [Step(s.source, s.cell_id) for s in self._history_snaps() if s.layer == name]
+                steps = [Step(s.source, s.cell_id) for s in built if s.layer == name]
                 out.layers[name] = replace(layer, steps=steps)
             return out
 
@@ -775,7 +790,7 @@ class BuildSession:
         """Where the notebook (its code cells' ids, in order) differs from what was built."""
         if not notebook_cell_ids:
             return []  # nothing to compare with (e.g. the notebook is not saved yet)
-        built = [s.cell_id for s in self._history_snaps() if s.cell_id]
+        built = [s.cell_id for s in self.built_steps() if s.cell_id]
         pos = {cid: i for i, cid in enumerate(notebook_cell_ids)}
         warnings = []
         gone = [cid for cid in built if cid not in pos]
