@@ -346,3 +346,17 @@ def test_pipefail_turned_off_stays_off(container):
     result, out = carry(container, "set -o pipefail", "set +o pipefail", "false | true\necho reached")
     assert result.ok
     assert out == "reached\n"
+
+
+def test_umask_carries_and_steps_start_at_0022(container):
+    fresh, out = run(container, "umask")
+    assert fresh.ok and out.strip().lstrip("0") == "22"
+    result, out = carry(container, "umask 077", "touch /tmp/u-file; stat -c %a /tmp/u-file; umask")
+    assert result.ok, out
+    assert out.split()[0] == "600" and out.split()[1].lstrip("0") == "77"
+
+
+def test_umask_carries_with_dash(debian):
+    result, out = carry(debian, "umask 027", "umask")
+    assert result.ok, out
+    assert out.strip() == "0027"

@@ -301,6 +301,7 @@ def _exec_step(cmd: dict, state_w: int, wrapper_fd: int | None, script_fd: int) 
     """In the forked child: become the step. Never returns."""
     try:
         os.setsid()
+        os.umask(0o022)  # every step starts like stacker's run, whatever the engine's umask
         for sig in _STEP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         null = os.open("/dev/null", os.O_RDONLY)

@@ -55,16 +55,20 @@ class ShellState:
     exported: dict[str, str] = field(default_factory=dict)
     plain: dict[str, str] = field(default_factory=dict)
     options: str = ""
+    umask: str = ""  # as `umask` prints it; "" = the step default (0022)
 
     def to_json(self) -> str:
-        return json.dumps({"cwd": self.cwd, "exported": self.exported,
-                           "plain": self.plain, "options": self.options}, sort_keys=True)
+        d = {"cwd": self.cwd, "exported": self.exported, "plain": self.plain, "options": self.options}
+        if self.umask:
+            d["umask"] = self.umask
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, s: str) -> "ShellState":
         d = json.loads(s)
         return cls(cwd=d.get("cwd", "/"), exported=dict(d.get("exported", {})),
-                   plain=dict(d.get("plain", {})), options=d.get("options", ""))
+                   plain=dict(d.get("plain", {})), options=d.get("options", ""),
+                   umask=d.get("umask", ""))
 
     def environment(self, env: dict[str, str]) -> dict[str, str]:
         """The process environment of a shebang step run in this state: the
@@ -125,6 +129,8 @@ def sh_quote(value: str) -> str:
 
 def _restore_lines(state: ShellState, env: dict[str, str]) -> list[str]:
     lines = [f"cd -- {sh_quote(state.cwd)}"]
+    if re.fullmatch(r"[0-7]{1,4}", state.umask or ""):
+        lines.append(f"umask {state.umask}")
     gone = [k for k in env if _NAME_RE.match(k) and k not in SPECIAL_VARS
             and k not in state.exported and k not in state.plain]
     if gone:
@@ -155,7 +161,8 @@ def _option_commands(options: str) -> list[str]:
 
 
 # Only builtins after the user's script: the rootfs may lack cat, env, test.
-_POSTAMBLE = r"""case $(set +o) in *"set -o pipefail"*) __sk_o="$__sk_o pipefail" ;; esac
+_POSTAMBLE = r"""printf 'u\0%s\0' "$(umask)" >&@STATE_FD@
+case $(set +o) in *"set -o pipefail"*) __sk_o="$__sk_o pipefail" ;; esac
 __sk_ifs_set=${IFS+x}
 __sk_ifs=${IFS-}
 __sk_set=$(set)
@@ -228,7 +235,7 @@ def parse_state_dump(data: bytes) -> ShellState | None:
     if not parts or parts[-1] != b"":
         return None
     parts = [p.decode("utf-8", "surrogateescape") for p in parts[:-1]]
-    cwd, opts = "/", ""
+    cwd, opts, umask = "/", "", ""
     exported: dict[str, str] = {}
     plain: dict[str, str] = {}
     complete = False
@@ -238,6 +245,8 @@ def parse_state_dump(data: bytes) -> ShellState | None:
             tag = parts[i]
             if tag == "c":
                 cwd, opts, i = parts[i + 1], parts[i + 3], i + 4
+            elif tag == "u":
+                umask, i = parts[i + 1].strip(), i + 2
             elif tag in ("v", "x"):
                 (exported if tag == "x" else plain)[parts[i + 1]] = parts[i + 2]
                 i += 3
@@ -255,7 +264,9 @@ def parse_state_dump(data: bytes) -> ShellState | None:
         options += "+e"
     if "pipefail" in extra.split():
         options += PIPEFAIL
-    return ShellState(cwd=cwd, exported=exported, plain=plain, options=options)
+    if umask.lstrip("0") == "22":
+        umask = ""  # the default: keep states (and cache keys) of ordinary steps unchanged
+    return ShellState(cwd=cwd, exported=exported, plain=plain, options=options, umask=umask)
 
 
 def encode_command(cmd: dict) -> bytes:
