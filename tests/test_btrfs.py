@@ -224,3 +224,20 @@ def test_root_deletes_subvolumes_without_the_mount_option(plain_btrfs):
     btrfs.remove_tree(plain_btrfs / "a")
     btrfs.remove_tree(plain_btrfs / "s")
     assert list(plain_btrfs.iterdir()) == []
+
+
+@pytest.mark.rootful
+def test_a_snapshot_whose_delete_fails_stays_read_only(plain_btrfs):
+    code = textwrap.dedent(f"""
+        from stacker_kernel.errors import StorageError
+        from stacker_kernel.storage import btrfs
+        btrfs.create_subvolume({str(plain_btrfs / "a")!r})
+        btrfs.snapshot({str(plain_btrfs / "a")!r}, {str(plain_btrfs / "s")!r}, readonly=True)
+        try:
+            btrfs.delete_subvolume({str(plain_btrfs / "s")!r})
+        except StorageError:
+            print("refused")
+        print("readonly" if btrfs.is_readonly({str(plain_btrfs / "s")!r}) else "writable")
+    """)
+    out = _as_nobody(code)
+    assert out.stdout.split() == ["refused", "readonly"], out.stderr

@@ -298,3 +298,16 @@ def test_kill_orphans_ends_containers_whose_engine_is_gone(tmp_path):
         for p in (orphan, owned, elsewhere):
             p.kill()
             p.wait()
+
+
+def test_a_step_whose_mounts_fail_halfway_leaves_no_placeholder(bb_rootfs, tmp_path):
+    src = tmp_path / "bind-src"
+    src.mkdir()
+    # /etc/passwd is a file: the second mount point cannot be made, after the first was.
+    mounts = [Mount(str(src), "/stacker/imports"), Mount(str(src), "/etc/passwd/below")]
+    with Container.start(ContainerConfig(str(bb_rootfs), mounts=mounts)) as c:
+        result, _ = run(c, "true")
+        assert not result.ok
+        assert not os.path.lexists(bb_rootfs / "stacker")
+        again, _ = run(c, "true")
+        assert not again.ok and not os.path.lexists(bb_rootfs / "stacker")

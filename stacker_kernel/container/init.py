@@ -201,21 +201,25 @@ def mount_step(staged: list[StagedMount]) -> StepMounts:
     """Bind the staged sources at their destinations, creating (and recording)
     whatever mount points the rootfs lacks, so `unmount_step` leaves no trace."""
     done = StepMounts()
-    for s in staged:
-        path = os.path.realpath(s.dest)  # a symlinked resolv.conf mounts at its target
-        parts = path.strip("/").split("/")
-        for i in range(1, len(parts)):
-            d = "/" + "/".join(parts[:i])
-            if not os.path.lexists(d):
-                os.mkdir(d, 0o755)
-                done.created.append(d)
-        if not os.path.lexists(path):
-            _create_placeholder(path, s.is_dir)
-            done.created.append(path)
-        mount(s.staged, path, None, MS_BIND | MS_REC)
-        done.mounted.append(path)
-        if s.readonly:
-            remount_readonly(path)
+    try:
+        for s in staged:
+            path = os.path.realpath(s.dest)  # a symlinked resolv.conf mounts at its target
+            parts = path.strip("/").split("/")
+            for i in range(1, len(parts)):
+                d = "/" + "/".join(parts[:i])
+                if not os.path.lexists(d):
+                    os.mkdir(d, 0o755)
+                    done.created.append(d)
+            if not os.path.lexists(path):
+                _create_placeholder(path, s.is_dir)
+                done.created.append(path)
+            mount(s.staged, path, None, MS_BIND | MS_REC)
+            done.mounted.append(path)
+            if s.readonly:
+                remount_readonly(path)
+    except OSError:
+        unmount_step(done)  # a half-mounted step must not leave mounts or placeholders
+        raise
     return done
 
 

@@ -310,20 +310,26 @@ def delete_subvolume(path: os.PathLike | str) -> None:
     path = Path(path)
     if not is_subvolume(path):
         raise StorageError(f"cannot delete {path}: it is not a btrfs subvolume")
+    was_readonly = is_readonly(path)
     set_readonly(path, False)
     try:
-        _destroy(path)
-        return
-    except OSError as e:
-        if e.errno != errno.ENOTEMPTY:
+        try:
+            _destroy(path)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise _delete_error(path, e) from None
+        # Nested subvolumes block the destroy (ENOTEMPTY): delete them first.
+        for nested in _nested_subvolumes(path):
+            delete_subvolume(nested)
+        try:
+            _destroy(path)
+        except OSError as e:
             raise _delete_error(path, e) from None
-    # Nested subvolumes block the destroy (ENOTEMPTY): delete them first.
-    for nested in _nested_subvolumes(path):
-        delete_subvolume(nested)
-    try:
-        _destroy(path)
-    except OSError as e:
-        raise _delete_error(path, e) from None
+    except BaseException:
+        if was_readonly and path.exists():
+            set_readonly(path, True)  # a snapshot that stays must stay frozen
+        raise
 
 
 def _delete_error(path: Path, err: OSError) -> StorageError:
