@@ -25,6 +25,7 @@ status=0
 echo "== unprivileged suite (as $TEST_USER)"
 runuser -u "$TEST_USER" -- env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$home" USER="$TEST_USER" \
   LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 CI="${CI:-}" \
+  STACKER_KERNEL_CRASH_POINTS="${STACKER_KERNEL_CRASH_POINTS:-}" \
   STACKER_KERNEL_STORAGE="$(stacker-kernel storage-path --user "$TEST_USER")" \
   "$VENV/bin/python" -m pytest -m "not rootful" "$@" || status=$?
 echo "== rootful subset (as root)"

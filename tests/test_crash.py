@@ -31,7 +31,7 @@ from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Store
 
 STEPS = 10
-POINTS = int(os.environ.get("STACKER_KERNEL_CRASH_POINTS", "8"))
+POINTS = int(os.environ.get("STACKER_KERNEL_CRASH_POINTS") or "8")
 PHASES = ["mid-step", "mid-snapshot", "between-steps", "mid-export"]
 STACKER_KERNEL = str(Path(sys.executable).parent / "stacker-kernel")
 
