@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from acceptance_cases import SC03, SC06, SC13
 from stacker_kernel.cli import main
 
 
@@ -42,23 +43,7 @@ def unpack(oci: Path, tag: str, dest: Path) -> Path:
 
 
 def test_sc03_cmd_entrypoint_full_command(storage, busybox_oci, tmp_path):
-    yaml = write(tmp_path / "stacker.yaml", """
-        base:
-            from:
-                type: oci
-                url: ${{BUSYBOX_OCI}}
-            cmd: foo
-        layer1:
-            from:
-                type: built
-                tag: base
-            entrypoint: bar
-        layer2:
-            from:
-                type: built
-                tag: layer1
-            full_command: baz
-        """)
+    yaml = write(tmp_path / "stacker.yaml", SC03)
     oci = tmp_path / "oci"
     assert build(storage, yaml, "--oci-dir", str(oci), "--substitute", f"BUSYBOX_OCI={busybox_oci}") == 0
     index = json.loads((oci / "index.json").read_text())
@@ -74,44 +59,7 @@ def test_sc06_whiteouts_across_a_chain_of_built_layers(storage, busybox_tar, tmp
     base = tmp_path / ".stacker" / "layer-bases"
     base.mkdir(parents=True)
     (base / "busybox.tar").write_bytes(busybox_tar.read_bytes())
-    yaml = write(tmp_path / "stacker.yaml", """
-        l1:
-            from:
-               type: tar
-               url: .stacker/layer-bases/busybox.tar
-            run: |
-               mkdir -p /aaa/111/ab
-               mkdir -p /ddd/111/ab
-        l2:
-            from:
-               type: built
-               tag: l1
-            run: |
-               rm -rf /aaa
-               mkdir -p /bbb/111/ab
-               mkdir -p /ccc/111/ab
-               rm -rf /ddd
-               mkdir -p /ddd/222/ab
-        l3:
-            from:
-               type: built
-               tag: l2
-            run: |
-               rm -rf /bbb
-               rm -rf /ccc
-               mkdir -p /aaa/222/ab
-               mkdir -p /ccc/222/ab
-               mkdir -p /ddd/333/ab
-        l4:
-            from:
-              type: built
-              tag: l3
-            run: |
-              [ ! -d /aaa/111 ]
-              [ -d /aaa/222/ab ]
-              [ -d /ccc/222 ]
-              [ ! -d /ccc/111 ]
-        """)
+    yaml = write(tmp_path / "stacker.yaml", SC06)
     oci = tmp_path / "oci"
     assert build(storage, yaml, "--oci-dir", str(oci)) == 0
     root = unpack(oci, "l3", tmp_path / "l3")
@@ -126,58 +74,9 @@ def test_sc13_dependency_order_and_stacker_urls_with_bash(storage, tmp_path):
     debian = subprocess.run([str(Path(__file__).parent.parent / "scripts/debian-rootfs.sh")],
                             check=True, capture_output=True, text=True).stdout.strip()
     # stacker's test uses an Ubuntu OCI image for the bash; a Debian minbase tar serves the same.
-    yaml = write(tmp_path / "stacker.yaml", f"""
-        minbase1:
-          from:
-            type: tar
-            url: {debian}
-          run: |
-            echo pkgtool install cpio pigz
-
-        installer-initrd:
-            build_only: true
-            from:
-                type: built
-                tag: minbase1
-            run: |
-                #!/bin/bash -ex
-                mkdir /output
-                touch /output/installer-initrd-base.cpio
-
-        installer-initrd-modules:
-            from:
-                type: built
-                tag: installer-build-env
-            run: |
-                #!/bin/bash -ex
-                mkdir -p /output
-                touch /output/installer-initrd-modules.cpio
-
-        installer-build-env:
-            from:
-                type: built
-                tag: minbase1
-            build_only: true
-
-        installer-iso-build:
-            from:
-                type: built
-                tag: minbase1
-            build_only: true
-            imports:
-                - stacker://installer-initrd/output/installer-initrd-base.cpio
-                - stacker://installer-initrd-modules/output/installer-initrd-modules.cpio
-            run: |
-                #!/bin/bash -ex
-                # populate the iso
-                mkdir /output
-                ( cd /stacker/imports && tar -cf /output/installer-iso.tar *.cpio )
-
-        atomix-installer-iso:
-            from:
-                type: tar
-                url: stacker://installer-iso-build/output/installer-iso.tar
-        """)
+    base = "type: oci\n    url: /srv/oci:ubuntu"
+    assert base in SC13
+    yaml = write(tmp_path / "stacker.yaml", SC13.replace(base, f"type: tar\n    url: {debian}"))
     oci = tmp_path / "oci"
     assert build(storage, yaml, "--oci-dir", str(oci)) == 0
     root = unpack(oci, "atomix-installer-iso", tmp_path / "iso")

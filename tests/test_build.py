@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from acceptance_cases import SC01, SC02, SC09
 from stacker_kernel.cli import main
 from stacker_kernel.engine.build import build, layer_snapshot
 from stacker_kernel.errors import StackerKernelError
@@ -23,14 +24,7 @@ def cli(storage, *args):
 
 
 def test_sc01_minimal_build_with_a_run_step(storage, busybox_oci, tmp_path):
-    yaml = write(tmp_path / "stacker.yaml", """
-        busybox:
-            from:
-                type: oci
-                url: ${{BUSYBOX_OCI}}
-            run: |
-                touch /foo
-        """)
+    yaml = write(tmp_path / "stacker.yaml", SC01)
     with Store.open(storage) as store:
         build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
               stream=lambda s: None)
@@ -39,22 +33,7 @@ def test_sc01_minimal_build_with_a_run_step(storage, busybox_oci, tmp_path):
 
 
 def test_sc02_built_type_chaining(storage, busybox_oci, tmp_path):
-    yaml = write(tmp_path / "stacker.yaml", """
-        parent:
-            from:
-                type: oci
-                url: ${{BUSYBOX_OCI}}
-            run: |
-                touch /root/parent
-                cat /proc/self/mountinfo
-        child:
-            from:
-                type: built
-                tag: parent
-            run: |
-                cat /proc/self/mountinfo
-                touch /root/child
-        """)
+    yaml = write(tmp_path / "stacker.yaml", SC02)
     with Store.open(storage) as store:
         build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
               stream=lambda s: None)
@@ -184,68 +163,7 @@ def test_sc09_imports_with_dest_and_stacker_urls(storage, busybox_oci, tmp_path)
     (tmp_path / "folder1" / "subfolder2").mkdir(parents=True)
     (tmp_path / "folder1" / "file1").write_text("1")
     (tmp_path / "folder1" / "subfolder2" / "subfile1").write_text("s")
-    yaml = write(tmp_path / "stacker.yaml", """
-        first:
-          from:
-            type: oci
-            url: ${{BUSYBOX_OCI}}
-          imports:
-          - path: folder1/
-            dest: /folder1/
-          run: |
-            [ -f /folder1/file1 ]
-        second:
-          from:
-            type: built
-            tag: first
-          run: |
-            mkdir -p /folder1
-            touch /folder1/file1
-            touch /folder1/file2
-        third:
-          from:
-            type: oci
-            url: ${{BUSYBOX_OCI}}
-          imports:
-            - path: stacker://second/folder1/
-              dest: /folder1/
-          run: |
-            [ -f /folder1/file1 ]
-            [ -f /folder1/file2 ]
-        fourth:
-          from:
-            type: oci
-            url: ${{BUSYBOX_OCI}}
-          imports:
-          - path: folder1/
-            dest: /
-          run: |
-            ls -l /
-            [ -f /file1 ]
-            mkdir -p /folder4/subfolder5
-            touch /folder4/subfolder5/subfile6
-        fifth:
-          from:
-            type: oci
-            url: ${{BUSYBOX_OCI}}
-          imports:
-          - path: folder1/subfolder2/
-            dest: /folder3/
-          - path: folder1/subfolder2
-            dest: /folder4
-          - path: stacker://fourth/folder4/subfolder5/
-            dest: /folder6/
-          - path: stacker://fourth/folder4/
-            dest: /folder7/
-          run: |
-            ls -l /folder*
-            [ -f /folder3/subfile1 ]
-            [ ! -e /folder3/subfolder2 ]
-            [ -f /folder4/subfile1 ]
-            [ -f /folder6/subfile6 ]
-            [ ! -e /folder6/subfolder5 ]
-            [ -f /folder7/subfolder5/subfile6 ]
-        """)
+    yaml = write(tmp_path / "stacker.yaml", SC09)
     with Store.open(storage) as store:
         build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
               stream=lambda s: None)
