@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from stacker_kernel.kernel.install import write_spec
 from stacker_kernel.kernel.runner import NotebookKernel
@@ -47,3 +48,20 @@ def start_kernel(notebook: Path, kernels: Path, **env: str) -> NotebookKernel:
     """A stacker kernel serving `notebook`; `env` entries override the kernel's environment."""
     kernel_env = dict(os.environ, JUPYTER_PATH=str(kernels.parent), **env)
     return NotebookKernel(notebook, env=kernel_env, kernels_dir=kernels)
+
+
+# The first cell of the test notebooks: the busybox rootfs that notebook_dir puts beside them.
+BASE = "%from tar busybox.tar"
+
+
+# Fixtures shared by the kernel test modules (each imports the ones it uses).
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> Path:
+    """A kernels directory holding the "stacker" spec, for the tests of one module."""
+    return install_spec(tmp_path_factory.mktemp("jupyter"))
+
+
+@pytest.fixture
+def nbdir(tmp_path, busybox_tar) -> Path:
+    """A notebook directory with the busybox rootfs tar in it."""
+    return notebook_dir(tmp_path / "nb", busybox_tar)

@@ -15,20 +15,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from kernel_support import install_spec, notebook_dir, start_kernel, write_notebook
+from kernel_support import BASE, kernels, nbdir, notebook_dir, start_kernel, write_notebook  # noqa: F401 (fixtures)
 from stacker_kernel.kernel.runner import run_notebook
-
-BASE = "%from tar busybox.tar"
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory) -> Path:
-    return install_spec(tmp_path_factory.mktemp("jupyter"))
-
-
-@pytest.fixture
-def nbdir(tmp_path, busybox_tar) -> Path:
-    return notebook_dir(tmp_path / "nb", busybox_tar)
 
 
 @pytest.fixture

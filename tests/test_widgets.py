@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel_support import install_spec, notebook_dir, start_kernel
+from kernel_support import BASE, kernels, nbdir, start_kernel  # noqa: F401 (fixtures)
 
-BASE = "%from tar busybox.tar"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
@@ -135,16 +134,6 @@ class FrontEnd:
 
     def html_values(self) -> list[str]:
         return [s.get("value", "") for s in self.models.values() if s.get("_model_name") == "HTMLModel"]
-
-
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory) -> Path:
-    return install_spec(tmp_path_factory.mktemp("jupyter"))
-
-
-@pytest.fixture
-def nbdir(tmp_path, busybox_tar) -> Path:
-    return notebook_dir(tmp_path / "nb", busybox_tar)
 
 
 @pytest.fixture
