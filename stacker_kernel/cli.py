@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from stacker_kernel.errors import StackerKernelError
+from stacker_kernel.recipe.model import first_line
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,10 @@ def add_layers(p: argparse.ArgumentParser) -> None:
     pass
 
 
-def _first_line(text: str, width: int = 48) -> str:
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return line if len(line) <= width else line[:width - 1] + "…"
-
-
 def _snapshot_line(snap, cached: bool) -> str:
     if snap.kind == "base":
-        return f"base {snap.id[:19]}  {_first_line(snap.source)}"
-    cols = [snap.id[:8], f"cell {snap.cell_id[:8]}" if snap.cell_id else "", _first_line(snap.source),
+        return f"base {snap.id[:19]}  {first_line(snap.source, width=48)}"
+    cols = [snap.id[:8], f"cell {snap.cell_id[:8]}" if snap.cell_id else "", first_line(snap.source, width=48),
             f"{snap.duration:.2f}s", "cached" if cached else human_size(snap.size_delta, signed=True)]
     return "  ".join(c for c in cols if c)
 

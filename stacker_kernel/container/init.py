@@ -223,6 +223,16 @@ def mount_step(staged: list[StagedMount]) -> StepMounts:
     return done
 
 
+def _mount_or_answer(staged: list[StagedMount], nonce: str) -> StepMounts | None:
+    """mount_step, or (None) the error and a status-125 sentinel for the engine."""
+    try:
+        return mount_step(staged)
+    except OSError as e:
+        _write_all(1, f"stacker-kernel: cannot mount the step's binds: {e}\n".encode())
+        _write_all(1, format_sentinel(nonce, 125, b""))
+        return None
+
+
 def unmount_step(done: StepMounts) -> None:
     """Undo `mount_step`: unmount, then remove the placeholders it created
     (a directory the step filled through a placeholder parent stays)."""
@@ -336,11 +346,8 @@ def run_step(cmd: dict, staged: list[StagedMount], grace: float, reader: Command
     """Run one step and answer with its sentinel. Returns when everything the
     step started is dead, its mounts are gone and the sentinel is written."""
     nonce = cmd["nonce"]
-    try:
-        done = mount_step(staged)
-    except OSError as e:
-        _write_all(1, f"stacker-kernel: cannot mount the step's binds: {e}\n".encode())
-        _write_all(1, format_sentinel(nonce, 125, b""))
+    done = _mount_or_answer(staged, nonce)
+    if done is None:
         return
     script_fd = _memfd("step", cmd["script"].encode("utf-8", "surrogateescape"))
     wrapper_fd = None if cmd.get("shebang") else _memfd("wrapper", cmd["wrapper"].encode("utf-8", "surrogateescape"))
@@ -413,11 +420,8 @@ def run_shell(cmd: dict, staged: list[StagedMount], cooked: list, raw: list) -> 
     """An interactive shell on the pty (for `chroot`): cooked mode, foreground
     process group, then back to raw mode and the sentinel."""
     nonce = cmd["nonce"]
-    try:
-        done = mount_step(staged)
-    except OSError as e:
-        _write_all(1, f"stacker-kernel: cannot mount the binds: {e}\n".encode())
-        _write_all(1, format_sentinel(nonce, 125, b""))
+    done = _mount_or_answer(staged, nonce)
+    if done is None:
         return
     # Cooked mode before the engine forwards any typing: until this marker, what the
     # user types would reach our command reader instead of the shell.

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from stacker_kernel.engine.session import BuildSession, first_line
+from stacker_kernel.engine.session import BuildSession
 from stacker_kernel.errors import RecipeError, StepError
-from stacker_kernel.recipe.model import Recipe
+from stacker_kernel.recipe.model import Recipe, first_line
 from stacker_kernel.storage.store import Snapshot, Store
 
 Printer = Callable[[str], None]
@@ -99,7 +99,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                     mark = "cached" if outcome.cached else "ran"
                     result.steps_cached += outcome.cached
                     result.steps_run += not outcome.cached
-                    out(f"  {name} step {i}/{len(layer.steps)} {mark} in {took:.2f}s: {first_line(step.source)[:60]}")
+                    shown = first_line(step.source, skip_shebang=True)[:60]
+                    out(f"  {name} step {i}/{len(layer.steps)} {mark} in {took:.2f}s: {shown}")
                 if not layer.steps:
                     # A layer without run: its base is its content (prepared now so it can be built on).
                     session.prepare_empty_layer()

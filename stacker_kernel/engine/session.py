@@ -23,7 +23,7 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +31,7 @@ from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine import imports as imports_mod
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
-from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step
+from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, first_line
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Session, Snapshot, Store
 
@@ -68,13 +68,6 @@ class StepOutcome:
     interrupted: bool
     log_path: str | None
     duration: float = 0.0
-
-
-def first_line(source: str) -> str:
-    for line in source.splitlines():
-        if line.strip() and not line.lstrip().startswith("#!"):
-            return line.strip()
-    return source.strip().splitlines()[0] if source.strip() else ""
 
 
 def build_environment(layer: Layer, host_env: dict[str, str] | None = None) -> dict[str, str]:
@@ -619,7 +612,8 @@ class BuildSession:
                 self._measure_sizes(snaps)
             views = []
             for i, snap in enumerate(snaps, 1):
-                views.append(StepView(i, snap.id, snap.layer, snap.cell_id, first_line(snap.source),
+                views.append(StepView(i, snap.id, snap.layer, snap.cell_id,
+                                      first_line(snap.source, skip_shebang=True),
                                       snap.status, snap.duration, snap.size_delta,
                                       cached=snap.session != self.session.id))
             return views

@@ -26,6 +26,7 @@ import nbformat
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+from stacker_kernel.recipe.model import first_line
 from stacker_kernel.recipe.notebook import EXPECTED_ERROR_TAG
 
 
@@ -52,13 +53,6 @@ class CellRun:
             elif "data" in out:
                 parts.append(out["data"].get("text/plain", ""))
         return "".join(parts)
-
-
-def _first_line(source: str) -> str:
-    for line in source.splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
 
 
 class NotebookKernel:
@@ -111,7 +105,7 @@ class NotebookKernel:
         if content["status"] == "error":
             error = f"{content.get('ename')}: {content.get('evalue')}"
         cached = bool(reply.get("metadata", {}).get("stacker", {}).get("cached"))
-        return CellRun(index, cell_id, _first_line(code), content["status"], seconds, cached,
+        return CellRun(index, cell_id, first_line(code), content["status"], seconds, cached,
                        outputs, error)
 
     def _outputs(self, msg_id: str, on_output: Callable[[dict], None] | None) -> list[dict]:

@@ -32,6 +32,7 @@ from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci import layout_write as lw
 from stacker_kernel.oci.diff import Diff, diff_snapshots
 from stacker_kernel.oci.tarwriter import LayerBlob, write_layer
+from stacker_kernel.recipe.model import first_line
 
 STACKER_VERSION = "stacker-kernel 0.1.0"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -226,14 +227,6 @@ def _host_arch() -> str:
 
 # --- layers ----------------------------------------------------------------------
 
-def _first_line(source: str) -> str:
-    for line in source.splitlines():
-        line = line.strip()
-        if line:
-            return line if len(line) <= 200 else line[:199] + "…"
-    return "(empty)"
-
-
 def _jobs(spec: ImageSpec, start: str | None, squash: bool) -> list[_Job]:
     """The diffs that make this image's own layers, base first."""
     jobs: list[_Job] = []
@@ -247,7 +240,7 @@ def _jobs(spec: ImageSpec, start: str | None, squash: bool) -> list[_Job]:
         return jobs
     prev = start
     for i, step in enumerate(spec.steps, 1):
-        text = step.created_by or f"stacker-kernel step {i} of layer {spec.name}: {_first_line(step.source)}"
+        text = step.created_by or f"stacker-kernel step {i} of layer {spec.name}: {first_line(step.source, width=200, empty='(empty)')}"
         jobs.append(_Job(prev, step.path, text))
         prev = step.path
     return jobs

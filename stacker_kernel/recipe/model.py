@@ -286,3 +286,17 @@ def check_source(src: ImageSource, layer: str) -> None:
     if src.type == "oci" and src.url and ":" not in src.url and "$" not in src.url:
         raise RecipeError(f"layer {layer}: oci url {src.url!r} has no tag: write "
                           "LAYOUT_DIR:TAG, e.g. ./oci:busybox")
+
+
+def first_line(script: str, *, skip_shebang: bool = False, width: int | None = None,
+               empty: str = "") -> str:
+    """The first non-blank line of a step's script, stripped, for one-line listings.
+
+    `skip_shebang` passes over `#!` lines (unless there is nothing else);
+    `width` cuts a longer line with "…"; `empty` is what a blank script gives.
+    """
+    lines = [ln.strip() for ln in script.splitlines() if ln.strip()]
+    if skip_shebang:
+        lines = [ln for ln in lines if not ln.startswith("#!")] or lines
+    line = lines[0] if lines else empty
+    return line if width is None or len(line) <= width else line[:width - 1] + "…"

@@ -94,7 +94,7 @@ def _pairs(node: yaml.Node, ctx: _Ctx, what: str) -> list[tuple[str, yaml.Node, 
                 merged += _pairs(src, ctx, what)
             continue
         if not isinstance(knode, yaml.ScalarNode):
-            raise ctx.fail(f"has a key that is not a string", knode)
+            raise ctx.fail("has a key that is not a string", knode)
         key = knode.value
         if key in seen:
             raise RecipeError(f"layer {ctx.layer}: {what.rstrip('s')} {key} is given twice "
@@ -225,7 +225,7 @@ def _import_entry(node: yaml.Node, ctx: _Ctx, legacy: bool, layer: Layer) -> Imp
 def _imports(layer: Layer, node: yaml.Node, ctx: _Ctx) -> None:
     legacy = ctx.key == "import"
     if isinstance(node, yaml.MappingNode):
-        raise ctx.fail(f"expected an array: write each import as a list item ('- path: ...')")
+        raise ctx.fail("expected an array: write each import as a list item ('- path: ...')")
     if isinstance(node, yaml.ScalarNode):
         entries = [] if node.tag == _NULL else [node]
     else:
