@@ -87,7 +87,6 @@ def build_environment(layer: Layer, host_env: dict[str, str] | None = None) -> d
 class _LayerRun:
     """The engine's view of the layer being built."""
     layer: Layer
-    base: Snapshot | None = None  # resolved at its first step
     base_dir: str | None = None   # directory that relative imports are resolved against
 
 
@@ -165,8 +164,6 @@ class BuildSession:
                 self.recipe.layers[snap.layer] = Layer(name=snap.layer, from_=ImageSource(type="scratch"))
             self.recipe.layers[snap.layer].steps.append(Step(snap.source, snap.cell_id))
         self._run = _LayerRun(self.recipe.layers[head.layer], base_dir=self.base_dir)
-        chain = self.store.chain(head.id)
-        self._run.base = next((s for s in reversed(chain) if s.layer != head.layer or s.kind == "base"), None)
         self.head = head
         self.state = ShellState.from_json(head.state)
         self.resumed = self.history(measure=False)[-1]
@@ -360,7 +357,6 @@ class BuildSession:
             source = _absolute_source(self.layer.from_, self._run.base_dir)
             warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
             base = self._import_pinned_base(source, warn)
-            self._run.base = base
             self.head = base
             self.state = None
         self._replace_live(self.head)
@@ -673,7 +669,7 @@ class BuildSession:
             base = self.store.get(first.parent) if first is not None and first.parent else None
             self.state = None
             if base is not None:
-                self.head = self._run.base = base
+                self.head = base
                 self._replace_live(base)
                 self._live_ready = True
                 self._stage_imports()
