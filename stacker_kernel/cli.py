@@ -58,14 +58,19 @@ def _open_store(args: argparse.Namespace):
 # --- setup-storage ----------------------------------------------------------
 
 def add_setup_storage(p: argparse.ArgumentParser) -> None:
-    from stacker_kernel.storage.location import DEFAULT_IMAGE, DEFAULT_MOUNT
+    from stacker_kernel.storage.location import DEFAULT_MOUNT, STATE_DIR
 
     p.add_argument("--user", required=True, help="the user who gets a storage dir")
-    p.add_argument("--size", default="20G", help="size of a new sparse image (default 20G)")
-    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help=f"btrfs image file (default {DEFAULT_IMAGE})")
-    p.add_argument("--mount", type=Path, default=DEFAULT_MOUNT, help=f"where to mount it (default {DEFAULT_MOUNT})")
+    p.add_argument("--size", default=None,
+                   help="size of the user's image, their space bound (default 20G; a larger size grows it)")
+    p.add_argument("--image", type=Path, default=None,
+                   help=f"the user's btrfs image file (default {STATE_DIR}/images/USER.img)")
+    p.add_argument("--mount", type=Path, default=DEFAULT_MOUNT,
+                   help=f"directory of the users' mount points (default {DEFAULT_MOUNT})")
+    p.add_argument("--state-dir", type=Path, default=STATE_DIR,
+                   help=f"where root keeps images and records (default {STATE_DIR})")
     p.add_argument("--teardown", action="store_true",
-                   help="remove the user's storage; unmount and delete the image if no user is left")
+                   help="unmount and delete the user's storage (only what setup-storage created)")
 
 
 def cmd_setup_storage(args: argparse.Namespace) -> int:
@@ -73,32 +78,35 @@ def cmd_setup_storage(args: argparse.Namespace) -> int:
 
     storage = Path(args.storage) if args.storage else None
     if args.teardown:
-        for line in setup.teardown_storage(args.user, args.image, args.mount, storage):
+        if storage is not None:
+            raise StackerKernelError("--teardown removes only what setup-storage recorded: omit --storage")
+        for line in setup.teardown_storage(args.user, args.mount, args.state_dir):
             print(line)
         return 0
-    print(setup.setup_storage(args.user, args.size, args.image, args.mount, storage))
+    print(setup.setup_storage(args.user, args.size, args.image, args.mount, storage, args.state_dir))
     return 0
 
 
 # --- storage-path -----------------------------------------------------------
 
 def add_storage_path(p: argparse.ArgumentParser) -> None:
-    from stacker_kernel.storage.location import DEFAULT_MOUNT
+    from stacker_kernel.storage.location import DEFAULT_MOUNT, STATE_DIR
 
-    p.add_argument("--user", help="print this user's storage root (from their config, else MOUNT/USER)")
+    p.add_argument("--user", help="print this user's storage root (from root's record or their config, else MOUNT/USER)")
     p.add_argument("--mount", type=Path, default=DEFAULT_MOUNT, help=argparse.SUPPRESS)
+    p.add_argument("--state-dir", type=Path, default=STATE_DIR, help=argparse.SUPPRESS)
 
 
 def cmd_storage_path(args: argparse.Namespace) -> int:
     from stacker_kernel.storage import location, setup
 
     if args.user:
-        print(setup.storage_path(args.user, args.mount))
+        print(setup.storage_path(args.user, args.mount, args.state_dir))
         return 0
     try:
         print(location.resolve_storage(args.storage))
     except StackerKernelError:
-        print(setup.storage_path(location.current_user(), args.mount))
+        print(setup.storage_path(location.current_user(), args.mount, args.state_dir))
     return 0
 
 
@@ -158,17 +166,13 @@ def add_gc(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from stacker_kernel.storage import btrfs
+    from stacker_kernel.storage.location import resolve_storage
+    from stacker_kernel.storage.store import collect_garbage
 
-    with _open_store(args) as store:
-        before = btrfs.fs_usage(store.root)
-        removed = store.gc()
-        btrfs.sync(store.root)
-        freed = before - btrfs.fs_usage(store.root)
+    removed, freed = collect_garbage(resolve_storage(args.storage))
     for sid in removed:
         print(f"removed {sid}")
-    print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))} so far "
-          "(btrfs keeps freeing space in the background)")
+    print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}")
     return 0
 
 

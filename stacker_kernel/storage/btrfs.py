@@ -15,6 +15,7 @@ import fcntl
 import os
 import stat
 import struct
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -438,3 +439,21 @@ def create_nocow_file(path: os.PathLike | str) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def wait_reclaimed(path: os.PathLike | str, timeout: float = 60.0) -> None:
+    """Commit and wait until btrfs's cleaner has freed what deleted subvolumes held.
+
+    Deleted subvolumes are freed in the background after a commit; `btrfs
+    subvolume sync` waits for them with a root-only tree search. Unprivileged,
+    we commit (BTRFS_IOC_SYNC, which also wakes the cleaner) until the usage
+    has stopped shrinking for a few rounds, or `timeout` seconds passed.
+    """
+    deadline = time.monotonic() + timeout
+    last, steady = None, 0
+    while steady < 3 and time.monotonic() < deadline:
+        sync(path)
+        used = fs_usage(path)
+        steady = steady + 1 if used == last else 0
+        last = used
+        time.sleep(0.1)

@@ -1,15 +1,29 @@
-"""Root-only storage setup, like `stacker unpriv-setup`: a loop-mounted btrfs per machine, a dir per user.
+"""Root-only storage setup: one loop-mounted btrfs image per user, bounded by its size.
 
-The filesystem is mounted with `user_subvol_rm_allowed` (users may delete their
-own subvolumes) and `noatime` (reads do not dirty snapshots' ctransid). The
-mount does not survive a reboot; running setup-storage again remounts it.
+Each user gets a sparse image STATE/images/<user>.img (root-owned, 0600, in a
+0700 directory: no other user can read it) loop-mounted at MOUNT/<user> with
+`user_subvol_rm_allowed` (users may delete their own subvolumes) and `noatime`
+(reads do not dirty snapshots' ctransid). The filesystem's top directory is
+the user's storage root, owned by them with mode 0700. Its size is the
+user's bound: a full disk stops only that user. Mounts do not survive a
+reboot; running setup-storage again remounts (and grows with a larger --size).
+
+What root created for a user is recorded in STATE/users/<user>.json
+(root-only); teardown removes exactly that, never a path from the user's own
+config file. Root walks every path without following symlinks and only below
+directories that root (or, for an explicit --storage, that user) owns.
+
+A user set up before per-user images (a directory on the one shared image at
+MOUNT) keeps that directory; the shared image is made 0600 too.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
 import re
+import stat
 import subprocess
 import traceback
 from dataclasses import dataclass
@@ -19,22 +33,35 @@ from typing import Callable
 from stacker_kernel.errors import StorageError
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.location import (
-    DEFAULT_IMAGE, DEFAULT_MOUNT, config_file, find_mount, is_mount_point, read_config_storage)
+    DEFAULT_MOUNT, STATE_DIR, config_file, find_mount, is_mount_point, read_config_storage)
 
 MOUNT_OPTIONS = "loop,user_subvol_rm_allowed,noatime"
+DEFAULT_SIZE = "20G"
 # The btrfs superblock sits at 64 KiB; its magic at offset 0x40 inside it.
 _SUPER_MAGIC_OFFSET = 0x10040
 _SUPER_MAGIC = b"_BHRfS_M"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
 class UserInfo:
-    """The account whose storage is set up."""
+    """The account whose storage is set up (home is None for an account already deleted)."""
 
     name: str
     uid: int
     gid: int
-    home: Path
+    home: Path | None
+
+
+@dataclass(frozen=True)
+class Record:
+    """What setup-storage created for one user (STATE/users/<user>.json); teardown removes only this."""
+
+    user: str
+    uid: int
+    gid: int
+    storage: Path  # the user's storage root
+    image: Path | None  # their own image, mounted at `storage`; None: a directory on an existing btrfs
 
 
 def lookup_user(name: str) -> UserInfo:
@@ -54,12 +81,6 @@ def parse_size(size: str) -> int:
     return int(m.group(1)) * 1024 ** " KMGTP".index(m.group(2).upper() or " ")
 
 
-def storage_path(user: str, mount: Path = DEFAULT_MOUNT) -> Path:
-    """The storage root of `user`: from that user's config file, else MOUNT/USER."""
-    configured = read_config_storage(lookup_user(user).home)
-    return configured if configured is not None else mount / user
-
-
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise StorageError("setup-storage mounts a btrfs filesystem and must run as root: "
@@ -73,6 +94,47 @@ def _run(cmd: list[str]) -> None:
         raise StorageError(f"'{' '.join(cmd)}' failed: {msg[-1] if msg else 'exit status ' + str(proc.returncode)}")
 
 
+# --- paths walked without following links -------------------------------------------------
+
+def _open_dir(path: Path, trusted: frozenset[int] = frozenset({0}), create: bool = False, mode: int = 0o755) -> int:
+    """An fd of directory `path`, reached from / without following any symlink.
+
+    Every ancestor must be owned by a uid in `trusted` (else another user could
+    swap what lies below it). With `create`, missing directories are made
+    root-owned with `mode`. The directory itself is not checked: callers look at it.
+    """
+    path = Path(os.path.abspath(path))
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        here = Path("/")
+        for name in path.parts[1:]:
+            owner = os.fstat(fd).st_uid
+            if owner not in trusted:
+                raise StorageError(f"{here} belongs to uid {owner}: root-run setup-storage works only below "
+                                   "directories root owns; pass a path in one")
+            here = here / name
+            try:
+                try:
+                    nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                    nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    os.fchmod(nfd, mode)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise StorageError(f"{here} is a symbolic link or not a directory: root-run setup-storage "
+                                       "never follows links; remove it or pass another path") from None
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _usable(path: Path) -> bool:
     """True when the nearest existing ancestor of `path` is on btrfs mounted with user_subvol_rm_allowed."""
     probe = path
@@ -82,32 +144,119 @@ def _usable(path: Path) -> bool:
     return btrfs.is_btrfs(probe) and mount is not None and "user_subvol_rm_allowed" in mount.options
 
 
+def _backing_file(mount_point: Path) -> Path | None:
+    """The image file behind the loop device mounted at (or holding) `mount_point`, if any."""
+    m = find_mount(mount_point)
+    if m is None or not re.fullmatch(r"/dev/loop\d+", m.source):
+        return None
+    try:
+        text = Path(f"/sys/block/{m.source[5:]}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+    return Path(text.removesuffix(" (deleted)"))
+
+
+def _restrict_image(image: Path, create_size: int | None = None, grow_to: int | None = None) -> bool:
+    """Make `image` root-owned 0600 (creating it sparse with `create_size`); grow it to `grow_to`.
+
+    Returns True when an existing image was grown. Its directory must be root's
+    (a new one is made 0700).
+    """
+    pfd = _open_dir(image.parent, create=create_size is not None, mode=0o700)
+    try:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create_size is not None else 0)
+        try:
+            fd = os.open(image.name, flags, 0o600, dir_fd=pfd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise StorageError(f"image {image} is a symbolic link: remove it or pass another --image") from None
+            raise
+    finally:
+        os.close(pfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
+            raise StorageError(f"image {image} is not a regular file owned by root: remove it or pass another --image")
+        os.fchmod(fd, 0o600)  # the raw image holds every file of its user
+        if st.st_size == 0 and create_size:
+            os.ftruncate(fd, create_size)  # sparse: takes no space until written
+            return False
+        if grow_to and grow_to > st.st_size:
+            os.ftruncate(fd, grow_to)
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
 def _has_btrfs_superblock(image: Path) -> bool:
     with image.open("rb") as f:
         f.seek(_SUPER_MAGIC_OFFSET)
         return f.read(len(_SUPER_MAGIC)) == _SUPER_MAGIC
 
 
-def _mount_image(image: Path, mount: Path, size: str) -> None:
-    """Make sure `mount` holds a btrfs with our options, creating and formatting `image` if needed."""
-    if is_mount_point(mount):
-        m = find_mount(mount)
-        if m is None or m.fstype != "btrfs":
-            raise StorageError(f"{mount} is already a {m.fstype if m else 'non-btrfs'} mount point: "
-                               "unmount it or pass another --mount for the btrfs")
-        if "user_subvol_rm_allowed" not in m.options:
-            _run(["mount", "-o", "remount,user_subvol_rm_allowed,noatime", str(mount)])
-        return
-    image.parent.mkdir(parents=True, exist_ok=True)
-    if not image.exists():
-        with image.open("wb") as f:
-            f.truncate(parse_size(size))  # sparse: takes no space until written
-    if not _has_btrfs_superblock(image):
-        _run(["mkfs.btrfs", "-q", str(image)])
-    mount.mkdir(parents=True, exist_ok=True)
-    _run(["mount", "-o", MOUNT_OPTIONS, str(image), str(mount)])
-    os.chmod(mount, 0o755)  # users traverse it to reach their own 0700 dirs
+# --- records ------------------------------------------------------------------------------
 
+def _users_dir(state: Path) -> Path:
+    return state / "users"
+
+
+def read_record(user: str, state: Path = STATE_DIR) -> Record | None:
+    """The record of what setup-storage created for `user`, or None (also when not root)."""
+    try:
+        dfd = _open_dir(_users_dir(state))
+    except (FileNotFoundError, PermissionError):
+        return None
+    try:
+        fd = os.open(f"{user}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except (FileNotFoundError, PermissionError):
+        return None
+    finally:
+        os.close(dfd)
+    with os.fdopen(fd) as f:
+        d = json.load(f)
+    return Record(d["user"], d["uid"], d["gid"], Path(d["storage"]), Path(d["image"]) if d["image"] else None)
+
+
+def _write_record(rec: Record, state: Path) -> None:
+    users = _users_dir(state)
+    dfd = _open_dir(users, create=True)
+    try:
+        os.fchmod(dfd, 0o700)
+        tmp = f".{rec.user}.json.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"user": rec.user, "uid": rec.uid, "gid": rec.gid, "storage": str(rec.storage),
+                       "image": str(rec.image) if rec.image else None}, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, f"{rec.user}.json", src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def _delete_record(user: str, state: Path) -> None:
+    try:
+        dfd = _open_dir(_users_dir(state))
+    except FileNotFoundError:
+        return
+    try:
+        os.unlink(f"{user}.json", dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def storage_path(user: str, mount: Path = DEFAULT_MOUNT, state: Path = STATE_DIR) -> Path:
+    """The storage root of `user`: root's record, else that user's config file, else MOUNT/USER."""
+    rec = read_record(user, state)
+    if rec is not None:
+        return rec.storage
+    configured = read_config_storage(lookup_user(user).home)
+    return configured if configured is not None else mount / user
+
+
+# --- acting as the user -------------------------------------------------------------------
 
 def _as_user(user: UserInfo, fn: Callable[[], None]) -> None:
     """Run `fn` in a child process with the user's uid/gid, so root never follows a user's symlinks."""
@@ -147,56 +296,156 @@ def _write_config(user: UserInfo, storage: Path) -> None:
 
 
 def _remove_config(user: UserInfo) -> None:
-    _as_user(user, lambda: config_file(user.home).unlink(missing_ok=True))
+    if user.home is not None:
+        _as_user(user, lambda: config_file(user.home).unlink(missing_ok=True))
 
 
-def setup_storage(user: str, size: str = "20G", image: Path = DEFAULT_IMAGE,
-                  mount: Path = DEFAULT_MOUNT, storage: Path | None = None) -> Path:
-    """Give `user` a storage root on btrfs with user_subvol_rm_allowed; return it. Root only, idempotent.
+# --- setup --------------------------------------------------------------------------------
 
-    If the storage dir (default MOUNT/USER) already lies on such a btrfs, only
-    the dir is created. Otherwise the sparse `image` is created (of `size`),
-    formatted if it holds no btrfs yet, and loop-mounted at `mount`. The dir is
-    owned by the user with mode 0700, and the user's config file names it.
+def _mount_image(rec: Record, size: str | None) -> None:
+    """Make sure rec.storage is rec.image mounted with our options: create, format, mount, grow."""
+    image, mnt = rec.image, rec.storage
+    want = parse_size(size) if size else None
+    grown = _restrict_image(image, create_size=want or parse_size(DEFAULT_SIZE), grow_to=want)
+    if not _has_btrfs_superblock(image):
+        _run(["mkfs.btrfs", "-q", str(image)])
+    os.close(_open_dir(mnt, create=True))  # the mount point: no links, every ancestor root's
+    if is_mount_point(mnt):
+        m = find_mount(mnt)
+        if m is None or m.fstype != "btrfs" or _backing_file(mnt) != image:
+            raise StorageError(f"{mnt} is already a mount point of something other than {image}: "
+                               "unmount it, or run setup-storage --teardown and set up again")
+        if "user_subvol_rm_allowed" not in m.options:
+            _run(["mount", "-o", "remount,user_subvol_rm_allowed,noatime", str(mnt)])
+        if grown:
+            _run(["losetup", "--set-capacity", m.source])
+    else:
+        _run(["mount", "-o", MOUNT_OPTIONS, str(image), str(mnt)])
+    if grown:
+        _run(["btrfs", "filesystem", "resize", "max", str(mnt)])
+
+
+def _new_record(info: UserInfo, image: Path | None, mount: Path, storage: Path | None, state: Path) -> Record:
+    if storage is not None:
+        # The admin named a directory on a btrfs they manage: bounded only by that filesystem.
+        target = Path(os.path.abspath(storage))
+        if not _usable(target):
+            raise StorageError(f"storage {target} is not on a btrfs mounted with user_subvol_rm_allowed: "
+                               f"omit --storage to give {info.name} their own image")
+        return Record(info.name, info.uid, info.gid, target, None)
+    target = Path(os.path.abspath(mount)) / info.name
+    if target.is_dir() and not target.is_symlink() and not is_mount_point(target) and _usable(target):
+        return Record(info.name, info.uid, info.gid, target, None)  # set up on the old shared image
+    return Record(info.name, info.uid, info.gid, target,
+                  Path(os.path.abspath(image)) if image else state / "images" / f"{info.name}.img")
+
+
+def setup_storage(user: str, size: str | None = None, image: Path | None = None, mount: Path = DEFAULT_MOUNT,
+                  storage: Path | None = None, state: Path = STATE_DIR) -> Path:
+    """Give `user` a private, bounded storage root on btrfs; return it. Root only, idempotent.
+
+    By default the user's own image (of `size`, default 20G) is created and
+    mounted at MOUNT/USER. With `storage`, a directory on an existing btrfs is
+    used instead. Re-running remounts after a reboot and grows the image to a
+    larger `size`. The root is owned by the user with mode 0700, and the
+    user's config file names it.
     """
     _require_root()
     info = lookup_user(user)
-    target = Path(os.path.abspath(storage)) if storage else mount / info.name
-    if not _usable(target):
-        if mount != target and mount not in target.parents:
-            raise StorageError(f"storage {target} is not on a btrfs mounted with user_subvol_rm_allowed "
-                               f"and not under --mount {mount}: omit --storage, or pass a --mount that contains it")
-        _mount_image(image, mount, size)
-    target.mkdir(parents=True, exist_ok=True)
-    os.chown(target, info.uid, info.gid)
-    os.chmod(target, 0o700)
-    _write_config(info, target)
-    return target
+    rec = read_record(info.name, state)
+    if rec is None:
+        rec = _new_record(info, image, mount, storage, state)
+    elif storage is not None and Path(os.path.abspath(storage)) != rec.storage:
+        raise StorageError(f"{info.name} already has storage at {rec.storage}: "
+                           "run 'stacker-kernel setup-storage --teardown' first to move it")
+    if rec.image is not None:
+        _mount_image(rec, size)
+        if rec.image.parent == state / "images":
+            dfd = _open_dir(rec.image.parent)
+            os.fchmod(dfd, 0o700)  # nobody else even sees whose images exist
+            os.close(dfd)
+    trusted = frozenset({0, info.uid}) if storage is not None else frozenset({0})
+    fd = _open_dir(rec.storage, trusted, create=rec.image is None)
+    try:
+        owner = os.fstat(fd).st_uid
+        if owner not in (0, info.uid):
+            raise StorageError(f"{rec.storage} belongs to uid {owner}, not {info.name}: pass another --storage")
+        os.fchown(fd, info.uid, info.gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    backing = _backing_file(rec.storage)
+    if backing is not None:
+        _restrict_image(backing)  # also the old shared image: it holds every user's files
+    _write_record(rec, state)
+    _write_config(info, rec.storage)
+    return rec.storage
 
 
-def teardown_storage(user: str, image: Path = DEFAULT_IMAGE, mount: Path = DEFAULT_MOUNT,
-                     storage: Path | None = None) -> list[str]:
-    """Remove `user`'s storage dir and config; unmount and delete the image when no user dir remains.
+# --- teardown -----------------------------------------------------------------------------
 
+def _empty_as_user(user: UserInfo, path: Path) -> None:
+    """Delete everything inside `path` with the user's rights (their subvolumes included)."""
+    def empty() -> None:
+        for entry in path.iterdir():
+            btrfs.remove_tree(entry)
+    _as_user(user, empty)
+
+
+def teardown_storage(user: str, mount: Path = DEFAULT_MOUNT, state: Path = STATE_DIR) -> list[str]:
+    """Remove what setup-storage created for `user` (per root's record) and their config.
+
+    Never a path from the user's config: their own image is unmounted and
+    deleted; a directory is emptied with the user's rights and removed. Without
+    a record (set up before records existed) only MOUNT/USER is removed.
     Returns what was done, one line per action. Root only; missing parts are fine.
     """
     _require_root()
-    info = lookup_user(user)
-    target = Path(os.path.abspath(storage)) if storage else (read_config_storage(info.home) or mount / info.name)
+    rec = read_record(user, state)
+    try:
+        info = lookup_user(user)
+    except StorageError:
+        if rec is None:
+            raise
+        info = UserInfo(user, rec.uid, rec.gid, None)
+    if rec is None:
+        rec = Record(info.name, info.uid, info.gid, Path(os.path.abspath(mount)) / info.name, None)
     done = []
-    if target.exists():
-        btrfs.remove_tree(target)
-        done.append(f"removed {target}")
-    _remove_config(info)
-    if is_mount_point(mount) and not any(Path(mount).iterdir()):
-        _run(["umount", str(mount)])  # a `-o loop` mount frees its loop device itself
-        done.append(f"unmounted {mount}")
-        # Only an image we just unmounted empty is known to hold nobody's data.
-        if image.exists():
-            image.unlink()
-            done.append(f"deleted {image}")
+    parent = _open_dir(rec.storage.parent, frozenset({0, info.uid}))
+    try:
+        if rec.image is not None:
+            if is_mount_point(rec.storage):
+                proc = subprocess.run(["umount", str(rec.storage)], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise StorageError(f"cannot unmount {rec.storage} ({proc.stderr.strip()}): stop {info.name}'s "
+                                       "kernels and builds first, then run --teardown again")
+                done.append(f"unmounted {rec.storage}")
+            ifd = _open_dir(rec.image.parent)
+            try:
+                os.unlink(rec.image.name, dir_fd=ifd)
+                done.append(f"deleted {rec.image}")
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(ifd)
+        else:
+            try:
+                os.close(os.open(rec.storage.name, _DIR_FLAGS, dir_fd=parent))
+                exists = True
+            except FileNotFoundError:
+                exists = False
+            except OSError as e:
+                raise StorageError(f"{rec.storage} is not a directory: remove it by hand") from e
+            if exists:
+                _empty_as_user(info, rec.storage)
         try:
-            mount.rmdir()
-        except OSError:
+            os.rmdir(rec.storage.name, dir_fd=parent)
+            if rec.image is None:
+                done.append(f"removed {rec.storage}")
+        except FileNotFoundError:
             pass
+    finally:
+        os.close(parent)
+    _delete_record(info.name, state)
+    _remove_config(info)
     return done

@@ -16,6 +16,7 @@ is in the middle of committing.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -38,6 +39,75 @@ TMP_PREFIX = ".tmp-"
 # logs/running-<session>: the output of a step still running in that session (the
 # engine renames it to logs/<snapshot id> at commit).
 RUNNING_LOG_PREFIX = "running-"
+# A few MiB kept allocated so that `gc` can still open the records of a full
+# storage: it deletes this file first (see `collect_garbage`).
+RESERVE_NAME = "reserve"
+RESERVE_SIZE = 8 << 20
+
+
+class StorageFullError(StorageError):
+    """The user's storage has no space left (their bound, set by setup-storage --size)."""
+
+
+def storage_error(root: Path, e: BaseException) -> StorageError:
+    """One clear sentence for an OSError or sqlite3 error while using the store at `root`."""
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, sqlite3.Error):
+        # SQLite reports a failed write of its -shm file as "disk I/O error".
+        try:
+            st = os.statvfs(root)
+            nearly_full = st.f_bavail * st.f_frsize < RESERVE_SIZE
+        except OSError:
+            nearly_full = False
+        full = "full" in str(e) or ("I/O error" in str(e) and nearly_full)
+    if full:
+        return StorageFullError(f"storage {root} is full: run 'stacker-kernel gc' to delete snapshots no "
+                                "session uses, or ask the admin for more space (setup-storage --size)")
+    return StorageError(f"the store in {root} could not be used ({e}): check the storage and try again")
+
+
+def _keep_reserve(root: Path) -> None:
+    """Allocate the reserve file if it is missing and there is room for it."""
+    path = root / RESERVE_NAME
+    if path.exists():
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_SIZE)
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)  # no room now; the next open tries again
+        return
+    os.close(fd)
+
+
+def collect_garbage(root: os.PathLike | str) -> tuple[list[str], int]:
+    """`stacker-kernel gc`: delete what no session references and wait until btrfs freed it.
+
+    Works on a full storage: opening lets btrfs finish freeing deleted
+    subvolumes, and if the records still cannot be opened gc gives up the
+    reserve file for the room to do so. Returns the removed ids and the bytes freed.
+    """
+    root = Path(os.path.realpath(root))
+    check_storage(root)
+    before = btrfs.fs_usage(root)
+    try:
+        try:
+            store = Store.open(root)
+        except StorageFullError:
+            if not (root / RESERVE_NAME).exists():
+                raise
+            (root / RESERVE_NAME).unlink()
+            btrfs.wait_reclaimed(root)
+            store = Store.open(root)
+    except StorageFullError as e:
+        raise StorageFullError(f"storage {root} is full and gc cannot open its records: delete files of "
+                               "your own you put there, or ask the admin for more space (setup-storage --size)") from e
+    with store:
+        removed = store.gc()
+        btrfs.wait_reclaimed(root)
+        _keep_reserve(root)
+    return removed, before - btrfs.fs_usage(root)
 
 
 def new_id() -> str:
@@ -182,6 +252,21 @@ class Store:
         """
         root = Path(os.path.realpath(root))
         check_storage(root)
+        for attempt in (1, 2):
+            try:
+                store = cls._open(root)
+                break
+            except (OSError, sqlite3.Error) as e:
+                err = storage_error(root, e)
+                if attempt == 2 or not isinstance(err, StorageFullError):
+                    raise err from e
+            # Often only subvolumes deleted a moment ago (a failed step's) still hold the space.
+            btrfs.wait_reclaimed(root)
+        _keep_reserve(root)
+        return store
+
+    @classmethod
+    def _open(cls, root: Path) -> "Store":
         for sub in ("bases", "snapshots", "live", "logs"):
             (root / sub).mkdir(mode=0o700, exist_ok=True)
         store = cls(root, None)  # type: ignore[arg-type]
@@ -239,8 +324,7 @@ class Store:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 if isinstance(e, sqlite3.OperationalError):
-                    raise StorageError(f"the store's database in {self.root} could not be written "
-                                       f"({e}): free space (stacker-kernel gc) and try again") from None
+                    raise storage_error(self.root, e) from None
                 raise
 
     def _snap(self, row: tuple) -> Snapshot:
@@ -566,5 +650,9 @@ class Store:
                 btrfs.remove_tree(snap.path)
                 self.log_path(snap.id).unlink(missing_ok=True)
             if drop:
-                self._drop_records({s.id for s in drop})
+                try:
+                    self._drop_records({s.id for s in drop})
+                except StorageFullError:
+                    btrfs.wait_reclaimed(self.root)  # the deleted subvolumes make the room
+                    self._drop_records({s.id for s in drop})
         return [s.id for s in drop]
