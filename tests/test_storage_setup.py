@@ -14,6 +14,7 @@ from stacker_kernel.errors import StorageError
 from stacker_kernel.storage import btrfs, location, setup
 
 TEST_USER = os.environ.get("STACKER_KERNEL_TEST_USER", "sktest")
+REPO = str(Path(__file__).resolve().parent.parent)
 
 
 # --- location (any user) ----------------------------------------------------------------
@@ -76,41 +77,90 @@ def test_storage_path_prints_the_resolved_root(monkeypatch, capsys, storage):
 
 # --- rootful: setup-storage on separate images -----------------------------------------------
 
+def _unmount_all(top: Path) -> None:
+    for m in sorted(location.mounts(), key=lambda m: len(m.mount_point.parts), reverse=True):
+        if top in m.mount_point.parents:
+            # Lazily when a mount namespace another process made meanwhile still holds a copy.
+            if subprocess.run(["umount", str(m.mount_point)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(m.mount_point)], check=True)
+
+
 @pytest.fixture
 def scratch():
-    """A world-traversable dir for a test image and mount point; unmounted and removed afterwards."""
+    """A world-traversable state dir for test images, records and mounts; unmounted and removed afterwards."""
     top = Path(tempfile.mkdtemp(prefix="sk-setup-", dir="/var/tmp"))
     os.chmod(top, 0o755)
     yield top
-    if location.is_mount_point(top / "mnt"):
-        subprocess.run(["umount", str(top / "mnt")], check=True)
+    _unmount_all(top)
     shutil.rmtree(top)
 
 
-@pytest.fixture
-def user_config():
-    """The test user's config file, restored after the test (setup-storage rewrites it)."""
-    info = setup.lookup_user(TEST_USER)
+def _saved_config(user: str):
+    info = setup.lookup_user(user)
     cfg = location.config_file(info.home)
     saved = cfg.read_bytes() if cfg.exists() else None
     yield cfg
     if saved is None:
         cfg.unlink(missing_ok=True)
     else:
+        cfg.parent.mkdir(parents=True, exist_ok=True)
         cfg.write_bytes(saved)
         os.chown(cfg, info.uid, info.gid)
 
 
-def _setup(scratch: Path, user: str = TEST_USER) -> Path:
-    return setup.setup_storage(user, "256M", scratch / "btrfs.img", scratch / "mnt")
+@pytest.fixture
+def user_config():
+    """The test user's config file, restored after the test (setup-storage rewrites it)."""
+    yield from _saved_config(TEST_USER)
+
+
+@pytest.fixture
+def root_config():
+    yield from _saved_config("root")
+
+
+def _setup(scratch: Path, user: str = TEST_USER, size: str = "256M", **kw) -> Path:
+    return setup.setup_storage(user, size, mount=scratch / "btrfs", state=scratch, **kw)
+
+
+def _teardown(scratch: Path, user: str = TEST_USER) -> list[str]:
+    return setup.teardown_storage(user, scratch / "btrfs", scratch)
+
+
+def _image(scratch: Path, user: str = TEST_USER) -> Path:
+    return scratch / "images" / f"{user}.img"
 
 
 @pytest.mark.rootful
-def test_setup_storage_mounts_an_image_with_the_needed_options(scratch, user_config):
-    _setup(scratch)
-    mount = location.find_mount(scratch / "mnt")
-    assert mount.mount_point == scratch / "mnt" and mount.fstype == "btrfs"
+def test_setup_storage_mounts_the_users_own_image_with_the_needed_options(scratch, user_config):
+    target = _setup(scratch)
+    mount = location.find_mount(target)
+    assert mount.mount_point == scratch / "btrfs" / TEST_USER and mount.fstype == "btrfs"
     assert {"user_subvol_rm_allowed", "noatime"} <= mount.options
+    assert setup._backing_file(target) == _image(scratch)
+
+
+@pytest.mark.rootful
+def test_the_image_is_readable_by_root_only(scratch, user_config):
+    _setup(scratch)
+    image = _image(scratch)
+    assert (image.stat().st_uid, image.stat().st_mode & 0o777) == (0, 0o600)
+    assert image.parent.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.rootful
+def test_the_size_bounds_the_users_filesystem(scratch, user_config):
+    target = _setup(scratch, size="256M")
+    assert os.statvfs(target).f_blocks * os.statvfs(target).f_frsize <= 256 << 20
+
+
+@pytest.mark.rootful
+def test_setup_storage_with_a_larger_size_grows_the_filesystem(scratch, user_config):
+    target = _setup(scratch, size="256M")
+    (target / "keep").write_text("x")
+    _setup(scratch, size="512M")
+    st = os.statvfs(target)
+    assert st.f_blocks * st.f_frsize > 400 << 20 and (target / "keep").read_text() == "x"
 
 
 @pytest.mark.rootful
@@ -118,10 +168,19 @@ def test_setup_storage_gives_the_user_a_private_dir_and_config(scratch, user_con
     target = _setup(scratch)
     info = setup.lookup_user(TEST_USER)
     st = target.stat()
-    assert target == scratch / "mnt" / TEST_USER
+    assert target == scratch / "btrfs" / TEST_USER
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (info.uid, info.gid, 0o700)
     assert json.loads(user_config.read_text()) == {"storage": str(target)}
     assert user_config.stat().st_uid == info.uid
+
+
+@pytest.mark.rootful
+def test_setup_storage_records_what_it_created_for_root_only(scratch, user_config):
+    target = _setup(scratch)
+    rec = setup.read_record(TEST_USER, scratch)
+    assert (rec.storage, rec.image) == (target, _image(scratch))
+    record = scratch / "users" / f"{TEST_USER}.json"
+    assert record.stat().st_uid == 0 and (scratch / "users").stat().st_mode & 0o777 == 0o700
 
 
 @pytest.mark.rootful
@@ -130,23 +189,68 @@ def test_setup_storage_twice_is_idempotent(scratch, user_config):
     (first / "keep").write_text("x")
     second = _setup(scratch)
     assert second == first and (second / "keep").read_text() == "x"
-    assert sum(1 for m in location.mounts() if m.mount_point == scratch / "mnt") == 1
+    assert sum(1 for m in location.mounts() if m.mount_point == first) == 1
 
 
 @pytest.mark.rootful
 def test_setup_storage_remounts_an_existing_image_after_a_reboot(scratch, user_config):
     target = _setup(scratch)
     (target / "keep").write_text("x")
-    subprocess.run(["umount", str(scratch / "mnt")], check=True)  # what a reboot does
+    subprocess.run(["umount", str(target)], check=True)  # what a reboot does
     assert _setup(scratch) == target and (target / "keep").read_text() == "x"
+    assert location.is_mount_point(target)
+
+
+def _old_shared_layout(scratch: Path) -> Path:
+    """The layout before per-user images: one 0644 image STATE/btrfs.img mounted at STATE/btrfs."""
+    image, mnt = scratch / "btrfs.img", scratch / "btrfs"
+    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
+    os.chmod(image, 0o644)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", setup.MOUNT_OPTIONS, str(image), str(mnt)], check=True)
+    return mnt
 
 
 @pytest.mark.rootful
-def test_setup_storage_accepts_an_existing_btrfs_with_the_option(storage, user_config):
+def test_setup_storage_keeps_a_user_of_the_old_shared_image_and_locks_the_image(scratch, user_config):
+    mnt = _old_shared_layout(scratch)
+    (mnt / TEST_USER).mkdir()
+    (mnt / TEST_USER / "keep").write_text("x")
+    target = _setup(scratch)
+    assert target == mnt / TEST_USER and (target / "keep").read_text() == "x"
+    assert not location.is_mount_point(target) and not _image(scratch).exists()
+    assert (scratch / "btrfs.img").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.rootful
+def test_setup_storage_accepts_an_existing_btrfs_with_the_option(scratch, storage, user_config):
     # The machine's own mount (STACKER_KERNEL_STORAGE is on it): only the dir is made.
-    target = setup.setup_storage(TEST_USER, storage=storage / "u")
+    target = _setup(scratch, storage=storage / "u")
     assert target.is_dir() and target.stat().st_uid == setup.lookup_user(TEST_USER).uid
     location.check_storage(target)
+
+
+@pytest.mark.rootful
+def test_setup_storage_does_not_follow_a_symlink_the_user_planted(scratch, storage, user_config):
+    victim = storage / "root-store"
+    victim.mkdir(mode=0o700)
+    mine = storage / "mine"
+    mine.mkdir()
+    os.chown(mine, setup.lookup_user(TEST_USER).uid, -1)
+    (mine / "store").symlink_to(victim)
+    with pytest.raises(StorageError, match="symbolic link"):
+        _setup(scratch, storage=mine / "store")
+    assert (victim.stat().st_uid, victim.stat().st_mode & 0o777) == (0, 0o700)
+
+
+@pytest.mark.rootful
+def test_setup_storage_refuses_a_path_below_another_users_directory(scratch, storage, user_config):
+    other = storage / "other"
+    other.mkdir()
+    os.chown(other, setup.lookup_user("sktest2").uid, -1)
+    with pytest.raises(StorageError, match="belongs to uid"):
+        _setup(scratch, storage=other / "store")
 
 
 @pytest.mark.rootful
@@ -160,34 +264,59 @@ def test_setup_storage_result_is_usable_by_the_user(scratch, user_config):
 
 
 @pytest.mark.rootful
-def test_teardown_of_the_last_user_unmounts_and_deletes_the_image(scratch, user_config):
+def test_teardown_unmounts_and_deletes_the_users_image(scratch, user_config):
     target = _setup(scratch)
     btrfs.create_subvolume(target / "sub")
-    setup.teardown_storage(TEST_USER, scratch / "btrfs.img", scratch / "mnt")
-    assert not location.is_mount_point(scratch / "mnt")
-    assert not (scratch / "btrfs.img").exists()
+    _teardown(scratch)
+    assert not location.is_mount_point(target) and not target.exists()
+    assert not _image(scratch).exists() and setup.read_record(TEST_USER, scratch) is None
     assert not user_config.exists()
 
 
 @pytest.mark.rootful
-def test_teardown_keeps_the_mount_while_other_users_remain(scratch, user_config):
-    root_cfg = location.config_file(setup.lookup_user("root").home)
-    saved = root_cfg.read_bytes() if root_cfg.exists() else None
-    try:
-        _setup(scratch, "root")
-        target = _setup(scratch)
-        setup.teardown_storage(TEST_USER, scratch / "btrfs.img", scratch / "mnt")
-        assert not target.exists()
-        assert location.is_mount_point(scratch / "mnt") and (scratch / "mnt" / "root").is_dir()
-    finally:
-        if saved is None:
-            root_cfg.unlink(missing_ok=True)
-        else:
-            root_cfg.write_bytes(saved)
+def test_teardown_keeps_the_other_users_storage(scratch, user_config, root_config):
+    _setup(scratch, "root")
+    target = _setup(scratch)
+    _teardown(scratch)
+    assert not target.exists()
+    assert location.is_mount_point(scratch / "btrfs" / "root") and _image(scratch, "root").exists()
 
 
 @pytest.mark.rootful
-def test_storage_path_for_a_user_reads_their_config(scratch, user_config, capsys):
+@pytest.mark.parametrize("victim", ["root-dir", "other-users-storage"])
+def test_teardown_never_removes_what_the_users_config_names(scratch, user_config, root_config, victim):
+    if victim == "root-dir":
+        named = scratch / "root-only"
+        named.mkdir()
+    else:
+        named = _setup(scratch, "root")
+    (named / "precious").write_text("x")
+    _setup(scratch)
+    user_config.write_text(json.dumps({"storage": str(named)}))  # the user may write anything there
+    _teardown(scratch)
+    assert (named / "precious").read_text() == "x"
+    assert not (scratch / "btrfs" / TEST_USER).exists()
+
+
+@pytest.mark.rootful
+def test_teardown_without_a_record_removes_only_the_users_dir_under_the_mount(scratch, user_config):
+    # Set up before records existed: root made MOUNT/USER on the shared image.
+    mnt = _old_shared_layout(scratch)
+    info = setup.lookup_user(TEST_USER)
+    (mnt / TEST_USER).mkdir(mode=0o700)
+    os.chown(mnt / TEST_USER, info.uid, info.gid)
+    subprocess.run(["runuser", "-u", TEST_USER, "--", sys.executable, "-c",
+                    "import sys; from stacker_kernel.storage import btrfs; btrfs.create_subvolume(sys.argv[1])",
+                    str(mnt / TEST_USER / "sub")], check=True, cwd="/", env={**os.environ, "PYTHONPATH": REPO})
+    (mnt / "neighbour").mkdir()
+    user_config.write_text(json.dumps({"storage": str(mnt / "neighbour")}))
+    assert setup.teardown_storage(TEST_USER, mnt, scratch) == [f"removed {mnt / TEST_USER}"]
+    assert not (mnt / TEST_USER).exists() and (mnt / "neighbour").is_dir()
+
+
+@pytest.mark.rootful
+def test_storage_path_for_a_user_reads_roots_record(scratch, user_config, capsys):
     target = _setup(scratch)
-    assert cli.main(["storage-path", "--user", TEST_USER]) == 0
+    user_config.write_text(json.dumps({"storage": "/elsewhere"}))
+    assert cli.main(["storage-path", "--user", TEST_USER, "--state-dir", str(scratch)]) == 0
     assert capsys.readouterr().out.strip() == str(target)

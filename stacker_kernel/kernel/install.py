@@ -51,10 +51,19 @@ def install(user: bool = False, prefix: str | None = None) -> str:
     With neither `user` nor `prefix` it goes to the system location, which
     needs root (as `jupyter kernelspec install` does).
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        write_spec(Path(tmp))
-        return KernelSpecManager().install_kernel_spec(
-            tmp, KERNEL_NAME, user=user, prefix=prefix)
+    # Every user must read a spec installed system-wide: the temporary directory
+    # is 0700 and is copied with its mode, and root's umask may be 077.
+    old_umask = os.umask(0o022)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_spec(Path(tmp))
+            os.chmod(tmp, 0o755)
+            for f in Path(tmp).iterdir():
+                os.chmod(f, 0o644)
+            return KernelSpecManager().install_kernel_spec(
+                tmp, KERNEL_NAME, user=user, prefix=prefix)
+    finally:
+        os.umask(old_umask)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
