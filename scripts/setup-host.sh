@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Prepare this machine for stacker-kernel (as root, idempotent): the Debian
-# packages it needs, a virtualenv that every user can run, an unprivileged
-# test user with a subordinate uid/gid range, and btrfs storage for it.
+# packages it needs, a virtualenv that every user can run, two unprivileged
+# test users with subordinate uid/gid ranges, and btrfs storage for them and root.
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "setup-host.sh: run as root (it installs packages and mounts btrfs)" >&2; exit 1; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${STACKER_KERNEL_VENV:-/opt/stacker-kernel/venv}
 TEST_USER=${STACKER_KERNEL_TEST_USER:-sktest}
+TEST_USER2=${STACKER_KERNEL_TEST_USER2:-sktest2}
 STORAGE_SIZE=${STACKER_KERNEL_STORAGE_SIZE:-40G}
 
 pkgs=(btrfs-progs uidmap util-linux busybox-static umoci skopeo mmdebstrap
@@ -31,14 +32,22 @@ if [ ! -e "$stamp" ] || [ "$(cat "$stamp")" != "$repo" ]; then
 fi
 ln -sf "$VENV/bin/stacker-kernel" /usr/local/bin/stacker-kernel
 
-if ! id "$TEST_USER" >/dev/null 2>&1; then
-  useradd --create-home --shell /bin/bash "$TEST_USER"
-fi
-uid=$(id -u "$TEST_USER")
-for f in /etc/subuid /etc/subgid; do
-  touch "$f"
-  grep -qE "^($TEST_USER|$uid):" "$f" || usermod --add-subuids 200000-265535 --add-subgids 200000-265535 "$TEST_USER"
-done
+# Two unprivileged test users (the second for tests of one user against another),
+# each with its own subordinate uid/gid range.
+add_test_user() {
+  local user=$1 range=$2 uid f
+  id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+  uid=$(id -u "$user")
+  for f in /etc/subuid /etc/subgid; do
+    touch "$f"
+    grep -qE "^($user|$uid):" "$f" || usermod --add-subuids "$range" --add-subgids "$range" "$user"
+  done
+}
+add_test_user "$TEST_USER" 200000-265535
+add_test_user "$TEST_USER2" 300000-365535
 
-"$VENV/bin/stacker-kernel" setup-storage --user "$TEST_USER" --size "$STORAGE_SIZE"
-"$VENV/bin/stacker-kernel" setup-storage --user root --size "$STORAGE_SIZE"
+# Each user gets their own image (its size bounds their space); a user already
+# set up on the old shared image keeps their directory there.
+for user in "$TEST_USER" "$TEST_USER2" root; do
+  "$VENV/bin/stacker-kernel" setup-storage --user "$user" --size "$STORAGE_SIZE"
+done

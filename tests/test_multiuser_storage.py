@@ -21,7 +21,8 @@ from stacker_kernel.storage import location, setup
 pytestmark = pytest.mark.rootful
 
 REPO = str(Path(__file__).resolve().parent.parent)
-ALICE, BOB = os.environ.get("STACKER_KERNEL_TEST_USER", "sktest"), "sktest2"
+ALICE = os.environ.get("STACKER_KERNEL_TEST_USER", "sktest")
+BOB = os.environ.get("STACKER_KERNEL_TEST_USER2", "sktest2")
 SECRET = "alice-secret-3f9c1e7d"
 
 

@@ -14,6 +14,7 @@ from stacker_kernel.errors import StorageError
 from stacker_kernel.storage import btrfs, location, setup
 
 TEST_USER = os.environ.get("STACKER_KERNEL_TEST_USER", "sktest")
+TEST_USER2 = os.environ.get("STACKER_KERNEL_TEST_USER2", "sktest2")
 REPO = str(Path(__file__).resolve().parent.parent)
 
 
@@ -224,6 +225,18 @@ def test_setup_storage_keeps_a_user_of_the_old_shared_image_and_locks_the_image(
 
 
 @pytest.mark.rootful
+def test_setup_storage_remounts_the_old_shared_image_after_a_reboot(scratch, user_config):
+    mnt = _old_shared_layout(scratch)
+    (mnt / TEST_USER).mkdir()
+    (mnt / TEST_USER / "keep").write_text("x")
+    _setup(scratch)
+    subprocess.run(["umount", str(mnt)], check=True)  # what a reboot does
+    target = _setup(scratch)
+    assert target == mnt / TEST_USER and (target / "keep").read_text() == "x"
+    assert location.is_mount_point(mnt)
+
+
+@pytest.mark.rootful
 def test_setup_storage_accepts_an_existing_btrfs_with_the_option(scratch, storage, user_config):
     # The machine's own mount (STACKER_KERNEL_STORAGE is on it): only the dir is made.
     target = _setup(scratch, storage=storage / "u")
@@ -248,7 +261,7 @@ def test_setup_storage_does_not_follow_a_symlink_the_user_planted(scratch, stora
 def test_setup_storage_refuses_a_path_below_another_users_directory(scratch, storage, user_config):
     other = storage / "other"
     other.mkdir()
-    os.chown(other, setup.lookup_user("sktest2").uid, -1)
+    os.chown(other, setup.lookup_user(TEST_USER2).uid, -1)
     with pytest.raises(StorageError, match="belongs to uid"):
         _setup(scratch, storage=other / "store")
 

@@ -325,6 +325,20 @@ def _mount_image(rec: Record, size: str | None) -> None:
         _run(["btrfs", "filesystem", "resize", "max", str(mnt)])
 
 
+def _mount_old_shared_image(mount: Path, state: Path) -> None:
+    """Remount the image all users shared before per-user images (after a reboot), locked to root.
+
+    Its users keep their directories on it; it is mounted before any user's own
+    image, whose mount point may lie on it.
+    """
+    image = state / "btrfs.img"
+    if not image.is_file() or is_mount_point(mount):
+        return
+    _restrict_image(image)
+    os.close(_open_dir(mount, create=True))
+    _run(["mount", "-o", MOUNT_OPTIONS, str(image), str(mount)])
+
+
 def _new_record(info: UserInfo, image: Path | None, mount: Path, storage: Path | None, state: Path) -> Record:
     if storage is not None:
         # The admin named a directory on a btrfs they manage: bounded only by that filesystem.
@@ -352,6 +366,7 @@ def setup_storage(user: str, size: str | None = None, image: Path | None = None,
     """
     _require_root()
     info = lookup_user(user)
+    _mount_old_shared_image(Path(os.path.abspath(mount)), state)
     rec = read_record(info.name, state)
     if rec is None:
         rec = _new_record(info, image, mount, storage, state)
@@ -364,7 +379,11 @@ def setup_storage(user: str, size: str | None = None, image: Path | None = None,
             dfd = _open_dir(rec.image.parent)
             os.fchmod(dfd, 0o700)  # nobody else even sees whose images exist
             os.close(dfd)
-    trusted = frozenset({0, info.uid}) if storage is not None else frozenset({0})
+    elif not _usable(rec.storage):
+        raise StorageError(f"storage {rec.storage} is no longer on a btrfs mounted with user_subvol_rm_allowed: "
+                           "mount that filesystem again, then re-run setup-storage")
+    # A directory the admin named may lie in the user's own tree; an image's mount point is root's.
+    trusted = frozenset({0}) if rec.image is not None else frozenset({0, info.uid})
     fd = _open_dir(rec.storage, trusted, create=rec.image is None)
     try:
         owner = os.fstat(fd).st_uid
@@ -401,6 +420,7 @@ def teardown_storage(user: str, mount: Path = DEFAULT_MOUNT, state: Path = STATE
     Returns what was done, one line per action. Root only; missing parts are fine.
     """
     _require_root()
+    _mount_old_shared_image(Path(os.path.abspath(mount)), state)
     rec = read_record(user, state)
     try:
         info = lookup_user(user)
