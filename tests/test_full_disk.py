@@ -17,7 +17,7 @@ import pytest
 from stacker_kernel.engine.session import BuildSession
 from stacker_kernel.errors import StackerKernelError
 from stacker_kernel.recipe.model import ImageSource, Layer
-from stacker_kernel.storage.store import Store
+from stacker_kernel.storage.store import Store, collect_garbage
 
 pytestmark = pytest.mark.rootful
 
@@ -103,3 +103,23 @@ def test_store_reopens_consistent_after_the_disk_filled(full_session):
     with Store.open(s.store.root) as again:
         assert [x.id for x in again.snapshots() if x.kind == "step"] == [first.id]
         assert sorted(p.name for p in (again.root / "snapshots").iterdir()) == [first.id]
+
+
+def test_gc_on_a_full_disk_deletes_and_reports_what_it_freed(small_btrfs, busybox_tar):
+    root = small_btrfs / "storage"
+    root.mkdir()
+    with Store.open(root) as store:
+        s = BuildSession.open(store, "/full/gc.ipynb", resume=False)
+        s.use_cache = False
+        s.begin_layer(Layer(name="gc", from_=ImageSource(type="tar", url=str(busybox_tar))))
+        step = s.run_step("head -c 8388608 /dev/urandom > /data")
+        assert step.ok, step.message
+        session = s.session.id
+        s.close()
+        store.forget_session(session)  # nothing references the step any more
+    with pytest.raises(OSError), (root / "junk").open("wb") as f:  # a truly full disk
+        while True:
+            f.write(b"x" * (1 << 20))
+            f.flush()
+    removed, freed = collect_garbage(root)
+    assert step.snapshot_id in removed and freed >= 8 << 20
