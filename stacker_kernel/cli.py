@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from stacker_kernel.errors import StackerKernelError
 from stacker_kernel.recipe.model import first_line
@@ -48,11 +49,22 @@ def _write_output(path: str, write: Callable[[str], object]) -> None:
                                  "give an output path in an existing, writable directory") from None
 
 
-def _open_store(args: argparse.Namespace):
-    from stacker_kernel.storage.location import resolve_storage
-    from stacker_kernel.storage.store import Store
+@contextmanager
+def _open_store(args: argparse.Namespace) -> Iterator:
+    """The store, for a `with` block in which a full disk (anywhere) is one clear line, not a traceback."""
+    import errno
+    import sqlite3
 
-    return Store.open(resolve_storage(args.storage))
+    from stacker_kernel.storage.location import resolve_storage
+    from stacker_kernel.storage.store import Store, storage_error
+
+    with Store.open(resolve_storage(args.storage)) as store:
+        try:
+            yield store
+        except (OSError, sqlite3.Error) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise storage_error(store.root, e) from e
 
 
 # --- setup-storage ----------------------------------------------------------

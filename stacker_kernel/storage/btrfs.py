@@ -447,13 +447,14 @@ def wait_reclaimed(path: os.PathLike | str, timeout: float = 60.0) -> None:
     Deleted subvolumes are freed in the background after a commit; `btrfs
     subvolume sync` waits for them with a root-only tree search. Unprivileged,
     we commit (BTRFS_IOC_SYNC, which also wakes the cleaner) until the usage
-    has stopped shrinking for a few rounds, or `timeout` seconds passed.
+    has not shrunk for a few rounds (other writers may make it grow), or
+    `timeout` seconds passed.
     """
     deadline = time.monotonic() + timeout
     last, steady = None, 0
     while steady < 3 and time.monotonic() < deadline:
         sync(path)
         used = fs_usage(path)
-        steady = steady + 1 if used == last else 0
-        last = used
+        steady = steady + 1 if last is not None and used >= last else 0
+        last = min(used, last) if last is not None else used
         time.sleep(0.1)
