@@ -46,17 +46,18 @@ def host(busybox_tar):
     top = Path(tempfile.mkdtemp(prefix="sk-users-", dir="/var/tmp"))
     os.chmod(top, 0o755)
     saved = _restore_configs([ALICE, BOB])
-    work = top / "work"
-    work.mkdir(mode=0o777)
-    os.chmod(work, 0o777)
-    shutil.copy(busybox_tar, work / "busybox.tar")
-    os.chmod(work / "busybox.tar", 0o644)
-    roots = {u: setup.setup_storage(u, "256M", mount=top / "btrfs", state=top) for u in (ALICE, BOB)}
     try:
+        work = top / "work"
+        work.mkdir(mode=0o777)
+        os.chmod(work, 0o777)
+        shutil.copy(busybox_tar, work / "busybox.tar")
+        os.chmod(work / "busybox.tar", 0o644)
+        roots = {u: setup.setup_storage(u, "256M", mount=top / "btrfs", state=top) for u in (ALICE, BOB)}
         yield top, work, roots
     finally:
         for u in (ALICE, BOB):
-            unmount(top / "btrfs" / u)
+            if location.is_mount_point(top / "btrfs" / u):
+                unmount(top / "btrfs" / u)
         shutil.rmtree(top)
         for user, (cfg, data) in saved.items():
             if data is not None:
