@@ -333,3 +333,15 @@ def test_storage_path_for_a_user_reads_roots_record(scratch, user_config, capsys
     user_config.write_text(json.dumps({"storage": "/elsewhere"}))
     assert cli.main(["storage-path", "--user", TEST_USER, "--state-dir", str(scratch)]) == 0
     assert capsys.readouterr().out.strip() == str(target)
+
+
+@pytest.mark.rootful
+def test_two_setups_of_one_user_at_once_both_succeed(scratch, user_config):
+    # A hub may spawn the same user's server twice at once; both run setup-storage.
+    cmd = [sys.executable, "-m", "stacker_kernel", "setup-storage", "--user", TEST_USER, "--size", "256M",
+           "--state-dir", str(scratch), "--mount", str(scratch / "btrfs")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": REPO}) for _ in range(3)]
+    results = [p.communicate() + (p.returncode,) for p in procs]
+    assert [r[2] for r in results] == [0, 0, 0], results
+    assert sum(1 for m in location.mounts() if m.mount_point == scratch / "btrfs" / TEST_USER) == 1

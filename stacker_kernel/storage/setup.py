@@ -19,6 +19,7 @@ MOUNT) keeps that directory; the shared image is made 0600 too.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import pwd
@@ -26,9 +27,10 @@ import re
 import stat
 import subprocess
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from stacker_kernel.errors import StorageError
 from stacker_kernel.storage import btrfs
@@ -354,6 +356,17 @@ def _new_record(info: UserInfo, image: Path | None, mount: Path, storage: Path |
                   Path(os.path.abspath(image)) if image else state / "images" / f"{info.name}.img")
 
 
+@contextmanager
+def _state_lock(state: Path) -> Iterator[None]:
+    """One setup-storage at a time per state dir (a hub may spawn a user's server twice at once)."""
+    fd = _open_dir(state, create=True)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def setup_storage(user: str, size: str | None = None, image: Path | None = None, mount: Path = DEFAULT_MOUNT,
                   storage: Path | None = None, state: Path = STATE_DIR) -> Path:
     """Give `user` a private, bounded storage root on btrfs; return it. Root only, idempotent.
@@ -366,6 +379,12 @@ def setup_storage(user: str, size: str | None = None, image: Path | None = None,
     """
     _require_root()
     info = lookup_user(user)
+    with _state_lock(state):
+        return _setup_storage(info, size, image, mount, storage, state)
+
+
+def _setup_storage(info: UserInfo, size: str | None, image: Path | None, mount: Path,
+                   storage: Path | None, state: Path) -> Path:
     _mount_old_shared_image(Path(os.path.abspath(mount)), state)
     rec = read_record(info.name, state)
     if rec is None:
@@ -420,6 +439,11 @@ def teardown_storage(user: str, mount: Path = DEFAULT_MOUNT, state: Path = STATE
     Returns what was done, one line per action. Root only; missing parts are fine.
     """
     _require_root()
+    with _state_lock(state):
+        return _teardown_storage(user, mount, state)
+
+
+def _teardown_storage(user: str, mount: Path, state: Path) -> list[str]:
     _mount_old_shared_image(Path(os.path.abspath(mount)), state)
     rec = read_record(user, state)
     try:
