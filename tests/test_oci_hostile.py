@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
@@ -105,6 +106,20 @@ def listing(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+def run_bounded(script: str, what: str) -> subprocess.CompletedProcess:
+    """`script` run by a fresh Python in its own process group, all of which (skopeo too)
+    is killed after HANG_BOUND_S: a regression then fails instead of hanging."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=HANG_BOUND_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{what} did not finish within {HANG_BOUND_S}s: a blob was read without bound")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def import_in_subprocess(store_root: Path, url: str) -> subprocess.CompletedProcess:
     """`from: oci url` imported by a separate process, killed after HANG_BOUND_S."""
     script = textwrap.dedent(f"""
@@ -121,11 +136,7 @@ def import_in_subprocess(store_root: Path, url: str) -> subprocess.CompletedProc
             print(e, file=sys.stderr)
             sys.exit(2)
     """)
-    try:
-        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                              timeout=HANG_BOUND_S, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"importing {url} did not finish within {HANG_BOUND_S}s: a blob was read without bound")
+    return run_bounded(script, f"importing {url}")
 
 
 def one_clear_line(res: subprocess.CompletedProcess) -> str:
@@ -346,10 +357,51 @@ def test_export_base_layer_symlinked_to_dev_zero_fails_at_once(tmp_path):
             print(e, file=sys.stderr)
             sys.exit(2)
     """)
-    try:
-        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             timeout=HANG_BOUND_S, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the export did not finish within {HANG_BOUND_S}s: a blob was read without bound")
-    line = one_clear_line(res)
+    line = one_clear_line(run_bounded(script, "the export"))
     assert f"blob {layer['digest']} of {layout} is a symlink" in line
+
+
+# --- publish: the layout is checked before skopeo reads it --------------------------------
+
+def publish_in_subprocess(layout: Path, url: str) -> subprocess.CompletedProcess:
+    script = textwrap.dedent(f"""
+        import sys
+        from stacker_kernel.errors import ImageError
+        from stacker_kernel.oci.publish import publish
+        try:
+            publish({str(layout)!r}, {url!r})
+        except ImageError as e:
+            print(e, file=sys.stderr)
+            sys.exit(2)
+    """)
+    return run_bounded(script, f"publishing {layout}")
+
+
+def test_publish_of_a_layer_blob_symlinked_to_dev_zero_fails_at_once(tmp_path):
+    layout = tmp_path / "oci"
+    layer = good_image(layout, "t", {"f": b"x" * 100})
+    blob_file(layout, layer).unlink()
+    os.symlink("/dev/zero", blob_file(layout, layer))
+    line = one_clear_line(publish_in_subprocess(layout, f"oci:{tmp_path / 'dest'}"))
+    assert f"blob {layer['digest']} of {layout} is a symlink" in line
+    assert not (tmp_path / "dest").exists()
+
+
+def test_publish_of_a_dot_dot_layer_digest_fails_and_writes_nothing(tmp_path):
+    layout = tmp_path / "src" / "oci"
+    good_image(layout, "t", {"f": b"x"})
+    (tmp_path / "src" / "escape").write_bytes(b"planted")
+    add_image(layout, "evil", [{"digest": "sha256:../../../escape", "size": 7}])
+    before = listing(tmp_path)
+    line = one_clear_line(publish_in_subprocess(layout, f"oci:{tmp_path / 'dest'}"))
+    assert "malformed digest 'sha256:../../../escape'" in line
+    assert listing(tmp_path) == before
+
+
+def test_publish_of_a_truncated_layer_blob_fails_before_copying(tmp_path):
+    layout = tmp_path / "oci"
+    layer = good_image(layout, "t", {"f": b"x"})
+    blob_file(layout, layer).write_bytes(blob_file(layout, layer).read_bytes()[:-3])
+    line = one_clear_line(publish_in_subprocess(layout, f"oci:{tmp_path / 'dest'}"))
+    assert f"layer {layer['digest']} of {layout}:t has {layer['size'] - 3} bytes but its descriptor declares" in line
+    assert not (tmp_path / "dest").exists()

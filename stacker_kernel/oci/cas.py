@@ -194,6 +194,23 @@ class Blobs:
         os.close(fd)
         return True
 
+    def check(self, digest: str, size: Any, what: str | None = None) -> None:
+        """ImageError unless blob `digest` is a regular file of `size` bytes (its hash is
+        not read: for a reader that verifies it itself, such as skopeo)."""
+        check_digest(digest, f"layout {self.path}")
+        what = what or self._what(digest)
+        size = check_size(size, what)
+        fd = self._open_fd(digest)
+        if fd is None:
+            raise ImageError(f"{what} is missing: copy the image again (skopeo copy or umoci)")
+        try:
+            actual = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if actual != size:
+            raise ImageError(f"{what} has {actual} bytes but its descriptor declares {size}: "
+                             "the layout is corrupt or hostile; copy the image again")
+
     def open(self, digest: str, size: Any, what: str | None = None) -> BlobReader:
         """Blob `digest` open for verified reading of `size` bytes; ImageError when it is missing.
 
