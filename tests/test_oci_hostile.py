@@ -170,6 +170,31 @@ def test_layer_blob_that_is_a_symlink_to_dev_zero_fails_at_once(store, tmp_path)
     assert store.snapshots() == []
 
 
+def test_build_from_a_layout_whose_blob_is_dev_zero_says_so_in_one_line(storage, tmp_path):
+    layout = tmp_path / "oci"
+    layer = good_image(layout, "t", {"f": b"x" * 100})
+    blob_file(layout, layer).unlink()
+    os.symlink("/dev/zero", blob_file(layout, layer))
+    (tmp_path / "stacker.yaml").write_text(textwrap.dedent(f"""\
+        app:
+            from:
+                type: oci
+                url: {layout}:t
+            run: echo built > /built
+        """))
+    script = textwrap.dedent(f"""
+        import sys
+        from stacker_kernel.cli import main
+        sys.argv = ["stacker-kernel", "--storage", {str(storage)!r}, "build", "-f",
+                    {str(tmp_path / "stacker.yaml")!r}, "--no-oci"]
+        sys.exit(main())
+    """)
+    res = run_bounded(script, "stacker-kernel build")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 1 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("stacker-kernel: ") and f"blob {layer['digest']} of {layout} is a symlink" in lines[0]
+
+
 def test_layer_blob_that_is_a_fifo_fails_at_once(store, tmp_path):
     layout = tmp_path / "oci"
     layer = good_image(layout, "t", {"f": b"x"})
