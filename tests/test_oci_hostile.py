@@ -230,8 +230,8 @@ def test_truncated_layer_blob_is_refused(store, tmp_path):
     data = blob_file(layout, layer).read_bytes()
     blob_file(layout, layer).write_bytes(data[:-7])
     line = one_clear_line(import_in_subprocess(store.root, f"{layout}:t"))
-    assert (f"layer {layer['digest']} of {layout}:t has {layer['size'] - 7} bytes but its descriptor "
-            f"declares {layer['size']}: the blob is truncated") in line
+    assert (f"layer {layer['digest']} of {layout}:t does not match its digest: it has {layer['size'] - 7} "
+            f"bytes but its descriptor declares {layer['size']} (truncated or replaced)") in line
 
 
 def test_layer_blob_longer_than_its_descriptor_is_not_read_past_it(store, tmp_path):
@@ -240,7 +240,8 @@ def test_layer_blob_longer_than_its_descriptor_is_not_read_past_it(store, tmp_pa
     layer = put(layout, data)
     add_image(layout, "t", [{**layer, "size": 10}])
     line = one_clear_line(import_in_subprocess(store.root, f"{layout}:t"))
-    assert f"layer {layer['digest']} of {layout}:t is longer than the 10 bytes its descriptor declares" in line
+    assert (f"layer {layer['digest']} of {layout}:t does not match its digest: it is longer than the 10 bytes "
+            "its descriptor declares") in line
 
 
 # --- export: the base that was imported, never what the tag says now ----------------------
@@ -428,5 +429,6 @@ def test_publish_of_a_truncated_layer_blob_fails_before_copying(tmp_path):
     layer = good_image(layout, "t", {"f": b"x"})
     blob_file(layout, layer).write_bytes(blob_file(layout, layer).read_bytes()[:-3])
     line = one_clear_line(publish_in_subprocess(layout, f"oci:{tmp_path / 'dest'}"))
-    assert f"layer {layer['digest']} of {layout}:t has {layer['size'] - 3} bytes but its descriptor declares" in line
+    assert (f"layer {layer['digest']} of {layout}:t does not match its digest: it has {layer['size'] - 3} "
+            "bytes but its descriptor declares") in line
     assert not (tmp_path / "dest").exists()

@@ -83,8 +83,8 @@ class BlobReader:
         want = left + 1 if n is None or n < 0 else min(n, left + 1)
         data = self._f.read(want) if want > 0 else b""
         if len(data) > left:
-            raise ImageError(f"{self.what} is longer than the {self.size} bytes its descriptor declares: "
-                             "the layout is corrupt or hostile; copy the image again")
+            raise ImageError(f"{self.what} does not match its digest: it is longer than the {self.size} bytes "
+                             "its descriptor declares; the layout is corrupt or hostile, copy the image again")
         self._hash.update(data)
         self._read += len(data)
         if not data or (n is not None and n < 0):
@@ -95,11 +95,11 @@ class BlobReader:
         if self._read < self.size:
             if self._f.read(1):  # a short read that was not the end: keep reading
                 raise ImageError(f"{self.what} changed while it was read: copy the image again")
-            raise ImageError(f"{self.what} has {self._read} bytes but its descriptor declares {self.size}: "
-                             "the blob is truncated; copy the image again")
+            raise ImageError(f"{self.what} does not match its digest: it has {self._read} bytes but its "
+                             f"descriptor declares {self.size} (truncated or replaced); copy the image again")
         if self._f.read(1):
-            raise ImageError(f"{self.what} is longer than the {self.size} bytes its descriptor declares: "
-                             "the layout is corrupt or hostile; copy the image again")
+            raise ImageError(f"{self.what} does not match its digest: it is longer than the {self.size} bytes "
+                             "its descriptor declares; the layout is corrupt or hostile, copy the image again")
         if self._hash.hexdigest() != self._hex:
             raise ImageError(f"{self.what} does not match its digest: the layout is corrupt; "
                              "copy the image again")
@@ -208,8 +208,8 @@ class Blobs:
         finally:
             os.close(fd)
         if actual != size:
-            raise ImageError(f"{what} has {actual} bytes but its descriptor declares {size}: "
-                             "the layout is corrupt or hostile; copy the image again")
+            raise ImageError(f"{what} does not match its digest: it has {actual} bytes but its descriptor "
+                             f"declares {size} (truncated or replaced); copy the image again")
 
     def open(self, digest: str, size: Any, what: str | None = None) -> BlobReader:
         """Blob `digest` open for verified reading of `size` bytes; ImageError when it is missing.
