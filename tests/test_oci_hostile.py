@@ -166,7 +166,7 @@ def test_layer_blob_that_is_a_symlink_to_dev_zero_fails_at_once(store, tmp_path)
     blob_file(layout, layer).unlink()
     os.symlink("/dev/zero", blob_file(layout, layer))
     line = one_clear_line(import_in_subprocess(store.root, f"{layout}:t"))
-    assert f"blob {layer['digest']} of {layout} is a symlink" in line
+    assert f"layer {layer['digest']} of {layout}:t is a symlink" in line
     assert store.snapshots() == []
 
 
@@ -192,7 +192,7 @@ def test_build_from_a_layout_whose_blob_is_dev_zero_says_so_in_one_line(storage,
     res = run_bounded(script, "stacker-kernel build")
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 1 and len(lines) == 1, res.stderr
-    assert lines[0].startswith("stacker-kernel: ") and f"blob {layer['digest']} of {layout} is a symlink" in lines[0]
+    assert lines[0].startswith("stacker-kernel: ") and f"layer {layer['digest']} of {layout}:t is a symlink" in lines[0]
 
 
 def test_layer_blob_that_is_a_fifo_fails_at_once(store, tmp_path):
@@ -201,7 +201,7 @@ def test_layer_blob_that_is_a_fifo_fails_at_once(store, tmp_path):
     blob_file(layout, layer).unlink()
     os.mkfifo(blob_file(layout, layer))
     line = one_clear_line(import_in_subprocess(store.root, f"{layout}:t"))
-    assert f"blob {layer['digest']} of {layout} is not a regular file" in line
+    assert f"layer {layer['digest']} of {layout}:t is not a regular file" in line
 
 
 def test_blobs_directory_that_is_a_symlink_is_refused(store, tmp_path):
@@ -384,7 +384,7 @@ def test_export_base_layer_symlinked_to_dev_zero_fails_at_once(tmp_path):
             sys.exit(2)
     """)
     line = one_clear_line(run_bounded(script, "the export"))
-    assert f"blob {layer['digest']} of {layout} is a symlink" in line
+    assert f"layer {layer['digest']} of base {layout}:t of layer app (in {layout}) is a symlink" in line
 
 
 # --- publish: the layout is checked before skopeo reads it --------------------------------
@@ -409,7 +409,7 @@ def test_publish_of_a_layer_blob_symlinked_to_dev_zero_fails_at_once(tmp_path):
     blob_file(layout, layer).unlink()
     os.symlink("/dev/zero", blob_file(layout, layer))
     line = one_clear_line(publish_in_subprocess(layout, f"oci:{tmp_path / 'dest'}"))
-    assert f"blob {layer['digest']} of {layout} is a symlink" in line
+    assert f"layer {layer['digest']} of {layout}:t is a symlink" in line
     assert not (tmp_path / "dest").exists()
 
 

@@ -92,9 +92,7 @@ class BlobReader:
         return data
 
     def _finish(self) -> None:
-        if self._read < self.size:
-            if self._f.read(1):  # a short read that was not the end: keep reading
-                raise ImageError(f"{self.what} changed while it was read: copy the image again")
+        if self._read < self.size:  # buffered reads come back short only at the end
             raise ImageError(f"{self.what} does not match its digest: it has {self._read} bytes but its "
                              f"descriptor declares {self.size} (truncated or replaced); copy the image again")
         if self._f.read(1):
@@ -162,8 +160,9 @@ class Blobs:
             for fd in reversed(fds):
                 os.close(fd)
 
-    def _open_fd(self, digest: str) -> int | None:
+    def _open_fd(self, digest: str, what: str | None = None) -> int | None:
         """An fd of the regular file of blob `digest`, or None when it is absent."""
+        what = what or self._what(digest)
         with self._open_dir(digest) as dir_fd:
             if dir_fd is None:
                 return None
@@ -173,22 +172,22 @@ class Blobs:
                 return None
             except OSError as e:
                 if e.errno == errno.ELOOP:
-                    raise ImageError(f"{self._what(digest)} is a symlink, not a file: the layout is hostile "
+                    raise ImageError(f"{what} is a symlink, not a file: the layout is hostile "
                                      "or broken; copy the image again") from e
-                raise ImageError(f"cannot open {self._what(digest)} ({e.strerror}): "
+                raise ImageError(f"cannot open {what} ({e.strerror}): "
                                  "check the layout's permissions") from e
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise ImageError(f"{self._what(digest)} is not a regular file: the layout is hostile or broken; "
+            raise ImageError(f"{what} is not a regular file: the layout is hostile or broken; "
                              "copy the image again")
         os.set_blocking(fd, True)
         return fd
 
-    def has(self, digest: str) -> bool:
+    def has(self, digest: str, what: str | None = None) -> bool:
         """Whether blob `digest` is present (as a regular file; its content is not checked)."""
         check_digest(digest, f"layout {self.path}")
-        fd = self._open_fd(digest)
+        fd = self._open_fd(digest, what)
         if fd is None:
             return False
         os.close(fd)
@@ -200,7 +199,7 @@ class Blobs:
         check_digest(digest, f"layout {self.path}")
         what = what or self._what(digest)
         size = check_size(size, what)
-        fd = self._open_fd(digest)
+        fd = self._open_fd(digest, what)
         if fd is None:
             raise ImageError(f"{what} is missing: copy the image again (skopeo copy or umoci)")
         try:
@@ -219,7 +218,7 @@ class Blobs:
         check_digest(digest, f"layout {self.path}")
         what = what or self._what(digest)
         size = check_size(size, what)
-        fd = self._open_fd(digest)
+        fd = self._open_fd(digest, what)
         if fd is None:
             raise ImageError(f"{what} is missing: copy the image again (skopeo copy or umoci)")
         return BlobReader(fd, digest, size, what)

@@ -210,9 +210,9 @@ def _copy_base_layer(layout_dir: str, name: str, base: OciBase, desc: lw.Descrip
     """Copy one layer of the base into the output, verified; never another image's layer."""
     for directory in base.blob_dirs:
         blobs = cas.Blobs(directory)
-        if blobs.has(desc.digest):
-            lw.copy_blob(blobs, layout_dir, desc,
-                         f"layer {desc.digest} of base {base.name} of layer {name} (in {directory})")
+        what = f"layer {desc.digest} of base {base.name} of layer {name} (in {directory})"
+        if blobs.has(desc.digest, what):
+            lw.copy_blob(blobs, layout_dir, desc, what)
             return
     raise ImageError(f"layer {name}: base {base.name} layer {desc.digest} is gone from "
                      f"{' and '.join(base.blob_dirs)}: rebuild the layer to import its base again")
