@@ -282,7 +282,7 @@ def test_layer_blob_with_wrong_digest_is_refused(store, tmp_path):
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF
     blob.write_bytes(bytes(data))
-    with pytest.raises(ImageError, match=f"blob {layer.digest} of .* does not match its digest"):
+    with pytest.raises(ImageError, match=f"layer {layer.digest} of .*:t does not match its digest"):
         import_base(store, Src("oci", f"{tmp_path / 'oci'}:t"))
     assert store.snapshots() == []
 

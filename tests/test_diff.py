@@ -280,3 +280,70 @@ def test_entry_stamped_in_the_old_snapshots_clock_tick_is_compared_in_full(chain
     changes = compare(old, new, old_taken_ns=tick, same=differs)
     assert "etc/keep" in asked
     assert [c.path for c in changes if c.path == "etc/keep"] == ["etc/keep"]
+
+
+
+def _layer_members(new, diff, out):
+    from stacker_kernel.oci.tarwriter import write_layer
+    import gzip
+    import io
+    import tarfile
+    blob = write_layer(new, diff, out)
+    data = gzip.decompress(Path(out, "blobs", "sha256", blob.digest.split(":")[1]).read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: tar.extractfile(m).read() if m.isfile() else None for m in tar}
+
+
+def _diff_in_one_tick(old, new):
+    """diff_snapshots' comparison of `old` and `new` as if every file of `new` had kept
+    the ctime it has in `old` (a change in the coarse-clock tick of the old snapshot)
+    and the old snapshot's creation time were unknown."""
+    import dataclasses
+    from stacker_kernel.oci.diff import _same_in_full, compare, walk
+    old_entries, _ = walk(old)
+    new_entries, _ = walk(new)
+    same_tick = {p: dataclasses.replace(e, ctime_ns=old_entries[p].ctime_ns) if p in old_entries else e
+                 for p, e in new_entries.items()}
+    changes = compare(old_entries, same_tick, old_taken_ns=None,
+                      same=lambda path, o, n: _same_in_full(old, new, path, o, n))
+    return Diff(old=old, new=new, changes=changes)
+
+
+def test_same_tick_change_with_unknown_snapshot_time_is_in_the_layer(chain):
+    chain.change(_base)
+    s0 = chain.snap()
+
+    def rewrite(live):  # same size, mtime restored: only the content tells
+        p = f"{live}/etc/app/conf"
+        st = os.stat(p)
+        Path(p).write_text("a=9\n")
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    chain.change(rewrite)
+    s1 = chain.snap()
+    d = run_in_userns(_diff_in_one_tick, s0, s1)
+    assert d.paths() == ["etc/app/conf"]
+    members = run_in_userns(_layer_members, s1, d, str(chain.root / "layout"))
+    assert members["etc/app/conf"] == b"a=9\n"
+
+
+def test_snapshot_time_of_a_tree_that_is_no_subvolume_is_unknown(chain):
+    from stacker_kernel.oci.diff import _snapshot_time_ns
+    chain.change(_base)
+    s0 = chain.snap()
+    assert run_in_userns(_snapshot_time_ns, s0) == pytest.approx(btrfs.subvolume_info(s0).otime * 1e9, abs=1e3)
+    assert run_in_userns(_snapshot_time_ns, f"{s0}/etc") is None
+
+def test_unknown_snapshot_time_compares_every_unchanged_looking_entry_in_full(chain):
+    from stacker_kernel.oci.diff import compare, walk
+    chain.change(_base)
+    s0, s1 = chain.snap(), chain.snap()
+    old, _ = run_in_userns(walk, s0)
+    new, _ = run_in_userns(walk, s1)
+    asked = []
+
+    def same(path, o, n):
+        asked.append(path)
+        return path != "etc/keep"
+    changes = compare(old, new, old_taken_ns=None, same=same)
+    assert sorted(asked) == sorted(new)
+    assert [c.path for c in changes] == ["etc/keep"]

@@ -385,7 +385,7 @@ def test_oci_base_layers_are_taken_as_is(storage, busybox_base):
     export_image(str(first), [ImageSpec("base", Cfg(cmd=["sh"]), [], base_rootfs=base)], source_date_epoch=EPOCH)
     layout = storage / "oci"
     export_image(str(layout), [ImageSpec("app", Cfg(), [step(c, "touch app")], base_rootfs=base,
-                                         base_oci=OciBase(str(first), "base"))])
+                                         base_oci=OciBase.from_layout(str(first), "base"))])
     base_layers = manifest(first, "base")["layers"]
     assert manifest(layout, "app")["layers"][:1] == base_layers
     assert len(manifest(layout, "app")["layers"]) == 2

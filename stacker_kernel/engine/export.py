@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from stacker_kernel.oci.bases import base_image
+from stacker_kernel.oci.bases import base_image, base_layers
 from stacker_kernel.oci.export import ImageSpec, OciBase, StepSnapshot, export_image, source_date_epoch_from_env
 from stacker_kernel.recipe.model import ImageSource, Layer
 from stacker_kernel.storage.store import Session, Snapshot, Store
@@ -47,7 +47,9 @@ def image_specs(store: Store, history: list[Snapshot], tags: dict[str, str],
             else:
                 origin = base_image(store, base)
                 if origin is not None:
-                    spec.base_oci = OciBase(origin.layout, origin.tag)
+                    # what was imported, not what the tag says now (it may have moved)
+                    spec.base_oci = OciBase(origin.source, origin.manifest_digest, origin.manifest,
+                                            origin.config, (str(base_layers(store)), origin.layout))
                     spec.base_rootfs = str(base.path)
                 elif base.id != "scratch":
                     spec.base_rootfs, spec.base_created_by = str(base.path), base.source

@@ -2,7 +2,8 @@
 
     scratch            -> bases/scratch (empty)
     tar PATH|URL       -> bases/tar-sha256-<hex of the file>
-    oci LAYOUT:TAG     -> bases/oci-<hex of the manifest digest>
+    oci LAYOUT:TAG     -> bases/oci-<hex of the manifest digest>, its layer blobs
+                          kept in <root>/cache/base-layers for the export
     docker URL         -> skopeo copy into <root>/cache/images, then as oci
     built NAME         -> the other layer's snapshot, through the engine's resolver
 
@@ -32,6 +33,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import ImageError
+from stacker_kernel.oci import cas
 from stacker_kernel.oci.layout import ImageRef, OCILayout, parse_oci_ref
 from stacker_kernel.oci.tarlayer import ApplyReport, apply_layer, open_in_root
 from stacker_kernel.storage.store import Snapshot, Store
@@ -72,6 +74,13 @@ def cache_root(store: Store) -> Path:
     path = store.root / "cache"
     path.mkdir(mode=0o700, exist_ok=True)
     return path
+
+
+def base_layers(store: Store) -> Path:
+    """<root>/cache/base-layers: verified copies of the layer blobs of every OCI base
+    imported (`blobs/<alg>/<hex>`), so an export needs neither the source layout
+    nor its tag, which may have moved or lost the blobs since."""
+    return cache_root(store) / "base-layers"
 
 
 def _record_path(store: Store, base_id: str) -> Path:
@@ -229,11 +238,17 @@ def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn:
     image: ImageRef = layout.resolve(tag)
     base_id = "oci-" + image.manifest_digest.split(":", 1)[1]
 
+    def keep_layers() -> list[str]:
+        # Verified (size, digest, no symlinks) while copied into the store's own
+        # cache; extraction then reads the private copy, which no one else can change.
+        return [str(cas.copy_blob(layout.blobs, base_layers(store), ly.digest, ly.size,
+                                  f"layer {ly.digest} of {layout.path}:{tag}")) for ly in image.layers]
+
     def populate(rootfs: Path) -> None:
-        blobs = [str(layout.verify_blob(ly.digest, ly.size if ly.size >= 0 else None)) for ly in image.layers]
-        _report(_in_container_ids(_apply_layers, blobs, str(rootfs)), warn)
+        _report(_in_container_ids(_apply_layers, keep_layers(), str(rootfs)), warn)
 
     snap = store.add_base(base_id, populate, source)
+    keep_layers()  # a base stored before this cache existed gets its copies now
     # rewritten on every import: it says where the image was found last
     _write_record(store, base_id, BaseImage(source, str(layout.path), tag, image.manifest_digest,
                                             image.manifest, image.config))

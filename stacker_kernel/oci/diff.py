@@ -6,6 +6,9 @@ item byte for byte, any change to content, mode, owner, xattrs, link count or
 name sets ctime, and user space cannot set ctime. So unchanged files are
 never hashed; only the few inodes whose ctime falls in the coarse-clock tick of
 the old snapshot's creation are compared in full (see COARSE_CLOCK_WINDOW_NS).
+When that creation time cannot be known (the old tree is no subvolume, or its
+otime cannot be read), every entry with equal inode and ctime is compared in
+full: a doubt costs time, never a file missing from a layer.
 
 Run `diff_snapshots` inside the user namespace (`run_in_userns`): rootfs
 files belong to subordinate ids and directories may be unreadable from
@@ -13,13 +16,14 @@ outside. The result is a plain picklable dataclass, so it crosses back.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from stacker_kernel.errors import ImageError
+from stacker_kernel.errors import ImageError, StorageError
 
 ChangeKind = Literal["added", "modified", "metadata", "removed"]
 FileType = Literal["file", "dir", "symlink", "char", "block", "fifo", "socket"]
@@ -137,7 +141,8 @@ def compare(old: dict[str, _Entry], new: dict[str, _Entry], *, old_taken_ns: int
 
     `old_taken_ns` is when the old snapshot was taken: an entry with equal
     ino and ctime whose ctime falls in the coarse-clock window before it is
-    unchanged only if `same(path, old, new)` says so (see above).
+    unchanged only if `same(path, old, new)` says so (see above). With
+    `old_taken_ns=None` (unknown), `same` decides for every such entry.
     """
     changes: list[Change] = []
     opaque_dirs: list[str] = []  # replaced directories: all their children are new
@@ -161,7 +166,7 @@ def compare(old: dict[str, _Entry], new: dict[str, _Entry], *, old_taken_ns: int
             if opaque:
                 opaque_dirs.append(path)
             continue
-        in_window = old_taken_ns is not None and n.ctime_ns >= old_taken_ns - COARSE_CLOCK_WINDOW_NS
+        in_window = old_taken_ns is None or n.ctime_ns >= old_taken_ns - COARSE_CLOCK_WINDOW_NS
         if o.ctime_ns != n.ctime_ns or (in_window and same is not None and not same(path, o, n)):
             metadata_only = o.mtime_ns == n.mtime_ns and o.size == n.size and n.type != "symlink"
             changes.append(Change(path, "metadata" if metadata_only else "modified", n.type, n.ino, n.nlink))
@@ -211,7 +216,16 @@ def diff_snapshots(old: str | None, new: str) -> Diff:
 
 def _same_in_full(old_root: str | None, new_root: str, path: str, o: _Entry, n: _Entry) -> bool:
     """Whether `path` is identical in both trees by every recorded attribute,
-    its xattrs and its content (files are hashed, symlinks read)."""
+    its xattrs and its content (files are hashed, symlinks read). What
+    cannot be read is taken as changed: the layer then carries it (or its
+    writer says why it cannot)."""
+    try:
+        return _same_attrs_and_content(old_root, new_root, path, o, n)
+    except OSError:
+        return False
+
+
+def _same_attrs_and_content(old_root: str | None, new_root: str, path: str, o: _Entry, n: _Entry) -> bool:
     if (o.mode, o.uid, o.gid, o.size, o.mtime_ns, o.nlink, o.rdev) != (n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.nlink, n.rdev):
         return False
     assert old_root is not None
@@ -227,9 +241,12 @@ def _same_in_full(old_root: str | None, new_root: str, path: str, o: _Entry, n: 
 
 def _xattrs(path: str) -> dict[str, bytes]:
     try:
-        return {k: os.getxattr(path, k, follow_symlinks=False) for k in os.listxattr(path, follow_symlinks=False)}
-    except OSError:
-        return {}
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):  # no xattrs here at all
+            return {}
+        raise
+    return {k: os.getxattr(path, k, follow_symlinks=False) for k in names}
 
 
 def _sha256(path: str) -> str:
@@ -241,13 +258,15 @@ def _sha256(path: str) -> str:
 
 
 def _snapshot_time_ns(path: str) -> int | None:
-    """When subvolume `path` was created (its otime), or None if it is no subvolume."""
+    """When subvolume `path` was created (its otime); None when that is unknown
+    (it is no subvolume, or the kernel does not say), and compare() then
+    compares every candidate in full."""
     from stacker_kernel.storage import btrfs  # storage is below oci; import late to keep diff pure
     try:
         if not btrfs.is_subvolume(path):
             return None
         return int(btrfs.subvolume_info(path).otime * 1e9)
-    except Exception:  # an unreadable otime only disables the guard
+    except (StorageError, OSError):
         return None
 
 

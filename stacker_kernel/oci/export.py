@@ -29,8 +29,10 @@ from typing import Any
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import ImageError, RecipeError
+from stacker_kernel.oci import cas
 from stacker_kernel.oci import layout_write as lw
 from stacker_kernel.oci.diff import Diff, diff_snapshots
+from stacker_kernel.oci.layout import OCILayout
 from stacker_kernel.oci.tarwriter import LayerBlob, write_layer
 from stacker_kernel.recipe.model import first_line
 
@@ -55,9 +57,26 @@ class StepSnapshot:
 
 @dataclass(frozen=True)
 class OciBase:
-    """A base image in an OCI layout (`LAYOUT:TAG`): its layers are copied as-is."""
-    layout: str
-    tag: str
+    """An OCI base image as it was imported: its layers are copied as-is.
+
+    `manifest` (whose digest is `manifest_digest`) and `config` are the ones
+    the base rootfs was unpacked from, never what a tag says now: a moved tag
+    must not put another image's layers under diffs made against this
+    rootfs. The layer blobs are taken from the first of `blob_dirs` (the
+    store's copies, then the source layout) that holds them, verified while
+    copied. `name` says which base it is in messages (its `from`).
+    """
+    name: str
+    manifest_digest: str
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+    blob_dirs: tuple[str, ...]
+
+    @classmethod
+    def from_layout(cls, layout: str, tag: str) -> "OciBase":
+        """The image `tag` of the OCI layout `layout` as it is now (read verified)."""
+        image = OCILayout(layout).resolve(tag)
+        return cls(f"{layout}:{tag}", image.manifest_digest, image.manifest, image.config, (layout,))
 
 
 @dataclass
@@ -167,57 +186,36 @@ def _start(layout_dir: str, spec: ImageSpec, built: dict[str, _Image]) -> _Image
         return copy.deepcopy(built[spec.parent])
     if spec.base_oci is not None:
         if spec.base_rootfs is None:
-            raise ImageError(f"layer {spec.name}: the OCI base {spec.base_oci.layout}:{spec.base_oci.tag} has no unpacked rootfs to diff against: import the base first")
-        return _from_oci(layout_dir, spec.base_oci, spec.base_rootfs)
+            raise ImageError(f"layer {spec.name}: the OCI base {spec.base_oci.name} has no unpacked rootfs to diff against: import the base first")
+        return _from_oci(layout_dir, spec.name, spec.base_oci, spec.base_rootfs)
     config = {"architecture": _host_arch(), "os": "linux", "config": {},
               "rootfs": {"type": "layers", "diff_ids": []}, "history": []}
     return _Image(config, [], {}, None)
 
 
-def _from_oci(layout_dir: str, base: OciBase, rootfs: str) -> _Image:
-    manifest = _load_manifest(base.layout, base.tag)
-    config = _read_json(base.layout, manifest["config"]["digest"])
+def _from_oci(layout_dir: str, name: str, base: OciBase, rootfs: str) -> _Image:
+    config = copy.deepcopy(base.config)
     config.setdefault("config", {})
     config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
     config.setdefault("history", [])
-    layers = [lw.Descriptor.from_json(d) for d in manifest.get("layers") or []]
+    where = f"manifest {base.manifest_digest} of base {base.name}"
+    layers = [lw.Descriptor.from_json(d, where) for d in base.manifest.get("layers") or []]
     for d in layers:
-        lw.copy_blob(base.layout, layout_dir, d.digest)
-    annotations = {k: v for k, v in (manifest.get("annotations") or {}).items() if k != lw.REF_NAME}
+        _copy_base_layer(layout_dir, name, base, d)
+    annotations = {k: v for k, v in (base.manifest.get("annotations") or {}).items() if k != lw.REF_NAME}
     return _Image(config, layers, annotations, rootfs)
 
 
-def _read_json(layout: str, digest: str) -> dict[str, Any]:
-    try:
-        with open(lw.blob_path(layout, digest), "rb") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ImageError(f"cannot read blob {digest} of {layout} ({e}): re-import the base image") from None
-
-
-def _load_manifest(layout: str, tag: str) -> dict[str, Any]:
-    """The image manifest tagged `tag` (for an index, the host platform's)."""
-    try:
-        with open(os.path.join(layout, "index.json"), "rb") as f:
-            index = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ImageError(f"{layout} is not a readable OCI layout ({e}): check the base's LAYOUT:TAG") from None
-    for d in index.get("manifests") or []:
-        if (d.get("annotations") or {}).get(lw.REF_NAME) == tag:
-            doc = _read_json(layout, d["digest"])
-            if doc.get("mediaType") == lw.MEDIA_TYPE_INDEX or "manifests" in doc:
-                return _pick_platform(layout, tag, doc)
-            return doc
-    raise ImageError(f"tag {tag} is not in {layout}: check the base's LAYOUT:TAG")
-
-
-def _pick_platform(layout: str, tag: str, index: dict[str, Any]) -> dict[str, Any]:
-    arch = _host_arch()
-    for d in index.get("manifests") or []:
-        p = d.get("platform") or {}
-        if p.get("os", "linux") == "linux" and p.get("architecture", arch) == arch:
-            return _read_json(layout, d["digest"])
-    raise ImageError(f"{layout}:{tag} has no linux/{arch} image: use an image for this machine's platform")
+def _copy_base_layer(layout_dir: str, name: str, base: OciBase, desc: lw.Descriptor) -> None:
+    """Copy one layer of the base into the output, verified; never another image's layer."""
+    for directory in base.blob_dirs:
+        blobs = cas.Blobs(directory)
+        what = f"layer {desc.digest} of base {base.name} of layer {name} (in {directory})"
+        if blobs.has(desc.digest, what):
+            lw.copy_blob(blobs, layout_dir, desc, what)
+            return
+    raise ImageError(f"layer {name}: base {base.name} layer {desc.digest} is gone from "
+                     f"{' and '.join(base.blob_dirs)}: rebuild the layer to import its base again")
 
 
 def _host_arch() -> str:
@@ -280,7 +278,7 @@ def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int 
         blob = LayerBlob(**data)
         if os.path.getsize(lw.blob_path(layout_dir, blob.digest)) == blob.size:
             return blob
-    except (OSError, TypeError, ValueError):
+    except (OSError, TypeError, ValueError, ImageError):
         pass
     return _MISS
 

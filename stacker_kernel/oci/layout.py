@@ -1,22 +1,22 @@
-"""Reading an OCI image layout: tags, manifests, configs and verified blobs.
+"""Reading an OCI image layout: tags, manifests, configs and layers.
 
-The layout is data from somewhere else: every digest is checked against a
-strict grammar before it becomes a path (no traversal through the digest
-string), and blobs are verified by streaming them through sha256/sha512.
-Writing layouts belongs to the export side (oci/export.py).
+Every byte is read through oci/cas.py, which checks digests before they
+become paths, never follows a symlink inside the layout and verifies size and
+hash while reading. Writing layouts belongs to the export side
+(oci/layout_write.py, oci/export.py).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stacker_kernel.errors import ImageError
+from stacker_kernel.oci import cas
+from stacker_kernel.oci.cas import check_digest
 
 REF_NAME = "org.opencontainers.image.ref.name"
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -36,9 +36,6 @@ TAR_LAYER_TYPES = (
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 )
-_DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
-_CHUNK = 1 << 20
-_MAX_JSON = 16 << 20  # manifests and configs are small; refuse absurd ones
 
 
 @dataclass(frozen=True)
@@ -73,14 +70,6 @@ def parse_oci_ref(ref: str) -> tuple[str, str]:
     return layout, tag
 
 
-def check_digest(digest: str, where: str) -> str:
-    """`digest` itself if it is a well-formed sha256/sha512 digest, else ImageError."""
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise ImageError(f"{where} names the malformed digest {str(digest)[:100]!r}: "
-                         "the image is broken or hostile; re-create it")
-    return digest
-
-
 def host_platform() -> tuple[str, str]:
     """(os, architecture) of this machine in OCI's words (linux, amd64/arm64/...)."""
     machine = platform.machine().lower()
@@ -90,25 +79,25 @@ def host_platform() -> tuple[str, str]:
 
 
 class OCILayout:
-    """A read-only view of an OCI image layout directory."""
+    """A read-only view of an OCI image layout directory (all reads verified, see oci/cas.py)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         """Open the layout at `path`; ImageError unless it has `oci-layout` and `index.json`."""
         self.path = Path(path)
-        marker = self.path / "oci-layout"
+        self.blobs = cas.Blobs(self.path)
         try:
-            version = json.loads(marker.read_text()).get("imageLayoutVersion")
-        except (OSError, ValueError, AttributeError):
+            version = json.loads(self.blobs.read_file("oci-layout")).get("imageLayoutVersion")
+        except (OSError, ValueError, AttributeError) as e:
             raise ImageError(f"{self.path} is not an OCI image layout (no readable oci-layout file): "
-                             "give the directory made by umoci, skopeo or stacker") from None
+                             "give the directory made by umoci, skopeo or stacker") from e
         if not isinstance(version, str) or not version.startswith("1."):
             raise ImageError(f"{self.path} is an OCI layout of unknown version {version!r}: "
                              "re-create it with umoci or skopeo (version 1.0.0)")
         try:
-            self.index = json.loads((self.path / "index.json").read_text())
-        except (OSError, ValueError):
+            self.index = json.loads(self.blobs.read_file("index.json"))
+        except (OSError, ValueError) as e:
             raise ImageError(f"{self.path} is not an OCI image layout (index.json is missing or not JSON): "
-                             "give the directory made by umoci, skopeo or stacker") from None
+                             "give the directory made by umoci, skopeo or stacker") from e
         if not isinstance(self.index, dict) or not isinstance(self.index.get("manifests", []), list):
             raise ImageError(f"{self.path}/index.json is not an image index: re-create the layout")
 
@@ -128,47 +117,17 @@ class OCILayout:
         return out
 
     def blob_path(self, digest: str) -> Path:
-        """Path of the blob `digest` (which must be well-formed; the file may be missing)."""
+        """Path of the blob `digest` (which must be well-formed; the file may be missing).
+
+        For messages and tests: read blobs with `self.blobs`, which does not follow symlinks.
+        """
         check_digest(digest, f"layout {self.path}")
         algorithm, encoded = digest.split(":", 1)
         return self.path / "blobs" / algorithm / encoded
 
-    def verify_blob(self, digest: str, size: int | None = None) -> Path:
-        """Hash the blob while streaming it; its path if it matches `digest` (and `size`).
-
-        A missing blob or a mismatch is ImageError.
-        """
-        path = self.blob_path(digest)
-        algorithm, encoded = digest.split(":", 1)
-        h = hashlib.new(algorithm)
-        total = 0
-        try:
-            with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    h.update(chunk)
-                    total += len(chunk)
-        except FileNotFoundError:
-            raise ImageError(f"blob {digest} is missing from layout {self.path}: "
-                             "copy the image again (skopeo copy or umoci)") from None
-        if h.hexdigest() != encoded or (size is not None and size != total):
-            raise ImageError(f"blob {digest} of {self.path} does not match its digest: "
-                             "the layout is corrupt; copy the image again")
-        return path
-
-    def read_json(self, digest: str, size: int | None = None) -> dict[str, Any]:
-        """The verified blob `digest` parsed as a JSON object."""
-        if size is not None and size > _MAX_JSON:
-            raise ImageError(f"blob {digest} of {self.path} claims {size} bytes, too large for a "
-                             "manifest or config: the layout is broken; copy the image again")
-        path = self.verify_blob(digest, size)
-        try:
-            data = json.loads(path.read_bytes())
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise ImageError(f"blob {digest} of {self.path} is not a JSON object: "
-                             "the layout is broken; copy the image again")
-        return data
+    def read_json(self, digest: str, size: Any) -> dict[str, Any]:
+        """The verified blob `digest` (of `size` bytes) parsed as a JSON object."""
+        return self.blobs.read_json(digest, size)
 
     def _pick(self, descriptors: list[dict[str, Any]], what: str) -> dict[str, Any]:
         """The descriptor for this host's platform, or the only one."""
@@ -185,8 +144,8 @@ class OCILayout:
     def resolve(self, tag: str) -> ImageRef:
         """The image tagged `tag`: its manifest (following one level of image index), config and layers.
 
-        Manifest, index and config blobs are verified; layer blobs are not
-        (verify_blob them before use, it costs a full read).
+        Manifest, index and config blobs are verified; layer blobs are read
+        later, through `self.blobs` (which verifies them then).
         """
         matches = [d for d in self._descriptors() if (d.get("annotations") or {}).get(REF_NAME) == tag]
         if not matches:
@@ -219,6 +178,16 @@ class OCILayout:
             if media_type not in TAR_LAYER_TYPES:
                 raise ImageError(f"layer {ldigest} of {self.path}:{tag} has media type {media_type!r}, "
                                  "which is not a tar layer: use an image with tar layers (not squashfs/erofs)")
-            size = ld.get("size")
-            layers.append(LayerRef(ldigest, media_type, size if isinstance(size, int) else -1))
+            size = cas.check_size(ld.get("size"), f"layer {ldigest} of {self.path}:{tag}")
+            layers.append(LayerRef(ldigest, media_type, size))
         return ImageRef(digest, manifest, config, layers)
+
+    def check_image(self, tag: str) -> ImageRef:
+        """The image `tag` (see resolve) after checking that each of its layer blobs is
+        a regular file of the declared size: what to do before handing the layout to
+        a tool that follows symlinks (skopeo reads a blob linked to /dev/zero forever).
+        Layer hashes are left to that tool, which verifies them while it copies."""
+        image = self.resolve(tag)
+        for layer in image.layers:
+            self.blobs.check(layer.digest, layer.size, f"layer {layer.digest} of {self.path}:{tag}")
+        return image

@@ -12,12 +12,12 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from stacker_kernel.errors import ImageError
+from stacker_kernel.oci import cas
 
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -41,8 +41,16 @@ class Descriptor:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Descriptor":
-        return cls(d["mediaType"], d["digest"], int(d["size"]), dict(d.get("annotations") or {}))
+    def from_json(cls, d: Any, where: str) -> "Descriptor":
+        """The descriptor `d` read from `where`; ImageError unless its digest and size are well-formed."""
+        if not isinstance(d, dict):
+            raise ImageError(f"{where} has a descriptor that is not an object: the image is broken; re-create it")
+        annotations = d.get("annotations") or {}
+        media_type = d.get("mediaType")
+        if not isinstance(media_type, str) or not isinstance(annotations, dict):
+            raise ImageError(f"{where} has a descriptor without a media type: the image is broken; re-create it")
+        return cls(media_type, cas.check_digest(d.get("digest"), where), cas.check_size(d.get("size"), where),
+                   {str(k): str(v) for k, v in annotations.items()})
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -51,7 +59,8 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def blob_path(layout: str, digest: str) -> str:
-    alg, _, hexdigest = digest.partition(":")
+    """Where blob `digest` goes in `layout`; ImageError for a malformed digest."""
+    alg, _, hexdigest = cas.check_digest(digest, f"layout {layout}").partition(":")
     return os.path.join(layout, "blobs", alg, hexdigest)
 
 
@@ -100,25 +109,10 @@ def put_json(layout: str, obj: Any, media_type: str) -> Descriptor:
     return put_blob(layout, canonical_json(obj), media_type)
 
 
-def copy_blob(src_layout: str, dst_layout: str, digest: str) -> None:
-    """Make blob `digest` of `src_layout` present in `dst_layout`, byte for
-    byte (a hard link when both are on one filesystem, else a copy)."""
-    src, dst = blob_path(src_layout, digest), blob_path(dst_layout, digest)
-    if os.path.exists(dst):
-        return
-    if not os.path.exists(src):
-        raise ImageError(f"blob {digest} is missing from {src_layout}: re-import the base image")
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def copy_blob(src: cas.Blobs, dst_layout: str, desc: Descriptor, what: str | None = None) -> None:
+    """Make the blob of `desc` present in `dst_layout`, copied from `src` and
+    verified (digest and size) while copied; see cas.copy_blob."""
+    cas.copy_blob(src, dst_layout, desc.digest, desc.size, what)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import subprocess
 from dataclasses import dataclass
 
 from stacker_kernel.errors import ImageError, RecipeError
+from stacker_kernel.oci.layout import OCILayout
 from stacker_kernel.oci.layout_write import REF_NAME
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
@@ -80,6 +81,9 @@ def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images:
     missing = [i for i in chosen if i not in available]
     if missing:
         raise ImageError(f"{', '.join(missing)} not in {layout_dir}: build it first (tags there: {', '.join(available) or 'none'})")
+    layout = OCILayout(layout_dir)
+    for image in chosen:  # skopeo would follow a blob symlinked to /dev/zero forever
+        layout.check_image(image)
     skopeo = shutil.which("skopeo")
     if skopeo is None:
         raise ImageError("skopeo is missing: install Debian's skopeo package (apt-get install skopeo)")
