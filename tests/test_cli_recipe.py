@@ -114,3 +114,28 @@ def test_export_to_a_missing_directory_is_one_line_and_exit_1(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nb.ipynb"), "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("stacker-kernel: ") and str(out) in err and len(err.strip().splitlines()) == 1
+
+
+# Eight lines, ~600 bytes: each line merges the previous mapping ten times, so a
+# walk that expands merge keys visits 10^8 mappings.
+MERGE_BOMB = "a: &a {from: {type: scratch}, run: x}\n" + "".join(
+    f"{n}: &{n} {{<<: [{', '.join(['*' + p] * 10)}]}}\n" for p, n in zip("abcdefg", "bcdefgh"))
+
+
+def _limited_memory():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def test_build_refuses_a_merge_key_bomb_naming_the_file(storage, tmp_path):
+    bomb = tmp_path / "stacker.yaml"
+    bomb.write_text(MERGE_BOMB)
+    assert len(MERGE_BOMB) < 700
+    # Memory-limited and with a timeout far above the expected instant error, so a
+    # regression fails instead of eating the machine or hanging the suite.
+    res = subprocess.run([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), "build",
+                          "-f", str(bomb), "--no-oci"], capture_output=True, text=True, timeout=120,
+                         preexec_fn=_limited_memory)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert res.stderr.startswith(f"stacker-kernel: {bomb} expands too much"), res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1
