@@ -543,3 +543,9 @@ def test_aliases_and_merge_keys_that_stay_small_still_work():
                   "app:\n  <<: *b\n  environment: *env\n  run: x\n")
     assert recipe.layers["app"].environment == {"A": "1"}
     assert recipe.layers["app"].from_ == ImageSource("scratch")
+
+
+@pytest.mark.parametrize("name", ["'..'", "a/b", "'a b'", "'-x'", ".hidden"])
+def test_layer_names_that_are_no_oci_ref_are_refused_with_the_line(name):
+    with pytest.raises(RecipeError, match=r"layer name .* \(line 3\) cannot be an image tag"):
+        load(f"ok:\n  from: {{type: scratch}}\n{name}:\n  from: {{type: scratch}}\n")
