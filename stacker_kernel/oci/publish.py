@@ -12,10 +12,10 @@ password given to us reaches it through a private temporary auth file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import contextlib
 import shutil
 import subprocess
 from dataclasses import dataclass
