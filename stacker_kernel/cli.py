@@ -327,15 +327,36 @@ def add_publish(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", action="append", help="tag to publish under (repeatable; default latest)")
     p.add_argument("--image", action="append", help="only this layer (repeatable; default every tag)")
     p.add_argument("--oci-dir", default="oci", help="the OCI layout built before (default oci)")
-    p.add_argument("--username", help="registry user")
-    p.add_argument("--password", help="registry password")
+    p.add_argument("--authfile", help="registry auth file (default: as skopeo: $REGISTRY_AUTH_FILE, "
+                   "$XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json, "
+                   "~/.docker/config.json)")
+    p.add_argument("--username", help="registry user; the password comes from --password-stdin")
+    p.add_argument("--password-stdin", action="store_true", help="read the registry password from stdin")
+    # Kept only to refuse it: argv is visible to every local user (ps).
+    p.add_argument("--password", help=argparse.SUPPRESS)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from stacker_kernel.oci.publish import publish
 
+    if args.password is not None:
+        raise StackerKernelError("--password puts the password where every user on this machine "
+                                 "sees it (ps): pipe it to --password-stdin with --username, or "
+                                 "log in once with 'skopeo login' (or pass --authfile)")
+    if args.password_stdin and not args.username:
+        raise StackerKernelError("--password-stdin needs --username: give the registry user")
+    if args.username and not args.password_stdin:
+        raise StackerKernelError("--username needs --password-stdin: pipe the password to "
+                                 "stdin, e.g. stacker-kernel publish ... --username U "
+                                 "--password-stdin < password-file")
+    password = None
+    if args.password_stdin:
+        # As `podman login --password-stdin`: the whole input, less its final newline.
+        password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+        if not password:
+            raise StackerKernelError("--password-stdin read an empty password: pipe the password to stdin")
     for done in publish(args.oci_dir, args.url, args.tag, images=args.image,
-                        username=args.username, password=args.password):
+                        username=args.username, password=password, authfile=args.authfile):
         print(f"published {done.image} to {done.destination}")
     return 0
 

@@ -114,3 +114,70 @@ def test_export_to_a_missing_directory_is_one_line_and_exit_1(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nb.ipynb"), "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("stacker-kernel: ") and str(out) in err and len(err.strip().splitlines()) == 1
+
+
+# Eight lines, ~600 bytes: each line merges the previous mapping ten times, so a
+# walk that expands merge keys visits 10^8 mappings.
+MERGE_BOMB = "a: &a {from: {type: scratch}, run: x}\n" + "".join(
+    f"{n}: &{n} {{<<: [{', '.join(['*' + p] * 10)}]}}\n" for p, n in zip("abcdefg", "bcdefgh"))
+
+
+def _limited_memory():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def test_build_refuses_a_merge_key_bomb_naming_the_file(storage, tmp_path):
+    bomb = tmp_path / "stacker.yaml"
+    bomb.write_text(MERGE_BOMB)
+    assert len(MERGE_BOMB) < 700
+    # Memory-limited and with a timeout far above the expected instant error, so a
+    # regression fails instead of eating the machine or hanging the suite.
+    res = subprocess.run([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), "build",
+                          "-f", str(bomb), "--no-oci"], capture_output=True, text=True, timeout=120,
+                         preexec_fn=_limited_memory)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert res.stderr.startswith(f"stacker-kernel: {bomb} expands too much"), res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_build_refuses_a_layer_name_that_is_no_image_tag_naming_the_line(storage, tmp_path, capsys):
+    yaml = tmp_path / "stacker.yaml"
+    yaml.write_text("ok:\n  from: {type: scratch}\n'..':\n  from: {type: scratch}\n")
+    assert main(["--storage", str(storage), "build", "-f", str(yaml), "--no-oci"]) == 1
+    err = capsys.readouterr().err
+    assert "layer name '..' (line 3) cannot be an image tag" in err and len(err.strip().splitlines()) == 1
+
+
+def test_build_refuses_a_notebook_layer_that_is_no_image_tag_naming_the_cell(storage, tmp_path, capsys):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("%layer ok\n%from scratch"),
+                nbformat.v4.new_code_cell("%layer 'a b'\n%from built ok")]
+    nb_path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, nb_path)
+    assert main(["--storage", str(storage), "build", "-f", str(nb_path), "--no-oci"]) == 1
+    err = capsys.readouterr().err
+    assert "code cell 2" in err and "layer name 'a b' cannot be an image tag" in err
+
+
+def test_kernel_export_refuses_a_first_layer_named_after_a_notebook_that_is_no_tag(storage, busybox_tar, tmp_path):
+    """A kernel's first layer takes the notebook's name; `%export` must not write it as a ref."""
+    import pytest
+
+    from stacker_kernel.engine.session import BuildSession
+    from stacker_kernel.errors import RecipeError
+    from stacker_kernel.recipe.cells import parse_cell
+    from stacker_kernel.storage.store import Store
+
+    nb_path = tmp_path / "my notebook.ipynb"
+    with Store.open(storage) as store:
+        s = BuildSession.open(store, str(nb_path), kind="kernel", resume=False,
+                              default_layer=nb_path.stem, base_dir=str(tmp_path))
+        try:
+            s.apply_directives(parse_cell(f"%from tar {busybox_tar}").directives, "c1")
+            assert s.run_step("touch /x", "c2").ok
+            with pytest.raises(RecipeError, match="layer name 'my notebook' .*%layer NAME"):
+                s.export_oci(str(tmp_path / "oci"))
+        finally:
+            s.close()
+    assert not (tmp_path / "oci" / "index.json").exists()

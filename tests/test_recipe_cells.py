@@ -361,3 +361,14 @@ def test_random_cells_fail_only_with_recipe_error_and_split_join_exactly():
             assert split_script(join_steps(parts)) == parts
         if "# %%" not in script:
             assert join_steps(parts) == script
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", "'a b'", "'-x'", "a..b", "x-"])
+def test_layer_names_that_are_no_oci_ref_are_refused(name):
+    with pytest.raises(RecipeError, match="cannot be an image tag"):
+        parse_cell(f"%layer {name}\n%from scratch")
+
+
+@pytest.mark.parametrize("name", ["app", "App_2", "v1.0", "a--b", "x@y+z"])
+def test_layer_names_that_are_oci_refs_are_accepted(name):
+    assert parse_cell(f"%layer {name}").directives[0].args == name

@@ -531,3 +531,21 @@ def test_mutated_stacker_files_fail_only_with_recipe_error():
             seen_ok += 1
             assert load(dump(r)) == r
     assert seen_ok and seen_err
+
+
+def test_an_alias_inside_its_own_anchor_is_refused():
+    with pytest.raises(RecipeError, match="refer to itself"):
+        load("a: &a {from: {type: scratch}, <<: *a}\n")
+
+
+def test_aliases_and_merge_keys_that_stay_small_still_work():
+    recipe = load("base: &b\n  from: {type: scratch}\n  environment: &env {A: '1'}\n"
+                  "app:\n  <<: *b\n  environment: *env\n  run: x\n")
+    assert recipe.layers["app"].environment == {"A": "1"}
+    assert recipe.layers["app"].from_ == ImageSource("scratch")
+
+
+@pytest.mark.parametrize("name", ["'..'", "a/b", "'a b'", "'-x'", ".hidden"])
+def test_layer_names_that_are_no_oci_ref_are_refused_with_the_line(name):
+    with pytest.raises(RecipeError, match=r"layer name .* \(line 3\) cannot be an image tag"):
+        load(f"ok:\n  from: {{type: scratch}}\n{name}:\n  from: {{type: scratch}}\n")

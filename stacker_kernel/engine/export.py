@@ -10,7 +10,7 @@ from typing import Any
 
 from stacker_kernel.oci.bases import base_image, base_layers
 from stacker_kernel.oci.export import ImageSpec, OciBase, StepSnapshot, export_image, source_date_epoch_from_env
-from stacker_kernel.recipe.model import ImageSource, Layer
+from stacker_kernel.recipe.model import ImageSource, Layer, check_layer_name
 from stacker_kernel.storage.store import Session, Snapshot, Store
 
 
@@ -28,6 +28,9 @@ def image_specs(store: Store, history: list[Snapshot], tags: dict[str, str],
     specs: list[ImageSpec] = []
     exported: set[str] = set()
     for name in order:
+        # Parsed names are checked already; a kernel's first layer is named after
+        # its notebook, which may be no valid tag ("my notebook").
+        check_layer_name(name, " (named after the notebook: start its first cell with %layer NAME)")
         config = layers.get(name) or Layer(name=name, from_=ImageSource(type="scratch"))
         steps = steps_of.get(name, [])
         if steps:

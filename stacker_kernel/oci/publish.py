@@ -5,9 +5,14 @@ each image goes to `HOST/PATH/<layer>:<tag>`, for `oci:DIR` to
 `DIR:<layer>_<tag>`. A URL that already names a tag
 (`docker://HOST/REPO:TAG`) receives exactly one image under that name.
 TLS verification is off for registries on localhost, as for a test registry.
+
+Credentials never go on a command line (every local user sees argv in `ps`):
+skopeo reads them from the containers auth file (oci/registry_auth.py), and a
+password given to us reaches it through a private temporary auth file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,10 +23,12 @@ from dataclasses import dataclass
 from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci.layout import OCILayout
 from stacker_kernel.oci.layout_write import REF_NAME
+from stacker_kernel.oci.registry_auth import auth_file_paths, find_credentials, private_auth_file
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 _UNREACHABLE = re.compile(r"connection refused|no such host|dial tcp|i/o timeout|network is unreachable|"
                           r"server gave HTTP response to HTTPS client|no route to host", re.I)
+_UNAUTHORIZED = re.compile(r"unauthorized|authentication required|denied", re.I)
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,13 @@ def destinations(url: str, images: list[str], tags: list[str] | None) -> list[Pu
     raise RecipeError(f"cannot publish to {url!r}: use --url docker://HOST/PATH or oci:DIR")
 
 
+def _repository(reference: str) -> str:
+    """`docker://HOST/PATH/NAME:TAG` -> `HOST/PATH/NAME` (what auth entries are keyed by)."""
+    rest = reference[len("docker://"):]
+    host, _, path = rest.partition("/")
+    return f"{host}/{path.rsplit(':', 1)[0]}" if path else host
+
+
 def _is_local(reference: str) -> bool:
     host = reference[len("docker://"):].split("/", 1)[0]
     if host.startswith("["):
@@ -68,14 +82,32 @@ def _is_local(reference: str) -> bool:
     return host in _LOCAL_HOSTS
 
 
+def _authfile_for(destination: str, authfile: str | None) -> str | None:
+    """The auth file skopeo should read for `destination`: the one holding its
+    credentials, else the one given; None leaves skopeo to its own lookup."""
+    found = find_credentials(_repository(destination), authfile)
+    return str(found.source) if found else authfile
+
+
 def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images: list[str] | None = None,
-            username: str | None = None, password: str | None = None) -> list[Published]:
+            username: str | None = None, password: str | None = None,
+            authfile: str | None = None) -> list[Published]:
     """Copy `images` (default: every tag of the layout) to `url` with skopeo,
     each under every tag in `tags` (default `latest`); the copies made, in order.
+
+    Credentials: `username` with `password` (read from stdin by the CLI) go to
+    skopeo in a private temporary auth file; otherwise the containers auth
+    files are used (`authfile`, else the default lookup of registry_auth).
+    Neither ever appears on a command line.
 
     Raises ImageError naming the registry when it cannot be reached or refuses
     the push, and when an image is not in the layout.
     """
+    if (username is None) != (password is None):
+        raise RecipeError("give the registry user and password together (--username with "
+                          "--password-stdin), or neither to use the auth file")
+    if username is not None and authfile is not None:
+        raise RecipeError("give either --authfile or --username with --password-stdin, not both")
     available = layout_tags(layout_dir)
     chosen = list(images) if images else available
     missing = [i for i in chosen if i not in available]
@@ -88,18 +120,31 @@ def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images:
     if skopeo is None:
         raise ImageError("skopeo is missing: install Debian's skopeo package (apt-get install skopeo)")
     done = []
-    for p in destinations(url, chosen, tags):
-        cmd = [skopeo, "copy", "--quiet"]
-        if p.destination.startswith("docker://") and _is_local(p.destination):
-            cmd.append("--dest-tls-verify=false")
-        if username is not None:
-            cmd.append(f"--dest-creds={username}:{password or ''}")
-        cmd += [f"oci:{layout_dir}:{p.image}", p.destination]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            detail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"status {res.returncode}"
-            if _UNREACHABLE.search(res.stderr):
-                raise ImageError(f"cannot reach the registry for {p.destination} ({detail}): start it or check --url")
-            raise ImageError(f"publishing {p.image} to {p.destination} failed ({detail}): check --url and the credentials")
-        done.append(p)
+    with contextlib.ExitStack() as stack:
+        given_auth = None  # one private file for the one registry of `url`
+        if username is not None and url.startswith("docker://"):
+            registry = url[len("docker://"):].split("/", 1)[0]
+            given_auth = stack.enter_context(private_auth_file(registry, username, password or ""))
+        for p in destinations(url, chosen, tags):
+            cmd = [skopeo, "copy", "--quiet"]
+            to_registry = p.destination.startswith("docker://")
+            if to_registry and _is_local(p.destination):
+                cmd.append("--dest-tls-verify=false")
+            dest_auth = given_auth or (_authfile_for(p.destination, authfile) if to_registry else None)
+            if dest_auth:
+                cmd.append(f"--dest-authfile={dest_auth}")
+            cmd += [f"oci:{layout_dir}:{p.image}", p.destination]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                detail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"status {res.returncode}"
+                if _UNREACHABLE.search(res.stderr):
+                    raise ImageError(f"cannot reach the registry for {p.destination} ({detail}): start it or check --url")
+                if to_registry and _UNAUTHORIZED.search(res.stderr) and username is None \
+                        and find_credentials(_repository(p.destination), authfile) is None:
+                    looked = ", ".join(str(f) for f in auth_file_paths(authfile))
+                    raise ImageError(f"the registry refused {p.destination} without credentials ({detail}) "
+                                     f"and none are in {looked}: run 'skopeo login' for it, or pass "
+                                     "--username USER --password-stdin with the password on stdin")
+                raise ImageError(f"publishing {p.image} to {p.destination} failed ({detail}): check --url and the credentials")
+            done.append(p)
     return done

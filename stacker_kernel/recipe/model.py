@@ -234,8 +234,17 @@ def stacker_url_host(url: str) -> str:
     return url[len(STACKER_URL):].split("/", 1)[0]
 
 
+# A layer name becomes the image's `org.opencontainers.image.ref.name` and a path
+# component of `stacker://LAYER/...` and of publish destinations: one component
+# of the OCI ref grammar (image-spec annotations.md), without ':' (stacker
+# forbids it) and without '/' (a name, not a path).
+_LAYER_NAME_RE = re.compile(r"[A-Za-z0-9]+(?:(?:[-._@+]|--)[A-Za-z0-9]+)*")
+
+
 def check_layer_name(name: str, where: str = "") -> None:
-    """Raise RecipeError unless `name` is a usable layer name (non-empty, no ':', not 'config')."""
+    """Raise RecipeError unless `name` is a usable layer name: one OCI ref-name
+    component without ':' (letters and digits joined by single `.`, `_`, `-`,
+    `@`, `+` or `--`), not 'config'. `where` (e.g. " (line 3)") goes after the name."""
     if not name:
         raise RecipeError(f"empty layer name{where}: give the layer a name")
     if ":" in name:
@@ -244,6 +253,11 @@ def check_layer_name(name: str, where: str = "") -> None:
             "constraints: rename the layer")
     if name == "config":
         raise RecipeError(f"'config' is reserved{where}: give the layer another name")
+    if not _LAYER_NAME_RE.fullmatch(name):
+        raise RecipeError(
+            f"layer name {name!r}{where} cannot be an image tag: use letters and digits, "
+            "joined by single '.', '_', '-', '@' or '+' (no spaces or '/', no separator first "
+            "or last), e.g. my-layer")
 
 
 def check_import(imp: Import, layer: str) -> None:

@@ -368,15 +368,68 @@ def _config(node: yaml.Node, recipe: Recipe) -> None:
             recipe.prerequisites = _list(vnode, _Ctx("config", "prerequisites", vnode))
 
 
+# A real stacker.yaml has a few thousand nodes; aliases and merge keys (`<<`) share
+# one node in many places, and the walk above visits it at each, so a 600-byte
+# file of repeated `<<: [*a, *a, ...]` would be walked ~10^9 times.
+MAX_EXPANDED_NODES = 200_000
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node, path: str | None) -> None:
+    """Raise RecipeError when `root`, with every alias and merge key expanded, has
+    more than MAX_EXPANDED_NODES nodes, or refers to itself.
+
+    Counts once per distinct node (sizes are memoised and capped), so the check
+    is linear in the file however far it would expand.
+    """
+    name = path or "stacker.yaml"
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()  # nodes whose subtree is being counted
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, counted = stack.pop()
+        key = id(node)
+        if counted:
+            total = 1 + sum(sizes[id(c)] for c in _children(node))
+            sizes[key] = min(total, MAX_EXPANDED_NODES + 1)
+            open_.discard(key)
+            continue
+        if key in sizes:
+            continue
+        if key in open_:
+            raise RecipeError(f"{name} has an alias inside its own anchor (line {_line(node)}): "
+                              "a stacker.yaml cannot refer to itself, write the value out")
+        open_.add(key)
+        stack.append((node, True))
+        stack += [(c, False) for c in _children(node) if id(c) not in sizes]
+    if sizes[id(root)] > MAX_EXPANDED_NODES:
+        raise RecipeError(f"{name} expands too much: its aliases and merge keys (<<) make more "
+                          f"than {MAX_EXPANDED_NODES} YAML nodes: write the repeated parts out "
+                          "or repeat them fewer times")
+
+
 def _compose(text: str, path: str | None) -> yaml.Node | None:
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError as e:
+        raise RecipeError(f"{path or 'stacker.yaml'} nests too deeply: flatten its lists and "
+                          "mappings") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" on line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).split("\n")[0]
         raise RecipeError(f"{path or 'stacker.yaml'} is not valid YAML: {problem}{where}: "
                           "fix the syntax there") from None
+    if root is not None:
+        _check_expansion(root, path)
+    return root
 
 
 def load(text: str, subs: dict[str, str] | None = None, path: str | None = None) -> Recipe:
