@@ -42,3 +42,6 @@ done
 
 "$VENV/bin/stacker-kernel" setup-storage --user "$TEST_USER" --size "$STORAGE_SIZE"
 "$VENV/bin/stacker-kernel" setup-storage --user root --size "$STORAGE_SIZE"
+
+# The team JupyterHub (deploy/jupyterhub): its proxy and the system-wide kernel spec.
+"$repo/deploy/jupyterhub/install.sh"
