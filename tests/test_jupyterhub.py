@@ -16,8 +16,11 @@ puts jupyterhub, configurable-http-proxy and the system-wide kernel spec here.
 """
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
+import pwd
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -131,6 +135,16 @@ c.JupyterHub.load_roles = [{{"name": "stacker-test", "services": ["stacker-test"
             if server and server.get("ready"):
                 return
             assert time.monotonic() < deadline, f"{user}'s server did not start:\n{self.log_text()}"
+            time.sleep(0.5)
+
+    def stop_server(self, user: str, timeout: float = 60) -> None:
+        """Stop `user`'s server through the API and wait until it is gone."""
+        self.api("DELETE", f"/hub/api/users/{user}/server")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, model = self.api("GET", f"/hub/api/users/{user}")
+            if status != 200 or not model.get("servers"):
+                return
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -250,6 +264,47 @@ def kernels(hub, users, shared_dir):
             k.close()
 
 
+@pytest.fixture
+def newcomer(hub):
+    """(name, password) of a new system user not yet in stacker-users; removed with their storage afterwards."""
+    name, password = f"skhub{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    subprocess.run(["useradd", "--create-home", "-K", "HOME_MODE=0700", "--shell", "/bin/bash", name], check=True)
+    try:
+        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+        yield name, password
+    finally:
+        hub.stop_server(name)
+        subprocess.run([sys.executable, "-m", "stacker_kernel", "setup-storage", "--user", name, "--teardown"],
+                       capture_output=True)
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+
+
+def _login(hub: Hub, name: str, password: str) -> int:
+    """HTTP status of logging in through the hub's login form (redirects followed: a login starts the server)."""
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    with browser.open(f"{hub.url}/hub/login", timeout=30) as resp:
+        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', resp.read().decode()).group(1)
+    form = urllib.parse.urlencode({"_xsrf": xsrf, "username": name, "password": password}).encode()
+    try:
+        with browser.open(f"{hub.url}/hub/login", data=form, timeout=60) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_team_member_logs_in_with_their_password_and_gets_storage_on_first_start(hub, newcomer):
+    name, password = newcomer
+    assert _login(hub, name, password) == 403, "a user outside stacker-users logged in"
+    subprocess.run(["usermod", "-aG", "stacker-users", name], check=True)
+    assert _login(hub, name, "not-" + password) == 403
+    assert _login(hub, name, password) == 200
+    hub.wait_server(name)
+    storage = _storage_of(name)
+    st = storage.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (pwd.getpwnam(name).pw_uid, 0o700)
+
+
 def test_spawn_hook_set_up_each_users_own_storage(hub, users):
     for user in (OWNER, OTHER):
         storage = _storage_of(user)
@@ -309,7 +364,6 @@ def test_a_users_build_cannot_read_another_users_storage_through_a_bind(kernels)
     owner_storage = _storage_of(OWNER)
     status, text, error = kernels[OTHER].execute(
         f"%layer peek\n%from built hubtest\n%binds {owner_storage} -> /peek\nls /peek/snapshots")
-    print("BINDS", status, repr(text), repr(error))
     assert status == "error", text
     assert "Permission denied" in text + error, text + error
     assert "built by" not in text
