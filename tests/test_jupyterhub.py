@@ -10,6 +10,8 @@ which runs the pre-spawn hook (`stacker-kernel setup-storage`), then opens a
 `stacker` kernel in each through the hub's proxy with the user's own token and
 builds a busybox layer over the kernel websocket. Then it checks that sktest2
 can neither reach sktest's server, nor list, read or grab sktest's storage.
+A throwaway user logs in with their password through the login form: refused
+outside the group stacker-users, admitted in it, with storage on first start.
 
 Prerequisite: deploy/jupyterhub/install.sh (setup-host.sh runs it), which
 puts jupyterhub, configurable-http-proxy and the system-wide kernel spec here.
