@@ -51,3 +51,6 @@ add_test_user "$TEST_USER2" 300000-365535
 for user in "$TEST_USER" "$TEST_USER2" root; do
   "$VENV/bin/stacker-kernel" setup-storage --user "$user" --size "$STORAGE_SIZE"
 done
+
+# The team JupyterHub (deploy/jupyterhub): its proxy and the system-wide kernel spec.
+"$repo/deploy/jupyterhub/install.sh"

@@ -135,7 +135,16 @@ def resolve_storage(arg: str | os.PathLike | None = None) -> Path:
 def check_storage(path: os.PathLike | str) -> None:
     """Raise StorageError unless `path` is an existing directory on btrfs mounted with user_subvol_rm_allowed."""
     path = Path(path)
-    if not path.is_dir():
+    try:
+        exists = path.is_dir()
+        yours = exists and os.access(path, os.R_OK | os.W_OK | os.X_OK)
+    except PermissionError:  # a path inside a directory we may not search
+        exists, yours = True, False
+    if exists and not yours:
+        # Each user's storage is 0700: another user's (or a path inside it) is refused here.
+        raise StorageError(f"permission denied: storage {path} is not yours ({current_user()} may not "
+                           f"read and write it); use your own storage: {_fix()}")
+    if not exists:
         raise StorageError(f"storage {path} does not exist: {_fix()} to create it on btrfs")
     if not btrfs.is_btrfs(path):
         raise StorageError(f"storage {path} is not on btrfs: {_fix()}")
