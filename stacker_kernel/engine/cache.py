@@ -19,6 +19,9 @@ from typing import Callable
 from stacker_kernel.storage.store import Snapshot, Store
 
 REPLAY_CAP = 2_000_000
+# Part of every cache key: raise it when what a step means changes (how it runs,
+# what its snapshot holds), so that keys made before never hit again.
+CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,9 @@ class StepInputs:
 
 
 def cache_key(inputs: StepInputs) -> str:
+    """The key of a step with `inputs`, under this version's CACHE_FORMAT."""
     blob = json.dumps({
+        "format": CACHE_FORMAT,
         "parent": inputs.parent,
         "state": inputs.state,
         "script": inputs.script,

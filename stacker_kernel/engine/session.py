@@ -97,18 +97,25 @@ class BuildSession:
              resolve_built: Callable[[str], Snapshot] | None = None) -> "BuildSession":
         """A new session for `name` (a notebook or stacker.yaml path). With `resume`,
         a previous session of the same name whose owner is gone is taken over at
-        its last snapshot (`self.resumed` says which)."""
+        its last snapshot (`self.resumed` says which).
+
+        One session of a `kind` per name at a time: while another one's owner is
+        alive (a second build of a file, a second kernel of a notebook), this
+        raises SessionBusyError naming it, and nothing of it is touched.
+        """
         # Containers of crashed engines on this store (PDEATHSIG should have ended them).
         Container.kill_orphans(str(store.root / "live"))
         default_layer = default_layer or Path(name).stem or "layer"
         base_dir = base_dir or str(Path(name).parent if os.path.isabs(name) else os.getcwd())
-        previous = None
-        if resume:
-            for old in store.find_sessions(name=name, kind=kind):
-                if not store.session_alive(old) and old.history:
-                    previous = old
-                    break
-        sess = store.new_session(kind, name)
+        # Under the write lock: two opening at once cannot both see the name free.
+        with store.write_lock():
+            sess = store.new_session(kind, name, exclusive=True)
+            previous = None
+            if resume:
+                for old in store.find_sessions(name=name, kind=kind):
+                    if old.id != sess.id and not store.session_alive(old) and old.history:
+                        previous = old
+                        break
         self = cls(store, sess, default_layer=default_layer, base_dir=base_dir, resolve_built=resolve_built)
         if previous is not None:
             self._take_over(previous)
@@ -138,13 +145,15 @@ class BuildSession:
         self.resumed = self._history.views(measure=False)[-1]
 
     def close(self) -> None:
-        """Stop the container and drop the live rootfs; snapshots and records stay."""
+        """Stop the container, drop the live rootfs and give up the name (another
+        session may open or resume it); snapshots and records stay."""
         with self._lock:
             self._stop_container()
             try:
                 self.store.end_session(self.session.id)
             except StackerKernelError:
                 pass
+            self.session.owner_pid = self.session.owner_start = 0
 
     # --- layers and directives -------------------------------------------------
 
@@ -391,9 +400,12 @@ class BuildSession:
                         layer=self.layer.name, source=source, cache_key=key,
                         state=(self.state or ShellState()).to_json(), started=started,
                         duration=time.time() - started)
-        snap = self.store.commit(self.live, snap)
-        self._cache.published(snap)
-        self._advance(snap)
+        stored = self.store.commit(self.live, snap, reuse_cached=self.use_cache)
+        if stored.id != snap.id:  # landed by another session meanwhile: see _run_step
+            self._replace_live(stored)
+        else:
+            self._cache.published(stored)
+        self._advance(stored)
 
     def _ensure_container(self) -> Container:
         return self._live.ensure_container(self.layer, self._run.base_dir, self.network)
@@ -460,15 +472,24 @@ class BuildSession:
                             state=result.state.to_json(), status="ok", started=started,
                             duration=result.duration)
             try:
-                snap = self.store.commit(self.live, snap)
+                # A step with binds is never taken from the cache (what they hold is not
+                # in its key), so it is not swapped for another's either.
+                stored = self.store.commit(self.live, snap, reuse_cached=self.use_cache and not self.layer.binds)
             except (OSError, StorageError):  # e.g. a full disk: the step leaves no trace
                 self._back_to_head()
                 raise
-            os.replace(log_tmp, self.store.log_path(snap.id))
-            self._cache.published(snap)
-            self._advance(snap)
+            if stored.id != snap.id:
+                # Another session committed this step first: go on from its snapshot, so
+                # that both sessions (and the cache) agree on what the step made.
+                log_tmp.unlink(missing_ok=True)
+                self._replace_live(stored)
+                self._advance(stored, cell_id, hit=True)
+            else:
+                os.replace(log_tmp, self.store.log_path(stored.id))
+                self._cache.published(stored)
+                self._advance(stored)
             self.layer.steps.append(Step(script, cell_id))
-            return StepOutcome(True, False, snap.id, "", 0, False, str(self.store.log_path(snap.id)),
+            return StepOutcome(True, False, stored.id, "", 0, False, str(self.store.log_path(stored.id)),
                                result.duration)
 
     def _back_to_head(self) -> None:
