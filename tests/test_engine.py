@@ -336,3 +336,21 @@ def test_a_new_cache_format_makes_earlier_steps_miss(session, monkeypatch):
     monkeypatch.setattr(cache, "CACHE_FORMAT", cache.CACHE_FORMAT + 1)
     _, again = run_ok(session, "echo x > /x")
     assert not again.cached and again.snapshot_id != first.snapshot_id
+
+
+def test_a_cells_store_reads_do_not_grow_with_the_history(session, monkeypatch):
+    reads = []
+    query = session.store._query
+    monkeypatch.setattr(session.store, "_query", lambda sql, args=(): reads.append(sql) or query(sql, args))
+
+    def reads_of_a_cell(n: int) -> int:
+        reads.clear()
+        run_ok(session, f"echo {n} > /n", cell_id=f"c{n}")
+        return len(reads)
+
+    for n in range(2):
+        reads_of_a_cell(n)
+    short = reads_of_a_cell(2)
+    for n in range(3, 13):
+        reads_of_a_cell(n)
+    assert reads_of_a_cell(13) == short

@@ -33,6 +33,10 @@ class History:
 
     The caller persists the session record after changing it (the session
     also holds the head, layer and tags that change along with it).
+
+    Step records do not change once committed (but for the size change,
+    measured here), and gc keeps every snapshot a history names: they are read
+    from the store once, so that a step's work does not grow with the history.
     """
 
     def __init__(self, store: Store, session: Session):
@@ -41,21 +45,27 @@ class History:
         # A cache hit's record names the cell that first built it; in this session
         # the step belongs to the cell that hit it (re-run and %rollback use that).
         self.cell_ids: dict[str, str | None] = {}
+        self._records: dict[str, Snapshot] = {}
+        self._cell_pos: dict[str, int] | None = None  # cell id -> its first position; None: to rebuild
 
     @property
     def ids(self) -> list[str]:
         return self.session.history
 
-    def snaps(self) -> list[Snapshot]:
-        """The history's snapshot records (those that still exist), with this session's cell ids."""
-        snaps = []
-        for sid in self.session.history:
+    def _record(self, sid: str) -> Snapshot | None:
+        snap = self._records.get(sid)
+        if snap is None:
             snap = self.store.get(sid)
-            if snap is not None:
-                if sid in self.cell_ids:
-                    snap = replace(snap, cell_id=self.cell_ids[sid])
-                snaps.append(snap)
-        return snaps
+            if snap is None:
+                return None
+            if sid in self.cell_ids:
+                snap = replace(snap, cell_id=self.cell_ids[sid])
+            self._records[sid] = snap
+        return snap
+
+    def snaps(self) -> list[Snapshot]:
+        """The history's snapshot records (those that exist), with this session's cell ids."""
+        return [snap for snap in map(self._record, self.session.history) if snap is not None]
 
     def with_cell_id(self, snap: Snapshot) -> Snapshot:
         """`snap` with the cell id it has in this session."""
@@ -63,12 +73,20 @@ class History:
 
     def append(self, snap: Snapshot, cell_id: str | None = None, *, hit: bool = False) -> None:
         """`snap` is the newest entry; a cache `hit` belongs to `cell_id` here."""
-        if hit and cell_id != snap.cell_id:
-            self.cell_ids[snap.id] = cell_id
+        if hit:
+            if cell_id != snap.cell_id:
+                self.cell_ids[snap.id] = cell_id
+            else:
+                self.cell_ids.pop(snap.id, None)
+            snap = replace(snap, cell_id=cell_id)
+        self._records[snap.id] = snap
+        if self._cell_pos is not None and snap.cell_id is not None:
+            self._cell_pos.setdefault(snap.cell_id, len(self.session.history))
         self.session.history.append(snap.id)
 
     def keep(self, ids: list[str]) -> None:
         self.session.history = list(ids)
+        self._cell_pos = None
 
     def layer_steps(self, name: str) -> list[Snapshot]:
         return [s for s in self.snaps() if s.layer == name]
@@ -95,15 +113,17 @@ class History:
         parents = [self.store.get(s.parent) if s.parent else None for s in todo]
         deltas = size_changes([(p.path if p else None, s.path) for s, p in zip(todo, parents)])
         for snap, delta in zip(todo, deltas):
-            snap.size_delta = delta
+            snap.size_delta = delta  # the record kept in _records
             self.store.set_size_delta(snap.id, delta)
 
     def position_of_cell(self, cell_id: str) -> int | None:
         """How many entries come before the step of `cell_id` (None: the cell has none)."""
-        for i, snap in enumerate(self.snaps()):
-            if snap.cell_id == cell_id:
-                return i
-        return None
+        if self._cell_pos is None:
+            self._cell_pos = {}
+            for i, snap in enumerate(self.snaps()):
+                if snap.cell_id is not None:
+                    self._cell_pos.setdefault(snap.cell_id, i)
+        return self._cell_pos.get(cell_id)
 
     def rollback_position(self, to: int | str | None, inspecting_failure: bool) -> int:
         """How many entries `%rollback TO` keeps: `to` is a 1-based index, a cell id or
@@ -127,7 +147,7 @@ class History:
     def forget_cells(self, ids: set[str]) -> bool:
         """Drop the entries of cells `ids`; True if the history changed."""
         before = self.session.history
-        self.session.history = [s.id for s in self.snaps() if s.cell_id not in ids]
+        self.keep([s.id for s in self.snaps() if s.cell_id not in ids])
         return self.session.history != before
 
     def at(self, index: int) -> Snapshot:
