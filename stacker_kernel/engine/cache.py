@@ -4,15 +4,19 @@ how a hit shows the output of the run it stands for.
 A step whose key was built before does not run: the session's rootfs becomes
 a writable snapshot of the cached one and its stored output is replayed.
 
-`StepCache` is the seam for other caches (a registry shared by a team): `lookup`
-is where a key missed locally can be asked for elsewhere, `published` is where
-a step just committed can be offered to them.
+Every lookup and every commit of a step goes through `StepCache`: it is the
+seam for a cache elsewhere (a registry shared by a team). A key missed
+locally would be asked for there (outside the store's write lock: a slow
+fetch must not stop other processes; what it fetches is committed into the
+store, so the local lookup finds it), and a step committed here would be
+offered to it after `commit`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -60,9 +64,20 @@ class StepCache:
         lock, so a concurrent gc cannot delete it before the session points at it."""
         return self.store.find_cache(key)
 
-    def published(self, snap: Snapshot) -> None:
-        """`snap` was just committed with its cache key (nothing to do for the local
-        store: the commit recorded it)."""
+    def commit(self, live: os.PathLike | str, snap: Snapshot, log: Path | None, *,
+               reuse_cached: bool) -> Snapshot:
+        """Commit step `snap` (with its cache key) from subvolume `live`, its output
+        `log` becoming the snapshot's. The first snapshot committed for a key is its
+        entry; with `reuse_cached`, a key that has one already (another session
+        built the same step meanwhile) commits nothing and returns that entry, for
+        the session to go on from (`log` is dropped: the entry has its own)."""
+        stored = self.store.commit(live, snap, reuse_cached=reuse_cached)
+        if log is not None:
+            if stored.id == snap.id:
+                os.replace(log, self.store.log_path(stored.id))
+            else:
+                log.unlink(missing_ok=True)
+        return stored
 
 
 def replay_output(log: Path, on_output: Callable[[str], None] | None) -> None:

@@ -400,11 +400,9 @@ class BuildSession:
                         layer=self.layer.name, source=source, cache_key=key,
                         state=(self.state or ShellState()).to_json(), started=started,
                         duration=time.time() - started)
-        stored = self.store.commit(self.live, snap, reuse_cached=self.use_cache)
+        stored = self._cache.commit(self.live, snap, None, reuse_cached=self.use_cache)
         if stored.id != snap.id:  # landed by another session meanwhile: see _run_step
             self._replace_live(stored)
-        else:
-            self._cache.published(stored)
         self._advance(stored)
 
     def _ensure_container(self) -> Container:
@@ -474,19 +472,17 @@ class BuildSession:
             try:
                 # A step with binds is never taken from the cache (what they hold is not
                 # in its key), so it is not swapped for another's either.
-                stored = self.store.commit(self.live, snap, reuse_cached=self.use_cache and not self.layer.binds)
+                stored = self._cache.commit(self.live, snap, log_tmp,
+                                            reuse_cached=self.use_cache and not self.layer.binds)
             except (OSError, StorageError):  # e.g. a full disk: the step leaves no trace
                 self._back_to_head()
                 raise
             if stored.id != snap.id:
                 # Another session committed this step first: go on from its snapshot, so
                 # that both sessions (and the cache) agree on what the step made.
-                log_tmp.unlink(missing_ok=True)
                 self._replace_live(stored)
                 self._advance(stored, cell_id, hit=True)
             else:
-                os.replace(log_tmp, self.store.log_path(stored.id))
-                self._cache.published(stored)
                 self._advance(stored)
             self.layer.steps.append(Step(script, cell_id))
             return StepOutcome(True, False, stored.id, "", 0, False, str(self.store.log_path(stored.id)),
