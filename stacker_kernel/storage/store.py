@@ -131,12 +131,14 @@ _MIGRATIONS = {
 def _prepare_schema(conn: sqlite3.Connection, root: Path) -> None:
     """Create the schema in a new database, migrate an older one, refuse a newer one
     (one transaction; the caller holds the write lock)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StorageError(f"storage {root} was written by a newer stacker-kernel (schema {version}): "
+                           "upgrade, or use another --storage")
+    if version == SCHEMA_VERSION:
+        return  # nothing to write: a full disk must not stop the store from opening
     conn.execute("BEGIN IMMEDIATE")
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StorageError(f"storage {root} was written by a newer stacker-kernel (schema {version}): "
-                               "upgrade, or use another --storage")
         has_tables = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'snapshots'").fetchone()
         if version == 0 and has_tables:
             version = 1  # written before the schema had a version
@@ -151,9 +153,12 @@ def _prepare_schema(conn: sqlite3.Connection, root: Path) -> None:
                     conn.execute(stmt)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
-    except BaseException:
+    except BaseException as e:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        if isinstance(e, sqlite3.OperationalError):
+            raise StorageError(f"the store's database in {root} could not be set up for schema "
+                               f"{SCHEMA_VERSION} ({e}): free space on it and try again") from e
         raise
 
 
