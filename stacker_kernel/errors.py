@@ -12,6 +12,10 @@ class StorageError(StackerKernelError):
     """The storage root is missing, not btrfs, or mounted without the options we need."""
 
 
+class SessionBusyError(StackerKernelError):
+    """The notebook or stacker.yaml is being built by another live kernel or build."""
+
+
 class ContainerError(StackerKernelError):
     """The container could not be started (namespaces, id maps, mounts)."""
 

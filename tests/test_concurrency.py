@@ -11,6 +11,7 @@ lines as steps in its chain (so a cache hit can only be the right content).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -99,3 +100,36 @@ def test_gc_between_base_import_and_first_step_keeps_the_base(storage, busybox_t
     finally:
         s.close()
         store.close()
+
+
+def _snapshot_ids(build_output: str) -> list[str]:
+    """The snapshot ids `stacker-kernel build` printed, one per step, in order."""
+    return re.findall(r"step \d+/\d+ (?:ran|cached) in [\d.]+s \(snapshot ([0-9a-f]{12})\)", build_output)
+
+
+def test_two_builds_of_one_notebook_at_once_one_refuses_and_the_other_is_kept(storage, busybox_tar, tmp_path):
+    nb = notebook(tmp_path / "nb.ipynb", busybox_tar, "nb")
+    builds = [start(storage, "build", "-f", str(nb), "--no-oci") for _ in range(2)]
+    results = [b.communicate() + (b.returncode,) for b in builds]
+    done = [i for i, (_, _, rc) in enumerate(results) if rc == 0]
+    assert len(done) == 1, [err for _, err, _ in results]
+    winner, loser = builds[done[0]], builds[1 - done[0]]
+    out, _, _ = results[done[0]]
+    _, err, rc = results[1 - done[0]]
+    assert rc == 1
+    assert err.strip() == (f"stacker-kernel: {nb} is already building (pid {winner.pid}, a build): "
+                           "wait for that build to finish, or stop it, then build again")
+    printed = _snapshot_ids(out)
+    assert len(printed) == STEPS + 1
+    with Store.open(storage) as store:
+        ids = {s.id[:12]: s for s in store.snapshots()}
+        assert all(p in ids for p in printed)  # nothing the winner reported was deleted
+        assert (layer_snapshot(store, str(nb), None).path / "log").read_text() == \
+            "".join(f"nb {n}\n" for n in range(1, STEPS + 1))
+        assert_store_consistent(store)
+    # Built again: every step is a hit, on exactly the snapshots the winner reported.
+    again = start(storage, "build", "-f", str(nb), "--no-oci")
+    out, err = again.communicate()
+    assert again.returncode == 0, err
+    assert _snapshot_ids(out) == printed
+    assert out.count(" cached in ") == STEPS + 1

@@ -268,3 +268,89 @@ def test_deleting_a_built_cell_leaves_the_history_but_not_the_export(session):
     assert [s.cell_id for s in steps] == ["c1", "c2", "c3"]
     assert session.order_warnings(["c1", "c3"]) == [
         "1 built step(s) come from cells no longer in the notebook (c2): the export has them"]
+
+
+def test_a_second_kernel_of_an_open_notebook_is_refused_and_touches_nothing(storage, busybox_tar, tmp_path):
+    from stacker_kernel.errors import SessionBusyError
+
+    name = str(tmp_path / "nb.ipynb")
+    store = Store.open(storage)
+    first = BuildSession.open(store, name, kind="kernel")
+    try:
+        first.begin_layer(busybox_layer("nb", busybox_tar))
+        run_ok(first, "echo one > /f", cell_id="c1")
+        with pytest.raises(SessionBusyError) as e:
+            BuildSession.open(store, name, kind="kernel")
+        assert str(e.value).startswith(f"{name} is already building (pid {os.getpid()}, a kernel): ")
+        # The first session goes on from its own live rootfs.
+        out, _ = run_ok(first, "cat /f; echo two >> /f", cell_id="c2")
+        assert out.strip() == "one"
+    finally:
+        first.close()
+    again = BuildSession.open(store, name, kind="kernel")  # closed: the next kernel resumes it
+    try:
+        assert again.resumed is not None and again.resumed.cell_id == "c2"
+    finally:
+        again.close()
+        store.close()
+
+
+def test_a_step_committed_first_by_another_session_is_the_one_both_go_on_from(storage, busybox_tar, tmp_path):
+    store = Store.open(storage)
+    sessions = [BuildSession.open(store, str(tmp_path / f"{n}.ipynb"), resume=False) for n in "ab"]
+    # Both run the same step at once: each waits (after the cache lookup missed) for a
+    # file the test puts in its imports dir, so the two commits come in a known order.
+    script = "cat /proc/sys/kernel/random/uuid > /id; echo waiting; while [ ! -e /stacker/imports/go ]; do sleep 0.05; done"
+    outcomes, waiting, workers = {}, {}, []
+    try:
+        for s in sessions:
+            s.begin_layer(busybox_layer("same", busybox_tar))
+            waiting[s] = threading.Event()
+            workers.append(threading.Thread(target=lambda s=s: outcomes.__setitem__(
+                s, s.run_step(script, on_output=lambda t, s=s: waiting[s].set()))))
+            workers[-1].start()
+        for s in sessions:
+            assert waiting[s].wait(60)
+        for s, worker in zip(sessions, workers):
+            (s._live.imports_dir / "go").write_text("")
+            worker.join(60)
+        a, b = (outcomes[s] for s in sessions)
+        assert a.ok and b.ok and not a.cached
+        assert b.snapshot_id == a.snapshot_id  # the first commit of the key, for both
+        assert store.find_cache(store.get(a.snapshot_id).cache_key).id == a.snapshot_id
+        # Both live rootfs are that snapshot now (read from here: the step threads, and
+        # with them the containers they started, are gone).
+        want = (store.get(a.snapshot_id).path / "id").read_text()
+        assert [(s.live / "id").read_text() for s in sessions] == [want, want]
+    finally:
+        for s in sessions:
+            s.close()
+        store.close()
+
+
+def test_a_new_cache_format_makes_earlier_steps_miss(session, monkeypatch):
+    from stacker_kernel.engine import cache
+
+    _, first = run_ok(session, "echo x > /x")
+    session.rollback(0)
+    monkeypatch.setattr(cache, "CACHE_FORMAT", cache.CACHE_FORMAT + 1)
+    _, again = run_ok(session, "echo x > /x")
+    assert not again.cached and again.snapshot_id != first.snapshot_id
+
+
+def test_a_cells_store_reads_do_not_grow_with_the_history(session, monkeypatch):
+    reads = []
+    query = session.store._query
+    monkeypatch.setattr(session.store, "_query", lambda sql, args=(): reads.append(sql) or query(sql, args))
+
+    def reads_of_a_cell(n: int) -> int:
+        reads.clear()
+        run_ok(session, f"echo {n} > /n", cell_id=f"c{n}")
+        return len(reads)
+
+    for n in range(2):
+        reads_of_a_cell(n)
+    short = reads_of_a_cell(2)
+    for n in range(3, 13):
+        reads_of_a_cell(n)
+    assert reads_of_a_cell(13) == short

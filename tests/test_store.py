@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stacker_kernel import cli
-from stacker_kernel.errors import StorageError
+from stacker_kernel.errors import SessionBusyError, StorageError
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Snapshot, Store
 
@@ -69,6 +69,76 @@ def test_open_refuses_missing_storage(storage):
 
 def test_database_uses_wal(store):
     assert store._query("PRAGMA journal_mode")[0][0] == "wal"
+
+
+# The schema of stores made before the schema had a version (user_version 0).
+_SCHEMA_BEFORE_VERSIONS = """
+CREATE TABLE snapshots (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, parent TEXT, session TEXT, layer TEXT NOT NULL,
+    cell_id TEXT, source TEXT NOT NULL, cache_key TEXT, state TEXT NOT NULL,
+    status TEXT NOT NULL, started REAL NOT NULL, duration REAL NOT NULL,
+    size_delta INTEGER, created REAL NOT NULL);
+CREATE INDEX snapshots_cache_key ON snapshots(cache_key);
+CREATE INDEX snapshots_session ON snapshots(session);
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, owner_pid INTEGER NOT NULL,
+    owner_start INTEGER NOT NULL, head TEXT, layer TEXT NOT NULL, tags TEXT NOT NULL,
+    history TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
+CREATE INDEX sessions_name ON sessions(name);
+"""
+
+
+def _user_version(root: Path) -> int:
+    import sqlite3
+
+    conn = sqlite3.connect(root / "stacker-kernel.db")
+    try:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_new_store_records_its_schema_version(storage):
+    from stacker_kernel.storage.store import SCHEMA_VERSION
+
+    Store.open(storage).close()
+    assert _user_version(storage) == SCHEMA_VERSION >= 2
+
+
+def test_a_store_from_before_schema_versions_is_migrated_and_keeps_its_cache(storage):
+    import sqlite3
+
+    from stacker_kernel.storage.store import SCHEMA_VERSION
+
+    conn = sqlite3.connect(storage / "stacker-kernel.db")
+    conn.executescript(_SCHEMA_BEFORE_VERSIONS)
+    (storage / "snapshots").mkdir()
+    ids = ["old" + "0" * 29, "new" + "0" * 29]
+    for n, sid in enumerate(ids):  # two steps of one key: the older one was committed first
+        btrfs.create_subvolume(storage / "snapshots" / sid)
+        btrfs.set_readonly(storage / "snapshots" / sid, True)
+        conn.execute("INSERT INTO snapshots VALUES (?, 'step', NULL, NULL, 'l', NULL, 'x', 'k', '{}',"
+                     " 'ok', 0, 0, NULL, ?)", (sid, 100.0 + n))
+    conn.commit()
+    conn.close()
+    with Store.open(storage) as store:
+        assert store.find_cache("k").id == ids[0]
+        assert [s.id for s in store.snapshots()] == ids
+    assert _user_version(storage) == SCHEMA_VERSION
+
+
+def test_a_store_of_a_newer_schema_is_refused_in_one_line(storage):
+    import sqlite3
+
+    Store.open(storage).close()
+    conn = sqlite3.connect(storage / "stacker-kernel.db")
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StorageError) as e:
+        Store.open(storage)
+    assert str(e.value) == (f"storage {storage} was written by a newer stacker-kernel (schema 99): "
+                            "upgrade, or use another --storage")
+    assert _user_version(storage) == 99  # not touched
 
 
 # --- bases -------------------------------------------------------------------------
@@ -141,6 +211,29 @@ def test_find_cache_returns_the_snapshot_with_that_key(store):
     assert store.find_cache("k3") is None
 
 
+def test_the_cache_keeps_the_first_snapshot_of_a_key_until_it_is_gone(store):
+    a, b = store.new_session("build", "/a.ipynb"), store.new_session("build", "/b.ipynb")
+    base = _base(store)
+    live = _live_from(store, a.id, base)
+    first = _step(store, live, base, "one", session=a.id, cache_key="k")
+    second = _step(store, live, base, "one", session=b.id, cache_key="k")  # built beside it
+    assert store.find_cache("k").id == first.id
+    store.delete_snapshot(first.id)
+    assert store.find_cache("k").id == second.id
+
+
+def test_commit_reusing_the_cache_returns_the_snapshot_committed_first(store):
+    a, b = store.new_session("build", "/a.ipynb"), store.new_session("build", "/b.ipynb")
+    base = _base(store)
+    live = _live_from(store, a.id, base)
+    first = _step(store, live, base, "one", session=a.id, cache_key="k")
+    (live / "step.txt").write_text("one, again")
+    got = store.commit(live, Snapshot(parent=base.id, session=b.id, layer="l", source="one", cache_key="k"),
+                       reuse_cached=True)
+    assert got.id == first.id
+    assert sorted(p.name for p in (store.root / "snapshots").iterdir()) == [first.id]
+
+
 def test_snapshots_filters_by_session(store):
     a, b = store.new_session("kernel", "/a.ipynb"), store.new_session("kernel", "/b.ipynb")
     base = _base(store)
@@ -195,6 +288,26 @@ def test_end_session_deletes_the_live_subvolume_and_keeps_records(store):
     store.end_session(sess.id)
     assert not live.exists()
     assert store.find_sessions()[0].id == sess.id
+
+
+def test_an_exclusive_session_is_refused_while_the_owner_of_its_name_lives(store):
+    first = store.new_session("build", "/nb.ipynb", exclusive=True)
+    with pytest.raises(SessionBusyError) as e:
+        store.new_session("build", "/nb.ipynb", exclusive=True)
+    assert str(e.value).startswith(f"/nb.ipynb is already building (pid {os.getpid()}, a build): ")
+    store.new_session("kernel", "/nb.ipynb", exclusive=True)  # another kind: its own session
+    store.end_session(first.id)  # the owner is done with it: the name is free
+    store.new_session("build", "/nb.ipynb", exclusive=True)
+
+
+def test_an_exclusive_session_takes_a_name_whose_owner_died(store):
+    child = _run_child(f"""
+        from stacker_kernel.storage.store import Store
+        Store.open({str(store.root)!r}).new_session("build", "/nb.ipynb", exclusive=True)
+    """)
+    child.communicate()
+    assert child.returncode == 0
+    store.new_session("build", "/nb.ipynb", exclusive=True)
 
 
 # --- write lock ------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                     result.steps_cached += outcome.cached
                     result.steps_run += not outcome.cached
                     shown = first_line(step.source, skip_shebang=True)[:60]
-                    out(f"  {name} step {i}/{len(layer.steps)} {mark} in {took:.2f}s: {shown}")
+                    out(f"  {name} step {i}/{len(layer.steps)} {mark} in {took:.2f}s"
+                        f" (snapshot {outcome.snapshot_id[:12]}): {shown}")
                 if not layer.steps:
                     # A layer without run: its base is its content (prepared now so it can be built on).
                     session.prepare_empty_layer()
@@ -112,7 +113,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
             out(f"wrote {', '.join(result.oci_tags) or 'no tags'} to {oci_dir}")
         # Older builds of the same file are superseded: let gc reclaim them.
         for old in store.find_sessions(name=abspath, kind="build"):
-            if old.id != session.session.id:
+            if old.id != session.session.id and not store.session_alive(old):
                 store.forget_session(old.id)
         return result
     finally:

@@ -12,14 +12,14 @@ The contract is DESIGN.md's step semantics:
   writable snapshot of the cached one and the stored output is replayed;
 - rollback to any earlier snapshot is a snapshot of it, whatever its size.
 
-The faces (kernel, CLI) call this class; it knows nothing about Jupyter.
+The session ties three parts together, each in its own module: the live
+rootfs and its container (engine/live.py), the history and positions in it
+(engine/history.py) and the step cache (engine/cache.py). The faces (kernel,
+CLI) call this class; it knows nothing about Jupyter.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import shutil
 import threading
 import time
@@ -29,33 +29,18 @@ from typing import Callable
 
 from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
 from stacker_kernel.container.step import ShellState
-from stacker_kernel.engine import imports as imports_mod
+from stacker_kernel.engine.cache import StepCache, StepInputs, replay_output
+from stacker_kernel.engine.cache import cache_key as key_of
+from stacker_kernel.engine.history import History, StepView
+from stacker_kernel.engine.live import BUILD_PATH, LiveRootfs, absolute_source, build_environment
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
-from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, first_line
+from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Session, Snapshot, Store
 
-BUILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# stacker's default build_env_passthrough (pkg/types/layer.go)
-DEFAULT_PASSTHROUGH = ["ftp_proxy", "http_proxy", "https_proxy", "no_proxy", "FTP_PROXY",
-                       "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "TERM", "SOURCE_DATE_EPOCH"]
-REPLAY_CAP = 2_000_000
+__all__ = ["BUILD_PATH", "BuildSession", "StepOutcome", "StepView", "build_environment"]
 
 OutputFn = Callable[[str], None]
-
-
-@dataclass
-class StepView:
-    """One row of `%layers` / `stacker-kernel layers`."""
-    index: int  # 1-based position in the session history
-    snapshot_id: str
-    layer: str
-    cell_id: str | None
-    first_line: str
-    status: str
-    duration: float
-    size_delta: int | None
-    cached: bool
 
 
 @dataclass
@@ -68,19 +53,6 @@ class StepOutcome:
     interrupted: bool
     log_path: str | None
     duration: float = 0.0
-
-
-def build_environment(layer: Layer, host_env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a `run` step, as stacker builds it (not `environment:`)."""
-    host_env = os.environ if host_env is None else host_env
-    env = {"PATH": BUILD_PATH}
-    patterns = DEFAULT_PASSTHROUGH if layer.build_env_passthrough is None else layer.build_env_passthrough
-    for key, value in host_env.items():
-        if value and any(re.fullmatch(p, key) for p in patterns):
-            env[key] = value
-    env.update({k: str(v) for k, v in layer.build_env.items() if str(v) != ""})
-    env["STACKER_LAYER_NAME"] = layer.name
-    return env
 
 
 @dataclass
@@ -109,14 +81,11 @@ class BuildSession:
         self.recipe.layers[default_layer] = self._run.layer
         self.head: Snapshot | None = None  # last committed snapshot of the current layer (or its base)
         self.state: ShellState | None = None
-        self.container: Container | None = None
         self.inspecting_failure = False
-        self._live_ready = False
         self._interrupt_requested = False
-        self._imports_digest = ""
-        # A cache hit's record names the cell that first built it; in this session
-        # the step belongs to the cell that hit it (re-run and %rollback use that).
-        self._cell_ids: dict[str, str | None] = {}
+        self._live = LiveRootfs(store, session.id)
+        self._history = History(store, session)
+        self._cache = StepCache(store)
         self._lock = threading.RLock()  # session state; widgets read it from other threads
         self._step_lock = threading.Lock()  # one step at a time
 
@@ -128,18 +97,25 @@ class BuildSession:
              resolve_built: Callable[[str], Snapshot] | None = None) -> "BuildSession":
         """A new session for `name` (a notebook or stacker.yaml path). With `resume`,
         a previous session of the same name whose owner is gone is taken over at
-        its last snapshot (`self.resumed` says which)."""
+        its last snapshot (`self.resumed` says which).
+
+        One session of a `kind` per name at a time: while another one's owner is
+        alive (a second build of a file, a second kernel of a notebook), this
+        raises SessionBusyError naming it, and nothing of it is touched.
+        """
         # Containers of crashed engines on this store (PDEATHSIG should have ended them).
         Container.kill_orphans(str(store.root / "live"))
         default_layer = default_layer or Path(name).stem or "layer"
         base_dir = base_dir or str(Path(name).parent if os.path.isabs(name) else os.getcwd())
-        previous = None
-        if resume:
-            for old in store.find_sessions(name=name, kind=kind):
-                if not store.session_alive(old) and old.history:
-                    previous = old
-                    break
-        sess = store.new_session(kind, name)
+        # Under the write lock: two opening at once cannot both see the name free.
+        with store.write_lock():
+            sess = store.new_session(kind, name, exclusive=True)
+            previous = None
+            if resume:
+                for old in store.find_sessions(name=name, kind=kind):
+                    if old.id != sess.id and not store.session_alive(old) and old.history:
+                        previous = old
+                        break
         self = cls(store, sess, default_layer=default_layer, base_dir=base_dir, resolve_built=resolve_built)
         if previous is not None:
             self._take_over(previous)
@@ -149,7 +125,7 @@ class BuildSession:
         history = [sid for sid in old.history if self.store.get(sid) is not None]
         if not history:
             return
-        self.session.history = history
+        self._history.keep(history)
         self.session.tags = dict(old.tags)
         head = self.store.get(history[-1])
         self.session.head = head.id
@@ -166,16 +142,18 @@ class BuildSession:
         self._run = _LayerRun(self.recipe.layers[head.layer], base_dir=self.base_dir)
         self.head = head
         self.state = ShellState.from_json(head.state)
-        self.resumed = self.history(measure=False)[-1]
+        self.resumed = self._history.views(measure=False)[-1]
 
     def close(self) -> None:
-        """Stop the container and drop the live rootfs; snapshots and records stay."""
+        """Stop the container, drop the live rootfs and give up the name (another
+        session may open or resume it); snapshots and records stay."""
         with self._lock:
             self._stop_container()
             try:
                 self.store.end_session(self.session.id)
             except StackerKernelError:
                 pass
+            self.session.owner_pid = self.session.owner_start = 0
 
     # --- layers and directives -------------------------------------------------
 
@@ -184,8 +162,7 @@ class BuildSession:
         return self._run.layer
 
     def layer_steps(self, name: str | None = None) -> list[Snapshot]:
-        name = name or self.layer.name
-        return [s for s in self._history_snaps() if s.layer == name]
+        return self._history.layer_steps(name or self.layer.name)
 
     def begin_layer(self, layer: Layer, base_dir: str | None = None) -> None:
         """Start building `layer` (a whole recipe layer: the headless build path)."""
@@ -315,7 +292,7 @@ class BuildSession:
         fresh = Layer(name=name, from_=ImageSource(type="scratch"))
         self.recipe.layers[name] = fresh
         self._run = _LayerRun(fresh, base_dir=self.base_dir)
-        self.session.history = keep
+        self._history.keep(keep)
         self.session.head = None
         self.session.layer = name
         self.store.update_session(self.session)
@@ -328,12 +305,16 @@ class BuildSession:
         self._stop_container()
         self.head = None
         self.state = None
-        self._live_ready = False
+        self._live.ready = False
         self.inspecting_failure = False
 
     @property
     def live(self) -> Path:
-        return self.store.live_path(self.session.id)
+        return self._live.path
+
+    @property
+    def container(self) -> Container | None:
+        return self._live.container
 
     def _resolve_built(self, name: str) -> Snapshot:
         tip = self.session.tags.get(name)
@@ -351,17 +332,21 @@ class BuildSession:
     def _ensure_live(self, on_output: OutputFn | None = None) -> None:
         """The live rootfs is a writable snapshot of the head (importing the base first;
         its warnings, e.g. device nodes made empty files, go to `on_output`)."""
-        if self._live_ready:
+        if self._live.ready:
             return
         if self.head is None:
-            source = _absolute_source(self.layer.from_, self._run.base_dir)
+            source = absolute_source(self.layer.from_, self._run.base_dir)
             warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
             base = self._import_pinned_base(source, warn)
             self.head = base
             self.state = None
-        self._replace_live(self.head)
+        self._set_live(self.head)
+
+    def _set_live(self, snap: Snapshot) -> None:
+        """The live rootfs becomes a writable snapshot of `snap`, with the layer's imports."""
+        self._live.replace(snap)
         self._stage_imports()
-        self._live_ready = True
+        self._live.ready = True
 
     def _import_pinned_base(self, source: ImageSource, warn) -> Snapshot:
         """Import the layer's base and make the session point at it, checked under the
@@ -380,21 +365,12 @@ class BuildSession:
                            "imported (a gc running beside the build?): run the step again")
 
     def _replace_live(self, snap: Snapshot) -> None:
-        self._stop_container()
-        live = self.live
-        if live.exists():
-            btrfs.delete_subvolume(live)
-        live.parent.mkdir(parents=True, exist_ok=True)
-        btrfs.snapshot(snap.path, live, readonly=False)
-
-    def _imports_dir(self) -> Path:
-        return self.store.root / "imports" / self.session.id
+        self._live.replace(snap)
 
     def _stage_imports(self) -> None:
-        """Copy the layer's imports to the staging dir the container shows read-only at
-        /stacker/imports (stale files gone), and land `dest` imports in the rootfs."""
-        self._imports_digest = imports_mod.stage(self.layer, self._imports_dir(), self._run.base_dir,
-                                                 fetch_layer_path=self._fetch_layer_path)
+        """Stage the layer's imports for the container, and land `dest` imports in the
+        rootfs before the layer's first step."""
+        self._live.stage_imports(self.layer, self._run.base_dir, self._fetch_layer_path)
         if not self.layer_steps():
             self._land_dest_imports()
 
@@ -406,68 +382,43 @@ class BuildSession:
     def _land_dest_imports(self) -> None:
         """Imports with `dest` land in the image, as stacker does: as their own
         snapshot (an OCI layer of their own), before the layer's first step."""
-        from stacker_kernel.container.userns import run_in_userns
-
         dests = [i for i in self.layer.imports if i.dest]
         if not dests:
             return
         source = "\n".join(f"# stacker import {i.path} -> {i.dest}" for i in dests)
         key = self.cache_key(source, {"dest-imports": "v1"})
         with self.store.write_lock():  # see run_step: gc must not take the hit meanwhile
-            hit = self.store.find_cache(key) if self.use_cache else None
+            hit = self._cache.lookup(key) if self.use_cache else None
             if hit is not None:
                 self._replace_live(hit)
                 self._advance(hit)
         if hit is not None:
             return
-        items = [(imports_mod.staged_name(i), i.dest, i.mode, i.uid, i.gid) for i in dests]
         started = time.time()
-        run_in_userns(imports_mod.land_in_rootfs, str(self._imports_dir()), str(self.live), items)
+        self._live.land_dest_imports(self.layer)
         snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                         layer=self.layer.name, source=source, cache_key=key,
                         state=(self.state or ShellState()).to_json(), started=started,
                         duration=time.time() - started)
-        self._advance(self.store.commit(self.live, snap))
+        stored = self._cache.commit(self.live, snap, None, reuse_cached=self.use_cache)
+        if stored.id != snap.id:  # landed by another session meanwhile: see _run_step
+            self._replace_live(stored)
+        self._advance(stored)
 
     def _ensure_container(self) -> Container:
-        if self.container is not None and self.container.alive:
-            if self.container.config.network == self.network:
-                return self.container
-            # `%network` changed: the mode is the container's, so start it again (the
-            # live rootfs and the shell state carry over, as between any two steps).
-            self._stop_container()
-        # The legacy `import:` key put files at /stacker/ (stacker < 1.0); `imports:` at /stacker/imports.
-        where = "/stacker" if self.layer.uses_legacy_import() else "/stacker/imports"
-        mounts = [Mount(str(self._imports_dir()), where, readonly=True)]
-        for b in self.layer.binds:
-            src = b.source if os.path.isabs(b.source) else os.path.join(self._run.base_dir, b.source)
-            if not os.path.exists(src):
-                raise StepError(f"bind source {src} does not exist: fix the binds of layer {self.layer.name}")
-            mounts.append(Mount(src, b.dest or b.source, readonly=False))
-        self.container = Container.start(ContainerConfig(rootfs=str(self.live), mounts=mounts,
-                                                         network=self.network))
-        return self.container
+        return self._live.ensure_container(self.layer, self._run.base_dir, self.network)
 
     def _stop_container(self) -> None:
-        if self.container is not None:
-            try:
-                self.container.stop()
-            finally:
-                self.container = None
+        self._live.stop_container()
 
     # --- steps ---------------------------------------------------------------
 
     def cache_key(self, script: str, env: dict[str, str]) -> str:
-        parent = self.head.id if self.head else ""
-        blob = json.dumps({
-            "parent": parent,
-            "state": self.state.to_json() if self.state else None,
-            "script": script,
-            "imports": self._imports_digest,
-            "env": env,
-            "network": self.network,
-        }, sort_keys=True)
-        return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+        """The cache key of `script` run next, with `env`, in this session."""
+        return key_of(StepInputs(parent=self.head.id if self.head else "",
+                                  state=self.state.to_json() if self.state else None,
+                                  script=script, imports=self._live.imports_digest,
+                                  env=env, network=self.network))
 
     def run_step(self, script: str, cell_id: str | None = None,
                  on_output: OutputFn | None = None) -> StepOutcome:
@@ -489,11 +440,11 @@ class BuildSession:
                 # Under the write lock, so a concurrent gc cannot delete the hit
                 # between finding it and the session pointing at it.
                 with self.store.write_lock():
-                    hit = self.store.find_cache(key)
+                    hit = self._cache.lookup(key)
                     if hit is not None:
                         t0 = time.monotonic()
                         self._replace_live(hit)
-                        self._advance(hit)
+                        self._advance(hit, cell_id, hit=True)
                 if hit is not None:
                     return self._replay(hit, cell_id, on_output, t0)
             container = self._ensure_container()
@@ -519,31 +470,37 @@ class BuildSession:
                             state=result.state.to_json(), status="ok", started=started,
                             duration=result.duration)
             try:
-                snap = self.store.commit(self.live, snap)
+                # A step with binds is never taken from the cache (what they hold is not
+                # in its key), so it is not swapped for another's either.
+                stored = self._cache.commit(self.live, snap, log_tmp,
+                                            reuse_cached=self.use_cache and not self.layer.binds)
             except (OSError, StorageError):  # e.g. a full disk: the step leaves no trace
                 self._back_to_head()
                 raise
-            os.replace(log_tmp, self.store.log_path(snap.id))
-            self._advance(snap)
+            if stored.id != snap.id:
+                # Another session committed this step first: go on from its snapshot, so
+                # that both sessions (and the cache) agree on what the step made.
+                self._replace_live(stored)
+                self._advance(stored, cell_id, hit=True)
+            else:
+                self._advance(stored)
             self.layer.steps.append(Step(script, cell_id))
-            return StepOutcome(True, False, snap.id, "", 0, False, str(self.store.log_path(snap.id)),
+            return StepOutcome(True, False, stored.id, "", 0, False, str(self.store.log_path(stored.id)),
                                result.duration)
 
     def _back_to_head(self) -> None:
         """Drop what a step did after an error outside it (a full disk); if even that
         fails, the next step prepares the live rootfs from the head again."""
-        self._live_ready = False
+        self._live.ready = False
         try:
-            self._replace_live(self.head)
-            self._stage_imports()
-            self._live_ready = True
+            self._set_live(self.head)
         except (OSError, StackerKernelError):
             pass
 
-    def _advance(self, snap: Snapshot) -> None:
+    def _advance(self, snap: Snapshot, cell_id: str | None = None, *, hit: bool = False) -> None:
         self.head = snap
         self.state = ShellState.from_json(snap.state)
-        self.session.history.append(snap.id)
+        self._history.append(snap, cell_id, hit=hit)
         self.session.head = snap.id
         self.session.layer = snap.layer
         self.store.update_session(self.session)
@@ -553,16 +510,7 @@ class BuildSession:
         """A cache hit, once the live rootfs is a writable snapshot of `hit` and the
         session points at it: nothing runs, the stored output is replayed."""
         log = self.store.log_path(hit.id)
-        if on_output is not None and log.exists():
-            with open(log, "rb") as f:
-                data = f.read(REPLAY_CAP + 1)
-            text = data[:REPLAY_CAP].decode("utf-8", errors="replace")
-            if len(data) > REPLAY_CAP:
-                text += f"\n[output truncated: full log in {log}]\n"
-            if text:
-                on_output(text)
-        if cell_id != hit.cell_id:
-            self._cell_ids[hit.id] = cell_id
+        replay_output(log, on_output)
         self.layer.steps.append(Step(hit.source, cell_id))
         return StepOutcome(True, True, hit.id, "", 0, False, str(log), time.monotonic() - t0)
 
@@ -582,64 +530,27 @@ class BuildSession:
         An interrupt while the step is still being prepared (base import, container
         start) reaches it as soon as it starts."""
         self._interrupt_requested = True
-        container = self.container
-        if container is not None:
-            container.interrupt()
+        self._live.interrupt()
 
     # --- history and rollback --------------------------------------------------
 
-    def _history_snaps(self) -> list[Snapshot]:
-        snaps = []
-        for sid in self.session.history:
-            snap = self.store.get(sid)
-            if snap is not None:
-                if sid in self._cell_ids:
-                    snap = replace(snap, cell_id=self._cell_ids[sid])
-                snaps.append(snap)
-        return snaps
-
     def history(self, measure: bool = True) -> list[StepView]:
-        """The session's steps, oldest first. Size changes are measured here, from the
-        snapshot diffs, the first time a step is shown (not on the step's hot path;
-        `measure=False` leaves unknown ones None)."""
+        """The session's steps, oldest first (see History.views)."""
         with self._lock:
-            snaps = self._history_snaps()
-            if measure:
-                self._measure_sizes(snaps)
-            views = []
-            for i, snap in enumerate(snaps, 1):
-                views.append(StepView(i, snap.id, snap.layer, snap.cell_id,
-                                      first_line(snap.source, skip_shebang=True),
-                                      snap.status, snap.duration, snap.size_delta,
-                                      cached=snap.session != self.session.id))
-            return views
-
-    def _measure_sizes(self, snaps: list[Snapshot]) -> None:
-        from stacker_kernel.engine.inspect import size_changes
-
-        todo = [s for s in snaps if s.size_delta is None]
-        if not todo:
-            return
-        parents = [self.store.get(s.parent) if s.parent else None for s in todo]
-        deltas = size_changes([(p.path if p else None, s.path) for s, p in zip(todo, parents)])
-        for snap, delta in zip(todo, deltas):
-            snap.size_delta = delta
-            self.store.set_size_delta(snap.id, delta)
+            return self._history.views(measure)
 
     def _rollback_for_rerun(self, cell_id: str) -> None:
         """Re-running a cell that produced a snapshot: back to that snapshot's parent."""
-        snaps = self._history_snaps()
-        for i, snap in enumerate(snaps):
-            if snap.cell_id == cell_id:
-                self._rollback_to_position(i)  # keep history[:i]
-                return
+        keep = self._history.position_of_cell(cell_id)
+        if keep is not None:
+            self._rollback_to_position(keep)
 
     def _rollback_to_position(self, keep: int) -> StepView | None:
         """Keep the first `keep` history entries; the head becomes the last kept (or a layer base)."""
-        snaps = self._history_snaps()
+        snaps = self._history.snaps()
         target_layer = snaps[keep].layer if keep < len(snaps) else self.layer.name
         kept = snaps[:keep]
-        self.session.history = [s.id for s in kept]
+        self._history.keep([s.id for s in kept])
         # Layers after the target's layer leave the recipe.
         names = list(self.recipe.layers)
         if target_layer in names:
@@ -659,9 +570,7 @@ class BuildSession:
         if same_layer:
             self.head = same_layer[-1]
             self.state = ShellState.from_json(self.head.state)
-            self._replace_live(self.head)
-            self._live_ready = True
-            self._stage_imports()
+            self._set_live(self.head)
         else:
             # Back to the layer's base: the parent of the layer's first step (its recipe
             # may be unknown, e.g. after a resume), else prepared again at the next step.
@@ -670,36 +579,20 @@ class BuildSession:
             self.state = None
             if base is not None:
                 self.head = base
-                self._replace_live(base)
-                self._live_ready = True
-                self._stage_imports()
+                self._set_live(base)
             else:
                 self.head = None
-                self._live_ready = False
+                self._live.ready = False
         self.session.head = self.head.id if self.head else None
         self.session.layer = target_layer
         self.store.update_session(self.session)
-        return self.history(measure=False)[-1] if kept else None
+        return self._history.views(measure=False)[-1] if kept else None
 
     def rollback(self, to: int | str | None = None) -> StepView | None:
         """Return to an earlier snapshot: `to` is a 1-based history index, a cell id,
         or None for one step back. Later steps leave the history (kept until gc)."""
         with self._step_lock, self._lock:
-            snaps = self._history_snaps()
-            if not snaps and not self.inspecting_failure:
-                raise RecipeError("nothing to roll back: no step has been committed in this session")
-            if to is None:
-                keep = len(snaps) if self.inspecting_failure else len(snaps) - 1
-            elif isinstance(to, int) or (isinstance(to, str) and to.isdigit()):
-                n = int(to)
-                if not 0 <= n <= len(snaps):
-                    raise RecipeError(f"no step {n}: %layers lists steps 1..{len(snaps)}")
-                keep = n
-            else:
-                idx = [i for i, s in enumerate(snaps) if s.cell_id == to or s.id.startswith(to)]
-                if not idx:
-                    raise RecipeError(f"no step of cell or snapshot {to!r} in this session's history (%layers lists them)")
-                keep = idx[-1] + 1
+            keep = self._history.rollback_position(to, self.inspecting_failure)
             return self._rollback_to_position(keep)
 
     def forget_cells(self, cell_ids) -> None:
@@ -708,24 +601,20 @@ class BuildSession:
         if not ids:
             return
         with self._lock:
-            before = self.session.history
-            self.session.history = [s.id for s in self._history_snaps() if s.cell_id not in ids]
-            if self.session.history != before:
+            if self._history.forget_cells(ids):
                 self.store.update_session(self.session)
 
     # --- reading snapshots -----------------------------------------------------
 
     def snapshot_at(self, index: int | None = None) -> Snapshot:
-        snaps = self._history_snaps()
         if index is None:
             if self.head is not None:
                 return self.head
+            snaps = self._history.snaps()
             if not snaps:
                 raise RecipeError("no snapshot yet: run a step first")
             return snaps[-1]
-        if not 1 <= index <= len(snaps):
-            raise RecipeError(f"no step {index}: %layers lists steps 1..{len(snaps)}")
-        return snaps[index - 1]
+        return self._history.at(index)
 
     def diff(self, index: int | None = None) -> list[tuple[str, str]]:
         """Files added (A), modified (M) and removed (D) by step `index` (default: the last)."""
@@ -743,7 +632,7 @@ class BuildSession:
         return grab(snap.path, path, dest)
 
     def rootfs_path(self) -> str:
-        return str(self.live if self._live_ready else (self.head.path if self.head else self.live))
+        return str(self.live if self._live.ready else (self.head.path if self.head else self.live))
 
     def built_steps(self) -> list[Snapshot]:
         """What the layers are made of, oldest first: the steps in the snapshot chain of
@@ -755,7 +644,7 @@ class BuildSession:
             steps: list[Snapshot] = []
             for name in self.recipe.layers:
                 if tips.get(name):
-                    steps += [replace(s, cell_id=self._cell_ids.get(s.id, s.cell_id))
+                    steps += [self._history.with_cell_id(s)
                               for s in self.store.chain(tips[name]) if s.kind == "step" and s.layer == name]
             return steps
 
@@ -806,10 +695,3 @@ class BuildSession:
 
         return export_session_oci(self, oci_dir, **kwargs)
 
-
-def _absolute_source(src: ImageSource, base_dir: str) -> ImageSource:
-    """Local tar/oci paths are relative to the notebook's (or stacker.yaml's) directory."""
-    url = src.url
-    if not url or src.type not in ("tar", "oci") or "://" in url or os.path.isabs(url):
-        return src
-    return replace(src, url=os.path.join(base_dir, url))

@@ -2,7 +2,8 @@
 
 Layout under the storage root (DESIGN.md "Storage layout"):
 
-    stacker-kernel.db   records of snapshots (bases and steps) and sessions, WAL mode
+    stacker-kernel.db   records of snapshots (bases and steps), sessions and the step
+                        cache, WAL mode; `PRAGMA user_version` is SCHEMA_VERSION
     bases/<digest>      read-only subvolumes of imported bases (content-addressed)
     snapshots/<id>      read-only subvolumes, one per successful step
     live/<session>      writable subvolumes of running containers
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from stacker_kernel.errors import StorageError
+from stacker_kernel.errors import SessionBusyError, StorageError
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.location import check_storage
 
@@ -165,7 +166,12 @@ _SNAP_COLS = ("id", "kind", "parent", "session", "layer", "cell_id", "source", "
 _SESS_COLS = ("id", "kind", "name", "owner_pid", "owner_start", "head", "layer", "tags",
               "history", "created", "updated")
 
-_SCHEMA = """
+# The schema's version, in `PRAGMA user_version`. 1: snapshots and sessions (stores
+# made before versioning say 0); 2: the cache table. Opening an older store
+# migrates it (_MIGRATIONS); a newer one is refused.
+SCHEMA_VERSION = 2
+
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, parent TEXT, session TEXT, layer TEXT NOT NULL,
     cell_id TEXT, source TEXT NOT NULL, cache_key TEXT, state TEXT NOT NULL,
@@ -179,6 +185,51 @@ CREATE TABLE IF NOT EXISTS sessions (
     history TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS sessions_name ON sessions(name);
 """
+
+# One snapshot per cache key: the first one committed (see Store.commit).
+_CACHE_TABLE = "CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, snapshot TEXT NOT NULL)"
+# The oldest existing step snapshot of each key becomes its entry (first writer wins).
+_CACHE_FILL = ("INSERT OR IGNORE INTO cache (key, snapshot) SELECT cache_key, id FROM snapshots "
+               "WHERE cache_key IS NOT NULL AND kind = 'step' {where} ORDER BY created, rowid")
+
+# _MIGRATIONS[n] turns schema n into n + 1.
+_MIGRATIONS = {
+    1: [_CACHE_TABLE, _CACHE_FILL.format(where="")],
+}
+
+
+def _prepare_schema(conn: sqlite3.Connection, root: Path) -> None:
+    """Create the schema in a new database, migrate an older one, refuse a newer one
+    (one transaction; the caller holds the write lock)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StorageError(f"storage {root} was written by a newer stacker-kernel (schema {version}): "
+                           "upgrade, or use another --storage")
+    if version == SCHEMA_VERSION:
+        return  # nothing to write: a full disk must not stop the store from opening
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        has_tables = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'snapshots'").fetchone()
+        if version == 0 and has_tables:
+            version = 1  # written before the schema had a version
+        if version == 0:
+            for stmt in _SCHEMA_V1.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(_CACHE_TABLE)
+        else:
+            for n in range(version, SCHEMA_VERSION):
+                for stmt in _MIGRATIONS[n]:
+                    conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException as e:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if isinstance(e, sqlite3.OperationalError):
+            raise StorageError(f"the store's database in {root} could not be set up for schema "
+                               f"{SCHEMA_VERSION} ({e}): free space on it and try again") from e
+        raise
 
 
 def process_start_time(pid: int) -> int | None:
@@ -194,6 +245,12 @@ def process_start_time(pid: int) -> int | None:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+def _busy_message(other: Session) -> str:
+    what = {"kernel": "shut that kernel down, then run the cell again",
+            "build": "wait for that build to finish, or stop it, then build again"}.get(other.kind, "try again later")
+    return f"{other.name} is already building (pid {other.owner_pid}, a {other.kind}): {what}"
 
 
 class _ProcessLock:
@@ -282,7 +339,7 @@ class Store:
             # A process crash cannot lose a committed transaction in WAL mode
             # with NORMAL; power loss may, and recovery then drops the orphan.
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(_SCHEMA)
+            _prepare_schema(conn, root)
             store._conn = conn
             store.recover()
         return store
@@ -376,11 +433,12 @@ class Store:
         return out
 
     def find_cache(self, key: str) -> Snapshot | None:
-        """The newest step snapshot recorded with cache key `key` whose subvolume exists, or None."""
-        rows = self._query(f"SELECT {','.join(_SNAP_COLS)} FROM snapshots "
-                           "WHERE cache_key = ? AND kind = 'step' ORDER BY created DESC", (key,))
-        for row in rows:
-            snap = self._snap(row)
+        """The snapshot the cache holds for `key` (the first one committed with it that
+        still exists), or None."""
+        rows = self._query(f"SELECT {','.join('s.' + c for c in _SNAP_COLS)} FROM cache c "
+                           "JOIN snapshots s ON s.id = c.snapshot WHERE c.key = ?", (key,))
+        if rows:
+            snap = self._snap(rows[0])
             if snap.path.is_dir():
                 return snap
         return None
@@ -389,18 +447,29 @@ class Store:
         """Where the output of step `id` is (or will be) stored."""
         return self.root / "logs" / id
 
-    def commit(self, live: os.PathLike | str, snap: Snapshot) -> Snapshot:
+    def commit(self, live: os.PathLike | str, snap: Snapshot, *, reuse_cached: bool = False) -> Snapshot:
         """Freeze subvolume `live` as read-only snapshot `snap.id` and record `snap`.
 
         The snapshot is taken read-only atomically and the record inserted
         under the write lock, so a crash in between leaves only an orphan
         subvolume that the next `Store.open` deletes. Returns `snap` attached
         to this store (kind "step").
+
+        With a `cache_key`, the record and the cache entry are written in one
+        transaction; the first snapshot committed for a key stays its entry
+        while it exists. With `reuse_cached`, a key that already has an entry
+        (another session built the same step meanwhile) commits nothing and
+        returns that entry's snapshot instead, so both sessions go on from the
+        same snapshot.
         """
         snap = replace(snap, kind="step", root=self.root)
         with self.write_lock():
             if self.get(snap.id) is not None:
                 raise StorageError(f"snapshot {snap.id} already exists; use a fresh id")
+            if reuse_cached and snap.cache_key:
+                first = self.find_cache(snap.cache_key)
+                if first is not None:
+                    return first
             btrfs.snapshot(live, snap.path, readonly=True)
             try:
                 self._insert_snapshot(snap)
@@ -411,8 +480,11 @@ class Store:
 
     def _insert_snapshot(self, snap: Snapshot) -> None:
         marks = ",".join("?" * len(_SNAP_COLS))
-        self._write([(f"INSERT INTO snapshots ({','.join(_SNAP_COLS)}) VALUES ({marks})",
-                      self._snap_values(snap))])
+        stmts = [(f"INSERT INTO snapshots ({','.join(_SNAP_COLS)}) VALUES ({marks})", self._snap_values(snap))]
+        if snap.cache_key and snap.kind == "step" and self.find_cache(snap.cache_key) is None:
+            # No entry, or its snapshot is gone: this one is the key's entry now.
+            stmts.append(("INSERT OR REPLACE INTO cache (key, snapshot) VALUES (?, ?)", (snap.cache_key, snap.id)))
+        self._write(stmts)
 
     def add_base(self, digest: str, populate: Callable[[Path], None], source: str) -> Snapshot:
         """The read-only base subvolume for content digest `digest`, populating it if new.
@@ -504,17 +576,29 @@ class Store:
                 sess.head, sess.tags, sess.history = head, tags, history
                 stmts.append(self._session_update(sess))
         stmts.extend(("DELETE FROM snapshots WHERE id = ?", (sid,)) for sid in ids)
+        # A key whose entry is dropped falls to its oldest remaining snapshot, if any.
+        stmts.extend(("DELETE FROM cache WHERE snapshot = ?", (sid,)) for sid in ids)
+        stmts.append((_CACHE_FILL.format(where=""), ()))
         self._write(stmts)
 
     # --- sessions -------------------------------------------------------------
 
-    def new_session(self, kind: str, name: str) -> Session:
-        """Record a new session of `kind` for `name`, owned by this process."""
+    def new_session(self, kind: str, name: str, *, exclusive: bool = False) -> Session:
+        """Record a new session of `kind` for `name`, owned by this process.
+
+        With `exclusive`, a session of the same kind and name whose owner is
+        alive (this process included) means SessionBusyError instead: one
+        build, or one kernel, of a notebook or stacker.yaml at a time.
+        """
         pid = os.getpid()
         sess = Session(id=new_id(), kind=kind, name=name, owner_pid=pid,
                        owner_start=process_start_time(pid) or 0)
         marks = ",".join("?" * len(_SESS_COLS))
         with self.write_lock():
+            if exclusive:
+                for other in self.find_sessions(name=name, kind=kind):
+                    if self.session_alive(other):
+                        raise SessionBusyError(_busy_message(other))
             self._write([(f"INSERT INTO sessions ({','.join(_SESS_COLS)}) VALUES ({marks})",
                           self._sess_values(sess))])
         return sess
@@ -550,16 +634,19 @@ class Store:
     @staticmethod
     def session_alive(session: Session) -> bool:
         """True while the process that owns `session` runs (same pid and same start time)."""
-        return process_start_time(session.owner_pid) == session.owner_start
+        return session.owner_pid > 0 and process_start_time(session.owner_pid) == session.owner_start
 
     def live_path(self, session_id: str) -> Path:
         """Where session `session_id` keeps its writable rootfs subvolume (the engine creates it)."""
         return self.root / "live" / session_id
 
     def end_session(self, session_id: str) -> None:
-        """Delete the live subvolume of `session_id`; its records stay (for gc and history)."""
+        """Delete the live subvolume of `session_id` and give up its ownership (its name
+        is free for another session to open or resume); its records stay (for gc and
+        history)."""
         with self.write_lock():
             btrfs.remove_tree(self.live_path(session_id))
+            self._write([("UPDATE sessions SET owner_pid = 0, owner_start = 0 WHERE id = ?", (session_id,))])
 
     def forget_session(self, session_id: str) -> None:
         """Delete session `session_id` entirely (live subvolume and record); gc may then drop its snapshots."""

@@ -1,0 +1,158 @@
+"""A session's history: the snapshots of its steps, oldest first, and positions in it.
+
+The history is the list of snapshot ids in the session record (what
+`%layers` numbers 1..N and `%rollback` goes back to). It is not the build
+chain: a deleted cell leaves the history, while the steps built on it keep
+it in their chain (see BuildSession.built_steps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from stacker_kernel.errors import RecipeError
+from stacker_kernel.recipe.model import first_line
+from stacker_kernel.storage.store import Session, Snapshot, Store
+
+
+@dataclass
+class StepView:
+    """One row of `%layers` / `stacker-kernel layers`."""
+    index: int  # 1-based position in the session history
+    snapshot_id: str
+    layer: str
+    cell_id: str | None
+    first_line: str
+    status: str
+    duration: float
+    size_delta: int | None
+    cached: bool
+
+
+class History:
+    """The history of `session` (its `history` field), read through `store`.
+
+    The caller persists the session record after changing it (the session
+    also holds the head, layer and tags that change along with it).
+
+    Step records do not change once committed (but for the size change,
+    measured here), and gc keeps every snapshot a history names: they are read
+    from the store once, so that a step's work does not grow with the history.
+    """
+
+    def __init__(self, store: Store, session: Session):
+        self.store = store
+        self.session = session
+        # A cache hit's record names the cell that first built it; in this session
+        # the step belongs to the cell that hit it (re-run and %rollback use that).
+        self.cell_ids: dict[str, str | None] = {}
+        self._records: dict[str, Snapshot] = {}
+        self._cell_pos: dict[str, int] | None = None  # cell id -> its first position; None: to rebuild
+
+    @property
+    def ids(self) -> list[str]:
+        return self.session.history
+
+    def _record(self, sid: str) -> Snapshot | None:
+        snap = self._records.get(sid)
+        if snap is None:
+            snap = self.store.get(sid)
+            if snap is None:
+                return None
+            if sid in self.cell_ids:
+                snap = replace(snap, cell_id=self.cell_ids[sid])
+            self._records[sid] = snap
+        return snap
+
+    def snaps(self) -> list[Snapshot]:
+        """The history's snapshot records (those that exist), with this session's cell ids."""
+        return [snap for snap in map(self._record, self.session.history) if snap is not None]
+
+    def with_cell_id(self, snap: Snapshot) -> Snapshot:
+        """`snap` with the cell id it has in this session."""
+        return replace(snap, cell_id=self.cell_ids.get(snap.id, snap.cell_id))
+
+    def append(self, snap: Snapshot, cell_id: str | None = None, *, hit: bool = False) -> None:
+        """`snap` is the newest entry; a cache `hit` belongs to `cell_id` here."""
+        if hit:
+            if cell_id != snap.cell_id:
+                self.cell_ids[snap.id] = cell_id
+            else:
+                self.cell_ids.pop(snap.id, None)
+            snap = replace(snap, cell_id=cell_id)
+        self._records[snap.id] = snap
+        if self._cell_pos is not None and snap.cell_id is not None:
+            self._cell_pos.setdefault(snap.cell_id, len(self.session.history))
+        self.session.history.append(snap.id)
+
+    def keep(self, ids: list[str]) -> None:
+        self.session.history = list(ids)
+        self._cell_pos = None
+
+    def layer_steps(self, name: str) -> list[Snapshot]:
+        return [s for s in self.snaps() if s.layer == name]
+
+    def views(self, measure: bool = True) -> list[StepView]:
+        """The steps as `%layers` shows them. Size changes are measured here, from the
+        snapshot diffs, the first time a step is shown (not on the step's hot path;
+        `measure=False` leaves unknown ones None)."""
+        snaps = self.snaps()
+        if measure:
+            self._measure_sizes(snaps)
+        return [StepView(i, snap.id, snap.layer, snap.cell_id,
+                         first_line(snap.source, skip_shebang=True),
+                         snap.status, snap.duration, snap.size_delta,
+                         cached=snap.session != self.session.id)
+                for i, snap in enumerate(snaps, 1)]
+
+    def _measure_sizes(self, snaps: list[Snapshot]) -> None:
+        from stacker_kernel.engine.inspect import size_changes
+
+        todo = [s for s in snaps if s.size_delta is None]
+        if not todo:
+            return
+        parents = [self.store.get(s.parent) if s.parent else None for s in todo]
+        deltas = size_changes([(p.path if p else None, s.path) for s, p in zip(todo, parents)])
+        for snap, delta in zip(todo, deltas):
+            snap.size_delta = delta  # the record kept in _records
+            self.store.set_size_delta(snap.id, delta)
+
+    def position_of_cell(self, cell_id: str) -> int | None:
+        """How many entries come before the step of `cell_id` (None: the cell has none)."""
+        if self._cell_pos is None:
+            self._cell_pos = {}
+            for i, snap in enumerate(self.snaps()):
+                if snap.cell_id is not None:
+                    self._cell_pos.setdefault(snap.cell_id, i)
+        return self._cell_pos.get(cell_id)
+
+    def rollback_position(self, to: int | str | None, inspecting_failure: bool) -> int:
+        """How many entries `%rollback TO` keeps: `to` is a 1-based index, a cell id or
+        snapshot id prefix, or None for one step back (or, after a kept failure, back
+        to the last snapshot). RecipeError names what is wrong."""
+        snaps = self.snaps()
+        if not snaps and not inspecting_failure:
+            raise RecipeError("nothing to roll back: no step has been committed in this session")
+        if to is None:
+            return len(snaps) if inspecting_failure else len(snaps) - 1
+        if isinstance(to, int) or (isinstance(to, str) and to.isdigit()):
+            n = int(to)
+            if not 0 <= n <= len(snaps):
+                raise RecipeError(f"no step {n}: %layers lists steps 1..{len(snaps)}")
+            return n
+        idx = [i for i, s in enumerate(snaps) if s.cell_id == to or s.id.startswith(to)]
+        if not idx:
+            raise RecipeError(f"no step of cell or snapshot {to!r} in this session's history (%layers lists them)")
+        return idx[-1] + 1
+
+    def forget_cells(self, ids: set[str]) -> bool:
+        """Drop the entries of cells `ids`; True if the history changed."""
+        before = self.session.history
+        self.keep([s.id for s in self.snaps() if s.cell_id not in ids])
+        return self.session.history != before
+
+    def at(self, index: int) -> Snapshot:
+        """Entry `index` (1-based), RecipeError if there is none."""
+        snaps = self.snaps()
+        if not 1 <= index <= len(snaps):
+            raise RecipeError(f"no step {index}: %layers lists steps 1..{len(snaps)}")
+        return snaps[index - 1]

@@ -1,0 +1,129 @@
+"""The live rootfs of a session: its writable subvolume, its container, its imports.
+
+A session builds in one writable subvolume (live/<session id>), a snapshot of
+its head. The container runs on it and is started again whenever what it was
+started with changes (the layer, its binds, `%network`). The layer's imports
+are staged beside it (imports/<session id>) and shown read-only in the
+container; imports with a `dest` are landed in the rootfs itself.
+
+Nothing here knows about history or cache: the session says which snapshot
+the rootfs must be, and when.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
+from stacker_kernel.engine import imports as imports_mod
+from stacker_kernel.errors import StepError
+from stacker_kernel.recipe.model import ImageSource, Layer
+from stacker_kernel.storage import btrfs
+from stacker_kernel.storage.store import Snapshot, Store
+
+BUILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# stacker's default build_env_passthrough (pkg/types/layer.go)
+DEFAULT_PASSTHROUGH = ["ftp_proxy", "http_proxy", "https_proxy", "no_proxy", "FTP_PROXY",
+                       "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "TERM", "SOURCE_DATE_EPOCH"]
+
+
+def build_environment(layer: Layer, host_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a `run` step, as stacker builds it (not `environment:`)."""
+    host_env = os.environ if host_env is None else host_env
+    env = {"PATH": BUILD_PATH}
+    patterns = DEFAULT_PASSTHROUGH if layer.build_env_passthrough is None else layer.build_env_passthrough
+    for key, value in host_env.items():
+        if value and any(re.fullmatch(p, key) for p in patterns):
+            env[key] = value
+    env.update({k: str(v) for k, v in layer.build_env.items() if str(v) != ""})
+    env["STACKER_LAYER_NAME"] = layer.name
+    return env
+
+
+def absolute_source(src: ImageSource, base_dir: str) -> ImageSource:
+    """Local tar/oci paths are relative to the notebook's (or stacker.yaml's) directory."""
+    url = src.url
+    if not url or src.type not in ("tar", "oci") or "://" in url or os.path.isabs(url):
+        return src
+    return replace(src, url=os.path.join(base_dir, url))
+
+
+class LiveRootfs:
+    """The writable rootfs of session `session_id`, the container on it and its staged imports.
+
+    `ready` is True while the subvolume is a usable snapshot of the session's
+    head; whoever changes the head clears it or calls `replace`.
+    """
+
+    def __init__(self, store: Store, session_id: str):
+        self.store = store
+        self.session_id = session_id
+        self.container: Container | None = None
+        self.ready = False
+        self.imports_digest = ""  # of the staged imports: part of every step's cache key
+
+    @property
+    def path(self) -> Path:
+        return self.store.live_path(self.session_id)
+
+    @property
+    def imports_dir(self) -> Path:
+        return self.store.root / "imports" / self.session_id
+
+    def replace(self, snap: Snapshot) -> None:
+        """The rootfs becomes a writable snapshot of `snap` (the container stops)."""
+        self.stop_container()
+        live = self.path
+        if live.exists():
+            btrfs.delete_subvolume(live)
+        live.parent.mkdir(parents=True, exist_ok=True)
+        btrfs.snapshot(snap.path, live, readonly=False)
+
+    def stage_imports(self, layer: Layer, base_dir: str, fetch_layer_path: Callable[[str, str, str], str]) -> None:
+        """Copy the layer's imports to the staging dir the container shows read-only at
+        /stacker/imports (stale files gone); `imports_digest` says what they are."""
+        self.imports_digest = imports_mod.stage(layer, self.imports_dir, base_dir,
+                                                fetch_layer_path=fetch_layer_path)
+
+    def land_dest_imports(self, layer: Layer) -> None:
+        """Copy the staged imports with a `dest` into the rootfs, as the container's root."""
+        from stacker_kernel.container.userns import run_in_userns
+
+        items = [(imports_mod.staged_name(i), i.dest, i.mode, i.uid, i.gid) for i in layer.imports if i.dest]
+        run_in_userns(imports_mod.land_in_rootfs, str(self.imports_dir), str(self.path), items)
+
+    def ensure_container(self, layer: Layer, base_dir: str, network: str) -> Container:
+        """The container on the rootfs, started for `layer` (its imports and binds) if needed."""
+        if self.container is not None and self.container.alive:
+            if self.container.config.network == network:
+                return self.container
+            # `%network` changed: the mode is the container's, so start it again (the
+            # live rootfs and the shell state carry over, as between any two steps).
+            self.stop_container()
+        # The legacy `import:` key put files at /stacker/ (stacker < 1.0); `imports:` at /stacker/imports.
+        where = "/stacker" if layer.uses_legacy_import() else "/stacker/imports"
+        mounts = [Mount(str(self.imports_dir), where, readonly=True)]
+        for b in layer.binds:
+            src = b.source if os.path.isabs(b.source) else os.path.join(base_dir, b.source)
+            if not os.path.exists(src):
+                raise StepError(f"bind source {src} does not exist: fix the binds of layer {layer.name}")
+            mounts.append(Mount(src, b.dest or b.source, readonly=False))
+        self.container = Container.start(ContainerConfig(rootfs=str(self.path), mounts=mounts,
+                                                         network=network))
+        return self.container
+
+    def stop_container(self) -> None:
+        if self.container is not None:
+            try:
+                self.container.stop()
+            finally:
+                self.container = None
+
+    def interrupt(self) -> None:
+        """Interrupt the step running in the container, if any (thread-safe)."""
+        container = self.container
+        if container is not None:
+            container.interrupt()
