@@ -1,0 +1,385 @@
+"""The shared step cache (engine/remote_cache.py, oci/registry.py): user A builds a
+notebook with --cache-to a real registry (Debian's docker-registry on a free
+localhost port), user B with empty storage builds it with --cache-from and runs
+no step. Each failure of the registry (down, silent, 401, 403, 500, a blob with
+the wrong digest, a truncated blob) makes the step run locally after one
+warning line; for those, a small HTTP server in the test imitates the registry
+or sits between B and the real one."""
+import base64
+import hashlib
+import http.server
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from stacker_kernel.cli import main
+from stacker_kernel.container.userns import run_in_userns
+from stacker_kernel.engine.build import build, layer_snapshot
+from stacker_kernel.engine.remote_cache import CacheSettings, configured
+from stacker_kernel.errors import ImageError
+from stacker_kernel.oci.registry import auth_for, cache_tag
+from stacker_kernel.recipe.cells import CacheSource, parse_magic
+from stacker_kernel.storage import btrfs
+from stacker_kernel.storage.store import Store
+
+CELLS = [
+    "mkdir -p /app && echo one > /app/one && chmod 600 /app/one\necho made one",
+    "echo two > /app/two && chown 1:2 /app/two && ln -s one /app/link && rm /etc/group",
+    "cd /app\nexport GREETING=hello",
+    "echo $GREETING > greeting && pwd > where",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _notebook(path: Path, base: str, cells: list[str]) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"%from oci {base}", id="from")]
+    nb.cells += [nbformat.v4.new_code_cell(src, id=f"c{i}") for i, src in enumerate(cells)]
+    nbformat.write(nb, path)
+    return path
+
+
+def _new_storage() -> Path:
+    root = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-{uuid.uuid4().hex}"
+    root.mkdir()
+    return root
+
+
+def _build(root: Path, nb: Path, **cache):
+    out: list[str] = []
+    with Store.open(root) as store:
+        result = build(store, str(nb), out=out.append, stream=out.append, cache=CacheSettings(**cache))
+        tip = layer_snapshot(store, str(nb), None)
+    return result, "".join(o if o.endswith("\n") else o + "\n" for o in out), str(tip.path)
+
+
+def _listing(rootfs: str) -> list[tuple]:
+    """Every path with its type, mode, owner and content (or link target)."""
+    out = []
+    for dirpath, dirs, files in os.walk(rootfs):
+        for name in sorted(dirs + files):
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if os.path.islink(full):
+                what = os.readlink(full)
+            elif os.path.isfile(full):
+                what = hashlib.sha256(Path(full).read_bytes()).hexdigest()
+            else:
+                what = None
+            out.append((os.path.relpath(full, rootfs), st.st_mode, st.st_uid, st.st_gid, what))
+    return sorted(out)
+
+
+def _tree(rootfs: str) -> list[tuple]:
+    return run_in_userns(_listing, rootfs)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A docker-registry on 127.0.0.1 with its own storage; yields HOST:PORT."""
+    tmp = tmp_path_factory.mktemp("registry")
+    port = _free_port()
+    conf = tmp / "registry.yml"
+    conf.write_text(f"version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {tmp / 'data'}}}\n"
+                    f"http:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited: {proc.stderr.read().decode()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def built_a(registry, busybox_oci, tmp_path_factory):
+    """User A built the notebook with --cache-to the registry: (notebook, A's rootfs tree, output)."""
+    nb = _notebook(tmp_path_factory.mktemp("a") / "nb.ipynb", busybox_oci, CELLS)
+    root = _new_storage()
+    try:
+        result, out, tip = _build(root, nb, cache_to=f"docker://{registry}/team/cache")
+        assert result.steps_run == len(CELLS) and "warning" not in out
+        yield nb, _tree(tip), out
+    finally:
+        btrfs.remove_tree(root)
+
+
+@pytest.fixture
+def storage_b():
+    root = _new_storage()
+    yield root
+    btrfs.remove_tree(root)
+
+
+def _copy(nb: Path, tmp_path: Path) -> Path:
+    """The same notebook on B's machine (another directory)."""
+    dest = tmp_path / "b" / nb.name
+    dest.parent.mkdir()
+    dest.write_bytes(nb.read_bytes())
+    return dest
+
+
+# --- the main path, on the real registry ----------------------------------------------
+
+def test_b_with_empty_storage_runs_no_step_and_gets_a_equal_rootfs(built_a, registry, storage_b, tmp_path):
+    nb, tree_a, out_a = built_a
+    result, out, tip = _build(storage_b, _copy(nb, tmp_path), cache_from=[f"docker://{registry}/team/cache"])
+    assert result.steps_run == 0 and result.steps_cached == len(CELLS)
+    assert out.count(f"[cache hit from docker://{registry}/team/cache]") == len(CELLS)
+    assert "made one" in out  # the step's output is replayed
+    assert _tree(tip) == tree_a
+    entries = dict((p, (m, u, g, w)) for p, m, u, g, w in tree_a)
+    assert entries["app/greeting"][3] == hashlib.sha256(b"hello\n").hexdigest()  # shell state carried
+    assert entries["app/two"][1:3] == (1, 2) and "etc/group" not in entries
+
+
+def test_a_changed_cell_runs_only_it_and_the_steps_after_it(built_a, registry, storage_b, tmp_path):
+    nb, _, _ = built_a
+    changed = CELLS[:2] + ["cd /app\nexport GREETING=bonjour"] + CELLS[3:]
+    nb_b = _notebook(tmp_path / "nb.ipynb", nbformat.read(nb, as_version=4).cells[0].source.split(" ", 2)[2],
+                     changed)
+    result, out, tip = _build(storage_b, nb_b, cache_from=[f"docker://{registry}/team/cache"])
+    assert (result.steps_cached, result.steps_run) == (2, 2)
+    assert "warning" not in out
+    greeting = dict((p, w) for p, m, u, g, w in _tree(tip))["app/greeting"]
+    assert greeting == hashlib.sha256(b"bonjour\n").hexdigest()
+
+
+def test_pushing_what_the_registry_has_uploads_nothing(built_a, registry, storage_b, tmp_path):
+    nb, _, _ = built_a
+    with _Proxy(registry) as proxy:
+        url = f"docker://127.0.0.1:{proxy.port}/team/cache"
+        result, out, _ = _build(storage_b, _copy(nb, tmp_path), cache_from=[url], cache_to=url)
+    assert result.steps_run == 0 and "warning" not in out
+    assert [r for r in proxy.requests if r[0] in ("POST", "PUT", "PATCH")] == []
+
+
+def test_an_oci_layout_is_a_cache_too(busybox_oci, storage, storage_b, tmp_path):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:2])
+    cache = f"oci:{tmp_path / 'cache'}"
+    _, _, tip_a = _build(storage, nb, cache_to=cache)
+    result, out, tip_b = _build(storage_b, _copy(nb, tmp_path), cache_from=[cache])
+    assert result.steps_run == 0 and "warning" not in out
+    assert _tree(tip_b) == _tree(tip_a)
+
+
+def test_cli_build_takes_cache_flags(built_a, registry, storage_b, tmp_path, capsys):
+    nb, _, _ = built_a
+    assert main(["--storage", str(storage_b), "build", "-f", str(_copy(nb, tmp_path)), "--no-oci",
+                 "--cache-from", f"docker://{registry}/team/cache"]) == 0
+    assert f"0 step(s) ran, {len(CELLS)} cached" in capsys.readouterr().out
+
+
+# --- failure modes: the step runs, one warning line ---------------------------------------
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _any(self):
+        server = self.server
+        server.requests.append((self.command, self.path))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        server.behave(self, body)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _any
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, behave):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.behave = behave
+        self.requests: list[tuple[str, str]] = []
+        self.port = self.server_address[1]
+
+    def __enter__(self):
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+def _status(code: int, headers: dict | None = None):
+    def behave(h, body):
+        h.send_response(code)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+    return behave
+
+
+def _silent(h, body):
+    time.sleep(30)  # never answers within the client's timeout
+
+
+class _Proxy(_Server):
+    """Forwards to the real registry; `mangle(data) -> data` changes layer blobs."""
+
+    def __init__(self, upstream: str, mangle=None, truncate=False):
+        self.upstream, self.mangle, self.truncate = upstream, mangle, truncate
+        super().__init__(self._forward)
+
+    def _forward(self, h, body):
+        req = urllib.request.Request(f"http://{self.upstream}{h.path}", data=body if h.command in ("POST", "PUT", "PATCH") else None,
+                                     method=h.command, headers={k: v for k, v in h.headers.items() if k.lower() != "host"})
+        try:
+            resp = urllib.request.urlopen(req, timeout=10)
+        except urllib.error.HTTPError as e:
+            resp = e
+        data = resp.read()
+        layer = h.command == "GET" and "/blobs/" in h.path and data[:2] == b"\x1f\x8b"
+        h.send_response(resp.status if hasattr(resp, "status") else resp.code)
+        for k, v in resp.headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                if k.lower() == "location":
+                    v = v.replace(self.upstream, f"127.0.0.1:{self.port}")
+                h.send_header(k, v)
+        if layer and self.mangle:
+            data = self.mangle(data)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if layer and self.truncate:
+            h.wfile.write(data[: len(data) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if h.command != "HEAD":
+            h.wfile.write(data)
+
+
+def _runs_locally_with_one_warning(nb, storage_b, tmp_path, url, expect: str, tree_a=None):
+    result, out, tip = _build(storage_b, _copy(nb, tmp_path), cache_from=[url])
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert result.steps_run == len(CELLS) and result.steps_cached == 0
+    assert len(warnings) == 1 and expect in warnings[0], warnings
+    if tree_a is not None:
+        assert _tree(tip) == tree_a
+    return warnings[0]
+
+
+def test_a_registry_that_is_down_costs_one_warning(built_a, storage_b, tmp_path):
+    nb, tree_a, _ = built_a
+    _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{_free_port()}/team/cache",
+                                   "cannot reach", tree_a)
+
+
+def test_a_registry_that_never_answers_costs_one_bounded_wait(built_a, storage_b, tmp_path, monkeypatch):
+    nb, _, _ = built_a
+    monkeypatch.setenv("STACKER_KERNEL_CACHE_TIMEOUT", "1")
+    with _Server(_silent) as server:
+        _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{server.port}/team/cache",
+                                       "did not answer within 1s")
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_a_registry_that_refuses_access_costs_one_warning(built_a, storage_b, tmp_path, code):
+    nb, _, _ = built_a
+    headers = {"WWW-Authenticate": 'Basic realm="cache"'} if code == 401 else None
+    with _Server(_status(code, headers)) as server:
+        _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{server.port}/team/cache",
+                                       f"refused access (HTTP {code})")
+
+
+def test_a_registry_error_costs_one_warning(built_a, storage_b, tmp_path):
+    nb, _, _ = built_a
+    with _Server(_status(500)) as server:
+        _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{server.port}/team/cache",
+                                       "HTTP 500")
+
+
+def test_a_layer_with_the_wrong_digest_is_never_applied(built_a, registry, storage_b, tmp_path):
+    nb, tree_a, _ = built_a
+
+    def flip(data: bytes) -> bytes:
+        return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+    with _Proxy(registry, mangle=flip) as proxy:
+        _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{proxy.port}/team/cache",
+                                       "does not match its digest", tree_a)
+
+
+def test_a_truncated_layer_is_never_applied(built_a, registry, storage_b, tmp_path):
+    nb, tree_a, _ = built_a
+    with _Proxy(registry, truncate=True) as proxy:
+        _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{proxy.port}/team/cache",
+                                       "layer", tree_a)
+
+
+def test_a_registry_that_is_down_for_pushing_costs_one_warning(busybox_oci, storage, tmp_path):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:2])
+    result, out, _ = _build(storage, nb, cache_to=f"docker://127.0.0.1:{_free_port()}/team/cache")
+    assert result.steps_run == 2
+    assert [ln for ln in out.splitlines() if ln.startswith("warning:")] == [
+        ln for ln in out.splitlines() if "could not be pushed" in ln][:1]
+
+
+# --- units: naming, credentials, settings --------------------------------------------------
+
+def test_cache_tags_are_valid_registry_tags():
+    tag = cache_tag("sha256:" + "ab" * 32)
+    assert tag.startswith("sk-cache-") and len(tag) <= 128 and tag.replace("-", "").isalnum()
+    assert tag != cache_tag("sha256:" + "ab" * 31 + "ac")
+
+
+def test_credentials_come_from_the_auth_file(tmp_path, monkeypatch):
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {
+        "reg.example:5000": {"auth": base64.b64encode(b"alice:s3cret").decode()},
+        "reg.example:5000/team/cache": {"auth": base64.b64encode(b"bob:pw").decode()}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_for("reg.example:5000", "other") == ("alice", "s3cret")
+    assert auth_for("reg.example:5000", "team/cache") == ("bob", "pw")
+    assert auth_for("elsewhere", "x") is None
+    with pytest.raises(ImageError, match="does not exist"):
+        auth_for("reg.example:5000", "x", authfile=str(tmp_path / "missing.json"))
+
+
+def test_cache_magic_parses_sources_and_targets():
+    assert parse_magic("%cache off").args is False
+    assert parse_magic("%cache to docker://localhost:5000/c").args == CacheSource("to", ["docker://localhost:5000/c"])
+    assert parse_magic("%cache from oci:/srv/c docker://h/c").args == CacheSource("from", ["oci:/srv/c", "docker://h/c"])
+
+
+def test_the_config_file_sets_cache_defaults(tmp_path):
+    conf = tmp_path / ".config" / "stacker-kernel" / "config.json"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(json.dumps({"storage": "/x", "cache_from": "docker://h/c", "cache_to": "oci:/srv/c"}))
+    assert configured(tmp_path) == CacheSettings(["docker://h/c"], "oci:/srv/c")
+
+
+def test_a_malformed_cache_url_is_a_clear_error(storage, busybox_oci, tmp_path):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:1])
+    with Store.open(storage) as store, pytest.raises(ImageError, match="docker://HOST"):
+        build(store, str(nb), out=lambda s: None, stream=lambda s: None,
+              cache=CacheSettings(cache_from=["http://h/c"]))
