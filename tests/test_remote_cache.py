@@ -21,6 +21,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from kernel_support import BASE, kernels, notebook_dir, start_kernel  # noqa: F401 (fixtures)
 from stacker_kernel.cli import main
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.build import build, layer_snapshot
@@ -332,15 +333,15 @@ def test_a_truncated_layer_is_never_applied(built_a, registry, storage_b, tmp_pa
     nb, tree_a, _ = built_a
     with _Proxy(registry, truncate=True) as proxy:
         _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{proxy.port}/team/cache",
-                                       "layer", tree_a)
+                                       "was cut short", tree_a)
 
 
 def test_a_registry_that_is_down_for_pushing_costs_one_warning(busybox_oci, storage, tmp_path):
     nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:2])
     result, out, _ = _build(storage, nb, cache_to=f"docker://127.0.0.1:{_free_port()}/team/cache")
     assert result.steps_run == 2
-    assert [ln for ln in out.splitlines() if ln.startswith("warning:")] == [
-        ln for ln in out.splitlines() if "could not be pushed" in ln][:1]
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "could not be pushed" in warnings[0], warnings
 
 
 # --- units: naming, credentials, settings --------------------------------------------------
@@ -383,3 +384,36 @@ def test_a_malformed_cache_url_is_a_clear_error(storage, busybox_oci, tmp_path):
     with Store.open(storage) as store, pytest.raises(ImageError, match="docker://HOST"):
         build(store, str(nb), out=lambda s: None, stream=lambda s: None,
               cache=CacheSettings(cache_from=["http://h/c"]))
+
+
+# --- the kernel: %cache to / from, and the config file's defaults ----------------------------
+
+def _kernel_cells(k, cells: list[str]) -> list:
+    runs = [k.execute(BASE, "base", timeout=120)]
+    runs += [k.execute(src, f"c{i}", timeout=120) for i, src in enumerate(cells)]
+    assert all(r.status == "ok" for r in runs), [r.error for r in runs]
+    return runs[1:]
+
+
+def test_a_kernel_pushes_with_cache_to_and_another_hits_with_the_config_default(
+        kernels, busybox_tar, storage, storage_b, tmp_path):
+    cache = f"oci:{tmp_path / 'cache'}"
+    a = start_kernel(notebook_dir(tmp_path / "a", busybox_tar) / "nb.ipynb", kernels,
+                     STACKER_KERNEL_STORAGE=str(storage))
+    try:
+        assert a.execute(f"%cache to {cache}").text() == f"steps are pushed to {cache}"
+        _kernel_cells(a, CELLS[:2])
+    finally:
+        a.close()
+    home = tmp_path / "home"
+    (home / ".config" / "stacker-kernel").mkdir(parents=True)
+    (home / ".config" / "stacker-kernel" / "config.json").write_text(json.dumps({"cache_from": [cache]}))
+    b = start_kernel(notebook_dir(tmp_path / "b", busybox_tar) / "nb.ipynb", kernels,
+                     STACKER_KERNEL_STORAGE=str(storage_b), HOME=str(home))
+    try:
+        runs = _kernel_cells(b, CELLS[:2])
+        assert b.execute("%cache from none").text() == "steps are taken from none"
+    finally:
+        b.close()
+    assert all(r.cached and f"[cache hit from {cache}]" in r.text() for r in runs)
+    assert "made one" in runs[0].text()

@@ -128,7 +128,7 @@ class RemoteCache:
     def _warn(self, on_output: OutputFn | None, url: str, why: str, what: str) -> None:
         self._failed.add(url)
         if on_output is not None:
-            on_output(f"warning: remote cache {url}: {why}; {what}\n")
+            on_output(f"warning: {why}; {what}\n")
 
     @staticmethod
     def _tmp(session: "BuildSession") -> str:
@@ -158,8 +158,8 @@ class RemoteCache:
                 record = fetched.record
                 if (record.get("format") != FORMAT or record.get("key") != key
                         or record.get("parent_key") != parent_key(head) or record.get("parent") != head.id):
-                    self._warn(on_output, source.url, f"the entry for this step was made on another parent "
-                               "or by another version", "running the step")
+                    self._warn(on_output, source.url, f"the entry of {source.url} for this step was made "
+                               "on another parent or by another version", "running the step")
                     continue
                 snap = self._commit_hit(session, record, fetched.layer_path, key, script, cell_id, on_output)
                 if on_output is not None:
@@ -169,7 +169,8 @@ class RemoteCache:
                 self._warn(on_output, source.url, str(e), "running the step without it")
             except (ImageError, StorageError, OSError) as e:
                 session._back_to_head()
-                self._warn(on_output, source.url, f"its layer could not be applied ({e})", "running the step")
+                self._warn(on_output, source.url, f"the layer from {source.url} could not be applied ({e})",
+                           "running the step")
             finally:
                 remove_quietly(tmp)
         return None
@@ -234,7 +235,7 @@ class RemoteCache:
                       "log": log.decode("utf-8", errors="replace"), "diff_id": blob.diff_id}
             target.put(tag, record, tmp, blob.digest, blob.size)
         except (ImageError, OSError) as e:
-            self._warn(on_output, target.url, f"the step could not be pushed ({e})",
+            self._warn(on_output, target.url, f"the step could not be pushed to {target.url} ({e})",
                        "the build goes on without pushing")
         finally:
             if tmp is not None:

@@ -397,6 +397,9 @@ class RegistryCache(CacheStore):
                                    f"for {self.timeout:g}s") from None
         except OSError as e:  # includes http.client.IncompleteRead
             raise CacheUnavailable(f"downloading layer {digest[:19]} from {self.url} failed ({e})") from None
+        if total < size:
+            raise CacheUnavailable(f"layer {digest[:19]} from {self.url} was cut short ({total} of {size} "
+                                   "bytes): the entry is ignored")
         if total != size or "sha256:" + h.hexdigest() != digest:
             raise CacheUnavailable(f"layer {digest[:19]} from {self.url} does not match its digest "
                                    f"({total} of {size} bytes): the entry is ignored")
