@@ -10,9 +10,13 @@ import hashlib
 import http.server
 import json
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import threading
+import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -32,6 +36,7 @@ from stacker_kernel.recipe.cells import CacheSource, parse_magic
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Store
 
+REPO = Path(__file__).resolve().parent.parent
 CELLS = [
     "mkdir -p /app && echo one > /app/one && chmod 600 /app/one\necho made one",
     "echo two > /app/two && chown 1:2 /app/two && ln -s one /app/link && rm /etc/group",
@@ -342,6 +347,74 @@ def test_a_registry_that_is_down_for_pushing_costs_one_warning(busybox_oci, stor
     assert result.steps_run == 2
     warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1 and "could not be pushed" in warnings[0], warnings
+
+
+# --- two real users: sktest pushes, sktest2 (empty storage) pulls --------------------------
+
+_DRIVER = """
+import json, sys
+from stacker_kernel.engine.build import build, layer_snapshot
+from stacker_kernel.engine.remote_cache import CacheSettings
+from stacker_kernel.storage.store import Store
+root, nb, direction, url = sys.argv[1:]
+cache = CacheSettings(cache_to=url) if direction == "to" else CacheSettings(cache_from=[url])
+out = []
+with Store.open(root) as store:
+    r = build(store, nb, out=out.append, stream=out.append, cache=cache)
+    tip = str(layer_snapshot(store, nb, None).path)
+print(json.dumps({"ran": r.steps_run, "cached": r.steps_cached, "tip": tip, "out": "".join(out)}))
+"""
+
+
+def _as_user(user: str, nb: Path, direction: str, url: str) -> dict:
+    storage = subprocess.run([sys.executable, "-m", "stacker_kernel", "storage-path", "--user", user],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    root = f"{storage}/t-{uuid.uuid4().hex}"
+    env = ["env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", f"HOME={pwd.getpwnam(user).pw_dir}",
+           f"USER={user}", "LANG=C.UTF-8", f"PYTHONPATH={REPO}"]
+    subprocess.run(["runuser", "-u", user, "--", "mkdir", root], check=True)
+    res = subprocess.run(["runuser", "-u", user, "--", *env, sys.executable, "-c", _DRIVER, root, str(nb),
+                          direction, url], capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    result["tree"] = _container_tree(result["tip"], user)
+    btrfs.remove_tree(Path(root))
+    return result
+
+
+def _container_tree(rootfs: str, user: str) -> list[tuple]:
+    """The listing of a user's rootfs with owners as the container sees them."""
+    from stacker_kernel.container.userns import _subordinate_start
+
+    uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
+    sub_u, sub_g = _subordinate_start("/etc/subuid", user, uid), _subordinate_start("/etc/subgid", user, uid)
+    return [(p, m, 0 if u == uid else u - sub_u, 0 if g == gid else g - sub_g, w)
+            for p, m, u, g, w in _listing(rootfs)]
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory both test users can read (pytest's tmp dirs are root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="sk-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.rootful
+def test_two_users_share_steps_through_the_registry(registry, busybox_tar, shared_dir):
+    shared = shared_dir
+    shutil.copyfile(busybox_tar, shared / "busybox.tar")
+    nb = _notebook(shared / "nb.ipynb", "", CELLS)
+    nb.write_text(nb.read_text().replace("%from oci ", "%from tar busybox.tar"))
+    for f in shared.iterdir():
+        f.chmod(0o644)
+    url = f"docker://{registry}/team/shared"
+    a = _as_user("sktest", nb, "to", url)
+    b = _as_user("sktest2", nb, "from", url)
+    assert (a["ran"], b["ran"], b["cached"]) == (len(CELLS), 0, len(CELLS)), b["out"]
+    assert b["tree"] == a["tree"]
+    assert ("app/two", 0o100644, 1, 2) in [t[:4] for t in b["tree"]]
 
 
 # --- units: naming, credentials, settings --------------------------------------------------
