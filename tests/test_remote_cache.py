@@ -247,14 +247,28 @@ def _silent(h, body):
     time.sleep(30)  # never answers within the client's timeout
 
 
+_BASIC = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+
+def _json(h, obj) -> None:
+    data = json.dumps(obj).encode()
+    h.send_response(200)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    h.wfile.write(data)
+
+
 class _Proxy(_Server):
     """Forwards to the real registry; `mangle(data) -> data` changes layer blobs."""
 
-    def __init__(self, upstream: str, mangle=None, truncate=False):
-        self.upstream, self.mangle, self.truncate = upstream, mangle, truncate
+    def __init__(self, upstream: str, mangle=None, truncate=False, auth: str | None = None):
+        self.upstream, self.mangle, self.truncate, self.auth = upstream, mangle, truncate, auth
         super().__init__(self._forward)
 
     def _forward(self, h, body):
+        if self.auth is not None and not self._authorized(h):
+            return
         req = urllib.request.Request(f"http://{self.upstream}{h.path}", data=body if h.command in ("POST", "PUT", "PATCH") else None,
                                      method=h.command, headers={k: v for k, v in h.headers.items() if k.lower() != "host"})
         try:
@@ -281,6 +295,22 @@ class _Proxy(_Server):
             return
         if h.command != "HEAD":
             h.wfile.write(data)
+
+    def _authorized(self, h) -> bool:
+        """Basic: the credentials themselves; Bearer: a token from /token, given for them."""
+        if self.auth == "bearer" and h.path.startswith("/token"):
+            if h.headers.get("Authorization") == _BASIC:
+                _json(h, {"token": "t0ken"})
+            else:
+                _status(401)(h, b"")
+            return False
+        expected = _BASIC if self.auth == "basic" else "Bearer t0ken"
+        if h.headers.get("Authorization") == expected:
+            return True
+        challenge = ('Basic realm="cache"' if self.auth == "basic" else
+                     f'Bearer realm="http://127.0.0.1:{self.port}/token",service="cache"')
+        _status(401, {"WWW-Authenticate": challenge})(h, b"")
+        return False
 
 
 def _runs_locally_with_one_warning(nb, storage_b, tmp_path, url, expect: str, tree_a=None):
@@ -314,6 +344,19 @@ def test_a_registry_that_refuses_access_costs_one_warning(built_a, storage_b, tm
     with _Server(_status(code, headers)) as server:
         _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{server.port}/team/cache",
                                        f"refused access (HTTP {code})")
+
+
+@pytest.mark.parametrize("scheme", ["basic", "bearer"])
+def test_credentials_from_the_auth_file_open_a_registry_that_asks_for_them(
+        built_a, registry, storage_b, tmp_path, monkeypatch, scheme):
+    nb, _, _ = built_a
+    with _Proxy(registry, auth=scheme) as proxy:
+        auth = tmp_path / "auth.json"
+        auth.write_text(json.dumps({"auths": {f"127.0.0.1:{proxy.port}": {"auth": _BASIC.split()[1]}}}))
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        result, out, _ = _build(storage_b, _copy(nb, tmp_path),
+                                cache_from=[f"docker://127.0.0.1:{proxy.port}/team/cache"])
+    assert result.steps_run == 0 and "warning" not in out
 
 
 def test_a_registry_error_costs_one_warning(built_a, storage_b, tmp_path):
