@@ -209,8 +209,8 @@ class RemoteCache:
         """Store step `snapshot_id` (just committed, or a local or remote hit) in the
         cache-to target unless it is there. Failures are one warning line."""
         target = self.target
-        if target is None or target.url in self._failed:
-            return
+        if target is None or target.url in self._failed or session.layer.binds:
+            return  # a step that saw bind mounts depends on more than its key says
         store = session.store
         snap = store.get(snapshot_id)
         parent = store.get(snap.parent) if snap is not None and snap.parent else None
