@@ -262,14 +262,23 @@ def _json(h, obj) -> None:
 class _Proxy(_Server):
     """Forwards to the real registry; `mangle(data) -> data` changes layer blobs."""
 
-    def __init__(self, upstream: str, mangle=None, truncate=False, auth: str | None = None):
+    def __init__(self, upstream: str, mangle=None, truncate=False, auth: str | None = None,
+                 redirect_blobs: bool = False):
         self.upstream, self.mangle, self.truncate, self.auth = upstream, mangle, truncate, auth
+        self.redirect_blobs = redirect_blobs
         super().__init__(self._forward)
 
     def _forward(self, h, body):
-        if self.auth is not None and not self._authorized(h):
+        path = h.path
+        if path.startswith("/storage/"):  # "object storage" on another host name: no credentials
+            if h.headers.get("Authorization"):
+                return _status(400)(h, b"")
+            path = path[len("/storage"):]
+        elif self.auth is not None and not self._authorized(h):
             return
-        req = urllib.request.Request(f"http://{self.upstream}{h.path}", data=body if h.command in ("POST", "PUT", "PATCH") else None,
+        elif self.redirect_blobs and h.command == "GET" and "/blobs/sha256:" in path:
+            return _status(307, {"Location": f"http://localhost:{self.port}/storage{path}"})(h, b"")
+        req = urllib.request.Request(f"http://{self.upstream}{path}", data=body if h.command in ("POST", "PUT", "PATCH") else None,
                                      method=h.command, headers={k: v for k, v in h.headers.items() if k.lower() != "host"})
         try:
             resp = urllib.request.urlopen(req, timeout=10)
@@ -357,6 +366,18 @@ def test_credentials_from_the_auth_file_open_a_registry_that_asks_for_them(
         result, out, _ = _build(storage_b, _copy(nb, tmp_path),
                                 cache_from=[f"docker://127.0.0.1:{proxy.port}/team/cache"])
     assert result.steps_run == 0 and "warning" not in out
+
+
+def test_credentials_do_not_follow_a_redirect_to_another_host(built_a, registry, storage_b, tmp_path, monkeypatch):
+    nb, _, _ = built_a
+    with _Proxy(registry, auth="basic", redirect_blobs=True) as proxy:
+        auth = tmp_path / "auth.json"
+        auth.write_text(json.dumps({"auths": {f"127.0.0.1:{proxy.port}": {"auth": _BASIC.split()[1]}}}))
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        result, out, _ = _build(storage_b, _copy(nb, tmp_path),
+                                cache_from=[f"docker://127.0.0.1:{proxy.port}/team/cache"])
+    assert result.steps_run == 0 and "warning" not in out
+    assert any(path.startswith("/storage/") for _, path in proxy.requests)
 
 
 def test_a_registry_error_costs_one_warning(built_a, storage_b, tmp_path):

@@ -52,7 +52,8 @@ class CacheSettings:
 
 def configured(home: str | os.PathLike | None = None) -> CacheSettings:
     """The defaults of ~/.config/stacker-kernel/config.json: "cache_from" (a URL or a
-    list) and "cache_to" (a URL). Empty settings when the file has none."""
+    list), "cache_to" (a URL) and "cache_insecure" (true: as --insecure). Empty
+    settings when the file has none."""
     from stacker_kernel.storage.location import config_file
 
     path = config_file(home or Path.home())

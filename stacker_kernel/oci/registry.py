@@ -40,10 +40,21 @@ MANIFEST_MEDIA_TYPE = lw.MEDIA_TYPE_MANIFEST
 TAG_PREFIX = "sk-cache-"
 DEFAULT_TIMEOUT = 10.0  # seconds, each connect and each read
 MIN_RATE = 256 * 1024  # bytes/s a blob transfer may not fall below (after the grace of one timeout)
-_MAX_JSON = 4 << 20
+_MAX_JSON = 16 << 20  # a record holds up to 2 MB of output, escaped
 _CHUNK = 1 << 20
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+class _Redirect(urllib.request.HTTPRedirectHandler):
+    """Follows a registry's redirect (e.g. a blob served by object storage) without
+    handing our credentials to another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
 
 
 class CacheUnavailable(ImageError):
@@ -252,6 +263,7 @@ class RegistryCache(CacheStore):
         if self.plain_ok:
             self._ssl.check_hostname = False
             self._ssl.verify_mode = ssl.CERT_NONE
+        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self._ssl), _Redirect)
 
     # one request, with auth and the http fallback
     def _open(self, method: str, url: str, *, headers: dict[str, str] | None = None,
@@ -264,8 +276,7 @@ class RegistryCache(CacheStore):
         if self.authorization:
             req.add_header("Authorization", self.authorization)
         try:
-            resp = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self._ssl)).open(
-                req, timeout=self.timeout)
+            resp = self._opener.open(req, timeout=self.timeout)
         except urllib.error.HTTPError as e:
             challenge = e.headers.get("WWW-Authenticate", "")
             e.close()
@@ -314,8 +325,7 @@ class RegistryCache(CacheStore):
         if basic:
             req.add_header("Authorization", basic)
         try:
-            with urllib.request.build_opener(urllib.request.HTTPSHandler(context=self._ssl)).open(
-                    req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 answer = json.loads(resp.read(_MAX_JSON))
         except (OSError, ValueError) as e:
             raise CacheUnavailable(f"no token for {self.url} from {fields['realm']} ({e})") from None
