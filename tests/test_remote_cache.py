@@ -405,6 +405,30 @@ def test_a_truncated_layer_is_never_applied(built_a, registry, storage_b, tmp_pa
                                        "was cut short", tree_a)
 
 
+def test_an_entry_with_a_broken_record_is_a_miss(busybox_oci, storage, storage_b, tmp_path):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:1])
+    cache = tmp_path / "cache"
+    _build(storage, nb, cache_to=f"oci:{cache}")
+    index = json.loads((cache / "index.json").read_text())
+    manifest_path = cache / "blobs" / "sha256" / index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads(manifest_path.read_text())
+    config_path = cache / "blobs" / "sha256" / manifest["config"]["digest"].split(":")[1]
+    record = json.loads(config_path.read_text())
+    record["state"] = "not json"
+    data = json.dumps(record).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (cache / "blobs" / "sha256" / digest).write_bytes(data)
+    manifest["config"].update(digest=f"sha256:{digest}", size=len(data))
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (cache / "blobs" / "sha256" / digest).write_bytes(data)
+    index["manifests"][0].update(digest=f"sha256:{digest}", size=len(data))
+    (cache / "index.json").write_text(json.dumps(index))
+    result, out, _ = _build(storage_b, _copy(nb, tmp_path), cache_from=[f"oci:{cache}"])
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert result.steps_run == 1 and len(warnings) == 1 and "no valid shell state" in warnings[0], warnings
+
+
 def test_a_registry_that_is_down_for_pushing_costs_one_warning(busybox_oci, storage, tmp_path):
     nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:2])
     result, out, _ = _build(storage, nb, cache_to=f"docker://127.0.0.1:{_free_port()}/team/cache")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from stacker_kernel.container.step import ShellState
 from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
 from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
 from stacker_kernel.storage.store import Snapshot
@@ -181,8 +182,12 @@ class RemoteCache:
         """Apply the verified layer onto a fresh snapshot of the head, commit it."""
         store, head = session.store, session.head
         state, log = record.get("state"), record.get("log", "")
-        if not isinstance(state, str) or not isinstance(log, str):
-            raise CacheUnavailable("the entry's record lacks the shell state or the output")
+        try:
+            ShellState.from_json(state)  # the session reads it back when it advances
+            if not isinstance(log, str):
+                raise TypeError("log")
+        except (TypeError, ValueError, AttributeError):
+            raise CacheUnavailable("the entry's record has no valid shell state or output") from None
         session._replace_live(head)  # exactly the parent the entry was made on
         started = time.time()
         for line in _as_container_root(_apply, layer_path, str(session.live)):
