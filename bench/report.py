@@ -5,7 +5,8 @@
 Each script measures its figures beside their comparison in the same run and
 prints the ratio (bench/snapshot.py: the raw ioctl; bench/step.py: `sh -c
 true` and `buildah run` + `buildah commit`; bench/export.py: `umoci repack`;
-bench/cell.py: bash_kernel and ipykernel). This script only runs them one
+bench/cell.py: bash_kernel and ipykernel; bench/remote_cache.py: a GET and
+untar of the same blobs). This script only runs them one
 after the other, each with a time limit, and writes their output with the
 machine it ran on. Run as root so buildah (chroot isolation) takes part; the
 whole report takes a few minutes.
@@ -45,6 +46,9 @@ BENCHES = [
           "our diff + tar+gzip layer beside `umoci repack` of the same change", 300),
     Bench("cell.py", ("30",), "Trivial cell and cached Restart & Run All (issue 4)",
           "a trivial cell beside bash_kernel and ipykernel's Python kernel", 300),
+    Bench("remote_cache.py", (), "Shared cache through a registry (issue 16)",
+          "a Debian notebook built cold with --cache-to, then on an empty store with --cache-from, "
+          "beside a plain GET + `tar -xzf` of the same layer blobs from the same registry", 900),
 ]
 
 
@@ -101,6 +105,9 @@ NOTES = [
     "and Debian rows show; the next step starts a fresh container.",
     "- **Export** compares one layer's diff + tar + gzip with `umoci repack`, which re-hashes "
     "the whole bundle to find the change.",
+    "- **Shared cache**: B's steps fetch each entry's manifest and record, download and check "
+    "the layer, apply it with the safe extractor onto a snapshot of the parent and commit it; the "
+    "floor only downloads and untars. The base import is the same for both users and not counted.",
     "- **Cell** is end to end through the Jupyter protocol: bash_kernel pays its prompt-scraping "
     "round trips, stacker-kernel pays a container step and a snapshot.",
 ]

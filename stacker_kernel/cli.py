@@ -222,6 +222,23 @@ def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--squash", action="store_true", help="one OCI layer per stacker layer (as stacker emits)")
     p.add_argument("--annotations-namespace", default="io.stackeroci",
                    help="namespace of the manifest annotations (default io.stackeroci)")
+    # The shared cache (engine/remote_cache.py); defaults from the config file.
+    p.add_argument("--cache-from", action="append", metavar="URL",
+                   help="take step results from this cache (docker://HOST[:PORT]/REPO or oci:DIR; repeatable)")
+    p.add_argument("--cache-to", metavar="URL", help="push each step's result to this cache")
+    p.add_argument("--insecure", action="store_true",
+                   help="let the caches be plain http or unverified TLS (localhost needs no flag)")
+    p.add_argument("--authfile", metavar="PATH",
+                   help="registry credentials file (default: the containers auth file)")
+
+
+def _cache_settings(args: argparse.Namespace):
+    from stacker_kernel.engine.remote_cache import CacheSettings, configured
+
+    defaults = configured()
+    return CacheSettings(args.cache_from if args.cache_from is not None else defaults.cache_from,
+                         args.cache_to or defaults.cache_to, args.insecure or defaults.insecure,
+                         args.authfile)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -234,7 +251,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         result = build(store, args.file, substitutions=_substitutions(args.substitute),
                        no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
-                       annotations_namespace=args.annotations_namespace)
+                       annotations_namespace=args.annotations_namespace, cache=_cache_settings(args))
     print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
           f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
     return 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from stacker_kernel.engine.remote_cache import CacheSettings, RemoteCache
 from stacker_kernel.engine.session import BuildSession
 from stacker_kernel.errors import RecipeError, StepError
 from stacker_kernel.recipe.model import Recipe, first_line
@@ -67,10 +68,11 @@ class BuildResult:
 def build(store: Store, path: str, *, substitutions: dict[str, str] | None = None,
           no_cache: bool = False, oci_dir: str | None = None, squash: bool = False,
           annotations_namespace: str = "io.stackeroci", out: Printer = print,
-          stream: Callable[[str], None] | None = None) -> BuildResult:
+          stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
-    Step output goes to `stream` (default: stdout as it comes). The first
+    Step output goes to `stream` (default: stdout as it comes). `cache` names the
+    shared caches steps are taken from and pushed to. The first
     failing step stops the build with a StepError naming the layer and step.
     """
     recipes = load_recipes(path, substitutions)
@@ -84,6 +86,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     session.use_cache = not no_cache
     result = BuildResult(session)
     try:
+        session.remote_cache = RemoteCache.from_settings(cache or CacheSettings())
         for recipe in recipes:
             base_dir = os.path.dirname(recipe.source_path or abspath)
             for name in recipe.dependency_order():

@@ -75,6 +75,7 @@ class BuildSession:
         self.keep_failed = False
         self.use_cache = True
         self.network = "host"
+        self.remote_cache = None  # engine/remote_cache.RemoteCache: --cache-from/--cache-to, %cache
         self.resumed: StepView | None = None
         self.recipe = Recipe()
         self._run = _LayerRun(Layer(name=default_layer, from_=ImageSource(type="scratch")), base_dir=base_dir)
@@ -425,7 +426,10 @@ class BuildSession:
         """Run one step (a cell, or a layer's `run`) and commit it; blocking."""
         with self._step_lock:
             try:
-                return self._run_step(script, cell_id, on_output)
+                outcome = self._run_step(script, cell_id, on_output)
+                if self.remote_cache is not None and outcome.ok and outcome.snapshot_id:  # remote cache: push
+                    self.remote_cache.push(self, outcome.snapshot_id, on_output)
+                return outcome
             finally:
                 self._interrupt_requested = False  # an interrupt ends at most the step it came during
 
@@ -447,6 +451,10 @@ class BuildSession:
                         self._advance(hit, cell_id, hit=True)
                 if hit is not None:
                     return self._replay(hit, cell_id, on_output, t0)
+                if self.remote_cache is not None:  # remote cache: a hit from --cache-from
+                    remote = self.remote_cache.lookup(self, key, script, cell_id, on_output)
+                    if remote is not None:
+                        return remote
             container = self._ensure_container()
             state = self.state
         log_tmp = self.store.root / "logs" / f"running-{self.session.id}"

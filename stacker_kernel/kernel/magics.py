@@ -165,6 +165,24 @@ def _switch(attribute: str, label: str) -> Callable[..., Shown]:
     return run
 
 
+def _cache(session: Any, value: Any, ctx: "MagicContext") -> Shown:
+    """`%cache on|off` switches the local cache; `%cache to|from URL` the shared one."""
+    if isinstance(value, bool):
+        return _switch("use_cache", "cache")(session, value, ctx)
+    from dataclasses import replace
+
+    from stacker_kernel.engine.remote_cache import CacheSettings, RemoteCache
+
+    current = session.remote_cache.settings if session.remote_cache is not None else CacheSettings()
+    if value.direction == "to":
+        settings = replace(current, cache_to=value.urls[0] if value.urls else None)
+    else:
+        settings = replace(current, cache_from=list(value.urls))
+    session.remote_cache = RemoteCache.from_settings(settings)
+    where = " ".join(value.urls) or "none"
+    return Shown(f"steps are {'pushed to' if value.direction == 'to' else 'taken from'} {where}")
+
+
 def _layers(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     table = layers_table(session.history())
     if ctx.widgets is None:
@@ -222,7 +240,7 @@ HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
     "grab": _grab,
     "export": _export,
     "keep_failed": _switch("keep_failed", "keep_failed"),
-    "cache": _switch("use_cache", "cache"),
+    "cache": _cache,
     "network": _switch("network", "network"),
     "browse": _browse,
     "help": _help,

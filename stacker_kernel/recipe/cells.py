@@ -218,6 +218,14 @@ class ExportArgs:
 
 
 @dataclass
+class CacheSource:
+    """`%cache to URL` / `%cache from URL...`: the shared cache of the session
+    (`none` as the only URL: no shared cache that way)."""
+    direction: str  # "to" | "from"
+    urls: list[str]
+
+
+@dataclass
 class Directive:
     """One parsed magic line.
 
@@ -392,6 +400,16 @@ def _on_off(rest: str) -> bool:
     return value == "on"
 
 
+def _cache(rest: str) -> bool | CacheSource:
+    toks = _tokens(rest)
+    if toks and toks[0] in ("to", "from"):
+        urls = _count(toks[1:], 1, 1 if toks[0] == "to" else 99)
+        if urls != ["none"] and not all(u.startswith(("docker://", "oci:")) for u in urls):
+            raise _Bad("expected docker://HOST[:PORT]/REPO or oci:DIR")
+        return CacheSource(toks[0], [] if urls == ["none"] else urls)
+    return _on_off(rest)
+
+
 def _number_or_word(text: str) -> int | str:
     return int(text) if re.fullmatch(r"-?\d+", text) else text
 
@@ -535,8 +553,9 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
                "ExportArgs", ("stacker.yaml", "oci")), _parse_export),
     (MagicSpec("keep_failed", "%keep_failed on|off", "keep a failed step's state to inspect "
                "it", True, "bool", ("on", "off")), _on_off),
-    (MagicSpec("cache", "%cache on|off", "reuse cached steps", True, "bool", ("on", "off")),
-     _on_off),
+    (MagicSpec("cache", "%cache on|off | to URL | from URL...", "reuse cached steps; push them to "
+               "or take them from a shared cache (docker://HOST/REPO, oci:DIR, none)", True,
+               "bool | CacheSource", ("on", "off", "to", "from")), _cache),
     (MagicSpec("network", "%network none|host", "network of the build container", True,
                "str", ("none", "host")), _network),
     (MagicSpec("help", "%help [MAGIC]", "list the magics, or explain one", True,

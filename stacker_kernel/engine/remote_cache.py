@@ -1,0 +1,248 @@
+"""The shared step cache (DESIGN.md "The registry is the shared cache").
+
+After a step commits, `RemoteCache.push` stores its result in the cache-to
+target: the step's diff as an OCI layer (as the export writes it) plus the
+record a hit needs (format, cache key, parent key, shell state, output log,
+duration, snapshot id). On a local miss, `RemoteCache.lookup` asks the
+cache-from sources for the step's cache key; a hit is checked by digest,
+applied onto the exact parent it was made from (the live rootfs, a fresh
+snapshot of the head), committed as a step snapshot and its output replayed,
+without running the step.
+
+A hit keeps the snapshot id it had where it was built: the cache key of the
+next step names its parent by id, so keeping the id is what lets the next
+step hit too. Any failure (down, slow, refused, wrong or truncated blob,
+an entry for another parent) leaves the step to run locally, after one
+warning line; a source or target that failed is not asked again in this
+session, so a dead registry costs one timeout, not one per step.
+Whoever can push to a cache decides what its hits contain.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from stacker_kernel.container.step import ShellState
+from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
+from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
+from stacker_kernel.storage.store import Snapshot
+
+if TYPE_CHECKING:
+    from stacker_kernel.engine.session import BuildSession, StepOutcome
+
+FORMAT = 1  # of the record; an entry of another format is a miss
+LOG_CAP = 2_000_000  # bytes of output kept in an entry (the replay shows as much)
+
+OutputFn = Callable[[str], None]
+
+
+@dataclass
+class CacheSettings:
+    """The cache URLs of a build or a kernel: flags, `%cache`, or the config file."""
+    cache_from: list[str] = field(default_factory=list)
+    cache_to: str | None = None
+    insecure: bool = False
+    authfile: str | None = None
+
+
+def configured(home: str | os.PathLike | None = None) -> CacheSettings:
+    """The defaults of ~/.config/stacker-kernel/config.json: "cache_from" (a URL or a
+    list), "cache_to" (a URL) and "cache_insecure" (true: as --insecure). Empty
+    settings when the file has none."""
+    from stacker_kernel.storage.location import config_file
+
+    path = config_file(home or Path.home())
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return CacheSettings()
+    except (OSError, ValueError) as e:
+        raise StorageError(f"{path} is not valid JSON ({e}): fix it") from None
+    sources = data.get("cache_from") or []
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    target = data.get("cache_to") or None
+    if not all(isinstance(s, str) for s in sources) or not isinstance(target, (str, type(None))):
+        raise StorageError(f"{path}: cache_from must be a URL or a list of URLs and cache_to a URL")
+    return CacheSettings(sources, target, bool(data.get("cache_insecure", False)))
+
+
+def parent_key(parent: Snapshot | None) -> str:
+    """What a step's parent is called in an entry: the parent step's cache key, or
+    the base's digest (its id) for a layer's first step."""
+    if parent is None:
+        return ""
+    if parent.kind == "step" and parent.cache_key:
+        return parent.cache_key
+    return parent.id
+
+
+def _as_container_root(fn: Callable[..., Any], *args: Any) -> Any:
+    """File work on snapshots, as the container's root (their files belong to
+    subordinate ids); real root does it in-process."""
+    if os.geteuid() == 0:
+        return fn(*args)
+    from stacker_kernel.container.userns import run_in_userns
+
+    return run_in_userns(fn, *args)
+
+
+def _make_layer(parent: str, new: str, out_dir: str):
+    """The step's diff as export's tar writer makes it (no SOURCE_DATE_EPOCH: a
+    hit must give back the mtimes too)."""
+    from stacker_kernel.oci.diff import diff_snapshots
+    from stacker_kernel.oci.tarwriter import write_layer
+
+    return write_layer(new, diff_snapshots(parent, new), out_dir, source_date_epoch=None)
+
+
+def _apply(layer_path: str, rootfs: str) -> list[str]:
+    from stacker_kernel.oci.tarlayer import apply_layer
+
+    return apply_layer(layer_path, rootfs, name="the cached layer").warnings
+
+
+class RemoteCache:
+    """The cache-from sources and the cache-to target of one session."""
+
+    def __init__(self, settings: CacheSettings) -> None:
+        self.settings = settings
+        # Opened now: a malformed URL is the user's error at once, not a warning later.
+        self.sources: list[CacheStore] = [open_cache(u, insecure=settings.insecure, authfile=settings.authfile)
+                                          for u in settings.cache_from]
+        self.target: CacheStore | None = (open_cache(settings.cache_to, insecure=settings.insecure,
+                                                     authfile=settings.authfile)
+                                          if settings.cache_to else None)
+        self._failed: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, settings: CacheSettings) -> "RemoteCache | None":
+        """None when the settings name no cache."""
+        if not settings.cache_from and not settings.cache_to:
+            return None
+        return cls(settings)
+
+    def _warn(self, on_output: OutputFn | None, url: str, why: str, what: str) -> None:
+        self._failed.add(url)
+        if on_output is not None:
+            on_output(f"warning: {why}; {what}\n")
+
+    @staticmethod
+    def _tmp(session: "BuildSession") -> str:
+        base = session.store.root / "cache" / "remote"
+        base.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(prefix="tmp-", dir=base)
+
+    # --- a hit -----------------------------------------------------------------------------
+
+    def lookup(self, session: "BuildSession", key: str, script: str, cell_id: str | None,
+               on_output: OutputFn | None) -> "StepOutcome | None":
+        """On a local miss for `key`: the replayed outcome of a hit from a cache-from
+        source, or None (the step then runs). The caller holds the session lock and
+        the live rootfs is a writable snapshot of the head."""
+        head = session.head
+        sources = [s for s in self.sources if s.url not in self._failed]
+        if head is None or not sources:
+            return None
+        tag = cache_tag(key)
+        for source in sources:
+            tmp = self._tmp(session)
+            try:
+                t0 = time.monotonic()
+                fetched = source.fetch(tag, tmp)
+                if fetched is None:
+                    continue
+                record = fetched.record
+                if (record.get("format") != FORMAT or record.get("key") != key
+                        or record.get("parent_key") != parent_key(head) or record.get("parent") != head.id):
+                    self._warn(on_output, source.url, f"the entry of {source.url} for this step was made "
+                               "on another parent or by another version", "running the step")
+                    continue
+                snap = self._commit_hit(session, record, fetched.layer_path, key, script, cell_id, on_output)
+                if on_output is not None:
+                    on_output(f"[cache hit from {source.url}]\n")
+                return session._replay(snap, cell_id, on_output, t0)
+            except CacheUnavailable as e:
+                self._warn(on_output, source.url, str(e), "running the step without it")
+            except (ImageError, StorageError, OSError) as e:
+                session._back_to_head()
+                self._warn(on_output, source.url, f"the layer from {source.url} could not be applied ({e})",
+                           "running the step")
+            finally:
+                remove_quietly(tmp)
+        return None
+
+    def _commit_hit(self, session: "BuildSession", record: dict[str, Any], layer_path: str, key: str,
+                    script: str, cell_id: str | None, on_output: OutputFn | None) -> Snapshot:
+        """Apply the verified layer onto a fresh snapshot of the head, commit it."""
+        store, head = session.store, session.head
+        state, log = record.get("state"), record.get("log", "")
+        try:
+            ShellState.from_json(state)  # the session reads it back when it advances
+            if not isinstance(log, str):
+                raise TypeError("log")
+        except (TypeError, ValueError, AttributeError):
+            raise CacheUnavailable("the entry's record has no valid shell state or output") from None
+        session._replace_live(head)  # exactly the parent the entry was made on
+        started = time.time()
+        for line in _as_container_root(_apply, layer_path, str(session.live)):
+            if on_output is not None:
+                on_output(f"warning: {line}\n")
+        sid = str(record.get("snapshot") or "")
+        if not (len(sid) == 32 and all(c in "0123456789abcdef" for c in sid)) or store.get(sid) is not None:
+            sid = uuid.uuid4().hex  # the next steps will miss, but this one is right
+        snap = Snapshot(id=sid, parent=head.id, session=session.session.id, layer=session.layer.name,
+                        cell_id=cell_id, source=script, cache_key=key, state=state, status="ok",
+                        started=started, duration=float(record.get("duration") or 0.0))
+        try:
+            snap = store.commit(session.live, snap)
+        except StackerKernelError:
+            session._back_to_head()
+            raise
+        log_path = store.log_path(snap.id)
+        log_path.write_text(log, errors="replace")
+        session._advance(snap)
+        return snap
+
+    # --- pushing ----------------------------------------------------------------------------
+
+    def push(self, session: "BuildSession", snapshot_id: str, on_output: OutputFn | None) -> None:
+        """Store step `snapshot_id` (just committed, or a local or remote hit) in the
+        cache-to target unless it is there. Failures are one warning line."""
+        target = self.target
+        if target is None or target.url in self._failed or session.layer.binds:
+            return  # a step that saw bind mounts depends on more than its key says
+        store = session.store
+        snap = store.get(snapshot_id)
+        parent = store.get(snap.parent) if snap is not None and snap.parent else None
+        if snap is None or parent is None or snap.kind != "step" or not snap.cache_key:
+            return
+        tag = cache_tag(snap.cache_key)
+        tmp = None
+        try:
+            if target.has(tag):
+                return
+            tmp = self._tmp(session)
+            blob = _as_container_root(_make_layer, str(parent.path), str(snap.path), tmp)
+            log = b""
+            try:
+                with open(store.log_path(snap.id), "rb") as f:
+                    log = f.read(LOG_CAP)
+            except FileNotFoundError:
+                pass
+            record = {"format": FORMAT, "key": snap.cache_key, "parent_key": parent_key(parent),
+                      "parent": parent.id, "snapshot": snap.id, "layer": snap.layer,
+                      "source": snap.source, "state": snap.state, "duration": snap.duration,
+                      "log": log.decode("utf-8", errors="replace"), "diff_id": blob.diff_id}
+            target.put(tag, record, tmp, blob.digest, blob.size)
+        except (ImageError, OSError) as e:
+            self._warn(on_output, target.url, f"the step could not be pushed to {target.url} ({e})",
+                       "the build goes on without pushing")
+        finally:
+            if tmp is not None:
+                remove_quietly(tmp)

@@ -1,0 +1,580 @@
+"""The shared step cache (engine/remote_cache.py, oci/registry.py): user A builds a
+notebook with --cache-to a real registry (Debian's docker-registry on a free
+localhost port), user B with empty storage builds it with --cache-from and runs
+no step. Each failure of the registry (down, silent, 401, 403, 500, a blob with
+the wrong digest, a truncated blob) makes the step run locally after one
+warning line; for those, a small HTTP server in the test imitates the registry
+or sits between B and the real one."""
+import base64
+import hashlib
+import http.server
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import threading
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from kernel_support import BASE, kernels, notebook_dir, start_kernel  # noqa: F401 (fixtures)
+from stacker_kernel.cli import main
+from stacker_kernel.container.userns import run_in_userns
+from stacker_kernel.engine.build import build, layer_snapshot
+from stacker_kernel.engine.remote_cache import CacheSettings, configured
+from stacker_kernel.errors import ImageError
+from stacker_kernel.oci.registry import auth_for, cache_tag
+from stacker_kernel.recipe.cells import CacheSource, parse_magic
+from stacker_kernel.storage import btrfs
+from stacker_kernel.storage.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+CELLS = [
+    "mkdir -p /app && echo one > /app/one && chmod 600 /app/one\necho made one",
+    "echo two > /app/two && chown 1:2 /app/two && ln -s one /app/link && rm /etc/group",
+    "cd /app\nexport GREETING=hello",
+    "echo $GREETING > greeting && pwd > where",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _notebook(path: Path, base: str, cells: list[str]) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"%from oci {base}", id="from")]
+    nb.cells += [nbformat.v4.new_code_cell(src, id=f"c{i}") for i, src in enumerate(cells)]
+    nbformat.write(nb, path)
+    return path
+
+
+def _new_storage() -> Path:
+    root = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-{uuid.uuid4().hex}"
+    root.mkdir()
+    return root
+
+
+def _build(root: Path, nb: Path, **cache):
+    out: list[str] = []
+    with Store.open(root) as store:
+        result = build(store, str(nb), out=out.append, stream=out.append, cache=CacheSettings(**cache))
+        tip = layer_snapshot(store, str(nb), None)
+    return result, "".join(o if o.endswith("\n") else o + "\n" for o in out), str(tip.path)
+
+
+def _listing(rootfs: str) -> list[tuple]:
+    """Every path with its type, mode, owner and content (or link target)."""
+    out = []
+    for dirpath, dirs, files in os.walk(rootfs):
+        for name in sorted(dirs + files):
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if os.path.islink(full):
+                what = os.readlink(full)
+            elif os.path.isfile(full):
+                what = hashlib.sha256(Path(full).read_bytes()).hexdigest()
+            else:
+                what = None
+            out.append((os.path.relpath(full, rootfs), st.st_mode, st.st_uid, st.st_gid, what))
+    return sorted(out)
+
+
+def _tree(rootfs: str) -> list[tuple]:
+    return run_in_userns(_listing, rootfs)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A docker-registry on 127.0.0.1 with its own storage; yields HOST:PORT."""
+    tmp = tmp_path_factory.mktemp("registry")
+    port = _free_port()
+    conf = tmp / "registry.yml"
+    conf.write_text(f"version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {tmp / 'data'}}}\n"
+                    f"http:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited: {proc.stderr.read().decode()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def built_a(registry, busybox_oci, tmp_path_factory):
+    """User A built the notebook with --cache-to the registry: (notebook, A's rootfs tree, output)."""
+    nb = _notebook(tmp_path_factory.mktemp("a") / "nb.ipynb", busybox_oci, CELLS)
+    root = _new_storage()
+    try:
+        result, out, tip = _build(root, nb, cache_to=f"docker://{registry}/team/cache")
+        assert result.steps_run == len(CELLS) and "warning" not in out
+        yield nb, _tree(tip), out
+    finally:
+        btrfs.remove_tree(root)
+
+
+@pytest.fixture
+def storage_b():
+    root = _new_storage()
+    yield root
+    btrfs.remove_tree(root)
+
+
+def _copy(nb: Path, tmp_path: Path) -> Path:
+    """The same notebook on B's machine (another directory)."""
+    dest = tmp_path / "b" / nb.name
+    dest.parent.mkdir()
+    dest.write_bytes(nb.read_bytes())
+    return dest
+
+
+# --- the main path, on the real registry ----------------------------------------------
+
+def test_b_with_empty_storage_runs_no_step_and_gets_a_equal_rootfs(built_a, registry, storage_b, tmp_path):
+    nb, tree_a, out_a = built_a
+    result, out, tip = _build(storage_b, _copy(nb, tmp_path), cache_from=[f"docker://{registry}/team/cache"])
+    assert result.steps_run == 0 and result.steps_cached == len(CELLS)
+    assert out.count(f"[cache hit from docker://{registry}/team/cache]") == len(CELLS)
+    assert "made one" in out  # the step's output is replayed
+    assert _tree(tip) == tree_a
+    entries = dict((p, (m, u, g, w)) for p, m, u, g, w in tree_a)
+    assert entries["app/greeting"][3] == hashlib.sha256(b"hello\n").hexdigest()  # shell state carried
+    assert entries["app/two"][1:3] == (1, 2) and "etc/group" not in entries
+
+
+def test_a_changed_cell_runs_only_it_and_the_steps_after_it(built_a, registry, storage_b, tmp_path):
+    nb, _, _ = built_a
+    changed = CELLS[:2] + ["cd /app\nexport GREETING=bonjour"] + CELLS[3:]
+    nb_b = _notebook(tmp_path / "nb.ipynb", nbformat.read(nb, as_version=4).cells[0].source.split(" ", 2)[2],
+                     changed)
+    result, out, tip = _build(storage_b, nb_b, cache_from=[f"docker://{registry}/team/cache"])
+    assert (result.steps_cached, result.steps_run) == (2, 2)
+    assert "warning" not in out
+    greeting = dict((p, w) for p, m, u, g, w in _tree(tip))["app/greeting"]
+    assert greeting == hashlib.sha256(b"bonjour\n").hexdigest()
+
+
+def test_pushing_what_the_registry_has_uploads_nothing(built_a, registry, storage_b, tmp_path):
+    nb, _, _ = built_a
+    with _Proxy(registry) as proxy:
+        url = f"docker://127.0.0.1:{proxy.port}/team/cache"
+        result, out, _ = _build(storage_b, _copy(nb, tmp_path), cache_from=[url], cache_to=url)
+    assert result.steps_run == 0 and "warning" not in out
+    assert [r for r in proxy.requests if r[0] in ("POST", "PUT", "PATCH")] == []
+
+
+def test_an_oci_layout_is_a_cache_too(busybox_oci, storage, storage_b, tmp_path):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:2])
+    cache = f"oci:{tmp_path / 'cache'}"
+    _, _, tip_a = _build(storage, nb, cache_to=cache)
+    result, out, tip_b = _build(storage_b, _copy(nb, tmp_path), cache_from=[cache])
+    assert result.steps_run == 0 and "warning" not in out
+    assert _tree(tip_b) == _tree(tip_a)
+
+
+def test_cli_build_takes_cache_flags(built_a, registry, storage_b, tmp_path, capsys):
+    nb, _, _ = built_a
+    assert main(["--storage", str(storage_b), "build", "-f", str(_copy(nb, tmp_path)), "--no-oci",
+                 "--cache-from", f"docker://{registry}/team/cache"]) == 0
+    assert f"0 step(s) ran, {len(CELLS)} cached" in capsys.readouterr().out
+
+
+# --- failure modes: the step runs, one warning line ---------------------------------------
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _any(self):
+        server = self.server
+        server.requests.append((self.command, self.path))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        server.behave(self, body)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _any
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, behave):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.behave = behave
+        self.requests: list[tuple[str, str]] = []
+        self.port = self.server_address[1]
+
+    def __enter__(self):
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+def _status(code: int, headers: dict | None = None):
+    def behave(h, body):
+        h.send_response(code)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+    return behave
+
+
+def _silent(h, body):
+    time.sleep(30)  # never answers within the client's timeout
+
+
+_BASIC = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+
+def _json(h, obj) -> None:
+    data = json.dumps(obj).encode()
+    h.send_response(200)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    h.wfile.write(data)
+
+
+class _Proxy(_Server):
+    """Forwards to the real registry; `mangle(data) -> data` changes layer blobs."""
+
+    def __init__(self, upstream: str, mangle=None, truncate=False, auth: str | None = None,
+                 redirect_blobs: bool = False):
+        self.upstream, self.mangle, self.truncate, self.auth = upstream, mangle, truncate, auth
+        self.redirect_blobs = redirect_blobs
+        super().__init__(self._forward)
+
+    def _forward(self, h, body):
+        path = h.path
+        if path.startswith("/storage/"):  # "object storage" on another host name: no credentials
+            if h.headers.get("Authorization"):
+                return _status(400)(h, b"")
+            path = path[len("/storage"):]
+        elif self.auth is not None and not self._authorized(h):
+            return
+        elif self.redirect_blobs and h.command == "GET" and "/blobs/sha256:" in path:
+            return _status(307, {"Location": f"http://localhost:{self.port}/storage{path}"})(h, b"")
+        req = urllib.request.Request(f"http://{self.upstream}{path}", data=body if h.command in ("POST", "PUT", "PATCH") else None,
+                                     method=h.command, headers={k: v for k, v in h.headers.items() if k.lower() != "host"})
+        try:
+            resp = urllib.request.urlopen(req, timeout=10)
+        except urllib.error.HTTPError as e:
+            resp = e
+        data = resp.read()
+        layer = h.command == "GET" and "/blobs/" in h.path and data[:2] == b"\x1f\x8b"
+        h.send_response(resp.status if hasattr(resp, "status") else resp.code)
+        for k, v in resp.headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                if k.lower() == "location":
+                    v = v.replace(self.upstream, f"127.0.0.1:{self.port}")
+                h.send_header(k, v)
+        if layer and self.mangle:
+            data = self.mangle(data)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if layer and self.truncate:
+            h.wfile.write(data[: len(data) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if h.command != "HEAD":
+            h.wfile.write(data)
+
+    def _authorized(self, h) -> bool:
+        """Basic: the credentials themselves; Bearer: a token from /token, given for them."""
+        if self.auth == "bearer" and h.path.startswith("/token"):
+            if h.headers.get("Authorization") == _BASIC:
+                _json(h, {"token": "t0ken"})
+            else:
+                _status(401)(h, b"")
+            return False
+        expected = _BASIC if self.auth == "basic" else "Bearer t0ken"
+        if h.headers.get("Authorization") == expected:
+            return True
+        challenge = ('Basic realm="cache"' if self.auth == "basic" else
+                     f'Bearer realm="http://127.0.0.1:{self.port}/token",service="cache"')
+        _status(401, {"WWW-Authenticate": challenge})(h, b"")
+        return False
+
+
+def _runs_locally_with_one_warning(nb, storage_b, tmp_path, url, expect: str, tree_a=None):
+    result, out, tip = _build(storage_b, _copy(nb, tmp_path), cache_from=[url])
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert result.steps_run == len(CELLS) and result.steps_cached == 0
+    assert len(warnings) == 1 and expect in warnings[0], warnings
+    if tree_a is not None:
+        assert _tree(tip) == tree_a
+    return warnings[0]
+
+
+def test_a_registry_that_is_down_costs_one_warning(built_a, storage_b, tmp_path):
+    nb, tree_a, _ = built_a
+    _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{_free_port()}/team/cache",
+                                   "cannot reach", tree_a)
+
+
+def test_a_registry_that_never_answers_costs_one_bounded_wait(built_a, storage_b, tmp_path, monkeypatch):
+    nb, _, _ = built_a
+    monkeypatch.setenv("STACKER_KERNEL_CACHE_TIMEOUT", "1")
+    with _Server(_silent) as server:
+        _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{server.port}/team/cache",
+                                       "did not answer within 1s")
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_a_registry_that_refuses_access_costs_one_warning(built_a, storage_b, tmp_path, code):
+    nb, _, _ = built_a
+    headers = {"WWW-Authenticate": 'Basic realm="cache"'} if code == 401 else None
+    with _Server(_status(code, headers)) as server:
+        _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{server.port}/team/cache",
+                                       f"refused access (HTTP {code})")
+
+
+@pytest.mark.parametrize("scheme", ["basic", "bearer"])
+def test_credentials_from_the_auth_file_open_a_registry_that_asks_for_them(
+        built_a, registry, storage_b, tmp_path, monkeypatch, scheme):
+    nb, _, _ = built_a
+    with _Proxy(registry, auth=scheme) as proxy:
+        auth = tmp_path / "auth.json"
+        auth.write_text(json.dumps({"auths": {f"127.0.0.1:{proxy.port}": {"auth": _BASIC.split()[1]}}}))
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        result, out, _ = _build(storage_b, _copy(nb, tmp_path),
+                                cache_from=[f"docker://127.0.0.1:{proxy.port}/team/cache"])
+    assert result.steps_run == 0 and "warning" not in out
+
+
+def test_credentials_do_not_follow_a_redirect_to_another_host(built_a, registry, storage_b, tmp_path, monkeypatch):
+    nb, _, _ = built_a
+    with _Proxy(registry, auth="basic", redirect_blobs=True) as proxy:
+        auth = tmp_path / "auth.json"
+        auth.write_text(json.dumps({"auths": {f"127.0.0.1:{proxy.port}": {"auth": _BASIC.split()[1]}}}))
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        result, out, _ = _build(storage_b, _copy(nb, tmp_path),
+                                cache_from=[f"docker://127.0.0.1:{proxy.port}/team/cache"])
+    assert result.steps_run == 0 and "warning" not in out
+    assert any(path.startswith("/storage/") for _, path in proxy.requests)
+
+
+def test_a_registry_error_costs_one_warning(built_a, storage_b, tmp_path):
+    nb, _, _ = built_a
+    with _Server(_status(500)) as server:
+        _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{server.port}/team/cache",
+                                       "HTTP 500")
+
+
+def test_a_layer_with_the_wrong_digest_is_never_applied(built_a, registry, storage_b, tmp_path):
+    nb, tree_a, _ = built_a
+
+    def flip(data: bytes) -> bytes:
+        return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+    with _Proxy(registry, mangle=flip) as proxy:
+        _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{proxy.port}/team/cache",
+                                       "does not match its digest", tree_a)
+
+
+def test_a_truncated_layer_is_never_applied(built_a, registry, storage_b, tmp_path):
+    nb, tree_a, _ = built_a
+    with _Proxy(registry, truncate=True) as proxy:
+        _runs_locally_with_one_warning(nb, storage_b, tmp_path, f"docker://127.0.0.1:{proxy.port}/team/cache",
+                                       "was cut short", tree_a)
+
+
+def test_an_entry_with_a_broken_record_is_a_miss(busybox_oci, storage, storage_b, tmp_path):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:1])
+    cache = tmp_path / "cache"
+    _build(storage, nb, cache_to=f"oci:{cache}")
+    index = json.loads((cache / "index.json").read_text())
+    manifest_path = cache / "blobs" / "sha256" / index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads(manifest_path.read_text())
+    config_path = cache / "blobs" / "sha256" / manifest["config"]["digest"].split(":")[1]
+    record = json.loads(config_path.read_text())
+    record["state"] = "not json"
+    data = json.dumps(record).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (cache / "blobs" / "sha256" / digest).write_bytes(data)
+    manifest["config"].update(digest=f"sha256:{digest}", size=len(data))
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (cache / "blobs" / "sha256" / digest).write_bytes(data)
+    index["manifests"][0].update(digest=f"sha256:{digest}", size=len(data))
+    (cache / "index.json").write_text(json.dumps(index))
+    result, out, _ = _build(storage_b, _copy(nb, tmp_path), cache_from=[f"oci:{cache}"])
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert result.steps_run == 1 and len(warnings) == 1 and "no valid shell state" in warnings[0], warnings
+
+
+def test_a_registry_that_is_down_for_pushing_costs_one_warning(busybox_oci, storage, tmp_path):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:2])
+    result, out, _ = _build(storage, nb, cache_to=f"docker://127.0.0.1:{_free_port()}/team/cache")
+    assert result.steps_run == 2
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "could not be pushed" in warnings[0], warnings
+
+
+# --- two real users: sktest pushes, sktest2 (empty storage) pulls --------------------------
+
+_DRIVER = """
+import json, sys
+from stacker_kernel.engine.build import build, layer_snapshot
+from stacker_kernel.engine.remote_cache import CacheSettings
+from stacker_kernel.storage.store import Store
+root, nb, direction, url = sys.argv[1:]
+cache = CacheSettings(cache_to=url) if direction == "to" else CacheSettings(cache_from=[url])
+out = []
+with Store.open(root) as store:
+    r = build(store, nb, out=out.append, stream=out.append, cache=cache)
+    tip = str(layer_snapshot(store, nb, None).path)
+print(json.dumps({"ran": r.steps_run, "cached": r.steps_cached, "tip": tip, "out": "".join(out)}))
+"""
+
+
+def _as_user(user: str, nb: Path, direction: str, url: str) -> dict:
+    storage = subprocess.run([sys.executable, "-m", "stacker_kernel", "storage-path", "--user", user],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    root = f"{storage}/t-{uuid.uuid4().hex}"
+    env = ["env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", f"HOME={pwd.getpwnam(user).pw_dir}",
+           f"USER={user}", "LANG=C.UTF-8", f"PYTHONPATH={REPO}"]
+    subprocess.run(["runuser", "-u", user, "--", "mkdir", root], check=True)
+    res = subprocess.run(["runuser", "-u", user, "--", *env, sys.executable, "-c", _DRIVER, root, str(nb),
+                          direction, url], capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    result["tree"] = _container_tree(result["tip"], user)
+    btrfs.remove_tree(Path(root))
+    return result
+
+
+def _container_tree(rootfs: str, user: str) -> list[tuple]:
+    """The listing of a user's rootfs with owners as the container sees them."""
+    from stacker_kernel.container.userns import _subordinate_start
+
+    uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
+    sub_u, sub_g = _subordinate_start("/etc/subuid", user, uid), _subordinate_start("/etc/subgid", user, uid)
+    return [(p, m, 0 if u == uid else u - sub_u, 0 if g == gid else g - sub_g, w)
+            for p, m, u, g, w in _listing(rootfs)]
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory both test users can read (pytest's tmp dirs are root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="sk-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.rootful
+def test_two_users_share_steps_through_the_registry(registry, busybox_tar, shared_dir):
+    shared = shared_dir
+    shutil.copyfile(busybox_tar, shared / "busybox.tar")
+    nb = _notebook(shared / "nb.ipynb", "", CELLS)
+    nb.write_text(nb.read_text().replace("%from oci ", "%from tar busybox.tar"))
+    for f in shared.iterdir():
+        f.chmod(0o644)
+    url = f"docker://{registry}/team/shared"
+    a = _as_user("sktest", nb, "to", url)
+    b = _as_user("sktest2", nb, "from", url)
+    assert (a["ran"], b["ran"], b["cached"]) == (len(CELLS), 0, len(CELLS)), b["out"]
+    assert b["tree"] == a["tree"]
+    assert ("app/two", 0o100644, 1, 2) in [t[:4] for t in b["tree"]]
+
+
+# --- units: naming, credentials, settings --------------------------------------------------
+
+def test_cache_tags_are_valid_registry_tags():
+    tag = cache_tag("sha256:" + "ab" * 32)
+    assert tag.startswith("sk-cache-") and len(tag) <= 128 and tag.replace("-", "").isalnum()
+    assert tag != cache_tag("sha256:" + "ab" * 31 + "ac")
+
+
+def test_credentials_come_from_the_auth_file(tmp_path, monkeypatch):
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {
+        "reg.example:5000": {"auth": base64.b64encode(b"alice:s3cret").decode()},
+        "reg.example:5000/team/cache": {"auth": base64.b64encode(b"bob:pw").decode()}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_for("reg.example:5000", "other") == ("alice", "s3cret")
+    assert auth_for("reg.example:5000", "team/cache") == ("bob", "pw")
+    assert auth_for("elsewhere", "x") is None
+    with pytest.raises(ImageError, match="does not exist"):
+        auth_for("reg.example:5000", "x", authfile=str(tmp_path / "missing.json"))
+
+
+def test_cache_magic_parses_sources_and_targets():
+    assert parse_magic("%cache off").args is False
+    assert parse_magic("%cache to docker://localhost:5000/c").args == CacheSource("to", ["docker://localhost:5000/c"])
+    assert parse_magic("%cache from oci:/srv/c docker://h/c").args == CacheSource("from", ["oci:/srv/c", "docker://h/c"])
+
+
+def test_the_config_file_sets_cache_defaults(tmp_path):
+    conf = tmp_path / ".config" / "stacker-kernel" / "config.json"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(json.dumps({"storage": "/x", "cache_from": "docker://h/c", "cache_to": "oci:/srv/c"}))
+    assert configured(tmp_path) == CacheSettings(["docker://h/c"], "oci:/srv/c")
+
+
+def test_a_malformed_cache_url_is_a_clear_error(storage, busybox_oci, tmp_path):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:1])
+    with Store.open(storage) as store, pytest.raises(ImageError, match="docker://HOST"):
+        build(store, str(nb), out=lambda s: None, stream=lambda s: None,
+              cache=CacheSettings(cache_from=["http://h/c"]))
+
+
+# --- the kernel: %cache to / from, and the config file's defaults ----------------------------
+
+def _kernel_cells(k, cells: list[str]) -> list:
+    runs = [k.execute(BASE, "base", timeout=120)]
+    runs += [k.execute(src, f"c{i}", timeout=120) for i, src in enumerate(cells)]
+    assert all(r.status == "ok" for r in runs), [r.error for r in runs]
+    return runs[1:]
+
+
+def test_a_kernel_pushes_with_cache_to_and_another_hits_with_the_config_default(
+        kernels, busybox_tar, storage, storage_b, tmp_path):
+    cache = f"oci:{tmp_path / 'cache'}"
+    a = start_kernel(notebook_dir(tmp_path / "a", busybox_tar) / "nb.ipynb", kernels,
+                     STACKER_KERNEL_STORAGE=str(storage))
+    try:
+        assert a.execute(f"%cache to {cache}").text() == f"steps are pushed to {cache}"
+        _kernel_cells(a, CELLS[:2])
+    finally:
+        a.close()
+    home = tmp_path / "home"
+    (home / ".config" / "stacker-kernel").mkdir(parents=True)
+    (home / ".config" / "stacker-kernel" / "config.json").write_text(json.dumps({"cache_from": [cache]}))
+    b = start_kernel(notebook_dir(tmp_path / "b", busybox_tar) / "nb.ipynb", kernels,
+                     STACKER_KERNEL_STORAGE=str(storage_b), HOME=str(home))
+    try:
+        runs = _kernel_cells(b, CELLS[:2])
+        assert b.execute("%cache from none").text() == "steps are taken from none"
+    finally:
+        b.close()
+    assert all(r.cached and f"[cache hit from {cache}]" in r.text() for r in runs)
+    assert "made one" in runs[0].text()
