@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from stacker_kernel.errors import ImageError
-from stacker_kernel.oci import layout_write as lw
+from stacker_kernel.oci import cas, layout_write as lw
 from stacker_kernel.oci.layout import OCILayout
 
 CONFIG_MEDIA_TYPE = "application/vnd.stacker-kernel.cache.config.v1+json"
@@ -236,11 +236,13 @@ class LayoutCache(CacheStore):
         try:
             os.makedirs(self.dir, exist_ok=True)
             lw.init_layout(self.dir)
-            lw.copy_blob(layer_dir, self.dir, layer_digest)
+            layer = lw.Descriptor(LAYER_MEDIA_TYPE, layer_digest, layer_size)
+            lw.copy_blob(cas.Blobs(layer_dir), self.dir, layer)
             config = lw.put_json(self.dir, record, CONFIG_MEDIA_TYPE)
-            manifest = lw.put_json(self.dir, _manifest(config, lw.Descriptor(LAYER_MEDIA_TYPE, layer_digest, layer_size)),
-                                   MANIFEST_MEDIA_TYPE)
+            manifest = lw.put_json(self.dir, _manifest(config, layer), MANIFEST_MEDIA_TYPE)
             lw.set_tags(self.dir, [(tag, manifest)])
+        except ImageError as e:  # the step's own layer failed its digest check
+            raise CacheUnavailable(f"cannot write {self.url} ({e})") from e
         except OSError as e:
             raise CacheUnavailable(f"cannot write {self.url} ({e.strerror or e})") from e
 
