@@ -91,12 +91,14 @@ def container(bb_rootfs, imports_dir):
     c.stop()
 
 
-def test_uid_map_inside_holds_65536_ids(container):
-    result, out = run(container, "cat /proc/self/uid_map")
+def test_uid_map_inside_holds_65536_ids(container, bb_rootfs):
+    # The step's namespace is nested in one mapping the caller's ids (which locks
+    # the mounts), so its map reads one to one; where root's files land shows the real map.
+    result, out = run(container, "cat /proc/self/uid_map; touch /owned-by-0")
     rows = [line.split() for line in out.splitlines()]
     assert result.ok
-    assert sum(int(r[2]) for r in rows) == 65536
-    assert rows[0][:2] == ["0", str(os.getuid())]
+    assert sum(int(r[2]) for r in rows) == 65536 and rows[0][:2] == ["0", "0"]
+    assert os.lstat(bb_rootfs / "owned-by-0").st_uid == os.getuid()
 
 
 def test_chown_inside_is_a_subordinate_id_outside(container, bb_rootfs):
