@@ -7,6 +7,7 @@ User errors (StackerKernelError) print `stacker-kernel: <message>` and exit 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,9 @@ def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--squash", action="store_true", help="one OCI layer per stacker layer (as stacker emits)")
     p.add_argument("--annotations-namespace", default="io.stackeroci",
                    help="namespace of the manifest annotations (default io.stackeroci)")
+    p.add_argument("--max-processes", type=int, metavar="N",
+                   help="most processes and threads a step may run at once (default 4096, "
+                        "or $STACKER_KERNEL_MAX_PROCESSES, or max_processes in your config file)")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -214,6 +218,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from stacker_kernel.engine.build import build
 
     t0 = time.monotonic()
+    if args.max_processes is not None:  # the containers read it where they start (container/limits.py)
+        os.environ["STACKER_KERNEL_MAX_PROCESSES"] = str(args.max_processes)
     oci_dir = None if args.no_oci else (args.oci_dir or "oci")
     with _open_store(args) as store:
         result = build(store, args.file, substitutions=_substitutions(args.substitute),
