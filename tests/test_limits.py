@@ -152,11 +152,14 @@ def test_build_max_processes_flag_caps_the_build_with_a_one_line_error(storage, 
 # --- a delegated cgroup (root gives it at setup-storage, the user's builds use it) -----------------
 
 @pytest.mark.rootful
-def test_delegated_cgroup_caps_an_unprivileged_users_build(tmp_path, busybox_tar):
+@pytest.mark.parametrize("delegated", [True, False], ids=["pids-cgroup", "rlimit-nproc"])
+def test_an_unprivileged_users_build_is_capped_with_or_without_a_delegated_cgroup(busybox_tar, delegated):
     user = "sktest2"
     info = pwd.getpwnam(user)
     mine = limits.V1_PIDS / limits.DELEGATED_DIR / user
     existed = mine.exists()
+    if existed and not delegated:
+        mine.rmdir()  # as on a machine where setup-storage gave no cgroup (restored below)
     # setup-host.sh gives every test user a storage dir next to root's
     storage = Path(os.environ["STACKER_KERNEL_STORAGE"]).parent / user / f"t-limits-{os.getpid()}"
     work = Path(tempfile.mkdtemp(prefix="sk-limits-"))  # readable by the user, unlike pytest's tmp
@@ -173,9 +176,10 @@ def test_delegated_cgroup_caps_an_unprivileged_users_build(tmp_path, busybox_tar
     for p in (work, *work.iterdir()):
         shutil.chown(p, info.pw_uid, info.pw_gid)
     try:
-        assert limits.delegate(user) == mine
-        assert (mine / "pids.max").read_text().strip() == str(limits.USER_MAX_PROCESSES)
-        assert mine.stat().st_uid == info.pw_uid and (mine / "pids.max").stat().st_uid == 0
+        if delegated:
+            assert limits.delegate(user) == mine
+            assert (mine / "pids.max").read_text().strip() == str(limits.USER_MAX_PROCESSES)
+            assert mine.stat().st_uid == info.pw_uid and (mine / "pids.max").stat().st_uid == 0
         as_user = ["runuser", "-u", user, "--", "env", "-i", "PATH=/usr/bin:/bin", f"HOME={info.pw_dir}",
                    "LANG=C.UTF-8", f"PYTHONPATH={Path(__file__).parent.parent}"]
         subprocess.run([*as_user, "mkdir", "-p", str(storage)], check=True)
@@ -185,14 +189,18 @@ def test_delegated_cgroup_caps_an_unprivileged_users_build(tmp_path, busybox_tar
         out = proc.stdout + proc.stderr
         assert proc.returncode == 1 and "Traceback" not in out, out
         assert "step hit the process limit of 40" in out, out
-        assert f"/{limits.DELEGATED_DIR}/{user}/build-" in out, out  # the cgroup, not RLIMIT_NPROC
-        assert [p for p in mine.iterdir() if p.name.startswith("build-")] == []
+        in_cgroup = f"/{limits.DELEGATED_DIR}/{user}/build-" in out
+        assert in_cgroup == delegated, out
+        if delegated:
+            assert [p for p in mine.iterdir() if p.name.startswith("build-")] == []
         assert _count_procs(b"86397") == 0
     finally:
         shutil.rmtree(work)
         if storage.exists():
             btrfs.remove_tree(storage)
-        if not existed:
+        if existed:
+            limits.delegate(user)
+        elif mine.exists():
             for d in mine.glob("build-*"):
                 d.rmdir()
             mine.rmdir()

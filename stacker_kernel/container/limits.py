@@ -90,13 +90,16 @@ def delegate(user: str, limit: int = USER_MAX_PROCESSES) -> Path | None:
         return None
     info = pwd.getpwnam(user)
     top = V1_PIDS / DELEGATED_DIR
-    top.mkdir(mode=0o755, exist_ok=True)
     mine = top / user
-    mine.mkdir(mode=0o755, exist_ok=True)
-    (mine / "pids.max").write_text(f"{limit}\n")
-    # The user may make children and move their own processes into them; pids.max stays root's.
-    for p in (mine, mine / "cgroup.procs", mine / "tasks"):
-        os.chown(p, info.pw_uid, info.pw_gid)
+    try:
+        top.mkdir(mode=0o755, exist_ok=True)
+        mine.mkdir(mode=0o755, exist_ok=True)
+        (mine / "pids.max").write_text(f"{limit}\n")
+        # The user may make children and move their own processes into them; pids.max stays root's.
+        for p in (mine, mine / "cgroup.procs", mine / "tasks"):
+            os.chown(p, info.pw_uid, info.pw_gid)
+    except OSError:
+        return None  # e.g. a read-only cgroupfs: the user's builds fall back to RLIMIT_NPROC
     return mine
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from stacker_kernel.container import limits
 from stacker_kernel.errors import StorageError
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.location import (
@@ -171,6 +172,7 @@ def setup_storage(user: str, size: str = "20G", image: Path = DEFAULT_IMAGE,
     os.chown(target, info.uid, info.gid)
     os.chmod(target, 0o700)
     _write_config(info, target)
+    limits.delegate(info.name)  # a pids cgroup for the user's builds (container/limits.py)
     return target
 
 
