@@ -16,8 +16,9 @@ root-run build (uid 0 on the host) nor a rootless one can remount /proc/sys,
 /sys or a host file given read-only (resolv.conf, imports) writable.
 
 The whole container is in a pids cgroup of its own, or else under
-RLIMIT_NPROC (limits.py), so a fork bomb stops at the cap. Both die with their parent (PR_SET_PDEATHSIG), and
-when P1 dies the kernel kills everything in its pid namespace.
+RLIMIT_NPROC (limits.py), so a fork bomb stops at the cap. Both P0 and P1 die
+with their parent (PR_SET_PDEATHSIG), and when P1 dies the kernel kills
+everything in its pid namespace.
 
 P1 loses the host filesystem at pivot_root, so everything it uses is imported
 at the top of this module, before that.
@@ -135,9 +136,10 @@ def _create_placeholder(path: str, is_dir: bool) -> None:
 def setup_root(config: dict) -> list[StagedMount]:
     """Build the container's root from config["rootfs"] and pivot into it.
 
-    Guarantees on return: cwd and / are the rootfs, the host filesystem is
-    gone, /proc /dev /sys are mounted, and each configured bind (plus the
-    host's resolv.conf) waits under STAGING for `mount_step`.
+    Guarantees on return: cwd and / are the rootfs (nodev), the host
+    filesystem is gone, /proc (its host knobs read-only) /dev /sys (read-only)
+    are mounted, and each configured bind (plus the host's resolv.conf) waits
+    under STAGING for `mount_step`.
     """
     root = os.path.realpath(config["rootfs"])
     if not os.path.isdir(root):

@@ -109,6 +109,8 @@ def _candidates() -> list[Path]:
     found = []
     if (V1_PIDS / "cgroup.procs").exists():
         found.append(V1_PIDS / DELEGATED_DIR / ("root" if os.geteuid() == 0 else _user_name()))
+    if os.geteuid() == 0 and (V2_ROOT / "cgroup.controllers").exists():
+        found.append(V2_ROOT / DELEGATED_DIR)  # cgroup v2: root makes its own, beside systemd's
     try:
         with open("/proc/self/cgroup") as f:
             for line in f:
@@ -122,7 +124,7 @@ def _candidates() -> list[Path]:
 
 
 def _usable_base(base: Path) -> bool:
-    if os.geteuid() == 0 and base.parent == V1_PIDS / DELEGATED_DIR:
+    if os.geteuid() == 0 and DELEGATED_DIR in base.parts:
         base.mkdir(parents=True, exist_ok=True, mode=0o755)  # root needs no delegation
     if not os.access(base, os.W_OK):
         return False
@@ -186,8 +188,12 @@ def remove_cgroup(path: str | None) -> None:
 
 def join_cgroup(path: str) -> None:
     """Move this process (the container's P0, before it forks) into `path`."""
-    with open(os.path.join(path, "cgroup.procs"), "w") as f:
-        f.write(f"{os.getpid()}\n")
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as e:
+        raise ContainerError(f"cannot enter the build's pids cgroup {path} ({e.strerror}): "
+                             "ask root to run 'stacker-kernel setup-storage' for you again") from e
 
 
 def set_nproc(limit: int) -> int:
