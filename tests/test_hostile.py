@@ -194,7 +194,7 @@ def busybox_plus(busybox_tar: Path, dest: Path, extra) -> Path:
 
 
 def test_device_node_in_tar_base_builds_as_an_empty_file_with_a_warning(storage, tmp_path, busybox_tar):
-    # Rootless, a device node cannot be made: stacker makes it an empty file and warns.
+    # A device node is never made (rootless it cannot be, as root it must not be): an empty file and a warning.
     # (Outside /dev, which the container covers with its own tmpfs.)
     tar = busybox_plus(busybox_tar, tmp_path / "dev.tar",
                        [entry("devs", "dir", mode=0o755),
