@@ -75,6 +75,15 @@ def test_fork_bomb_stops_at_the_limit_with_a_clear_message(session):
     _fork_bomb_is_stopped(session)
 
 
+def test_fork_bomb_as_another_id_is_capped_too(session):
+    # The cap is the container's, not one id's: a bomb as `nobody` stops at the same number.
+    out: list[str] = []
+    bomb = session.run_step(f"su -s /bin/sh nobody -c '{BOMB}'", on_output=out.append)
+    assert not bomb.ok and "no-limit" not in "".join(out)
+    assert bomb.message.startswith(f"step hit the process limit of {LIMIT} "), bomb.message
+    assert _count_procs(b"86397") == 0
+
+
 @pytest.mark.rootful
 def test_fork_bomb_of_a_root_build_stops_at_the_limit(session):
     # Root is exempt from RLIMIT_NPROC: its builds get a pids cgroup of their own.
