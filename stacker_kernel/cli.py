@@ -7,6 +7,7 @@ User errors (StackerKernelError) print `stacker-kernel: <message>` and exit 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,6 +231,9 @@ def add_build(p: argparse.ArgumentParser) -> None:
                    help="let the caches be plain http or unverified TLS (localhost needs no flag)")
     p.add_argument("--authfile", metavar="PATH",
                    help="registry credentials file (default: the containers auth file)")
+    p.add_argument("--max-processes", type=int, metavar="N",
+                   help="most processes and threads a step may run at once (default 4096, "
+                        "or $STACKER_KERNEL_MAX_PROCESSES, or max_processes in your config file)")
 
 
 def _cache_settings(args: argparse.Namespace):
@@ -247,6 +251,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from stacker_kernel.engine.build import build
 
     t0 = time.monotonic()
+    if args.max_processes is not None:  # the containers read it where they start (container/limits.py)
+        os.environ["STACKER_KERNEL_MAX_PROCESSES"] = str(args.max_processes)
     oci_dir = None if args.no_oci else (args.oci_dir or "oci")
     with _open_store(args) as store:
         result = build(store, args.file, substitutions=_substitutions(args.substitute),

@@ -91,12 +91,14 @@ def container(bb_rootfs, imports_dir):
     c.stop()
 
 
-def test_uid_map_inside_holds_65536_ids(container):
-    result, out = run(container, "cat /proc/self/uid_map")
+def test_uid_map_inside_holds_65536_ids(container, bb_rootfs):
+    # The step's namespace is nested in one mapping the caller's ids (which locks
+    # the mounts), so its map reads one to one; where root's files land shows the real map.
+    result, out = run(container, "cat /proc/self/uid_map; touch /owned-by-0")
     rows = [line.split() for line in out.splitlines()]
     assert result.ok
-    assert sum(int(r[2]) for r in rows) == 65536
-    assert rows[0][:2] == ["0", str(os.getuid())]
+    assert sum(int(r[2]) for r in rows) == 65536 and rows[0][:2] == ["0", "0"]
+    assert os.lstat(bb_rootfs / "owned-by-0").st_uid == os.getuid()
 
 
 def test_chown_inside_is_a_subordinate_id_outside(container, bb_rootfs):
@@ -157,6 +159,44 @@ def test_dev_has_the_host_devices_and_a_private_devpts(container):
     assert "00 00 00 00" in out
     assert "ptmx" in out
     assert "null-ok" in out
+
+
+def test_rootfs_is_mounted_nodev(container):
+    # A device node that reaches the rootfs (a layer, a bind, a root-run extraction) opens nothing.
+    result, out = run(container, "awk '$5 == \"/\" {print $6}' /proc/self/mountinfo")
+    assert result.ok
+    assert "nodev" in out.split(","), out
+
+
+def test_proc_sys_and_the_other_host_knobs_are_read_only(container):
+    result, out = run(container, "cat /proc/mounts")
+    assert result.ok
+    mounts = {line.split()[1]: line.split()[3].split(",") for line in out.splitlines()}
+    knobs = [f"/proc/{n}" for n in ("sys", "sysrq-trigger", "irq", "bus", "fs") if os.path.exists(f"/proc/{n}")]
+    assert "/proc/sys" in knobs
+    for knob in knobs:
+        assert "ro" in mounts.get(knob, []), (knob, out)
+
+
+# Each tries to make a read-only mount writable the way root in the container could before.
+REMOUNTS = {
+    "imports": "mount -o remount,rw,bind /stacker/imports",
+    "resolv.conf": "mount -o remount,rw,bind /etc/resolv.conf",
+    "sys": "mount -o remount,rw,bind /sys",
+    "proc-sys": "mount -o remount,rw,bind /proc/sys",
+    "staged-source": "mkdir -p /mnt/x && mount -o bind /dev/.stacker-kernel/0 /mnt/x && "
+                     "mount -o remount,rw,bind /mnt/x",
+    "nodev-root": "mount -o remount,dev,bind /",
+}
+
+
+@pytest.mark.parametrize("what", sorted(REMOUNTS))
+def test_read_only_mounts_cannot_be_remounted_writable(container, imports_dir, what):
+    result, out = run(container, f"if {REMOUNTS[what]} 2>/dev/null; then echo remounted; else echo refused; fi; "
+                                 "if touch /stacker/imports/new 2>/dev/null; then echo wrote; else echo not-written; fi")
+    assert result.ok, result.message
+    assert out.split() == ["refused", "not-written"], out
+    assert not (imports_dir / "new").exists()
 
 
 def test_network_none_has_only_loopback(bb_rootfs):
@@ -234,6 +274,39 @@ def test_apt_get_install_works_in_a_debian_container(workdir):
         result, out = run(c, "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hello >/dev/null && hello")
     assert result.ok, out
     assert "Hello, world!" in out
+
+
+@pytest.mark.rootful
+def test_rootful_device_node_in_the_rootfs_opens_nothing(container, bb_rootfs):
+    # Real root can put a real device into a rootfs; nodev keeps it from opening the host's device.
+    os.mknod(bb_rootfs / "zerodev", 0o20666, os.makedev(1, 5))
+    try:
+        _, out = run(container, "head -c 4 /zerodev 2>/dev/null | wc -c; head -c 4 /dev/zero | wc -c")
+    finally:
+        os.unlink(bb_rootfs / "zerodev")
+    assert out.split() == ["0", "4"], out  # the container's own /dev still works
+
+
+@pytest.mark.rootful
+def test_rootful_step_cannot_write_proc_sys(container):
+    before = Path("/proc/sys/kernel/core_pattern").read_text()
+    # Writes back the value it read, so a broken build changes nothing on the host.
+    result, out = run(container, "v=$(cat /proc/sys/kernel/core_pattern); "
+                                 "if { printf '%s\\n' \"$v\" > /proc/sys/kernel/core_pattern; } 2>/dev/null; "
+                                 "then echo wrote; else echo refused; fi")
+    assert result.ok, result.message
+    assert out.split() == ["refused"], out
+    assert Path("/proc/sys/kernel/core_pattern").read_text() == before
+
+
+@pytest.mark.rootful
+def test_rootful_step_cannot_make_host_files_writable(container):
+    before = Path("/etc/resolv.conf").read_bytes()
+    result, out = run(container, "if mount -o remount,rw,bind /etc/resolv.conf 2>/dev/null; then echo remounted; fi; "
+                                 "if { printf '' >> /etc/resolv.conf; } 2>/dev/null; then echo wrote; else echo refused; fi")
+    assert result.ok, result.message
+    assert out.split() == ["refused"], out
+    assert Path("/etc/resolv.conf").read_bytes() == before
 
 
 @pytest.mark.rootful

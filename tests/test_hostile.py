@@ -194,7 +194,7 @@ def busybox_plus(busybox_tar: Path, dest: Path, extra) -> Path:
 
 
 def test_device_node_in_tar_base_builds_as_an_empty_file_with_a_warning(storage, tmp_path, busybox_tar):
-    # Rootless, a device node cannot be made: stacker makes it an empty file and warns.
+    # A device node is never made (rootless it cannot be, as root it must not be): an empty file and a warning.
     # (Outside /dev, which the container covers with its own tmpfs.)
     tar = busybox_plus(busybox_tar, tmp_path / "dev.tar",
                        [entry("devs", "dir", mode=0o755),
@@ -204,6 +204,17 @@ def test_device_node_in_tar_base_builds_as_an_empty_file_with_a_warning(storage,
                       run="test -f /devs/sda && test ! -s /devs/kmem && test ! -b /devs/sda && echo plain > /built")
     assert proc.returncode == 0, proc.stderr
     assert "devs/sda" in proc.stdout + proc.stderr and "warning" in (proc.stdout + proc.stderr).lower()
+
+
+@pytest.mark.rootful
+def test_root_build_of_a_base_with_a_host_disk_node_gets_an_empty_file(storage, tmp_path, busybox_tar):
+    # As root, mknod would make `hostdisk` the host's loop device 7:0, readable and writable by any step.
+    tar = busybox_plus(busybox_tar, tmp_path / "hostdisk.tar",
+                       [entry("hostdisk", "blk", devmajor=7, devminor=0, mode=0o666)])
+    proc = build_base(storage, tmp_path, "tar", str(tar),
+                      run="test ! -b /hostdisk && test -f /hostdisk && test ! -s /hostdisk && echo plain > /built")
+    assert proc.returncode == 0, proc.stderr
+    assert "hostdisk" in proc.stdout + proc.stderr and "warning" in (proc.stdout + proc.stderr).lower()
 
 
 def test_setuid_root_file_in_a_base_is_owned_by_the_subordinate_root_on_the_host(storage, tmp_path, busybox_tar):

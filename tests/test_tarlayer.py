@@ -240,12 +240,21 @@ def test_fifo_is_created_rootless(work):
 
 
 @pytest.mark.rootful
-def test_device_node_is_created_as_real_root(work):
-    tar = make_tar(work / "l.tar", [entry("null", "chr", dev=(1, 3), mode=0o666)])
-    report = apply_layer(tar, work / "rootfs")  # real root, initial namespace: mknod is allowed
-    st = os.lstat(work / "rootfs/null")
-    assert stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 3
-    assert report.warnings == []
+@pytest.mark.parametrize("in_userns", [False, True])
+def test_device_node_is_never_made_even_as_real_root(work, in_userns):
+    # A base's `hostdisk` (block 7:0, 0666) must not become the host's loop device in the container.
+    ti, data = entry("hostdisk", "chr", dev=(7, 0), mode=0o666)
+    ti.type = tarfile.BLKTYPE
+    tar = make_tar(work / "l.tar", [(ti, data), entry("null", "chr", dev=(1, 3), mode=0o666)])
+    if in_userns:
+        report = run_in_userns(apply_layer, str(tar), str(work / "rootfs"))
+    else:
+        report = apply_layer(tar, work / "rootfs")  # real root, initial namespace: mknod would work
+    for name in ("hostdisk", "null"):
+        st = os.lstat(work / "rootfs" / name)
+        assert stat.S_ISREG(st.st_mode) and st.st_size == 0
+    assert stat.S_IMODE(os.lstat(work / "rootfs/hostdisk").st_mode) == 0o666
+    assert any("hostdisk" in w and "7:0" in w for w in report.warnings)
 
 
 @pytest.mark.rootful

@@ -3,10 +3,22 @@
 Started by `runtime.Container.start` on a pty. P0 (this process) enters a new
 user namespace with mount, pid, uts, ipc (and, for network "none", net)
 namespaces and forks P1, pid 1 of the new pid namespace; P0 only waits. P1
-builds the root (proc, a tmpfs /dev, read-only /sys, staged binds), pivots
-into it, writes the ready sentinel and serves one command per line from the
-pty (protocol in step.py). Both die with their parent (PR_SET_PDEATHSIG), and
-when P1 dies the kernel kills everything in its pid namespace.
+builds the root (the rootfs nodev, proc with a read-only /proc/sys, a tmpfs
+/dev, read-only /sys, staged binds), pivots into it, then enters a second user
+namespace (same ids) with its own mount namespace, writes the ready sentinel
+and serves one command per line from the pty (protocol in step.py).
+
+The second user namespace is what makes "read-only" hold against the
+container's root, who owns the first one: mounts copied into a mount
+namespace of a less privileged user namespace are locked (the kernel refuses
+to make them writable, drop nodev or unmount them), so neither a step of a
+root-run build (uid 0 on the host) nor a rootless one can remount /proc/sys,
+/sys or a host file given read-only (resolv.conf, imports) writable.
+
+The whole container is in a pids cgroup of its own, or else under
+RLIMIT_NPROC (limits.py), so a fork bomb stops at the cap. Both P0 and P1 die
+with their parent (PR_SET_PDEATHSIG), and when P1 dies the kernel kills
+everything in its pid namespace.
 
 P1 loses the host filesystem at pivot_root, so everything it uses is imported
 at the top of this module, before that.
@@ -30,7 +42,7 @@ import tty
 from collections import deque
 from dataclasses import dataclass, field
 
-from stacker_kernel.container import userns
+from stacker_kernel.container import limits, userns
 from stacker_kernel.container.step import (
     SCRIPT_FD, STATE_FD, WRAPPER_FD, decode_command, format_sentinel,
 )
@@ -45,6 +57,8 @@ _KEEP_FLAGS = {2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 16: 16, 64: 64,
                1024: 1024, 2048: 2048, 4096: 1 << 21}
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# /proc entries that change the host (sysctls, sysrq, irq affinity): read-only, as runc has them
+PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 STAGING = "/dev/.stacker-kernel"
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 # signals P1 ignores (Python's SIGINT handler would raise in pid 1) and every
@@ -80,12 +94,17 @@ def umount(target: str, flags: int = MNT_DETACH) -> None:
 
 def remount_readonly(path: str) -> None:
     """Make the bind mount at `path` read-only, keeping its locked flags."""
+    remount_adding(path, MS_RDONLY)
+
+
+def remount_adding(path: str, flags: int) -> None:
+    """Add `flags` (MS_RDONLY, MS_NODEV) to the bind mount at `path`, keeping its locked flags."""
     f_flag = os.statvfs(path).f_flag
     keep = 0
     for st, ms in _KEEP_FLAGS.items():
         if f_flag & st:
             keep |= ms
-    mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | keep)
+    mount(None, path, None, MS_BIND | MS_REMOUNT | flags | keep)
 
 
 def _mount_points_under(prefix: str) -> list[str]:
@@ -117,20 +136,28 @@ def _create_placeholder(path: str, is_dir: bool) -> None:
 def setup_root(config: dict) -> list[StagedMount]:
     """Build the container's root from config["rootfs"] and pivot into it.
 
-    Guarantees on return: cwd and / are the rootfs, the host filesystem is
-    gone, /proc /dev /sys are mounted, and each configured bind (plus the
-    host's resolv.conf) waits under STAGING for `mount_step`.
+    Guarantees on return: cwd and / are the rootfs (nodev), the host
+    filesystem is gone, /proc (its host knobs read-only) /dev /sys (read-only)
+    are mounted, and each configured bind (plus the host's resolv.conf) waits
+    under STAGING for `mount_step`.
     """
     root = os.path.realpath(config["rootfs"])
     if not os.path.isdir(root):
         raise ContainerError(f"the rootfs {root} is not a directory: give the path of an extracted root filesystem")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount(root, root, None, MS_BIND | MS_REC)
+    # A device node in the rootfs (from a layer, a bind, anywhere) opens nothing; /dev is set up below.
+    remount_adding(root, MS_NODEV)
     for d in ("proc", "dev", "sys"):
         # A rootfs without them gains the empty directory, as LXC does.
         if not os.path.isdir(f"{root}/{d}"):
             os.mkdir(f"{root}/{d}", 0o555 if d != "dev" else 0o755)
     mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for name in PROC_READONLY:
+        path = f"{root}/proc/{name}"
+        if os.path.exists(path):
+            mount(path, path, None, MS_BIND | MS_REC)
+            remount_readonly(path)
     dev = f"{root}/dev"
     mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755,size=65536k")
     for name in DEVICES:
@@ -342,7 +369,8 @@ def _exec_step(cmd: dict, state_w: int, wrapper_fd: int | None, script_fd: int) 
     os._exit(127)
 
 
-def run_step(cmd: dict, staged: list[StagedMount], grace: float, reader: CommandReader) -> None:
+def run_step(cmd: dict, staged: list[StagedMount], grace: float, reader: CommandReader,
+             watch: limits.Watch) -> None:
     """Run one step and answer with its sentinel. Returns when everything the
     step started is dead, its mounts are gone and the sentinel is written."""
     nonce = cmd["nonce"]
@@ -352,6 +380,7 @@ def run_step(cmd: dict, staged: list[StagedMount], grace: float, reader: Command
     script_fd = _memfd("step", cmd["script"].encode("utf-8", "surrogateescape"))
     wrapper_fd = None if cmd.get("shebang") else _memfd("wrapper", cmd["wrapper"].encode("utf-8", "surrogateescape"))
     state_r, state_w = os.pipe()
+    watch.start()
     pid = os.fork()
     if pid == 0:
         _exec_step(cmd, state_w, wrapper_fd, script_fd)
@@ -360,6 +389,7 @@ def run_step(cmd: dict, staged: list[StagedMount], grace: float, reader: Command
             os.close(fd)
     state, exit_requested = _wait_step(pid, state_r, grace, reader)
     wstatus = os.waitpid(pid, 0)[1]
+    flags = "pids" if watch.hit() else ""  # before kill_all: what is left shows how close the step got
     kill_all()  # nothing a step started outlives it; the rootfs is quiet for the snapshot
     unmount_step(done)
     while True:  # every writer is dead now: read to EOF
@@ -368,7 +398,7 @@ def run_step(cmd: dict, staged: list[StagedMount], grace: float, reader: Command
             break
         state += chunk
     os.close(state_r)
-    _write_all(1, format_sentinel(nonce, _status(wstatus), bytes(state)))
+    _write_all(1, format_sentinel(nonce, _status(wstatus), bytes(state), flags))
     if exit_requested:
         os._exit(0)
 
@@ -465,7 +495,7 @@ def _cooked(attrs: list) -> list:
     return attrs
 
 
-def serve(staged: list[StagedMount], grace: float) -> None:
+def serve(staged: list[StagedMount], grace: float, watch: limits.Watch) -> None:
     """P1's loop: one command at a time until `exit` or EOF."""
     orig = termios.tcgetattr(0)
     tty.setraw(0)  # no echo, no line editing, no signals, no output processing
@@ -479,10 +509,27 @@ def serve(staged: list[StagedMount], grace: float) -> None:
             kill_all()
             os._exit(0)
         if cmd.get("op") == "run":
-            run_step(cmd, staged, grace, reader)
+            run_step(cmd, staged, grace, reader, watch)
         elif cmd.get("op") == "shell":
             run_shell(cmd, staged, cooked, raw)
         # "int" between steps: nothing to interrupt
+
+
+def lock_mounts() -> None:
+    """Enter a nested user namespace (the same ids, one to one) with a copy of
+    this mount namespace: every mount made so far is locked there, so root in
+    the container can no longer make a read-only mount writable or undo nodev.
+    Its process cap is our RLIMIT_NPROC, fixed now (limits.py)."""
+    # The same extents as ours: the kernel maps each extent through one extent of the parent.
+    uids, gids = _same_ids("/proc/self/uid_map"), _same_ids("/proc/self/gid_map")
+    # rootful=True: we are root of the outer namespace, so the maps are written directly
+    userns.enter_new_userns(userns.IdMap(uids, gids, rootful=True), userns.CLONE_NEWNS)
+
+
+def _same_ids(path: str) -> tuple[userns.IdRange, ...]:
+    with open(path) as f:
+        rows = [line.split() for line in f if line.strip()]
+    return tuple(userns.IdRange(int(r[0]), int(r[0]), int(r[2])) for r in rows)
 
 
 def report_error(message: str) -> None:
@@ -503,8 +550,12 @@ def p1_main(config: dict, pid_r: int) -> None:
         # the shell op hands the terminal to the shell and back.
         os.setpgid(0, 0)
         os.tcsetpgrp(0, os.getpgrp())
+        limit = int(config.get("max_processes") or limits.DEFAULT_MAX_PROCESSES)
+        cgroup = config.get("cgroup")
+        watch = limits.Watch(limit if cgroup else limits.set_nproc(limit), cgroup)
         staged = setup_root(config)
-        serve(staged, float(config.get("interrupt_grace", 3.0)))
+        lock_mounts()
+        serve(staged, float(config.get("interrupt_grace", 3.0)), watch)
         code = 0
     except StackerKernelError as e:
         report_error(str(e))
@@ -524,6 +575,8 @@ def main(argv: list[str]) -> None:
         userns.set_pdeathsig()
         if os.getppid() != config.get("engine_pid", os.getppid()):
             os._exit(1)  # the engine died before we could tie ourselves to it
+        if config.get("cgroup"):
+            limits.join_cgroup(config["cgroup"])  # before any fork: all of the container is in it
         flags = userns.CLONE_NEWNS | userns.CLONE_NEWPID | userns.CLONE_NEWUTS | userns.CLONE_NEWIPC
         if config.get("network") == "none":
             flags |= userns.CLONE_NEWNET

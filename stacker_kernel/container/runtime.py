@@ -24,6 +24,7 @@ from typing import BinaryIO, Callable
 
 import pexpect
 
+from stacker_kernel.container import limits
 from stacker_kernel.container.step import (
     SENTINEL_RE, OutputFilter, ShellState, StepResult, build_wrapper, encode_command,
     failure_message, format_sentinel, is_shebang, parse_state_dump,
@@ -47,12 +48,14 @@ class Mount:
 @dataclass
 class ContainerConfig:
     """What a container is made of. `rootfs` is a writable directory (a btrfs
-    subvolume in the engine); `network` is "host" (stacker's default) or "none"."""
+    subvolume in the engine); `network` is "host" (stacker's default) or "none";
+    `max_processes` caps its processes and threads (None: limits.max_processes())."""
     rootfs: str
     mounts: list[Mount] = field(default_factory=list)
     network: str = "host"
     hostname: str = "stacker"
     interrupt_grace: float = 3.0
+    max_processes: int | None = None
 
 
 def _reset_signals() -> None:
@@ -66,8 +69,11 @@ class Container:
     """A running container: one init (pid 1 of its own pid namespace) that runs
     steps one at a time. Not reusable after `stop` or after it died."""
 
-    def __init__(self, config: ContainerConfig, child: pexpect.spawn, init_pid: int) -> None:
+    def __init__(self, config: ContainerConfig, child: pexpect.spawn, init_pid: int,
+                 cgroup: str | None = None, max_processes: int = limits.DEFAULT_MAX_PROCESSES) -> None:
         self.config = config
+        self.cgroup = cgroup  # its own pids cgroup, removed at stop (None: RLIMIT_NPROC)
+        self.max_processes = max_processes
         self.child = child
         self.host_pid: int = child.pid
         self.init_pid = init_pid  # P1 as the host sees it
@@ -90,20 +96,28 @@ class Container:
         if not os.path.isdir(config.rootfs):
             raise ContainerError(f"the rootfs {config.rootfs} does not exist: create the layer's subvolume first")
         IdMap.for_current_user()  # the subuid error, here rather than from the pty
+        limit = config.max_processes or limits.max_processes()
+        cgroup = limits.make_cgroup(limit)
         payload = json.dumps({
+            "max_processes": limit, "cgroup": cgroup,
             "rootfs": os.path.abspath(config.rootfs),
             "mounts": [asdict(m) for m in config.mounts],
             "network": config.network, "hostname": config.hostname,
             "interrupt_grace": config.interrupt_grace, "engine_pid": os.getpid(),
         })
-        child = pexpect.spawn(sys.executable, ["-m", INIT_MODULE, payload], echo=False,
-                              cwd="/", env=dict(os.environ), preexec_fn=_reset_signals)
+        try:
+            child = pexpect.spawn(sys.executable, ["-m", INIT_MODULE, payload], echo=False,
+                                  cwd="/", env=dict(os.environ), preexec_fn=_reset_signals)
+        except BaseException:
+            limits.remove_cgroup(cgroup)
+            raise
         try:
             init_pid = _await_ready(child)
         except BaseException:
             child.close(force=True)
+            limits.remove_cgroup(cgroup)
             raise
-        return cls(config, child, init_pid)
+        return cls(config, child, init_pid, cgroup, limits.effective(limit, cgroup))
 
     # -- steps -------------------------------------------------------------
 
@@ -163,11 +177,14 @@ class Container:
         ok = status == 0 and has_state
         failed = None if ok or shebang else filt.last_trace
         interrupted = self._interrupted and not ok
+        message = "" if ok else failure_message(status, has_state, failed, interrupted, False)
+        if not ok and not interrupted and "pids" in sentinel.flags:
+            message = limits.limit_message(self.max_processes)
         return StepResult(
             status=status, ok=ok, state=after if ok else None, failed_command=failed,
             interrupted=interrupted, container_died=False, duration=duration,
             output_bytes=sink.total,
-            message="" if ok else failure_message(status, has_state, failed, interrupted, False),
+            message=message,
         )
 
     def _pump(self, filt: OutputFilter, sink: "_OutputSink") -> bool:
@@ -290,6 +307,7 @@ class Container:
         self.child.close(force=True)
         self.alive = False
         self.child = None
+        limits.remove_cgroup(self.cgroup)
 
     @staticmethod
     def kill_orphans(rootfs_prefix: str) -> list[int]:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 #: the OSC number that opens every sentinel init writes
 SENTINEL_OSC = b"\x1b]5379;"
-SENTINEL_RE = re.compile(rb"\x1b\]5379;([^;\x07]*);(-?\d+);([A-Za-z0-9+/=]*)\x07")
+#: nonce;status;base64(state)[;flags] (flags: "pids" when the step ran into the process limit)
+SENTINEL_RE = re.compile(rb"\x1b\]5379;([^;\x07]*);(-?\d+);([A-Za-z0-9+/=]*)(?:;([a-z,]*))?\x07")
 #: first byte of every trace line (bash repeats PS4's first character per nesting level)
 TRACE_LEAD = b"\x1e"
 #: fds the step's shell inherits (dash redirects only single-digit fds, hence 9)
@@ -278,8 +279,9 @@ def decode_command(line: bytes) -> dict:
     return json.loads(base64.b64decode(line.strip()))
 
 
-def format_sentinel(nonce: str, status: int, state: bytes) -> bytes:
-    return SENTINEL_OSC + f"{nonce};{status};".encode() + base64.b64encode(state) + b"\x07"
+def format_sentinel(nonce: str, status: int, state: bytes, flags: str = "") -> bytes:
+    tail = f";{flags}".encode() if flags else b""
+    return SENTINEL_OSC + f"{nonce};{status};".encode() + base64.b64encode(state) + tail + b"\x07"
 
 
 @dataclass
@@ -287,6 +289,7 @@ class Sentinel:
     nonce: str
     status: int
     state: bytes
+    flags: tuple[str, ...] = ()
 
 
 class OutputFilter:
@@ -394,7 +397,8 @@ class OutputFilter:
             m = SENTINEL_RE.match(rest[:end + 1])
             if not m:
                 return 0
-            self.sentinel = Sentinel(self.nonce, int(m.group(2)), base64.b64decode(m.group(3)))
+            self.sentinel = Sentinel(self.nonce, int(m.group(2)), base64.b64decode(m.group(3)),
+                                     tuple((m.group(4) or b"").decode().split(",")) if m.group(4) else ())
             return end + 1
         if not self.markers:
             return 0

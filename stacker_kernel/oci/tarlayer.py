@@ -20,8 +20,10 @@ guard against symlink attacks):
 - hard links must name a path inside the root that exists.
 
 Run it inside the user namespace (callers wrap it with run_in_userns), so that
-numeric owners from the tar become the container's ids; as real root it may
-run directly, and then device nodes are created for real.
+numeric owners from the tar become the container's ids. Device nodes are never
+made, whoever extracts: a base's `hostdisk` (block 7:N, 0666) extracted by root
+would open the host's disk inside the container. They become empty files, as
+rootless extraction (umoci, stacker) has always made them.
 """
 from __future__ import annotations
 
@@ -383,16 +385,15 @@ class _Applier:
                     view = view[os.write(fd, view):]
 
     def _special(self, dirfd: int, name: str, member: tarfile.TarInfo) -> None:
-        kind = stat.S_IFIFO if member.isfifo() else stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-        try:
-            os.mknod(name, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=dirfd)
-        except PermissionError:
-            # rootless: the kernel refuses device nodes in a user namespace (umoci and stacker do this too)
+        if member.isfifo():
+            os.mknod(name, stat.S_IFIFO | 0o600, dir_fd=dirfd)
+        else:
+            # Never a real device, even as real root: a layer must not hand a step the host's devices.
             os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                              0o600, dir_fd=dirfd))
             self.warnings.add("device", f"created an empty file in place of device {member.name!r} "
                               f"({member.devmajor}:{member.devminor}) of {self.src}: "
-                              "device nodes cannot be made without real root")
+                              "device nodes are never made from layers (the container has its own /dev)")
         self._metadata(None, (dirfd, name), member, None)
 
     def _hardlink(self, dirfd: int, name: str, path: str, member: tarfile.TarInfo) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from stacker_kernel.container import limits
 from stacker_kernel.errors import StorageError
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.location import (
@@ -417,6 +418,7 @@ def _setup_storage(info: UserInfo, size: str | None, image: Path | None, mount: 
         _restrict_image(backing)  # also the old shared image: it holds every user's files
     _write_record(rec, state)
     _write_config(info, rec.storage)
+    limits.delegate(info.name)  # a pids cgroup for the user's builds (container/limits.py)
     return rec.storage
 
 
