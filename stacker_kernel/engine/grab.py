@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,11 +253,7 @@ class _Copier:
     def _replace(self, ddir: int, dname: str, make) -> None:
         """Write a new entry under a temporary name, then rename it over `dname`:
         whatever was at `dname` (a file, a planted symlink) is replaced, never opened."""
-        tmp = f".{dname[:200]}.grab-{os.getpid()}"
-        try:
-            os.unlink(tmp, dir_fd=ddir)
-        except FileNotFoundError:
-            pass
+        tmp = f".{dname[:200]}.{secrets.token_hex(6)}.grab"  # created exclusively, never reused
         try:
             make(tmp)
             os.rename(tmp, dname, src_dir_fd=ddir, dst_dir_fd=ddir)
