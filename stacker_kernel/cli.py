@@ -274,14 +274,17 @@ def add_grab(p: argparse.ArgumentParser) -> None:
 
 def cmd_grab(args: argparse.Namespace) -> int:
     from stacker_kernel.engine.build import layer_snapshot
-    from stacker_kernel.engine.inspect import grab
+    from stacker_kernel.engine.grab import grab
 
     layer, sep, path = args.source.partition(":")
     if not sep or not path:
         raise StackerKernelError(f"grab {args.source!r}: give LAYER:/path, e.g. build:/usr/bin/hello")
     with _open_store(args) as store:
         snap = layer_snapshot(store, args.file, layer)
-        print(grab(snap.path, path, args.dest))
+        grabbed = grab(snap.path, path, args.dest)
+    print(grabbed.path)
+    for note in grabbed.notes:
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -414,3 +414,52 @@ def test_grab_reads_the_snapshot_not_a_failed_cells_leftovers(ui, nbdir):
     assert reply["status"] == "error"
     ui.ok("%grab /data/f", "g")
     assert hashlib.sha256((nbdir / "f").read_bytes()).digest() == hashlib.sha256(b"hello bytes\n").digest()
+
+
+def _tree(root: Path) -> list[tuple[str, str]]:
+    return sorted((str(p.relative_to(root)), p.read_text() if p.is_file() and not p.is_symlink() else "")
+                  for p in root.rglob("*"))
+
+
+def test_grab_of_a_directory_twice_gives_the_same_tree(ui, nbdir):
+    ui.ok(DATA, "data")
+    for _ in range(2):
+        ui.ok("%grab /data/sub", "g")
+        assert _tree(nbdir / "sub") == [("g", "in-sub\n")]
+
+
+def test_grab_of_a_directory_skips_the_fifo_with_a_note(ui, nbdir):
+    ui.ok(DATA, "data")
+    outputs = ui.ok("%grab /data", "g")
+    text = [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "display_data"][0]
+    assert "skipped /data/pipe: a FIFO" in text.splitlines(), text
+    assert _tree(nbdir / "data") == [("f", "hello bytes\n"), ("sub", ""), ("sub/g", "in-sub\n"),
+                                     ("tosub", ""), ("up", "")]
+    assert (nbdir / "data" / "up").readlink() == Path("../../../../../etc")
+
+
+def test_grab_dest_with_a_slash_puts_the_copy_inside(ui, nbdir):
+    ui.ok(DATA, "data")
+    for _ in range(2):
+        ui.ok("%grab /data/sub dist/", "g")
+    assert _tree(nbdir / "dist") == [("sub", ""), ("sub/g", "in-sub\n")]
+
+
+def test_grab_of_a_fifo_is_an_error_naming_it(ui, nbdir):
+    ui.ok(DATA, "data")
+    reply, _ = ui.execute("%grab /data/pipe", "g")
+    assert reply["status"] == "error"
+    assert "/data/pipe is a FIFO" in reply["evalue"]
+    assert not (nbdir / "pipe").exists()
+
+
+def test_large_sparse_file_download_copy_stays_sparse(ui, nbdir):
+    ui.ok("mkdir /big && truncate -s 2G /big/sparse && echo end >> /big/sparse", "big")
+    ui.ok("%browse /big", "b")
+    ui.click_button("download /big/sparse")
+    output = ui.wait_for(_model_name="OutputModel", match_outputs="stacker-downloads/")
+    html_link = ui.models[output]["outputs"][0]["data"]["text/html"]
+    copy = nbdir / re.search(r'href="([^"]+)" download="sparse"', html_link).group(1)
+    st = copy.stat()
+    assert st.st_size == (2 << 30) + 4
+    assert st.st_blocks * 512 < 16 << 20

@@ -1,4 +1,4 @@
-"""Reading snapshots from outside the container: diffs and `grab`.
+"""Reading snapshots from outside the container: paths, diffs and sizes (`grab` is engine/grab.py).
 
 Snapshot files belong to subordinate ids, so the work runs as root of a
 user namespace (run_in_userns). Paths are resolved inside the snapshot as the
@@ -8,18 +8,13 @@ that would leave the rootfs through `..` or a symlink is refused.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
 
 from stacker_kernel.container.userns import run_in_userns
-from stacker_kernel.errors import StackerKernelError
+from stacker_kernel.engine.grab import MAX_SYMLINKS, GrabError, Grabbed, escapes, grab
 
-MAX_SYMLINKS = 40
-
-
-class GrabError(StackerKernelError):
-    """A path to grab or browse is missing or escapes the rootfs."""
+__all__ = ["GrabError", "Grabbed", "grab", "resolve_in_root", "diff_summary", "size_changes"]
 
 
 def resolve_in_root(root: str, path: str, missing_ok: bool = False, clamp: bool = False) -> str:
@@ -53,46 +48,12 @@ def resolve_in_root(root: str, path: str, missing_ok: bool = False, clamp: bool 
             target = os.readlink(host)
             if target.startswith("/"):
                 done = []
-            elif not clamp and _escapes(done, target):
+            elif not clamp and escapes(done, target):
                 raise GrabError(f"{path} escapes the rootfs through the symlink /{'/'.join(done + [part])} -> {target}")
             todo = [p for p in target.split("/") if p not in ("", ".")] + todo
             continue
         done.append(part)
     return os.path.join(root, *done)
-
-
-def _escapes(done: list[str], target: str) -> bool:
-    depth = len(done)
-    for p in target.split("/"):
-        if p == "..":
-            depth -= 1
-            if depth < 0:
-                return True
-        elif p not in ("", "."):
-            depth += 1
-    return False
-
-
-def _grab_in_ns(root: str, path: str, dest: str) -> str:
-    src = resolve_in_root(root, path)
-    st = os.lstat(src)
-    if os.path.isdir(dest):
-        dest = os.path.join(dest, os.path.basename(src.rstrip("/")) or "rootfs")
-    if stat.S_ISDIR(st.st_mode):
-        shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True)
-    elif stat.S_ISREG(st.st_mode):
-        shutil.copyfile(src, dest)
-        os.chmod(dest, stat.S_IMODE(st.st_mode) & 0o777)
-    else:
-        raise GrabError(f"{path} is not a regular file or directory: nothing to copy")
-    return dest
-
-
-def grab(snapshot_root: str | Path, path: str, dest: str | Path) -> str:
-    """Copy container path `path` out of a snapshot to host path `dest` (a file or an
-    existing directory), owned by the caller. Returns the written path."""
-    dest = os.path.abspath(str(dest))
-    return run_in_userns(_grab_in_ns, str(snapshot_root), path, dest)
 
 
 def _diff_in_ns(old: str | None, new: str) -> list[tuple[str, str]]:

@@ -115,9 +115,16 @@ def _link(ctx: "MagicContext", path: Path) -> str | None:
 def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     """Copy out of the current snapshot (never the live container, which a step may be
     changing) beside the notebook or to DEST; link the copy when JupyterLab can serve it."""
+    from stacker_kernel.engine.grab import grab
+
     dest = _beside_notebook(ctx, args.dest or os.path.basename(args.path.rstrip("/")) or "rootfs")
-    written = Path(session.grab(args.path, str(dest)))
-    text = f"grabbed {args.path} to {written}"
+    # DEST names the copy itself (DEST/ puts it inside), so running the cell again
+    # refreshes the same tree instead of nesting DIR/DIR as `cp -r` would.
+    grabbed = grab(session.snapshot_at().path, args.path, str(dest),
+                   into=bool(args.dest and args.dest.endswith("/")))
+    written = Path(grabbed.path)
+    text = "\n".join([f"grabbed {args.path} to {written}", *grabbed.notes])
+    notes = "".join(f"<br>{html.escape(n)}" for n in grabbed.notes)
     link = _link(ctx, written)
     if link is None:
         return Shown(text)
@@ -125,13 +132,13 @@ def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     if written.is_dir():
         # The server cannot download a directory: point at it in the file browser instead.
         return Shown(text, f"grabbed {shown_path} to the directory <code>{html.escape(link)}</code>"
-                           " (JupyterLab's file browser shows it)")
+                           f" (JupyterLab's file browser shows it){notes}")
     # A relative href: JupyterLab resolves it against the notebook to its files/ URL,
     # and leaves an anchor with `download` to the browser (reference/jupyter.md §4).
     href = urllib.parse.quote(link)
     return Shown(text, f"grabbed {shown_path} to "
                        f"<a href=\"{html.escape(href)}\" download=\"{html.escape(written.name)}\">"
-                       f"{html.escape(link)}</a>")
+                       f"{html.escape(link)}</a>{notes}")
 
 
 def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:

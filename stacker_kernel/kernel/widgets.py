@@ -35,7 +35,8 @@ from typing import Any, Callable
 import ipywidgets as w
 
 from stacker_kernel.container.userns import run_in_userns
-from stacker_kernel.engine.inspect import GrabError, grab, resolve_in_root
+from stacker_kernel.engine.grab import GrabError, grab, open_in_snapshot
+from stacker_kernel.engine.inspect import resolve_in_root
 from stacker_kernel.errors import RecipeError, StackerKernelError
 
 DATA_URI_LIMIT = 4 * 1024 * 1024  # bytes: larger files are served by JupyterLab instead
@@ -147,14 +148,12 @@ def _why_not_downloadable(path: str, kind: str) -> str:
 
 
 def _read_in_ns(root: str, path: str, limit: int) -> tuple[str, int, bytes | None]:
-    host = resolve_in_root(root, path)
-    st = os.lstat(host)
-    if not stat.S_ISREG(st.st_mode):
+    # Opened by engine/grab.py's walk: inside the snapshot, regular files only.
+    fd, name, st = open_in_snapshot(root, path)
+    if fd is None:
         raise GrabError(_why_not_downloadable(path, _kind(st.st_mode)))
-    if st.st_size > limit:
-        return os.path.basename(host), st.st_size, None
-    with open(host, "rb") as f:  # the snapshot is read-only: the size cannot change
-        return os.path.basename(host), st.st_size, f.read()
+    with os.fdopen(fd, "rb") as f:  # the snapshot is read-only: the size cannot change
+        return name, st.st_size, (f.read() if st.st_size <= limit else None)
 
 
 def prepare_download(snapshot_root: str | Path, snapshot_id: str, path: str,
@@ -167,7 +166,7 @@ def prepare_download(snapshot_root: str | Path, snapshot_id: str, path: str,
         return Download(name, size, data=data)
     dest = notebook_dir / DOWNLOADS_DIR / snapshot_id[:12] / path.lstrip("/")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Download(name, size, copy=grab(snapshot_root, path, dest))
+    return Download(name, size, copy=grab(snapshot_root, path, dest, into=False).path)
 
 
 # --- formatting -------------------------------------------------------------------
