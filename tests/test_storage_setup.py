@@ -287,6 +287,20 @@ def test_teardown_unmounts_and_deletes_the_users_image(scratch, user_config):
 
 
 @pytest.mark.rootful
+def test_setup_delegates_a_process_limit_cgroup_and_teardown_removes_it(scratch, user_config):
+    from stacker_kernel.container import limits
+
+    cgroup = limits.V1_PIDS / limits.DELEGATED_DIR / TEST_USER
+    try:
+        _setup(scratch)
+        assert cgroup.is_dir() and cgroup.stat().st_uid == setup.lookup_user(TEST_USER).uid
+        lines = _teardown(scratch)
+        assert not cgroup.exists() and any("process-limit cgroup" in line for line in lines)
+    finally:
+        limits.delegate(TEST_USER)  # the machine's own setup gave the test user one
+
+
+@pytest.mark.rootful
 def test_teardown_keeps_the_other_users_storage(scratch, user_config, root_config):
     _setup(scratch, "root")
     target = _setup(scratch)

@@ -103,6 +103,20 @@ def delegate(user: str, limit: int = USER_MAX_PROCESSES) -> Path | None:
     return mine
 
 
+def undelegate(user: str) -> bool:
+    """As root: remove `user`'s delegated pids cgroup (and the empty build
+    cgroups below it); True when it is gone. A cgroup with live tasks stays."""
+    mine = V1_PIDS / DELEGATED_DIR / user
+    if not mine.is_dir():
+        return False
+    _remove_stale(mine)
+    try:
+        mine.rmdir()
+    except OSError:
+        return False
+    return True
+
+
 # --- engine side: one cgroup per container -------------------------------------------
 
 def _candidates() -> list[Path]:

@@ -494,4 +494,6 @@ def _teardown_storage(user: str, mount: Path, state: Path) -> list[str]:
         os.close(parent)
     _delete_record(info.name, state)
     _remove_config(info)
+    if limits.undelegate(info.name):
+        done.append(f"removed the process-limit cgroup of {info.name}")
     return done
