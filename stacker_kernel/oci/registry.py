@@ -27,12 +27,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from stacker_kernel.errors import ImageError
 from stacker_kernel.oci import cas, layout_write as lw
 from stacker_kernel.oci.layout import OCILayout
+from stacker_kernel.oci.registry_auth import find_credentials
 
 CONFIG_MEDIA_TYPE = "application/vnd.stacker-kernel.cache.config.v1+json"
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -78,56 +78,11 @@ class Fetched:
 
 # --- the containers auth file -----------------------------------------------------
 
-def auth_files(authfile: str | None = None, environ: dict[str, str] | None = None,
-               home: str | None = None) -> list[Path]:
-    """Where credentials are looked up, in order (containers-auth.json(5)):
-    `authfile`, $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json,
-    ~/.config/containers/auth.json, ~/.docker/config.json.
-    (publish's auth reader does the same lookup: one of the two can go.)"""
-    env = os.environ if environ is None else environ
-    home = home or os.path.expanduser("~")
-    paths = []
-    if authfile:
-        return [Path(authfile)]
-    if env.get("REGISTRY_AUTH_FILE"):
-        paths.append(Path(env["REGISTRY_AUTH_FILE"]))
-    if env.get("XDG_RUNTIME_DIR"):
-        paths.append(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
-    paths += [Path(home) / ".config" / "containers" / "auth.json", Path(home) / ".docker" / "config.json"]
-    return paths
-
-
-def _auth_key(key: str) -> str:
-    key = re.sub(r"^[a-z]+://", "", key)
-    return key.rstrip("/").removesuffix("/v1").removesuffix("/v2")
-
-
 def auth_for(host: str, repo: str = "", authfile: str | None = None) -> tuple[str, str] | None:
-    """(user, password) for `host` (or `host/repo`, which wins) from the first auth
-    file that has an entry; None when none has. An unreadable file is skipped,
-    except an explicit `authfile`, which must be readable."""
-    for path in auth_files(authfile):
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            if authfile:
-                raise ImageError(f"auth file {path} does not exist: give an existing --authfile") from None
-            continue
-        except (OSError, ValueError) as e:
-            if authfile:
-                raise ImageError(f"auth file {path} is not readable JSON ({e}): fix it") from None
-            continue
-        auths = {_auth_key(k): v for k, v in (data.get("auths") or {}).items() if isinstance(v, dict)}
-        parts = repo.split("/")
-        for scope in [f"{host}/{'/'.join(parts[:i])}" for i in range(len(parts), 0, -1)] + [host]:
-            entry = auths.get(scope)
-            if entry and entry.get("auth"):
-                try:
-                    user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-                except ValueError:
-                    continue
-                return user, password
-    return None
+    """(user, password) for `host/repo` from the containers auth file, looked up
+    as publish and skopeo do (oci/registry_auth.py); None when no file has one."""
+    creds = find_credentials(f"{host}/{repo}" if repo else host, authfile)
+    return (creds.username, creds.password) if creds else None
 
 
 # --- URLs -------------------------------------------------------------------------------
