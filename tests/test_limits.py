@@ -213,3 +213,36 @@ def test_an_unprivileged_users_build_is_capped_with_or_without_a_delegated_cgrou
             for d in mine.glob("build-*"):
                 d.rmdir()
             mine.rmdir()
+
+
+@pytest.mark.rootful
+def test_a_live_engines_new_cgroup_survives_another_container_starting():
+    # The cgroup of a container about to start is empty until it joins; another
+    # container starting meanwhile (a second kernel, a concurrent build) must not
+    # take it for a crashed engine's leftover.
+    first = limits.make_cgroup(LIMIT)
+    try:
+        second = limits.make_cgroup(LIMIT)
+        try:
+            assert first and second and first != second
+            assert os.path.isdir(first), "a live engine's cgroup was removed as stale"
+        finally:
+            limits.remove_cgroup(second)
+    finally:
+        limits.remove_cgroup(first)
+
+
+@pytest.mark.rootful
+def test_a_dead_engines_cgroup_is_removed_when_the_next_container_starts():
+    proc = subprocess.Popen(["true"])  # its pid names a leftover of an engine that died
+    proc.wait()
+    probe = limits.make_cgroup(LIMIT)
+    limits.remove_cgroup(probe)
+    leftover = Path(probe).parent / f"{limits.BUILD_PREFIX}{proc.pid}-deadbeef"
+    leftover.mkdir()
+    mine = limits.make_cgroup(LIMIT)
+    try:
+        assert not leftover.exists()
+    finally:
+        limits.remove_cgroup(mine)
+        limits.remove_cgroup(str(leftover))

@@ -4,11 +4,9 @@ import base64
 import json
 import os
 import secrets
-import socket
 import sys
 import threading
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,40 +16,8 @@ from stacker_kernel.oci.export import ImageSpec, StepSnapshot, export_image
 from stacker_kernel.oci.publish import Published, destinations, publish
 from stacker_kernel.oci.registry_auth import auth_file_paths, find_credentials
 
+from net_support import free_port as _free_port, serve_registry as _serve_registry
 from test_export import Cfg, Chain, _extract
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve_registry(tmp_path: Path, auth: str = ""):
-    """Start a docker-registry on 127.0.0.1 with its own storage; yields HOST:PORT."""
-    port = _free_port()
-    conf = tmp_path / "registry.yml"
-    conf.write_text(f"""version: 0.1
-log: {{level: error}}
-storage:
-  filesystem: {{rootdirectory: {tmp_path / 'data'}}}
-http:
-  addr: 127.0.0.1:{port}
-{auth}""")
-    proc = subprocess.Popen(["docker-registry", "serve", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):  # wait until it listens (or died)
-            if proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited: {proc.stderr.read().decode()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 @pytest.fixture

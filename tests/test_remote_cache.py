@@ -26,6 +26,7 @@ import nbformat
 import pytest
 
 from kernel_support import BASE, kernels, notebook_dir, start_kernel  # noqa: F401 (fixtures)
+from net_support import free_port as _free_port, serve_registry
 from stacker_kernel.cli import main
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.build import build, layer_snapshot
@@ -43,12 +44,6 @@ CELLS = [
     "cd /app\nexport GREETING=hello",
     "echo $GREETING > greeting && pwd > where",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _notebook(path: Path, base: str, cells: list[str]) -> Path:
@@ -97,26 +92,7 @@ def _tree(rootfs: str) -> list[tuple]:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A docker-registry on 127.0.0.1 with its own storage; yields HOST:PORT."""
-    tmp = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    conf = tmp / "registry.yml"
-    conf.write_text(f"version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: {tmp / 'data'}}}\n"
-                    f"http:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):
-            if proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited: {proc.stderr.read().decode()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait()
+    yield from serve_registry(tmp_path_factory.mktemp("registry"))
 
 
 @pytest.fixture(scope="module")

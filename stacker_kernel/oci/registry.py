@@ -181,11 +181,16 @@ class LayoutCache(CacheStore):
         try:
             layout = OCILayout(self.dir)
             config, layer = _check_manifest(layout.read_json(d.get("digest", ""), d.get("size")), where)
-            record = _record(layout.verify_blob(config["digest"], config["size"]).read_bytes(), where)
-            path = layout.verify_blob(layer["digest"], layer["size"])
+            record = _record(layout.blobs.read(config["digest"], config["size"], f"the record of {where}"), where)
+            # Copied out verified: the layout may change under us, the copy cannot.
+            path = os.path.join(tmp_dir, layer["digest"].split(":", 1)[1])
+            with layout.blobs.open(layer["digest"], layer["size"], f"the layer of {where}") as src, \
+                    open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+                src.read()  # at the end: raises unless it was exactly the blob
         except (ImageError, OSError) as e:
             raise CacheUnavailable(f"{where}: {e}") from e
-        return Fetched(record, str(path), layer["digest"], layer["size"], temporary=False)
+        return Fetched(record, path, layer["digest"], layer["size"], temporary=True)
 
     def put(self, tag: str, record: dict[str, Any], layer_dir: str, layer_digest: str, layer_size: int) -> None:
         try:
