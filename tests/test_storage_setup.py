@@ -287,17 +287,20 @@ def test_teardown_unmounts_and_deletes_the_users_image(scratch, user_config):
 
 
 @pytest.mark.rootful
-def test_setup_delegates_a_process_limit_cgroup_and_teardown_removes_it(scratch, user_config):
+def test_setup_delegates_a_process_limit_cgroup_and_teardown_removes_it(scratch):
     from stacker_kernel.container import limits
 
-    cgroup = limits.V1_PIDS / limits.DELEGATED_DIR / TEST_USER
+    user = f"skcg{os.getpid() % 100000}"  # a user of its own: nobody else's builds are in its cgroup
+    subprocess.run(["useradd", "--create-home", user], check=True)
+    cgroup = limits.V1_PIDS / limits.DELEGATED_DIR / user
     try:
-        _setup(scratch)
-        assert cgroup.is_dir() and cgroup.stat().st_uid == setup.lookup_user(TEST_USER).uid
-        lines = _teardown(scratch)
+        _setup(scratch, user)
+        assert cgroup.is_dir() and cgroup.stat().st_uid == setup.lookup_user(user).uid
+        lines = _teardown(scratch, user)
         assert not cgroup.exists() and any("process-limit cgroup" in line for line in lines)
     finally:
-        limits.delegate(TEST_USER)  # the machine's own setup gave the test user one
+        limits.undelegate(user)
+        subprocess.run(["userdel", "-r", user], capture_output=True)
 
 
 @pytest.mark.rootful
