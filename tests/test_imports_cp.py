@@ -287,3 +287,25 @@ def test_stacker_dir_path_behavior_cases_build(storage, busybox_oci, tmp_path):
               stream=lambda s: None)
         snap = layer_snapshot(store, str(yaml), "l")
         assert (snap.path / "case3" / "folder1" / "file1").read_text() == "1"
+
+
+def test_a_changed_uid_lands_again_instead_of_reusing_the_cache(storage, busybox_oci, tmp_path):
+    (tmp_path / "tool").write_text("t")
+    yaml = tmp_path / "stacker.yaml"
+    recipe = """
+        l:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          imports:
+          - path: tool
+            dest: /usr/bin/tool
+            uid: UID
+          run: stat -c %u /usr/bin/tool > /uid
+        """
+    subs = {"BUSYBOX_OCI": busybox_oci}
+    with Store.open(storage) as store:
+        for uid in ("1000", "2000"):
+            yaml.write_text(textwrap.dedent(recipe).replace("UID", uid))
+            build(store, str(yaml), substitutions=subs, out=lambda s: None, stream=lambda s: None)
+            assert (layer_snapshot(store, str(yaml), "l").path / "uid").read_text() == uid + "\n"

@@ -387,9 +387,7 @@ class BuildSession:
         if not dests:
             return
         # mode/uid/gid change what lands; v2: stacker's placement rules (imports.land_in_rootfs)
-        source = "\n".join(f"# stacker import {i.path} -> {i.dest}"
-                           + "".join(f" {k}={v}" for k, v in (("mode", oct(i.mode) if i.mode is not None else None),
-                                                              ("uid", i.uid), ("gid", i.gid)) if v is not None)
+        source = "\n".join(f"# stacker import {i.path} -> {i.dest} mode={i.mode} uid={i.uid} gid={i.gid}"
                            for i in dests)
         key = self.cache_key(source, {"dest-imports": "v2"})
         with self.store.write_lock():  # see run_step: gc must not take the hit meanwhile
