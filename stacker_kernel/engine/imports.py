@@ -73,7 +73,8 @@ def stage(layer, dest_dir: Path, base_dir: str, fetch_layer_path=None) -> str:
         src = _source_path(imp, base_dir, dest_dir.parent / (dest_dir.name + ".downloads"), fetch_layer_path)
         if imp.hash:
             if not src.is_file():
-                raise RecipeError(f"import {imp.path} has a hash but is not a file")
+                raise RecipeError(f"import {imp.path} has a hash but is not a file: remove the hash "
+                                  "(only a file's content can be checked)")
             got = _file_digest(src)
             if got.lower() != imp.hash.lower().removeprefix("sha256:"):
                 raise RecipeError(f"import {imp.path} has sha256 {got}, not the {imp.hash} the recipe says")
