@@ -98,7 +98,8 @@ def test_build_of_a_notebook_uses_substitute_values_and_defaults(storage, busybo
 def test_the_kernel_runs_a_placeholder_with_its_default(nbdir, kernels):
     k = start_kernel(write_notebook(nbdir / "sub.ipynb", []), kernels)
     try:
-        assert k.execute(BASE, "base", timeout=120).status == "ok"
+        base = k.execute(BASE, "base", timeout=120)
+        assert base.status == "ok", base.error
         run = k.execute('echo "hello ${{NAME:world}}"', "c1", timeout=120)
         assert run.status == "ok", run.error
         assert "hello world" in run.text()
