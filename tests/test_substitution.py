@@ -95,8 +95,8 @@ def test_build_of_a_notebook_uses_substitute_values_and_defaults(storage, busybo
         assert (layer_snapshot(store, str(nb_path), "app").path / "greeting").read_text() == "hello world\n"
 
 
-def test_the_kernel_runs_a_placeholder_with_its_default(nbdir, kernels):
-    k = start_kernel(write_notebook(nbdir / "sub.ipynb", []), kernels)
+def test_the_kernel_runs_a_placeholder_with_its_default(nbdir, kernels, storage):
+    k = start_kernel(write_notebook(nbdir / "sub.ipynb", []), kernels, STACKER_KERNEL_STORAGE=str(storage))
     try:
         base = k.execute(BASE, "base", timeout=120)
         assert base.status == "ok", base.error
