@@ -104,6 +104,6 @@ def test_the_kernel_runs_a_placeholder_with_its_default(nbdir, kernels, storage)
         assert run.status == "ok", run.error
         assert "hello world" in run.text()
         missing = k.execute("echo ${{NOVALUE}}", "c2", timeout=120)
-        assert missing.status == "error" and "NOVALUE" in (missing.error or "")
+        assert missing.status == "error" and "write ${{NOVALUE:default}}" in (missing.error or "")
     finally:
         k.close()

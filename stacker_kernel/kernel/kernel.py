@@ -188,7 +188,7 @@ class StackerKernel(Kernel):
         from stacker_kernel.recipe.stacker_yaml import substitute
 
         # ${{NAME:default}} (kept by `import`) runs with its default, as stacker builds it
-        cell = parse_cell(substitute(code, {}))  # a bad magic line runs nothing
+        cell = parse_cell(substitute(code, {}, in_kernel=True))  # a bad magic line runs nothing
         script = cell.script if cell.script.strip() else ""
         needs = bool(script) or any(not d.interactive or magics.needs_session(d.name)
                                     for d in cell.directives)

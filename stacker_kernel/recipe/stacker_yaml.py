@@ -31,7 +31,8 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def substitute(text: str, subs: dict[str, str], defaults: bool = True, require: bool = True) -> str:
+def substitute(text: str, subs: dict[str, str], defaults: bool = True, require: bool = True,
+               in_kernel: bool = False) -> str:
     """Apply stacker's textual substitutions to a whole stacker.yaml (or a cell).
 
     Each provided KEY replaces `${{KEY}}` and `${{KEY:default}}`; then every
@@ -41,6 +42,7 @@ def substitute(text: str, subs: dict[str, str], defaults: bool = True, require: 
     `defaults`, only the provided keys are replaced and the other placeholders
     stay (`import` keeps them, so the notebook still builds with other values);
     without `require`, a `${{NAME}}` without value and default stays.
+    `in_kernel` words the missing-value error for a cell (no --substitute there).
     """
     for key, value in subs.items():
         k = re.escape(key)
@@ -56,9 +58,11 @@ def substitute(text: str, subs: dict[str, str], defaults: bool = True, require: 
     missing = _REMAINING_PLAIN.search(text)
     if missing and require:
         name = missing.group(1)
-        raise RecipeError(
-            f"no value for substitution {name} (line {_line_of(text, missing.start())}): "
-            f"pass --substitute {name}=VALUE or write ${{{{{name}:default}}}}")
+        where = f"no value for substitution {name} (line {_line_of(text, missing.start())})"
+        if in_kernel:
+            raise RecipeError(f"{where}: write ${{{{{name}:default}}}}; the kernel runs it with the "
+                              f"default, build -f NOTEBOOK --substitute {name}=VALUE with another value")
+        raise RecipeError(f"{where}: pass --substitute {name}=VALUE or write ${{{{{name}:default}}}}")
     return text
 
 
