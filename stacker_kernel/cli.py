@@ -339,7 +339,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     from stacker_kernel.recipe.notebook import notebook_from_recipe
     from stacker_kernel.recipe.stacker_yaml import load_file
 
-    recipe = load_file(args.stacker_yaml, _substitutions(args.substitute))
+    subs = _substitutions(args.substitute)
+    try:  # placeholders stay in the cells: the notebook builds with other values too
+        recipe = load_file(args.stacker_yaml, subs, keep_placeholders=True)
+    except StackerKernelError:
+        recipe = load_file(args.stacker_yaml, subs, keep_missing=True)  # a real error is raised here
+        print(f"note: a ${{{{...}}}} placeholder of {args.stacker_yaml} is where a number, a yes/no or "
+              "a layer name must be: the notebook has the resolved values of those with a default",
+              file=sys.stderr)
     notebook = notebook_from_recipe(recipe)
     _write_output(args.output, lambda p: nbformat.write(notebook, p))
     print(f"wrote {args.output}")

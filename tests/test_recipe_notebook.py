@@ -53,7 +53,7 @@ def test_layer_magic_starts_a_new_layer():
 
 
 def test_interactive_magics_are_ignored_by_the_recipe():
-    r = recipe_from_notebook(nb_of("%from scratch", "%layers", "%rollback 1\n%cache off"), "n")
+    r = recipe_from_notebook(nb_of("%from scratch", "%layers", "%keep_failed on\n%cache off"), "n")
     assert r.layers["n"].steps == []
 
 

@@ -40,7 +40,7 @@ def load_recipes(path: str, substitutions: dict[str, str] | None = None) -> list
         if invalid.get("ValidationError") is not None:
             raise RecipeError(f"{path} is not a valid notebook: "
                               f"{_first_line_of(invalid['ValidationError'])}: fix it in JupyterLab")
-        recipe = recipe_from_notebook(nb, Path(path).stem)
+        recipe = recipe_from_notebook(nb, Path(path).stem, substitutions or {})
         recipe.source_path = os.path.abspath(path)
         return [recipe]
     from stacker_kernel.recipe.stacker_yaml import load_with_prerequisites
@@ -201,7 +201,7 @@ def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = 
 
         from stacker_kernel.recipe.notebook import recipe_from_notebook
 
-        layers = recipe_from_notebook(nb, Path(path).stem).layers
+        layers = recipe_from_notebook(nb, Path(path).stem, {}).layers  # as the kernel ran them: defaults
         with open_store() as store:
             export_stored_session(store, latest_session(store, path), oci_dir, layers=layers,
                                   stacker_yaml=text)

@@ -73,7 +73,8 @@ def stage(layer, dest_dir: Path, base_dir: str, fetch_layer_path=None) -> str:
         src = _source_path(imp, base_dir, dest_dir.parent / (dest_dir.name + ".downloads"), fetch_layer_path)
         if imp.hash:
             if not src.is_file():
-                raise RecipeError(f"import {imp.path} has a hash but is not a file")
+                raise RecipeError(f"import {imp.path} has a hash but is not a file: remove the hash "
+                                  "(only a file's content can be checked)")
             got = _file_digest(src)
             if got.lower() != imp.hash.lower().removeprefix("sha256:"):
                 raise RecipeError(f"import {imp.path} has sha256 {got}, not the {imp.hash} the recipe says")
@@ -112,33 +113,100 @@ def staged_name(imp) -> str:
     return os.path.basename(imp.path.rstrip("/")) or "import"
 
 
-def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, str, int | None, int | None, int | None]]) -> None:
-    """Copy staged imports into the rootfs, stacker's way (run inside the user namespace).
+def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, bool, str, int | None, int | None, int | None]]) -> None:
+    """Copy staged imports with a `dest` into the rootfs, stacker's way (run inside the user namespace).
 
-    items: (staged name, dest, mode, uid, gid). A directory's contents go into
-    dest; a file goes to dest, or into it when dest ends with '/'. Owners
-    default to root of the container.
+    items: (staged name, contents, dest, mode, uid, gid); `contents` says the
+    import's path ended with '/'. The rules, from stacker's pkg/stacker/import.go
+    (commit 52efa05, `Import` and `importFile`) and test/import.bats ("dir path
+    behavior", "import with dir contents", "different import types with perms"):
+
+    | source            | dest      | lands at                | stacker                      |
+    |-------------------|-----------|-------------------------|------------------------------|
+    | file F            | /d        | /d (the file itself)    | import.go:110-111, 385-386   |
+    | file F            | /d/       | /d/F                    | import.go:109, 383           |
+    | dir D             | /d        | /d/<D's contents>       | import.go:138-139, 180-182   |
+    | dir D             | /d/       | /d/D/<D's contents>     | import.go:183-184, 187       |
+    | dir D/ (path '/') | /d or /d/ | /d/<D's contents>       | import.go:143-144, 190, 385  |
+
+    - Whatever already is where an imported entry lands is replaced, except that a
+      directory onto a directory merges: stacker lays each dest import as an
+      overlay layer above the rootfs, where the upper entry hides the lower one.
+      So a file with dest /d replaces an existing directory /d (not `cp`'s
+      "into it"); a directory replaces an existing file.
+    - Missing parent directories are created (import.go:147, 217, 222), mode
+      0755, owned by the container's root; so are the directories of a
+      directory import.
+    - `mode` is set on every regular file the import lands, a directory
+      import's files included (lib.FileCopy, import.go:126, 226; pkg/lib/file.go:58-62);
+      without it a file keeps its source mode. Symlinks are copied as links.
+    - `uid`/`gid` own every file and symlink the import lands (pkg/lib/file.go:34, 67);
+      unset they are the container's root (stacker's -1, "unchanged", as root).
+      (stacker itself then loses them when it copies the overlay dir with
+      FileCopyNoPerms, pkg/lib/dir.go; we keep what the recipe asks for.)
+    - `hash` is checked for a file (import.go:104, at staging here). stacker
+      ignores a hash on a directory; we refuse it (see `stage`).
+    - Symlinks in dest's parent directories resolve inside the rootfs, as
+      stacker's validateOverlayDirs does (pkg/overlay/overlay-dirs.go:99-150).
     """
-    for name, dest, mode, uid, gid in items:
+    for name, contents, dest, mode, uid, gid in items:
         src = os.path.join(staged, name)
-        uid = 0 if uid is None else uid
-        gid = 0 if gid is None else gid
-        if os.path.isdir(src) and not os.path.islink(src):
-            target = _dest_in_root(rootfs, dest)
-            os.makedirs(target, exist_ok=True)
-            shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
-            for dirpath, dirnames, filenames in os.walk(target):
-                for n in dirnames + filenames:
-                    os.lchown(os.path.join(dirpath, n), uid, gid)
+        owner = (0 if uid is None else uid, 0 if gid is None else gid)
+        is_dir = os.path.isdir(src) and not os.path.islink(src)
+        # A directory's contents into dest is the directory put at dest (merged or replacing).
+        if dest.endswith("/") and not (is_dir and contents):
+            parent, entry = dest, name
         else:
-            target = _dest_in_root(rootfs, dest.rstrip("/") + "/" + name if dest.endswith("/") else dest)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.lexists(target) and os.path.isdir(target) and not os.path.islink(target):
-                target = os.path.join(target, name)
-            shutil.copy2(src, target, follow_symlinks=False)
-            os.lchown(target, uid, gid)
-            if mode is not None and not os.path.islink(target):
-                os.chmod(target, mode)
+            parent, entry = os.path.dirname(dest.rstrip("/")) or "/", os.path.basename(dest.rstrip("/"))
+        host_parent = _dest_in_root(rootfs, parent)
+        _make_dirs(rootfs, host_parent, dest)
+        if not entry:  # dest is /
+            _merge_dir(src, host_parent, mode, owner)
+        else:
+            _put(src, os.path.join(host_parent, entry), mode, owner)
+
+
+def _make_dirs(rootfs: str, host_dir: str, dest: str) -> None:
+    """Create host_dir (inside rootfs) and its missing parents: mode 0755, owned by root."""
+    missing = []
+    d = host_dir
+    while not os.path.lexists(d) and d != rootfs:
+        missing.append(d)
+        d = os.path.dirname(d)
+    if os.path.lexists(d) and not os.path.isdir(d):
+        raise RecipeError(f"import dest {dest}: {os.path.relpath(d, rootfs)} is a file in the rootfs, "
+                          "not a directory: choose another dest")
+    for d in reversed(missing):
+        os.mkdir(d, 0o755)
+        os.chmod(d, 0o755)  # umask must not decide
+        os.lchown(d, 0, 0)
+
+
+def _put(src: str, target: str, mode: int | None, owner: tuple[int, int]) -> None:
+    """Land src at target: a directory merges into a directory, anything else replaces."""
+    src_is_dir = os.path.isdir(src) and not os.path.islink(src)
+    target_is_dir = os.path.isdir(target) and not os.path.islink(target)
+    if os.path.lexists(target) and not (src_is_dir and target_is_dir):
+        if target_is_dir:
+            btrfs.remove_tree(Path(target))
+        else:
+            os.unlink(target)
+    if src_is_dir:
+        if not target_is_dir:
+            os.mkdir(target, 0o755)
+            os.chmod(target, 0o755)
+            os.lchown(target, 0, 0)
+        _merge_dir(src, target, mode, owner)
+        return
+    shutil.copy2(src, target, follow_symlinks=False)
+    os.lchown(target, *owner)
+    if mode is not None and not os.path.islink(target):
+        os.chmod(target, mode)
+
+
+def _merge_dir(src: str, target: str, mode: int | None, owner: tuple[int, int]) -> None:
+    for name in sorted(os.listdir(src)):
+        _put(os.path.join(src, name), os.path.join(target, name), mode, owner)
 
 
 def _dest_in_root(rootfs: str, dest: str) -> str:
@@ -147,5 +215,8 @@ def _dest_in_root(rootfs: str, dest: str) -> str:
 
     try:
         return resolve_in_root(rootfs, dest, missing_ok=True)
+    except NotADirectoryError:
+        raise RecipeError(f"import dest {dest}: a part of it is a file in the rootfs, not a directory: "
+                          "choose another dest") from None
     except GrabError as e:
         raise RecipeError(f"import dest {dest}: {e}") from None

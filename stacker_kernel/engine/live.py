@@ -92,7 +92,8 @@ class LiveRootfs:
         """Copy the staged imports with a `dest` into the rootfs, as the container's root."""
         from stacker_kernel.container.userns import run_in_userns
 
-        items = [(imports_mod.staged_name(i), i.dest, i.mode, i.uid, i.gid) for i in layer.imports if i.dest]
+        items = [(imports_mod.staged_name(i), i.path.endswith("/"), i.dest, i.mode, i.uid, i.gid)
+                 for i in layer.imports if i.dest]
         run_in_userns(imports_mod.land_in_rootfs, str(self.imports_dir), str(self.path), items)
 
     def ensure_container(self, layer: Layer, base_dir: str, network: str) -> Container:

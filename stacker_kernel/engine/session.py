@@ -386,8 +386,10 @@ class BuildSession:
         dests = [i for i in self.layer.imports if i.dest]
         if not dests:
             return
-        source = "\n".join(f"# stacker import {i.path} -> {i.dest}" for i in dests)
-        key = self.cache_key(source, {"dest-imports": "v1"})
+        # mode/uid/gid change what lands; v2: stacker's placement rules (imports.land_in_rootfs)
+        source = "\n".join(f"# stacker import {i.path} -> {i.dest} mode={i.mode} uid={i.uid} gid={i.gid}"
+                           for i in dests)
+        key = self.cache_key(source, {"dest-imports": "v2"})
         with self.store.write_lock():  # see run_step: gc must not take the hit meanwhile
             hit = self._cache.lookup(key) if self.use_cache else None
             if hit is not None:

@@ -185,8 +185,10 @@ class StackerKernel(Kernel):
                             publish: "_Publisher") -> dict | None:
         """Run one cell; returns the step's reply metadata, raises CellError/StackerKernelError."""
         from stacker_kernel.recipe.cells import parse_cell
+        from stacker_kernel.recipe.stacker_yaml import substitute
 
-        cell = parse_cell(code)  # a bad magic line runs nothing
+        # ${{NAME:default}} (kept by `import`) runs with its default, as stacker builds it
+        cell = parse_cell(substitute(code, {}, in_kernel=True))  # a bad magic line runs nothing
         script = cell.script if cell.script.strip() else ""
         needs = bool(script) or any(not d.interactive or magics.needs_session(d.name)
                                     for d in cell.directives)

@@ -563,6 +563,21 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
 ]
 
 MAGICS: dict[str, MagicSpec] = {spec.name: spec for spec, _ in _SPECS}
+
+# What the interactive magics mean when a notebook is built or exported without a
+# kernel (`build -f NB.ipynb`, `export`, nbconvert). Only a magic that changes the
+# state later cells run on has no headless meaning; it is refused, naming the cell:
+#   %rollback     refused: in the kernel the next cells run on an earlier snapshot
+#   %keep_failed  no effect: a headless build stops at the first failed step anyway
+#   %network      no effect: the build runs with the host's network, as stacker does
+#                 (%network none only takes it away from the kernel's steps)
+#   %cache        no effect: reuse only, never the result (build has --no-cache)
+#   %layers %diff %browse %grab %export %help
+#                 no effect: they show or copy out, the image does not change
+HEADLESS_REFUSED: dict[str, str] = {
+    "rollback": "which only means something in a live kernel (the cells after it run on an "
+                "earlier snapshot there): delete the cells it undoes and the %rollback line",
+}
 _PARSERS: dict[str, Callable[[str], Any]] = {spec.name: fn for spec, fn in _SPECS}
 
 

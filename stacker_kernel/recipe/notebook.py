@@ -16,9 +16,11 @@ from nbformat import NotebookNode
 
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.cells import (
-    apply_cell, format_directives, format_generate_labels, parse_cell, split_script,
+    HEADLESS_REFUSED, apply_cell, format_directives, format_generate_labels, parse_cell,
+    split_script,
 )
 from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, check_layer_name
+from stacker_kernel.recipe.stacker_yaml import substitute
 
 KERNELSPEC = {"name": "stacker", "display_name": "Stacker (container build)",
               "language": "stacker"}
@@ -35,15 +37,21 @@ def _source(cell: Mapping[str, Any]) -> str:
 EXPECTED_ERROR_TAG = "raises-exception"
 
 
-def recipe_from_notebook(nb: Mapping[str, Any], name: str) -> Recipe:
+def recipe_from_notebook(nb: Mapping[str, Any], name: str,
+                         substitutions: dict[str, str] | None = None) -> Recipe:
     """The Recipe a notebook describes.
 
     The first layer is named `name` (the notebook's file stem) unless the
     first cell that does anything says `%layer`; a cell's script (if not
     blank) is a Step carrying the cell's id; `%generate_labels` cells give the
     layer's generate_labels script instead; interactive magics and markdown
-    are ignored, and so are cells tagged `raises-exception` (expected to
-    fail: demonstrations, not steps). Prerequisites come from `metadata.stacker.prerequisites`.
+    are ignored (those of `cells.HEADLESS_REFUSED` are refused: they have no
+    meaning without a kernel), and so are cells tagged `raises-exception`
+    (expected to fail: demonstrations, not steps). Prerequisites come from
+    `metadata.stacker.prerequisites`.
+    Cells keep stacker's `${{NAME:default}}` placeholders: with `substitutions`
+    (a build) each cell is resolved like a stacker.yaml (given values, then
+    defaults); without (an export) they stay, so the yaml has them again.
     Raises RecipeError naming the cell for bad magics, a layer without
     `%from`, a layer name used twice, or unresolvable dependencies.
     """
@@ -59,9 +67,15 @@ def recipe_from_notebook(nb: Mapping[str, Any], name: str) -> Recipe:
         if EXPECTED_ERROR_TAG in ((cell.get("metadata") or {}).get("tags") or []):
             continue  # a cell expected to fail (a demonstration) is no step of the recipe
         try:
-            parsed = parse_cell(_source(cell))
+            source = _source(cell)
+            if substitutions is not None:
+                source = substitute(source, substitutions)
+            parsed = parse_cell(source)
         except RecipeError as e:
             raise RecipeError(f"{where}: {e}") from None
+        for d in parsed.directives:
+            if d.name in HEADLESS_REFUSED:
+                raise RecipeError(f"{where} uses %{d.name}, {HEADLESS_REFUSED[d.name]}")
         directives = parsed.recipe_directives()
         is_labels = any(d.name == "generate_labels" for d in directives)
         script = parsed.script.rstrip()

@@ -31,13 +31,18 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def substitute(text: str, subs: dict[str, str]) -> str:
-    """Apply stacker's textual substitutions to a whole stacker.yaml.
+def substitute(text: str, subs: dict[str, str], defaults: bool = True, require: bool = True,
+               in_kernel: bool = False) -> str:
+    """Apply stacker's textual substitutions to a whole stacker.yaml (or a cell).
 
     Each provided KEY replaces `${{KEY}}` and `${{KEY:default}}`; then every
     remaining `${{NAME:default}}` becomes its default. Raises RecipeError for a
     remaining `${{NAME}}` without default, and (stacker's strictness) when a
-    provided KEY also appears as `$KEY`, `${KEY}` or `${KEY:...}`.
+    provided KEY also appears as `$KEY`, `${KEY}` or `${KEY:...}`. Without
+    `defaults`, only the provided keys are replaced and the other placeholders
+    stay (`import` keeps them, so the notebook still builds with other values);
+    without `require`, a `${{NAME}}` without value and default stays.
+    `in_kernel` words the missing-value error for a cell (no --substitute there).
     """
     for key, value in subs.items():
         k = re.escape(key)
@@ -47,13 +52,17 @@ def substitute(text: str, subs: dict[str, str]) -> str:
                 f"line {_line_of(text, shell.start())} uses {shell.group(0).rstrip(':')} for "
                 f"the substitution {key}: write ${{{{{key}}}}} instead")
         text = re.sub(rf"\$\{{\{{{k}(:[^}}]*)?\}}\}}", lambda _m: value, text)
+    if not defaults:
+        return text
     text = _REMAINING_DEFAULT.sub(lambda m: m.group(2), text)
     missing = _REMAINING_PLAIN.search(text)
-    if missing:
+    if missing and require:
         name = missing.group(1)
-        raise RecipeError(
-            f"no value for substitution {name} (line {_line_of(text, missing.start())}): "
-            f"pass --substitute {name}=VALUE or write ${{{{{name}:default}}}}")
+        where = f"no value for substitution {name} (line {_line_of(text, missing.start())})"
+        if in_kernel:
+            raise RecipeError(f"{where}: write ${{{{{name}:default}}}}; the kernel runs it with the "
+                              f"default, build -f NOTEBOOK --substitute {name}=VALUE with another value")
+        raise RecipeError(f"{where}: pass --substitute {name}=VALUE or write ${{{{{name}:default}}}}")
     return text
 
 
@@ -432,15 +441,18 @@ def _compose(text: str, path: str | None) -> yaml.Node | None:
     return root
 
 
-def load(text: str, subs: dict[str, str] | None = None, path: str | None = None) -> Recipe:
+def load(text: str, subs: dict[str, str] | None = None, path: str | None = None,
+         keep_placeholders: bool = False, keep_missing: bool = False) -> Recipe:
     """Parse a stacker.yaml text into a Recipe, as stacker would accept it.
 
     Substitutes first (`subs`, then defaults), then checks every layer key and
     the dependencies within the file (external ones are accepted only when the
     file has prerequisites: see `load_with_prerequisites`). Any problem is a
-    RecipeError naming the layer, the key and the line.
+    RecipeError naming the layer, the key and the line. With `keep_placeholders`
+    the `${{NAME...}}` left after `subs` stay in the values, unresolved; with
+    `keep_missing` only those without a value or default do.
     """
-    text = substitute(text, subs or {})
+    text = substitute(text, subs or {}, defaults=not keep_placeholders, require=not keep_missing)
     root = _compose(text, path)
     recipe = Recipe(source_path=path)
     if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == _NULL):
@@ -457,7 +469,8 @@ def load(text: str, subs: dict[str, str] | None = None, path: str | None = None)
     return recipe
 
 
-def load_file(path: str, subs: dict[str, str] | None = None) -> Recipe:
+def load_file(path: str, subs: dict[str, str] | None = None, keep_placeholders: bool = False,
+              keep_missing: bool = False) -> Recipe:
     """Read and `load` one stacker.yaml; its prerequisites are not read."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -467,7 +480,7 @@ def load_file(path: str, subs: dict[str, str] | None = None) -> Recipe:
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path} is not UTF-8 text (bad byte at offset {e.start}): "
                           "save it as UTF-8") from None
-    return load(text, subs, path)
+    return load(text, subs, path, keep_placeholders, keep_missing)
 
 
 def load_with_prerequisites(path: str, subs: dict[str, str] | None = None) -> list[Recipe]:
