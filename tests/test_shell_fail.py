@@ -176,3 +176,18 @@ def test_build_log_has_every_line_once_when_stdout_is_a_pipe(storage, busybox_oc
     assert len(lines) == len(set(lines)), lines
     assert sum("two step 1/1 ran" in line for line in lines) == 1
     assert any(line.startswith("wrote ") for line in lines)
+
+
+def test_a_second_chroot_while_one_is_open_opens_the_layer_too(storage, busybox_oci, tmp_path):
+    yaml = _project(tmp_path, FAILING.replace("git clone nothing", "true"))
+    args = ["chroot", "-f", str(yaml), "--substitute", f"BUSYBOX_OCI={busybox_oci}"]
+    assert main(["--storage", str(storage), "build", "-f", str(yaml), "--no-oci", *args[3:]]) == 0
+    first = pexpect.spawn(sys.executable, _cli_args(storage, *args), timeout=30, encoding="utf-8")
+    first.sendline("echo first-$((6*7))")
+    first.expect("first-42")  # its throwaway session is open now
+    second = pexpect.spawn(sys.executable, _cli_args(storage, *args), timeout=30, encoding="utf-8")
+    second.sendline("cat /after; exit")
+    second.expect("never")
+    second.expect(pexpect.EOF)
+    first.sendline("exit")
+    first.expect(pexpect.EOF)

@@ -10,11 +10,11 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
-from stacker_kernel.engine.remote_cache import CacheSettings, RemoteCache
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.live import build_environment
+from stacker_kernel.engine.remote_cache import CacheSettings, RemoteCache
 from stacker_kernel.engine.session import BuildSession
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError
 from stacker_kernel.recipe.model import Layer, Recipe, first_line
@@ -134,7 +134,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
 
 
 def _fail(session: BuildSession, path: str, layer: str, index: int, step, message: str,
-          on_failure: list[str] | None, out: Printer):
+          on_failure: list[str] | None, out: Printer) -> NoReturn:
     """Keep the failed step's state, run `on_failure` in it, raise the build's StepError."""
     error = f"run commands failed for layer {layer} (step {index}): {message}"
     try:
@@ -142,8 +142,9 @@ def _fail(session: BuildSession, path: str, layer: str, index: int, step, messag
     except (OSError, StackerKernelError):
         raise StepError(error) from None  # e.g. a full disk: the failure itself is the news
     if on_failure:
-        out(f"{error}\n  {' '.join(on_failure)} in the failed state of layer {layer} step {index} "
-            "(imports and binds as in the build); exit it to end the build")
+        shown = on_failure[2] if on_failure[:2] == ["/bin/sh", "-c"] else " ".join(on_failure)
+        out(f"{error}\n  running {shown} in the failed state of layer {layer} step {index} "
+            "(imports and binds as in the build); the build ends when it exits")
         session.failure_shell(on_failure)
     raise StepError(f"{error}: open its failed state with 'stacker-kernel chroot -f {path} {layer}'")
 
@@ -176,7 +177,8 @@ def _step_number(store: Store, failed: Snapshot) -> int:
 def latest_session(store: Store, path: str):
     """The newest session (build or kernel) of a stacker.yaml or notebook path."""
     abspath = os.path.abspath(path)
-    sessions = store.find_sessions(name=abspath)
+    # Not a `chroot` (a throwaway session of the same name, open while its shell runs).
+    sessions = [s for s in store.find_sessions(name=abspath) if s.kind != "chroot"]
     if not sessions:
         raise RecipeError(f"{path} has not been built in this storage: run 'stacker-kernel build -f {path}' first")
     return sessions[0]
@@ -214,7 +216,7 @@ def chroot(store: Store, path: str, layer: str | None, substitutions: dict[str, 
     build. `note` says what is opened (default: stderr). Returns the shell's status."""
     from stacker_kernel.engine.inspect import grab
     from stacker_kernel.engine.live import LiveRootfs
-    from stacker_kernel.recipe.model import ImageSource, Layer
+    from stacker_kernel.recipe.model import ImageSource
 
     note = note or (lambda line: print(line, file=sys.stderr))
     failed = failed_state(store, path, layer)
