@@ -191,3 +191,21 @@ def test_a_second_chroot_while_one_is_open_opens_the_layer_too(storage, busybox_
     second.expect(pexpect.EOF)
     first.sendline("exit")
     first.expect(pexpect.EOF)
+
+
+def test_a_failing_line_of_a_cell_names_the_layer_and_cell_in_output_and_log(storage, busybox_tar, tmp_path):
+    from stacker_kernel.engine.session import BuildSession
+    from stacker_kernel.recipe.model import ImageSource, Layer
+
+    with Store.open(storage) as store:
+        session = BuildSession.open(store, str(tmp_path / "nb.ipynb"), resume=False)
+        try:
+            session.begin_layer(Layer(name="nb", from_=ImageSource(type="tar", url=str(busybox_tar))))
+            out = []
+            outcome = session.run_step("echo one\nno-such-tool --x\n", "c0ffee00-cell", on_output=out.append)
+            assert not outcome.ok
+            assert "layer nb cell c0ffee00: line 2: no-such-tool: not found" in "".join(out)
+            log = Path(outcome.log_path).read_text()  # the kernel replays and shows the log too
+            assert "/proc/self/fd" not in log and "layer nb cell c0ffee00: line 2" in log
+        finally:
+            session.close()
