@@ -414,7 +414,8 @@ COMMANDS: list[Command] = [
     Command("install", "install the 'stacker' Jupyter kernel spec", add_install, cmd_install),
     Command("build", "build a stacker.yaml or a notebook, layer by layer", add_build, cmd_build),
     Command("grab", "copy a file out of a built layer", add_grab, cmd_grab),
-    Command("chroot", "an interactive shell in a throwaway copy of a built layer", add_chroot, cmd_chroot),
+    Command("chroot", "an interactive shell in a throwaway copy of a built layer "
+            "(or of the failed state a failed build stopped in)", add_chroot, cmd_chroot),
     Command("export", "a notebook as stacker.yaml (and OCI images)", add_export, cmd_export),
     Command("import", "a stacker.yaml as a notebook", add_import, cmd_import),
     Command("publish", "copy built images to a registry or another OCI layout (skopeo)", add_publish,
