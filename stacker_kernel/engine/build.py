@@ -145,7 +145,10 @@ def _fail(session: BuildSession, path: str, layer: str, index: int, step, messag
         shown = on_failure[2] if on_failure[:2] == ["/bin/sh", "-c"] else " ".join(on_failure)
         out(f"{error}\n  running {shown} in the failed state of layer {layer} step {index} "
             "(imports and binds as in the build); the build ends when it exits")
-        session.failure_shell(on_failure)
+        try:
+            session.failure_shell(on_failure)
+        except StackerKernelError as e:  # e.g. the container died: the step's failure is the news
+            out(f"  {shown} could not run in the failed state: {e}")
     raise StepError(f"{error}: open its failed state with 'stacker-kernel chroot -f {path} {layer}'")
 
 
