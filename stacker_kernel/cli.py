@@ -231,6 +231,12 @@ def add_build(p: argparse.ArgumentParser) -> None:
                    help="let the caches be plain http or unverified TLS (localhost needs no flag)")
     p.add_argument("--authfile", metavar="PATH",
                    help="registry credentials file (default: the containers auth file)")
+    fail = p.add_mutually_exclusive_group()
+    fail.add_argument("--on-run-failure", metavar="CMD",
+                      help="when a run fails, first run CMD (a shell command line, e.g. /bin/sh) on this "
+                           "terminal in the failed step's container, as stacker does")
+    fail.add_argument("--shell-fail", action="store_true",
+                      help="when a run fails, open a shell in its failed state (--on-run-failure=/bin/sh)")
     p.add_argument("--max-processes", type=int, metavar="N",
                    help="most processes and threads a step may run at once (default 4096, "
                         "or $STACKER_KERNEL_MAX_PROCESSES, or max_processes in your config file)")
@@ -245,6 +251,15 @@ def _cache_settings(args: argparse.Namespace):
                          args.authfile)
 
 
+def _failure_command(args: argparse.Namespace) -> list[str] | None:
+    """The argv to run in a failed step's state: `--shell-fail` is `--on-run-failure=/bin/sh`."""
+    if args.shell_fail:
+        return ["/bin/sh"]
+    if args.on_run_failure:
+        return ["/bin/sh", "-c", args.on_run_failure]  # a command line, found on the container's PATH
+    return None
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     import time
 
@@ -257,7 +272,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         result = build(store, args.file, substitutions=_substitutions(args.substitute),
                        no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
-                       annotations_namespace=args.annotations_namespace, cache=_cache_settings(args))
+                       annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
+                       on_failure=_failure_command(args))
     print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
           f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
     return 0
@@ -293,14 +309,16 @@ def cmd_grab(args: argparse.Namespace) -> int:
 def add_chroot(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--stacker-file", dest="file", default="stacker.yaml",
                    help="the stacker.yaml or notebook that was built (default stacker.yaml)")
-    p.add_argument("layer", nargs="?", help="layer to enter (default: the last one built)")
+    p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
+    p.add_argument("layer", nargs="?",
+                   help="layer to enter (default: the one a failed build stopped in, else the last one built)")
 
 
 def cmd_chroot(args: argparse.Namespace) -> int:
     from stacker_kernel.engine.build import chroot
 
     with _open_store(args) as store:
-        return chroot(store, args.file, args.layer)
+        return chroot(store, args.file, args.layer, _substitutions(args.substitute))
 
 
 # --- export / import ----------------------------------------------------------
@@ -403,7 +421,8 @@ COMMANDS: list[Command] = [
     Command("install", "install the 'stacker' Jupyter kernel spec", add_install, cmd_install),
     Command("build", "build a stacker.yaml or a notebook, layer by layer", add_build, cmd_build),
     Command("grab", "copy a file out of a built layer", add_grab, cmd_grab),
-    Command("chroot", "an interactive shell in a throwaway copy of a built layer", add_chroot, cmd_chroot),
+    Command("chroot", "an interactive shell in a throwaway copy of a built layer "
+            "(or of the failed state a failed build stopped in)", add_chroot, cmd_chroot),
     Command("export", "a notebook as stacker.yaml (and OCI images)", add_export, cmd_export),
     Command("import", "a stacker.yaml as a notebook", add_import, cmd_import),
     Command("publish", "copy built images to a registry or another OCI layout (skopeo)", add_publish,
@@ -435,6 +454,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        # Line by line also into a file or pipe (CI logs): a buffered line would be
+        # written again by every forked helper that flushes it (run_in_userns).
+        sys.stdout.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError):
+        pass  # not a text stream of our own (e.g. replaced by a caller)
     try:
         return args.run(args)
     except StackerKernelError as e:

@@ -11,6 +11,7 @@ import base64
 import codecs
 import json
 import os
+import re
 import secrets
 import select
 import signal
@@ -26,7 +27,7 @@ import pexpect
 
 from stacker_kernel.container import limits
 from stacker_kernel.container.step import (
-    SENTINEL_RE, OutputFilter, ShellState, StepResult, build_wrapper, encode_command,
+    SCRIPT_FD, SENTINEL_RE, WRAPPER_FD, OutputFilter, ShellState, StepResult, build_wrapper, encode_command,
     failure_message, format_sentinel, is_shebang, parse_state_dump,
 )
 from stacker_kernel.container.userns import IdMap
@@ -124,8 +125,11 @@ class Container:
     def run_step(self, script: str, env: dict[str, str], state: ShellState | None,
                  on_output: Callable[[str], None] | None = None, log_path: str | None = None,
                  stream_cap: int = 2_000_000, flush_interval: float = 0.05,
-                 interrupted: Callable[[], bool] | None = None) -> StepResult:
+                 interrupted: Callable[[], bool] | None = None, script_name: str | None = None) -> StepResult:
         """Run one step and block until it ended and everything it started is dead.
+
+        `script_name` (e.g. "layer web run") replaces the fd paths the shell calls the
+        step's script in its error lines.
 
         `state=None` starts a fresh layer (cwd /, only `env`). Output goes to
         `on_output` as text, at most every `flush_interval` seconds while it
@@ -148,7 +152,8 @@ class Container:
             cmd["env"] = dict(env)
             cmd["wrapper"] = build_wrapper(state, env, trace)
         filt = OutputFilter(nonce, None if shebang else trace)
-        sink = _OutputSink(on_output, log_path, stream_cap, flush_interval)
+        sink = _OutputSink(on_output, log_path, stream_cap, flush_interval,
+                           _ScriptNamer(script_name) if script_name else None)
         self._interrupted = False
         self._running = True  # from here interrupt() reaches this step
         try:
@@ -223,10 +228,10 @@ class Container:
             self._interrupted = True
             self._send({"op": "int"})
 
-    def interact(self, env: dict[str, str], state: ShellState | None) -> int:
-        """An interactive /bin/sh in the container on this process's terminal
-        (for `chroot`), with `state`'s cwd and exported variables. Returns its
-        exit status once it exits; what it started is killed then."""
+    def interact(self, env: dict[str, str], state: ShellState | None, argv: list[str] | None = None) -> int:
+        """An interactive /bin/sh (or `argv`, an absolute path first) in the container
+        on this process's terminal (for `chroot`), with `state`'s cwd and exported
+        variables. Returns its exit status once it exits; what it started is killed then."""
         if not self.alive:
             raise ContainerError("the container is not running: start a new one")
         nonce = secrets.token_hex(8)
@@ -238,7 +243,8 @@ class Container:
             rows, cols = os.get_terminal_size(stdin)
             self.child.setwinsize(rows, cols)
         filt = OutputFilter(nonce, None)
-        self._send({"op": "shell", "nonce": nonce, "env": shell_env, "cwd": state.cwd if state else "/"})
+        self._send({"op": "shell", "nonce": nonce, "env": shell_env, "cwd": state.cwd if state else "/",
+                    "argv": argv})
         saved = termios.tcgetattr(stdin) if is_tty else None
         if is_tty:
             tty.setraw(stdin, termios.TCSANOW)  # TCSAFLUSH would drop typed-ahead input
@@ -247,14 +253,18 @@ class Container:
         # before that it would land in init's command reader.
         marker = format_sentinel(nonce + "-ready", 0, b"")
         early = b""
+        stdin_open = True
         try:
             while filt.sentinel is None:
-                ready = select.select([fd, stdin] if early is None else [fd], [], [])[0]
-                if early is None and stdin in ready:
+                ready = select.select([fd, stdin] if early is None and stdin_open else [fd], [], [])[0]
+                if early is None and stdin_open and stdin in ready:
                     data = os.read(stdin, 4096)
-                    if data:
-                        with self._write_lock:
-                            _write_all(fd, data)
+                    if not data:
+                        # Input ended (not a terminal, e.g. CI): the shell reads EOF
+                        # (^D on its cooked pty) instead of waiting forever.
+                        stdin_open, data = False, b"\x04"
+                    with self._write_lock:
+                        _write_all(fd, data)
                 if fd in ready:
                     try:
                         data = os.read(fd, 1 << 16)
@@ -388,12 +398,42 @@ def _died_result(duration: float, total: int) -> StepResult:
                       message=failure_message(-1, False, None, False, True))
 
 
+_FD_PATH = b"/proc/self/fd/"
+
+
+class _ScriptNamer:
+    """Names the step's script in the shell's error lines instead of the fd paths it
+    runs as: busybox's "/proc/self/fd/10: /proc/self/fd/11: line 3: git: not found",
+    bash's "/proc/self/fd/11: line 3: ..." and dash's "/proc/self/fd/10: 2:
+    /proc/self/fd/11: ..." (2 is a line of our wrapper) all become "NAME: ...".
+    An unfinished line that may begin such a path is held until it ends."""
+
+    def __init__(self, name: str) -> None:
+        wrapper, script = (re.escape(_FD_PATH + str(fd).encode()) for fd in (WRAPPER_FD, SCRIPT_FD))
+        self.pattern = re.compile(rb"(?:" + wrapper + rb": (?:\d+: )?)?(?:" + script + b"|" + wrapper + rb")\b")
+        self.name = name.encode("utf-8", "replace").replace(b"\\", b"\\\\")
+        self.held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data, self.held = self.held + data, b""
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        if tail and len(tail) < 4096 and (_FD_PATH.startswith(tail) or tail.startswith(_FD_PATH)):
+            data, self.held = data[:cut], tail
+        return self.pattern.sub(self.name, data)
+
+    def flush(self) -> bytes:
+        data, self.held = self.held, b""
+        return self.pattern.sub(self.name, data)
+
+
 class _OutputSink:
     """Delivers a step's output: decoded and batched to the callback up to a
-    cap, raw to the log file."""
+    cap, raw to the log file (both with the script named by `namer`)."""
 
     def __init__(self, on_output: Callable[[str], None] | None, log_path: str | None,
-                 cap: int, interval: float) -> None:
+                 cap: int, interval: float, namer: _ScriptNamer | None = None) -> None:
+        self.namer = namer
         self.on_output = on_output
         self.log: BinaryIO | None = open(log_path, "wb") if log_path else None
         self.log_path = log_path
@@ -407,6 +447,9 @@ class _OutputSink:
         self.error: BaseException | None = None
 
     def write(self, data: bytes) -> None:
+        self._write(self.namer.feed(data) if self.namer else data)
+
+    def _write(self, data: bytes) -> None:
         if not data:
             return
         self.total += len(data)
@@ -444,6 +487,8 @@ class _OutputSink:
                 self.error, self.on_output = e, None
 
     def close(self) -> None:
+        if self.namer is not None:
+            self._write(self.namer.flush())
         if self.on_output is not None and not self.truncated:
             tail = self.decoder.decode(b"", final=True)
             if tail:

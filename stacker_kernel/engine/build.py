@@ -10,12 +10,15 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
+from stacker_kernel.container.step import ShellState
+from stacker_kernel.engine.live import build_environment
 from stacker_kernel.engine.remote_cache import CacheSettings, RemoteCache
 from stacker_kernel.engine.session import BuildSession
-from stacker_kernel.errors import RecipeError, StepError
-from stacker_kernel.recipe.model import Recipe, first_line
+from stacker_kernel.errors import RecipeError, StackerKernelError, StepError
+from stacker_kernel.recipe.model import Layer, Recipe, first_line
+from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Snapshot, Store
 
 Printer = Callable[[str], None]
@@ -68,12 +71,17 @@ class BuildResult:
 def build(store: Store, path: str, *, substitutions: dict[str, str] | None = None,
           no_cache: bool = False, oci_dir: str | None = None, squash: bool = False,
           annotations_namespace: str = "io.stackeroci", out: Printer = print,
-          stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None) -> BuildResult:
+          stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None,
+          on_failure: list[str] | None = None) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). `cache` names the
     shared caches steps are taken from and pushed to. The first
-    failing step stops the build with a StepError naming the layer and step.
+    failing step stops the build with a StepError naming the layer and step;
+    its rootfs is kept as a "failed" snapshot that `chroot` opens (until gc or the
+    next build of `path`). With `on_failure` (an argv, e.g. ["/bin/sh"]), that
+    command first runs on this terminal in the failed step's container, as
+    stacker's --on-run-failure.
     """
     recipes = load_recipes(path, substitutions)
     abspath = os.path.abspath(path)
@@ -84,6 +92,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     session = BuildSession.open(store, abspath, kind="build", resume=False,
                                 default_layer=Path(path).stem, base_dir=os.path.dirname(abspath))
     session.use_cache = not no_cache
+    session.keep_failed = True  # the failed step's rootfs stays, for the shell and chroot
+    _drop_failed_states(store, abspath, session.session.id)
     result = BuildResult(session)
     try:
         session.remote_cache = RemoteCache.from_settings(cache or CacheSettings())
@@ -98,7 +108,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                     outcome = session.run_step(step.source, step.cell_id, on_output=stream)
                     took = time.monotonic() - t0
                     if not outcome.ok:
-                        raise StepError(f"run commands failed for layer {name} (step {i}): {outcome.message}")
+                        _fail(session, path, name, i, step, outcome.message, on_failure, out)
                     mark = "cached" if outcome.cached else "ran"
                     result.steps_cached += outcome.cached
                     result.steps_run += not outcome.cached
@@ -123,10 +133,55 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
         session.close()
 
 
+def _fail(session: BuildSession, path: str, layer: str, index: int, step, message: str,
+          on_failure: list[str] | None, out: Printer) -> NoReturn:
+    """Keep the failed step's state, run `on_failure` in it, raise the build's StepError."""
+    error = f"run commands failed for layer {layer} (step {index}): {message}"
+    try:
+        session.keep_failed_state(step.source, step.cell_id)
+    except (OSError, StackerKernelError):
+        raise StepError(error) from None  # e.g. a full disk: the failure itself is the news
+    if on_failure:
+        shown = on_failure[2] if on_failure[:2] == ["/bin/sh", "-c"] else " ".join(on_failure)
+        out(f"{error}\n  running {shown} in the failed state of layer {layer} step {index} "
+            "(imports and binds as in the build); the build ends when it exits")
+        try:
+            session.failure_shell(on_failure)
+        except StackerKernelError as e:  # e.g. the container died: the step's failure is the news
+            out(f"  {shown} could not run in the failed state: {e}")
+    raise StepError(f"{error}: open its failed state with 'stacker-kernel chroot -f {path} {layer}'")
+
+
+def _drop_failed_states(store: Store, abspath: str, keep_session: str) -> None:
+    """A new build of a file replaces the failed states its earlier builds left."""
+    for old in store.find_sessions(name=abspath, kind="build"):
+        if old.id != keep_session and not store.session_alive(old):
+            for snap in store.snapshots(session=old.id):
+                if snap.status == "failed":
+                    store.delete_snapshot(snap.id)
+
+
+def failed_state(store: Store, path: str, layer: str | None) -> Snapshot | None:
+    """The state a failed step of the last build of `path` left (in `layer`, if given), or None."""
+    sess = latest_session(store, path)
+    for snap in reversed(store.snapshots(session=sess.id)):
+        if snap.status == "failed" and (layer is None or snap.layer == layer) and snap.path.is_dir():
+            return snap
+    return None
+
+
+def _step_number(store: Store, failed: Snapshot) -> int:
+    """Which step of its layer `failed` was (1-based): the layer's steps before it, plus one."""
+    done = [s for s in store.chain(failed.parent) if s.kind == "step" and s.layer == failed.layer
+            and not s.source.startswith("# stacker import ")] if failed.parent else []
+    return len(done) + 1
+
+
 def latest_session(store: Store, path: str):
     """The newest session (build or kernel) of a stacker.yaml or notebook path."""
     abspath = os.path.abspath(path)
-    sessions = store.find_sessions(name=abspath)
+    # Not a `chroot` (a throwaway session of the same name, open while its shell runs).
+    sessions = [s for s in store.find_sessions(name=abspath) if s.kind != "chroot"]
     if not sessions:
         raise RecipeError(f"{path} has not been built in this storage: run 'stacker-kernel build -f {path}' first")
     return sessions[0]
@@ -155,30 +210,58 @@ def layer_snapshot(store: Store, path: str, layer: str | None) -> Snapshot:
     return snap
 
 
-def chroot(store: Store, path: str, layer: str | None) -> int:
+def chroot(store: Store, path: str, layer: str | None, substitutions: dict[str, str] | None = None,
+           note: Printer | None = None) -> int:
     """An interactive shell in a throwaway writable snapshot of a built layer, as
-    `stacker chroot`: nothing done in it is kept. Returns the shell's status."""
-    from stacker_kernel.container.runtime import Container, ContainerConfig
-    from stacker_kernel.container.step import ShellState
-    from stacker_kernel.engine.session import build_environment
-    from stacker_kernel.recipe.model import ImageSource, Layer
-    from stacker_kernel.storage import btrfs
+    `stacker chroot`: nothing done in it is kept. After a failed build, the layer
+    that failed (the default layer then) opens in the failed step's state. The
+    layer's imports are at /stacker/imports and its binds mounted, as in the
+    build. `note` says what is opened (default: stderr). Returns the shell's status."""
+    from stacker_kernel.engine.inspect import grab
+    from stacker_kernel.engine.live import LiveRootfs
+    from stacker_kernel.recipe.model import ImageSource
 
-    snap = layer_snapshot(store, path, layer)
+    note = note or (lambda line: print(line, file=sys.stderr))
+    failed = failed_state(store, path, layer)
+    snap = failed or layer_snapshot(store, path, layer)
+    if failed is not None:
+        note(f"layer {failed.layer}: the failed state of step {_step_number(store, failed)} "
+             "(where the last build stopped); nothing done here is kept")
+    definition, base_dir = _layer_definition(path, snap.layer, substitutions, note)
+    definition = definition or Layer(name=snap.layer, from_=ImageSource(type="scratch"))
     sess = store.new_session("chroot", os.path.abspath(path))
-    live = store.live_path(sess.id)
-    live.parent.mkdir(parents=True, exist_ok=True)
-    btrfs.snapshot(snap.path, live, readonly=False)
-    container = None
+    live = LiveRootfs(store, sess.id)
     try:
-        container = Container.start(ContainerConfig(rootfs=str(live)))
-        env = build_environment(Layer(name=snap.layer, from_=ImageSource(type="scratch")))
+        live.replace(snap)
+        try:
+            live.stage_imports(definition, base_dir,
+                               lambda name, p, dest: grab(layer_snapshot(store, path, name).path, p, dest))
+        except (OSError, StackerKernelError) as e:
+            note(f"the imports of layer {snap.layer} are not at /stacker/imports: {e}")
+        container = live.ensure_container(definition, base_dir, "host")
         state = ShellState.from_json(snap.state) if snap.kind == "step" else None
-        return container.interact(env, state)
+        return container.interact(build_environment(definition), state)
     finally:
-        if container is not None:
-            container.stop()
+        live.stop_container()
         store.forget_session(sess.id)
+        for staged in (live.imports_dir, live.imports_dir.parent / (live.imports_dir.name + ".downloads")):
+            btrfs.remove_tree(staged)
+
+
+def _layer_definition(path: str, name: str, substitutions: dict[str, str] | None,
+                      note: Printer) -> tuple[Layer | None, str]:
+    """Layer `name` as `path` defines it now (for its imports, binds and build_env), and
+    the directory its relative paths are based on; None when the file no longer has it."""
+    base_dir = os.path.dirname(os.path.abspath(path))
+    try:
+        recipes = load_recipes(path, substitutions)
+    except StackerKernelError as e:
+        note(f"{path} cannot be read now ({e}): the shell has no imports or binds")
+        return None, base_dir
+    for recipe in recipes:
+        if name in recipe.layers:
+            return recipe.layers[name], os.path.dirname(recipe.source_path or os.path.abspath(path))
+    return None, base_dir
 
 
 def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = None,

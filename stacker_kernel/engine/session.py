@@ -464,7 +464,9 @@ class BuildSession:
         started = time.time()
         try:
             result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp),
-                                    interrupted=lambda: self._interrupt_requested)
+                                    interrupted=lambda: self._interrupt_requested,
+                                    script_name=f"layer {self.layer.name} "
+                                                + (f"cell {cell_id[:8]}" if cell_id else "run"))
         except OSError as e:  # the step's log is on the storage: a full disk shows here
             with self._lock:
                 self._back_to_head()
@@ -528,12 +530,33 @@ class BuildSession:
         message = result.message
         if self.keep_failed:
             self.inspecting_failure = True
-            message += " (keep_failed: the container keeps the failed state for inspection; later steps are not committed until %rollback)"
+            if self.session.kind == "kernel":  # a build stops here: no later steps, no %rollback
+                message += " (keep_failed: the container keeps the failed state for inspection; later steps are not committed until %rollback)"
         else:
             # No trace: back to the last snapshot (a fresh container at the next step).
             self._replace_live(self.head)
         return StepOutcome(False, False, None, message, result.status, result.interrupted, log_path,
                            result.duration)
+
+    def keep_failed_state(self, script: str, cell_id: str | None = None) -> Snapshot:
+        """Freeze the rootfs a failed step left (under `keep_failed`) as a read-only
+        snapshot with status "failed", so `chroot` can open it after the build. It
+        is in no history and no cache: gc collects it once its session has ended."""
+        with self._lock:
+            snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
+                            layer=self.layer.name, cell_id=cell_id, source=script, cache_key=None,
+                            state=(self.state or ShellState()).to_json(), status="failed",
+                            started=time.time())
+            return self.store.commit(self.live, snap)
+
+    def failure_shell(self, argv: list[str] | None = None) -> int:
+        """Run `argv` (default /bin/sh) on this terminal in the container of the failed
+        step (stacker's --on-run-failure): its files, imports, binds and shell state."""
+        with self._lock:
+            container = self._ensure_container()
+            env = build_environment(self.layer)
+            state = self.state
+        return container.interact(env, state, argv)
 
     def interrupt(self) -> None:
         """Interrupt the running step (SIGINT to its process group, SIGKILL after a grace).
