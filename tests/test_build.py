@@ -173,6 +173,31 @@ def test_sc09_imports_with_dest_and_stacker_urls(storage, busybox_oci, tmp_path)
         assert not (first.path / "stacker").exists()
 
 
+def test_a_layer_with_dest_imports_runs_in_the_build_environment(storage, busybox_oci, tmp_path):
+    # The landing of dest imports is a snapshot before any step: the first step
+    # must still start from the build environment (PATH, STACKER_LAYER_NAME).
+    (tmp_path / "tool").write_text("#!/bin/sh\necho tool-ran\n")
+    yaml = write(tmp_path / "stacker.yaml", """
+        l:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          imports:
+            - path: tool
+              dest: /usr/local/bin/tool
+              mode: 0755
+          run: |
+            echo "$PATH:$STACKER_LAYER_NAME" > /env
+            tool > /ran
+        """)
+    with Store.open(storage) as store:
+        build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
+              stream=lambda s: None)
+        snap = layer_snapshot(store, str(yaml), "l")
+        assert (snap.path / "env").read_text() == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:l\n"
+        assert (snap.path / "ran").read_text() == "tool-ran\n"
+
+
 def test_changed_import_content_invalidates_the_cache(storage, busybox_oci, tmp_path):
     (tmp_path / "conf").write_text("one")
     yaml = write(tmp_path / "stacker.yaml", """

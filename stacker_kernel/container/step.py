@@ -65,6 +65,13 @@ class ShellState:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
+    def of_snapshot(cls, s: str) -> "ShellState | None":
+        """The state a snapshot recorded; None ("null") before any step of its layer
+        ran (a landing of dest imports, a failed first step), so the next step starts
+        from the build environment, not from an empty one."""
+        return None if s == "null" else cls.from_json(s)
+
+    @classmethod
     def from_json(cls, s: str) -> "ShellState":
         d = json.loads(s)
         return cls(cwd=d.get("cwd", "/"), exported=dict(d.get("exported", {})),

@@ -239,7 +239,7 @@ def chroot(store: Store, path: str, layer: str | None, substitutions: dict[str, 
         except (OSError, StackerKernelError) as e:
             note(f"the imports of layer {snap.layer} are not at /stacker/imports: {e}")
         container = live.ensure_container(definition, base_dir, "host")
-        state = ShellState.from_json(snap.state) if snap.kind == "step" else None
+        state = ShellState.of_snapshot(snap.state) if snap.kind == "step" else None
         return container.interact(build_environment(definition), state)
     finally:
         live.stop_container()

@@ -183,7 +183,7 @@ class RemoteCache:
         store, head = session.store, session.head
         state, log = record.get("state"), record.get("log", "")
         try:
-            ShellState.from_json(state)  # the session reads it back when it advances
+            ShellState.of_snapshot(state)  # the session reads it back when it advances
             if not isinstance(log, str):
                 raise TypeError("log")
         except (TypeError, ValueError, AttributeError):

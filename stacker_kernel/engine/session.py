@@ -142,7 +142,7 @@ class BuildSession:
             self.recipe.layers[snap.layer].steps.append(Step(snap.source, snap.cell_id))
         self._run = _LayerRun(self.recipe.layers[head.layer], base_dir=self.base_dir)
         self.head = head
-        self.state = ShellState.from_json(head.state)
+        self.state = ShellState.of_snapshot(head.state)
         self.resumed = self._history.views(measure=False)[-1]
 
     def close(self) -> None:
@@ -401,7 +401,7 @@ class BuildSession:
         self._live.land_dest_imports(self.layer)
         snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                         layer=self.layer.name, source=source, cache_key=key,
-                        state=(self.state or ShellState()).to_json(), started=started,
+                        state=self.state.to_json() if self.state else "null", started=started,
                         duration=time.time() - started)
         stored = self._cache.commit(self.live, snap, None, reuse_cached=self.use_cache)
         if stored.id != snap.id:  # landed by another session meanwhile: see _run_step
@@ -511,7 +511,7 @@ class BuildSession:
 
     def _advance(self, snap: Snapshot, cell_id: str | None = None, *, hit: bool = False) -> None:
         self.head = snap
-        self.state = ShellState.from_json(snap.state)
+        self.state = ShellState.of_snapshot(snap.state)
         self._history.append(snap, cell_id, hit=hit)
         self.session.head = snap.id
         self.session.layer = snap.layer
@@ -545,7 +545,7 @@ class BuildSession:
         with self._lock:
             snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                             layer=self.layer.name, cell_id=cell_id, source=script, cache_key=None,
-                            state=(self.state or ShellState()).to_json(), status="failed",
+                            state=self.state.to_json() if self.state else "null", status="failed",
                             started=time.time())
             return self.store.commit(self.live, snap)
 
@@ -602,7 +602,7 @@ class BuildSession:
         self.inspecting_failure = False
         if same_layer:
             self.head = same_layer[-1]
-            self.state = ShellState.from_json(self.head.state)
+            self.state = ShellState.of_snapshot(self.head.state)
             self._set_live(self.head)
         else:
             # Back to the layer's base: the parent of the layer's first step (its recipe
