@@ -34,6 +34,7 @@ from stacker_kernel.engine.cache import cache_key as key_of
 from stacker_kernel.engine.history import History, StepView
 from stacker_kernel.engine.live import BUILD_PATH, LiveRootfs, absolute_source, build_environment
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
+from stacker_kernel.recipe.cells import split_script
 from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Session, Snapshot, Store
@@ -446,12 +447,17 @@ class BuildSession:
                 # Under the write lock, so a concurrent gc cannot delete the hit
                 # between finding it and the session pointing at it.
                 with self.store.write_lock():
+                    t0 = time.monotonic()
                     hit = self._cache.lookup(key)
+                    before = [] if hit is not None else self._cached_cells(script, env)
+                    if before:
+                        hit = before.pop()
                     if hit is not None:
-                        t0 = time.monotonic()
                         self._replace_live(hit)
                         self._advance(hit, cell_id, hit=True)
                 if hit is not None:
+                    for cell in before:  # the output of the cells the step stands for, in order
+                        replay_output(self.store.log_path(cell.id), on_output)
                     return self._replay(hit, cell_id, on_output, t0)
                 if self.remote_cache is not None:  # remote cache: a hit from --cache-from
                     remote = self.remote_cache.lookup(self, key, script, cell_id, on_output)
@@ -516,6 +522,26 @@ class BuildSession:
         self.session.head = snap.id
         self.session.layer = snap.layer
         self.store.update_session(self.session)
+
+    def _cached_cells(self, script: str, env: dict[str, str]) -> list[Snapshot]:
+        """The snapshots of steps that together are `script` (a `run` that joins
+        cells built before, e.g. in the kernel, then exported), each a cache hit on
+        the one before; [] unless every cell of it hits. So a stacker.yaml exported
+        from a notebook builds from the notebook's snapshots."""
+        cells = split_script(script)
+        if len(cells) < 2:
+            return []
+        chain: list[Snapshot] = []
+        parent, state = self.head, self.state
+        for cell in cells:
+            snap = self._cache.lookup(key_of(StepInputs(
+                parent=parent.id if parent else "", state=state.to_json() if state else None,
+                script=cell, imports=self._live.imports_digest, env=env, network=self.network)))
+            if snap is None:
+                return []
+            chain.append(snap)
+            parent, state = snap, ShellState.of_snapshot(snap.state)
+        return chain
 
     def _replay(self, hit: Snapshot, cell_id: str | None, on_output: OutputFn | None,
                 t0: float) -> StepOutcome:
