@@ -147,7 +147,7 @@ class Container:
         else:
             cmd["env"] = dict(env)
             cmd["wrapper"] = build_wrapper(state, env, trace)
-        filt = OutputFilter(nonce, None if shebang else trace)
+        filt = OutputFilter(nonce, None if shebang else trace, user_trace=bool(state and state.user_trace))
         sink = _OutputSink(on_output, log_path, stream_cap, flush_interval)
         self._interrupted = False
         self._running = True  # from here interrupt() reaches this step
@@ -173,6 +173,7 @@ class Container:
             has_state = True
         else:
             after = parse_state_dump(sentinel.state)
+            after = after and after.with_user_trace(filt.user_trace)
             has_state = after is not None
         ok = status == 0 and has_state
         failed = None if ok or shebang else filt.last_trace

@@ -16,7 +16,8 @@ from __future__ import annotations
 import base64
 import json
 import re
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import dataclass, field, replace
 
 #: the OSC number that opens every sentinel init writes
 SENTINEL_OSC = b"\x1b]5379;"
@@ -35,8 +36,11 @@ SPECIAL_VARS = (
     "FUNCNAME HISTCMD SHELLOPTS BASHOPTS DIRSTACK PIPESTATUS IFS"
 ).split()
 _SPECIAL_PATTERN = "|".join(SPECIAL_VARS + ["BASH*", "__sk_*"])
-#: `set` options carried between steps (x is ours, for the trace)
+#: `set` options the wrapper applies (x is the wrapper's too: see XTRACE)
 CARRIED_OPTIONS = "aCfuv"
+#: the letter a ShellState's options carry when the user's own `set -x` is on
+#: (the shell always traces for the wrapper, so only the output filter knows)
+XTRACE = "x"
 #: the option without a letter that carries too (bash, busybox; not dash)
 PIPEFAIL = "-o pipefail"
 DEFAULT_IFS = " \t\n"
@@ -48,8 +52,14 @@ class ShellState:
     """What carries from step to step within a layer.
 
     `options` lists the `set` letters to apply on top of a fresh `sh -e`
-    (letters among "aCfuv"), plus "+e" when the script turned errexit off,
-    plus "-o pipefail" when the script turned pipefail on.
+    (letters among "aCfuv", and "x" when the user's own trace is on), plus
+    "+e" when the script turned errexit off, plus "-o pipefail" when the
+    script turned pipefail on.
+
+    `aliases` and `traps` (as `trap` prints them) carry in every shell;
+    `functions` (as `declare -f` prints them) only where the shell can print
+    function bodies: bash. dash and busybox ash cannot, so there a function
+    lives only in the step that defines it.
     """
 
     cwd: str = "/"
@@ -57,11 +67,16 @@ class ShellState:
     plain: dict[str, str] = field(default_factory=dict)
     options: str = ""
     umask: str = ""  # as `umask` prints it; "" = the step default (0022)
+    aliases: dict[str, str] = field(default_factory=dict)
+    traps: str = ""
+    functions: str = ""
 
     def to_json(self) -> str:
         d = {"cwd": self.cwd, "exported": self.exported, "plain": self.plain, "options": self.options}
-        if self.umask:
-            d["umask"] = self.umask
+        # only when set: states (and cache keys) of ordinary steps stay as they were
+        for key in ("umask", "aliases", "traps", "functions"):
+            if getattr(self, key):
+                d[key] = getattr(self, key)
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -69,7 +84,17 @@ class ShellState:
         d = json.loads(s)
         return cls(cwd=d.get("cwd", "/"), exported=dict(d.get("exported", {})),
                    plain=dict(d.get("plain", {})), options=d.get("options", ""),
-                   umask=d.get("umask", ""))
+                   umask=d.get("umask", ""), aliases=dict(d.get("aliases", {})),
+                   traps=d.get("traps", ""), functions=d.get("functions", ""))
+
+    def with_user_trace(self, on: bool) -> "ShellState":
+        """This state with the user's `set -x` on or off (the output filter knows which)."""
+        options = self.options.replace(XTRACE, "")
+        return replace(self, options=XTRACE + options if on else options)
+
+    @property
+    def user_trace(self) -> bool:
+        return XTRACE in self.options.replace(PIPEFAIL, "")
 
     def environment(self, env: dict[str, str]) -> dict[str, str]:
         """The process environment of a shebang step run in this state: the
@@ -144,6 +169,13 @@ def _restore_lines(state: ShellState, env: dict[str, str]) -> list[str]:
             lines.append(f"{name}={sh_quote(value)}; export {name}")
     if "IFS" in state.plain:
         lines.append(f"IFS={sh_quote(state.plain['IFS'])}")
+    for name, value in sorted(state.aliases.items()):
+        lines.append("alias " + sh_quote(f"{name}={value}"))
+    if state.functions:
+        # bash printed them; a step whose /bin/sh is no longer bash skips them
+        lines.append(f"if command -v declare >/dev/null; then eval {sh_quote(state.functions)}; fi")
+    if state.traps:
+        lines.append(f"eval {sh_quote(state.traps)}")
     return lines
 
 
@@ -163,6 +195,10 @@ def _option_commands(options: str) -> list[str]:
 
 # Only builtins after the user's script: the rootfs may lack cat, env, test.
 _POSTAMBLE = r"""printf 'u\0%s\0' "$(umask)" >&@STATE_FD@
+{
+printf 't\0'; trap; printf '\0a\0'; alias; printf '\0'
+case $(command -v declare) in declare) printf 'f\0'; declare -f; printf '\0' ;; esac
+} >&@STATE_FD@
 case $(set +o) in *"set -o pipefail"*) __sk_o="$__sk_o pipefail" ;; esac
 __sk_ifs_set=${IFS+x}
 __sk_ifs=${IFS-}
@@ -201,13 +237,15 @@ exit 0
    .replace("@STATE_FD@", str(STATE_FD))
 
 
-def trace_marker(token: str, quoted: bool = True) -> bytes:
+def trace_marker(token: str, quoted: bool = True, nested: bool = False) -> bytes:
     """The PS4 of a step: a line that starts with it is a trace line, not output.
 
     `quoted` says the shell quotes the arguments it traces (bash, busybox);
-    dash does not, so a quote in its trace lines is a literal byte.
+    dash does not, so a quote in its trace lines is a literal byte. `nested`
+    says the shell (bash) traces the sourced script one level deeper than
+    the wrapper, so the user's own trace shows one level less.
     """
-    return TRACE_LEAD + b"sk" + token.encode() + (b" " if quoted else b"u ")
+    return TRACE_LEAD + b"sk" + token.encode() + (b"n " if nested else b" " if quoted else b"u ")
 
 
 def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: str) -> str:
@@ -220,8 +258,10 @@ def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: st
     """
     lines = _restore_lines(state, env) if state is not None else []
     quoted, plain = (sh_quote(trace_marker(trace_token, q).decode()) for q in (True, False))
-    # dash traces arguments unquoted: its PS4 tells the filter so
+    nested = sh_quote(trace_marker(trace_token, nested=True).decode())
+    # dash traces arguments unquoted, bash the sourced script one level deeper: PS4 tells the filter
     lines.append(f"""case $(exec 2>&1; PS4=; set -x; : "'") in ": '") PS4={plain} ;; *) PS4={quoted} ;; esac""")
+    lines.append(f"case ${{BASH_VERSION-}} in ?*) PS4={nested} ;; esac")
     # One line from the options to `set +vx`: a shell echoes the lines it
     # reads under `set -v`, and our lines are no output of the step.
     run = _option_commands(state.options) if state is not None else []
@@ -236,7 +276,7 @@ def parse_state_dump(data: bytes) -> ShellState | None:
     if not parts or parts[-1] != b"":
         return None
     parts = [p.decode("utf-8", "surrogateescape") for p in parts[:-1]]
-    cwd, opts, umask = "/", "", ""
+    cwd, opts, umask, traps, alias_text, functions = "/", "", "", "", "", ""
     exported: dict[str, str] = {}
     plain: dict[str, str] = {}
     complete = False
@@ -248,6 +288,12 @@ def parse_state_dump(data: bytes) -> ShellState | None:
                 cwd, opts, i = parts[i + 1], parts[i + 3], i + 4
             elif tag == "u":
                 umask, i = parts[i + 1].strip(), i + 2
+            elif tag == "t":
+                traps, i = parts[i + 1].strip(), i + 2
+            elif tag == "a":
+                alias_text, i = parts[i + 1], i + 2
+            elif tag == "f":
+                functions, i = parts[i + 1].strip(), i + 2
             elif tag in ("v", "x"):
                 (exported if tag == "x" else plain)[parts[i + 1]] = parts[i + 2]
                 i += 3
@@ -267,7 +313,17 @@ def parse_state_dump(data: bytes) -> ShellState | None:
         options += PIPEFAIL
     if umask.lstrip("0") == "22":
         umask = ""  # the default: keep states (and cache keys) of ordinary steps unchanged
-    return ShellState(cwd=cwd, exported=exported, plain=plain, options=options, umask=umask)
+    return ShellState(cwd=cwd, exported=exported, plain=plain, options=options, umask=umask,
+                      aliases=parse_aliases(alias_text), traps=traps, functions=functions)
+
+
+def parse_aliases(text: str) -> dict[str, str]:
+    """Aliases as `alias` prints them: `name='value'` words (bash: each after `alias`)."""
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        return {}
+    return dict(w.split("=", 1) for w in words if "=" in w)
 
 
 def encode_command(cmd: dict) -> bytes:
@@ -301,13 +357,20 @@ class OutputFilter:
     pipeline's members (traced at once by forked shells) interleave: every
     marker opens one trace line, and bytes are swallowed until as many
     newlines have closed them.
+
+    The user's own `set -x` trace is output: `user_trace` follows the `set`
+    commands the trace shows, and while it is on, every trace line but the
+    wrapper's own goes to the output as `+ command` (PS4's default).
     """
 
-    def __init__(self, nonce: str, trace_token: str | None) -> None:
+    def __init__(self, nonce: str, trace_token: str | None, user_trace: bool = False) -> None:
         self.nonce = nonce
-        # after the lead byte(s): the marker of quoting shells, then dash's
-        self.markers = tuple(trace_marker(trace_token, q)[1:] for q in (True, False)) if trace_token else ()
+        # after the lead byte(s): the marker of quoting shells, dash's, bash's
+        self.markers = (tuple(trace_marker(trace_token, q)[1:] for q in (True, False))
+                        + (trace_marker(trace_token, nested=True)[1:],)) if trace_token else ()
+        self.user_trace = user_trace
         self._plain = False  # the open trace lines come from a shell that does not quote
+        self._level = 0  # nesting level of the trace line, as the user's PS4 would show it
         self.last_trace: str | None = None
         self.sentinel: Sentinel | None = None
         self._held = b""
@@ -331,6 +394,7 @@ class OutputFilter:
                     self._open_lines -= 1
                     if not self._open_lines:
                         self.last_trace = self._trace.decode("utf-8", "replace")
+                        out += self._user_trace_line(bytes(self._trace))
                         self._trace.clear()
                     i = nl + 1
                     continue
@@ -412,11 +476,44 @@ class OutputFilter:
         marker = next((m for m in self.markers if tail.startswith(m)), None)
         if marker is None:
             return 0
-        self._plain = marker is not self.markers[0]
+        self._plain = marker is self.markers[1]
         if self._open_lines:
             self._trace += b" | "
+        else:
+            self._level = k - (marker is self.markers[2])
         self._open_lines += 1
         return k + len(marker)
+
+
+    def _user_trace_line(self, text: bytes) -> bytes:
+        """The output a finished trace line makes: itself while the user's trace is on."""
+        if self._level < 1 or text in _WRAPPER_TRACES or text.startswith(b"__sk_o="):
+            return b""  # the wrapper's own command
+        shown = self.user_trace
+        self.user_trace = xtrace_after(text.decode("utf-8", "replace"), shown)
+        return b"+" * self._level + b" " + text + b"\n" if shown else b""
+
+
+#: trace lines of the wrapper's commands around the user's script
+_WRAPPER_TRACES = (f". /proc/self/fd/{SCRIPT_FD}".encode(), b"set +vx")
+
+
+def xtrace_after(command: str, on: bool) -> bool:
+    """Whether tracing is on after the traced `command` (a `set` turns it on or off)."""
+    words = command.split()
+    if words[:1] != ["set"]:
+        return on
+    it = iter(words[1:])
+    for w in it:
+        if w in ("-o", "+o"):
+            if next(it, "") == "xtrace":
+                on = w == "-o"
+        elif w[:1] in ("-", "+") and w not in ("-", "--"):
+            if "x" in w[1:]:
+                on = w[0] == "-"
+        else:
+            break
+    return on
 
 
 def _next_special(buf: bytes, start: int) -> int:

@@ -1,0 +1,164 @@
+"""Shell state between the steps of a layer is the state between the lines of
+one `run` script: aliases, traps, `set` options (and the user's `set -x`
+trace, shown in the output), and functions where the shell can print them.
+
+Real containers on real btrfs: busybox ash, Debian's dash, and bash as /bin/sh.
+"""
+from __future__ import annotations
+
+import pytest
+
+from stacker_kernel.container.runtime import Container, ContainerConfig
+from stacker_kernel.container.step import OutputFilter, ShellState, parse_aliases, trace_marker, xtrace_after
+from test_container import debian_tar, make_rootfs, remove_storage_dir, run, storage_dir
+from test_step import carry
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    root = storage_dir()
+    yield root
+    remove_storage_dir(root)
+
+
+@pytest.fixture(scope="module")
+def busybox(busybox_tar, workdir):
+    with Container.start(ContainerConfig(str(make_rootfs(busybox_tar, workdir, "busybox")))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dash(workdir):
+    with Container.start(ContainerConfig(str(make_rootfs(debian_tar(), workdir, "debian")))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def bash(workdir):
+    """Debian with /bin/sh -> bash."""
+    with Container.start(ContainerConfig(str(make_rootfs(debian_tar(), workdir, "debian-bash")))) as c:
+        relink, out = run(c, "ln -sf bash /bin/sh.new && mv -f /bin/sh.new /bin/sh")
+        assert relink.ok, out
+        yield c
+
+
+SHELLS = ["busybox", "dash", "bash"]
+
+
+@pytest.fixture(params=SHELLS)
+def shell(request):
+    return request.getfixturevalue(request.param)
+
+
+# --- unit ---------------------------------------------------------------------
+
+def test_aliases_parse_as_each_shell_prints_them():
+    dash_ash = "a='echo x'\nb='it'\"'\"'s\ntwo'\n"
+    bash = "alias a='echo x'\nalias b='it'\\''s\ntwo'\n"
+    assert parse_aliases(dash_ash) == parse_aliases(bash) == {"a": "echo x", "b": "it's\ntwo"}
+
+
+def test_set_commands_turn_the_trace_on_and_off():
+    assert xtrace_after("set -x", False)
+    assert xtrace_after("set -eux", False)
+    assert xtrace_after("set -o xtrace", False)
+    assert not xtrace_after("set +x", True)
+    assert not xtrace_after("set +o xtrace", True)
+    assert xtrace_after("set -e", True)
+    assert not xtrace_after("set -- -x", False)
+    assert not xtrace_after("echo set -x", False)
+
+
+def test_the_user_trace_is_output_and_the_wrapper_lines_are_not():
+    m = trace_marker("tok")
+    f = OutputFilter("n", "tok")
+    out = f.feed(m + b". /proc/self/fd/11\n" + m + b"set -x\n" + m + b"echo hi\nhi\n"
+                 + m + b"__sk_o=ehx\n" + m + b"set +vx\n")
+    assert out == b"+ echo hi\nhi\n"
+    assert f.user_trace
+
+
+def test_a_state_without_new_parts_serializes_as_before():
+    # ordinary steps keep their states, so their cache keys do not change
+    assert ShellState(cwd="/tmp").to_json() == '{"cwd": "/tmp", "exported": {}, "options": "", "plain": {}}'
+
+
+# --- every shell ----------------------------------------------------------------
+
+def test_an_alias_carries(shell):
+    result, out = carry(shell, "alias greet='echo hello'", "greet world")
+    assert (result.ok, out) == (True, "hello world\n")
+
+
+def test_an_alias_with_quotes_and_newlines_carries(shell):
+    result, out = carry(shell, "alias two='echo \"it'\\''s\"\necho second'", "two")
+    assert (result.ok, out) == (True, "it's\nsecond\n")
+
+
+def test_a_trap_carries(shell):
+    result, out = carry(shell, "trap 'echo caught USR1' USR1", "kill -USR1 $$\necho after")
+    assert result.ok, out
+    assert out == "caught USR1\nafter\n"
+
+
+def test_an_exit_trap_runs_at_the_end_of_every_step_it_is_set_in(shell):
+    first, out1 = run(shell, "trap 'echo cleanup' EXIT\necho one")
+    second, out2 = run(shell, "echo two", first.state)
+    third, out3 = run(shell, "trap - EXIT\necho three", second.state)
+    assert (out1, out2, out3) == ("one\ncleanup\n", "two\ncleanup\n", "three\n")
+
+
+def test_set_u_carries(shell):
+    result, out = carry(shell, "set -u", "echo before\necho $NOT_SET_ANYWHERE\necho after")
+    assert not result.ok
+    assert "before" in out and "after" not in out
+
+
+def test_the_users_set_x_trace_is_shown(shell):
+    result, out = run(shell, "echo quiet\nset -x\necho loud\nset +x\necho quiet again")
+    assert result.ok, out
+    assert out == "quiet\n+ echo loud\nloud\n+ set +x\nquiet again\n"
+
+
+def test_set_x_carries_and_the_wrapper_is_never_traced(shell):
+    result, out = carry(shell, "X=1\nset -x", "echo traced", "echo $X")
+    assert result.ok, out
+    assert out == "+ echo 1\n1\n"
+
+
+def test_a_failed_command_is_named_under_the_users_trace(shell):
+    result, out = carry(shell, "set -x", "echo a\nfalse\necho b")
+    assert result.failed_command == "false"
+    assert out == "+ echo a\na\n+ false\n"
+
+
+def test_set_x_turned_off_stays_off(shell):
+    result, out = carry(shell, "set -x", "set +x", "echo plain")
+    assert out == "plain\n"
+    assert not result.state.user_trace
+
+
+# --- pipefail: busybox and bash (dash has no pipefail) --------------------------
+
+@pytest.mark.parametrize("name", ["busybox", "bash"])
+def test_pipefail_carries(request, name):
+    result, out = carry(request.getfixturevalue(name), "set -o pipefail", "false | true\necho not-reached")
+    assert (result.ok, out) == (False, "")
+
+
+# --- functions: bash prints them; dash and busybox ash cannot -------------------
+
+def test_a_function_carries_with_bash(bash):
+    result, out = carry(bash, "greet() {\n  printf '%s\\n' \"hi $1\" 'it'\\''s'\n}", "greet you")
+    assert (result.ok, out) == (True, "hi you\nit's\n")
+
+
+def test_an_unset_function_stays_unset_with_bash(bash):
+    result, out = carry(bash, "f() { echo f; }", "unset -f f", "type f >/dev/null 2>&1 || echo gone")
+    assert (result.ok, out) == (True, "gone\n")
+
+
+def test_bash_traces_nested_levels_as_in_a_script(bash):
+    result, out = carry(bash, "set -x", "x=$(echo a)")
+    assert result.ok, out
+    assert out == "++ echo a\n+ x=a\n"
