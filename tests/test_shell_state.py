@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 
 from stacker_kernel.container.runtime import Container, ContainerConfig
-from stacker_kernel.container.step import OutputFilter, ShellState, parse_aliases, trace_marker, xtrace_after
+from stacker_kernel.container.step import (
+    OutputFilter, ShellState, function_definitions, parse_aliases, trace_marker, xtrace_after,
+)
 from test_container import debian_tar, make_rootfs, remove_storage_dir, run, storage_dir
 from test_step import carry
 
@@ -146,19 +148,39 @@ def test_pipefail_carries(request, name):
     assert (result.ok, out) == (False, "")
 
 
-# --- functions: bash prints them; dash and busybox ash cannot -------------------
-
-def test_a_function_carries_with_bash(bash):
-    result, out = carry(bash, "greet() {\n  printf '%s\\n' \"hi $1\" 'it'\\''s'\n}", "greet you")
-    assert (result.ok, out) == (True, "hi you\nit's\n")
-
-
-def test_an_unset_function_stays_unset_with_bash(bash):
-    result, out = carry(bash, "f() { echo f; }", "unset -f f", "type f >/dev/null 2>&1 || echo gone")
-    assert (result.ok, out) == (True, "gone\n")
-
-
 def test_bash_traces_nested_levels_as_in_a_script(bash):
     result, out = carry(bash, "set -x", "x=$(echo a)")
     assert result.ok, out
     assert out == "++ echo a\n+ x=a\n"
+
+
+# --- functions in dash and busybox ash: from the definitions in the scripts ----
+
+def test_top_level_definitions_are_found_and_others_are_unclear():
+    script = ("f() { echo hi; }\ng()\n{\n  echo \"}\"\n  x=${y}\n}; echo after\n"
+              "if true; then\n  h() { :; }\nfi\nk() { :; }\nk() { echo; }\neval 'e() { :; }'\n")
+    defined, unclear = function_definitions(script)
+    assert defined == {"f": "f() { echo hi; }", "g": "g()\n{\n  echo \"}\"\n  x=${y}\n}"}
+    assert unclear == {"h", "k", "e"}
+
+
+def test_a_function_carries(shell):
+    result, out = carry(shell, "greet() {\n  printf '%s\\n' \"hi $1\" 'it'\\''s }'\n}\necho defined",
+                        "greet you")
+    assert (result.ok, out) == (True, "hi you\nit's }\n")
+
+
+def test_a_function_carries_through_later_steps_and_a_redefinition_wins(shell):
+    result, out = carry(shell, "f() { echo one; }", "true", "f", "f() { echo two; }", "f")
+    assert (result.ok, out) == (True, "two\n")
+
+
+def test_an_unset_function_stays_unset(shell):
+    result, out = carry(shell, "f() { echo f; }", "unset -f f", "f 2>/dev/null || echo gone")
+    assert (result.ok, out) == (True, "gone\n")
+
+
+def test_a_function_defined_in_an_if_does_not_carry_in_dash(dash):
+    # dash cannot print it and the script alone does not say which body is in effect
+    result, out = carry(dash, "if true; then f() { echo a; }; else f() { echo b; }; fi", "f 2>&1 || true")
+    assert "not found" in out

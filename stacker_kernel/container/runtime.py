@@ -26,8 +26,8 @@ import pexpect
 
 from stacker_kernel.container import limits
 from stacker_kernel.container.step import (
-    SENTINEL_RE, OutputFilter, ShellState, StepResult, build_wrapper, encode_command,
-    failure_message, format_sentinel, is_shebang, parse_state_dump,
+    SENTINEL_RE, OutputFilter, ShellState, StepResult, build_wrapper, carry_functions, encode_command,
+    failure_message, format_sentinel, functions_to_check, is_shebang, parse_state_dump,
 )
 from stacker_kernel.container.userns import IdMap
 from stacker_kernel.errors import ContainerError
@@ -146,7 +146,8 @@ class Container:
             cmd["cwd"] = state.cwd if state else "/"
         else:
             cmd["env"] = dict(env)
-            cmd["wrapper"] = build_wrapper(state, env, trace)
+            defined, functions = functions_to_check(script, state)
+            cmd["wrapper"] = build_wrapper(state, env, trace, functions)
         filt = OutputFilter(nonce, None if shebang else trace, user_trace=bool(state and state.user_trace))
         sink = _OutputSink(on_output, log_path, stream_cap, flush_interval)
         self._interrupted = False
@@ -173,7 +174,7 @@ class Container:
             has_state = True
         else:
             after = parse_state_dump(sentinel.state)
-            after = after and after.with_user_trace(filt.user_trace)
+            after = after and carry_functions(after.with_user_trace(filt.user_trace), state, defined)
             has_state = after is not None
         ok = status == 0 and has_state
         failed = None if ok or shebang else filt.last_trace

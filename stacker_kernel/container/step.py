@@ -17,6 +17,7 @@ import base64
 import json
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass, field, replace
 
 #: the OSC number that opens every sentinel init writes
@@ -56,10 +57,11 @@ class ShellState:
     "+e" when the script turned errexit off, plus "-o pipefail" when the
     script turned pipefail on.
 
-    `aliases` and `traps` (as `trap` prints them) carry in every shell;
-    `functions` (as `declare -f` prints them) only where the shell can print
-    function bodies: bash. dash and busybox ash cannot, so there a function
-    lives only in the step that defines it.
+    `aliases` and `traps` (as `trap` prints them) carry in every shell.
+    `functions` is what bash's `declare -f` prints. dash and busybox ash
+    cannot print a function, so `sh_functions` holds, per function that
+    exists after the step, the text of its definition in a step script:
+    see `function_definitions` for which definitions qualify.
     """
 
     cwd: str = "/"
@@ -70,11 +72,12 @@ class ShellState:
     aliases: dict[str, str] = field(default_factory=dict)
     traps: str = ""
     functions: str = ""
+    sh_functions: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = {"cwd": self.cwd, "exported": self.exported, "plain": self.plain, "options": self.options}
         # only when set: states (and cache keys) of ordinary steps stay as they were
-        for key in ("umask", "aliases", "traps", "functions"):
+        for key in ("umask", "aliases", "traps", "functions", "sh_functions"):
             if getattr(self, key):
                 d[key] = getattr(self, key)
         return json.dumps(d, sort_keys=True)
@@ -85,7 +88,8 @@ class ShellState:
         return cls(cwd=d.get("cwd", "/"), exported=dict(d.get("exported", {})),
                    plain=dict(d.get("plain", {})), options=d.get("options", ""),
                    umask=d.get("umask", ""), aliases=dict(d.get("aliases", {})),
-                   traps=d.get("traps", ""), functions=d.get("functions", ""))
+                   traps=d.get("traps", ""), functions=d.get("functions", ""),
+                   sh_functions=dict(d.get("sh_functions", {})))
 
     def with_user_trace(self, on: bool) -> "ShellState":
         """This state with the user's `set -x` on or off (the output filter knows which)."""
@@ -174,6 +178,8 @@ def _restore_lines(state: ShellState, env: dict[str, str]) -> list[str]:
     if state.functions:
         # bash printed them; a step whose /bin/sh is no longer bash skips them
         lines.append(f"if command -v declare >/dev/null; then eval {sh_quote(state.functions)}; fi")
+    for name, text in sorted(state.sh_functions.items()):
+        lines.append(f"eval {sh_quote(text)}")
     if state.traps:
         lines.append(f"eval {sh_quote(state.traps)}")
     return lines
@@ -197,7 +203,12 @@ def _option_commands(options: str) -> list[str]:
 _POSTAMBLE = r"""printf 'u\0%s\0' "$(umask)" >&@STATE_FD@
 {
 printf 't\0'; trap; printf '\0a\0'; alias; printf '\0'
-case $(command -v declare) in declare) printf 'f\0'; declare -f; printf '\0' ;; esac
+case $(command -v declare) in
+  declare) printf 'f\0'; declare -f; printf '\0' ;;
+  *) for __sk_f in @FUNCTIONS@; do
+       case $(command -V "$__sk_f" 2>/dev/null) in *function*) printf 'F\0%s\0' "$__sk_f" ;; esac
+     done ;;
+esac
 } >&@STATE_FD@
 case $(set +o) in *"set -o pipefail"*) __sk_o="$__sk_o pipefail" ;; esac
 __sk_ifs_set=${IFS+x}
@@ -248,13 +259,15 @@ def trace_marker(token: str, quoted: bool = True, nested: bool = False) -> bytes
     return TRACE_LEAD + b"sk" + token.encode() + (b"n " if nested else b" " if quoted else b"u ")
 
 
-def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: str) -> str:
+def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: str,
+                  functions: tuple[str, ...] = ()) -> str:
     """The `/bin/sh -e` script that restores `state`, traces and sources the
     user's script from fd SCRIPT_FD, and dumps the state after it to fd STATE_FD.
 
     `env` is the environment the shell starts with; its names that `state`
     lacks are unset (an earlier step unset them). `trace_token` must differ
-    from the sentinel nonce: the script can read PS4.
+    from the sentinel nonce: the script can read PS4. `functions` are the
+    names whose existence as functions the dump reports (for `sh_functions`).
     """
     lines = _restore_lines(state, env) if state is not None else []
     quoted, plain = (sh_quote(trace_marker(trace_token, q).decode()) for q in (True, False))
@@ -267,7 +280,8 @@ def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: st
     run = _option_commands(state.options) if state is not None else []
     run += ["set -x", f". /proc/self/fd/{SCRIPT_FD}", "__sk_o=$-", "set +vx"]
     lines.append("; ".join(run))
-    return "\n".join(lines) + "\n" + _POSTAMBLE
+    names = " ".join(n for n in functions if _NAME_RE.match(n))
+    return "\n".join(lines) + "\n" + _POSTAMBLE.replace("@FUNCTIONS@", names)
 
 
 def parse_state_dump(data: bytes) -> ShellState | None:
@@ -279,6 +293,7 @@ def parse_state_dump(data: bytes) -> ShellState | None:
     cwd, opts, umask, traps, alias_text, functions = "/", "", "", "", "", ""
     exported: dict[str, str] = {}
     plain: dict[str, str] = {}
+    sh_functions: dict[str, str] = {}
     complete = False
     i = 0
     try:
@@ -294,6 +309,9 @@ def parse_state_dump(data: bytes) -> ShellState | None:
                 alias_text, i = parts[i + 1], i + 2
             elif tag == "f":
                 functions, i = parts[i + 1].strip(), i + 2
+            elif tag == "F":
+                sh_functions[parts[i + 1]] = ""  # the text comes from the scripts: see carry_functions
+                i += 2
             elif tag in ("v", "x"):
                 (exported if tag == "x" else plain)[parts[i + 1]] = parts[i + 2]
                 i += 3
@@ -314,7 +332,79 @@ def parse_state_dump(data: bytes) -> ShellState | None:
     if umask.lstrip("0") == "22":
         umask = ""  # the default: keep states (and cache keys) of ordinary steps unchanged
     return ShellState(cwd=cwd, exported=exported, plain=plain, options=options, umask=umask,
-                      aliases=parse_aliases(alias_text), traps=traps, functions=functions)
+                      aliases=parse_aliases(alias_text), traps=traps, functions=functions,
+                      sh_functions=sh_functions)
+
+
+_DEF_RE = re.compile(r"(?<![A-Za-z0-9_])([A-Za-z_][A-Za-z0-9_]*)[ \t]*\([ \t]*\)")
+_LINE_DEF_RE = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*\([ \t]*\)[ \t\n]*(?=\{)")
+# the `}` that may close a brace group: a word of its own after `;`, `&` or a newline
+_CLOSE_RE = re.compile(r"(?<=[;&\n \t])\}(?=[ \t\n;&|<>)]|\Z)")
+
+
+def _parses(text: str) -> bool:
+    """Whether `text` is complete shell syntax (the host's `sh -n`)."""
+    r = subprocess.run(["/bin/sh", "-n"], input=text.encode("utf-8", "surrogateescape"),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return r.returncode == 0
+
+
+def function_definitions(script: str) -> tuple[dict[str, str], set[str]]:
+    """The function definitions of a step script that can carry to the next
+    step of a shell that cannot print functions (dash, busybox ash), and the
+    names the script defines in other ways.
+
+    A definition carries when it is the only definition of its name in the
+    script, starts a line at the top level (the lines before it are complete
+    syntax, so it is in no `if`, loop or here-document) and its body is a
+    brace group: `name() { ...; }`. Its text ends at the first `}` that makes
+    it complete syntax. Any other definition of a name (in an `if`, in a
+    string for `eval`, twice) makes the name unclear: it does not carry.
+    """
+    if is_shebang(script):
+        return {}, set()
+    counts: dict[str, int] = {}
+    for m in _DEF_RE.finditer(script):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    if not counts:
+        return {}, set()
+    clean: dict[str, str] = {}
+    offset = 0
+    for line in script.splitlines(keepends=True):
+        m = _LINE_DEF_RE.match(script, offset)
+        if m and counts.get(m.group(1)) == 1 and _parses(script[:offset]):
+            text = _definition_text(script, offset, m.end())
+            if text is not None:
+                clean[m.group(1)] = text
+        offset += len(line)
+    return clean, set(counts) - set(clean)
+
+
+def _definition_text(script: str, start: int, body: int) -> str | None:
+    for close in _CLOSE_RE.finditer(script, body + 1):
+        text = script[start:close.end()].strip()
+        if _parses(text):
+            return text
+    return None
+
+
+def functions_to_check(script: str, before: ShellState | None) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The carrying definitions of `script` and the names whose existence the
+    step's dump reports: those and the functions carried into the step,
+    except the names the script defines in a way that cannot carry."""
+    defined, unclear = function_definitions(script)
+    names = (set(before.sh_functions) if before else set()) | set(defined)
+    return defined, tuple(sorted(names - unclear))
+
+
+def carry_functions(after: ShellState, before: ShellState | None, defined: dict[str, str]) -> ShellState:
+    """`after` with the text of every function of `sh_functions` (names the dump found):
+    from this step's `defined`, else from the state before."""
+    if not after.sh_functions:
+        return after
+    earlier = before.sh_functions if before else {}
+    texts = {n: defined.get(n) or earlier.get(n, "") for n in after.sh_functions}
+    return replace(after, sh_functions={n: t for n, t in texts.items() if t})
 
 
 def parse_aliases(text: str) -> dict[str, str]:
