@@ -6,12 +6,18 @@ Real containers on real btrfs: busybox ash, Debian's dash, and bash as /bin/sh.
 """
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 
 from stacker_kernel.container.runtime import Container, ContainerConfig
 from stacker_kernel.container.step import (
     OutputFilter, ShellState, function_definitions, parse_aliases, trace_marker, xtrace_after,
 )
+from stacker_kernel.engine.build import build
+from stacker_kernel.engine.session import BuildSession
+from stacker_kernel.recipe.model import ImageSource, Layer
+from stacker_kernel.storage.store import Store
 from test_container import debian_tar, make_rootfs, remove_storage_dir, run, storage_dir
 from test_step import carry
 
@@ -184,3 +190,55 @@ def test_a_function_defined_in_an_if_does_not_carry_in_dash(dash):
     # dash cannot print it and the script alone does not say which body is in effect
     result, out = carry(dash, "if true; then f() { echo a; }; else f() { echo b; }; fi", "f 2>&1 || true")
     assert "not found" in out
+
+
+# --- a layer's cells and their concatenation as one `run:` ---------------------
+
+CELLS = [
+    "alias say='echo said'\ntrap 'echo got-usr1' USR1\ngreet() { echo \"hello $1\"; }\n"
+    "set -o pipefail\nset -u\nX=1\nset -x\n",
+    "say one\nset +x\nkill -USR1 $$\nset -x\ngreet \"$X\"\n"
+    "if false | true; then echo no-pipefail; else echo pipefail; fi\n",
+    "echo ${UNSET_VAR-default}\n",
+]
+
+
+def test_cells_of_a_layer_behave_as_their_concatenation_as_one_run(storage, busybox_tar, busybox_oci, tmp_path):
+    with Store.open(storage) as store:
+        session = BuildSession.open(store, str(tmp_path / "nb.ipynb"), resume=False)
+        try:
+            session.begin_layer(Layer(name="nb", from_=ImageSource(type="tar", url=str(busybox_tar))))
+            cells = []
+            for i, cell in enumerate(CELLS):
+                out: list[str] = []
+                outcome = session.run_step(cell, f"c{i}", on_output=out.append)
+                assert outcome.ok, outcome.message
+                cells.append("".join(out))
+            unset = session.run_step("echo $UNSET_VAR", "c9", on_output=lambda s: None)
+        finally:
+            session.close()
+        yaml = tmp_path / "stacker.yaml"
+        script = "".join(CELLS)
+        yaml.write_text("l:\n  from:\n    type: oci\n    url: ${{BUSYBOX_OCI}}\n  run: |\n"
+                        + textwrap.indent(script, "    "))
+        streamed: list[str] = []
+        build(store, str(yaml), substitutions={"BUSYBOX_OCI": busybox_oci}, out=lambda s: None,
+              stream=streamed.append)
+    assert "".join(cells) == "".join(streamed)
+    assert cells[1] == ("+ echo said one\nsaid one\n+ set +x\ngot-usr1\n+ greet 1\n+ echo 'hello 1'\nhello 1\n"
+                        "+ false\n+ true\n+ echo pipefail\npipefail\n")
+    assert not unset.ok  # set -u carried
+
+
+def test_set_x_after_set_x_was_turned_off_is_shown(shell):
+    result, out = run(shell, "set -x\necho a\nset +x\necho b\nset -x\necho c\nfalse\necho d")
+    assert out == "+ echo a\na\n+ set +x\nb\n+ echo c\nc\n+ false\n"
+    assert result.failed_command == "false"
+
+
+def test_a_state_with_every_part_survives_its_json():
+    # the store keeps states as JSON: a cache hit or a reopened notebook goes on from it
+    state = ShellState(cwd="/x", options="xu-o pipefail", aliases={"a": "echo 'q'"}, traps="trap -- 'x' USR1",
+                       functions="f () \n{ \n    :\n}", sh_functions={"g": "g() { :; }"})
+    assert ShellState.from_json(state.to_json()) == state
+    assert state.user_trace and not ShellState(options="u-o pipefail").user_trace

@@ -459,6 +459,7 @@ class OutputFilter:
         self.markers = (tuple(trace_marker(trace_token, q)[1:] for q in (True, False))
                         + (trace_marker(trace_token, nested=True)[1:],)) if trace_token else ()
         self.user_trace = user_trace
+        self._untraced = False  # the last trace line turned the shell's tracing off
         self._plain = False  # the open trace lines come from a shell that does not quote
         self._level = 0  # nesting level of the trace line, as the user's PS4 would show it
         self.last_trace: str | None = None
@@ -579,8 +580,12 @@ class OutputFilter:
         """The output a finished trace line makes: itself while the user's trace is on."""
         if self._level < 1 or text in _WRAPPER_TRACES or text.startswith(b"__sk_o="):
             return b""  # the wrapper's own command
+        if self._untraced:  # the shell traces again: the user's own `set -x` ran
+            self.user_trace, self._untraced = True, False
         shown = self.user_trace
         self.user_trace = xtrace_after(text.decode("utf-8", "replace"), shown)
+        # after a `set +x` the shell traces nothing, not even the `set -x` that turns it on again
+        self._untraced = not xtrace_after(text.decode("utf-8", "replace"), True)
         return b"+" * self._level + b" " + text + b"\n" if shown else b""
 
 
