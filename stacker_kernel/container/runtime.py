@@ -146,8 +146,8 @@ class Container:
             cmd["cwd"] = state.cwd if state else "/"
         else:
             cmd["env"] = dict(env)
-            defined, functions = functions_to_check(script, state)
-            cmd["wrapper"] = build_wrapper(state, env, trace, functions)
+            defined, functions, unclear = functions_to_check(script, state)
+            cmd["wrapper"] = build_wrapper(state, env, trace, functions, unclear)
         filt = OutputFilter(nonce, None if shebang else trace, user_trace=bool(state and state.user_trace))
         sink = _OutputSink(on_output, log_path, stream_cap, flush_interval)
         self._interrupted = False

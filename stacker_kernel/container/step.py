@@ -210,6 +210,13 @@ case $(command -v declare) in
      done ;;
 esac
 } >&@STATE_FD@
+case $(command -v declare) in declare) ;; *)
+  for __sk_f in @UNCLEAR@; do
+    case $(command -V "$__sk_f" 2>/dev/null) in *function*)
+      printf 'note: function %s will not exist in the next cell: /bin/sh cannot print functions, so only one top-level "%s() { ...; }" line carries; define it that way, or again in the cell that calls it\n' "$__sk_f" "$__sk_f" ;;
+    esac
+  done ;;
+esac
 case $(set +o) in *"set -o pipefail"*) __sk_o="$__sk_o pipefail" ;; esac
 __sk_ifs_set=${IFS+x}
 __sk_ifs=${IFS-}
@@ -260,14 +267,15 @@ def trace_marker(token: str, quoted: bool = True, nested: bool = False) -> bytes
 
 
 def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: str,
-                  functions: tuple[str, ...] = ()) -> str:
+                  functions: tuple[str, ...] = (), unclear: tuple[str, ...] = ()) -> str:
     """The `/bin/sh -e` script that restores `state`, traces and sources the
     user's script from fd SCRIPT_FD, and dumps the state after it to fd STATE_FD.
 
     `env` is the environment the shell starts with; its names that `state`
     lacks are unset (an earlier step unset them). `trace_token` must differ
     from the sentinel nonce: the script can read PS4. `functions` are the
-    names whose existence as functions the dump reports (for `sh_functions`).
+    names whose existence as functions the dump reports (for `sh_functions`);
+    `unclear` those that get a note when they exist (they cannot carry).
     """
     lines = _restore_lines(state, env) if state is not None else []
     quoted, plain = (sh_quote(trace_marker(trace_token, q).decode()) for q in (True, False))
@@ -280,8 +288,10 @@ def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: st
     run = _option_commands(state.options) if state is not None else []
     run += ["set -x", f". /proc/self/fd/{SCRIPT_FD}", "__sk_o=$-", "set +vx"]
     lines.append("; ".join(run))
-    names = " ".join(n for n in functions if _NAME_RE.match(n))
-    return "\n".join(lines) + "\n" + _POSTAMBLE.replace("@FUNCTIONS@", names)
+    def words(names: tuple[str, ...]) -> str:
+        return " ".join(n for n in names if _NAME_RE.match(n))
+    return ("\n".join(lines) + "\n"
+            + _POSTAMBLE.replace("@FUNCTIONS@", words(functions)).replace("@UNCLEAR@", words(unclear)))
 
 
 def parse_state_dump(data: bytes) -> ShellState | None:
@@ -388,13 +398,15 @@ def _definition_text(script: str, start: int, body: int) -> str | None:
     return None
 
 
-def functions_to_check(script: str, before: ShellState | None) -> tuple[dict[str, str], tuple[str, ...]]:
-    """The carrying definitions of `script` and the names whose existence the
+def functions_to_check(script: str, before: ShellState | None
+                       ) -> tuple[dict[str, str], tuple[str, ...], tuple[str, ...]]:
+    """The carrying definitions of `script`; the names whose existence the
     step's dump reports: those and the functions carried into the step,
-    except the names the script defines in a way that cannot carry."""
+    except the names the script defines in a way that cannot carry; and
+    those names (unclear)."""
     defined, unclear = function_definitions(script)
     names = (set(before.sh_functions) if before else set()) | set(defined)
-    return defined, tuple(sorted(names - unclear))
+    return defined, tuple(sorted(names - unclear)), tuple(sorted(unclear))
 
 
 def carry_functions(after: ShellState, before: ShellState | None, defined: dict[str, str]) -> ShellState:
