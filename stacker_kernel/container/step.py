@@ -472,6 +472,7 @@ class OutputFilter:
                         + (trace_marker(trace_token, nested=True)[1:],)) if trace_token else ()
         self.user_trace = user_trace
         self._untraced = False  # the last trace line turned the shell's tracing off
+        self._sourced = False  # the first trace line, the wrapper's `.` of the script, went by
         self._plain = False  # the open trace lines come from a shell that does not quote
         self._level = 0  # nesting level of the trace line, as the user's PS4 would show it
         self.last_trace: str | None = None
@@ -587,11 +588,13 @@ class OutputFilter:
         self._open_lines += 1
         return k + len(marker)
 
-
     def _user_trace_line(self, text: bytes) -> bytes:
         """The output a finished trace line makes: itself while the user's trace is on."""
-        if self._level < 1 or text in _WRAPPER_TRACES or text.startswith(b"__sk_o="):
-            return b""  # the wrapper's own command
+        wrapper = (self._level < 1 or text in _WRAPPER_TRACES or text.startswith(b"__sk_o=")
+                   or (not self._sourced and text.startswith(b". ")))  # the `.` of the user's script
+        self._sourced = True
+        if wrapper:
+            return b""
         if self._untraced:  # the shell traces again: the user's own `set -x` ran
             self.user_trace, self._untraced = True, False
         shown = self.user_trace
@@ -601,8 +604,8 @@ class OutputFilter:
         return b"+" * self._level + b" " + text + b"\n" if shown else b""
 
 
-#: trace lines of the wrapper's commands around the user's script
-_WRAPPER_TRACES = (f". /proc/self/fd/{SCRIPT_FD}".encode(), b"set +vx")
+#: trace lines of the wrapper's commands after the user's script
+_WRAPPER_TRACES = (b"set +vx",)
 
 
 def xtrace_after(command: str, on: bool) -> bool:
