@@ -245,3 +245,10 @@ def test_a_state_with_every_part_survives_its_json():
                        functions="f () \n{ \n    :\n}", sh_functions={"g": "g() { :; }"})
     assert ShellState.from_json(state.to_json()) == state
     assert state.user_trace and not ShellState(options="u-o pipefail").user_trace
+
+
+@pytest.mark.rootful
+def test_rootful_functions_aliases_and_the_trace_carry(busybox):
+    result, out = carry(busybox, "f() { id -u; }\nalias g='echo g'\nset -x", "f\ng")
+    assert result.ok, out
+    assert out == "+ f\n+ id -u\n0\n+ echo g\ng\n"
