@@ -27,8 +27,8 @@ import pexpect
 
 from stacker_kernel.container import limits
 from stacker_kernel.container.step import (
-    SCRIPT_FD, SENTINEL_RE, WRAPPER_FD, OutputFilter, ShellState, StepResult, build_wrapper, encode_command,
-    failure_message, format_sentinel, is_shebang, parse_state_dump,
+    SCRIPT_FD, SENTINEL_RE, WRAPPER_FD, OutputFilter, ShellState, StepResult, build_wrapper, carry_functions,
+    encode_command, failure_message, format_sentinel, functions_to_check, is_shebang, parse_state_dump,
 )
 from stacker_kernel.container.userns import IdMap
 from stacker_kernel.errors import ContainerError
@@ -150,8 +150,9 @@ class Container:
             cmd["cwd"] = state.cwd if state else "/"
         else:
             cmd["env"] = dict(env)
-            cmd["wrapper"] = build_wrapper(state, env, trace)
-        filt = OutputFilter(nonce, None if shebang else trace)
+            defined, functions, unclear = functions_to_check(script, state)
+            cmd["wrapper"] = build_wrapper(state, env, trace, functions, unclear)
+        filt = OutputFilter(nonce, None if shebang else trace, user_trace=bool(state and state.user_trace))
         sink = _OutputSink(on_output, log_path, stream_cap, flush_interval,
                            _ScriptNamer(script_name) if script_name else None)
         self._interrupted = False
@@ -178,6 +179,7 @@ class Container:
             has_state = True
         else:
             after = parse_state_dump(sentinel.state)
+            after = after and carry_functions(after.with_user_trace(filt.user_trace), state, defined)
             has_state = after is not None
         ok = status == 0 and has_state
         failed = None if ok or shebang else filt.last_trace

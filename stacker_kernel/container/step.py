@@ -16,7 +16,9 @@ from __future__ import annotations
 import base64
 import json
 import re
-from dataclasses import dataclass, field
+import shlex
+import subprocess
+from dataclasses import dataclass, field, replace
 
 #: the OSC number that opens every sentinel init writes
 SENTINEL_OSC = b"\x1b]5379;"
@@ -35,8 +37,11 @@ SPECIAL_VARS = (
     "FUNCNAME HISTCMD SHELLOPTS BASHOPTS DIRSTACK PIPESTATUS IFS"
 ).split()
 _SPECIAL_PATTERN = "|".join(SPECIAL_VARS + ["BASH*", "__sk_*"])
-#: `set` options carried between steps (x is ours, for the trace)
+#: `set` options the wrapper applies (x is the wrapper's too: see XTRACE)
 CARRIED_OPTIONS = "aCfuv"
+#: the letter a ShellState's options carry when the user's own `set -x` is on
+#: (the shell always traces for the wrapper, so only the output filter knows)
+XTRACE = "x"
 #: the option without a letter that carries too (bash, busybox; not dash)
 PIPEFAIL = "-o pipefail"
 DEFAULT_IFS = " \t\n"
@@ -48,8 +53,15 @@ class ShellState:
     """What carries from step to step within a layer.
 
     `options` lists the `set` letters to apply on top of a fresh `sh -e`
-    (letters among "aCfuv"), plus "+e" when the script turned errexit off,
-    plus "-o pipefail" when the script turned pipefail on.
+    (letters among "aCfuv", and "x" when the user's own trace is on), plus
+    "+e" when the script turned errexit off, plus "-o pipefail" when the
+    script turned pipefail on.
+
+    `aliases` and `traps` (as `trap` prints them) carry in every shell.
+    `functions` is what bash's `declare -f` prints. dash and busybox ash
+    cannot print a function, so `sh_functions` holds, per function that
+    exists after the step, the text of its definition in a step script:
+    see `function_definitions` for which definitions qualify.
     """
 
     cwd: str = "/"
@@ -57,11 +69,17 @@ class ShellState:
     plain: dict[str, str] = field(default_factory=dict)
     options: str = ""
     umask: str = ""  # as `umask` prints it; "" = the step default (0022)
+    aliases: dict[str, str] = field(default_factory=dict)
+    traps: str = ""
+    functions: str = ""
+    sh_functions: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = {"cwd": self.cwd, "exported": self.exported, "plain": self.plain, "options": self.options}
-        if self.umask:
-            d["umask"] = self.umask
+        # only when set: states (and cache keys) of ordinary steps stay as they were
+        for key in ("umask", "aliases", "traps", "functions", "sh_functions"):
+            if getattr(self, key):
+                d[key] = getattr(self, key)
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -76,7 +94,18 @@ class ShellState:
         d = json.loads(s)
         return cls(cwd=d.get("cwd", "/"), exported=dict(d.get("exported", {})),
                    plain=dict(d.get("plain", {})), options=d.get("options", ""),
-                   umask=d.get("umask", ""))
+                   umask=d.get("umask", ""), aliases=dict(d.get("aliases", {})),
+                   traps=d.get("traps", ""), functions=d.get("functions", ""),
+                   sh_functions=dict(d.get("sh_functions", {})))
+
+    def with_user_trace(self, on: bool) -> "ShellState":
+        """This state with the user's `set -x` on or off (the output filter knows which)."""
+        options = self.options.replace(XTRACE, "")
+        return replace(self, options=XTRACE + options if on else options)
+
+    @property
+    def user_trace(self) -> bool:
+        return XTRACE in self.options.replace(PIPEFAIL, "")
 
     def environment(self, env: dict[str, str]) -> dict[str, str]:
         """The process environment of a shebang step run in this state: the
@@ -151,6 +180,15 @@ def _restore_lines(state: ShellState, env: dict[str, str]) -> list[str]:
             lines.append(f"{name}={sh_quote(value)}; export {name}")
     if "IFS" in state.plain:
         lines.append(f"IFS={sh_quote(state.plain['IFS'])}")
+    for name, value in sorted(state.aliases.items()):
+        lines.append("alias " + sh_quote(f"{name}={value}"))
+    if state.functions:
+        # bash printed them; a step whose /bin/sh is no longer bash skips them
+        lines.append(f"if command -v declare >/dev/null; then eval {sh_quote(state.functions)}; fi")
+    for name, text in sorted(state.sh_functions.items()):
+        lines.append(f"eval {sh_quote(text)}")
+    if state.traps:
+        lines.append(f"eval {sh_quote(state.traps)}")
     return lines
 
 
@@ -170,6 +208,22 @@ def _option_commands(options: str) -> list[str]:
 
 # Only builtins after the user's script: the rootfs may lack cat, env, test.
 _POSTAMBLE = r"""printf 'u\0%s\0' "$(umask)" >&@STATE_FD@
+{
+printf 't\0'; trap; printf '\0a\0'; alias; printf '\0'
+case $(command -v declare) in
+  declare) printf 'f\0'; declare -f; printf '\0' ;;
+  *) for __sk_f in @FUNCTIONS@; do
+       case $(command -V "$__sk_f" 2>/dev/null) in *function*) printf 'F\0%s\0' "$__sk_f" ;; esac
+     done ;;
+esac
+} >&@STATE_FD@
+case $(command -v declare) in declare) ;; *)
+  for __sk_f in @UNCLEAR@; do
+    case $(command -V "$__sk_f" 2>/dev/null) in *function*)
+      printf 'note: function %s will not exist in the next cell: /bin/sh cannot print functions, so only one top-level "%s() { ...; }" line carries; define it that way, or again in the cell that calls it\n' "$__sk_f" "$__sk_f" ;;
+    esac
+  done ;;
+esac
 case $(set +o) in *"set -o pipefail"*) __sk_o="$__sk_o pipefail" ;; esac
 __sk_ifs_set=${IFS+x}
 __sk_ifs=${IFS-}
@@ -208,33 +262,43 @@ exit 0
    .replace("@STATE_FD@", str(STATE_FD))
 
 
-def trace_marker(token: str, quoted: bool = True) -> bytes:
+def trace_marker(token: str, quoted: bool = True, nested: bool = False) -> bytes:
     """The PS4 of a step: a line that starts with it is a trace line, not output.
 
     `quoted` says the shell quotes the arguments it traces (bash, busybox);
-    dash does not, so a quote in its trace lines is a literal byte.
+    dash does not, so a quote in its trace lines is a literal byte. `nested`
+    says the shell (bash) traces the sourced script one level deeper than
+    the wrapper, so the user's own trace shows one level less.
     """
-    return TRACE_LEAD + b"sk" + token.encode() + (b" " if quoted else b"u ")
+    return TRACE_LEAD + b"sk" + token.encode() + (b"n " if nested else b" " if quoted else b"u ")
 
 
-def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: str) -> str:
+def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: str,
+                  functions: tuple[str, ...] = (), unclear: tuple[str, ...] = ()) -> str:
     """The `/bin/sh -e` script that restores `state`, traces and sources the
     user's script from fd SCRIPT_FD, and dumps the state after it to fd STATE_FD.
 
     `env` is the environment the shell starts with; its names that `state`
     lacks are unset (an earlier step unset them). `trace_token` must differ
-    from the sentinel nonce: the script can read PS4.
+    from the sentinel nonce: the script can read PS4. `functions` are the
+    names whose existence as functions the dump reports (for `sh_functions`);
+    `unclear` those that get a note when they exist (they cannot carry).
     """
     lines = _restore_lines(state, env) if state is not None else []
     quoted, plain = (sh_quote(trace_marker(trace_token, q).decode()) for q in (True, False))
-    # dash traces arguments unquoted: its PS4 tells the filter so
+    nested = sh_quote(trace_marker(trace_token, nested=True).decode())
+    # dash traces arguments unquoted, bash the sourced script one level deeper: PS4 tells the filter
     lines.append(f"""case $(exec 2>&1; PS4=; set -x; : "'") in ": '") PS4={plain} ;; *) PS4={quoted} ;; esac""")
+    lines.append(f"case ${{BASH_VERSION-}} in ?*) PS4={nested} ;; esac")
     # One line from the options to `set +vx`: a shell echoes the lines it
     # reads under `set -v`, and our lines are no output of the step.
     run = _option_commands(state.options) if state is not None else []
     run += ["set -x", f". /proc/self/fd/{SCRIPT_FD}", "__sk_o=$-", "set +vx"]
     lines.append("; ".join(run))
-    return "\n".join(lines) + "\n" + _POSTAMBLE
+    def words(names: tuple[str, ...]) -> str:
+        return " ".join(n for n in names if _NAME_RE.match(n))
+    return ("\n".join(lines) + "\n"
+            + _POSTAMBLE.replace("@FUNCTIONS@", words(functions)).replace("@UNCLEAR@", words(unclear)))
 
 
 def parse_state_dump(data: bytes) -> ShellState | None:
@@ -243,9 +307,10 @@ def parse_state_dump(data: bytes) -> ShellState | None:
     if not parts or parts[-1] != b"":
         return None
     parts = [p.decode("utf-8", "surrogateescape") for p in parts[:-1]]
-    cwd, opts, umask = "/", "", ""
+    cwd, opts, umask, traps, alias_text, functions = "/", "", "", "", "", ""
     exported: dict[str, str] = {}
     plain: dict[str, str] = {}
+    sh_functions: dict[str, str] = {}
     complete = False
     i = 0
     try:
@@ -255,6 +320,15 @@ def parse_state_dump(data: bytes) -> ShellState | None:
                 cwd, opts, i = parts[i + 1], parts[i + 3], i + 4
             elif tag == "u":
                 umask, i = parts[i + 1].strip(), i + 2
+            elif tag == "t":
+                traps, i = parts[i + 1].strip(), i + 2
+            elif tag == "a":
+                alias_text, i = parts[i + 1], i + 2
+            elif tag == "f":
+                functions, i = parts[i + 1].strip(), i + 2
+            elif tag == "F":
+                sh_functions[parts[i + 1]] = ""  # the text comes from the scripts: see carry_functions
+                i += 2
             elif tag in ("v", "x"):
                 (exported if tag == "x" else plain)[parts[i + 1]] = parts[i + 2]
                 i += 3
@@ -274,7 +348,91 @@ def parse_state_dump(data: bytes) -> ShellState | None:
         options += PIPEFAIL
     if umask.lstrip("0") == "22":
         umask = ""  # the default: keep states (and cache keys) of ordinary steps unchanged
-    return ShellState(cwd=cwd, exported=exported, plain=plain, options=options, umask=umask)
+    return ShellState(cwd=cwd, exported=exported, plain=plain, options=options, umask=umask,
+                      aliases=parse_aliases(alias_text), traps=traps, functions=functions,
+                      sh_functions=sh_functions)
+
+
+_DEF_RE = re.compile(r"(?<![A-Za-z0-9_])([A-Za-z_][A-Za-z0-9_]*)[ \t]*\([ \t]*\)")
+_LINE_DEF_RE = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*\([ \t]*\)[ \t\n]*(?=\{)")
+# the `}` that may close a brace group: a word of its own after `;`, `&` or a newline
+_CLOSE_RE = re.compile(r"(?<=[;&\n \t])\}(?=[ \t\n;&|<>)]|\Z)")
+
+
+def _parses(text: str) -> bool:
+    """Whether `text` is complete shell syntax (the host's `sh -n`)."""
+    r = subprocess.run(["/bin/sh", "-n"], input=text.encode("utf-8", "surrogateescape"),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return r.returncode == 0
+
+
+def function_definitions(script: str) -> tuple[dict[str, str], set[str]]:
+    """The function definitions of a step script that can carry to the next
+    step of a shell that cannot print functions (dash, busybox ash), and the
+    names the script defines in other ways.
+
+    A definition carries when it is the only definition of its name in the
+    script, starts a line at the top level (the lines before it are complete
+    syntax, so it is in no `if`, loop or here-document) and its body is a
+    brace group: `name() { ...; }`. Its text ends at the first `}` that makes
+    it complete syntax. Any other definition of a name (in an `if`, in a
+    string for `eval`, twice) makes the name unclear: it does not carry.
+    """
+    if is_shebang(script):
+        return {}, set()
+    counts: dict[str, int] = {}
+    for m in _DEF_RE.finditer(script):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    if not counts:
+        return {}, set()
+    clean: dict[str, str] = {}
+    offset = 0
+    for line in script.splitlines(keepends=True):
+        m = _LINE_DEF_RE.match(script, offset)
+        if m and counts.get(m.group(1)) == 1 and _parses(script[:offset]):
+            text = _definition_text(script, offset, m.end())
+            if text is not None:
+                clean[m.group(1)] = text
+        offset += len(line)
+    return clean, set(counts) - set(clean)
+
+
+def _definition_text(script: str, start: int, body: int) -> str | None:
+    for close in _CLOSE_RE.finditer(script, body + 1):
+        text = script[start:close.end()].strip()
+        if _parses(text):
+            return text
+    return None
+
+
+def functions_to_check(script: str, before: ShellState | None
+                       ) -> tuple[dict[str, str], tuple[str, ...], tuple[str, ...]]:
+    """The carrying definitions of `script`; the names whose existence the
+    step's dump reports: those and the functions carried into the step,
+    except the names the script defines in a way that cannot carry; and
+    those names (unclear)."""
+    defined, unclear = function_definitions(script)
+    names = (set(before.sh_functions) if before else set()) | set(defined)
+    return defined, tuple(sorted(names - unclear)), tuple(sorted(unclear))
+
+
+def carry_functions(after: ShellState, before: ShellState | None, defined: dict[str, str]) -> ShellState:
+    """`after` with the text of every function of `sh_functions` (names the dump found):
+    from this step's `defined`, else from the state before."""
+    if not after.sh_functions:
+        return after
+    earlier = before.sh_functions if before else {}
+    texts = {n: defined.get(n) or earlier.get(n, "") for n in after.sh_functions}
+    return replace(after, sh_functions={n: t for n, t in texts.items() if t})
+
+
+def parse_aliases(text: str) -> dict[str, str]:
+    """Aliases as `alias` prints them: `name='value'` words (bash: each after `alias`)."""
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        return {}
+    return dict(w.split("=", 1) for w in words if "=" in w)
 
 
 def encode_command(cmd: dict) -> bytes:
@@ -308,13 +466,22 @@ class OutputFilter:
     pipeline's members (traced at once by forked shells) interleave: every
     marker opens one trace line, and bytes are swallowed until as many
     newlines have closed them.
+
+    The user's own `set -x` trace is output: `user_trace` follows the `set`
+    commands the trace shows, and while it is on, every trace line but the
+    wrapper's own goes to the output as `+ command` (PS4's default).
     """
 
-    def __init__(self, nonce: str, trace_token: str | None) -> None:
+    def __init__(self, nonce: str, trace_token: str | None, user_trace: bool = False) -> None:
         self.nonce = nonce
-        # after the lead byte(s): the marker of quoting shells, then dash's
-        self.markers = tuple(trace_marker(trace_token, q)[1:] for q in (True, False)) if trace_token else ()
+        # after the lead byte(s): the marker of quoting shells, dash's, bash's
+        self.markers = (tuple(trace_marker(trace_token, q)[1:] for q in (True, False))
+                        + (trace_marker(trace_token, nested=True)[1:],)) if trace_token else ()
+        self.user_trace = user_trace
+        self._untraced = False  # the last trace line turned the shell's tracing off
+        self._sourced = False  # the first trace line, the wrapper's `.` of the script, went by
         self._plain = False  # the open trace lines come from a shell that does not quote
+        self._level = 0  # nesting level of the trace line, as the user's PS4 would show it
         self.last_trace: str | None = None
         self.sentinel: Sentinel | None = None
         self._held = b""
@@ -338,6 +505,7 @@ class OutputFilter:
                     self._open_lines -= 1
                     if not self._open_lines:
                         self.last_trace = self._trace.decode("utf-8", "replace")
+                        out += self._user_trace_line(bytes(self._trace))
                         self._trace.clear()
                     i = nl + 1
                     continue
@@ -419,11 +587,50 @@ class OutputFilter:
         marker = next((m for m in self.markers if tail.startswith(m)), None)
         if marker is None:
             return 0
-        self._plain = marker is not self.markers[0]
+        self._plain = marker is self.markers[1]
         if self._open_lines:
             self._trace += b" | "
+        else:
+            self._level = k - (marker is self.markers[2])
         self._open_lines += 1
         return k + len(marker)
+
+    def _user_trace_line(self, text: bytes) -> bytes:
+        """The output a finished trace line makes: itself while the user's trace is on."""
+        wrapper = (self._level < 1 or text in _WRAPPER_TRACES or text.startswith(b"__sk_o=")
+                   or (not self._sourced and text.startswith(b". ")))  # the `.` of the user's script
+        self._sourced = True
+        if wrapper:
+            return b""
+        if self._untraced:  # the shell traces again: the user's own `set -x` ran
+            self.user_trace, self._untraced = True, False
+        shown = self.user_trace
+        self.user_trace = xtrace_after(text.decode("utf-8", "replace"), shown)
+        # after a `set +x` the shell traces nothing, not even the `set -x` that turns it on again
+        self._untraced = not xtrace_after(text.decode("utf-8", "replace"), True)
+        return b"+" * self._level + b" " + text + b"\n" if shown else b""
+
+
+#: trace lines of the wrapper's commands after the user's script
+_WRAPPER_TRACES = (b"set +vx",)
+
+
+def xtrace_after(command: str, on: bool) -> bool:
+    """Whether tracing is on after the traced `command` (a `set` turns it on or off)."""
+    words = command.split()
+    if words[:1] != ["set"]:
+        return on
+    it = iter(words[1:])
+    for w in it:
+        if w in ("-o", "+o"):
+            if next(it, "") == "xtrace":
+                on = w == "-o"
+        elif w[:1] in ("-", "+") and w not in ("-", "--"):
+            if "x" in w[1:]:
+                on = w[0] == "-"
+        else:
+            break
+    return on
 
 
 def _next_special(buf: bytes, start: int) -> int:
