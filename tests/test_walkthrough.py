@@ -122,3 +122,19 @@ def test_fail_chroot_fix_rebuild_grab_publish(storage, busybox_oci, tmp_path, re
     rootfs = tmp_path / "bundle" / "rootfs"
     assert (rootfs / "out" / "artifact.txt").read_text() == "packed: /src/input.txt\n"
     assert os.access(rootfs / "usr" / "local" / "bin" / "pack-tool", os.X_OK)
+
+
+def test_the_walkthrough_notebook_builds_headless_and_grabs_the_artifact(storage, busybox_tar, tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("walkthrough.ipynb", "pack-tool"):
+        (tmp_path / name).write_bytes((repo / "notebooks" / name).read_bytes())
+    (tmp_path / "pack-tool").chmod(0o755)
+    (tmp_path / "busybox.tar").write_bytes(busybox_tar.read_bytes())
+    nb = tmp_path / "walkthrough.ipynb"
+    built = _sk(storage, "build", "-f", str(nb), "--no-oci", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    assert "packed: /src/input.txt" in built.stdout
+    grabbed = _sk(storage, "grab", "-f", str(nb), "app:/out/artifact.txt", str(tmp_path / "artifact.txt"),
+                  cwd=tmp_path)
+    assert grabbed.returncode == 0, grabbed.stderr
+    assert (tmp_path / "artifact.txt").read_text() == "packed: /src/input.txt\n"
