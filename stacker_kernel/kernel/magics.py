@@ -41,13 +41,13 @@ def needs_session(name: str) -> bool:
 
 
 def size_change(n: int | None) -> str:
-    """A step's size change for display: '+1.5 KiB', '-12 B', '' when unknown."""
+    """A step's size change for display: '+1.5 KiB', '-12 B', '…' while being measured."""
     return _size(n)
 
 
 def _size(n: int | None) -> str:
     if n is None:
-        return ""
+        return "…"
     sign = "-" if n < 0 else "+"
     n = abs(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
