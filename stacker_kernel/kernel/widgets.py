@@ -265,13 +265,18 @@ class WidgetRegistry:
         self._layers = [x for x in self._layers if not x.closed][-(self.KEEP - 1):] + [widget]
 
     def refresh_all(self) -> None:
-        """Re-render every live layer widget whose history changed."""
+        """Bring every live layer widget up to date (the history is read once per session,
+        not once per widget)."""
+        views: dict[int, list] = {}
         for widget in list(self._layers):
             if widget.closed:
                 self._layers.remove(widget)
                 continue
             try:
-                widget.refresh()
+                session = widget.host.session
+                if id(session) not in views:
+                    views[id(session)] = session.history()
+                widget.refresh(views[id(session)])
             except Exception:  # a widget must never break the kernel
                 log.exception("refreshing a layer widget failed")
 
@@ -519,6 +524,38 @@ class FileBrowser(_Panel):
 
 # --- the layer history -----------------------------------------------------------
 
+# Waits for a session's background size measurement, for the widgets to refresh
+# then (not the io thread: a diff or a download must not wait behind it).
+_SIZE_WAITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="layer-sizes")
+
+
+def _row_key(v: Any) -> tuple:
+    """What a row shows of step view `v` but its size (updated in place when measured)."""
+    return (v.index, v.snapshot_id, v.layer, v.cell_id, v.first_line, v.status, v.duration, v.cached)
+
+
+def _cell_html(value: str) -> str:
+    return (f"<code title='{html.escape(value)}' style='white-space:nowrap'>"
+            f"{html.escape(value)}</code>")
+
+
+@dataclass
+class _Row:
+    """One step's row of a LayerHistory, with the parts that change after it is built."""
+
+    key: tuple
+    row: w.HBox
+    size_cell: w.HTML
+    rollback: w.Button
+    size: int | None
+
+    def set_size(self, size: int | None) -> None:
+        from stacker_kernel.kernel.magics import size_change
+
+        self.size = size
+        self.size_cell.value = _cell_html(size_change(size))
+
+
 
 class LayerHistory(_Panel):
     """`%layers` as a widget: a row per step with Roll back here, Diff and Browse."""
@@ -538,7 +575,8 @@ class LayerHistory(_Panel):
         self.rows = w.VBox([])
         self.detail = w.VBox([])
         self.browser: FileBrowser | None = None
-        self._shown: tuple = ()
+        self._shown: list[_Row] = []  # what self.rows shows, one per step
+        self._awaiting_sizes = False
         self.widget = w.VBox([self.header, self.rows, self.status, self.detail])
         self.widget.add_class("stacker-layers")
         self.refresh()
@@ -549,45 +587,81 @@ class LayerHistory(_Panel):
 
         return layers_table(self.host.session.history()).text
 
-    def refresh(self) -> None:
-        """Re-render the rows if the session's history changed since the last render."""
-        views = self.host.session.history()
-        key = tuple((v.snapshot_id, v.index) for v in views)
-        if key == self._shown and self.rows.children:
+    def refresh(self, views: list | None = None) -> None:
+        """Bring the rows up to date with the session's history (`views`, if the caller
+        read it already). Only what changed is touched: the rows of new or changed
+        steps are built, a size measured meanwhile only updates its cell, so that
+        a refresh after one step costs one row however long the history is."""
+        if views is None:
+            views = self.host.session.history()
+        if not views:
+            if self._shown or not self.rows.children:
+                self._shown = []
+                old = self.rows.children
+                self.rows.children = [w.HTML("<i>no steps yet: run a cell with a shell script"
+                                             " to make the first snapshot</i>")]
+                self._close_rows(old)
             return
-        self._shown = key
-        old = self.rows.children
-        if views:
-            self.rows.children = [self._row(v, last=v is views[-1]) for v in views]
-        else:
-            self.rows.children = [w.HTML("<i>no steps yet: run a cell with a shell script"
-                                         " to make the first snapshot</i>")]
+        shown = self._shown
+        same = 0
+        while same < min(len(views), len(shown)) and shown[same].key == _row_key(views[same]):
+            same += 1
+        if same != len(shown) or same != len(views):  # steps came, went or changed
+            old_rows = [r.row for r in shown[same:]] if shown else list(self.rows.children)
+            if shown:
+                shown[-1].rollback.disabled = False  # the old head's row, if it stays
+            self._shown = shown[:same] + [self._row(v) for v in views[same:]]
+            self._shown[-1].rollback.disabled = True  # already the head
+            self.rows.children = [r.row for r in self._shown]
+            self._close_rows(old_rows)
+        for r, v in zip(self._shown, views):
+            if r.size != v.size_delta:
+                r.set_size(v.size_delta)
+        if any(v.size_delta is None for v in views):
+            self._when_sizes_known()
+
+    def _when_sizes_known(self) -> None:
+        """Refresh again once the sizes being measured in the background are known."""
+        session = self.host.session
+        if self._awaiting_sizes or not session.sizes_pending():
+            return
+        self._awaiting_sizes = True
+
+        def known(_: Any) -> None:
+            self._awaiting_sizes = False
+            if not self.closed:
+                self.refresh()
+
+        def failed(e: BaseException) -> None:
+            self._awaiting_sizes = False
+            log.error("waiting for the step sizes failed", exc_info=e)
+
+        self.host.later(_SIZE_WAITER, session.wait_for_sizes, then=known, fail=failed)
+
+    def _close_rows(self, rows: Any) -> None:
         keep = {id(x) for x in (*self._layouts, *self._button_layouts.values())}
-        for row in old:
+        for row in rows:
             _close_tree(row, keep)
 
-    def _row(self, v: Any, last: bool) -> w.HBox:
+    def _row(self, v: Any) -> "_Row":
         from stacker_kernel.kernel.magics import size_change
 
         values = [str(v.index), v.layer, v.cell_id or "", v.first_line, v.status,
                   f"{v.duration:.2f} s", size_change(v.size_delta), "cached" if v.cached else ""]
         cells: list[w.Widget] = [
-            w.HTML(f"<code title='{html.escape(value)}' style='white-space:nowrap'>"
-                   f"{html.escape(value)}</code>", layout=lay)
-            for value, lay in zip(values, self._layouts)]
+            w.HTML(_cell_html(value), layout=lay) for value, lay in zip(values, self._layouts)]
         buttons = [
             ("Roll back here", f"roll back to step {v.index}", self.rollback),
             ("Diff", f"files step {v.index} changed", self.diff),
             ("Browse", f"browse the snapshot of step {v.index}", self.browse),
         ]
+        made = []
         for label, tip, action in buttons:
             width = "wide" if label == "Roll back here" else "narrow"
             button = w.Button(description=label, tooltip=tip, layout=self._button_layouts[width])
             button.on_click(self.guarded(lambda _, n=v.index, a=action: a(n)))
-            if label == "Roll back here" and last:
-                button.disabled = True  # already the head
-            cells.append(button)
-        return w.HBox(cells)
+            made.append(button)
+        return _Row(_row_key(v), w.HBox(cells + made), cells[6], made[0], v.size_delta)
 
     def rollback(self, index: int) -> None:
         """Roll the session back to step `index`, on the engine thread, unless a cell runs."""
