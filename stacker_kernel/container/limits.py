@@ -175,12 +175,27 @@ def make_cgroup(limit: int) -> str | None:
 
 
 def _remove_stale(base: Path) -> None:
-    # Containers of a crashed engine leave their cgroup; an empty one goes, a busy one stays.
+    # Containers of a crashed engine leave their cgroup (named after the engine's
+    # pid). Only those of dead engines go: a live engine's new cgroup is empty
+    # until its container joins it, and must not vanish under it.
     for d in base.glob(f"{BUILD_PREFIX}*"):
+        pid = d.name[len(BUILD_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
         try:
             d.rmdir()
         except OSError:
             pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_cgroup(path: str | None) -> None:
