@@ -227,7 +227,7 @@ def test_layers_widget_adds_the_row_of_a_new_cell(ui):
     ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 2")
 
 
-def test_a_new_step_builds_only_its_own_row_in_each_layers_widget(ui):
+def test_a_new_step_builds_one_row_however_many_layers_outputs_show_it(ui):
     for n in range(4):
         ui.ok(f"echo {n} > /f{n}", f"s{n}")
     ui.ok("%layers", "l1")
@@ -241,8 +241,7 @@ def test_a_new_step_builds_only_its_own_row_in_each_layers_widget(ui):
     ui.pump(1)
     opened = [m["content"]["data"]["state"] for m in seen if m["msg_type"] == "comm_open"]
     buttons = [s["tooltip"] for s in opened if s.get("_model_name") == "ButtonModel"]
-    assert sorted(buttons) == sorted(2 * ["roll back to step 5", "files step 5 changed",
-                                          "browse the snapshot of step 5"])
+    assert sorted(buttons) == ["browse the snapshot of step 5", "files step 5 changed", "roll back to step 5"]
     assert not [m for m in seen if m["msg_type"] == "comm_close"]  # no row was rebuilt
     # Step 4 is no longer the head: its Roll back here is enabled, step 5's is not.
     for comm_id in ui.find(_model_name="ButtonModel", tooltip="roll back to step 4"):

@@ -194,10 +194,7 @@ def _layers(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     table = layers_table(session.history())
     if ctx.widgets is None:
         return table
-    from stacker_kernel.kernel.widgets import LayerHistory
-
-    widget = LayerHistory(ctx.widgets)
-    ctx.widgets.registry.add(widget)
+    widget = ctx.widgets.registry.layer_history(ctx.widgets)
     return Shown(table.text, table.html, widget.widget)
 
 

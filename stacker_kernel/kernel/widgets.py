@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ipywidgets as w
+from ipywidgets.widgets.widget_string import HTMLStyle
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.grab import GrabError, grab, open_in_snapshot
@@ -254,7 +255,11 @@ class WidgetHost:
 
 
 class WidgetRegistry:
-    """The live layer-history widgets of a kernel, refreshed after each cell and rollback."""
+    """The live layer-history widgets of a kernel, refreshed after each cell and rollback.
+
+    A session has one LayerHistory: every `%layers` output is another view of its
+    models, so a step costs one new row however many outputs show the table.
+    """
 
     KEEP = 10  # the most recent %layers outputs stay live; older ones stop updating
 
@@ -263,6 +268,16 @@ class WidgetRegistry:
 
     def add(self, widget: "LayerHistory") -> None:
         self._layers = [x for x in self._layers if not x.closed][-(self.KEEP - 1):] + [widget]
+
+    def layer_history(self, host: WidgetHost) -> "LayerHistory":
+        """The live LayerHistory of `host`'s session, made (and registered) if there is none."""
+        for widget in self._layers:
+            if not widget.closed and widget.host.session is host.session:
+                widget.refresh()
+                return widget
+        widget = LayerHistory(host)
+        self.add(widget)
+        return widget
 
     def refresh_all(self) -> None:
         """Bring every live layer widget up to date (the history is read once per session,
@@ -534,9 +549,17 @@ def _row_key(v: Any) -> tuple:
     return (v.index, v.snapshot_id, v.layer, v.cell_id, v.first_line, v.status, v.duration, v.cached)
 
 
-def _cell_html(value: str) -> str:
-    return (f"<code title='{html.escape(value)}' style='white-space:nowrap'>"
-            f"{html.escape(value)}</code>")
+def _cell_html(value: str, width: str, tag: str = "code") -> str:
+    return (f"<{tag} title='{html.escape(value)}' style='display:inline-block;width:{width};"
+            f"overflow:hidden;white-space:nowrap;vertical-align:middle;margin:2px 0.6em 2px 0'>"
+            f"{html.escape(value)}</{tag}>")
+
+
+def _row_html(values: list[str], columns: tuple) -> str:
+    return "".join(_cell_html(value, width) for value, (_, width) in zip(values, columns))
+
+
+SIZE_COLUMN = 6  # LayerHistory.COLUMNS index of "size"
 
 
 @dataclass
@@ -545,15 +568,16 @@ class _Row:
 
     key: tuple
     row: w.HBox
-    size_cell: w.HTML
+    cells: w.HTML
     rollback: w.Button
-    size: int | None
+    values: list[str]
+    columns: tuple
 
     def set_size(self, size: int | None) -> None:
         from stacker_kernel.kernel.magics import size_change
 
-        self.size = size
-        self.size_cell.value = _cell_html(size_change(size))
+        self.values[SIZE_COLUMN] = size_change(size)
+        self.cells.value = _row_html(self.values, self.columns)
 
 
 
@@ -566,12 +590,17 @@ class LayerHistory(_Panel):
     def __init__(self, host: WidgetHost) -> None:
         super().__init__()
         self.host = host
-        self._layouts = [w.Layout(width=width, flex="0 0 auto", overflow="hidden",
-                                  margin="2px 0.6em 2px 0") for _, width in self.COLUMNS]
+        # A row is one HTML (its cells) and three buttons, all sharing these layouts
+        # and styles: a few models per step, as a step adds a row after every cell.
+        self._cells_layout = w.Layout(flex="0 0 auto")
+        self._row_layout = w.Layout(align_items="center")
+        self._html_style = HTMLStyle()
+        self._button_style = w.ButtonStyle()
         self._button_layouts = {"wide": w.Layout(width="9.5em", flex="0 0 auto"),
                                 "narrow": w.Layout(width="6em", flex="0 0 auto")}
-        self.header = w.HBox([w.HTML(f"<b>{name}</b>", layout=lay)
-                              for (name, _), lay in zip(self.COLUMNS, self._layouts)])
+        self.header = w.HBox([w.HTML("".join(_cell_html(name, width, "b") for name, width in self.COLUMNS),
+                                     layout=self._cells_layout, style=self._html_style)],
+                             layout=self._row_layout)
         self.rows = w.VBox([])
         self.detail = w.VBox([])
         self.browser: FileBrowser | None = None
@@ -614,8 +643,10 @@ class LayerHistory(_Panel):
             self._shown[-1].rollback.disabled = True  # already the head
             self.rows.children = [r.row for r in self._shown]
             self._close_rows(old_rows)
+        from stacker_kernel.kernel.magics import size_change
+
         for r, v in zip(self._shown, views):
-            if r.size != v.size_delta:
+            if r.values[SIZE_COLUMN] != size_change(v.size_delta):
                 r.set_size(v.size_delta)
         if any(v.size_delta is None for v in views):
             self._when_sizes_known()
@@ -638,8 +669,12 @@ class LayerHistory(_Panel):
 
         self.host.later(_SIZE_WAITER, session.wait_for_sizes, then=known, fail=failed)
 
+    def _shared(self) -> tuple:
+        return (self._cells_layout, self._row_layout, self._html_style, self._button_style,
+                *self._button_layouts.values())
+
     def _close_rows(self, rows: Any) -> None:
-        keep = {id(x) for x in (*self._layouts, *self._button_layouts.values())}
+        keep = {id(x) for x in self._shared()}
         for row in rows:
             _close_tree(row, keep)
 
@@ -648,8 +683,7 @@ class LayerHistory(_Panel):
 
         values = [str(v.index), v.layer, v.cell_id or "", v.first_line, v.status,
                   f"{v.duration:.2f} s", size_change(v.size_delta), "cached" if v.cached else ""]
-        cells: list[w.Widget] = [
-            w.HTML(_cell_html(value), layout=lay) for value, lay in zip(values, self._layouts)]
+        cells = w.HTML(_row_html(values, self.COLUMNS), layout=self._cells_layout, style=self._html_style)
         buttons = [
             ("Roll back here", f"roll back to step {v.index}", self.rollback),
             ("Diff", f"files step {v.index} changed", self.diff),
@@ -658,10 +692,12 @@ class LayerHistory(_Panel):
         made = []
         for label, tip, action in buttons:
             width = "wide" if label == "Roll back here" else "narrow"
-            button = w.Button(description=label, tooltip=tip, layout=self._button_layouts[width])
+            button = w.Button(description=label, tooltip=tip, layout=self._button_layouts[width],
+                              style=self._button_style)
             button.on_click(self.guarded(lambda _, n=v.index, a=action: a(n)))
             made.append(button)
-        return _Row(_row_key(v), w.HBox(cells + made), cells[6], made[0], v.size_delta)
+        return _Row(_row_key(v), w.HBox([cells, *made], layout=self._row_layout), cells, made[0], values,
+                    self.COLUMNS)
 
     def rollback(self, index: int) -> None:
         """Roll the session back to step `index`, on the engine thread, unless a cell runs."""
@@ -714,5 +750,5 @@ class LayerHistory(_Panel):
         if self.browser is not None:
             self.browser.close()
         _close_tree(self.widget)
-        for lay in (*self._layouts, *self._button_layouts.values()):
-            lay.close()
+        for shared in self._shared():
+            shared.close()
