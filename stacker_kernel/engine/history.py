@@ -8,6 +8,7 @@ it in their chain (see BuildSession.built_steps).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -17,6 +18,14 @@ from stacker_kernel.recipe.model import first_line
 from stacker_kernel.storage.store import Session, Snapshot, Store
 
 log = logging.getLogger(__name__)
+
+
+def _lowest_priority() -> None:
+    """Run this thread (and the helpers it forks) at nice 19: a cell goes first."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # per thread on Linux
+    except OSError:
+        pass
 
 
 @dataclass
@@ -128,7 +137,7 @@ class History:
             if pending is not None and not pending.running() and not pending.done():
                 return  # the queued run has not started: it will see the new steps too
             if self._sizer is None:
-                self._sizer = ThreadPoolExecutor(1, thread_name_prefix="step-sizes")
+                self._sizer = ThreadPoolExecutor(1, thread_name_prefix="step-sizes", initializer=_lowest_priority)
             self._sizing = self._sizer.submit(self._measure_sizes)
 
     def sizes_pending(self) -> bool:
