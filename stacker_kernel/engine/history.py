@@ -137,7 +137,8 @@ class History:
             if pending is not None and not pending.running() and not pending.done():
                 return  # the queued run has not started: it will see the new steps too
             if self._sizer is None:
-                self._sizer = ThreadPoolExecutor(1, thread_name_prefix="step-sizes", initializer=_lowest_priority)
+                self._sizer = ThreadPoolExecutor(1, thread_name_prefix="step-sizes",
+                                                 initializer=_lowest_priority)
             self._sizing = self._sizer.submit(self._measure_sizes)
 
     def sizes_pending(self) -> bool:

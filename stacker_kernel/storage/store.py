@@ -3,7 +3,8 @@
 Layout under the storage root (DESIGN.md "Storage layout"):
 
     stacker-kernel.db   records of snapshots (bases and steps), sessions, their
-                        histories (a row per entry) and the step cache, WAL mode; `PRAGMA user_version` is SCHEMA_VERSION
+                        histories (a row per entry) and the step cache, WAL mode;
+                        `PRAGMA user_version` is SCHEMA_VERSION
     bases/<digest>      read-only subvolumes of imported bases (content-addressed)
     snapshots/<id>      read-only subvolumes, one per successful step
     live/<session>      writable subvolumes of running containers
