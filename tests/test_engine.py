@@ -202,12 +202,12 @@ def test_history_shows_each_steps_size_change(session):
 
 
 def test_showing_the_history_never_diffs_on_the_callers_thread(session, monkeypatch):
-    from stacker_kernel.engine import inspect
+    from stacker_kernel.engine import history
 
     diffed_on = []
-    size_changes = inspect.size_changes
-    monkeypatch.setattr(inspect, "size_changes",
-                        lambda pairs: diffed_on.append(threading.current_thread()) or size_changes(pairs))
+    measure = history.measure_sizes
+    monkeypatch.setattr(history, "measure_sizes",
+                        lambda pairs: diffed_on.append(threading.current_thread()) or measure(pairs))
     for n in range(3):
         run_ok(session, f"head -c {n + 1}000 /dev/zero > /f{n}")
         session.history()
@@ -217,11 +217,12 @@ def test_showing_the_history_never_diffs_on_the_callers_thread(session, monkeypa
 
 
 def test_the_history_shows_recorded_sizes_without_diffing(session, monkeypatch):
-    from stacker_kernel.engine import inspect
+    from stacker_kernel.engine import history, inspect
 
     for n in range(3):
         run_ok(session, f"head -c {n + 1}000 /dev/zero > /f{n}")
     session.wait_for_sizes()
+    monkeypatch.setattr(history, "measure_sizes", lambda pairs: pytest.fail("the history diffed a step"))
     monkeypatch.setattr(inspect, "size_changes", lambda pairs: pytest.fail("the history diffed a step"))
     assert [v.size_delta for v in session.history()] == [1000, 2000, 3000]
     # Recorded in the store: a session resumed in another process knows them too.

@@ -7,13 +7,17 @@ it in their chain (see BuildSession.built_steps).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
-from stacker_kernel.errors import RecipeError
+import stacker_kernel
+from stacker_kernel.errors import RecipeError, StorageError
 from stacker_kernel.recipe.model import first_line
 from stacker_kernel.storage.store import Session, Snapshot, Store
 
@@ -26,6 +30,28 @@ def _lowest_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # per thread on Linux
     except OSError:
         pass
+
+
+_MEASURE = ("import json, sys\n"
+            "from stacker_kernel.engine.inspect import size_changes\n"
+            "print(json.dumps(size_changes(json.load(sys.stdin))))")
+
+
+def measure_sizes(pairs: list[tuple[str | None, str]]) -> list[int]:
+    """engine.inspect.size_changes of (parent path, snapshot path) pairs, in a new process.
+
+    The size thread runs beside the engine thread: a child it forked without exec
+    could inherit a lock another thread holds (an import's, a stream's) and wait
+    for it forever, so it execs a fresh interpreter (single-threaded) instead.
+    """
+    top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", _MEASURE], input=json.dumps(pairs), capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise StorageError(f"the size changes of {len(pairs)} step(s) could not be measured: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @dataclass
@@ -159,11 +185,6 @@ class History:
             sizer.shutdown(wait=True, cancel_futures=True)
 
     def _measure_sizes(self) -> None:
-        # Imported here, before the fork: the forked helper must not import anything,
-        # as another thread may hold an import lock the child would wait on forever.
-        import stacker_kernel.oci.diff  # noqa: F401 (used by the helper)
-        from stacker_kernel.engine.inspect import size_changes
-
         try:
             todo = [s for s in self.snaps() if s.size_delta is None and s.id not in self._unmeasurable]
             if not todo:
@@ -171,7 +192,8 @@ class History:
             parents = [(self._records.get(s.parent) or self.store.get(s.parent)) if s.parent else None
                        for s in todo]
             try:
-                deltas = size_changes([(p.path if p else None, s.path) for s, p in zip(todo, parents)])
+                deltas = measure_sizes([(str(p.path) if p else None, str(s.path))
+                                        for s, p in zip(todo, parents)])
             except Exception:
                 self._unmeasurable.update(s.id for s in todo)
                 raise
