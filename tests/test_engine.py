@@ -202,18 +202,18 @@ def test_history_shows_each_steps_size_change(session):
 
 
 def test_showing_the_history_never_diffs_on_the_callers_thread(session, monkeypatch):
-    from stacker_kernel.engine import history
+    from stacker_kernel.engine import inspect
 
     diffed_on = []
-    measure = history.measure_sizes
-    monkeypatch.setattr(history, "measure_sizes",
-                        lambda pairs: diffed_on.append(threading.current_thread()) or measure(pairs))
+    diff = inspect.size_changes
+    monkeypatch.setattr(inspect, "size_changes",
+                        lambda pairs: diffed_on.append(threading.current_thread()) or diff(pairs))
     for n in range(3):
         run_ok(session, f"head -c {n + 1}000 /dev/zero > /f{n}")
         session.history()
     assert threading.current_thread() not in diffed_on
-    session.wait_for_sizes()
-    assert diffed_on  # in the background
+    session.wait_for_sizes()  # measured in the background meanwhile
+    assert [v.size_delta for v in session.history()] == [1000, 2000, 3000]
 
 
 def test_the_history_shows_recorded_sizes_without_diffing(session, monkeypatch):
