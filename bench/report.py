@@ -113,7 +113,7 @@ NOTES = [
     "floor only downloads and untars. The base import is the same for both users and not counted.",
     "- **Cell** is end to end through the Jupyter protocol: bash_kernel pays its prompt-scraping "
     "round trips, stacker-kernel pays a container step and a snapshot.",
-    "- **Long session**: a step's size change is measured on a background thread at nice 19 after "
+    "- **Long session**: a step's size change is measured by a helper process at nice 19 after "
     "its commit and recorded, so `%layers` only reads records; the history is a table with a row "
     "per step; all `%layers` outputs of a session are views of one widget, whose refresh after a "
     "step builds only the new row.",
