@@ -6,7 +6,7 @@ Each script measures its figures beside their comparison in the same run and
 prints the ratio (bench/snapshot.py: the raw ioctl; bench/step.py: `sh -c
 true` and `buildah run` + `buildah commit`; bench/export.py: `umoci repack`;
 bench/cell.py: bash_kernel and ipykernel; bench/remote_cache.py: a GET and
-untar of the same blobs). This script only runs them one
+untar of the same blobs; bench/long_session.py: step 10, and no %layers output). This script only runs them one
 after the other, each with a time limit, and writes their output with the
 machine it ran on. Run as root so buildah (chroot isolation) takes part; the
 whole report takes a few minutes.
@@ -49,6 +49,9 @@ BENCHES = [
     Bench("remote_cache.py", (), "Shared cache through a registry (issue 16)",
           "a Debian notebook built cold with --cache-to, then on an empty store with --cache-from, "
           "beside a plain GET + `tar -xzf` of the same layer blobs from the same registry", 900),
+    Bench("long_session.py", ("1000",), "Speed that does not decay (issue 14)",
+          "a `true` cell at step 1000 beside one at step 10, the first `%layers` at 1000 steps, and a "
+          "cell with five live `%layers` outputs over 200 steps beside one with none", 900),
 ]
 
 
@@ -110,6 +113,10 @@ NOTES = [
     "floor only downloads and untars. The base import is the same for both users and not counted.",
     "- **Cell** is end to end through the Jupyter protocol: bash_kernel pays its prompt-scraping "
     "round trips, stacker-kernel pays a container step and a snapshot.",
+    "- **Long session**: a step's size change is measured by a helper process at nice 19 after "
+    "its commit and recorded, so `%layers` only reads records; the history is a table with a row "
+    "per step; all `%layers` outputs of a session are views of one widget, whose refresh after a "
+    "step builds only the new row.",
 ]
 
 

@@ -196,8 +196,37 @@ def _sleepers():
 def test_history_shows_each_steps_size_change(session):
     run_ok(session, "head -c 100000 /dev/zero > /big")
     run_ok(session, "rm /big; mkdir /d")
+    session.wait_for_sizes()  # measured in the background after each commit
     sizes = [v.size_delta for v in session.history()]
     assert sizes == [100000, -100000]
+
+
+def test_showing_the_history_never_diffs_on_the_callers_thread(session, monkeypatch):
+    from stacker_kernel.engine import inspect
+
+    diffed_on = []
+    diff = inspect.size_changes
+    monkeypatch.setattr(inspect, "size_changes",
+                        lambda pairs: diffed_on.append(threading.current_thread()) or diff(pairs))
+    for n in range(3):
+        run_ok(session, f"head -c {n + 1}000 /dev/zero > /f{n}")
+        session.history()
+    assert threading.current_thread() not in diffed_on
+    session.wait_for_sizes()  # measured in the background meanwhile
+    assert [v.size_delta for v in session.history()] == [1000, 2000, 3000]
+
+
+def test_the_history_shows_recorded_sizes_without_diffing(session, monkeypatch):
+    from stacker_kernel.engine import history, inspect
+
+    for n in range(3):
+        run_ok(session, f"head -c {n + 1}000 /dev/zero > /f{n}")
+    session.wait_for_sizes()
+    monkeypatch.setattr(history, "measure_sizes", lambda pairs: pytest.fail("the history diffed a step"))
+    monkeypatch.setattr(inspect, "size_changes", lambda pairs: pytest.fail("the history diffed a step"))
+    assert [v.size_delta for v in session.history()] == [1000, 2000, 3000]
+    # Recorded in the store: a session resumed in another process knows them too.
+    assert [session.store.get(v.snapshot_id).size_delta for v in session.history()] == [1000, 2000, 3000]
 
 
 def test_an_interrupt_while_the_step_is_being_prepared_still_ends_it(storage, busybox_tar, tmp_path):
@@ -338,12 +367,32 @@ def test_a_new_cache_format_makes_earlier_steps_miss(session, monkeypatch):
     assert not again.cached and again.snapshot_id != first.snapshot_id
 
 
+def test_a_cells_session_writes_do_not_grow_with_the_history(session, monkeypatch):
+    written = []
+    write = session.store._write
+    monkeypatch.setattr(session.store, "_write", lambda stmts: written.extend(stmts) or write(stmts))
+
+    def session_bytes_of_a_cell(n: int) -> tuple[int, int]:
+        written.clear()
+        run_ok(session, f"echo {n:03} > /n", cell_id=f"c{n:03}")
+        mine = [args for sql, args in written if "sessions" in sql or "history" in sql]
+        return len(mine), sum(len(a) for args in mine for a in args if isinstance(a, str))
+
+    for n in range(2):
+        session_bytes_of_a_cell(n)
+    short = session_bytes_of_a_cell(2)
+    for n in range(3, 13):
+        session_bytes_of_a_cell(n)
+    assert session_bytes_of_a_cell(13) == short
+
+
 def test_a_cells_store_reads_do_not_grow_with_the_history(session, monkeypatch):
     reads = []
     query = session.store._query
     monkeypatch.setattr(session.store, "_query", lambda sql, args=(): reads.append(sql) or query(sql, args))
 
     def reads_of_a_cell(n: int) -> int:
+        session.wait_for_sizes()  # not a cell's reads: the size measurement's, in the background
         reads.clear()
         run_ok(session, f"echo {n} > /n", cell_id=f"c{n}")
         return len(reads)

@@ -127,6 +127,39 @@ def test_a_store_from_before_schema_versions_is_migrated_and_keeps_its_cache(sto
     assert _user_version(storage) == SCHEMA_VERSION
 
 
+def test_a_schema_2_store_keeps_its_session_histories(storage):
+    import json
+    import sqlite3
+
+    from stacker_kernel.storage.store import SCHEMA_VERSION
+
+    conn = sqlite3.connect(storage / "stacker-kernel.db")
+    conn.executescript(_SCHEMA_BEFORE_VERSIONS)
+    conn.execute("CREATE TABLE cache (key TEXT PRIMARY KEY, snapshot TEXT NOT NULL)")
+    (storage / "snapshots").mkdir()
+    ids = [c * 32 for c in "abc"]
+    for n, sid in enumerate(ids):
+        btrfs.create_subvolume(storage / "snapshots" / sid)
+        btrfs.set_readonly(storage / "snapshots" / sid, True)
+        conn.execute("INSERT INTO snapshots VALUES (?, 'step', NULL, NULL, 'l', NULL, 'x', NULL, '{}',"
+                     " 'ok', 0, 0, NULL, ?)", (sid, 100.0 + n))
+    conn.execute("INSERT INTO sessions VALUES ('s1', 'kernel', '/nb.ipynb', 0, 0, ?, 'l', '{}', ?, 1, 1)",
+                 (ids[2], json.dumps([ids[2], ids[0], ids[1]])))
+    conn.execute("INSERT INTO sessions VALUES ('s2', 'build', '/x', 0, 0, NULL, 'l', '{}', '[]', 2, 2)")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    with Store.open(storage) as store:
+        assert {s.id: s.history for s in store.find_sessions()} == {"s1": [ids[2], ids[0], ids[1]], "s2": []}
+        assert store.get_session("s1").history == [ids[2], ids[0], ids[1]]
+    assert _user_version(storage) == SCHEMA_VERSION == 3
+    conn = sqlite3.connect(storage / "stacker-kernel.db")
+    try:  # the history is no longer in the session record
+        assert "history" not in [r[1] for r in conn.execute("PRAGMA table_info(sessions)")]
+    finally:
+        conn.close()
+
+
 def test_a_store_of_a_newer_schema_is_refused_in_one_line(storage):
     import sqlite3
 
@@ -270,6 +303,39 @@ def test_update_session_stores_head_tags_and_history(store):
     store.update_session(sess)
     again = store.find_sessions()[0]
     assert (again.head, again.layer, again.tags, again.history) == ("h", "l2", {"l1": "x"}, ["x", "h"])
+
+
+def test_a_history_write_after_a_step_does_not_grow_with_the_history(store, monkeypatch):
+    written = []
+    write = store._write
+    monkeypatch.setattr(store, "_write", lambda stmts: written.append(list(stmts)) or write(stmts))
+    sess = store.new_session("kernel", "/nb.ipynb")
+
+    def bytes_of_a_step() -> tuple[int, int]:
+        written.clear()
+        sess.history.append(f"{len(sess.history):032x}")
+        store.update_session(sess)
+        stmts = written[0]
+        return len(stmts), sum(len(a) for _, args in stmts for a in args if isinstance(a, str))
+
+    short = bytes_of_a_step()
+    for _ in range(50):
+        bytes_of_a_step()
+    assert bytes_of_a_step() == short
+    assert store.get_session(sess.id).history == [f"{n:032x}" for n in range(52)]
+
+
+def test_a_session_history_survives_rollback_edits_and_rewrites(store):
+    sess = store.new_session("kernel", "/nb.ipynb")
+    for history in (["a", "b", "c"], ["a", "b"], ["a", "b", "d", "e"], ["a", "e"], ["x"], []):
+        sess.history = list(history)
+        store.update_session(sess)
+        assert store.get_session(sess.id).history == history
+    # Written by a session record read from the store, not the one that wrote it last.
+    other = store.get_session(sess.id)
+    other.history = ["y", "z"]
+    store.update_session(other)
+    assert store.find_sessions()[0].history == ["y", "z"]
 
 
 def test_new_session_is_alive_while_its_owner_runs(store):

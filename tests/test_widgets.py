@@ -227,6 +227,35 @@ def test_layers_widget_adds_the_row_of_a_new_cell(ui):
     ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 2")
 
 
+def test_a_new_step_builds_one_row_however_many_layers_outputs_show_it(ui):
+    for n in range(4):
+        ui.ok(f"echo {n} > /f{n}", f"s{n}")
+    ui.ok("%layers", "l1")
+    ui.ok("%layers", "l2")
+    ui.pump(1)
+    seen: list[dict] = []
+    apply = ui._apply
+    ui._apply = lambda msg: seen.append(msg) or apply(msg)
+    ui.ok("echo new > /new", "s9")
+    ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 5")
+    ui.pump(1)
+    opened = [m["content"]["data"]["state"] for m in seen if m["msg_type"] == "comm_open"]
+    buttons = [s["tooltip"] for s in opened if s.get("_model_name") == "ButtonModel"]
+    assert sorted(buttons) == ["browse the snapshot of step 5", "files step 5 changed", "roll back to step 5"]
+    assert not [m for m in seen if m["msg_type"] == "comm_close"]  # no row was rebuilt
+    # Step 4 is no longer the head: its Roll back here is enabled, step 5's is not.
+    for comm_id in ui.find(_model_name="ButtonModel", tooltip="roll back to step 4"):
+        assert ui.models[comm_id]["disabled"] is False
+    for comm_id in ui.find(_model_name="ButtonModel", tooltip="roll back to step 5"):
+        assert ui.models[comm_id]["disabled"] is True
+
+
+def test_layers_widget_shows_a_steps_size_once_measured(ui):
+    ui.ok("%layers", "l")
+    ui.ok("head -c 3000 /dev/zero > /f", "s1")
+    _wait_html(ui, r"\+2\.9 KiB")
+
+
 def test_layers_widget_drops_rows_after_the_rollback_magic(ui):
     ui.ok("echo one > /one", "s1")
     ui.ok("echo two > /two", "s2")

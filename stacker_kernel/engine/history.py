@@ -7,11 +7,51 @@ it in their chain (see BuildSession.built_steps).
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
-from stacker_kernel.errors import RecipeError
+import stacker_kernel
+from stacker_kernel.errors import RecipeError, StorageError
 from stacker_kernel.recipe.model import first_line
 from stacker_kernel.storage.store import Session, Snapshot, Store
+
+log = logging.getLogger(__name__)
+
+
+def _lowest_priority() -> None:
+    """Run this thread (and the helpers it forks) at nice 19: a cell goes first."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # per thread on Linux
+    except OSError:
+        pass
+
+
+_MEASURE = ("import json, sys\n"
+            "from stacker_kernel.engine.inspect import size_changes\n"
+            "print(json.dumps(size_changes(json.load(sys.stdin))))")
+
+
+def measure_sizes(pairs: list[tuple[str | None, str]]) -> list[int]:
+    """engine.inspect.size_changes of (parent path, snapshot path) pairs, in a new process.
+
+    The size thread runs beside the engine thread: a child it forked without exec
+    could inherit a lock another thread holds (an import's, a stream's) and wait
+    for it forever, so it execs a fresh interpreter (single-threaded) instead.
+    """
+    top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", _MEASURE], input=json.dumps(pairs), capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise StorageError(f"the size changes of {len(pairs)} step(s) could not be measured: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @dataclass
@@ -24,7 +64,7 @@ class StepView:
     first_line: str
     status: str
     duration: float
-    size_delta: int | None
+    size_delta: int | None  # None: not measured yet (being measured in the background)
     cached: bool
 
 
@@ -37,6 +77,11 @@ class History:
     Step records do not change once committed (but for the size change,
     measured here), and gc keeps every snapshot a history names: they are read
     from the store once, so that a step's work does not grow with the history.
+
+    A step's size change comes from diffing its snapshot against its parent,
+    which takes seconds for a big step: it is measured on a background thread
+    (after each commit in a kernel, else when the steps are first shown) and
+    recorded, so that showing the history never waits for a diff.
     """
 
     def __init__(self, store: Store, session: Session):
@@ -47,6 +92,10 @@ class History:
         self.cell_ids: dict[str, str | None] = {}
         self._records: dict[str, Snapshot] = {}
         self._cell_pos: dict[str, int] | None = None  # cell id -> its first position; None: to rebuild
+        self._sizer: ThreadPoolExecutor | None = None
+        self._sizing: Future | None = None  # the latest background size measurement
+        self._size_lock = threading.Lock()
+        self._unmeasurable: set[str] = set()  # whose measurement failed: not retried forever
 
     @property
     def ids(self) -> list[str]:
@@ -83,6 +132,10 @@ class History:
         if self._cell_pos is not None and snap.cell_id is not None:
             self._cell_pos.setdefault(snap.cell_id, len(self.session.history))
         self.session.history.append(snap.id)
+        if snap.size_delta is None and self.session.kind == "kernel":
+            # A notebook shows its steps at any time; a build rarely does, and the
+            # diff would compete with its next step.
+            self.measure_later()
 
     def keep(self, ids: list[str]) -> None:
         self.session.history = list(ids)
@@ -92,29 +145,64 @@ class History:
         return [s for s in self.snaps() if s.layer == name]
 
     def views(self, measure: bool = True) -> list[StepView]:
-        """The steps as `%layers` shows them. Size changes are measured here, from the
-        snapshot diffs, the first time a step is shown (not on the step's hot path;
-        `measure=False` leaves unknown ones None)."""
+        """The steps as `%layers` shows them. It never diffs: a size change not known
+        yet is None, and (unless `measure=False`) measured in the background."""
         snaps = self.snaps()
-        if measure:
-            self._measure_sizes(snaps)
+        if measure and any(s.size_delta is None and s.id not in self._unmeasurable for s in snaps):
+            self.measure_later()
         return [StepView(i, snap.id, snap.layer, snap.cell_id,
                          first_line(snap.source, skip_shebang=True),
                          snap.status, snap.duration, snap.size_delta,
                          cached=snap.session != self.session.id)
                 for i, snap in enumerate(snaps, 1)]
 
-    def _measure_sizes(self, snaps: list[Snapshot]) -> None:
-        from stacker_kernel.engine.inspect import size_changes
+    def measure_later(self) -> None:
+        """Measure the size changes not known yet, on the background thread."""
+        with self._size_lock:
+            pending = self._sizing
+            if pending is not None and not pending.running() and not pending.done():
+                return  # the queued run has not started: it will see the new steps too
+            if self._sizer is None:
+                self._sizer = ThreadPoolExecutor(1, thread_name_prefix="step-sizes",
+                                                 initializer=_lowest_priority)
+            self._sizing = self._sizer.submit(self._measure_sizes)
 
-        todo = [s for s in snaps if s.size_delta is None]
-        if not todo:
-            return
-        parents = [self.store.get(s.parent) if s.parent else None for s in todo]
-        deltas = size_changes([(p.path if p else None, s.path) for s, p in zip(todo, parents)])
-        for snap, delta in zip(todo, deltas):
-            snap.size_delta = delta  # the record kept in _records
-            self.store.set_size_delta(snap.id, delta)
+    def sizes_pending(self) -> bool:
+        """True while a background size measurement is queued or running."""
+        pending = self._sizing
+        return pending is not None and not pending.done()
+
+    def wait_for_sizes(self) -> None:
+        """Wait until the background size measurements have finished."""
+        while (pending := self._sizing) is not None and not pending.done():
+            wait([pending])  # an error was logged by the measurement itself
+
+    def stop_measuring(self) -> None:
+        """Drop queued size measurements and wait for a running one (before the store closes)."""
+        with self._size_lock:
+            sizer, self._sizer = self._sizer, None
+        if sizer is not None:
+            sizer.shutdown(wait=True, cancel_futures=True)
+
+    def _measure_sizes(self) -> None:
+        try:
+            todo = [s for s in self.snaps() if s.size_delta is None and s.id not in self._unmeasurable]
+            if not todo:
+                return
+            parents = [(self._records.get(s.parent) or self.store.get(s.parent)) if s.parent else None
+                       for s in todo]
+            try:
+                deltas = measure_sizes([(str(p.path) if p else None, str(s.path))
+                                        for s, p in zip(todo, parents)])
+            except Exception:
+                self._unmeasurable.update(s.id for s in todo)
+                raise
+            for snap, delta in zip(todo, deltas):
+                snap.size_delta = delta  # the record kept in _records
+                self.store.set_size_delta(snap.id, delta)
+        except Exception:
+            log.exception("measuring the size changes of steps failed")
+            raise
 
     def position_of_cell(self, cell_id: str) -> int | None:
         """How many entries come before the step of `cell_id` (None: the cell has none)."""

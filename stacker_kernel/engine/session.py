@@ -151,6 +151,7 @@ class BuildSession:
         session may open or resume it); snapshots and records stay."""
         with self._lock:
             self._stop_container()
+            self._history.stop_measuring()
             try:
                 self.store.end_session(self.session.id)
             except StackerKernelError:
@@ -597,6 +598,14 @@ class BuildSession:
         """The session's steps, oldest first (see History.views)."""
         with self._lock:
             return self._history.views(measure)
+
+    def sizes_pending(self) -> bool:
+        """True while step size changes are being measured in the background."""
+        return self._history.sizes_pending()
+
+    def wait_for_sizes(self) -> None:
+        """Wait until the background size measurements have finished (history() then has them)."""
+        self._history.wait_for_sizes()
 
     def _rollback_for_rerun(self, cell_id: str) -> None:
         """Re-running a cell that produced a snapshot: back to that snapshot's parent."""

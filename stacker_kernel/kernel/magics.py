@@ -41,13 +41,13 @@ def needs_session(name: str) -> bool:
 
 
 def size_change(n: int | None) -> str:
-    """A step's size change for display: '+1.5 KiB', '-12 B', '' when unknown."""
+    """A step's size change for display: '+1.5 KiB', '-12 B', '…' while being measured."""
     return _size(n)
 
 
 def _size(n: int | None) -> str:
     if n is None:
-        return ""
+        return "…"
     sign = "-" if n < 0 else "+"
     n = abs(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -194,10 +194,7 @@ def _layers(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     table = layers_table(session.history())
     if ctx.widgets is None:
         return table
-    from stacker_kernel.kernel.widgets import LayerHistory
-
-    widget = LayerHistory(ctx.widgets)
-    ctx.widgets.registry.add(widget)
+    widget = ctx.widgets.registry.layer_history(ctx.widgets)
     return Shown(table.text, table.html, widget.widget)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ipywidgets as w
+from ipywidgets.widgets.widget_string import HTMLStyle
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.grab import GrabError, grab, open_in_snapshot
@@ -254,7 +255,11 @@ class WidgetHost:
 
 
 class WidgetRegistry:
-    """The live layer-history widgets of a kernel, refreshed after each cell and rollback."""
+    """The live layer-history widgets of a kernel, refreshed after each cell and rollback.
+
+    A session has one LayerHistory: every `%layers` output is another view of its
+    models, so a step costs one new row however many outputs show the table.
+    """
 
     KEEP = 10  # the most recent %layers outputs stay live; older ones stop updating
 
@@ -264,14 +269,29 @@ class WidgetRegistry:
     def add(self, widget: "LayerHistory") -> None:
         self._layers = [x for x in self._layers if not x.closed][-(self.KEEP - 1):] + [widget]
 
+    def layer_history(self, host: WidgetHost) -> "LayerHistory":
+        """The live LayerHistory of `host`'s session, made (and registered) if there is none."""
+        for widget in self._layers:
+            if not widget.closed and widget.host.session is host.session:
+                widget.refresh()
+                return widget
+        widget = LayerHistory(host)
+        self.add(widget)
+        return widget
+
     def refresh_all(self) -> None:
-        """Re-render every live layer widget whose history changed."""
+        """Bring every live layer widget up to date (the history is read once per session,
+        not once per widget)."""
+        views: dict[int, list] = {}
         for widget in list(self._layers):
             if widget.closed:
                 self._layers.remove(widget)
                 continue
             try:
-                widget.refresh()
+                session = widget.host.session
+                if id(session) not in views:
+                    views[id(session)] = session.history()
+                widget.refresh(views[id(session)])
             except Exception:  # a widget must never break the kernel
                 log.exception("refreshing a layer widget failed")
 
@@ -519,6 +539,47 @@ class FileBrowser(_Panel):
 
 # --- the layer history -----------------------------------------------------------
 
+# Waits for a session's background size measurement, for the widgets to refresh
+# then (not the io thread: a diff or a download must not wait behind it).
+_SIZE_WAITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="layer-sizes")
+
+
+def _row_key(v: Any) -> tuple:
+    """What a row shows of step view `v` but its size (updated in place when measured)."""
+    return (v.index, v.snapshot_id, v.layer, v.cell_id, v.first_line, v.status, v.duration, v.cached)
+
+
+def _cell_html(value: str, width: str, tag: str = "code") -> str:
+    return (f"<{tag} title='{html.escape(value)}' style='display:inline-block;width:{width};"
+            f"overflow:hidden;white-space:nowrap;vertical-align:middle;margin:2px 0.6em 2px 0'>"
+            f"{html.escape(value)}</{tag}>")
+
+
+def _row_html(values: list[str], columns: tuple) -> str:
+    return "".join(_cell_html(value, width) for value, (_, width) in zip(values, columns))
+
+
+SIZE_COLUMN = 6  # LayerHistory.COLUMNS index of "size"
+
+
+@dataclass
+class _Row:
+    """One step's row of a LayerHistory, with the parts that change after it is built."""
+
+    key: tuple
+    row: w.HBox
+    cells: w.HTML
+    rollback: w.Button
+    values: list[str]
+    columns: tuple
+
+    def set_size(self, size: int | None) -> None:
+        from stacker_kernel.kernel.magics import size_change
+
+        self.values[SIZE_COLUMN] = size_change(size)
+        self.cells.value = _row_html(self.values, self.columns)
+
+
 
 class LayerHistory(_Panel):
     """`%layers` as a widget: a row per step with Roll back here, Diff and Browse."""
@@ -529,16 +590,22 @@ class LayerHistory(_Panel):
     def __init__(self, host: WidgetHost) -> None:
         super().__init__()
         self.host = host
-        self._layouts = [w.Layout(width=width, flex="0 0 auto", overflow="hidden",
-                                  margin="2px 0.6em 2px 0") for _, width in self.COLUMNS]
+        # A row is one HTML (its cells) and three buttons, all sharing these layouts
+        # and styles: a few models per step, as a step adds a row after every cell.
+        self._cells_layout = w.Layout(flex="0 0 auto")
+        self._row_layout = w.Layout(align_items="center")
+        self._html_style = HTMLStyle()
+        self._button_style = w.ButtonStyle()
         self._button_layouts = {"wide": w.Layout(width="9.5em", flex="0 0 auto"),
                                 "narrow": w.Layout(width="6em", flex="0 0 auto")}
-        self.header = w.HBox([w.HTML(f"<b>{name}</b>", layout=lay)
-                              for (name, _), lay in zip(self.COLUMNS, self._layouts)])
+        self.header = w.HBox([w.HTML("".join(_cell_html(name, width, "b") for name, width in self.COLUMNS),
+                                     layout=self._cells_layout, style=self._html_style)],
+                             layout=self._row_layout)
         self.rows = w.VBox([])
         self.detail = w.VBox([])
         self.browser: FileBrowser | None = None
-        self._shown: tuple = ()
+        self._shown: list[_Row] = []  # what self.rows shows, one per step
+        self._awaiting_sizes = False
         self.widget = w.VBox([self.header, self.rows, self.status, self.detail])
         self.widget.add_class("stacker-layers")
         self.refresh()
@@ -549,45 +616,88 @@ class LayerHistory(_Panel):
 
         return layers_table(self.host.session.history()).text
 
-    def refresh(self) -> None:
-        """Re-render the rows if the session's history changed since the last render."""
-        views = self.host.session.history()
-        key = tuple((v.snapshot_id, v.index) for v in views)
-        if key == self._shown and self.rows.children:
+    def refresh(self, views: list | None = None) -> None:
+        """Bring the rows up to date with the session's history (`views`, if the caller
+        read it already). Only what changed is touched: the rows of new or changed
+        steps are built, a size measured meanwhile only updates its cell, so that
+        a refresh after one step costs one row however long the history is."""
+        if views is None:
+            views = self.host.session.history()
+        if not views:
+            if self._shown or not self.rows.children:
+                self._shown = []
+                old = self.rows.children
+                self.rows.children = [w.HTML("<i>no steps yet: run a cell with a shell script"
+                                             " to make the first snapshot</i>")]
+                self._close_rows(old)
             return
-        self._shown = key
-        old = self.rows.children
-        if views:
-            self.rows.children = [self._row(v, last=v is views[-1]) for v in views]
-        else:
-            self.rows.children = [w.HTML("<i>no steps yet: run a cell with a shell script"
-                                         " to make the first snapshot</i>")]
-        keep = {id(x) for x in (*self._layouts, *self._button_layouts.values())}
-        for row in old:
+        shown = self._shown
+        same = 0
+        while same < min(len(views), len(shown)) and shown[same].key == _row_key(views[same]):
+            same += 1
+        if same != len(shown) or same != len(views):  # steps came, went or changed
+            old_rows = [r.row for r in shown[same:]] if shown else list(self.rows.children)
+            if shown:
+                shown[-1].rollback.disabled = False  # the old head's row, if it stays
+            self._shown = shown[:same] + [self._row(v) for v in views[same:]]
+            self._shown[-1].rollback.disabled = True  # already the head
+            self.rows.children = [r.row for r in self._shown]
+            self._close_rows(old_rows)
+        from stacker_kernel.kernel.magics import size_change
+
+        for r, v in zip(self._shown, views):
+            if r.values[SIZE_COLUMN] != size_change(v.size_delta):
+                r.set_size(v.size_delta)
+        if any(v.size_delta is None for v in views):
+            self._when_sizes_known()
+
+    def _when_sizes_known(self) -> None:
+        """Refresh again once the sizes being measured in the background are known."""
+        session = self.host.session
+        if self._awaiting_sizes or not session.sizes_pending():
+            return
+        self._awaiting_sizes = True
+
+        def known(_: Any) -> None:
+            self._awaiting_sizes = False
+            if not self.closed:
+                self.refresh()
+
+        def failed(e: BaseException) -> None:
+            self._awaiting_sizes = False
+            log.error("waiting for the step sizes failed", exc_info=e)
+
+        self.host.later(_SIZE_WAITER, session.wait_for_sizes, then=known, fail=failed)
+
+    def _shared(self) -> tuple:
+        return (self._cells_layout, self._row_layout, self._html_style, self._button_style,
+                *self._button_layouts.values())
+
+    def _close_rows(self, rows: Any) -> None:
+        keep = {id(x) for x in self._shared()}
+        for row in rows:
             _close_tree(row, keep)
 
-    def _row(self, v: Any, last: bool) -> w.HBox:
+    def _row(self, v: Any) -> "_Row":
         from stacker_kernel.kernel.magics import size_change
 
         values = [str(v.index), v.layer, v.cell_id or "", v.first_line, v.status,
                   f"{v.duration:.2f} s", size_change(v.size_delta), "cached" if v.cached else ""]
-        cells: list[w.Widget] = [
-            w.HTML(f"<code title='{html.escape(value)}' style='white-space:nowrap'>"
-                   f"{html.escape(value)}</code>", layout=lay)
-            for value, lay in zip(values, self._layouts)]
+        cells = w.HTML(_row_html(values, self.COLUMNS), layout=self._cells_layout, style=self._html_style)
         buttons = [
             ("Roll back here", f"roll back to step {v.index}", self.rollback),
             ("Diff", f"files step {v.index} changed", self.diff),
             ("Browse", f"browse the snapshot of step {v.index}", self.browse),
         ]
+        made = []
         for label, tip, action in buttons:
             width = "wide" if label == "Roll back here" else "narrow"
-            button = w.Button(description=label, tooltip=tip, layout=self._button_layouts[width])
+            button = w.Button(description=label, tooltip=tip, layout=self._button_layouts[width],
+                              style=self._button_style)
             button.on_click(self.guarded(lambda _, n=v.index, a=action: a(n)))
-            if label == "Roll back here" and last:
-                button.disabled = True  # already the head
-            cells.append(button)
-        return w.HBox(cells)
+            made.append(button)
+        return _Row(_row_key(v), w.HBox([cells, *made], layout=self._row_layout), cells, made[0], values,
+                    self.COLUMNS)
 
     def rollback(self, index: int) -> None:
         """Roll the session back to step `index`, on the engine thread, unless a cell runs."""
@@ -640,5 +750,5 @@ class LayerHistory(_Panel):
         if self.browser is not None:
             self.browser.close()
         _close_tree(self.widget)
-        for lay in (*self._layouts, *self._button_layouts.values()):
-            lay.close()
+        for shared in self._shared():
+            shared.close()

@@ -2,8 +2,9 @@
 
 Layout under the storage root (DESIGN.md "Storage layout"):
 
-    stacker-kernel.db   records of snapshots (bases and steps), sessions and the step
-                        cache, WAL mode; `PRAGMA user_version` is SCHEMA_VERSION
+    stacker-kernel.db   records of snapshots (bases and steps), sessions, their
+                        histories (a row per entry) and the step cache, WAL mode;
+                        `PRAGMA user_version` is SCHEMA_VERSION
     bases/<digest>      read-only subvolumes of imported bases (content-addressed)
     snapshots/<id>      read-only subvolumes, one per successful step
     live/<session>      writable subvolumes of running containers
@@ -159,17 +160,21 @@ class Session:
     history: list[str] = field(default_factory=list)  # active history, oldest first
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    # The history as the store last read or wrote it: a write then only adds (and
+    # deletes) the rows that differ, so a step's write does not grow with the history.
+    stored_history: list[str] | None = field(default=None, compare=False, repr=False)
 
 
 _SNAP_COLS = ("id", "kind", "parent", "session", "layer", "cell_id", "source", "cache_key",
               "state", "status", "started", "duration", "size_delta", "created")
 _SESS_COLS = ("id", "kind", "name", "owner_pid", "owner_start", "head", "layer", "tags",
-              "history", "created", "updated")
+              "created", "updated")
 
 # The schema's version, in `PRAGMA user_version`. 1: snapshots and sessions (stores
-# made before versioning say 0); 2: the cache table. Opening an older store
+# made before versioning say 0); 2: the cache table; 3: the history table (a row per
+# entry, instead of one JSON list in the session record). Opening an older store
 # migrates it (_MIGRATIONS); a newer one is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -192,9 +197,17 @@ _CACHE_TABLE = "CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, snapshot
 _CACHE_FILL = ("INSERT OR IGNORE INTO cache (key, snapshot) SELECT cache_key, id FROM snapshots "
                "WHERE cache_key IS NOT NULL AND kind = 'step' {where} ORDER BY created, rowid")
 
+# Entry `pos` (0-based, oldest first) of each session's history.
+_HISTORY_TABLE = ("CREATE TABLE IF NOT EXISTS history (session TEXT NOT NULL, pos INTEGER NOT NULL, "
+                  "snapshot TEXT NOT NULL, PRIMARY KEY (session, pos)) WITHOUT ROWID")
+
 # _MIGRATIONS[n] turns schema n into n + 1.
 _MIGRATIONS = {
     1: [_CACHE_TABLE, _CACHE_FILL.format(where="")],
+    2: [_HISTORY_TABLE,
+        "INSERT INTO history (session, pos, snapshot) SELECT s.id, CAST(j.key AS INTEGER), j.value "
+        "FROM sessions s, json_each(s.history) j",
+        "ALTER TABLE sessions DROP COLUMN history"],
 }
 
 
@@ -216,11 +229,10 @@ def _prepare_schema(conn: sqlite3.Connection, root: Path) -> None:
             for stmt in _SCHEMA_V1.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
-            conn.execute(_CACHE_TABLE)
-        else:
-            for n in range(version, SCHEMA_VERSION):
-                for stmt in _MIGRATIONS[n]:
-                    conn.execute(stmt)
+            version = 1
+        for n in range(version, SCHEMA_VERSION):
+            for stmt in _MIGRATIONS[n]:
+                conn.execute(stmt)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException as e:
@@ -387,12 +399,12 @@ class Store:
     def _snap(self, row: tuple) -> Snapshot:
         return Snapshot(**dict(zip(_SNAP_COLS, row)), root=self.root)
 
-    @staticmethod
-    def _sess(row: tuple) -> Session:
+    def _sess(self, row: tuple) -> Session:
         d = dict(zip(_SESS_COLS, row))
         d["tags"] = json.loads(d["tags"])
-        d["history"] = json.loads(d["history"])
-        return Session(**d)
+        history = [r[0] for r in self._query("SELECT snapshot FROM history WHERE session = ? ORDER BY pos",
+                                             (d["id"],))]
+        return Session(**d, history=history, stored_history=list(history))
 
     @staticmethod
     def _snap_values(s: Snapshot) -> tuple:
@@ -401,7 +413,7 @@ class Store:
     @staticmethod
     def _sess_values(s: Session) -> tuple:
         return (s.id, s.kind, s.name, s.owner_pid, s.owner_start, s.head, s.layer,
-                json.dumps(s.tags, sort_keys=True), json.dumps(s.history), s.created, s.updated)
+                json.dumps(s.tags, sort_keys=True), s.created, s.updated)
 
     # --- snapshots ------------------------------------------------------------------
 
@@ -574,7 +586,7 @@ class Store:
             history = [h for h in sess.history if h not in ids]
             if (head, tags, history) != (sess.head, sess.tags, sess.history):
                 sess.head, sess.tags, sess.history = head, tags, history
-                stmts.append(self._session_update(sess))
+                stmts.extend(self._session_update(sess))
         stmts.extend(("DELETE FROM snapshots WHERE id = ?", (sid,)) for sid in ids)
         # A key whose entry is dropped falls to its oldest remaining snapshot, if any.
         stmts.extend(("DELETE FROM cache WHERE snapshot = ?", (sid,)) for sid in ids)
@@ -600,19 +612,34 @@ class Store:
                     if self.session_alive(other):
                         raise SessionBusyError(_busy_message(other))
             self._write([(f"INSERT INTO sessions ({','.join(_SESS_COLS)}) VALUES ({marks})",
-                          self._sess_values(sess))])
+                          self._sess_values(sess)),
+                         ("DELETE FROM history WHERE session = ?", (sess.id,))])
+        sess.stored_history = []
         return sess
 
-    def _session_update(self, sess: Session) -> tuple[str, tuple]:
+    def _session_update(self, sess: Session) -> list[tuple[str, tuple]]:
+        """The statements that store `sess`: its record, and the history rows that differ
+        from what the store holds (after a step: one row added)."""
         sets = ",".join(f"{c} = ?" for c in _SESS_COLS[1:])
         vals = self._sess_values(sess)
-        return (f"UPDATE sessions SET {sets} WHERE id = ?", vals[1:] + (vals[0],))
+        stmts = [(f"UPDATE sessions SET {sets} WHERE id = ?", vals[1:] + (vals[0],))]
+        old, new = sess.stored_history, sess.history
+        same = 0
+        if old is not None:
+            while same < min(len(old), len(new)) and old[same] == new[same]:
+                same += 1
+        if old is None or same < len(old):
+            stmts.append(("DELETE FROM history WHERE session = ? AND pos >= ?", (sess.id, same)))
+        stmts.extend(("INSERT OR REPLACE INTO history (session, pos, snapshot) VALUES (?, ?, ?)",
+                      (sess.id, pos, new[pos])) for pos in range(same, len(new)))
+        return stmts
 
     def update_session(self, session: Session) -> None:
         """Store every field of `session` (its `updated` becomes now)."""
         session.updated = time.time()
         with self.write_lock():
-            self._write([self._session_update(session)])
+            self._write(self._session_update(session))
+        session.stored_history = list(session.history)
 
     def get_session(self, id: str) -> Session | None:
         """The session record `id`, or None."""
@@ -652,7 +679,8 @@ class Store:
         """Delete session `session_id` entirely (live subvolume and record); gc may then drop its snapshots."""
         with self.write_lock():
             btrfs.remove_tree(self.live_path(session_id))
-            self._write([("DELETE FROM sessions WHERE id = ?", (session_id,))])
+            self._write([("DELETE FROM sessions WHERE id = ?", (session_id,)),
+                         ("DELETE FROM history WHERE session = ?", (session_id,))])
 
     # --- recovery and gc ------------------------------------------------------
 
