@@ -111,6 +111,12 @@ def test_failed_step_names_status_and_command(container):
     assert result.message == "step failed with status 1 at `false`"
 
 
+def test_read_in_a_step_says_build_steps_have_no_stdin(container):
+    result, _ = run(container, "echo ask\nread answer\necho never")
+    assert (result.ok, result.status, result.failed_command) == (False, 1, "read answer")
+    assert result.message.startswith("step failed with status 1 at `read answer`: build steps have no stdin")
+
+
 def test_trace_lines_stay_out_of_output_and_log(container, tmp_path):
     log = tmp_path / "log"
     chunks: list[str] = []

@@ -151,6 +151,10 @@ def failure_message(status: int, has_state: bool, failed_command: str | None,
         return ""
     if status > 128:
         return f"step killed by signal {status - 128} (status {status}){at}"
+    if status == 1 and failed_command and re.match(r"\s*read\b", failed_command):
+        # stdin is /dev/null, as in stacker's `run`: `read` meets end of input at once.
+        return f"step failed with status 1{at}: build steps have no stdin (it is /dev/null, as in stacker); " \
+               "give the value in the script or with %build_env"
     return f"step failed with status {status}{at}"
 
 
