@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from stacker_kernel.errors import StackerKernelError
-from stacker_kernel.recipe.model import first_line
+from stacker_kernel.recipe.model import first_line, human_size
 
 
 @dataclass(frozen=True)
@@ -26,19 +26,6 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-
-
-def human_size(n: int | None, signed: bool = False) -> str:
-    """`n` bytes as e.g. "12.3 MiB" (with a sign when `signed`); "" for None."""
-    if n is None:
-        return ""
-    sign = ("+" if n >= 0 else "-") if signed else ("-" if n < 0 else "")
-    v = float(abs(n))
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if v < 1024 or unit == "TiB":
-            return f"{sign}{v:.0f} {unit}" if unit == "B" else f"{sign}{v:.1f} {unit}"
-        v /= 1024
-    return ""
 
 
 def _write_output(path: str, write: Callable[[str], object]) -> None:

@@ -25,22 +25,12 @@ from stacker_kernel.recipe.model import ImageSource, Layer
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Store
 
+from test_hostile import _count_procs
+
 STACKER_KERNEL = str(Path(sys.executable).parent / "stacker-kernel")
 # Starts sleeps until fork fails (the cap) or 400 of them ran (no cap: the step succeeds).
 BOMB = "i=0; while [ $i -lt 400 ]; do sleep 86397 & i=$((i+1)); done; echo no-limit"
 LIMIT = 64
-
-
-def _count_procs(marker: bytes) -> int:
-    n = 0
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    n += 1
-            except OSError:
-                pass
-    return n
 
 
 @pytest.fixture

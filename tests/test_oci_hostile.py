@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,8 @@ from stacker_kernel.oci.export import OciBase, export_image
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Snapshot, Store
 
+from test_bases import Src, store  # noqa: F401 (fixture)
+
 MTIME = 1600000000
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -35,20 +36,6 @@ REF_NAME = "org.opencontainers.image.ref.name"
 HANG_BOUND_S = 120
 
 
-@dataclass
-class Src:
-    """Stands in for recipe.model.ImageSource."""
-    type: str
-    url: str | None = None
-    tag: str | None = None
-    insecure: bool = False
-
-
-@pytest.fixture
-def store(storage):
-    s = Store.open(storage)
-    yield s
-    s.close()
 
 
 def tar_gz(files: dict[str, bytes]) -> bytes:

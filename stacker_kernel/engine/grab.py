@@ -27,6 +27,7 @@ from pathlib import Path
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import StackerKernelError
+from stacker_kernel.recipe.model import human_size
 
 MAX_SYMLINKS = 40
 FICLONE = 0x40049409  # ioctl: share the extents of another file (btrfs reflink)
@@ -334,15 +335,6 @@ def _free_bytes(dirfd: int) -> int:
     return vfs.f_bavail * vfs.f_frsize
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            break
-        size /= 1024
-    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-
-
 def _grab_in_ns(root: str, path: str, dest: str, into: bool | None) -> Grabbed:
     rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -366,7 +358,7 @@ def _grab_in_ns(root: str, path: str, dest: str, into: bool | None) -> Grabbed:
         try:
             need, free = _allocated(sdir, name, st), _free_bytes(ddir)
             if need > free:
-                raise GrabError(f"{path} takes {_human(need)} but {parent} has {_human(free)} free:"
+                raise GrabError(f"{path} takes {human_size(need)} but {parent} has {human_size(free)} free:"
                                 " free some space there or grab to another place")
             there = os.stat(os.path.basename(target), dir_fd=ddir, follow_symlinks=False) \
                 if os.path.lexists(target) else None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stacker_kernel.errors import RecipeError
+from stacker_kernel.recipe.model import human_size
 
 
 @dataclass
@@ -42,19 +43,7 @@ def needs_session(name: str) -> bool:
 
 def size_change(n: int | None) -> str:
     """A step's size change for display: '+1.5 KiB', '-12 B', '…' while being measured."""
-    return _size(n)
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "…"
-    sign = "-" if n < 0 else "+"
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    return f"{sign}{n}"
+    return "…" if n is None else human_size(n, signed=True)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> Shown:
@@ -73,7 +62,7 @@ def layers_table(steps: list[Any]) -> Shown:
     if not steps:
         return Shown("no steps yet: run a cell with a shell script to make the first snapshot")
     rows = [[str(s.index), s.layer, s.cell_id or "", s.first_line, s.status,
-             f"{s.duration:.2f} s", _size(s.size_delta), "cached" if s.cached else ""]
+             f"{s.duration:.2f} s", size_change(s.size_delta), "cached" if s.cached else ""]
             for s in steps]
     return _table(["step", "layer", "cell", "first line", "status", "duration", "size", "cached"],
                   rows)

@@ -39,6 +39,7 @@ from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.grab import GrabError, grab, open_in_snapshot
 from stacker_kernel.engine.inspect import resolve_in_root
 from stacker_kernel.errors import RecipeError, StackerKernelError
+from stacker_kernel.recipe.model import human_size
 
 DATA_URI_LIMIT = 4 * 1024 * 1024  # bytes: larger files are served by JupyterLab instead
 DOWNLOADS_DIR = "stacker-downloads"  # beside the notebook; not hidden, or the server 404s it
@@ -171,16 +172,6 @@ def prepare_download(snapshot_root: str | Path, snapshot_id: str, path: str,
 
 
 # --- formatting -------------------------------------------------------------------
-
-
-def human_size(n: int) -> str:
-    """1536 -> '1.5 KiB'."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            break
-        size /= 1024
-    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def relative_link(path: str, notebook_dir: Path) -> str | None:

@@ -193,15 +193,21 @@ class Blobs:
         os.close(fd)
         return True
 
-    def check(self, digest: str, size: Any, what: str | None = None) -> None:
-        """ImageError unless blob `digest` is a regular file of `size` bytes (its hash is
-        not read: for a reader that verifies it itself, such as skopeo)."""
+    def _open_declared(self, digest: str, size: Any, what: str | None) -> tuple[int, int, str]:
+        """(fd, size, what) of blob `digest` once digest and size are well-formed;
+        ImageError when it is missing."""
         check_digest(digest, f"layout {self.path}")
         what = what or self._what(digest)
         size = check_size(size, what)
         fd = self._open_fd(digest, what)
         if fd is None:
             raise ImageError(f"{what} is missing: copy the image again (skopeo copy or umoci)")
+        return fd, size, what
+
+    def check(self, digest: str, size: Any, what: str | None = None) -> None:
+        """ImageError unless blob `digest` is a regular file of `size` bytes (its hash is
+        not read: for a reader that verifies it itself, such as skopeo)."""
+        fd, size, what = self._open_declared(digest, size, what)
         try:
             actual = os.fstat(fd).st_size
         finally:
@@ -215,12 +221,7 @@ class Blobs:
 
         `what` names the blob in messages (default: `blob DIGEST of LAYOUT`).
         """
-        check_digest(digest, f"layout {self.path}")
-        what = what or self._what(digest)
-        size = check_size(size, what)
-        fd = self._open_fd(digest, what)
-        if fd is None:
-            raise ImageError(f"{what} is missing: copy the image again (skopeo copy or umoci)")
+        fd, size, what = self._open_declared(digest, size, what)
         return BlobReader(fd, digest, size, what)
 
     def read(self, digest: str, size: Any, what: str | None = None, limit: int = MAX_JSON) -> bytes:

@@ -302,6 +302,19 @@ def check_source(src: ImageSource, layer: str) -> None:
                           "LAYOUT_DIR:TAG, e.g. ./oci:busybox")
 
 
+def human_size(n: int | None, signed: bool = False) -> str:
+    """`n` bytes as e.g. "12.3 MiB" (with a sign when `signed`); "" for None."""
+    if n is None:
+        return ""
+    sign = ("+" if n >= 0 else "-") if signed else ("-" if n < 0 else "")
+    v = float(abs(n))
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if v < 1024 or unit == "TiB":
+            return f"{sign}{v:.0f} {unit}" if unit == "B" else f"{sign}{v:.1f} {unit}"
+        v /= 1024
+    return ""
+
+
 def first_line(script: str, *, skip_shebang: bool = False, width: int | None = None,
                empty: str = "") -> str:
     """The first non-blank line of a step's script, stripped, for one-line listings.
