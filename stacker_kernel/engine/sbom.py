@@ -1,0 +1,350 @@
+"""What a rootfs has installed: its package databases, and the files no package owns.
+
+Read from a snapshot as the container would see it (engine/grab.py's
+resolve_at: symlinks followed inside the rootfs, never out of it), as root of
+a user namespace (the files belong to subordinate ids). Databases read:
+dpkg (`/var/lib/dpkg/status`, licences from the machine-readable
+`/usr/share/doc/PKG/copyright`), apk (`/lib/apk/db/installed`) and rpm (with
+the host's `rpm` tool, which is the only reader of its formats; without it the
+inventory says so in `notes`). Formats (SPDX) are oci/sbom.py's job.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import urllib.parse
+from dataclasses import dataclass, field
+
+from stacker_kernel.container.userns import run_in_userns
+from stacker_kernel.engine.grab import GrabError, open_in_snapshot, resolve_at
+from stacker_kernel.engine.inspect import resolve_in_root
+
+DPKG_STATUS = "/var/lib/dpkg/status"
+DPKG_INFO = "/var/lib/dpkg/info"
+APK_INSTALLED = "/lib/apk/db/installed"
+RPM_DBS = ("/var/lib/rpm", "/usr/lib/sysimage/rpm")
+RPM_FILES = ("rpmdb.sqlite", "Packages", "Packages.db")
+_MAX_DB = 256 << 20  # no package database is bigger; a larger file is not one
+_TOP_DIRS = 10
+# dpkg states whose files are on disk (dpkg-query -W also lists config-files, whose are not)
+_DPKG_PRESENT = {"installed", "half-configured", "unpacked", "half-installed",
+                 "triggers-awaited", "triggers-pending"}
+
+
+@dataclass(frozen=True)
+class Package:
+    """One installed package as its database records it. `licenses` are the
+    database's own words (Debian short names, apk's licence field), possibly empty."""
+    manager: str  # "deb" | "apk" | "rpm"
+    name: str
+    version: str
+    arch: str
+    licenses: tuple[str, ...] = ()
+    distro: str = ""
+
+    def purl(self) -> str:
+        """The package URL: pkg:deb/debian/NAME@VERSION?arch=ARCH (purl-spec: version
+        percent-encoded, so a Debian epoch `1:2.3` reads 1%3A2.3)."""
+        namespace = self.distro or {"deb": "debian", "apk": "alpine", "rpm": "redhat"}[self.manager]
+        name = urllib.parse.quote(self.name, safe=".-_~")
+        version = urllib.parse.quote(self.version, safe=".-_~")
+        arch = urllib.parse.quote(self.arch, safe=".-_~")
+        return f"pkg:{self.manager}/{namespace}/{name}@{version}" + (f"?arch={arch}" if arch else "")
+
+
+@dataclass(frozen=True)
+class DirSummary:
+    path: str
+    files: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Unowned:
+    """The files (not directories) no package database lists: how many, their bytes,
+    and the directories (two levels deep) holding the most bytes."""
+    files: int
+    size: int
+    top: tuple[DirSummary, ...] = ()
+
+
+@dataclass(frozen=True)
+class Inventory:
+    packages: tuple[Package, ...]
+    unowned: Unowned | None  # None when not asked for (files=False)
+    distro: str = ""  # os-release ID
+    distro_version: str = ""  # os-release VERSION_ID
+    notes: tuple[str, ...] = ()
+
+    def by_name(self) -> dict[tuple[str, str, str], Package]:
+        return {(p.manager, p.name, p.arch): p for p in self.packages}
+
+
+@dataclass(frozen=True)
+class PackageChange:
+    """A package a step added, removed, upgraded or downgraded (version `old` -> `new`)."""
+    change: str  # "added" | "removed" | "changed"
+    package: Package
+    old: str = ""
+    new: str = ""
+
+
+def inventory(root: str | os.PathLike, files: bool = True) -> Inventory:
+    """The packages installed in the rootfs `root` (a snapshot); with `files`, also
+    the files no package owns, summarised. Runs in a user-namespace helper."""
+    return run_in_userns(_inventory_in_ns, os.fspath(root), files)
+
+
+def inventories(roots: list[str | os.PathLike]) -> list[Inventory]:
+    """The packages (no file walk) of several rootfs, in one helper."""
+    return run_in_userns(lambda rs: [_inventory_in_ns(r, False) for r in rs], [os.fspath(r) for r in roots])
+
+
+def package_changes(before: Inventory | None, after: Inventory) -> list[PackageChange]:
+    """What changed between two package lists, in name order."""
+    old = before.by_name() if before is not None else {}
+    new = after.by_name()
+    out: list[PackageChange] = []
+    for key in sorted(set(old) | set(new), key=lambda k: (k[1], k[0], k[2])):
+        a, b = old.get(key), new.get(key)
+        if a is None and b is not None:
+            out.append(PackageChange("added", b, "", b.version))
+        elif b is None and a is not None:
+            out.append(PackageChange("removed", a, a.version, ""))
+        elif a is not None and b is not None and a.version != b.version:
+            out.append(PackageChange("changed", b, a.version, b.version))
+    return out
+
+
+# --- inside the user namespace ---------------------------------------------------------
+
+@dataclass
+class _Found:
+    packages: list[Package] = field(default_factory=list)
+    owned: list[str] = field(default_factory=list)  # container paths the databases list
+    notes: list[str] = field(default_factory=list)
+
+
+def _read(root: str, path: str, limit: int = _MAX_DB) -> bytes | None:
+    """Container file `path` of `root` (symlinks followed inside it), None when it is not
+    there or not a regular file."""
+    try:
+        fd, _, st = open_in_snapshot(root, path)
+    except (GrabError, OSError):
+        return None
+    if fd is None:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read(limit)
+    except OSError:
+        return None
+
+
+def _listdir(root: str, path: str) -> list[str]:
+    try:
+        parent, name, st, _ = resolve_at(_rootfd(root), path)
+    except (GrabError, OSError):
+        return []
+    try:
+        if not stat.S_ISDIR(st.st_mode):
+            return []
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+    except OSError:
+        return []
+    finally:
+        os.close(parent)
+
+
+_ROOTFDS: dict[str, int] = {}
+
+
+def _rootfd(root: str) -> int:
+    # One fd per rootfs for the helper's life (it is a short-lived child process).
+    if root not in _ROOTFDS:
+        _ROOTFDS[root] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _ROOTFDS[root]
+
+
+def _stanzas(text: str) -> list[dict[str, str]]:
+    """RFC 822-style paragraphs (dpkg status, copyright files): field -> first line
+    (continuation lines are dropped: no field we read needs them)."""
+    out: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                out.append(current)
+                current = {}
+            continue
+        if line[0] in " \t":
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            current.setdefault(key.strip().lower(), value.strip())
+    if current:
+        out.append(current)
+    return out
+
+
+def _os_release(root: str) -> tuple[str, str]:
+    data = _read(root, "/etc/os-release", 1 << 16) or _read(root, "/usr/lib/os-release", 1 << 16) or b""
+    values = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip().strip("\"'")
+    return values.get("ID", ""), values.get("VERSION_ID", "")
+
+
+def debian_licenses(copyright_text: str) -> tuple[str, ...]:
+    """The `License:` names of a machine-readable Debian copyright file (DEP-5), in
+    order of first use; () for a free-form file, which names none reliably."""
+    paragraphs = _stanzas(copyright_text)
+    if not paragraphs or "format" not in paragraphs[0]:
+        return ()
+    names: list[str] = []
+    for p in paragraphs:
+        # Files paragraphs (and a header License) say what applies; stand-alone
+        # License paragraphs only give the text of names used there.
+        if ("files" in p or p is paragraphs[0]) and p.get("license"):
+            if p["license"] not in names:
+                names.append(p["license"])
+    return tuple(names)
+
+
+def _dpkg(root: str, distro: str, found: _Found, files: bool) -> None:
+    data = _read(root, DPKG_STATUS)
+    if data is None:
+        return
+    for st in _stanzas(data.decode("utf-8", "replace")):
+        name, status = st.get("package"), st.get("status", "").split()
+        if not name or len(status) < 3 or status[2] not in _DPKG_PRESENT:
+            continue
+        arch = st.get("architecture", "")
+        copyright_text = _read(root, f"/usr/share/doc/{name}/copyright", 4 << 20)
+        licenses = debian_licenses(copyright_text.decode("utf-8", "replace")) if copyright_text else ()
+        found.packages.append(Package("deb", name, st.get("version", ""), arch, licenses, distro or "debian"))
+        if files:
+            for listname in (f"{name}:{arch}.list", f"{name}.list"):
+                listed = _read(root, f"{DPKG_INFO}/{listname}")
+                if listed is not None:
+                    found.owned += [p for p in listed.decode("utf-8", "replace").splitlines() if p and p != "/."]
+                    break
+
+
+def _apk(root: str, distro: str, found: _Found, files: bool) -> None:
+    data = _read(root, APK_INSTALLED)
+    if data is None:
+        return
+    for block in data.decode("utf-8", "replace").split("\n\n"):
+        fields: dict[str, str] = {}
+        directory = ""
+        for line in block.splitlines():
+            key, sep, value = line.partition(":")
+            if not sep or len(key) != 1:
+                continue
+            if key == "F":
+                directory = value
+            elif key == "R" and files:
+                found.owned.append(f"/{directory}/{value}" if directory else f"/{value}")
+            else:
+                fields.setdefault(key, value)
+        if fields.get("P"):
+            licenses = (fields["L"],) if fields.get("L") else ()
+            found.packages.append(Package("apk", fields["P"], fields.get("V", ""), fields.get("A", ""),
+                                          licenses, distro or "alpine"))
+
+
+def _rpm(root: str, distro: str, found: _Found, files: bool) -> None:
+    for dbdir in RPM_DBS:
+        names = [n for n in _listdir(root, dbdir) if n in RPM_FILES]
+        if not names:
+            continue
+        tool = shutil.which("rpm")
+        if tool is None:
+            found.notes.append(f"the rpm database {dbdir} was not read: this host has no rpm tool "
+                               "(apt-get install rpm), so its packages are missing here")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            # rpm writes beside its database (locks, sqlite journals): read a copy.
+            for n in _listdir(root, dbdir):
+                data = _read(root, f"{dbdir}/{n}")
+                if data is not None:
+                    with open(os.path.join(tmp, n), "wb") as f:
+                        f.write(data)
+            fmt = "%{NAME}\\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\\t%{ARCH}\\t%{LICENSE}\\n"
+            res = subprocess.run([tool, "--dbpath", tmp, "-qa", "--qf", fmt], capture_output=True, text=True)
+            if res.returncode != 0:
+                found.notes.append(f"the rpm database {dbdir} could not be read by rpm: "
+                                   f"{(res.stderr.strip().splitlines() or ['?'])[-1]}")
+                return
+            for line in res.stdout.splitlines():
+                parts = line.split("\t")
+                if len(parts) == 4 and parts[0] != "gpg-pubkey":
+                    lic = (parts[3],) if parts[3] and parts[3] != "(none)" else ()
+                    found.packages.append(Package("rpm", parts[0], parts[1], parts[2], lic, distro or "redhat"))
+            if files:
+                listed = subprocess.run([tool, "--dbpath", tmp, "-qal"], capture_output=True, text=True)
+                found.owned += [p for p in listed.stdout.splitlines() if p.startswith("/")]
+        return
+
+
+def _host_dir(root: str, directory: str, cache: dict[str, str]) -> str:
+    """Container directory `directory` as a path relative to the rootfs, through its
+    symlinks (/bin/ls of a merged-/usr system is the file usr/bin/ls)."""
+    if directory not in cache:
+        try:
+            cache[directory] = os.path.relpath(resolve_in_root(root, directory, missing_ok=True, clamp=True), root)
+        except GrabError:
+            cache[directory] = directory.strip("/")
+    return cache[directory]
+
+
+def _unowned(root: str, owned: list[str]) -> Unowned:
+    dirs: dict[str, str] = {}
+    owned_rel: set[str] = set()
+    for p in owned:
+        d, _, base = p.rpartition("/")
+        rel = _host_dir(root, d or "/", dirs)
+        owned_rel.add(os.path.normpath(os.path.join(rel, base)))
+    count = total = 0
+    per_dir: dict[str, list[int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):  # never follows symlinks
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in filenames:
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if rel in owned_rel:
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+            count += 1
+            total += size
+            parts = rel.split("/")
+            top = "/" + "/".join(parts[:2] if len(parts) > 2 else parts[:1])
+            entry = per_dir.setdefault(top, [0, 0])
+            entry[0] += 1
+            entry[1] += size
+    ranked = sorted(per_dir.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))[:_TOP_DIRS]
+    return Unowned(count, total, tuple(DirSummary(d, n, s) for d, (n, s) in ranked))
+
+
+def _inventory_in_ns(root: str, files: bool) -> Inventory:
+    distro, version = _os_release(root)
+    found = _Found()
+    for reader in (_dpkg, _apk, _rpm):
+        reader(root, distro, found, files)
+    packages = tuple(sorted(found.packages, key=lambda p: (p.manager, p.name, p.arch, p.version)))
+    unowned = _unowned(root, found.owned) if files else None
+    return Inventory(packages, unowned, distro, version, tuple(found.notes))

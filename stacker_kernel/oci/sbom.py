@@ -1,0 +1,220 @@
+"""An inventory (engine/sbom.py) as an SPDX 2.3 JSON document, built and validated
+with the `spdx-tools` library.
+
+spdx-tools is optional (the `sbom` extra): it is imported only here, when a
+document is made, so the kernel starts without it; its absence is one
+ImageError that says how to install it. The document is deterministic: same
+inventory, name, subject and time give the same bytes (sorted JSON, a
+namespace derived from the content, the creation time from SOURCE_DATE_EPOCH).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+from typing import Any
+
+from stacker_kernel.engine.sbom import Inventory, Package
+from stacker_kernel.errors import ImageError
+
+MEDIA_TYPE = "application/spdx+json"
+TOOL = "stacker-kernel-0.1.0"
+INSTALL_HINT = ("the SBOM needs the spdx-tools library: install it with "
+                "/opt/stacker-kernel/venv/bin/pip install 'stacker-kernel[sbom]' (or pass --no-sbom)")
+_GNU = re.compile(r"(A?L?GPL|GFDL)-(\d+(?:\.\d+)?)(\+?)", re.I)
+_TOKEN = re.compile(r"\(|\)|[^\s()]+")
+
+
+def _spdx():
+    try:
+        import spdx_tools.spdx.model as model
+        from spdx_tools.common.spdx_licensing import spdx_licensing
+        from spdx_tools.spdx.jsonschema.document_converter import DocumentConverter
+        from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+    except ImportError as e:
+        raise ImageError(INSTALL_HINT) from e
+    return model, spdx_licensing, DocumentConverter, validate_full_spdx_document
+
+
+_KNOWN: dict[str, str] = {}
+
+
+def _license_id(word: str, licensing) -> str | None:
+    """An SPDX licence id for one Debian/apk licence name, None when there is none."""
+    if not _KNOWN:
+        _KNOWN.update({k.lower(): k for k in licensing.known_symbols if not k.startswith("LicenseRef-")})
+    special = {"expat": "MIT", "public-domain": None, "artistic": "Artistic-1.0-Perl", "zlib": "Zlib"}
+    if word.lower() in special:
+        return special[word.lower()]
+    m = _GNU.fullmatch(word)
+    if m:
+        version = m.group(2) if "." in m.group(2) else m.group(2) + ".0"
+        candidate = f"{m.group(1).upper()}-{version}-{'or-later' if m.group(3) else 'only'}"
+        return _KNOWN.get(candidate.lower())
+    return _KNOWN.get(word.lower()) or (_KNOWN.get(word.lower() + ".0") if word[-1:].isdigit() else None)
+
+
+def license_ref(text: str) -> str:
+    """The LicenseRef- id we give a licence name SPDX has no id for."""
+    return "LicenseRef-" + (re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-") or "unknown")
+
+
+def license_expression(names: tuple[str, ...], licensing) -> tuple[str | None, dict[str, str]]:
+    """The SPDX expression for a package's licence names (each name its own term,
+    all of them ANDed) and the LicenseRef ids it uses -> the name they stand for.
+    Words between names are operators (`or`, `and`); a name SPDX lacks, or one
+    that does not parse (`GPL-3+ with Bison exception`), is a LicenseRef."""
+    terms: list[str] = []
+    refs: dict[str, str] = {}
+    for name in names:
+        out: list[str] = []
+        mine: dict[str, str] = {}
+        # "GPL-3+ with Bison exception": Debian's exceptions have no SPDX names to map to
+        tokens = [] if re.search(r"\bwith\b", name, re.I) else _TOKEN.findall(name.replace(",", " "))
+        for tok in tokens:
+            if tok.lower() in ("or", "and"):
+                out.append(tok.upper())
+            elif tok == ")":
+                out.append(tok)
+            else:
+                if out and out[-1] not in ("OR", "AND", "("):
+                    out.append("AND")  # apk: "MIT BSD-2-Clause"
+                if tok == "(":
+                    out.append(tok)
+                    continue
+                spdx_id = _license_id(tok, licensing)
+                if spdx_id is None:
+                    spdx_id = license_ref(tok)
+                    mine[spdx_id] = tok
+                out.append(spdx_id)
+        expr = " ".join(out).replace("( ", "(").replace(" )", ")")
+        try:
+            if not expr:
+                raise ValueError(name)
+            licensing.parse(expr, strict=True)  # the structure; our LicenseRefs are unknown to it
+            valid = not [s for s in licensing.validate(expr).invalid_symbols if s not in mine]
+        except Exception:  # license_expression raises several kinds
+            valid = False
+        if not valid:
+            expr = license_ref(name)
+            mine = {expr: name}
+        refs.update(mine)
+        if expr and expr not in terms:
+            terms.append(expr)
+    if not terms:
+        return None, {}
+    joined = " AND ".join(f"({t})" if " " in t else t for t in terms)
+    return joined, {r: t for r, t in refs.items() if r in joined}
+
+
+def _created(epoch: int | None) -> datetime.datetime:
+    if epoch is not None:
+        return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).replace(tzinfo=None)
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None, microsecond=0)
+
+
+def _spdx_id(prefix: str, text: str, used: set[str]) -> str:
+    base = f"SPDXRef-{prefix}-" + re.sub(r"[^A-Za-z0-9.-]+", "-", text)
+    candidate, n = base, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{base}-{n}"
+    used.add(candidate)
+    return candidate
+
+
+def _unowned_text(inv: Inventory) -> tuple[str, str]:
+    u = inv.unowned
+    assert u is not None
+    summary = f"{u.files} files ({u.size} bytes) that no package database lists"
+    lines = [f"{d.path}: {d.files} files, {d.size} bytes" for d in u.top]
+    return summary, "Directories holding the most of them:\n" + "\n".join(lines) if lines else summary
+
+
+def spdx_document(inv: Inventory, name: str, *, subject_digest: str | None = None,
+                  source_date_epoch: int | None = None) -> dict[str, Any]:
+    """The SPDX 2.3 document (as JSON data) of the rootfs inventory `inv` of image or
+    layer `name` (manifest `subject_digest`, when it is an exported image).
+    Validated with spdx-tools; ImageError when the library is missing."""
+    model, licensing, DocumentConverter, validate = _spdx()
+    noassert = model.SpdxNoAssertion()
+    identity = hashlib.sha256(json.dumps([name, subject_digest, [p.__dict__ for p in inv.packages],
+                                          inv.unowned and inv.unowned.__dict__ and
+                                          [inv.unowned.files, inv.unowned.size]], default=str,
+                                         sort_keys=True).encode()).hexdigest()
+    comment = "; ".join(inv.notes) or None
+    info = model.CreationInfo(
+        spdx_version="SPDX-2.3", spdx_id="SPDXRef-DOCUMENT", name=f"{name} (stacker-kernel SBOM)",
+        document_namespace=f"https://stacker-kernel.invalid/spdx/{re.sub(r'[^A-Za-z0-9._-]', '-', name)}-{identity}",
+        creators=[model.Actor(model.ActorType.TOOL, TOOL)], created=_created(source_date_epoch),
+        document_comment=comment)
+    used: set[str] = {"SPDXRef-DOCUMENT", "SPDXRef-Image"}
+    image = model.Package(spdx_id="SPDXRef-Image", name=name, download_location=noassert,
+                          version=subject_digest, files_analyzed=False,
+                          primary_package_purpose=model.PackagePurpose.CONTAINER,
+                          summary=(f"the rootfs of {name}" + (f" (OS {inv.distro} {inv.distro_version})"
+                                                              if inv.distro else "")))
+    if subject_digest:
+        image.external_references = [model.ExternalPackageRef(
+            model.ExternalPackageRefCategory.PACKAGE_MANAGER, "purl",
+            f"pkg:oci/{re.sub(r'[^A-Za-z0-9._-]', '-', name).lower()}@{subject_digest.replace(':', '%3A')}")]
+    packages = [image]
+    relationships = [model.Relationship("SPDXRef-DOCUMENT", model.RelationshipType.DESCRIBES, "SPDXRef-Image")]
+    extracted: dict[str, str] = {}
+    for p in inv.packages:
+        expr, refs = license_expression(p.licenses, licensing)
+        extracted.update(refs)
+        pkg = model.Package(
+            spdx_id=_spdx_id(f"Package-{p.manager}", f"{p.name}-{p.arch}", used), name=p.name,
+            download_location=noassert, version=p.version or None, files_analyzed=False,
+            license_declared=licensing.parse(expr) if expr else noassert,
+            license_concluded=noassert, copyright_text=noassert,
+            source_info=f"{p.manager} package, architecture {p.arch or 'unknown'}",
+            external_references=[model.ExternalPackageRef(model.ExternalPackageRefCategory.PACKAGE_MANAGER,
+                                                          "purl", _purl(p))])
+        packages.append(pkg)
+        relationships.append(model.Relationship("SPDXRef-Image", model.RelationshipType.CONTAINS, pkg.spdx_id))
+    if inv.unowned is not None:
+        summary, description = _unowned_text(inv)
+        rest = model.Package(spdx_id="SPDXRef-Unpackaged-Files", name="files no package owns",
+                             download_location=noassert, files_analyzed=False, summary=summary,
+                             description=description)
+        packages.append(rest)
+        relationships.append(model.Relationship("SPDXRef-Image", model.RelationshipType.CONTAINS, rest.spdx_id))
+    licenses = [model.ExtractedLicensingInfo(
+        license_id=ref, extracted_text=f"The licence the package database calls {text!r}; its text is in the "
+                                       "package's copyright file (/usr/share/doc/PACKAGE/copyright).",
+        license_name=text) for ref, text in sorted(extracted.items())]
+    doc = model.Document(info, packages=packages, relationships=relationships, extracted_licensing_info=licenses)
+    problems = validate(doc)
+    if problems:
+        raise ImageError(f"the SBOM of {name} is not valid SPDX ({problems[0].validation_message}): "
+                         "this is a bug in stacker-kernel; pass --no-sbom meanwhile")
+    return DocumentConverter().convert(doc)
+
+
+def _purl(p: Package) -> str:
+    return p.purl()
+
+
+def document_bytes(document: dict[str, Any]) -> bytes:
+    """The bytes stored and written for a document: sorted keys, indented, one final newline."""
+    return (json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def validate_bytes(data: bytes) -> list[str]:
+    """The validation messages of SPDX JSON `data` (parsed and checked by spdx-tools); [] when valid."""
+    import os
+    import tempfile
+
+    _spdx()
+    from spdx_tools.spdx.parser.parse_anything import parse_file
+    from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "sbom.spdx.json")
+        with open(path, "wb") as f:
+            f.write(data)
+        doc = parse_file(path)
+    return [m.validation_message for m in validate_full_spdx_document(doc)]
