@@ -224,9 +224,21 @@ def add_build(p: argparse.ArgumentParser) -> None:
                            "terminal in the failed step's container, as stacker does")
     fail.add_argument("--shell-fail", action="store_true",
                       help="when a run fails, open a shell in its failed state (--on-run-failure=/bin/sh)")
+    _add_attestation_flags(p)
     p.add_argument("--max-processes", type=int, metavar="N",
                    help="most processes and threads a step may run at once (default 4096, "
                         "or $STACKER_KERNEL_MAX_PROCESSES, or max_processes in your config file)")
+
+
+def _add_attestation_flags(p: argparse.ArgumentParser, what: str = "the images") -> None:
+    p.add_argument("--no-sbom", action="store_true", help=f"attach no SPDX SBOM to {what}")
+    p.add_argument("--no-provenance", action="store_true", help=f"attach no SLSA provenance to {what}")
+
+
+def _attestations(args: argparse.Namespace):
+    from stacker_kernel.engine.attest import Attestations
+
+    return Attestations(sbom=not args.no_sbom, provenance=not args.no_provenance)
 
 
 def _cache_settings(args: argparse.Namespace):
@@ -260,7 +272,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         result = build(store, args.file, substitutions=_substitutions(args.substitute),
                        no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
                        annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
-                       on_failure=_failure_command(args))
+                       on_failure=_failure_command(args), attestations=_attestations(args))
     print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
           f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
     return 0
@@ -291,6 +303,35 @@ def cmd_grab(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sbom -------------------------------------------------------------------
+
+def add_sbom(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--stacker-file", dest="file", default="stacker.yaml",
+                   help="the stacker.yaml or notebook that was built (default stacker.yaml)")
+    p.add_argument("layer", nargs="?", help="the layer (default: the last one built)")
+    p.add_argument("-o", "--output", help="SPDX JSON file to write (default: print it)")
+
+
+def cmd_sbom(args: argparse.Namespace) -> int:
+    from stacker_kernel.engine.build import layer_snapshot
+    from stacker_kernel.engine.sbom import inventory
+    from stacker_kernel.oci.export import source_date_epoch_from_env
+    from stacker_kernel.oci.sbom import document_bytes, spdx_document
+
+    with _open_store(args) as store:
+        snap = layer_snapshot(store, args.file, args.layer)
+        inv = inventory(snap.path)
+    data = document_bytes(spdx_document(inv, snap.layer, source_date_epoch=source_date_epoch_from_env()))
+    for note in inv.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.output:
+        _write_output(args.output, lambda p: Path(p).write_bytes(data))
+        print(f"wrote {args.output}: {len(inv.packages)} packages of layer {snap.layer}")
+    else:
+        sys.stdout.write(data.decode())
+    return 0
+
+
 # --- chroot -----------------------------------------------------------------
 
 def add_chroot(p: argparse.ArgumentParser) -> None:
@@ -316,6 +357,7 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-cell", action="store_true", help="one build_only layer per cell")
     p.add_argument("--oci", action="store_true", help="also write the images of the notebook's last session")
     p.add_argument("--oci-dir", default="oci", help="OCI layout for --oci (default oci)")
+    _add_attestation_flags(p)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -323,7 +365,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     text = export_notebook(args.notebook, per_cell=args.per_cell,
                            oci_dir=args.oci_dir if args.oci else None,
-                           open_store=lambda: _open_store(args))
+                           open_store=lambda: _open_store(args), attestations=_attestations(args))
     if args.output:
         _write_output(args.output, lambda p: Path(p).write_text(text))
         print(f"wrote {args.output}")
@@ -370,6 +412,7 @@ def add_publish(p: argparse.ArgumentParser) -> None:
                    "~/.docker/config.json)")
     p.add_argument("--username", help="registry user; the password comes from --password-stdin")
     p.add_argument("--password-stdin", action="store_true", help="read the registry password from stdin")
+    _add_attestation_flags(p, "the published images (those in the layout are not pushed)")
     # Kept only to refuse it: argv is visible to every local user (ps).
     p.add_argument("--password", help=argparse.SUPPRESS)
 
@@ -394,7 +437,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         if not password:
             raise StackerKernelError("--password-stdin read an empty password: pipe the password to stdin")
     for done in publish(args.oci_dir, args.url, args.tag, images=args.image,
-                        username=args.username, password=password, authfile=args.authfile):
+                        username=args.username, password=password, authfile=args.authfile,
+                        sbom=not args.no_sbom, provenance=not args.no_provenance):
         print(f"published {done.image} to {done.destination}")
     return 0
 
@@ -408,6 +452,7 @@ COMMANDS: list[Command] = [
     Command("install", "install the 'stacker' Jupyter kernel spec", add_install, cmd_install),
     Command("build", "build a stacker.yaml or a notebook, layer by layer", add_build, cmd_build),
     Command("grab", "copy a file out of a built layer", add_grab, cmd_grab),
+    Command("sbom", "the SPDX SBOM (packages, unpackaged files) of a built layer", add_sbom, cmd_sbom),
     Command("chroot", "an interactive shell in a throwaway copy of a built layer "
             "(or of the failed state a failed build stopped in)", add_chroot, cmd_chroot),
     Command("export", "a notebook as stacker.yaml (and OCI images)", add_export, cmd_export),

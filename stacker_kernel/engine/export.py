@@ -5,9 +5,11 @@ the session's history, and its base is the parent of its first step.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Any
 
+from stacker_kernel.engine.attest import Attestations, BuildContext, attest_images
 from stacker_kernel.oci.bases import base_image, base_layers
 from stacker_kernel.oci.export import ImageSpec, OciBase, StepSnapshot, export_image, source_date_epoch_from_env
 from stacker_kernel.recipe.model import ImageSource, Layer, check_layer_name
@@ -62,8 +64,10 @@ def image_specs(store: Store, history: list[Snapshot], tags: dict[str, str],
 
 
 def export_session_oci(session, oci_dir: str, *, squash: bool = False,
-                       stacker_yaml: str | None = None, annotations_namespace: str = "io.stackeroci") -> list[str]:
-    """Write the images of a live BuildSession to the OCI layout `oci_dir`; returns the tags."""
+                       stacker_yaml: str | None = None, annotations_namespace: str = "io.stackeroci",
+                       attestations: Attestations = Attestations()) -> list[str]:
+    """Write the images of a live BuildSession to the OCI layout `oci_dir`, with their
+    SBOM and provenance (as `attestations` says); returns the tags."""
     history = session.built_steps()
     if stacker_yaml is None:
         stacker_yaml = session.export_yaml()
@@ -72,18 +76,28 @@ def export_session_oci(session, oci_dir: str, *, squash: bool = False,
     layers = {name: replace(layer, labels={**layer.labels, **session.generated_labels(name)})
               if layer.generate_labels else layer for name, layer in session.recipe.layers.items()}
     specs = image_specs(session.store, history, session.session.tags, layers)
-    return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
+    epoch = source_date_epoch_from_env()
+    tags = export_image(oci_dir, specs, source_date_epoch=epoch,
                         annotations_namespace=annotations_namespace, stacker_yaml=stacker_yaml,
                         squash=squash, layer_cache=layer_cache(session.store))
+    context = BuildContext(session.session.name, stacker_yaml, {str(s.path): s for s in history}, session.base_dir)
+    attest_images(oci_dir, specs, tags, context, attestations, source_date_epoch=epoch)
+    return tags
 
 
 def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: dict[str, Any] | None = None,
-                          stacker_yaml: str | None = None, squash: bool = False) -> list[str]:
-    """Write the images of a stored (ended) session to `oci_dir`; returns the tags."""
+                          stacker_yaml: str | None = None, squash: bool = False,
+                          attestations: Attestations = Attestations()) -> list[str]:
+    """Write the images of a stored (ended) session to `oci_dir`, with their SBOM and
+    provenance (as `attestations` says); returns the tags."""
     history = [s for s in (store.get(i) for i in sess.history) if s is not None]
     specs = image_specs(store, history, sess.tags, layers or {})
-    return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
+    epoch = source_date_epoch_from_env()
+    tags = export_image(oci_dir, specs, source_date_epoch=epoch,
                         stacker_yaml=stacker_yaml, squash=squash, layer_cache=layer_cache(store))
+    context = BuildContext(sess.name, stacker_yaml, {str(s.path): s for s in history}, os.path.dirname(sess.name))
+    attest_images(oci_dir, specs, tags, context, attestations, source_date_epoch=epoch)
+    return tags
 
 
 def layer_cache(store: Store) -> str:

@@ -348,3 +348,18 @@ def _inventory_in_ns(root: str, files: bool) -> Inventory:
     packages = tuple(sorted(found.packages, key=lambda p: (p.manager, p.name, p.arch, p.version)))
     unowned = _unowned(root, found.owned) if files else None
     return Inventory(packages, unowned, distro, version, tuple(found.notes))
+
+
+def step_changes(store, steps: list) -> tuple[Inventory, list[tuple[object, list[PackageChange]]]]:
+    """For consecutive step snapshots `steps` (storage.store.Snapshot, oldest first):
+    the packages after the last one, and what each step added, removed or changed
+    against the snapshot before it (the first: against its parent). One helper."""
+    parent = store.get(steps[0].parent) if steps and steps[0].parent else None
+    roots = ([parent.path] if parent is not None else []) + [s.path for s in steps]
+    invs = inventories(roots)
+    before: Inventory | None = invs.pop(0) if parent is not None else None
+    out = []
+    for snap, inv in zip(steps, invs):
+        out.append((snap, package_changes(before, inv)))
+        before = inv
+    return (invs[-1] if invs else Inventory((), None)), out

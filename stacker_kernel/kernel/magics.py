@@ -1,6 +1,6 @@
 """The interactive magics: UI actions on the build session, never part of the recipe.
 
-`%rollback`, `%layers`, `%diff`, `%grab`, `%export`, `%keep_failed`,
+`%rollback`, `%layers`, `%diff`, `%grab`, `%sbom`, `%export`, `%keep_failed`,
 `%cache`, `%network`, `%browse`, `%help`.
 Their syntax is parsed in recipe/cells.py; this module only carries them
 out on a BuildSession and says what to show: plain text, plus HTML where a
@@ -133,14 +133,46 @@ def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
 def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     rest = list(args.args or [])
     if args.format == "oci":
+        from stacker_kernel.engine.attest import Attestations
+
+        flags = {a for a in rest if a in ("--no-sbom", "--no-provenance")}
+        rest = [a for a in rest if a not in flags]
         target = _beside_notebook(ctx, rest[0] if rest else "oci")
-        tags = session.export_oci(str(target))
+        tags = session.export_oci(str(target), attestations=Attestations(
+            sbom="--no-sbom" not in flags, provenance="--no-provenance" not in flags))
         return Shown(f"wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
     target = _beside_notebook(ctx, rest[0] if rest else "stacker.yaml")
     text = session.export_yaml(str(target))
     warnings = session.order_warnings(_notebook_cell_ids(session.session.name))
     notes = "".join(f"warning: {w}\n" for w in warnings)
     return Shown(f"{notes}wrote {target}\n\n{text}")
+
+
+def _sbom(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
+    """`%sbom [LAYER|N]`: the packages of a step, then which cell of its layer changed which."""
+    from stacker_kernel.engine.sbom import step_changes
+    from stacker_kernel.kernel.widgets import resolve_snapshot
+
+    chosen = resolve_snapshot(session, target)
+    views = session.history(measure=False)
+    at = next((v for v in views if v.snapshot_id == chosen.snapshot_id), None)
+    steps = [v for v in views if at is not None and v.layer == at.layer and v.index <= at.index]
+    snaps = [session.store.get(v.snapshot_id) for v in steps]
+    if not snaps:
+        raise RecipeError(f"{chosen.label} is no step: give %sbom a step number from %layers")
+    inv, changes = step_changes(session.store, snaps)
+    rows = [[p.name, p.version, p.arch, p.manager] for p in inv.packages]
+    table = _table(["package", "version", "arch", "from"], rows)
+    diff_rows = [[str(v.index), v.cell_id or "", c.change, c.package.name,
+                  c.old if c.change == "removed" else (f"{c.old} -> {c.new}" if c.old else c.new)]
+                 for v, (_, cs) in zip(steps, changes) for c in cs]
+    head = f"{len(rows)} packages in {chosen.label}" + "".join(f"\nnote: {n}" for n in inv.notes)
+    if not diff_rows:
+        return Shown(f"{head}\n{table.text}\n\nno step of layer {at.layer} changed a package",
+                     f"<p>{html.escape(head)}</p>{table.html}")
+    diff = _table(["step", "cell", "change", "package", "version"], diff_rows)
+    return Shown(f"{head}\n{table.text}\n\npackage changes by step:\n{diff.text}",
+                 f"<p>{html.escape(head)}</p>{table.html}<p>package changes by step:</p>{diff.html}")
 
 
 def _notebook_cell_ids(path: str) -> list[str]:
@@ -231,6 +263,7 @@ HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
     "layers": _layers,
     "diff": _diff,
     "grab": _grab,
+    "sbom": _sbom,
     "export": _export,
     "keep_failed": _switch("keep_failed", "keep_failed"),
     "cache": _cache,

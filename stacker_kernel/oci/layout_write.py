@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from stacker_kernel.errors import ImageError
 from stacker_kernel.oci import cas
@@ -145,4 +145,15 @@ def set_tags(layout: str, tagged: list[tuple[str, Descriptor]]) -> None:
         index["manifests"] = kept
         index.setdefault("schemaVersion", 2)
         index.setdefault("mediaType", MEDIA_TYPE_INDEX)
+        _atomic_write(index_path, canonical_json(index))
+
+
+def update_index(layout: str, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change index.json in place under the layout's lock: `change` edits the parsed
+    index (e.g. adds untagged descriptors of artifact manifests)."""
+    with _locked(layout):
+        index_path = os.path.join(layout, "index.json")
+        with open(index_path, "rb") as f:
+            index = json.load(f)
+        change(index)
         _atomic_write(index_path, canonical_json(index))

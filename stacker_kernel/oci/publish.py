@@ -18,11 +18,13 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 
 from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci.layout import OCILayout
 from stacker_kernel.oci.layout_write import REF_NAME
+from stacker_kernel.oci.referrers import attachment_types, push_attachments
 from stacker_kernel.oci.registry_auth import auth_file_paths, find_credentials, private_auth_file
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
@@ -91,9 +93,11 @@ def _authfile_for(destination: str, authfile: str | None) -> str | None:
 
 def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images: list[str] | None = None,
             username: str | None = None, password: str | None = None,
-            authfile: str | None = None) -> list[Published]:
+            authfile: str | None = None, sbom: bool = True, provenance: bool = True) -> list[Published]:
     """Copy `images` (default: every tag of the layout) to `url` with skopeo,
     each under every tag in `tags` (default `latest`); the copies made, in order.
+    The SBOM and provenance attached to each image go along (oci/referrers.py)
+    unless `sbom`/`provenance` is False.
 
     Credentials: `username` with `password` (read from stdin by the CLI) go to
     skopeo in a private temporary auth file; otherwise the containers auth
@@ -114,8 +118,9 @@ def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images:
     if missing:
         raise ImageError(f"{', '.join(missing)} not in {layout_dir}: build it first (tags there: {', '.join(available) or 'none'})")
     layout = OCILayout(layout_dir)
+    digests = {}
     for image in chosen:  # skopeo would follow a blob symlinked to /dev/zero forever
-        layout.check_image(image)
+        digests[image] = layout.check_image(image).manifest_digest
     skopeo = shutil.which("skopeo")
     if skopeo is None:
         raise ImageError("skopeo is missing: install Debian's skopeo package (apt-get install skopeo)")
@@ -133,7 +138,8 @@ def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images:
             dest_auth = given_auth or (_authfile_for(p.destination, authfile) if to_registry else None)
             if dest_auth:
                 cmd.append(f"--dest-authfile={dest_auth}")
-            cmd += [f"oci:{layout_dir}:{p.image}", p.destination]
+            digestfile = stack.enter_context(tempfile.TemporaryDirectory()) + "/digest"
+            cmd += [f"--digestfile={digestfile}", f"oci:{layout_dir}:{p.image}", p.destination]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 detail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"status {res.returncode}"
@@ -146,5 +152,9 @@ def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images:
                                      f"and none are in {looked}: run 'skopeo login' for it, or pass "
                                      "--username USER --password-stdin with the password on stdin")
                 raise ImageError(f"publishing {p.image} to {p.destination} failed ({detail}): check --url and the credentials")
+            with open(digestfile) as f:
+                pushed = f.read().strip()
+            push_attachments(layout_dir, digests[p.image], p.destination, pushed,
+                             attachment_types(sbom, provenance), dest_auth)
             done.append(p)
     return done

@@ -545,11 +545,14 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
     (MagicSpec("layers", "%layers", "table of the session's steps", True, "None"), _no_args),
     (MagicSpec("diff", "%diff [N]", "files added, changed, removed by a step", True,
                "int | None"), _diff),
+    (MagicSpec("sbom", "%sbom [LAYER|N]", "the packages of a step, and which cell added, removed "
+               "or upgraded which", True, "int | str | None"), _rollback),
     (MagicSpec("grab", "%grab PATH [DEST]", "copy a file out of the container", True,
                "GrabArgs"), _grab),
     (MagicSpec("browse", "%browse [LAYER|N] [PATH]", "browse and download files", True,
                "BrowseArgs"), _parse_browse),
-    (MagicSpec("export", "%export [stacker.yaml|oci] [ARGS]", "export the build", True,
+    (MagicSpec("export", "%export [stacker.yaml|oci] [ARGS]", "export the build (oci: with an SBOM "
+               "and provenance unless --no-sbom, --no-provenance)", True,
                "ExportArgs", ("stacker.yaml", "oci")), _parse_export),
     (MagicSpec("keep_failed", "%keep_failed on|off", "keep a failed step's state to inspect "
                "it", True, "bool", ("on", "off")), _on_off),
@@ -572,7 +575,7 @@ MAGICS: dict[str, MagicSpec] = {spec.name: spec for spec, _ in _SPECS}
 #   %network      no effect: the build runs with the host's network, as stacker does
 #                 (%network none only takes it away from the kernel's steps)
 #   %cache        no effect: reuse only, never the result (build has --no-cache)
-#   %layers %diff %browse %grab %export %help
+#   %layers %diff %browse %grab %export %sbom %help
 #                 no effect: they show or copy out, the image does not change
 HEADLESS_REFUSED: dict[str, str] = {
     "rollback": "which only means something in a live kernel (the cells after it run on an "
