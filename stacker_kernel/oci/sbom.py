@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import re
+import sys
 from typing import Any
 
 from stacker_kernel.engine.sbom import Inventory, Package
@@ -20,8 +21,8 @@ from stacker_kernel.errors import ImageError
 
 MEDIA_TYPE = "application/spdx+json"
 TOOL = "stacker-kernel-0.1.0"
-INSTALL_HINT = ("the SBOM needs the spdx-tools library: install it with "
-                "/opt/stacker-kernel/venv/bin/pip install 'stacker-kernel[sbom]' (or pass --no-sbom)")
+INSTALL_HINT = (f"the SBOM needs the spdx-tools library: install it with '{sys.executable} -m pip install "
+                "spdx-tools' (the `sbom` extra, which scripts/setup-host.sh installs), or pass --no-sbom")
 _GNU = re.compile(r"(A?L?GPL|GFDL)-(\d+(?:\.\d+)?)(\+?)", re.I)
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
 
