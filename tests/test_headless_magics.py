@@ -18,6 +18,7 @@ NO_EFFECT = {
     "browse": "%browse",
     "grab": "%grab /etc/passwd",
     "export": "%export",
+    "sbom": "%sbom",
     "help": "%help",
 }
 
