@@ -7,7 +7,6 @@ every document, Debian's docker-registry for the publish tests.
 """
 import hashlib
 import json
-import os
 import sys
 import textwrap
 import urllib.request
@@ -41,8 +40,11 @@ def deb_script(name: str, version: str, license: str = "GPL-2+") -> str:
     return textwrap.dedent(f"""\
         p=/tmp/{name}
         mkdir -p $p/DEBIAN $p/usr/share/doc/{name} $p/usr/bin
-        printf 'Package: {name}\\nVersion: {version}\\nArchitecture: all\\nMaintainer: t <t@example.org>\\nDescription: test\\n' > $p/DEBIAN/control
-        printf 'Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\\n\\nFiles: *\\nCopyright: 2024 t\\nLicense: {license}\\n' > $p/usr/share/doc/{name}/copyright
+        printf 'Package: {name}\\nVersion: {version}\\nArchitecture: all\\n' > $p/DEBIAN/control
+        printf 'Maintainer: t <t@example.org>\\nDescription: test\\n' >> $p/DEBIAN/control
+        printf 'Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\\n\\n' \\
+            > $p/usr/share/doc/{name}/copyright
+        printf 'Files: *\\nCopyright: 2024 t\\nLicense: {license}\\n' >> $p/usr/share/doc/{name}/copyright
         echo 'echo {version}' > $p/usr/bin/{name}
         dpkg-deb -b $p /tmp/{name}.deb >/dev/null
         dpkg -i /tmp/{name}.deb >/dev/null
@@ -311,6 +313,19 @@ def test_builds_under_source_date_epoch_attach_identical_documents(storage, busy
     assert meta == {"startedOn": "2023-11-14T22:13:20Z", "finishedOn": "2023-11-14T22:13:20Z"}
 
 
+@pytest.mark.rootful
+def test_as_root_the_export_attaches_a_valid_sbom_and_provenance(storage, busybox_oci, tmp_path):
+    yaml = apk_yaml(tmp_path, busybox_oci)
+    oci = tmp_path / "oci"
+    with Store.open(storage) as store:
+        build(store, str(yaml), oci_dir=str(oci), out=lambda s: None, stream=lambda s: None)
+    _, data = attached(oci, "apk", SPDX)
+    assert validate_bytes(data) == []
+    assert {p["name"] for p in json.loads(data)["packages"]} >= {"musl", "busybox"}
+    _, data = attached(oci, "apk", PROVENANCE)
+    assert json.loads(data)["subject"][0]["name"] == "apk"
+
+
 def test_provenance_lists_the_base_digest_and_the_imports_with_their_sha256(storage, busybox_oci, tmp_path):
     yaml = apk_yaml(tmp_path, busybox_oci)
     oci = tmp_path / "oci"
@@ -322,9 +337,9 @@ def test_provenance_lists_the_base_digest_and_the_imports_with_their_sha256(stor
     layout, tag = busybox_oci.split(":")
     assert deps[busybox_oci] == {"sha256": image_digest(Path(layout), tag).split(":")[1]}
     db = tmp_path / "installed"
-    assert deps[f"file://{db}"] == {"sha256": hashlib.sha256(db.read_bytes()).hexdigest()}
+    assert deps[str(db)] == {"sha256": hashlib.sha256(db.read_bytes()).hexdigest()}
     assert definition["externalParameters"]["recipe"] == {
-        "path": str(yaml), "digest": {"sha256": hashlib.sha256(yaml.read_bytes()).hexdigest()}}
+        "path": "stacker.yaml", "digest": {"sha256": hashlib.sha256(yaml.read_bytes()).hexdigest()}}
 
 
 def test_no_sbom_and_no_provenance_turn_them_off(storage, busybox_oci, tmp_path, capsys):

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stacker_kernel.oci import attach, provenance
-from stacker_kernel.oci.export import ImageSpec, _timestamp
-from stacker_kernel.oci.layout import OCILayout
+from stacker_kernel.oci.export import ImageSpec
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,13 @@ def _dependencies(chain: list[ImageSpec], ctx: BuildContext) -> list[provenance.
         deps.append(provenance.Dependency(first.base_created_by or base_id, digest, f"base of layer {first.name}"))
     for spec in chain:
         for imp in getattr(spec.config, "imports", None) or []:
+            # As written in the recipe (not made absolute): the same recipe gives the same
+            # provenance wherever it is checked out.
             path = imp.path
             digest = imp.hash.lower() if imp.hash else None
-            uri = path
-            if "://" not in path:
-                local = path if os.path.isabs(path) else os.path.join(ctx.base_dir or os.getcwd(), path)
-                uri = "file://" + os.path.abspath(local)
-                digest = digest or _sha256_file(local)
-            deps.append(provenance.Dependency(uri, digest, f"import of layer {spec.name}"))
+            if "://" not in path and digest is None:
+                digest = _sha256_file(path if os.path.isabs(path) else os.path.join(ctx.base_dir or os.getcwd(), path))
+            deps.append(provenance.Dependency(path, digest, f"import of layer {spec.name}"))
     return deps
 
 
@@ -107,8 +105,9 @@ def _record(chain: list[ImageSpec], ctx: BuildContext) -> provenance.BuildRecord
                 started.append(snap.started)
                 finished.append(snap.started + snap.duration)
     recipe_sha = _sha256_file(ctx.recipe) if ctx.recipe else None
+    recipe = os.path.basename(ctx.recipe)  # its name and digest say which; where it was is no input
     yaml_sha = hashlib.sha256(ctx.stacker_yaml.encode()).hexdigest() if ctx.stacker_yaml else None
-    return provenance.BuildRecord(ctx.recipe, recipe_sha, tuple(steps), tuple(_dependencies(chain, ctx)),
+    return provenance.BuildRecord(recipe, recipe_sha, tuple(steps), tuple(_dependencies(chain, ctx)),
                                   min(started) if started else None, max(finished) if finished else None,
                                   yaml_sha, dict(ctx.substitutions or {}))
 
@@ -122,13 +121,12 @@ def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx:
     from stacker_kernel.engine.sbom import inventory
 
     by_name = {s.name: s for s in specs}
-    layout = OCILayout(layout_dir)
-    created = _timestamp(source_date_epoch)
+    created = provenance.timestamp(source_date_epoch)
     for tag in tags:
         spec = by_name.get(tag)
         if spec is None:
             continue
-        digest = layout.resolve(tag).manifest_digest
+        digest = attach.tagged_manifest(layout_dir, tag)["digest"]
         documents: list[tuple[str, bytes]] = []
         if which.sbom:
             from stacker_kernel.oci import sbom

@@ -145,10 +145,13 @@ def _read(root: str, path: str, limit: int = _MAX_DB) -> bytes | None:
 
 
 def _listdir(root: str, path: str) -> list[str]:
+    rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        parent, name, st, _ = resolve_at(_rootfd(root), path)
+        parent, name, st, _ = resolve_at(rootfd, path)
     except (GrabError, OSError):
         return []
+    finally:
+        os.close(rootfd)
     try:
         if not stat.S_ISDIR(st.st_mode):
             return []
@@ -161,16 +164,6 @@ def _listdir(root: str, path: str) -> list[str]:
         return []
     finally:
         os.close(parent)
-
-
-_ROOTFDS: dict[str, int] = {}
-
-
-def _rootfd(root: str) -> int:
-    # One fd per rootfs for the helper's life (it is a short-lived child process).
-    if root not in _ROOTFDS:
-        _ROOTFDS[root] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    return _ROOTFDS[root]
 
 
 def _stanzas(text: str) -> list[dict[str, str]]:

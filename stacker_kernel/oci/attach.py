@@ -38,6 +38,20 @@ def artifact_manifest(subject: dict[str, Any], artifact_type: str, document: lw.
     return manifest
 
 
+def tagged_manifest(layout_dir: str, tag: str) -> dict[str, Any]:
+    """The index descriptor of the image manifest tagged `tag` (read from index.json,
+    whatever its layers are); ImageError when the tag is missing or not a manifest."""
+    for d in _descriptors(layout_dir):
+        if (d.get("annotations") or {}).get(lw.REF_NAME) == tag:
+            if d.get("mediaType") != lw.MEDIA_TYPE_MANIFEST:
+                raise ImageError(f"tag {tag} of {layout_dir} is a {d.get('mediaType')}, not an image "
+                                 "manifest: documents attach to image manifests only")
+            cas.check_digest(d.get("digest"), f"tag {tag} of {layout_dir}")
+            cas.check_size(d.get("size"), f"tag {tag} of {layout_dir}")
+            return {k: d[k] for k in ("mediaType", "digest", "size")}
+    raise ImageError(f"tag {tag} is not in {layout_dir}: export the image first")
+
+
 def _descriptors(layout_dir: str) -> list[dict[str, Any]]:
     return [d for d in OCILayout(layout_dir).index.get("manifests") or [] if isinstance(d, dict)]
 
@@ -63,12 +77,7 @@ def attach(layout_dir: str, tag: str, documents: list[tuple[str, bytes]], *,
     artifacts about images no tag points at any more are dropped from the index
     (a re-export replaces its images).
     """
-    image = OCILayout(layout_dir).resolve(tag)
-    subject = next(d for d in _descriptors(layout_dir)
-                   if (d.get("annotations") or {}).get(lw.REF_NAME) == tag)
-    if subject.get("digest") != image.manifest_digest:  # a tag on an index: refer to the manifest
-        data = lw.canonical_json(image.manifest)
-        subject = {"mediaType": lw.MEDIA_TYPE_MANIFEST, "digest": image.manifest_digest, "size": len(data)}
+    subject = tagged_manifest(layout_dir, tag)
     lw.put_blob(layout_dir, EMPTY_BLOB, EMPTY_MEDIA_TYPE)
     added: list[dict[str, Any]] = []
     for artifact_type, data in documents:
@@ -83,7 +92,7 @@ def attach(layout_dir: str, tag: str, documents: list[tuple[str, bytes]], *,
         kept = []
         for d in manifests:
             about = _subject_of(layout_dir, d)
-            if about is not None and (about not in tagged or (about == image.manifest_digest
+            if about is not None and (about not in tagged or (about == subject["digest"]
                                                               and d.get("artifactType") in types)):
                 continue
             kept.append(d)

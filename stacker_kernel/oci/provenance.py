@@ -52,6 +52,11 @@ class BuildRecord:
     parameters: dict[str, str] = field(default_factory=dict)  # e.g. substitutions
 
 
+def timestamp(epoch: int | None) -> str:
+    """Now (or SOURCE_DATE_EPOCH `epoch`) as RFC 3339 UTC, to the second."""
+    return _time(datetime.datetime.now(datetime.timezone.utc).timestamp(), epoch) or ""
+
+
 def _time(seconds: float | None, epoch: int | None) -> str | None:
     value = epoch if epoch is not None else seconds
     if value is None:

@@ -13,6 +13,7 @@ that converted it), the artifacts are rewritten to refer to the digest pushed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -56,8 +57,6 @@ def _retarget(raw: bytes, subject: dict[str, Any]) -> bytes:
 
 
 def _descriptor(raw: bytes, artifact_type: str) -> dict[str, Any]:
-    import hashlib
-
     return {"mediaType": lw.MEDIA_TYPE_MANIFEST, "digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
             "size": len(raw), "artifactType": artifact_type}
 

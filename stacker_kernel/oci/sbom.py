@@ -12,8 +12,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import re
 import sys
+import tempfile
 from typing import Any
 
 from stacker_kernel.engine.sbom import Inventory, Package
@@ -206,9 +208,6 @@ def document_bytes(document: dict[str, Any]) -> bytes:
 
 def validate_bytes(data: bytes) -> list[str]:
     """The validation messages of SPDX JSON `data` (parsed and checked by spdx-tools); [] when valid."""
-    import os
-    import tempfile
-
     _spdx()
     from spdx_tools.spdx.parser.parse_anything import parse_file
     from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
