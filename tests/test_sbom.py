@@ -370,6 +370,20 @@ def test_cli_sbom_writes_the_document_of_a_layer(storage, busybox_oci, tmp_path,
     assert "2 packages of layer apk" in capsys.readouterr().out
 
 
+def test_an_rpm_database_without_the_rpm_tool_is_named_in_the_sbom(storage, busybox_oci, tmp_path, monkeypatch):
+    from stacker_kernel.oci.sbom import spdx_document
+
+    yaml = apk_yaml(tmp_path, busybox_oci, "mkdir -p /var/lib/rpm && echo db > /var/lib/rpm/rpmdb.sqlite")
+    with Store.open(storage) as store:
+        build(store, str(yaml), out=lambda s: None, stream=lambda s: None)
+        snap = layer_snapshot(store, str(yaml), "apk")
+        monkeypatch.setenv("PATH", str(tmp_path))  # no rpm tool here, whatever the host has
+        inv = inventory(snap.path)
+    assert inv.notes == ("the rpm database /var/lib/rpm was not read: this host has no rpm tool "
+                         "(apt-get install rpm), so its packages are missing here",)
+    assert "/var/lib/rpm was not read" in spdx_document(inv, "apk")["comment"]
+
+
 def test_without_spdx_tools_the_sbom_says_how_to_install_it(monkeypatch):
     from stacker_kernel.engine.sbom import Inventory
     from stacker_kernel.oci.sbom import spdx_document
