@@ -244,7 +244,7 @@ R:apk-owned.conf
 """
 
 
-def apk_yaml(tmp_path: Path, busybox_oci: str, extra: str = "") -> Path:
+def apk_yaml(tmp_path: Path, busybox_oci: str, extra: str = "", imports: tuple = ()) -> Path:
     db = tmp_path / "installed"
     db.write_text(APK_DB)
     (tmp_path / "os-release").write_text("ID=alpine\nVERSION_ID=3.19.0\n")
@@ -256,7 +256,7 @@ def apk_yaml(tmp_path: Path, busybox_oci: str, extra: str = "") -> Path:
                 url: {busybox_oci}
             imports:
                 - {db}
-                - {tmp_path / 'os-release'}
+                - {tmp_path / 'os-release'}{"".join(f"{chr(10)}                - {i}" for i in imports)}
             run: |
                 mkdir -p /lib/apk/db /lib /etc
                 cp /stacker/imports/installed /lib/apk/db/installed
@@ -368,6 +368,45 @@ def test_cli_sbom_writes_the_document_of_a_layer(storage, busybox_oci, tmp_path,
     assert validate_bytes(out.read_bytes()) == []
     assert {p["name"] for p in json.loads(out.read_text())["packages"]} >= {"musl", "busybox"}
     assert "2 packages of layer apk" in capsys.readouterr().out
+
+
+RPM_SPEC = """Name: hello-rpm
+Version: 1.2
+Release: 3
+Summary: test
+License: MIT
+BuildArch: noarch
+%description
+test
+%install
+mkdir -p %{buildroot}/usr/share/hello-rpm
+echo hi > %{buildroot}/usr/share/hello-rpm/hi
+%files
+/usr/share/hello-rpm/hi
+"""
+
+
+def test_an_rpm_database_is_read_with_the_rpm_tool(storage, busybox_oci, tmp_path):
+    import subprocess
+
+    (tmp_path / "hello.spec").write_text(RPM_SPEC)
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("rpmbuild", "--define", f"_topdir {tmp_path / 'top'}", "-bb", str(tmp_path / "hello.spec"))
+    db = tmp_path / "rpmdb"
+    run("rpm", "--dbpath", str(db), "--initdb")
+    run("rpm", "--dbpath", str(db), "-i", "--nodeps", "--justdb",
+        str(tmp_path / "top/RPMS/noarch/hello-rpm-1.2-3.noarch.rpm"))
+    run("tar", "-C", str(db), "-cf", str(tmp_path / "rpmdb.tar"), ".")
+    yaml = apk_yaml(tmp_path, busybox_oci, """mkdir -p /var/lib/rpm /usr/share/hello-rpm
+                tar -o -C /var/lib/rpm -xf /stacker/imports/rpmdb.tar
+                echo hi > /usr/share/hello-rpm/hi""", imports=(tmp_path / "rpmdb.tar",))
+    with Store.open(storage) as store:
+        build(store, str(yaml), out=lambda s: None, stream=lambda s: None)
+        inv = inventory(layer_snapshot(store, str(yaml), "apk").path)
+    rpm = [p for p in inv.packages if p.manager == "rpm"]
+    assert [(p.name, p.version, p.arch, p.licenses) for p in rpm] == [("hello-rpm", "1.2-3", "noarch", ("MIT",))]
+    assert rpm[0].purl() == "pkg:rpm/alpine/hello-rpm@1.2-3?arch=noarch"  # the os-release ID names the distro
+    assert "/usr/share" not in {d.path for d in inv.unowned.top}  # its file is owned
 
 
 def test_an_rpm_database_without_the_rpm_tool_is_named_in_the_sbom(storage, busybox_oci, tmp_path, monkeypatch):
