@@ -493,3 +493,31 @@ def test_publish_to_an_oci_layout_copies_the_documents(storage, busybox_oci, tmp
     publish(str(oci), f"oci:{dest}")
     found = attach.referrers(str(dest), image_digest(dest, "apk_latest"))
     assert sorted(d["artifactType"] for d in found) == sorted([PROVENANCE, SPDX])
+
+
+def test_publish_with_a_password_pushes_the_documents_to_a_registry_that_wants_one(
+        storage, busybox_oci, tmp_path, monkeypatch):
+    import base64
+    import secrets
+    import subprocess
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    password = secrets.token_hex(16)
+    (tmp_path / "registry").mkdir()
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(subprocess.run(["htpasswd", "-iBn", "alice"], input=password, check=True,
+                                       capture_output=True, text=True).stdout)
+    yaml = apk_yaml(tmp_path, busybox_oci)
+    oci = tmp_path / "oci"
+    with Store.open(storage) as store:
+        build(store, str(yaml), oci_dir=str(oci), out=lambda s: None, stream=lambda s: None)
+    for host in serve_registry(tmp_path / "registry", f"auth:\n  htpasswd: {{realm: test, path: {htpasswd}}}\n"):
+        publish(str(oci), f"docker://{host}/team", username="alice", password=password)
+        hexdigest = image_digest(oci, "apk").split(":")[1]
+        req = urllib.request.Request(f"http://{host}/v2/team/apk/manifests/sha256-{hexdigest}", headers={
+            "Accept": "application/vnd.oci.image.index.v1+json",
+            "Authorization": "Basic " + base64.b64encode(f"alice:{password}".encode()).decode()})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            index = json.loads(resp.read())
+        assert sorted(d["artifactType"] for d in index["manifests"]) == sorted([PROVENANCE, SPDX])
