@@ -28,6 +28,7 @@ from ipykernel.kernelbase import Kernel
 
 from stacker_kernel.errors import StackerKernelError
 from stacker_kernel.kernel import completion, magics
+from stacker_kernel.kernel.marks import StepMarks, rollback_cause
 from stacker_kernel.kernel.output import OutputSink
 from stacker_kernel.kernel.syntax import shell_completeness
 from stacker_kernel.kernel.widgets import WidgetHost, WidgetRegistry
@@ -109,6 +110,7 @@ class StackerKernel(Kernel):
         # click never waits for a step; live %layers widgets refresh after each cell.
         self._widget_io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stacker-widgets")
         self.widgets = WidgetRegistry()
+        self.marks = StepMarks()  # each step cell's "in the image" / "undone by ..." display
 
     def _watch_widget_frontend(self) -> None:
         """Note when a front-end that renders widgets connects.
@@ -161,6 +163,7 @@ class StackerKernel(Kernel):
             finally:
                 self._cell_running = False
                 self._refresh_widgets()
+                self._mark_undone(publish.send, rollback_cause(code, self.execution_count))
         except CellError as e:
             return publish.error(self.execution_count, e.ename, e.evalue, e.details)
         except StackerKernelError as e:
@@ -205,7 +208,7 @@ class StackerKernel(Kernel):
             await self._apply(pending, cell_id, publish)
             pending = []
             ctx = magics.MagicContext(self.notebook.parent, self._magic_specs(),
-                                      self._widget_host())
+                                      self._widget_host(), left_out=self.marks.left_out)
             if directive.name in magics.ON_EVENT_LOOP:
                 # Widgets live on the event loop, where their comm messages are handled.
                 shown = magics.run_magic(self.build, directive.name, directive.args, ctx)
@@ -234,7 +237,36 @@ class StackerKernel(Kernel):
         if self.build is None or not self.widget_frontend:
             return None
         return WidgetHost(self.build, self.notebook.parent, self._engine, self._widget_io,
-                          lambda: self._cell_running, self.widgets)
+                          lambda: self._cell_running, self.widgets, rolled_back=self._widget_rolled_back)
+
+    def _mark_step(self, outcome: Any, cell_id: str | None, script: str, publish: "_Publisher") -> None:
+        """Show a committed step's mark under its cell (failed steps are only recorded)."""
+        if not outcome.ok:
+            self.marks.failed(self.execution_count, cell_id, script)
+        elif outcome.snapshot_id and self.build.head is not None:
+            publish.send("display_data", self.marks.committed(
+                self.execution_count, cell_id, script, outcome.snapshot_id,
+                len(self.build.session.history), self.build.head.layer))
+
+    def _mark_undone(self, send: Callable[[str, dict], None], cause: str) -> None:
+        """Rewrite the marks of steps that left the history: they say they were undone by `cause`."""
+        if self.build is None:
+            return
+        try:
+            for content in self.marks.undone(list(self.build.session.history), cause):
+                send("update_display_data", content)
+        except Exception:  # a mark must never break the cell
+            self.log.exception("marking undone cells failed")
+
+    def _widget_rolled_back(self, index: int) -> None:
+        """The %layers widget rolled back to step `index` (on the event loop, in the click's context)."""
+        parent = self.get_parent()
+
+        def send(msg_type: str, content: dict) -> None:
+            self.session.send(self.iopub_socket, msg_type, content, parent=parent,
+                              ident=self._topic(msg_type))
+
+        self._mark_undone(send, f"Roll back here (to step {index}) in the %layers table")
 
     def _refresh_widgets(self) -> None:
         """Bring the live %layers widgets up to date (after a cell, a rollback, a re-run)."""
@@ -259,6 +291,7 @@ class StackerKernel(Kernel):
         finally:
             self._step_running = False
         publish.stream(sink.take(final=True))
+        self._mark_step(outcome, cell_id, script, publish)
         if sink.capped and outcome.log_path:
             publish.stream(f"[stacker-kernel: the full log is {outcome.log_path}]\n")
         if not outcome.ok:
@@ -444,6 +477,9 @@ class _Publisher:
 
     def __init__(self, kernel: StackerKernel, parent: dict, silent: bool) -> None:
         self.kernel, self.parent, self.silent = kernel, parent, silent
+
+    def send(self, msg_type: str, content: dict) -> None:
+        self._send(msg_type, content)
 
     def _send(self, msg_type: str, content: dict) -> None:
         if not self.silent:

@@ -130,16 +130,46 @@ def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
                        f"{html.escape(link)}</a>{notes}")
 
 
+def default_export_names(notebook: str) -> tuple[str, str]:
+    """The default `%export` outputs of `notebook`: NAME.stacker.yaml and NAME-oci beside
+    it, so two notebooks in one directory never overwrite each other's export (the
+    name `jupyter nbconvert --to stacker` gives the yaml too)."""
+    stem = Path(notebook).stem or "notebook"
+    return f"{stem}.stacker.yaml", f"{stem}-oci"
+
+
+def _export_target(args: Any, default: str) -> str:
+    paths = [a for a in args.args or [] if not a.startswith("-")]
+    options = [a for a in args.args or [] if a.startswith("-")]
+    if options or len(paths) > 1:
+        what = " ".join(options or paths[1:])
+        raise RecipeError(f"%export takes one output path, not {what!r}: write "
+                          f"%export {'oci ' if args.format == 'oci' else ''}[PATH]"
+                          " (stacker-kernel export has --per-cell)")
+    return paths[0] if paths else default
+
+
+def _left_out_warning(session: Any, ctx: "MagicContext") -> list[str]:
+    """The cells run in this kernel whose steps the export does not have."""
+    if ctx.left_out is None:
+        return []
+    left = ctx.left_out([s.id for s in session.built_steps()])
+    if not left:
+        return []
+    return [f"{len(left)} executed cell(s) are not in this export: " + "; ".join(left)]
+
+
 def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
-    rest = list(args.args or [])
+    yaml_name, oci_name = default_export_names(session.session.name)
+    notes = "".join(f"warning: {w}\n" for w in _left_out_warning(session, ctx))
     if args.format == "oci":
-        target = _beside_notebook(ctx, rest[0] if rest else "oci")
+        target = _beside_notebook(ctx, _export_target(args, oci_name))
         tags = session.export_oci(str(target))
-        return Shown(f"wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
-    target = _beside_notebook(ctx, rest[0] if rest else "stacker.yaml")
+        return Shown(f"{notes}wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
+    target = _beside_notebook(ctx, _export_target(args, yaml_name))
     text = session.export_yaml(str(target))
     warnings = session.order_warnings(_notebook_cell_ids(session.session.name))
-    notes = "".join(f"warning: {w}\n" for w in warnings)
+    notes += "".join(f"warning: {w}\n" for w in warnings)
     return Shown(f"{notes}wrote {target}\n\n{text}")
 
 
@@ -224,6 +254,8 @@ class MagicContext:
     notebook_dir: Path
     magics: dict[str, Any]  # recipe.cells.MAGICS: name -> MagicSpec (usage, help, interactive)
     widgets: Any = None  # kernel.widgets.WidgetHost on the event loop (ON_EVENT_LOOP magics)
+    # snapshot ids of the export -> the executed step cells it leaves out (kernel.marks)
+    left_out: Callable[[list[str]], list[str]] | None = None
 
 
 HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {

@@ -213,6 +213,7 @@ class WidgetHost:
     io: concurrent.futures.Executor
     busy: Callable[[], bool]
     registry: "WidgetRegistry"
+    rolled_back: Callable[[int], None] = lambda index: None  # the kernel marks the undone cells
 
     def later(self, executor: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any,
               then: Callable[[Any], None], fail: Callable[[BaseException], None]) -> None:
@@ -701,6 +702,7 @@ class LayerHistory(_Panel):
             self.say(f"rolled back to {_step_label(view)}" if view else
                      "rolled back to the start of the build: no steps left")
             self.host.registry.refresh_all()
+            self.host.rolled_back(index)
 
         self.host.later(self.host.engine, self.host.session.rollback, index, then=rolled,
                         fail=self.failed)
