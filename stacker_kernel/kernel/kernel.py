@@ -384,13 +384,31 @@ class StackerKernel(Kernel):
                 start = cursor_pos - len(word)
             elif " " in line.strip():
                 # Arguments that are paths: %grab, %diff, %import, %binds ...
-                return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd())
+                return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd(),
+                                                 self._shell_variables())
             return completion.Completion(matches, start, cursor_pos)
-        return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd())
+        return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd(),
+                                         self._shell_variables())
+
+    def _shell_variables(self) -> set[str]:
+        """The variables the next step's shell starts with: what earlier steps of the layer
+        set (exported or not) and the build environment (read, never the running shell)."""
+        from stacker_kernel.engine.live import build_environment
+
+        build = self.build
+        if build is None:
+            return set()
+        state = build.state
+        names = set(build_environment(build.layer))
+        if state is not None:
+            names |= set(state.exported) | set(state.plain)
+        return names
 
     async def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
         try:
-            text = self._inspect(code, len(code) if cursor_pos is None else cursor_pos)
+            # A command's --help runs in a helper process (bounded): off the event loop.
+            text = await asyncio.get_running_loop().run_in_executor(
+                None, self._inspect, code, len(code) if cursor_pos is None else cursor_pos)
         except Exception:
             self.log.exception("inspect failed")
             text = None
@@ -416,7 +434,25 @@ class StackerKernel(Kernel):
         found = completion.find_command(rootfs, word)
         if found is None:
             return f"{word}: not found on the container's PATH ({':'.join(completion.CONTAINER_PATH)})"
-        return f"{word} is {found} in the container"
+        return "\n".join([f"{word} is {found} in the container", *self._command_help(word, found)])
+
+    def _command_help(self, name: str, path: str) -> list[str]:
+        """The whatis line and the first lines of `--help` of command `name` (at `path`),
+        from the last committed snapshot (read-only; never the build shell)."""
+        from stacker_kernel.engine.command_help import help_text, whatis
+
+        head = self.build.head if self.build is not None else None
+        if head is None:
+            return []
+        snapshot = str(head.path)
+        lines = []
+        summary = whatis(snapshot, name)
+        if summary:
+            lines.append(summary)
+        usage = help_text(snapshot, path)
+        if usage:
+            lines += ["", f"$ {name} --help", usage]
+        return lines
 
     async def do_is_complete(self, code):
         try:
