@@ -210,6 +210,10 @@ def test_roll_back_here_in_the_layers_widget_undoes_the_later_steps(page, lab):
     widget.screenshot(path=str(_screenshot_dir(lab.root.parent) / "layers-widget.png"))
     rollback.click()
     cell.locator(".widget-html", has_text="rolled back to step").wait_for()
+    # The cells whose steps left the image say so in place (their marks' display ids).
+    undone = page.locator(".jp-Notebook .jp-CodeCell").nth(HELLO_CODE_CELLS - 1)
+    undone.locator(".jp-OutputArea", has_text="undone by Roll back here").wait_for()
+    undone.screenshot(path=str(_screenshot_dir(lab.root.parent) / "undone-cell.png"))
     check = _run_new_cell(page, "test -e /srv/www || echo srv-gone; cat /etc/hello/hello.conf")
     out = check.locator(".jp-OutputArea").inner_text()
     assert "srv-gone" in out and "name=stacker" in out
