@@ -36,6 +36,7 @@ class Mark:
     step: int  # 1-based position in the history when it was committed (0 if failed)
     layer: str
     undone_by: str | None = None
+    summary: str | None = None  # the line shown while the step is in the image, if not the default
 
     @property
     def label(self) -> str:
@@ -47,7 +48,7 @@ def _content(mark: Mark) -> dict:
     where = f"step {mark.step} of layer {mark.layer}"
     short = (mark.snapshot_id or "")[:12]
     if mark.undone_by is None:
-        text = f"in the image: {where} (snapshot {short})"
+        text = mark.summary or f"in the image: {where} (snapshot {short})"
         markup = f"<span style='color:#6a737d'>&#10003; {html.escape(text)}</span>"
     else:
         text = f"undone by {mark.undone_by}: {where} (snapshot {short}) is no longer in the image"
@@ -84,10 +85,11 @@ class StepMarks:
         self._in_image: dict[str, Mark] = {}  # display id -> mark whose step is in the history
 
     def committed(self, execution_count: int, cell_id: str | None, script: str,
-                  snapshot_id: str, step: int, layer: str) -> dict:
-        """Record a committed step; returns the display_data content of its mark."""
+                  snapshot_id: str, step: int, layer: str, summary: str | None = None) -> dict:
+        """Record a committed step; returns the display_data content of its mark, which
+        shows `summary` (e.g. the cell's status line) until the step is undone."""
         mark = Mark(f"stacker-step-{uuid.uuid4().hex[:16]}", execution_count, cell_id,
-                    first_line(script, skip_shebang=True), snapshot_id, step, layer)
+                    first_line(script, skip_shebang=True), snapshot_id, step, layer, summary=summary)
         self._marks.append(mark)
         self._in_image[mark.display_id] = mark
         return _content(mark)
