@@ -8,6 +8,7 @@ display ids of the step marks the way a front-end does (an
 from __future__ import annotations
 
 import queue
+import re
 import time
 import uuid
 
@@ -146,7 +147,8 @@ def test_roll_back_here_in_the_layers_widget_marks_the_undone_cells(lab):
         metadata={"version": __control_protocol_version__}))
     lab.ok("%layers", "l")
     button = next(cid for cid, state in lab.models.items()
-                  if state.get("_model_name") == "ButtonModel" and state.get("tooltip") == "roll back to step 1")
+                  if state.get("_model_name") == "ButtonModel" and state.get("description") == "Roll back here"
+                  and re.search(r"\bstep 1\b", state.get("tooltip", "")))
     kc.shell_channel.send(kc.session.msg("comm_msg", {
         "comm_id": button, "data": {"method": "custom", "content": {"event": "click"}}}))
     deadline = time.monotonic() + 60
