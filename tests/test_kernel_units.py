@@ -106,3 +106,16 @@ def test_whatis_reads_the_name_section_of_a_man_page(tmp_path):
         f.write('.TH GREETD 8\n.SH "NAME"\ngreetd \\- \\fBgreeting\\fR daemon\n.SH SYNOPSIS\n')
     assert whatis(str(tmp_path), "greetd") == "greetd (8) - greeting daemon"
     assert whatis(str(tmp_path), "absent") is None
+
+
+def test_whatis_never_reads_a_man_page_through_a_symlink_out_of_the_rootfs(tmp_path):
+    """An image whose /usr/share/man points at the host must not show host files."""
+    from stacker_kernel.engine.command_help import whatis
+
+    host = tmp_path / "host/man8"
+    host.mkdir(parents=True)
+    (host / "secret.8").write_text('.TH S 8\n.SH NAME\nsecret \\- host file\n')
+    root = tmp_path / "rootfs"
+    (root / "usr/share").mkdir(parents=True)
+    (root / "usr/share/man").symlink_to(tmp_path / "host")
+    assert whatis(str(root), "secret") is None

@@ -61,8 +61,11 @@ def whatis(rootfs: str, name: str) -> str | None:
     for section in MAN_SECTIONS:
         for suffix in ("", ".gz"):
             path = os.path.join(rootfs, "usr/share/man", f"man{section}", f"{name}.{section}{suffix}")
-            if os.path.islink(path) or not os.path.isfile(path):
-                continue  # a symlink could point out of the rootfs; the page itself is enough
+            real = os.path.realpath(path)
+            # any symlink on the way (usr, share/man, the page) could point out of the rootfs
+            if real != os.path.join(os.path.realpath(rootfs), os.path.relpath(path, rootfs)) \
+                    or not os.path.isfile(real):
+                continue
             try:
                 raw = gzip.open(path).read(HELP_BYTES) if suffix else open(path, "rb").read(HELP_BYTES)
             except OSError:
