@@ -30,6 +30,7 @@ from stacker_kernel.errors import StackerKernelError
 from stacker_kernel.kernel import completion, magics
 from stacker_kernel.kernel.output import OutputSink
 from stacker_kernel.kernel.syntax import shell_completeness
+from stacker_kernel.kernel.tables import CellNames
 from stacker_kernel.kernel.widgets import WidgetHost, WidgetRegistry
 
 try:
@@ -102,6 +103,7 @@ class StackerKernel(Kernel):
         self._engine = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stacker-engine")
         self.build: Any = None  # engine.session.BuildSession once opened
         self.notebook = notebook_path()
+        self.cell_names = CellNames(self.notebook)  # cells named by their prompt, [3], not their uuid
         self._step_running = False
         self._cell_running = False  # widgets refuse to roll back under a running cell
         self._reply_metadata: dict[str, dict] = {}
@@ -155,6 +157,8 @@ class StackerKernel(Kernel):
                 raise CellError("SubshellsUnsupported",
                                 "stacker-kernel runs cells only in its main shell:"
                                 " run this cell in the notebook, not in a subshell console")
+            if not silent:
+                self.cell_names.ran(cell_id, self.execution_count)
             self._cell_running = True
             try:
                 outcome = await self._execute_cell(code, cell_id, cell_meta or {}, publish)
@@ -205,7 +209,7 @@ class StackerKernel(Kernel):
             await self._apply(pending, cell_id, publish)
             pending = []
             ctx = magics.MagicContext(self.notebook.parent, self._magic_specs(),
-                                      self._widget_host())
+                                      self._widget_host(), cell_name=self.cell_names)
             if directive.name in magics.ON_EVENT_LOOP:
                 # Widgets live on the event loop, where their comm messages are handled.
                 shown = magics.run_magic(self.build, directive.name, directive.args, ctx)
@@ -234,7 +238,7 @@ class StackerKernel(Kernel):
         if self.build is None or not self.widget_frontend:
             return None
         return WidgetHost(self.build, self.notebook.parent, self._engine, self._widget_io,
-                          lambda: self._cell_running, self.widgets)
+                          lambda: self._cell_running, self.widgets, cell_name=self.cell_names)
 
     def _refresh_widgets(self) -> None:
         """Bring the live %layers widgets up to date (after a cell, a rollback, a re-run)."""
