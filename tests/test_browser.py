@@ -205,7 +205,8 @@ def output_text(cell) -> str:
 
 def prompt_number(cell) -> int:
     """The execution count in the cell's prompt, `[7]:` -> 7."""
-    return int(re.search(r"\d+", cell.locator(".jp-InputPrompt").inner_text()).group())
+    # text_content: a cell scrolled out of view renders no text (content-visibility)
+    return int(re.search(r"\d+", cell.locator(".jp-InputPrompt").text_content()).group())
 
 
 def box(locator) -> dict:
@@ -232,11 +233,12 @@ def test_roll_back_here_in_the_layers_widget_undoes_the_later_steps(page, lab):
     cell = run_cell(page, "%layers")
     widget = cell.locator(".stacker-layers")
     widget.wait_for()
-    row = widget.locator(".widget-hbox", has=page.locator("code", has_text="mkdir -p /etc/hello"))
-    rollback = row.locator("button", has_text="Roll back here")
-    step = rollback.get_attribute("title")
-    assert widget.locator("code", has_text="mkdir -p /srv/www").count() == 1
-    assert step.startswith("roll back to step ")
+    row = widget.locator(".stacker-cols", has_text="mkdir -p /etc/hello")
+    number = row.locator("span").first.inner_text()
+    step = f"roll back to step {number}"
+    rollback = widget.locator(f"button[title='{step}']")
+    assert rollback.inner_text() == "Roll back here"
+    assert widget.locator(".stacker-cols", has_text="mkdir -p /srv/www").count() == 1
     rollback.click()
     cell.locator(".widget-html", has_text="rolled back to step").wait_for()
     check = run_cell(page, "test -e /srv/www || echo srv-gone; cat /etc/hello/hello.conf")
@@ -244,9 +246,9 @@ def test_roll_back_here_in_the_layers_widget_undoes_the_later_steps(page, lab):
     assert "srv-gone" in out and "name=stacker" in out
     # The table dropped the rolled-back steps and shows the new cell's step after the target.
     after = int(step.rsplit(" ", 1)[1]) + 1
-    new_row = widget.locator(".widget-hbox", has=page.locator("button[title='roll back to step %d']" % after))
-    new_row.locator("code", has_text="test -e /srv/www").wait_for()
-    assert widget.locator("code", has_text="mkdir -p /srv/www").count() == 0
+    new_row = widget.locator(".stacker-cols", has=page.locator("span", has_text=re.compile(f"^{after}$")))
+    new_row.filter(has_text="test -e /srv/www").wait_for()
+    assert widget.locator(".stacker-cols", has_text="mkdir -p /srv/www").count() == 0
 
 
 def _open_file_browser_panel(page) -> None:
@@ -263,6 +265,8 @@ def test_layers_table_shows_every_button_at_1400px_with_the_browsers_open(page, 
         cell = run_cell(page, "%layers")
         widget = cell.locator(".stacker-layers")
         table = widget.locator(".stacker-steps")
+        table.locator("button", has_text="Browse").first.wait_for()
+        widget.screenshot(path=str(_screenshot_dir(lab.root.parent) / "layers-widget.png"))
         table.locator("button", has_text="Browse").last.click()
         widget.locator(".stacker-browser button.stacker-download-button").first.wait_for()
         buttons = widget.locator("button:visible")
@@ -283,7 +287,10 @@ def test_layers_table_shows_every_button_at_1400px_with_the_browsers_open(page, 
             }).map(e => e.className)""")
         assert all("stacker-grid" in c for c in scrolling), scrolling
         assert table.evaluate("t => t.scrollWidth <= t.clientWidth + 1")
-        widget.screenshot(path=str(_screenshot_dir(lab.root.parent) / "layers-widget.png"))
+        # Labels are whole: no button or column title cut short.
+        cut = widget.evaluate("""w => [...w.querySelectorAll('button, .stacker-head span')]
+            .filter(e => e.offsetParent && e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)""")
+        assert cut == []
     finally:
         page.set_viewport_size({"width": 1600, "height": 1000})
 

@@ -118,10 +118,14 @@ STYLE = """<style>
 .stacker-cols{display:flex;align-items:center;width:100%;font-family:var(--jp-code-font-family)}
 .stacker-cols>span{flex:0 0 auto;overflow:hidden;white-space:nowrap;text-overflow:ellipsis;margin-right:0.6em}
 .stacker-cols>span.stacker-grow{flex:1 1 6em;min-width:6em}
-.stacker-head .stacker-cols{font-family:inherit;font-weight:bold}
+.stacker-head .stacker-cols{font-weight:bold}
+.stacker-name{max-width:40em}
 .stacker-name,.stacker-name .widget-html-content{white-space:normal;overflow-wrap:anywhere;line-height:1.4}
-button.stacker-dir{justify-content:flex-start;text-align:left;height:auto;min-height:var(--jp-widgets-inline-height);
-  white-space:normal;overflow-wrap:anywhere;font-family:var(--jp-code-font-family)}
+.stacker-grid button.stacker-dir{justify-content:flex-start;text-align:left;height:auto;padding:0;margin:0;
+  background:none;box-shadow:none;color:var(--jp-content-link-color,#1976d2);white-space:normal;
+  overflow-wrap:anywhere;font-family:var(--jp-code-font-family);font-size:var(--jp-code-font-size);
+  line-height:1.4;max-width:40em}
+.stacker-grid button.stacker-dir:hover{text-decoration:underline}
 </style>"""
 
 
@@ -296,7 +300,9 @@ class _Panel:
 
 def _grid(columns: str, css_class: str, max_height: str) -> w.GridBox:
     """A table as one CSS grid: aligned columns, and the one scroll area of its rows."""
+    # justify_content start: columns keep their width, they do not share out the spare room.
     grid = w.GridBox([], layout=w.Layout(grid_template_columns=columns, align_items="center",
+                                         justify_content="start",
                                          overflow="auto", max_height=max_height, width="100%"))
     grid.add_class("stacker-grid")
     grid.add_class(css_class)
@@ -320,7 +326,7 @@ class FileBrowser(_Panel):
     A row is three grid cells: the name (a button for directories), the details
     (size, mode, owner, modified: fixed widths, one HTML) and the action."""
 
-    DETAILS = (("size", "6em"), ("mode", "7em"), ("owner", "5.5em"), ("modified", "8.5em"))
+    DETAILS = (("size", "10ch"), ("mode", "11ch"), ("owner", "12ch"), ("modified", "17ch"))
 
     def __init__(self, host: WidgetHost, snapshot: SnapshotRef, path: str = "/") -> None:
         super().__init__()
@@ -328,8 +334,8 @@ class FileBrowser(_Panel):
         self.listing: Listing | None = None
         self.page = 0
         # Shared by the rows: a row adds its own widgets, not its own layouts.
-        self._layouts = {"name": w.Layout(min_width="8em"), "details": w.Layout(width="30em"),
-                         "action": w.Layout(width="9em")}
+        self._layouts = {"name": w.Layout(width="auto"), "details": w.Layout(width="auto"),
+                         "action": w.Layout(width="auto")}
         self.title = w.HTML("")
         self.up = w.Button(description="..", tooltip="up to the parent directory",
                            layout=w.Layout(width="4em"))
@@ -341,7 +347,8 @@ class FileBrowser(_Panel):
                        w.HTML("")]
         for cell in self.header:
             cell.add_class("stacker-head")
-        self.rows = _grid("minmax(8em, 1fr) auto auto", "stacker-files", "32em")
+        # Names as wide as the longest (up to 40em, then they wrap), never clipped.
+        self.rows = _grid("minmax(8em, max-content) auto auto", "stacker-files", "32em")
         self._shown: list[list[w.Widget]] = []
         self.prev = w.Button(description="previous page", layout=w.Layout(width="10em"))
         self.next = w.Button(description="next page", layout=w.Layout(width="10em"))
@@ -470,7 +477,7 @@ _SIZE_WAITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="laye
 
 SIZE_COLUMN = LAYER_COLUMNS.index("size")
 # Text column widths of a %layers row; the first line takes what the buttons leave.
-LAYER_WIDTHS = ("3em", "7em", "4.5em", "grow", "3.5em", "4.5em", "5.5em", "3.5em")
+LAYER_WIDTHS = ("5ch", "12ch", "6ch", "grow", "7ch", "9ch", "10ch", "7ch")
 
 
 def _row_key(v: Any, cell: str) -> tuple:
@@ -510,8 +517,7 @@ class LayerHistory(_Panel):
         self._text_layout = w.Layout(min_width="40em")
         self._html_style = HTMLStyle()
         self._button_style = w.ButtonStyle()
-        self._button_layouts = {"Roll back here": w.Layout(width="8.5em"),
-                                "Diff": w.Layout(width="4em"), "Browse": w.Layout(width="5em")}
+        self._button_layouts = {label: w.Layout(width="auto") for label in ("Roll back here", "Diff", "Browse")}
         self.header = [w.HTML(_cols_html(LAYER_COLUMNS, LAYER_WIDTHS), layout=self._text_layout),
                        w.HTML(""), w.HTML(""), w.HTML("")]
         for cell in self.header:
