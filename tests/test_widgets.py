@@ -261,6 +261,21 @@ def test_layers_widget_shows_a_steps_size_once_measured(ui):
     _wait_html(ui, r"\+2\.9 KiB")
 
 
+def test_a_long_history_shows_its_newest_steps_a_page_at_a_time(ui):
+    for n in range(45):
+        ui.ok(f"echo {n} > /f", f"s{n}")
+    ui.ok("%layers", "l")
+    ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 45")
+    ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 6")
+    assert not ui.find(_model_name="ButtonModel", tooltip="roll back to step 5")  # not built
+    _wait_html(ui, "steps 6–45 of 45")
+    ui.click(ui.wait_for(_model_name="ButtonModel", description="earlier steps"))
+    ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 5")
+    ui.wait_gone(_model_name="ButtonModel", tooltip="roll back to step 45")
+    ui.ok("echo new > /new", "s45")  # a page the user chose stays put
+    _wait_html(ui, "steps 1–40 of 46")
+
+
 UUID = "0f6b9a2e-4c1d-4e8a-9b7f-2d3c4e5f6a7b"  # a cell id as JupyterLab makes them
 
 

@@ -300,9 +300,9 @@ class _Panel:
 
 def _grid(columns: str, css_class: str, max_height: str) -> w.GridBox:
     """A table as one CSS grid: aligned columns, and the one scroll area of its rows."""
-    # justify_content start: columns keep their width, they do not share out the spare room.
+    # justify_content flex-start: columns keep their width, they do not share out the spare room.
     grid = w.GridBox([], layout=w.Layout(grid_template_columns=columns, align_items="center",
-                                         justify_content="start",
+                                         justify_content="flex-start",
                                          overflow="auto", max_height=max_height, width="100%"))
     grid.add_class("stacker-grid")
     grid.add_class(css_class)
@@ -507,7 +507,13 @@ class _Row:
 
 
 class LayerHistory(_Panel):
-    """`%layers` as a widget: one grid, a row per step with Roll back here, Diff and Browse."""
+    """`%layers` as a widget: one grid, a row per step with Roll back here, Diff and Browse.
+
+    It shows a page of ROWS steps, the newest ones unless the user pages back:
+    a row is a few widget models, and building a thousand of them would make
+    the first `%layers` of a long session take seconds."""
+
+    ROWS = 40
 
     def __init__(self, host: WidgetHost) -> None:
         super().__init__()
@@ -525,10 +531,18 @@ class LayerHistory(_Panel):
         self.table = _grid("minmax(40em, 1fr) auto auto auto", "stacker-steps", "30em")
         self.detail = w.VBox([])
         self.browser: FileBrowser | None = None
-        self._shown: list[_Row] = []  # the rows the grid shows, one per step
+        self._shown: list[_Row] = []  # the rows the grid shows, one per step of the page
         self._empty: w.HTML | None = None
         self._awaiting_sizes = False
-        self.widget = w.VBox([w.HTML(STYLE), self.table, self.status, self.detail])
+        self.first = 0  # 0-based position of the page's first step
+        self.following = True  # the page shows the newest steps (until the user pages back)
+        self.earlier = w.Button(description="earlier steps", layout=w.Layout(width="auto"))
+        self.later_steps = w.Button(description="later steps", layout=w.Layout(width="auto"))
+        self.earlier.on_click(self.guarded(lambda _: self.show_from(self.first - self.ROWS)))
+        self.later_steps.on_click(self.guarded(lambda _: self.show_from(self.first + self.ROWS)))
+        self.pages = w.HTML("")
+        self.pager = w.HBox([self.earlier, self.pages, self.later_steps], layout=w.Layout(display="none"))
+        self.widget = w.VBox([w.HTML(STYLE), self.table, self.pager, self.status, self.detail])
         self.widget.add_class("stacker-layers")
         self.refresh()
 
@@ -536,11 +550,18 @@ class LayerHistory(_Panel):
         """The same table as plain text (text/plain of the display)."""
         return layers_table(self.host.session.history(), self.host.cell_name).text
 
+    def show_from(self, first: int) -> None:
+        """Show the page that starts at 0-based step position `first`."""
+        self.first = first
+        self.following = False
+        self.refresh()
+
     def refresh(self, views: list | None = None) -> None:
         """Bring the rows up to date with the session's history (`views`, if the caller
         read it already). Only what changed is touched: the rows of new or changed
-        steps are built, a size measured meanwhile only updates its cell, so that
-        a refresh after one step costs one row however long the history is."""
+        steps are built, rows that stay are kept, and a size measured meanwhile only
+        updates its cell, so that a refresh after one step costs one row however
+        long the history is."""
         if views is None:
             views = self.host.session.history()
         name = self.host.cell_name
@@ -551,27 +572,32 @@ class LayerHistory(_Panel):
                                      " to make the first snapshot</i>", layout=w.Layout(grid_column="1 / -1"))
                 self.table.children = self.header + [self._empty]
                 self._close_rows(old)
+            self.pager.layout.display = "none"
             return
         if self._empty is not None:
             _close_tree(self._empty)
             self._empty = None
             self.table.children = self.header
-        shown = self._shown
-        same = 0
-        while same < min(len(views), len(shown)) and shown[same].key == _row_key(views[same], name(views[same].cell_id)):
-            same += 1
-        if same != len(shown) or same != len(views):  # steps came, went or changed
-            old_rows = shown[same:]
-            if shown:
-                shown[-1].rollback.disabled = False  # the old head's row, if it stays
-            self._shown = shown[:same] + [self._row(v) for v in views[same:]]
-            self._shown[-1].rollback.disabled = True  # already the head
+        last_page = max(0, len(views) - self.ROWS)
+        self.first = last_page if self.following else min(max(self.first, 0), last_page)
+        self.following = self.first == last_page
+        page = views[self.first:self.first + self.ROWS]
+        keys = [_row_key(v, name(v.cell_id)) for v in page]
+        if keys != [r.key for r in self._shown]:  # steps came, went or changed
+            kept = {r.key: r for r in self._shown}
+            self._shown = [kept.pop(key, None) or self._row(v) for key, v in zip(keys, page)]
             self.table.children = self.header + [cell for r in self._shown for cell in r.cells]
-            self._close_rows(old_rows)
-        for r, v in zip(self._shown, views):
+            self._close_rows(list(kept.values()))
+        for r, v in zip(self._shown, page):
+            r.rollback.disabled = v.index == len(views)  # already the head
             size = layer_row(v)[SIZE_COLUMN]
             if r.values[SIZE_COLUMN] != size:
                 r.set_size(size)
+        self.pager.layout.display = "none" if len(views) <= self.ROWS else ""
+        self.earlier.disabled = self.first == 0
+        self.later_steps.disabled = self.following
+        self.pages.value = (f"&nbsp;steps {self.first + 1}–{self.first + len(page)}"
+                            f" of {len(views)}&nbsp;")
         if any(v.size_delta is None for v in views):
             self._when_sizes_known()
 
