@@ -9,8 +9,10 @@ awaits its step, see reference/jupyter.md §2.4); anything slow (a diff,
 reading or copying a file) goes to a background thread, and session changes
 (Roll back here) go to the kernel's engine thread so they never overlap a cell.
 
-Each widget is one CSS grid (a GridBox): the columns line up across rows
+Each table is one CSS grid (a GridBox): the columns line up across rows
 whatever a cell holds, and the grid is the one scroll area of the table.
+`%layers` shows a page of the newest steps, so that its first display costs
+the same at any history length; rows are kept across refreshes.
 
 Downloads (reference/jupyter.md §4): the Download button prepares the file
 and the browser saves it at once. A regular file up to INLINE_LIMIT travels
