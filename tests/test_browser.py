@@ -256,6 +256,7 @@ def _open_file_browser_panel(page) -> None:
     if not page.locator("#filebrowser").is_visible():
         page.locator(".jp-SideBar [data-id='filebrowser']").click()
     page.locator("#filebrowser").wait_for()
+    assert box(page.locator("#filebrowser"))["width"] > 150  # it takes its room beside the notebook
 
 
 def test_layers_table_shows_every_button_at_1400px_with_the_browsers_open(page, lab):
