@@ -706,6 +706,49 @@ class BuildSession:
             return snaps[-1]
         return self._history.at(index)
 
+    def find_snapshot(self, target: str | int | None = None) -> tuple[Snapshot, StepView | None]:
+        """The snapshot `%browse [LAYER|N]` means, with its %layers row (None for a layer's
+        base): the head (None), step N (negative counts from the end), or a layer's last
+        step. RecipeError names what is wrong."""
+        with self._lock:
+            views = self._history.views(measure=False)
+            if target is None:
+                snap = self.snapshot_at(None)
+            elif isinstance(target, int):
+                n = target if target > 0 else len(views) + 1 + target
+                if not 1 <= n <= len(views) or target == 0:
+                    raise RecipeError(f"no step {target}: %layers lists steps 1..{len(views)}")
+                snap = self.snapshot_at(n)
+            else:
+                tips = self.layer_tips()
+                if target not in tips:
+                    known = ", ".join(tips) or "none yet"
+                    raise RecipeError(f"no step of layer {target!r} in this session (layers: {known}):"
+                                      " use %browse N with a step number from %layers")
+                snap = tips[target]
+            return snap, next((v for v in views if v.snapshot_id == snap.id), None)
+
+    def _kept_snapshot(self, snapshot_id: str) -> Snapshot:
+        snap = self.store.get(snapshot_id)
+        if snap is None:
+            raise RecipeError(f"snapshot {snapshot_id[:12]} no longer exists (gc removed it):"
+                              " open %browse again on a step %layers lists")
+        return snap
+
+    def list_dir(self, snapshot_id: str, path: str):
+        """Container directory `path` of a snapshot (engine/browse.Listing), from any thread:
+        snapshots are read-only, so this never waits for a step. GrabError for a bad path."""
+        from stacker_kernel.engine.browse import list_directory
+
+        return list_directory(self._kept_snapshot(snapshot_id).path, path)
+
+    def prepare_download(self, snapshot_id: str, path: str, copy_to: Path, inline_limit: int):
+        """Container file `path` of a snapshot made ready for a download (engine/browse.Download):
+        its bytes up to `inline_limit`, else a copy below `copy_to`. Any thread, like list_dir."""
+        from stacker_kernel.engine.browse import prepare_download
+
+        return prepare_download(self._kept_snapshot(snapshot_id).path, path, copy_to, inline_limit)
+
     def diff(self, index: int | None = None) -> list[tuple[str, str]]:
         """Files added (A), modified (M) and removed (D) by step `index` (default: the last)."""
         from stacker_kernel.engine.inspect import diff_summary

@@ -31,6 +31,7 @@ from stacker_kernel.kernel import completion, magics
 from stacker_kernel.kernel.marks import StepMarks, rollback_cause
 from stacker_kernel.kernel.output import OutputSink
 from stacker_kernel.kernel.syntax import shell_completeness
+from stacker_kernel.kernel.tables import CellNames
 from stacker_kernel.kernel.widgets import WidgetHost, WidgetRegistry
 
 try:
@@ -103,6 +104,7 @@ class StackerKernel(Kernel):
         self._engine = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stacker-engine")
         self.build: Any = None  # engine.session.BuildSession once opened
         self.notebook = notebook_path()
+        self.cell_names = CellNames(self.notebook)  # cells named by their prompt, [3], not their uuid
         self._step_running = False
         self._cell_running = False  # widgets refuse to roll back under a running cell
         self._reply_metadata: dict[str, dict] = {}
@@ -157,6 +159,8 @@ class StackerKernel(Kernel):
                 raise CellError("SubshellsUnsupported",
                                 "stacker-kernel runs cells only in its main shell:"
                                 " run this cell in the notebook, not in a subshell console")
+            if not silent:
+                self.cell_names.ran(cell_id, self.execution_count)
             self._cell_running = True
             try:
                 outcome = await self._execute_cell(code, cell_id, cell_meta or {}, publish)
@@ -208,7 +212,8 @@ class StackerKernel(Kernel):
             await self._apply(pending, cell_id, publish)
             pending = []
             ctx = magics.MagicContext(self.notebook.parent, self._magic_specs(),
-                                      self._widget_host(), left_out=self.marks.left_out)
+                                      self._widget_host(), left_out=self.marks.left_out,
+                                      cell_name=self.cell_names)
             if directive.name in magics.ON_EVENT_LOOP:
                 # Widgets live on the event loop, where their comm messages are handled.
                 shown = magics.run_magic(self.build, directive.name, directive.args, ctx)
@@ -237,7 +242,8 @@ class StackerKernel(Kernel):
         if self.build is None or not self.widget_frontend:
             return None
         return WidgetHost(self.build, self.notebook.parent, self._engine, self._widget_io,
-                          lambda: self._cell_running, self.widgets, rolled_back=self._widget_rolled_back)
+                          lambda: self._cell_running, self.widgets, rolled_back=self._widget_rolled_back,
+                          cell_name=self.cell_names)
 
     def _mark_step(self, outcome: Any, cell_id: str | None, script: str, publish: "_Publisher") -> None:
         """Show a committed step's mark under its cell (failed steps are only recorded)."""
