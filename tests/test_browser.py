@@ -4,10 +4,17 @@ The test starts JupyterLab (from PyPI, the `test` extra) on 127.0.0.1 as the
 test user, with the stacker kernel spec in a temporary JUPYTER_PATH and a
 fresh storage root, opens notebooks/hello.ipynb, runs all its cells, then uses
 the widgets as a user would: Roll back here in `%layers` (checked with a new
-cell), Download in `%browse` (the downloaded bytes are compared with the file
-in the snapshot), and the link `%grab` shows. Chromium runs headless without
-its sandbox (an unprivileged user in CI has no setuid sandbox helper) and with
-a fresh profile, offline (reference/jupyter.md §5.4).
+cell), the `%layers` table at 1400 px with JupyterLab's file browser and the
+widget's own browser open (every button inside the table, checked by bounding
+boxes; cells named by their prompt), Download in `%browse` in one click for a
+small and a large file (the downloaded bytes are compared with the file in the
+snapshot), and the link `%grab` shows. Chromium runs headless without its
+sandbox (an unprivileged user in CI has no setuid sandbox helper) and with a
+fresh profile, offline (reference/jupyter.md §5.4).
+
+To check more of the notebook, use the helpers: run_cell(page, code) appends
+and runs a cell and returns it, output_text(cell) is what its output shows,
+boxes_inside(...) compares bounding boxes.
 
 Screenshots of both widgets go to docs/ (docs/layers-widget.png,
 docs/browse-widget.png) when the checkout is writable, else to
@@ -175,7 +182,7 @@ def _wait_all_ran(page, count: int) -> None:
         }""", arg=count, timeout=BUILD_TIMEOUT_MS)
 
 
-def _run_new_cell(page, code: str):
+def run_cell(page, code: str):
     """Append a code cell with `code` at the end, run it, wait for it; returns its locator."""
     cells = page.locator(".jp-Notebook .jp-Cell")
     before = page.locator(".jp-Notebook .jp-CodeCell").count()
@@ -191,6 +198,30 @@ def _run_new_cell(page, code: str):
     return cell
 
 
+def output_text(cell) -> str:
+    """What the cell's output area shows, as text."""
+    return cell.locator(".jp-OutputArea").inner_text()
+
+
+def prompt_number(cell) -> int:
+    """The execution count in the cell's prompt, `[7]:` -> 7."""
+    # text_content: a cell scrolled out of view renders no text (content-visibility)
+    return int(re.search(r"\d+", cell.locator(".jp-InputPrompt").text_content()).group())
+
+
+def box(locator) -> dict:
+    """The bounding box of the first element of `locator` (it must be rendered)."""
+    found = locator.first.bounding_box()
+    assert found is not None, f"{locator} is not rendered"
+    return found
+
+
+def boxes_inside(inner: list[dict], outer: dict, slack: float = 0.5) -> list[dict]:
+    """The boxes of `inner` that reach out of `outer` sideways (none when all fit)."""
+    return [b for b in inner if b["x"] < outer["x"] - slack
+            or b["x"] + b["width"] > outer["x"] + outer["width"] + slack]
+
+
 def test_run_all_builds_the_demo_notebook(page):
     last = page.locator(".jp-Notebook .jp-CodeCell").nth(HELLO_CODE_CELLS - 1)
     assert re.search(r"serving \w+ from stacker .* from /srv/www", last.locator(".jp-OutputArea").inner_text())
@@ -199,25 +230,88 @@ def test_run_all_builds_the_demo_notebook(page):
 
 
 def test_roll_back_here_in_the_layers_widget_undoes_the_later_steps(page, lab):
-    cell = _run_new_cell(page, "%layers")
+    cell = run_cell(page, "%layers")
     widget = cell.locator(".stacker-layers")
     widget.wait_for()
-    row = widget.locator(".widget-hbox", has=page.locator("code", has_text="mkdir -p /etc/hello"))
-    rollback = row.locator("button", has_text="Roll back here")
-    step = rollback.get_attribute("title")
-    assert widget.locator("code", has_text="mkdir -p /srv/www").count() == 1
-    assert step.startswith("roll back to step ")
-    widget.screenshot(path=str(_screenshot_dir(lab.root.parent) / "layers-widget.png"))
+    row = widget.locator(".stacker-cols", has_text="mkdir -p /etc/hello")
+    number = row.locator("span").first.inner_text()
+    step = f"roll back to step {number}"
+    rollback = widget.locator(f"button[title='{step}']")
+    assert rollback.inner_text() == "Roll back here"
+    assert widget.locator(".stacker-cols", has_text="mkdir -p /srv/www").count() == 1
     rollback.click()
     cell.locator(".widget-html", has_text="rolled back to step").wait_for()
-    check = _run_new_cell(page, "test -e /srv/www || echo srv-gone; cat /etc/hello/hello.conf")
+    # The cells whose steps left the image say so in place (their marks' display ids).
+    undone = page.locator(".jp-Notebook .jp-CodeCell").nth(HELLO_CODE_CELLS - 1)
+    undone.locator(".jp-OutputArea", has_text="undone by Roll back here").wait_for()
+    undone.screenshot(path=str(_screenshot_dir(lab.root.parent) / "undone-cell.png"))
+    check = run_cell(page, "test -e /srv/www || echo srv-gone; cat /etc/hello/hello.conf")
     out = check.locator(".jp-OutputArea").inner_text()
     assert "srv-gone" in out and "name=stacker" in out
     # The table dropped the rolled-back steps and shows the new cell's step after the target.
     after = int(step.rsplit(" ", 1)[1]) + 1
-    new_row = widget.locator(".widget-hbox", has=page.locator("button[title='roll back to step %d']" % after))
-    new_row.locator("code", has_text="test -e /srv/www").wait_for()
-    assert widget.locator("code", has_text="mkdir -p /srv/www").count() == 0
+    new_row = widget.locator(".stacker-cols", has=page.locator("span", has_text=re.compile(f"^{after}$")))
+    new_row.filter(has_text="test -e /srv/www").wait_for()
+    assert widget.locator(".stacker-cols", has_text="mkdir -p /srv/www").count() == 0
+
+
+def _open_file_browser_panel(page) -> None:
+    """JupyterLab's own file browser, open in the left sidebar (it narrows the notebook)."""
+    if not page.locator("#filebrowser").is_visible():
+        page.locator(".jp-SideBar [data-id='filebrowser']").click()
+    page.locator("#filebrowser").wait_for()
+    assert box(page.locator("#filebrowser"))["width"] > 150  # it takes its room beside the notebook
+
+
+def test_layers_table_shows_every_button_at_1400px_with_the_browsers_open(page, lab):
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    try:
+        _open_file_browser_panel(page)
+        cell = run_cell(page, "%layers")
+        widget = cell.locator(".stacker-layers")
+        table = widget.locator(".stacker-steps")
+        table.locator("button", has_text="Browse").first.wait_for()
+        widget.screenshot(path=str(_screenshot_dir(lab.root.parent) / "layers-widget.png"))
+        table.locator("button", has_text="Browse").last.click()
+        widget.locator(".stacker-browser button.stacker-download-button").first.wait_for()
+        buttons = widget.locator("button:visible")
+        assert buttons.count() > 10
+        area = box(cell.locator(".jp-OutputArea-output"))
+        viewport = {"x": 0, "width": 1400}
+        for outer in (area, viewport):
+            assert boxes_inside([buttons.nth(i).bounding_box() for i in range(buttons.count())], outer) == []
+        steps = box(table)
+        row_buttons = table.locator("button")
+        assert boxes_inside([row_buttons.nth(i).bounding_box() for i in range(row_buttons.count())], steps) == []
+        # One table, one scroll area: nothing in the widget scrolls but the grids, and
+        # the steps' grid needs no sideways scrolling at this width.
+        scrolling = widget.evaluate("""w => [w, ...w.querySelectorAll('*')].filter(e => {
+                const s = getComputedStyle(e);
+                return (e.scrollWidth > e.clientWidth + 1 && /auto|scroll/.test(s.overflowX))
+                    || (e.scrollHeight > e.clientHeight + 1 && /auto|scroll/.test(s.overflowY));
+            }).map(e => e.className)""")
+        assert all("stacker-grid" in c for c in scrolling), scrolling
+        assert table.evaluate("t => t.scrollWidth <= t.clientWidth + 1")
+        # Labels are whole: no button or column title cut short.
+        cut = widget.evaluate("""w => [...w.querySelectorAll('button, .stacker-head span')]
+            .filter(e => e.offsetParent && e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)""")
+        assert cut == []
+    finally:
+        page.set_viewport_size({"width": 1600, "height": 1000})
+
+
+def test_layers_table_names_cells_by_their_prompt_not_their_id(page):
+    first = page.locator(".jp-Notebook .jp-CodeCell").first
+    made_here = run_cell(page, "echo named > /named")  # JupyterLab gives it a uuid
+    cell = run_cell(page, "%layers")
+    table = cell.locator(".stacker-steps")
+    table.locator("span", has_text="echo named > /named").wait_for()
+    texts = table.locator(".stacker-cols").all_inner_texts()
+    row = next(t for t in texts if "echo named > /named" in t)
+    assert f"[{prompt_number(made_here)}]" in row.split()
+    mkdir_app = next(t for t in texts if "mkdir -p /app" in t)
+    assert f"[{prompt_number(first)}]" in mkdir_app.split()
+    assert not [t for t in texts if re.search(r"[0-9a-f]{8}-?[0-9a-f]{4}", t)], texts
 
 
 def _snapshot_file(storage: Path, snapshot_prefix: str, path: str) -> bytes:
@@ -228,25 +322,62 @@ def _snapshot_file(storage: Path, snapshot_prefix: str, path: str) -> bytes:
     return run_in_userns(Path.read_bytes, snap / path.lstrip("/"))
 
 
-def test_browse_download_gives_the_bytes_of_the_file_in_the_snapshot(page, lab):
-    cell = _run_new_cell(page, "%browse /app")
-    widget = cell.locator(".stacker-browser")
-    widget.locator("button[title='download /app/hello.sh']").click()
-    save = widget.locator("a.stacker-download", has_text="Save hello.sh")
-    save.wait_for()
-    with page.expect_download() as info:
-        save.click()
+LONG_NAME = "a-file-whose-name-is-much-longer-than-the-name-column-of-the-browser.txt"
+
+
+def _download_in_one_click(page, lab, widget, path: str) -> bytes:
+    """Click Download once; returns the bytes the browser saved, checked against the snapshot."""
+    with page.expect_download(timeout=60_000) as info:
+        widget.locator(f"button[title='download {path}']").click()
     downloaded = Path(info.value.path()).read_bytes()
     title = widget.locator(".widget-html", has_text="snapshot ").first.inner_text()
     snapshot = re.search(r"snapshot ([0-9a-f]{12})", title).group(1)
-    assert downloaded == _snapshot_file(lab.storage, snapshot, "/app/hello.sh")
-    assert downloaded.startswith(b"#!/bin/sh\n")
+    assert downloaded == _snapshot_file(lab.storage, snapshot, path)
+    return downloaded
+
+
+def test_browse_download_gives_the_bytes_of_the_file_in_one_click(page, lab):
+    cell = run_cell(page, "%browse /app")
+    widget = cell.locator(".stacker-browser")
+    assert _download_in_one_click(page, lab, widget, "/app/hello.sh").startswith(b"#!/bin/sh\n")
+    assert widget.locator("a.stacker-download", has_text="Save hello.sh").count() == 1  # to save again
+
+
+def test_browse_downloads_a_large_file_in_one_click_from_beside_the_notebook(page, lab):
+    run_cell(page, f"mkdir -p /data && head -c 400000 /dev/urandom > /data/big.bin && touch /data/{LONG_NAME}")
+    cell = run_cell(page, "%browse /data")
+    widget = cell.locator(".stacker-browser")
+    assert len(_download_in_one_click(page, lab, widget, "/data/big.bin")) == 400000
+    link = widget.locator("a.stacker-download", has_text="Save big.bin")
+    assert "/files/stacker-downloads/" in link.get_attribute("href")  # served, not a data: URI
+    assert list(lab.root.glob("stacker-downloads/*/data/big.bin"))
+
+
+def test_browse_shows_whole_names_in_aligned_rows(page):
+    cell = run_cell(page, "%browse /")
+    widget = cell.locator(".stacker-browser")
+    widget.locator("button[title='open /data']").click()
+    name = widget.locator(".stacker-name", has_text=LONG_NAME)
+    name.wait_for()
+    assert name.evaluate("e => e.scrollWidth <= e.clientWidth + 1 && e.innerText.includes(e.textContent.trim())")
+    assert LONG_NAME in name.inner_text()
+    # Each row's cells line up: a directory's button, a file's name, details and action.
+    grid = widget.locator(".stacker-files")
+    cells = grid.evaluate("g => [...g.children].map(c => c.getBoundingClientRect().toJSON())")
+    rows = [cells[i:i + 3] for i in range(3, len(cells), 3)]  # the header is the first three
+    assert rows
+    for row in rows:
+        middles = [c["top"] + c["height"] / 2 for c in row]
+        assert max(middles) - min(middles) <= 1, row
+    lefts = [{round(c["left"]) for c in column} for column in zip(*rows)]
+    assert all(len(x) == 1 for x in lefts), lefts
 
 
 def test_browse_opens_directories_by_clicking_them(page, lab):
-    cell = _run_new_cell(page, "%browse /etc")
+    cell = run_cell(page, "%browse /etc")
     widget = cell.locator(".stacker-browser")
-    widget.locator("button[title='download /etc/passwd']").click()
+    with page.expect_download():
+        widget.locator("button[title='download /etc/passwd']").click()
     widget.locator("a.stacker-download", has_text="Save passwd").wait_for()
     widget.screenshot(path=str(_screenshot_dir(lab.root.parent) / "browse-widget.png"))
     widget.locator("button[title='open /etc/hello']").click()
@@ -256,7 +387,7 @@ def test_browse_opens_directories_by_clicking_them(page, lab):
 
 
 def test_grab_link_downloads_the_copy_beside_the_notebook(page, lab):
-    cell = _run_new_cell(page, "%grab /etc/hello/hello.conf")
+    cell = run_cell(page, "%grab /etc/hello/hello.conf")
     link = cell.locator(".jp-OutputArea a[download]")
     with page.expect_download() as info:
         link.click()

@@ -76,3 +76,46 @@ def test_commands_complete_in_command_position_and_paths_elsewhere(tmp_path):
     (rootfs / "bin" / "busybox").write_text("")
     assert complete_shell(str(rootfs), "cd /; busy", 10).matches == ["busybox"]
     assert complete_shell(str(rootfs), "ls /b", 5).matches == ["/bin/"]
+
+
+def test_variables_complete_after_a_dollar_with_or_without_braces():
+    from stacker_kernel.kernel.completion import complete_variable
+
+    names = {"FOO", "FOLDER", "BAR"}
+    assert complete_variable("$FO", names) == ["$FOLDER", "$FOO"]
+    assert complete_variable("${FO", names) == ["${FOLDER}", "${FOO}"]
+    assert complete_variable("x$BA", names) == ["x$BAR"]
+    assert complete_variable("FO", names) is None
+
+
+def test_names_a_cell_assigns_are_found_in_its_text():
+    from stacker_kernel.kernel.completion import assigned_names
+
+    script = "A=1; export B=2\nread -r C\nfor D in x y; do :; done\n(E=3)"
+    assert assigned_names(script) == {"A", "B", "C", "D", "E"}
+
+
+def test_whatis_reads_the_name_section_of_a_man_page(tmp_path):
+    import gzip
+
+    from stacker_kernel.engine.command_help import whatis
+
+    man = tmp_path / "usr/share/man/man8"
+    man.mkdir(parents=True)
+    with gzip.open(man / "greetd.8.gz", "wt") as f:
+        f.write('.TH GREETD 8\n.SH "NAME"\ngreetd \\- \\fBgreeting\\fR daemon\n.SH SYNOPSIS\n')
+    assert whatis(str(tmp_path), "greetd") == "greetd (8) - greeting daemon"
+    assert whatis(str(tmp_path), "absent") is None
+
+
+def test_whatis_never_reads_a_man_page_through_a_symlink_out_of_the_rootfs(tmp_path):
+    """An image whose /usr/share/man points at the host must not show host files."""
+    from stacker_kernel.engine.command_help import whatis
+
+    host = tmp_path / "host/man8"
+    host.mkdir(parents=True)
+    (host / "secret.8").write_text('.TH S 8\n.SH NAME\nsecret \\- host file\n')
+    root = tmp_path / "rootfs"
+    (root / "usr/share").mkdir(parents=True)
+    (root / "usr/share/man").symlink_to(tmp_path / "host")
+    assert whatis(str(root), "secret") is None

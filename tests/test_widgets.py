@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_support import BASE, kernels, nbdir, start_kernel  # noqa: F401 (fixtures)
+from kernel_support import BASE, kernels, nbdir, start_kernel, write_notebook  # noqa: F401 (fixtures)
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -153,12 +153,17 @@ def ui(plain):
     return plain
 
 
-def _data_uri_bytes(values: list[str], name: str) -> bytes:
-    for value in values:
-        m = re.search(r'href="data:application/octet-stream;base64,([^"]*)" download="' + re.escape(name), value)
-        if m:
-            return base64.b64decode(m.group(1))
-    raise AssertionError(f"no data: link for {name} in {values}")
+def _offered(ui: FrontEnd, name: str) -> str:
+    """The HTML of the download the browser widget offers for file `name` (its Output widget)."""
+    pattern = f'download="{re.escape(name)}"'
+    output = ui.wait_for(_model_name="OutputModel", match_outputs=pattern)
+    return ui.models[output]["outputs"][0]["data"]["text/html"]
+
+
+def _data_uri_bytes(offered: str, name: str) -> bytes:
+    m = re.search(r'href="data:application/octet-stream;base64,([^"]*)" download="' + re.escape(name), offered)
+    assert m, f"no data: link for {name} in {offered}"
+    return base64.b64decode(m.group(1))
 
 
 def _wait_html(ui: FrontEnd, pattern: str, timeout: float = 60) -> str:
@@ -256,6 +261,55 @@ def test_layers_widget_shows_a_steps_size_once_measured(ui):
     _wait_html(ui, r"\+2\.9 KiB")
 
 
+def test_a_long_history_shows_its_newest_steps_a_page_at_a_time(ui):
+    for n in range(45):
+        ui.ok(f"echo {n} > /f", f"s{n}")
+    ui.ok("%layers", "l")
+    ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 45")
+    ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 6")
+    assert not ui.find(_model_name="ButtonModel", tooltip="roll back to step 5")  # not built
+    _wait_html(ui, "steps 6–45 of 45")
+    ui.click(ui.wait_for(_model_name="ButtonModel", description="earlier steps"))
+    ui.wait_for(_model_name="ButtonModel", tooltip="roll back to step 5")
+    ui.wait_gone(_model_name="ButtonModel", tooltip="roll back to step 45")
+    ui.ok("echo new > /new", "s45")  # a page the user chose stays put
+    _wait_html(ui, "steps 1–40 of 46")
+
+
+UUID = "0f6b9a2e-4c1d-4e8a-9b7f-2d3c4e5f6a7b"  # a cell id as JupyterLab makes them
+
+
+def test_layers_widget_names_cells_by_their_execution_count_not_their_uuid(ui):
+    ui.ok("echo one > /one", UUID)  # execution count 2: the base cell was 1
+    ui.ok("%layers", "l")
+    row = _wait_html(ui, "echo one &gt; /one")
+    assert ">[2]<" in row
+    assert not [v for v in ui.html_values() if "0f6b9a2e" in v]
+
+
+def test_layers_table_names_cells_by_their_execution_count(plain):
+    plain.ok("echo one > /one", UUID)
+    outputs = plain.ok("%layers", "l")
+    text = [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "display_data"][0]
+    assert re.search(r"^1 .* \[2\] +echo one > /one", text, re.M), text
+    assert "0f6b9a2e" not in text
+
+
+def test_a_resumed_step_is_named_by_its_place_in_the_saved_notebook(nbdir, kernels):
+    path = write_notebook(nbdir / "resumed.ipynb", [("base", BASE), ("md", "# notes"), (UUID, "echo one > /one")])
+    first = FrontEnd(start_kernel(path, kernels))
+    first.ok(BASE, "base")
+    first.ok("echo one > /one", UUID)
+    first.kernel.close()
+    again = FrontEnd(start_kernel(path, kernels))
+    try:
+        outputs = again.ok("%layers", "l")
+        text = [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "display_data"][0]
+        assert re.search(r"#3 +echo one > /one", text), text  # the notebook's third cell
+    finally:
+        again.kernel.close()
+
+
 def test_layers_widget_drops_rows_after_the_rollback_magic(ui):
     ui.ok("echo one > /one", "s1")
     ui.ok("echo two > /two", "s2")
@@ -309,10 +363,9 @@ def test_browse_lists_size_mode_owner_and_mtime(ui):
     ui.ok(DATA, "data")
     ui.ok("%browse /data", "b")
     _wait_html(ui, r"<b>/data</b> in step 1 ")
-    assert "12:34" in ui.html_values()
-    assert "<code>-rw-r-----</code>" in ui.html_values()
-    assert "12 B" in ui.html_values()
-    assert any(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", v) for v in ui.html_values())
+    row = _wait_html(ui, r"-rw-r-----")
+    assert ">12 B<" in row and ">12:34<" in row
+    assert re.search(r">\d{4}-\d\d-\d\d \d\d:\d\d<", row)
 
 
 def test_clicking_a_directory_enters_it_and_dotdot_goes_back_up(ui):
@@ -369,7 +422,7 @@ def test_symlink_leaving_the_rootfs_is_shown_with_its_target_and_not_followed(ui
 def test_special_files_say_why_they_cannot_be_downloaded(ui):
     ui.ok(DATA, "data")
     ui.ok("%browse /data", "b")
-    assert "<i>fifo: not downloadable</i>" in ui.html_values()
+    assert "<i>FIFO: not downloadable</i>" in ui.html_values()
     assert not ui.find(_model_name="ButtonModel", tooltip="download /data/pipe")
 
 
@@ -377,8 +430,28 @@ def test_small_file_downloads_as_a_data_uri_of_its_bytes(ui):
     ui.ok(DATA, "data")
     ui.ok("%browse /data", "b")
     ui.click_button("download /data/f")
-    _wait_html(ui, "data:application/octet-stream")
-    assert _data_uri_bytes(ui.html_values(), "f") == b"hello bytes\n"
+    assert _data_uri_bytes(_offered(ui, "f"), "f") == b"hello bytes\n"
+
+
+def test_download_link_starts_the_download_by_itself_once(ui):
+    ui.ok(DATA, "data")
+    ui.ok("%browse /data", "b")
+    ui.click_button("download /data/f")
+    offered = _offered(ui, "f")
+    # The one click on Download is enough: the offered link comes with the script that
+    # clicks it (the real-browser test checks the file arrives), once.
+    assert "<script>" in offered and "a.click()" in offered and "stackerDownloads" in offered
+
+
+def test_file_over_256_kib_is_served_beside_the_notebook_not_inlined(ui, nbdir):
+    ui.ok("mkdir /mid && yes stacker | head -c 300000 > /mid/blob", "mid")
+    ui.ok("%browse /mid", "b")
+    ui.click_button("download /mid/blob")
+    offered = _offered(ui, "blob")
+    assert 'href="data:' not in offered
+    href = re.search(r'href="([^"]+)" download="blob"', offered).group(1)
+    assert href.startswith("stacker-downloads/")
+    assert (nbdir / href).read_bytes() == (b"stacker\n" * 37500)[:300000]
 
 
 def test_large_file_is_copied_beside_the_notebook_and_offered_as_a_served_link(ui, nbdir):
@@ -492,3 +565,40 @@ def test_large_sparse_file_download_copy_stays_sparse(ui, nbdir):
     st = copy.stat()
     assert st.st_size == (2 << 30) + 4
     assert st.st_blocks * 512 < 16 << 20
+
+
+# --- where the code lives -------------------------------------------------------
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside functions."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "stacker_kernel" / "kernel"
+
+
+def test_magics_and_widgets_do_not_import_each_other():
+    assert not {m for m in _imported_modules(KERNEL_DIR / "magics.py") if "widgets" in m.split(".")}
+    assert not {m for m in _imported_modules(KERNEL_DIR / "widgets.py") if "magics" in m.split(".")}
+
+
+def test_widgets_use_only_public_session_methods_and_read_no_snapshot_themselves():
+    import ast
+
+    tree = ast.parse((KERNEL_DIR / "widgets.py").read_text())
+    private = [node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+               and node.attr.startswith("_") and not node.attr.startswith("__")
+               and isinstance(node.value, ast.Attribute) and node.value.attr == "session"]
+    assert private == []
+    readers = {"stacker_kernel.container.userns", "stacker_kernel.engine.grab", "stacker_kernel.engine.inspect"}
+    assert not readers & _imported_modules(KERNEL_DIR / "widgets.py")

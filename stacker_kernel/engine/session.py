@@ -192,7 +192,7 @@ class BuildSession:
                 # A cell run again goes back to its step's parent first, so its
                 # directives change the layer that step belongs to (not the current
                 # one); a `%layer` cell goes back to the layer's start by itself.
-                self._rollback_for_rerun(cell_id)
+                info.extend(self._rollback_for_rerun(cell_id))
             for d in directives:
                 if d.interactive:
                     continue
@@ -202,8 +202,9 @@ class BuildSession:
                 if d.name == "from" and self.layer_steps():
                     # A new base invalidates every step of the layer: this is the cell that
                     # starts the layer being run again (e.g. Run All after a restart).
+                    dropped = self._later_layers_note(self.layer.name)
                     self._rollback_to_layer_start(self.layer.name)
-                    info.append(f"layer {self.layer.name}: back to its start (its base is set again)")
+                    info.append(f"layer {self.layer.name}: back to its start (its base is set again){dropped}")
                 elif d.name in ("binds", "import") and self.layer_steps():
                     raise RecipeError(
                         f"%{d.name} must come before the first step of layer {self.layer.name}: "
@@ -224,8 +225,9 @@ class BuildSession:
             return []
         if name in self.recipe.layers:
             # Re-running the cell that starts an existing layer: back to its start.
+            dropped = self._later_layers_note(name)
             self._rollback_to_layer_start(name)
-            return [f"layer {name}: back to its start (its steps and later layers left the history)"]
+            return [f"layer {name}: back to its start, its steps leave the image{dropped}"]
         self._finish_layer()
         layer = Layer(name=name, from_=ImageSource(type="scratch"))
         self.recipe.layers[name] = layer
@@ -440,7 +442,9 @@ class BuildSession:
     def _run_step(self, script: str, cell_id: str | None, on_output: OutputFn | None) -> StepOutcome:
         with self._lock:
             if cell_id is not None and not self.inspecting_failure:
-                self._rollback_for_rerun(cell_id)
+                for line in self._rollback_for_rerun(cell_id):
+                    if on_output is not None:
+                        on_output(line + "\n")
             self._ensure_live(on_output)
             env = build_environment(self.layer)
             key = self.cache_key(script, env)
@@ -607,11 +611,29 @@ class BuildSession:
         """Wait until the background size measurements have finished (history() then has them)."""
         self._history.wait_for_sizes()
 
-    def _rollback_for_rerun(self, cell_id: str) -> None:
-        """Re-running a cell that produced a snapshot: back to that snapshot's parent."""
+    def _rollback_for_rerun(self, cell_id: str) -> list[str]:
+        """Re-running a cell that produced a snapshot: back to that snapshot's parent.
+        Returns a line naming the later layers this drops, said before dropping them."""
         keep = self._history.position_of_cell(cell_id)
-        if keep is not None:
-            self._rollback_to_position(keep)
+        if keep is None:
+            return []
+        snaps = self._history.snaps()
+        target = snaps[keep].layer if keep < len(snaps) else self.layer.name
+        dropped = self._later_layers_note(target)
+        self._rollback_to_position(keep)
+        return [f"re-running a cell of layer {target}{dropped}"] if dropped else []
+
+    def _later_layers_note(self, name: str) -> str:
+        """', so the later layers A, B leave the image (...)': the layers after `name`
+        that going back into layer `name` drops ('' if none)."""
+        names = list(self.recipe.layers)
+        later = names[names.index(name) + 1:] if name in names else []
+        if not later:
+            return ""
+        many = len(later) > 1
+        return (f", so the later layer{'s' if many else ''} {', '.join(later)}"
+                f" {'leave' if many else 'leaves'} the image (run {'their' if many else 'its'}"
+                " cells again to rebuild)")
 
     def _rollback_to_position(self, keep: int) -> StepView | None:
         """Keep the first `keep` history entries; the head becomes the last kept (or a layer base)."""
@@ -683,6 +705,49 @@ class BuildSession:
                 raise RecipeError("no snapshot yet: run a step first")
             return snaps[-1]
         return self._history.at(index)
+
+    def find_snapshot(self, target: str | int | None = None) -> tuple[Snapshot, StepView | None]:
+        """The snapshot `%browse [LAYER|N]` means, with its %layers row (None for a layer's
+        base): the head (None), step N (negative counts from the end), or a layer's last
+        step. RecipeError names what is wrong."""
+        with self._lock:
+            views = self._history.views(measure=False)
+            if target is None:
+                snap = self.snapshot_at(None)
+            elif isinstance(target, int):
+                n = target if target > 0 else len(views) + 1 + target
+                if not 1 <= n <= len(views) or target == 0:
+                    raise RecipeError(f"no step {target}: %layers lists steps 1..{len(views)}")
+                snap = self.snapshot_at(n)
+            else:
+                tips = self.layer_tips()
+                if target not in tips:
+                    known = ", ".join(tips) or "none yet"
+                    raise RecipeError(f"no step of layer {target!r} in this session (layers: {known}):"
+                                      " use %browse N with a step number from %layers")
+                snap = tips[target]
+            return snap, next((v for v in views if v.snapshot_id == snap.id), None)
+
+    def _kept_snapshot(self, snapshot_id: str) -> Snapshot:
+        snap = self.store.get(snapshot_id)
+        if snap is None:
+            raise RecipeError(f"snapshot {snapshot_id[:12]} no longer exists (gc removed it):"
+                              " open %browse again on a step %layers lists")
+        return snap
+
+    def list_dir(self, snapshot_id: str, path: str):
+        """Container directory `path` of a snapshot (engine/browse.Listing), from any thread:
+        snapshots are read-only, so this never waits for a step. GrabError for a bad path."""
+        from stacker_kernel.engine.browse import list_directory
+
+        return list_directory(self._kept_snapshot(snapshot_id).path, path)
+
+    def prepare_download(self, snapshot_id: str, path: str, copy_to: Path, inline_limit: int):
+        """Container file `path` of a snapshot made ready for a download (engine/browse.Download):
+        its bytes up to `inline_limit`, else a copy below `copy_to`. Any thread, like list_dir."""
+        from stacker_kernel.engine.browse import prepare_download
+
+        return prepare_download(self._kept_snapshot(snapshot_id).path, path, copy_to, inline_limit)
 
     def diff(self, index: int | None = None) -> list[tuple[str, str]]:
         """Files added (A), modified (M) and removed (D) by step `index` (default: the last)."""

@@ -1,4 +1,5 @@
-"""Tab completion of a cell: magic names and arguments, rootfs paths, rootfs commands.
+"""Tab completion of a cell: magic names and arguments, rootfs paths, rootfs commands,
+and `$NAME` from the layer shell's variables.
 
 Paths and commands are read from the host side of the container's rootfs,
 so completion never waits for the build shell. The rootfs belongs to the
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from stacker_kernel.engine.inspect import GrabError, resolve_in_root
 from stacker_kernel.engine.session import BUILD_PATH
@@ -19,6 +20,11 @@ from stacker_kernel.engine.session import BUILD_PATH
 # The PATH a step gets (stacker's default for `run`), searched in order.
 CONTAINER_PATH = tuple(BUILD_PATH.split(":"))
 _WORD_BREAKS = " \t\n;|&()<>=\"'`"
+_VARIABLE = re.compile(r"\$(\{?)([A-Za-z_][A-Za-z0-9_]*|)$")
+# NAME= (also after export/readonly/local), `read NAME`, `for NAME in`: names a cell sets itself
+_ASSIGNED = re.compile(r"(?:^|[\s;&|(])(?:(?:export|readonly|local)\s+)?([A-Za-z_][A-Za-z0-9_]*)="
+                       r"|\bread\s+(?:-\w+\s+)*([A-Za-z_][A-Za-z0-9_]*)"
+                       r"|\bfor\s+([A-Za-z_][A-Za-z0-9_]*)\s+in\b")
 _COMMAND_POSITION = re.compile(r"(^|[;&|(`]|\$\(|\b(then|do|else|elif|if|while|until|!))\s*$")
 
 
@@ -107,10 +113,31 @@ def current_word(code: str, cursor_pos: int) -> tuple[int, str]:
     return start, code[start:cursor_pos]
 
 
-def complete_shell(rootfs: str | None, code: str, cursor_pos: int, cwd: str = "/") -> Completion:
-    """Commands in command position, else paths; nothing without a rootfs."""
+def assigned_names(script: str) -> set[str]:
+    """Variable names `script` assigns (NAME=, export NAME=, read NAME, for NAME in)."""
+    return {next(g for g in m.groups() if g) for m in _ASSIGNED.finditer(script)}
+
+
+def complete_variable(word: str, names: Iterable[str]) -> list[str] | None:
+    """`$PRE` / `${PRE` at the end of `word` completed from `names` (None: not a variable)."""
+    m = _VARIABLE.search(word)
+    if m is None:
+        return None
+    brace, prefix = m.group(1), m.group(2)
+    head = word[:m.start()] + "$" + brace
+    return [head + name + ("}" if brace else "") for name in sorted(set(names)) if name.startswith(prefix)]
+
+
+def complete_shell(rootfs: str | None, code: str, cursor_pos: int, cwd: str = "/",
+                   variables: Iterable[str] = ()) -> Completion:
+    """`$NAME` from `variables` (and the names the cell assigns before the cursor),
+    commands in command position, else paths; no commands or paths without a rootfs."""
     start, word = current_word(code, cursor_pos)
     result = Completion(cursor_start=start, cursor_end=cursor_pos)
+    names = complete_variable(word, set(variables) | assigned_names(code[:start]))
+    if names is not None:
+        result.matches = names
+        return result
     if rootfs is None:
         return result
     before = code[:start]

@@ -28,8 +28,10 @@ from ipykernel.kernelbase import Kernel
 
 from stacker_kernel.errors import StackerKernelError
 from stacker_kernel.kernel import completion, magics
+from stacker_kernel.kernel.marks import StepMarks, rollback_cause
 from stacker_kernel.kernel.output import OutputSink
 from stacker_kernel.kernel.syntax import shell_completeness
+from stacker_kernel.kernel.tables import CellNames
 from stacker_kernel.kernel.widgets import WidgetHost, WidgetRegistry
 
 try:
@@ -102,6 +104,7 @@ class StackerKernel(Kernel):
         self._engine = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stacker-engine")
         self.build: Any = None  # engine.session.BuildSession once opened
         self.notebook = notebook_path()
+        self.cell_names = CellNames(self.notebook)  # cells named by their prompt, [3], not their uuid
         self._step_running = False
         self._cell_running = False  # widgets refuse to roll back under a running cell
         self._reply_metadata: dict[str, dict] = {}
@@ -109,6 +112,7 @@ class StackerKernel(Kernel):
         # click never waits for a step; live %layers widgets refresh after each cell.
         self._widget_io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stacker-widgets")
         self.widgets = WidgetRegistry()
+        self.marks = StepMarks()  # each step cell's "in the image" / "undone by ..." display
 
     def _watch_widget_frontend(self) -> None:
         """Note when a front-end that renders widgets connects.
@@ -155,12 +159,15 @@ class StackerKernel(Kernel):
                 raise CellError("SubshellsUnsupported",
                                 "stacker-kernel runs cells only in its main shell:"
                                 " run this cell in the notebook, not in a subshell console")
+            if not silent:
+                self.cell_names.ran(cell_id, self.execution_count)
             self._cell_running = True
             try:
                 outcome = await self._execute_cell(code, cell_id, cell_meta or {}, publish)
             finally:
                 self._cell_running = False
                 self._refresh_widgets()
+                self._mark_undone(publish.send, rollback_cause(code, self.execution_count))
         except CellError as e:
             return publish.error(self.execution_count, e.ename, e.evalue, e.details)
         except StackerKernelError as e:
@@ -205,7 +212,8 @@ class StackerKernel(Kernel):
             await self._apply(pending, cell_id, publish)
             pending = []
             ctx = magics.MagicContext(self.notebook.parent, self._magic_specs(),
-                                      self._widget_host())
+                                      self._widget_host(), left_out=self.marks.left_out,
+                                      cell_name=self.cell_names)
             if directive.name in magics.ON_EVENT_LOOP:
                 # Widgets live on the event loop, where their comm messages are handled.
                 shown = magics.run_magic(self.build, directive.name, directive.args, ctx)
@@ -234,7 +242,37 @@ class StackerKernel(Kernel):
         if self.build is None or not self.widget_frontend:
             return None
         return WidgetHost(self.build, self.notebook.parent, self._engine, self._widget_io,
-                          lambda: self._cell_running, self.widgets)
+                          lambda: self._cell_running, self.widgets, rolled_back=self._widget_rolled_back,
+                          cell_name=self.cell_names)
+
+    def _mark_step(self, outcome: Any, cell_id: str | None, script: str, publish: "_Publisher") -> None:
+        """Show a committed step's mark under its cell (failed steps are only recorded)."""
+        if not outcome.ok:
+            self.marks.failed(self.execution_count, cell_id, script)
+        elif outcome.snapshot_id and self.build.head is not None:
+            publish.send("display_data", self.marks.committed(
+                self.execution_count, cell_id, script, outcome.snapshot_id,
+                len(self.build.session.history), self.build.head.layer))
+
+    def _mark_undone(self, send: Callable[[str, dict], None], cause: str) -> None:
+        """Rewrite the marks of steps that left the history: they say they were undone by `cause`."""
+        if self.build is None:
+            return
+        try:
+            for content in self.marks.undone(list(self.build.session.history), cause):
+                send("update_display_data", content)
+        except Exception:  # a mark must never break the cell
+            self.log.exception("marking undone cells failed")
+
+    def _widget_rolled_back(self, index: int) -> None:
+        """The %layers widget rolled back to step `index` (on the event loop, in the click's context)."""
+        parent = self.get_parent()
+
+        def send(msg_type: str, content: dict) -> None:
+            self.session.send(self.iopub_socket, msg_type, content, parent=parent,
+                              ident=self._topic(msg_type))
+
+        self._mark_undone(send, f"Roll back here (to step {index}) in the %layers table")
 
     def _refresh_widgets(self) -> None:
         """Bring the live %layers widgets up to date (after a cell, a rollback, a re-run)."""
@@ -259,6 +297,7 @@ class StackerKernel(Kernel):
         finally:
             self._step_running = False
         publish.stream(sink.take(final=True))
+        self._mark_step(outcome, cell_id, script, publish)
         if sink.capped and outcome.log_path:
             publish.stream(f"[stacker-kernel: the full log is {outcome.log_path}]\n")
         if not outcome.ok:
@@ -351,13 +390,31 @@ class StackerKernel(Kernel):
                 start = cursor_pos - len(word)
             elif " " in line.strip():
                 # Arguments that are paths: %grab, %diff, %import, %binds ...
-                return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd())
+                return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd(),
+                                                 self._shell_variables())
             return completion.Completion(matches, start, cursor_pos)
-        return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd())
+        return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd(),
+                                         self._shell_variables())
+
+    def _shell_variables(self) -> set[str]:
+        """The variables the next step's shell starts with: what earlier steps of the layer
+        set (exported or not) and the build environment (read, never the running shell)."""
+        from stacker_kernel.engine.live import build_environment
+
+        build = self.build
+        if build is None:
+            return set()
+        state = build.state
+        names = set(build_environment(build.layer))
+        if state is not None:
+            names |= set(state.exported) | set(state.plain)
+        return names
 
     async def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
         try:
-            text = self._inspect(code, len(code) if cursor_pos is None else cursor_pos)
+            # A command's --help runs in a helper process (bounded): off the event loop.
+            text = await asyncio.get_running_loop().run_in_executor(
+                None, self._inspect, code, len(code) if cursor_pos is None else cursor_pos)
         except Exception:
             self.log.exception("inspect failed")
             text = None
@@ -383,7 +440,25 @@ class StackerKernel(Kernel):
         found = completion.find_command(rootfs, word)
         if found is None:
             return f"{word}: not found on the container's PATH ({':'.join(completion.CONTAINER_PATH)})"
-        return f"{word} is {found} in the container"
+        return "\n".join([f"{word} is {found} in the container", *self._command_help(word, found)])
+
+    def _command_help(self, name: str, path: str) -> list[str]:
+        """The whatis line and the first lines of `--help` of command `name` (at `path`),
+        from the last committed snapshot (read-only; never the build shell)."""
+        from stacker_kernel.engine.command_help import help_text, whatis
+
+        head = self.build.head if self.build is not None else None
+        if head is None:
+            return []
+        snapshot = str(head.path)
+        lines = []
+        summary = whatis(snapshot, name)
+        if summary:
+            lines.append(summary)
+        usage = help_text(snapshot, path)
+        if usage:
+            lines += ["", f"$ {name} --help", usage]
+        return lines
 
     async def do_is_complete(self, code):
         try:
@@ -444,6 +519,9 @@ class _Publisher:
 
     def __init__(self, kernel: StackerKernel, parent: dict, silent: bool) -> None:
         self.kernel, self.parent, self.silent = kernel, parent, silent
+
+    def send(self, msg_type: str, content: dict) -> None:
+        self._send(msg_type, content)
 
     def _send(self, msg_type: str, content: dict) -> None:
         if not self.silent:

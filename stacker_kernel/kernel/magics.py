@@ -4,8 +4,10 @@
 `%cache`, `%network`, `%browse`, `%help`.
 Their syntax is parsed in recipe/cells.py; this module only carries them
 out on a BuildSession and says what to show: plain text, plus HTML where a
-table or a link reads better in JupyterLab, plus a widget (kernel/widgets.py)
-for `%layers` and `%browse`. Those two run on the kernel's event loop
+table or a link reads better in JupyterLab, plus a widget for `%layers` and
+`%browse`, made by the kernel's widget host (kernel/widgets.py, reached
+through MagicContext.widgets: the two modules do not import each other; what
+both show is in kernel/tables.py). Those two run on the kernel's event loop
 (ON_EVENT_LOOP), where widgets are created and their callbacks run; the
 others run on the engine thread.
 """
@@ -15,22 +17,14 @@ import html
 import json
 import os
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from stacker_kernel.errors import RecipeError
-from stacker_kernel.recipe.model import human_size
+from stacker_kernel.kernel.tables import CellName, Shown, layers_table, short_id, step_label, table
 
-
-@dataclass
-class Shown:
-    """What an interactive magic displays: text/plain, and text/html when set."""
-
-    text: str
-    html: str | None = None
-    widget: Any = None  # an ipywidgets widget to display (front-ends without widgets show html)
-
+__all__ = ["MagicContext", "ON_EVENT_LOOP", "Shown", "needs_session", "run_magic"]
 
 # Magics that create widgets: the kernel runs them on its event loop, not the engine thread.
 ON_EVENT_LOOP = frozenset({"layers", "browse"})
@@ -41,43 +35,11 @@ def needs_session(name: str) -> bool:
     return name != "help"
 
 
-def size_change(n: int | None) -> str:
-    """A step's size change for display: '+1.5 KiB', '-12 B', '…' while being measured."""
-    return "…" if n is None else human_size(n, signed=True)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> Shown:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    fmt = "  ".join(f"{{:{w}}}" for w in widths)
-    text = "\n".join([fmt.format(*headers)] + [fmt.format(*r) for r in rows])
-    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td style='text-align:left'><code>{html.escape(c)}</code></td>"
-                                    for c in r) + "</tr>" for r in rows)
-    return Shown(text, f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-
-
-def layers_table(steps: list[Any]) -> Shown:
-    """`%layers`: one row per step (StepView): cell, first line, status, duration, size change, cached."""
-    if not steps:
-        return Shown("no steps yet: run a cell with a shell script to make the first snapshot")
-    rows = [[str(s.index), s.layer, s.cell_id or "", s.first_line, s.status,
-             f"{s.duration:.2f} s", size_change(s.size_delta), "cached" if s.cached else ""]
-            for s in steps]
-    return _table(["step", "layer", "cell", "first line", "status", "duration", "size", "cached"],
-                  rows)
-
-
-def _step_label(view: Any) -> str:
-    cell = f", cell {view.cell_id}" if view.cell_id else ""
-    return f"step {view.index} (layer {view.layer}{cell}: {view.first_line})"
-
-
 def _rollback(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
     view = session.rollback(target)
     if view is None:
         return Shown("rolled back to the start of the build: no steps left")
-    return Shown(f"rolled back to {_step_label(view)}")
+    return Shown(f"rolled back to {step_label(view, ctx.cell_name)}")
 
 
 def _diff(session: Any, index: int | None, ctx: "MagicContext") -> Shown:
@@ -130,21 +92,57 @@ def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
                        f"{html.escape(link)}</a>{notes}")
 
 
+def default_export_names(notebook: str) -> tuple[str, str]:
+    """The default `%export` outputs of `notebook`: NAME.stacker.yaml and NAME-oci beside
+    it, so two notebooks in one directory never overwrite each other's export (the
+    name `jupyter nbconvert --to stacker` gives the yaml too)."""
+    stem = Path(notebook).stem or "notebook"
+    return f"{stem}.stacker.yaml", f"{stem}-oci"
+
+
+_ATTESTATION_FLAGS = ("--no-sbom", "--no-provenance")  # `%export oci`: leave the SBOM/provenance out
+
+
+def _export_target(args: Any, default: str) -> str:
+    paths = [a for a in args.args or [] if not a.startswith("-")]
+    options = [a for a in args.args or [] if a.startswith("-")]
+    if options or len(paths) > 1:
+        what = " ".join(options or paths[1:])
+        raise RecipeError(f"%export takes one output path, not {what!r}: write "
+                          f"%export {'oci ' if args.format == 'oci' else ''}[PATH]"
+                          f"{' [--no-sbom] [--no-provenance]' if args.format == 'oci' else ''}"
+                          " (stacker-kernel export has --per-cell)")
+    return paths[0] if paths else default
+
+
+def _left_out_warning(session: Any, ctx: "MagicContext") -> list[str]:
+    """The cells run in this kernel whose steps the export does not have."""
+    if ctx.left_out is None:
+        return []
+    left = ctx.left_out([s.id for s in session.built_steps()])
+    if not left:
+        return []
+    return [f"{len(left)} executed cell(s) are not in this export: " + "; ".join(left)]
+
+
 def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
-    rest = list(args.args or [])
+    yaml_name, oci_name = default_export_names(session.session.name)
+    notes = "".join(f"warning: {w}\n" for w in _left_out_warning(session, ctx))
     if args.format == "oci":
+        from dataclasses import replace
+
         from stacker_kernel.engine.attest import Attestations
 
-        flags = {a for a in rest if a in ("--no-sbom", "--no-provenance")}
-        rest = [a for a in rest if a not in flags]
-        target = _beside_notebook(ctx, rest[0] if rest else "oci")
+        flags = {a for a in args.args or [] if a in _ATTESTATION_FLAGS}
+        args = replace(args, args=[a for a in args.args or [] if a not in flags])
+        target = _beside_notebook(ctx, _export_target(args, oci_name))
         tags = session.export_oci(str(target), attestations=Attestations(
             sbom="--no-sbom" not in flags, provenance="--no-provenance" not in flags))
-        return Shown(f"wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
-    target = _beside_notebook(ctx, rest[0] if rest else "stacker.yaml")
+        return Shown(f"{notes}wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
+    target = _beside_notebook(ctx, _export_target(args, yaml_name))
     text = session.export_yaml(str(target))
     warnings = session.order_warnings(_notebook_cell_ids(session.session.name))
-    notes = "".join(f"warning: {w}\n" for w in warnings)
+    notes += "".join(f"warning: {w}\n" for w in warnings)
     return Shown(f"{notes}wrote {target}\n\n{text}")
 
 
@@ -212,26 +210,19 @@ def _cache(session: Any, value: Any, ctx: "MagicContext") -> Shown:
 
 
 def _layers(session: Any, args: Any, ctx: "MagicContext") -> Shown:
-    table = layers_table(session.history())
+    # Never waits for a diff: sizes not measured yet show as '…' and fill in later.
+    shown = layers_table(session.history(), ctx.cell_name)
     if ctx.widgets is None:
-        return table
-    widget = ctx.widgets.registry.layer_history(ctx.widgets)
-    return Shown(table.text, table.html, widget.widget)
+        return shown
+    return Shown(shown.text, shown.html, ctx.widgets.layer_history().widget)
 
 
 def _browse(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     if ctx.widgets is None:
         raise RecipeError("%browse needs a front-end that shows widgets (JupyterLab or"
                           " Notebook 7): here, use %diff N and %grab PATH")
-    from stacker_kernel.kernel.widgets import FileBrowser, resolve_snapshot
-
-    snapshot = resolve_snapshot(session, args.target)
-    browser = FileBrowser(ctx.widgets, snapshot, args.path or "/")
-    text = f"browsing {args.path or '/'} in {snapshot.label}"
-    if browser.listing is None:  # a bad PATH: say so as an error, not as an empty widget
-        browser.close()
-        raise RecipeError(f"cannot browse {args.path}: {browser.status_text()}")
-    return Shown(text, None, browser.widget)
+    browser = ctx.widgets.file_browser(args.target, args.path or "/")  # RecipeError for a bad PATH
+    return Shown(f"browsing {args.path or '/'} in {browser.snapshot.label}", None, browser.widget)
 
 
 def _help(session: Any, name: str | None, ctx: "MagicContext") -> Shown:
@@ -242,7 +233,7 @@ def _help(session: Any, name: str | None, ctx: "MagicContext") -> Shown:
         return Shown(f"{spec.usage}\n  {spec.help}\n  {kind}")
     rows = [[spec.usage, spec.help, "" if spec.interactive else "recipe"]
             for spec in specs.values()]
-    shown = _table(["magic", "what it does", ""], rows)
+    shown = table(["magic", "what it does", ""], rows)
     shown.text = ("Cells are shell scripts run with /bin/sh -e in the build container;"
                   " magic lines at the top of a cell change the recipe or act on the session.\n\n"
                   + shown.text)
@@ -256,6 +247,9 @@ class MagicContext:
     notebook_dir: Path
     magics: dict[str, Any]  # recipe.cells.MAGICS: name -> MagicSpec (usage, help, interactive)
     widgets: Any = None  # kernel.widgets.WidgetHost on the event loop (ON_EVENT_LOOP magics)
+    # snapshot ids of the export -> the executed step cells it leaves out (kernel.marks)
+    left_out: Callable[[list[str]], list[str]] | None = None
+    cell_name: CellName = field(default=lambda cell_id: short_id(cell_id) if cell_id else "")
 
 
 HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {

@@ -1,20 +1,28 @@
 """The JupyterLab widgets: the layer history (`%layers`) and the file browser (`%browse`).
 
-Both read the session's read-only snapshots, never the build container: a
-directory listing or a download runs as root of a user namespace
-(run_in_userns) on the snapshot subvolume, so it works while a cell runs and
-cannot disturb the build shell. Widget callbacks run on the kernel's event
-loop (ipykernel 7.4 serves comm messages while a cell awaits its step, see
-reference/jupyter.md §2.4); anything slow (a diff, reading or copying a file)
-goes to a background thread, and session changes (Roll back here) go to the
-kernel's engine thread so they never overlap a cell. Session state is read
-through BuildSession methods or under `session._lock`.
+Only the UI lives here. What they show comes from public BuildSession methods
+(history, find_snapshot, list_dir, prepare_download, diff, rollback), which
+read the read-only snapshots below the kernel (engine/browse.py,
+engine/inspect.py), so they work while a cell runs. Widget callbacks run on
+the kernel's event loop (ipykernel 7.4 serves comm messages while a cell
+awaits its step, see reference/jupyter.md §2.4); anything slow (a diff,
+reading or copying a file) goes to a background thread, and session changes
+(Roll back here) go to the kernel's engine thread so they never overlap a cell.
 
-Downloads (reference/jupyter.md §4): a regular file up to DATA_URI_LIMIT is
-offered as an `<a download>` with a data: URI in an HTML widget; a larger one
-is copied to `stacker-downloads/` beside the notebook and offered as a
-relative link rendered through the notebook's rendermime (an Output widget),
-which JupyterLab turns into its authenticated `files/` URL.
+Each table is one CSS grid (a GridBox): the columns line up across rows
+whatever a cell holds, and the grid is the one scroll area of the table.
+`%layers` shows a page of the newest steps, so that its first display costs
+the same at any history length; rows are kept across refreshes.
+
+Downloads (reference/jupyter.md §4): the Download button prepares the file
+and the browser saves it at once. A regular file up to INLINE_LIMIT travels
+as a data: URI; a larger one is copied to `stacker-downloads/` beside the
+notebook and linked relative to it, so JupyterLab serves it through its
+authenticated `files/` URL (never multi-MB data: URIs in the page or the
+notebook). The link is shown in an Output widget, which renders through the
+notebook's rendermime (it resolves relative links, and its output is
+trusted), with a small script that clicks it once; the link stays for
+saving again.
 """
 from __future__ import annotations
 
@@ -23,9 +31,10 @@ import base64
 import concurrent.futures
 import contextvars
 import html
+import json
 import logging
 import os
-import stat
+import secrets
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -35,140 +44,18 @@ from typing import Any, Callable
 import ipywidgets as w
 from ipywidgets.widgets.widget_string import HTMLStyle
 
-from stacker_kernel.container.userns import run_in_userns
-from stacker_kernel.engine.grab import GrabError, grab, open_in_snapshot
-from stacker_kernel.engine.inspect import resolve_in_root
+from stacker_kernel.engine.browse import MAX_ENTRIES, REGULAR_FILE, Download, Entry, Listing, why_not_downloadable
 from stacker_kernel.errors import RecipeError, StackerKernelError
+from stacker_kernel.kernel.tables import LAYER_COLUMNS, CellName, layer_row, layers_table, short_id, step_label
 from stacker_kernel.recipe.model import human_size
 
-DATA_URI_LIMIT = 4 * 1024 * 1024  # bytes: larger files are served by JupyterLab instead
+INLINE_LIMIT = 256 * 1024  # bytes: larger files are served by JupyterLab instead of a data: URI
 DOWNLOADS_DIR = "stacker-downloads"  # beside the notebook; not hidden, or the server 404s it
-PAGE_SIZE = 60  # rows per page of the file browser (each row is a handful of widget models)
-MAX_ENTRIES = 5000  # entries listed per directory
+AUTO_CLICK_SECONDS = 60  # a download link clicks itself only this soon after it was made
+PAGE_SIZE = 60  # rows per page of the file browser (each row is a few widget models)
 MAX_DIFF_LINES = 500
 
 log = logging.getLogger(__name__)
-
-# --- reading snapshots (runs in the user namespace) ------------------------------
-
-
-@dataclass
-class Entry:
-    """One directory entry of a snapshot, with ids as the container sees them."""
-
-    name: str
-    path: str  # container path
-    kind: str  # directory, file, symlink, fifo, socket, character device, block device
-    size: int
-    mode: str  # like `ls -l`: drwxr-xr-x
-    uid: int
-    gid: int
-    mtime: float
-    link_target: str | None = None  # symlinks: what the link says
-    link_kind: str | None = None  # symlinks: kind of what it resolves to inside the rootfs
-    link_path: str | None = None  # symlinks: the container path it resolves to
-    link_problem: str | None = None  # symlinks: why it does not resolve (escapes, dangling)
-
-
-@dataclass
-class Listing:
-    """A directory of a snapshot: its canonical container path and entries (dirs first)."""
-
-    path: str
-    entries: list[Entry]
-    total: int  # entries in the directory (more than listed when over MAX_ENTRIES)
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISREG, "file"),
-                       (stat.S_ISLNK, "symlink"), (stat.S_ISFIFO, "fifo"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def _container_path(root: str, host: str) -> str:
-    rel = os.path.relpath(host, root)
-    return "/" if rel == "." else "/" + rel
-
-
-def _list_in_ns(root: str, path: str) -> Listing:
-    root = os.path.abspath(root)
-    host = resolve_in_root(root, path)
-    if not stat.S_ISDIR(os.lstat(host).st_mode):
-        raise GrabError(f"{path} is not a directory: browse its directory and use its Download button")
-    cpath = _container_path(root, host)
-    with os.scandir(host) as it:
-        names = sorted(de.name for de in it)
-    entries = []
-    for name in names[:MAX_ENTRIES]:
-        child = os.path.join(cpath, name)
-        try:
-            st = os.lstat(os.path.join(host, name))
-        except FileNotFoundError:  # cannot happen on a read-only snapshot; be safe anyway
-            continue
-        entry = Entry(name, child, _kind(st.st_mode), st.st_size, stat.filemode(st.st_mode),
-                      st.st_uid, st.st_gid, st.st_mtime)
-        if entry.kind == "symlink":
-            entry.link_target = os.readlink(os.path.join(host, name))
-            try:
-                resolved = resolve_in_root(root, child)
-                entry.link_kind = _kind(os.lstat(resolved).st_mode)
-                entry.link_path = _container_path(root, resolved)
-            except GrabError as e:
-                entry.link_problem = str(e)
-        entries.append(entry)
-    entries.sort(key=lambda e: (not _is_dir(e), e.name))
-    return Listing(cpath, entries, len(names))
-
-
-def _is_dir(entry: Entry) -> bool:
-    return entry.kind == "directory" or entry.link_kind == "directory"
-
-
-def list_directory(snapshot_root: str | Path, path: str) -> Listing:
-    """The entries of container directory `path` in a snapshot; symlinks are followed
-    only inside the rootfs. Raises GrabError for a missing path, a non-directory or an escape."""
-    return run_in_userns(_list_in_ns, str(snapshot_root), path)
-
-
-@dataclass
-class Download:
-    """A file made ready for the browser: inline bytes, or a copy beside the notebook."""
-
-    name: str
-    size: int
-    data: bytes | None = None  # set for files up to the data-URI limit
-    copy: str | None = None  # host path of the copy otherwise
-
-
-def _why_not_downloadable(path: str, kind: str) -> str:
-    return (f"{path} is a {kind}: only regular files can be downloaded"
-            " (its contents do not exist in the snapshot)")
-
-
-def _read_in_ns(root: str, path: str, limit: int) -> tuple[str, int, bytes | None]:
-    # Opened by engine/grab.py's walk: inside the snapshot, regular files only.
-    fd, name, st = open_in_snapshot(root, path)
-    if fd is None:
-        raise GrabError(_why_not_downloadable(path, _kind(st.st_mode)))
-    with os.fdopen(fd, "rb") as f:  # the snapshot is read-only: the size cannot change
-        return name, st.st_size, (f.read() if st.st_size <= limit else None)
-
-
-def prepare_download(snapshot_root: str | Path, snapshot_id: str, path: str,
-                     notebook_dir: Path, limit: int = DATA_URI_LIMIT) -> Download:
-    """Read container file `path` of a snapshot for a download: its bytes when at most
-    `limit`, else a copy at notebook_dir/stacker-downloads/<snapshot>/<path>.
-    Raises GrabError for a missing path, an escape or a special file."""
-    name, size, data = run_in_userns(_read_in_ns, str(snapshot_root), path, limit)
-    if data is not None:
-        return Download(name, size, data=data)
-    dest = notebook_dir / DOWNLOADS_DIR / snapshot_id[:12] / path.lstrip("/")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return Download(name, size, copy=grab(snapshot_root, path, dest, into=False).path)
 
 
 # --- formatting -------------------------------------------------------------------
@@ -191,8 +78,66 @@ def download_link_html(name: str, href: str, size: int, note: str = "") -> str:
             f" <span>({human_size(size)}{html.escape(note)})</span>")
 
 
+# Clicks the link beside it once: when its relative href has been resolved to the
+# server's files/ URL (rendermime does that after rendering), at once for data:
+# URIs. Not again when the output is rendered again (the set), nor when a saved
+# notebook is opened later (the expiry).
+_AUTO_CLICK = """<script>
+(s => {
+  const a = s.parentNode.querySelector('a.stacker-download');
+  const seen = (window.stackerDownloads = window.stackerDownloads || new Set());
+  if (!a || seen.has(%(token)s) || Date.now() > %(until)d) return;
+  seen.add(%(token)s);
+  const href = a.getAttribute('href');
+  let tries = 0;
+  const go = () => {
+    if (href.startsWith('data:') || a.getAttribute('href') !== href) a.click();
+    else if (++tries < 100) setTimeout(go, 50);
+  };
+  go();
+})(document.currentScript);
+</script>"""
+
+
+def self_clicking(link_html: str) -> str:
+    """`link_html` (a download_link_html) with the script that starts its download."""
+    script = _AUTO_CLICK % {"token": json.dumps(secrets.token_hex(8)),
+                            "until": int((time.time() + AUTO_CLICK_SECONDS) * 1000)}
+    return f"<div class='stacker-offer'>{link_html}{script}</div>"
+
+
 def data_uri(data: bytes) -> str:
     return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
+
+
+# One style sheet for both widgets: directory names read as names (not centred
+# button labels), names wrap instead of being clipped, the header row stays in
+# view while the grid scrolls, and a row's text columns keep their widths.
+STYLE = """<style>
+.stacker-grid .stacker-head{position:sticky;top:0;z-index:2;background:var(--jp-layout-color0,#fff)}
+.stacker-grid .widget-html,.stacker-grid .widget-button{margin:1px 0.3em 1px 0}
+.stacker-grid .widget-html-content{width:100%}
+.stacker-cols{display:flex;align-items:center;width:100%;font-family:var(--jp-code-font-family)}
+.stacker-cols>span{flex:0 0 auto;overflow:hidden;white-space:nowrap;text-overflow:ellipsis;margin-right:0.6em}
+.stacker-cols>span.stacker-grow{flex:1 1 6em;min-width:6em}
+.stacker-head .stacker-cols{font-weight:bold}
+.stacker-name{max-width:40em}
+.stacker-name,.stacker-name .widget-html-content{white-space:normal;overflow-wrap:anywhere;line-height:1.4}
+.stacker-grid button.stacker-dir{justify-content:flex-start;text-align:left;height:auto;padding:0;margin:0;
+  background:none;box-shadow:none;color:var(--jp-content-link-color,#1976d2);white-space:normal;
+  overflow-wrap:anywhere;font-family:var(--jp-code-font-family);font-size:var(--jp-code-font-size);
+  line-height:1.4;max-width:40em}
+.stacker-grid button.stacker-dir:hover{text-decoration:underline}
+</style>"""
+
+
+def _cols_html(values: list[str], widths: tuple[str, ...]) -> str:
+    """One row's text columns: fixed widths, and the column of width "grow" takes the rest."""
+    spans = []
+    for value, width in zip(values, widths):
+        size = "class='stacker-grow'" if width == "grow" else f"style='width:{width}'"
+        spans.append(f"<span {size} title='{html.escape(value)}'>{html.escape(value)}</span>")
+    return f"<div class='stacker-cols'>{''.join(spans)}</div>"
 
 
 # --- the kernel's side: threads and the registry ------------------------------------
@@ -204,7 +149,8 @@ class WidgetHost:
 
     `engine` is the kernel's engine thread (session changes, serialised with
     cells); `io` a background thread for slow reads; `busy()` is true while a
-    cell executes (rollback then waits for the user, not for the cell).
+    cell executes (rollback then waits for the user, not for the cell);
+    `cell_name` names a cell as the notebook shows it (kernel/tables.CellNames).
     """
 
     session: Any  # engine.session.BuildSession
@@ -213,6 +159,22 @@ class WidgetHost:
     io: concurrent.futures.Executor
     busy: Callable[[], bool]
     registry: "WidgetRegistry"
+    rolled_back: Callable[[int], None] = lambda index: None  # the kernel marks the undone cells
+    cell_name: CellName = lambda cell_id: short_id(cell_id) if cell_id else ""
+
+    def layer_history(self) -> "LayerHistory":
+        """The session's live `%layers` widget (one per session, shown by every `%layers`)."""
+        return self.registry.layer_history(self)
+
+    def file_browser(self, target: str | int | None, path: str) -> "FileBrowser":
+        """A `%browse [LAYER|N] PATH` widget; RecipeError when PATH cannot be listed."""
+        snap, view = self.session.find_snapshot(target)
+        label = step_label(view, self.cell_name) if view else f"the base of layer {snap.layer or '?'}"
+        browser = FileBrowser(self, SnapshotRef(snap.id, label), path)
+        if browser.listing is None:  # a bad PATH: say so as an error, not as an empty widget
+            browser.close()
+            raise RecipeError(f"cannot browse {path}: {browser.status_text()}")
+        return browser
 
     def later(self, executor: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any,
               then: Callable[[Any], None], fail: Callable[[BaseException], None]) -> None:
@@ -264,6 +226,7 @@ class WidgetRegistry:
         """The live LayerHistory of `host`'s session, made (and registered) if there is none."""
         for widget in self._layers:
             if not widget.closed and widget.host.session is host.session:
+                widget.host = host  # the newest host names cells as the kernel does now
                 widget.refresh()
                 return widget
         widget = LayerHistory(host)
@@ -307,11 +270,6 @@ def _close_tree(widget: w.Widget, keep: set[int] = frozenset()) -> None:
             part.close()
 
 
-# Directory names read as names, not as centred button labels.
-STYLE = ("<style>.stacker-dir{justify-content:flex-start;text-align:left;"
-         "font-family:var(--jp-code-font-family)}</style>")
-
-
 class _Panel:
     """Status line and closing shared by both widgets."""
 
@@ -343,6 +301,17 @@ class _Panel:
         return handler
 
 
+def _grid(columns: str, css_class: str, max_height: str) -> w.GridBox:
+    """A table as one CSS grid: aligned columns, and the one scroll area of its rows."""
+    # justify_content flex-start: columns keep their width, they do not share out the spare room.
+    grid = w.GridBox([], layout=w.Layout(grid_template_columns=columns, align_items="center",
+                                         justify_content="flex-start",
+                                         overflow="auto", max_height=max_height, width="100%"))
+    grid.add_class("stacker-grid")
+    grid.add_class(css_class)
+    return grid
+
+
 # --- the file browser -----------------------------------------------------------
 
 
@@ -351,71 +320,48 @@ class SnapshotRef:
     """The snapshot a browser shows, with a label in the user's words."""
 
     snapshot_id: str
-    root: str
     label: str
 
 
-def _step_label(view: Any) -> str:
-    cell_id = view.cell_id or ""
-    # JupyterLab's cell ids are uuids: their first 8 characters identify them well enough.
-    cell = f", cell {cell_id[:8] if len(cell_id) > 12 else cell_id}" if cell_id else ""
-    return f"step {view.index} (layer {view.layer}{cell}: {view.first_line})"
-
-
-def resolve_snapshot(session: Any, target: str | int | None) -> SnapshotRef:
-    """The snapshot `%browse [LAYER|N]` means: the head (None), step N of %layers
-    (negative counts from the end), or a layer's last step. RecipeError otherwise."""
-    with session._lock:
-        views = session.history()
-        if target is None:
-            snap = session.snapshot_at(None)
-        elif isinstance(target, int):
-            n = target if target > 0 else len(views) + 1 + target
-            if not 1 <= n <= len(views) or target == 0:
-                raise RecipeError(f"no step {target}: %layers lists steps 1..{len(views)}")
-            snap = session.snapshot_at(n)
-        else:
-            tips = session.layer_tips()
-            if target not in tips:
-                known = ", ".join(tips) or "none yet"
-                raise RecipeError(f"no step of layer {target!r} in this session (layers: {known}):"
-                                  " use %browse N with a step number from %layers")
-            snap = tips[target]
-    view = next((v for v in views if v.snapshot_id == snap.id), None)
-    label = _step_label(view) if view else f"the base of layer {snap.layer or '?'}"
-    return SnapshotRef(snap.id, str(snap.path), label)
-
-
 class FileBrowser(_Panel):
-    """A directory listing of one snapshot: click directories, '..' goes up (never above /)."""
+    """A directory listing of one snapshot: click directories, '..' goes up (never above /).
 
-    COLUMNS = (("name", "24em"), ("size", "7em"), ("mode", "8em"), ("owner", "7em"),
-               ("modified", "10em"), ("", "18em"))
+    A row is three grid cells: the name (a button for directories), the details
+    (size, mode, owner, modified: fixed widths, one HTML) and the action."""
+
+    DETAILS = (("size", "10ch"), ("mode", "11ch"), ("owner", "12ch"), ("modified", "17ch"))
 
     def __init__(self, host: WidgetHost, snapshot: SnapshotRef, path: str = "/") -> None:
         super().__init__()
         self.host, self.snapshot = host, snapshot
         self.listing: Listing | None = None
         self.page = 0
-        self._layouts = [w.Layout(width=width, flex="0 0 auto", overflow="hidden",
-                                  margin="2px 0.6em 2px 0") for _, width in self.COLUMNS]
+        # Shared by the rows: a row adds its own widgets, not its own layouts.
+        self._layouts = {"name": w.Layout(width="auto"), "details": w.Layout(width="auto"),
+                         "action": w.Layout(width="auto")}
         self.title = w.HTML("")
         self.up = w.Button(description="..", tooltip="up to the parent directory",
                            layout=w.Layout(width="4em"))
         self.up.on_click(self.guarded(lambda _: self.open(os.path.dirname(self.listing.path))))
-        self.header = w.HBox([w.HTML(f"<b>{name}</b>", layout=lay)
-                              for (name, _), lay in zip(self.COLUMNS, self._layouts)])
-        self.rows = w.VBox([])
+        widths = tuple(width for _, width in self.DETAILS)
+        self.header = [w.HTML("<b>name</b>"),
+                       w.HTML(_cols_html([name for name, _ in self.DETAILS], widths),
+                              layout=self._layouts["details"]),
+                       w.HTML("")]
+        for cell in self.header:
+            cell.add_class("stacker-head")
+        # Names as wide as the longest (up to 40em, then they wrap), never clipped.
+        self.rows = _grid("minmax(8em, max-content) auto auto", "stacker-files", "32em")
+        self._shown: list[list[w.Widget]] = []
         self.prev = w.Button(description="previous page", layout=w.Layout(width="10em"))
         self.next = w.Button(description="next page", layout=w.Layout(width="10em"))
         self.prev.on_click(self.guarded(lambda _: self.show_page(self.page - 1)))
         self.next.on_click(self.guarded(lambda _: self.show_page(self.page + 1)))
         self.pages = w.HTML("")
         self.pager = w.HBox([self.prev, self.pages, self.next])
-        self.saved = w.HTML("")  # data: URI links (the HTML widget keeps them as written)
-        self.served = w.Output()  # files/ links (rendermime resolves them to the server)
-        self.widget = w.VBox([w.HTML(STYLE), self.title, w.HBox([self.up]), self.header, self.rows,
-                              self.pager, self.saved, self.served, self.status])
+        self.served = w.Output()  # download links: rendermime resolves them and runs their script
+        self.widget = w.VBox([w.HTML(STYLE), self.title, w.HBox([self.up]), self.rows,
+                              self.pager, self.served, self.status])
         self.widget.add_class("stacker-browser")
         self.open(path)
 
@@ -424,7 +370,7 @@ class FileBrowser(_Panel):
     def open(self, path: str) -> None:
         """List container directory `path` (synchronously: a listing is one quick fork)."""
         try:
-            listing = list_directory(self.snapshot.root, path or "/")
+            listing = self.host.session.list_dir(self.snapshot.snapshot_id, path or "/")
         except Exception as e:
             self.failed(e)
             return
@@ -440,53 +386,48 @@ class FileBrowser(_Panel):
         entries = self.listing.entries if self.listing else []
         pages = max(1, -(-len(entries) // PAGE_SIZE))
         self.page = min(max(page, 0), pages - 1)
-        old = self.rows.children
+        old = self._shown
         chunk = entries[self.page * PAGE_SIZE:(self.page + 1) * PAGE_SIZE]
-        self.rows.children = [self._row(e) for e in chunk]
+        self._shown = [self._row(e) for e in chunk]
+        self.rows.children = self.header + [cell for row in self._shown for cell in row]
+        keep = {id(x) for x in self._layouts.values()}
         for row in old:
-            _close_tree(row, self._keep())
+            for cell in row:
+                _close_tree(cell, keep)
         self.pager.layout.display = "none" if pages == 1 else ""
         self.prev.disabled = self.page == 0
         self.next.disabled = self.page == pages - 1
         self.pages.value = f"&nbsp;page {self.page + 1} of {pages}&nbsp;"
 
-    def _keep(self) -> set[int]:
-        return {id(x) for x in self._layouts}
-
-    def _row(self, e: Entry) -> w.HBox:
+    def _row(self, e: Entry) -> list[w.Widget]:
         lay = self._layouts
-        shown = e.name + ("/" if _is_dir(e) else "")
+        shown = e.name + ("/" if e.is_dir else "")
         if e.link_target is not None:
             shown += f" → {e.link_target}"
-        if _is_dir(e):
-            name: w.Widget = w.Button(description=shown, tooltip=f"open {e.link_path or e.path}",
-                                      layout=lay[0])
-            name.add_class("stacker-dir")
+        if e.is_dir:
             target = e.link_path or e.path
+            name: w.Widget = w.Button(description=shown, tooltip=f"open {target}", layout=lay["name"])
+            name.add_class("stacker-dir")
             name.on_click(self.guarded(lambda _, t=target: self.open(t)))
         else:
-            name = w.HTML(f"<code>{html.escape(shown)}</code>", layout=lay[0])
-        cells = [name,
-                 w.HTML(human_size(e.size) if e.kind == "file" else "", layout=lay[1]),
-                 w.HTML(f"<code>{e.mode}</code>", layout=lay[2]),
-                 w.HTML(f"{e.uid}:{e.gid}", layout=lay[3]),
-                 w.HTML(time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime)), layout=lay[4])]
-        action = self._action(e)
-        if action is not None:
-            cells.append(action)
-        return w.HBox(cells)
+            name = w.HTML(f"<code>{html.escape(shown)}</code>", layout=lay["name"])
+            name.add_class("stacker-name")
+        details = [human_size(e.size) if e.kind == REGULAR_FILE else "", e.mode, f"{e.uid}:{e.gid}",
+                   time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))]
+        widths = tuple(width for _, width in self.DETAILS)
+        return [name, w.HTML(_cols_html(details, widths), layout=lay["details"]), self._action(e)]
 
-    def _action(self, e: Entry) -> w.Widget | None:
-        lay = self._layouts[5]
-        if e.kind == "symlink" and e.link_problem:
+    def _action(self, e: Entry) -> w.Widget:
+        lay = self._layouts["action"]
+        if e.link_problem:
             why = "points outside the rootfs" if "escapes" in e.link_problem else "dangling link"
             return w.HTML(f"<i>{why}</i>", layout=lay, tooltip=e.link_problem)
-        kind = e.link_kind if e.kind == "symlink" else e.kind
-        if kind == "directory":
-            return None
-        if kind != "file":
-            return w.HTML(f"<i>{kind}: not downloadable</i>", layout=lay,
-                          tooltip=_why_not_downloadable(e.path, kind))
+        kind = e.target_kind
+        if e.is_dir:
+            return w.HTML("", layout=lay)
+        if kind != REGULAR_FILE:
+            return w.HTML(f"<i>{html.escape(kind.split(' ', 1)[-1])}: not downloadable</i>", layout=lay,
+                          tooltip=why_not_downloadable(e.path, kind))
         button = w.Button(description="Download", icon="download", tooltip=f"download {e.path}",
                           layout=lay)
         button.add_class("stacker-download-button")
@@ -496,35 +437,38 @@ class FileBrowser(_Panel):
     # downloads
 
     def download(self, path: str) -> None:
-        """Offer container file `path` for download (a data: link or a served copy)."""
+        """Download container file `path`: prepared on the io thread, then saved by the browser."""
         self.say(f"preparing {path} ...")
-        self.host.later(self.host.io, prepare_download, self.snapshot.root,
-                        self.snapshot.snapshot_id, path, self.host.notebook_dir,
+        copy_to = self.host.notebook_dir / DOWNLOADS_DIR / self.snapshot.snapshot_id[:12]
+        self.host.later(self.host.io, self.host.session.prepare_download, self.snapshot.snapshot_id,
+                        path, copy_to, INLINE_LIMIT,
                         then=lambda d, p=path: self._offer(p, d), fail=self.failed)
 
     def _offer(self, path: str, d: Download) -> None:
         if d.data is not None:
-            self.served.outputs = ()
-            self.saved.value = download_link_html(d.name, data_uri(d.data), d.size)
-            self.say(f"{path} is ready: click Save {d.name}")
+            self._show_link(download_link_html(d.name, data_uri(d.data), d.size), f"downloading {d.name}")
+            self.say(f"{path} is downloading (Save {d.name} saves it again)")
             return
         link = relative_link(d.copy, self.host.notebook_dir)
-        self.saved.value = ""
         if link is None:
+            self.served.outputs = ()
             self.say(f"{path} was copied to {d.copy} (outside the notebook's directory, so"
                      " JupyterLab cannot serve it: fetch it from there)")
             return
-        text = f"{path} ({human_size(d.size)}) was copied to {link}"
+        where = urllib.parse.unquote(link)
+        self._show_link(download_link_html(d.name, link, d.size, f", copied to {where}"),
+                        f"{path} ({human_size(d.size)}) was copied to {where}")
+        self.say(f"{path} is downloading from {where}: files over {human_size(INLINE_LIMIT)}"
+                 " are served by JupyterLab")
+
+    def _show_link(self, link_html: str, text: str) -> None:
         self.served.outputs = ({"output_type": "display_data", "metadata": {}, "data": {
-            "text/plain": text,
-            "text/html": download_link_html(d.name, link, d.size, f", copied to {urllib.parse.unquote(link)}")}},)
-        self.say(f"{path} is larger than {human_size(DATA_URI_LIMIT)}: copied beside the notebook;"
-                 f" click Save {d.name}")
+            "text/plain": text, "text/html": self_clicking(link_html)}},)
 
     def close(self) -> None:
         self.closed = True
-        _close_tree(self.widget)
-        for lay in self._layouts:
+        _close_tree(self.widget)  # the rows are children of self.rows
+        for lay in self._layouts.values():
             lay.close()
 
 
@@ -534,111 +478,129 @@ class FileBrowser(_Panel):
 # then (not the io thread: a diff or a download must not wait behind it).
 _SIZE_WAITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="layer-sizes")
 
+SIZE_COLUMN = LAYER_COLUMNS.index("size")
+# Text column widths of a %layers row; the first line takes what the buttons leave.
+LAYER_WIDTHS = ("5ch", "12ch", "6ch", "grow", "7ch", "9ch", "10ch", "7ch")
 
-def _row_key(v: Any) -> tuple:
+
+def _row_key(v: Any, cell: str) -> tuple:
     """What a row shows of step view `v` but its size (updated in place when measured)."""
-    return (v.index, v.snapshot_id, v.layer, v.cell_id, v.first_line, v.status, v.duration, v.cached)
-
-
-def _cell_html(value: str, width: str, tag: str = "code") -> str:
-    return (f"<{tag} title='{html.escape(value)}' style='display:inline-block;width:{width};"
-            f"overflow:hidden;white-space:nowrap;vertical-align:middle;margin:2px 0.6em 2px 0'>"
-            f"{html.escape(value)}</{tag}>")
-
-
-def _row_html(values: list[str], columns: tuple) -> str:
-    return "".join(_cell_html(value, width) for value, (_, width) in zip(values, columns))
-
-
-SIZE_COLUMN = 6  # LayerHistory.COLUMNS index of "size"
+    return (v.index, v.snapshot_id, v.layer, cell, v.first_line, v.status, v.duration, v.cached)
 
 
 @dataclass
 class _Row:
-    """One step's row of a LayerHistory, with the parts that change after it is built."""
+    """One step's row of a LayerHistory: its grid cells, and the parts that change later."""
 
     key: tuple
-    row: w.HBox
-    cells: w.HTML
-    rollback: w.Button
+    cells: list[w.Widget]  # the text columns (one HTML), then the buttons
     values: list[str]
-    columns: tuple
 
-    def set_size(self, size: int | None) -> None:
-        from stacker_kernel.kernel.magics import size_change
+    @property
+    def text(self) -> w.HTML:
+        return self.cells[0]
 
-        self.values[SIZE_COLUMN] = size_change(size)
-        self.cells.value = _row_html(self.values, self.columns)
+    @property
+    def rollback(self) -> w.Button:
+        return self.cells[1]
 
+    def set_size(self, shown: str) -> None:
+        self.values[SIZE_COLUMN] = shown
+        self.text.value = _cols_html(self.values, LAYER_WIDTHS)
 
 
 class LayerHistory(_Panel):
-    """`%layers` as a widget: a row per step with Roll back here, Diff and Browse."""
+    """`%layers` as a widget: one grid, a row per step with Roll back here, Diff and Browse.
 
-    COLUMNS = (("step", "3.5em"), ("layer", "8em"), ("cell", "7em"), ("first line", "17em"),
-               ("status", "4em"), ("duration", "5.5em"), ("size", "6em"), ("cached", "4em"))
+    It shows a page of ROWS steps, the newest ones unless the user pages back:
+    a row is a few widget models, and building a thousand of them would make
+    the first `%layers` of a long session take seconds."""
+
+    ROWS = 40
 
     def __init__(self, host: WidgetHost) -> None:
         super().__init__()
         self.host = host
-        # A row is one HTML (its cells) and three buttons, all sharing these layouts
-        # and styles: a few models per step, as a step adds a row after every cell.
-        self._cells_layout = w.Layout(flex="0 0 auto")
-        self._row_layout = w.Layout(align_items="center")
+        # A row is one HTML (its text columns) and three buttons, all sharing these
+        # layouts and styles: a few models per step, as a step adds a row after every cell.
+        self._text_layout = w.Layout(min_width="40em")
         self._html_style = HTMLStyle()
         self._button_style = w.ButtonStyle()
-        self._button_layouts = {"wide": w.Layout(width="9.5em", flex="0 0 auto"),
-                                "narrow": w.Layout(width="6em", flex="0 0 auto")}
-        self.header = w.HBox([w.HTML("".join(_cell_html(name, width, "b") for name, width in self.COLUMNS),
-                                     layout=self._cells_layout, style=self._html_style)],
-                             layout=self._row_layout)
-        self.rows = w.VBox([])
+        self._button_layouts = {label: w.Layout(width="auto") for label in ("Roll back here", "Diff", "Browse")}
+        self.header = [w.HTML(_cols_html(LAYER_COLUMNS, LAYER_WIDTHS), layout=self._text_layout),
+                       w.HTML(""), w.HTML(""), w.HTML("")]
+        for cell in self.header:
+            cell.add_class("stacker-head")
+        self.table = _grid("minmax(40em, 1fr) auto auto auto", "stacker-steps", "30em")
         self.detail = w.VBox([])
         self.browser: FileBrowser | None = None
-        self._shown: list[_Row] = []  # what self.rows shows, one per step
+        self._shown: list[_Row] = []  # the rows the grid shows, one per step of the page
+        self._empty: w.HTML | None = None
         self._awaiting_sizes = False
-        self.widget = w.VBox([self.header, self.rows, self.status, self.detail])
+        self.first = 0  # 0-based position of the page's first step
+        self.following = True  # the page shows the newest steps (until the user pages back)
+        self.earlier = w.Button(description="earlier steps", layout=w.Layout(width="auto"))
+        self.later_steps = w.Button(description="later steps", layout=w.Layout(width="auto"))
+        self.earlier.on_click(self.guarded(lambda _: self.show_from(self.first - self.ROWS)))
+        self.later_steps.on_click(self.guarded(lambda _: self.show_from(self.first + self.ROWS)))
+        self.pages = w.HTML("")
+        self.pager = w.HBox([self.earlier, self.pages, self.later_steps], layout=w.Layout(display="none"))
+        self.widget = w.VBox([w.HTML(STYLE), self.table, self.pager, self.status, self.detail])
         self.widget.add_class("stacker-layers")
         self.refresh()
 
     def text(self) -> str:
         """The same table as plain text (text/plain of the display)."""
-        from stacker_kernel.kernel.magics import layers_table
+        return layers_table(self.host.session.history(), self.host.cell_name).text
 
-        return layers_table(self.host.session.history()).text
+    def show_from(self, first: int) -> None:
+        """Show the page that starts at 0-based step position `first`."""
+        self.first = first
+        self.following = False
+        self.refresh()
 
     def refresh(self, views: list | None = None) -> None:
         """Bring the rows up to date with the session's history (`views`, if the caller
         read it already). Only what changed is touched: the rows of new or changed
-        steps are built, a size measured meanwhile only updates its cell, so that
-        a refresh after one step costs one row however long the history is."""
+        steps are built, rows that stay are kept, and a size measured meanwhile only
+        updates its cell, so that a refresh after one step costs one row however
+        long the history is."""
         if views is None:
             views = self.host.session.history()
+        name = self.host.cell_name
         if not views:
-            if self._shown or not self.rows.children:
-                self._shown = []
-                old = self.rows.children
-                self.rows.children = [w.HTML("<i>no steps yet: run a cell with a shell script"
-                                             " to make the first snapshot</i>")]
+            if self._empty is None:
+                old, self._shown = self._shown, []
+                self._empty = w.HTML("<i>no steps yet: run a cell with a shell script"
+                                     " to make the first snapshot</i>", layout=w.Layout(grid_column="1 / -1"))
+                self.table.children = self.header + [self._empty]
                 self._close_rows(old)
+            self.pager.layout.display = "none"
             return
-        shown = self._shown
-        same = 0
-        while same < min(len(views), len(shown)) and shown[same].key == _row_key(views[same]):
-            same += 1
-        if same != len(shown) or same != len(views):  # steps came, went or changed
-            old_rows = [r.row for r in shown[same:]] if shown else list(self.rows.children)
-            if shown:
-                shown[-1].rollback.disabled = False  # the old head's row, if it stays
-            self._shown = shown[:same] + [self._row(v) for v in views[same:]]
-            self._shown[-1].rollback.disabled = True  # already the head
-            self.rows.children = [r.row for r in self._shown]
-            self._close_rows(old_rows)
-        from stacker_kernel.kernel.magics import size_change
-
-        for r, v in zip(self._shown, views):
-            if r.values[SIZE_COLUMN] != size_change(v.size_delta):
-                r.set_size(v.size_delta)
+        if self._empty is not None:
+            _close_tree(self._empty)
+            self._empty = None
+            self.table.children = self.header
+        last_page = max(0, len(views) - self.ROWS)
+        self.first = last_page if self.following else min(max(self.first, 0), last_page)
+        self.following = self.first == last_page
+        page = views[self.first:self.first + self.ROWS]
+        keys = [_row_key(v, name(v.cell_id)) for v in page]
+        if keys != [r.key for r in self._shown]:  # steps came, went or changed
+            kept = {r.key: r for r in self._shown}
+            self._shown = [kept.pop(key, None) or self._row(v) for key, v in zip(keys, page)]
+            self.table.children = self.header + [cell for r in self._shown for cell in r.cells]
+            self._close_rows(list(kept.values()))
+        for r, v in zip(self._shown, page):
+            r.rollback.disabled = v.index == len(views)  # already the head
+            size = layer_row(v)[SIZE_COLUMN]
+            if r.values[SIZE_COLUMN] != size:
+                r.set_size(size)
+        self.pager.layout.display = "none" if len(views) <= self.ROWS else ""
+        self.earlier.disabled = self.first == 0
+        self.later_steps.disabled = self.following
+        self.pages.value = (f"&nbsp;steps {self.first + 1}–{self.first + len(page)}"
+                            f" of {len(views)}&nbsp;")
         if any(v.size_delta is None for v in views):
             self._when_sizes_known()
 
@@ -661,20 +623,18 @@ class LayerHistory(_Panel):
         self.host.later(_SIZE_WAITER, session.wait_for_sizes, then=known, fail=failed)
 
     def _shared(self) -> tuple:
-        return (self._cells_layout, self._row_layout, self._html_style, self._button_style,
-                *self._button_layouts.values())
+        return (self._text_layout, self._html_style, self._button_style, *self._button_layouts.values())
 
-    def _close_rows(self, rows: Any) -> None:
+    def _close_rows(self, rows: list[_Row]) -> None:
         keep = {id(x) for x in self._shared()}
         for row in rows:
-            _close_tree(row, keep)
+            for cell in row.cells:
+                _close_tree(cell, keep)
 
-    def _row(self, v: Any) -> "_Row":
-        from stacker_kernel.kernel.magics import size_change
-
-        values = [str(v.index), v.layer, v.cell_id or "", v.first_line, v.status,
-                  f"{v.duration:.2f} s", size_change(v.size_delta), "cached" if v.cached else ""]
-        cells = w.HTML(_row_html(values, self.COLUMNS), layout=self._cells_layout, style=self._html_style)
+    def _row(self, v: Any) -> _Row:
+        cell = self.host.cell_name(v.cell_id)
+        values = layer_row(v, self.host.cell_name)
+        text = w.HTML(_cols_html(values, LAYER_WIDTHS), layout=self._text_layout, style=self._html_style)
         buttons = [
             ("Roll back here", f"roll back to step {v.index}", self.rollback),
             ("Diff", f"files step {v.index} changed", self.diff),
@@ -682,13 +642,11 @@ class LayerHistory(_Panel):
         ]
         made = []
         for label, tip, action in buttons:
-            width = "wide" if label == "Roll back here" else "narrow"
-            button = w.Button(description=label, tooltip=tip, layout=self._button_layouts[width],
+            button = w.Button(description=label, tooltip=tip, layout=self._button_layouts[label],
                               style=self._button_style)
             button.on_click(self.guarded(lambda _, n=v.index, a=action: a(n)))
             made.append(button)
-        return _Row(_row_key(v), w.HBox([cells, *made], layout=self._row_layout), cells, made[0], values,
-                    self.COLUMNS)
+        return _Row(_row_key(v, cell), [text, *made], values)
 
     def rollback(self, index: int) -> None:
         """Roll the session back to step `index`, on the engine thread, unless a cell runs."""
@@ -698,9 +656,10 @@ class LayerHistory(_Panel):
         self.say(f"rolling back to step {index} ...")
 
         def rolled(view: Any) -> None:
-            self.say(f"rolled back to {_step_label(view)}" if view else
+            self.say(f"rolled back to {step_label(view, self.host.cell_name)}" if view else
                      "rolled back to the start of the build: no steps left")
             self.host.registry.refresh_all()
+            self.host.rolled_back(index)
 
         self.host.later(self.host.engine, self.host.session.rollback, index, then=rolled,
                         fail=self.failed)
@@ -722,7 +681,7 @@ class LayerHistory(_Panel):
 
     def browse(self, index: int) -> None:
         """Open a file browser on step `index`'s snapshot below the table."""
-        browser = FileBrowser(self.host, resolve_snapshot(self.host.session, index))
+        browser = self.host.file_browser(index, "/")
         self._set_detail(browser.widget, browser)
         self.say("")
 
@@ -740,6 +699,6 @@ class LayerHistory(_Panel):
         self.closed = True
         if self.browser is not None:
             self.browser.close()
-        _close_tree(self.widget)
+        _close_tree(self.widget)  # the header and the rows are children of self.table
         for shared in self._shared():
             shared.close()
