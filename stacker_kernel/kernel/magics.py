@@ -149,28 +149,27 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
 def _sbom(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
     """`%sbom [LAYER|N]`: the packages of a step, then which cell of its layer changed which."""
     from stacker_kernel.engine.sbom import step_changes
-    from stacker_kernel.kernel.widgets import resolve_snapshot
 
-    chosen = resolve_snapshot(session, target)
-    views = session.history(measure=False)
-    at = next((v for v in views if v.snapshot_id == chosen.snapshot_id), None)
-    steps = [v for v in views if at is not None and v.layer == at.layer and v.index <= at.index]
+    chosen, at = session.find_snapshot(target)
+    if at is None:
+        raise RecipeError(f"the base of layer {chosen.layer or '?'} is no step: give %sbom a step number "
+                          "from %layers")
+    steps = [v for v in session.history(measure=False) if v.layer == at.layer and v.index <= at.index]
     snaps = [session.store.get(v.snapshot_id) for v in steps]
-    if not snaps:
-        raise RecipeError(f"{chosen.label} is no step: give %sbom a step number from %layers")
     inv, changes = step_changes(session.store, snaps)
     rows = [[p.name, p.version, p.arch, p.manager] for p in inv.packages]
-    table = _table(["package", "version", "arch", "from"], rows)
-    diff_rows = [[str(v.index), v.cell_id or "", c.change, c.package.name,
+    packages = table(["package", "version", "arch", "from"], rows)
+    diff_rows = [[str(v.index), ctx.cell_name(v.cell_id), c.change, c.package.name,
                   c.old if c.change == "removed" else (f"{c.old} -> {c.new}" if c.old else c.new)]
                  for v, (_, cs) in zip(steps, changes) for c in cs]
-    head = f"{len(rows)} packages in {chosen.label}" + "".join(f"\nnote: {n}" for n in inv.notes)
+    head = f"{len(rows)} packages after step {at.index} (layer {at.layer})"
+    head += "".join(f"\nnote: {n}" for n in inv.notes)
     if not diff_rows:
-        return Shown(f"{head}\n{table.text}\n\nno step of layer {at.layer} changed a package",
-                     f"<p>{html.escape(head)}</p>{table.html}")
-    diff = _table(["step", "cell", "change", "package", "version"], diff_rows)
-    return Shown(f"{head}\n{table.text}\n\npackage changes by step:\n{diff.text}",
-                 f"<p>{html.escape(head)}</p>{table.html}<p>package changes by step:</p>{diff.html}")
+        return Shown(f"{head}\n{packages.text}\n\nno step of layer {at.layer} changed a package",
+                     f"<p>{html.escape(head)}</p>{packages.html}")
+    diff = table(["step", "cell", "change", "package", "version"], diff_rows)
+    return Shown(f"{head}\n{packages.text}\n\npackage changes by step:\n{diff.text}",
+                 f"<p>{html.escape(head)}</p>{packages.html}<p>package changes by step:</p>{diff.html}")
 
 
 def _notebook_cell_ids(path: str) -> list[str]:
