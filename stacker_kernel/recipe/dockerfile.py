@@ -91,7 +91,7 @@ class _Stage:
     head: list[str] = field(default_factory=list)   # the FROM cell's magic lines
     prelude: list[str] = field(default_factory=list)  # the FROM cell's script
     cells: list[str] = field(default_factory=list)
-    staged: dict[str, int] = field(default_factory=dict)  # import name -> line
+    staged: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (path, line)
     ports: list[str] = field(default_factory=list)
 
 
@@ -364,6 +364,8 @@ class _Translator:
         if stage.has_run and group[0].value[0] != "scratch":
             inherited = [f"export {k}={_q(v)}" for k, v in stage.env.items()
                          if not (k == "PATH" and v == DEFAULT_PATH)]
+            if "HOME" not in stage.env:  # as Docker gives a RUN whose image sets no HOME
+                inherited.append("export HOME=/root")
             if stage.workdir != "/":
                 inherited.append(f"cd {_q(stage.workdir)}")
             stage.prelude = inherited
@@ -535,13 +537,16 @@ class _Translator:
                 paths.append(f"stacker://{parent.name}{inner}/")
             else:
                 paths.append(_source_path(src, self.context, line))
+        new = []
         for p in paths:
             staged = posixpath.basename(p.rstrip("/")) or "import"
-            if staged in stage.staged:
+            if staged in stage.staged and stage.staged[staged][0] != p:
                 raise RecipeError(f"line {line}: {cmd.cmd} source {p.rstrip('/')} has the same name "
-                                  f"as the one on line {stage.staged[staged]} (both would be "
+                                  f"as the one on line {stage.staged[staged][1]} (both would be "
                                   f"/stacker/imports/{staged}): rename one")
-            stage.staged[staged] = line
+            if staged not in stage.staged:
+                new.append(p)
+            stage.staged[staged] = (p, line)
         stage.head.append(f"# line {line}: {cmd.original}")
         if not stage.has_run:
             uid = gid = None
@@ -556,7 +561,7 @@ class _Translator:
                     + ([f"--uid {uid} --gid {gid}"] if uid is not None else [])
                 stage.head.append(f"%import {_q(p)} " + " ".join(opts))
             return None
-        for p in paths:
+        for p in new:  # staged once, however often it is copied
             stage.head.append(f"%import {_q(p)}")
         return "\n".join(_copy_script(paths, dest, owner, mode))
 
