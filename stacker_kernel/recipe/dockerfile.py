@@ -93,6 +93,9 @@ class _Stage:
     cells: list[str] = field(default_factory=list)
     staged: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (path, line)
     ports: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    volumes: list[str] = field(default_factory=list)
+    stop_signal: str | None = None
 
 
 class _Fail(Exception):
@@ -330,7 +333,23 @@ class _Translator:
         if not last:
             stage.head.append("%build_only")
         if parent is not None:
-            # cmd/entrypoint are assigned per stacker layer, never inherited: carry them
+            # A stage's config is the one of the stage it is built on; that one is
+            # build_only, whose config stacker never writes: declare it again.
+            stage.labels, stage.volumes = dict(parent.labels), list(parent.volumes)
+            stage.ports, stage.stop_signal = list(parent.ports), parent.stop_signal
+            stage.head += [f"%environment {_pair(k, v)}" for k, v in stage.env.items()
+                           if not (k == "PATH" and v == DEFAULT_PATH)]
+            stage.head += [f"%labels {_pair(k, v)}" for k, v in stage.labels.items()]
+            if stage.volumes:
+                stage.head.append("%volumes " + " ".join(_q(v) for v in stage.volumes))
+            if stage.ports:
+                stage.head.append(f"%annotations {_pair(CONFIG_ANNOTATION + 'ExposedPorts', ' '.join(stage.ports))}")
+            if stage.stop_signal:
+                stage.head.append(f"%annotations {_pair(CONFIG_ANNOTATION + 'StopSignal', stage.stop_signal)}")
+            if stage.workdir != "/":
+                stage.head.append(f"%working_dir {_q(stage.workdir)}")
+            if stage.user:
+                stage.head.append(f"%runtime_user {_q(stage.user)}")
             if stage.cmd is not None:
                 stage.head.append(f"%cmd {json.dumps(stage.cmd)}")
             if stage.entrypoint is not None:
@@ -366,8 +385,10 @@ class _Translator:
                          if not (k == "PATH" and v == DEFAULT_PATH)]
             if "HOME" not in stage.env:  # as Docker gives a RUN whose image sets no HOME
                 inherited.append("export HOME=/root")
+            if stage.volumes:  # made here when the stage that set them had no RUN
+                inherited.append("mkdir -p " + " ".join(_q(v) for v in stage.volumes))
             if stage.workdir != "/":
-                inherited.append(f"cd {_q(stage.workdir)}")
+                inherited.append(f"mkdir -p {_q(stage.workdir)} && cd {_q(stage.workdir)}")
             stage.prelude = inherited
         pending: list[str] = []  # a group of config instructions, one cell
 
@@ -423,6 +444,7 @@ class _Translator:
 
     def _label(self, cmd, stage: _Stage):
         pairs = _key_values(cmd, {**stage.args, **stage.env})
+        stage.labels.update(pairs)
         return [f"%labels {_pair(k, v)}" for k, v in pairs], []
 
     def _maintainer(self, cmd, stage: _Stage):
@@ -446,7 +468,10 @@ class _Translator:
     def _volume(self, cmd, stage: _Stage):
         env = {**stage.args, **stage.env}
         paths = list(cmd.value) if cmd.json else [expand(w, env, cmd.start_line) for w in cmd.value]
-        return ["%volumes " + " ".join(_q(p) for p in paths)], []
+        stage.volumes += paths
+        # as buildah, the image has the mount points (a stage without RUN: see WORKDIR)
+        return ["%volumes " + " ".join(_q(p) for p in paths)], \
+            ["mkdir -p " + " ".join(_q(p) for p in paths)]
 
     def _expose(self, cmd, stage: _Stage):
         env = {**stage.args, **stage.env}
@@ -456,7 +481,7 @@ class _Translator:
         return [f"%annotations {_pair(CONFIG_ANNOTATION + 'ExposedPorts', ' '.join(stage.ports))}"], []
 
     def _stopsignal(self, cmd, stage: _Stage):
-        signal = expand(" ".join(cmd.value), {**stage.args, **stage.env}, cmd.start_line)
+        signal = stage.stop_signal = expand(" ".join(cmd.value), {**stage.args, **stage.env}, cmd.start_line)
         return [f"%annotations {_pair(CONFIG_ANNOTATION + 'StopSignal', signal)}"], []
 
     def _healthcheck(self, cmd, stage: _Stage):
@@ -570,34 +595,40 @@ def _copy_script(paths: list[str], dest: str, owner: tuple[str, str] | None,
                  mode: int | None) -> list[str]:
     """Shell lines copying staged imports to `dest` with Docker's COPY rules: a
     directory's contents, a file into a directory dest or as the dest itself, owned
-    by root unless --chown, modes kept unless --chmod, missing directories 0755."""
-    lines = [f"rm -rf {COPY_TMP} && mkdir {COPY_TMP}"]
-    for p in paths:
-        src = "/stacker/imports/" + _q(posixpath.basename(p.rstrip("/")))
-        lines.append(f"if [ -d {src} ]; then cp -a {src}/. {COPY_TMP}/; "
-                     f"else cp -a {src} {COPY_TMP}/; fi")
+    by root unless --chown, modes kept unless --chmod, missing directories 0755 and
+    owned as the files (as buildah and BuildKit make them). A subshell: no variable
+    of it stays in the layer's shell."""
+    spec = "0:0"
     if owner is not None:
         user, group = owner
         spec = f"{user}:{group}" if group else (f"{user}:{user}" if user.isdigit()
                                                else f"{user}:$(id -u {_q(user)})")
-        lines.append(f"chown -R {spec} {COPY_TMP}")
-    else:
-        lines.append(f"chown -R 0:0 {COPY_TMP}")
+    lines = ["(", f"rm -rf {COPY_TMP} && mkdir {COPY_TMP}"]
+    for p in paths:
+        src = "/stacker/imports/" + _q(posixpath.basename(p.rstrip("/")))
+        lines.append(f"if [ -d {src} ]; then cp -a {src}/. {COPY_TMP}/; "
+                     f"else cp -a {src} {COPY_TMP}/; fi")
+    lines.append(f"chown -R {spec} {COPY_TMP}")
     if mode is not None:
         lines.append(f"chmod -R 0{mode:o} {COPY_TMP}")
-    single_file = len(paths) == 1 and not dest.endswith("/")
     d = _q(dest.rstrip("/") or "/")
+
+    def mkdirs(path: str) -> list[str]:
+        if owner is None:
+            return [f"mkdir -p {path}"]
+        return [f"p={path}; new=; while [ ! -e \"$p\" ]; do new=\"$p:$new\"; p=$(dirname \"$p\"); done",
+                f"mkdir -p {path}",
+                f"IFS=:; for x in $new; do chown {spec} \"$x\"; done; unset IFS"]
+
     each = (f"for e in {COPY_TMP}/* {COPY_TMP}/.[!.]* {COPY_TMP}/..?*; do "
             f"if [ -e \"$e\" ] || [ -L \"$e\" ]; then cp -a \"$e\" {d}/; fi; done")
-    if single_file:  # a file becomes dest itself, unless dest is a directory
-        lines.append(f"if [ -d {src} ] || [ -d {d} ]; then mkdir -p {d}")
-        lines.append(each)
-        lines.append(f"else mkdir -p \"$(dirname {d})\" && cp -a {COPY_TMP}/* {d}; fi")
+    if len(paths) == 1 and not dest.endswith("/"):  # a file is dest itself, unless dest is a directory
+        lines.append(f"if [ -d {src} ] || [ -d {d} ]; then")
+        lines += mkdirs(d) + [each, "else"] + mkdirs(f'"$(dirname {d})"')
+        lines += [f"cp -a {COPY_TMP}/* {d}", "fi"]
     else:
-        lines.append(f"mkdir -p {d}")
-        lines.append(each)
-    lines.append(f"rm -rf {COPY_TMP}")
-    return lines
+        lines += mkdirs(d) + [each]
+    return lines + [f"rm -rf {COPY_TMP}", ")"]
 
 
 def _magics_first(cell: str) -> str:
