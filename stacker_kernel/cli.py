@@ -377,28 +377,9 @@ def add_import(p: argparse.ArgumentParser) -> None:
 def _import_dockerfile(args: argparse.Namespace) -> int:
     import nbformat
 
-    from stacker_kernel.recipe.dockerfile import dockerfile_notebook, layer_name_for
-    from stacker_kernel.recipe.notebook import recipe_from_notebook
-    from stacker_kernel.recipe.stacker_yaml import dump
+    from stacker_kernel.engine.build import convert_dockerfile
 
-    path = args.stacker_yaml
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise StackerKernelError(f"cannot read {path}: {e}") from None
-    # COPY sources are in the Dockerfile's directory: relative to the output's
-    context = os.path.relpath(os.path.dirname(os.path.abspath(path)),
-                              os.path.dirname(os.path.abspath(args.output)))
-    options = _dockerfile_options(args)
-    name = layer_name_for(path)
-    try:
-        nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
-                                           bases=options.bases, context="" if context == "." else context)
-        out = nb if not args.output.endswith((".yaml", ".yml")) else dump(recipe_from_notebook(nb, name))
-    except StackerKernelError as e:
-        raise StackerKernelError(f"{path}: {e}") from e
-    for w in warnings:
-        print(f"warning: {path}: {w}", file=sys.stderr)
+    out = convert_dockerfile(args.stacker_yaml, args.output, _dockerfile_options(args))
     if isinstance(out, str):
         _write_output(args.output, lambda p: Path(p).write_text(out))
     else:

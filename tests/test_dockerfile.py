@@ -33,6 +33,7 @@ import nbformat
 import pytest
 import yaml
 
+from kernel_support import kernels, nbdir, start_kernel  # noqa: F401 (fixtures)
 from stacker_kernel.cli import main
 from stacker_kernel.engine.build import build, layer_snapshot
 from stacker_kernel.errors import RecipeError
@@ -400,7 +401,40 @@ def test_import_of_a_bad_dockerfile_is_one_line_naming_file_and_line(tmp_path, c
     assert "\n" not in err
 
 
+def test_a_dockerignore_is_named_as_not_applied(tmp_path, capsys):
+    (tmp_path / "Dockerfile").write_text("FROM busybox\nCOPY a /a\n")
+    (tmp_path / ".dockerignore").write_text("*.log\n")
+    assert main(["import", str(tmp_path / "Dockerfile"), "-o", str(tmp_path / "nb.ipynb")]) == 0
+    assert ".dockerignore is not applied" in capsys.readouterr().err
+
+
 # --- real builds ---------------------------------------------------------------------------
+
+def test_a_dockerfile_notebook_steps_through_in_the_kernel_with_rollback(nbdir, kernels, storage):
+    """The imported notebook runs cell by cell in the kernel; rolling back to a RUN's
+    cell undoes the RUNs after it, and re-running a RUN cell replaces its result."""
+    (nbdir / "Dockerfile").write_text(df("""
+        FROM busybox
+        ENV GREETING=hello
+        WORKDIR /app
+        RUN echo "$GREETING one" > one
+        RUN echo two > two
+        """))
+    assert main(["import", str(nbdir / "Dockerfile"), "-o", str(nbdir / "df.ipynb"),
+                 "--base", f"busybox=tar:{nbdir}/busybox.tar"]) == 0
+    cells = [c for c in nbformat.read(nbdir / "df.ipynb", as_version=4).cells if c.cell_type == "code"]
+    k = start_kernel(nbdir / "df.ipynb", kernels, STACKER_KERNEL_STORAGE=str(storage))
+    try:
+        for cell in cells:
+            run = k.execute(cell.source, cell.id, timeout=120)
+            assert run.status == "ok", run.error
+        assert k.execute("ls /app; cat /app/one", "look", timeout=60).text().split() == \
+            ["one", "two", "hello", "one"]
+        assert k.execute(f"%rollback {cells[2].id}", "back", timeout=60).status == "ok"
+        assert k.execute("ls /app", "look2", timeout=60).text().split() == ["one"]
+    finally:
+        k.close()
+
 
 def _context(tmp_path: Path, dockerfile: str) -> Path:
     ctx = tmp_path / "ctx"

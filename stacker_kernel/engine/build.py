@@ -59,10 +59,10 @@ def load_recipes(path: str, substitutions: dict[str, str] | None = None,
     return load_with_prerequisites(path, substitutions or {})
 
 
-def load_dockerfile(path: str, options=None, warn: Printer | None = None) -> Recipe:
-    """The recipe of the Dockerfile at `path` (recipe.dockerfile), its warnings to
-    `warn` (default: stderr); relative COPY sources are in the Dockerfile's directory."""
-    from stacker_kernel.recipe.dockerfile import DockerfileOptions, dockerfile_recipe, layer_name_for
+def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None):
+    """The notebook of the Dockerfile at `path` (recipe.dockerfile), its warnings to
+    `warn` (default: stderr), and the last stage's name."""
+    from stacker_kernel.recipe.dockerfile import DockerfileOptions, dockerfile_notebook, layer_name_for
 
     options = options or DockerfileOptions()
     try:
@@ -71,17 +71,48 @@ def load_dockerfile(path: str, options=None, warn: Printer | None = None) -> Rec
         raise RecipeError(f"{path} does not exist: give the Dockerfile with -f") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"cannot read {path}: {e}: check the file") from None
+    name = layer_name_for(path)
     try:
-        recipe, warnings = dockerfile_recipe(text, layer_name_for(path), build_args=options.build_args,
-                                             bases=options.bases)
+        nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
+                                           bases=options.bases, context=context)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
     if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), ".dockerignore")):
         warnings.append(".dockerignore is not applied: COPY and ADD take every file they name")
     for w in warnings:
         (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {path}: {w}")
+    return nb, name
+
+
+def load_dockerfile(path: str, options=None, warn: Printer | None = None) -> Recipe:
+    """The recipe of the Dockerfile at `path`, as its notebook gives it; relative
+    COPY sources are in the Dockerfile's directory (the build context)."""
+    from stacker_kernel.recipe.notebook import recipe_from_notebook
+
+    nb, name = _dockerfile_notebook(path, options, "", warn)
+    try:
+        recipe = recipe_from_notebook(nb, name)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from e
     recipe.source_path = os.path.abspath(path)
     return recipe
+
+
+def convert_dockerfile(path: str, output: str, options=None, warn: Printer | None = None):
+    """The Dockerfile at `path` as a notebook (an nbformat node) or, when `output`
+    ends in .yaml/.yml, as stacker.yaml text; COPY sources relative to `output`."""
+    from stacker_kernel.recipe.notebook import recipe_from_notebook
+    from stacker_kernel.recipe.stacker_yaml import dump
+
+    context = os.path.relpath(os.path.dirname(os.path.abspath(path)),
+                              os.path.dirname(os.path.abspath(output)))
+    nb, name = _dockerfile_notebook(path, options, "" if context == "." else context, warn)
+    if not output.endswith((".yaml", ".yml")):
+        return nb
+    try:
+        return dump(recipe_from_notebook(nb, name))
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from e
 
 
 def _first_line_of(error: BaseException) -> str:
