@@ -102,6 +102,15 @@ def test_copy_from_a_stage_is_a_stacker_import_of_the_built_layer():
         ("stacker://build/etc/passwd/", "/etc/passwd", None, None, None)]
 
 
+def test_copy_destinations_resolve_against_the_workdir_and_keep_directory_intent():
+    dests = {}
+    for dest in ("/", ".", "./", "x", "x/", "/a/b", "..", "sub/."):
+        layer = recipe(f"FROM scratch\nWORKDIR /w\nCOPY a {dest}\n").layers["app"]
+        dests[dest] = layer.imports[0].dest
+    assert dests == {"/": "/", ".": "/w/", "./": "/w/", "x": "/w/x", "x/": "/w/x/",
+                     "/a/b": "/a/b", "..": "/", "sub/.": "/w/sub/"}
+
+
 def test_unnamed_stages_are_stage_n_and_copy_from_takes_an_index():
     r = recipe("""
         FROM busybox
@@ -136,6 +145,17 @@ def test_a_global_arg_reaches_a_stage_only_when_declared_again():
         RUN echo "$VERSION"
         """)
     assert "export VERSION=2.0" not in cells[0] and "export VERSION=2.0" in cells[2]
+
+
+def test_platform_args_are_given_when_declared():
+    cells = code_cells("""
+        FROM busybox:${TARGETARCH}
+        ARG TARGETARCH
+        ARG TARGETPLATFORM
+        RUN echo "$TARGETARCH"
+        """, platform="linux/arm64")
+    assert "%from docker docker://busybox:arm64" in cells[0]
+    assert "export TARGETARCH=arm64\n" in cells[1] and "export TARGETPLATFORM=linux/arm64" in cells[1]
 
 
 def test_arg_and_env_substitutions_with_defaults():
@@ -530,6 +550,7 @@ INHERIT = """
     CMD ["sh"]
     FROM base
     RUN echo "$BASE_VAR in $(pwd)" > note.txt
+    COPY --from=base /etc/passwd /etc/group ./copied/
     ENV SECOND=two
     USER nobody
     """

@@ -228,13 +228,20 @@ def _source_path(src: str, context: str, line: int) -> str:
 
 class _Translator:
     def __init__(self, text: str, name: str, build_args: dict[str, str],
-                 bases: dict[str, str], context: str):
+                 bases: dict[str, str], context: str, platform: str):
         self.text, self.name, self.context = text, name, context
         self.build_args, self.bases = dict(build_args), dict(bases)
         self.used_args: set[str] = set()
         self.global_args: dict[str, str] = {}
         self.stages: list[_Stage] = []
         self.warnings: list[str] = []
+        # BuildKit's automatic platform ARGs: the build runs on the host, for the host
+        os_, _, arch = platform.partition("/")
+        arch, _, variant = arch.partition("/")
+        self.platform_args = {}
+        for prefix in ("TARGET", "BUILD"):
+            self.platform_args.update({prefix + "PLATFORM": platform, prefix + "OS": os_,
+                                       prefix + "ARCH": arch, prefix + "VARIANT": variant})
 
     # -- driver
     def run(self, commands) -> Translation:
@@ -290,6 +297,8 @@ class _Translator:
                 value = expand(default, env, cmd.start_line)
             elif stage is not None and key in self.global_args:
                 value = self.global_args[key]
+            elif key in self.platform_args:
+                value = self.platform_args[key]
             else:
                 value = None
             if value is None:
@@ -303,7 +312,8 @@ class _Translator:
     # -- stages
     def _from(self, cmd, index: int, last: bool) -> _Stage:
         _flags(cmd, ())
-        words = [expand(w, self.global_args, cmd.start_line) for w in cmd.value]
+        words = [expand(w, {**self.platform_args, **self.global_args}, cmd.start_line)
+                 for w in cmd.value]
         if len(words) == 3 and words[1].lower() == "as":
             image, alias = words[0], words[2]
         elif len(words) == 1:
@@ -380,7 +390,7 @@ class _Translator:
         self.stages.append(stage)
         body = group[1:]
         stage.has_run = any(c.cmd == "RUN" for c in body)
-        if stage.has_run and group[0].value[0] != "scratch":
+        if stage.has_run:
             inherited = [f"export {k}={_q(v)}" for k, v in stage.env.items()
                          if not (k == "PATH" and v == DEFAULT_PATH)]
             if "HOME" not in stage.env:  # as Docker gives a RUN whose image sets no HOME
@@ -392,9 +402,9 @@ class _Translator:
             stage.prelude = inherited
         pending: list[str] = []  # a group of config instructions, one cell
 
-        def flush() -> None:
+        def flush() -> None:  # magic lines first: a cell's script starts after them
             if pending:
-                stage.cells.append("\n".join(pending))
+                stage.cells.append(_magics_first("\n".join(pending)))
                 pending.clear()
 
         for cmd in body:
@@ -415,8 +425,6 @@ class _Translator:
             if script and stage.has_run:
                 pending.extend(script)
         flush()
-        # a group whose script precedes a later magic would put a magic after a script: regroup
-        stage.cells = [_magics_first(c) for c in stage.cells]
 
     # -- instructions: each returns (magic lines, script lines)
     def _env(self, cmd, stage: _Stage):
@@ -530,9 +538,10 @@ class _Translator:
         if len(sources) > 1 and not dest.endswith("/"):
             raise RecipeError(f"line {line}: {cmd.cmd} with several sources needs a destination "
                               f"ending in /: write {dest}/")
-        if not dest.startswith("/"):
-            dest = posixpath.join(stage.workdir, dest) + ("/" if dest.endswith(("/", ".")) else "")
-        dest = posixpath.normpath(dest) + ("/" if dest.endswith(("/", "/.")) else "")
+        into_dir = dest.endswith("/") or posixpath.basename(dest) in (".", "..")
+        dest = posixpath.normpath(posixpath.join(stage.workdir, dest))
+        if into_dir and dest != "/":
+            dest += "/"
         owner = _chown(expand(flags["chown"], env, line), line) if flags.get("chown") else None
         mode = None
         if flags.get("chmod"):
@@ -572,7 +581,8 @@ class _Translator:
             if staged not in stage.staged:
                 new.append(p)
             stage.staged[staged] = (p, line)
-        stage.head.append(f"# line {line}: {cmd.original}")
+        stage.head.append(f"# line {line}{'' if not stage.has_run else ' (its cell copies it)'}: "
+                          f"{cmd.original}")
         if not stage.has_run:
             uid = gid = None
             if owner is not None:
@@ -673,14 +683,16 @@ def layer_name_for(path: str) -> str:
 
 
 def translate(text: str, name: str, build_args: dict[str, str] | None = None,
-              bases: dict[str, str] | None = None, context: str = "") -> Translation:
+              bases: dict[str, str] | None = None, context: str = "",
+              platform: str | None = None) -> Translation:
     """The notebook cells of Dockerfile `text` (see the module doc for the mapping).
 
     `name` names the last stage when it has no `AS`; `build_args` are
     `--build-arg NAME=VALUE`; `bases` maps FROM images (as written, or normalized:
     `busybox` = `docker.io/library/busybox:latest`) to `oci:DIR:TAG`, `tar:PATH`
     or `docker://REF`; `context` is prefixed to COPY sources (the build context
-    relative to where the cells are used). Raises RecipeError naming the line
+    relative to where the cells are used); `platform` (default: the host's, e.g.
+    linux/amd64) gives TARGETARCH and the other automatic platform ARGs. Raises RecipeError naming the line
     for anything it cannot translate faithfully.
     """
     import dockerfile  # the official Go parser, wrapped
@@ -689,7 +701,20 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
         commands = dockerfile.parse_string(text)
     except dockerfile.GoParseError as e:
         raise RecipeError(f"the Dockerfile does not parse: {str(e).strip().splitlines()[0]}") from e
-    return _Translator(text, name, build_args or {}, bases or {}, context).run(commands)
+    return _Translator(text, name, build_args or {}, bases or {}, context,
+                       platform or host_platform()).run(commands)
+
+
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm/v7", "armv6l": "arm/v6",
+           "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def host_platform() -> str:
+    """The host as an OCI platform, e.g. linux/amd64 (steps run on the host's kernel)."""
+    import platform
+
+    machine = platform.machine()
+    return "linux/" + _GOARCH.get(machine, machine)
 
 
 def dockerfile_notebook(text: str, name: str, **options) -> tuple[NotebookNode, list[str]]:
