@@ -98,10 +98,6 @@ class _Stage:
     stop_signal: str | None = None
 
 
-class _Fail(Exception):
-    pass
-
-
 # --- word expansion, as BuildKit's shell lexer (frontend/dockerfile/shell/lex.go) ---------
 
 def expand(word: str, env: dict[str, str], line: int) -> str:
@@ -178,6 +174,10 @@ def _pair(key: str, value: str) -> str:
     return _q(f"{key}={value}")
 
 
+def _config_annotation(field_name: str, value: str) -> str:
+    return f"%annotations {_pair(CONFIG_ANNOTATION + field_name, value)}"
+
+
 def _flags(cmd, allowed: tuple[str, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for flag in cmd.flags:
@@ -186,9 +186,9 @@ def _flags(cmd, allowed: tuple[str, ...]) -> dict[str, str]:
             what = "is not supported" if key in ("mount", "network", "security", "link", "parents",
                                                  "exclude", "platform", "keep-git-dir", "checksum") \
                 else "is unknown"
+            known = ", ".join("--" + a for a in allowed) or "no flags"
             raise RecipeError(f"line {cmd.start_line}: {cmd.cmd} {flag.split('=')[0]} {what}: "
-                              f"remove it (stacker-kernel supports {', '.join('--' + a for a in allowed) or 'no flags'} "
-                              f"on {cmd.cmd})")
+                              f"remove it (stacker-kernel supports {known} on {cmd.cmd})")
         out[key] = value
     return out
 
@@ -353,9 +353,9 @@ class _Translator:
             if stage.volumes:
                 stage.head.append("%volumes " + " ".join(_q(v) for v in stage.volumes))
             if stage.ports:
-                stage.head.append(f"%annotations {_pair(CONFIG_ANNOTATION + 'ExposedPorts', ' '.join(stage.ports))}")
+                stage.head.append(_config_annotation("ExposedPorts", " ".join(stage.ports)))
             if stage.stop_signal:
-                stage.head.append(f"%annotations {_pair(CONFIG_ANNOTATION + 'StopSignal', stage.stop_signal)}")
+                stage.head.append(_config_annotation("StopSignal", stage.stop_signal))
             if stage.workdir != "/":
                 stage.head.append(f"%working_dir {_q(stage.workdir)}")
             if stage.user:
@@ -486,11 +486,11 @@ class _Translator:
         for w in cmd.value:
             port = expand(w, env, cmd.start_line)
             stage.ports.append(port if "/" in port else port + "/tcp")
-        return [f"%annotations {_pair(CONFIG_ANNOTATION + 'ExposedPorts', ' '.join(stage.ports))}"], []
+        return [_config_annotation("ExposedPorts", " ".join(stage.ports))], []
 
     def _stopsignal(self, cmd, stage: _Stage):
         signal = stage.stop_signal = expand(" ".join(cmd.value), {**stage.args, **stage.env}, cmd.start_line)
-        return [f"%annotations {_pair(CONFIG_ANNOTATION + 'StopSignal', signal)}"], []
+        return [_config_annotation("StopSignal", signal)], []
 
     def _healthcheck(self, cmd, stage: _Stage):
         self.warnings.append(f"line {cmd.start_line}: HEALTHCHECK is kept as the annotation "
