@@ -632,6 +632,9 @@ def buildah(tmp_path, busybox_oci):
     root = tmp_path / "buildah"
     cmd = ["buildah", "--root", str(root / "root"), "--runroot", str(root / "run"),
            "--storage-driver", "vfs"]
+    # buildah makes /run/containers (its network state); gone again, it cannot
+    # stand between an unprivileged skopeo and /run/containers/UID/auth.json
+    made_run = not os.path.exists("/run/containers")
     subprocess.run(cmd + ["pull", "-q", "oci:" + busybox_oci], check=True, capture_output=True)
     image = subprocess.run(cmd + ["images", "-q"], check=True, capture_output=True,
                            text=True).stdout.split()[0]
@@ -639,6 +642,8 @@ def buildah(tmp_path, busybox_oci):
     yield cmd
     subprocess.run(cmd + ["rmi", "-a", "-f"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+    if made_run:
+        shutil.rmtree("/run/containers", ignore_errors=True)
 
 
 @pytest.mark.rootful
