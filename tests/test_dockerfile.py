@@ -111,6 +111,22 @@ def test_copy_destinations_resolve_against_the_workdir_and_keep_directory_intent
                      "/a/b": "/a/b", "..": "/", "sub/.": "/w/sub/"}
 
 
+def test_wildcard_sources_are_the_context_files_they_match():
+    files = {"package.json", "package-lock.json", "src/a.js"}
+
+    def match(pattern):
+        import fnmatch
+        return [f for f in files if fnmatch.fnmatch(f, pattern) and f.count("/") == pattern.count("/")]
+
+    layer = recipe("FROM scratch\nCOPY package*.json /app/\n", match=match).layers["app"]
+    assert [(i.path, i.dest) for i in layer.imports] == [("package-lock.json/", "/app/"),
+                                                        ("package.json/", "/app/")]
+    with pytest.raises(RecipeError, match=r"line 2: no file of the build context matches '\*.md'"):
+        recipe("FROM scratch\nCOPY *.md /\n", match=match)
+    with pytest.raises(RecipeError, match=r"line 2: COPY with several sources needs a destination"):
+        recipe("FROM scratch\nCOPY package*.json /app\n", match=match)
+
+
 def test_unnamed_stages_are_stage_n_and_copy_from_takes_an_index():
     r = recipe("""
         FROM busybox
@@ -355,7 +371,8 @@ BAD = [
     ("FROM busybox\nRUN <<EOF\necho hi\nEOF\n", r"line 2: RUN with a heredoc"),
     ("FROM busybox\nCOPY <<EOF /a\nhi\nEOF\n", r"line 2: COPY with a heredoc"),
     ("FROM --platform=linux/arm64 busybox\n", r"line 1: FROM --platform is not supported"),
-    ("FROM busybox\nCOPY *.txt /\n", r"line 2: the wildcard source '\*.txt'"),
+    ("FROM busybox\nCOPY *.txt /\n", r"line 2: the wildcard source '\*.txt' needs the build context"),
+    ("FROM busybox AS a\nFROM a\nCOPY --from=a /etc/*.conf /\n", r"line 3: the wildcard source '/etc/\*.conf'"),
     ("FROM busybox\nCOPY --from=nginx:1 /etc/nginx /etc/nginx\n",
      r"line 2: COPY --from=nginx:1 names no earlier stage"),
     ("FROM busybox\nCOPY --link a /a\n", r"line 2: COPY --link is not supported"),
@@ -496,6 +513,7 @@ APP = """
     COPY --chmod=0755 hello.sh ./
     COPY conf/ /etc/app/
     COPY data.txt notes.txt ../share/
+    COPY n*.txt [d]ata.* /opt/app/docs/
     COPY src /opt/app/src
     RUN echo "version $APP_VERSION greeting ${GREETING:-none} home $HOME" > /opt/app/version.txt && \\
         cd / && false; \\

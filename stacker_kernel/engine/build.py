@@ -72,9 +72,16 @@ def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None)
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"cannot read {path}: {e}: check the file") from None
     name = layer_name_for(path)
+    build_context = os.path.dirname(os.path.abspath(path))
+
+    def match(pattern: str) -> list[str]:  # as Docker: `*` matches dot files too
+        import glob
+
+        return glob.glob(pattern, root_dir=build_context, include_hidden=True)
+
     try:
         nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
-                                           bases=options.bases, context=context)
+                                           bases=options.bases, context=context, match=match)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
     if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), ".dockerignore")):

@@ -33,7 +33,8 @@ stacker.yaml, or written as a notebook. The mapping, instruction by instruction:
   warning (an OCI image config has no health check).
 - Refused, naming the line: ONBUILD, ADD of a URL, git repository or archive,
   `RUN --mount/--network/--security`, heredocs, `FROM --platform`, wildcard
-  sources, `COPY --from` an image, and any flag not listed here.
+  sources of `COPY --from`, `COPY --from` an image, and any flag not listed here.
+  Wildcard sources of local files are expanded by the caller's `match`.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import posixpath
 import re
 import shlex
 from dataclasses import dataclass, field
+from typing import Callable
 
 import nbformat
 from nbformat import NotebookNode
@@ -215,9 +217,6 @@ def _chown(spec: str, line: int) -> tuple[str, str]:
 
 
 def _source_path(src: str, context: str, line: int) -> str:
-    if re.search(r"[*?\[]", src):
-        raise RecipeError(f"line {line}: the wildcard source {src!r} is not supported: "
-                          "list the files")
     rel = posixpath.normpath(src.lstrip("/") or ".")
     if rel == ".." or rel.startswith("../"):
         raise RecipeError(f"line {line}: {src!r} is outside the build context (the Dockerfile's "
@@ -228,8 +227,8 @@ def _source_path(src: str, context: str, line: int) -> str:
 
 class _Translator:
     def __init__(self, text: str, name: str, build_args: dict[str, str],
-                 bases: dict[str, str], context: str, platform: str):
-        self.text, self.name, self.context = text, name, context
+                 bases: dict[str, str], context: str, platform: str, match):
+        self.text, self.name, self.context, self.match = text, name, context, match
         self.build_args, self.bases = dict(build_args), dict(bases)
         self.used_args: set[str] = set()
         self.global_args: dict[str, str] = {}
@@ -513,6 +512,19 @@ class _Translator:
         # As `/bin/sh -c CMD`: no errexit, and no cd or variable leaves the subshell.
         return f"(set +e\n{command}\n)"
 
+    def _matches(self, src: str, line: int) -> list[str]:
+        """A local source with `*`, `?` or `[` as the context files it matches, sorted."""
+        if not re.search(r"[*?\[]", src) or re.match(r"[a-z][a-z0-9+.-]*://", src):
+            return [src]
+        if self.match is None:
+            raise RecipeError(f"line {line}: the wildcard source {src!r} needs the build context: "
+                              "list the files")
+        found = sorted(self.match(src.lstrip("/")))
+        if not found:
+            raise RecipeError(f"line {line}: no file of the build context matches {src!r}: "
+                              "fix the pattern")
+        return found
+
     def _raw_run(self, cmd) -> str:
         """A shell-form RUN's command as written, line breaks kept (the shell reads
         `\\`-newline as Docker's parser does), unless comment or blank lines
@@ -535,6 +547,8 @@ class _Translator:
         if len(words) < 2:
             raise RecipeError(f"line {line}: {cmd.cmd} needs a source and a destination")
         sources, dest = words[:-1], words[-1]
+        if "from" not in flags:
+            sources = [m for src in sources for m in self._matches(src, line)]
         if len(sources) > 1 and not dest.endswith("/"):
             raise RecipeError(f"line {line}: {cmd.cmd} with several sources needs a destination "
                               f"ending in /: write {dest}/")
@@ -684,7 +698,8 @@ def layer_name_for(path: str) -> str:
 
 def translate(text: str, name: str, build_args: dict[str, str] | None = None,
               bases: dict[str, str] | None = None, context: str = "",
-              platform: str | None = None) -> Translation:
+              platform: str | None = None,
+              match: Callable[[str], list[str]] | None = None) -> Translation:
     """The notebook cells of Dockerfile `text` (see the module doc for the mapping).
 
     `name` names the last stage when it has no `AS`; `build_args` are
@@ -692,7 +707,9 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
     `busybox` = `docker.io/library/busybox:latest`) to `oci:DIR:TAG`, `tar:PATH`
     or `docker://REF`; `context` is prefixed to COPY sources (the build context
     relative to where the cells are used); `platform` (default: the host's, e.g.
-    linux/amd64) gives TARGETARCH and the other automatic platform ARGs. Raises RecipeError naming the line
+    linux/amd64) gives TARGETARCH and the other automatic platform ARGs; `match`
+    gives the context paths (relative, `/` between parts) a wildcard source
+    matches, as Go's filepath.Match: without it, wildcards are refused. Raises RecipeError naming the line
     for anything it cannot translate faithfully.
     """
     import dockerfile  # the official Go parser, wrapped
@@ -702,7 +719,7 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
     except dockerfile.GoParseError as e:
         raise RecipeError(f"the Dockerfile does not parse: {str(e).strip().splitlines()[0]}") from e
     return _Translator(text, name, build_args or {}, bases or {}, context,
-                       platform or host_platform()).run(commands)
+                       platform or host_platform(), match).run(commands)
 
 
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm/v7", "armv6l": "arm/v6",
