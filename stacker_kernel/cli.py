@@ -200,9 +200,43 @@ def _substitutions(pairs: list[str]) -> dict[str, str]:
     return subs
 
 
+def add_dockerfile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--build-arg", action="append", metavar="NAME=VALUE",
+                   help="a Dockerfile's ARG value, as docker build --build-arg (repeatable)")
+    p.add_argument("--base", action="append", metavar="IMAGE=SOURCE",
+                   help="build a Dockerfile's FROM IMAGE from SOURCE instead: oci:DIR:TAG, tar:PATH "
+                        "or docker://REF (repeatable; for offline builds)")
+
+
+def _dockerfile_options(args: argparse.Namespace, relative_to: str = "."):
+    """The Dockerfile options of `args`, local --base paths made absolute."""
+    from stacker_kernel.recipe.dockerfile import DockerfileOptions
+
+    bases = {}
+    for pair in args.base or []:
+        image, sep, source = pair.partition("=")
+        if not sep or not image or not source:
+            raise StackerKernelError(f"--base {pair!r} is not IMAGE=SOURCE, e.g. debian:12=oci:./oci:debian")
+        kind, colon, rest = source.partition(":")
+        if source.startswith("docker://"):
+            bases[image] = source
+        elif colon and kind in ("oci", "tar"):
+            bases[image] = f"{kind}:{os.path.abspath(rest)}"
+        else:
+            bases[image] = f"tar:{os.path.abspath(source)}"
+    build_args = {}
+    for pair in args.build_arg or []:
+        key, sep, value = pair.partition("=")
+        if not key:
+            raise StackerKernelError(f"--build-arg {pair!r} is not NAME=VALUE")
+        build_args[key] = value if sep else os.environ.get(key, "")  # as docker: NAME alone takes $NAME
+    return DockerfileOptions(build_args, bases)
+
+
 def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--stacker-file", dest="file", default="stacker.yaml",
-                   help="stacker.yaml or notebook (.ipynb) to build (default stacker.yaml)")
+                   help="stacker.yaml, notebook (.ipynb) or Dockerfile to build (default stacker.yaml)")
+    add_dockerfile_options(p)
     p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
     p.add_argument("--oci-dir", default=None, help="write the images to this OCI layout (default: oci)")
     p.add_argument("--no-oci", action="store_true", help="keep results in the store only")
@@ -260,7 +294,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         result = build(store, args.file, substitutions=_substitutions(args.substitute),
                        no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
                        annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
-                       on_failure=_failure_command(args))
+                       on_failure=_failure_command(args), dockerfile=_dockerfile_options(args))
     print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
           f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
     return 0
@@ -333,17 +367,36 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_import(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stacker_yaml", help="the stacker.yaml to turn into a notebook")
-    p.add_argument("-o", "--output", required=True, help="notebook (.ipynb) to write")
+    p.add_argument("stacker_yaml", metavar="FILE", help="the stacker.yaml or Dockerfile to turn into a notebook")
+    p.add_argument("-o", "--output", required=True,
+                   help="notebook (.ipynb) to write (or, from a Dockerfile, a stacker.yaml)")
     p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
+    add_dockerfile_options(p)
+
+
+def _import_dockerfile(args: argparse.Namespace) -> int:
+    import nbformat
+
+    from stacker_kernel.engine.build import convert_dockerfile
+
+    out = convert_dockerfile(args.stacker_yaml, args.output, _dockerfile_options(args))
+    if isinstance(out, str):
+        _write_output(args.output, lambda p: Path(p).write_text(out))
+    else:
+        _write_output(args.output, lambda p: nbformat.write(out, p))
+    print(f"wrote {args.output}")
+    return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     import nbformat
 
+    from stacker_kernel.recipe.dockerfile import is_dockerfile
     from stacker_kernel.recipe.notebook import notebook_from_recipe
     from stacker_kernel.recipe.stacker_yaml import load_file
 
+    if is_dockerfile(args.stacker_yaml):
+        return _import_dockerfile(args)
     subs = _substitutions(args.substitute)
     try:  # placeholders stay in the cells: the notebook builds with other values too
         recipe = load_file(args.stacker_yaml, subs, keep_placeholders=True)
@@ -411,7 +464,7 @@ COMMANDS: list[Command] = [
     Command("chroot", "an interactive shell in a throwaway copy of a built layer "
             "(or of the failed state a failed build stopped in)", add_chroot, cmd_chroot),
     Command("export", "a notebook as stacker.yaml (and OCI images)", add_export, cmd_export),
-    Command("import", "a stacker.yaml as a notebook", add_import, cmd_import),
+    Command("import", "a stacker.yaml or a Dockerfile as a notebook", add_import, cmd_import),
     Command("publish", "copy built images to a registry or another OCI layout (skopeo)", add_publish,
             cmd_publish),
 ]

@@ -24,8 +24,14 @@ from stacker_kernel.storage.store import Snapshot, Store
 Printer = Callable[[str], None]
 
 
-def load_recipes(path: str, substitutions: dict[str, str] | None = None) -> list[Recipe]:
-    """The recipes to build for `path`, prerequisites first. A notebook is one recipe."""
+def load_recipes(path: str, substitutions: dict[str, str] | None = None,
+                 dockerfile=None) -> list[Recipe]:
+    """The recipes to build for `path`, prerequisites first. A notebook is one recipe,
+    and so is a Dockerfile (`dockerfile`: its recipe.dockerfile.DockerfileOptions)."""
+    from stacker_kernel.recipe.dockerfile import is_dockerfile
+
+    if is_dockerfile(path):
+        return [load_dockerfile(path, dockerfile)]
     if path.endswith(".ipynb"):
         import nbformat
 
@@ -53,6 +59,69 @@ def load_recipes(path: str, substitutions: dict[str, str] | None = None) -> list
     return load_with_prerequisites(path, substitutions or {})
 
 
+def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None):
+    """The notebook of the Dockerfile at `path` (recipe.dockerfile), its warnings to
+    `warn` (default: stderr), and the last stage's name."""
+    from stacker_kernel.recipe.dockerfile import DockerfileOptions, dockerfile_notebook, layer_name_for
+
+    options = options or DockerfileOptions()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path} does not exist: give the Dockerfile with -f") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read {path}: {e}: check the file") from None
+    name = layer_name_for(path)
+    build_context = os.path.dirname(os.path.abspath(path))
+
+    def match(pattern: str) -> list[str]:  # as Docker: `*` matches dot files too
+        import glob
+
+        return glob.glob(pattern, root_dir=build_context, include_hidden=True)
+
+    try:
+        nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
+                                           bases=options.bases, context=context, match=match)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from e
+    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), ".dockerignore")):
+        warnings.append(".dockerignore is not applied: COPY and ADD take every file they name")
+    for w in warnings:
+        (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {path}: {w}")
+    return nb, name
+
+
+def load_dockerfile(path: str, options=None, warn: Printer | None = None) -> Recipe:
+    """The recipe of the Dockerfile at `path`, as its notebook gives it; relative
+    COPY sources are in the Dockerfile's directory (the build context)."""
+    from stacker_kernel.recipe.notebook import recipe_from_notebook
+
+    nb, name = _dockerfile_notebook(path, options, "", warn)
+    try:
+        recipe = recipe_from_notebook(nb, name)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from e
+    recipe.source_path = os.path.abspath(path)
+    return recipe
+
+
+def convert_dockerfile(path: str, output: str, options=None, warn: Printer | None = None):
+    """The Dockerfile at `path` as a notebook (an nbformat node) or, when `output`
+    ends in .yaml/.yml, as stacker.yaml text; COPY sources relative to `output`."""
+    from stacker_kernel.recipe.notebook import recipe_from_notebook
+    from stacker_kernel.recipe.stacker_yaml import dump
+
+    context = os.path.relpath(os.path.dirname(os.path.abspath(path)),
+                              os.path.dirname(os.path.abspath(output)))
+    nb, name = _dockerfile_notebook(path, options, "" if context == "." else context, warn)
+    if not output.endswith((".yaml", ".yml")):
+        return nb
+    try:
+        return dump(recipe_from_notebook(nb, name))
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from e
+
+
 def _first_line_of(error: BaseException) -> str:
     """An exception's message cut to its first line (library messages may span many)."""
     lines = str(error).strip().splitlines()
@@ -72,7 +141,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
           no_cache: bool = False, oci_dir: str | None = None, squash: bool = False,
           annotations_namespace: str = "io.stackeroci", out: Printer = print,
           stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None,
-          on_failure: list[str] | None = None) -> BuildResult:
+          on_failure: list[str] | None = None, dockerfile=None) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). `cache` names the
@@ -81,9 +150,9 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     its rootfs is kept as a "failed" snapshot that `chroot` opens (until gc or the
     next build of `path`). With `on_failure` (an argv, e.g. ["/bin/sh"]), that
     command first runs on this terminal in the failed step's container, as
-    stacker's --on-run-failure.
+    stacker's --on-run-failure. `dockerfile` holds a Dockerfile's build args and bases.
     """
-    recipes = load_recipes(path, substitutions)
+    recipes = load_recipes(path, substitutions, dockerfile)
     abspath = os.path.abspath(path)
     if stream is None:
         def stream(text: str) -> None:

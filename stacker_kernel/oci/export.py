@@ -38,6 +38,9 @@ from stacker_kernel.recipe.model import first_line
 
 STACKER_VERSION = "stacker-kernel 0.1.0"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: annotations `io.stacker-kernel.config.ExposedPorts` ("80/tcp 53/udp") and `...StopSignal`
+#: also set those image config fields, which stacker has no key for
+CONFIG_ANNOTATION = "io.stacker-kernel.config."
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
            "armv7l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le",
            "s390x": "s390x", "riscv64": "riscv64"}
@@ -371,6 +374,14 @@ def _apply_directives(image: _Image, layer: Any) -> None:
         cfg["WorkingDir"] = layer.working_dir
     if getattr(layer, "runtime_user", None):
         cfg["User"] = str(layer.runtime_user)
+    # stacker has no keys for these config fields; an annotation of ours names them
+    # (a Dockerfile's EXPOSE and STOPSIGNAL), as a stacker.yaml can carry it.
+    annotations = getattr(layer, "annotations", None) or {}
+    ports = annotations.get(CONFIG_ANNOTATION + "ExposedPorts")
+    if ports is not None:
+        cfg["ExposedPorts"] = {**(cfg.get("ExposedPorts") or {}), **{p: {} for p in ports.split()}}
+    if annotations.get(CONFIG_ANNOTATION + "StopSignal"):
+        cfg["StopSignal"] = annotations[CONFIG_ANNOTATION + "StopSignal"]
     if getattr(layer, "os", None):
         image.config["os"] = layer.os
     if getattr(layer, "arch", None):
