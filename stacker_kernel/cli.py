@@ -152,10 +152,22 @@ def render_layers(store) -> list[str]:
     return lines
 
 
+def storage_total(root) -> str:
+    """One line: what the storage's filesystem uses and has free."""
+    from stacker_kernel.storage import btrfs
+
+    st = os.statvfs(root)
+    return (f"storage {root}: {human_size(btrfs.fs_usage(root))} used, "
+            f"{human_size(st.f_bavail * st.f_frsize)} free")
+
+
 def cmd_layers(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         lines = render_layers(store)
+        recorded = sum(max(s.size_delta or 0, 0) for s in store.snapshots() if s.kind == "step")
+        total = storage_total(store.root)
     print("\n".join(lines) if lines else "no snapshots")
+    print(f"steps added {human_size(recorded)} in all (measured sizes); {total}")
     return 0
 
 
@@ -166,13 +178,18 @@ def add_gc(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from stacker_kernel.engine.history import held_bytes
     from stacker_kernel.storage.location import resolve_storage
     from stacker_kernel.storage.store import collect_garbage
 
-    removed, freed = collect_garbage(resolve_storage(args.storage))
-    for sid in removed:
-        print(f"removed {sid}")
-    print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}")
+    root = resolve_storage(args.storage)
+    removed, freed = collect_garbage(root, progress=print, held=held_bytes)
+    for snap in removed:
+        what = f"base  {first_line(snap.source, width=48)}" if snap.kind == "base" else (
+            f"layer {snap.layer}  {first_line(snap.source, width=48)}  "
+            f"{human_size(snap.size_delta, signed=True) if snap.size_delta is not None else ''}".rstrip())
+        print(f"removed {snap.id}  {what}")
+    print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}; {storage_total(root)}")
     return 0
 
 

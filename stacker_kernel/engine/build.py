@@ -27,22 +27,9 @@ Printer = Callable[[str], None]
 def load_recipes(path: str, substitutions: dict[str, str] | None = None) -> list[Recipe]:
     """The recipes to build for `path`, prerequisites first. A notebook is one recipe."""
     if path.endswith(".ipynb"):
-        import nbformat
-
         from stacker_kernel.recipe.notebook import recipe_from_notebook
 
-        invalid: dict = {}
-        try:
-            # Schema errors are captured (not logged) and refused: a cell whose source
-            # is not text would otherwise reach the parser as a traceback.
-            nb = nbformat.read(path, as_version=4, capture_validation_error=invalid)
-        except FileNotFoundError:
-            raise RecipeError(f"{path} does not exist") from None
-        except Exception as e:  # nbformat raises many kinds for a broken file
-            raise RecipeError(f"{path} is not a readable notebook: {_first_line_of(e)}") from None
-        if invalid.get("ValidationError") is not None:
-            raise RecipeError(f"{path} is not a valid notebook: "
-                              f"{_first_line_of(invalid['ValidationError'])}: fix it in JupyterLab")
+        nb = read_notebook(path)
         recipe = recipe_from_notebook(nb, Path(path).stem, substitutions or {})
         recipe.source_path = os.path.abspath(path)
         return [recipe]
@@ -51,6 +38,43 @@ def load_recipes(path: str, substitutions: dict[str, str] | None = None) -> list
     if not os.path.exists(path):
         raise RecipeError(f"{path} does not exist: give the stacker.yaml with -f")
     return load_with_prerequisites(path, substitutions or {})
+
+
+def read_notebook(path: str) -> dict:
+    """The notebook at `path` as nbformat 4 JSON; RecipeError when it is missing or broken.
+
+    A plain nbformat 4 file is read with json: nbformat and jsonschema take
+    over a second to import, most of a cached build. Anything else goes
+    through nbformat, which converts older versions and says what is wrong.
+    """
+    import json
+
+    from stacker_kernel.recipe.notebook import is_plain_v4
+
+    try:
+        with open(path, "rb") as f:
+            nb = json.load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"{path} does not exist") from None
+    except (OSError, ValueError):
+        nb = None
+    if is_plain_v4(nb):
+        return nb
+    import nbformat
+
+    invalid: dict = {}
+    try:
+        # Schema errors are captured (not logged) and refused: a cell whose source
+        # is not text would otherwise reach the parser as a traceback.
+        nb = nbformat.read(path, as_version=4, capture_validation_error=invalid)
+    except FileNotFoundError:
+        raise RecipeError(f"{path} does not exist") from None
+    except Exception as e:  # nbformat raises many kinds for a broken file
+        raise RecipeError(f"{path} is not a readable notebook: {_first_line_of(e)}") from None
+    if invalid.get("ValidationError") is not None:
+        raise RecipeError(f"{path} is not a valid notebook: "
+                          f"{_first_line_of(invalid['ValidationError'])}: fix it in JupyterLab")
+    return nb
 
 
 def _first_line_of(error: BaseException) -> str:
@@ -268,16 +292,9 @@ def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = 
                     open_store: Callable[[], Store] | None = None) -> str:
     """A notebook as stacker.yaml text; with `oci_dir`, also the images of its last
     session (what was actually built)."""
-    import nbformat
-
     from stacker_kernel.recipe.nbconvert import notebook_to_stacker_yaml
 
-    try:
-        nb = nbformat.read(path, as_version=4)
-    except FileNotFoundError:
-        raise RecipeError(f"{path} does not exist") from None
-    except Exception as e:
-        raise RecipeError(f"{path} is not a readable notebook: {e}") from None
+    nb = read_notebook(path)
     text = notebook_to_stacker_yaml(nb, Path(path).stem, per_cell=per_cell)
     if oci_dir and open_store is not None:
         from stacker_kernel.engine.export import export_stored_session

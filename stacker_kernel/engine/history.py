@@ -54,6 +54,25 @@ def measure_sizes(pairs: list[tuple[str | None, str]]) -> list[int]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def held_bytes(store: Store, snaps: list[Snapshot]) -> int:
+    """About the bytes of file content that deleting `snaps` frees (gc's estimate).
+
+    A removed step frees what it added to its parent (its recorded size
+    change, measured now when not recorded yet); a removed base frees all its
+    content, as everything built on it is removed with it.
+    """
+    from stacker_kernel.engine.inspect import size_changes
+
+    total, pairs = 0, []
+    for snap in snaps:
+        if snap.kind == "step" and snap.size_delta is not None:
+            total += max(snap.size_delta, 0)
+            continue
+        parent = store.get(snap.parent) if snap.kind == "step" and snap.parent else None
+        pairs.append((str(parent.path) if parent else None, str(snap.path)))
+    return total + sum(max(n, 0) for n in size_changes(pairs))
+
+
 @dataclass
 class StepView:
     """One row of `%layers` / `stacker-kernel layers`."""

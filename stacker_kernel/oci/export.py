@@ -377,7 +377,20 @@ def _apply_directives(image: _Image, layer: Any) -> None:
         image.config["architecture"] = layer.arch
 
 
+def _without_times(config: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in config.items() if k not in ("created", "history")}
+    out["history"] = [{k: v for k, v in h.items() if k != "created"} if isinstance(h, dict) else h
+                      for h in config.get("history") or []]
+    return out
+
+
 def _write_manifest(layout_dir: str, image: _Image, spec: ImageSpec, ns: str, stacker_yaml: str | None) -> lw.Descriptor:
+    # Without SOURCE_DATE_EPOCH the times are "now": an image that differs from the
+    # one its tag points at only in them keeps that config, so a re-export of
+    # unchanged snapshots writes nothing new and keeps its digests.
+    previous = lw.tagged_config(layout_dir, spec.name)
+    if previous is not None and _without_times(previous) == _without_times(image.config):
+        image.config = previous
     config_desc = lw.put_json(layout_dir, image.config, lw.MEDIA_TYPE_CONFIG)
     annotations = dict(image.annotations)
     if stacker_yaml is not None:

@@ -92,8 +92,11 @@ def write_layer(new_root: str, diff: Diff, out_dir: str, *, source_date_epoch: i
                 sink.abort()
                 raise
         final = os.path.join(blob_dir, digest.split(":", 1)[1])
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
+        if os.path.exists(final):  # the same bytes are there: an unchanged re-export writes nothing
+            os.unlink(tmp)
+        else:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
