@@ -146,7 +146,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
         result.tags = dict(session.session.tags)
         if oci_dir:
             result.oci_tags = session.export_oci(oci_dir, squash=squash,
-                                                 annotations_namespace=annotations_namespace)
+                                                 annotations_namespace=annotations_namespace,
+                                                 progress=lambda line: out(f"  {line}"))
             out(f"wrote {', '.join(result.oci_tags) or 'no tags'} to {oci_dir}")
         # Older builds of the same file are superseded: let gc reclaim them.
         for old in store.find_sessions(name=abspath, kind="build"):

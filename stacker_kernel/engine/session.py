@@ -42,6 +42,7 @@ from stacker_kernel.storage.store import Session, Snapshot, Store
 __all__ = ["BUILD_PATH", "BuildSession", "StepOutcome", "StepView", "build_environment"]
 
 OutputFn = Callable[[str], None]
+IMPORT_NOTICE_AFTER = 0.5  # seconds: a base import that takes longer says when it starts and ends
 
 
 @dataclass
@@ -340,7 +341,7 @@ class BuildSession:
         if self.head is None:
             source = absolute_source(self.layer.from_, self._run.base_dir)
             warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
-            base = self._import_pinned_base(source, warn)
+            base = self._import_with_progress(source, warn, on_output)
             self.head = base
             self.state = None
         self._set_live(self.head)
@@ -350,6 +351,29 @@ class BuildSession:
         self._live.replace(snap)
         self._stage_imports()
         self._live.ready = True
+
+    def _import_with_progress(self, source: ImageSource, warn, on_output: OutputFn | None) -> Snapshot:
+        """_import_pinned_base; an import that takes a while says so when it starts
+        (an already imported base says nothing) and when it ends."""
+        if on_output is None:
+            return self._import_pinned_base(source, warn)
+        what = f"{source.type} {source.url}".strip()
+        shown = threading.Event()
+
+        def starting() -> None:
+            on_output(f"importing base {what} ...\n")
+            shown.set()
+        timer = threading.Timer(IMPORT_NOTICE_AFTER, starting)
+        timer.daemon = True
+        start = time.monotonic()
+        timer.start()
+        try:
+            base = self._import_pinned_base(source, warn)
+        finally:
+            timer.cancel()
+        if shown.is_set():
+            on_output(f"imported base {what} in {time.monotonic() - start:.1f}s\n")
+        return base
 
     def _import_pinned_base(self, source: ImageSource, warn) -> Snapshot:
         """Import the layer's base and make the session point at it, checked under the

@@ -204,14 +204,15 @@ class StackerKernel(Kernel):
                 continue
             await self._apply(pending, cell_id, publish)
             pending = []
+            progress = OutputSink()  # thread-safe: long magics (%export oci) report as they go
             ctx = magics.MagicContext(self.notebook.parent, self._magic_specs(),
-                                      self._widget_host())
+                                      self._widget_host(), lambda line: progress.write(line + "\n"))
             if directive.name in magics.ON_EVENT_LOOP:
                 # Widgets live on the event loop, where their comm messages are handled.
                 shown = magics.run_magic(self.build, directive.name, directive.args, ctx)
             else:
                 shown = await self._in_engine(magics.run_magic, self.build, directive.name,
-                                              directive.args, ctx)
+                                              directive.args, ctx, sink=progress, publish=publish)
             publish.show(shown)
         # A %generate_labels cell's script is the layer's generate_labels, not a step:
         # it runs at export, in a throwaway copy of the layer's last snapshot.

@@ -134,7 +134,7 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     rest = list(args.args or [])
     if args.format == "oci":
         target = _beside_notebook(ctx, rest[0] if rest else "oci")
-        tags = session.export_oci(str(target))
+        tags = session.export_oci(str(target), progress=ctx.progress)
         return Shown(f"wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
     target = _beside_notebook(ctx, rest[0] if rest else "stacker.yaml")
     text = session.export_yaml(str(target))
@@ -224,6 +224,7 @@ class MagicContext:
     notebook_dir: Path
     magics: dict[str, Any]  # recipe.cells.MAGICS: name -> MagicSpec (usage, help, interactive)
     widgets: Any = None  # kernel.widgets.WidgetHost on the event loop (ON_EVENT_LOOP magics)
+    progress: Any = None  # line -> None: progress of long work (%export oci), from any thread
 
 
 HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
