@@ -340,7 +340,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     text = export_notebook(args.notebook, per_cell=args.per_cell,
                            oci_dir=args.oci_dir if args.oci else None,
-                           open_store=lambda: _open_store(args))
+                           open_store=lambda: _open_store(args),
+                           progress=lambda line: print(line, file=sys.stderr))  # stdout may be the yaml
     if args.output:
         _write_output(args.output, lambda p: Path(p).write_text(text))
         print(f"wrote {args.output}")

@@ -290,7 +290,7 @@ def _layer_definition(path: str, name: str, substitutions: dict[str, str] | None
 
 
 def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = None,
-                    open_store: Callable[[], Store] | None = None) -> str:
+                    open_store: Callable[[], Store] | None = None, progress: Printer | None = None) -> str:
     """A notebook as stacker.yaml text; with `oci_dir`, also the images of its last
     session (what was actually built)."""
     from stacker_kernel.recipe.nbconvert import notebook_to_stacker_yaml
@@ -305,5 +305,5 @@ def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = 
         layers = recipe_from_notebook(nb, Path(path).stem, {}).layers  # as the kernel ran them: defaults
         with open_store() as store:
             export_stored_session(store, latest_session(store, path), oci_dir, layers=layers,
-                                  stacker_yaml=text)
+                                  stacker_yaml=text, progress=progress)
     return text
