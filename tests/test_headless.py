@@ -141,7 +141,7 @@ def test_a_base_import_that_takes_a_while_says_so(storage, busybox_tar, monkeypa
         s = BuildSession.open(store, "/progress/base.ipynb", resume=False)
         try:
             s.begin_layer(Layer(name="p", from_=ImageSource(type="tar", url=str(busybox_tar))))
-            assert s.run_step("true", on_output=out.append).ok
+            assert s.run_step("true", on_output=out.append, on_progress=out.append).ok
         finally:
             s.close()
     text = "".join(out)

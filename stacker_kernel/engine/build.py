@@ -129,7 +129,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                 session.begin_layer(replace(layer, steps=[]), base_dir=base_dir)
                 for i, step in enumerate(layer.steps, 1):
                     t0 = time.monotonic()
-                    outcome = session.run_step(step.source, step.cell_id, on_output=stream)
+                    outcome = session.run_step(step.source, step.cell_id, on_output=stream,
+                                               on_progress=lambda line: out(f"  {line.rstrip()}"))
                     took = time.monotonic() - t0
                     if not outcome.ok:
                         _fail(session, path, name, i, step, outcome.message, on_failure, out)

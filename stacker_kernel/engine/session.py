@@ -333,7 +333,7 @@ class BuildSession:
             return self.external_built(name)
         raise RecipeError(f"layer {name} is not built yet: build it before a layer that says 'from: built {name}'")
 
-    def _ensure_live(self, on_output: OutputFn | None = None) -> None:
+    def _ensure_live(self, on_output: OutputFn | None = None, on_progress: OutputFn | None = None) -> None:
         """The live rootfs is a writable snapshot of the head (importing the base first;
         its warnings, e.g. device nodes made empty files, go to `on_output`)."""
         if self._live.ready:
@@ -341,7 +341,7 @@ class BuildSession:
         if self.head is None:
             source = absolute_source(self.layer.from_, self._run.base_dir)
             warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
-            base = self._import_with_progress(source, warn, on_output)
+            base = self._import_with_progress(source, warn, on_progress)
             self.head = base
             self.state = None
         self._set_live(self.head)
@@ -450,22 +450,24 @@ class BuildSession:
                                   env=env, network=self.network))
 
     def run_step(self, script: str, cell_id: str | None = None,
-                 on_output: OutputFn | None = None) -> StepOutcome:
-        """Run one step (a cell, or a layer's `run`) and commit it; blocking."""
+                 on_output: OutputFn | None = None, on_progress: OutputFn | None = None) -> StepOutcome:
+        """Run one step (a cell, or a layer's `run`) and commit it; blocking. Lines about
+        work before the step (a base import that takes a while) go to `on_progress`."""
         with self._step_lock:
             try:
-                outcome = self._run_step(script, cell_id, on_output)
+                outcome = self._run_step(script, cell_id, on_output, on_progress)
                 if self.remote_cache is not None and outcome.ok and outcome.snapshot_id:  # remote cache: push
                     self.remote_cache.push(self, outcome.snapshot_id, on_output)
                 return outcome
             finally:
                 self._interrupt_requested = False  # an interrupt ends at most the step it came during
 
-    def _run_step(self, script: str, cell_id: str | None, on_output: OutputFn | None) -> StepOutcome:
+    def _run_step(self, script: str, cell_id: str | None, on_output: OutputFn | None,
+                  on_progress: OutputFn | None = None) -> StepOutcome:
         with self._lock:
             if cell_id is not None and not self.inspecting_failure:
                 self._rollback_for_rerun(cell_id)
-            self._ensure_live(on_output)
+            self._ensure_live(on_output, on_progress)
             env = build_environment(self.layer)
             key = self.cache_key(script, env)
             if self.use_cache and not self.layer.binds and not self.inspecting_failure:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib.metadata
 import os
 import signal
@@ -255,8 +256,8 @@ class StackerKernel(Kernel):
         sink = OutputSink()
         self._step_running = True
         try:
-            outcome = await self._in_engine(self.build.run_step, script, cell_id, sink.write,
-                                            sink=sink, publish=publish)
+            run = functools.partial(self.build.run_step, on_progress=sink.write)  # a slow base import says so
+            outcome = await self._in_engine(run, script, cell_id, sink.write, sink=sink, publish=publish)
         finally:
             self._step_running = False
         publish.stream(sink.take(final=True))
