@@ -88,7 +88,7 @@ Progress = Callable[[str], None]
 
 def collect_garbage(root: os.PathLike | str, *, progress: Progress | None = None,
                     held: Callable[["Store", list["Snapshot"]], int] | None = None,
-                    settle: float = 15.0) -> tuple[list["Snapshot"], int]:
+                    settle: float = 10.0) -> tuple[list["Snapshot"], int]:
     """`stacker-kernel gc`: delete what no session references and wait until btrfs freed it.
 
     Works on a full storage: opening lets btrfs finish freeing deleted
@@ -97,8 +97,9 @@ def collect_garbage(root: os.PathLike | str, *, progress: Progress | None = None
     bytes freed: the drop of the filesystem's usage once btrfs freed them.
     btrfs frees a deleted subvolume in the background, and not before the
     last process with a file of it open closes it: with `held` (the store and
-    the snapshots to remove -> the bytes they hold, measured before they go), gc waits up to `settle`
-    seconds for the usage to drop by most of that, instead of reporting a
+    the snapshots to remove -> the bytes they hold, measured before they go),
+    gc waits up to `settle` seconds for the usage to drop by most of that
+    (unless another writer makes it grow meanwhile), instead of reporting a
     figure taken before btrfs got to it. `progress` gets one line per stage.
     """
     say = progress or (lambda line: None)
@@ -131,9 +132,14 @@ def collect_garbage(root: os.PathLike | str, *, progress: Progress | None = None
             say("waiting for btrfs to free their space")
         btrfs.wait_reclaimed(root)
         deadline = time.monotonic() + settle
-        while before - btrfs.fs_usage(root) < expected * 0.9 and time.monotonic() < deadline:
+        low = btrfs.fs_usage(root)
+        while before - low < expected * 0.9 and time.monotonic() < deadline:
             time.sleep(0.2)
             btrfs.sync(root)
+            now = btrfs.fs_usage(root)
+            if now > low + (1 << 20):
+                break  # another writer fills the storage meanwhile: no figure would settle
+            low = min(low, now)
         _keep_reserve(root)
     return drop, before - btrfs.fs_usage(root)
 
