@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -157,6 +158,7 @@ def merge(old: str, new: str) -> str:
     old_head, old_sections = _sections(old)
     new_head, new_sections = _sections(new)
     machine_line = next((ln for ln in new_head if ln.startswith("Machine: ")), "")
+    machine_line = re.sub(r" Whole report: \d+ s\.$", "", machine_line)
     for title, lines in new_sections.items():
         if title == NOTES[0][3:]:
             continue
