@@ -164,10 +164,14 @@ def storage_total(root) -> str:
 def cmd_layers(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         lines = render_layers(store)
-        recorded = sum(max(s.size_delta or 0, 0) for s in store.snapshots() if s.kind == "step")
+        steps = [s for s in store.snapshots() if s.kind == "step"]
+        measured = [s.size_delta for s in steps if s.size_delta is not None]
         total = storage_total(store.root)
     print("\n".join(lines) if lines else "no snapshots")
-    print(f"steps added {human_size(recorded)} in all (measured sizes); {total}")
+    if steps:  # kernels measure their steps' sizes; builds do not (it would slow them)
+        print(f"{len(measured)} of {len(steps)} step(s) measured, adding "
+              f"{human_size(sum(max(n, 0) for n in measured))}")
+    print(total)
     return 0
 
 
