@@ -152,10 +152,26 @@ def render_layers(store) -> list[str]:
     return lines
 
 
+def storage_total(root) -> str:
+    """One line: what the storage's filesystem uses and has free."""
+    from stacker_kernel.storage import btrfs
+
+    st = os.statvfs(root)
+    return (f"storage {root}: {human_size(btrfs.fs_usage(root))} used, "
+            f"{human_size(st.f_bavail * st.f_frsize)} free")
+
+
 def cmd_layers(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         lines = render_layers(store)
+        steps = [s for s in store.snapshots() if s.kind == "step"]
+        measured = [s.size_delta for s in steps if s.size_delta is not None]
+        total = storage_total(store.root)
     print("\n".join(lines) if lines else "no snapshots")
+    if steps:  # kernels measure their steps' sizes; builds do not (it would slow them)
+        print(f"{len(measured)} of {len(steps)} step(s) measured, adding "
+              f"{human_size(sum(max(n, 0) for n in measured))}")
+    print(total)
     return 0
 
 
@@ -166,13 +182,18 @@ def add_gc(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from stacker_kernel.engine.history import held_bytes
     from stacker_kernel.storage.location import resolve_storage
     from stacker_kernel.storage.store import collect_garbage
 
-    removed, freed = collect_garbage(resolve_storage(args.storage))
-    for sid in removed:
-        print(f"removed {sid}")
-    print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}")
+    root = resolve_storage(args.storage)
+    removed, freed = collect_garbage(root, progress=print, held=held_bytes)
+    for snap in removed:
+        what = f"base  {first_line(snap.source, width=48)}" if snap.kind == "base" else (
+            f"layer {snap.layer}  {first_line(snap.source, width=48)}  "
+            f"{human_size(snap.size_delta, signed=True) if snap.size_delta is not None else ''}".rstrip())
+        print(f"removed {snap.id}  {what}")
+    print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}; {storage_total(root)}")
     return 0
 
 
@@ -357,7 +378,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     text = export_notebook(args.notebook, per_cell=args.per_cell,
                            oci_dir=args.oci_dir if args.oci else None,
-                           open_store=lambda: _open_store(args))
+                           open_store=lambda: _open_store(args),
+                           progress=lambda line: print(line, file=sys.stderr))  # stdout may be the yaml
     if args.output:
         _write_output(args.output, lambda p: Path(p).write_text(text))
         print(f"wrote {args.output}")

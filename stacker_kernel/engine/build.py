@@ -33,22 +33,9 @@ def load_recipes(path: str, substitutions: dict[str, str] | None = None,
     if is_dockerfile(path):
         return [load_dockerfile(path, dockerfile)]
     if path.endswith(".ipynb"):
-        import nbformat
-
         from stacker_kernel.recipe.notebook import recipe_from_notebook
 
-        invalid: dict = {}
-        try:
-            # Schema errors are captured (not logged) and refused: a cell whose source
-            # is not text would otherwise reach the parser as a traceback.
-            nb = nbformat.read(path, as_version=4, capture_validation_error=invalid)
-        except FileNotFoundError:
-            raise RecipeError(f"{path} does not exist") from None
-        except Exception as e:  # nbformat raises many kinds for a broken file
-            raise RecipeError(f"{path} is not a readable notebook: {_first_line_of(e)}") from None
-        if invalid.get("ValidationError") is not None:
-            raise RecipeError(f"{path} is not a valid notebook: "
-                              f"{_first_line_of(invalid['ValidationError'])}: fix it in JupyterLab")
+        nb = read_notebook(path)
         recipe = recipe_from_notebook(nb, Path(path).stem, substitutions or {})
         recipe.source_path = os.path.abspath(path)
         return [recipe]
@@ -122,6 +109,43 @@ def convert_dockerfile(path: str, output: str, options=None, warn: Printer | Non
         raise RecipeError(f"{path}: {e}") from e
 
 
+def read_notebook(path: str) -> dict:
+    """The notebook at `path` as nbformat 4 JSON; RecipeError when it is missing or broken.
+
+    A plain nbformat 4 file is read with json: nbformat and jsonschema take
+    over a second to import, most of a cached build. Anything else goes
+    through nbformat, which converts older versions and says what is wrong.
+    """
+    import json
+
+    from stacker_kernel.recipe.notebook import is_plain_v4
+
+    try:
+        with open(path, "rb") as f:
+            nb = json.load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"{path} does not exist") from None
+    except (OSError, ValueError):
+        nb = None
+    if is_plain_v4(nb):
+        return nb
+    import nbformat
+
+    invalid: dict = {}
+    try:
+        # Schema errors are captured (not logged) and refused: a cell whose source
+        # is not text would otherwise reach the parser as a traceback.
+        nb = nbformat.read(path, as_version=4, capture_validation_error=invalid)
+    except FileNotFoundError:
+        raise RecipeError(f"{path} does not exist") from None
+    except Exception as e:  # nbformat raises many kinds for a broken file
+        raise RecipeError(f"{path} is not a readable notebook: {_first_line_of(e)}") from None
+    if invalid.get("ValidationError") is not None:
+        raise RecipeError(f"{path} is not a valid notebook: "
+                          f"{_first_line_of(invalid['ValidationError'])}: fix it in JupyterLab")
+    return nb
+
+
 def _first_line_of(error: BaseException) -> str:
     """An exception's message cut to its first line (library messages may span many)."""
     lines = str(error).strip().splitlines()
@@ -174,7 +198,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                 session.begin_layer(replace(layer, steps=[]), base_dir=base_dir)
                 for i, step in enumerate(layer.steps, 1):
                     t0 = time.monotonic()
-                    outcome = session.run_step(step.source, step.cell_id, on_output=stream)
+                    outcome = session.run_step(step.source, step.cell_id, on_output=stream,
+                                               on_progress=lambda line: out(f"  {line.rstrip()}"))
                     took = time.monotonic() - t0
                     if not outcome.ok:
                         _fail(session, path, name, i, step, outcome.message, on_failure, out)
@@ -191,7 +216,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
         result.tags = dict(session.session.tags)
         if oci_dir:
             result.oci_tags = session.export_oci(oci_dir, squash=squash,
-                                                 annotations_namespace=annotations_namespace)
+                                                 annotations_namespace=annotations_namespace,
+                                                 progress=lambda line: out(f"  {line}"))
             out(f"wrote {', '.join(result.oci_tags) or 'no tags'} to {oci_dir}")
         # Older builds of the same file are superseded: let gc reclaim them.
         for old in store.find_sessions(name=abspath, kind="build"):
@@ -334,19 +360,12 @@ def _layer_definition(path: str, name: str, substitutions: dict[str, str] | None
 
 
 def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = None,
-                    open_store: Callable[[], Store] | None = None) -> str:
+                    open_store: Callable[[], Store] | None = None, progress: Printer | None = None) -> str:
     """A notebook as stacker.yaml text; with `oci_dir`, also the images of its last
     session (what was actually built)."""
-    import nbformat
-
     from stacker_kernel.recipe.nbconvert import notebook_to_stacker_yaml
 
-    try:
-        nb = nbformat.read(path, as_version=4)
-    except FileNotFoundError:
-        raise RecipeError(f"{path} does not exist") from None
-    except Exception as e:
-        raise RecipeError(f"{path} is not a readable notebook: {e}") from None
+    nb = read_notebook(path)
     text = notebook_to_stacker_yaml(nb, Path(path).stem, per_cell=per_cell)
     if oci_dir and open_store is not None:
         from stacker_kernel.engine.export import export_stored_session
@@ -356,5 +375,5 @@ def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = 
         layers = recipe_from_notebook(nb, Path(path).stem, {}).layers  # as the kernel ran them: defaults
         with open_store() as store:
             export_stored_session(store, latest_session(store, path), oci_dir, layers=layers,
-                                  stacker_yaml=text)
+                                  stacker_yaml=text, progress=progress)
     return text

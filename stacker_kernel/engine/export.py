@@ -62,7 +62,8 @@ def image_specs(store: Store, history: list[Snapshot], tags: dict[str, str],
 
 
 def export_session_oci(session, oci_dir: str, *, squash: bool = False,
-                       stacker_yaml: str | None = None, annotations_namespace: str = "io.stackeroci") -> list[str]:
+                       stacker_yaml: str | None = None, annotations_namespace: str = "io.stackeroci",
+                       progress=None) -> list[str]:
     """Write the images of a live BuildSession to the OCI layout `oci_dir`; returns the tags."""
     history = session.built_steps()
     if stacker_yaml is None:
@@ -74,16 +75,17 @@ def export_session_oci(session, oci_dir: str, *, squash: bool = False,
     specs = image_specs(session.store, history, session.session.tags, layers)
     return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
                         annotations_namespace=annotations_namespace, stacker_yaml=stacker_yaml,
-                        squash=squash, layer_cache=layer_cache(session.store))
+                        squash=squash, layer_cache=layer_cache(session.store), progress=progress)
 
 
 def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: dict[str, Any] | None = None,
-                          stacker_yaml: str | None = None, squash: bool = False) -> list[str]:
+                          stacker_yaml: str | None = None, squash: bool = False, progress=None) -> list[str]:
     """Write the images of a stored (ended) session to `oci_dir`; returns the tags."""
     history = [s for s in (store.get(i) for i in sess.history) if s is not None]
     specs = image_specs(store, history, sess.tags, layers or {})
     return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
-                        stacker_yaml=stacker_yaml, squash=squash, layer_cache=layer_cache(store))
+                        stacker_yaml=stacker_yaml, squash=squash, layer_cache=layer_cache(store),
+                        progress=progress)
 
 
 def layer_cache(store: Store) -> str:

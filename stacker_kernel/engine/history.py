@@ -54,6 +54,35 @@ def measure_sizes(pairs: list[tuple[str | None, str]]) -> list[int]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def held_bytes(store: Store, snaps: list[Snapshot], budget: float = 3.0) -> int:
+    """About the bytes of file content that deleting `snaps` frees (gc's estimate, which
+    it waits for btrfs to give back).
+
+    A removed step frees what it added to its parent: its recorded size change,
+    else measured now (a diff), as long as measuring has taken less than
+    `budget` seconds (what is left counts nothing: gc stays quick after many
+    builds). A removed base frees all its content, as everything built on it
+    is removed with it.
+    """
+    import time
+
+    from stacker_kernel.engine.inspect import size_changes
+
+    total, pairs = 0, []
+    for snap in snaps:
+        if snap.kind == "step" and snap.size_delta is not None:
+            total += max(snap.size_delta, 0)
+            continue
+        parent = store.get(snap.parent) if snap.kind == "step" and snap.parent else None
+        pairs.append((str(parent.path) if parent else None, str(snap.path)))
+    deadline = time.monotonic() + budget
+    for start in range(0, len(pairs), 8):  # a helper per 8 diffs: the budget is checked between them
+        if time.monotonic() > deadline:
+            break
+        total += sum(max(n, 0) for n in size_changes(pairs[start:start + 8]))
+    return total
+
+
 @dataclass
 class StepView:
     """One row of `%layers` / `stacker-kernel layers`."""

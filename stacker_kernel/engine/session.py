@@ -42,6 +42,7 @@ from stacker_kernel.storage.store import Session, Snapshot, Store
 __all__ = ["BUILD_PATH", "BuildSession", "StepOutcome", "StepView", "build_environment"]
 
 OutputFn = Callable[[str], None]
+IMPORT_NOTICE_AFTER = 0.5  # seconds: a base import that takes longer says when it starts and ends
 
 
 @dataclass
@@ -334,7 +335,7 @@ class BuildSession:
             return self.external_built(name)
         raise RecipeError(f"layer {name} is not built yet: build it before a layer that says 'from: built {name}'")
 
-    def _ensure_live(self, on_output: OutputFn | None = None) -> None:
+    def _ensure_live(self, on_output: OutputFn | None = None, on_progress: OutputFn | None = None) -> None:
         """The live rootfs is a writable snapshot of the head (importing the base first;
         its warnings, e.g. device nodes made empty files, go to `on_output`)."""
         if self._live.ready:
@@ -342,7 +343,7 @@ class BuildSession:
         if self.head is None:
             source = absolute_source(self.layer.from_, self._run.base_dir)
             warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
-            base = self._import_pinned_base(source, warn)
+            base = self._import_with_progress(source, warn, on_progress)
             self.head = base
             self.state = None
         self._set_live(self.head)
@@ -352,6 +353,29 @@ class BuildSession:
         self._live.replace(snap)
         self._stage_imports()
         self._live.ready = True
+
+    def _import_with_progress(self, source: ImageSource, warn, on_output: OutputFn | None) -> Snapshot:
+        """_import_pinned_base; an import that takes a while says so when it starts
+        (an already imported base says nothing) and when it ends."""
+        if on_output is None:
+            return self._import_pinned_base(source, warn)
+        what = f"{source.type} {source.url}".strip()
+        shown = threading.Event()
+
+        def starting() -> None:
+            on_output(f"importing base {what} ...\n")
+            shown.set()
+        timer = threading.Timer(IMPORT_NOTICE_AFTER, starting)
+        timer.daemon = True
+        start = time.monotonic()
+        timer.start()
+        try:
+            base = self._import_pinned_base(source, warn)
+        finally:
+            timer.cancel()
+        if shown.is_set():
+            on_output(f"imported base {what} in {time.monotonic() - start:.1f}s\n")
+        return base
 
     def _import_pinned_base(self, source: ImageSource, warn) -> Snapshot:
         """Import the layer's base and make the session point at it, checked under the
@@ -428,24 +452,26 @@ class BuildSession:
                                   env=env, network=self.network))
 
     def run_step(self, script: str, cell_id: str | None = None,
-                 on_output: OutputFn | None = None) -> StepOutcome:
-        """Run one step (a cell, or a layer's `run`) and commit it; blocking."""
+                 on_output: OutputFn | None = None, on_progress: OutputFn | None = None) -> StepOutcome:
+        """Run one step (a cell, or a layer's `run`) and commit it; blocking. Lines about
+        work before the step (a base import that takes a while) go to `on_progress`."""
         with self._step_lock:
             try:
-                outcome = self._run_step(script, cell_id, on_output)
+                outcome = self._run_step(script, cell_id, on_output, on_progress)
                 if self.remote_cache is not None and outcome.ok and outcome.snapshot_id:  # remote cache: push
                     self.remote_cache.push(self, outcome.snapshot_id, on_output)
                 return outcome
             finally:
                 self._interrupt_requested = False  # an interrupt ends at most the step it came during
 
-    def _run_step(self, script: str, cell_id: str | None, on_output: OutputFn | None) -> StepOutcome:
+    def _run_step(self, script: str, cell_id: str | None, on_output: OutputFn | None,
+                  on_progress: OutputFn | None = None) -> StepOutcome:
         with self._lock:
             if cell_id is not None and not self.inspecting_failure:
                 for line in self._rollback_for_rerun(cell_id):
                     if on_output is not None:
                         on_output(line + "\n")
-            self._ensure_live(on_output)
+            self._ensure_live(on_output, on_progress)
             env = build_environment(self.layer)
             key = self.cache_key(script, env)
             if self.use_cache and not self.layer.binds and not self.inspecting_failure:

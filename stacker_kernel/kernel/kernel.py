@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib.metadata
 import os
 import signal
@@ -211,15 +212,17 @@ class StackerKernel(Kernel):
                 continue
             await self._apply(pending, cell_id, publish)
             pending = []
+            progress = OutputSink()  # thread-safe: long magics (%export oci) report as they go
             ctx = magics.MagicContext(self.notebook.parent, self._magic_specs(),
                                       self._widget_host(), left_out=self.marks.left_out,
-                                      cell_name=self.cell_names)
+                                      cell_name=self.cell_names,
+                                      progress=lambda line: progress.write(line + "\n"))
             if directive.name in magics.ON_EVENT_LOOP:
                 # Widgets live on the event loop, where their comm messages are handled.
                 shown = magics.run_magic(self.build, directive.name, directive.args, ctx)
             else:
                 shown = await self._in_engine(magics.run_magic, self.build, directive.name,
-                                              directive.args, ctx)
+                                              directive.args, ctx, sink=progress, publish=publish)
             publish.show(shown)
         # A %generate_labels cell's script is the layer's generate_labels, not a step:
         # it runs at export, in a throwaway copy of the layer's last snapshot.
@@ -292,8 +295,8 @@ class StackerKernel(Kernel):
         sink = OutputSink()
         self._step_running = True
         try:
-            outcome = await self._in_engine(self.build.run_step, script, cell_id, sink.write,
-                                            sink=sink, publish=publish)
+            run = functools.partial(self.build.run_step, on_progress=sink.write)  # a slow base import says so
+            outcome = await self._in_engine(run, script, cell_id, sink.write, sink=sink, publish=publish)
         finally:
             self._step_running = False
         publish.stream(sink.take(final=True))

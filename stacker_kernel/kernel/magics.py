@@ -126,7 +126,7 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     notes = "".join(f"warning: {w}\n" for w in _left_out_warning(session, ctx))
     if args.format == "oci":
         target = _beside_notebook(ctx, _export_target(args, oci_name))
-        tags = session.export_oci(str(target))
+        tags = session.export_oci(str(target), progress=ctx.progress)
         return Shown(f"{notes}wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
     target = _beside_notebook(ctx, _export_target(args, yaml_name))
     text = session.export_yaml(str(target))
@@ -212,6 +212,7 @@ class MagicContext:
     # snapshot ids of the export -> the executed step cells it leaves out (kernel.marks)
     left_out: Callable[[list[str]], list[str]] | None = None
     cell_name: CellName = field(default=lambda cell_id: short_id(cell_id) if cell_id else "")
+    progress: Any = None  # line -> None: progress of long work (%export oci), from any thread
 
 
 HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {

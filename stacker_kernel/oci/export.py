@@ -24,8 +24,10 @@ import os
 import platform
 import shlex
 import socket
+import threading
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import ImageError, RecipeError
@@ -34,7 +36,7 @@ from stacker_kernel.oci import layout_write as lw
 from stacker_kernel.oci.diff import Diff, diff_snapshots
 from stacker_kernel.oci.layout import OCILayout
 from stacker_kernel.oci.tarwriter import LayerBlob, write_layer
-from stacker_kernel.recipe.model import first_line
+from stacker_kernel.recipe.model import first_line, human_size
 
 STACKER_VERSION = "stacker-kernel 0.1.0"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -138,14 +140,16 @@ def source_date_epoch_from_env(environ: dict[str, str] | None = None) -> int | N
 
 def export_image(layout_dir: str, images: list[ImageSpec], *, source_date_epoch: int | None = None,
                  annotations_namespace: str = "io.stackeroci", stacker_yaml: str | None = None,
-                 squash: bool = False, layer_cache: str | None = None) -> list[str]:
+                 squash: bool = False, layer_cache: str | None = None,
+                 progress: Callable[[str], None] | None = None) -> list[str]:
     """Write `images` (in build order) into the OCI layout `layout_dir` and
     return the tags written (the names of the non-build_only images).
 
     Creates the layout when absent; an existing tag is replaced. Diffs and
     tars of one image run in one user-namespace helper. With `layer_cache` (a
     directory), layers made before from the same snapshots are reused when the
-    layout still holds their blobs. Raises ImageError when
+    layout still holds their blobs. `progress` gets a line per layer made (in
+    the calling thread) and per image written. Raises ImageError when
     a base or parent is missing or a snapshot cannot be read.
     """
     lw.init_layout(layout_dir)
@@ -156,7 +160,8 @@ def export_image(layout_dir: str, images: list[ImageSpec], *, source_date_epoch:
     for spec in images:
         image = _start(layout_dir, spec, built)
         jobs = _jobs(spec, image.tip, squash)
-        blobs = _run_jobs(layout_dir, jobs, source_date_epoch, layer_cache)
+        blobs = _run_jobs(layout_dir, jobs, source_date_epoch, layer_cache,
+                          _layer_progress(progress, spec.name, jobs))
         for job, blob in zip(jobs, blobs):
             entry: dict[str, Any] = {"created": created, "created_by": job.created_by}
             if blob is None:
@@ -175,6 +180,10 @@ def export_image(layout_dir: str, images: list[ImageSpec], *, source_date_epoch:
             _ensure_a_layer(layout_dir, image, spec.name, created)
             manifest = _write_manifest(layout_dir, image, spec, annotations_namespace, stacker_yaml)
             tagged.append((spec.name, manifest))
+            if progress is not None:
+                total = sum(d.size for d in image.layers)
+                progress(f"image {spec.name}: {len(image.layers)} layer(s), {human_size(total)}, "
+                         f"manifest {manifest.digest[:19]}")
         built[spec.name] = image
     lw.set_tags(layout_dir, tagged)
     return [tag for tag, _ in tagged]
@@ -247,13 +256,62 @@ def _jobs(spec: ImageSpec, start: str | None, squash: bool) -> list[_Job]:
     return jobs
 
 
-def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None) -> list[LayerBlob | None]:
-    """Diff and tar each job (inside the user namespace); None for an empty diff."""
+def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None,
+                      progress_fd: int | None = None) -> list[LayerBlob | None]:
+    """Diff and tar each job (inside the user namespace); None for an empty diff.
+    With `progress_fd`, a line `INDEX SIZE` per job (-1: empty) as each is done."""
     out: list[LayerBlob | None] = []
-    for job in jobs:
+    for i, job in enumerate(jobs):
         diff: Diff = diff_snapshots(job.old, job.new)
         out.append(None if diff.empty else write_layer(job.new, diff, layout_dir, source_date_epoch=epoch))
+        if progress_fd is not None:
+            os.write(progress_fd, f"{i} {out[-1].size if out[-1] else -1}\n".encode())
     return out
+
+
+def _layer_progress(progress: Callable[[str], None] | None, name: str, jobs: list[_Job]):
+    """The callback for _run_jobs: (job index, blob or None, seconds, reused) -> one line."""
+    if progress is None:
+        return None
+
+    def done(i: int, blob: LayerBlob | None, seconds: float, reused: bool) -> None:
+        if reused:
+            return  # a re-export says nothing per unchanged layer: the image line sums them
+        what = "no change" if blob is None else human_size(blob.size)
+        progress(f"image {name}: layer {i + 1}/{len(jobs)} ({first_line(jobs[i].created_by, width=60)}): "
+                 f"{what} in {seconds:.1f}s")
+    return done
+
+
+def _made_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None, done) -> list[LayerBlob | None]:
+    """_layers_in_userns, calling `done(i, blob, seconds, False)` here (the calling
+    thread) as each layer is finished in the helper, which runs from a worker thread."""
+    if done is None:
+        return run_in_userns(_layers_in_userns, jobs, layout_dir, epoch)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["ok"] = run_in_userns(_layers_in_userns, jobs, layout_dir, epoch, w)
+        except BaseException as e:  # raised again in the calling thread
+            result["err"] = e
+        finally:
+            os.close(w)  # the helper has exited: the reader below sees the end
+
+    worker = threading.Thread(target=work, name="export-layers", daemon=True)
+    last = time.monotonic()
+    worker.start()
+    with os.fdopen(r, "r") as lines:
+        for line in lines:
+            i, size = (int(x) for x in line.split())
+            now = time.monotonic()
+            done(i, None if size < 0 else LayerBlob("", "", size, "", False), now - last, False)
+            last = now
+    worker.join()
+    if "err" in result:
+        raise result["err"]
+    return result["ok"]
 
 
 _MISS = object()
@@ -298,9 +356,10 @@ def _remember_layer(cache_dir: str | None, job: _Job, epoch: int | None, blob: L
 
 
 def _run_jobs(layout_dir: str, jobs: list[_Job], epoch: int | None,
-              cache_dir: str | None = None) -> list[LayerBlob | None]:
+              cache_dir: str | None = None, done=None) -> list[LayerBlob | None]:
     """The layer of each job: from `cache_dir` when this layout already holds it (a
-    re-export after a cached build costs no diff and no gzip), else made now."""
+    re-export after a cached build costs no diff and no gzip), else made now.
+    `done(index, blob, seconds, reused)` follows each job."""
     results: list[LayerBlob | None] = [None] * len(jobs)
     todo = []
     for i, job in enumerate(jobs):
@@ -309,8 +368,11 @@ def _run_jobs(layout_dir: str, jobs: list[_Job], epoch: int | None,
             todo.append(i)
         else:
             results[i] = hit
+            if done is not None:
+                done(i, hit, 0.0, True)
     if todo:
-        made = run_in_userns(_layers_in_userns, [jobs[i] for i in todo], os.path.abspath(layout_dir), epoch)
+        report = None if done is None else (lambda k, blob, secs, reused: done(todo[k], blob, secs, reused))
+        made = _made_in_userns([jobs[i] for i in todo], os.path.abspath(layout_dir), epoch, report)
         for i, blob in zip(todo, made):
             results[i] = blob
             _remember_layer(cache_dir, jobs[i], epoch, blob)
@@ -388,7 +450,20 @@ def _apply_directives(image: _Image, layer: Any) -> None:
         image.config["architecture"] = layer.arch
 
 
+def _without_times(config: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in config.items() if k not in ("created", "history")}
+    out["history"] = [{k: v for k, v in h.items() if k != "created"} if isinstance(h, dict) else h
+                      for h in config.get("history") or []]
+    return out
+
+
 def _write_manifest(layout_dir: str, image: _Image, spec: ImageSpec, ns: str, stacker_yaml: str | None) -> lw.Descriptor:
+    # Without SOURCE_DATE_EPOCH the times are "now": an image that differs from the
+    # one its tag points at only in them keeps that config, so a re-export of
+    # unchanged snapshots writes nothing new and keeps its digests.
+    previous = lw.tagged_config(layout_dir, spec.name)
+    if previous is not None and _without_times(previous) == _without_times(image.config):
+        image.config = previous
     config_desc = lw.put_json(layout_dir, image.config, lw.MEDIA_TYPE_CONFIG)
     annotations = dict(image.annotations)
     if stacker_yaml is not None:
