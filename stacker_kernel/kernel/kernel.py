@@ -105,6 +105,7 @@ class StackerKernel(Kernel):
         self._step_running = False
         self._cell_running = False  # widgets refuse to roll back under a running cell
         self._reply_metadata: dict[str, dict] = {}
+        self._failed_log: Path | None = None  # the copy of the last failed step's log (%log failed)
         # Widget callbacks: slow reads (diffs, downloads) on their own thread, so a
         # click never waits for a step; live %layers widgets refresh after each cell.
         self._widget_io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stacker-widgets")
@@ -152,7 +153,7 @@ class StackerKernel(Kernel):
         publish = _Publisher(self, parent, silent)
         try:
             if parent.get("header", {}).get("subshell_id"):
-                raise CellError("SubshellsUnsupported",
+                raise CellError("No subshells",
                                 "stacker-kernel runs cells only in its main shell:"
                                 " run this cell in the notebook, not in a subshell console")
             self._cell_running = True
@@ -162,17 +163,30 @@ class StackerKernel(Kernel):
                 self._cell_running = False
                 self._refresh_widgets()
         except CellError as e:
-            return publish.error(self.execution_count, e.ename, e.evalue, e.details)
+            return publish.error(self.execution_count, e.ename, self._plain(e.evalue), e.details)
         except StackerKernelError as e:
-            return publish.error(self.execution_count, type(e).__name__, str(e))
+            # The headline is a few plain words (e.title), never the exception's class.
+            return publish.error(self.execution_count, e.title, self._plain(str(e)))
         except Exception as e:  # our bug: keep the traceback, still reply
             self.log.exception("cell failed with an internal error")
-            return publish.error(self.execution_count, type(e).__name__, str(e),
+            return publish.error(self.execution_count, "Internal error",
+                                 f"{self._plain(str(e) or type(e).__name__)} (a bug in stacker-kernel:"
+                                 " please report it with the lines below)",
                                  tuple(traceback.format_exc().splitlines()))
         if outcome is not None:
             self._reply_metadata[parent.get("header", {}).get("msg_id", "")] = outcome
         return {"status": "ok", "execution_count": self.execution_count,
                 "payload": [], "user_expressions": {}}
+
+    def _plain(self, text: str) -> str:
+        """`text` without the live rootfs's host path (a storage internal): the
+        container's root is what the user knows it as."""
+        build = self.build
+        if build is not None:
+            live = str(build.live)
+            text = (text.replace(f"the rootfs {live}", "the layer's rootfs")
+                    .replace(live + "/", "/").replace(live, "the layer's rootfs"))
+        return text
 
     def finish_metadata(self, parent, metadata, reply_content):
         metadata = super().finish_metadata(parent, metadata, reply_content)
@@ -205,7 +219,8 @@ class StackerKernel(Kernel):
             await self._apply(pending, cell_id, publish)
             pending = []
             ctx = magics.MagicContext(self.notebook.parent, self._magic_specs(),
-                                      self._widget_host())
+                                      self._widget_host(), failed_log=self._failed_log,
+                                      notebook_name=self.notebook.stem)
             if directive.name in magics.ON_EVENT_LOOP:
                 # Widgets live on the event loop, where their comm messages are handled.
                 shown = magics.run_magic(self.build, directive.name, directive.args, ctx)
@@ -252,23 +267,43 @@ class StackerKernel(Kernel):
 
     async def _run_step(self, script: str, cell_id: str | None, publish: "_Publisher") -> dict:
         sink = OutputSink()
+        announced = []
+
+        def on_hit(outcome: Any) -> None:
+            # A cache hit says so above the output it replays (engine thread: via the sink).
+            announced.append(outcome)
+            sink.write(status_line(outcome) + "\n")
+
         self._step_running = True
         try:
-            outcome = await self._in_engine(self.build.run_step, script, cell_id, sink.write,
+            outcome = await self._in_engine(self.build.run_step, script, cell_id, sink.write, on_hit,
                                             sink=sink, publish=publish)
         finally:
             self._step_running = False
         publish.stream(sink.take(final=True))
-        if sink.capped and outcome.log_path:
-            publish.stream(f"[stacker-kernel: the full log is {outcome.log_path}]\n")
         if not outcome.ok:
-            ename = "KeyboardInterrupt" if outcome.interrupted else "StepFailed"
-            details = (f"full log: {outcome.log_path}",) if outcome.log_path else ()
-            raise CellError(ename, outcome.message, details)
-        if outcome.cached:
-            publish.stream(f"[cached: step {outcome.snapshot_id}]\n")
+            self._failed_log = await self._in_engine(
+                magics.save_log, self.notebook.parent, self.notebook.stem, outcome.log_path,
+                outcome.index, outcome.layer, True)
+            publish.line(status_line(outcome))
+            details: tuple[str, ...] = ()
+            if self._failed_log is not None:
+                publish.show(magics.log_link(self.notebook.parent, self._failed_log,
+                                             f"the log of failed step {outcome.index}"))
+                details = (f"its whole output: {magics.relative(self.notebook.parent, self._failed_log)}"
+                           " (%log failed shows it)",)
+            raise CellError("Interrupted" if outcome.interrupted else "Step failed",
+                            outcome.message, details)
+        if outcome.snapshot_id is not None:
+            self._failed_log = None  # %log without N: the latest step's log
+        if sink.capped:
+            which = f"%log {outcome.index}" if outcome.snapshot_id else "the log"
+            publish.line(f"[the output above was cut: {which} shows all of it]")
+        if not announced:
+            publish.line(status_line(outcome))
         return {"cached": outcome.cached, "snapshot": outcome.snapshot_id,
-                "duration": outcome.duration, "log": outcome.log_path}
+                "duration": outcome.duration, "log": outcome.log_path, "step": outcome.index,
+                "layer": outcome.layer}
 
     async def _in_engine(self, fn: Callable, *args: Any, sink: OutputSink | None = None,
                          publish: "_Publisher | None" = None) -> Any:
@@ -289,10 +324,11 @@ class StackerKernel(Kernel):
         self.build = await self._in_engine(open_session, self.notebook)
         resumed = self.build.resumed
         if resumed is not None:
-            cell = f", cell {resumed.cell_id}" if resumed.cell_id else ""
-            publish.stream(f"[resumed this notebook's previous session at step {resumed.index}"
-                           f" (layer {resumed.layer}{cell}: {resumed.first_line});"
-                           " %layers shows its steps]\n")
+            publish.line(f"[the kernel restarted: this notebook's build goes on where it stopped,"
+                         f" at step {resumed.index} (layer {resumed.layer}: {resumed.first_line})."
+                         " Cells run again are not rebuilt when unchanged: they come from the cache,"
+                         " marked cached, with the output they had; a changed cell and the cells"
+                         " after it run. %layers lists the steps]")
 
     # --- interrupts -------------------------------------------------------------
 
@@ -416,6 +452,38 @@ class StackerKernel(Kernel):
         return {"status": "ok", "restart": restart}
 
 
+def status_line(outcome: Any) -> str:
+    """The one line a step's cell ends with (a cache hit's starts with it), like
+    `docker build`'s step header and DONE line: where the step is in the build,
+    whether it ran, how long, what it added, and which snapshot holds it."""
+    where = f"step {outcome.index}, layer {outcome.layer}"
+    committed = outcome.index - 1  # for a step that committed nothing
+    last = f"the last committed step is {committed}" if committed else "no step is committed yet"
+    if not outcome.ok:
+        what = "interrupted" if outcome.interrupted else "failed"
+        if outcome.kept_failed:
+            return (f"[{where}: {what} after {outcome.duration:.1f} s; its state is kept to inspect,"
+                    f" not committed ({last}; %rollback drops it)]")
+        return f"[{where}: {what} after {outcome.duration:.1f} s; nothing committed ({last})]"
+    if outcome.snapshot_id is None:
+        return (f"[layer {outcome.layer}: ran in {outcome.duration:.1f} s in the kept failed state of"
+                f" step {outcome.index}, not committed ({last}; %rollback drops it)]")
+    size = "size being measured" if outcome.size_delta is None else magics.size_change(outcome.size_delta)
+    snap = f"snapshot {outcome.snapshot_id[:12]}"
+    if outcome.cached:
+        replay = ("; its output below is from when it was built"
+                  if outcome.log_path and _nonempty(outcome.log_path) else "")
+        return f"[{where}: cached (unchanged, not run again), {size}, {snap}{replay}]"
+    return f"[{where}: ran in {outcome.duration:.1f} s, {size}, {snap}]"
+
+
+def _nonempty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
+        return False
+
+
 def open_session(notebook: Path) -> Any:
     """The notebook's BuildSession on the user's storage, resuming its previous one.
 
@@ -444,6 +512,7 @@ class _Publisher:
 
     def __init__(self, kernel: StackerKernel, parent: dict, silent: bool) -> None:
         self.kernel, self.parent, self.silent = kernel, parent, silent
+        self._line_open = False  # the last stream text did not end its line
 
     def _send(self, msg_type: str, content: dict) -> None:
         if not self.silent:
@@ -454,6 +523,11 @@ class _Publisher:
     def stream(self, text: str, name: str = "stdout") -> None:
         if text:
             self._send("stream", {"name": name, "text": text})
+            self._line_open = not text.endswith(("\n", "\r"))
+
+    def line(self, text: str) -> None:
+        """`text` as a line of its own, even after output that did not end its line."""
+        self.stream(("\n" if self._line_open else "") + text + "\n")
 
     def show(self, shown: magics.Shown) -> None:
         data = {"text/plain": shown.text}

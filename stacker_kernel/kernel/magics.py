@@ -1,7 +1,7 @@
 """The interactive magics: UI actions on the build session, never part of the recipe.
 
 `%rollback`, `%layers`, `%diff`, `%grab`, `%export`, `%keep_failed`,
-`%cache`, `%network`, `%browse`, `%help`.
+`%cache`, `%network`, `%browse`, `%log`, `%help`.
 Their syntax is parsed in recipe/cells.py; this module only carries them
 out on a BuildSession and says what to show: plain text, plus HTML where a
 table or a link reads better in JupyterLab, plus a widget (kernel/widgets.py)
@@ -14,6 +14,8 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
+import shutil
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +59,17 @@ def _table(headers: list[str], rows: list[list[str]]) -> Shown:
     return Shown(text, f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
-def layers_table(steps: list[Any]) -> Shown:
-    """`%layers`: one row per step (StepView): cell, first line, status, duration, size change, cached."""
-    if not steps:
+def layers_table(steps: list[Any], failure: Any = None) -> Shown:
+    """`%layers`: one row per step (StepView): cell, first line, status, duration, size change,
+    cached; then the uncommitted failed state the container keeps (session.KeptFailure), if any."""
+    if not steps and failure is None:
         return Shown("no steps yet: run a cell with a shell script to make the first snapshot")
     rows = [[str(s.index), s.layer, s.cell_id or "", s.first_line, s.status,
              f"{s.duration:.2f} s", size_change(s.size_delta), "cached" if s.cached else ""]
             for s in steps]
+    if failure is not None:
+        rows.append([str(failure.index), failure.layer, failure.cell_id or "", failure.first_line,
+                     "FAILED, kept uncommitted (%rollback drops it)", f"{failure.duration:.2f} s", "", ""])
     return _table(["step", "layer", "cell", "first line", "status", "duration", "size", "cached"],
                   rows)
 
@@ -180,7 +186,7 @@ def _cache(session: Any, value: Any, ctx: "MagicContext") -> Shown:
 
 
 def _layers(session: Any, args: Any, ctx: "MagicContext") -> Shown:
-    table = layers_table(session.history())
+    table = layers_table(session.history(), session.kept_failure())
     if ctx.widgets is None:
         return table
     widget = ctx.widgets.registry.layer_history(ctx.widgets)
@@ -200,6 +206,72 @@ def _browse(session: Any, args: Any, ctx: "MagicContext") -> Shown:
         browser.close()
         raise RecipeError(f"cannot browse {args.path}: {browser.status_text()}")
     return Shown(text, None, browser.widget)
+
+
+LOG_DIR = "stacker-logs"  # beside the notebook: copies of step logs, which JupyterLab serves
+LOG_SHOWN = 64 << 10  # characters of a log %log puts in the notebook (the copy has all)
+
+
+def relative(notebook_dir: Path, path: Path) -> str:
+    """`path` relative to the notebook's directory when below it (else as it is)."""
+    rel = os.path.relpath(path, notebook_dir)
+    return str(path) if rel.startswith("..") else rel
+
+
+def save_log(notebook_dir: Path, notebook: str, log: str | None, index: int, layer: str,
+             failed: bool) -> Path | None:
+    """Copy a step's log beside the notebook, named after the notebook, the step and its
+    layer (stacker-logs/NOTEBOOK-step7-LAYER[-failed].log); None if it cannot be."""
+    if not log:
+        return None
+    layer = re.sub(r"[^\w.-]", "_", layer)
+    dest = notebook_dir / LOG_DIR / f"{notebook}-step{index}-{layer}{'-failed' if failed else ''}.log"
+    try:
+        dest.parent.mkdir(exist_ok=True)
+        shutil.copyfile(log, dest)
+    except OSError:
+        return None
+    return dest
+
+
+def log_link(notebook_dir: Path, path: Path, what: str) -> Shown:
+    """A line naming a saved log, linked where JupyterLab can serve it."""
+    rel = relative(notebook_dir, path)
+    href = html.escape(urllib.parse.quote(rel))
+    return Shown(f"{what}: {rel}", f"{html.escape(what)}: <a href=\"{href}\" target=\"_blank\">"
+                                  f"{html.escape(rel)}</a>")
+
+
+def _log(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
+    """`%log [N|failed]`: a step's whole output (default: the latest step's, failed or not),
+    saved beside the notebook and shown, its end if it is long."""
+    if target == "failed" or (target is None and ctx.failed_log is not None):
+        if ctx.failed_log is None or not ctx.failed_log.is_file():
+            raise RecipeError("no step has failed since the last one that worked: %log N shows"
+                              " the log of step N (%layers numbers them)")
+        path, what = ctx.failed_log, "the log of the failed step"
+    else:
+        index = target if target is not None else len(session.history(measure=False))
+        if index == 0:
+            raise RecipeError("no step yet: run a cell with a shell script first")
+        snap = session.snapshot_at(index)  # RecipeError naming the steps there are
+        log = session.store.log_path(snap.id)
+        if not log.is_file():
+            return Shown(f"step {index} wrote no output")
+        path = save_log(ctx.notebook_dir, ctx.notebook_name, str(log), index, snap.layer, False)
+        if path is None:
+            path = log  # the notebook's directory is not writable: show it from the storage
+        what = f"the log of step {index}"
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - LOG_SHOWN))
+        text = f.read().decode("utf-8", "replace")
+    head = log_link(ctx.notebook_dir, path, what)
+    if size > LOG_SHOWN:
+        head.text += f" (its last {LOG_SHOWN >> 10} KiB below)"
+        head.html += f" (its last {LOG_SHOWN >> 10} KiB below)"
+    return Shown(f"{head.text}\n{text}", f"{head.html}<pre>{html.escape(text)}</pre>")
 
 
 def _help(session: Any, name: str | None, ctx: "MagicContext") -> Shown:
@@ -224,6 +296,8 @@ class MagicContext:
     notebook_dir: Path
     magics: dict[str, Any]  # recipe.cells.MAGICS: name -> MagicSpec (usage, help, interactive)
     widgets: Any = None  # kernel.widgets.WidgetHost on the event loop (ON_EVENT_LOOP magics)
+    failed_log: Path | None = None  # the copy of the last failed step's log, if the latest failed
+    notebook_name: str = "notebook"  # the notebook's file name without .ipynb (names saved logs)
 
 
 HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
@@ -236,6 +310,7 @@ HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
     "cache": _cache,
     "network": _switch("network", "network"),
     "browse": _browse,
+    "log": _log,
     "help": _help,
 }
 
