@@ -92,7 +92,7 @@ def test_a_failed_step_says_nothing_was_committed_and_which_step_is_the_last(ker
     failed = kernel.execute("false", "bad")
     assert failed.status == "error"
     assert re.search(r"^\[step 2, layer test: failed after \d+\.\d s; nothing committed "
-                     r"\(the last committed step is 1\)\]$", failed.text(), re.M), failed.text()
+                     r"\(the last committed step is 1\)\]$", _traceback(failed), re.M), _traceback(failed)
 
 
 # --- 8: %keep_failed shows the uncommitted failed state as such ---------------------------
@@ -105,7 +105,7 @@ def test_keep_failed_state_is_shown_uncommitted_in_the_status_line_and_in_layers
     assert failed.status == "error"
     assert re.search(r"\[step 2, layer test: failed after \d+\.\d s; its state is kept to inspect, "
                      r"not committed \(the last committed step is 1; %rollback drops it\)\]",
-                     failed.text()), failed.text()
+                     _traceback(failed)), _traceback(failed)
     inspect = kernel.execute("ls /half-done", "look")
     assert inspect.status == "ok" and "/half-done" in inspect.text()
     assert re.search(r"\[layer test: ran in \d+\.\d s in the kept failed state of step 2, not "
@@ -194,10 +194,9 @@ def test_a_failed_steps_log_is_saved_beside_the_notebook_named_after_the_step(ke
     tb = _traceback(failed)
     assert "stacker-logs/test-step1-test-failed.log (%log failed shows it)" in tb
     assert "/logs/running-" not in tb  # no path inside the storage
-    links = [o for o in failed.outputs if o.get("output_type") == "display_data"]
-    assert 'href="stacker-logs/test-step1-test-failed.log"' in links[0]["data"]["text/html"]
     shown = kernel.execute("%log failed", "log")
     assert shown.status == "ok" and f"before-{token}" in shown.text()
+    assert 'href="stacker-logs/test-step1-test-failed.log"' in shown.outputs[0]["data"]["text/html"]
     assert kernel.execute(f"echo worked-{token}", "good").status == "ok"
     latest = kernel.execute("%log", "log2")  # the latest step's log: the one that worked
     assert f"worked-{token}" in latest.text() and "before-" not in latest.text()
@@ -244,17 +243,34 @@ def registry(tmp_path):
     yield from serve_registry(tmp_path)
 
 
-def test_from_docker_on_a_plain_http_registry_says_insecure_in_cell_syntax(kernel, registry):
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    """skopeo looks for credentials under $XDG_RUNTIME_DIR (else /run/containers/UID, which a
+    rootful podman on the machine may have made unreadable): an empty one of the test's."""
+    run = tmp_path / "xdg-run"
+    run.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    return run
+
+
+def test_from_docker_on_a_plain_http_registry_says_insecure_in_cell_syntax(nbdir, kernels, registry,
+                                                                            no_credentials):
     url = f"docker://{registry}/nothing/here:1"
-    run = kernel.execute(f"%layer pulled\n%from docker {url}\necho x", "d", timeout=120)
+    k = start_kernel(nbdir / "pull.ipynb", kernels, XDG_RUNTIME_DIR=str(no_credentials))
+    try:
+        run = k.execute(f"%from docker {url}\necho x", "d", timeout=120)
+    finally:
+        k.close()
     assert run.status == "error"
     assert run.error == (f"Base image unusable: cannot pull {url}: {registry} speaks plain HTTP, not"
                          f" HTTPS: write %from docker {url} --insecure in the cell (insecure: true in"
                          " a stacker.yaml) if you trust it")
 
 
-@pytest.mark.parametrize("case", ["dns", "refused", "manifest"])
-def test_skopeo_failures_become_one_line_with_the_cause(case, storage, registry):
+@pytest.mark.parametrize("case", ["dns", "refused", "manifest", "credentials"])
+def test_skopeo_failures_become_one_line_with_the_cause(case, storage, registry, no_credentials,
+                                                         monkeypatch, tmp_path):
     from stacker_kernel.errors import ImageError
     from stacker_kernel.oci.bases import import_base
     from stacker_kernel.recipe.model import ImageSource
@@ -266,7 +282,14 @@ def test_skopeo_failures_become_one_line_with_the_cause(case, storage, registry)
         "refused": (f"docker://127.0.0.1:{free_port()}/x:1", False, "refused the connection"),
         "manifest": (f"docker://{registry}/x/y:1", True,
                      "the registry has no such image or tag (manifest unknown)"),
+        "credentials": (f"docker://{registry}/x/y:1", True,
+                        "the registry credentials could not be read: fix or remove the auth file "
+                        f"skopeo names here: reading JSON file \"{tmp_path}/auth.json\""),
     }[case]
+    if case == "credentials":
+        (tmp_path / "auth.json").write_text("{}")
+        (tmp_path / "auth.json").chmod(0)
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
     store = Store.open(storage)
     try:
         with pytest.raises(ImageError) as e:

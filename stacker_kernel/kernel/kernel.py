@@ -285,13 +285,11 @@ class StackerKernel(Kernel):
             self._failed_log = await self._in_engine(
                 magics.save_log, self.notebook.parent, self.notebook.stem, outcome.log_path,
                 outcome.index, outcome.layer, True)
-            publish.line(status_line(outcome))
-            details: tuple[str, ...] = ()
+            # In the error itself: a failed cell's only output of ours is its error.
+            details = (status_line(outcome),)
             if self._failed_log is not None:
-                publish.show(magics.log_link(self.notebook.parent, self._failed_log,
-                                             f"the log of failed step {outcome.index}"))
-                details = (f"its whole output: {magics.relative(self.notebook.parent, self._failed_log)}"
-                           " (%log failed shows it)",)
+                details += (f"its whole output: {magics.relative(self.notebook.parent, self._failed_log)}"
+                            " (%log failed shows it)",)
             raise CellError("Interrupted" if outcome.interrupted else "Step failed",
                             outcome.message, details)
         if outcome.snapshot_id is not None:

@@ -272,10 +272,13 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 # What skopeo's last error line means, in the order checked: (words in it, the cause
-# in plain words, the fix). {host} is the registry, {url} the image reference.
+# in plain words, the fix). {host} is the registry, {url} the image reference, {detail}
+# the end of skopeo's message.
 _INSECURE = ("write %from docker {url} --insecure in the cell (insecure: true in a stacker.yaml)"
              " if you trust it")
 _SKOPEO_CAUSES: list[tuple[tuple[str, ...], str, str]] = [
+    (("getting username and password",), "the registry credentials could not be read",
+     "fix or remove the auth file skopeo names here: {detail}"),
     (("no such host", "server misbehaving", "temporary failure in name resolution"),
      "the DNS lookup of {host} failed", "check the host name and this machine's DNS"),
     (("connection refused",), "{host} refused the connection", "check the host and port"),
@@ -301,12 +304,14 @@ def skopeo_failure(url: str, stderr: str, status: int) -> str:
     last = lines[-1] if lines else ""
     # skopeo logs as `time="..." level=fatal msg="..."`: the message is what counts
     msg = last.split(' msg="', 1)[1].rstrip('"') if ' msg="' in last else last
+    msg = " ".join(msg.replace("\\n", " ").replace("\\t", " ").replace('\\"', '"').split())
     host = url.split("://", 1)[1].split("/", 1)[0] if url.startswith("docker://") else url
     lowered = msg.lower()
     for words, cause, fix in _SKOPEO_CAUSES:
         if any(w in lowered for w in words):
+            detail = msg.rsplit("* ", 1)[-1][:200]
             return (f"cannot pull {url}: {cause.format(host=host, url=url)}: "
-                    f"{fix.format(host=host, url=url)}")
+                    f"{fix.format(host=host, url=url, detail=detail)}")
     why = msg.rsplit(": ", 1)[-1][:200] if msg else f"skopeo exited with status {status}"
     return (f"cannot pull {url} ({why}): check the URL and that the registry is reachable"
             f" (a plain-HTTP registry needs %from docker {url} --insecure)")
