@@ -300,3 +300,13 @@ def test_skopeo_failures_become_one_line_with_the_cause(case, storage, registry,
     assert message.startswith(f"cannot pull {url}: ") and cause in message
     assert "\n" not in message and "level=fatal" not in message and "pinging" not in message
 
+
+
+def test_a_headless_build_of_a_scratch_layer_with_a_run_says_to_give_it_a_base(tmp_path, storage, capsys):
+    from stacker_kernel.cli import main
+
+    (tmp_path / "stacker.yaml").write_text("empty:\n  from: {type: scratch}\n  run: echo hi\n")
+    assert main(["--storage", str(storage), "build", "--no-oci", "-f", str(tmp_path / "stacker.yaml")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].endswith("layer empty is from scratch, which is empty: it has no /bin/sh to"
+                                         " run its steps; give it a base (from: type tar, oci or docker)"), err

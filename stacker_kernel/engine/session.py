@@ -610,12 +610,16 @@ class BuildSession:
         %from) has no shell to run a cell: say how to pick a base instead."""
         if self.layer.from_.type != "scratch" or self.layer_steps():
             return
-        if not os.path.lexists(self.live / "bin" / "sh"):
-            where = "" if self.layer.name == self.default_layer else f" of layer {self.layer.name}"
-            raise RecipeError(
-                f"there is no base image{where} yet (scratch is empty: no /bin/sh to run this cell):"
-                " start with a cell like %from tar ROOTFS.tar, %from oci DIR:TAG or"
-                " %from docker docker://HOST/REPO:TAG, then run this cell again")
+        if self.layer.binds or os.path.lexists(self.live / "bin" / "sh"):
+            return
+        if self.session.kind != "kernel":
+            raise RecipeError(f"layer {self.layer.name} is from scratch, which is empty: it has no"
+                              " /bin/sh to run its steps; give it a base (from: type tar, oci or docker)")
+        where = "" if self.layer.name == self.default_layer else f" of layer {self.layer.name}"
+        raise RecipeError(
+            f"there is no base image{where} yet (scratch is empty: no /bin/sh to run this cell):"
+            " start with a cell like %from tar ROOTFS.tar, %from oci DIR:TAG or"
+            " %from docker docker://HOST/REPO:TAG, then run this cell again")
 
     def _failed(self, result, log_path: str, script: str = "", cell_id: str | None = None) -> StepOutcome:
         message = result.message

@@ -141,7 +141,7 @@ class StackerKernel(Kernel):
     async def create_subshell_request(self, socket, ident, parent) -> None:
         # The base class logs and sends nothing when it declines; we always reply.
         self.session.send(socket, "create_subshell_reply", {
-            "status": "error", "ename": "SubshellsUnsupported",
+            "status": "error", "ename": "No subshells",
             "evalue": "stacker-kernel runs one build shell: it has no subshells",
             "traceback": []}, parent, ident)
 
