@@ -252,7 +252,7 @@ def _log(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
         path, what = ctx.failed_log, "the log of the failed step"
     else:
         index = target if target is not None else len(session.history(measure=False))
-        if index == 0:
+        if target is None and index == 0:
             raise RecipeError("no step yet: run a cell with a shell script first")
         snap = session.snapshot_at(index)  # RecipeError naming the steps there are
         log = session.store.log_path(snap.id)
