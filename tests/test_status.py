@@ -27,8 +27,9 @@ def kernel(nbdir, kernels):
     k.close()
 
 
-def _reply_metadata(kernel, code: str, cell_id: str) -> tuple[dict, str]:
-    """Run a cell; its execute_reply's `stacker` metadata and its stream text."""
+def _reply_metadata(kernel, code: str, cell_id: str) -> tuple[dict, str, list[dict]]:
+    """Run a cell; its execute_reply's `stacker` metadata, its text (streams and
+    display_data) and its iopub messages up to idle."""
     msg = kernel.kc.session.msg("execute_request", {
         "code": code, "silent": False, "store_history": True, "user_expressions": {},
         "allow_stdin": False, "stop_on_error": True}, metadata={"cellId": cell_id})
@@ -38,16 +39,19 @@ def _reply_metadata(kernel, code: str, cell_id: str) -> tuple[dict, str]:
         reply = kernel.kc.get_shell_msg(timeout=120)
         if reply["parent_header"].get("msg_id") == msg_id:
             break
-    text = []
+    text, msgs = [], []
     while True:
         out = kernel.kc.get_iopub_msg(timeout=60)
         if out["parent_header"].get("msg_id") != msg_id:
             continue
         if out["msg_type"] == "status" and out["content"]["execution_state"] == "idle":
             break
+        msgs.append(out)
         if out["msg_type"] == "stream":
             text.append(out["content"]["text"])
-    return reply["metadata"].get("stacker", {}), "".join(text)
+        elif out["msg_type"] == "display_data":
+            text.append(out["content"]["data"]["text/plain"] + "\n")
+    return reply["metadata"].get("stacker", {}), "".join(text), msgs
 
 
 def _traceback(run) -> str:
@@ -59,7 +63,7 @@ def _traceback(run) -> str:
 
 
 def test_a_step_ends_with_one_status_line_naming_step_layer_time_size_and_snapshot(kernel):
-    meta, text = _reply_metadata(kernel, f"echo {uuid.uuid4().hex}", "s1")
+    meta, text, msgs = _reply_metadata(kernel, f"echo {uuid.uuid4().hex}", "s1")
     last = text.rstrip("\n").split("\n")[-1]
     m = STATUS.fullmatch(last)
     assert m, text
@@ -69,9 +73,18 @@ def test_a_step_ends_with_one_status_line_naming_step_layer_time_size_and_snapsh
     assert m.group(3).endswith(f"snapshot {meta['snapshot'][:12]}")
 
 
-def test_the_status_line_starts_on_its_own_line_after_output_without_a_newline(kernel):
-    run = kernel.execute(f"printf 'no newline {uuid.uuid4().hex}'", "s1")
-    assert re.search(r"no newline \w+\n\[step 1, layer test: ran in ", run.text()), run.text()
+def test_the_status_line_gets_the_size_in_place_once_it_is_measured(kernel):
+    _, text, msgs = _reply_metadata(kernel, f"head -c 3000 /dev/zero > /three-k-{uuid.uuid4().hex}", "s1")
+    assert "size being measured" in text, text
+    status = next(m for m in msgs if m["msg_type"] == "display_data")
+    display_id = status["content"]["transient"]["display_id"]
+    while True:  # after the reply: the kernel updates that output when the size is known
+        msg = kernel.kc.get_iopub_msg(timeout=60)
+        if msg["msg_type"] == "update_display_data":
+            break
+    assert msg["content"]["transient"]["display_id"] == display_id
+    assert re.fullmatch(r"\[step 1, layer test: ran in \d+\.\d s, \+2\.9 KiB, snapshot [0-9a-f]{12}\]",
+                        msg["content"]["data"]["text/plain"]), msg["content"]
 
 
 def test_a_cache_hit_says_cached_before_its_replayed_output_and_layers_marks_it(kernel):

@@ -174,6 +174,19 @@ class History:
         pending = self._sizing
         return pending is not None and not pending.done()
 
+    def when_measured(self, sid: str, fn) -> None:
+        """Call `fn(size change of step sid, or None)` once the measurements queued so far
+        have finished (on the measuring thread; at once if none is pending)."""
+        def done(_future=None) -> None:
+            snap = self._records.get(sid)
+            fn(snap.size_delta if snap is not None else None)
+
+        pending = self._sizing
+        if pending is None:
+            done()
+        else:
+            pending.add_done_callback(done)
+
     def wait_for_sizes(self) -> None:
         """Wait until the background size measurements have finished."""
         while (pending := self._sizing) is not None and not pending.done():

@@ -682,6 +682,11 @@ class BuildSession:
         """True while step size changes are being measured in the background."""
         return self._history.sizes_pending()
 
+    def when_size_known(self, snapshot_id: str, fn: Callable[[int | None], None]) -> None:
+        """Call `fn` with the size change of step `snapshot_id` once it is measured (None if
+        it could not be), from the measuring thread: a face can then show it."""
+        self._history.when_measured(snapshot_id, fn)
+
     def wait_for_sizes(self) -> None:
         """Wait until the background size measurements have finished (history() then has them)."""
         self._history.wait_for_sizes()

@@ -19,6 +19,7 @@ import importlib.metadata
 import os
 import signal
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -297,7 +298,24 @@ class StackerKernel(Kernel):
         if sink.capped:
             which = f"%log {outcome.index}" if outcome.snapshot_id else "the log"
             publish.line(f"[the output above was cut: {which} shows all of it]")
-        if not announced:
+        if announced:
+            pass
+        elif outcome.snapshot_id is not None and outcome.size_delta is None:
+            # The size is measured in the background: show the line now, and again with
+            # the size once it is known (the notebook updates the output in place).
+            display_id = publish.status(status_line(outcome))
+            loop = asyncio.get_running_loop()
+
+            def measured(size: int | None) -> None:
+                if size is not None:
+                    outcome.size_delta = size
+                    try:
+                        loop.call_soon_threadsafe(publish.status, status_line(outcome), display_id)
+                    except RuntimeError:  # the kernel is shutting down: nobody to tell
+                        pass
+
+            self.build.when_size_known(outcome.snapshot_id, measured)
+        else:
             publish.line(status_line(outcome))
         return {"cached": outcome.cached, "snapshot": outcome.snapshot_id,
                 "duration": outcome.duration, "log": outcome.log_path, "step": outcome.index,
@@ -526,6 +544,14 @@ class _Publisher:
     def line(self, text: str) -> None:
         """`text` as a line of its own, even after output that did not end its line."""
         self.stream(("\n" if self._line_open else "") + text + "\n")
+
+    def status(self, text: str, display_id: str | None = None) -> str:
+        """A step's status line as an output that can change: a new one, or (with the
+        `display_id` this returned) the same one updated in place."""
+        content = {"data": {"text/plain": text}, "metadata": {},
+                   "transient": {"display_id": display_id or f"stacker-status-{uuid.uuid4().hex}"}}
+        self._send("update_display_data" if display_id else "display_data", content)
+        return content["transient"]["display_id"]
 
     def show(self, shown: magics.Shown) -> None:
         data = {"text/plain": shown.text}
