@@ -18,6 +18,7 @@ NO_EFFECT = {
     "browse": "%browse",
     "grab": "%grab /etc/passwd",
     "export": "%export",
+    "log": "%log",
     "help": "%help",
 }
 

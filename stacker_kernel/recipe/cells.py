@@ -439,6 +439,15 @@ def _parse_export(rest: str) -> ExportArgs:
     raise _Bad(f"unknown export format {first!r}: use stacker.yaml or oci")
 
 
+def _parse_log(rest: str) -> int | str | None:
+    toks = _count(_tokens(rest), 0, 1)
+    if not toks:
+        return None
+    if toks[0] == "failed":
+        return "failed"
+    return _int(toks[0], "N")
+
+
 def _parse_help(rest: str) -> str | None:
     toks = _count(_tokens(rest), 0, 1)
     if not toks:
@@ -558,6 +567,8 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
                "bool | CacheSource", ("on", "off", "to", "from")), _cache),
     (MagicSpec("network", "%network none|host", "network of the build container", True,
                "str", ("none", "host")), _network),
+    (MagicSpec("log", "%log [N|failed]", "a step's whole output, saved beside the notebook "
+               "(default: the latest step's)", True, "int | str | None"), _parse_log),
     (MagicSpec("help", "%help [MAGIC]", "list the magics, or explain one", True,
                "str | None"), _parse_help),
 ]
@@ -572,7 +583,7 @@ MAGICS: dict[str, MagicSpec] = {spec.name: spec for spec, _ in _SPECS}
 #   %network      no effect: the build runs with the host's network, as stacker does
 #                 (%network none only takes it away from the kernel's steps)
 #   %cache        no effect: reuse only, never the result (build has --no-cache)
-#   %layers %diff %browse %grab %export %help
+#   %layers %diff %browse %grab %export %log %help
 #                 no effect: they show or copy out, the image does not change
 HEADLESS_REFUSED: dict[str, str] = {
     "rollback": "which only means something in a live kernel (the cells after it run on an "
