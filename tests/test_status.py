@@ -151,7 +151,7 @@ def test_a_failed_first_cell_without_from_says_how_to_pick_a_base_and_leaves_no_
         index = json.loads((nbdir / "out" / "index.json").read_text())
         tags = {m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]}
         assert tags == {"app"}
-        yaml_text = k.execute("%export", "yaml").text()
+        yaml_text = k.execute("%export", "yaml").text().split("\n\n", 1)[1]  # after "wrote PATH"
         assert "Untitled" not in yaml_text and "app:" in yaml_text
     finally:
         k.close()
