@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.live import build_environment
@@ -72,7 +72,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
           no_cache: bool = False, oci_dir: str | None = None, squash: bool = False,
           annotations_namespace: str = "io.stackeroci", out: Printer = print,
           stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None,
-          on_failure: list[str] | None = None) -> BuildResult:
+          on_failure: list[str] | None = None, layer_types: tuple[Any, ...] | None = None) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). `cache` names the
@@ -81,7 +81,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     its rootfs is kept as a "failed" snapshot that `chroot` opens (until gc or the
     next build of `path`). With `on_failure` (an argv, e.g. ["/bin/sh"]), that
     command first runs on this terminal in the failed step's container, as
-    stacker's --on-run-failure.
+    stacker's --on-run-failure. `layer_types` (oci/layer_types.py) are the
+    output layer types (default tar), as stacker's --layer-type.
     """
     recipes = load_recipes(path, substitutions)
     abspath = os.path.abspath(path)
@@ -122,7 +123,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
         result.tags = dict(session.session.tags)
         if oci_dir:
             result.oci_tags = session.export_oci(oci_dir, squash=squash,
-                                                 annotations_namespace=annotations_namespace)
+                                                 annotations_namespace=annotations_namespace,
+                                                 **({"layer_types": layer_types} if layer_types else {}))
             out(f"wrote {', '.join(result.oci_tags) or 'no tags'} to {oci_dir}")
         # Older builds of the same file are superseded: let gc reclaim them.
         for old in store.find_sessions(name=abspath, kind="build"):
@@ -265,7 +267,8 @@ def _layer_definition(path: str, name: str, substitutions: dict[str, str] | None
 
 
 def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = None,
-                    open_store: Callable[[], Store] | None = None) -> str:
+                    open_store: Callable[[], Store] | None = None,
+                    layer_types: tuple[Any, ...] | None = None) -> str:
     """A notebook as stacker.yaml text; with `oci_dir`, also the images of its last
     session (what was actually built)."""
     import nbformat
@@ -287,5 +290,5 @@ def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = 
         layers = recipe_from_notebook(nb, Path(path).stem, {}).layers  # as the kernel ran them: defaults
         with open_store() as store:
             export_stored_session(store, latest_session(store, path), oci_dir, layers=layers,
-                                  stacker_yaml=text)
+                                  stacker_yaml=text, **({"layer_types": layer_types} if layer_types else {}))
     return text
