@@ -133,8 +133,11 @@ def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
 def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     rest = list(args.args or [])
     if args.format == "oci":
+        from stacker_kernel.oci.layer_types import parse_layer_types
+
         target = _beside_notebook(ctx, rest[0] if rest else "oci")
-        tags = session.export_oci(str(target))
+        layer_types = parse_layer_types(getattr(args, "layer_types", None), getattr(args, "no_verity", False))
+        tags = session.export_oci(str(target), layer_types=layer_types)
         return Shown(f"wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
     target = _beside_notebook(ctx, rest[0] if rest else "stacker.yaml")
     text = session.export_yaml(str(target))

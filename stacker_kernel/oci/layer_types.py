@@ -368,7 +368,8 @@ def fs_layer_to_tar(blob: str, media_type: str, out_tar: str, scratch_dir: str) 
                 _convert(((m, src.extractfile(m) if m.isreg() else None) for m in src), out_tar)
         except tarfile.TarError as e:
             proc.kill()
-            raise ImageError(f"squashfs layer {blob} is not readable ({e}): it is corrupt; rebuild it") from e
+            raise ImageError(f"squashfs layer {blob} is not readable ({e}): it is corrupt or hostile; "
+                             "do not use it") from e
         finally:
             err = proc.stderr.read().decode(errors="replace").strip()
             proc.stdout.close()
@@ -393,9 +394,11 @@ def fs_layer_to_tar(blob: str, media_type: str, out_tar: str, scratch_dir: str) 
         raise ImageError(f"media type {media_type!r} is not a squashfs or erofs layer")
 
 
-def _walk_tree(tree: str, meta: dict[str, tuple[int, dict[str, bytes]]]):
+def _walk_tree(tree: str, meta: dict[str, ErofsEntry]):
     """(TarInfo, file) for every entry under `tree`, parents first, links never
-    followed; xattrs and hard links from `meta` (erofs_metadata of the image)."""
+    followed; mode, owner, xattrs and hard links from `meta` (erofs_metadata of
+    the image): fsck.erofs restores no xattrs and sets the mode before the owner,
+    which drops setuid/setgid."""
     seen: dict[int, str] = {}
     stack = [""]
     while stack:
@@ -410,7 +413,12 @@ def _walk_tree(tree: str, meta: dict[str, tuple[int, dict[str, bytes]]]):
             if rel not in meta:
                 raise ImageError(f"erofs extraction produced {rel!r}, which the image does not hold: "
                                  "the layer is hostile or corrupt; do not use it")
-            nid, xattrs = meta[rel]
+            entry = meta[rel]
+            if stat.S_IFMT(entry.mode) != stat.S_IFMT(st.st_mode):
+                raise ImageError(f"erofs extraction produced a different file type at {rel!r} than the image "
+                                 "holds: the layer is hostile or corrupt; do not use it")
+            nid, xattrs = entry.nid, entry.xattrs
+            info.mode, info.uid, info.gid = stat.S_IMODE(entry.mode), entry.uid, entry.gid
             info.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
                                 for k, v in sorted(xattrs.items())}
             fileobj = None
@@ -441,9 +449,19 @@ _XATTR_PREFIXES = {1: "user.", 2: "system.posix_acl_access", 3: "system.posix_ac
                    4: "trusted.", 6: "security."}
 
 
-def erofs_metadata(img: str) -> dict[str, tuple[int, dict[str, bytes]]]:
+@dataclass(frozen=True)
+class ErofsEntry:
+    """One path of an erofs image as its inode says: nid (inode number), mode with type bits, owner, xattrs."""
+    nid: int
+    mode: int
+    uid: int
+    gid: int
+    xattrs: dict[str, bytes]
+
+
+def erofs_metadata(img: str) -> dict[str, ErofsEntry]:
     """Every path of the erofs image `img` (relative, no leading '/') with its
-    inode number (nid) and xattrs, read from the image itself (kernel
+    inode's number, mode, owner and xattrs, read from the image itself (kernel
     include/uapi erofs_fs.h layout). ImageError for a name that is not a plain
     file name ('', '.', '..', or one holding '/' or NUL) or a broken layout."""
     with open(img, "rb") as f:
@@ -468,12 +486,13 @@ def erofs_metadata(img: str) -> dict[str, tuple[int, dict[str, bytes]]]:
             yield off, {_XATTR_PREFIXES.get(index, f"unknown{index}.") + name.decode("utf-8", "surrogateescape"): value}
             off += (4 + name_len + value_size + 3) & ~3
 
-    def inode(nid: int) -> tuple[int, int, int, int, int, dict[str, bytes]]:
+    def inode(nid: int) -> tuple[int, int, int, int, int, dict[str, bytes], int, int]:
         off = (meta_blk << blkbits) + nid * 32
         fmt, icount, mode = u(off, 2), u(off + 2, 2), u(off + 4, 2)
         extended = fmt & 1
         core = 64 if extended else 32
         size = u(off + 8, 8) if extended else u(off + 8, 4)
+        uid, gid = (u(off + 24, 4), u(off + 28, 4)) if extended else (u(off + 24, 2), u(off + 26, 2))
         xsize = 12 + (icount - 1) * 4 if icount else 0
         xattrs: dict[str, bytes] = {}
         if xsize:
@@ -486,10 +505,10 @@ def erofs_metadata(img: str) -> dict[str, tuple[int, dict[str, bytes]]]:
                     break
             for _, kv in entries(off + core + 12 + 4 * shared, off + core + xsize):
                 xattrs.update(kv)
-        return mode, (fmt >> 1) & 7, size, u(off + 16, 4), off + core + xsize, xattrs
+        return mode, (fmt >> 1) & 7, size, u(off + 16, 4), off + core + xsize, xattrs, uid, gid
 
     def dir_blocks(nid: int) -> Iterable[bytes]:
-        mode, layout, size, blkaddr, tail, _ = inode(nid)
+        mode, layout, size, blkaddr, tail, *_ = inode(nid)
         if layout not in (0, 2):
             raise ImageError(f"erofs layer {img} has a directory in layout {layout}, which is not read: rebuild it with mkfs.erofs")
         full = size // blksz if layout == 2 else -(-size // blksz)
@@ -498,7 +517,7 @@ def erofs_metadata(img: str) -> dict[str, tuple[int, dict[str, bytes]]]:
         if layout == 2 and size % blksz:
             yield data[tail:tail + size % blksz]
 
-    out: dict[str, tuple[int, dict[str, bytes]]] = {}
+    out: dict[str, ErofsEntry] = {}
     stack, seen_dirs = [("", root_nid)], {root_nid}
     while stack:
         rel, nid = stack.pop()
@@ -517,8 +536,8 @@ def erofs_metadata(img: str) -> dict[str, tuple[int, dict[str, bytes]]]:
                     raise ImageError(f"erofs layer {img} holds an entry named {text!r} in /{rel}: "
                                      "the layer is hostile or corrupt; do not use it")
                 path = f"{rel}/{text}" if rel else text
-                mode, *_, xattrs = inode(child)
-                out[path] = (child, xattrs)
+                mode, _, _, _, _, xattrs, uid, gid = inode(child)
+                out[path] = ErofsEntry(child, mode, uid, gid, xattrs)
                 if stat.S_ISDIR(mode):
                     if child in seen_dirs:
                         raise ImageError(f"erofs layer {img} links directory /{path} twice: it is hostile or corrupt")
