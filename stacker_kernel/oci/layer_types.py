@@ -146,9 +146,14 @@ def write_fs_layer(new_root: str, diff: Diff, out_dir: str, layer_type: LayerTyp
     os.close(fd)
     os.unlink(img)  # the packers want to create it
     try:
-        upper = os.path.join(scratch, "upper")
-        os.mkdir(upper)
-        _materialize(new_root, diff, upper, source_date_epoch)
+        if diff.old is None and source_date_epoch is None and new_root != "/" and not diff.nested_subvolumes:
+            # a whole rootfs has no whiteouts and no times to clamp: pack the
+            # read-only snapshot as it is (what `mksquashfs rootfs` alone costs)
+            upper = new_root
+        else:
+            upper = os.path.join(scratch, "upper")
+            os.mkdir(upper)
+            _materialize(new_root, diff, upper, source_date_epoch)
         if layer_type.type == SQUASHFS:
             media_type = _mksquashfs(upper, img, source_date_epoch)
         elif layer_type.type == EROFS:
