@@ -291,6 +291,21 @@ def test_a_squashfs_image_built_here_is_a_base_for_a_following_build(storage, tm
     assert _unpacked_by_us(storage, out, "next") == _unpacked_by_us(storage, out, "next-squashfs")
 
 
+def test_a_squashfs_image_is_a_docker_type_base_through_skopeo(storage, tmp_path, busybox_tar):
+    oci = _built(storage, tmp_path, busybox_tar, "squashfs", no_verity=True)
+    recipe = tmp_path / "dock.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        dock:
+          from:
+            type: docker
+            url: oci:{oci}:top-squashfs
+          run: |
+            test "$(cat /data/keep/n)" = new && test ! -e /data/gone
+        """))
+    assert main(["--storage", str(storage), "build", "-f", str(recipe), "--oci-dir", str(tmp_path / "out")]) == 0
+    assert [d["mediaType"] for d in _image(tmp_path / "out", "dock")[0]["layers"]] == [TAR_MT, TAR_MT]
+
+
 # --- hostile layers ------------------------------------------------------------------
 
 def _mksquashfs(src: Path, out: Path, *extra: str) -> bytes:
@@ -383,3 +398,14 @@ def test_export_magic_takes_layer_types_and_no_verity():
     cell = parse_cell("%export oci out --layer-type squashfs --layer-type=erofs --no-verity\n")
     args = cell.directives[0].args
     assert args == ExportArgs("oci", ["out"], ["squashfs", "erofs"], True)
+
+
+@pytest.mark.rootful
+def test_as_real_root_the_three_layer_types_unpack_to_the_same_rootfs(storage, tmp_path, busybox_tar):
+    # real root extracts bases in-process (no user namespace): the same rules, the same result
+    test_tar_squashfs_and_erofs_images_unpack_to_the_same_rootfs(storage, tmp_path, busybox_tar)
+
+
+@pytest.mark.rootful
+def test_as_real_root_a_squashfs_device_node_is_still_no_device(storage, tmp_path):
+    test_a_squashfs_device_node_becomes_an_empty_file_with_a_warning(storage, tmp_path)
