@@ -21,7 +21,7 @@ import pytest
 from stacker_kernel.cli import main
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.build import build
-from stacker_kernel.errors import ImageError
+from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci import layout_write as lw
 from stacker_kernel.oci.bases import import_base
 from stacker_kernel.oci.layer_types import (VERITY_ROOT_HASH_ANNOTATION, erofs_metadata, parse_layer_types,
@@ -409,3 +409,10 @@ def test_as_real_root_the_three_layer_types_unpack_to_the_same_rootfs(storage, t
 @pytest.mark.rootful
 def test_as_real_root_a_squashfs_device_node_is_still_no_device(storage, tmp_path):
     test_a_squashfs_device_node_becomes_an_empty_file_with_a_warning(storage, tmp_path)
+
+
+def test_an_unknown_layer_type_is_one_clear_line():
+    with pytest.raises(RecipeError, match=r"%export on line 1: invalid layer type 'zip': use --layer-type tar, squashfs or erofs"):
+        parse_cell("%export oci --layer-type zip\n")
+    with pytest.raises(RecipeError, match="invalid layer type 'zip'"):
+        parse_layer_types(["zip"])
