@@ -388,6 +388,9 @@ def fs_layer_to_tar(blob: str, media_type: str, out_tar: str, scratch_dir: str) 
         # follow whatever names the image holds: read the metadata ourselves first,
         # refuse hostile names, then take the file data from its extraction.
         meta = erofs_metadata(blob)
+        # FIXME: fsck.erofs parses the image again; an image our reader and it
+        # see differently could still make it write outside `tree` (as the user,
+        # inside the user namespace). An erofs->tar reader of our own would close it.
         tmp = tempfile.mkdtemp(prefix=".erofs-", dir=scratch_dir)
         try:
             tree = os.path.join(tmp, "tree")
