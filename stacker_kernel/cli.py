@@ -265,6 +265,7 @@ def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--squash", action="store_true", help="one OCI layer per stacker layer (as stacker emits)")
     p.add_argument("--annotations-namespace", default="io.stackeroci",
                    help="namespace of the manifest annotations (default io.stackeroci)")
+    add_layer_type_flags(p)
     # The shared cache (engine/remote_cache.py); defaults from the config file.
     p.add_argument("--cache-from", action="append", metavar="URL",
                    help="take step results from this cache (docker://HOST[:PORT]/REPO or oci:DIR; repeatable)")
@@ -282,6 +283,21 @@ def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-processes", type=int, metavar="N",
                    help="most processes and threads a step may run at once (default 4096, "
                         "or $STACKER_KERNEL_MAX_PROCESSES, or max_processes in your config file)")
+
+
+def add_layer_type_flags(p: argparse.ArgumentParser) -> None:
+    """stacker's --layer-type (repeatable) and --no-verity (alias --no-squashfs-verity)."""
+    p.add_argument("--layer-type", action="append", choices=("tar", "squashfs", "erofs"), metavar="TYPE",
+                   help="output layer type: tar, squashfs or erofs; repeat for several (default tar); "
+                        "non-tar images are tagged NAME-squashfs / NAME-erofs")
+    p.add_argument("--no-verity", "--no-squashfs-verity", action="store_true", dest="no_verity",
+                   help="do not append dm-verity data to squashfs/erofs layers")
+
+
+def _layer_types(args: argparse.Namespace):
+    from stacker_kernel.oci.layer_types import parse_layer_types
+
+    return parse_layer_types(args.layer_type, args.no_verity)
 
 
 def _cache_settings(args: argparse.Namespace):
@@ -315,7 +331,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         result = build(store, args.file, substitutions=_substitutions(args.substitute),
                        no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
                        annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
-                       on_failure=_failure_command(args), dockerfile=_dockerfile_options(args))
+                       on_failure=_failure_command(args), dockerfile=_dockerfile_options(args),
+                       layer_types=_layer_types(args))
     print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
           f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
     return 0
@@ -371,6 +388,7 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-cell", action="store_true", help="one build_only layer per cell")
     p.add_argument("--oci", action="store_true", help="also write the images of the notebook's last session")
     p.add_argument("--oci-dir", default="oci", help="OCI layout for --oci (default oci)")
+    add_layer_type_flags(p)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -378,7 +396,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     text = export_notebook(args.notebook, per_cell=args.per_cell,
                            oci_dir=args.oci_dir if args.oci else None,
-                           open_store=lambda: _open_store(args),
+                           open_store=lambda: _open_store(args), layer_types=_layer_types(args),
                            progress=lambda line: print(line, file=sys.stderr))  # stdout may be the yaml
     if args.output:
         _write_output(args.output, lambda p: Path(p).write_text(text))

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.live import build_environment
@@ -165,7 +165,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
           no_cache: bool = False, oci_dir: str | None = None, squash: bool = False,
           annotations_namespace: str = "io.stackeroci", out: Printer = print,
           stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None,
-          on_failure: list[str] | None = None, dockerfile=None) -> BuildResult:
+          on_failure: list[str] | None = None, dockerfile=None,
+          layer_types: tuple[Any, ...] | None = None) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). `cache` names the
@@ -175,6 +176,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     next build of `path`). With `on_failure` (an argv, e.g. ["/bin/sh"]), that
     command first runs on this terminal in the failed step's container, as
     stacker's --on-run-failure. `dockerfile` holds a Dockerfile's build args and bases.
+    `layer_types` (oci/layer_types.py) are the
+    output layer types (default tar), as stacker's --layer-type.
     """
     recipes = load_recipes(path, substitutions, dockerfile)
     abspath = os.path.abspath(path)
@@ -217,7 +220,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
         if oci_dir:
             result.oci_tags = session.export_oci(oci_dir, squash=squash,
                                                  annotations_namespace=annotations_namespace,
-                                                 progress=lambda line: out(f"  {line}"))
+                                                 progress=lambda line: out(f"  {line}"),
+                                                 **({"layer_types": layer_types} if layer_types else {}))
             out(f"wrote {', '.join(result.oci_tags) or 'no tags'} to {oci_dir}")
         # Older builds of the same file are superseded: let gc reclaim them.
         for old in store.find_sessions(name=abspath, kind="build"):
@@ -360,7 +364,8 @@ def _layer_definition(path: str, name: str, substitutions: dict[str, str] | None
 
 
 def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = None,
-                    open_store: Callable[[], Store] | None = None, progress: Printer | None = None) -> str:
+                    open_store: Callable[[], Store] | None = None, progress: Printer | None = None,
+                    layer_types: tuple[Any, ...] | None = None) -> str:
     """A notebook as stacker.yaml text; with `oci_dir`, also the images of its last
     session (what was actually built)."""
     from stacker_kernel.recipe.nbconvert import notebook_to_stacker_yaml
@@ -375,5 +380,6 @@ def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = 
         layers = recipe_from_notebook(nb, Path(path).stem, {}).layers  # as the kernel ran them: defaults
         with open_store() as store:
             export_stored_session(store, latest_session(store, path), oci_dir, layers=layers,
-                                  stacker_yaml=text, progress=progress)
+                                  stacker_yaml=text, progress=progress,
+                                  **({"layer_types": layer_types} if layer_types else {}))
     return text

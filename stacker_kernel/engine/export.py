@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from stacker_kernel.oci.bases import base_image, base_layers
+from stacker_kernel.oci.layer_types import TAR_TYPE, LayerType
 from stacker_kernel.oci.export import ImageSpec, OciBase, StepSnapshot, export_image, source_date_epoch_from_env
 from stacker_kernel.recipe.model import ImageSource, Layer, check_layer_name
 from stacker_kernel.storage.store import Session, Snapshot, Store
@@ -63,7 +64,8 @@ def image_specs(store: Store, history: list[Snapshot], tags: dict[str, str],
 
 def export_session_oci(session, oci_dir: str, *, squash: bool = False,
                        stacker_yaml: str | None = None, annotations_namespace: str = "io.stackeroci",
-                       progress=None) -> list[str]:
+                       progress=None,
+                       layer_types: tuple[LayerType, ...] = (TAR_TYPE,)) -> list[str]:
     """Write the images of a live BuildSession to the OCI layout `oci_dir`; returns the tags."""
     history = session.built_steps()
     if stacker_yaml is None:
@@ -75,17 +77,19 @@ def export_session_oci(session, oci_dir: str, *, squash: bool = False,
     specs = image_specs(session.store, history, session.session.tags, layers)
     return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
                         annotations_namespace=annotations_namespace, stacker_yaml=stacker_yaml,
-                        squash=squash, layer_cache=layer_cache(session.store), progress=progress)
+                        squash=squash, layer_cache=layer_cache(session.store), progress=progress,
+                        layer_types=layer_types)
 
 
 def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: dict[str, Any] | None = None,
-                          stacker_yaml: str | None = None, squash: bool = False, progress=None) -> list[str]:
+                          stacker_yaml: str | None = None, squash: bool = False, progress=None,
+                          layer_types: tuple[LayerType, ...] = (TAR_TYPE,)) -> list[str]:
     """Write the images of a stored (ended) session to `oci_dir`; returns the tags."""
     history = [s for s in (store.get(i) for i in sess.history) if s is not None]
     specs = image_specs(store, history, sess.tags, layers or {})
     return export_image(oci_dir, specs, source_date_epoch=source_date_epoch_from_env(),
                         stacker_yaml=stacker_yaml, squash=squash, layer_cache=layer_cache(store),
-                        progress=progress)
+                        progress=progress, layer_types=layer_types)
 
 
 def layer_cache(store: Store) -> str:

@@ -127,8 +127,11 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     yaml_name, oci_name = default_export_names(session.session.name)
     notes = "".join(f"warning: {w}\n" for w in _left_out_warning(session, ctx))
     if args.format == "oci":
+        from stacker_kernel.oci.layer_types import parse_layer_types
+
         target = _beside_notebook(ctx, _export_target(args, oci_name))
-        tags = session.export_oci(str(target), progress=ctx.progress)
+        layer_types = parse_layer_types(getattr(args, "layer_types", None), getattr(args, "no_verity", False))
+        tags = session.export_oci(str(target), progress=ctx.progress, layer_types=layer_types)
         return Shown(f"{notes}wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
     target = _beside_notebook(ctx, _export_target(args, yaml_name))
     text = session.export_yaml(str(target))

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Protocol
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import ImageError
 from stacker_kernel.oci import cas
+from stacker_kernel.oci.layer_types import EROFS, SQUASHFS, fs_layer_to_tar, kind_of
 from stacker_kernel.oci.layout import ImageRef, OCILayout, parse_oci_ref
 from stacker_kernel.oci.tarlayer import ApplyReport, apply_layer, open_in_root
 from stacker_kernel.storage.store import Snapshot, Store
@@ -229,9 +230,25 @@ def _import_stacker_tar(store: Store, url: str, resolve_built: Callable[[str], S
 
 # --- oci and docker -------------------------------------------------------------------
 
-def _apply_layers(layers: list[str], rootfs: str) -> list[ApplyReport]:
-    """Apply layer blobs base-first, whiteouts hiding lower layers (one namespace for all)."""
-    return [apply_layer(blob, rootfs) for blob in layers]
+def _apply_layers(layers: list[str], rootfs: str, media_types: list[str] | None = None) -> list[ApplyReport]:
+    """Apply layer blobs base-first, whiteouts hiding lower layers (one namespace for all).
+
+    squashfs/erofs layers (stacker's layer types) are first turned into their
+    OCI tar form beside the blob, then applied by the same rules as any tar.
+    """
+    reports = []
+    for blob, media_type in zip(layers, media_types or [""] * len(layers)):
+        if kind_of(media_type) in (SQUASHFS, EROFS):
+            fd, tmp = tempfile.mkstemp(prefix=".fs-layer-", suffix=".tar", dir=os.path.dirname(blob))
+            os.close(fd)
+            try:
+                fs_layer_to_tar(blob, media_type, tmp, os.path.dirname(blob))
+                reports.append(apply_layer(tmp, rootfs, name=f"{kind_of(media_type)} layer {os.path.basename(blob)}"))
+            finally:
+                os.unlink(tmp)
+        else:
+            reports.append(apply_layer(blob, rootfs))
+    return reports
 
 
 def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn: Warn | None) -> Snapshot:
@@ -245,7 +262,8 @@ def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn:
                                   f"layer {ly.digest} of {layout.path}:{tag}")) for ly in image.layers]
 
     def populate(rootfs: Path) -> None:
-        _report(_in_container_ids(_apply_layers, keep_layers(), str(rootfs)), warn)
+        _report(_in_container_ids(_apply_layers, keep_layers(), str(rootfs),
+                                  [ly.media_type for ly in image.layers]), warn)
 
     snap = store.add_base(base_id, populate, source)
     keep_layers()  # a base stored before this cache existed gets its copies now
