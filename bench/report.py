@@ -6,7 +6,9 @@ Each script measures its figures beside their comparison in the same run and
 prints the ratio (bench/snapshot.py: the raw ioctl; bench/step.py: `sh -c
 true` and `buildah run` + `buildah commit`; bench/export.py: `umoci repack`;
 bench/cell.py: bash_kernel and ipykernel; bench/remote_cache.py: a GET and
-untar of the same blobs; bench/long_session.py: step 10, and no %layers output). This script only runs them one
+untar of the same blobs; bench/long_session.py: step 10, and no %layers output;
+bench/headless.py: the interpreter and the imports; bench/export_rootfs.py:
+umoci repack and buildah push oci:). This script only runs them one
 after the other, each with a time limit, and writes their output with the
 machine it ran on. Run as root so buildah (chroot isolation) takes part; the
 whole report takes a few minutes.
@@ -17,6 +19,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -52,6 +55,12 @@ BENCHES = [
     Bench("long_session.py", ("1000",), "Speed that does not decay (issue 14)",
           "a `true` cell at step 1000 beside one at step 10, the first `%layers` at 1000 steps, and a "
           "cell with five live `%layers` outputs over 200 steps beside one with none", 900),
+    Bench("headless.py", ("--rounds", "10"), "Cached headless build (issue 14)",
+          "a fully cached `stacker-kernel build -f notebook.ipynb` (fresh interpreter, layout up to date) "
+          "beside the interpreter alone and the command's imports, in turns", 300),
+    Bench("export_rootfs.py", ("--rounds", "5"), "Whole rootfs into a fresh layout (issue 14)",
+          "a Debian rootfs exported as one layer into an empty OCI layout beside `umoci repack` and "
+          "`buildah push oci:` of the same tree, in interleaved rounds", 900),
 ]
 
 
@@ -117,7 +126,51 @@ NOTES = [
     "its commit and recorded, so `%layers` only reads records; the history is a table with a row "
     "per step; all `%layers` outputs of a session are views of one widget, whose refresh after a "
     "step builds only the new row.",
+    "- **Cached headless build** is the whole command as a user or CI runs it, each time in a "
+    "fresh interpreter: a plain nbformat 4 notebook is read as JSON, so neither nbformat nor "
+    "jsonschema is imported, and an unchanged layout is left as it is (no layer is made again, "
+    "no file is written).",
+    "- **Whole rootfs export** is one layer of the whole tree: our walk, tar (PAX, sorted, "
+    "clamped mtimes) and gzip through pigz, with both digests taken on the way; umoci and "
+    "buildah compress with parallel gzip in Go. All three start from an empty layout.",
 ]
+
+
+def _sections(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(lines before the first `## `, title -> the lines of its section), in order."""
+    head: list[str] = []
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = line[3:]
+            sections[current] = []
+        if current is None:
+            head.append(line)
+        else:
+            sections[current].append(line)
+    return head, sections
+
+
+def merge(old: str, new: str) -> str:
+    """`old` with the sections `new` has replaced (or added before the notes): a run of
+    some scripts (--only) keeps the figures of the others, with a line saying when each ran."""
+    old_head, old_sections = _sections(old)
+    new_head, new_sections = _sections(new)
+    machine_line = next((ln for ln in new_head if ln.startswith("Machine: ")), "")
+    machine_line = re.sub(r" Whole report: \d+ s\.$", "", machine_line)
+    for title, lines in new_sections.items():
+        if title == NOTES[0][3:]:
+            continue
+        lines = lines[:2] + [f"Run on its own: {machine_line[len('Machine: '):]}", ""] + lines[2:]
+        old_sections[title] = lines
+    notes_title = NOTES[0][3:]
+    notes = old_sections.pop(notes_title, None)
+    old_sections[notes_title] = new_sections.get(notes_title, notes or [])
+    out = list(old_head)
+    for lines in old_sections.values():
+        out += lines
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
 def main() -> int:
@@ -136,6 +189,8 @@ def main() -> int:
         print(output, flush=True)
         results.append((bench, output, took, ok))
     text = render(results, time.monotonic() - t0)
+    if args.only and Path(args.out).exists():
+        text = merge(Path(args.out).read_text(), text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")

@@ -152,10 +152,26 @@ def render_layers(store) -> list[str]:
     return lines
 
 
+def storage_total(root) -> str:
+    """One line: what the storage's filesystem uses and has free."""
+    from stacker_kernel.storage import btrfs
+
+    st = os.statvfs(root)
+    return (f"storage {root}: {human_size(btrfs.fs_usage(root))} used, "
+            f"{human_size(st.f_bavail * st.f_frsize)} free")
+
+
 def cmd_layers(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         lines = render_layers(store)
+        steps = [s for s in store.snapshots() if s.kind == "step"]
+        measured = [s.size_delta for s in steps if s.size_delta is not None]
+        total = storage_total(store.root)
     print("\n".join(lines) if lines else "no snapshots")
+    if steps:  # kernels measure their steps' sizes; builds do not (it would slow them)
+        print(f"{len(measured)} of {len(steps)} step(s) measured, adding "
+              f"{human_size(sum(max(n, 0) for n in measured))}")
+    print(total)
     return 0
 
 
@@ -166,13 +182,18 @@ def add_gc(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from stacker_kernel.engine.history import held_bytes
     from stacker_kernel.storage.location import resolve_storage
     from stacker_kernel.storage.store import collect_garbage
 
-    removed, freed = collect_garbage(resolve_storage(args.storage))
-    for sid in removed:
-        print(f"removed {sid}")
-    print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}")
+    root = resolve_storage(args.storage)
+    removed, freed = collect_garbage(root, progress=print, held=held_bytes)
+    for snap in removed:
+        what = f"base  {first_line(snap.source, width=48)}" if snap.kind == "base" else (
+            f"layer {snap.layer}  {first_line(snap.source, width=48)}  "
+            f"{human_size(snap.size_delta, signed=True) if snap.size_delta is not None else ''}".rstrip())
+        print(f"removed {snap.id}  {what}")
+    print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}; {storage_total(root)}")
     return 0
 
 
@@ -200,9 +221,43 @@ def _substitutions(pairs: list[str]) -> dict[str, str]:
     return subs
 
 
+def add_dockerfile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--build-arg", action="append", metavar="NAME=VALUE",
+                   help="a Dockerfile's ARG value, as docker build --build-arg (repeatable)")
+    p.add_argument("--base", action="append", metavar="IMAGE=SOURCE",
+                   help="build a Dockerfile's FROM IMAGE from SOURCE instead: oci:DIR:TAG, tar:PATH "
+                        "or docker://REF (repeatable; for offline builds)")
+
+
+def _dockerfile_options(args: argparse.Namespace, relative_to: str = "."):
+    """The Dockerfile options of `args`, local --base paths made absolute."""
+    from stacker_kernel.recipe.dockerfile import DockerfileOptions
+
+    bases = {}
+    for pair in args.base or []:
+        image, sep, source = pair.partition("=")
+        if not sep or not image or not source:
+            raise StackerKernelError(f"--base {pair!r} is not IMAGE=SOURCE, e.g. debian:12=oci:./oci:debian")
+        kind, colon, rest = source.partition(":")
+        if source.startswith("docker://"):
+            bases[image] = source
+        elif colon and kind in ("oci", "tar"):
+            bases[image] = f"{kind}:{os.path.abspath(rest)}"
+        else:
+            bases[image] = f"tar:{os.path.abspath(source)}"
+    build_args = {}
+    for pair in args.build_arg or []:
+        key, sep, value = pair.partition("=")
+        if not key:
+            raise StackerKernelError(f"--build-arg {pair!r} is not NAME=VALUE")
+        build_args[key] = value if sep else os.environ.get(key, "")  # as docker: NAME alone takes $NAME
+    return DockerfileOptions(build_args, bases)
+
+
 def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--stacker-file", dest="file", default="stacker.yaml",
-                   help="stacker.yaml or notebook (.ipynb) to build (default stacker.yaml)")
+                   help="stacker.yaml, notebook (.ipynb) or Dockerfile to build (default stacker.yaml)")
+    add_dockerfile_options(p)
     p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
     p.add_argument("--oci-dir", default=None, help="write the images to this OCI layout (default: oci)")
     p.add_argument("--no-oci", action="store_true", help="keep results in the store only")
@@ -210,6 +265,7 @@ def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--squash", action="store_true", help="one OCI layer per stacker layer (as stacker emits)")
     p.add_argument("--annotations-namespace", default="io.stackeroci",
                    help="namespace of the manifest annotations (default io.stackeroci)")
+    add_layer_type_flags(p)
     # The shared cache (engine/remote_cache.py); defaults from the config file.
     p.add_argument("--cache-from", action="append", metavar="URL",
                    help="take step results from this cache (docker://HOST[:PORT]/REPO or oci:DIR; repeatable)")
@@ -228,6 +284,21 @@ def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-processes", type=int, metavar="N",
                    help="most processes and threads a step may run at once (default 4096, "
                         "or $STACKER_KERNEL_MAX_PROCESSES, or max_processes in your config file)")
+
+
+def add_layer_type_flags(p: argparse.ArgumentParser) -> None:
+    """stacker's --layer-type (repeatable) and --no-verity (alias --no-squashfs-verity)."""
+    p.add_argument("--layer-type", action="append", choices=("tar", "squashfs", "erofs"), metavar="TYPE",
+                   help="output layer type: tar, squashfs or erofs; repeat for several (default tar); "
+                        "non-tar images are tagged NAME-squashfs / NAME-erofs")
+    p.add_argument("--no-verity", "--no-squashfs-verity", action="store_true", dest="no_verity",
+                   help="do not append dm-verity data to squashfs/erofs layers")
+
+
+def _layer_types(args: argparse.Namespace):
+    from stacker_kernel.oci.layer_types import parse_layer_types
+
+    return parse_layer_types(args.layer_type, args.no_verity)
 
 
 def _add_attestation_flags(p: argparse.ArgumentParser, what: str = "the images") -> None:
@@ -272,7 +343,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         result = build(store, args.file, substitutions=_substitutions(args.substitute),
                        no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
                        annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
-                       on_failure=_failure_command(args), attestations=_attestations(args))
+                       on_failure=_failure_command(args), dockerfile=_dockerfile_options(args),
+                       layer_types=_layer_types(args), attestations=_attestations(args))
     print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
           f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
     return 0
@@ -357,6 +429,7 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-cell", action="store_true", help="one build_only layer per cell")
     p.add_argument("--oci", action="store_true", help="also write the images of the notebook's last session")
     p.add_argument("--oci-dir", default="oci", help="OCI layout for --oci (default oci)")
+    add_layer_type_flags(p)
     _add_attestation_flags(p)
 
 
@@ -365,7 +438,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     text = export_notebook(args.notebook, per_cell=args.per_cell,
                            oci_dir=args.oci_dir if args.oci else None,
-                           open_store=lambda: _open_store(args), attestations=_attestations(args))
+                           open_store=lambda: _open_store(args), layer_types=_layer_types(args),
+                           attestations=_attestations(args),
+                           progress=lambda line: print(line, file=sys.stderr))  # stdout may be the yaml
     if args.output:
         _write_output(args.output, lambda p: Path(p).write_text(text))
         print(f"wrote {args.output}")
@@ -375,17 +450,36 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_import(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stacker_yaml", help="the stacker.yaml to turn into a notebook")
-    p.add_argument("-o", "--output", required=True, help="notebook (.ipynb) to write")
+    p.add_argument("stacker_yaml", metavar="FILE", help="the stacker.yaml or Dockerfile to turn into a notebook")
+    p.add_argument("-o", "--output", required=True,
+                   help="notebook (.ipynb) to write (or, from a Dockerfile, a stacker.yaml)")
     p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
+    add_dockerfile_options(p)
+
+
+def _import_dockerfile(args: argparse.Namespace) -> int:
+    import nbformat
+
+    from stacker_kernel.engine.build import convert_dockerfile
+
+    out = convert_dockerfile(args.stacker_yaml, args.output, _dockerfile_options(args))
+    if isinstance(out, str):
+        _write_output(args.output, lambda p: Path(p).write_text(out))
+    else:
+        _write_output(args.output, lambda p: nbformat.write(out, p))
+    print(f"wrote {args.output}")
+    return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     import nbformat
 
+    from stacker_kernel.recipe.dockerfile import is_dockerfile
     from stacker_kernel.recipe.notebook import notebook_from_recipe
     from stacker_kernel.recipe.stacker_yaml import load_file
 
+    if is_dockerfile(args.stacker_yaml):
+        return _import_dockerfile(args)
     subs = _substitutions(args.substitute)
     try:  # placeholders stay in the cells: the notebook builds with other values too
         recipe = load_file(args.stacker_yaml, subs, keep_placeholders=True)
@@ -456,7 +550,7 @@ COMMANDS: list[Command] = [
     Command("chroot", "an interactive shell in a throwaway copy of a built layer "
             "(or of the failed state a failed build stopped in)", add_chroot, cmd_chroot),
     Command("export", "a notebook as stacker.yaml (and OCI images)", add_export, cmd_export),
-    Command("import", "a stacker.yaml as a notebook", add_import, cmd_import),
+    Command("import", "a stacker.yaml or a Dockerfile as a notebook", add_import, cmd_import),
     Command("publish", "copy built images to a registry or another OCI layout (skopeo)", add_publish,
             cmd_publish),
 ]

@@ -226,7 +226,7 @@ def test_run_all_builds_the_demo_notebook(page):
     last = page.locator(".jp-Notebook .jp-CodeCell").nth(HELLO_CODE_CELLS - 1)
     assert re.search(r"serving \w+ from stacker .* from /srv/www", last.locator(".jp-OutputArea").inner_text())
     assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
-                        has_text="StepFailed").count() == 0
+                        has_text="Step failed").count() == 0
 
 
 def test_roll_back_here_in_the_layers_widget_undoes_the_later_steps(page, lab):

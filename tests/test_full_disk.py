@@ -122,4 +122,4 @@ def test_gc_on_a_full_disk_deletes_and_reports_what_it_freed(small_btrfs, busybo
             f.write(b"x" * (1 << 20))
             f.flush()
     removed, freed = collect_garbage(root)
-    assert step.snapshot_id in removed and freed >= 8 << 20
+    assert step.snapshot_id in [s.id for s in removed] and freed >= 8 << 20

@@ -19,6 +19,7 @@ NO_EFFECT = {
     "grab": "%grab /etc/passwd",
     "export": "%export",
     "sbom": "%sbom",
+    "log": "%log",
     "help": "%help",
 }
 

@@ -50,7 +50,7 @@ magic_lines = st.lists(st.one_of(
     st.builds(lambda m, a: f"%{m} {a}", st.sampled_from(
         ["layer", "from", "import", "build_env", "binds", "environment", "labels", "cmd", "entrypoint",
          "full_command", "working_dir", "volumes", "runtime_user", "annotations", "build_only", "os",
-         "arch", "rollback", "layers", "diff", "grab", "browse", "export", "keep_failed", "cache",
+         "arch", "rollback", "layers", "diff", "grab", "browse", "export", "keep_failed", "cache", "log",
          "network", "help", "nope"]), st.text(max_size=20)),
     st.text(max_size=30)), max_size=6)
 

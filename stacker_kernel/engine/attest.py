@@ -112,6 +112,15 @@ def _record(chain: list[ImageSpec], ctx: BuildContext) -> provenance.BuildRecord
                                   yaml_sha, dict(ctx.substitutions or {}))
 
 
+def _spec_of(tag: str, by_name: dict[str, ImageSpec]) -> ImageSpec | None:
+    """The spec an exported tag was made from: NAME, or NAME-squashfs / NAME-erofs (the
+    same image in another layer type, oci/export.py)."""
+    if tag in by_name:
+        return by_name[tag]
+    name, _, kind = tag.rpartition("-")
+    return by_name.get(name) if kind in ("squashfs", "erofs") else None
+
+
 def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx: BuildContext,
                   which: Attestations, *, source_date_epoch: int | None = None) -> None:
     """Attach the documents `which` asks for to each image of `tags` (made from
@@ -123,7 +132,7 @@ def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx:
     by_name = {s.name: s for s in specs}
     created = provenance.timestamp(source_date_epoch)
     for tag in tags:
-        spec = by_name.get(tag)
+        spec = _spec_of(tag, by_name)
         if spec is None:
             continue
         digest = attach.tagged_manifest(layout_dir, tag)["digest"]

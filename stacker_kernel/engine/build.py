@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.live import build_environment
@@ -24,25 +24,18 @@ from stacker_kernel.storage.store import Snapshot, Store
 Printer = Callable[[str], None]
 
 
-def load_recipes(path: str, substitutions: dict[str, str] | None = None) -> list[Recipe]:
-    """The recipes to build for `path`, prerequisites first. A notebook is one recipe."""
-    if path.endswith(".ipynb"):
-        import nbformat
+def load_recipes(path: str, substitutions: dict[str, str] | None = None,
+                 dockerfile=None) -> list[Recipe]:
+    """The recipes to build for `path`, prerequisites first. A notebook is one recipe,
+    and so is a Dockerfile (`dockerfile`: its recipe.dockerfile.DockerfileOptions)."""
+    from stacker_kernel.recipe.dockerfile import is_dockerfile
 
+    if is_dockerfile(path):
+        return [load_dockerfile(path, dockerfile)]
+    if path.endswith(".ipynb"):
         from stacker_kernel.recipe.notebook import recipe_from_notebook
 
-        invalid: dict = {}
-        try:
-            # Schema errors are captured (not logged) and refused: a cell whose source
-            # is not text would otherwise reach the parser as a traceback.
-            nb = nbformat.read(path, as_version=4, capture_validation_error=invalid)
-        except FileNotFoundError:
-            raise RecipeError(f"{path} does not exist") from None
-        except Exception as e:  # nbformat raises many kinds for a broken file
-            raise RecipeError(f"{path} is not a readable notebook: {_first_line_of(e)}") from None
-        if invalid.get("ValidationError") is not None:
-            raise RecipeError(f"{path} is not a valid notebook: "
-                              f"{_first_line_of(invalid['ValidationError'])}: fix it in JupyterLab")
+        nb = read_notebook(path)
         recipe = recipe_from_notebook(nb, Path(path).stem, substitutions or {})
         recipe.source_path = os.path.abspath(path)
         return [recipe]
@@ -51,6 +44,106 @@ def load_recipes(path: str, substitutions: dict[str, str] | None = None) -> list
     if not os.path.exists(path):
         raise RecipeError(f"{path} does not exist: give the stacker.yaml with -f")
     return load_with_prerequisites(path, substitutions or {})
+
+
+def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None):
+    """The notebook of the Dockerfile at `path` (recipe.dockerfile), its warnings to
+    `warn` (default: stderr), and the last stage's name."""
+    from stacker_kernel.recipe.dockerfile import DockerfileOptions, dockerfile_notebook, layer_name_for
+
+    options = options or DockerfileOptions()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path} does not exist: give the Dockerfile with -f") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read {path}: {e}: check the file") from None
+    name = layer_name_for(path)
+    build_context = os.path.dirname(os.path.abspath(path))
+
+    def match(pattern: str) -> list[str]:  # as Docker: `*` matches dot files too
+        import glob
+
+        return glob.glob(pattern, root_dir=build_context, include_hidden=True)
+
+    try:
+        nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
+                                           bases=options.bases, context=context, match=match)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from e
+    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), ".dockerignore")):
+        warnings.append(".dockerignore is not applied: COPY and ADD take every file they name")
+    for w in warnings:
+        (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {path}: {w}")
+    return nb, name
+
+
+def load_dockerfile(path: str, options=None, warn: Printer | None = None) -> Recipe:
+    """The recipe of the Dockerfile at `path`, as its notebook gives it; relative
+    COPY sources are in the Dockerfile's directory (the build context)."""
+    from stacker_kernel.recipe.notebook import recipe_from_notebook
+
+    nb, name = _dockerfile_notebook(path, options, "", warn)
+    try:
+        recipe = recipe_from_notebook(nb, name)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from e
+    recipe.source_path = os.path.abspath(path)
+    return recipe
+
+
+def convert_dockerfile(path: str, output: str, options=None, warn: Printer | None = None):
+    """The Dockerfile at `path` as a notebook (an nbformat node) or, when `output`
+    ends in .yaml/.yml, as stacker.yaml text; COPY sources relative to `output`."""
+    from stacker_kernel.recipe.notebook import recipe_from_notebook
+    from stacker_kernel.recipe.stacker_yaml import dump
+
+    context = os.path.relpath(os.path.dirname(os.path.abspath(path)),
+                              os.path.dirname(os.path.abspath(output)))
+    nb, name = _dockerfile_notebook(path, options, "" if context == "." else context, warn)
+    if not output.endswith((".yaml", ".yml")):
+        return nb
+    try:
+        return dump(recipe_from_notebook(nb, name))
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from e
+
+
+def read_notebook(path: str) -> dict:
+    """The notebook at `path` as nbformat 4 JSON; RecipeError when it is missing or broken.
+
+    A plain nbformat 4 file is read with json: nbformat and jsonschema take
+    over a second to import, most of a cached build. Anything else goes
+    through nbformat, which converts older versions and says what is wrong.
+    """
+    import json
+
+    from stacker_kernel.recipe.notebook import is_plain_v4
+
+    try:
+        with open(path, "rb") as f:
+            nb = json.load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"{path} does not exist") from None
+    except (OSError, ValueError):
+        nb = None
+    if is_plain_v4(nb):
+        return nb
+    import nbformat
+
+    invalid: dict = {}
+    try:
+        # Schema errors are captured (not logged) and refused: a cell whose source
+        # is not text would otherwise reach the parser as a traceback.
+        nb = nbformat.read(path, as_version=4, capture_validation_error=invalid)
+    except FileNotFoundError:
+        raise RecipeError(f"{path} does not exist") from None
+    except Exception as e:  # nbformat raises many kinds for a broken file
+        raise RecipeError(f"{path} is not a readable notebook: {_first_line_of(e)}") from None
+    if invalid.get("ValidationError") is not None:
+        raise RecipeError(f"{path} is not a valid notebook: "
+                          f"{_first_line_of(invalid['ValidationError'])}: fix it in JupyterLab")
+    return nb
 
 
 def _first_line_of(error: BaseException) -> str:
@@ -72,7 +165,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
           no_cache: bool = False, oci_dir: str | None = None, squash: bool = False,
           annotations_namespace: str = "io.stackeroci", out: Printer = print,
           stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None,
-          on_failure: list[str] | None = None, attestations=None) -> BuildResult:
+          on_failure: list[str] | None = None, dockerfile=None,
+          layer_types: tuple[Any, ...] | None = None, attestations=None) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). `cache` names the
@@ -81,10 +175,12 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     its rootfs is kept as a "failed" snapshot that `chroot` opens (until gc or the
     next build of `path`). With `on_failure` (an argv, e.g. ["/bin/sh"]), that
     command first runs on this terminal in the failed step's container, as
-    stacker's --on-run-failure. The images get an SBOM and provenance unless
-    `attestations` (engine/attest.Attestations) turns them off.
+    stacker's --on-run-failure. `dockerfile` holds a Dockerfile's build args and bases.
+    `layer_types` (oci/layer_types.py) are the
+    output layer types (default tar), as stacker's --layer-type. The images get an
+    SBOM and provenance unless `attestations` (engine/attest.Attestations) turns them off.
     """
-    recipes = load_recipes(path, substitutions)
+    recipes = load_recipes(path, substitutions, dockerfile)
     abspath = os.path.abspath(path)
     if stream is None:
         def stream(text: str) -> None:
@@ -106,7 +202,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                 session.begin_layer(replace(layer, steps=[]), base_dir=base_dir)
                 for i, step in enumerate(layer.steps, 1):
                     t0 = time.monotonic()
-                    outcome = session.run_step(step.source, step.cell_id, on_output=stream)
+                    outcome = session.run_step(step.source, step.cell_id, on_output=stream,
+                                               on_progress=lambda line: out(f"  {line.rstrip()}"))
                     took = time.monotonic() - t0
                     if not outcome.ok:
                         _fail(session, path, name, i, step, outcome.message, on_failure, out)
@@ -124,7 +221,10 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
         if oci_dir:
             extra = {"attestations": attestations} if attestations is not None else {}
             result.oci_tags = session.export_oci(oci_dir, squash=squash,
-                                                 annotations_namespace=annotations_namespace, **extra)
+                                                 annotations_namespace=annotations_namespace,
+                                                 progress=lambda line: out(f"  {line}"),
+                                                 **({"layer_types": layer_types} if layer_types else {}),
+                                                 **extra)
             out(f"wrote {', '.join(result.oci_tags) or 'no tags'} to {oci_dir}")
         # Older builds of the same file are superseded: let gc reclaim them.
         for old in store.find_sessions(name=abspath, kind="build"):
@@ -267,19 +367,13 @@ def _layer_definition(path: str, name: str, substitutions: dict[str, str] | None
 
 
 def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = None,
-                    open_store: Callable[[], Store] | None = None, attestations=None) -> str:
+                    open_store: Callable[[], Store] | None = None, progress: Printer | None = None,
+                    layer_types: tuple[Any, ...] | None = None, attestations=None) -> str:
     """A notebook as stacker.yaml text; with `oci_dir`, also the images of its last
     session (what was actually built)."""
-    import nbformat
-
     from stacker_kernel.recipe.nbconvert import notebook_to_stacker_yaml
 
-    try:
-        nb = nbformat.read(path, as_version=4)
-    except FileNotFoundError:
-        raise RecipeError(f"{path} does not exist") from None
-    except Exception as e:
-        raise RecipeError(f"{path} is not a readable notebook: {e}") from None
+    nb = read_notebook(path)
     text = notebook_to_stacker_yaml(nb, Path(path).stem, per_cell=per_cell)
     if oci_dir and open_store is not None:
         from stacker_kernel.engine.export import export_stored_session
@@ -290,5 +384,6 @@ def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = 
         with open_store() as store:
             extra = {"attestations": attestations} if attestations is not None else {}
             export_stored_session(store, latest_session(store, path), oci_dir, layers=layers,
-                                  stacker_yaml=text, **extra)
+                                  stacker_yaml=text, progress=progress,
+                                  **({"layer_types": layer_types} if layer_types else {}), **extra)
     return text

@@ -11,6 +11,7 @@ from typing import Any
 
 from stacker_kernel.engine.attest import Attestations, BuildContext, attest_images
 from stacker_kernel.oci.bases import base_image, base_layers
+from stacker_kernel.oci.layer_types import TAR_TYPE, LayerType
 from stacker_kernel.oci.export import ImageSpec, OciBase, StepSnapshot, export_image, source_date_epoch_from_env
 from stacker_kernel.recipe.model import ImageSource, Layer, check_layer_name
 from stacker_kernel.storage.store import Session, Snapshot, Store
@@ -65,6 +66,8 @@ def image_specs(store: Store, history: list[Snapshot], tags: dict[str, str],
 
 def export_session_oci(session, oci_dir: str, *, squash: bool = False,
                        stacker_yaml: str | None = None, annotations_namespace: str = "io.stackeroci",
+                       progress=None,
+                       layer_types: tuple[LayerType, ...] = (TAR_TYPE,),
                        attestations: Attestations = Attestations()) -> list[str]:
     """Write the images of a live BuildSession to the OCI layout `oci_dir`, with their
     SBOM and provenance (as `attestations` says); returns the tags."""
@@ -79,14 +82,16 @@ def export_session_oci(session, oci_dir: str, *, squash: bool = False,
     epoch = source_date_epoch_from_env()
     tags = export_image(oci_dir, specs, source_date_epoch=epoch,
                         annotations_namespace=annotations_namespace, stacker_yaml=stacker_yaml,
-                        squash=squash, layer_cache=layer_cache(session.store))
+                        squash=squash, layer_cache=layer_cache(session.store), progress=progress,
+                        layer_types=layer_types)
     context = BuildContext(session.session.name, stacker_yaml, {str(s.path): s for s in history}, session.base_dir)
     attest_images(oci_dir, specs, tags, context, attestations, source_date_epoch=epoch)
     return tags
 
 
 def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: dict[str, Any] | None = None,
-                          stacker_yaml: str | None = None, squash: bool = False,
+                          stacker_yaml: str | None = None, squash: bool = False, progress=None,
+                          layer_types: tuple[LayerType, ...] = (TAR_TYPE,),
                           attestations: Attestations = Attestations()) -> list[str]:
     """Write the images of a stored (ended) session to `oci_dir`, with their SBOM and
     provenance (as `attestations` says); returns the tags."""
@@ -94,7 +99,8 @@ def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: 
     specs = image_specs(store, history, sess.tags, layers or {})
     epoch = source_date_epoch_from_env()
     tags = export_image(oci_dir, specs, source_date_epoch=epoch,
-                        stacker_yaml=stacker_yaml, squash=squash, layer_cache=layer_cache(store))
+                        stacker_yaml=stacker_yaml, squash=squash, layer_cache=layer_cache(store),
+                        progress=progress, layer_types=layer_types)
     context = BuildContext(sess.name, stacker_yaml, {str(s.path): s for s in history}, os.path.dirname(sess.name))
     attest_images(oci_dir, specs, tags, context, attestations, source_date_epoch=epoch)
     return tags

@@ -54,6 +54,35 @@ def measure_sizes(pairs: list[tuple[str | None, str]]) -> list[int]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def held_bytes(store: Store, snaps: list[Snapshot], budget: float = 3.0) -> int:
+    """About the bytes of file content that deleting `snaps` frees (gc's estimate, which
+    it waits for btrfs to give back).
+
+    A removed step frees what it added to its parent: its recorded size change,
+    else measured now (a diff), as long as measuring has taken less than
+    `budget` seconds (what is left counts nothing: gc stays quick after many
+    builds). A removed base frees all its content, as everything built on it
+    is removed with it.
+    """
+    import time
+
+    from stacker_kernel.engine.inspect import size_changes
+
+    total, pairs = 0, []
+    for snap in snaps:
+        if snap.kind == "step" and snap.size_delta is not None:
+            total += max(snap.size_delta, 0)
+            continue
+        parent = store.get(snap.parent) if snap.kind == "step" and snap.parent else None
+        pairs.append((str(parent.path) if parent else None, str(snap.path)))
+    deadline = time.monotonic() + budget
+    for start in range(0, len(pairs), 8):  # a helper per 8 diffs: the budget is checked between them
+        if time.monotonic() > deadline:
+            break
+        total += sum(max(n, 0) for n in size_changes(pairs[start:start + 8]))
+    return total
+
+
 @dataclass
 class StepView:
     """One row of `%layers` / `stacker-kernel layers`."""
@@ -90,6 +119,7 @@ class History:
         # A cache hit's record names the cell that first built it; in this session
         # the step belongs to the cell that hit it (re-run and %rollback use that).
         self.cell_ids: dict[str, str | None] = {}
+        self.hits: set[str] = set()  # steps taken from the cache in this session (not run here)
         self._records: dict[str, Snapshot] = {}
         self._cell_pos: dict[str, int] | None = None  # cell id -> its first position; None: to rebuild
         self._sizer: ThreadPoolExecutor | None = None
@@ -123,6 +153,7 @@ class History:
     def append(self, snap: Snapshot, cell_id: str | None = None, *, hit: bool = False) -> None:
         """`snap` is the newest entry; a cache `hit` belongs to `cell_id` here."""
         if hit:
+            self.hits.add(snap.id)
             if cell_id != snap.cell_id:
                 self.cell_ids[snap.id] = cell_id
             else:
@@ -153,7 +184,7 @@ class History:
         return [StepView(i, snap.id, snap.layer, snap.cell_id,
                          first_line(snap.source, skip_shebang=True),
                          snap.status, snap.duration, snap.size_delta,
-                         cached=snap.session != self.session.id)
+                         cached=snap.session != self.session.id or snap.id in self.hits)
                 for i, snap in enumerate(snaps, 1)]
 
     def measure_later(self) -> None:
@@ -171,6 +202,19 @@ class History:
         """True while a background size measurement is queued or running."""
         pending = self._sizing
         return pending is not None and not pending.done()
+
+    def when_measured(self, sid: str, fn) -> None:
+        """Call `fn(size change of step sid, or None)` once the measurements queued so far
+        have finished (on the measuring thread; at once if none is pending)."""
+        def done(_future=None) -> None:
+            snap = self._records.get(sid)
+            fn(snap.size_delta if snap is not None else None)
+
+        pending = self._sizing
+        if pending is None:
+            done()
+        else:
+            pending.add_done_callback(done)
 
     def wait_for_sizes(self) -> None:
         """Wait until the background size measurements have finished."""

@@ -35,13 +35,14 @@ from stacker_kernel.engine.history import History, StepView
 from stacker_kernel.engine.live import BUILD_PATH, LiveRootfs, absolute_source, build_environment
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
 from stacker_kernel.recipe.cells import split_script
-from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step
+from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, first_line
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Session, Snapshot, Store
 
 __all__ = ["BUILD_PATH", "BuildSession", "StepOutcome", "StepView", "build_environment"]
 
 OutputFn = Callable[[str], None]
+IMPORT_NOTICE_AFTER = 0.5  # seconds: a base import that takes longer says when it starts and ends
 
 
 @dataclass
@@ -54,6 +55,25 @@ class StepOutcome:
     interrupted: bool
     log_path: str | None
     duration: float = 0.0
+    # Where the step is, for the status line: its 1-based position in the history
+    # (for a step that committed nothing, the position it would have had) and layer.
+    index: int = 0
+    layer: str = ""
+    size_delta: int | None = None  # None: not measured yet
+    # The container holds this step's uncommitted failed state (keep_failed), or the
+    # step ran in such a state and committed nothing either.
+    kept_failed: bool = False
+
+
+@dataclass
+class KeptFailure:
+    """The uncommitted state a failed step left under keep_failed (what %layers shows)."""
+    index: int  # the position the step would have had in the history
+    layer: str
+    cell_id: str | None
+    first_line: str
+    duration: float
+    message: str
 
 
 @dataclass
@@ -84,6 +104,8 @@ class BuildSession:
         self.head: Snapshot | None = None  # last committed snapshot of the current layer (or its base)
         self.state: ShellState | None = None
         self.inspecting_failure = False
+        self._kept_failure: KeptFailure | None = None
+        self._on_hit: Callable[[StepOutcome], None] | None = None  # see run_step
         self._interrupt_requested = False
         self._live = LiveRootfs(store, session.id)
         self._history = History(store, session)
@@ -204,7 +226,8 @@ class BuildSession:
                     # starts the layer being run again (e.g. Run All after a restart).
                     dropped = self._later_layers_note(self.layer.name)
                     self._rollback_to_layer_start(self.layer.name)
-                    info.append(f"layer {self.layer.name}: back to its start (its base is set again){dropped}")
+                    info.append(f"layer {self.layer.name} starts again from its base: its cells run "
+                                f"again, or come from the cache where nothing changed{dropped}")
                 elif d.name in ("binds", "import") and self.layer_steps():
                     raise RecipeError(
                         f"%{d.name} must come before the first step of layer {self.layer.name}: "
@@ -227,8 +250,16 @@ class BuildSession:
             # Re-running the cell that starts an existing layer: back to its start.
             dropped = self._later_layers_note(name)
             self._rollback_to_layer_start(name)
-            return [f"layer {name}: back to its start, its steps leave the image{dropped}"]
-        self._finish_layer()
+            return [f"layer {name} starts again from its base: its cells run again, or come "
+                    f"from the cache where nothing changed{dropped}"]
+        if self._implicit_layer_unused():
+            # The notebook-named layer nobody gave a base or a step (e.g. its first cell
+            # failed without %from) is no layer of the image: drop it, do not tag it.
+            self._stop_container()
+            del self.recipe.layers[self.layer.name]
+            self.session.tags.pop(self.layer.name, None)
+        else:
+            self._finish_layer()
         layer = Layer(name=name, from_=ImageSource(type="scratch"))
         self.recipe.layers[name] = layer
         self._run = _LayerRun(layer, base_dir=self.base_dir)
@@ -236,6 +267,11 @@ class BuildSession:
         self.session.layer = name
         self.store.update_session(self.session)
         return []
+
+    def _implicit_layer_unused(self) -> bool:
+        layer = self.layer
+        return (layer.name == self.default_layer and not self.layer_steps()
+                and layer == Layer(name=layer.name, from_=ImageSource(type="scratch")))
 
     def _finish_layer(self) -> None:
         if self.head is not None:
@@ -334,7 +370,7 @@ class BuildSession:
             return self.external_built(name)
         raise RecipeError(f"layer {name} is not built yet: build it before a layer that says 'from: built {name}'")
 
-    def _ensure_live(self, on_output: OutputFn | None = None) -> None:
+    def _ensure_live(self, on_output: OutputFn | None = None, on_progress: OutputFn | None = None) -> None:
         """The live rootfs is a writable snapshot of the head (importing the base first;
         its warnings, e.g. device nodes made empty files, go to `on_output`)."""
         if self._live.ready:
@@ -342,7 +378,7 @@ class BuildSession:
         if self.head is None:
             source = absolute_source(self.layer.from_, self._run.base_dir)
             warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
-            base = self._import_pinned_base(source, warn)
+            base = self._import_with_progress(source, warn, on_progress)
             self.head = base
             self.state = None
         self._set_live(self.head)
@@ -352,6 +388,29 @@ class BuildSession:
         self._live.replace(snap)
         self._stage_imports()
         self._live.ready = True
+
+    def _import_with_progress(self, source: ImageSource, warn, on_output: OutputFn | None) -> Snapshot:
+        """_import_pinned_base; an import that takes a while says so when it starts
+        (an already imported base says nothing) and when it ends."""
+        if on_output is None:
+            return self._import_pinned_base(source, warn)
+        what = f"{source.type} {source.url}".strip()
+        shown = threading.Event()
+
+        def starting() -> None:
+            on_output(f"importing base {what} ...\n")
+            shown.set()
+        timer = threading.Timer(IMPORT_NOTICE_AFTER, starting)
+        timer.daemon = True
+        start = time.monotonic()
+        timer.start()
+        try:
+            base = self._import_pinned_base(source, warn)
+        finally:
+            timer.cancel()
+        if shown.is_set():
+            on_output(f"imported base {what} in {time.monotonic() - start:.1f}s\n")
+        return base
 
     def _import_pinned_base(self, source: ImageSource, warn) -> Snapshot:
         """Import the layer's base and make the session point at it, checked under the
@@ -428,24 +487,33 @@ class BuildSession:
                                   env=env, network=self.network))
 
     def run_step(self, script: str, cell_id: str | None = None,
-                 on_output: OutputFn | None = None) -> StepOutcome:
-        """Run one step (a cell, or a layer's `run`) and commit it; blocking."""
+                 on_output: OutputFn | None = None, on_progress: OutputFn | None = None,
+                 on_hit: Callable[[StepOutcome], None] | None = None) -> StepOutcome:
+        """Run one step (a cell, or a layer's `run`) and commit it; blocking. Lines about
+        work before the step (a base import that takes a while) go to `on_progress`.
+
+        On a cache hit, `on_hit` gets the outcome before the stored output is
+        replayed to `on_output` (so a face can say "cached" above it)."""
         with self._step_lock:
+            self._on_hit = on_hit
             try:
-                outcome = self._run_step(script, cell_id, on_output)
+                outcome = self._run_step(script, cell_id, on_output, on_progress)
                 if self.remote_cache is not None and outcome.ok and outcome.snapshot_id:  # remote cache: push
                     self.remote_cache.push(self, outcome.snapshot_id, on_output)
                 return outcome
             finally:
+                self._on_hit = None
                 self._interrupt_requested = False  # an interrupt ends at most the step it came during
 
-    def _run_step(self, script: str, cell_id: str | None, on_output: OutputFn | None) -> StepOutcome:
+    def _run_step(self, script: str, cell_id: str | None, on_output: OutputFn | None,
+                  on_progress: OutputFn | None = None) -> StepOutcome:
         with self._lock:
             if cell_id is not None and not self.inspecting_failure:
                 for line in self._rollback_for_rerun(cell_id):
                     if on_output is not None:
                         on_output(line + "\n")
-            self._ensure_live(on_output)
+            self._ensure_live(on_output, on_progress)
+            self._check_shell()
             env = build_environment(self.layer)
             key = self.cache_key(script, env)
             if self.use_cache and not self.layer.binds and not self.inspecting_failure:
@@ -461,9 +529,7 @@ class BuildSession:
                         self._replace_live(hit)
                         self._advance(hit, cell_id, hit=True)
                 if hit is not None:
-                    for cell in before:  # the output of the cells the step stands for, in order
-                        replay_output(self.store.log_path(cell.id), on_output)
-                    return self._replay(hit, cell_id, on_output, t0)
+                    return self._replay(hit, cell_id, on_output, t0, before)
                 if self.remote_cache is not None:  # remote cache: a hit from --cache-from
                     remote = self.remote_cache.lookup(self, key, script, cell_id, on_output)
                     if remote is not None:
@@ -485,9 +551,11 @@ class BuildSession:
                                f"on {self.store.root} (e.g. stacker-kernel gc) and run the step again") from None
         with self._lock:
             if not result.ok:
-                return self._failed(result, str(log_tmp))
+                return self._failed(result, str(log_tmp), script, cell_id)
             if self.inspecting_failure:
-                return StepOutcome(True, False, None, "", 0, False, str(log_tmp), result.duration)
+                return StepOutcome(True, False, None, "", 0, False, str(log_tmp), result.duration,
+                                   index=len(self.session.history) + 1, layer=self.layer.name,
+                                   kept_failed=True)
             snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                             layer=self.layer.name, cell_id=cell_id, source=script, cache_key=key,
                             state=result.state.to_json(), status="ok", started=started,
@@ -509,7 +577,8 @@ class BuildSession:
                 self._advance(stored)
             self.layer.steps.append(Step(script, cell_id))
             return StepOutcome(True, False, stored.id, "", 0, False, str(self.store.log_path(stored.id)),
-                               result.duration)
+                               result.duration, index=len(self.session.history), layer=self.layer.name,
+                               size_delta=stored.size_delta)
 
     def _back_to_head(self) -> None:
         """Drop what a step did after an error outside it (a full disk); if even that
@@ -549,17 +618,47 @@ class BuildSession:
         return chain
 
     def _replay(self, hit: Snapshot, cell_id: str | None, on_output: OutputFn | None,
-                t0: float) -> StepOutcome:
+                t0: float, before: list[Snapshot] = ()) -> StepOutcome:
         """A cache hit, once the live rootfs is a writable snapshot of `hit` and the
-        session points at it: nothing runs, the stored output is replayed."""
+        session points at it: nothing runs, the stored output is replayed (first
+        that of the cells `before` it that the step stands for, in order)."""
         log = self.store.log_path(hit.id)
+        outcome = StepOutcome(True, True, hit.id, "", 0, False, str(log), 0.0,
+                              index=len(self.session.history), layer=self.layer.name,
+                              size_delta=hit.size_delta)
+        if self._on_hit is not None:
+            self._on_hit(outcome)
+        for cell in before:
+            replay_output(self.store.log_path(cell.id), on_output)
         replay_output(log, on_output)
         self.layer.steps.append(Step(hit.source, cell_id))
-        return StepOutcome(True, True, hit.id, "", 0, False, str(log), time.monotonic() - t0)
+        outcome.duration = time.monotonic() - t0
+        return outcome
 
-    def _failed(self, result, log_path: str) -> StepOutcome:
+    def _check_shell(self) -> None:
+        """A layer on an empty base (scratch, e.g. a notebook's first cell without
+        %from) has no shell to run a cell: say how to pick a base instead."""
+        if self.layer.from_.type != "scratch" or self.layer_steps():
+            return
+        if self.layer.binds or os.path.lexists(self.live / "bin" / "sh"):
+            return
+        if self.session.kind != "kernel":
+            raise RecipeError(f"layer {self.layer.name} is from scratch, which is empty: it has no"
+                              " /bin/sh to run its steps; give it a base (from: type tar, oci or docker)")
+        where = "" if self.layer.name == self.default_layer else f" of layer {self.layer.name}"
+        raise RecipeError(
+            f"there is no base image{where} yet (scratch is empty: no /bin/sh to run this cell):"
+            " start with a cell like %from tar ROOTFS.tar, %from oci DIR:TAG or"
+            " %from docker docker://HOST/REPO:TAG, then run this cell again")
+
+    def _failed(self, result, log_path: str, script: str = "", cell_id: str | None = None) -> StepOutcome:
         message = result.message
+        index = len(self.session.history) + 1
         if self.keep_failed:
+            if not self.inspecting_failure:  # a step failing in the kept state keeps the first
+                self._kept_failure = KeptFailure(index, self.layer.name, cell_id,
+                                                 first_line(script, skip_shebang=True),
+                                                 result.duration, result.message)
             self.inspecting_failure = True
             if self.session.kind == "kernel":  # a build stops here: no later steps, no %rollback
                 message += " (keep_failed: the container keeps the failed state for inspection; later steps are not committed until %rollback)"
@@ -567,7 +666,13 @@ class BuildSession:
             # No trace: back to the last snapshot (a fresh container at the next step).
             self._replace_live(self.head)
         return StepOutcome(False, False, None, message, result.status, result.interrupted, log_path,
-                           result.duration)
+                           result.duration, index=index, layer=self.layer.name,
+                           kept_failed=self.keep_failed)
+
+    def kept_failure(self) -> KeptFailure | None:
+        """The uncommitted failed state the container holds under keep_failed, if any."""
+        with self._lock:
+            return self._kept_failure if self.inspecting_failure else None
 
     def keep_failed_state(self, script: str, cell_id: str | None = None) -> Snapshot:
         """Freeze the rootfs a failed step left (under `keep_failed`) as a read-only
@@ -606,6 +711,11 @@ class BuildSession:
     def sizes_pending(self) -> bool:
         """True while step size changes are being measured in the background."""
         return self._history.sizes_pending()
+
+    def when_size_known(self, snapshot_id: str, fn: Callable[[int | None], None]) -> None:
+        """Call `fn` with the size change of step `snapshot_id` once it is measured (None if
+        it could not be), from the measuring thread: a face can then show it."""
+        self._history.when_measured(snapshot_id, fn)
 
     def wait_for_sizes(self) -> None:
         """Wait until the background size measurements have finished (history() then has them)."""

@@ -16,7 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jupyter_client.kernelspec import KernelSpecManager
 
 KERNEL_NAME = "stacker"
 DISPLAY_NAME = "Stacker (container build)"
@@ -60,6 +59,8 @@ def install(user: bool = False, prefix: str | None = None) -> str:
             os.chmod(tmp, 0o755)
             for f in Path(tmp).iterdir():
                 os.chmod(f, 0o644)
+            from jupyter_client.kernelspec import KernelSpecManager  # only here: every CLI command builds these options
+
             return KernelSpecManager().install_kernel_spec(
                 tmp, KERNEL_NAME, user=user, prefix=prefix)
     finally:

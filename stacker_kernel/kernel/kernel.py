@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import importlib.metadata
 import os
 import signal
@@ -31,7 +32,7 @@ from stacker_kernel.kernel import completion, magics
 from stacker_kernel.kernel.marks import StepMarks, rollback_cause
 from stacker_kernel.kernel.output import OutputSink
 from stacker_kernel.kernel.syntax import shell_completeness
-from stacker_kernel.kernel.tables import CellNames
+from stacker_kernel.kernel.tables import CellNames, size_change
 from stacker_kernel.kernel.widgets import WidgetHost, WidgetRegistry
 
 try:
@@ -108,6 +109,7 @@ class StackerKernel(Kernel):
         self._step_running = False
         self._cell_running = False  # widgets refuse to roll back under a running cell
         self._reply_metadata: dict[str, dict] = {}
+        self._failed_log: Path | None = None  # the copy of the last failed step's log (%log failed)
         # Widget callbacks: slow reads (diffs, downloads) on their own thread, so a
         # click never waits for a step; live %layers widgets refresh after each cell.
         self._widget_io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stacker-widgets")
@@ -144,7 +146,7 @@ class StackerKernel(Kernel):
     async def create_subshell_request(self, socket, ident, parent) -> None:
         # The base class logs and sends nothing when it declines; we always reply.
         self.session.send(socket, "create_subshell_reply", {
-            "status": "error", "ename": "SubshellsUnsupported",
+            "status": "error", "ename": "No subshells",
             "evalue": "stacker-kernel runs one build shell: it has no subshells",
             "traceback": []}, parent, ident)
 
@@ -156,7 +158,7 @@ class StackerKernel(Kernel):
         publish = _Publisher(self, parent, silent)
         try:
             if parent.get("header", {}).get("subshell_id"):
-                raise CellError("SubshellsUnsupported",
+                raise CellError("No subshells",
                                 "stacker-kernel runs cells only in its main shell:"
                                 " run this cell in the notebook, not in a subshell console")
             if not silent:
@@ -169,17 +171,30 @@ class StackerKernel(Kernel):
                 self._refresh_widgets()
                 self._mark_undone(publish.send, rollback_cause(code, self.execution_count))
         except CellError as e:
-            return publish.error(self.execution_count, e.ename, e.evalue, e.details)
+            return publish.error(self.execution_count, e.ename, self._plain(e.evalue), e.details)
         except StackerKernelError as e:
-            return publish.error(self.execution_count, type(e).__name__, str(e))
+            # The headline is a few plain words (e.title), never the exception's class.
+            return publish.error(self.execution_count, e.title, self._plain(str(e)))
         except Exception as e:  # our bug: keep the traceback, still reply
             self.log.exception("cell failed with an internal error")
-            return publish.error(self.execution_count, type(e).__name__, str(e),
+            return publish.error(self.execution_count, "Internal error",
+                                 f"{self._plain(str(e) or type(e).__name__)} (a bug in stacker-kernel:"
+                                 " please report it with the lines below)",
                                  tuple(traceback.format_exc().splitlines()))
         if outcome is not None:
             self._reply_metadata[parent.get("header", {}).get("msg_id", "")] = outcome
         return {"status": "ok", "execution_count": self.execution_count,
                 "payload": [], "user_expressions": {}}
+
+    def _plain(self, text: str) -> str:
+        """`text` without the live rootfs's host path (a storage internal): the
+        container's root is what the user knows it as."""
+        build = self.build
+        if build is not None:
+            live = str(build.live)
+            text = (text.replace(f"the rootfs {live}", "the layer's rootfs")
+                    .replace(live + "/", "/").replace(live, "the layer's rootfs"))
+        return text
 
     def finish_metadata(self, parent, metadata, reply_content):
         metadata = super().finish_metadata(parent, metadata, reply_content)
@@ -211,15 +226,18 @@ class StackerKernel(Kernel):
                 continue
             await self._apply(pending, cell_id, publish)
             pending = []
+            progress = OutputSink()  # thread-safe: long magics (%export oci) report as they go
             ctx = magics.MagicContext(self.notebook.parent, self._magic_specs(),
                                       self._widget_host(), left_out=self.marks.left_out,
-                                      cell_name=self.cell_names)
+                                      cell_name=self.cell_names,
+                                      progress=lambda line: progress.write(line + "\n"),
+                                      failed_log=self._failed_log, notebook_name=self.notebook.stem)
             if directive.name in magics.ON_EVENT_LOOP:
                 # Widgets live on the event loop, where their comm messages are handled.
                 shown = magics.run_magic(self.build, directive.name, directive.args, ctx)
             else:
                 shown = await self._in_engine(magics.run_magic, self.build, directive.name,
-                                              directive.args, ctx)
+                                              directive.args, ctx, sink=progress, publish=publish)
             publish.show(shown)
         # A %generate_labels cell's script is the layer's generate_labels, not a step:
         # it runs at export, in a throwaway copy of the layer's last snapshot.
@@ -245,14 +263,24 @@ class StackerKernel(Kernel):
                           lambda: self._cell_running, self.widgets, rolled_back=self._widget_rolled_back,
                           cell_name=self.cell_names)
 
-    def _mark_step(self, outcome: Any, cell_id: str | None, script: str, publish: "_Publisher") -> None:
-        """Show a committed step's mark under its cell (failed steps are only recorded)."""
-        if not outcome.ok:
-            self.marks.failed(self.execution_count, cell_id, script)
-        elif outcome.snapshot_id and self.build.head is not None:
-            publish.send("display_data", self.marks.committed(
-                self.execution_count, cell_id, script, outcome.snapshot_id,
-                len(self.build.session.history), self.build.head.layer))
+    def _update_mark_when_measured(self, outcome: Any, display_id: str, publish: "_Publisher") -> None:
+        """Show the step's size in its status line once the background measure has it."""
+        loop = asyncio.get_running_loop()
+
+        def update() -> None:
+            content = self.marks.resummarize(display_id, status_line(outcome))
+            if content is not None:  # None: undone meanwhile, its mark says so instead
+                publish.send("update_display_data", content)
+
+        def measured(size: int | None) -> None:  # on the measuring thread
+            if size is not None:
+                outcome.size_delta = size
+                try:
+                    loop.call_soon_threadsafe(update)
+                except RuntimeError:  # the kernel is shutting down: nobody to tell
+                    pass
+
+        self.build.when_size_known(outcome.snapshot_id, measured)
 
     def _mark_undone(self, send: Callable[[str, dict], None], cause: str) -> None:
         """Rewrite the marks of steps that left the history: they say they were undone by `cause`."""
@@ -290,24 +318,53 @@ class StackerKernel(Kernel):
 
     async def _run_step(self, script: str, cell_id: str | None, publish: "_Publisher") -> dict:
         sink = OutputSink()
+        announced = []
+
+        def on_hit(outcome: Any) -> None:
+            # A cache hit says so above the output it replays (engine thread: via the sink).
+            announced.append(outcome)
+            sink.write(status_line(outcome) + "\n")
+
         self._step_running = True
         try:
-            outcome = await self._in_engine(self.build.run_step, script, cell_id, sink.write,
-                                            sink=sink, publish=publish)
+            # a slow base import says so; a cache hit says so above its replayed output
+            run = functools.partial(self.build.run_step, on_progress=sink.write, on_hit=on_hit)
+            outcome = await self._in_engine(run, script, cell_id, sink.write, sink=sink, publish=publish)
         finally:
             self._step_running = False
         publish.stream(sink.take(final=True))
-        self._mark_step(outcome, cell_id, script, publish)
-        if sink.capped and outcome.log_path:
-            publish.stream(f"[stacker-kernel: the full log is {outcome.log_path}]\n")
         if not outcome.ok:
-            ename = "KeyboardInterrupt" if outcome.interrupted else "StepFailed"
-            details = (f"full log: {outcome.log_path}",) if outcome.log_path else ()
-            raise CellError(ename, outcome.message, details)
-        if outcome.cached:
-            publish.stream(f"[cached: step {outcome.snapshot_id}]\n")
+            self.marks.failed(self.execution_count, cell_id, script)
+            self._failed_log = await self._in_engine(
+                magics.save_log, self.notebook.parent, self.notebook.stem, outcome.log_path,
+                outcome.index, outcome.layer, True)
+            # In the error itself: a failed cell's only output of ours is its error.
+            details = (status_line(outcome),)
+            if self._failed_log is not None:
+                details += (f"its whole output: {magics.relative(self.notebook.parent, self._failed_log)}"
+                            " (%log failed shows it)",)
+            raise CellError("Interrupted" if outcome.interrupted else "Step failed",
+                            outcome.message, details)
+        if outcome.snapshot_id is not None:
+            self._failed_log = None  # %log without N: the latest step's log
+        if sink.capped:
+            which = f"%log {outcome.index}" if outcome.snapshot_id else "the log"
+            publish.line(f"[the output above was cut: {which} shows all of it]")
+        if outcome.snapshot_id is None:  # ran in a kept failed state: nothing to mark
+            publish.line(status_line(outcome))
+        else:
+            # The cell's mark: its status line (a cache hit said it above its output), which
+            # a rollback rewrites to say what undid the step (kernel.marks).
+            summary = None if announced else status_line(outcome)
+            content = self.marks.committed(self.execution_count, cell_id, script,
+                                           outcome.snapshot_id, outcome.index, outcome.layer, summary)
+            publish.send("display_data", content)
+            if summary is not None and outcome.size_delta is None:
+                # The size is measured in the background: the line is updated in place.
+                self._update_mark_when_measured(outcome, content["transient"]["display_id"], publish)
         return {"cached": outcome.cached, "snapshot": outcome.snapshot_id,
-                "duration": outcome.duration, "log": outcome.log_path}
+                "duration": outcome.duration, "log": outcome.log_path, "step": outcome.index,
+                "layer": outcome.layer}
 
     async def _in_engine(self, fn: Callable, *args: Any, sink: OutputSink | None = None,
                          publish: "_Publisher | None" = None) -> Any:
@@ -328,10 +385,11 @@ class StackerKernel(Kernel):
         self.build = await self._in_engine(open_session, self.notebook)
         resumed = self.build.resumed
         if resumed is not None:
-            cell = f", cell {resumed.cell_id}" if resumed.cell_id else ""
-            publish.stream(f"[resumed this notebook's previous session at step {resumed.index}"
-                           f" (layer {resumed.layer}{cell}: {resumed.first_line});"
-                           " %layers shows its steps]\n")
+            publish.line(f"[the kernel restarted: this notebook's build goes on where it stopped,"
+                         f" at step {resumed.index} (layer {resumed.layer}: {resumed.first_line})."
+                         " Cells run again are not rebuilt when unchanged: they come from the cache,"
+                         " marked cached, with the output they had; a changed cell and the cells"
+                         " after it run. %layers lists the steps]")
 
     # --- interrupts -------------------------------------------------------------
 
@@ -491,6 +549,38 @@ class StackerKernel(Kernel):
         return {"status": "ok", "restart": restart}
 
 
+def status_line(outcome: Any) -> str:
+    """The one line a step's cell ends with (a cache hit's starts with it), like
+    `docker build`'s step header and DONE line: where the step is in the build,
+    whether it ran, how long, what it added, and which snapshot holds it."""
+    where = f"step {outcome.index}, layer {outcome.layer}"
+    committed = outcome.index - 1  # for a step that committed nothing
+    last = f"the last committed step is {committed}" if committed else "no step is committed yet"
+    if not outcome.ok:
+        what = "interrupted" if outcome.interrupted else "failed"
+        if outcome.kept_failed:
+            return (f"[{where}: {what} after {outcome.duration:.1f} s; its state is kept to inspect,"
+                    f" not committed ({last}; %rollback drops it)]")
+        return f"[{where}: {what} after {outcome.duration:.1f} s; nothing committed ({last})]"
+    if outcome.snapshot_id is None:
+        return (f"[layer {outcome.layer}: ran in {outcome.duration:.1f} s in the kept failed state of"
+                f" step {outcome.index}, not committed ({last}; %rollback drops it)]")
+    size = "size being measured" if outcome.size_delta is None else size_change(outcome.size_delta)
+    snap = f"snapshot {outcome.snapshot_id[:12]}"
+    if outcome.cached:
+        replay = ("; its output below is from when it was built"
+                  if outcome.log_path and _nonempty(outcome.log_path) else "")
+        return f"[{where}: cached (unchanged, not run again), {size}, {snap}{replay}]"
+    return f"[{where}: ran in {outcome.duration:.1f} s, {size}, {snap}]"
+
+
+def _nonempty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
+        return False
+
+
 def open_session(notebook: Path) -> Any:
     """The notebook's BuildSession on the user's storage, resuming its previous one.
 
@@ -519,11 +609,9 @@ class _Publisher:
 
     def __init__(self, kernel: StackerKernel, parent: dict, silent: bool) -> None:
         self.kernel, self.parent, self.silent = kernel, parent, silent
+        self._line_open = False  # the last stream text did not end its line
 
     def send(self, msg_type: str, content: dict) -> None:
-        self._send(msg_type, content)
-
-    def _send(self, msg_type: str, content: dict) -> None:
         if not self.silent:
             k = self.kernel
             k.session.send(k.iopub_socket, msg_type, content, parent=self.parent,
@@ -531,7 +619,12 @@ class _Publisher:
 
     def stream(self, text: str, name: str = "stdout") -> None:
         if text:
-            self._send("stream", {"name": name, "text": text})
+            self.send("stream", {"name": name, "text": text})
+            self._line_open = not text.endswith(("\n", "\r"))
+
+    def line(self, text: str) -> None:
+        """`text` as a line of its own, even after output that did not end its line."""
+        self.stream(("\n" if self._line_open else "") + text + "\n")
 
     def show(self, shown: magics.Shown) -> None:
         data = {"text/plain": shown.text}
@@ -542,13 +635,13 @@ class _Publisher:
             # renderers without widgets (a saved notebook on GitHub, nbconvert).
             data.update(shown.widget._repr_mimebundle_())
             data["text/plain"] = shown.text
-        self._send("display_data", {"data": data, "metadata": {}, "transient": {}})
+        self.send("display_data", {"data": data, "metadata": {}, "transient": {}})
 
     def error(self, execution_count: int, ename: str, evalue: str,
               details: tuple[str, ...] = ()) -> dict:
         content = {"ename": ename, "evalue": evalue,
                    "traceback": [f"{RED}{ename}{RESET}: {evalue}", *details]}
-        self._send("error", content)
+        self.send("error", content)
         return {"status": "error", "execution_count": execution_count, **content}
 
 

@@ -1,7 +1,7 @@
 """The interactive magics: UI actions on the build session, never part of the recipe.
 
 `%rollback`, `%layers`, `%diff`, `%grab`, `%sbom`, `%export`, `%keep_failed`,
-`%cache`, `%network`, `%browse`, `%help`.
+`%cache`, `%network`, `%browse`, `%log`, `%help`.
 Their syntax is parsed in recipe/cells.py; this module only carries them
 out on a BuildSession and says what to show: plain text, plus HTML where a
 table or a link reads better in JupyterLab, plus a widget for `%layers` and
@@ -16,6 +16,8 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
+import shutil
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,12 +134,15 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
         from dataclasses import replace
 
         from stacker_kernel.engine.attest import Attestations
+        from stacker_kernel.oci.layer_types import parse_layer_types
 
         flags = {a for a in args.args or [] if a in _ATTESTATION_FLAGS}
         args = replace(args, args=[a for a in args.args or [] if a not in flags])
         target = _beside_notebook(ctx, _export_target(args, oci_name))
-        tags = session.export_oci(str(target), attestations=Attestations(
-            sbom="--no-sbom" not in flags, provenance="--no-provenance" not in flags))
+        layer_types = parse_layer_types(getattr(args, "layer_types", None), getattr(args, "no_verity", False))
+        tags = session.export_oci(str(target), progress=ctx.progress, layer_types=layer_types,
+                                  attestations=Attestations(sbom="--no-sbom" not in flags,
+                                                            provenance="--no-provenance" not in flags))
         return Shown(f"{notes}wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
     target = _beside_notebook(ctx, _export_target(args, yaml_name))
     text = session.export_yaml(str(target))
@@ -210,7 +215,7 @@ def _cache(session: Any, value: Any, ctx: "MagicContext") -> Shown:
 
 def _layers(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     # Never waits for a diff: sizes not measured yet show as '…' and fill in later.
-    shown = layers_table(session.history(), ctx.cell_name)
+    shown = layers_table(session.history(), ctx.cell_name, session.kept_failure())
     if ctx.widgets is None:
         return shown
     return Shown(shown.text, shown.html, ctx.widgets.layer_history().widget)
@@ -222,6 +227,72 @@ def _browse(session: Any, args: Any, ctx: "MagicContext") -> Shown:
                           " Notebook 7): here, use %diff N and %grab PATH")
     browser = ctx.widgets.file_browser(args.target, args.path or "/")  # RecipeError for a bad PATH
     return Shown(f"browsing {args.path or '/'} in {browser.snapshot.label}", None, browser.widget)
+
+
+LOG_DIR = "stacker-logs"  # beside the notebook: copies of step logs, which JupyterLab serves
+LOG_SHOWN = 64 << 10  # characters of a log %log puts in the notebook (the copy has all)
+
+
+def relative(notebook_dir: Path, path: Path) -> str:
+    """`path` relative to the notebook's directory when below it (else as it is)."""
+    rel = os.path.relpath(path, notebook_dir)
+    return str(path) if rel.startswith("..") else rel
+
+
+def save_log(notebook_dir: Path, notebook: str, log: str | None, index: int, layer: str,
+             failed: bool) -> Path | None:
+    """Copy a step's log beside the notebook, named after the notebook, the step and its
+    layer (stacker-logs/NOTEBOOK-step7-LAYER[-failed].log); None if it cannot be."""
+    if not log:
+        return None
+    layer = re.sub(r"[^\w.-]", "_", layer)
+    dest = notebook_dir / LOG_DIR / f"{notebook}-step{index}-{layer}{'-failed' if failed else ''}.log"
+    try:
+        dest.parent.mkdir(exist_ok=True)
+        shutil.copyfile(log, dest)
+    except OSError:
+        return None
+    return dest
+
+
+def log_link(notebook_dir: Path, path: Path, what: str) -> Shown:
+    """A line naming a saved log, linked where JupyterLab can serve it."""
+    rel = relative(notebook_dir, path)
+    href = html.escape(urllib.parse.quote(rel))
+    return Shown(f"{what}: {rel}", f"{html.escape(what)}: <a href=\"{href}\" target=\"_blank\">"
+                                  f"{html.escape(rel)}</a>")
+
+
+def _log(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
+    """`%log [N|failed]`: a step's whole output (default: the latest step's, failed or not),
+    saved beside the notebook and shown, its end if it is long."""
+    if target == "failed" or (target is None and ctx.failed_log is not None):
+        if ctx.failed_log is None or not ctx.failed_log.is_file():
+            raise RecipeError("no step has failed since the last one that worked: %log N shows"
+                              " the log of step N (%layers numbers them)")
+        path, what = ctx.failed_log, "the log of the failed step"
+    else:
+        index = target if target is not None else len(session.history(measure=False))
+        if target is None and index == 0:
+            raise RecipeError("no step yet: run a cell with a shell script first")
+        snap = session.snapshot_at(index)  # RecipeError naming the steps there are
+        log = session.store.log_path(snap.id)
+        if not log.is_file():
+            return Shown(f"step {index} wrote no output")
+        path = save_log(ctx.notebook_dir, ctx.notebook_name, str(log), index, snap.layer, False)
+        if path is None:
+            path = log  # the notebook's directory is not writable: show it from the storage
+        what = f"the log of step {index}"
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - LOG_SHOWN))
+        text = f.read().decode("utf-8", "replace")
+    head = log_link(ctx.notebook_dir, path, what)
+    if size > LOG_SHOWN:
+        head.text += f" (its last {LOG_SHOWN >> 10} KiB below)"
+        head.html += f" (its last {LOG_SHOWN >> 10} KiB below)"
+    return Shown(f"{head.text}\n{text}", f"{head.html}<pre>{html.escape(text)}</pre>")
 
 
 def _help(session: Any, name: str | None, ctx: "MagicContext") -> Shown:
@@ -249,6 +320,9 @@ class MagicContext:
     # snapshot ids of the export -> the executed step cells it leaves out (kernel.marks)
     left_out: Callable[[list[str]], list[str]] | None = None
     cell_name: CellName = field(default=lambda cell_id: short_id(cell_id) if cell_id else "")
+    progress: Any = None  # line -> None: progress of long work (%export oci), from any thread
+    failed_log: Path | None = None  # the copy of the last failed step's log, if the latest failed
+    notebook_name: str = "notebook"  # the notebook's file name without .ipynb (names saved logs)
 
 
 HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
@@ -262,6 +336,7 @@ HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
     "cache": _cache,
     "network": _switch("network", "network"),
     "browse": _browse,
+    "log": _log,
     "help": _help,
 }
 

@@ -94,6 +94,15 @@ class StepMarks:
         self._in_image[mark.display_id] = mark
         return _content(mark)
 
+    def resummarize(self, display_id: str, summary: str) -> dict | None:
+        """A new summary for a mark whose step is still in the image (e.g. its status line
+        with the size measured): the update_display_data content, or None if undone."""
+        mark = self._in_image.get(display_id)
+        if mark is None:
+            return None
+        mark.summary = summary
+        return _content(mark)
+
     def failed(self, execution_count: int, cell_id: str | None, script: str) -> None:
         """Record a step cell whose step failed (it shows no mark, but %export names it)."""
         self._marks.append(Mark("", execution_count, cell_id, first_line(script, skip_shebang=True),

@@ -62,11 +62,16 @@ def layer_row(s: Any, cell_name: CellName = _by_id) -> list[str]:
             f"{s.duration:.2f} s", size_change(s.size_delta), "cached" if s.cached else ""]
 
 
-def layers_table(steps: list[Any], cell_name: CellName = _by_id) -> Shown:
-    """`%layers`: one row per step (StepView): cell, first line, status, duration, size change, cached."""
-    if not steps:
+def layers_table(steps: list[Any], cell_name: CellName = _by_id, failure: Any = None) -> Shown:
+    """`%layers`: one row per step (StepView): cell, first line, status, duration, size change,
+    cached; then the uncommitted failed state the container keeps (session.KeptFailure), if any."""
+    if not steps and failure is None:
         return Shown("no steps yet: run a cell with a shell script to make the first snapshot")
-    return table(LAYER_COLUMNS, [layer_row(s, cell_name) for s in steps])
+    rows = [layer_row(s, cell_name) for s in steps]
+    if failure is not None:
+        rows.append([str(failure.index), failure.layer, cell_name(failure.cell_id), failure.first_line,
+                     "FAILED, kept uncommitted (%rollback drops it)", f"{failure.duration:.2f} s", "", ""])
+    return table(LAYER_COLUMNS, rows)
 
 
 def step_label(view: Any, cell_name: CellName = _by_id) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Protocol
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import ImageError
 from stacker_kernel.oci import cas
+from stacker_kernel.oci.layer_types import EROFS, SQUASHFS, fs_layer_to_tar, kind_of
 from stacker_kernel.oci.layout import ImageRef, OCILayout, parse_oci_ref
 from stacker_kernel.oci.tarlayer import ApplyReport, apply_layer, open_in_root
 from stacker_kernel.storage.store import Snapshot, Store
@@ -229,9 +230,25 @@ def _import_stacker_tar(store: Store, url: str, resolve_built: Callable[[str], S
 
 # --- oci and docker -------------------------------------------------------------------
 
-def _apply_layers(layers: list[str], rootfs: str) -> list[ApplyReport]:
-    """Apply layer blobs base-first, whiteouts hiding lower layers (one namespace for all)."""
-    return [apply_layer(blob, rootfs) for blob in layers]
+def _apply_layers(layers: list[str], rootfs: str, media_types: list[str] | None = None) -> list[ApplyReport]:
+    """Apply layer blobs base-first, whiteouts hiding lower layers (one namespace for all).
+
+    squashfs/erofs layers (stacker's layer types) are first turned into their
+    OCI tar form beside the blob, then applied by the same rules as any tar.
+    """
+    reports = []
+    for blob, media_type in zip(layers, media_types or [""] * len(layers)):
+        if kind_of(media_type) in (SQUASHFS, EROFS):
+            fd, tmp = tempfile.mkstemp(prefix=".fs-layer-", suffix=".tar", dir=os.path.dirname(blob))
+            os.close(fd)
+            try:
+                fs_layer_to_tar(blob, media_type, tmp, os.path.dirname(blob))
+                reports.append(apply_layer(tmp, rootfs, name=f"{kind_of(media_type)} layer {os.path.basename(blob)}"))
+            finally:
+                os.unlink(tmp)
+        else:
+            reports.append(apply_layer(blob, rootfs))
+    return reports
 
 
 def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn: Warn | None) -> Snapshot:
@@ -245,7 +262,8 @@ def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn:
                                   f"layer {ly.digest} of {layout.path}:{tag}")) for ly in image.layers]
 
     def populate(rootfs: Path) -> None:
-        _report(_in_container_ids(_apply_layers, keep_layers(), str(rootfs)), warn)
+        _report(_in_container_ids(_apply_layers, keep_layers(), str(rootfs),
+                                  [ly.media_type for ly in image.layers]), warn)
 
     snap = store.add_base(base_id, populate, source)
     keep_layers()  # a base stored before this cache existed gets its copies now
@@ -271,6 +289,52 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+# What skopeo's last error line means, in the order checked: (words in it, the cause
+# in plain words, the fix). {host} is the registry, {url} the image reference, {detail}
+# the end of skopeo's message.
+_INSECURE = ("write %from docker {url} --insecure in the cell (insecure: true in a stacker.yaml)"
+             " if you trust it")
+_SKOPEO_CAUSES: list[tuple[tuple[str, ...], str, str]] = [
+    (("getting username and password",), "the registry credentials could not be read",
+     "fix or remove the auth file skopeo names here: {detail}"),
+    (("no such host", "server misbehaving", "temporary failure in name resolution"),
+     "the DNS lookup of {host} failed", "check the host name and this machine's DNS"),
+    (("connection refused",), "{host} refused the connection", "check the host and port"),
+    (("http response to https client",), "{host} speaks plain HTTP, not HTTPS", _INSECURE),
+    (("x509:", "certificate", "tls:"), "{host}'s TLS certificate is not trusted", _INSECURE),
+    (("unauthorized", "authentication required", "access to the resource is denied"), "the registry refused access"
+     " (unauthorized)", "check the repository name, or log in with 'skopeo login {host}'"),
+    (("manifest unknown", "name unknown", "not found"), "the registry has no such image or tag"
+     " (manifest unknown)", "check the repository and the tag"),
+    (("toomanyrequests",), "the registry limits the rate of pulls", "wait, or log in with"
+     " 'skopeo login {host}'"),
+    (("network is unreachable", "no route to host"), "{host} is unreachable (no network route)",
+     "check this machine's network"),
+    (("i/o timeout", "timeout", "deadline exceeded"), "the connection to {host} timed out",
+     "check the host and this machine's network"),
+]
+
+
+def skopeo_failure(url: str, stderr: str, status: int) -> str:
+    """One line from what a failed `skopeo copy` of `url` wrote: the cause in plain words
+    and the fix (with the cell syntax where a flag helps), not skopeo's log."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    # skopeo logs as `time="..." level=fatal msg="..."`: the message is what counts
+    msg = last.split(' msg="', 1)[1].rstrip('"') if ' msg="' in last else last
+    msg = " ".join(msg.replace("\\n", " ").replace("\\t", " ").replace('\\"', '"').split())
+    host = url.split("://", 1)[1].split("/", 1)[0] if url.startswith("docker://") else url
+    lowered = msg.lower()
+    for words, cause, fix in _SKOPEO_CAUSES:
+        if any(w in lowered for w in words):
+            detail = msg.rsplit("* ", 1)[-1][:200]
+            return (f"cannot pull {url}: {cause.format(host=host, url=url)}: "
+                    f"{fix.format(host=host, url=url, detail=detail)}")
+    why = msg.rsplit(": ", 1)[-1][:200] if msg else f"skopeo exited with status {status}"
+    return (f"cannot pull {url} ({why}): check the URL and that the registry is reachable"
+            f" (a plain-HTTP registry needs %from docker {url} --insecure)")
+
+
 def _skopeo_copy(url: str, layout: Path, tag: str, insecure: bool) -> None:
     exe = shutil.which("skopeo")
     if exe is None:
@@ -283,10 +347,9 @@ def _skopeo_copy(url: str, layout: Path, tag: str, insecure: bool) -> None:
     cmd += [url, f"oci:{layout}:{tag}"]
     res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
-        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-        why = lines[-1] if lines else f"skopeo exited with status {res.returncode}"
-        raise ImageError(f"cannot copy {url} ({why[:300]}): check the URL and that the registry "
-                         "is reachable (use 'insecure: true' for a plain-http registry)")
+        # skopeo's own words stay in the kernel's log for whoever debugs
+        log.info("skopeo copy %s failed: %s", url, res.stderr.strip())
+        raise ImageError(skopeo_failure(url, res.stderr, res.returncode))
 
 
 def _import_docker(store: Store, url: str, insecure: bool, warn: Warn | None) -> Snapshot:

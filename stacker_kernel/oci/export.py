@@ -24,20 +24,26 @@ import os
 import platform
 import shlex
 import socket
+import threading
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci import cas
 from stacker_kernel.oci import layout_write as lw
 from stacker_kernel.oci.diff import Diff, diff_snapshots
+from stacker_kernel.oci.layer_types import TAR_TYPE, FsLayerBlob, LayerType, write_fs_layer
 from stacker_kernel.oci.layout import OCILayout
 from stacker_kernel.oci.tarwriter import LayerBlob, write_layer
-from stacker_kernel.recipe.model import first_line
+from stacker_kernel.recipe.model import first_line, human_size
 
 STACKER_VERSION = "stacker-kernel 0.1.0"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: annotations `io.stacker-kernel.config.ExposedPorts` ("80/tcp 53/udp") and `...StopSignal`
+#: also set those image config fields, which stacker has no key for
+CONFIG_ANNOTATION = "io.stacker-kernel.config."
 _GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
            "armv7l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le",
            "s390x": "s390x", "riscv64": "riscv64"}
@@ -135,31 +141,48 @@ def source_date_epoch_from_env(environ: dict[str, str] | None = None) -> int | N
 
 def export_image(layout_dir: str, images: list[ImageSpec], *, source_date_epoch: int | None = None,
                  annotations_namespace: str = "io.stackeroci", stacker_yaml: str | None = None,
-                 squash: bool = False, layer_cache: str | None = None) -> list[str]:
+                 squash: bool = False, layer_cache: str | None = None,
+                 progress: Callable[[str], None] | None = None,
+                 layer_types: tuple[LayerType, ...] = (TAR_TYPE,)) -> list[str]:
     """Write `images` (in build order) into the OCI layout `layout_dir` and
     return the tags written (the names of the non-build_only images).
+
+    One image per layer type (oci/layer_types.py): tagged NAME for tar,
+    NAME-squashfs / NAME-erofs otherwise, as stacker tags them.
 
     Creates the layout when absent; an existing tag is replaced. Diffs and
     tars of one image run in one user-namespace helper. With `layer_cache` (a
     directory), layers made before from the same snapshots are reused when the
-    layout still holds their blobs. Raises ImageError when
+    layout still holds their blobs. `progress` gets a line per layer made (in
+    the calling thread) and per image written. Raises ImageError when
     a base or parent is missing or a snapshot cannot be read.
     """
     lw.init_layout(layout_dir)
+    tags: list[str] = []
+    for layer_type in layer_types:
+        tags += _export_type(layout_dir, images, layer_type, source_date_epoch, annotations_namespace,
+                             stacker_yaml, squash, layer_cache, progress)
+    return tags
+
+
+def _export_type(layout_dir: str, images: list[ImageSpec], layer_type: LayerType, source_date_epoch: int | None,
+                 annotations_namespace: str, stacker_yaml: str | None, squash: bool,
+                 layer_cache: str | None, progress: Callable[[str], None] | None) -> list[str]:
     created = _timestamp(source_date_epoch)
     author = "stacker" if source_date_epoch is not None else f"{getpass.getuser()}@{socket.gethostname()}"
     built: dict[str, _Image] = {}
     tagged: list[tuple[str, lw.Descriptor]] = []
     for spec in images:
-        image = _start(layout_dir, spec, built)
-        jobs = _jobs(spec, image.tip, squash)
-        blobs = _run_jobs(layout_dir, jobs, source_date_epoch, layer_cache)
+        image = _start(layout_dir, spec, built, layer_type)
+        jobs = _jobs(spec, image.tip, squash, layer_type)
+        blobs = _run_jobs(layout_dir, jobs, source_date_epoch, layer_cache,
+                          _layer_progress(progress, layer_type.tag(spec.name), jobs), layer_type)
         for job, blob in zip(jobs, blobs):
             entry: dict[str, Any] = {"created": created, "created_by": job.created_by}
             if blob is None:
                 entry["empty_layer"] = True
             else:
-                image.layers.append(lw.Descriptor(blob.media_type, blob.digest, blob.size))
+                image.layers.append(_descriptor(blob))
                 image.config["rootfs"]["diff_ids"].append(blob.diff_id)
             image.config["history"].append(entry)
         if jobs:
@@ -169,9 +192,13 @@ def export_image(layout_dir: str, images: list[ImageSpec], *, source_date_epoch:
             image.config["history"].append({"created": created, "created_by": f"stacker build of {spec.name}: image config",
                                             "author": author, "empty_layer": True})
             image.config["created"], image.config["author"] = created, author
-            _ensure_a_layer(layout_dir, image, spec.name, created)
+            _ensure_a_layer(layout_dir, image, spec.name, created, layer_type)
             manifest = _write_manifest(layout_dir, image, spec, annotations_namespace, stacker_yaml)
-            tagged.append((spec.name, manifest))
+            tagged.append((layer_type.tag(spec.name), manifest))
+            if progress is not None:
+                total = sum(d.size for d in image.layers)
+                progress(f"image {layer_type.tag(spec.name)}: {len(image.layers)} layer(s), {human_size(total)}, "
+                         f"manifest {manifest.digest[:19]}")
         built[spec.name] = image
     lw.set_tags(layout_dir, tagged)
     return [tag for tag, _ in tagged]
@@ -179,7 +206,24 @@ def export_image(layout_dir: str, images: list[ImageSpec], *, source_date_epoch:
 
 # --- start of an image -------------------------------------------------------
 
-def _start(layout_dir: str, spec: ImageSpec, built: dict[str, _Image]) -> _Image:
+def _descriptor(blob: LayerBlob) -> lw.Descriptor:
+    annotations = blob.annotations if isinstance(blob, FsLayerBlob) else {}
+    return lw.Descriptor(blob.media_type, blob.digest, blob.size, annotations)
+
+
+def _converts_base(spec: ImageSpec, layer_type: LayerType) -> bool:
+    """Whether the OCI base's layers are of another type than the output: then,
+    as stacker converts them (pkg/overlay/pack.go ConvertAndOutput), the base's
+    rootfs becomes one layer of the output type."""
+    if spec.parent is not None or spec.base_oci is None:
+        return False
+    layers = spec.base_oci.manifest.get("layers") or []
+    return not all(isinstance(d, dict) and layer_type.matches(str(d.get("mediaType", "")), d.get("annotations"))
+                   for d in layers)
+
+
+def _start(layout_dir: str, spec: ImageSpec, built: dict[str, _Image],
+           layer_type: LayerType = TAR_TYPE) -> _Image:
     if spec.parent is not None:
         if spec.parent not in built:
             raise ImageError(f"layer {spec.name} is built from {spec.parent}, which is not exported before it: export {spec.parent} first")
@@ -187,6 +231,13 @@ def _start(layout_dir: str, spec: ImageSpec, built: dict[str, _Image]) -> _Image
     if spec.base_oci is not None:
         if spec.base_rootfs is None:
             raise ImageError(f"layer {spec.name}: the OCI base {spec.base_oci.name} has no unpacked rootfs to diff against: import the base first")
+        if _converts_base(spec, layer_type):
+            config = copy.deepcopy(spec.base_oci.config)
+            config.setdefault("config", {})
+            config["rootfs"] = {"type": "layers", "diff_ids": []}
+            config["history"] = []  # one converted layer stands for the base's layers
+            annotations = {k: v for k, v in (spec.base_oci.manifest.get("annotations") or {}).items() if k != lw.REF_NAME}
+            return _Image(config, [], annotations, None)
         return _from_oci(layout_dir, spec.name, spec.base_oci, spec.base_rootfs)
     config = {"architecture": _host_arch(), "os": "linux", "config": {},
               "rootfs": {"type": "layers", "diff_ids": []}, "history": []}
@@ -225,11 +276,15 @@ def _host_arch() -> str:
 
 # --- layers ----------------------------------------------------------------------
 
-def _jobs(spec: ImageSpec, start: str | None, squash: bool) -> list[_Job]:
+def _jobs(spec: ImageSpec, start: str | None, squash: bool, layer_type: LayerType = TAR_TYPE) -> list[_Job]:
     """The diffs that make this image's own layers, base first."""
     jobs: list[_Job] = []
     if spec.parent is None and spec.base_oci is None and spec.base_rootfs is not None:
         jobs.append(_Job(None, spec.base_rootfs, spec.base_created_by or f"stacker-kernel base of layer {spec.name}"))
+        start = spec.base_rootfs
+    elif _converts_base(spec, layer_type):
+        assert spec.base_oci is not None and spec.base_rootfs is not None
+        jobs.append(_Job(None, spec.base_rootfs, f"stacker-kernel base {spec.base_oci.name} as {layer_type.type}"))
         start = spec.base_rootfs
     if not spec.steps:
         return jobs
@@ -244,38 +299,103 @@ def _jobs(spec: ImageSpec, start: str | None, squash: bool) -> list[_Job]:
     return jobs
 
 
-def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None) -> list[LayerBlob | None]:
-    """Diff and tar each job (inside the user namespace); None for an empty diff."""
+def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None,
+                      layer_type: LayerType = TAR_TYPE, progress_fd: int | None = None) -> list[LayerBlob | None]:
+    """Diff and tar (or pack, for squashfs/erofs) each job (inside the user
+    namespace); None for an empty diff. With `progress_fd`, a line `INDEX SIZE`
+    per job (-1: empty) as each is done."""
     out: list[LayerBlob | None] = []
-    for job in jobs:
+    for i, job in enumerate(jobs):
         diff: Diff = diff_snapshots(job.old, job.new)
-        out.append(None if diff.empty else write_layer(job.new, diff, layout_dir, source_date_epoch=epoch))
+        if diff.empty:
+            out.append(None)
+        elif layer_type.type == "tar":
+            out.append(write_layer(job.new, diff, layout_dir, source_date_epoch=epoch))
+        else:
+            out.append(write_fs_layer(job.new, diff, layout_dir, layer_type, source_date_epoch=epoch,
+                                      scratch_dir=_scratch_beside(job.new)))
+        if progress_fd is not None:
+            os.write(progress_fd, f"{i} {out[-1].size if out[-1] else -1}\n".encode())
     return out
+
+
+def _layer_progress(progress: Callable[[str], None] | None, name: str, jobs: list[_Job]):
+    """The callback for _run_jobs: (job index, blob or None, seconds, reused) -> one line."""
+    if progress is None:
+        return None
+
+    def done(i: int, blob: LayerBlob | None, seconds: float, reused: bool) -> None:
+        if reused:
+            return  # a re-export says nothing per unchanged layer: the image line sums them
+        what = "no change" if blob is None else human_size(blob.size)
+        progress(f"image {name}: layer {i + 1}/{len(jobs)} ({first_line(jobs[i].created_by, width=60)}): "
+                 f"{what} in {seconds:.1f}s")
+    return done
+
+
+def _made_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None, layer_type: LayerType,
+                    done) -> list[LayerBlob | None]:
+    """_layers_in_userns, calling `done(i, blob, seconds, False)` here (the calling
+    thread) as each layer is finished in the helper, which runs from a worker thread."""
+    if done is None:
+        return run_in_userns(_layers_in_userns, jobs, layout_dir, epoch, layer_type)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["ok"] = run_in_userns(_layers_in_userns, jobs, layout_dir, epoch, layer_type, w)
+        except BaseException as e:  # raised again in the calling thread
+            result["err"] = e
+        finally:
+            os.close(w)  # the helper has exited: the reader below sees the end
+
+    worker = threading.Thread(target=work, name="export-layers", daemon=True)
+    last = time.monotonic()
+    worker.start()
+    with os.fdopen(r, "r") as lines:
+        for line in lines:
+            i, size = (int(x) for x in line.split())
+            now = time.monotonic()
+            done(i, None if size < 0 else LayerBlob("", "", size, "", False), now - last, False)
+            last = now
+    worker.join()
+    if "err" in result:
+        raise result["err"]
+    return result["ok"]
+
+
+def _scratch_beside(snapshot: str) -> str | None:
+    # <root>/snapshots/<id> -> <root>/cache: the same btrfs, so files are reflinked, not copied
+    cache = os.path.join(os.path.dirname(os.path.dirname(snapshot)), "cache")
+    return cache if os.path.isdir(cache) and os.access(cache, os.W_OK) else None
 
 
 _MISS = object()
 
 
-def _cache_file(cache_dir: str, job: _Job, epoch: int | None) -> str:
+def _cache_file(cache_dir: str, job: _Job, epoch: int | None, layer_type: LayerType = TAR_TYPE) -> str:
     # Snapshots are read-only and their paths never reused, so (old, new, epoch) fixes the layer.
-    key = hashlib.sha256(f"v1|{job.old}|{job.new}|{epoch}".encode()).hexdigest()
+    kind = "" if layer_type == TAR_TYPE else f"|{layer_type}"
+    key = hashlib.sha256(f"v1|{job.old}|{job.new}|{epoch}{kind}".encode()).hexdigest()
     return os.path.join(cache_dir, key + ".json")
 
 
-def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int | None):
+def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int | None,
+                  layer_type: LayerType = TAR_TYPE):
     """The layer made before for `job` if its blob is in `layout_dir` (None: an empty
     diff), else _MISS."""
     if cache_dir is None:
         return _MISS
     try:
-        with open(_cache_file(cache_dir, job, epoch)) as f:
+        with open(_cache_file(cache_dir, job, epoch, layer_type)) as f:
             data = json.load(f)
     except (OSError, ValueError):
         return _MISS
     if data.get("empty"):
         return None
     try:
-        blob = LayerBlob(**data)
+        blob = LayerBlob(**data) if layer_type == TAR_TYPE else FsLayerBlob(**data)
         if os.path.getsize(lw.blob_path(layout_dir, blob.digest)) == blob.size:
             return blob
     except (OSError, TypeError, ValueError, ImageError):
@@ -283,44 +403,54 @@ def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int 
     return _MISS
 
 
-def _remember_layer(cache_dir: str | None, job: _Job, epoch: int | None, blob: LayerBlob | None) -> None:
+def _remember_layer(cache_dir: str | None, job: _Job, epoch: int | None, blob: LayerBlob | None,
+                    layer_type: LayerType = TAR_TYPE) -> None:
     if cache_dir is None:
         return
     os.makedirs(cache_dir, exist_ok=True)
     data = {"empty": True} if blob is None else asdict(blob)
-    tmp = _cache_file(cache_dir, job, epoch) + f".tmp{os.getpid()}"
+    tmp = _cache_file(cache_dir, job, epoch, layer_type) + f".tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f)
-    os.replace(tmp, _cache_file(cache_dir, job, epoch))
+    os.replace(tmp, _cache_file(cache_dir, job, epoch, layer_type))
 
 
 def _run_jobs(layout_dir: str, jobs: list[_Job], epoch: int | None,
-              cache_dir: str | None = None) -> list[LayerBlob | None]:
+              cache_dir: str | None = None, done=None,
+              layer_type: LayerType = TAR_TYPE) -> list[LayerBlob | None]:
     """The layer of each job: from `cache_dir` when this layout already holds it (a
-    re-export after a cached build costs no diff and no gzip), else made now."""
+    re-export after a cached build costs no diff and no gzip), else made now.
+    `done(index, blob, seconds, reused)` follows each job."""
     results: list[LayerBlob | None] = [None] * len(jobs)
     todo = []
     for i, job in enumerate(jobs):
-        hit = _cached_layer(cache_dir, layout_dir, job, epoch)
+        hit = _cached_layer(cache_dir, layout_dir, job, epoch, layer_type)
         if hit is _MISS:
             todo.append(i)
         else:
             results[i] = hit
+            if done is not None:
+                done(i, hit, 0.0, True)
     if todo:
-        made = run_in_userns(_layers_in_userns, [jobs[i] for i in todo], os.path.abspath(layout_dir), epoch)
+        report = None if done is None else (lambda k, blob, secs, reused: done(todo[k], blob, secs, reused))
+        made = _made_in_userns([jobs[i] for i in todo], os.path.abspath(layout_dir), epoch, layer_type, report)
         for i, blob in zip(todo, made):
             results[i] = blob
-            _remember_layer(cache_dir, jobs[i], epoch, blob)
+            _remember_layer(cache_dir, jobs[i], epoch, blob, layer_type)
     return results
 
 
-def _ensure_a_layer(layout_dir: str, image: _Image, name: str, created: str) -> None:
+def _ensure_a_layer(layout_dir: str, image: _Image, name: str, created: str,
+                    layer_type: LayerType = TAR_TYPE) -> None:
     # The manifest schema requires at least one layer: an image of nothing
-    # (scratch, no changes) gets one empty tar layer.
+    # (scratch, no changes) gets one empty tar layer (or empty filesystem).
     if image.layers:
         return
-    blob = write_layer("/", Diff(old=None, new="/"), layout_dir)
-    image.layers.append(lw.Descriptor(blob.media_type, blob.digest, blob.size))
+    if layer_type == TAR_TYPE:
+        blob: LayerBlob = write_layer("/", Diff(old=None, new="/"), layout_dir)
+    else:
+        blob = run_in_userns(write_fs_layer, "/", Diff(old=None, new="/"), os.path.abspath(layout_dir), layer_type)
+    image.layers.append(_descriptor(blob))
     image.config["rootfs"]["diff_ids"].append(blob.diff_id)
     image.config["history"].append({"created": created, "created_by": f"stacker-kernel empty rootfs of layer {name}"})
 
@@ -371,13 +501,34 @@ def _apply_directives(image: _Image, layer: Any) -> None:
         cfg["WorkingDir"] = layer.working_dir
     if getattr(layer, "runtime_user", None):
         cfg["User"] = str(layer.runtime_user)
+    # stacker has no keys for these config fields; an annotation of ours names them
+    # (a Dockerfile's EXPOSE and STOPSIGNAL), as a stacker.yaml can carry it.
+    annotations = getattr(layer, "annotations", None) or {}
+    ports = annotations.get(CONFIG_ANNOTATION + "ExposedPorts")
+    if ports is not None:
+        cfg["ExposedPorts"] = {**(cfg.get("ExposedPorts") or {}), **{p: {} for p in ports.split()}}
+    if annotations.get(CONFIG_ANNOTATION + "StopSignal"):
+        cfg["StopSignal"] = annotations[CONFIG_ANNOTATION + "StopSignal"]
     if getattr(layer, "os", None):
         image.config["os"] = layer.os
     if getattr(layer, "arch", None):
         image.config["architecture"] = layer.arch
 
 
+def _without_times(config: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in config.items() if k not in ("created", "history")}
+    out["history"] = [{k: v for k, v in h.items() if k != "created"} if isinstance(h, dict) else h
+                      for h in config.get("history") or []]
+    return out
+
+
 def _write_manifest(layout_dir: str, image: _Image, spec: ImageSpec, ns: str, stacker_yaml: str | None) -> lw.Descriptor:
+    # Without SOURCE_DATE_EPOCH the times are "now": an image that differs from the
+    # one its tag points at only in them keeps that config, so a re-export of
+    # unchanged snapshots writes nothing new and keeps its digests.
+    previous = lw.tagged_config(layout_dir, spec.name)
+    if previous is not None and _without_times(previous) == _without_times(image.config):
+        image.config = previous
     config_desc = lw.put_json(layout_dir, image.config, lw.MEDIA_TYPE_CONFIG)
     annotations = dict(image.annotations)
     if stacker_yaml is not None:

@@ -36,6 +36,8 @@ TAR_LAYER_TYPES = (
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 )
+#: stacker's squashfs/erofs layers (oci/layer_types.py), with any `+compression`
+FS_LAYER_TYPES = ("application/vnd.stacker.image.layer.squashfs", "application/vnd.stacker.image.layer.erofs")
 
 
 @dataclass(frozen=True)
@@ -175,9 +177,9 @@ class OCILayout:
         for ld in manifest.get("layers") or []:
             ldigest = check_digest(ld.get("digest") if isinstance(ld, dict) else None, f"manifest {digest}")
             media_type = ld.get("mediaType", "")
-            if media_type not in TAR_LAYER_TYPES:
+            if media_type not in TAR_LAYER_TYPES and not media_type.startswith(FS_LAYER_TYPES):
                 raise ImageError(f"layer {ldigest} of {self.path}:{tag} has media type {media_type!r}, "
-                                 "which is not a tar layer: use an image with tar layers (not squashfs/erofs)")
+                                 "which is neither a tar nor a squashfs/erofs layer: use an image with such layers")
             size = cas.check_size(ld.get("size"), f"layer {ldigest} of {self.path}:{tag}")
             layers.append(LayerRef(ldigest, media_type, size))
         return ImageRef(digest, manifest, config, layers)

@@ -125,17 +125,38 @@ def _locked(layout: str) -> Iterator[None]:
         os.close(fd)
 
 
+def tagged_config(layout: str, tag: str) -> dict[str, Any] | None:
+    """The image config `tag` points at in `layout` now; None when there is no such
+    tag or any part of it is unreadable (then it is written anew)."""
+    try:
+        with open(os.path.join(layout, "index.json"), "rb") as f:
+            index = json.load(f)
+        found = [m for m in index.get("manifests") or []
+                 if (m.get("annotations") or {}).get(REF_NAME) == tag]
+        if len(found) != 1:
+            return None
+        with open(blob_path(layout, found[0]["digest"]), "rb") as f:
+            manifest = json.load(f)
+        with open(blob_path(layout, manifest["config"]["digest"]), "rb") as f:
+            config = json.load(f)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImageError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def set_tags(layout: str, tagged: list[tuple[str, Descriptor]]) -> None:
     """Point each tag at its manifest in index.json.
 
     A tag that existed is replaced; the new descriptors are appended in the
-    given (build) order after the untouched ones.
+    given (build) order after the untouched ones. An index that would not
+    change is not rewritten.
     """
     new_tags = {tag for tag, _ in tagged}
     with _locked(layout):
         index_path = os.path.join(layout, "index.json")
         with open(index_path, "rb") as f:
             index = json.load(f)
+        before = canonical_json(index)
         kept = [m for m in index.get("manifests") or []
                 if (m.get("annotations") or {}).get(REF_NAME) not in new_tags]
         for tag, desc in tagged:
@@ -145,7 +166,8 @@ def set_tags(layout: str, tagged: list[tuple[str, Descriptor]]) -> None:
         index["manifests"] = kept
         index.setdefault("schemaVersion", 2)
         index.setdefault("mediaType", MEDIA_TYPE_INDEX)
-        _atomic_write(index_path, canonical_json(index))
+        if canonical_json(index) != before:
+            _atomic_write(index_path, canonical_json(index))
 
 
 def update_index(layout: str, change: Callable[[dict[str, Any]], None]) -> None:

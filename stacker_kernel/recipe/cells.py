@@ -212,9 +212,15 @@ class BrowseArgs:
 
 @dataclass
 class ExportArgs:
-    """`%export [stacker.yaml|oci] [ARGS]`: the format and the remaining arguments."""
+    """`%export [stacker.yaml|oci] [ARGS]`: the format and the remaining arguments.
+
+    For oci, stacker's `--layer-type TYPE` (repeatable) and `--no-verity` are
+    taken out of ARGS into `layer_types` (None: tar) and `no_verity`.
+    """
     format: str = "stacker.yaml"
     args: list[str] | None = None
+    layer_types: list[str] | None = None
+    no_verity: bool = False
 
 
 @dataclass
@@ -433,10 +439,45 @@ def _parse_export(rest: str) -> ExportArgs:
     if first in ("stacker.yaml", "yaml", "stacker"):
         return ExportArgs("stacker.yaml", toks[1:])
     if first == "oci":
-        return ExportArgs("oci", toks[1:])
+        return _parse_export_oci(toks[1:])
     if first.endswith((".yaml", ".yml")) or first.startswith("-"):
         return ExportArgs("stacker.yaml", toks)
     raise _Bad(f"unknown export format {first!r}: use stacker.yaml or oci")
+
+
+def _parse_log(rest: str) -> int | str | None:
+    toks = _count(_tokens(rest), 0, 1)
+    if not toks:
+        return None
+    if toks[0] == "failed":
+        return "failed"
+    return _int(toks[0], "N")
+
+
+def _parse_export_oci(toks: list[str]) -> ExportArgs:
+    args: list[str] = []
+    types: list[str] = []
+    no_verity = False
+    i = 0
+    while i < len(toks):
+        tok = toks[i]
+        if tok in ("--no-verity", "--no-squashfs-verity"):
+            no_verity = True
+        elif tok == "--layer-type" or tok.startswith("--layer-type="):
+            if tok == "--layer-type":
+                if i + 1 >= len(toks):
+                    raise _Bad("--layer-type needs a type: tar, squashfs or erofs")
+                i += 1
+                value = toks[i]
+            else:
+                value = tok.split("=", 1)[1]
+            if value not in ("tar", "squashfs", "erofs"):
+                raise _Bad(f"invalid layer type {value!r}: use --layer-type tar, squashfs or erofs")
+            types.append(value)
+        else:
+            args.append(tok)
+        i += 1
+    return ExportArgs("oci", args, types or None, no_verity)
 
 
 def _parse_help(rest: str) -> str | None:
@@ -551,8 +592,8 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
                "GrabArgs"), _grab),
     (MagicSpec("browse", "%browse [LAYER|N] [PATH]", "browse and download files", True,
                "BrowseArgs"), _parse_browse),
-    (MagicSpec("export", "%export [stacker.yaml|oci] [ARGS]", "export the build (oci: with an SBOM "
-               "and provenance unless --no-sbom, --no-provenance)", True,
+    (MagicSpec("export", "%export [stacker.yaml|oci [DIR] [--layer-type T]... [--no-verity] [--no-sbom] "
+               "[--no-provenance]]", "export the build (oci: with an SBOM and provenance)", True,
                "ExportArgs", ("stacker.yaml", "oci")), _parse_export),
     (MagicSpec("keep_failed", "%keep_failed on|off", "keep a failed step's state to inspect "
                "it", True, "bool", ("on", "off")), _on_off),
@@ -561,6 +602,8 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
                "bool | CacheSource", ("on", "off", "to", "from")), _cache),
     (MagicSpec("network", "%network none|host", "network of the build container", True,
                "str", ("none", "host")), _network),
+    (MagicSpec("log", "%log [N|failed]", "a step's whole output, saved beside the notebook "
+               "(default: the latest step's)", True, "int | str | None"), _parse_log),
     (MagicSpec("help", "%help [MAGIC]", "list the magics, or explain one", True,
                "str | None"), _parse_help),
 ]
@@ -575,7 +618,7 @@ MAGICS: dict[str, MagicSpec] = {spec.name: spec for spec, _ in _SPECS}
 #   %network      no effect: the build runs with the host's network, as stacker does
 #                 (%network none only takes it away from the kernel's steps)
 #   %cache        no effect: reuse only, never the result (build has --no-cache)
-#   %layers %diff %browse %grab %export %sbom %help
+#   %layers %diff %browse %grab %export %log %sbom %help
 #                 no effect: they show or copy out, the image does not change
 HEADLESS_REFUSED: dict[str, str] = {
     "rollback": "which only means something in a live kernel (the cells after it run on an "

@@ -9,10 +9,7 @@ into cells (`cells.split_script`).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
-
-import nbformat
-from nbformat import NotebookNode
+from typing import TYPE_CHECKING, Any, Mapping
 
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.cells import (
@@ -22,10 +19,39 @@ from stacker_kernel.recipe.cells import (
 from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, check_layer_name
 from stacker_kernel.recipe.stacker_yaml import substitute
 
+if TYPE_CHECKING:  # nbformat (with jsonschema) takes over a second to import: only where needed
+    from nbformat import NotebookNode
+
 KERNELSPEC = {"name": "stacker", "display_name": "Stacker (container build)",
               "language": "stacker"}
 LANGUAGE_INFO = {"name": "stacker", "codemirror_mode": "shell", "mimetype": "text/x-sh",
                  "file_extension": ".sh", "pygments_lexer": "bash"}
+
+
+def is_plain_v4(nb: Any) -> bool:
+    """Whether `nb` (parsed JSON) is an nbformat 4 notebook in the shape this module reads:
+    a list of cells, each with a known type and text source, metadata objects.
+
+    Such a notebook is used as parsed; anything else (another version, a
+    broken file) goes through nbformat for its conversion and its messages.
+    """
+    if not isinstance(nb, dict) or nb.get("nbformat") != 4 or not isinstance(nb.get("metadata", {}), dict):
+        return False
+    cells = nb.get("cells")
+    if not isinstance(cells, list):
+        return False
+    for cell in cells:
+        if not isinstance(cell, dict) or cell.get("cell_type") not in ("code", "markdown", "raw"):
+            return False
+        src = cell.get("source")
+        if not (isinstance(src, str) or (isinstance(src, list) and all(isinstance(s, str) for s in src))):
+            return False
+        if not isinstance(cell.get("metadata", {}), dict) or not isinstance(cell.get("id", ""), str):
+            return False
+        tags = cell.get("metadata", {}).get("tags", [])
+        if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+            return False
+    return True
 
 
 def _source(cell: Mapping[str, Any]) -> str:
@@ -130,7 +156,7 @@ def _cell_id(used: set[str], wanted: str | None, seed: str) -> str:
         n += 1
 
 
-def notebook_from_recipe(recipe: Recipe) -> NotebookNode:
+def notebook_from_recipe(recipe: Recipe) -> "NotebookNode":
     """A notebook for `recipe`: per layer a `## Layer NAME` heading, a directive
     cell and one code cell per step.
 
@@ -139,6 +165,8 @@ def notebook_from_recipe(recipe: Recipe) -> NotebookNode:
     `# %%` markers; a `#!` script stays whole). Cell ids are deterministic, so
     importing the same file twice gives the same notebook.
     """
+    import nbformat
+
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
     nb.metadata["language_info"] = dict(LANGUAGE_INFO)

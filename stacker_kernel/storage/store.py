@@ -83,13 +83,26 @@ def _keep_reserve(root: Path) -> None:
     os.close(fd)
 
 
-def collect_garbage(root: os.PathLike | str) -> tuple[list[str], int]:
+Progress = Callable[[str], None]
+
+
+def collect_garbage(root: os.PathLike | str, *, progress: Progress | None = None,
+                    held: Callable[["Store", list["Snapshot"]], int] | None = None,
+                    settle: float = 10.0) -> tuple[list["Snapshot"], int]:
     """`stacker-kernel gc`: delete what no session references and wait until btrfs freed it.
 
     Works on a full storage: opening lets btrfs finish freeing deleted
     subvolumes, and if the records still cannot be opened gc gives up the
-    reserve file for the room to do so. Returns the removed ids and the bytes freed.
+    reserve file for the room to do so. Returns the removed snapshots and the
+    bytes freed: the drop of the filesystem's usage once btrfs freed them.
+    btrfs frees a deleted subvolume in the background, and not before the
+    last process with a file of it open closes it: with `held` (the store and
+    the snapshots to remove -> the bytes they hold, measured before they go),
+    gc waits up to `settle` seconds for the usage to drop by most of that
+    (unless another writer makes it grow meanwhile), instead of reporting a
+    figure taken before btrfs got to it. `progress` gets one line per stage.
     """
+    say = progress or (lambda line: None)
     root = Path(os.path.realpath(root))
     check_storage(root)
     before = btrfs.fs_usage(root)
@@ -106,10 +119,29 @@ def collect_garbage(root: os.PathLike | str) -> tuple[list[str], int]:
         raise StorageFullError(f"storage {root} is full and gc cannot open its records: delete files of "
                                "your own you put there, or ask the admin for more space (setup-storage --size)") from e
     with store:
-        removed = store.gc()
+        with store.write_lock():
+            drop = store.unreferenced()
+            expected = 0
+            if drop and held is not None:
+                say(f"measuring what {len(drop)} unreferenced snapshot(s) hold")
+                expected = held(store, drop)
+            if drop:
+                say(f"deleting {len(drop)} snapshot(s)")
+            store.gc()
+        if drop:
+            say("waiting for btrfs to free their space")
         btrfs.wait_reclaimed(root)
+        deadline = time.monotonic() + settle
+        low = btrfs.fs_usage(root)
+        while before - low < expected * 0.9 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            btrfs.sync(root)
+            now = btrfs.fs_usage(root)
+            if now > low + (1 << 20):
+                break  # another writer fills the storage meanwhile: no figure would settle
+            low = min(low, now)
         _keep_reserve(root)
-    return removed, before - btrfs.fs_usage(root)
+    return drop, before - btrfs.fs_usage(root)
 
 
 def new_id() -> str:
@@ -756,11 +788,16 @@ class Store:
                 keep.update(s.id for s in self.chain(rid))
         return keep
 
+    def unreferenced(self) -> list[Snapshot]:
+        """The snapshots and bases gc deletes now (nothing references them)."""
+        with self.write_lock():
+            keep = self.referenced()
+            return [s for s in self.snapshots() if s.id not in keep]
+
     def gc(self) -> list[str]:
         """Delete every snapshot and base nothing references (see `referenced`); return their ids."""
         with self.write_lock():
-            keep = self.referenced()
-            drop = [s for s in self.snapshots() if s.id not in keep]
+            drop = self.unreferenced()
             for snap in drop:
                 btrfs.remove_tree(snap.path)
                 self.log_path(snap.id).unlink(missing_ok=True)

@@ -1,0 +1,759 @@
+"""Dockerfile -> notebook cells: each stage a layer, each instruction group a cell.
+
+Pure: it is handed the Dockerfile's text (parsed by the `dockerfile` package,
+which wraps the official Go parser) and gives the cells of a notebook, which
+`notebook.recipe_from_notebook` turns into the recipe built, exported as
+stacker.yaml, or written as a notebook. The mapping, instruction by instruction:
+
+- `FROM IMG [AS NAME]`: a layer (`%layer`, `%from`); an earlier stage is
+  `%from built STAGE`, `scratch` is `%from scratch`, `bases` maps an image to
+  another source (`oci:DIR:TAG`, `tar:PATH`, `docker://REF`), anything else is
+  `%from docker docker://IMG`. Every stage but the last is `%build_only`, as
+  only the last one is the image. A stage built on a stage inherits its
+  environment, working directory, user, shell, CMD and ENTRYPOINT.
+- `RUN CMD` (shell form): a cell running CMD in a subshell with errexit off,
+  so, as Docker's `/bin/sh -c CMD`, it sees the environment and the working
+  directory and changes neither; with `SHELL [...]`, that shell runs CMD.
+  `RUN ["a", "b"]` (exec form): a cell running `a b`.
+- `ENV` / `ARG`: `%environment` (ENV only) and, in stages with RUN steps,
+  `export` lines, so later steps see them. `${VAR}`, `${VAR:-default}`,
+  `${VAR:+alt}` are expanded in the instructions Docker expands them in.
+  `build_args` override ARG defaults, as `--build-arg`.
+- `WORKDIR`: `%working_dir` and, in stages with RUN steps, `mkdir -p` + `cd`.
+- `USER`: `%runtime_user` (a RUN after a non-root USER is refused: steps run as root).
+- `COPY`/`ADD` of local files and `COPY --from=STAGE`: imports (`stacker://STAGE/path`
+  for a stage). In a stage without RUN (e.g. `FROM scratch`) they land with
+  `--dest`, `--mode` (--chmod) and `--uid`/`--gid` (--chown); in a stage with RUN
+  they are staged at /stacker/imports and a cell copies them in place, in order.
+- `LABEL`, `CMD`, `ENTRYPOINT`, `VOLUME`: `%labels`, `%cmd`, `%entrypoint`, `%volumes`;
+  `MAINTAINER`: the `org.opencontainers.image.authors` annotation.
+- `EXPOSE`, `STOPSIGNAL`: stacker has no keys for them: the annotations
+  `io.stacker-kernel.config.ExposedPorts` / `.StopSignal`, which the OCI export
+  also writes into the image config. `HEALTHCHECK`: an annotation only, with a
+  warning (an OCI image config has no health check).
+- Refused, naming the line: ONBUILD, ADD of a URL, git repository or archive,
+  `RUN --mount/--network/--security`, heredocs, `FROM --platform`, wildcard
+  sources of `COPY --from`, `COPY --from` an image, and any flag not listed here.
+  Wildcard sources of local files are expanded by the caller's `match`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Callable
+
+import nbformat
+from nbformat import NotebookNode
+
+from stacker_kernel.errors import RecipeError
+from stacker_kernel.recipe.model import Recipe, check_layer_name
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_SHELL = ["/bin/sh", "-c"]
+# oci/export.CONFIG_ANNOTATION (recipe/ imports nothing of the lower layers)
+CONFIG_ANNOTATION = "io.stacker-kernel.config."
+HEALTHCHECK_ANNOTATION = "io.stacker-kernel.dockerfile.healthcheck"
+# Where a stage with RUN steps copies a COPY's files first, to set owner and mode
+# on them alone; removed in the same step, so it never reaches a layer.
+COPY_TMP = "/.stacker-kernel-copy"
+_ARCHIVE = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
+
+
+def is_dockerfile(path: str) -> bool:
+    """True for the names Docker and Podman build by default: `Dockerfile`,
+    `Containerfile`, `Dockerfile.*`, `*.Dockerfile` (and the same for Containerfile)."""
+    name = posixpath.basename(path.replace("\\", "/"))
+    return any(name == base or name.startswith(base + ".") or name.endswith("." + base)
+               for base in ("Dockerfile", "Containerfile"))
+
+
+@dataclass
+class Translation:
+    """The notebook cells of a Dockerfile: (cell_type, source) in order, and warnings."""
+    cells: list[tuple[str, str]]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Stage:
+    name: str
+    line: int
+    env: dict[str, str] = field(default_factory=dict)
+    args: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    user: str = ""
+    shell: list[str] = field(default_factory=lambda: list(DEFAULT_SHELL))
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    has_run: bool = False
+    head: list[str] = field(default_factory=list)   # the FROM cell's magic lines
+    prelude: list[str] = field(default_factory=list)  # the FROM cell's script
+    cells: list[str] = field(default_factory=list)
+    staged: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (path, line)
+    ports: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    volumes: list[str] = field(default_factory=list)
+    stop_signal: str | None = None
+
+
+# --- word expansion, as BuildKit's shell lexer (frontend/dockerfile/shell/lex.go) ---------
+
+def expand(word: str, env: dict[str, str], line: int) -> str:
+    """`word` with quotes removed and `$VAR`, `${VAR}`, `${VAR:-w}`, `${VAR-w}`,
+    `${VAR:+w}`, `${VAR+w}`, `${VAR:?msg}` expanded from `env` (unset is empty)."""
+    out: list[str] = []
+    i, n = 0, len(word)
+    quote = None
+    while i < n:
+        c = word[i]
+        if quote == "'":
+            if c == "'":
+                quote = None
+            else:
+                out.append(c)
+            i += 1
+        elif c == "\\" and i + 1 < n and (quote is None or word[i + 1] in '"$\\`'):
+            out.append(word[i + 1])
+            i += 2
+        elif c == "'" and quote is None:
+            quote = "'"
+            i += 1
+        elif c == '"':
+            quote = None if quote == '"' else '"'
+            i += 1
+        elif c == "$":
+            value, i = _variable(word, i + 1, env, line)
+            out.append(value)
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _variable(word: str, i: int, env: dict[str, str], line: int) -> tuple[str, int]:
+    n = len(word)
+    if i < n and word[i] == "{":
+        end, depth = i + 1, 1
+        while end < n and depth:
+            depth += {"{": 1, "}": -1}.get(word[end], 0)
+            end += 1
+        if depth:
+            raise RecipeError(f"line {line}: unterminated ${{ in {word!r}: close it with }}")
+        inner = word[i + 1:end - 1]
+        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-+?])(.*))?", inner, re.S)
+        if not m:
+            raise RecipeError(f"line {line}: ${{{inner}}} is not a substitution this converter "
+                              "knows (${VAR}, ${VAR:-default}, ${VAR:+alternative}): simplify it")
+        name, op, arg = m.group(1), m.group(2), m.group(3) or ""
+        value = env.get(name)
+        if op is None:
+            return value or "", end
+        empty = value is None or (op.startswith(":") and value == "")
+        if op.endswith("-"):
+            return (expand(arg, env, line) if empty else value or ""), end
+        if op.endswith("+"):
+            return ("" if empty else expand(arg, env, line)), end
+        if empty:  # ?
+            raise RecipeError(f"line {line}: {name} is not set: {arg or 'give it a value'}")
+        return value or "", end
+    m = re.match(r"[A-Za-z_][A-Za-z0-9_]*", word[i:])
+    if not m:
+        return "$", i
+    return env.get(m.group(0), ""), i + m.end()
+
+
+# --- the translation ----------------------------------------------------------------------
+
+def _q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def _pair(key: str, value: str) -> str:
+    return _q(f"{key}={value}")
+
+
+def _config_annotation(field_name: str, value: str) -> str:
+    return f"%annotations {_pair(CONFIG_ANNOTATION + field_name, value)}"
+
+
+def _flags(cmd, allowed: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for flag in cmd.flags:
+        key, eq, value = flag[2:].partition("=")
+        if key not in allowed:
+            what = "is not supported" if key in ("mount", "network", "security", "link", "parents",
+                                                 "exclude", "platform", "keep-git-dir", "checksum") \
+                else "is unknown"
+            known = ", ".join("--" + a for a in allowed) or "no flags"
+            raise RecipeError(f"line {cmd.start_line}: {cmd.cmd} {flag.split('=')[0]} {what}: "
+                              f"remove it (stacker-kernel supports {known} on {cmd.cmd})")
+        out[key] = value
+    return out
+
+
+def _key_values(cmd, env: dict[str, str]) -> list[tuple[str, str]]:
+    vals = list(cmd.value)
+    if len(vals) % 2:
+        raise RecipeError(f"line {cmd.start_line}: {cmd.cmd} needs KEY=VALUE pairs")
+    return [(expand(vals[k], env, cmd.start_line), expand(vals[k + 1], env, cmd.start_line))
+            for k in range(0, len(vals), 2)]
+
+
+def _command_list(cmd, shell: list[str]) -> list[str]:
+    if cmd.json:
+        return list(cmd.value)
+    return shell + [" ".join(cmd.value)]
+
+
+def _chown(spec: str, line: int) -> tuple[str, str]:
+    user, _, group = spec.partition(":")
+    if not user:
+        raise RecipeError(f"line {line}: --chown={spec} has no user: write --chown=USER[:GROUP]")
+    return user, group
+
+
+def _source_path(src: str, context: str, line: int) -> str:
+    rel = posixpath.normpath(src.lstrip("/") or ".")
+    if rel == ".." or rel.startswith("../"):
+        raise RecipeError(f"line {line}: {src!r} is outside the build context (the Dockerfile's "
+                          "directory): move it in")
+    path = posixpath.normpath(posixpath.join(context, rel)) if context else rel
+    return path + "/"  # a directory's contents, a file itself: Docker's COPY rules
+
+
+class _Translator:
+    def __init__(self, text: str, name: str, build_args: dict[str, str],
+                 bases: dict[str, str], context: str, platform: str, match):
+        self.text, self.name, self.context, self.match = text, name, context, match
+        self.build_args, self.bases = dict(build_args), dict(bases)
+        self.used_args: set[str] = set()
+        self.global_args: dict[str, str] = {}
+        self.stages: list[_Stage] = []
+        self.warnings: list[str] = []
+        # BuildKit's automatic platform ARGs: the build runs on the host, for the host
+        os_, _, arch = platform.partition("/")
+        arch, _, variant = arch.partition("/")
+        self.platform_args = {}
+        for prefix in ("TARGET", "BUILD"):
+            self.platform_args.update({prefix + "PLATFORM": platform, prefix + "OS": os_,
+                                       prefix + "ARCH": arch, prefix + "VARIANT": variant})
+
+    # -- driver
+    def run(self, commands) -> Translation:
+        groups: list[list] = []
+        for cmd in commands:
+            self._check_common(cmd)
+            if cmd.cmd == "FROM":
+                groups.append([cmd])
+            elif not groups:
+                if cmd.cmd != "ARG":
+                    raise RecipeError(f"line {cmd.start_line}: {cmd.cmd} comes before the first "
+                                      "FROM: only ARG may: start the Dockerfile with FROM")
+                self._declare_args(cmd, None)
+            else:
+                groups[-1].append(cmd)
+        if not groups:
+            raise RecipeError("the Dockerfile has no FROM: start it with FROM IMAGE")
+        for index, group in enumerate(groups):
+            self._stage(group, index, last=index == len(groups) - 1)
+        unused = sorted(set(self.build_args) - self.used_args)
+        if unused:
+            self.warnings.append("build argument(s) " + ", ".join(unused)
+                                 + " are not declared by any ARG and were not used")
+        cells: list[tuple[str, str]] = []
+        for stage in self.stages:
+            cells.append(("markdown", f"## Layer {stage.name}\n\nDockerfile stage from line {stage.line}."))
+            head = "\n".join(stage.head)
+            if stage.prelude:
+                head += "\n" + "\n".join(stage.prelude)
+            cells.append(("code", head))
+            cells.extend(("code", c) for c in stage.cells)
+        return Translation(cells, self.warnings)
+
+    def _check_common(self, cmd) -> None:
+        if cmd.heredocs:
+            raise RecipeError(f"line {cmd.start_line}: {cmd.cmd} with a heredoc (<<) is not "
+                              "supported: write the lines with RUN ... && ..., or COPY a file")
+        if cmd.cmd == "ONBUILD":
+            raise RecipeError(f"line {cmd.start_line}: ONBUILD is not supported: run the "
+                              "instruction in the Dockerfile that builds on this image")
+
+    # -- ARG
+    def _declare_args(self, cmd, stage: _Stage | None) -> list[str]:
+        lines = []
+        scope = self.global_args if stage is None else stage.args
+        env = self.global_args if stage is None else {**stage.args, **stage.env}
+        for item in cmd.value:
+            key, eq, default = item.partition("=")
+            if key in self.build_args:
+                value: str | None = self.build_args[key]
+                self.used_args.add(key)
+            elif eq:
+                value = expand(default, env, cmd.start_line)
+            elif stage is not None and key in self.global_args:
+                value = self.global_args[key]
+            elif key in self.platform_args:
+                value = self.platform_args[key]
+            else:
+                value = None
+            if value is None:
+                scope.pop(key, None)
+                continue
+            scope[key] = value
+            if stage is not None and key not in stage.env:
+                lines.append(f"export {key}={_q(value)}")
+        return lines
+
+    # -- stages
+    def _from(self, cmd, index: int, last: bool) -> _Stage:
+        _flags(cmd, ())
+        words = [expand(w, {**self.platform_args, **self.global_args}, cmd.start_line)
+                 for w in cmd.value]
+        if len(words) == 3 and words[1].lower() == "as":
+            image, alias = words[0], words[2]
+        elif len(words) == 1:
+            image, alias = words[0], None
+        else:
+            raise RecipeError(f"line {cmd.start_line}: write FROM IMAGE [AS NAME]")
+        name = alias or (self.name if last else f"stage-{index}")
+        try:
+            check_layer_name(name, f" (line {cmd.start_line})")
+        except RecipeError as e:
+            raise RecipeError(f"stage {e}") from None
+        if any(s.name == name for s in self.stages):
+            raise RecipeError(f"line {cmd.start_line}: stage name {name} is used twice: rename one")
+        stage = _Stage(name, cmd.start_line)
+        parent = self._stage_named(image)
+        stage.head.append(f"# line {cmd.start_line}: {cmd.original}")
+        stage.head.append(f"%layer {name}")
+        if parent is not None:
+            stage.head.append(f"%from built {parent.name}")
+            stage.env, stage.workdir, stage.user = dict(parent.env), parent.workdir, parent.user
+            stage.shell, stage.cmd, stage.entrypoint = list(parent.shell), parent.cmd, parent.entrypoint
+        elif image == "scratch":
+            stage.head.append("%from scratch")
+        else:
+            stage.head.append("%from " + self._base(image, cmd.start_line))
+            stage.env = {"PATH": DEFAULT_PATH}
+        if not last:
+            stage.head.append("%build_only")
+        if parent is not None:
+            # A stage's config is the one of the stage it is built on; that one is
+            # build_only, whose config stacker never writes: declare it again.
+            stage.labels, stage.volumes = dict(parent.labels), list(parent.volumes)
+            stage.ports, stage.stop_signal = list(parent.ports), parent.stop_signal
+            stage.head += [f"%environment {_pair(k, v)}" for k, v in stage.env.items()
+                           if not (k == "PATH" and v == DEFAULT_PATH)]
+            stage.head += [f"%labels {_pair(k, v)}" for k, v in stage.labels.items()]
+            if stage.volumes:
+                stage.head.append("%volumes " + " ".join(_q(v) for v in stage.volumes))
+            if stage.ports:
+                stage.head.append(_config_annotation("ExposedPorts", " ".join(stage.ports)))
+            if stage.stop_signal:
+                stage.head.append(_config_annotation("StopSignal", stage.stop_signal))
+            if stage.workdir != "/":
+                stage.head.append(f"%working_dir {_q(stage.workdir)}")
+            if stage.user:
+                stage.head.append(f"%runtime_user {_q(stage.user)}")
+            if stage.cmd is not None:
+                stage.head.append(f"%cmd {json.dumps(stage.cmd)}")
+            if stage.entrypoint is not None:
+                stage.head.append(f"%entrypoint {json.dumps(stage.entrypoint)}")
+        return stage
+
+    def _stage_named(self, ref: str) -> _Stage | None:
+        for i, s in enumerate(self.stages):
+            if s.name == ref or ref == str(i):
+                return s
+        return None
+
+    def _base(self, image: str, line: int) -> str:
+        source = self.bases.get(image)
+        if source is None:
+            norm = _normalize(image)
+            source = next((v for k, v in self.bases.items() if _normalize(k) == norm), None)
+        if source is None:
+            return "docker " + _q("docker://" + image)
+        if source.startswith("oci:"):
+            return "oci " + _q(source[4:])
+        if source.startswith("docker://"):
+            return "docker " + _q(source)
+        return "tar " + _q(source.removeprefix("tar:"))
+
+    def _stage(self, group: list, index: int, last: bool) -> None:
+        stage = self._from(group[0], index, last)
+        self.stages.append(stage)
+        body = group[1:]
+        stage.has_run = any(c.cmd == "RUN" for c in body)
+        if stage.has_run:
+            inherited = [f"export {k}={_q(v)}" for k, v in stage.env.items()
+                         if not (k == "PATH" and v == DEFAULT_PATH)]
+            if "HOME" not in stage.env:  # as Docker gives a RUN whose image sets no HOME
+                inherited.append("export HOME=/root")
+            if stage.volumes:  # made here when the stage that set them had no RUN
+                inherited.append("mkdir -p " + " ".join(_q(v) for v in stage.volumes))
+            if stage.workdir != "/":
+                inherited.append(f"mkdir -p {_q(stage.workdir)} && cd {_q(stage.workdir)}")
+            stage.prelude = inherited
+        pending: list[str] = []  # a group of config instructions, one cell
+
+        def flush() -> None:  # magic lines first: a cell's script starts after them
+            if pending:
+                stage.cells.append(_magics_first("\n".join(pending)))
+                pending.clear()
+
+        for cmd in body:
+            where = f"# line {cmd.start_line}: {cmd.original}"
+            if cmd.cmd in ("RUN", "COPY", "ADD"):
+                flush()
+                cell = getattr(self, "_" + cmd.cmd.lower())(cmd, stage)
+                if cell is not None:
+                    stage.cells.append(where + "\n" + cell)
+                continue
+            handler = getattr(self, "_" + cmd.cmd.lower(), None)
+            if handler is None or cmd.cmd == "FROM":
+                raise RecipeError(f"line {cmd.start_line}: {cmd.cmd} is not a Dockerfile "
+                                  "instruction stacker-kernel knows: remove it")
+            magics, script = handler(cmd, stage)
+            pending.append(where)
+            pending.extend(magics)
+            if script and stage.has_run:
+                pending.extend(script)
+        flush()
+
+    # -- instructions: each returns (magic lines, script lines)
+    def _env(self, cmd, stage: _Stage):
+        before = {**stage.args, **stage.env}
+        pairs = _key_values(cmd, before)
+        magics, script = [], []
+        for key, value in pairs:
+            stage.env[key] = value
+            magics.append(f"%environment {_pair(key, value)}")
+            script.append(f"export {key}={_q(value)}")
+        return magics, script
+
+    def _arg(self, cmd, stage: _Stage):
+        return [], self._declare_args(cmd, stage)
+
+    def _workdir(self, cmd, stage: _Stage):
+        path = expand(" ".join(cmd.value), {**stage.args, **stage.env}, cmd.start_line)
+        stage.workdir = posixpath.normpath(posixpath.join(stage.workdir, path))
+        return [f"%working_dir {_q(stage.workdir)}"], [f"mkdir -p {_q(stage.workdir)}",
+                                                      f"cd {_q(stage.workdir)}"]
+
+    def _user(self, cmd, stage: _Stage):
+        stage.user = expand(" ".join(cmd.value), {**stage.args, **stage.env}, cmd.start_line)
+        return [f"%runtime_user {_q(stage.user)}"], []
+
+    def _label(self, cmd, stage: _Stage):
+        pairs = _key_values(cmd, {**stage.args, **stage.env})
+        stage.labels.update(pairs)
+        return [f"%labels {_pair(k, v)}" for k, v in pairs], []
+
+    def _maintainer(self, cmd, stage: _Stage):
+        return [f"%annotations {_pair('org.opencontainers.image.authors', ' '.join(cmd.value))}"], []
+
+    def _cmd(self, cmd, stage: _Stage):
+        stage.cmd = _command_list(cmd, stage.shell)
+        return [f"%cmd {json.dumps(stage.cmd)}"], []
+
+    def _entrypoint(self, cmd, stage: _Stage):
+        stage.entrypoint = _command_list(cmd, stage.shell)
+        return [f"%entrypoint {json.dumps(stage.entrypoint)}"], []
+
+    def _shell(self, cmd, stage: _Stage):
+        if not cmd.json:
+            raise RecipeError(f"line {cmd.start_line}: SHELL needs the JSON form, e.g. "
+                              'SHELL ["/bin/bash", "-c"]')
+        stage.shell = list(cmd.value)
+        return [], []
+
+    def _volume(self, cmd, stage: _Stage):
+        env = {**stage.args, **stage.env}
+        paths = list(cmd.value) if cmd.json else [expand(w, env, cmd.start_line) for w in cmd.value]
+        stage.volumes += paths
+        # as buildah, the image has the mount points (a stage without RUN: see WORKDIR)
+        return ["%volumes " + " ".join(_q(p) for p in paths)], \
+            ["mkdir -p " + " ".join(_q(p) for p in paths)]
+
+    def _expose(self, cmd, stage: _Stage):
+        env = {**stage.args, **stage.env}
+        for w in cmd.value:
+            port = expand(w, env, cmd.start_line)
+            stage.ports.append(port if "/" in port else port + "/tcp")
+        return [_config_annotation("ExposedPorts", " ".join(stage.ports))], []
+
+    def _stopsignal(self, cmd, stage: _Stage):
+        signal = stage.stop_signal = expand(" ".join(cmd.value), {**stage.args, **stage.env}, cmd.start_line)
+        return [_config_annotation("StopSignal", signal)], []
+
+    def _healthcheck(self, cmd, stage: _Stage):
+        self.warnings.append(f"line {cmd.start_line}: HEALTHCHECK is kept as the annotation "
+                             f"{HEALTHCHECK_ANNOTATION} only: an OCI image config has no health "
+                             "check (buildah ignores it too)")
+        return [f"%annotations {_pair(HEALTHCHECK_ANNOTATION, cmd.original.split(None, 1)[1])}"], []
+
+    # -- RUN, COPY, ADD: one cell each (the text after the line comment)
+    def _run(self, cmd, stage: _Stage) -> str:
+        _flags(cmd, ())
+        if stage.user not in ("", "root", "0", "root:root", "0:0"):
+            raise RecipeError(f"line {cmd.start_line}: RUN as USER {stage.user} is not supported "
+                              "(steps run as root): move the USER line after the last RUN, or "
+                              "switch users inside the RUN (su, setpriv)")
+        if cmd.json:
+            return shlex.join(cmd.value)
+        command = self._raw_run(cmd)
+        if stage.shell != DEFAULT_SHELL:
+            return shlex.join(stage.shell + [command])
+        # As `/bin/sh -c CMD`: no errexit, and no cd or variable leaves the subshell.
+        return f"(set +e\n{command}\n)"
+
+    def _matches(self, src: str, line: int) -> list[str]:
+        """A local source with `*`, `?` or `[` as the context files it matches, sorted."""
+        if not re.search(r"[*?\[]", src) or re.match(r"[a-z][a-z0-9+.-]*://", src):
+            return [src]
+        if self.match is None:
+            raise RecipeError(f"line {line}: the wildcard source {src!r} needs the build context: "
+                              "list the files")
+        found = sorted(self.match(src.lstrip("/")))
+        if not found:
+            raise RecipeError(f"line {line}: no file of the build context matches {src!r}: "
+                              "fix the pattern")
+        return found
+
+    def _raw_run(self, cmd) -> str:
+        """A shell-form RUN's command as written, line breaks kept (the shell reads
+        `\\`-newline as Docker's parser does), unless comment or blank lines
+        inside it make the parser's joined text the only faithful one."""
+        lines = self.text.split("\n")[cmd.start_line - 1:cmd.end_line]
+        if len(lines) < 2 or "'" in "".join(lines) or re.search(r"(?m)^#\s*escape\s*=", self.text) \
+                or any(not ln.strip() or ln.lstrip().startswith("#") for ln in lines[1:]):
+            return cmd.value[0]
+        first = re.sub(r"^\s*RUN\s+(?:--\S+\s+)*", "", lines[0], flags=re.I)
+        return "\n".join([first] + lines[1:]).rstrip()
+
+    def _add(self, cmd, stage: _Stage) -> str | None:
+        return self._copy(cmd, stage, add=True)
+
+    def _copy(self, cmd, stage: _Stage, add: bool = False) -> str | None:
+        line = cmd.start_line
+        flags = _flags(cmd, ("chown", "chmod") + (() if add else ("from",)))
+        env = {**stage.args, **stage.env}
+        words = list(cmd.value) if cmd.json else [expand(w, env, line) for w in cmd.value]
+        if len(words) < 2:
+            raise RecipeError(f"line {line}: {cmd.cmd} needs a source and a destination")
+        sources, dest = words[:-1], words[-1]
+        if "from" not in flags:
+            sources = [m for src in sources for m in self._matches(src, line)]
+        if len(sources) > 1 and not dest.endswith("/"):
+            raise RecipeError(f"line {line}: {cmd.cmd} with several sources needs a destination "
+                              f"ending in /: write {dest}/")
+        into_dir = dest.endswith("/") or posixpath.basename(dest) in (".", "..")
+        dest = posixpath.normpath(posixpath.join(stage.workdir, dest))
+        if into_dir and dest != "/":
+            dest += "/"
+        owner = _chown(expand(flags["chown"], env, line), line) if flags.get("chown") else None
+        mode = None
+        if flags.get("chmod"):
+            if not re.fullmatch(r"[0-7]{3,4}", flags["chmod"]):
+                raise RecipeError(f"line {line}: --chmod={flags['chmod']} is not an octal mode: "
+                                  "write e.g. --chmod=0755")
+            mode = int(flags["chmod"], 8)
+        paths = []
+        for src in sources:
+            if add and (re.match(r"[a-z][a-z0-9+.-]*://", src) or src.startswith("git@")):
+                raise RecipeError(f"line {line}: ADD of the URL {src} is not supported: download it "
+                                  "in a RUN step, or fetch it beside the Dockerfile and COPY it")
+            if add and src.lower().endswith(_ARCHIVE):
+                raise RecipeError(f"line {line}: ADD of the archive {src} (which Docker unpacks) is "
+                                  "not supported: COPY it and unpack it with tar in a RUN step")
+            if "from" in flags:
+                source = expand(flags["from"], env, line)
+                parent = self._stage_named(source)
+                if parent is None or parent is stage:
+                    raise RecipeError(f"line {line}: COPY --from={source} names no earlier stage: "
+                                      "copying from an image is not supported, add a stage "
+                                      f"'FROM {source} AS NAME' and copy --from=NAME")
+                if re.search(r"[*?\[]", src):
+                    raise RecipeError(f"line {line}: the wildcard source {src!r} is not supported: "
+                                      "list the files")
+                inner = posixpath.normpath(posixpath.join(parent.workdir, src))
+                paths.append(f"stacker://{parent.name}{inner}/")
+            else:
+                paths.append(_source_path(src, self.context, line))
+        new = []
+        for p in paths:
+            staged = posixpath.basename(p.rstrip("/")) or "import"
+            if staged in stage.staged and stage.staged[staged][0] != p:
+                raise RecipeError(f"line {line}: {cmd.cmd} source {p.rstrip('/')} has the same name "
+                                  f"as the one on line {stage.staged[staged][1]} (both would be "
+                                  f"/stacker/imports/{staged}): rename one")
+            if staged not in stage.staged:
+                new.append(p)
+            stage.staged[staged] = (p, line)
+        stage.head.append(f"# line {line}{'' if not stage.has_run else ' (its cell copies it)'}: "
+                          f"{cmd.original}")
+        if not stage.has_run:
+            uid = gid = None
+            if owner is not None:
+                if not (owner[0].isdigit() and (not owner[1] or owner[1].isdigit())):
+                    raise RecipeError(f"line {line}: --chown={':'.join(filter(None, owner))} names a "
+                                      "user in a stage without RUN: write numeric ids, "
+                                      "e.g. --chown=1000:1000")
+                uid, gid = int(owner[0]), int(owner[1] or owner[0])
+            for p in paths:
+                opts = [f"--dest {_q(dest)}"] + ([f"--mode 0{mode:o}"] if mode is not None else []) \
+                    + ([f"--uid {uid} --gid {gid}"] if uid is not None else [])
+                stage.head.append(f"%import {_q(p)} " + " ".join(opts))
+            return None
+        for p in new:  # staged once, however often it is copied
+            stage.head.append(f"%import {_q(p)}")
+        return "\n".join(_copy_script(paths, dest, owner, mode))
+
+
+def _copy_script(paths: list[str], dest: str, owner: tuple[str, str] | None,
+                 mode: int | None) -> list[str]:
+    """Shell lines copying staged imports to `dest` with Docker's COPY rules: a
+    directory's contents, a file into a directory dest or as the dest itself, owned
+    by root unless --chown, modes kept unless --chmod, missing directories 0755 and
+    owned as the files (as buildah and BuildKit make them). A subshell: no variable
+    of it stays in the layer's shell."""
+    spec = "0:0"
+    if owner is not None:
+        user, group = owner
+        spec = f"{user}:{group}" if group else (f"{user}:{user}" if user.isdigit()
+                                               else f"{user}:$(id -u {_q(user)})")
+    lines = ["(", f"rm -rf {COPY_TMP} && mkdir {COPY_TMP}"]
+    for p in paths:
+        src = "/stacker/imports/" + _q(posixpath.basename(p.rstrip("/")))
+        lines.append(f"if [ -d {src} ]; then cp -a {src}/. {COPY_TMP}/; "
+                     f"else cp -a {src} {COPY_TMP}/; fi")
+    lines.append(f"chown -R {spec} {COPY_TMP}")
+    if mode is not None:
+        lines.append(f"chmod -R 0{mode:o} {COPY_TMP}")
+    d = _q(dest.rstrip("/") or "/")
+
+    def mkdirs(path: str) -> list[str]:
+        if owner is None:
+            return [f"mkdir -p {path}"]
+        return [f"p={path}; new=; while [ ! -e \"$p\" ]; do new=\"$p:$new\"; p=$(dirname \"$p\"); done",
+                f"mkdir -p {path}",
+                f"IFS=:; for x in $new; do chown {spec} \"$x\"; done; unset IFS"]
+
+    each = (f"for e in {COPY_TMP}/* {COPY_TMP}/.[!.]* {COPY_TMP}/..?*; do "
+            f"if [ -e \"$e\" ] || [ -L \"$e\" ]; then cp -a \"$e\" {d}/; fi; done")
+    if len(paths) == 1 and not dest.endswith("/"):  # a file is dest itself, unless dest is a directory
+        lines.append(f"if [ -d {src} ] || [ -d {d} ]; then")
+        lines += mkdirs(d) + [each, "else"] + mkdirs(f'"$(dirname {d})"')
+        lines += [f"cp -a {COPY_TMP}/* {d}", "fi"]
+    else:
+        lines += mkdirs(d) + [each]
+    return lines + [f"rm -rf {COPY_TMP}", ")"]
+
+
+def _magics_first(cell: str) -> str:
+    lines = cell.split("\n")
+    magics = [ln for ln in lines if ln.startswith("%")]
+    if not magics:
+        return cell
+    comments = [ln for ln in lines if ln.startswith("# line ")]
+    rest = [ln for ln in lines if not ln.startswith("%") and not ln.startswith("# line ")]
+    return "\n".join(comments + magics + rest)
+
+
+def _normalize(image: str) -> str:
+    """docker.io/library/busybox:latest for busybox (a digest kept as is)."""
+    ref = image.removeprefix("docker://")
+    name, at, digest = ref.partition("@")
+    last = name.rsplit("/", 1)[-1]
+    if ":" not in last and not at:
+        name += ":latest"
+    first = name.split("/", 1)[0]
+    if "/" not in name or not ("." in first or ":" in first or first == "localhost"):
+        name = "docker.io/" + (name if "/" in name else "library/" + name)
+    return name + at + digest
+
+
+@dataclass
+class DockerfileOptions:
+    """What `docker build` takes beside the Dockerfile: `--build-arg NAME=VALUE` and,
+    ours, `--base IMAGE=SOURCE` (see `translate`)."""
+    build_args: dict[str, str] = field(default_factory=dict)
+    bases: dict[str, str] = field(default_factory=dict)
+
+
+def layer_name_for(path: str) -> str:
+    """The name of a Dockerfile's last stage when it has no `AS`: `app` for
+    `app.Dockerfile` or `Dockerfile.app`, else `image`."""
+    name = posixpath.basename(path)
+    for base in ("Dockerfile", "Containerfile"):
+        name = name.removeprefix(base + ".").removesuffix("." + base)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("._-")
+    return "image" if name in ("", "Dockerfile", "Containerfile") else name
+
+
+def translate(text: str, name: str, build_args: dict[str, str] | None = None,
+              bases: dict[str, str] | None = None, context: str = "",
+              platform: str | None = None,
+              match: Callable[[str], list[str]] | None = None) -> Translation:
+    """The notebook cells of Dockerfile `text` (see the module doc for the mapping).
+
+    `name` names the last stage when it has no `AS`; `build_args` are
+    `--build-arg NAME=VALUE`; `bases` maps FROM images (as written, or normalized:
+    `busybox` = `docker.io/library/busybox:latest`) to `oci:DIR:TAG`, `tar:PATH`
+    or `docker://REF`; `context` is prefixed to COPY sources (the build context
+    relative to where the cells are used); `platform` (default: the host's, e.g.
+    linux/amd64) gives TARGETARCH and the other automatic platform ARGs; `match`
+    gives the context paths (relative, `/` between parts) a wildcard source
+    matches, as Go's filepath.Match: without it, wildcards are refused. Raises RecipeError naming the line
+    for anything it cannot translate faithfully.
+    """
+    import dockerfile  # the official Go parser, wrapped
+
+    try:
+        commands = dockerfile.parse_string(text)
+    except dockerfile.GoParseError as e:
+        raise RecipeError(f"the Dockerfile does not parse: {str(e).strip().splitlines()[0]}") from e
+    return _Translator(text, name, build_args or {}, bases or {}, context,
+                       platform or host_platform(), match).run(commands)
+
+
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm/v7", "armv6l": "arm/v6",
+           "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def host_platform() -> str:
+    """The host as an OCI platform, e.g. linux/amd64 (steps run on the host's kernel)."""
+    import platform
+
+    machine = platform.machine()
+    return "linux/" + _GOARCH.get(machine, machine)
+
+
+def dockerfile_notebook(text: str, name: str, **options) -> tuple[NotebookNode, list[str]]:
+    """The notebook of Dockerfile `text` and the translation's warnings (options as
+    `translate`). Cell ids are deterministic: the same Dockerfile gives the same notebook."""
+    from stacker_kernel.recipe.notebook import KERNELSPEC, LANGUAGE_INFO
+
+    t = translate(text, name, **options)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    nb.metadata["language_info"] = dict(LANGUAGE_INFO)
+    for i, (kind, source) in enumerate(t.cells):
+        cell = (nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell)(source)
+        cell["id"] = hashlib.sha1(f"{name}\0{i}\0{source}".encode()).hexdigest()[:12]
+        nb.cells.append(cell)
+    return nb, t.warnings
+
+
+def dockerfile_recipe(text: str, name: str, **options) -> tuple[Recipe, list[str]]:
+    """The recipe of Dockerfile `text` (through its notebook, so a Dockerfile builds,
+    exports and imports exactly as the notebook `dockerfile_notebook` gives)."""
+    from stacker_kernel.recipe.notebook import recipe_from_notebook
+
+    nb, warnings = dockerfile_notebook(text, name, **options)
+    return recipe_from_notebook(nb, name), warnings
