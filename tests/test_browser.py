@@ -224,7 +224,10 @@ def boxes_inside(inner: list[dict], outer: dict, slack: float = 0.5) -> list[dic
 
 def test_run_all_builds_the_demo_notebook(page):
     last = page.locator(".jp-Notebook .jp-CodeCell").nth(HELLO_CODE_CELLS - 1)
-    assert re.search(r"serving \w+ from stacker .* from /srv/www", last.locator(".jp-OutputArea").inner_text())
+    out = last.locator(".jp-OutputArea").inner_text()
+    assert re.search(r"serving \w+ from stacker .* from /srv/www", out)
+    # Every step cell ends with its status line: step, layer, ran or cached, time, size, snapshot.
+    assert re.search(r"\[step \d+, layer \S+: (ran in [\d.]+ s|cached).*snapshot [0-9a-f]{12}\]", out), out
     assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
                         has_text="Step failed").count() == 0
 

@@ -466,10 +466,10 @@ def test_a_dockerfile_notebook_steps_through_in_the_kernel_with_rollback(nbdir, 
         for cell in cells:
             run = k.execute(cell.source, cell.id, timeout=120)
             assert run.status == "ok", run.error
-        assert k.execute("ls /app; cat /app/one", "look", timeout=60).text().split() == \
+        assert k.execute("ls /app; cat /app/one", "look", timeout=60).stream_text().split() == \
             ["one", "two", "hello", "one"]
         assert k.execute(f"%rollback {cells[2].id}", "back", timeout=60).status == "ok"
-        assert k.execute("ls /app", "look2", timeout=60).text().split() == ["one"]
+        assert k.execute("ls /app", "look2", timeout=60).stream_text().split() == ["one"]
     finally:
         k.close()
 

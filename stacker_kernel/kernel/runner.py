@@ -54,6 +54,10 @@ class CellRun:
                 parts.append(out["data"].get("text/plain", ""))
         return "".join(parts)
 
+    def stream_text(self) -> str:
+        """Only what the cell printed (stream output): no status line, no tables."""
+        return "".join(out.get("text", "") for out in self.outputs if out.get("output_type") == "stream")
+
 
 class NotebookKernel:
     """A stacker kernel serving one notebook, started like jupyter_server starts it."""

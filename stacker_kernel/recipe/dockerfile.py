@@ -46,8 +46,6 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Callable
 
-import nbformat
-from nbformat import NotebookNode
 
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.model import Recipe, check_layer_name
@@ -734,12 +732,14 @@ def host_platform() -> str:
     return "linux/" + _GOARCH.get(machine, machine)
 
 
-def dockerfile_notebook(text: str, name: str, **options) -> tuple[NotebookNode, list[str]]:
+def dockerfile_notebook(text: str, name: str, **options) -> tuple[dict, list[str]]:
     """The notebook of Dockerfile `text` and the translation's warnings (options as
     `translate`). Cell ids are deterministic: the same Dockerfile gives the same notebook."""
     from stacker_kernel.recipe.notebook import KERNELSPEC, LANGUAGE_INFO
 
     t = translate(text, name, **options)
+    import nbformat  # not at import time: a cached notebook build must not pay for it
+
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
     nb.metadata["language_info"] = dict(LANGUAGE_INFO)
