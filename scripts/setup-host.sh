@@ -29,7 +29,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.installed-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
 if [ ! -e "$stamp" ] || [ "$(cat "$stamp")" != "$repo" ]; then
-  "$VENV/bin/pip" install -q -e "$repo[test,sbom]"
+  "$VENV/bin/pip" install -q -e "$repo[test]"
   echo "$repo" > "$stamp"
 fi
 ln -sf "$VENV/bin/stacker-kernel" /usr/local/bin/stacker-kernel

@@ -1,8 +1,8 @@
 """An inventory (engine/sbom.py) as an SPDX 2.3 JSON document, built and validated
 with the `spdx-tools` library.
 
-spdx-tools is optional (the `sbom` extra): it is imported only here, when a
-document is made, so the kernel starts without it; its absence is one
+spdx-tools (a dependency) is imported only here, when a
+document is made, so the kernel starts fast; a broken install without it gets one
 ImageError that says how to install it. The document is deterministic: same
 inventory, name, subject and time give the same bytes (sorted JSON, a
 namespace derived from the content, the creation time from SOURCE_DATE_EPOCH).
@@ -24,7 +24,7 @@ from stacker_kernel.errors import ImageError
 MEDIA_TYPE = "application/spdx+json"
 TOOL = "stacker-kernel-0.1.0"
 INSTALL_HINT = (f"the SBOM needs the spdx-tools library: install it with '{sys.executable} -m pip install "
-                "spdx-tools' (the `sbom` extra, which scripts/setup-host.sh installs), or pass --no-sbom")
+                "spdx-tools' (a dependency of stacker-kernel missing from this install), or pass --no-sbom")
 _GNU = re.compile(r"(A?L?GPL|GFDL)-(\d+(?:\.\d+)?)(\+?)", re.I)
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
 
