@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import io
 from pathlib import Path
 
@@ -99,3 +100,20 @@ def busybox_oci(busybox_tar, tmp_path_factory) -> str:
             tar.extract(m, bundle / "rootfs", set_attrs=not m.issym())
     umoci("repack", "--image", f"{layout}:busybox", str(bundle))
     return f"{layout}:busybox"
+
+
+@pytest.fixture
+def small_btrfs():
+    """A fresh 256 MiB btrfs of its own, loop-mounted (root only): nothing else changes
+    its usage; unmounted and deleted afterwards."""
+    work = Path(tempfile.mkdtemp(prefix="sk-small-", dir="/var/tmp"))
+    image, mnt = work / "btrfs.img", work / "mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop,user_subvol_rm_allowed,noatime", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        subprocess.run(["rm", "-rf", str(work)], check=False)

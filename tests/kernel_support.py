@@ -65,3 +65,13 @@ def kernels(tmp_path_factory) -> Path:
 def nbdir(tmp_path, busybox_tar) -> Path:
     """A notebook directory with the busybox rootfs tar in it."""
     return notebook_dir(tmp_path / "nb", busybox_tar)
+
+
+@pytest.fixture
+def kernel(nbdir, kernels):
+    """A kernel on nbdir/test.ipynb whose first cell set the busybox base."""
+    k = start_kernel(nbdir / "test.ipynb", kernels)
+    base = k.execute(BASE, "base", timeout=120)
+    assert base.status == "ok", base.error
+    yield k
+    k.close()

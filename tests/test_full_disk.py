@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,22 +19,6 @@ from stacker_kernel.recipe.model import ImageSource, Layer
 from stacker_kernel.storage.store import Store, collect_garbage
 
 pytestmark = pytest.mark.rootful
-
-
-@pytest.fixture
-def small_btrfs():
-    """A fresh 256 MiB btrfs, loop-mounted; unmounted and deleted afterwards."""
-    work = Path(tempfile.mkdtemp(prefix="sk-full-", dir="/var/tmp"))
-    image, mnt = work / "btrfs.img", work / "mnt"
-    mnt.mkdir()
-    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    subprocess.run(["mount", "-o", "loop,user_subvol_rm_allowed,noatime", str(image), str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 @pytest.fixture

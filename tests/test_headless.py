@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import redirect_stdout
@@ -179,22 +178,6 @@ def test_cli_layers_and_gc_show_the_storage_total(storage):
     assert re.search(r"storage .*: [0-9.]+ \w?i?B used, [0-9.]+ \w?i?B free", out), out
     out = _cli("--storage", str(storage), "gc")
     assert "removed 0 snapshot(s), freed" in out and " used, " in out
-
-
-@pytest.fixture
-def small_btrfs():
-    """A fresh 256 MiB btrfs of its own, loop-mounted: nothing else changes its usage."""
-    work = Path(tempfile.mkdtemp(prefix="sk-gc-", dir="/var/tmp"))
-    image, mnt = work / "btrfs.img", work / "mnt"
-    mnt.mkdir()
-    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    subprocess.run(["mount", "-o", "loop,user_subvol_rm_allowed,noatime", str(image), str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 @pytest.mark.rootful

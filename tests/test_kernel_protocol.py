@@ -16,17 +16,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from kernel_support import BASE, kernels, nbdir, notebook_dir, start_kernel, write_notebook  # noqa: F401 (fixtures)
+from kernel_support import BASE, kernel, kernels, nbdir, notebook_dir, start_kernel, write_notebook  # noqa: F401 (fixtures)
 from stacker_kernel.kernel.runner import run_notebook
-
-
-@pytest.fixture
-def kernel(nbdir, kernels):
-    k = start_kernel(nbdir / "test.ipynb", kernels)
-    base = k.execute(BASE, "base", timeout=120)
-    assert base.status == "ok", base.error
-    yield k
-    k.close()
 
 
 def _send(kernel, code: str, cell_id: str | None = None) -> str:

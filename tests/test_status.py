@@ -12,19 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from kernel_support import BASE, kernels, nbdir, start_kernel, write_notebook  # noqa: F401 (fixtures)
+from kernel_support import BASE, kernel, kernels, nbdir, start_kernel, write_notebook  # noqa: F401 (fixtures)
 from net_support import free_port, serve_registry
 
 STATUS = re.compile(r"^\[step (\d+), layer (\S+): (.*)\]$", re.M)
-
-
-@pytest.fixture
-def kernel(nbdir, kernels):
-    k = start_kernel(nbdir / "test.ipynb", kernels)
-    base = k.execute(BASE, "base", timeout=120)
-    assert base.status == "ok", base.error
-    yield k
-    k.close()
 
 
 def _reply_metadata(kernel, code: str, cell_id: str) -> tuple[dict, str, list[dict]]:
