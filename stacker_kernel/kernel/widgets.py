@@ -218,6 +218,7 @@ class WidgetRegistry:
 
     def __init__(self) -> None:
         self._layers: list[LayerHistory] = []
+        self._scheduled: asyncio.TimerHandle | None = None
 
     def add(self, widget: "LayerHistory") -> None:
         self._layers = [x for x in self._layers if not x.closed][-(self.KEEP - 1):] + [widget]
@@ -234,6 +235,25 @@ class WidgetRegistry:
         return widget
 
     def refresh_all(self) -> None:
+        """Bring every live layer widget up to date just after the cell's reply: making a
+        new row's widget models is most of a `true` cell's time, and the cell need not
+        wait for it. On the event loop, once for any number of calls meanwhile; inline
+        when no loop runs."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.refresh_now()
+            return
+        if self._scheduled is None:
+            # the copied context keeps the parent message the widget updates belong to
+            self._scheduled = loop.call_later(0.02, self._scheduled_refresh,
+                                              context=contextvars.copy_context())
+
+    def _scheduled_refresh(self) -> None:
+        self._scheduled = None
+        self.refresh_now()
+
+    def refresh_now(self) -> None:
         """Bring every live layer widget up to date (the history is read once per session,
         not once per widget)."""
         views: dict[int, list] = {}
