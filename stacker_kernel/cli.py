@@ -192,7 +192,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         what = f"base  {first_line(snap.source, width=48)}" if snap.kind == "base" else (
             f"layer {snap.layer}  {first_line(snap.source, width=48)}  "
             f"{human_size(snap.size_delta, signed=True) if snap.size_delta is not None else ''}".rstrip())
-        print(f"removed {snap.id}  {what}")
+        print(f"removed {snap.id[:12]}  {what}")  # the id status lines and %layers show
     print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}; {storage_total(root)}")
     return 0
 
