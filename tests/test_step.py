@@ -366,3 +366,12 @@ def test_umask_carries_with_dash(debian):
     result, out = carry(debian, "umask 027", "umask")
     assert result.ok, out
     assert out.strip() == "0027"
+
+
+def test_status_255_is_an_exit_status_not_a_signal():
+    """A failing `mount` (or `exit -1`) ends with status 255: no signal 127 exists."""
+    from stacker_kernel.container.step import failure_message
+
+    assert failure_message(255, True, "mount -t tmpfs x /mnt", False, False) == \
+        "step failed with status 255 at `mount -t tmpfs x /mnt`"
+    assert failure_message(137, True, "sleep 100", False, False).startswith("step killed by signal 9 ")

@@ -149,7 +149,7 @@ def failure_message(status: int, has_state: bool, failed_command: str | None,
         return "the step called exit before its end: remove the `exit` (a step must run to its last line)"
     if status == 0:
         return ""
-    if status > 128:
+    if 128 < status <= 128 + 64:  # the shell's 128+N for signal N; 255 is an exit status
         return f"step killed by signal {status - 128} (status {status}){at}"
     if status == 1 and failed_command and re.match(r"\s*read\b", failed_command):
         # stdin is /dev/null, as in stacker's `run`: `read` meets end of input at once.
