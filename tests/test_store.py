@@ -624,7 +624,7 @@ def test_cli_gc_prints_what_it_removed(store, capsys):
     _, _, _, s2 = _ended_session_with_chain(store)
     assert cli.main(["--storage", str(store.root), "gc"]) == 0
     out = capsys.readouterr().out
-    assert f"removed {s2.id}" in out and "removed 1 snapshot(s), freed" in out
+    assert f"removed {s2.id[:12]} " in out and "removed 1 snapshot(s), freed" in out
 
 
 def test_cli_reports_storage_errors_in_one_line(tmp_path, capsys):
