@@ -119,3 +119,23 @@ def test_whatis_never_reads_a_man_page_through_a_symlink_out_of_the_rootfs(tmp_p
     (root / "usr/share").mkdir(parents=True)
     (root / "usr/share/man").symlink_to(tmp_path / "host")
     assert whatis(str(root), "secret") is None
+
+
+def test_command_help_runs_as_nobody_and_cannot_leave_its_chroot(tmp_path, busybox_tar):
+    """Shift-Tab runs the image's own binary: it gets no root that could climb out of
+    the chroot, and no setuid file gives root back."""
+    import tarfile
+
+    from stacker_kernel.engine.command_help import help_text
+
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    with tarfile.open(busybox_tar) as tar:
+        tar.extractall(root)
+    probe = root / "bin/probe"
+    probe.write_text('#!/bin/sh\necho "uid=$(id -u)"\n'
+                     'mkdir /tmp/x 2>/dev/null; chroot /tmp/x /bin/true 2>/dev/null'
+                     ' && echo chroot-allowed || echo chroot-refused\n')
+    probe.chmod(0o755)
+    text = help_text(str(root), "/bin/probe")
+    assert "uid=65534" in text and "chroot-refused" in text, text

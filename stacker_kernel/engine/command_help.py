@@ -6,7 +6,8 @@ step runs and cannot change the image:
 - `whatis` reads the NAME section of the command's man page from the host
   side (man pages are world-readable in an image; nothing runs);
 - `help_text` runs `COMMAND --help` chrooted into the read-only snapshot, as
-  root of a user namespace with the user's subordinate ids (like a step), in
+  `nobody` of a user namespace with the user's subordinate ids, with no
+  capabilities and no_new_privs (a chroot alone would not hold root), in
   a new network namespace (no network), with stdin at /dev/null, its output
   capped and its run bounded in time. It runs from a fresh interpreter: a
   user namespace needs a single-threaded process, and forking the kernel
@@ -14,6 +15,7 @@ step runs and cannot change the image:
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import gzip
 import json
@@ -24,8 +26,11 @@ import subprocess
 import sys
 
 import stacker_kernel
+from stacker_kernel.container.userns import libc_call
 from stacker_kernel.engine.live import BUILD_PATH
 
+NOBODY = 65534  # mapped in every build user namespace
+PR_SET_NO_NEW_PRIVS = 38
 HELP_SECONDS = 3.0  # a --help that takes longer is cut off
 HELP_BYTES = 64 * 1024
 MAN_SECTIONS = ("1", "8", "6", "5", "7", "3")
@@ -84,6 +89,12 @@ def _help_in_ns(root: str, command: str, seconds: float) -> tuple[str, bool]:
     def enter() -> None:
         os.chroot(root)
         os.chdir("/")
+        # A chroot holds no root: drop to nobody (no capabilities, so no second chroot
+        # to climb out) and let no setuid file of the image give them back.
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        libc_call("prctl", ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), 0, 0, 0)
 
     env = {"PATH": BUILD_PATH, "HOME": "/root", "TERM": "dumb", "COLUMNS": "80", "LANG": "C"}
     try:
