@@ -417,3 +417,40 @@ def test_an_unknown_layer_type_is_one_clear_line():
         parse_cell("%export oci --layer-type zip\n")
     with pytest.raises(RecipeError, match="invalid layer type 'zip'"):
         parse_layer_types(["zip"])
+
+
+def test_fsck_erofs_reads_an_erofs_base_as_nobody_who_can_write_nowhere_else(tmp_path, monkeypatch):
+    """fsck.erofs parses a base's erofs layer a second time: whatever it makes of a
+    hostile image, it can write only its own scratch folder. A stand-in fsck.erofs
+    records who runs it and tries to write beside its folder and into the caller's."""
+    import tempfile
+
+    from stacker_kernel.oci.layer_types import MEDIA_TYPE_EROFS, fs_layer_to_tar
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    blob = tmp_path / "layer.erofs"
+    subprocess.run(["mkfs.erofs", str(blob), str(src)], check=True, capture_output=True)
+    shared = Path(tempfile.mkdtemp(dir="/var/tmp"))  # nobody must reach the stand-in
+    try:
+        shared.chmod(0o755)
+        (shared / "probe").mkdir(mode=0o777)
+        (shared / "probe").chmod(0o777)
+        fake = shared / "fsck.erofs"
+        fake.write_text("#!/bin/sh\n"
+                        f"id -u > {shared}/probe/uid\n"
+                        f"echo escaped > {tmp_path}/escaped 2>/dev/null\n"
+                        "echo escaped > ../escaped 2>/dev/null\n"
+                        "exit 1\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{shared}:{os.environ['PATH']}")
+        scratch = tmp_path / "scratch"
+        scratch.mkdir()
+        with pytest.raises(ImageError, match="reading erofs layer"):
+            run_in_userns(fs_layer_to_tar, str(blob), MEDIA_TYPE_EROFS + "+lz4hc",
+                          str(tmp_path / "out.tar"), str(scratch))
+        assert (shared / "probe/uid").read_text().strip() == "65534"
+        assert not (tmp_path / "escaped").exists() and not (scratch / "escaped").exists()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

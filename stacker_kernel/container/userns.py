@@ -56,6 +56,20 @@ def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
     libc_call("prctl", ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), 0, 0, 0)
 
 
+NOBODY = 65534  # mapped in every user namespace this project makes (NS_SIZE ids)
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def become_nobody() -> None:
+    """Drop from root of a user namespace to its `nobody`, for good: no capabilities
+    (so no second chroot climbs out of a chroot) and no_new_privs (no setuid file of
+    an image gives root back). For a child about to run a tool on untrusted input."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    libc_call("prctl", ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), 0, 0, 0)
+
+
 @dataclass(frozen=True)
 class IdRange:
     """`count` ids starting at `inside` map onto ids starting at `outside`."""

@@ -15,7 +15,6 @@ step runs and cannot change the image:
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import gzip
 import json
@@ -26,11 +25,9 @@ import subprocess
 import sys
 
 import stacker_kernel
-from stacker_kernel.container.userns import libc_call
+from stacker_kernel.container.userns import become_nobody
 from stacker_kernel.engine.live import BUILD_PATH
 
-NOBODY = 65534  # mapped in every build user namespace
-PR_SET_NO_NEW_PRIVS = 38
 HELP_SECONDS = 3.0  # a --help that takes longer is cut off
 HELP_BYTES = 64 * 1024
 MAN_SECTIONS = ("1", "8", "6", "5", "7", "3")
@@ -89,12 +86,7 @@ def _help_in_ns(root: str, command: str, seconds: float) -> tuple[str, bool]:
     def enter() -> None:
         os.chroot(root)
         os.chdir("/")
-        # A chroot holds no root: drop to nobody (no capabilities, so no second chroot
-        # to climb out) and let no setuid file of the image give them back.
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
-        libc_call("prctl", ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), 0, 0, 0)
+        become_nobody()  # a chroot holds no root: the image's binary gets none
 
     env = {"PATH": BUILD_PATH, "HOME": "/root", "TERM": "dumb", "COLUMNS": "80", "LANG": "C"}
     try:

@@ -45,6 +45,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
+from stacker_kernel.container.userns import NOBODY, become_nobody
 from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci.diff import Diff
 from stacker_kernel.oci.tarwriter import LayerBlob
@@ -281,14 +282,16 @@ def _which(program: str) -> str | None:
     return shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
 
 
-def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, as_nobody: bool = False,
+         cwd: str | None = None) -> str:
     exe = _which(cmd[0])
     if exe is None:
         package = {"mksquashfs": "squashfs-tools", "mkfs.erofs": "erofs-utils", "fsck.erofs": "erofs-utils",
                    "veritysetup": "cryptsetup-bin", "sqfs2tar": "squashfs-tools-ng"}.get(cmd[0], cmd[0])
         raise ImageError(f"{what} needs the {cmd[0]} program, which is missing: "
                          f"install Debian's {package} package (apt-get install {package})")
-    proc = subprocess.run([exe, *cmd[1:]], stdin=subprocess.DEVNULL, capture_output=True, env=env)
+    proc = subprocess.run([exe, *cmd[1:]], stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                          cwd=cwd, preexec_fn=become_nobody if as_nobody else None)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
         raise ImageError(f"{what} failed ({cmd[0]}: {detail[-1] if detail else proc.returncode}): "
@@ -388,13 +391,19 @@ def fs_layer_to_tar(blob: str, media_type: str, out_tar: str, scratch_dir: str) 
         # follow whatever names the image holds: read the metadata ourselves first,
         # refuse hostile names, then take the file data from its extraction.
         meta = erofs_metadata(blob)
-        # FIXME: fsck.erofs parses the image again; an image our reader and it
-        # see differently could still make it write outside `tree` (as the user,
-        # inside the user namespace). An erofs->tar reader of our own would close it.
+        # fsck.erofs parses the image again, and an image it reads otherwise than we
+        # do must not make it write anywhere else: it runs as the namespace's nobody,
+        # who may write only `tmp` (owners and modes come from `meta`, not from it).
         tmp = tempfile.mkdtemp(prefix=".erofs-", dir=scratch_dir)
         try:
+            os.chown(tmp, NOBODY, NOBODY)
+            image = os.path.join(tmp, "layer.erofs")  # nobody may not reach the blob's folder
+            _copy_file(blob, image)  # a reflink on btrfs
+            os.chown(image, NOBODY, NOBODY)
             tree = os.path.join(tmp, "tree")
-            _run(["fsck.erofs", f"--extract={tree}", "--preserve", blob], f"reading erofs layer {blob}")
+            # relative paths from inside `tmp`: nobody may not pass through its parents
+            _run(["fsck.erofs", "--extract=tree", "layer.erofs"], f"reading erofs layer {blob}",
+                 as_nobody=True, cwd=tmp)
             _convert(_walk_tree(tree, meta), out_tar)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
