@@ -18,15 +18,8 @@ from stacker_kernel.engine.build import build
 from stacker_kernel.engine.session import BuildSession
 from stacker_kernel.recipe.model import ImageSource, Layer
 from stacker_kernel.storage.store import Store
-from test_container import debian_tar, make_rootfs, remove_storage_dir, run, storage_dir
-from test_step import carry
-
-
-@pytest.fixture(scope="module")
-def workdir():
-    root = storage_dir()
-    yield root
-    remove_storage_dir(root)
+from test_container import debian_tar, make_rootfs, run
+from test_step import carry, workdir  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ walked with directory fds: a symlink planted there is replaced, never followed.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import secrets
 import stat
@@ -28,10 +27,9 @@ from pathlib import Path
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import StackerKernelError
 from stacker_kernel.recipe.model import human_size
+from stacker_kernel.storage.btrfs import copy_data
 
 MAX_SYMLINKS = 40
-FICLONE = 0x40049409  # ioctl: share the extents of another file (btrfs reflink)
-CHUNK = 1 << 20
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -185,48 +183,6 @@ def _allocated(dirfd: int, name: str, st: os.stat_result) -> int:
         return sum(_allocated(fd, n, os.stat(n, dir_fd=fd, follow_symlinks=False)) for n in os.listdir(fd))
     finally:
         os.close(fd)
-
-
-def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
-    end = offset + count
-    try:
-        while offset < end:
-            n = os.copy_file_range(src, dst, min(end - offset, 1 << 30), offset, offset)
-            if n == 0:
-                return
-            offset += n
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    while offset < end:
-        data = os.pread(src, min(end - offset, CHUNK), offset)
-        if not data:
-            return
-        os.pwrite(dst, data, offset)
-        offset += len(data)
-
-
-def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy a regular file's bytes, keeping its holes: a reflink when the filesystem can,
-    else only the data extents (SEEK_DATA/SEEK_HOLE), then the size."""
-    try:
-        fcntl.ioctl(dst, FICLONE, src)
-        return
-    except OSError:
-        pass
-    offset = 0
-    while offset < size:
-        try:
-            data = os.lseek(src, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole is left
-                break
-            raise
-        hole = os.lseek(src, data, os.SEEK_HOLE)
-        _copy_range(src, dst, data, hole - data)
-        offset = hole
-    os.ftruncate(dst, size)
 
 
 class _Copier:

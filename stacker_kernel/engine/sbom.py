@@ -15,12 +15,12 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import urllib.parse
 from dataclasses import dataclass, field
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.grab import GrabError, open_in_snapshot, resolve_at
 from stacker_kernel.engine.inspect import resolve_in_root
+from stacker_kernel.oci.sbom import DirSummary, Inventory, Package, Unowned
 
 DPKG_STATUS = "/var/lib/dpkg/status"
 DPKG_INFO = "/var/lib/dpkg/info"
@@ -32,55 +32,6 @@ _TOP_DIRS = 10
 # dpkg states whose files are on disk (dpkg-query -W also lists config-files, whose are not)
 _DPKG_PRESENT = {"installed", "half-configured", "unpacked", "half-installed",
                  "triggers-awaited", "triggers-pending"}
-
-
-@dataclass(frozen=True)
-class Package:
-    """One installed package as its database records it. `licenses` are the
-    database's own words (Debian short names, apk's licence field), possibly empty."""
-    manager: str  # "deb" | "apk" | "rpm"
-    name: str
-    version: str
-    arch: str
-    licenses: tuple[str, ...] = ()
-    distro: str = ""
-
-    def purl(self) -> str:
-        """The package URL: pkg:deb/debian/NAME@VERSION?arch=ARCH (purl-spec: version
-        percent-encoded, so a Debian epoch `1:2.3` reads 1%3A2.3)."""
-        namespace = self.distro or {"deb": "debian", "apk": "alpine", "rpm": "redhat"}[self.manager]
-        name = urllib.parse.quote(self.name, safe=".-_~")
-        version = urllib.parse.quote(self.version, safe=".-_~")
-        arch = urllib.parse.quote(self.arch, safe=".-_~")
-        return f"pkg:{self.manager}/{namespace}/{name}@{version}" + (f"?arch={arch}" if arch else "")
-
-
-@dataclass(frozen=True)
-class DirSummary:
-    path: str
-    files: int
-    size: int
-
-
-@dataclass(frozen=True)
-class Unowned:
-    """The files (not directories) no package database lists: how many, their bytes,
-    and the directories (two levels deep) holding the most bytes."""
-    files: int
-    size: int
-    top: tuple[DirSummary, ...] = ()
-
-
-@dataclass(frozen=True)
-class Inventory:
-    packages: tuple[Package, ...]
-    unowned: Unowned | None  # None when not asked for (files=False)
-    distro: str = ""  # os-release ID
-    distro_version: str = ""  # os-release VERSION_ID
-    notes: tuple[str, ...] = ()
-
-    def by_name(self) -> dict[tuple[str, str, str], Package]:
-        return {(p.manager, p.name, p.arch): p for p in self.packages}
 
 
 @dataclass(frozen=True)

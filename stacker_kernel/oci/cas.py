@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stacker_kernel.errors import ImageError
+from stacker_kernel.storage.btrfs import FICLONE
 
 _DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 _CHUNK = 1 << 20
@@ -41,7 +42,6 @@ MAX_JSON = 16 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted as a blob must not wait for a writer
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 def check_digest(digest: Any, where: str) -> str:
@@ -299,7 +299,7 @@ def _reflink(reader: BlobReader, out_fd: int, out_path: str) -> bool:
     copied) and verify the clone, which no one else can change; False when the
     filesystem cannot clone, and nothing was written."""
     try:
-        fcntl.ioctl(out_fd, _FICLONE, reader.fileno())
+        fcntl.ioctl(out_fd, FICLONE, reader.fileno())
     except OSError:
         return False
     with BlobReader(os.open(out_path, os.O_RDONLY | os.O_CLOEXEC), reader.digest, reader.size,

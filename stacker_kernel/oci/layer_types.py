@@ -32,7 +32,6 @@ entry rules as any tar layer (oci/tarlayer.py apply_layer).
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -49,6 +48,7 @@ from stacker_kernel.container.userns import NOBODY, become_nobody
 from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci.diff import Diff
 from stacker_kernel.oci.tarwriter import LayerBlob
+from stacker_kernel.storage.btrfs import copy_data
 
 TAR, SQUASHFS, EROFS = "tar", "squashfs", "erofs"
 LAYER_TYPES = (TAR, SQUASHFS, EROFS)
@@ -62,7 +62,6 @@ VERITY_BLOCK = 4096  # atomfs: os.Getpagesize() for data and hash blocks
 
 _SKIPPED_XATTRS = ("security.selinux", "system.nfs4_acl")
 _SKIPPED_XATTR_PREFIXES = ("trusted.", "user.overlay.")
-_FICLONE = 0x40049409
 _CHUNK = 1 << 20
 
 
@@ -247,11 +246,7 @@ def _copy_file(src: str, dst: str) -> None:
     try:
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.ioctl(dfd, _FICLONE, sfd)  # btrfs: shares the extents, copies nothing
-            except OSError:
-                while os.sendfile(dfd, sfd, None, _CHUNK) > 0:
-                    pass
+            copy_data(sfd, dfd, os.fstat(sfd).st_size)  # btrfs: a reflink, nothing copied
         finally:
             os.close(dfd)
     finally:

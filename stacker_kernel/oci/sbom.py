@@ -1,4 +1,4 @@
-"""An inventory (engine/sbom.py) as an SPDX 2.3 JSON document, built and validated
+"""An inventory (what engine/sbom.py reads from a rootfs) as an SPDX 2.3 JSON document, built and validated
 with the `spdx-tools` library.
 
 spdx-tools (a dependency) is imported only here, when a
@@ -16,9 +16,10 @@ import os
 import re
 import sys
 import tempfile
+import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
-from stacker_kernel.engine.sbom import Inventory, Package
 from stacker_kernel.errors import ImageError
 
 MEDIA_TYPE = "application/spdx+json"
@@ -27,6 +28,55 @@ INSTALL_HINT = (f"the SBOM needs the spdx-tools library: install it with '{sys.e
                 "spdx-tools' (a dependency of stacker-kernel missing from this install), or pass --no-sbom")
 _GNU = re.compile(r"(A?L?GPL|GFDL)-(\d+(?:\.\d+)?)(\+?)", re.I)
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
+
+
+@dataclass(frozen=True)
+class Package:
+    """One installed package as its database records it. `licenses` are the
+    database's own words (Debian short names, apk's licence field), possibly empty."""
+    manager: str  # "deb" | "apk" | "rpm"
+    name: str
+    version: str
+    arch: str
+    licenses: tuple[str, ...] = ()
+    distro: str = ""
+
+    def purl(self) -> str:
+        """The package URL: pkg:deb/debian/NAME@VERSION?arch=ARCH (purl-spec: version
+        percent-encoded, so a Debian epoch `1:2.3` reads 1%3A2.3)."""
+        namespace = self.distro or {"deb": "debian", "apk": "alpine", "rpm": "redhat"}[self.manager]
+        name = urllib.parse.quote(self.name, safe=".-_~")
+        version = urllib.parse.quote(self.version, safe=".-_~")
+        arch = urllib.parse.quote(self.arch, safe=".-_~")
+        return f"pkg:{self.manager}/{namespace}/{name}@{version}" + (f"?arch={arch}" if arch else "")
+
+
+@dataclass(frozen=True)
+class DirSummary:
+    path: str
+    files: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Unowned:
+    """The files (not directories) no package database lists: how many, their bytes,
+    and the directories (two levels deep) holding the most bytes."""
+    files: int
+    size: int
+    top: tuple[DirSummary, ...] = ()
+
+
+@dataclass(frozen=True)
+class Inventory:
+    packages: tuple[Package, ...]
+    unowned: Unowned | None  # None when not asked for (files=False)
+    distro: str = ""  # os-release ID
+    distro_version: str = ""  # os-release VERSION_ID
+    notes: tuple[str, ...] = ()
+
+    def by_name(self) -> dict[tuple[str, str, str], Package]:
+        return {(p.manager, p.name, p.arch): p for p in self.packages}
 
 
 def _spdx():

@@ -458,3 +458,51 @@ def wait_reclaimed(path: os.PathLike | str, timeout: float = 60.0) -> None:
         steady = steady + 1 if last is not None and used >= last else 0
         last = min(used, last) if last is not None else used
         time.sleep(0.1)
+
+
+# --- copying file data ----------------------------------------------------------
+
+FICLONE = 0x40049409  # ioctl: share the extents of another file (btrfs reflink)
+CHUNK = 1 << 20
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    end = offset + count
+    try:
+        while offset < end:
+            n = os.copy_file_range(src, dst, min(end - offset, 1 << 30), offset, offset)
+            if n == 0:
+                return
+            offset += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while offset < end:
+        data = os.pread(src, min(end - offset, CHUNK), offset)
+        if not data:
+            return
+        os.pwrite(dst, data, offset)
+        offset += len(data)
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy a regular file's bytes, keeping its holes: a reflink when the filesystem can,
+    else only the data extents (SEEK_DATA/SEEK_HOLE), then the size."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError:
+        pass
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        hole = os.lseek(src, data, os.SEEK_HOLE)
+        _copy_range(src, dst, data, hole - data)
+        offset = hole
+    os.ftruncate(dst, size)
