@@ -11,7 +11,6 @@ lookups find them); `referrers` is that lookup. Pushing them to a registry
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from stacker_kernel.errors import ImageError
@@ -122,8 +121,3 @@ def read_document(layout_dir: str, desc: dict[str, Any]) -> tuple[dict[str, Any]
     if len(layers) != 1 or not isinstance(layers[0], dict):
         raise ImageError(f"artifact {desc.get('digest')} of {layout_dir} has no single document layer: re-export it")
     return manifest, blobs.read(layers[0].get("digest"), layers[0].get("size"))
-
-
-def document_json(layout_dir: str, desc: dict[str, Any]) -> dict[str, Any]:
-    """The attached document of `desc` parsed as JSON."""
-    return json.loads(read_document(layout_dir, desc)[1])
