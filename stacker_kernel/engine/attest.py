@@ -131,6 +131,7 @@ def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx:
 
     by_name = {s.name: s for s in specs}
     created = provenance.timestamp(source_date_epoch)
+    inventories: dict[str, Any] = {}  # rootfs -> its packages: NAME and NAME-squashfs share one
     for tag in tags:
         spec = _spec_of(tag, by_name)
         if spec is None:
@@ -142,7 +143,9 @@ def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx:
 
             rootfs = image_rootfs(spec, by_name)
             if rootfs is not None:
-                doc = sbom.spdx_document(inventory(rootfs), tag, subject_digest=digest,
+                if rootfs not in inventories:
+                    inventories[rootfs] = inventory(rootfs)
+                doc = sbom.spdx_document(inventories[rootfs], tag, subject_digest=digest,
                                          source_date_epoch=source_date_epoch)
                 documents.append((sbom.MEDIA_TYPE, sbom.document_bytes(doc)))
         if which.provenance:
