@@ -1,4 +1,4 @@
-"""stacker's acceptance cases (reference/stacker-acceptance-cases.md), verbatim:
+"""stacker's acceptance cases (from stacker's test/*.bats), verbatim:
 the parser tests read them, the build tests build them."""
 import textwrap
 

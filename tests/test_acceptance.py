@@ -1,4 +1,4 @@
-"""stacker's own acceptance cases (reference/stacker-acceptance-cases.md), built with
+"""stacker's own acceptance cases (its test/*.bats), built with
 `stacker-kernel build` and checked as stacker's tests check them."""
 import json
 import os

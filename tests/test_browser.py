@@ -10,7 +10,7 @@ boxes; cells named by their prompt), Download in `%browse` in one click for a
 small and a large file (the downloaded bytes are compared with the file in the
 snapshot), and the link `%grab` shows. Chromium runs headless without its
 sandbox (an unprivileged user in CI has no setuid sandbox helper) and with a
-fresh profile, offline (reference/jupyter.md §5.4).
+fresh profile, offline.
 
 To check more of the notebook, use the helpers: run_cell(page, code) appends
 and runs a cell and returns it, output_text(cell) is what its output shows,

@@ -1,4 +1,4 @@
-"""BuildSession: the step semantics of DESIGN.md on real btrfs and real namespaces."""
+"""BuildSession: the step semantics of docs/architecture.md on real btrfs and real namespaces."""
 import os
 import signal
 import subprocess

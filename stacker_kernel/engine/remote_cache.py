@@ -1,4 +1,4 @@
-"""The shared step cache (DESIGN.md "The registry is the shared cache").
+"""The shared step cache (docs/architecture.md §3).
 
 After a step commits, `RemoteCache.push` stores its result in the cache-to
 target: the step's diff as an OCI layer (as the export writes it) plus the

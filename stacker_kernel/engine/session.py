@@ -1,6 +1,6 @@
 """BuildSession: steps in a persistent container, a read-only snapshot after each.
 
-The contract is DESIGN.md's step semantics:
+The contract is docs/architecture.md §1-§5:
 
 - a step runs in the layer's container; shell state (cwd, variables) carries
   to the next step of the same layer; a new layer starts fresh;

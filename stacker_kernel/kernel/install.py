@@ -4,7 +4,7 @@ The spec runs this very Python (absolute `sys.executable`) so the kernel
 finds the package it was installed with. Its language is `stacker`, never
 `bash`: front-ends fall back to any kernel of the notebook's language when the
 named one is missing, and a bash fallback would run build steps on the host
-(reference/jupyter.md §2.9).
+(jupyter_client falls back on a kernel spec of the notebook's language).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ recipe or act on the session, its script runs as one step through the engine
 awaits it, so the event loop keeps serving comm (widget) messages, and the
 step's output is published every few tens of milliseconds as it arrives.
 
-Reply discipline (reference/jupyter.md §1.4, §2.2): every request gets a
+Reply discipline (the Jupyter messaging spec, "Request-Reply"): every request gets a
 reply. A failed, interrupted or dead step, a bad magic line, unusable
 storage, or a bug of ours all become an `error` reply with an `error` iopub
 message, so Run All stops at that cell.
@@ -68,14 +68,14 @@ def notebook_path() -> Path:
 
 
 class StackerKernel(Kernel):
-    """Cells are build steps in a persistent unprivileged container (DESIGN.md)."""
+    """Cells are build steps in a persistent unprivileged container (docs/architecture.md)."""
 
     implementation = "stacker-kernel"
     implementation_version = __version__
     banner = ("stacker-kernel: each cell is a build step in an unprivileged container,"
               " frozen as a btrfs snapshot. %help lists the magics.")
     language_info = {
-        # Never "bash": front-ends would fall back to a host bash kernel (§2.9).
+        # Never "bash": front-ends would fall back to a host bash kernel.
         "name": "stacker",
         "version": __version__,
         "mimetype": "text/x-sh",
@@ -88,7 +88,7 @@ class StackerKernel(Kernel):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        # Comms for widgets: the base Kernel does not wire them (reference §2.7).
+        # Comms for widgets: the base Kernel does not wire them (ipykernel's IPythonKernel does).
         self.comm_manager = comm.get_comm_manager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = getattr(self.comm_manager, msg_type)
@@ -138,7 +138,7 @@ class StackerKernel(Kernel):
     @property
     def kernel_info(self) -> dict:
         info = super().kernel_info
-        # One build shell: no concurrent subshells; no debugger (§2.1, §2.4).
+        # One build shell: no concurrent subshells; no debugger (kernel_info's supported_features).
         info["supported_features"] = [f for f in info.get("supported_features", [])
                                       if f not in ("debugger", "kernel subshells")]
         return info
@@ -631,7 +631,7 @@ class _Publisher:
         if shown.html:
             data["text/html"] = shown.html
         if shown.widget is not None:
-            # The widget view (reference §2.7) ranks above html; the table stays for
+            # The widget view ranks above html; the table stays for
             # renderers without widgets (a saved notebook on GitHub, nbconvert).
             data.update(shown.widget._repr_mimebundle_())
             data["text/plain"] = shown.text

@@ -87,7 +87,7 @@ def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
         return Shown(text, f"grabbed {shown_path} to the directory <code>{html.escape(link)}</code>"
                            f" (JupyterLab's file browser shows it){notes}")
     # A relative href: JupyterLab resolves it against the notebook to its files/ URL,
-    # and leaves an anchor with `download` to the browser (reference/jupyter.md §4).
+    # and leaves an anchor with `download` to the browser (HTML's `download` attribute).
     href = urllib.parse.quote(link)
     return Shown(text, f"grabbed {shown_path} to "
                        f"<a href=\"{html.escape(href)}\" download=\"{html.escape(written.name)}\">"

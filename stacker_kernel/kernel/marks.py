@@ -1,7 +1,7 @@
 """Marks on step cells: each step cell's output says whether its step is still in the image.
 
 After a successful step the kernel displays a one-line mark under the cell
-with a Jupyter display id (reference/jupyter.md: `display_data` with
+with a Jupyter display id (the messaging spec's `display_data` with
 `transient.display_id`). When the step leaves the session's history (a
 `%rollback`, the widget's Roll back here, re-running an earlier cell), the
 kernel sends `update_display_data` for that id, and the front-end rewrites the

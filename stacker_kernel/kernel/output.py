@@ -4,7 +4,7 @@ The engine calls `OutputSink.write` from the thread that runs the step; the
 kernel's event loop calls `take` every few tens of milliseconds and publishes
 what it got as one `stream` message. Batching by time (not by line) keeps
 `echo -n` progress visible and stays far below jupyter_server's iopub rate
-limits (reference/jupyter.md §2.8); the cap keeps a runaway build log from
+limits (`iopub_msg_rate_limit`); the cap keeps a runaway build log from
 flooding the browser, with the full log kept by the engine.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ Only the UI lives here. What they show comes from public BuildSession methods
 read the read-only snapshots below the kernel (engine/browse.py,
 engine/inspect.py), so they work while a cell runs. Widget callbacks run on
 the kernel's event loop (ipykernel 7.4 serves comm messages while a cell
-awaits its step, see reference/jupyter.md §2.4); anything slow (a diff,
+awaits its step, on its shell channel); anything slow (a diff,
 reading or copying a file) goes to a background thread, and session changes
 (Roll back here) go to the kernel's engine thread so they never overlap a cell.
 
@@ -14,7 +14,7 @@ whatever a cell holds, and the grid is the one scroll area of the table.
 `%layers` shows a page of the newest steps, so that its first display costs
 the same at any history length; rows are kept across refreshes.
 
-Downloads (reference/jupyter.md §4): the Download button prepares the file
+Downloads: the Download button prepares the file
 and the browser saves it at once. A regular file up to INLINE_LIMIT travels
 as a data: URI; a larger one is copied to `stacker-downloads/` beside the
 notebook and linked relative to it, so JupyterLab serves it through its

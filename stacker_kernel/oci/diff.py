@@ -1,7 +1,7 @@
 """File-level difference between two read-only btrfs snapshots.
 
 A path is unchanged when it has the same file type, inode number and ctime in
-both snapshots (reference/oci-btrfs.md §2.2): a snapshot keeps every inode
+both snapshots (btrfs snapshots share inodes with their source): a snapshot keeps every inode
 item byte for byte, any change to content, mode, owner, xattrs, link count or
 name sets ctime, and user space cannot set ctime. So unchanged files are
 never hashed; only the few inodes whose ctime falls in the coarse-clock tick of

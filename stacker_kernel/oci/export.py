@@ -2,10 +2,10 @@
 
 One image per stacker layer, tag = layer name, manifests in build order;
 build_only layers get no tag and their diffs are carried into their children
-as layers (reference/stacker.md §1.8, §7). By default every step (cell) that
+as layers (stacker's pkg/stacker/build.go). By default every step (cell) that
 changed something is one OCI layer, and a step that changed nothing is a
 history entry with `empty_layer`; `squash=True` makes one layer per stacker
-layer, as stacker emits. The image config follows stacker's rules (§1.7):
+layer, as stacker emits. The image config follows stacker's rules:
 environment appended, labels and volumes merged, `cmd`/`entrypoint` assigned
 (never inherited), `full_command` sets Entrypoint and clears Cmd.
 
@@ -466,7 +466,7 @@ def _command(value: Any) -> list[str] | None:
 
 
 def _apply_directives(image: _Image, layer: Any) -> None:
-    """stacker's updateOCIConfigForOutput on `image` (reference/stacker.md §1.7)."""
+    """stacker's updateOCIConfigForOutput on `image` (stacker's pkg/stacker/build.go)."""
     cfg = image.config.setdefault("config", {})
     env: list[str] = list(cfg.get("Env") or [])
     for key, value in (getattr(layer, "environment", None) or {}).items():

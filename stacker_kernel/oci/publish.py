@@ -1,6 +1,6 @@
 """Publish tags of an OCI layout with `skopeo copy` (stacker's `publish`).
 
-Destinations follow stacker (reference/stacker.md §2): for `docker://HOST/PATH`
+Destinations follow stacker's `publish` (cmd/stacker/publish.go): for `docker://HOST/PATH`
 each image goes to `HOST/PATH/<layer>:<tag>`, for `oci:DIR` to
 `DIR:<layer>_<tag>`. A URL that already names a tag
 (`docker://HOST/REPO:TAG`) receives exactly one image under that name.

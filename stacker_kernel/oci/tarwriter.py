@@ -1,7 +1,7 @@
 """Write one OCI layer (tar+gzip) from a snapshot diff.
 
-The tar is PAX, reproducible and what OCI appliers expect (reference/
-oci-btrfs.md §2.3, §3): whiteouts `.wh.NAME` for removed paths, an opaque
+The tar is PAX, reproducible and what OCI appliers expect (image-spec
+layer.md): whiteouts `.wh.NAME` for removed paths, an opaque
 `.wh..wh..opq` only in a directory that was replaced by a new one, hard links
 between paths of the same inode inside the layer, xattrs as
 `SCHILY.xattr.NAME`, numeric owners with empty user/group names, integer
@@ -43,7 +43,7 @@ _SKIPPED_XATTRS = ("security.selinux", "system.nfs4_acl")
 _SKIPPED_XATTR_PREFIXES = ("trusted.", "user.overlay.")
 
 # security.capability: v3 (namespaced, with rootid) as seen from outside the
-# user namespace; layers carry v2 (reference/oci-btrfs.md §3).
+# user namespace; layers carry v2 (capabilities(7), "File capability extended attribute versioning").
 _VFS_CAP_REVISION_MASK = 0xFF000000
 _VFS_CAP_REVISION_2 = 0x02000000
 _VFS_CAP_REVISION_3 = 0x03000000

@@ -1,7 +1,7 @@
 """The recipe model: stacker's layer keys as typed records.
 
-Pure data plus the checks stacker makes at parse time (reference/stacker.md
-§1). Paths stay as the user wrote them; `Recipe.resolve` makes a local path
+Pure data plus the checks stacker makes at parse time (stacker's
+pkg/types/layer.go). Paths stay as the user wrote them; `Recipe.resolve` makes a local path
 absolute against the declaring file, as stacker's `absolutify` does.
 """
 from __future__ import annotations

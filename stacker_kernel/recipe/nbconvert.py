@@ -1,7 +1,7 @@
 """Notebook -> stacker.yaml, as the `--to stacker` exporter does it.
 
 Two shapes: the default concatenates a layer's cells into one `run` (the same
-build under DESIGN.md's step semantics), `--per-cell` gives each cell its own
+build under the step semantics of docs/architecture.md §1), `--per-cell` gives each cell its own
 stacker layer, chained with `from: built`.
 """
 from __future__ import annotations

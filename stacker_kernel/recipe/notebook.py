@@ -2,7 +2,7 @@
 
 A notebook is a sequence of layers: `%layer NAME` starts one, every other
 recipe magic applies to the current layer, and every code cell's script is a
-step of it (DESIGN.md, Semantics 1-2). Importing a stacker.yaml gives, per
+step of it (docs/architecture.md §1). Importing a stacker.yaml gives, per
 layer, a `## Layer NAME` heading, a directive cell and the `run` script cut
 into cells (`cells.split_script`).
 """

@@ -3,7 +3,7 @@
 Parsing walks PyYAML's node tree rather than constructed objects: scalars keep
 the text the user wrote (`1.10` stays `1.10`, as Go's yaml gives a string
 field), duplicate keys are caught (PyYAML would keep the last one silently),
-and every error can name its line. reference/stacker.md §1 is the schema.
+and every error can name its line. stacker's pkg/types/layer.go is the schema.
 """
 from __future__ import annotations
 

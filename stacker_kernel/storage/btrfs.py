@@ -1,7 +1,7 @@
 """btrfs subvolumes through raw ioctls: create, snapshot, read-only flag, delete, info.
 
 Every call here works for an unprivileged user on subvolumes it owns and for
-root inside a user namespace (reference/oci-btrfs.md §1.3): only ioctls without
+root inside a user namespace (the kernel's fs/btrfs/ioctl.c): only ioctls without
 a CAP_SYS_ADMIN check are used, never TREE_SEARCH. python-btrfs supplies the
 ioctl-number encoding and the space-info call; the subvolume ioctls are ours,
 one `struct.Struct` per kernel structure (python-btrfs style).

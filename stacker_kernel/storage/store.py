@@ -1,6 +1,6 @@
 """The snapshot store: read-only subvolumes on btrfs plus their records in SQLite.
 
-Layout under the storage root (DESIGN.md "Storage layout"):
+Layout under the storage root (docs/architecture.md §6):
 
     stacker-kernel.db   records of snapshots (bases and steps), sessions, their
                         histories (a row per entry) and the step cache, WAL mode;
