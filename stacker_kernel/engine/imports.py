@@ -23,6 +23,8 @@ def _source_path(imp, base_dir: str, download_dir: Path, fetch_layer_path=None) 
     path = imp.path
     if path.startswith("stacker://"):
         layer, _, inner = path[len("stacker://"):].partition("/")
+        if ".." in inner.split("/"):  # the recipe checks refuse it; never act on it
+            raise RecipeError(f"import {path} has a '..': name the path in the layer without it")
         if not layer or not inner:
             raise RecipeError(f"import {path}: a stacker:// import is stacker://LAYER/path")
         if fetch_layer_path is None:
@@ -150,6 +152,8 @@ def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, bool, str, i
       stacker's validateOverlayDirs does (pkg/overlay/overlay-dirs.go:99-150).
     """
     for name, contents, dest, mode, uid, gid in items:
+        if ".." in dest.split("/") or name in ("", ".."):  # the recipe checks refuse it; never act on it
+            raise RecipeError(f"import dest {dest}: has a '..': write it without")
         src = os.path.join(staged, name)
         owner = (0 if uid is None else uid, 0 if gid is None else gid)
         is_dir = os.path.isdir(src) and not os.path.islink(src)
