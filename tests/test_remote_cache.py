@@ -381,16 +381,14 @@ def test_a_truncated_layer_is_never_applied(built_a, registry, storage_b, tmp_pa
                                        "was cut short", tree_a)
 
 
-def test_an_entry_with_a_broken_record_is_a_miss(busybox_oci, storage, storage_b, tmp_path):
-    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:1])
-    cache = tmp_path / "cache"
-    _build(storage, nb, cache_to=f"oci:{cache}")
+def _tamper_oci_cache(cache: Path, change) -> None:
+    """Rewrite the record of the only entry of OCI layout `cache` with `change(record)`."""
     index = json.loads((cache / "index.json").read_text())
     manifest_path = cache / "blobs" / "sha256" / index["manifests"][0]["digest"].split(":")[1]
     manifest = json.loads(manifest_path.read_text())
     config_path = cache / "blobs" / "sha256" / manifest["config"]["digest"].split(":")[1]
     record = json.loads(config_path.read_text())
-    record["state"] = "not json"
+    change(record)
     data = json.dumps(record).encode()
     digest = hashlib.sha256(data).hexdigest()
     (cache / "blobs" / "sha256" / digest).write_bytes(data)
@@ -400,9 +398,62 @@ def test_an_entry_with_a_broken_record_is_a_miss(busybox_oci, storage, storage_b
     (cache / "blobs" / "sha256" / digest).write_bytes(data)
     index["manifests"][0].update(digest=f"sha256:{digest}", size=len(data))
     (cache / "index.json").write_text(json.dumps(index))
-    result, out, _ = _build(storage_b, _copy(nb, tmp_path), cache_from=[f"oci:{cache}"])
+
+
+def _set_state(record, exported):
+    state = json.loads(record["state"])
+    state["exported"] = exported
+    record["state"] = json.dumps(state)
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda r: r.update(state="not json"), "its shell state is not JSON"),
+    (lambda r: r.update(duration="abc"), "its duration is not a number"),
+    (lambda r: r.update(duration=[1]), "its duration is not a number"),
+    (lambda r: r.update(log=[1]), "its log is not text"),
+    (lambda r: r.update(snapshot=7), "its snapshot id"),
+    (lambda r: _set_state(r, {"GREETING": 1}), "its shell state's exported are not all strings"),
+    (lambda r: _set_state(r, ["x"]), "its shell state's exported are not all strings"),
+])
+def test_an_entry_with_a_broken_record_is_a_miss(busybox_oci, storage, storage_b, tmp_path, change, why):
+    """Issue 23 point 9: any malformed field is one warning and a local run, and the
+    step's later builds (without --cache-from) run too."""
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, ["mkdir -p /app && cd /app\nexport GREETING=hello", CELLS[3]])
+    cache = tmp_path / "cache"
+    _build(storage, nb, cache_to=f"oci:{cache}")
+    _tamper_oci_cache(cache, change)
+    mine = _copy(nb, tmp_path)
+    result, out, _ = _build(storage_b, mine, cache_from=[f"oci:{cache}"])
     warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
-    assert result.steps_run == 1 and len(warnings) == 1 and "no valid shell state" in warnings[0], warnings
+    assert result.steps_run >= 1 and len(warnings) == 1, warnings
+    assert "malformed" in warnings[0] and why in warnings[0] and "Traceback" not in out
+    again, out, tip = _build(storage_b, mine)
+    assert again.steps_run == 0 and (Path(tip) / "app" / "greeting").read_text() == "hello\n"
+
+
+def test_a_bad_entry_committed_before_is_a_miss_then_replaced(busybox_oci, storage_b, tmp_path):
+    """An entry an older version committed from a bad record (an exported variable that
+    is not a string) does not crash later builds: it is a miss, the step runs, and the
+    new snapshot is the entry."""
+    import sqlite3
+
+    from stacker_kernel.storage.store import DB_NAME
+
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, ["mkdir -p /app && cd /app\nexport GREETING=hello", CELLS[3]])
+    _build(storage_b, nb)
+    with Store.open(storage_b) as store:
+        snap = next(s for s in store.snapshots() if s.kind == "step" and "GREETING" in s.state)
+    state = json.loads(snap.state)
+    state["exported"]["GREETING"] = 1
+    db = sqlite3.connect(storage_b / DB_NAME)
+    with db:
+        db.execute("UPDATE snapshots SET state = ?, duration = 'abc' WHERE id = ?", (json.dumps(state), snap.id))
+    db.close()
+    result, out, tip = _build(storage_b, nb)
+    assert result.steps_run == 2 and "Traceback" not in out
+    assert (Path(tip) / "app" / "greeting").read_text() == "hello\n"
+    again, _, _ = _build(storage_b, nb)
+    assert again.steps_run == 0
 
 
 def test_a_registry_that_is_down_for_pushing_costs_one_warning(busybox_oci, storage, tmp_path):

@@ -61,8 +61,16 @@ class StepCache:
 
     def lookup(self, key: str) -> Snapshot | None:
         """The snapshot stored for `key`, or None. The caller holds the store's write
-        lock, so a concurrent gc cannot delete it before the session points at it."""
-        return self.store.find_cache(key)
+        lock, so a concurrent gc cannot delete it before the session points at it.
+        An entry whose record cannot be used (engine/cache_record.py) is dropped: a miss,
+        and the step's new snapshot becomes the entry."""
+        from stacker_kernel.engine.cache_record import usable_entry
+
+        snap = self.store.find_cache(key)
+        if snap is not None and not usable_entry(snap.state, snap.duration):
+            self.store.forget_cache(key)
+            return None
+        return snap
 
     def commit(self, live: os.PathLike | str, snap: Snapshot, log: Path | None, *,
                reuse_cached: bool) -> Snapshot:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from stacker_kernel.container.step import ShellState
+from stacker_kernel.engine.cache_record import BadRecord, check_fetched
 from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
 from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
 from stacker_kernel.storage.store import Snapshot
@@ -157,7 +158,12 @@ class RemoteCache:
                 fetched = source.fetch(tag, tmp)
                 if fetched is None:
                     continue
-                record = fetched.record
+                try:
+                    record = check_fetched(fetched.record)
+                except BadRecord as e:
+                    self._warn(on_output, source.url, f"the entry of {source.url} for this step is "
+                               f"malformed ({e})", "running the step")
+                    continue
                 if (record.get("format") != FORMAT or record.get("key") != key
                         or record.get("parent_key") != parent_key(head) or record.get("parent") != head.id):
                     self._warn(on_output, source.url, f"the entry of {source.url} for this step was made "

@@ -487,6 +487,10 @@ class Store:
                 return snap
         return None
 
+    def forget_cache(self, key: str) -> None:
+        """Drop the cache entry of `key` (its snapshot stays while something uses it)."""
+        self._write([("DELETE FROM cache WHERE key = ?", (key,))])
+
     def log_path(self, id: str) -> Path:
         """Where the output of step `id` is (or will be) stored."""
         return self.root / "logs" / id
