@@ -89,7 +89,10 @@ class StepCache:
 
 
 def replay_output(log: Path, on_output: Callable[[str], None] | None) -> None:
-    """Send a hit's stored output to `on_output` (the first REPLAY_CAP bytes)."""
+    """Send a hit's stored output to `on_output` (the first REPLAY_CAP bytes), without
+    terminal control but colours (engine/terminal.py): it may come from a shared cache."""
+    from stacker_kernel.engine.terminal import safe_text
+
     if on_output is None or not log.exists():
         return
     with open(log, "rb") as f:
@@ -98,4 +101,4 @@ def replay_output(log: Path, on_output: Callable[[str], None] | None) -> None:
     if len(data) > REPLAY_CAP:
         text += f"\n[output truncated: full log in {log}]\n"
     if text:
-        on_output(text)
+        on_output(safe_text(text))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stacker_kernel.errors import RecipeError
+from stacker_kernel.engine.terminal import safe_text
 from stacker_kernel.kernel.tables import CellName, Shown, layers_table, short_id, step_label, table
 
 __all__ = ["MagicContext", "ON_EVENT_LOOP", "Shown", "needs_session", "run_magic"]
@@ -288,6 +289,7 @@ def _log(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
         size = f.tell()
         f.seek(max(0, size - LOG_SHOWN))
         text = f.read().decode("utf-8", "replace")
+    text = safe_text(text, keep_colours=False)  # shown as text and in html: no escape is rendered
     head = log_link(ctx.notebook_dir, path, what)
     if size > LOG_SHOWN:
         head.text += f" (its last {LOG_SHOWN >> 10} KiB below)"
