@@ -930,7 +930,9 @@ class BuildSession:
 
         text = dump(self.export_recipe())
         if path:
-            Path(path).write_text(text)
+            from stacker_kernel.engine.beside import write_bytes
+
+            write_bytes(Path(path), text.encode())  # never through a link planted in a shared folder
         return text
 
     def export_oci(self, oci_dir: str, **kwargs) -> list[str]:
