@@ -605,3 +605,55 @@ def test_a_kernel_pushes_with_cache_to_and_another_hits_with_the_config_default(
         b.close()
     assert all(r.cached and f"[cache hit from {cache}]" in r.text() for r in runs)
     assert "made one" in runs[0].text()
+
+
+def _registry_entries(registry: str, repo: str) -> list[bytes]:
+    """The manifest and config bytes of every entry under docker://REGISTRY/REPO."""
+    def get(path: str, accept: str = "") -> bytes:
+        req = urllib.request.Request(f"http://{registry}/v2/{repo}/{path}", headers={"Accept": accept} if accept else {})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read()
+
+    out = []
+    for tag in json.loads(get("tags/list"))["tags"]:
+        manifest = get(f"manifests/{tag}", "application/vnd.oci.image.manifest.v1+json")
+        out += [manifest, get(f"blobs/{json.loads(manifest)['config']['digest']}")]
+    return out
+
+
+def test_build_env_values_stay_out_of_pushed_entries_and_image_annotations(registry, busybox_oci, storage,
+                                                                         storage_b, tmp_path):
+    """Issue 23 point 3: a build_env value is in no pushed cache record (state, log) and
+    not in the image's stacker.yaml annotation nor its provenance; the entries still hit,
+    with the value back in the shell state from the consumer's own build_env."""
+    token = f"s3cr3t-{uuid.uuid4().hex}"
+    repo = f"team/secrets-{uuid.uuid4().hex[:8]}"
+    cells = [f"%build_env API_TOKEN={token}",
+             'export COPY="$API_TOKEN"; echo "using $API_TOKEN"; echo done > /done',
+             "echo ok > /ok"]
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, cells)
+    oci = tmp_path / "oci"
+    out: list[str] = []
+    with Store.open(storage) as store:
+        build(store, str(nb), out=out.append, stream=out.append, oci_dir=str(oci),
+              cache=CacheSettings(cache_to=f"docker://{registry}/{repo}"))
+    assert any(f"using {token}" in o for o in out)  # the step really saw it
+    entries = _registry_entries(registry, repo)
+    assert len(entries) == 4 and all(token.encode() not in e for e in entries)
+    records = [json.loads(e) for e in entries[1::2]]
+    assert any(r.get("env_refs", {}).get("exported", {}).get("COPY") == "API_TOKEN" for r in records)
+    assert any("using [build_env API_TOKEN]" in r["log"] for r in records)
+    # The image: no file of the layout holds it (annotation, provenance, SBOM), the annotation names it.
+    for f in oci.rglob("*"):
+        if f.is_file():
+            assert token.encode() not in f.read_bytes(), f
+    index = json.loads((oci / "index.json").read_text())
+    manifest = json.loads((oci / "blobs" / "sha256" / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    assert "API_TOKEN: ${{API_TOKEN}}" in manifest["annotations"]["io.stackeroci.stacker.stacker_yaml"]
+    # B hits both steps, and a step of B's own after them sees the state with the value.
+    mine = _copy(nb, tmp_path)
+    book = nbformat.read(mine, as_version=4)
+    book.cells.append(nbformat.v4.new_code_cell(f'test "$COPY" = "{token}"', id="check"))
+    nbformat.write(book, mine)
+    result, out_b, _ = _build(storage_b, mine, cache_from=[f"docker://{registry}/{repo}"])
+    assert result.steps_cached == 2 and result.steps_run == 1 and "warning" not in out_b, out_b

@@ -88,3 +88,58 @@ def usable_entry(state: Any, duration: Any) -> bool:
     except BadRecord:
         return False
     return True
+
+
+# --- build environment values stay on the machine -------------------------------------------
+# A step's shell state records its exported variables, the build environment's among
+# them (`build_env`, and host variables it passes through, e.g. a proxy with a
+# password). A pushed record names those variables instead of carrying their values;
+# the hit takes them from its own build environment (equal, as the cache key holds it).
+
+NOT_SECRET = ("PATH", "STACKER_LAYER_NAME", "TERM", "SOURCE_DATE_EPOCH")
+_LOG_MIN = 4  # characters: shorter values ("1", "yes") are not looked for in a log
+
+
+def secret_env(env: dict[str, str]) -> dict[str, str]:
+    """The entries of a step's build environment whose values must not leave the machine."""
+    return {k: v for k, v in env.items() if k not in NOT_SECRET and v}
+
+
+def redact_state(state: str, secrets: dict[str, str]) -> tuple[str, dict[str, dict[str, str]]]:
+    """`state` (a ShellState's JSON) without the values of `secrets`, and for each variable
+    emptied, the build environment variable that held its value."""
+    if not secrets or state == "null":
+        return state, {}
+    d = json.loads(state)
+    refs: dict[str, dict[str, str]] = {}
+    for kind in ("exported", "plain"):
+        for name, value in (d.get(kind) or {}).items():
+            source = name if secrets.get(name) == value else next(
+                (k for k, v in secrets.items() if v == value), None)
+            if source is not None:
+                d[kind][name] = ""
+                refs.setdefault(kind, {})[name] = source
+    return (json.dumps(d, sort_keys=True), refs) if refs else (state, {})
+
+
+def restore_state(state: str, refs: dict[str, dict[str, str]], env: dict[str, str]) -> str:
+    """The state `redact_state` emptied, its values taken from this build's `env`; exactly
+    the state that was recorded (ShellState.to_json sorts its keys too)."""
+    if not refs:
+        return state
+    d = json.loads(state)
+    for kind, names in refs.items():
+        for name, source in names.items():
+            if source not in env or not isinstance(d.get(kind), dict):
+                raise BadRecord(f"its state names the build environment variable {source}, "
+                                "which this build does not set")
+            d[kind][name] = env[source]
+    return json.dumps(d, sort_keys=True)
+
+
+def redact_log(log: str, secrets: dict[str, str]) -> str:
+    """A step's output with every value of `secrets` replaced by its variable's name."""
+    for name, value in sorted(secrets.items(), key=lambda kv: -len(kv[1])):
+        if len(value) >= _LOG_MIN:
+            log = log.replace(value, f"[build_env {name}]")
+    return log
