@@ -47,7 +47,9 @@ class Import:
 
     `legacy` marks the deprecated `import:` key (files land at /stacker/);
     `mode`, `uid`, `gid` are None when unset; a trailing `/` on `path` or
-    `dest` is significant and kept.
+    `dest` is significant and kept. `within` (set by the engine for a
+    Dockerfile's COPY, never written to a recipe) is the build context: the
+    path and its symlinks resolve inside it, as Docker's COPY.
     """
     path: str
     hash: str | None = None
@@ -56,6 +58,7 @@ class Import:
     uid: int | None = None
     gid: int | None = None
     legacy: bool = False
+    within: str | None = field(default=None, compare=False)
 
     def is_simple(self) -> bool:
         """True when only `path` is set, so the plain string form expresses it."""
