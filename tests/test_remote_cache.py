@@ -657,3 +657,41 @@ def test_build_env_values_stay_out_of_pushed_entries_and_image_annotations(regis
     nbformat.write(book, mine)
     result, out_b, _ = _build(storage_b, mine, cache_from=[f"docker://{registry}/{repo}"])
     assert result.steps_cached == 2 and result.steps_run == 1 and "warning" not in out_b, out_b
+
+
+def test_a_pull_killed_leaves_no_temporary_folder_once_the_store_opens(busybox_oci, tmp_path):
+    """Issue 23 point 10: kill -9 while a cache pull waits on the registry; opening the
+    store again (and gc) deletes its cache/remote/tmp-* folder."""
+    import signal
+
+    root = _new_storage()
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:1])
+    tool = str(Path(sys.executable).parent / "stacker-kernel")
+    try:
+        with _Server(_silent) as server:
+            child = subprocess.Popen([tool, "--storage", str(root), "build", "-f", str(nb), "--no-oci",
+                                      "--cache-from", f"docker://127.0.0.1:{server.port}/team/cache"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            remote = root / "cache" / "remote"
+            deadline = time.monotonic() + 120
+            while not (remote.is_dir() and any(remote.iterdir())) and time.monotonic() < deadline:
+                assert child.poll() is None
+                time.sleep(0.05)
+            tmp = list(remote.iterdir())
+            assert [p.name.startswith("tmp-") for p in tmp] == [True]
+            (tmp[0] / "partial-blob").write_bytes(b"x" * (1 << 20))  # what a download left
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        legacy = remote / "tmp-abc123"  # a folder of a version that did not name its owner
+        legacy.mkdir()
+        os.utime(legacy, (time.time() - 7200, time.time() - 7200))
+        young = remote / "tmp-def456"
+        young.mkdir()
+        with Store.open(root) as store:
+            assert list(remote.iterdir()) == [young]  # an owner of unknown age may still be running
+            dead = remote / "tmp-999999999-1-x"  # a pull killed while this store is open
+            dead.mkdir()
+            store.gc()
+            assert list(remote.iterdir()) == [young]
+    finally:
+        btrfs.remove_tree(root)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from stacker_kernel.engine.cache_record import (
 from stacker_kernel.engine.live import build_environment
 from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
 from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
-from stacker_kernel.storage.store import Snapshot
+from stacker_kernel.storage.store import Snapshot, make_tmp_dir
 
 if TYPE_CHECKING:
     from stacker_kernel.engine.session import BuildSession, StepOutcome
@@ -137,9 +136,8 @@ class RemoteCache:
 
     @staticmethod
     def _tmp(session: "BuildSession") -> str:
-        base = session.store.root / "cache" / "remote"
-        base.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkdtemp(prefix="tmp-", dir=base)
+        # named after this process: the store collects it if the process dies (storage/store.py)
+        return str(make_tmp_dir(session.store.root / "cache" / "remote", "tmp-"))
 
     # --- a hit -----------------------------------------------------------------------------
 

@@ -291,6 +291,49 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+# Temporary folders a process makes in the store (a cache pull's downloads, a
+# generate_labels run's labels) are named after it, PREFIX<pid>-<start time>-…, so
+# that opening the store and gc delete those of processes gone (a kill -9).
+# Where they are: (folder below the root, prefix).
+TMP_DIRS = (("cache/remote", "tmp-"), (".", "oci-labels-"))
+_LEGACY_TMP_AGE = 3600  # seconds: a folder of a version that did not name its owner
+
+
+def make_tmp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in `parent` (one of TMP_DIRS) named after this process."""
+    import tempfile
+
+    parent.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{pid}-{process_start_time(pid)}-", dir=parent))
+
+
+def _tmp_owner_gone(entry: Path, prefix: str) -> bool:
+    pid, _, rest = entry.name[len(prefix):].partition("-")
+    start, _, _ = rest.partition("-")
+    if not (pid.isdigit() and start.isdigit()):
+        try:
+            return time.time() - entry.lstat().st_mtime > _LEGACY_TMP_AGE
+        except FileNotFoundError:
+            return False
+    return process_start_time(int(pid)) != int(start)
+
+
+def collect_tmp_dirs(root: Path) -> list[Path]:
+    """Delete the temporary folders of processes gone (see TMP_DIRS); returns them."""
+    gone = []
+    for where, prefix in TMP_DIRS:
+        try:
+            entries = list((root / where).iterdir())
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(prefix) and _tmp_owner_gone(entry, prefix):
+                btrfs.remove_tree(entry)
+                gone.append(entry)
+    return gone
+
+
 def _busy_message(other: Session) -> str:
     what = {"kernel": "shut that kernel down, then run the cell again",
             "build": "wait for that build to finish, or stop it, then build again"}.get(other.kind, "try again later")
@@ -755,6 +798,7 @@ class Store:
                         entry.unlink(missing_ok=True)
                 elif name not in kept:
                     entry.unlink(missing_ok=True)
+            collect_tmp_dirs(self.root)
 
     def _recover_tmp_base(self, entry: Path) -> None:
         if entry.name.endswith(".lock"):
@@ -801,6 +845,7 @@ class Store:
     def gc(self) -> list[str]:
         """Delete every snapshot and base nothing references (see `referenced`); return their ids."""
         with self.write_lock():
+            collect_tmp_dirs(self.root)  # e.g. a pull killed since this store was opened
             drop = self.unreferenced()
             for snap in drop:
                 btrfs.remove_tree(snap.path)
