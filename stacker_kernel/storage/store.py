@@ -299,6 +299,30 @@ TMP_DIRS = (("cache/remote", "tmp-"), (".", "oci-labels-"))
 _LEGACY_TMP_AGE = 3600  # seconds: a folder of a version that did not name its owner
 
 
+def _any_owner(fn: Callable[..., None], path: Path, *args) -> None:
+    """fn(path, *args) on a subvolume, also one whose top belongs to one of the user's
+    subordinate ids (a base whose tar said `./` is someone's, a step that chowned `/`):
+    the user may not change or delete that from outside, so then it is done from
+    inside the user namespace, where those ids are the user's."""
+    try:
+        fn(path, *args)
+    except (StorageError, PermissionError):
+        if os.geteuid() == 0 or not os.path.lexists(path):
+            raise
+        from stacker_kernel.container.userns import run_in_userns  # only then: the store needs no namespace
+
+        run_in_userns(fn, str(path), *args)
+
+
+def _chown_top(path: str | Path) -> None:
+    os.lchown(path, 0, 0)  # raises outside the namespace: then _any_owner does it inside
+
+
+def remove_any_owner(path: Path) -> None:
+    """btrfs.remove_tree(path), whoever owns its top (see _any_owner)."""
+    _any_owner(btrfs.remove_tree, path)
+
+
 def make_tmp_dir(parent: Path, prefix: str) -> Path:
     """A fresh folder in `parent` (one of TMP_DIRS) named after this process."""
     import tempfile
@@ -601,7 +625,11 @@ class Store:
             btrfs.create_subvolume(tmp)
             try:
                 populate(tmp)
-                btrfs.set_readonly(tmp, True)
+                if os.geteuid() != 0 and os.lstat(tmp).st_uid != os.geteuid():
+                    # A tar said its `./` is another id's: the top of a rootfs stays the
+                    # container's root (the user), or the user could not snapshot it.
+                    _any_owner(_chown_top, tmp)
+                _any_owner(btrfs.set_readonly, tmp, True)
                 with self.write_lock():
                     existing = self.get(digest)
                     if existing is not None and existing.path.is_dir():
@@ -619,7 +647,7 @@ class Store:
                         raise
                     return snap
             except BaseException:
-                btrfs.remove_tree(tmp)
+                remove_any_owner(tmp)  # whoever the tar said owns its root
                 raise
         finally:
             Path(f"{tmp}.lock").unlink(missing_ok=True)
@@ -640,7 +668,7 @@ class Store:
             snap = self.get(id)
             if snap is None:
                 return
-            btrfs.remove_tree(snap.path)
+            remove_any_owner(snap.path)
             self.log_path(id).unlink(missing_ok=True)
             self._drop_records({id})
 
@@ -780,7 +808,7 @@ class Store:
                     if kind == "base" and name.startswith(TMP_PREFIX):
                         self._recover_tmp_base(entry)
                     elif name not in known or known[name].kind != kind:
-                        btrfs.remove_tree(entry)
+                        remove_any_owner(entry)
             missing = {sid for sid, s in known.items() if not s.path.is_dir()}
             if missing:
                 self._drop_records(missing)
@@ -809,7 +837,7 @@ class Store:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            btrfs.remove_tree(entry)  # its importer is gone (it unlinks the lock last)
+            self._drop_tmp_base(entry)  # its importer is gone (it unlinks the lock last)
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -817,8 +845,17 @@ class Store:
             return  # still being populated by a live process
         finally:
             os.close(fd)
-        btrfs.remove_tree(entry)
+        self._drop_tmp_base(entry)
         lock.unlink(missing_ok=True)
+
+    @staticmethod
+    def _drop_tmp_base(entry: Path) -> None:
+        """Delete a temporary base its importer left; one that cannot be deleted is left
+        for the next open: a stale temporary never stops the store from opening."""
+        try:
+            remove_any_owner(entry)
+        except (StorageError, OSError):
+            pass
 
     def referenced(self) -> set[str]:
         """Ids that gc keeps: the chains of every session's head, tags and history,
@@ -848,7 +885,7 @@ class Store:
             collect_tmp_dirs(self.root)  # e.g. a pull killed since this store was opened
             drop = self.unreferenced()
             for snap in drop:
-                btrfs.remove_tree(snap.path)
+                remove_any_owner(snap.path)
                 self.log_path(snap.id).unlink(missing_ok=True)
             if drop:
                 try:
