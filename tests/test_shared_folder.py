@@ -81,3 +81,20 @@ def test_a_link_planted_at_a_failed_steps_log_does_not_overwrite_its_target(shar
     assert ran.returncode == 1 and "Step failed" in ran.stdout + ran.stderr, (ran.stdout, ran.stderr)
     assert victim.read_text() == "precious\n"
     assert (folder / log).is_symlink() and os.readlink(folder / log) == str(victim)
+
+
+def test_a_grab_never_follows_a_link_another_user_planted(share):
+    from test_multiuser_storage import one_line_error, recipe, sk
+
+    folder, work, roots = share
+    yaml = recipe(work, "alice.yaml", "echo mine > /mine")
+    assert sk(ALICE, roots[ALICE], "build", "--no-oci", "-f", str(yaml), cwd=work).returncode == 0
+    private = work / "alice-private"
+    private.mkdir(mode=0o700)
+    alice = setup.lookup_user(ALICE)
+    os.chown(private, alice.uid, alice.gid)
+    planted = as_user(BOB, "-c", "import os, sys; os.symlink(sys.argv[1], 'out')", str(private), cwd=folder)
+    assert planted.returncode == 0, planted.stderr
+    grabbed = sk(ALICE, roots[ALICE], "grab", "-f", str(yaml), "base:/mine", str(folder / "out"), cwd=folder)
+    assert "is a symbolic link another user made: not followed" in one_line_error(grabbed)
+    assert list(private.iterdir()) == []
