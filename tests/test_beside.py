@@ -46,3 +46,17 @@ def test_save_log_writes_beside_the_notebook(tmp_path):
     saved = save_log(tmp_path, "nb", str(log), 3, "my layer", True)
     assert saved == tmp_path / "stacker-logs" / "nb-step3-my_layer-failed.log" and saved.read_text() == "out"
     assert not os.path.islink(saved)
+
+
+def test_the_cli_writes_no_output_through_a_link(tmp_path, capsys):
+    from stacker_kernel.cli import main
+
+    (tmp_path / "stacker.yaml").write_text("l:\n  from:\n    type: scratch\n")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "out.ipynb").symlink_to(victim)
+    assert main(["import", str(tmp_path / "stacker.yaml"), "-o", str(tmp_path / "out.ipynb")]) == 1
+    assert "out.ipynb is a symbolic link: not written" in capsys.readouterr().err
+    assert victim.read_text() == "precious"
+    assert main(["import", str(tmp_path / "stacker.yaml"), "-o", str(tmp_path / "new.ipynb")]) == 0
+    assert (tmp_path / "new.ipynb").read_text().endswith("}\n")
