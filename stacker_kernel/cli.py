@@ -28,6 +28,13 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write an output file, never through a link planted in a shared folder (engine/beside.py)."""
+    from stacker_kernel.engine.beside import write_bytes as write
+
+    write(path, data)
+
+
 def _write_output(path: str, write: Callable[[str], object]) -> None:
     """Call `write(path)`; an unwritable output path is a user error, not a traceback."""
     try:
@@ -397,7 +404,7 @@ def cmd_sbom(args: argparse.Namespace) -> int:
     for note in inv.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.output:
-        _write_output(args.output, lambda p: Path(p).write_bytes(data))
+        _write_output(args.output, lambda p: write_bytes(Path(p), data))
         print(f"wrote {args.output}: {len(inv.packages)} packages of layer {snap.layer}")
     else:
         sys.stdout.write(data.decode())
@@ -442,7 +449,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                            attestations=_attestations(args),
                            progress=lambda line: print(line, file=sys.stderr))  # stdout may be the yaml
     if args.output:
-        _write_output(args.output, lambda p: Path(p).write_text(text))
+        _write_output(args.output, lambda p: write_bytes(Path(p), text.encode()))
         print(f"wrote {args.output}")
     else:
         sys.stdout.write(text)
@@ -464,9 +471,9 @@ def _import_dockerfile(args: argparse.Namespace) -> int:
 
     out = convert_dockerfile(args.stacker_yaml, args.output, _dockerfile_options(args))
     if isinstance(out, str):
-        _write_output(args.output, lambda p: Path(p).write_text(out))
+        _write_output(args.output, lambda p: write_bytes(Path(p), out.encode()))
     else:
-        _write_output(args.output, lambda p: nbformat.write(out, p))
+        _write_output(args.output, lambda p: write_bytes(Path(p), (nbformat.writes(out) + "\n").encode()))
     print(f"wrote {args.output}")
     return 0
 
@@ -489,7 +496,7 @@ def cmd_import(args: argparse.Namespace) -> int:
               "a layer name must be: the notebook has the resolved values of those with a default",
               file=sys.stderr)
     notebook = notebook_from_recipe(recipe)
-    _write_output(args.output, lambda p: nbformat.write(notebook, p))
+    _write_output(args.output, lambda p: write_bytes(Path(p), (nbformat.writes(notebook) + "\n").encode()))
     print(f"wrote {args.output}")
     return 0
 

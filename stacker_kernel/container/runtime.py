@@ -107,7 +107,7 @@ class Container:
             "interrupt_grace": config.interrupt_grace, "engine_pid": os.getpid(),
         })
         try:
-            child = pexpect.spawn(sys.executable, ["-m", INIT_MODULE, payload], echo=False,
+            child = pexpect.spawn(sys.executable, ["-P", "-m", INIT_MODULE, payload], echo=False,
                                   cwd="/", env=dict(os.environ), preexec_fn=_reset_signals)
         except BaseException:
             limits.remove_cgroup(cgroup)

@@ -89,6 +89,11 @@ def load_dockerfile(path: str, options=None, warn: Printer | None = None) -> Rec
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
     recipe.source_path = os.path.abspath(path)
+    context = os.path.dirname(recipe.source_path)
+    for layer in recipe.layers.values():  # COPY sources resolve inside the context (engine/imports.py)
+        for imp in layer.imports:
+            if "://" not in imp.path and not os.path.isabs(imp.path):
+                imp.within = context
     return recipe
 
 

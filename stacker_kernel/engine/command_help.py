@@ -121,7 +121,7 @@ def help_text(snapshot: str, command: str, lines: int = 15, seconds: float = HEL
     top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
     try:
-        proc = subprocess.run([sys.executable, "-c", _RUN], input=json.dumps([snapshot, command, seconds]),
+        proc = subprocess.run([sys.executable, "-P", "-c", _RUN], input=json.dumps([snapshot, command, seconds]),
                               capture_output=True, text=True, env=env, timeout=seconds + 10)
         text, finished = json.loads(proc.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, ValueError, IndexError, OSError):

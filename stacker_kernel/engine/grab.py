@@ -340,4 +340,11 @@ def grab(snapshot_root: str | Path, path: str, dest: str | Path, into: bool | No
     directory is merged into an existing one, so grabbing twice gives the same tree),
     except that a file still lands inside an existing directory."""
     dest = os.path.abspath(str(dest))
+    try:
+        planted = os.path.islink(dest) and os.lstat(dest).st_uid != os.geteuid()
+    except FileNotFoundError:
+        planted = False
+    if planted:  # in a folder others can write, theirs could lead anywhere of ours
+        raise GrabError(f"{dest} is a symbolic link another user made: not followed; remove it or "
+                        "grab to another place")
     return run_in_userns(_grab_in_ns, str(snapshot_root), path, dest, into)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,9 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from stacker_kernel.container.step import ShellState
+from stacker_kernel.engine.cache_record import (
+    BadRecord, check_fetched, redact_log, redact_state, restore_state, secret_env)
+from stacker_kernel.engine.live import build_environment
 from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
 from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
-from stacker_kernel.storage.store import Snapshot
+from stacker_kernel.storage.store import Snapshot, make_tmp_dir
 
 if TYPE_CHECKING:
     from stacker_kernel.engine.session import BuildSession, StepOutcome
@@ -134,9 +136,8 @@ class RemoteCache:
 
     @staticmethod
     def _tmp(session: "BuildSession") -> str:
-        base = session.store.root / "cache" / "remote"
-        base.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkdtemp(prefix="tmp-", dir=base)
+        # named after this process: the store collects it if the process dies (storage/store.py)
+        return str(make_tmp_dir(session.store.root / "cache" / "remote", "tmp-"))
 
     # --- a hit -----------------------------------------------------------------------------
 
@@ -157,7 +158,14 @@ class RemoteCache:
                 fetched = source.fetch(tag, tmp)
                 if fetched is None:
                     continue
-                record = fetched.record
+                try:
+                    record = check_fetched(fetched.record)
+                    record["state"] = restore_state(record["state"], record.get("env_refs", {}),
+                                                    build_environment(session.layer))
+                except BadRecord as e:
+                    self._warn(on_output, source.url, f"the entry of {source.url} for this step is "
+                               f"malformed ({e})", "running the step")
+                    continue
                 if (record.get("format") != FORMAT or record.get("key") != key
                         or record.get("parent_key") != parent_key(head) or record.get("parent") != head.id):
                     self._warn(on_output, source.url, f"the entry of {source.url} for this step was made "
@@ -235,10 +243,16 @@ class RemoteCache:
                     log = f.read(LOG_CAP)
             except FileNotFoundError:
                 pass
+            # build_env values stay here: the record names their variables (engine/cache_record.py)
+            secrets = secret_env(build_environment(session.layer))
+            state, env_refs = redact_state(snap.state, secrets)
             record = {"format": FORMAT, "key": snap.cache_key, "parent_key": parent_key(parent),
                       "parent": parent.id, "snapshot": snap.id, "layer": snap.layer,
-                      "source": snap.source, "state": snap.state, "duration": snap.duration,
-                      "log": log.decode("utf-8", errors="replace"), "diff_id": blob.diff_id}
+                      "source": snap.source, "state": state, "duration": snap.duration,
+                      "log": redact_log(log.decode("utf-8", errors="replace"), secrets),
+                      "diff_id": blob.diff_id}
+            if env_refs:
+                record["env_refs"] = env_refs
             target.put(tag, record, tmp, blob.digest, blob.size)
         except (ImageError, OSError) as e:
             self._warn(on_output, target.url, f"the step could not be pushed to {target.url} ({e})",

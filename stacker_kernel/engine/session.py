@@ -37,7 +37,7 @@ from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, St
 from stacker_kernel.recipe.cells import split_script
 from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, first_line
 from stacker_kernel.storage import btrfs
-from stacker_kernel.storage.store import Session, Snapshot, Store
+from stacker_kernel.storage.store import Session, Snapshot, Store, make_tmp_dir
 
 __all__ = ["BUILD_PATH", "BuildSession", "StepOutcome", "StepView", "build_environment"]
 
@@ -288,7 +288,6 @@ class BuildSession:
         """stacker's generate_labels for layer `name`: its script runs in a throwaway
         copy of the layer's last snapshot; each file it writes to
         /stacker/oci-labels/NAME becomes label NAME. {} when the layer has none."""
-        import tempfile
 
         layer = self.recipe.layers.get(name)
         tip = self.layer_tips().get(name) or (self.head if name == self.layer.name else None)
@@ -296,7 +295,7 @@ class BuildSession:
             return {}
         throwaway = self.store.new_session("chroot", self.session.name + "#generate_labels")
         live = self.store.live_path(throwaway.id)
-        labels_dir = Path(tempfile.mkdtemp(prefix="oci-labels-", dir=self.store.root))
+        labels_dir = make_tmp_dir(self.store.root, "oci-labels-")  # collected if this process dies
         container = None
         try:
             btrfs.snapshot(tip.path, live, readonly=False)
@@ -930,7 +929,9 @@ class BuildSession:
 
         text = dump(self.export_recipe())
         if path:
-            Path(path).write_text(text)
+            from stacker_kernel.engine.beside import write_bytes
+
+            write_bytes(Path(path), text.encode())  # never through a link planted in a shared folder
         return text
 
     def export_oci(self, oci_dir: str, **kwargs) -> list[str]:

@@ -651,4 +651,6 @@ def launch() -> None:
 
     # Helper processes (btrfs, tar, newuidmap) must not write into cells through
     # the process's fds 1/2: the engine captures what it needs itself.
-    IPKernelApp.launch_instance(kernel_class=StackerKernel, capture_fd_output=False)
+    # ignore_cwd: the notebook's folder (the kernel's cwd) never joins sys.path, even
+    # without the spec's `python -P` (kernel/install.py).
+    IPKernelApp.launch_instance(kernel_class=StackerKernel, capture_fd_output=False, ignore_cwd=True)

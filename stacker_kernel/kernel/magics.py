@@ -17,13 +17,14 @@ import html
 import json
 import os
 import re
-import shutil
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from stacker_kernel.errors import RecipeError
+from stacker_kernel.engine import beside
+from stacker_kernel.engine.terminal import safe_text
+from stacker_kernel.errors import RecipeError, StorageError
 from stacker_kernel.kernel.tables import CellName, Shown, layers_table, short_id, step_label, table
 
 __all__ = ["MagicContext", "ON_EVENT_LOOP", "Shown", "needs_session", "run_magic"]
@@ -139,6 +140,7 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
         flags = {a for a in args.args or [] if a in _ATTESTATION_FLAGS}
         args = replace(args, args=[a for a in args.args or [] if a not in flags])
         target = _beside_notebook(ctx, _export_target(args, oci_name))
+        beside.check_target(target, "dir")  # a link planted there would take the layout elsewhere
         layer_types = parse_layer_types(getattr(args, "layer_types", None), getattr(args, "no_verity", False))
         tags = session.export_oci(str(target), progress=ctx.progress, layer_types=layer_types,
                                   attestations=Attestations(sbom="--no-sbom" not in flags,
@@ -247,10 +249,10 @@ def save_log(notebook_dir: Path, notebook: str, log: str | None, index: int, lay
         return None
     layer = re.sub(r"[^\w.-]", "_", layer)
     dest = notebook_dir / LOG_DIR / f"{notebook}-step{index}-{layer}{'-failed' if failed else ''}.log"
-    try:
-        dest.parent.mkdir(exist_ok=True)
-        shutil.copyfile(log, dest)
-    except OSError:
+    try:  # written safely: the notebook's folder may be shared (engine/beside.py)
+        beside.own_dir(dest.parent)
+        beside.copy_file(log, dest)
+    except (OSError, StorageError):
         return None
     return dest
 
@@ -288,6 +290,7 @@ def _log(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
         size = f.tell()
         f.seek(max(0, size - LOG_SHOWN))
         text = f.read().decode("utf-8", "replace")
+    text = safe_text(text, keep_colours=False)  # shown as text and in html: no escape is rendered
     head = log_link(ctx.notebook_dir, path, what)
     if size > LOG_SHOWN:
         head.text += f" (its last {LOG_SHOWN >> 10} KiB below)"

@@ -47,7 +47,9 @@ class Import:
 
     `legacy` marks the deprecated `import:` key (files land at /stacker/);
     `mode`, `uid`, `gid` are None when unset; a trailing `/` on `path` or
-    `dest` is significant and kept.
+    `dest` is significant and kept. `within` (set by the engine for a
+    Dockerfile's COPY, never written to a recipe) is the build context: the
+    path and its symlinks resolve inside it, as Docker's COPY.
     """
     path: str
     hash: str | None = None
@@ -56,6 +58,7 @@ class Import:
     uid: int | None = None
     gid: int | None = None
     legacy: bool = False
+    within: str | None = field(default=None, compare=False)
 
     def is_simple(self) -> bool:
         """True when only `path` is set, so the plain string form expresses it."""
@@ -267,6 +270,18 @@ def check_import(imp: Import, layer: str) -> None:
     if imp.dest is not None and not imp.dest.startswith("/"):
         raise RecipeError(f"layer {layer}: import {imp.path}: 'dest' path cannot be relative "
                           f"({imp.dest}): make it absolute, e.g. /{imp.dest}")
+    # `..` would climb out of the rootfs (into other sessions' rootfs beside it) or out of
+    # the layer a stacker:// path names; a local path may climb (it is the host's), but
+    # must end in a name: the import is staged under it.
+    if imp.dest is not None and ".." in imp.dest.split("/"):
+        raise RecipeError(f"layer {layer}: import {imp.path}: 'dest' {imp.dest} has a '..': "
+                          "write the destination in the rootfs without '..'")
+    if imp.path.startswith("stacker://") and ".." in imp.path[len("stacker://"):].split("/"):
+        raise RecipeError(f"layer {layer}: import {imp.path} has a '..': name the path in the "
+                          "layer without '..'")
+    if imp.path.rstrip("/").rpartition("/")[2] in ("", ".."):
+        raise RecipeError(f"layer {layer}: import {imp.path} does not end in a name: name the "
+                          "file or directory itself (a trailing '/' imports its contents)")
     for key in ("uid", "gid"):
         value = getattr(imp, key)
         if value is not None and value < 0:

@@ -241,7 +241,10 @@ def _imports(layer: Layer, node: yaml.Node, ctx: _Ctx) -> None:
         entries = node.value
     for entry in entries:
         imp = _import_entry(entry, ctx, legacy, layer)
-        check_import(imp, layer.name)
+        try:
+            check_import(imp, layer.name)
+        except RecipeError as e:
+            raise RecipeError(f"{e} (line {_line(entry)})") from None
         layer.imports.append(imp)
     if legacy:
         layer.warnings.append("'import' is deprecated: use 'imports' (files then appear "

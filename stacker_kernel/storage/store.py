@@ -291,6 +291,73 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+# Temporary folders a process makes in the store (a cache pull's downloads, a
+# generate_labels run's labels) are named after it, PREFIX<pid>-<start time>-…, so
+# that opening the store and gc delete those of processes gone (a kill -9).
+# Where they are: (folder below the root, prefix).
+TMP_DIRS = (("cache/remote", "tmp-"), (".", "oci-labels-"))
+_LEGACY_TMP_AGE = 3600  # seconds: a folder of a version that did not name its owner
+
+
+def _any_owner(fn: Callable[..., None], path: Path, *args) -> None:
+    """fn(path, *args) on a subvolume, also one whose top belongs to one of the user's
+    subordinate ids (a base whose tar said `./` is someone's, a step that chowned `/`):
+    the user may not change or delete that from outside, so then it is done from
+    inside the user namespace, where those ids are the user's."""
+    try:
+        fn(path, *args)
+    except (StorageError, PermissionError):
+        if os.geteuid() == 0 or not os.path.lexists(path):
+            raise
+        from stacker_kernel.container.userns import run_in_userns  # only then: the store needs no namespace
+
+        run_in_userns(fn, str(path), *args)
+
+
+def _chown_top(path: str | Path) -> None:
+    os.lchown(path, 0, 0)  # raises outside the namespace: then _any_owner does it inside
+
+
+def remove_any_owner(path: Path) -> None:
+    """btrfs.remove_tree(path), whoever owns its top (see _any_owner)."""
+    _any_owner(btrfs.remove_tree, path)
+
+
+def make_tmp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in `parent` (one of TMP_DIRS) named after this process."""
+    import tempfile
+
+    parent.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{pid}-{process_start_time(pid)}-", dir=parent))
+
+
+def _tmp_owner_gone(entry: Path, prefix: str) -> bool:
+    pid, _, rest = entry.name[len(prefix):].partition("-")
+    start, _, _ = rest.partition("-")
+    if not (pid.isdigit() and start.isdigit()):
+        try:
+            return time.time() - entry.lstat().st_mtime > _LEGACY_TMP_AGE
+        except FileNotFoundError:
+            return False
+    return process_start_time(int(pid)) != int(start)
+
+
+def collect_tmp_dirs(root: Path) -> list[Path]:
+    """Delete the temporary folders of processes gone (see TMP_DIRS); returns them."""
+    gone = []
+    for where, prefix in TMP_DIRS:
+        try:
+            entries = list((root / where).iterdir())
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(prefix) and _tmp_owner_gone(entry, prefix):
+                btrfs.remove_tree(entry)
+                gone.append(entry)
+    return gone
+
+
 def _busy_message(other: Session) -> str:
     what = {"kernel": "shut that kernel down, then run the cell again",
             "build": "wait for that build to finish, or stop it, then build again"}.get(other.kind, "try again later")
@@ -487,6 +554,10 @@ class Store:
                 return snap
         return None
 
+    def forget_cache(self, key: str) -> None:
+        """Drop the cache entry of `key` (its snapshot stays while something uses it)."""
+        self._write([("DELETE FROM cache WHERE key = ?", (key,))])
+
     def log_path(self, id: str) -> Path:
         """Where the output of step `id` is (or will be) stored."""
         return self.root / "logs" / id
@@ -554,7 +625,11 @@ class Store:
             btrfs.create_subvolume(tmp)
             try:
                 populate(tmp)
-                btrfs.set_readonly(tmp, True)
+                if os.geteuid() != 0 and os.lstat(tmp).st_uid != os.geteuid():
+                    # A tar said its `./` is another id's: the top of a rootfs stays the
+                    # container's root (the user), or the user could not snapshot it.
+                    _any_owner(_chown_top, tmp)
+                _any_owner(btrfs.set_readonly, tmp, True)
                 with self.write_lock():
                     existing = self.get(digest)
                     if existing is not None and existing.path.is_dir():
@@ -572,7 +647,7 @@ class Store:
                         raise
                     return snap
             except BaseException:
-                btrfs.remove_tree(tmp)
+                remove_any_owner(tmp)  # whoever the tar said owns its root
                 raise
         finally:
             Path(f"{tmp}.lock").unlink(missing_ok=True)
@@ -593,7 +668,7 @@ class Store:
             snap = self.get(id)
             if snap is None:
                 return
-            btrfs.remove_tree(snap.path)
+            remove_any_owner(snap.path)
             self.log_path(id).unlink(missing_ok=True)
             self._drop_records({id})
 
@@ -733,7 +808,7 @@ class Store:
                     if kind == "base" and name.startswith(TMP_PREFIX):
                         self._recover_tmp_base(entry)
                     elif name not in known or known[name].kind != kind:
-                        btrfs.remove_tree(entry)
+                        remove_any_owner(entry)
             missing = {sid for sid, s in known.items() if not s.path.is_dir()}
             if missing:
                 self._drop_records(missing)
@@ -751,6 +826,7 @@ class Store:
                         entry.unlink(missing_ok=True)
                 elif name not in kept:
                     entry.unlink(missing_ok=True)
+            collect_tmp_dirs(self.root)
 
     def _recover_tmp_base(self, entry: Path) -> None:
         if entry.name.endswith(".lock"):
@@ -761,7 +837,7 @@ class Store:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            btrfs.remove_tree(entry)  # its importer is gone (it unlinks the lock last)
+            self._drop_tmp_base(entry)  # its importer is gone (it unlinks the lock last)
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -769,8 +845,17 @@ class Store:
             return  # still being populated by a live process
         finally:
             os.close(fd)
-        btrfs.remove_tree(entry)
+        self._drop_tmp_base(entry)
         lock.unlink(missing_ok=True)
+
+    @staticmethod
+    def _drop_tmp_base(entry: Path) -> None:
+        """Delete a temporary base its importer left; one that cannot be deleted is left
+        for the next open: a stale temporary never stops the store from opening."""
+        try:
+            remove_any_owner(entry)
+        except (StorageError, OSError):
+            pass
 
     def referenced(self) -> set[str]:
         """Ids that gc keeps: the chains of every session's head, tags and history,
@@ -797,9 +882,10 @@ class Store:
     def gc(self) -> list[str]:
         """Delete every snapshot and base nothing references (see `referenced`); return their ids."""
         with self.write_lock():
+            collect_tmp_dirs(self.root)  # e.g. a pull killed since this store was opened
             drop = self.unreferenced()
             for snap in drop:
-                btrfs.remove_tree(snap.path)
+                remove_any_owner(snap.path)
                 self.log_path(snap.id).unlink(missing_ok=True)
             if drop:
                 try:
