@@ -505,6 +505,12 @@ def erofs_metadata(img: str) -> dict[str, ErofsEntry]:
         core = 64 if extended else 32
         size = u(off + 8, 8) if extended else u(off + 8, 4)
         uid, gid = (u(off + 24, 4), u(off + 28, 4)) if extended else (u(off + 24, 2), u(off + 26, 2))
+        layout = (fmt >> 1) & 7
+        # Uncompressed layouts keep every byte in the image: a larger size is a lie
+        # (2^62 once made the directory walk below spin for ever).
+        if layout in (0, 2) and size > len(data):
+            raise ImageError(f"erofs layer {img} has an inode whose size ({size} bytes) exceeds the image's "
+                             f"own ({len(data)} bytes): it is hostile or corrupt; do not use it")
         xsize = 12 + (icount - 1) * 4 if icount else 0
         xattrs: dict[str, bytes] = {}
         if xsize:
@@ -517,12 +523,21 @@ def erofs_metadata(img: str) -> dict[str, ErofsEntry]:
                     break
             for _, kv in entries(off + core + 12 + 4 * shared, off + core + xsize):
                 xattrs.update(kv)
-        return mode, (fmt >> 1) & 7, size, u(off + 16, 4), off + core + xsize, xattrs, uid, gid
+        return mode, layout, size, u(off + 16, 4), off + core + xsize, xattrs, uid, gid
+
+    dir_bytes = 0
 
     def dir_blocks(nid: int) -> Iterable[bytes]:
+        nonlocal dir_bytes
         mode, layout, size, blkaddr, tail, *_ = inode(nid)
         if layout not in (0, 2):
             raise ImageError(f"erofs layer {img} has a directory in layout {layout}, which is not read: rebuild it with mkfs.erofs")
+        # Directories hold distinct blocks of the image: together no more than it,
+        # however many inodes point at the same blocks.
+        dir_bytes += size
+        if dir_bytes > len(data):
+            raise ImageError(f"erofs layer {img} has more directory data than the image holds: "
+                             "it is hostile or corrupt; do not use it")
         full = size // blksz if layout == 2 else -(-size // blksz)
         for i in range(full):
             yield data[(blkaddr + i) << blkbits:((blkaddr + i) << blkbits) + min(blksz, size - i * blksz)]
