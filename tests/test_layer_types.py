@@ -423,6 +423,22 @@ def test_fsck_erofs_reads_an_erofs_base_as_nobody_who_can_write_nowhere_else(tmp
     """fsck.erofs parses a base's erofs layer a second time: whatever it makes of a
     hostile image, it can write only its own scratch folder. A stand-in fsck.erofs
     records who runs it and tries to write beside its folder and into the caller's."""
+    _fsck_stand_in(tmp_path, monkeypatch)
+
+
+@pytest.mark.rootful
+def test_as_root_fsck_erofs_cannot_signal_a_host_process_running_as_nobody(tmp_path, monkeypatch):
+    # Issue 23 point 5: it once ran as the host's own nobody, in the host's pid namespace.
+    victim = subprocess.Popen(["sleep", "300"], user=65534, group=65534)
+    try:
+        _fsck_stand_in(tmp_path, monkeypatch, f"kill -9 {victim.pid}\n")
+        assert victim.poll() is None, "fsck.erofs killed a host process"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def _fsck_stand_in(tmp_path, monkeypatch, extra: str = "") -> None:
     import tempfile
 
     from stacker_kernel.oci.layer_types import MEDIA_TYPE_EROFS, fs_layer_to_tar
@@ -442,7 +458,7 @@ def test_fsck_erofs_reads_an_erofs_base_as_nobody_who_can_write_nowhere_else(tmp
                         f"id -u > {shared}/probe/uid\n"
                         f"echo escaped > {tmp_path}/escaped 2>/dev/null\n"
                         "echo escaped > ../escaped 2>/dev/null\n"
-                        "exit 1\n")
+                        + extra + "exit 1\n")
         fake.chmod(0o755)
         monkeypatch.setenv("PATH", f"{shared}:{os.environ['PATH']}")
         scratch = tmp_path / "scratch"

@@ -44,7 +44,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
-from stacker_kernel.container.userns import NOBODY, become_nobody
+from stacker_kernel.container.userns import isolate, isolated_id
 from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci.diff import Diff
 from stacker_kernel.oci.tarwriter import LayerBlob
@@ -286,7 +286,7 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, as_nobody
         raise ImageError(f"{what} needs the {cmd[0]} program, which is missing: "
                          f"install Debian's {package} package (apt-get install {package})")
     proc = subprocess.run([exe, *cmd[1:]], stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                          cwd=cwd, preexec_fn=become_nobody if as_nobody else None)
+                          cwd=cwd, preexec_fn=isolate if as_nobody else None)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
         raise ImageError(f"{what} failed ({cmd[0]}: {detail[-1] if detail else proc.returncode}): "
@@ -387,14 +387,16 @@ def fs_layer_to_tar(blob: str, media_type: str, out_tar: str, scratch_dir: str) 
         # refuse hostile names, then take the file data from its extraction.
         meta = erofs_metadata(blob)
         # fsck.erofs parses the image again, and an image it reads otherwise than we
-        # do must not make it write anywhere else: it runs as the namespace's nobody,
-        # who may write only `tmp` (owners and modes come from `meta`, not from it).
+        # do must not make it write anywhere else: it runs as a nobody the host does
+        # not use, in a pid namespace of its own (userns.isolate), and may write only
+        # `tmp` (owners and modes come from `meta`, not from it).
         tmp = tempfile.mkdtemp(prefix=".erofs-", dir=scratch_dir)
+        nobody = isolated_id()
         try:
-            os.chown(tmp, NOBODY, NOBODY)
+            os.chown(tmp, nobody, nobody)
             image = os.path.join(tmp, "layer.erofs")  # nobody may not reach the blob's folder
             _copy_file(blob, image)  # a reflink on btrfs
-            os.chown(image, NOBODY, NOBODY)
+            os.chown(image, nobody, nobody)
             tree = os.path.join(tmp, "tree")
             # relative paths from inside `tmp`: nobody may not pass through its parents
             _run(["fsck.erofs", "--extract=tree", "layer.erofs"], f"reading erofs layer {blob}",
