@@ -286,6 +286,61 @@ def test_teardown_unmounts_and_deletes_the_users_image(scratch, user_config):
     assert not user_config.exists()
 
 
+@pytest.fixture
+def fuse_over_storage(scratch, user_config):
+    """The test user's storage set up, then a FUSE mount of their own (bindfs) placed
+    over it by them, as a user may: the mount point is their directory."""
+    target = _setup(scratch)
+    src = scratch / "fuse-src"
+    src.mkdir()
+    os.chown(src, setup.lookup_user(TEST_USER).uid, -1)
+    subprocess.run(["runuser", "-u", TEST_USER, "--", "bindfs", "--no-allow-other", str(src), str(target)], check=True, cwd="/")
+    try:
+        yield target
+    finally:
+        subprocess.run(["runuser", "-u", TEST_USER, "--", "fusermount3", "-u", str(target)], cwd="/")
+
+
+def _top_mount(path: Path) -> str:
+    return [m.fstype for m in location.mounts() if m.mount_point == path][-1]
+
+
+@pytest.mark.rootful
+def test_setup_storage_refuses_in_one_line_when_a_users_fuse_mount_covers_their_storage(fuse_over_storage, scratch):
+    # Issue 23 point 7: it once ended in a traceback (root may not enter another user's FUSE mount).
+    fstype = _top_mount(fuse_over_storage)
+    assert fstype.startswith("fuse")
+    with pytest.raises(StorageError) as e:
+        _setup(scratch)
+    assert str(e.value) == (f"{fuse_over_storage} has a {fstype} mount over {TEST_USER}'s storage, not the "
+                            f"image {_image(scratch)}: {TEST_USER} should unmount it (fusermount3 -u "
+                            f"{fuse_over_storage}), then run setup-storage again")
+    assert _top_mount(fuse_over_storage) == fstype  # theirs, untouched
+
+
+@pytest.mark.rootful
+def test_teardown_neither_unmounts_a_users_fuse_mount_nor_deletes_the_image_under_it(fuse_over_storage, scratch):
+    fstype = _top_mount(fuse_over_storage)
+    with pytest.raises(StorageError) as e:
+        _teardown(scratch)
+    assert "\n" not in str(e.value) and str(e.value).startswith(
+        f"{fuse_over_storage} has a {fstype} mount over {TEST_USER}'s storage")
+    assert _top_mount(fuse_over_storage) == fstype and _image(scratch).exists()
+    assert setup.read_record(TEST_USER, scratch) is not None  # kept: the next teardown still knows the image
+
+
+@pytest.mark.rootful
+def test_teardown_does_not_delete_an_image_that_is_still_mounted_elsewhere(scratch, user_config):
+    target = _setup(scratch)
+    elsewhere = scratch / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["mount", "--bind", str(target), str(elsewhere)], check=True)
+    subprocess.run(["umount", str(target)], check=True)
+    with pytest.raises(StorageError, match=r"is still mounted at .*elsewhere: unmount it"):
+        _teardown(scratch)
+    assert _image(scratch).exists()
+
+
 @pytest.mark.rootful
 def test_setup_delegates_a_process_limit_cgroup_and_teardown_removes_it(scratch):
     from stacker_kernel.container import limits

@@ -36,7 +36,7 @@ from stacker_kernel.container import limits
 from stacker_kernel.errors import StorageError
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.location import (
-    DEFAULT_MOUNT, STATE_DIR, config_file, find_mount, is_mount_point, read_config_storage)
+    DEFAULT_MOUNT, STATE_DIR, config_file, find_mount, is_mount_point, mounts, read_config_storage)
 
 MOUNT_OPTIONS = "loop,user_subvol_rm_allowed,noatime"
 DEFAULT_SIZE = "20G"
@@ -157,6 +157,47 @@ def _backing_file(mount_point: Path) -> Path | None:
     except OSError:
         return None
     return Path(text.removesuffix(" (deleted)"))
+
+
+def _mounts_at(path: Path) -> list:
+    """The mounts whose mount point is `path` itself, bottom first (never touching `path`:
+    a user's FUSE mount there answers root with EACCES)."""
+    path = Path(os.path.abspath(path))
+    return [m for m in mounts() if m.mount_point == path]
+
+
+def _check_mounts(rec: Record, action: str) -> bool:
+    """True when rec.storage is rec.image loop-mounted (btrfs, and nothing else is mounted
+    there), False when nothing is mounted there; StorageError, touching nothing, when
+    something else is (a user's FUSE mount over their storage)."""
+    found = _mounts_at(rec.storage)
+    for m in found:
+        ours = (rec.image is not None and m.fstype == "btrfs" and re.fullmatch(r"/dev/loop\d+", m.source)
+                and _loop_backing(m.source) == rec.image)
+        if not ours:
+            fix = (f"{rec.user} should unmount it (fusermount3 -u {rec.storage})" if m.fstype.startswith("fuse")
+                   else f"unmount it (umount {rec.storage})")
+            what = f"the image {rec.image}" if rec.image is not None else "their directory"
+            raise StorageError(f"{rec.storage} has a {m.fstype} mount over {rec.user}'s storage, not {what}: "
+                               f"{fix}, then run {action} again")
+    return bool(found)
+
+
+def _loop_backing(device: str) -> Path | None:
+    """The image file behind loop `device` (/dev/loopN); None when gone or deleted."""
+    try:
+        text = Path(f"/sys/block/{device[5:]}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+    return None if text.endswith(" (deleted)") else Path(text)
+
+
+def _check_unmounted(image: Path) -> None:
+    """StorageError when `image` is loop-mounted anywhere (it would keep its space, deleted)."""
+    for m in mounts():
+        if re.fullmatch(r"/dev/loop\d+", m.source) and _loop_backing(m.source) == image:
+            raise StorageError(f"{image} is still mounted at {m.mount_point}: unmount it, "
+                               "then run setup-storage --teardown again")
 
 
 def _restrict_image(image: Path, create_size: int | None = None, grow_to: int | None = None) -> bool:
@@ -310,14 +351,12 @@ def _mount_image(rec: Record, size: str | None) -> None:
     image, mnt = rec.image, rec.storage
     want = parse_size(size) if size else None
     grown = _restrict_image(image, create_size=want or parse_size(DEFAULT_SIZE), grow_to=want)
+    mounted = _check_mounts(rec, "setup-storage")  # before touching what is mounted there
     if not _has_btrfs_superblock(image):
         _run(["mkfs.btrfs", "-q", str(image)])
     os.close(_open_dir(mnt, create=True))  # the mount point: no links, every ancestor root's
-    if is_mount_point(mnt):
+    if mounted:
         m = find_mount(mnt)
-        if m is None or m.fstype != "btrfs" or _backing_file(mnt) != image:
-            raise StorageError(f"{mnt} is already a mount point of something other than {image}: "
-                               "unmount it, or run setup-storage --teardown and set up again")
         if "user_subvol_rm_allowed" not in m.options:
             _run(["mount", "-o", "remount,user_subvol_rm_allowed,noatime", str(mnt)])
         if grown:
@@ -399,7 +438,7 @@ def _setup_storage(info: UserInfo, size: str | None, image: Path | None, mount: 
             dfd = _open_dir(rec.image.parent)
             os.fchmod(dfd, 0o700)  # nobody else even sees whose images exist
             os.close(dfd)
-    elif not _usable(rec.storage):
+    elif not _check_mounts(rec, "setup-storage") and not _usable(rec.storage):  # nothing over a directory
         raise StorageError(f"storage {rec.storage} is no longer on a btrfs mounted with user_subvol_rm_allowed: "
                            "mount that filesystem again, then re-run setup-storage")
     # A directory the admin named may lie in the user's own tree; an image's mount point is root's.
@@ -457,15 +496,17 @@ def _teardown_storage(user: str, mount: Path, state: Path) -> list[str]:
     if rec is None:
         rec = Record(info.name, info.uid, info.gid, Path(os.path.abspath(mount)) / info.name, None)
     done = []
+    mounted = _check_mounts(rec, "setup-storage --teardown")  # before touching what is mounted there
     parent = _open_dir(rec.storage.parent, frozenset({0, info.uid}))
     try:
         if rec.image is not None:
-            if is_mount_point(rec.storage):
+            if mounted:
                 proc = subprocess.run(["umount", str(rec.storage)], capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise StorageError(f"cannot unmount {rec.storage} ({proc.stderr.strip()}): stop {info.name}'s "
                                        "kernels and builds first, then run --teardown again")
                 done.append(f"unmounted {rec.storage}")
+            _check_unmounted(rec.image)  # mounted elsewhere, a deleted image would keep its space
             ifd = _open_dir(rec.image.parent)
             try:
                 os.unlink(rec.image.name, dir_fd=ifd)
