@@ -56,8 +56,8 @@ def host(busybox_tar):
         yield top, work, roots
     finally:
         for u in (ALICE, BOB):
-            if location.is_mount_point(top / "btrfs" / u):
-                unmount(top / "btrfs" / u)
+            if location.is_mount_point(top / "btrfs" / u / "storage"):
+                unmount(top / "btrfs" / u / "storage")
         shutil.rmtree(top)
         for user, (cfg, data) in saved.items():
             if data is not None:

@@ -136,7 +136,7 @@ def _image(scratch: Path, user: str = TEST_USER) -> Path:
 def test_setup_storage_mounts_the_users_own_image_with_the_needed_options(scratch, user_config):
     target = _setup(scratch)
     mount = location.find_mount(target)
-    assert mount.mount_point == scratch / "btrfs" / TEST_USER and mount.fstype == "btrfs"
+    assert mount.mount_point == scratch / "btrfs" / TEST_USER / "storage" and mount.fstype == "btrfs"
     assert {"user_subvol_rm_allowed", "noatime"} <= mount.options
     assert setup._backing_file(target) == _image(scratch)
 
@@ -169,10 +169,28 @@ def test_setup_storage_gives_the_user_a_private_dir_and_config(scratch, user_con
     target = _setup(scratch)
     info = setup.lookup_user(TEST_USER)
     st = target.stat()
-    assert target == scratch / "btrfs" / TEST_USER
+    assert target == scratch / "btrfs" / TEST_USER / "storage"
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (info.uid, info.gid, 0o700)
     assert json.loads(user_config.read_text()) == {"storage": str(target)}
     assert user_config.stat().st_uid == info.uid
+
+
+@pytest.mark.rootful
+def test_another_user_cannot_see_a_users_usage_with_df(scratch, user_config):
+    # Issue 23 point 12a: statfs needs no permission on the mount point itself, only on
+    # the way there: each user's mount point lies behind a gate only they may pass.
+    mine = _setup(scratch)
+    free = "import os, sys; st = os.statvfs(sys.argv[1]); print(st.f_blocks - st.f_bfree)"
+    me = subprocess.run(["runuser", "-u", TEST_USER, "--", sys.executable, "-c", free, str(mine)],
+                        capture_output=True, text=True, cwd="/")
+    assert me.returncode == 0 and int(me.stdout) > 0, me.stderr  # the user sees their own
+    other = subprocess.run(["runuser", "-u", TEST_USER2, "--", "df", str(mine)], capture_output=True,
+                           text=True, cwd="/")
+    assert other.returncode != 0 and "Permission denied" in other.stderr, other.stdout
+    gate = mine.parent
+    assert (gate.stat().st_uid, gate.stat().st_mode & 0o777) == (0, 0o710)  # group bits: the ACL's mask
+    _teardown(scratch)
+    assert not gate.exists()
 
 
 @pytest.mark.rootful
@@ -364,7 +382,7 @@ def test_teardown_keeps_the_other_users_storage(scratch, user_config, root_confi
     target = _setup(scratch)
     _teardown(scratch)
     assert not target.exists()
-    assert location.is_mount_point(scratch / "btrfs" / "root") and _image(scratch, "root").exists()
+    assert location.is_mount_point(scratch / "btrfs" / "root" / "storage") and _image(scratch, "root").exists()
 
 
 @pytest.mark.rootful
@@ -416,4 +434,4 @@ def test_two_setups_of_one_user_at_once_both_succeed(scratch, user_config):
                               env={**os.environ, "PYTHONPATH": REPO}) for _ in range(3)]
     results = [p.communicate() + (p.returncode,) for p in procs]
     assert [r[2] for r in results] == [0, 0, 0], results
-    assert sum(1 for m in location.mounts() if m.mount_point == scratch / "btrfs" / TEST_USER) == 1
+    assert sum(1 for m in location.mounts() if m.mount_point == scratch / "btrfs" / TEST_USER / "storage") == 1

@@ -1,7 +1,10 @@
 """Root-only storage setup: one loop-mounted btrfs image per user, bounded by its size.
 
 Each user gets a sparse image STATE/images/<user>.img (root-owned, 0600, in a
-0700 directory: no other user can read it) loop-mounted at MOUNT/<user> with
+0700 directory: no other user can read it) loop-mounted at MOUNT/<user>/storage
+(MOUNT/<user> is root's, 0700, with an ACL letting only that user pass: a mount
+point others can reach answers their statfs, so `df` would show the user's
+usage; users set up before keep MOUNT/<user>) with
 `user_subvol_rm_allowed` (users may delete their own subvolumes) and `noatime`
 (reads do not dirty snapshots' ctransid). The filesystem's top directory is
 the user's storage root, owned by them with mode 0700. Its size is the
@@ -40,6 +43,7 @@ from stacker_kernel.storage.location import (
 
 MOUNT_OPTIONS = "loop,user_subvol_rm_allowed,noatime"
 DEFAULT_SIZE = "20G"
+STORAGE_NAME = "storage"  # MOUNT/<user>/storage: the mount point, behind the user's gate
 # The btrfs superblock sits at 64 KiB; its magic at offset 0x40 inside it.
 _SUPER_MAGIC_OFFSET = 0x10040
 _SUPER_MAGIC = b"_BHRfS_M"
@@ -297,7 +301,7 @@ def storage_path(user: str, mount: Path = DEFAULT_MOUNT, state: Path = STATE_DIR
     if rec is not None:
         return rec.storage
     configured = read_config_storage(lookup_user(user).home)
-    return configured if configured is not None else mount / user
+    return configured if configured is not None else mount / user / STORAGE_NAME
 
 
 # --- acting as the user -------------------------------------------------------------------
@@ -392,8 +396,41 @@ def _new_record(info: UserInfo, image: Path | None, mount: Path, storage: Path |
     target = Path(os.path.abspath(mount)) / info.name
     if target.is_dir() and not target.is_symlink() and not is_mount_point(target) and _usable(target):
         return Record(info.name, info.uid, info.gid, target, None)  # set up on the old shared image
-    return Record(info.name, info.uid, info.gid, target,
+    return Record(info.name, info.uid, info.gid, target / STORAGE_NAME,
                   Path(os.path.abspath(image)) if image else state / "images" / f"{info.name}.img")
+
+
+def _gate(rec: Record, mount: Path) -> Path | None:
+    """MOUNT/<user> when rec's mount point lies in it (set up since the gate exists)."""
+    gate = Path(os.path.abspath(mount)) / rec.user
+    return gate if rec.image is not None and rec.storage == gate / STORAGE_NAME else None
+
+
+def _make_gate(gate: Path, uid: int, gid: int) -> None:
+    """`gate` root's, mode 0700 plus an ACL giving `uid` search (--x) only: the user
+    passes to their mount point, no one else reaches it (not even to statfs it).
+    Without ACLs on that filesystem: group `gid`, 0710."""
+    os.close(_open_dir(gate.parent, create=True))  # MOUNT: everyone passes to their own gate
+    fd = _open_dir(gate, create=True, mode=0o700)
+    try:
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o700)
+        # posix_acl_xattr (include/uapi/linux/posix_acl_xattr.h): version 2, then
+        # (tag, perm, id) for user::rwx, user:UID:--x, group::---, mask::--x, other::---
+        undefined = 0xFFFFFFFF
+        entries = [(0x01, 7, undefined), (0x02, 1, uid), (0x04, 0, undefined), (0x10, 1, undefined),
+                   (0x20, 0, undefined)]
+        acl = (2).to_bytes(4, "little") + b"".join(
+            t.to_bytes(2, "little") + p.to_bytes(2, "little") + i.to_bytes(4, "little") for t, p, i in entries)
+        try:
+            os.setxattr(fd, "system.posix_acl_access", acl)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            os.fchown(fd, 0, gid)
+            os.fchmod(fd, 0o710)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -433,6 +470,9 @@ def _setup_storage(info: UserInfo, size: str | None, image: Path | None, mount: 
         raise StorageError(f"{info.name} already has storage at {rec.storage}: "
                            "run 'stacker-kernel setup-storage --teardown' first to move it")
     if rec.image is not None:
+        gate = _gate(rec, mount)
+        if gate is not None:
+            _make_gate(gate, info.uid, info.gid)
         _mount_image(rec, size)
         if rec.image.parent == state / "images":
             dfd = _open_dir(rec.image.parent)
@@ -533,6 +573,16 @@ def _teardown_storage(user: str, mount: Path, state: Path) -> list[str]:
             pass
     finally:
         os.close(parent)
+    gate = _gate(rec, mount)
+    if gate is not None:
+        gfd = _open_dir(gate.parent)
+        try:
+            os.rmdir(gate.name, dir_fd=gfd)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                raise
+        finally:
+            os.close(gfd)
     _delete_record(info.name, state)
     _remove_config(info)
     if limits.undelegate(info.name):
