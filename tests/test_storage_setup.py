@@ -116,6 +116,11 @@ def user_config():
 
 
 @pytest.fixture
+def user2_config():
+    yield from _saved_config(TEST_USER2)
+
+
+@pytest.fixture
 def root_config():
     yield from _saved_config("root")
 
@@ -357,6 +362,43 @@ def test_teardown_does_not_delete_an_image_that_is_still_mounted_elsewhere(scrat
     with pytest.raises(StorageError, match=r"is still mounted at .*elsewhere: unmount it"):
         _teardown(scratch)
     assert _image(scratch).exists()
+
+
+@pytest.fixture
+def kept_caps():
+    """The delegated cgroups' pids.max as they were, put back afterwards (the real users' builds use them)."""
+    from stacker_kernel.container import limits
+
+    caps = {u: (limits.V1_PIDS / limits.DELEGATED_DIR / u / "pids.max") for u in (TEST_USER, TEST_USER2)}
+    saved = {u: p.read_text() if p.exists() else None for u, p in caps.items()}
+    yield caps
+    for u in caps:
+        if saved[u] is not None:
+            limits.delegate(u, int(saved[u]))
+
+
+@pytest.mark.rootful
+def test_every_users_process_cap_is_a_share_of_pid_max(scratch, user_config, user2_config, kept_caps, monkeypatch):
+    # Issue 23 point 12e: two users at 16384 each once took all of a 32768 pid_max.
+    from stacker_kernel.container import limits
+
+    if not (limits.V1_PIDS / "cgroup.procs").exists():
+        pytest.fail("this host has no cgroup v1 pids hierarchy: setup-storage delegates none here")
+    monkeypatch.setattr(limits, "pid_max", lambda: 32768)
+    cap = lambda u: int(kept_caps[u].read_text())  # noqa: E731
+    try:
+        _setup(scratch)
+        assert cap(TEST_USER) == 16384
+        _setup(scratch, TEST_USER2)
+        assert cap(TEST_USER) == cap(TEST_USER2) == 12288  # together 3/4 of pid_max: the host keeps the rest
+        _setup(scratch, max_user_processes=5000)
+        _setup(scratch, TEST_USER2)  # the admin's number is kept for later runs
+        assert cap(TEST_USER) == cap(TEST_USER2) == 5000
+        (scratch / "limits.json").unlink()
+        _teardown(scratch)
+        assert cap(TEST_USER2) == 16384  # one user fewer: a larger share
+    finally:
+        _teardown(scratch, TEST_USER2)
 
 
 @pytest.mark.rootful

@@ -43,6 +43,7 @@ from stacker_kernel.storage.location import (
 
 MOUNT_OPTIONS = "loop,user_subvol_rm_allowed,noatime"
 DEFAULT_SIZE = "20G"
+LIMITS_FILE = "limits.json"  # the admin's --max-user-processes, in STATE
 STORAGE_NAME = "storage"  # MOUNT/<user>/storage: the mount point, behind the user's gate
 # The btrfs superblock sits at 64 KiB; its magic at offset 0x40 inside it.
 _SUPER_MAGIC_OFFSET = 0x10040
@@ -445,7 +446,8 @@ def _state_lock(state: Path) -> Iterator[None]:
 
 
 def setup_storage(user: str, size: str | None = None, image: Path | None = None, mount: Path = DEFAULT_MOUNT,
-                  storage: Path | None = None, state: Path = STATE_DIR) -> Path:
+                  storage: Path | None = None, state: Path = STATE_DIR,
+                  max_user_processes: int | None = None) -> Path:
     """Give `user` a private, bounded storage root on btrfs; return it. Root only, idempotent.
 
     By default the user's own image (of `size`, default 20G) is created and
@@ -457,11 +459,11 @@ def setup_storage(user: str, size: str | None = None, image: Path | None = None,
     _require_root()
     info = lookup_user(user)
     with _state_lock(state):
-        return _setup_storage(info, size, image, mount, storage, state)
+        return _setup_storage(info, size, image, mount, storage, state, max_user_processes)
 
 
 def _setup_storage(info: UserInfo, size: str | None, image: Path | None, mount: Path,
-                   storage: Path | None, state: Path) -> Path:
+                   storage: Path | None, state: Path, max_user_processes: int | None = None) -> Path:
     _mount_old_shared_image(Path(os.path.abspath(mount)), state)
     rec = read_record(info.name, state)
     if rec is None:
@@ -497,8 +499,48 @@ def _setup_storage(info: UserInfo, size: str | None, image: Path | None, mount: 
         _restrict_image(backing)  # also the old shared image: it holds every user's files
     _write_record(rec, state)
     _write_config(info, rec.storage)
-    limits.delegate(info.name)  # a pids cgroup for the user's builds (container/limits.py)
+    _cap_processes(state, max_user_processes)  # a pids cgroup per user's builds (container/limits.py)
     return rec.storage
+
+
+def _record_users(state: Path) -> list[str]:
+    try:
+        dfd = _open_dir(_users_dir(state))
+    except FileNotFoundError:
+        return []
+    try:
+        return sorted(n[:-5] for n in os.listdir(dfd) if n.endswith(".json") and not n.startswith("."))
+    finally:
+        os.close(dfd)
+
+
+def _cap_processes(state: Path, configured: int | None = None) -> None:
+    """Give every user with storage their pids cgroup, capped at an equal share of
+    pid_max (limits.user_cap): one more user lowers everyone's cap. `configured`
+    (--max-user-processes) is kept in STATE/limits.json for later runs."""
+    path = state / LIMITS_FILE
+    if configured is not None:
+        dfd = _open_dir(state)
+        try:
+            fd = os.open(LIMITS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=dfd)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"max_user_processes": configured}, f)
+                f.write("\n")
+        finally:
+            os.close(dfd)
+    else:
+        try:
+            configured = json.loads(path.read_text()).get("max_user_processes")
+        except (OSError, ValueError, AttributeError):
+            configured = None
+    users = _record_users(state)
+    cap = limits.user_cap(limits.pid_max(), len(users), configured if isinstance(configured, int) else None)
+    for user in users:
+        try:
+            limits.delegate(user, cap)
+        except KeyError:
+            pass  # an account deleted since: its record waits for --teardown
 
 
 # --- teardown -----------------------------------------------------------------------------
@@ -587,4 +629,5 @@ def _teardown_storage(user: str, mount: Path, state: Path) -> list[str]:
     _remove_config(info)
     if limits.undelegate(info.name):
         done.append(f"removed the process-limit cgroup of {info.name}")
+    _cap_processes(state)  # one user fewer: the others' shares grow
     return done
