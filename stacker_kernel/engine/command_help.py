@@ -28,7 +28,7 @@ import subprocess
 import sys
 
 import stacker_kernel
-from stacker_kernel.container.userns import isolate
+from stacker_kernel.container.userns import isolate, isolated_id
 from stacker_kernel.engine.live import BUILD_PATH
 
 HELP_SECONDS = 3.0  # a --help that takes longer is cut off
@@ -85,9 +85,10 @@ def whatis(rootfs: str, name: str) -> str | None:
 def _help_in_ns(root: str, command: str, seconds: float) -> tuple[str, bool]:
     """In the user namespace: run `command --help` chrooted into `root`."""
     devnull = os.open("/dev/null", os.O_RDONLY)
+    outside = isolated_id()
 
     def enter() -> None:
-        isolate(root, dev_and_tmp=True)  # a chroot holds no root: the image's binary gets none
+        isolate(root, dev_and_tmp=True, outside=outside)  # a chroot holds no root: the binary gets none
 
     env = {"PATH": BUILD_PATH, "HOME": "/root", "TERM": "dumb", "COLUMNS": "80", "LANG": "C"}
     try:

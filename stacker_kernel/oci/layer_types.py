@@ -32,6 +32,7 @@ entry rules as any tar layer (oci/tarlayer.py apply_layer).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -277,8 +278,9 @@ def _which(program: str) -> str | None:
     return shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
 
 
-def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, as_nobody: bool = False,
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, as_nobody: int | None = None,
          cwd: str | None = None) -> str:
+    """Run a tool; with `as_nobody` (userns.isolated_id()), isolated as that id (userns.isolate)."""
     exe = _which(cmd[0])
     if exe is None:
         package = {"mksquashfs": "squashfs-tools", "mkfs.erofs": "erofs-utils", "fsck.erofs": "erofs-utils",
@@ -286,7 +288,8 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, as_nobody
         raise ImageError(f"{what} needs the {cmd[0]} program, which is missing: "
                          f"install Debian's {package} package (apt-get install {package})")
     proc = subprocess.run([exe, *cmd[1:]], stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                          cwd=cwd, preexec_fn=isolate if as_nobody else None)
+                          cwd=cwd,
+                          preexec_fn=None if as_nobody is None else functools.partial(isolate, outside=as_nobody))
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
         raise ImageError(f"{what} failed ({cmd[0]}: {detail[-1] if detail else proc.returncode}): "
@@ -400,7 +403,7 @@ def fs_layer_to_tar(blob: str, media_type: str, out_tar: str, scratch_dir: str) 
             tree = os.path.join(tmp, "tree")
             # relative paths from inside `tmp`: nobody may not pass through its parents
             _run(["fsck.erofs", "--extract=tree", "layer.erofs"], f"reading erofs layer {blob}",
-                 as_nobody=True, cwd=tmp)
+                 as_nobody=nobody, cwd=tmp)
             _convert(_walk_tree(tree, meta), out_tar)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
