@@ -159,8 +159,10 @@ def test_an_unprivileged_users_build_is_capped_with_or_without_a_delegated_cgrou
     existed = mine.exists()
     if existed and not delegated:
         mine.rmdir()  # as on a machine where setup-storage gave no cgroup (restored below)
-    # setup-host.sh gives every test user a storage dir next to root's
-    storage = Path(os.environ["STACKER_KERNEL_STORAGE"]).parent / user / f"t-limits-{os.getpid()}"
+    # setup-host.sh gives every test user storage; root's record says where
+    from stacker_kernel.storage.setup import storage_path
+
+    storage = storage_path(user) / f"t-limits-{os.getpid()}"
     work = Path(tempfile.mkdtemp(prefix="sk-limits-"))  # readable by the user, unlike pytest's tmp
     shutil.copy(busybox_tar, work / "busybox.tar")
     (work / "stacker.yaml").write_text(textwrap.dedent(f"""\
