@@ -162,3 +162,17 @@ def test_a_key_file_that_is_not_an_ed25519_key_is_one_line(tmp_path, monkeypatch
     home = _home(tmp_path, "h2", {"cache_signing_key": str(tmp_path / "missing.pem")})
     with pytest.raises(StorageError, match=r"cannot read the key .*missing.pem named in"):
         Trust.configured(home)
+
+
+def test_an_oci_layout_cache_carries_signatures_too(busybox_oci, keys, tmp_path, monkeypatch):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:2])
+    url = f"oci:{tmp_path / 'cache'}"
+    _, out, tree_a = _build(_home(tmp_path, "a", {"cache_signing_key": str(keys / "a.pem")}), nb, monkeypatch,
+                            cache_to=url)
+    assert "warning" not in out, out
+    trusting_a = _home(tmp_path, "c", {"cache_trusted_keys": [str(keys / "a.pub")]})
+    result, out, tree = _build(trusting_a, nb, monkeypatch, cache_from=[url])
+    assert result.steps_run == 0 and "warning" not in out and tree == tree_a, out
+    trusting_mallory = _home(tmp_path, "m", {"cache_trusted_keys": [str(keys / "mallory.pub")]})
+    result, out, _ = _build(trusting_mallory, nb, monkeypatch, cache_from=[url])
+    assert result.steps_run == 2 and out.count("is not signed by a trusted key") == 1, out

@@ -10,7 +10,8 @@ artifact manifest (artifactType application/vnd.dev.cosign.artifact.sig.v1+json)
 whose subject is the entry, the base64 signature in the layer's
 `dev.cosignproject.cosign/signature` annotation. It is found through the
 registry's referrers API, else the referrers tag `sha256-<hex>`
-(distribution-spec 1.1), which oci/referrers.py keeps up to date.
+(distribution-spec 1.1), which oci/referrers.py keeps up to date; in an
+`oci:DIR` cache, among the index's manifests (as oci/attach.py keeps them).
 
 A build with trusted keys (`"cache_trusted_keys"`: ed25519 public keys in
 PEM) takes an entry only when one of them signed that entry's manifest
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stacker_kernel.errors import StorageError
+from stacker_kernel.errors import ImageError, StorageError
 from stacker_kernel.oci import layout_write as lw
 from stacker_kernel.oci import registry as reg
 
@@ -114,27 +115,25 @@ class Trust:
     # --- the builder ---------------------------------------------------------------------
 
     def sign(self, target: Any, record: dict[str, Any], layer_digest: str, layer_size: int) -> None:
-        """Attach our signature of the entry just pushed to `target` (a registry
-        cache; nothing for others or without a key). CacheUnavailable on failure."""
-        if self.signing_key is None or not isinstance(target, reg.RegistryCache):
+        """Attach our signature of the entry just pushed to `target` (a registry or an
+        OCI layout; nothing without a key). CacheUnavailable on failure."""
+        if self.signing_key is None:
+            return
+        digest = entry_digest(record, layer_digest, layer_size)
+        if isinstance(target, reg.LayoutCache):
+            try:
+                _sign_in_layout(self.signing_key, target.dir, digest)
+            except (OSError, ImageError) as e:
+                raise reg.CacheUnavailable(f"cannot sign the entry in {target.url} ({e})") from None
+            return
+        if not isinstance(target, reg.RegistryCache):
             return
         from stacker_kernel.oci.referrers import _update_fallback_tag
 
-        digest = entry_digest(record, layer_digest, layer_size)
         subject = _manifest_descriptor(target, digest)
-        data = payload(f"{target.host}/{target.repo}", digest)
-        signature = base64.b64encode(self.signing_key.sign(data)).decode()
-        layer = lw.Descriptor(PAYLOAD_MEDIA_TYPE, "sha256:" + hashlib.sha256(data).hexdigest(), len(data),
-                              {SIG_ANNOTATION: signature})
-        _put_blob(target, data, layer.digest)
-        _put_blob(target, b"{}", "sha256:" + hashlib.sha256(b"{}").hexdigest())
-        manifest = {"schemaVersion": 2, "mediaType": lw.MEDIA_TYPE_MANIFEST, "artifactType": SIG_ARTIFACT_TYPE,
-                    "config": {"mediaType": "application/vnd.oci.empty.v1+json",
-                               "digest": "sha256:" + hashlib.sha256(b"{}").hexdigest(), "size": 2},
-                    "layers": [layer.to_json()], "subject": subject}
-        raw = lw.canonical_json(manifest)
-        entry = {"mediaType": lw.MEDIA_TYPE_MANIFEST, "digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
-                 "size": len(raw), "artifactType": SIG_ARTIFACT_TYPE}
+        data, raw, entry = _signature_artifact(self.signing_key, f"{target.host}/{target.repo}", subject)
+        _put_blob(target, data, json.loads(raw)["layers"][0]["digest"])
+        _put_blob(target, EMPTY, EMPTY_DIGEST)
         resp = target._open("PUT", target._path("manifests", entry["digest"]), data=raw,
                             headers={"Content-Type": lw.MEDIA_TYPE_MANIFEST}, ok=(201, 200))
         if resp is None:
@@ -154,20 +153,91 @@ class Trust:
         from `source`; else why the entry is not taken (one line)."""
         if not self.trusted:
             return None
-        if not isinstance(source, reg.RegistryCache):
-            return f"{source.url} holds no signatures (only registry caches do) and {TRUSTED_KEYS} is set"
+        if not isinstance(source, (reg.RegistryCache, reg.LayoutCache)):
+            return f"{source.url} holds no signatures and {TRUSTED_KEYS} is set"
         try:
             digest = entry_digest(fetched.record, fetched.layer_digest, fetched.layer_size)
         except (TypeError, ValueError):
             return f"the entry of {source.url} for this step is not signed by a trusted key"
         try:
-            for sig_payload, signature in _signatures(source, digest):
+            found = (_layout_signatures(source.dir, digest) if isinstance(source, reg.LayoutCache)
+                     else _signatures(source, digest))
+            for sig_payload, signature in found:
                 if _names(sig_payload, digest) and any(_verifies(k, signature, sig_payload) for k in self.trusted):
                     return None
         except reg.CacheUnavailable as e:
             return f"the signatures of the entry of {source.url} could not be read ({e})"
         return (f"the entry of {source.url} for this step is not signed by a trusted key "
                 f"({TRUSTED_KEYS} in {self.config})")
+
+
+EMPTY = b"{}"
+EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY).hexdigest()
+
+
+def _signature_artifact(key: Any, reference: str, subject: dict[str, Any]) -> tuple[bytes, bytes, dict[str, Any]]:
+    """(payload, artifact manifest bytes, its index descriptor) of our signature of `subject`."""
+    data = payload(reference, subject["digest"])
+    signature = base64.b64encode(key.sign(data)).decode()
+    layer = lw.Descriptor(PAYLOAD_MEDIA_TYPE, "sha256:" + hashlib.sha256(data).hexdigest(), len(data),
+                          {SIG_ANNOTATION: signature})
+    manifest = {"schemaVersion": 2, "mediaType": lw.MEDIA_TYPE_MANIFEST, "artifactType": SIG_ARTIFACT_TYPE,
+                "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": EMPTY_DIGEST,
+                           "size": len(EMPTY)},
+                "layers": [layer.to_json()], "subject": subject}
+    raw = lw.canonical_json(manifest)
+    entry = {"mediaType": lw.MEDIA_TYPE_MANIFEST, "digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
+             "size": len(raw), "artifactType": SIG_ARTIFACT_TYPE}
+    return data, raw, entry
+
+
+def _sign_in_layout(key: Any, layout: str, digest: str) -> None:
+    subject = {"mediaType": lw.MEDIA_TYPE_MANIFEST, "digest": digest,
+               "size": os.path.getsize(lw.blob_path(layout, digest))}
+    data, raw, entry = _signature_artifact(key, f"oci:{layout}", subject)
+    lw.put_blob(layout, data, PAYLOAD_MEDIA_TYPE)
+    lw.put_blob(layout, EMPTY, "application/vnd.oci.empty.v1+json")
+    lw.put_blob(layout, raw, lw.MEDIA_TYPE_MANIFEST)
+
+    def add(index: dict[str, Any]) -> None:
+        index["manifests"] = [d for d in index.get("manifests") or [] if d.get("digest") != entry["digest"]] + [entry]
+
+    lw.update_index(layout, add)
+
+
+def _layout_signatures(layout: str, digest: str) -> list[tuple[bytes, str]]:
+    """(payload, base64 signature) of each signature artifact about `digest` in `layout`."""
+    from stacker_kernel.oci import attach, cas
+
+    out = []
+    try:
+        found = attach.referrers(layout, digest, SIG_ARTIFACT_TYPE)[:_MAX_SIGNATURES]
+    except ImageError as e:
+        raise reg.CacheUnavailable(str(e)) from None
+    blobs = cas.Blobs(layout)
+    for desc in found:
+        try:
+            manifest = json.loads(blobs.read(desc.get("digest"), desc.get("size")))
+            layer = _signature_layer(manifest, digest)
+            if layer is not None:
+                out.append((blobs.read(layer["digest"], layer["size"], limit=_MAX_PAYLOAD),
+                            layer["annotations"][SIG_ANNOTATION]))
+        except (ImageError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def _signature_layer(manifest: Any, digest: str) -> dict[str, Any] | None:
+    """The payload layer of signature manifest `manifest` when it is about `digest`."""
+    try:
+        layer = manifest["layers"][0]
+        if manifest["subject"]["digest"] != digest or layer["mediaType"] != PAYLOAD_MEDIA_TYPE \
+                or not reg._DIGEST.fullmatch(layer["digest"]) or not 0 < layer["size"] <= _MAX_PAYLOAD \
+                or not isinstance(layer["annotations"][SIG_ANNOTATION], str):
+            return None
+    except (KeyError, TypeError, IndexError):
+        return None
+    return layer
 
 
 def _load(name: str, config: Path, private: bool) -> Any:
@@ -234,17 +304,14 @@ def _signatures(source: Any, digest: str) -> list[tuple[bytes, str]]:
     for desc in candidates[:_MAX_SIGNATURES]:
         raw = _get_json(source, "manifests", desc["digest"], desc["digest"], None, lw.MEDIA_TYPE_MANIFEST)
         try:
-            manifest = json.loads(raw) if raw is not None else None
-            layer = manifest["layers"][0]
-            if manifest["subject"]["digest"] != digest or layer["mediaType"] != PAYLOAD_MEDIA_TYPE \
-                    or not reg._DIGEST.fullmatch(layer["digest"]) or not 0 < layer["size"] <= _MAX_PAYLOAD:
-                continue
-            signature = layer["annotations"][SIG_ANNOTATION]
-        except (ValueError, KeyError, TypeError, IndexError):
+            layer = _signature_layer(json.loads(raw), digest) if raw is not None else None
+        except ValueError:
+            layer = None
+        if layer is None:
             continue
         data = _get_json(source, "blobs", layer["digest"], layer["digest"], layer["size"])
-        if data is not None and isinstance(signature, str):
-            out.append((data, signature))
+        if data is not None:
+            out.append((data, layer["annotations"][SIG_ANNOTATION]))
     return out
 
 
