@@ -111,7 +111,7 @@ def isolate(root: str | None = None, *, dev_and_tmp: bool = False, outside: int 
     if pid:
         code = 1
         try:
-            os.closerange(3, 1 << 16)  # Popen's error pipe: its end is the tool's alone
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # Popen's error pipe: its end is the tool's alone
             _, wstatus = os.waitpid(pid, 0)
             code = os.waitstatus_to_exitcode(wstatus)
             code = 128 - code if code < 0 else code
