@@ -339,6 +339,11 @@ def test_setup_storage_refuses_in_one_line_when_a_users_fuse_mount_covers_their_
                             f"image {_image(scratch)}: {TEST_USER} should unmount it (fusermount3 -u "
                             f"{fuse_over_storage}), then run setup-storage again")
     assert _top_mount(fuse_over_storage) == fstype  # theirs, untouched
+    # The hub's spawn hook runs the command: one line, exit status 1.
+    proc = subprocess.run([sys.executable, "-m", "stacker_kernel", "setup-storage", "--user", TEST_USER,
+                           "--size", "256M", "--state-dir", str(scratch), "--mount", str(scratch / "btrfs")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 1 and proc.stderr == f"stacker-kernel: {e.value}\n", proc.stderr
 
 
 @pytest.mark.rootful
