@@ -12,11 +12,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import nbformat
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from net_support import serve_registry
+from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.build import build, layer_snapshot
 from stacker_kernel.engine.remote_cache import CacheSettings
 from stacker_kernel.errors import StorageError
@@ -26,9 +28,32 @@ from stacker_kernel.oci.signing import Trust
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Store
 
-from test_remote_cache import CELLS, _notebook, _tree
+CELLS = ["mkdir -p /app && echo one > /app/one\necho made one", "echo two > /app/two",
+         "cd /app\nexport GREETING=hello", "echo $GREETING > greeting"]
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+def _notebook(path: Path, base: str, cells: list[str]) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"%from oci {base}", id="from")]
+    nb.cells += [nbformat.v4.new_code_cell(src, id=f"c{i}") for i, src in enumerate(cells)]
+    nbformat.write(nb, path)
+    return path
+
+
+def _listing(rootfs: str) -> list[tuple]:
+    out = []
+    for dirpath, dirs, files in os.walk(rootfs):
+        for name in sorted(dirs + files):
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            data = hashlib.sha256(Path(full).read_bytes()).hexdigest() if os.path.isfile(full) \
+                and not os.path.islink(full) else os.readlink(full) if os.path.islink(full) else None
+            out.append((os.path.relpath(full, rootfs), st.st_mode, st.st_uid, st.st_gid, data))
+    return sorted(out)
+
+
+def _tree(rootfs: str) -> list[tuple]:
+    return run_in_userns(_listing, rootfs)
 
 
 def _key(path: Path) -> ed25519.Ed25519PrivateKey:
