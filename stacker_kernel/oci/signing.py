@@ -41,6 +41,8 @@ SIGN_KEY = "cache_signing_key"
 TRUSTED_KEYS = "cache_trusted_keys"
 _MAX_SIGNATURES = 16  # referrers looked at per entry: a flood of bogus ones costs no more
 _MAX_PAYLOAD = 64 << 10
+EMPTY = b"{}"  # the config of an artifact manifest (OCI 1.1)
+EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY).hexdigest()
 
 
 def _crypto():
@@ -97,7 +99,7 @@ class Trust:
             raise StorageError(f"{path}: {SIGN_KEY} must be a key file and {TRUSTED_KEYS} a list of key files")
         trust = cls(config=str(path))
         if sign or trusted:
-            serialization, ed25519 = _crypto()
+            _, ed25519 = _crypto()
         if sign:
             key = _load(sign, path, private=True)
             if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -143,7 +145,7 @@ class Trust:
         if not has_api:
             try:
                 _update_fallback_tag(target, digest, [entry])
-            except Exception as e:  # ImageError from referrers.py
+            except ImageError as e:
                 raise reg.CacheUnavailable(str(e)) from None
 
     # --- the consumer --------------------------------------------------------------------
@@ -169,10 +171,6 @@ class Trust:
             return f"the signatures of the entry of {source.url} could not be read ({e})"
         return (f"the entry of {source.url} for this step is not signed by a trusted key "
                 f"({TRUSTED_KEYS} in {self.config})")
-
-
-EMPTY = b"{}"
-EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY).hexdigest()
 
 
 def _signature_artifact(key: Any, reference: str, subject: dict[str, Any]) -> tuple[bytes, bytes, dict[str, Any]]:
