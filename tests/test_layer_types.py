@@ -456,6 +456,7 @@ def _fsck_stand_in(tmp_path, monkeypatch, extra: str = "") -> None:
         fake = shared / "fsck.erofs"
         fake.write_text("#!/bin/sh\n"
                         f"id -u > {shared}/probe/uid\n"
+                        f"grep -c : /proc/net/dev > {shared}/probe/interfaces\n"
                         f"echo escaped > {tmp_path}/escaped 2>/dev/null\n"
                         "echo escaped > ../escaped 2>/dev/null\n"
                         + extra + "exit 1\n")
@@ -467,6 +468,7 @@ def _fsck_stand_in(tmp_path, monkeypatch, extra: str = "") -> None:
             run_in_userns(fs_layer_to_tar, str(blob), MEDIA_TYPE_EROFS + "+lz4hc",
                           str(tmp_path / "out.tar"), str(scratch))
         assert (shared / "probe/uid").read_text().strip() == "65534"
+        assert (shared / "probe/interfaces").read_text().strip() == "1"  # lo only: no network
         assert not (tmp_path / "escaped").exists() and not (scratch / "escaped").exists()
     finally:
         shutil.rmtree(shared, ignore_errors=True)

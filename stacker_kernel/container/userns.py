@@ -97,14 +97,15 @@ def isolate(root: str | None = None, *, dev_and_tmp: bool = False, outside: int 
     """preexec_fn for a tool on untrusted input (Shift-Tab's --help, fsck.erofs), from
     root of a namespace: it runs as nobody of a new user namespace whose nobody is
     `isolated_id()` outside, pid 1 of a new pid namespace (it sees and can signal
-    no process but its own), chrooted into `root` if given, with fresh /dev/null,
-    /dev/zero... and an empty /tmp there (tmpfs, gone with it) if `dev_and_tmp`
-    and the image has those folders. A helper process outside waits for it and
-    exits with its status, so the caller's Popen sees the tool's. Pass `outside`
-    (isolated_id(), looked up before the fork) from a process with threads."""
+    no process but its own), without network or shared IPC, chrooted into `root`
+    if given, with fresh /dev/null, /dev/zero... and an empty /tmp there (tmpfs,
+    gone with it) if `dev_and_tmp` and the image has those folders. A helper
+    process outside waits for it and exits with its status, so the caller's Popen
+    sees the tool's. Pass `outside` (isolated_id(), looked up before the fork)
+    from a process with threads."""
     outside = isolated_id() if outside is None else outside
     ids = (IdRange(0, 0, 1), IdRange(NOBODY, outside, 1))
-    enter_new_userns(IdMap(ids, ids, rootful=True), CLONE_NEWNS | CLONE_NEWPID)
+    enter_new_userns(IdMap(ids, ids, rootful=True), CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC)
     if root is not None and dev_and_tmp:
         _dev_and_tmp(root)
     pid = os.fork()  # the first child of the new pid namespace is its pid 1
