@@ -78,6 +78,9 @@ def add_setup_storage(p: argparse.ArgumentParser) -> None:
                    help=f"where root keeps images and records (default {STATE_DIR})")
     p.add_argument("--teardown", action="store_true",
                    help="unmount and delete the user's storage (only what setup-storage created)")
+    p.add_argument("--max-user-processes", type=int, default=None, metavar="N",
+                   help="cap each user's builds together at N processes (kept for later runs; default: "
+                        "3/4 of kernel.pid_max shared by the users with storage, at most 16384)")
 
 
 def cmd_setup_storage(args: argparse.Namespace) -> int:
@@ -90,7 +93,10 @@ def cmd_setup_storage(args: argparse.Namespace) -> int:
         for line in setup.teardown_storage(args.user, args.mount, args.state_dir):
             print(line)
         return 0
-    print(setup.setup_storage(args.user, args.size, args.image, args.mount, storage, args.state_dir))
+    if args.max_user_processes is not None and args.max_user_processes < 1:
+        raise StackerKernelError(f"--max-user-processes {args.max_user_processes}: give a whole number above 0")
+    print(setup.setup_storage(args.user, args.size, args.image, args.mount, storage, args.state_dir,
+                              args.max_user_processes))
     return 0
 
 

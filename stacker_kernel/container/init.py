@@ -4,7 +4,7 @@ Started by `runtime.Container.start` on a pty. P0 (this process) enters a new
 user namespace with mount, pid, uts, ipc (and, for network "none", net)
 namespaces and forks P1, pid 1 of the new pid namespace; P0 only waits. P1
 builds the root (the rootfs nodev, proc with a read-only /proc/sys, a tmpfs
-/dev, read-only /sys, staged binds), pivots into it, then enters a second user
+/dev, read-only /sys without /sys/firmware, staged binds), pivots into it, then enters a second user
 namespace (same ids) with its own mount namespace, writes the ready sentinel
 and serves one command per line from the pty (protocol in step.py).
 
@@ -179,6 +179,11 @@ def setup_root(config: dict) -> list[StagedMount]:
         except OSError:
             if point == f"{root}/sys":
                 raise
+    if os.path.isdir(f"{root}/sys/firmware"):
+        # Firmware tables (ACPI, DMI, memory map) are root-only on the host: a root-run
+        # step would read them through the bind. An empty read-only tmpfs hides them,
+        # locked in place by lock_mounts.
+        mount("tmpfs", f"{root}/sys/firmware", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     staged = _stage_binds(config, root)
     name = config.get("hostname", "stacker").encode()
     userns.libc_call("sethostname", name, ctypes.c_size_t(len(name)))

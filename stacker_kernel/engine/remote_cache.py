@@ -15,7 +15,8 @@ step hit too. Any failure (down, slow, refused, wrong or truncated blob,
 an entry for another parent) leaves the step to run locally, after one
 warning line; a source or target that failed is not asked again in this
 session, so a dead registry costs one timeout, not one per step.
-Whoever can push to a cache decides what its hits contain.
+Whoever can push to a cache decides what its hits contain, unless the user
+trusts signing keys: then only entries they signed are taken (oci/signing.py).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from stacker_kernel.engine.cache_record import (
 from stacker_kernel.engine.live import build_environment
 from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
 from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
+from stacker_kernel.oci.signing import Trust
 from stacker_kernel.storage.store import Snapshot, make_tmp_dir
 
 if TYPE_CHECKING:
@@ -121,6 +123,7 @@ class RemoteCache:
                                                      authfile=settings.authfile)
                                           if settings.cache_to else None)
         self._failed: set[str] = set()
+        self.trust = Trust.configured()  # signing key and trusted keys (oci/signing.py)
 
     @classmethod
     def from_settings(cls, settings: CacheSettings) -> "RemoteCache | None":
@@ -157,6 +160,9 @@ class RemoteCache:
                 t0 = time.monotonic()
                 fetched = source.fetch(tag, tmp)
                 if fetched is None:
+                    continue
+                if (why := self.trust.refusal(source, fetched)) is not None:
+                    self._warn(on_output, source.url, why, "running the step")
                     continue
                 try:
                     record = check_fetched(fetched.record)
@@ -254,6 +260,7 @@ class RemoteCache:
             if env_refs:
                 record["env_refs"] = env_refs
             target.put(tag, record, tmp, blob.digest, blob.size)
+            self.trust.sign(target, record, blob.digest, blob.size)
         except (ImageError, OSError) as e:
             self._warn(on_output, target.url, f"the step could not be pushed to {target.url} ({e})",
                        "the build goes on without pushing")
