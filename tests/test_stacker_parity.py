@@ -58,3 +58,49 @@ def test_a_step_that_changes_nothing_adds_no_layer(storage, busybox_oci, tmp_pat
                        check=True, capture_output=True)
         assert (unpacked / "rootfs/etc/new").is_file()
         assert not (unpacked / "rootfs/etc/resolv.conf").exists()
+
+
+def _stacker_kernel(storage, *args, stdin_text: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), *args],
+                          input=stdin_text, capture_output=True, text=True, timeout=120)
+
+
+def test_chroot_runs_piped_commands_and_exits_with_their_status(storage, busybox_oci, tmp_path):
+    # As stacker's own tests: `echo "[ -f /test ]" | stacker chroot LAYER`.
+    yaml = write(tmp_path / "stacker.yaml", """
+        c:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          run: echo inside > /marker
+        """)
+    sub = ("--substitute", f"BUSYBOX_OCI={busybox_oci}")
+    assert cli(storage, "build", "-f", str(yaml), "--no-oci", *sub) == 0
+    for command, status in (("[ -f /test ]", 1), ("[ -f /marker ]", 0)):
+        proc = _stacker_kernel(storage, "chroot", "-f", str(yaml), *sub, "c", stdin_text=command + "\n")
+        assert proc.returncode == status, proc.stdout + proc.stderr
+    proc = _stacker_kernel(storage, "chroot", "-f", str(yaml), *sub, "c",
+                           stdin_text="cat /marker\necho $((6*7))\nexit 5\n")
+    assert proc.returncode == 5
+    assert proc.stdout == "inside\n42\n"  # no prompt, no echo of the commands
+
+
+def test_shell_fail_runs_piped_commands_in_the_failed_state(storage, busybox_oci, tmp_path):
+    (tmp_path / "out").mkdir()
+    yaml = write(tmp_path / "stacker.yaml", """
+        broken:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          binds:
+            - out -> /out
+          run: |
+            echo half-done > /made
+            false
+        """)
+    proc = _stacker_kernel(storage, "build", "-f", str(yaml), "--no-oci", "--shell-fail",
+                           "--substitute", f"BUSYBOX_OCI={busybox_oci}",
+                           stdin_text="cp /made /out/copied\n")
+    assert proc.returncode == 1  # the build failed all the same, and ended: no prompt waited
+    assert "/ #" not in proc.stdout
+    assert (tmp_path / "out" / "copied").read_text() == "half-done\n"
