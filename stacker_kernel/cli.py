@@ -262,6 +262,8 @@ def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oci-dir", default=None, help="write the images to this OCI layout (default: oci)")
     p.add_argument("--no-oci", action="store_true", help="keep results in the store only")
     p.add_argument("--no-cache", action="store_true", help="run every step even when a cached result exists")
+    p.add_argument("--replay-cached", action="store_true",
+                   help="show a cached step's stored output again (default: one 'found cached layer' line)")
     p.add_argument("--squash", action="store_true", help="one OCI layer per stacker layer (as stacker emits)")
     p.add_argument("--annotations-namespace", default="io.stackeroci",
                    help="namespace of the manifest annotations (default io.stackeroci)")
@@ -344,7 +346,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                        no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
                        annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
                        on_failure=_failure_command(args), dockerfile=_dockerfile_options(args),
-                       layer_types=_layer_types(args), attestations=_attestations(args))
+                       layer_types=_layer_types(args), attestations=_attestations(args),
+                       replay_cached=args.replay_cached)
     print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
           f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
     return 0

@@ -104,3 +104,35 @@ def test_shell_fail_runs_piped_commands_in_the_failed_state(storage, busybox_oci
     assert proc.returncode == 1  # the build failed all the same, and ended: no prompt waited
     assert "/ #" not in proc.stdout
     assert (tmp_path / "out" / "copied").read_text() == "half-done\n"
+
+
+def test_a_cached_build_prints_one_line_per_step_not_the_old_output(storage, busybox_oci, tmp_path):
+    yaml = write(tmp_path / "stacker.yaml", """
+        chatty:
+          from:
+            type: oci
+            url: ${{BUSYBOX_OCI}}
+          run: |
+            for i in $(seq 1 200); do echo "line $i"; done
+            touch /made
+        quiet:
+          from:
+            type: built
+            tag: chatty
+          run: echo second layer output
+        """)
+    args = ("build", "-f", str(yaml), "--no-oci", "--substitute", f"BUSYBOX_OCI={busybox_oci}")
+    first = _stacker_kernel(storage, *args)
+    assert first.returncode == 0 and "line 200" in first.stdout
+    again = _stacker_kernel(storage, *args)
+    assert again.returncode == 0, again.stderr
+    lines = again.stdout.splitlines()
+    # per layer "building layer NAME" and one "found cached layer" line; then the summary
+    assert len(lines) == 5, again.stdout
+    assert [line.split(" cached in")[0].strip() for line in lines if "found cached layer" in line] == \
+        ["found cached layer chatty: step 1/1", "found cached layer quiet: step 1/1"]
+    assert "line 1" not in lines and "second layer output" not in lines
+    replayed = _stacker_kernel(storage, *args, "--replay-cached")
+    assert replayed.returncode == 0
+    assert {"line 200", "second layer output"} <= set(replayed.stdout.splitlines())
+    assert len(replayed.stdout.splitlines()) == 5 + 201

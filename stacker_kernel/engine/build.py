@@ -166,7 +166,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
           annotations_namespace: str = "io.stackeroci", out: Printer = print,
           stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None,
           on_failure: list[str] | None = None, dockerfile=None,
-          layer_types: tuple[Any, ...] | None = None, attestations=None) -> BuildResult:
+          layer_types: tuple[Any, ...] | None = None, attestations=None,
+          replay_cached: bool = False) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). `cache` names the
@@ -179,6 +180,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     `layer_types` (oci/layer_types.py) are the
     output layer types (default tar), as stacker's --layer-type. The images get an
     SBOM and provenance unless `attestations` (engine/attest.Attestations) turns them off.
+    A cached step is one line, as stacker's `found cached layer NAME`; with
+    `replay_cached` its stored output is shown again too.
     """
     recipes = load_recipes(path, substitutions, dockerfile)
     abspath = os.path.abspath(path)
@@ -189,6 +192,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     session = BuildSession.open(store, abspath, kind="build", resume=False,
                                 default_layer=Path(path).stem, base_dir=os.path.dirname(abspath))
     session.use_cache = not no_cache
+    session.replay_cached = replay_cached
     session.keep_failed = True  # the failed step's rootfs stays, for the shell and chroot
     _drop_failed_states(store, abspath, session.session.id)
     result = BuildResult(session)
@@ -207,11 +211,13 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                     took = time.monotonic() - t0
                     if not outcome.ok:
                         _fail(session, path, name, i, step, outcome.message, on_failure, out)
-                    mark = "cached" if outcome.cached else "ran"
                     result.steps_cached += outcome.cached
                     result.steps_run += not outcome.cached
                     shown = first_line(step.source, skip_shebang=True)[:60]
-                    out(f"  {name} step {i}/{len(layer.steps)} {mark} in {took:.2f}s"
+                    mark = "cached" if outcome.cached else "ran"
+                    # stacker's words for a cache hit, for scripts that grep a build's output
+                    where = f"found cached layer {name}: step" if outcome.cached else f"{name} step"
+                    out(f"  {where} {i}/{len(layer.steps)} {mark} in {took:.2f}s"
                         f" (snapshot {outcome.snapshot_id[:12]}): {shown}")
                 if not layer.steps:
                     # A layer without run: its base is its content (prepared now so it can be built on).
