@@ -241,10 +241,30 @@ def stacker_url_host(url: str) -> str:
 _LAYER_NAME_RE = re.compile(r"[A-Za-z0-9]+(?:(?:[-._@+]|--)[A-Za-z0-9]+)*")
 
 
+_PLACEHOLDER_DEFAULT = re.compile(r"\$\{\{([^}:]+):([^}]*)\}\}")
+_PLACEHOLDER_PLAIN = re.compile(r"\$\{\{([^}:]+)\}\}")
+
+
+def as_substituted(text: str) -> str:
+    """`text` as stacker's substitution would make it, for checking a value that
+    keeps its placeholders (import, export): `${{NAME:default}}` is its default,
+    `${{NAME}}` (its value comes later) a plain word."""
+    return _PLACEHOLDER_PLAIN.sub("x", _PLACEHOLDER_DEFAULT.sub(lambda m: m.group(2), text))
+
+
 def check_layer_name(name: str, where: str = "") -> None:
     """Raise RecipeError unless `name` is a usable layer name: one OCI ref-name
     component without ':' (letters and digits joined by single `.`, `_`, `-`,
-    `@`, `+` or `--`), not 'config'. `where` (e.g. " (line 3)") goes after the name."""
+    `@`, `+` or `--`), not 'config'. `where` (e.g. " (line 3)") goes after the name.
+    A name with placeholders ("${{REPO_NAME:zot}}") is checked as it will be built."""
+    if "${{" in name:
+        resolved = as_substituted(name)
+        if resolved != name:
+            try:
+                check_layer_name(resolved, where)
+            except RecipeError as e:
+                raise RecipeError(f"layer {name} is {resolved!r} once substituted: {e}") from None
+            return
     if not name:
         raise RecipeError(f"empty layer name{where}: give the layer a name")
     if ":" in name:
