@@ -371,11 +371,17 @@ def cmd_grab(args: argparse.Namespace) -> int:
         raise StackerKernelError(f"grab {args.source!r}: give LAYER:/path, e.g. build:/usr/bin/hello")
     with _open_store(args) as store:
         snap = layer_snapshot(store, args.file, layer)
-        grabbed = grab(snap.path, path, args.dest)
-    print(grabbed.path)
+        grabbed = grab(snap.path, path, args.dest, into=_grab_into(args.dest))
+    print("\n".join(grabbed.copied) or grabbed.path)
     for note in grabbed.notes:
         print(note, file=sys.stderr)
     return 0
+
+
+def _grab_into(dest: str) -> bool | None:
+    """A DEST ending in '/' is a directory to put the copy in (made when missing), as
+    `%grab` and cp take it; otherwise cp's rule (an existing directory receives it)."""
+    return True if dest.endswith("/") else None
 
 
 # --- sbom -------------------------------------------------------------------
