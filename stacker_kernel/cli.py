@@ -255,15 +255,20 @@ def _dockerfile_options(args: argparse.Namespace, relative_to: str = "."):
 
 
 def add_build(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--stacker-file", dest="file", default="stacker.yaml",
-                   help="stacker.yaml, notebook (.ipynb) or Dockerfile to build (default stacker.yaml)")
+    p.add_argument("-f", "--stacker-file", dest="file", action="append", metavar="FILE",
+                   help="stacker.yaml, notebook (.ipynb) or Dockerfile to build (default stacker.yaml; "
+                        "repeat to build several, in order)")
+    add_build_options(p)
+
+
+def add_build_options(p: argparse.ArgumentParser) -> None:
+    """The options `build` and `recursive-build` share."""
+    add_stacker_build_flags(p)
     add_dockerfile_options(p)
     p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
     p.add_argument("--oci-dir", default=None, help="write the images to this OCI layout (default: oci)")
     p.add_argument("--no-oci", action="store_true", help="keep results in the store only")
     p.add_argument("--no-cache", action="store_true", help="run every step even when a cached result exists")
-    p.add_argument("--replay-cached", action="store_true",
-                   help="show a cached step's stored output again (default: one 'found cached layer' line)")
     p.add_argument("--squash", action="store_true", help="one OCI layer per stacker layer (as stacker emits)")
     p.add_argument("--annotations-namespace", default="io.stackeroci",
                    help="namespace of the manifest annotations (default io.stackeroci)")
@@ -286,6 +291,56 @@ def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-processes", type=int, metavar="N",
                    help="most processes and threads a step may run at once (default 4096, "
                         "or $STACKER_KERNEL_MAX_PROCESSES, or max_processes in your config file)")
+
+
+def add_stacker_build_flags(p: argparse.ArgumentParser) -> None:
+    """stacker's build flags that Makefiles use (cmd/stacker/build.go), and --replay-cached."""
+    p.add_argument("--substitute-file", metavar="FILE",
+                   help="a YAML file of substitutions ('FOO: bar' lines); --substitute wins over it")
+    p.add_argument("--require-hash", action="store_true",
+                   help="refuse an http(s) import without a hash (as stacker --require-hash)")
+    p.add_argument("--order-only", action="store_true",
+                   help="print the order the files would build in (with their prerequisites); build nothing")
+    p.add_argument("--replay-cached", action="store_true",
+                   help="show a cached step's stored output again (default: one 'found cached layer' line)")
+
+
+def build_substitutions(args: argparse.Namespace) -> dict[str, str]:
+    """--substitute-file's values, then --substitute's (stacker gives those precedence)."""
+    subs: dict[str, str] = {}
+    if getattr(args, "substitute_file", None):
+        import yaml
+
+        try:
+            with open(args.substitute_file, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError as e:
+            raise StackerKernelError(f"cannot read --substitute-file {args.substitute_file}: "
+                                     f"{e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise StackerKernelError(f"--substitute-file {args.substitute_file} is not YAML: "
+                                     f"{str(e).splitlines()[0]}") from None
+        if data is not None and not isinstance(data, dict):
+            raise StackerKernelError(f"--substitute-file {args.substitute_file} must be a mapping "
+                                     "of names to values, e.g. 'FOO: bar'")
+        for key, value in (data or {}).items():
+            if isinstance(value, (dict, list)):
+                raise StackerKernelError(f"--substitute-file {args.substitute_file}: {key} must be "
+                                         "a plain value, not a list or mapping")
+            subs[str(key)] = "" if value is None else (str(value).lower() if isinstance(value, bool)
+                                                        else str(value))
+    subs.update(_substitutions(args.substitute))
+    return subs
+
+
+def print_build_order(args: argparse.Namespace, files: list[str]) -> int:
+    """--order-only: stacker's `N build PATH: requires: [PATHS]` lines."""
+    from stacker_kernel.engine.build import build_order
+
+    for i, (path, requires) in enumerate(build_order(files, build_substitutions(args),
+                                                     _dockerfile_options(args))):
+        print(f"{i} build {path}: requires: [{' '.join(requires)}]")
+    return 0
 
 
 def add_layer_type_flags(p: argparse.ArgumentParser) -> None:
@@ -332,25 +387,54 @@ def _failure_command(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def cmd_build(args: argparse.Namespace, files: list[str] | None = None) -> int:
     import time
 
     from stacker_kernel.engine.build import build
 
-    t0 = time.monotonic()
+    files = files or args.file or ["stacker.yaml"]
+    if args.order_only:
+        return print_build_order(args, files)
     if args.max_processes is not None:  # the containers read it where they start (container/limits.py)
         os.environ["STACKER_KERNEL_MAX_PROCESSES"] = str(args.max_processes)
     oci_dir = None if args.no_oci else (args.oci_dir or "oci")
-    with _open_store(args) as store:
-        result = build(store, args.file, substitutions=_substitutions(args.substitute),
-                       no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
-                       annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
-                       on_failure=_failure_command(args), dockerfile=_dockerfile_options(args),
-                       layer_types=_layer_types(args), attestations=_attestations(args),
-                       replay_cached=args.replay_cached)
-    print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
-          f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
+    for file in files:
+        t0 = time.monotonic()
+        with _open_store(args) as store:
+            result = build(store, file, substitutions=build_substitutions(args),
+                           no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
+                           annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
+                           on_failure=_failure_command(args), dockerfile=_dockerfile_options(args),
+                           layer_types=_layer_types(args), attestations=_attestations(args),
+                           replay_cached=args.replay_cached, require_hash=args.require_hash)
+        print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
+              f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s"
+              + (f" ({file})" if len(files) > 1 else ""))
     return 0
+
+
+# --- recursive-build -----------------------------------------------------------
+
+def add_recursive_build(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", "--search-dir", default=".",
+                   help="directory under which to search for stacker files to build (default .)")
+    p.add_argument("-p", "--stacker-file-pattern", default=r"\/stacker.yaml$",
+                   help=r"regex a file's path must match (default \/stacker.yaml$, as stacker)")
+    add_build_options(p)
+
+
+def cmd_recursive_build(args: argparse.Namespace) -> int:
+    """stacker's recursive-build: every matching file under --search-dir, each after the
+    files it has as prerequisites."""
+    from stacker_kernel.engine.build import build_order, find_stacker_files
+
+    found = find_stacker_files(args.search_dir, args.stacker_file_pattern)
+    if args.order_only:
+        return print_build_order(args, found)
+    # A file another found file has as prerequisite is built as part of that one.
+    order = build_order(found, build_substitutions(args), _dockerfile_options(args))
+    needed = {os.path.realpath(p) for _, requires in order for p in requires}
+    return cmd_build(args, [path for path, _ in order if os.path.realpath(path) not in needed])
 
 
 # --- grab -------------------------------------------------------------------
@@ -516,6 +600,7 @@ def add_publish(p: argparse.ArgumentParser) -> None:
     p.add_argument("--username", help="registry user; the password comes from --password-stdin")
     p.add_argument("--password-stdin", action="store_true", help="read the registry password from stdin")
     _add_attestation_flags(p, "the published images (those in the layout are not pushed)")
+    add_publish_layer_type(p)
     # Kept only to refuse it: argv is visible to every local user (ps).
     p.add_argument("--password", help=argparse.SUPPRESS)
 
@@ -541,9 +626,17 @@ def cmd_publish(args: argparse.Namespace) -> int:
             raise StackerKernelError("--password-stdin read an empty password: pipe the password to stdin")
     for done in publish(args.oci_dir, args.url, args.tag, images=args.image,
                         username=args.username, password=password, authfile=args.authfile,
-                        sbom=not args.no_sbom, provenance=not args.no_provenance):
+                        sbom=not args.no_sbom, provenance=not args.no_provenance,
+                        layer_types=args.layer_type):
         print(f"published {done.image} to {done.destination}")
     return 0
+
+
+def add_publish_layer_type(p: argparse.ArgumentParser) -> None:
+    """stacker's `publish --layer-type`: which built type of each layer goes out."""
+    p.add_argument("--layer-type", action="append", choices=("tar", "squashfs", "erofs"), metavar="TYPE",
+                   help="publish each layer's image of this type (repeatable): NAME-squashfs goes to "
+                        "NAME:TAG-squashfs, as stacker; default every tag of the layout as it is")
 
 
 COMMANDS: list[Command] = [
@@ -554,6 +647,8 @@ COMMANDS: list[Command] = [
     Command("gc", "delete snapshots that no session references", add_gc, cmd_gc),
     Command("install", "install the 'stacker' Jupyter kernel spec", add_install, cmd_install),
     Command("build", "build a stacker.yaml or a notebook, layer by layer", add_build, cmd_build),
+    Command("recursive-build", "build every stacker.yaml under a directory, prerequisites first",
+            add_recursive_build, cmd_recursive_build),
     Command("grab", "copy a file out of a built layer", add_grab, cmd_grab),
     Command("sbom", "the SPDX SBOM (packages, unpackaged files) of a built layer", add_sbom, cmd_sbom),
     Command("chroot", "an interactive shell in a throwaway copy of a built layer "

@@ -167,7 +167,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
           stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None,
           on_failure: list[str] | None = None, dockerfile=None,
           layer_types: tuple[Any, ...] | None = None, attestations=None,
-          replay_cached: bool = False) -> BuildResult:
+          replay_cached: bool = False, require_hash: bool = False) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). `cache` names the
@@ -181,9 +181,15 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     output layer types (default tar), as stacker's --layer-type. The images get an
     SBOM and provenance unless `attestations` (engine/attest.Attestations) turns them off.
     A cached step is one line, as stacker's `found cached layer NAME`; with
-    `replay_cached` its stored output is shown again too.
+    `replay_cached` its stored output is shown again too. `require_hash` refuses
+    an http(s) import without a hash before anything runs (stacker's --require-hash).
     """
     recipes = load_recipes(path, substitutions, dockerfile)
+    if require_hash:
+        from stacker_kernel.recipe.model import require_import_hashes
+
+        for recipe in recipes:
+            require_import_hashes(recipe)
     abspath = os.path.abspath(path)
     if stream is None:
         def stream(text: str) -> None:
@@ -239,6 +245,49 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
         return result
     finally:
         session.close()
+
+
+def build_order(paths: list[str], substitutions: dict[str, str] | None = None,
+                dockerfile=None) -> list[tuple[str, list[str]]]:
+    """The files `paths` build, prerequisites first, each once, with its direct
+    prerequisites (absolute paths): what stacker's --order-only shows."""
+    order: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    for path in paths:
+        for recipe in load_recipes(path, substitutions, dockerfile):
+            where = os.path.normpath(os.path.abspath(recipe.source_path or path))
+            if os.path.realpath(where) in seen:
+                continue
+            seen.add(os.path.realpath(where))
+            base = os.path.dirname(where)
+            order.append((where, [os.path.normpath(os.path.join(base, p)) for p in recipe.prerequisites]))
+    return order
+
+
+def find_stacker_files(search_dir: str, pattern: str) -> list[str]:
+    """The files under `search_dir` whose path matches regex `pattern`, sorted, as
+    stacker's recursive-build finds them (paths joined as Go's filepath.Walk does,
+    so the default pattern `/stacker.yaml$` skips a stacker.yaml in `search_dir` itself
+    only when `search_dir` is '.')."""
+    import re
+
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise RecipeError(f"--stacker-file-pattern {pattern!r} is not a regular expression: {e}") from None
+    if not os.path.isdir(search_dir):
+        raise RecipeError(f"--search-dir {search_dir} is not a directory")
+    found = []
+    for top, dirs, files in os.walk(search_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.normpath(os.path.join(top, name))
+            if regex.search(path):
+                found.append(path)
+    if not found:
+        raise RecipeError(f"no file under {search_dir} matches {pattern}: give --search-dir or "
+                          "--stacker-file-pattern")
+    return found
 
 
 def _fail(session: BuildSession, path: str, layer: str, index: int, step, message: str,

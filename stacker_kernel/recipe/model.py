@@ -280,6 +280,16 @@ def check_layer_name(name: str, where: str = "") -> None:
             "or last), e.g. my-layer")
 
 
+def require_import_hashes(recipe: "Recipe") -> None:
+    """stacker's --require-hash: every http(s) import names its hash (local files
+    and stacker:// imports need none). RecipeError naming the layer and import."""
+    for layer in recipe.layers.values():
+        for imp in layer.imports:
+            if imp.path.lower().startswith(("http://", "https://")) and not imp.hash:
+                raise RecipeError(f"layer {layer.name}: remote import needs a hash in yaml for path: "
+                                  f"{imp.path} (--require-hash): add 'hash: <sha256>' to the import")
+
+
 def check_import(imp: Import, layer: str) -> None:
     """Raise RecipeError if an import breaks stacker's rules (absolute dest, ids, hash)."""
     if not imp.path:
