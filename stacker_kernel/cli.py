@@ -178,7 +178,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 # --- gc ---------------------------------------------------------------------
 
 def add_gc(p: argparse.ArgumentParser) -> None:
-    pass
+    add_gc_choices(p)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -187,13 +187,98 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from stacker_kernel.storage.store import collect_garbage
 
     root = resolve_storage(args.storage)
+    forget_chosen_sessions(args)
     removed, freed = collect_garbage(root, progress=print, held=held_bytes)
+    report_cache_pruned(args, everything=args.cache)
     for snap in removed:
         what = f"base  {first_line(snap.source, width=48)}" if snap.kind == "base" else (
             f"layer {snap.layer}  {first_line(snap.source, width=48)}  "
             f"{human_size(snap.size_delta, signed=True) if snap.size_delta is not None else ''}".rstrip())
         print(f"removed {snap.id[:12]}  {what}")  # the id status lines and %layers show
     print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}; {storage_total(root)}")
+    return 0
+
+
+def add_gc_choices(p: argparse.ArgumentParser) -> None:
+    """What `gc` drops besides unreferenced snapshots (engine/clean.py)."""
+    p.add_argument("--recipe-gone", action="store_true",
+                   help="also drop the ended builds and kernels of notebooks and stacker.yaml files "
+                        "that were deleted or renamed")
+    p.add_argument("--older-than", metavar="AGE",
+                   help="also drop ended builds and kernels not used for AGE (e.g. 12h, 7d, 2w)")
+    p.add_argument("--cache", action="store_true",
+                   help="also empty the download caches (registry images, downloaded tars) and the "
+                        "export layer cache; builds fill them again")
+
+
+def _say_spared(running) -> None:
+    for sess in running:
+        print(f"kept {sess.kind} of {sess.name}: it is running (pid {sess.owner_pid})")
+
+
+def forget_chosen_sessions(args: argparse.Namespace, recipe: str | None = None,
+                           folder: str | None = None) -> int:
+    """Forget the ended sessions `args` (gc's choices) or `recipe`/`folder` choose; how many."""
+    from stacker_kernel.engine.clean import parse_age, select_sessions
+
+    older = parse_age(args.older_than) if getattr(args, "older_than", None) else None
+    gone = getattr(args, "recipe_gone", False)
+    if recipe is None and folder is None and not gone and older is None:
+        return 0
+    with _open_store(args) as store:
+        chosen = select_sessions(store, recipe=recipe, folder=folder, recipe_gone=gone, older_than=older)
+        for sess in chosen.drop:
+            store.forget_session(sess.id)
+            print(f"forgot {sess.kind} {sess.id[:8]} of {sess.name}")
+    _say_spared(chosen.running)
+    return len(chosen.drop)
+
+
+def report_cache_pruned(args: argparse.Namespace, everything: bool) -> None:
+    """Prune <root>/cache (engine/clean.prune_cache) and say what it freed."""
+    from stacker_kernel.engine.clean import prune_cache
+
+    with _open_store(args) as store:
+        entries, size = prune_cache(store, everything=everything)
+    if entries:
+        print(f"cache: removed {entries} entr{'y' if entries == 1 else 'ies'}, {human_size(size)}")
+
+
+# --- clean ------------------------------------------------------------------
+
+def add_clean(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="a notebook, stacker.yaml or Dockerfile, or a folder of them (default: .)")
+    p.add_argument("--oci-dir", default="oci",
+                   help="the OCI layout to delete, relative to a folder (default oci, as stacker clean)")
+    p.add_argument("--keep-oci", action="store_true", help="keep the OCI layout")
+    p.add_argument("--all", action="store_true", help=argparse.SUPPRESS)  # stacker's no-op flag
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """`stacker clean` for this store: every ended build and kernel of the recipe (or of the
+    recipes under the folder), their snapshots, what they left beside them, the OCI layout."""
+    from stacker_kernel.engine.clean import remove_beside, remove_oci_layout
+    from stacker_kernel.engine.history import held_bytes
+    from stacker_kernel.storage.location import resolve_storage
+    from stacker_kernel.storage.store import collect_garbage
+
+    for given in args.paths or ["."]:
+        path = Path(os.path.abspath(given))
+        if path.is_dir():
+            forget_chosen_sessions(args, folder=str(path))
+            removed = remove_beside(path)
+            oci = path / args.oci_dir
+        else:  # a recipe, perhaps deleted already: its state is still worth cleaning
+            forget_chosen_sessions(args, recipe=str(path))
+            removed, oci = remove_beside(path.parent, path), None
+        if oci is not None and not args.keep_oci and remove_oci_layout(oci):
+            removed.append(str(oci))
+        for item in removed:
+            print(f"removed {item}")
+    dropped, freed = collect_garbage(resolve_storage(args.storage), held=held_bytes)
+    report_cache_pruned(args, everything=False)
+    print(f"removed {len(dropped)} snapshot(s), freed {human_size(max(freed, 0))}")
     return 0
 
 
@@ -645,6 +730,8 @@ COMMANDS: list[Command] = [
     Command("storage-path", "print the storage root", add_storage_path, cmd_storage_path),
     Command("layers", "show the snapshots of every session, per layer", add_layers, cmd_layers),
     Command("gc", "delete snapshots that no session references", add_gc, cmd_gc),
+    Command("clean", "forget the builds of a recipe or folder and delete their snapshots, logs and "
+            "OCI layout (as stacker clean)", add_clean, cmd_clean),
     Command("install", "install the 'stacker' Jupyter kernel spec", add_install, cmd_install),
     Command("build", "build a stacker.yaml or a notebook, layer by layer", add_build, cmd_build),
     Command("recursive-build", "build every stacker.yaml under a directory, prerequisites first",
