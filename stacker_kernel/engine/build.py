@@ -229,6 +229,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                     # A layer without run: its base is its content (prepared now so it can be built on).
                     session.prepare_empty_layer()
             session.finish()
+        if session.remote_cache is not None and (pushed := session.remote_cache.summary()):
+            out(pushed)
         result.tags = dict(session.session.tags)
         if oci_dir:
             extra = {"attestations": attestations} if attestations is not None else {}

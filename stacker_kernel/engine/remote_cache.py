@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
+from stacker_kernel.recipe.model import human_size
 from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
 from stacker_kernel.storage.store import Snapshot
 
@@ -119,6 +120,16 @@ class RemoteCache:
                                                      authfile=settings.authfile)
                                           if settings.cache_to else None)
         self._failed: set[str] = set()
+        # What --cache-to did, for the build's summary line.
+        self.pushed, self.pushed_bytes, self.skipped = 0, 0, 0
+
+    def summary(self) -> str | None:
+        """One line: what went to the cache-to target (None without one)."""
+        if self.target is None:
+            return None
+        failed = "; pushing stopped at an error (see the warning)" if self.target.url in self._failed else ""
+        return (f"cache-to {self.target.url}: {self.pushed} entr{'y' if self.pushed == 1 else 'ies'} pushed "
+                f"({human_size(self.pushed_bytes)}), {self.skipped} skipped (already there){failed}")
 
     @classmethod
     def from_settings(cls, settings: CacheSettings) -> "RemoteCache | None":
@@ -226,7 +237,10 @@ class RemoteCache:
         tmp = None
         try:
             if target.has(tag):
+                self.skipped += 1
                 return
+            if on_output is not None:
+                on_output(f"[cache-to: pushing step of layer {snap.layer} to {target.url}]\n")
             tmp = self._tmp(session)
             blob = _as_container_root(_make_layer, str(parent.path), str(snap.path), tmp)
             log = b""
@@ -240,6 +254,10 @@ class RemoteCache:
                       "source": snap.source, "state": snap.state, "duration": snap.duration,
                       "log": log.decode("utf-8", errors="replace"), "diff_id": blob.diff_id}
             target.put(tag, record, tmp, blob.digest, blob.size)
+            self.pushed += 1
+            self.pushed_bytes += blob.size
+            if on_output is not None:
+                on_output(f"[cache-to: pushed {human_size(blob.size)} ({self.pushed} so far)]\n")
         except (ImageError, OSError) as e:
             self._warn(on_output, target.url, f"the step could not be pushed to {target.url} ({e})",
                        "the build goes on without pushing")
