@@ -485,7 +485,7 @@ def cmd_build(args: argparse.Namespace, files: list[str] | None = None) -> int:
     oci_dir = None if args.no_oci else (args.oci_dir or "oci")
     for file in files:
         t0 = time.monotonic()
-        with _open_store(args) as store:
+        with _open_store(args) as store, offline_base_hint(file):
             result = build(store, file, substitutions=build_substitutions(args),
                            no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
                            annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
@@ -496,6 +496,27 @@ def cmd_build(args: argparse.Namespace, files: list[str] | None = None) -> int:
               f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s"
               + (f" ({file})" if len(files) > 1 else ""))
     return 0
+
+
+@contextmanager
+def offline_base_hint(file: str) -> Iterator[None]:
+    """A Dockerfile's FROM that cannot be pulled (offline, no DNS): say how to build
+    from a local copy of the image instead (--base IMAGE=SOURCE)."""
+    from stacker_kernel.errors import ImageError
+    from stacker_kernel.recipe.dockerfile import is_dockerfile
+
+    try:
+        yield
+    except ImageError as e:
+        import re
+
+        text = str(e)
+        pulled = re.match(r"cannot pull docker://(.+?)(?:: | \()", text)
+        if not (is_dockerfile(file) and pulled):
+            raise
+        ref = pulled.group(1)
+        raise ImageError(f"{text}; or build from a local copy of the image: --base {ref}=oci:DIR:TAG "
+                         f"(or --base {ref}=tar:ROOTFS.tar)") from e
 
 
 # --- recursive-build -----------------------------------------------------------
