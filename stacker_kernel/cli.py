@@ -611,13 +611,14 @@ def add_chroot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
     p.add_argument("layer", nargs="?",
                    help="layer to enter (default: the one a failed build stopped in, else the last one built)")
+    p.add_argument("cmd", nargs="?", help="the command to run instead of /bin/sh (as stacker chroot LAYER CMD)")
 
 
 def cmd_chroot(args: argparse.Namespace) -> int:
     from stacker_kernel.engine.build import chroot
 
     with _open_store(args) as store:
-        return chroot(store, args.file, args.layer, _substitutions(args.substitute))
+        return chroot(store, args.file, args.layer, _substitutions(args.substitute), command=args.cmd)
 
 
 # --- export / import ----------------------------------------------------------

@@ -136,3 +136,19 @@ def test_a_cached_build_prints_one_line_per_step_not_the_old_output(storage, bus
     assert replayed.returncode == 0
     assert {"line 200", "second layer output"} <= set(replayed.stdout.splitlines())
     assert len(replayed.stdout.splitlines()) == 5 + 201
+
+
+def test_chroot_runs_the_command_given_after_the_layer(storage, busybox_oci, tmp_path):
+    # stacker chroot [tag] [cmd]
+    yaml = write(tmp_path / "stacker.yaml", f"""
+        c:
+          from:
+            type: oci
+            url: {busybox_oci}
+          run: printf '#!/bin/sh\\necho from-tool\\nexit 3\\n' > /bin/tool && chmod 755 /bin/tool
+        """)
+    assert cli(storage, "build", "-f", str(yaml), "--no-oci") == 0
+    for command in ("/bin/tool", "tool"):
+        proc = _stacker_kernel(storage, "chroot", "-f", str(yaml), "c", command, stdin_text="")
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert "from-tool" in proc.stdout

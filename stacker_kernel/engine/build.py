@@ -370,12 +370,14 @@ def layer_snapshot(store: Store, path: str, layer: str | None) -> Snapshot:
 
 
 def chroot(store: Store, path: str, layer: str | None, substitutions: dict[str, str] | None = None,
-           note: Printer | None = None) -> int:
+           note: Printer | None = None, command: str | None = None) -> int:
     """An interactive shell in a throwaway writable snapshot of a built layer, as
     `stacker chroot`: nothing done in it is kept. After a failed build, the layer
     that failed (the default layer then) opens in the failed step's state. The
     layer's imports are at /stacker/imports and its binds mounted, as in the
-    build. `note` says what is opened (default: stderr). Returns the shell's status."""
+    build. `note` says what is opened (default: stderr). `command` runs instead of
+    /bin/sh (stacker's `chroot [tag] [cmd]`; found on the PATH unless absolute).
+    Returns the shell's status."""
     from stacker_kernel.engine.inspect import grab
     from stacker_kernel.engine.live import LiveRootfs
     from stacker_kernel.recipe.model import ImageSource
@@ -399,7 +401,12 @@ def chroot(store: Store, path: str, layer: str | None, substitutions: dict[str, 
             note(f"the imports of layer {snap.layer} are not at /stacker/imports: {e}")
         container = live.ensure_container(definition, base_dir, "host")
         state = ShellState.of_snapshot(snap.state) if snap.kind == "step" else None
-        return container.interact(build_environment(definition), state)
+        argv = None
+        if command:
+            import shlex
+
+            argv = [command] if command.startswith("/") else ["/bin/sh", "-c", f"exec {shlex.quote(command)}"]
+        return container.interact(build_environment(definition), state, argv)
     finally:
         live.stop_container()
         store.forget_session(sess.id)
