@@ -734,8 +734,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     for done in publish(args.oci_dir, args.url, args.tag, images=args.image,
                         username=args.username, password=password, authfile=args.authfile,
                         sbom=not args.no_sbom, provenance=not args.no_provenance,
-                        layer_types=args.layer_type):
-        print(f"published {done.image} to {done.destination}")
+                        layer_types=args.layer_type, show_only=args.show_only):
+        print(f"{'would publish' if args.show_only else 'published'} {done.image} to {done.destination}")
     return 0
 
 
@@ -744,6 +744,8 @@ def add_publish_layer_type(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-type", action="append", choices=("tar", "squashfs", "erofs"), metavar="TYPE",
                    help="publish each layer's image of this type (repeatable): NAME-squashfs goes to "
                         "NAME:TAG-squashfs, as stacker; default every tag of the layout as it is")
+    p.add_argument("--show-only", action="store_true",
+                   help="print what would be published where, and publish nothing (as stacker)")
 
 
 COMMANDS: list[Command] = [

@@ -195,3 +195,14 @@ def test_publish_layer_type_pushes_the_squashfs_tags(storage, busybox_oci, tmp_p
     # A type that was not built is refused in one line.
     assert main(["publish", "--oci-dir", str(oci), "--url", f"oci:{dest}", "--layer-type", "erofs"]) == 1
     assert "has no image of type erofs: build with --layer-type erofs" in capsys.readouterr().err
+
+
+def test_publish_show_only_says_what_would_go_where_and_copies_nothing(storage, busybox_oci, tmp_path, capsys):
+    yaml = write(tmp_path / "stacker.yaml", f"app:\n  from:\n    type: oci\n    url: {busybox_oci}\n  run: touch /app\n")
+    oci = tmp_path / "oci"
+    assert cli(storage, "build", "-f", str(yaml), "--oci-dir", str(oci)) == 0
+    capsys.readouterr()
+    dest = tmp_path / "published"
+    assert main(["publish", "--oci-dir", str(oci), "--url", f"oci:{dest}", "--tag", "v1", "--show-only"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"would publish app to oci:{dest}:app_v1"]
+    assert not dest.exists()

@@ -113,7 +113,7 @@ def _authfile_for(destination: str, authfile: str | None) -> str | None:
 def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images: list[str] | None = None,
             username: str | None = None, password: str | None = None,
             authfile: str | None = None, sbom: bool = True, provenance: bool = True,
-            layer_types: list[str] | None = None) -> list[Published]:
+            layer_types: list[str] | None = None, show_only: bool = False) -> list[Published]:
     """Copy `images` (default: every tag of the layout) to `url` with skopeo,
     each under every tag in `tags` (default `latest`); the copies made, in order.
     The SBOM and provenance attached to each image go along (oci/referrers.py)
@@ -126,6 +126,8 @@ def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images:
 
     With `layer_types` (stacker's --layer-type), `images` are layer names and
     each type's image of them (`NAME-squashfs`) is pushed under `TAG-squashfs`.
+    With `show_only` (stacker's --show-only), nothing is copied: the copies that
+    would be made are returned, once the images are checked.
 
     Raises ImageError naming the registry when it cannot be reached or refuses
     the push, and when an image is not in the layout.
@@ -159,6 +161,8 @@ def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images:
     digests = {}
     for image in chosen:  # skopeo would follow a blob symlinked to /dev/zero forever
         digests[image] = layout.check_image(image).manifest_digest
+    if show_only:
+        return plan
     skopeo = shutil.which("skopeo")
     if skopeo is None:
         raise ImageError("skopeo is missing: install Debian's skopeo package (apt-get install skopeo)")
