@@ -152,3 +152,15 @@ def test_chroot_runs_the_command_given_after_the_layer(storage, busybox_oci, tmp
         proc = _stacker_kernel(storage, "chroot", "-f", str(yaml), "c", command, stdin_text="")
         assert proc.returncode == 3, proc.stdout + proc.stderr
         assert "from-tool" in proc.stdout
+
+
+def test_an_empty_import_beside_imports_is_accepted_as_stacker_does():
+    # stacker's basic.bats has `import:` (empty) above `imports:`; only both filled is an error.
+    from stacker_kernel.errors import RecipeError
+    from stacker_kernel.recipe.stacker_yaml import load
+
+    recipe = load("l:\n  from:\n    type: scratch\n  import:\n  imports:\n    - a.txt\n")
+    assert [i.path for i in recipe.layers["l"].imports] == ["a.txt"]
+    assert recipe.layers["l"].warnings == []
+    with pytest.raises(RecipeError, match="cannot be used together"):
+        load("l:\n  from:\n    type: scratch\n  import:\n    - b.txt\n  imports:\n    - a.txt\n")
