@@ -164,3 +164,23 @@ def test_an_empty_import_beside_imports_is_accepted_as_stacker_does():
     assert recipe.layers["l"].warnings == []
     with pytest.raises(RecipeError, match="cannot be used together"):
         load("l:\n  from:\n    type: scratch\n  import:\n    - b.txt\n  imports:\n    - a.txt\n")
+
+
+def test_a_step_with_imports_and_binds_that_changes_nothing_adds_no_layer(storage, busybox_oci, tmp_path):
+    # /stacker/imports and a bind's mount point are made for the step and gone after it.
+    (tmp_path / "x.txt").write_text("x")
+    (tmp_path / "shared").mkdir()
+    yaml = write(tmp_path / "stacker.yaml", f"""
+        l:
+          from:
+            type: oci
+            url: {busybox_oci}
+          imports:
+            - x.txt
+          binds:
+            - shared -> /mnt/deep/shared
+          run: cat /stacker/imports/x.txt && ls /mnt/deep/shared
+        """)
+    oci = tmp_path / "oci"
+    assert cli(storage, "build", "-f", str(yaml), "--oci-dir", str(oci)) == 0
+    assert len(skopeo_layers(f"oci:{oci}:l")) == len(skopeo_layers(f"oci:{busybox_oci}")) == 1
