@@ -53,7 +53,9 @@ def layout_tags(layout_dir: str) -> list[str]:
 
 def layer_type_name(name: str, layer_type: str) -> str:
     """stacker's LayerType.LayerName: NAME for tar, NAME-squashfs / NAME-erofs otherwise."""
-    return name if layer_type == "tar" else f"{name}-{layer_type}"
+    from stacker_kernel.oci.layer_types import LayerType
+
+    return LayerType(layer_type).tag(name)
 
 
 def typed_destinations(url: str, images: list[str], tags: list[str] | None,
