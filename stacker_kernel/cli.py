@@ -348,7 +348,6 @@ def add_build(p: argparse.ArgumentParser) -> None:
 
 def add_build_options(p: argparse.ArgumentParser) -> None:
     """The options `build` and `recursive-build` share."""
-    add_stacker_build_flags(p)
     add_dockerfile_options(p)
     p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
     p.add_argument("--oci-dir", default=None, help="write the images to this OCI layout (default: oci)")
@@ -376,6 +375,7 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-processes", type=int, metavar="N",
                    help="most processes and threads a step may run at once (default 4096, "
                         "or $STACKER_KERNEL_MAX_PROCESSES, or max_processes in your config file)")
+    add_stacker_build_flags(p)
 
 
 def add_stacker_build_flags(p: argparse.ArgumentParser) -> None:
