@@ -34,6 +34,10 @@ if [ ! -e "$stamp" ] || [ "$(cat "$stamp")" != "$repo" ]; then
   echo "$repo" > "$stamp"
 fi
 ln -sf "$VENV/bin/stacker-kernel" /usr/local/bin/stacker-kernel
+# The README's `jupyter lab` (and `jupyter nbconvert --to stacker`) for every user, from the venv.
+for tool in jupyter jupyter-lab; do
+  ln -sf "$VENV/bin/$tool" "/usr/local/bin/$tool"
+done
 
 # Two unprivileged test users (the second for tests of one user against another),
 # each with its own subordinate uid/gid range.

@@ -63,7 +63,8 @@ def _new_storage() -> Path:
 def _build(root: Path, nb: Path, **cache):
     out: list[str] = []
     with Store.open(root) as store:
-        result = build(store, str(nb), out=out.append, stream=out.append, cache=CacheSettings(**cache))
+        result = build(store, str(nb), out=out.append, stream=out.append, cache=CacheSettings(**cache),
+                       replay_cached=True)
         tip = layer_snapshot(store, str(nb), None)
     return result, "".join(o if o.endswith("\n") else o + "\n" for o in out), str(tip.path)
 

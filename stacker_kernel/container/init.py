@@ -81,6 +81,11 @@ class StepMounts:
     """The per-step binds made, and the placeholders created for them (to remove)."""
     mounted: list[str] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
+    # (directory, atime_ns, mtime_ns, entries) of each directory a placeholder was
+    # made in, its times restored once it is removed if its entries are as before:
+    # a step that changes nothing leaves no trace (stacker emits no layer for it),
+    # not even a parent's mtime; a step that added or removed an entry keeps its mtime.
+    parent_times: list[tuple[str, int, int, list[str]]] = field(default_factory=list)
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -240,9 +245,11 @@ def mount_step(staged: list[StagedMount]) -> StepMounts:
             for i in range(1, len(parts)):
                 d = "/" + "/".join(parts[:i])
                 if not os.path.lexists(d):
+                    _keep_times(done, os.path.dirname(d))
                     os.mkdir(d, 0o755)
                     done.created.append(d)
             if not os.path.lexists(path):
+                _keep_times(done, os.path.dirname(path))
                 _create_placeholder(path, s.is_dir)
                 done.created.append(path)
             mount(s.staged, path, None, MS_BIND | MS_REC)
@@ -253,6 +260,14 @@ def mount_step(staged: list[StagedMount]) -> StepMounts:
         unmount_step(done)  # a half-mounted step must not leave mounts or placeholders
         raise
     return done
+
+
+def _keep_times(done: StepMounts, directory: str) -> None:
+    """Record `directory`'s times before the first placeholder is made in it."""
+    if any(d == directory for d, _, _, _ in done.parent_times):
+        return
+    st = os.lstat(directory)
+    done.parent_times.append((directory, st.st_atime_ns, st.st_mtime_ns, sorted(os.listdir(directory))))
 
 
 def _mount_or_answer(staged: list[StagedMount], nonce: str) -> StepMounts | None:
@@ -281,6 +296,12 @@ def unmount_step(done: StepMounts) -> None:
                 os.unlink(path)
         except OSError:
             pass
+    for directory, atime_ns, mtime_ns, entries in reversed(done.parent_times):
+        try:
+            if sorted(os.listdir(directory)) == entries:
+                os.utime(directory, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+        except OSError:
+            pass  # e.g. the step removed the directory
 
 
 class CommandReader:

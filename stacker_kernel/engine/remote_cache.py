@@ -33,6 +33,7 @@ from stacker_kernel.engine.cache_record import (
     BadRecord, check_fetched, redact_log, redact_state, restore_state, secret_env)
 from stacker_kernel.engine.live import build_environment
 from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
+from stacker_kernel.recipe.model import human_size
 from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
 from stacker_kernel.oci.signing import Trust
 from stacker_kernel.storage.store import Snapshot, make_tmp_dir
@@ -124,6 +125,16 @@ class RemoteCache:
                                           if settings.cache_to else None)
         self._failed: set[str] = set()
         self.trust = Trust.configured()  # signing key and trusted keys (oci/signing.py)
+        # What --cache-to did, for the build's summary line.
+        self.pushed, self.pushed_bytes, self.skipped = 0, 0, 0
+
+    def summary(self) -> str | None:
+        """One line: what went to the cache-to target (None without one)."""
+        if self.target is None:
+            return None
+        failed = "; pushing stopped at an error (see the warning)" if self.target.url in self._failed else ""
+        return (f"cache-to {self.target.url}: {self.pushed} entr{'y' if self.pushed == 1 else 'ies'} pushed "
+                f"({human_size(self.pushed_bytes)}), {self.skipped} skipped (already there){failed}")
 
     @classmethod
     def from_settings(cls, settings: CacheSettings) -> "RemoteCache | None":
@@ -240,7 +251,10 @@ class RemoteCache:
         tmp = None
         try:
             if target.has(tag):
+                self.skipped += 1
                 return
+            if on_output is not None:
+                on_output(f"[cache-to: pushing step of layer {snap.layer} to {target.url}]\n")
             tmp = self._tmp(session)
             blob = _as_container_root(_make_layer, str(parent.path), str(snap.path), tmp)
             log = b""
@@ -261,6 +275,10 @@ class RemoteCache:
                 record["env_refs"] = env_refs
             target.put(tag, record, tmp, blob.digest, blob.size)
             self.trust.sign(target, record, blob.digest, blob.size)
+            self.pushed += 1
+            self.pushed_bytes += blob.size
+            if on_output is not None:
+                on_output(f"[cache-to: pushed {human_size(blob.size)} ({self.pushed} so far)]\n")
         except (ImageError, OSError) as e:
             self._warn(on_output, target.url, f"the step could not be pushed to {target.url} ({e})",
                        "the build goes on without pushing")

@@ -95,6 +95,9 @@ class BuildSession:
         self.external_built = resolve_built
         self.keep_failed = False
         self.use_cache = True
+        # A cache hit replays the step's stored output (the kernel shows it under
+        # the cell); a headless build prints one line per cached step instead.
+        self.replay_cached = True
         self.network = "host"
         self.remote_cache = None  # engine/remote_cache.RemoteCache: --cache-from/--cache-to, %cache
         self.resumed: StepView | None = None
@@ -627,9 +630,10 @@ class BuildSession:
                               size_delta=hit.size_delta)
         if self._on_hit is not None:
             self._on_hit(outcome)
-        for cell in before:
-            replay_output(self.store.log_path(cell.id), on_output)
-        replay_output(log, on_output)
+        if self.replay_cached:
+            for cell in before:
+                replay_output(self.store.log_path(cell.id), on_output)
+            replay_output(log, on_output)
         self.layer.steps.append(Step(hit.source, cell_id))
         outcome.duration = time.monotonic() - t0
         return outcome

@@ -71,11 +71,17 @@ def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     changing) beside the notebook or to DEST; link the copy when JupyterLab can serve it."""
     from stacker_kernel.engine.grab import grab
 
-    dest = _beside_notebook(ctx, args.dest or os.path.basename(args.path.rstrip("/")) or "rootfs")
+    from stacker_kernel.engine.grab import has_glob
+
+    name = os.path.basename(args.path.rstrip("/")) or "rootfs"
+    # A wildcard without DEST (%grab /build/*.deb): the matches go beside the notebook.
+    dest = _beside_notebook(ctx, args.dest or ("./" if has_glob(name) else name))
     # DEST names the copy itself (DEST/ puts it inside), so running the cell again
     # refreshes the same tree instead of nesting DIR/DIR as `cp -r` would.
     grabbed = grab(session.snapshot_at().path, args.path, str(dest),
-                   into=bool(args.dest and args.dest.endswith("/")))
+                   into=bool(args.dest and args.dest.endswith("/")) or (not args.dest and has_glob(name)))
+    if grabbed.copied:
+        return _grabbed_several(args.path, grabbed, ctx)
     written = Path(grabbed.path)
     text = "\n".join([f"grabbed {args.path} to {written}", *grabbed.notes])
     notes = "".join(f"<br>{html.escape(n)}" for n in grabbed.notes)
@@ -93,6 +99,22 @@ def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     return Shown(text, f"grabbed {shown_path} to "
                        f"<a href=\"{html.escape(href)}\" download=\"{html.escape(written.name)}\">"
                        f"{html.escape(link)}</a>{notes}")
+
+
+def _grabbed_several(pattern: str, grabbed: Any, ctx: "MagicContext") -> Shown:
+    """What `%grab PATTERN` shows when its wildcard matched several paths: each copy,
+    linked for download when JupyterLab can serve it."""
+    text = "\n".join([f"grabbed {pattern} ({len(grabbed.copied)} matches) to {grabbed.path}",
+                      *grabbed.copied, *grabbed.notes])
+    items = []
+    for copy in map(Path, grabbed.copied):
+        link = _link(ctx, copy)
+        shown = html.escape(link or str(copy))
+        items.append(f"<li><a href=\"{html.escape(urllib.parse.quote(link))}\" download=\"{html.escape(copy.name)}\">"
+                     f"{shown}</a></li>" if link and copy.is_file() else f"<li><code>{shown}</code></li>")
+    notes = "".join(f"<br>{html.escape(n)}" for n in grabbed.notes)
+    return Shown(text, f"grabbed <code>{html.escape(pattern)}</code> ({len(items)} matches):"
+                       f"<ul>{''.join(items)}</ul>{notes}")
 
 
 def default_export_names(notebook: str) -> tuple[str, str]:

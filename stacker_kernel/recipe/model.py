@@ -244,10 +244,30 @@ def stacker_url_host(url: str) -> str:
 _LAYER_NAME_RE = re.compile(r"[A-Za-z0-9]+(?:(?:[-._@+]|--)[A-Za-z0-9]+)*")
 
 
+_PLACEHOLDER_DEFAULT = re.compile(r"\$\{\{([^}:]+):([^}]*)\}\}")
+_PLACEHOLDER_PLAIN = re.compile(r"\$\{\{([^}:]+)\}\}")
+
+
+def as_substituted(text: str) -> str:
+    """`text` as stacker's substitution would make it, for checking a value that
+    keeps its placeholders (import, export): `${{NAME:default}}` is its default,
+    `${{NAME}}` (its value comes later) a plain word."""
+    return _PLACEHOLDER_PLAIN.sub("x", _PLACEHOLDER_DEFAULT.sub(lambda m: m.group(2), text))
+
+
 def check_layer_name(name: str, where: str = "") -> None:
     """Raise RecipeError unless `name` is a usable layer name: one OCI ref-name
     component without ':' (letters and digits joined by single `.`, `_`, `-`,
-    `@`, `+` or `--`), not 'config'. `where` (e.g. " (line 3)") goes after the name."""
+    `@`, `+` or `--`), not 'config'. `where` (e.g. " (line 3)") goes after the name.
+    A name with placeholders ("${{REPO_NAME:zot}}") is checked as it will be built."""
+    if "${{" in name:
+        resolved = as_substituted(name)
+        if resolved != name:
+            try:
+                check_layer_name(resolved, where)
+            except RecipeError as e:
+                raise RecipeError(f"layer {name} is {resolved!r} once substituted: {e}") from None
+            return
     if not name:
         raise RecipeError(f"empty layer name{where}: give the layer a name")
     if ":" in name:
@@ -261,6 +281,16 @@ def check_layer_name(name: str, where: str = "") -> None:
             f"layer name {name!r}{where} cannot be an image tag: use letters and digits, "
             "joined by single '.', '_', '-', '@' or '+' (no spaces or '/', no separator first "
             "or last), e.g. my-layer")
+
+
+def require_import_hashes(recipe: "Recipe") -> None:
+    """stacker's --require-hash: every http(s) import names its hash (local files
+    and stacker:// imports need none). RecipeError naming the layer and import."""
+    for layer in recipe.layers.values():
+        for imp in layer.imports:
+            if imp.path.lower().startswith(("http://", "https://")) and not imp.hash:
+                raise RecipeError(f"layer {layer.name}: remote import needs a hash in yaml for path: "
+                                  f"{imp.path} (--require-hash): add 'hash: <sha256>' to the import")
 
 
 def check_import(imp: Import, layer: str) -> None:
