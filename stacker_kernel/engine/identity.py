@@ -30,18 +30,56 @@ MAX_SCANNED = 400  # notebooks read at most per search (a huge folder stays quic
 SCAN_DEPTH = 2  # subfolder levels below the notebook's folder searched after it
 
 
-def notebook_cells(path: os.PathLike | str) -> list[str] | None:
-    """The ids of the code cells of the saved notebook at `path`, in order; None when
-    there is no readable notebook there (unsaved, gone, not a notebook, too big)."""
+@dataclass(frozen=True)
+class Document:
+    """A saved notebook's code cells, (id, source) in order, and when it was saved."""
+    cells: tuple[tuple[str, str], ...]
+    saved_at: float
+
+    @property
+    def ids(self) -> list[str]:
+        return [cell_id for cell_id, _ in self.cells]
+
+
+_read: dict[str, tuple[tuple[int, float], Document | None]] = {}  # path -> (size, mtime) and its Document
+
+
+def read_document(path: os.PathLike | str) -> Document | None:
+    """The saved notebook at `path`; None when there is no readable notebook there
+    (unsaved, gone, not a notebook, too big). Read again only when the file changed."""
     try:
-        if os.path.getsize(path) > MAX_NOTEBOOK_BYTES:
-            return None
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_size > MAX_NOTEBOOK_BYTES:
+        return None
+    stamp = (st.st_size, st.st_mtime)
+    known = _read.get(str(path))
+    if known is not None and known[0] == stamp:
+        return known[1]
+    try:
         with open(path, encoding="utf-8") as f:  # plain JSON: nbformat's validation is slow
             cells = json.load(f).get("cells", [])
-        return [c["id"] for c in cells
-                if isinstance(c, dict) and c.get("cell_type") == "code" and isinstance(c.get("id"), str)]
+        doc = Document(tuple((c["id"], _source(c.get("source", ""))) for c in cells
+                             if isinstance(c, dict) and c.get("cell_type") == "code"
+                             and isinstance(c.get("id"), str)), st.st_mtime)
     except (OSError, ValueError, AttributeError, TypeError):
-        return None
+        doc = None
+    if len(_read) > 4 * MAX_SCANNED:
+        _read.clear()
+    _read[str(path)] = (stamp, doc)
+    return doc
+
+
+def _source(source) -> str:
+    return "".join(source) if isinstance(source, list) else str(source)
+
+
+def notebook_cells(path: os.PathLike | str) -> list[str] | None:
+    """The ids of the code cells of the saved notebook at `path`, in order; None when
+    there is no readable notebook there."""
+    doc = read_document(path)
+    return doc.ids if doc is not None else None
 
 
 def session_cells(store: Store, sess: Session) -> set[str]:

@@ -24,9 +24,9 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
 from stacker_kernel.container.step import ShellState
@@ -35,7 +35,7 @@ from stacker_kernel.engine.cache import cache_key as key_of
 from stacker_kernel.engine.history import History, StepView
 from stacker_kernel.engine.live import BUILD_PATH, LiveRootfs, absolute_source, build_environment
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
-from stacker_kernel.recipe.cells import split_script
+from stacker_kernel.recipe.script import split_script
 from stacker_kernel.recipe.model import (ImageSource, Layer, Recipe, Step, first_line, layer_from_record,
                                          layer_record)
 from stacker_kernel.storage import btrfs
@@ -83,6 +83,82 @@ class _LayerRun:
     """The engine's view of the layer being built."""
     layer: Layer
     base_dir: str | None = None   # directory that relative imports are resolved against
+
+
+def step_script(source: str) -> str | None:
+    """The step a notebook cell's `source` runs (its script, as the kernel runs it);
+    "" for a cell that runs none (magics only, generate_labels), None if it cannot
+    be parsed."""
+    from stacker_kernel.recipe.cells import parse_cell
+    from stacker_kernel.recipe.stacker_yaml import substitute
+
+    try:
+        cell = parse_cell(substitute(source, {}, in_kernel=True))
+    except StackerKernelError:
+        return None
+    if any(d.name == "generate_labels" for d in cell.directives):
+        return ""
+    return cell.script if cell.script.strip() else ""
+
+
+@dataclass
+class Differences:
+    """Where the saved notebook and the image differ, as lines naming the cells."""
+    edited: list[str] = field(default_factory=list)  # saved source is not what the step ran
+    missing: list[str] = field(default_factory=list)  # step cells above built ones, not in the image
+    out_of_order: list[str] = field(default_factory=list)  # built in another order than they stand
+    gone: list[str] = field(default_factory=list)  # built steps of cells the notebook no longer holds
+    below: list[str] = field(default_factory=list)  # step cells below the last built one, not run
+
+    @classmethod
+    def of(cls, doc, built: list[Snapshot], ran_at: dict[str, float],
+           cell_name: Callable[[str | None], str]) -> "Differences":
+        pos = {cell_id: i for i, cell_id in enumerate(doc.ids)}
+        scripts = {cell_id: step_script(source) for cell_id, source in doc.cells}
+        built_ids = [s.cell_id for s in built]
+        have = set(built_ids)
+
+        def named(cell_id: str, script: str) -> str:
+            return f"{cell_name(cell_id)} {first_line(script, skip_shebang=True, width=40)}".strip()
+
+        out = cls()
+        for s in built:
+            if s.cell_id not in pos:
+                out.gone.append(named(s.cell_id, s.source))
+            elif (scripts.get(s.cell_id) is not None and scripts[s.cell_id].strip() != s.source.strip()
+                  and ran_at.get(s.cell_id, 0.0) <= doc.saved_at):  # (run since: the file is behind)
+                out.edited.append(named(s.cell_id, scripts[s.cell_id]))
+        placed = [c for c in built_ids if c in pos]
+        last = max((pos[c] for c in placed), default=-1)
+        for cell_id in doc.ids:
+            if scripts.get(cell_id) and cell_id not in have:
+                (out.missing if pos[cell_id] < last else out.below).append(named(cell_id, scripts[cell_id]))
+        highest = -1
+        for c in placed:
+            if pos[c] < highest:
+                out.out_of_order.append(named(c, scripts.get(c) or ""))
+            highest = max(highest, pos[c])
+        return out
+
+    def lines(self) -> list[str]:
+        """What differs, a phrase each (the export's cells below the last step are not
+        a difference: they are simply not run yet)."""
+        def cells(names: list[str]) -> str:
+            return f"cell{'s' if len(names) > 1 else ''} {'; '.join(names)}"
+        out = []
+        if self.edited:
+            out.append(f"{cells(self.edited)} changed since {'they' if len(self.edited) > 1 else 'it'} ran"
+                       " (the image has what ran: run it again)")
+        if self.missing:
+            out.append(f"{cells(self.missing)} above the last step {'are' if len(self.missing) > 1 else 'is'}"
+                       " not in the image (never run, failed or undone: run it)")
+        if self.out_of_order:
+            out.append(f"{cells(self.out_of_order)} ran before cells that stand above "
+                       f"{'them' if len(self.out_of_order) > 1 else 'it'} (the image follows the order they ran in)")
+        if self.gone:
+            out.append(f"{cells(self.gone)} no longer in the notebook {'are' if len(self.gone) > 1 else 'is'}"
+                       " in the image (later steps are built on it)")
+        return out
 
 
 @dataclass
@@ -148,7 +224,8 @@ class BuildSession:
         # How the face names a cell in messages (a kernel: its prompt, [3]), and the saved
         # notebook's code cell ids in order (None: not saved), where a cell's slot is.
         self.cell_name: Callable[[str | None], str] = lambda cell_id: (cell_id or "")[:8]
-        self.document: Callable[[], list[str] | None] | None = None
+        self.document: Callable[[], Any] | None = None  # -> engine.identity.Document | None
+        self._ran_at: dict[str, float] = {}  # cell id -> when this process last ran it
         self.recipe = Recipe()
         self._run = _LayerRun(Layer(name=default_layer, from_=ImageSource(type="scratch")), base_dir=base_dir)
         self.recipe.layers[default_layer] = self._run.layer
@@ -271,8 +348,10 @@ class BuildSession:
     def note_cell(self, cell_id: str | None) -> None:
         """Cell `cell_id` runs: the first time, it takes its place in the order of first runs
         (where it stands when the notebook is not saved)."""
-        if cell_id and cell_id not in self._cell_order:
-            self._cell_order.append(cell_id)
+        if cell_id:
+            self._ran_at[cell_id] = time.time()
+            if cell_id not in self._cell_order:
+                self._cell_order.append(cell_id)
 
     @property
     def cell_order(self) -> list[str]:
@@ -879,7 +958,8 @@ class BuildSession:
         """Where cells stand: the saved notebook's code cells in order, with the cells it
         does not hold placed after the cell run before them; and the cells placed by the
         order they were first run in (not in the saved notebook)."""
-        doc = self.document() if self.document is not None else None
+        saved = self.document() if self.document is not None else None
+        doc = saved.ids if saved is not None else None
         runs = self._cell_order
         if not doc:
             return list(runs), set(runs)
@@ -1097,22 +1177,18 @@ class BuildSession:
                 out.layers[name] = replace(layer, steps=steps)
             return out
 
-    def order_warnings(self, notebook_cell_ids: list[str]) -> list[str]:
-        """Where the notebook (its code cells' ids, in order) differs from what was built."""
-        if not notebook_cell_ids:
-            return []  # nothing to compare with (e.g. the notebook is not saved yet)
-        built = [s.cell_id for s in self.built_steps() if s.cell_id]
-        pos = {cid: i for i, cid in enumerate(notebook_cell_ids)}
-        warnings = []
-        gone = [cid for cid in built if cid not in pos]
-        if gone:
-            warnings.append(f"{len(gone)} built step(s) come from cells no longer in the notebook "
-                            f"({', '.join(c[:8] for c in gone)}): the export has them")
-        order = [pos[cid] for cid in built if cid in pos]
-        if order != sorted(order):
-            warnings.append("cells were run in another order than the notebook shows them: "
-                            "the export follows the order they were built in")
-        return warnings
+    def document_differences(self, full: bool = True) -> "Differences":
+        """Where the saved notebook and the image differ (nothing when it is not saved).
+        Unless `full`, only the history's steps are compared (no store reads: after
+        every step), not those of deleted cells that later steps are built on."""
+        doc = self.document() if self.document is not None else None
+        if doc is None:
+            return Differences()
+        with self._lock:
+            steps = self.built_steps() if full else self._history.snaps()
+            built = [s for s in steps if s.cell_id]
+            ran_at = dict(self._ran_at)
+        return Differences.of(doc, built, ran_at, self.cell_name)
 
     def export_yaml(self, path: str | None = None) -> str:
         from stacker_kernel.recipe.stacker_yaml import dump
