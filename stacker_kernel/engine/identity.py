@@ -164,6 +164,26 @@ def busy_with(store: Store, path: str, ids: set[str], kind: str = "kernel") -> S
     return None
 
 
+def place_cells(saved: list[str] | None, runs: list[str]) -> tuple[list[str], set[str]]:
+    """Where cells stand: the saved notebook's code cells (`saved`, None when not saved)
+    in order, with each cell it does not hold placed after the cell first run before it
+    (`runs`: cell ids in the order they were first run); and the cells placed by that
+    order of first runs."""
+    if not saved:
+        return list(runs), set(runs)
+    order = list(saved)
+    placed = set(order)
+    by_runs = set()
+    for i, cell_id in enumerate(runs):
+        if cell_id in placed:
+            continue
+        prev = next((runs[j] for j in range(i - 1, -1, -1) if runs[j] in placed), None)
+        order.insert(order.index(prev) + 1 if prev is not None else len(order), cell_id)
+        placed.add(cell_id)
+        by_runs.add(cell_id)
+    return order, by_runs
+
+
 def _candidates(folder: Path):
     """The .ipynb files of `folder`, then of its subfolders up to SCAN_DEPTH (no hidden
     folders, no checkpoints), at most MAX_SCANNED."""

@@ -67,6 +67,19 @@ class StepOutcome:
     kept_failed: bool = False
 
 
+@dataclass(frozen=True)
+class Options:
+    """How a session builds, as a face sets it between steps (%keep_failed, %cache, %network)."""
+    keep_failed: bool = False  # a failed step's state stays in the container to inspect
+    use_cache: bool = True  # steps built before are taken from the cache
+    network: str = "host"  # the build container's network: host | none
+
+
+def _option(name: str) -> property:
+    return property(lambda self: getattr(self.options, name),
+                    lambda self, value: self.set_option(name, value), doc=f"options.{name}")
+
+
 @dataclass
 class KeptFailure:
     """The uncommitted state a failed step left under keep_failed (what %layers shows)."""
@@ -215,9 +228,7 @@ class BuildSession:
         self.default_layer = default_layer
         self.base_dir = base_dir
         self.external_built = resolve_built
-        self.keep_failed = False
-        self.use_cache = True
-        self.network = "host"
+        self.options = Options()
         self.remote_cache = None  # engine/remote_cache.RemoteCache: --cache-from/--cache-to, %cache
         self.resumed: StepView | None = None
         self.identity = None  # engine.identity.Identity: how open() found the session
@@ -244,6 +255,15 @@ class BuildSession:
         self._cache = StepCache(store)
         self._lock = threading.RLock()  # session state; widgets read it from other threads
         self._step_lock = threading.Lock()  # one step at a time
+
+    keep_failed = _option("keep_failed")
+    use_cache = _option("use_cache")
+    network = _option("network")
+
+    def set_option(self, name: str, value: Any) -> None:
+        """Change one of the session's Options (between steps: a step reads them once)."""
+        with self._lock:
+            self.options = replace(self.options, **{name: value})
 
     # --- opening and closing -------------------------------------------------
 
@@ -341,7 +361,7 @@ class BuildSession:
              "cell": self._layer_cells.get(name)} for name, layer in self.recipe.layers.items()])
         self.store.update_session(self.session)
 
-    def _layer_def(self) -> str:
+    def layer_definition(self) -> str:
         """The current layer's definition as a step records it (Snapshot.layer_def)."""
         return json.dumps({"layer": layer_record(self.layer), "base_dir": self._run.base_dir or self.base_dir})
 
@@ -579,6 +599,12 @@ class BuildSession:
             self.state = None
         self._set_live(self.head)
 
+    def _base_to_import(self) -> ImageSource | None:
+        """The base the next step needs imported first (its layer's, absolute), if any."""
+        if self._live.ready or self.head is not None:
+            return None
+        return absolute_source(self.layer.from_, self._run.base_dir)
+
     def _set_live(self, snap: Snapshot) -> None:
         """The live rootfs becomes a writable snapshot of `snap`, with the layer's imports."""
         self._live.replace(snap)
@@ -652,8 +678,7 @@ class BuildSession:
         with self.store.write_lock():  # see run_step: gc must not take the hit meanwhile
             hit = self._cache.lookup(key) if self.use_cache else None
             if hit is not None:
-                self._replace_live(hit)
-                self._advance(hit)
+                self._adopt(hit)
         if hit is not None:
             return
         started = time.time()
@@ -661,7 +686,7 @@ class BuildSession:
         snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                         layer=self.layer.name, source=source, cache_key=key,
                         state=self.state.to_json() if self.state else "null", started=started,
-                        duration=time.time() - started, layer_def=self._layer_def())
+                        duration=time.time() - started, layer_def=self.layer_definition())
         stored = self._cache.commit(self.live, snap, None, reuse_cached=self.use_cache)
         if stored.id != snap.id:  # landed by another session meanwhile: see _run_step
             self._replace_live(stored)
@@ -709,6 +734,16 @@ class BuildSession:
                 for line in self._rollback_for_rerun(cell_id):
                     if on_output is not None:
                         on_output(line + "\n")
+            source = self._base_to_import()
+        if source is not None:
+            # The base import (for %from docker, a download) runs outside the session lock:
+            # a widget reading the session meanwhile does not wait for it. (One step at a
+            # time: the step lock is held, nothing else moves the session.)
+            warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
+            base = self._import_with_progress(source, warn, on_progress)
+        with self._lock:
+            if source is not None and self.head is None and not self._live.ready:
+                self.head, self.state = base, None
             self._ensure_live(on_output, on_progress)
             self._check_shell()
             env = build_environment(self.layer)
@@ -723,8 +758,7 @@ class BuildSession:
                     if before:
                         hit = before.pop()
                     if hit is not None:
-                        self._replace_live(hit)
-                        self._advance(hit, cell_id, hit=True)
+                        self._adopt(hit, cell_id)
                 if hit is not None:
                     return self._replay(hit, cell_id, on_output, t0, before)
                 if self.remote_cache is not None:  # remote cache: a hit from --cache-from
@@ -743,7 +777,7 @@ class BuildSession:
                                                 + (f"cell {cell_id[:8]}" if cell_id else "run"))
         except OSError as e:  # the step's log is on the storage: a full disk shows here
             with self._lock:
-                self._back_to_head()
+                self.back_to_head()
             raise StorageError(f"the step's output could not be stored ({e.strerror}): free space "
                                f"on {self.store.root} (e.g. stacker-kernel gc) and run the step again") from None
         with self._lock:
@@ -756,20 +790,19 @@ class BuildSession:
             snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                             layer=self.layer.name, cell_id=cell_id, source=script, cache_key=key,
                             state=result.state.to_json(), status="ok", started=started,
-                            duration=result.duration, layer_def=self._layer_def())
+                            duration=result.duration, layer_def=self.layer_definition())
             try:
                 # A step with binds is never taken from the cache (what they hold is not
                 # in its key), so it is not swapped for another's either.
                 stored = self._cache.commit(self.live, snap, log_tmp,
                                             reuse_cached=self.use_cache and not self.layer.binds)
             except (OSError, StorageError):  # e.g. a full disk: the step leaves no trace
-                self._back_to_head()
+                self.back_to_head()
                 raise
             if stored.id != snap.id:
                 # Another session committed this step first: go on from its snapshot, so
                 # that both sessions (and the cache) agree on what the step made.
-                self._replace_live(stored)
-                self._advance(stored, cell_id, hit=True)
+                self._adopt(stored, cell_id)
             else:
                 self._advance(stored)
             self.layer.steps.append(Step(script, cell_id))
@@ -777,7 +810,7 @@ class BuildSession:
                                result.duration, index=len(self.session.history), layer=self.layer.name,
                                size_delta=stored.size_delta)
 
-    def _back_to_head(self) -> None:
+    def back_to_head(self) -> None:
         """Drop what a step did after an error outside it (a full disk); if even that
         fails, the next step prepares the live rootfs from the head again."""
         self._live.ready = False
@@ -785,6 +818,33 @@ class BuildSession:
             self._set_live(self.head)
         except (OSError, StackerKernelError):
             pass
+
+    def fresh_live(self) -> None:
+        """The live rootfs becomes a plain writable snapshot of the head (for a shared
+        cache's layer to be applied onto: see adopt_fetched)."""
+        self._replace_live(self.head)
+
+    def _adopt(self, snap: Snapshot, cell_id: str | None = None) -> None:
+        """Take cached step `snap` as the next step: the live rootfs becomes a writable
+        snapshot of it and the session goes on from it (the one path of every hit)."""
+        self._replace_live(snap)
+        self._advance(snap, cell_id, hit=True)
+
+    def adopt_fetched(self, snap: Snapshot, log: str, cell_id: str | None, on_output: OutputFn | None,
+                      t0: float) -> StepOutcome:
+        """A step fetched from a shared cache, whose result the live rootfs holds (made by
+        applying its layer after fresh_live): committed through the step cache with its
+        output `log`, then taken as the next step and replayed like a local hit."""
+        tmp = self.store.root / "logs" / f"running-{self.session.id}"
+        try:
+            tmp.write_text(log, errors="replace")
+            stored = self._cache.commit(self.live, snap, tmp, reuse_cached=False)
+        except (OSError, StackerKernelError):
+            tmp.unlink(missing_ok=True)
+            self.back_to_head()
+            raise
+        self._advance(stored, cell_id, hit=True)
+        return self._replay(stored, cell_id, on_output, t0)
 
     def _advance(self, snap: Snapshot, cell_id: str | None = None, *, hit: bool = False) -> None:
         self.head = snap
@@ -958,22 +1018,10 @@ class BuildSession:
         """Where cells stand: the saved notebook's code cells in order, with the cells it
         does not hold placed after the cell run before them; and the cells placed by the
         order they were first run in (not in the saved notebook)."""
+        from stacker_kernel.engine.identity import place_cells
+
         saved = self.document() if self.document is not None else None
-        doc = saved.ids if saved is not None else None
-        runs = self._cell_order
-        if not doc:
-            return list(runs), set(runs)
-        order = list(doc)
-        placed = set(order)
-        by_runs = set()
-        for i, c in enumerate(runs):
-            if c in placed:
-                continue
-            prev = next((runs[j] for j in range(i - 1, -1, -1) if runs[j] in placed), None)
-            order.insert(order.index(prev) + 1 if prev is not None else len(order), c)
-            placed.add(c)
-            by_runs.add(c)
-        return order, by_runs
+        return place_cells(saved.ids if saved is not None else None, self._cell_order)
 
     def _slot_position(self, cell_id: str) -> tuple[int | None, str | None, bool]:
         """For a cell with no step: how many history entries stand before its slot

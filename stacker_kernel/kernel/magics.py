@@ -197,7 +197,7 @@ def _sbom(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
 
 def _switch(attribute: str, label: str) -> Callable[..., Shown]:
     def run(session: Any, value: Any, ctx: "MagicContext") -> Shown:
-        setattr(session, attribute, value)
+        session.set_option(attribute, value)
         shown = ("on" if value else "off") if isinstance(value, bool) else value
         return Shown(f"{label} is {shown}")
     return run

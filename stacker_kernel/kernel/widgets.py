@@ -639,7 +639,7 @@ class LayerHistory(_Panel):
                          f" <code>{html.escape(failure.first_line)}</code>): FAILED, kept uncommitted"
                          " (%rollback drops it)")
         try:
-            lines = session.document_differences().lines()
+            lines = session.document_differences(full=False).lines()  # no store reads: after every cell
         except Exception:
             log.exception("comparing the notebook with the image failed")
             lines = []
