@@ -12,10 +12,14 @@ The contract is DESIGN.md's step semantics:
   writable snapshot of the cached one and the stored output is replayed;
 - rollback to any earlier snapshot is a snapshot of it, whatever its size.
 
-The session ties three parts together, each in its own module: the live
-rootfs and its container (engine/live.py), the history and positions in it
-(engine/history.py) and the step cache (engine/cache.py). The faces (kernel,
-CLI) call this class; it knows nothing about Jupyter.
+The session ties its parts together, each in its own module: the live
+rootfs and its container (engine/live.py), the position (head, shell state,
+history, tags, recipe, cells: engine/timeline.py, over engine/history.py),
+the step cache (engine/cache.py; every hit, local or from a shared cache, is
+taken as the next step by one path) and which build is a notebook's
+(engine/identity.py). The session record keeps the recipe, so a resumed
+session exports what was built. The faces (kernel, CLI) call this class; it
+knows nothing about Jupyter.
 """
 from __future__ import annotations
 
