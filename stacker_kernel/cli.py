@@ -466,7 +466,7 @@ def _import_dockerfile(args: argparse.Namespace) -> int:
     if isinstance(out, str):
         _write_output(args.output, lambda p: Path(p).write_text(out))
     else:
-        _write_output(args.output, lambda p: nbformat.write(out, p))
+        _write_output(args.output, lambda p: nbformat.write(nbformat.from_dict(out), p))
     print(f"wrote {args.output}")
     return 0
 

@@ -58,6 +58,24 @@ def test_a_cached_notebook_build_imports_neither_nbformat_nor_jupyter_client(sto
     assert "heavy: []" in again.stdout, again.stdout
 
 
+_HEAVY_FOR_DOCKERFILE = ("nbformat", "jsonschema", "lark", "jupyter_client", "spdx_tools")
+_BUILD_DOCKERFILE = _BUILD.replace(repr(_HEAVY), repr(_HEAVY_FOR_DOCKERFILE))
+
+
+def test_a_cached_dockerfile_build_imports_no_nbformat_lark_or_spdx_tools(storage, busybox_tar, tmp_path):
+    (tmp_path / "busybox.tar").write_bytes(busybox_tar.read_bytes())
+    (tmp_path / "Dockerfile").write_text("FROM busybox\nRUN echo one > /one\nRUN echo two > /two\n")
+    args = [sys.executable, "-c", _BUILD_DOCKERFILE, "--storage", str(storage), "build", "-f", "Dockerfile",
+            "--base", "busybox=tar:busybox.tar", "--oci-dir", str(tmp_path / "oci")]
+    first = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "spdx_tools" in first.stdout  # the first build writes the SBOM: the check sees imports
+    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 step(s) ran, 3 cached" in again.stdout, again.stdout
+    assert "heavy: []" in again.stdout, again.stdout
+
+
 def test_a_notebook_that_is_not_plain_nbformat_4_is_still_checked_by_nbformat(tmp_path):
     nb = _plain_notebook(tmp_path / "bad.ipynb", ["%from tar busybox.tar\ntrue"])
     data = json.loads(nb.read_text())

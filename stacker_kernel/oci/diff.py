@@ -209,6 +209,11 @@ def diff_snapshots(old: str | None, new: str) -> Diff:
     if old is not None:
         old_entries, _ = walk(old)
         old_taken_ns = _snapshot_time_ns(old)
+        if old_taken_ns is not None and old_entries:
+            # A subvolume filled and then made read-only (a base) was created before
+            # its files: it froze no earlier than its newest ctime, so the window
+            # starts there, and the base's files are not all hashed on every export.
+            old_taken_ns = max(old_taken_ns, max(e.ctime_ns for e in old_entries.values()))
     changes = compare(old_entries, new_entries, old_taken_ns=old_taken_ns,
                       same=lambda path, o, n: _same_in_full(old, new, path, o, n))
     return Diff(old=old, new=new, changes=changes, nested_subvolumes=nested)
