@@ -3,6 +3,7 @@ build imports no nbformat, an unchanged re-export writes nothing new and keeps i
 digests, gc reports the space btrfs really gives back, long work says how far it is."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -123,6 +124,42 @@ def test_an_unchanged_re_export_writes_nothing_new_and_keeps_its_digests(storage
     export_image(str(layout), specs, layer_cache=cache)
     assert index(layout) == first
     assert _files(layout) == before  # no new blob, and no file written again
+
+
+def test_a_fresh_layout_gets_the_stores_layers_without_compressing_them_again(storage, busybox_base, monkeypatch):
+    from stacker_kernel.oci import export as export_mod
+
+    c, base = busybox_base
+    steps = [step(c, "echo a > a"), step(c, "mkdir b")]
+    specs = [ImageSpec("r", Cfg(), steps, base_rootfs=base)]
+    cache = str(storage / "cache" / "layers")
+    export_image(str(storage / "first"), specs, layer_cache=cache)
+    layers = manifest(storage / "first", "r")["layers"]
+
+    def no_new_layers(*args, **kwargs):
+        raise AssertionError("a layer was made again")
+    monkeypatch.setattr(export_mod, "_made_in_userns", no_new_layers)
+    export_image(str(storage / "second"), specs, layer_cache=cache)  # a fresh layout
+    assert manifest(storage / "second", "r")["layers"] == layers
+    for d in layers:  # each blob is there whole, as its digest says
+        data = (storage / "second" / "blobs" / "sha256" / d["digest"].split(":")[1]).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == d["digest"]
+
+    # A kept blob that was damaged is not used: the layer is made again.
+    kept = Path(export_mod.kept_blobs(cache)) / "blobs" / "sha256" / layers[-1]["digest"].split(":")[1]
+    kept.write_bytes(b"x" * kept.stat().st_size)
+    monkeypatch.undo()
+    export_image(str(storage / "third"), specs, layer_cache=cache)
+    assert manifest(storage / "third", "r")["layers"] == layers
+    assert "sha256:" + hashlib.sha256(kept.read_bytes()).hexdigest() == layers[-1]["digest"]  # kept anew
+
+    # gc: the layers of a deleted snapshot are forgotten and their kept blobs deleted.
+    from stacker_kernel.storage import btrfs
+    btrfs.delete_subvolume(Path(steps[-1].path))
+    assert export_mod.prune_layer_cache(cache) > 0
+    names = set(os.listdir(kept.parent))
+    assert layers[-1]["digest"].split(":")[1] not in names
+    assert {d["digest"].split(":")[1] for d in layers[:-1]} <= names
 
 
 def test_a_changed_image_config_is_written_anew(storage, busybox_base):

@@ -15,6 +15,7 @@ canonical, and nothing depends on dict or directory order.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import getpass
@@ -381,10 +382,18 @@ def _cache_file(cache_dir: str, job: _Job, epoch: int | None, layer_type: LayerT
     return os.path.join(cache_dir, key + ".json")
 
 
+def kept_blobs(cache_dir: str) -> str:
+    """Where the blobs of the layers `cache_dir` remembers are kept (an OCI-style
+    `blobs/sha256/` tree beside it, in the store): a layer made once is copied
+    into any later layout, never compressed again."""
+    return os.path.join(os.path.dirname(os.path.abspath(cache_dir)), "layer-blobs")
+
+
 def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int | None,
                   layer_type: LayerType = TAR_TYPE):
-    """The layer made before for `job` if its blob is in `layout_dir` (None: an empty
-    diff), else _MISS."""
+    """The layer made before for `job` if its blob is in `layout_dir` or can be
+    copied there from the store's kept blobs (verified while copied; None: an
+    empty diff), else _MISS."""
     if cache_dir is None:
         return _MISS
     try:
@@ -394,25 +403,74 @@ def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int 
         return _MISS
     if data.get("empty"):
         return None
+    data.pop("snapshots", None)
     try:
         blob = LayerBlob(**data) if layer_type == TAR_TYPE else FsLayerBlob(**data)
         if os.path.getsize(lw.blob_path(layout_dir, blob.digest)) == blob.size:
             return blob
-    except (OSError, TypeError, ValueError, ImageError):
+        return _MISS  # a damaged blob under that name: made again
+    except FileNotFoundError:
         pass
-    return _MISS
+    except (OSError, TypeError, ValueError, ImageError):
+        return _MISS
+    kept = cas.Blobs(kept_blobs(cache_dir))
+    try:
+        cas.copy_blob(kept, layout_dir, blob.digest, blob.size)
+        return blob
+    except ImageError:  # damaged: deleted, so the layer made again is kept instead
+        with contextlib.suppress(OSError, ImageError):
+            os.unlink(lw.blob_path(str(kept.path), blob.digest))
+        return _MISS
+    except OSError:
+        return _MISS  # gone: made again
 
 
-def _remember_layer(cache_dir: str | None, job: _Job, epoch: int | None, blob: LayerBlob | None,
-                    layer_type: LayerType = TAR_TYPE) -> None:
+def _remember_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int | None,
+                    blob: LayerBlob | None, layer_type: LayerType = TAR_TYPE) -> None:
     if cache_dir is None:
         return
     os.makedirs(cache_dir, exist_ok=True)
-    data = {"empty": True} if blob is None else asdict(blob)
+    data: dict[str, Any] = {"empty": True} if blob is None else asdict(blob)
+    if blob is not None:
+        # Kept in the store (reflinked on the same btrfs): another layout, or this
+        # one after its blob was deleted, gets a copy instead of a new compression.
+        with contextlib.suppress(OSError, ImageError):  # only a cache: the layer is made again then
+            cas.copy_blob(cas.Blobs(layout_dir), kept_blobs(cache_dir), blob.digest, blob.size)
+    data["snapshots"] = [p for p in (job.old, job.new) if p]  # what gc checks (prune_layer_cache)
     tmp = _cache_file(cache_dir, job, epoch, layer_type) + f".tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f)
     os.replace(tmp, _cache_file(cache_dir, job, epoch, layer_type))
+
+
+def prune_layer_cache(cache_dir: str) -> int:
+    """Forget the layers of snapshots that are gone and delete the kept blobs no
+    remembered layer names; the bytes deleted. For `gc`, after it removed snapshots."""
+    if not os.path.isdir(cache_dir):
+        return 0
+    wanted: set[str] = set()
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict) or not all(os.path.isdir(p) for p in data.get("snapshots") or [""]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a layer of a deleted snapshot (or a torn or old-format entry)
+            continue
+        if isinstance(data.get("digest"), str):
+            wanted.add(data["digest"].partition(":")[2])
+    freed = 0
+    blob_dir = os.path.join(kept_blobs(cache_dir), "blobs", "sha256")
+    for name in os.listdir(blob_dir) if os.path.isdir(blob_dir) else []:
+        if name not in wanted:
+            path = os.path.join(blob_dir, name)
+            with contextlib.suppress(FileNotFoundError):
+                freed += os.lstat(path).st_size
+                os.unlink(path)
+    return freed
 
 
 def _run_jobs(layout_dir: str, jobs: list[_Job], epoch: int | None,
@@ -436,7 +494,7 @@ def _run_jobs(layout_dir: str, jobs: list[_Job], epoch: int | None,
         made = _made_in_userns([jobs[i] for i in todo], os.path.abspath(layout_dir), epoch, layer_type, report)
         for i, blob in zip(todo, made):
             results[i] = blob
-            _remember_layer(cache_dir, jobs[i], epoch, blob, layer_type)
+            _remember_layer(cache_dir, layout_dir, jobs[i], epoch, blob, layer_type)
     return results
 
 
