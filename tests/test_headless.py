@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -160,6 +161,28 @@ def test_a_fresh_layout_gets_the_stores_layers_without_compressing_them_again(st
     names = set(os.listdir(kept.parent))
     assert layers[-1]["digest"].split(":")[1] not in names
     assert {d["digest"].split(":")[1] for d in layers[:-1]} <= names
+
+
+def test_a_layout_off_the_stores_filesystem_lends_its_layers_to_the_next_one(storage, busybox_base, tmp_path,
+                                                                            monkeypatch):
+    from stacker_kernel.oci import export as export_mod
+    from stacker_kernel.storage import btrfs
+
+    assert not btrfs.is_btrfs(tmp_path)  # no reflink into the store: the layout is remembered instead
+    c, base = busybox_base
+    specs = [ImageSpec("r", Cfg(), [step(c, "echo a > a")], base_rootfs=base)]
+    cache = str(storage / "cache" / "layers")
+    export_image(str(tmp_path / "first"), specs, layer_cache=cache)
+    layers = manifest(tmp_path / "first", "r")["layers"]
+    made = []
+    real = export_mod._made_in_userns
+    monkeypatch.setattr(export_mod, "_made_in_userns", lambda *a, **k: made.append(1) or real(*a, **k))
+    export_image(str(tmp_path / "second"), specs, layer_cache=cache)
+    assert made == [] and manifest(tmp_path / "second", "r")["layers"] == layers
+    for layout in ("first", "second"):
+        shutil.rmtree(tmp_path / layout)
+    export_image(str(tmp_path / "third"), specs, layer_cache=cache)  # no copy left: made again
+    assert made == [1] and manifest(tmp_path / "third", "r")["layers"] == layers
 
 
 def test_a_changed_image_config_is_written_anew(storage, busybox_base):

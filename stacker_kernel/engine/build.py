@@ -192,6 +192,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     session.keep_failed = True  # the failed step's rootfs stays, for the shell and chroot
     _drop_failed_states(store, abspath, session.session.id)
     result = BuildResult(session)
+    pushes_reported = False
     try:
         session.remote_cache = RemoteCache.from_settings(cache or CacheSettings())
         for recipe in recipes:
@@ -218,6 +219,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                     session.prepare_empty_layer()
             session.finish()
         result.tags = dict(session.session.tags)
+        pushes_reported = _finish_pushes(session, out)  # first: the export takes the layers they made
         if oci_dir:
             extra = {"attestations": attestations} if attestations is not None else {}
             result.oci_tags = session.export_oci(oci_dir, squash=squash,
@@ -232,7 +234,19 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                 store.forget_session(old.id)
         return result
     finally:
+        if not pushes_reported:  # a failed build still sends the steps it made
+            _finish_pushes(session, out)
         session.close()
+
+
+def _finish_pushes(session: BuildSession, out: Printer) -> bool:
+    """Wait for the steps still being pushed to --cache-to (they went on while the
+    next steps ran) and say how many went; True once said."""
+    remote = session.remote_cache
+    if remote is not None and remote.target is not None:
+        pushed = remote.finish(lambda line: out(line.rstrip()))
+        out(f"pushed {pushed} step(s) to {remote.target.url}")
+    return True
 
 
 def _fail(session: BuildSession, path: str, layer: str, index: int, step, message: str,
