@@ -107,8 +107,11 @@ def _buildah_env(work: Path, driver: str) -> dict[str, str]:
 
 
 def run(args, store: Path, work: Path, tar: Path):
-    env = {**os.environ, "STACKER_KERNEL_STORAGE": str(store),
+    # Bytecode cached in the work dir: an unprivileged user cannot write __pycache__ in
+    # a checkout it does not own, and an installed package has its .pyc files.
+    env = {**os.environ, "STACKER_KERNEL_STORAGE": str(store), "PYTHONPYCACHEPREFIX": str(work / "pycache"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     benv = _buildah_env(work, args.buildah_driver)
     sk = [sys.executable, "-m", "stacker_kernel"]
     ours_dir, theirs_dir, base_dir = work / "ours", work / "theirs", work / "base"

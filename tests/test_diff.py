@@ -376,3 +376,21 @@ def test_a_base_made_read_only_after_filling_is_not_hashed_whole(chain, monkeypa
     assert d.empty
     # both sides of the one file stamped in the last tick, and no other file
     assert sorted(hashed) == sorted([f"{base}/etc/last", f"{s1}/etc/last"])
+
+
+def test_size_changes_of_a_chain_walk_each_snapshot_once(chain, monkeypatch):
+    """The background size measurement of consecutive steps (engine/inspect.py) walks
+    each snapshot once: a step's snapshot is the next one's parent."""
+    from stacker_kernel.engine.inspect import _size_changes_in_ns
+    from stacker_kernel.oci import diff as diff_mod
+    chain.change(_base)
+    s0 = chain.snap()
+    chain.change(lambda live: Path(f"{live}/etc/big").write_bytes(b"x" * 5000))
+    s1 = chain.snap()
+    chain.change(lambda live: os.unlink(f"{live}/etc/keep"))
+    s2 = chain.snap()
+    walked = []
+    real = diff_mod.walk
+    monkeypatch.setattr(diff_mod, "walk", lambda root: walked.append(root) or real(root))
+    assert _size_changes_in_ns([(s0, s1), (s1, s2)]) == [5000, -len("keep\n")]
+    assert sorted(walked) == sorted([s0, s1, s2])
