@@ -27,6 +27,8 @@ buildah):
   docker-registry (a new repository each round), beside the same build without
 
     STACKER_KERNEL_STORAGE=$(stacker-kernel storage-path) python bench/versus_buildah.py [--rounds N]
+    (as root it runs itself as --as-user, $SUDO_USER or sktest, in that user's storage:
+    the checkout must be readable by that user)
 """
 from __future__ import annotations
 
@@ -80,9 +82,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--buildah-driver", choices=("overlay", "vfs"), default="overlay")
+    ap.add_argument("--as-user", help="run as root: the unprivileged user to run as (default $SUDO_USER, else sktest)")
     args = ap.parse_args()
-    if os.geteuid() == 0:
-        raise SystemExit("run this as an unprivileged user (runuser -u USER), as users run both")
+    if os.geteuid() == 0:  # as users run both: again as an unprivileged user, in that user's storage
+        user = args.as_user or os.environ.get("SUDO_USER") or "sktest"
+        storage = subprocess.run([sys.executable, "-m", "stacker_kernel", "storage-path", "--user", user],
+                                 check=True, capture_output=True, text=True, cwd=REPO,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.strip()
+        os.execvp("runuser", ["runuser", "-u", user, "--", "env", f"STACKER_KERNEL_STORAGE={storage}",
+                              f"PYTHONPATH={REPO}", sys.executable, __file__, "--rounds", str(args.rounds),
+                              "--buildah-driver", args.buildah_driver])
     top = Path(os.environ["STACKER_KERNEL_STORAGE"])
     store = top / f"bench-{uuid.uuid4().hex[:12]}"
     store.mkdir()

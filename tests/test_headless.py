@@ -78,6 +78,35 @@ def test_a_cached_dockerfile_build_imports_no_nbformat_lark_or_spdx_tools(storag
     assert "heavy: []" in again.stdout, again.stdout
 
 
+def test_cache_hits_make_no_rootfs_snapshot_until_a_step_runs(storage, busybox_tar, tmp_path, monkeypatch):
+    from stacker_kernel.engine import live as live_mod
+    from stacker_kernel.engine.build import build
+
+    (tmp_path / "busybox.tar").write_bytes(busybox_tar.read_bytes())
+    sources = ["%layer app\n%from tar busybox.tar\necho one > /one", "echo two > /two", "echo three > /three"]
+    nb = _plain_notebook(tmp_path / "app.ipynb", sources)
+    with Store.open(storage) as store:
+        build(store, str(nb), out=lambda line: None, stream=lambda text: None)
+    made = []
+    real = live_mod.btrfs.snapshot
+    def snapshot(src, dest, readonly=False):
+        if not readonly:  # a writable rootfs, not a step's read-only snapshot
+            made.append(src)
+        return real(src, dest, readonly=readonly)
+    monkeypatch.setattr(live_mod.btrfs, "snapshot", snapshot)
+    with Store.open(storage) as store:
+        assert build(store, str(nb), out=lambda line: None, stream=lambda text: None).steps_cached == 3
+    assert made == []  # three hits, no writable snapshot of any of them
+    nb = _plain_notebook(tmp_path / "app.ipynb", sources + ["cat /one /two /three > /all"])
+    out: list[str] = []
+    with Store.open(storage) as store:
+        result = build(store, str(nb), out=out.append, stream=out.append)
+        assert (result.steps_cached, result.steps_run) == (3, 1)
+        tip = store.get(result.tags["app"])
+        assert (tip.path / "all").read_text() == "one\ntwo\nthree\n"  # the step ran on the last hit
+    assert len(made) == 1, out
+
+
 def test_a_notebook_that_is_not_plain_nbformat_4_is_still_checked_by_nbformat(tmp_path):
     nb = _plain_notebook(tmp_path / "bad.ipynb", ["%from tar busybox.tar\ntrue"])
     data = json.loads(nb.read_text())

@@ -64,9 +64,18 @@ class LiveRootfs:
         self.container: Container | None = None
         self.ready = False
         self.imports_digest = ""  # of the staged imports: part of every step's cache key
+        self._pending: Snapshot | None = None  # what the rootfs is to be a snapshot of (see replace)
 
     @property
     def path(self) -> Path:
+        """The rootfs, made now if `replace` left it to be made."""
+        if self._pending is not None:
+            snap, self._pending = self._pending, None
+            live = self.store.live_path(self.session_id)
+            if live.exists():
+                btrfs.delete_subvolume(live)
+            live.parent.mkdir(parents=True, exist_ok=True)
+            btrfs.snapshot(snap.path, live, readonly=False)
         return self.store.live_path(self.session_id)
 
     @property
@@ -74,13 +83,13 @@ class LiveRootfs:
         return self.store.root / "imports" / self.session_id
 
     def replace(self, snap: Snapshot) -> None:
-        """The rootfs becomes a writable snapshot of `snap` (the container stops)."""
+        """The rootfs becomes a writable snapshot of `snap` (the container stops).
+
+        The snapshot is made when the rootfs is next used (`path`): a run of cache
+        hits, each the session's new head, makes one at the end, not one per step.
+        `snap` is the session's head by then, which gc keeps."""
         self.stop_container()
-        live = self.path
-        if live.exists():
-            btrfs.delete_subvolume(live)
-        live.parent.mkdir(parents=True, exist_ok=True)
-        btrfs.snapshot(snap.path, live, readonly=False)
+        self._pending = snap
 
     def stage_imports(self, layer: Layer, base_dir: str, fetch_layer_path: Callable[[str, str, str], str]) -> None:
         """Copy the layer's imports to the staging dir the container shows read-only at
