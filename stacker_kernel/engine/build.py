@@ -206,6 +206,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     session.options = Options(keep_failed=True, use_cache=not no_cache, replay_cached=replay_cached)
     _drop_failed_states(store, abspath, session.session.id)
     result = BuildResult(session)
+    pushes_reported = False
     try:
         session.remote_cache = RemoteCache.from_settings(cache or CacheSettings())
         for recipe in recipes:
@@ -233,9 +234,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                     # A layer without run: its base is its content (prepared now so it can be built on).
                     session.prepare_empty_layer()
             session.finish()
-        if session.remote_cache is not None and (pushed := session.remote_cache.summary()):
-            out(pushed)
         result.tags = dict(session.session.tags)
+        pushes_reported = _finish_pushes(session, out)  # first: the export takes the layers they made
         if oci_dir:
             extra = {"attestations": attestations} if attestations is not None else {}
             result.oci_tags = session.export_oci(oci_dir, squash=squash,
@@ -250,6 +250,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                 store.forget_session(old.id)
         return result
     finally:
+        if not pushes_reported:  # a failed build still sends the steps it made
+            _finish_pushes(session, out)
         session.close()
 
 
@@ -294,6 +296,16 @@ def find_stacker_files(search_dir: str, pattern: str) -> list[str]:
         raise RecipeError(f"no file under {search_dir} matches {pattern}: give --search-dir or "
                           "--stacker-file-pattern")
     return found
+
+
+def _finish_pushes(session: BuildSession, out: Printer) -> bool:
+    """Wait for the steps still being pushed to --cache-to (they went on while the
+    next steps ran) and say how many went; True once said."""
+    remote = session.remote_cache
+    if remote is not None and remote.target is not None:
+        remote.finish(lambda line: out(line.rstrip()))
+        out(remote.summary())
+    return True
 
 
 def _fail(session: BuildSession, path: str, layer: str, index: int, step, message: str,
