@@ -254,25 +254,30 @@ def test_workdir_chains_resolve_and_each_run_starts_there():
     assert "cd /opt/lib/x" in cells[1] and "mkdir -p /opt/app" in cells[1]
 
 
-def test_user_sets_the_runtime_user_and_a_run_after_a_non_root_user_is_refused():
-    layer = recipe("""
+def test_user_sets_the_runtime_user_and_the_runs_after_it_run_as_that_user():
+    r = recipe("""
         FROM busybox
         RUN adduser -D app
         USER app:app
-        """).layers["app"]
-    assert layer.runtime_user == "app:app"
-    with pytest.raises(RecipeError, match=r"line 3: RUN as USER app is not supported"):
-        recipe("""
-            FROM busybox
-            USER app
-            RUN id
-            """)
-    recipe("""
-        FROM busybox
-        USER app
+        RUN id
+        COPY a /a
+        RUN ["id", "-u"]
         USER root
         RUN id
         """)
+    layer = r.layers["app"]
+    assert layer.runtime_user == "root"
+    assert [s.user for s in layer.steps] == [None, None, "app:app", None, "app:app", None]
+    with pytest.raises(RecipeError, match=r"layer app: a cell runs as user app:app \(%user"):
+        dump(r)
+    # an image HOME stays HOME in a RUN as another user (as Docker)
+    cells = code_cells("""
+        FROM busybox
+        ENV HOME=/srv
+        USER 1000
+        RUN echo $HOME
+        """)
+    assert cells[-1].endswith("%user 1000\n(set +e\nexport HOME=/srv\necho $HOME\n)")
 
 
 def test_copy_in_a_stage_with_run_is_staged_and_copied_by_a_cell_in_order():
@@ -600,6 +605,49 @@ def test_a_dockerfile_builds_like_docker_runs_it(storage, busybox_oci, tmp_path)
     assert config["User"] == "app" and config["WorkingDir"] == "/opt/app/bin"
 
 
+USERS = """
+    # steps as other users: by name, name:group, numbers, a uid without a passwd entry
+    FROM busybox
+    RUN echo "app:x:1000:1000::/home/app:/bin/sh" >> /etc/passwd && \\
+        printf 'app:x:1000:\\ncrew:x:2000:app\\n' >> /etc/group && \\
+        mkdir -p /data /home/app && chown app /data /home/app && chmod 0755 /data
+    USER app
+    ENV GREETING=hi
+    RUN id > /data/id.txt; echo "$HOME $GREETING" > /data/home.txt; touch /data/by-app
+    ARG UID=1000
+    RUN echo "uid $UID" > /data/uid.txt; mkdir -p $HOME/.cache && touch $HOME/.cache/x
+    USER 1000:crew
+    RUN ["/bin/sh", "-c", "id > /data/id-group.txt; touch /data/by-group"]
+    USER 4242
+    RUN id > /tmp/id-4242.txt; echo "$HOME" > /tmp/home-4242.txt
+    USER root
+    RUN echo "$HOME" > /root-home.txt && cp /tmp/*-4242.txt /data/
+    COPY data.txt /data/copied.txt
+    RUN ls -ln /data/by-app /data/by-group /data/copied.txt /home/app/.cache/x > /owners.txt
+    USER app
+    """
+
+
+def test_runs_after_user_run_as_that_user_with_its_home(storage, busybox_oci, tmp_path):
+    ctx = _context(tmp_path, USERS)
+    with Store.open(storage) as store:
+        build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
+              dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
+        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+    data = root / "data"
+    assert (data / "id.txt").read_text() == "uid=1000(app) gid=1000(app) groups=1000(app),2000(crew)\n"
+    assert (data / "home.txt").read_text() == "/home/app hi\n"
+    assert (data / "uid.txt").read_text() == "uid 1000\n"
+    assert (data / "id-group.txt").read_text() == "uid=1000(app) gid=2000(crew) groups=2000(crew)\n"
+    assert (data / "id-4242.txt").read_text() == "uid=4242 gid=0(root) groups=0(root)\n"
+    assert (data / "home-4242.txt").read_text() == "/\n"
+    assert (root / "root-home.txt").read_text() == "/root\n"
+    owners = sorted((ln.split()[-1], ln.split()[2], ln.split()[3])  # as the container sees them
+                    for ln in (root / "owners.txt").read_text().splitlines())
+    assert owners == [("/data/by-app", "1000", "1000"), ("/data/by-group", "1000", "2000"),
+                      ("/data/copied.txt", "0", "0"), ("/home/app/.cache/x", "1000", "1000")]
+
+
 def test_a_dockerfile_imported_as_stacker_yaml_builds_the_same_rootfs(storage, busybox_oci, tmp_path):
     ctx = _context(tmp_path, MULTI)
     assert main(["import", str(ctx / "Dockerfile"), "-o", str(tmp_path / "stacker.yaml"),
@@ -665,7 +713,7 @@ def buildah(tmp_path, busybox_oci):
 
 
 @pytest.mark.rootful
-@pytest.mark.parametrize("dockerfile", [APP, MULTI, INHERIT], ids=["app", "multi-stage", "inherit"])
+@pytest.mark.parametrize("dockerfile", [APP, MULTI, INHERIT, USERS], ids=["app", "multi-stage", "inherit", "users"])
 def test_the_image_equals_what_buildah_builds_from_the_same_dockerfile(
         dockerfile, storage, busybox_oci, buildah, tmp_path):
     ctx = _context(tmp_path, dockerfile)

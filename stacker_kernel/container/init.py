@@ -338,6 +338,58 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
+def _id_file(path: str) -> list[list[str]]:
+    """The entries of the rootfs's /etc/passwd or /etc/group (none when it is missing)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [ln.rstrip("\n").split(":") for ln in f if ln.strip() and not ln.startswith("#")]
+    except OSError:
+        return []
+
+
+def resolve_user(spec: str, passwd: list[list[str]], group: list[list[str]]
+                 ) -> tuple[int, int, list[int], str]:
+    """uid, gid, supplementary gids and home of USER[:GROUP] (names or numbers), as
+    runc resolves a Dockerfile USER (libcontainer/user.GetExecUser): a user missing from
+    /etc/passwd is an error unless numeric (then gid 0, home /); with a GROUP, that
+    group only, else the groups that list the user."""
+    user, _, grp = spec.partition(":")
+    entry = next((e for e in passwd if len(e) >= 6 and (e[0] == user or e[2] == user)), None)
+    if entry is None:
+        if not user.isdigit():
+            raise ContainerError(f"USER {user}: there is no user {user} in the image's /etc/passwd: "
+                                 "add it (useradd) or give a numeric uid")
+        uid, gid, name, home = int(user), 0, None, "/"
+    else:
+        uid, gid, name, home = int(entry[2]), int(entry[3]), entry[0], entry[5] or "/"
+    if grp:
+        g = next((e for e in group if len(e) >= 3 and (e[0] == grp or e[2] == grp)), None)
+        if g is None and not grp.isdigit():
+            raise ContainerError(f"USER {spec}: there is no group {grp} in the image's /etc/group: "
+                                 "add it (groupadd) or give a numeric gid")
+        gid = int(g[2]) if g is not None else int(grp)
+        return uid, gid, [gid], home
+    extra = [int(e[2]) for e in group if len(e) >= 4 and name and name in e[3].split(",")
+             and e[2].isdigit()]
+    return uid, gid, list(dict.fromkeys([gid] + extra)), home
+
+
+def _become_user(cmd: dict, env: dict[str, str]) -> None:
+    """Drop the step to cmd["user"] (ids from the rootfs's own files), setting
+    `__sk_home` (the wrapper's HOME) or, for a shebang step, HOME itself."""
+    uid, gid, groups, home = resolve_user(cmd["user"], _id_file("/etc/passwd"), _id_file("/etc/group"))
+    if cmd.get("home"):
+        env["HOME" if cmd.get("shebang") else "__sk_home"] = home
+    try:
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as e:
+        raise ContainerError(f"USER {cmd['user']} (uid {uid}, gid {gid}) cannot be taken in this "
+                             f"container ({e.strerror}): its ids are outside the user namespace's "
+                             "range (give the build user a subuid/subgid range)") from None
+
+
 def _exec_step(cmd: dict, state_w: int, wrapper_fd: int | None, script_fd: int) -> None:
     """In the forked child: become the step. Never returns."""
     try:
@@ -360,10 +412,14 @@ def _exec_step(cmd: dict, state_w: int, wrapper_fd: int | None, script_fd: int) 
             os.closerange(WRAPPER_FD, WRAPPER_FD + 1)
         os.chdir(cmd.get("cwd") or "/")
         env = {str(k): str(v) for k, v in cmd["env"].items()}
+        if cmd.get("user"):
+            _become_user(cmd, env)
         if cmd.get("shebang"):
             path = f"/proc/self/fd/{SCRIPT_FD}"
             os.execve(path, [path], env)
         os.execve("/bin/sh", ["/bin/sh", "-e", f"/proc/self/fd/{WRAPPER_FD}"], env)
+    except ContainerError as e:
+        os.write(2, f"stacker-kernel: {e}\n".encode(errors="replace"))
     except BaseException as e:
         os.write(2, f"stacker-kernel: cannot start the step: {e}\n".encode(errors="replace"))
     os._exit(127)

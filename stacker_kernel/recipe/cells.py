@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.model import (
-    SOURCE_TYPES, Bind, ImageSource, Import, Layer, check_import, check_imports_kinds,
+    SOURCE_TYPES, USER_MARKER, Bind, ImageSource, Import, Layer, check_import, check_imports_kinds,
     check_layer_name, check_source,
 )
 
@@ -574,6 +574,9 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
     (MagicSpec("volumes", "%volumes PATH ...", "image volumes", False, "list[str]"),
      lambda rest: _count(_tokens(rest), 1, 999)),
     (MagicSpec("runtime_user", "%runtime_user USER", "image user", False, "str"), _one),
+    (MagicSpec("user", "%user USER[:GROUP]", "run this cell's script as USER (names from the "
+               "image's /etc/passwd and /etc/group, or numbers), HOME the user's", False, "str"),
+     _one),
     (MagicSpec("annotations", "%annotations K=V ...", "image manifest annotations", False,
                "dict[str, str]"), _pairs),
     (MagicSpec("build_only", "%build_only", "build the layer but emit no image", False,
@@ -678,6 +681,9 @@ def parse_cell(text: str) -> Cell:
         if d.name == "layer":
             raise RecipeError(f"%layer on line {d.line} is not the cell's first magic: "
                               "start the new layer in its own cell or put %layer first")
+    users = [d.args for d in directives if d.name == "user"]
+    if users and script.strip():  # the step carries its user (see model.Step)
+        script = f"{USER_MARKER}{users[-1]}\n{script}"
     return Cell(directives, script)
 
 
@@ -739,6 +745,8 @@ def apply_directive(layer: Layer, d: Directive, script: str = "") -> Layer:
         new.build_only = True
     elif d.name == "generate_labels":
         new.generate_labels = script
+    elif d.name == "user":
+        pass  # the cell's step, not the layer (parse_cell marks its script)
     else:  # cmd, entrypoint, full_command, working_dir, runtime_user, os, arch
         setattr(new, d.name, copy.deepcopy(a))
     return new

@@ -174,6 +174,18 @@ def _pair(key: str, value: str) -> str:
     return _q(f"{key}={value}")
 
 
+# Names bash keeps read-only (an assignment would end the step's shell) and dash or
+# busybox ash treat as ordinary variables (container/step.GUARDED_VARS).
+_SHELL_OWNED = ("UID", "EUID", "GROUPS", "PPID", "SHELLOPTS", "BASHOPTS")
+
+
+def _export(key: str, value: str) -> str:
+    """The line that exports an ARG or ENV to later RUN steps, as Docker's environment
+    does: where the shell owns the name (bash's UID), the shell's value stands."""
+    line = f"export {key}={_q(value)}"
+    return f"if ({key}=) 2>/dev/null; then {line}; fi" if key in _SHELL_OWNED else line
+
+
 def _config_annotation(field_name: str, value: str) -> str:
     return f"%annotations {_pair(CONFIG_ANNOTATION + field_name, value)}"
 
@@ -303,7 +315,7 @@ class _Translator:
                 continue
             scope[key] = value
             if stage is not None and key not in stage.env:
-                lines.append(f"export {key}={_q(value)}")
+                lines.append(_export(key, value))
         return lines
 
     # -- stages
@@ -388,7 +400,7 @@ class _Translator:
         body = group[1:]
         stage.has_run = any(c.cmd == "RUN" for c in body)
         if stage.has_run:
-            inherited = [f"export {k}={_q(v)}" for k, v in stage.env.items()
+            inherited = [_export(k, v) for k, v in stage.env.items()
                          if not (k == "PATH" and v == DEFAULT_PATH)]
             if "HOME" not in stage.env:  # as Docker gives a RUN whose image sets no HOME
                 inherited.append("export HOME=/root")
@@ -431,7 +443,7 @@ class _Translator:
         for key, value in pairs:
             stage.env[key] = value
             magics.append(f"%environment {_pair(key, value)}")
-            script.append(f"export {key}={_q(value)}")
+            script.append(_export(key, value))
         return magics, script
 
     def _arg(self, cmd, stage: _Stage):
@@ -498,17 +510,20 @@ class _Translator:
     # -- RUN, COPY, ADD: one cell each (the text after the line comment)
     def _run(self, cmd, stage: _Stage) -> str:
         _flags(cmd, ())
+        user = head = ""
         if stage.user not in ("", "root", "0", "root:root", "0:0"):
-            raise RecipeError(f"line {cmd.start_line}: RUN as USER {stage.user} is not supported "
-                              "(steps run as root): move the USER line after the last RUN, or "
-                              "switch users inside the RUN (su, setpriv)")
+            # the step runs as the user, HOME the user's unless the image's environment sets it
+            user = f"%user {_q(stage.user)}\n"
+            if "HOME" in stage.env:
+                head = f"HOME={_q(stage.env['HOME'])} "
         if cmd.json:
-            return shlex.join(cmd.value)
+            return user + head + shlex.join(cmd.value)
         command = self._raw_run(cmd)
         if stage.shell != DEFAULT_SHELL:
-            return shlex.join(stage.shell + [command])
+            return user + head + shlex.join(stage.shell + [command])
         # As `/bin/sh -c CMD`: no errexit, and no cd or variable leaves the subshell.
-        return f"(set +e\n{command}\n)"
+        head = f"export {head.strip()}\n" if head else ""
+        return f"{user}(set +e\n{head}{command}\n)"
 
     def _matches(self, src: str, line: int) -> list[str]:
         """A local source with `*`, `?` or `[` as the context files it matches, sorted."""

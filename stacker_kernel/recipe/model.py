@@ -69,15 +69,27 @@ class Bind:
     dest: str
 
 
+#: the first line of a step that runs as another user: a cell's `%user USER[:GROUP]`
+#: (container/step.USER_MARKER, which the container reads, is the same text)
+USER_MARKER = "#%user "
+
+
 @dataclass
 class Step:
     """One build step: a script run in the layer's container.
 
     From a stacker.yaml a layer has one step (its whole `run`); from a
-    notebook, one step per code cell, carrying the nbformat cell id.
+    notebook, one step per code cell, carrying the nbformat cell id. A step
+    run as another user starts with the line USER_MARKER + USER.
     """
     source: str
     cell_id: str | None = None
+
+    @property
+    def user(self) -> str | None:
+        if not self.source.startswith(USER_MARKER):
+            return None
+        return self.source.split("\n", 1)[0][len(USER_MARKER):].strip() or None
 
 
 @dataclass(eq=False)

@@ -578,6 +578,11 @@ def _layer_dict(layer: Layer) -> dict:
             [_import_value(i) for i in layer.imports]
     if layer.overlay_dirs:
         out["overlay_dirs"] = [dict(d) for d in layer.overlay_dirs]
+    users = [s.user for s in layer.steps if s.user]
+    if users:
+        raise RecipeError(f"layer {layer.name}: a cell runs as user {users[0]} (%user, a Dockerfile "
+                          "RUN after USER): stacker runs every step as root, so stacker.yaml "
+                          "cannot say it: export the image (oci) instead")
     run = layer.run_script()
     if run.strip():
         out["run"] = run + "\n"
