@@ -227,6 +227,12 @@ def add_dockerfile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", action="append", metavar="IMAGE=SOURCE",
                    help="build a Dockerfile's FROM IMAGE from SOURCE instead: oci:DIR:TAG, tar:PATH "
                         "or docker://REF (repeatable; for offline builds)")
+    p.add_argument("--target", metavar="STAGE",
+                   help="the Dockerfile stage that is the image (default the last), as docker "
+                        "build --target: only the stages it needs are built")
+    p.add_argument("--all-stages", action="store_true",
+                   help="build every stage of a Dockerfile and make each an image (tagged by "
+                        "its name), not only the target")
 
 
 def _dockerfile_options(args: argparse.Namespace, relative_to: str = "."):
@@ -251,7 +257,7 @@ def _dockerfile_options(args: argparse.Namespace, relative_to: str = "."):
         if not key:
             raise StackerKernelError(f"--build-arg {pair!r} is not NAME=VALUE")
         build_args[key] = value if sep else os.environ.get(key, "")  # as docker: NAME alone takes $NAME
-    return DockerfileOptions(build_args, bases)
+    return DockerfileOptions(build_args, bases, args.target, args.all_stages)
 
 
 def add_build(p: argparse.ArgumentParser) -> None:

@@ -68,7 +68,8 @@ def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None)
 
     try:
         nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
-                                           bases=options.bases, context=context, match=match)
+                                           bases=options.bases, context=context, match=match,
+                                           target=options.target, all_stages=options.all_stages)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
     if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), ".dockerignore")):

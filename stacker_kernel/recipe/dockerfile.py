@@ -96,6 +96,7 @@ class _Stage:
     labels: dict[str, str] = field(default_factory=dict)
     volumes: list[str] = field(default_factory=list)
     stop_signal: str | None = None
+    deps: set[str] = field(default_factory=set)  # the stages it is built on or copies from
 
 
 # --- word expansion, as BuildKit's shell lexer (frontend/dockerfile/shell/lex.go) ---------
@@ -237,19 +238,22 @@ def _source_path(src: str, context: str, line: int) -> str:
 
 class _Translator:
     def __init__(self, text: str, name: str, build_args: dict[str, str],
-                 bases: dict[str, str], context: str, platform: str, match):
+                 bases: dict[str, str], context: str, platform: str, match,
+                 target: str | None = None, all_stages: bool = False):
         self.text, self.name, self.context, self.match = text, name, context, match
+        self.target, self.all_stages = target, all_stages
         self.build_args, self.bases = dict(build_args), dict(bases)
         self.used_args: set[str] = set()
         self.global_args: dict[str, str] = {}
         self.stages: list[_Stage] = []
         self.warnings: list[str] = []
         # BuildKit's automatic platform ARGs: the build runs on the host, for the host
-        os_, _, arch = platform.partition("/")
-        arch, _, variant = arch.partition("/")
+        self.platform = platform
         self.platform_args = {}
-        for prefix in ("TARGET", "BUILD"):
-            self.platform_args.update({prefix + "PLATFORM": platform, prefix + "OS": os_,
+        for prefix, value in (("TARGET", platform), ("BUILD", host_platform())):
+            os_, _, arch = value.partition("/")
+            arch, _, variant = arch.partition("/")
+            self.platform_args.update({prefix + "PLATFORM": value, prefix + "OS": os_,
                                        prefix + "ARCH": arch, prefix + "VARIANT": variant})
 
     # -- driver
@@ -268,8 +272,16 @@ class _Translator:
                 groups[-1].append(cmd)
         if not groups:
             raise RecipeError("the Dockerfile has no FROM: start it with FROM IMAGE")
+        image = self._target_index(groups)
         for index, group in enumerate(groups):
-            self._stage(group, index, last=index == len(groups) - 1)
+            self._stage(group, index, last=index == len(groups) - 1, image=index == image)
+        # As BuildKit: only the stages the target needs are built (all with all_stages).
+        needed = {self.stages[image].name}
+        for stage in reversed(self.stages):
+            if stage.name in needed:
+                needed |= stage.deps
+        if not self.all_stages:
+            self.stages = [s for s in self.stages if s.name in needed]
         unused = sorted(set(self.build_args) - self.used_args)
         if unused:
             self.warnings.append("build argument(s) " + ", ".join(unused)
@@ -283,6 +295,20 @@ class _Translator:
             cells.append(("code", head))
             cells.extend(("code", c) for c in stage.cells)
         return Translation(cells, self.warnings)
+
+    def _target_index(self, groups: list[list]) -> int:
+        """The index of the stage that is the image: `target`, else the last."""
+        if self.target is None:
+            return len(groups) - 1
+        names = []
+        for index, group in enumerate(groups):
+            words = group[0].value
+            alias = words[2] if len(words) == 3 and words[1].lower() == "as" else None
+            if alias is not None and alias.lower() == self.target.lower():
+                return index
+            names.append(alias or str(index))
+        raise RecipeError(f"--target {self.target} names no stage of the Dockerfile (its stages: "
+                          f"{', '.join(names)}): give one of them")
 
     def _check_common(self, cmd) -> None:
         if cmd.heredocs:
@@ -319,10 +345,17 @@ class _Translator:
         return lines
 
     # -- stages
-    def _from(self, cmd, index: int, last: bool) -> _Stage:
-        _flags(cmd, ())
-        words = [expand(w, {**self.platform_args, **self.global_args}, cmd.start_line)
-                 for w in cmd.value]
+    def _from(self, cmd, index: int, last: bool, is_image: bool) -> _Stage:
+        flags = _flags(cmd, ("platform",))
+        scope = {**self.platform_args, **self.global_args}
+        if "platform" in flags:
+            # steps run on this host's kernel: a stage can only be for the platform built
+            wanted = expand(flags["platform"], scope, cmd.start_line)
+            if _platform_key(wanted) != _platform_key(self.platform):
+                raise RecipeError(f"line {cmd.start_line}: FROM --platform={wanted} is not the "
+                                  f"platform built ({self.platform}): stacker-kernel runs steps on "
+                                  "this host only, drop --platform or build on such a host")
+        words = [expand(w, scope, cmd.start_line) for w in cmd.value]
         if len(words) == 3 and words[1].lower() == "as":
             image, alias = words[0], words[2]
         elif len(words) == 1:
@@ -341,6 +374,7 @@ class _Translator:
         stage.head.append(f"# line {cmd.start_line}: {cmd.original}")
         stage.head.append(f"%layer {name}")
         if parent is not None:
+            stage.deps.add(parent.name)
             stage.head.append(f"%from built {parent.name}")
             stage.env, stage.workdir, stage.user = dict(parent.env), parent.workdir, parent.user
             stage.shell, stage.cmd, stage.entrypoint = list(parent.shell), parent.cmd, parent.entrypoint
@@ -349,7 +383,7 @@ class _Translator:
         else:
             stage.head.append("%from " + self._base(image, cmd.start_line))
             stage.env = {"PATH": DEFAULT_PATH}
-        if not last:
+        if not is_image and not self.all_stages:
             stage.head.append("%build_only")
         if parent is not None:
             # A stage's config is the one of the stage it is built on; that one is
@@ -394,8 +428,8 @@ class _Translator:
             return "docker " + _q(source)
         return "tar " + _q(source.removeprefix("tar:"))
 
-    def _stage(self, group: list, index: int, last: bool) -> None:
-        stage = self._from(group[0], index, last)
+    def _stage(self, group: list, index: int, last: bool, image: bool) -> None:
+        stage = self._from(group[0], index, last, image)
         self.stages.append(stage)
         body = group[1:]
         stage.has_run = any(c.cmd == "RUN" for c in body)
@@ -591,6 +625,7 @@ class _Translator:
                     raise RecipeError(f"line {line}: COPY --from={source} names no earlier stage: "
                                       "copying from an image is not supported, add a stage "
                                       f"'FROM {source} AS NAME' and copy --from=NAME")
+                stage.deps.add(parent.name)
                 if re.search(r"[*?\[]", src):
                     raise RecipeError(f"line {line}: the wildcard source {src!r} is not supported: "
                                       "list the files")
@@ -697,6 +732,8 @@ class DockerfileOptions:
     ours, `--base IMAGE=SOURCE` (see `translate`)."""
     build_args: dict[str, str] = field(default_factory=dict)
     bases: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    all_stages: bool = False
 
 
 def layer_name_for(path: str) -> str:
@@ -712,7 +749,8 @@ def layer_name_for(path: str) -> str:
 def translate(text: str, name: str, build_args: dict[str, str] | None = None,
               bases: dict[str, str] | None = None, context: str = "",
               platform: str | None = None,
-              match: Callable[[str], list[str]] | None = None) -> Translation:
+              match: Callable[[str], list[str]] | None = None,
+              target: str | None = None, all_stages: bool = False) -> Translation:
     """The notebook cells of Dockerfile `text` (see the module doc for the mapping).
 
     `name` names the last stage when it has no `AS`; `build_args` are
@@ -722,8 +760,11 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
     relative to where the cells are used); `platform` (default: the host's, e.g.
     linux/amd64) gives TARGETARCH and the other automatic platform ARGs; `match`
     gives the context paths (relative, `/` between parts) a wildcard source
-    matches, as Go's filepath.Match: without it, wildcards are refused. Raises RecipeError naming the line
-    for anything it cannot translate faithfully.
+    matches, as Go's filepath.Match: without it, wildcards are refused. `target`
+    names the stage that is the image (`--target`; default the last): only the
+    stages it needs (built on, copied from) are layers, as BuildKit builds only
+    them, and they are build_only; `all_stages` keeps every stage, each an image.
+    Raises RecipeError naming the line for anything it cannot translate faithfully.
     """
     import dockerfile  # the official Go parser, wrapped
 
@@ -732,7 +773,16 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
     except dockerfile.GoParseError as e:
         raise RecipeError(f"the Dockerfile does not parse: {str(e).strip().splitlines()[0]}") from e
     return _Translator(text, name, build_args or {}, bases or {}, context,
-                       platform or host_platform(), match).run(commands)
+                       platform or host_platform(), match, target, all_stages).run(commands)
+
+
+def _platform_key(platform: str) -> tuple[str, str, str]:
+    """os, arch, variant of an OCI platform (arm64's v8 and amd64's v1 are the defaults)."""
+    os_, _, arch = platform.strip().lower().partition("/")
+    arch, _, variant = arch.partition("/")
+    if (arch, variant) in (("arm64", "v8"), ("amd64", "v1")):
+        variant = ""
+    return os_, arch, variant
 
 
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm/v7", "armv6l": "arm/v6",
