@@ -476,11 +476,16 @@ def test_import_of_a_bad_dockerfile_is_one_line_naming_file_and_line(tmp_path, c
     assert "\n" not in err
 
 
-def test_a_dockerignore_is_named_as_not_applied(tmp_path, capsys):
-    (tmp_path / "Dockerfile").write_text("FROM busybox\nCOPY a /a\n")
-    (tmp_path / ".dockerignore").write_text("*.log\n")
-    assert main(["import", str(tmp_path / "Dockerfile"), "-o", str(tmp_path / "nb.ipynb")]) == 0
-    assert ".dockerignore is not applied" in capsys.readouterr().err
+def test_an_imported_notebook_filters_its_imports_with_the_dockerignore(tmp_path, capsys):
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text("FROM busybox\nCOPY a /a\nFROM busybox AS b\n")
+    (tmp_path / "ctx" / ".dockerignore").write_text("*.log\n")
+    assert main(["import", str(tmp_path / "ctx" / "Dockerfile"), "-o", str(tmp_path / "nb.ipynb"),
+                 "--all-stages"]) == 0
+    code = [c.source for c in nbformat.read(tmp_path / "nb.ipynb", as_version=4).cells
+            if c.cell_type == "code"]
+    assert "%dockerignore ctx/.dockerignore" in code[0] and "%dockerignore" not in code[1]
+    assert "warning" not in capsys.readouterr().err
 
 
 # --- real builds ---------------------------------------------------------------------------
@@ -527,6 +532,8 @@ def _context(tmp_path: Path, dockerfile: str) -> Path:
     (ctx / "data.txt").write_text("data\n")
     (ctx / "notes.txt").write_text("notes\n")
     os.symlink("main.txt", ctx / "src" / "link")
+    if dockerfile == IGNORE:
+        (ctx / ".dockerignore").write_text(DOCKERIGNORE)
     for p in [tmp_path, *ctx.rglob("*")]:
         if not p.is_symlink():
             p.chmod(p.stat().st_mode | 0o055)
@@ -680,6 +687,47 @@ def test_runs_after_user_run_as_that_user_with_its_home(storage, busybox_oci, tm
                       ("/data/copied.txt", "0", "0"), ("/home/app/.cache/x", "1000", "1000")]
 
 
+IGNORE = """
+    # .dockerignore in a stage without RUN (imports land) and one with RUN (a cell copies)
+    FROM busybox AS plain
+    COPY . /ctx/
+    FROM busybox
+    COPY --from=plain /ctx /plain
+    COPY src /src
+    COPY *.txt /txt/
+    RUN ls -a /src /txt > /listing
+    """
+DOCKERIGNORE = """
+# what a project keeps out of its images
+*.txt
+!data.txt
+src/lib
+**/.hidden
+Dockerfile
+.dockerignore
+"""
+
+
+def test_dockerignore_keeps_excluded_files_out_of_copy(storage, busybox_oci, tmp_path):
+    ctx = _context(tmp_path, IGNORE)
+    with Store.open(storage) as store:
+        build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
+              dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
+        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+    plain = sorted(str(p.relative_to(root / "plain")) for p in (root / "plain").rglob("*"))
+    assert plain == ["conf", "conf/app.conf", "data.txt", "hello.sh", "src", "src/link",
+                     "src/main.txt", "src/run.sh"]
+    assert sorted(os.listdir(root / "src")) == ["link", "main.txt", "run.sh"]
+    assert os.listdir(root / "txt") == ["data.txt"]
+    (ctx / "notes.txt").rename(ctx / "gone")
+    (ctx / "Dockerfile").write_text("FROM busybox\nCOPY data.txt notes.txt /x/\n")
+    (ctx / "notes.txt").write_text("ignored\n")
+    with Store.open(storage) as store, pytest.raises(RecipeError, match=r"import notes.txt/ is excluded "
+                                                                       r"by .dockerignore"):
+        build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
+              dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
+
+
 STAGES = """
     FROM busybox AS builder
     RUN head -c 3000000 /dev/urandom > /big && echo small > /small
@@ -771,7 +819,8 @@ def buildah(tmp_path, busybox_oci):
 
 
 @pytest.mark.rootful
-@pytest.mark.parametrize("dockerfile", [APP, MULTI, INHERIT, USERS], ids=["app", "multi-stage", "inherit", "users"])
+@pytest.mark.parametrize("dockerfile", [APP, MULTI, INHERIT, USERS, IGNORE],
+                         ids=["app", "multi-stage", "inherit", "users", "dockerignore"])
 def test_the_image_equals_what_buildah_builds_from_the_same_dockerfile(
         dockerfile, storage, busybox_oci, buildah, tmp_path):
     ctx = _context(tmp_path, dockerfile)

@@ -61,19 +61,29 @@ def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None)
     name = layer_name_for(path)
     build_context = os.path.dirname(os.path.abspath(path))
 
+    from stacker_kernel.recipe import dockerignore
+
+    ignore_file = os.path.join(build_context, ".dockerignore")
+    try:
+        ignored = dockerignore.parse(Path(ignore_file).read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        ignored = []
+    except OSError as e:
+        raise RecipeError(f"cannot read {ignore_file}: {e.strerror}") from None
+
     def match(pattern: str) -> list[str]:  # as Docker: `*` matches dot files too
         import glob
 
-        return glob.glob(pattern, root_dir=build_context, include_hidden=True)
+        return [p for p in glob.glob(pattern, root_dir=build_context, include_hidden=True)
+                if not dockerignore.excluded(ignored, p)]
 
     try:
         nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
                                            bases=options.bases, context=context, match=match,
-                                           target=options.target, all_stages=options.all_stages)
+                                           target=options.target, all_stages=options.all_stages,
+                                           dockerignore=os.path.exists(ignore_file))
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
-    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), ".dockerignore")):
-        warnings.append(".dockerignore is not applied: COPY and ADD take every file they name")
     for w in warnings:
         (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {path}: {w}")
     return nb, name

@@ -69,6 +69,7 @@ def stage(layer, dest_dir: Path, base_dir: str, fetch_layer_path=None) -> str:
     dest_dir.mkdir(parents=True)
     if not layer.imports:
         return ""
+    ignore = _dockerignore(layer, base_dir)
     for imp in layer.imports:
         src = _source_path(imp, base_dir, dest_dir.parent / (dest_dir.name + ".downloads"), fetch_layer_path)
         if imp.hash:
@@ -78,15 +79,67 @@ def stage(layer, dest_dir: Path, base_dir: str, fetch_layer_path=None) -> str:
             got = _file_digest(src)
             if got.lower() != imp.hash.lower().removeprefix("sha256:"):
                 raise RecipeError(f"import {imp.path} has sha256 {got}, not the {imp.hash} the recipe says")
-        name = os.path.basename(str(src).rstrip("/"))
+        name = staged_name(imp)
         target = dest_dir / name
+        skip = ignore(imp, src) if ignore is not None else None
         if src.is_dir():
-            shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+            shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True, ignore=skip)
         else:
             shutil.copy2(src, target)
         if imp.mode is not None and target.is_file():
             os.chmod(target, imp.mode)
     return tree_digest(dest_dir)
+
+
+def _dockerignore(layer, base_dir: str):
+    """For a layer with `dockerignore`: a function giving, per import from that file's
+    directory (the build context), the copytree `ignore` of what it excludes; it raises
+    RecipeError for an import that is excluded whole (as Docker's COPY fails)."""
+    from stacker_kernel.recipe import dockerignore as di
+
+    if not layer.dockerignore:
+        return None
+    path = os.path.join(base_dir, layer.dockerignore)
+    try:
+        patterns = di.parse(Path(path).read_text(encoding="utf-8", errors="replace"))
+    except OSError as e:
+        raise RecipeError(f"%dockerignore {layer.dockerignore}: cannot read it ({e.strerror})") from None
+    context = os.path.realpath(os.path.dirname(path))
+
+    def rel(p: str) -> str | None:
+        r = os.path.relpath(os.path.realpath(os.path.dirname(p)), context)
+        r = os.path.normpath(os.path.join(r, os.path.basename(p)))
+        return None if r == ".." or r.startswith("../") else r.replace(os.sep, "/")
+
+    def kept_below(host_dir: str, r: str) -> bool:  # an exception includes something inside
+        if not di.may_include_below(patterns, r):
+            return False
+        for dirpath, dirs, files in os.walk(host_dir):
+            for n in files + dirs:
+                sub = os.path.relpath(os.path.join(dirpath, n), context).replace(os.sep, "/")
+                if not di.excluded(patterns, sub):
+                    return True
+        return False
+
+    def for_import(imp, src: Path):
+        r = rel(str(src).rstrip("/")) if str(src) != context else "."
+        if r is None:
+            return None  # not from the context (another layer, a download)
+        if r != "." and di.excluded(patterns, r) and not (src.is_dir() and kept_below(str(src), r)):
+            raise RecipeError(f"import {imp.path} is excluded by {layer.dockerignore}: change the "
+                              "pattern that excludes it or do not copy it")
+
+        def skip(directory: str, names: list[str]) -> set[str]:
+            out = set()
+            for n in names:
+                sub = rel(os.path.join(directory, n))
+                full = os.path.join(directory, n)
+                if sub is not None and di.excluded(patterns, sub) and not (
+                        os.path.isdir(full) and not os.path.islink(full) and kept_below(full, sub)):
+                    out.add(n)
+            return out
+        return skip
+    return for_import
 
 
 def tree_digest(root: Path) -> str:
@@ -109,8 +162,10 @@ def tree_digest(root: Path) -> str:
 
 
 def staged_name(imp) -> str:
-    """The name an import has in the staging dir (and at /stacker/imports)."""
-    return os.path.basename(imp.path.rstrip("/")) or "import"
+    """The name an import has in the staging dir (and at /stacker/imports); `import`
+    for a path without a name of its own (`.`, the directory the recipe is in)."""
+    name = os.path.basename(os.path.normpath(imp.path.rstrip("/") or "/"))
+    return name if name not in ("", ".", "..", "/") else "import"
 
 
 def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, bool, str, int | None, int | None, int | None]]) -> None:

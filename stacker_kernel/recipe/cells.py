@@ -574,6 +574,8 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
     (MagicSpec("volumes", "%volumes PATH ...", "image volumes", False, "list[str]"),
      lambda rest: _count(_tokens(rest), 1, 999)),
     (MagicSpec("runtime_user", "%runtime_user USER", "image user", False, "str"), _one),
+    (MagicSpec("dockerignore", "%dockerignore FILE", "imports from FILE's directory skip what "
+               "FILE excludes (Docker's .dockerignore rules)", False, "str"), _one),
     (MagicSpec("user", "%user USER[:GROUP]", "run this cell's script as USER (names from the "
                "image's /etc/passwd and /etc/group, or numbers), HOME the user's", False, "str"),
      _one),
@@ -807,7 +809,7 @@ def format_directives(layer: Layer) -> str:
     for magic in ("cmd", "entrypoint", "full_command"):
         if getattr(layer, magic) is not None:
             out.append(f"%{magic} {_command_text(getattr(layer, magic))}")
-    for magic in ("working_dir", "runtime_user", "os", "arch"):
+    for magic in ("working_dir", "runtime_user", "os", "arch", "dockerignore"):
         if getattr(layer, magic) is not None:
             out.append(f"%{magic} {_q(getattr(layer, magic))}")
     if layer.volumes:

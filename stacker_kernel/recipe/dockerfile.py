@@ -239,9 +239,9 @@ def _source_path(src: str, context: str, line: int) -> str:
 class _Translator:
     def __init__(self, text: str, name: str, build_args: dict[str, str],
                  bases: dict[str, str], context: str, platform: str, match,
-                 target: str | None = None, all_stages: bool = False):
+                 target: str | None = None, all_stages: bool = False, dockerignore: bool = False):
         self.text, self.name, self.context, self.match = text, name, context, match
-        self.target, self.all_stages = target, all_stages
+        self.target, self.all_stages, self.dockerignore = target, all_stages, dockerignore
         self.build_args, self.bases = dict(build_args), dict(bases)
         self.used_args: set[str] = set()
         self.global_args: dict[str, str] = {}
@@ -633,9 +633,12 @@ class _Translator:
                 paths.append(f"stacker://{parent.name}{inner}/")
             else:
                 paths.append(_source_path(src, self.context, line))
+                ignore = "%dockerignore " + _q(_source_path(".dockerignore", self.context, line).rstrip("/"))
+                if self.dockerignore and ignore not in stage.head:
+                    stage.head.append(ignore)
         new = []
         for p in paths:
-            staged = posixpath.basename(p.rstrip("/")) or "import"
+            staged = _staged_name(p)
             if staged in stage.staged and stage.staged[staged][0] != p:
                 raise RecipeError(f"line {line}: {cmd.cmd} source {p.rstrip('/')} has the same name "
                                   f"as the one on line {stage.staged[staged][1]} (both would be "
@@ -663,6 +666,12 @@ class _Translator:
         return "\n".join(_copy_script(paths, dest, owner, mode))
 
 
+def _staged_name(path: str) -> str:
+    """An import's name at /stacker/imports (engine/imports.staged_name)."""
+    name = posixpath.basename(posixpath.normpath(path.rstrip("/") or "/"))
+    return name if name not in ("", ".", "..", "/") else "import"
+
+
 def _copy_script(paths: list[str], dest: str, owner: tuple[str, str] | None,
                  mode: int | None) -> list[str]:
     """Shell lines copying staged imports to `dest` with Docker's COPY rules: a
@@ -677,7 +686,7 @@ def _copy_script(paths: list[str], dest: str, owner: tuple[str, str] | None,
                                                else f"{user}:$(id -u {_q(user)})")
     lines = ["(", f"rm -rf {COPY_TMP} && mkdir {COPY_TMP}"]
     for p in paths:
-        src = "/stacker/imports/" + _q(posixpath.basename(p.rstrip("/")))
+        src = "/stacker/imports/" + _q(_staged_name(p))
         lines.append(f"if [ -d {src} ]; then cp -a {src}/. {COPY_TMP}/; "
                      f"else cp -a {src} {COPY_TMP}/; fi")
     lines.append(f"chown -R {spec} {COPY_TMP}")
@@ -750,7 +759,8 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
               bases: dict[str, str] | None = None, context: str = "",
               platform: str | None = None,
               match: Callable[[str], list[str]] | None = None,
-              target: str | None = None, all_stages: bool = False) -> Translation:
+              target: str | None = None, all_stages: bool = False,
+              dockerignore: bool = False) -> Translation:
     """The notebook cells of Dockerfile `text` (see the module doc for the mapping).
 
     `name` names the last stage when it has no `AS`; `build_args` are
@@ -764,6 +774,9 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
     names the stage that is the image (`--target`; default the last): only the
     stages it needs (built on, copied from) are layers, as BuildKit builds only
     them, and they are build_only; `all_stages` keeps every stage, each an image.
+    `dockerignore` says the context has a .dockerignore: the layers that import
+    from the context filter their imports with it (`%dockerignore`); `match` must
+    leave out what it excludes.
     Raises RecipeError naming the line for anything it cannot translate faithfully.
     """
     import dockerfile  # the official Go parser, wrapped
@@ -773,7 +786,8 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
     except dockerfile.GoParseError as e:
         raise RecipeError(f"the Dockerfile does not parse: {str(e).strip().splitlines()[0]}") from e
     return _Translator(text, name, build_args or {}, bases or {}, context,
-                       platform or host_platform(), match, target, all_stages).run(commands)
+                       platform or host_platform(), match, target, all_stages,
+                       dockerignore).run(commands)
 
 
 def _platform_key(platform: str) -> tuple[str, str, str]:

@@ -121,6 +121,8 @@ class Layer:
     build_only: bool = False
     binds: list[Bind] = field(default_factory=list)
     overlay_dirs: list[dict[str, str]] = field(default_factory=list)
+    # ours, not stacker's: a .dockerignore whose rules filter the imports from its directory
+    dockerignore: str | None = None
     warnings: list[str] = field(default_factory=list)
 
     def run_script(self) -> str:

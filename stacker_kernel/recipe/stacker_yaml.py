@@ -625,5 +625,7 @@ def dump(recipe: Recipe) -> str:
     notes = [f"# layer {name}: the steps starting '{USER_MARKER}USER' ran as USER here (%user, a "
              "Dockerfile RUN after USER); stacker runs them as root\n"
              for name, layer in recipe.layers.items() if any(s.user for s in layer.steps)]
+    notes += [f"# layer {name}: its imports skipped what {layer.dockerignore} excludes here; "
+              "stacker takes them whole\n" for name, layer in recipe.layers.items() if layer.dockerignore]
     # A blank line between layers, as stacker files are usually written.
     return "".join(notes) + re.sub(r"\n(?=[^\s#-])", "\n\n", text)
