@@ -64,9 +64,9 @@ _ARCHIVE = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", "
 def is_dockerfile(path: str) -> bool:
     """True for the names Docker and Podman build by default: `Dockerfile`,
     `Containerfile`, `Dockerfile.*`, `*.Dockerfile` (and the same for Containerfile)."""
-    name = posixpath.basename(path.replace("\\", "/"))
+    name = posixpath.basename(path.replace("\\", "/")).lower()  # docker build reads `dockerfile` too
     return any(name == base or name.startswith(base + ".") or name.endswith("." + base)
-               for base in ("Dockerfile", "Containerfile"))
+               for base in ("dockerfile", "containerfile"))
 
 
 @dataclass
@@ -97,6 +97,9 @@ class _Stage:
     volumes: list[str] = field(default_factory=list)
     stop_signal: str | None = None
     deps: set[str] = field(default_factory=set)  # the stages it is built on or copies from
+    onbuild: list[str] = field(default_factory=list)
+    onbuild_lines: list[int] = field(default_factory=list)
+    parent: "_Stage | None" = None
 
 
 # --- word expansion, as BuildKit's shell lexer (frontend/dockerfile/shell/lex.go) ---------
@@ -310,13 +313,25 @@ class _Translator:
         raise RecipeError(f"--target {self.target} names no stage of the Dockerfile (its stages: "
                           f"{', '.join(names)}): give one of them")
 
+    def _triggers(self, parent: "_Stage | None") -> list:
+        """The ONBUILD instructions of the stage a stage is built on, run first in it
+        (as Docker runs a base image's triggers), each naming its ONBUILD line."""
+        if parent is None or not parent.onbuild:
+            return []
+        import dockerfile
+
+        out = []
+        for text, line in zip(parent.onbuild, parent.onbuild_lines):
+            for cmd in dockerfile.parse_string(text + "\n"):
+                if cmd.cmd in ("ONBUILD", "FROM", "MAINTAINER"):
+                    raise RecipeError(f"line {line}: ONBUILD {cmd.cmd} is not allowed (as Docker)")
+                out.append(cmd._replace(start_line=line, end_line=line, original=f"ONBUILD {cmd.original}"))
+        return out
+
     def _check_common(self, cmd) -> None:
-        if cmd.heredocs:
+        if cmd.heredocs and cmd.cmd not in ("RUN", "COPY", "ADD"):
             raise RecipeError(f"line {cmd.start_line}: {cmd.cmd} with a heredoc (<<) is not "
-                              "supported: write the lines with RUN ... && ..., or COPY a file")
-        if cmd.cmd == "ONBUILD":
-            raise RecipeError(f"line {cmd.start_line}: ONBUILD is not supported: run the "
-                              "instruction in the Dockerfile that builds on this image")
+                              "a Dockerfile instruction that takes one: only RUN, COPY and ADD do")
 
     # -- ARG
     def _declare_args(self, cmd, stage: _Stage | None) -> list[str]:
@@ -374,6 +389,7 @@ class _Translator:
         stage.head.append(f"# line {cmd.start_line}: {cmd.original}")
         stage.head.append(f"%layer {name}")
         if parent is not None:
+            stage.parent = parent
             stage.deps.add(parent.name)
             stage.head.append(f"%from built {parent.name}")
             stage.env, stage.workdir, stage.user = dict(parent.env), parent.workdir, parent.user
@@ -431,7 +447,7 @@ class _Translator:
     def _stage(self, group: list, index: int, last: bool, image: bool) -> None:
         stage = self._from(group[0], index, last, image)
         self.stages.append(stage)
-        body = group[1:]
+        body = self._triggers(stage.parent) + group[1:]
         stage.has_run = any(c.cmd == "RUN" for c in body)
         if stage.has_run:
             inherited = [_export(k, v) for k, v in stage.env.items()
@@ -451,7 +467,7 @@ class _Translator:
                 pending.clear()
 
         for cmd in body:
-            where = f"# line {cmd.start_line}: {cmd.original}"
+            where = f"# line {cmd.start_line}: {cmd.original.split(chr(10))[0]}"  # a heredoc's first line
             if cmd.cmd in ("RUN", "COPY", "ADD"):
                 flush()
                 cell = getattr(self, "_" + cmd.cmd.lower())(cmd, stage)
@@ -535,6 +551,16 @@ class _Translator:
         signal = stage.stop_signal = expand(" ".join(cmd.value), {**stage.args, **stage.env}, cmd.start_line)
         return [_config_annotation("StopSignal", signal)], []
 
+    def _onbuild(self, cmd, stage: _Stage):
+        trigger = cmd.original.split(None, 1)[1].strip()
+        if not stage.onbuild:
+            self.warnings.append(f"line {cmd.start_line}: ONBUILD is recorded in the image config "
+                                 "(OnBuild, as Docker's format has it); only stages of this "
+                                 "Dockerfile built on this one run it here")
+        stage.onbuild.append(trigger)
+        stage.onbuild_lines.append(cmd.start_line)
+        return [_config_annotation("OnBuild", json.dumps(stage.onbuild))], []
+
     def _healthcheck(self, cmd, stage: _Stage):
         self.warnings.append(f"line {cmd.start_line}: HEALTHCHECK is kept as the annotation "
                              f"{HEALTHCHECK_ANNOTATION} only: an OCI image config has no health "
@@ -552,7 +578,7 @@ class _Translator:
                 head = f"HOME={_q(stage.env['HOME'])} "
         if cmd.json:
             return user + head + shlex.join(cmd.value)
-        command = self._raw_run(cmd)
+        command = self._heredoc_run(cmd) if cmd.heredocs else self._raw_run(cmd)
         if stage.shell != DEFAULT_SHELL:
             return user + head + shlex.join(stage.shell + [command])
         # As `/bin/sh -c CMD`: no errexit, and no cd or variable leaves the subshell.
@@ -572,6 +598,59 @@ class _Translator:
                               "fix the pattern")
         return found
 
+    def _heredoc_run(self, cmd) -> str:
+        """A RUN with heredocs, as BuildKit runs it: a lone `<<EOF` is the script (a
+        `#!` one runs as a file of its own); else the shell reads the heredocs."""
+        m = re.fullmatch(r"<<(-?)(['\"]?)([^'\"\s]+)\2", cmd.value[0].strip())
+        if m is None or len(cmd.heredocs) != 1:
+            return re.sub(r"^\s*RUN\s+(?:--\S+\s+)*", "", cmd.original, flags=re.I).rstrip("\n")
+        content = cmd.heredocs[0].content
+        if m.group(1):
+            content = re.sub(r"(?m)^\t+", "", content)
+        if not content.startswith("#!"):
+            return content.rstrip("\n")
+        end = "STACKER_KERNEL_SCRIPT"
+        return "\n".join([f"__sk_run=$(mktemp) && cat > \"$__sk_run\" <<'{end}'", content.rstrip("\n"),
+                          end, 'chmod 0755 "$__sk_run"; "$__sk_run"; __sk_rc=$?; rm -f "$__sk_run"',
+                          "(exit $__sk_rc)"])
+
+    def _copy_heredocs(self, cmd, stage: _Stage, flags: dict[str, str], env: dict[str, str]) -> str:
+        """COPY <<EOF FILE: the heredoc's text as FILE (variables expanded unless the
+        delimiter is quoted, as BuildKit does), mode 0644 unless --chmod, root's unless --chown."""
+        line = cmd.start_line
+        if "from" in flags:
+            raise RecipeError(f"line {line}: COPY --from with a heredoc names two sources: drop one")
+        if not stage.has_run:
+            raise RecipeError(f"line {line}: {cmd.cmd} <<... in a stage without RUN is not "
+                              "supported (no shell writes the file there): put the text in a file "
+                              "of the build context and COPY it")
+        words = list(cmd.value)
+        dest = expand(words[-1], env, line)
+        into_dir = dest.endswith("/") or posixpath.basename(dest) in (".", "..") or len(words) > 2
+        dest = posixpath.normpath(posixpath.join(stage.workdir, dest))
+        docs = iter(cmd.heredocs)
+        owner = _chown(expand(flags["chown"], env, line), line) if flags.get("chown") else None
+        spec = "0:0" if owner is None else f"{owner[0]}:{owner[1] or owner[0]}"
+        mode = flags.get("chmod") or "0644"
+        if not re.fullmatch(r"[0-7]{3,4}", mode):
+            raise RecipeError(f"line {line}: --chmod={mode} is not an octal mode: write e.g. --chmod=0755")
+        lines = ["("]
+        for word in words[:-1]:
+            m = re.fullmatch(r"<<(-?)(['\"]?)([^'\"\s]+)\2", word)
+            doc = next(docs, None)
+            if m is None or doc is None:
+                raise RecipeError(f"line {line}: {cmd.cmd} mixes heredocs and files: copy the "
+                                  "files in a COPY of their own")
+            text = doc.content if m.group(2) else _expand_variables(doc.content, env)
+            if m.group(1):
+                text = re.sub(r"(?m)^\t+", "", text)
+            target = posixpath.join(dest, m.group(3)) if into_dir else dest
+            lines += [f"mkdir -p {_q(posixpath.dirname(target))}",
+                      f"printf %s {_q(text)} > {_q(target)}",
+                      f"chown {spec} {_q(target)} && chmod {mode} {_q(target)}"]
+        stage.head.append(f"# line {line} (its cell writes it): {cmd.original.splitlines()[0]}")
+        return "\n".join(lines + [")"])
+
     def _raw_run(self, cmd) -> str:
         """A shell-form RUN's command as written, line breaks kept (the shell reads
         `\\`-newline as Docker's parser does), unless comment or blank lines
@@ -588,18 +667,21 @@ class _Translator:
 
     def _copy(self, cmd, stage: _Stage, add: bool = False) -> str | None:
         line = cmd.start_line
-        flags = _flags(cmd, ("chown", "chmod") + (() if add else ("from",)))
+        # --link only changes how BuildKit caches the layer: the files are the same
+        flags = _flags(cmd, ("chown", "chmod", "link") + (() if add else ("from",)))
         env = {**stage.args, **stage.env}
+        if cmd.heredocs:
+            return self._copy_heredocs(cmd, stage, flags, env)
         words = list(cmd.value) if cmd.json else [expand(w, env, line) for w in cmd.value]
         if len(words) < 2:
             raise RecipeError(f"line {line}: {cmd.cmd} needs a source and a destination")
         sources, dest = words[:-1], words[-1]
         if "from" not in flags:
             sources = [m for src in sources for m in self._matches(src, line)]
-        if len(sources) > 1 and not dest.endswith("/"):
+        into_dir = dest.endswith("/") or posixpath.basename(dest) in (".", "..")
+        if len(sources) > 1 and not into_dir:
             raise RecipeError(f"line {line}: {cmd.cmd} with several sources needs a destination "
                               f"ending in /: write {dest}/")
-        into_dir = dest.endswith("/") or posixpath.basename(dest) in (".", "..")
         dest = posixpath.normpath(posixpath.join(stage.workdir, dest))
         if into_dir and dest != "/":
             dest += "/"
@@ -639,11 +721,14 @@ class _Translator:
         new = []
         for p in paths:
             staged = _staged_name(p)
-            if staged in stage.staged and stage.staged[staged][0] != p:
+            before = stage.staged.get(staged)
+            # Sources of one COPY with the same name are staged into one place in order,
+            # so they merge (a later file replaces an earlier one) as they do at the dest.
+            if before is not None and before[0] != p and before[1] != line:
                 raise RecipeError(f"line {line}: {cmd.cmd} source {p.rstrip('/')} has the same name "
-                                  f"as the one on line {stage.staged[staged][1]} (both would be "
+                                  f"as the one on line {before[1]} (both would be "
                                   f"/stacker/imports/{staged}): rename one")
-            if staged not in stage.staged:
+            if before is None or before[0] != p:
                 new.append(p)
             stage.staged[staged] = (p, line)
         stage.head.append(f"# line {line}{'' if not stage.has_run else ' (its cell copies it)'}: "
@@ -663,7 +748,17 @@ class _Translator:
             return None
         for p in new:  # staged once, however often it is copied
             stage.head.append(f"%import {_q(p)}")
-        return "\n".join(_copy_script(paths, dest, owner, mode))
+        once = list({_staged_name(p): p for p in paths}.values())
+        return "\n".join(_copy_script(once, dest, owner, mode))
+
+
+def _expand_variables(text: str, env: dict[str, str]) -> str:
+    """$VAR and ${VAR} of `text` from `env`, quotes left alone (a heredoc's text)."""
+    def one(m: re.Match) -> str:
+        if m.group(0).startswith("\\"):
+            return m.group(0)[1:]
+        return env.get(m.group(1) or m.group(2), "")
+    return re.sub(r"\\\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", one, text)
 
 
 def _staged_name(path: str) -> str:
@@ -749,10 +844,10 @@ def layer_name_for(path: str) -> str:
     """The name of a Dockerfile's last stage when it has no `AS`: `app` for
     `app.Dockerfile` or `Dockerfile.app`, else `image`."""
     name = posixpath.basename(path)
-    for base in ("Dockerfile", "Containerfile"):
+    for base in ("Dockerfile", "Containerfile", "dockerfile", "containerfile"):
         name = name.removeprefix(base + ".").removesuffix("." + base)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("._-")
-    return "image" if name in ("", "Dockerfile", "Containerfile") else name
+    return "image" if name.lower() in ("", "dockerfile", "containerfile") else name
 
 
 def translate(text: str, name: str, build_args: dict[str, str] | None = None,
