@@ -790,6 +790,96 @@ def test_heredocs_link_same_names_and_onbuild_of_a_stage(storage, busybox_oci, t
         'RUN echo "triggered in $(pwd)" > /triggered', "ENV FROM_TRIGGER=yes"]
 
 
+CHOWN = """
+    # --chown by name in stages without RUN (a distroless-like final stage)
+    FROM busybox AS users
+    RUN echo "app:x:1000:1000::/home/app:/bin/sh" >> /etc/passwd && \\
+        printf 'app:x:1000:\\ncrew:x:2000:app\\n' >> /etc/group
+    FROM users AS final
+    COPY --chown=app:crew conf/ /etc/app/
+    COPY --chown=app data.txt /data.txt
+    COPY --chown=1000:crew notes.txt /notes.txt
+    USER app
+    """
+
+
+def test_chown_names_in_a_stage_without_run_are_the_images_users(storage, busybox_oci, tmp_path):
+    ctx = _context(tmp_path, CHOWN)
+    assert "%import conf/ --dest /etc/app/ --uid app --gid crew" in code_cells(CHOWN)[2]
+    with Store.open(storage) as store:
+        build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
+              dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
+        root = layer_snapshot(store, str(ctx / "Dockerfile"), "final").path
+        base = (root / "etc").stat()  # owned by the image's root
+        ids = {p: ((root / p).lstat().st_uid - base.st_uid, (root / p).lstat().st_gid - base.st_gid)
+               for p in ("etc/app/app.conf", "data.txt", "notes.txt")}
+    sub = ids["data.txt"][0] - 1000  # subordinate ids start after the user's own (0) one
+    assert ids == {"etc/app/app.conf": (1000 + sub, 2000 + sub), "data.txt": (1000 + sub, 1000 + sub),
+                   "notes.txt": (1000 + sub, 2000 + sub)}
+    (ctx / "Dockerfile").write_text("FROM busybox\nCOPY --chown=nobody2 data.txt /d\n")
+    with Store.open(storage) as store, pytest.raises(
+            Exception, match=r"there is no user nobody2 in the image's /etc/passwd"):
+        build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
+              dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
+
+
+MOUNTS = """
+    # RUN --mount: cache kept between builds, secret, bind (context, stage, rw), tmpfs
+    FROM busybox AS tools
+    RUN mkdir -p /opt/tools && echo "tool v1" > /opt/tools/version
+    FROM busybox
+    ARG RUNID=1
+    WORKDIR /w
+    RUN --mount=type=cache,target=cache,id=appcache \\
+        echo "run $RUNID" >> cache/log && cp cache/log /w/cache-log
+    RUN --mount=type=secret,id=token wc -c < /run/secrets/token > /w/token-size && \\
+        ls -l /run/secrets/token | cut -c1-10 > /w/token-mode
+    RUN --mount=type=secret,id=absent,required=false test ! -e /run/secrets/absent && echo ok > /w/absent
+    RUN --mount=type=bind,source=conf,target=/src cat /src/app.conf > /w/bound && \\
+        if touch /src/x 2>/dev/null; then echo writable; else echo read-only; fi > /w/bind-ro
+    RUN --mount=type=bind,from=tools,source=/opt/tools,target=/tools cp /tools/version /w/tool-version
+    RUN --mount=type=bind,source=conf,target=/src,rw touch /src/written && ls /src > /w/rw-listing
+    RUN --mount=type=tmpfs,target=/scratch echo x > /scratch/y && grep -c " /scratch " /proc/mounts > /w/tmpfs
+    """
+
+
+def test_run_mounts_cache_secret_bind_and_tmpfs(storage, busybox_oci, tmp_path, monkeypatch):
+    ctx = _context(tmp_path, MOUNTS)
+    token = "s3cr3t-" + os.urandom(8).hex()
+    monkeypatch.setenv("SK_TEST_TOKEN", token)
+    args = ["--storage", str(storage), "build", "-f", str(ctx / "Dockerfile"), "--base",
+            "busybox=oci:" + busybox_oci, "--secret", "id=token,env=SK_TEST_TOKEN"]
+    assert main(args + ["--oci-dir", str(tmp_path / "oci")]) == 0
+    with Store.open(storage) as store:
+        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+    w = root / "w"
+    assert (w / "cache-log").read_text() == "run 1\n"
+    assert not (w / "cache").exists() and not (root / "run" / "secrets").exists()
+    assert (w / "token-size").read_text().strip() == str(len(token))
+    assert (w / "token-mode").read_text() == "-r--------\n" and (w / "absent").read_text() == "ok\n"
+    assert (w / "bound").read_text() == "key=value\n" and (w / "bind-ro").read_text() == "read-only\n"
+    assert (w / "tool-version").read_text() == "tool v1\n"
+    assert "written" in (w / "rw-listing").read_text().split() and not (ctx / "conf" / "written").exists()
+    assert (w / "tmpfs").read_text() == "1\n" and not (root / "scratch").exists()
+    # the secret is in no file of the storage (layers, cache records, logs) nor of the image layout
+    for top in (storage, tmp_path / "oci"):
+        for dirpath, _, files in os.walk(top):
+            for name in files:
+                p = os.path.join(dirpath, name)
+                if os.path.isfile(p) and not os.path.islink(p) and os.access(p, os.R_OK):
+                    assert token.encode() not in Path(p).read_bytes(), p
+    # the cache mount is kept between builds; a changed bind source runs its step again
+    (ctx / "conf" / "app.conf").write_text("key=changed\n")
+    assert main(args + ["--build-arg", "RUNID=2", "--no-oci"]) == 0
+    with Store.open(storage) as store:
+        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+    assert (root / "w" / "cache-log").read_text() == "run 1\nrun 2\n"
+    assert (root / "w" / "bound").read_text() == "key=changed\n"
+    monkeypatch.delenv("SK_TEST_TOKEN")
+    (ctx / "Dockerfile").write_text("FROM busybox\nRUN --mount=type=secret,id=k,required true\n")
+    assert main(args[:-2] + ["--no-oci"]) == 1
+
+
 STAGES = """
     FROM busybox AS builder
     RUN head -c 3000000 /dev/urandom > /big && echo small > /small
@@ -881,8 +971,8 @@ def buildah(tmp_path, busybox_oci):
 
 
 @pytest.mark.rootful
-@pytest.mark.parametrize("dockerfile", [APP, MULTI, INHERIT, USERS, IGNORE],
-                         ids=["app", "multi-stage", "inherit", "users", "dockerignore"])
+@pytest.mark.parametrize("dockerfile", [APP, MULTI, INHERIT, USERS, IGNORE, CHOWN],
+                         ids=["app", "multi-stage", "inherit", "users", "dockerignore", "chown"])
 def test_the_image_equals_what_buildah_builds_from_the_same_dockerfile(
         dockerfile, storage, busybox_oci, buildah, tmp_path):
     ctx = _context(tmp_path, dockerfile)

@@ -69,11 +69,13 @@ _STEP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTERM,
 
 @dataclass(frozen=True)
 class StagedMount:
-    """A host source bound under STAGING before pivot_root, bound at `dest` per step."""
+    """A host source bound under STAGING before pivot_root, bound at `dest` per step
+    (with a `key`: only in the steps that ask for it)."""
     staged: str
     dest: str
     readonly: bool
     is_dir: bool
+    key: str | None = None
 
 
 @dataclass
@@ -197,14 +199,15 @@ def setup_root(config: dict) -> list[StagedMount]:
 
 
 def _stage_binds(config: dict, root: str) -> list[StagedMount]:
-    binds = [(m["source"], m["dest"], bool(m.get("readonly", True))) for m in config.get("mounts", [])]
+    binds = [(m["source"], m["dest"], bool(m.get("readonly", True)), m.get("key"))
+             for m in config.get("mounts", [])]
     if os.path.exists("/etc/resolv.conf") and os.path.isdir(f"{root}/etc"):
-        binds.append(("/etc/resolv.conf", "/etc/resolv.conf", True))
+        binds.append(("/etc/resolv.conf", "/etc/resolv.conf", True, None))
     if not binds:
         return []
     os.mkdir(f"{root}{STAGING}", 0o700)
     staged = []
-    for i, (source, dest, readonly) in enumerate(binds):
+    for i, (source, dest, readonly, key) in enumerate(binds):
         if not os.path.exists(source):
             raise ContainerError(f"the bind source {source} does not exist: create it or remove it from the binds")
         is_dir = os.path.isdir(source)
@@ -213,7 +216,7 @@ def _stage_binds(config: dict, root: str) -> list[StagedMount]:
         mount(source, path, None, MS_BIND | MS_REC)
         if readonly:
             remount_readonly(path)
-        staged.append(StagedMount(f"{STAGING}/{i}", "/" + dest.strip("/"), readonly, is_dir))
+        staged.append(StagedMount(f"{STAGING}/{i}", "/" + dest.strip("/"), readonly, is_dir, key))
     return staged
 
 
@@ -224,13 +227,25 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
 
 
-def mount_step(staged: list[StagedMount]) -> StepMounts:
-    """Bind the staged sources at their destinations, creating (and recording)
+def mount_step(staged: list[StagedMount], requests: list[dict] | None = None) -> StepMounts:
+    """Bind the staged sources at their destinations, and the step's own mounts
+    (`requests`, see runtime.Container.run_step), creating (and recording)
     whatever mount points the rootfs lacks, so `unmount_step` leaves no trace."""
     done = StepMounts()
+    by_key = {s.key: s for s in staged if s.key}
+    todo: list[tuple[StagedMount | None, dict]] = [(s, {}) for s in staged if not s.key]
+    for r in requests or []:
+        if "tmpfs" in r:
+            todo.append((None, r))
+        elif r.get("key") in by_key:
+            s = by_key[r["key"]]
+            todo.append((StagedMount(s.staged, "/" + r["dest"].strip("/"), bool(r.get("readonly")),
+                                     s.is_dir, s.key), r))
+        else:
+            raise OSError(f"the step's mount {r.get('dest')} was not staged in this container")
     try:
-        for s in staged:
-            path = os.path.realpath(s.dest)  # a symlinked resolv.conf mounts at its target
+        for s, r in todo:
+            path = os.path.realpath(s.dest if s is not None else r["tmpfs"])  # a symlinked resolv.conf mounts at its target
             parts = path.strip("/").split("/")
             for i in range(1, len(parts)):
                 d = "/" + "/".join(parts[:i])
@@ -238,10 +253,19 @@ def mount_step(staged: list[StagedMount]) -> StepMounts:
                     os.mkdir(d, 0o755)
                     done.created.append(d)
             if not os.path.lexists(path):
-                _create_placeholder(path, s.is_dir)
+                _create_placeholder(path, s.is_dir if s is not None else True)
                 done.created.append(path)
+            if s is None:
+                size = f",size={r['size']}" if r.get("size") else ""
+                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size)
+                done.mounted.append(path)
+                continue
             mount(s.staged, path, None, MS_BIND | MS_REC)
             done.mounted.append(path)
+            if s.is_dir and ("uid" in r or "gid" in r or "mode" in r) and not os.listdir(path):
+                # a new cache directory gets the owner and mode its mount asks for, as BuildKit's
+                os.chown(path, int(r.get("uid", 0)), int(r.get("gid", 0)))
+                os.chmod(path, int(r.get("mode", "755"), 8))
             if s.readonly:
                 remount_readonly(path)
     except OSError:
@@ -250,10 +274,11 @@ def mount_step(staged: list[StagedMount]) -> StepMounts:
     return done
 
 
-def _mount_or_answer(staged: list[StagedMount], nonce: str) -> StepMounts | None:
+def _mount_or_answer(staged: list[StagedMount], nonce: str, requests: list[dict] | None = None
+                     ) -> StepMounts | None:
     """mount_step, or (None) the error and a status-125 sentinel for the engine."""
     try:
-        return mount_step(staged)
+        return mount_step(staged, requests)
     except OSError as e:
         _write_all(1, f"stacker-kernel: cannot mount the step's binds: {e}\n".encode())
         _write_all(1, format_sentinel(nonce, 125, b""))
@@ -430,7 +455,7 @@ def run_step(cmd: dict, staged: list[StagedMount], grace: float, reader: Command
     """Run one step and answer with its sentinel. Returns when everything the
     step started is dead, its mounts are gone and the sentinel is written."""
     nonce = cmd["nonce"]
-    done = _mount_or_answer(staged, nonce)
+    done = _mount_or_answer(staged, nonce, cmd.get("mounts"))
     if done is None:
         return
     script_fd = _memfd("step", cmd["script"].encode("utf-8", "surrogateescape"))

@@ -168,12 +168,27 @@ def failure_message(status: int, has_state: bool, failed_command: str | None,
 USER_MARKER = "#%user "
 
 
+#: a first line of a step with a mount of its own (recipe/model.MOUNT_MARKER)
+MOUNT_MARKER = "#%mount "
+
+
+def step_directives(script: str) -> tuple[str | None, list[str], str]:
+    """The user a step runs as (None: root), its mount specs, and its script
+    without the marker lines."""
+    user, mounts = None, []
+    while script.startswith((USER_MARKER, MOUNT_MARKER)):
+        first, _, script = script.partition("\n")
+        if first.startswith(USER_MARKER):
+            user = first[len(USER_MARKER):].strip() or None
+        else:
+            mounts.append(first[len(MOUNT_MARKER):].strip())
+    return user, mounts, script
+
+
 def step_user(script: str) -> tuple[str | None, str]:
-    """The user a step runs as (None: root) and its script without the marker line."""
-    if not script.startswith(USER_MARKER):
-        return None, script
-    first, _, rest = script.partition("\n")
-    return first[len(USER_MARKER):].strip() or None, rest
+    """The user a step runs as (None: root) and its script without the marker lines."""
+    user, _, body = step_directives(script)
+    return user, body
 
 
 def is_shebang(script: str) -> bool:

@@ -177,7 +177,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
           annotations_namespace: str = "io.stackeroci", out: Printer = print,
           stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None,
           on_failure: list[str] | None = None, dockerfile=None,
-          layer_types: tuple[Any, ...] | None = None, attestations=None) -> BuildResult:
+          layer_types: tuple[Any, ...] | None = None, attestations=None,
+          secrets: dict[str, tuple[str, str]] | None = None) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). `cache` names the
@@ -190,6 +191,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     `layer_types` (oci/layer_types.py) are the
     output layer types (default tar), as stacker's --layer-type. The images get an
     SBOM and provenance unless `attestations` (engine/attest.Attestations) turns them off.
+    `secrets` (id -> ("src", FILE) or ("env", VARIABLE)) are what secret mounts show.
     """
     recipes = load_recipes(path, substitutions, dockerfile)
     abspath = os.path.abspath(path)
@@ -200,6 +202,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     session = BuildSession.open(store, abspath, kind="build", resume=False,
                                 default_layer=Path(path).stem, base_dir=os.path.dirname(abspath))
     session.use_cache = not no_cache
+    session.secrets = dict(secrets or {})
     session.keep_failed = True  # the failed step's rootfs stays, for the shell and chroot
     _drop_failed_states(store, abspath, session.session.id)
     result = BuildResult(session)

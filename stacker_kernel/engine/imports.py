@@ -206,7 +206,7 @@ def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, bool, str, i
     """
     for name, contents, dest, mode, uid, gid in items:
         src = os.path.join(staged, name)
-        owner = (0 if uid is None else uid, 0 if gid is None else gid)
+        owner = _owner(rootfs, uid, gid, dest)
         is_dir = os.path.isdir(src) and not os.path.islink(src)
         # A directory's contents into dest is the directory put at dest (merged or replacing).
         if dest.endswith("/") and not (is_dir and contents):
@@ -219,6 +219,35 @@ def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, bool, str, i
             _merge_dir(src, host_parent, mode, owner)
         else:
             _put(src, os.path.join(host_parent, entry), mode, owner)
+
+
+def _id_entries(rootfs: str, path: str) -> list[list[str]]:
+    """The entries of the rootfs's /etc/passwd or /etc/group (symlinks resolve inside it)."""
+    try:
+        with open(_dest_in_root(rootfs, path), encoding="utf-8", errors="replace") as f:
+            return [ln.rstrip("\n").split(":") for ln in f if ln.strip() and not ln.startswith("#")]
+    except (OSError, RecipeError):
+        return []
+
+
+def _owner(rootfs: str, uid, gid, dest: str) -> tuple[int, int]:
+    """Numeric owner of an import: names from the image's /etc/passwd and /etc/group;
+    a named uid without gid takes the gid of the same number (as Docker's --chown)."""
+    if isinstance(uid, str):
+        entry = next((e for e in _id_entries(rootfs, "/etc/passwd") if len(e) > 2 and e[0] == uid), None)
+        if entry is None or not entry[2].isdigit():
+            raise RecipeError(f"import dest {dest}: there is no user {uid} in the image's /etc/passwd: "
+                              "add it before, or give a numeric uid")
+        uid = int(entry[2])
+        if gid is None:
+            gid = uid
+    if isinstance(gid, str):
+        entry = next((e for e in _id_entries(rootfs, "/etc/group") if len(e) > 2 and e[0] == gid), None)
+        if entry is None or not entry[2].isdigit():
+            raise RecipeError(f"import dest {dest}: there is no group {gid} in the image's /etc/group: "
+                              "add it before, or give a numeric gid")
+        gid = int(entry[2])
+    return (0 if uid is None else uid, 0 if gid is None else gid)
 
 
 def _make_dirs(rootfs: str, host_dir: str, dest: str) -> None:

@@ -97,6 +97,7 @@ class BuildSession:
         self.use_cache = True
         self.network = "host"
         self.remote_cache = None  # engine/remote_cache.RemoteCache: --cache-from/--cache-to, %cache
+        self.secrets: dict[str, tuple[str, str]] = {}  # id -> ("src", FILE) | ("env", VAR): --secret
         self.resumed: StepView | None = None
         self.recipe = Recipe()
         self._run = _LayerRun(Layer(name=default_layer, from_=ImageSource(type="scratch")), base_dir=base_dir)
@@ -174,6 +175,7 @@ class BuildSession:
         with self._lock:
             self._stop_container()
             self._history.stop_measuring()
+            shutil.rmtree(self._mount_scratch(), ignore_errors=True)  # secrets, rw bind copies
             try:
                 self.store.end_session(self.session.id)
             except StackerKernelError:
@@ -471,19 +473,46 @@ class BuildSession:
             self._replace_live(stored)
         self._advance(stored)
 
-    def _ensure_container(self) -> Container:
-        return self._live.ensure_container(self.layer, self._run.base_dir, self.network)
+    def _ensure_container(self, step_mounts: list[Mount] = ()) -> Container:
+        return self._live.ensure_container(self.layer, self._run.base_dir, self.network, step_mounts)
+
+    def _mount_scratch(self) -> Path:
+        return self.store.root / "tmp" / f"mounts-{self.session.id}"
+
+    def _mount_plan(self, script: str):
+        """The step's own mounts (engine/run_mounts.py); an empty plan for most steps."""
+        from stacker_kernel.container.step import step_directives
+        from stacker_kernel.engine.run_mounts import MountPlan, plan
+
+        specs = step_directives(script)[1]
+        if not specs:
+            return MountPlan()
+
+        def built_path(name: str) -> str:
+            tip = self.session.tags.get(name)
+            snap = self.store.get(tip) if tip else None
+            if snap is None and self.external_built is not None:
+                snap = self.external_built(name)
+            if snap is None:
+                raise StepError(f"layer {name} is not built: build it before the step that mounts it")
+            return str(snap.path)
+        return plan(specs, storage=self.store.root, scratch=self._mount_scratch(),
+                    base_dir=self._run.base_dir, secrets=self.secrets, built_path=built_path)
 
     def _stop_container(self) -> None:
         self._live.stop_container()
 
     # --- steps ---------------------------------------------------------------
 
-    def cache_key(self, script: str, env: dict[str, str]) -> str:
-        """The cache key of `script` run next, with `env`, in this session."""
+    def cache_key(self, script: str, env: dict[str, str], mounts_digest: str | None = None) -> str:
+        """The cache key of `script` run next, with `env`, in this session (and what the
+        step's bind mounts show: `mounts_digest`, computed when not given)."""
+        if mounts_digest is None:
+            mounts_digest = self._mount_plan(script).digest
+        imports = self._live.imports_digest + (f"+mounts:{mounts_digest}" if mounts_digest else "")
         return key_of(StepInputs(parent=self.head.id if self.head else "",
                                   state=self.state.to_json() if self.state else None,
-                                  script=script, imports=self._live.imports_digest,
+                                  script=script, imports=imports,
                                   env=env, network=self.network))
 
     def run_step(self, script: str, cell_id: str | None = None,
@@ -515,7 +544,8 @@ class BuildSession:
             self._ensure_live(on_output, on_progress)
             self._check_shell()
             env = build_environment(self.layer)
-            key = self.cache_key(script, env)
+            mount_plan = self._mount_plan(script)
+            key = self.cache_key(script, env, mount_plan.digest)
             if self.use_cache and not self.layer.binds and not self.inspecting_failure:
                 # Under the write lock, so a concurrent gc cannot delete the hit
                 # between finding it and the session pointing at it.
@@ -534,13 +564,14 @@ class BuildSession:
                     remote = self.remote_cache.lookup(self, key, script, cell_id, on_output)
                     if remote is not None:
                         return remote
-            container = self._ensure_container()
+            container = self._ensure_container(mount_plan.mounts)
             state = self.state
         log_tmp = self.store.root / "logs" / f"running-{self.session.id}"
         log_tmp.parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
         try:
             result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp),
+                                    mounts=mount_plan.requests,
                                     interrupted=lambda: self._interrupt_requested,
                                     script_name=f"layer {self.layer.name} "
                                                 + (f"cell {cell_id[:8]}" if cell_id else "run"))

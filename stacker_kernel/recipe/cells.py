@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.model import (
-    SOURCE_TYPES, USER_MARKER, Bind, ImageSource, Import, Layer, check_import, check_imports_kinds,
-    check_layer_name, check_source,
+    MOUNT_MARKER, SOURCE_TYPES, USER_MARKER, Bind, ImageSource, Import, Layer, check_import, check_imports_kinds,
+    check_layer_name, check_source, parse_mount,
 )
 
 # --- shell structure: where a script may be cut into cells -------------------
@@ -380,6 +380,20 @@ def _parse_from(rest: str) -> ImageSource:
     return src
 
 
+def _mount(rest: str) -> str:
+    spec = rest.strip()
+    try:
+        parse_mount(spec)
+    except RecipeError as e:
+        raise _Bad(str(e)) from None
+    return spec
+
+
+def _id(text: str, what: str) -> int | str:
+    """A uid or gid: a number, or a name the image's /etc/passwd or /etc/group gives."""
+    return text if re.match(r"[A-Za-z_]", text) else _int(text, what)
+
+
 def _parse_import(rest: str) -> list[Import]:
     pos, opts = _options(_tokens(rest), {"dest": True, "mode": True, "uid": True,
                                           "gid": True, "hash": True, "legacy": False})
@@ -388,8 +402,8 @@ def _parse_import(rest: str) -> list[Import]:
     for path in pos:
         imp = Import(path, hash=opts.get("hash"), dest=opts.get("dest"),
                      mode=_int(opts["mode"], "mode", 8) if "mode" in opts else None,
-                     uid=_int(opts["uid"], "uid") if "uid" in opts else None,
-                     gid=_int(opts["gid"], "gid") if "gid" in opts else None,
+                     uid=_id(opts["uid"], "uid") if "uid" in opts else None,
+                     gid=_id(opts["gid"], "gid") if "gid" in opts else None,
                      legacy="legacy" in opts)
         try:
             check_import(imp, "")
@@ -576,6 +590,11 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
     (MagicSpec("runtime_user", "%runtime_user USER", "image user", False, "str"), _one),
     (MagicSpec("dockerignore", "%dockerignore FILE", "imports from FILE's directory skip what "
                "FILE excludes (Docker's .dockerignore rules)", False, "str"), _one),
+    (MagicSpec("mount", "%mount type=cache|bind|secret|tmpfs,target=PATH[,OPTION=VALUE...]",
+               "a mount of this cell's step only, as a Dockerfile's RUN --mount: cache (kept in "
+               "your storage between builds), bind (a context path or from=LAYER, read-only "
+               "unless rw), secret (id=ID, given with --secret), tmpfs", False, "str"),
+     _mount),
     (MagicSpec("user", "%user USER[:GROUP]", "run this cell's script as USER (names from the "
                "image's /etc/passwd and /etc/group, or numbers), HOME the user's", False, "str"),
      _one),
@@ -684,8 +703,11 @@ def parse_cell(text: str) -> Cell:
             raise RecipeError(f"%layer on line {d.line} is not the cell's first magic: "
                               "start the new layer in its own cell or put %layer first")
     users = [d.args for d in directives if d.name == "user"]
-    if users and script.strip():  # the step carries its user (see model.Step)
-        script = f"{USER_MARKER}{users[-1]}\n{script}"
+    mounts = [d.args for d in directives if d.name == "mount"]
+    if script.strip():  # the step carries its user and mounts (see model.Step)
+        script = "".join(f"{MOUNT_MARKER}{m}\n" for m in mounts) + script
+        if users:
+            script = f"{USER_MARKER}{users[-1]}\n{script}"
     return Cell(directives, script)
 
 
@@ -747,7 +769,7 @@ def apply_directive(layer: Layer, d: Directive, script: str = "") -> Layer:
         new.build_only = True
     elif d.name == "generate_labels":
         new.generate_labels = script
-    elif d.name == "user":
+    elif d.name in ("user", "mount"):
         pass  # the cell's step, not the layer (parse_cell marks its script)
     else:  # cmd, entrypoint, full_command, working_dir, runtime_user, os, arch
         setattr(new, d.name, copy.deepcopy(a))

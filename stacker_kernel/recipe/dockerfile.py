@@ -568,12 +568,49 @@ class _Translator:
         return [f"%annotations {_pair(HEALTHCHECK_ANNOTATION, cmd.original.split(None, 1)[1])}"], []
 
     # -- RUN, COPY, ADD: one cell each (the text after the line comment)
+    def _mounts(self, cmd, stage: _Stage) -> str:
+        """`%mount` lines for a RUN's --mount flags: a bind's source in the context
+        (relative to where the cells are used) or in a stage (`from=`, a layer)."""
+        from stacker_kernel.recipe.model import parse_mount
+
+        env = {**stage.args, **stage.env}
+        lines = []
+        for flag in cmd.flags:
+            if not flag.startswith("--mount="):
+                continue
+            spec = expand(flag[len("--mount="):], env, cmd.start_line)
+            parts = []
+            for part in spec.split(","):  # a relative target is in the working directory
+                key, eq, value = part.partition("=")
+                if key.strip() in ("target", "dst", "destination") and eq and not value.startswith("/"):
+                    value = posixpath.normpath(posixpath.join(stage.workdir, value))
+                parts.append(f"{key}{eq}{value}")
+            spec = ",".join(parts)
+            try:
+                m = parse_mount(spec)
+            except RecipeError as e:
+                raise RecipeError(f"line {cmd.start_line}: RUN --mount={spec}: {e}") from None
+            if m["type"] == "bind" and "from" in m:
+                parent = self._stage_named(m["from"])
+                if parent is None or parent is stage:
+                    raise RecipeError(f"line {cmd.start_line}: RUN --mount from={m['from']} names no "
+                                      "earlier stage: mounting an image is not supported, add a "
+                                      f"stage 'FROM {m['from']} AS NAME' and mount from=NAME")
+                stage.deps.add(parent.name)
+                m["from"] = parent.name
+                m["source"] = posixpath.normpath(posixpath.join(parent.workdir, m.get("source", ".")))
+            elif m["type"] == "bind":
+                m["source"] = _source_path(m.get("source", "."), self.context, cmd.start_line).rstrip("/")
+            lines.append("%mount " + ",".join(f"{k}={v}" for k, v in m.items()))
+        return "".join(line + "\n" for line in lines)
+
     def _run(self, cmd, stage: _Stage) -> str:
-        _flags(cmd, ())
-        user = head = ""
+        _flags(cmd, ("mount",))
+        user = self._mounts(cmd, stage)
+        head = ""
         if stage.user not in ("", "root", "0", "root:root", "0:0"):
             # the step runs as the user, HOME the user's unless the image's environment sets it
-            user = f"%user {_q(stage.user)}\n"
+            user += f"%user {_q(stage.user)}\n"
             if "HOME" in stage.env:
                 head = f"HOME={_q(stage.env['HOME'])} "
         if cmd.json:
@@ -734,16 +771,13 @@ class _Translator:
         stage.head.append(f"# line {line}{'' if not stage.has_run else ' (its cell copies it)'}: "
                           f"{cmd.original}")
         if not stage.has_run:
-            uid = gid = None
+            ids = []  # names are the image's, looked up when the files land
             if owner is not None:
-                if not (owner[0].isdigit() and (not owner[1] or owner[1].isdigit())):
-                    raise RecipeError(f"line {line}: --chown={':'.join(filter(None, owner))} names a "
-                                      "user in a stage without RUN: write numeric ids, "
-                                      "e.g. --chown=1000:1000")
-                uid, gid = int(owner[0]), int(owner[1] or owner[0])
+                ids = [f"--uid {_q(owner[0])}"]
+                if owner[1] or owner[0].isdigit():
+                    ids.append(f"--gid {_q(owner[1] or owner[0])}")
             for p in paths:
-                opts = [f"--dest {_q(dest)}"] + ([f"--mode 0{mode:o}"] if mode is not None else []) \
-                    + ([f"--uid {uid} --gid {gid}"] if uid is not None else [])
+                opts = [f"--dest {_q(dest)}"] + ([f"--mode 0{mode:o}"] if mode is not None else []) + ids
                 stage.head.append(f"%import {_q(p)} " + " ".join(opts))
             return None
         for p in new:  # staged once, however often it is copied
