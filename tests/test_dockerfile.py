@@ -326,14 +326,6 @@ def test_copy_in_a_stage_with_run_is_staged_and_copied_by_a_cell_in_order():
     assert "chown -R app:app /.stacker-kernel-copy" in copy and "rm -rf /.stacker-kernel-copy" in copy
 
 
-def test_a_user_name_in_chown_needs_a_stage_with_a_shell():
-    with pytest.raises(RecipeError, match=r"line 2: --chown=app names a user in a stage without RUN"):
-        recipe("""
-            FROM scratch
-            COPY --chown=app a /a
-            """)
-
-
 def test_expose_stopsignal_volume_maintainer_and_healthcheck():
     r, warnings = dockerfile_recipe(df("""
         FROM busybox
@@ -400,10 +392,14 @@ def test_the_yaml_of_a_dockerfile_loads_back_to_the_same_recipe():
 
 BAD = [
     ("FROM busybox AS a\nONBUILD FROM x\nFROM a\n", r"line 2: ONBUILD FROM is not allowed"),
-    ("FROM busybox\nADD https://example.com/a.tgz /a\n", r"line 2: ADD of the URL https://example.com/a.tgz"),
+    ("FROM busybox\nADD --checksum=md5:x https://example.com/a /a\n", r"line 2: ADD --checksum=md5:x is not sha256"),
+    ("FROM busybox\nADD --checksum=sha256:x a /a\n", r"line 2: ADD --checksum needs a URL source"),
     ("FROM busybox\nADD git@github.com:a/b.git /b\n", r"line 2: ADD of the URL git@github.com"),
     ("FROM busybox\nADD rootfs.tar.gz /\n", r"line 2: ADD of the archive rootfs.tar.gz"),
-    ("FROM busybox\n\nRUN --mount=type=cache,target=/c true\n", r"line 3: RUN --mount is not supported"),
+    ("FROM busybox\n\nRUN --mount=type=cache,target=/c,from=x true\n",
+     r"line 3: RUN --mount=type=cache,target=/c,from=x: a cache mount takes no from"),
+    ("FROM busybox\nRUN --mount=type=bind,from=img:1,target=/c true\n",
+     r"line 2: RUN --mount from=img:1 names no earlier stage"),
     ("FROM busybox\nRUN --network=none true\n", r"line 2: RUN --network is not supported"),
     ("FROM scratch\nCOPY <<EOF /a\nhi\nEOF\n", r"line 2: COPY <<\.\.\. in a stage without RUN"),
     ("FROM --platform=linux/s390x busybox\n", r"line 1: FROM --platform=linux/s390x is not the platform built"),
@@ -661,7 +657,8 @@ USERS = """
     USER root
     RUN echo "$HOME" > /root-home.txt && cp /tmp/*-4242.txt /data/
     COPY data.txt /data/copied.txt
-    RUN ls -ln /data/by-app /data/by-group /data/copied.txt /home/app/.cache/x > /owners.txt
+    RUN for f in /data/by-app /data/by-group /data/copied.txt /home/app/.cache/x; do \\
+            ls -ln "$f" | { read -r mode links u g rest; echo "$f $u $g"; }; done > /owners.txt
     USER app
     """
 
@@ -680,7 +677,7 @@ def test_runs_after_user_run_as_that_user_with_its_home(storage, busybox_oci, tm
     assert (data / "id-4242.txt").read_text() == "uid=4242 gid=0(root) groups=0(root)\n"
     assert (data / "home-4242.txt").read_text() == "/\n"
     assert (root / "root-home.txt").read_text() == "/root\n"
-    owners = sorted((ln.split()[-1], ln.split()[2], ln.split()[3])  # as the container sees them
+    owners = sorted(tuple(ln.split())  # as the container sees them
                     for ln in (root / "owners.txt").read_text().splitlines())
     assert owners == [("/data/by-app", "1000", "1000"), ("/data/by-group", "1000", "2000"),
                       ("/data/copied.txt", "0", "0"), ("/home/app/.cache/x", "1000", "1000")]
@@ -795,8 +792,8 @@ CHOWN = """
     FROM busybox AS users
     RUN echo "app:x:1000:1000::/home/app:/bin/sh" >> /etc/passwd && \\
         printf 'app:x:1000:\\ncrew:x:2000:app\\n' >> /etc/group
-    FROM users AS final
-    COPY --chown=app:crew conf/ /etc/app/
+    FROM users
+    COPY --chown=app:crew conf/ /etc/
     COPY --chown=app data.txt /data.txt
     COPY --chown=1000:crew notes.txt /notes.txt
     USER app
@@ -805,16 +802,16 @@ CHOWN = """
 
 def test_chown_names_in_a_stage_without_run_are_the_images_users(storage, busybox_oci, tmp_path):
     ctx = _context(tmp_path, CHOWN)
-    assert "%import conf/ --dest /etc/app/ --uid app --gid crew" in code_cells(CHOWN)[2]
+    assert "%import conf/ --dest /etc/ --uid app --gid crew" in code_cells(CHOWN)[2]
     with Store.open(storage) as store:
         build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
               dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "final").path
+        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
         base = (root / "etc").stat()  # owned by the image's root
         ids = {p: ((root / p).lstat().st_uid - base.st_uid, (root / p).lstat().st_gid - base.st_gid)
-               for p in ("etc/app/app.conf", "data.txt", "notes.txt")}
+               for p in ("etc/app.conf", "data.txt", "notes.txt")}
     sub = ids["data.txt"][0] - 1000  # subordinate ids start after the user's own (0) one
-    assert ids == {"etc/app/app.conf": (1000 + sub, 2000 + sub), "data.txt": (1000 + sub, 1000 + sub),
+    assert ids == {"etc/app.conf": (1000 + sub, 2000 + sub), "data.txt": (1000 + sub, 1000 + sub),
                    "notes.txt": (1000 + sub, 2000 + sub)}
     (ctx / "Dockerfile").write_text("FROM busybox\nCOPY --chown=nobody2 data.txt /d\n")
     with Store.open(storage) as store, pytest.raises(
@@ -878,6 +875,50 @@ def test_run_mounts_cache_secret_bind_and_tmpfs(storage, busybox_oci, tmp_path, 
     monkeypatch.delenv("SK_TEST_TOKEN")
     (ctx / "Dockerfile").write_text("FROM busybox\nRUN --mount=type=secret,id=k,required true\n")
     assert main(args[:-2] + ["--no-oci"]) == 1
+
+
+@pytest.fixture
+def http_files(tmp_path):
+    """A local http.server over tmp_path/www (Last-Modified from the files' mtimes)."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_add_of_a_url_is_fetched_with_its_checksum_and_the_servers_mtime(storage, busybox_oci, tmp_path,
+                                                                          http_files):
+    www, url = http_files
+    (www / "tool.sh").write_text("#!/bin/sh\necho tool\n")
+    os.utime(www / "tool.sh", (1_600_000_000, 1_600_000_000))
+    digest = hashlib.sha256((www / "tool.sh").read_bytes()).hexdigest()
+    ctx = _context(tmp_path, f"""
+        FROM busybox AS plain
+        ADD {url}/tool.sh /dl/
+        FROM busybox
+        ADD --checksum=sha256:{digest} {url}/tool.sh /opt/tool
+        ADD --chmod=0755 {url}/tool.sh /bin/
+        COPY --from=plain /dl /from-plain
+        RUN stat -c '%a %Y' /opt/tool /bin/tool.sh /from-plain/tool.sh > /stats
+        """)
+    with Store.open(storage) as store:
+        build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
+              dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
+        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+    assert (root / "opt" / "tool").read_text() == "#!/bin/sh\necho tool\n"
+    assert (root / "stats").read_text() == "600 1600000000\n755 1600000000\n600 1600000000\n"
+    (ctx / "Dockerfile").write_text(f"FROM busybox\nADD --checksum=sha256:{'0' * 64} {url}/tool.sh /t\n")
+    with Store.open(storage) as store, pytest.raises(RecipeError, match=r"has sha256 " + digest):
+        build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
+              dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
 
 
 STAGES = """

@@ -38,8 +38,16 @@ def _source_path(imp, base_dir: str, download_dir: Path, fetch_layer_path=None) 
         try:
             with urllib.request.urlopen(path, timeout=60) as r, open(dest, "wb") as f:
                 shutil.copyfileobj(r, f)
+                modified = r.headers.get("Last-Modified")
         except OSError as e:
             raise RecipeError(f"cannot download import {path}: {e}") from None
+        if modified:  # the file's time is the server's, as Docker's ADD of a URL sets it
+            from email.utils import parsedate_to_datetime
+            try:
+                t = parsedate_to_datetime(modified).timestamp()
+                os.utime(dest, (t, t))
+            except (TypeError, ValueError, OverflowError):
+                pass
         return dest
     if "://" in path:
         raise RecipeError(f"import {path}: only local paths and http(s) URLs can be imported here")

@@ -705,7 +705,7 @@ class _Translator:
     def _copy(self, cmd, stage: _Stage, add: bool = False) -> str | None:
         line = cmd.start_line
         # --link only changes how BuildKit caches the layer: the files are the same
-        flags = _flags(cmd, ("chown", "chmod", "link") + (() if add else ("from",)))
+        flags = _flags(cmd, ("chown", "chmod", "link") + (("checksum",) if add else ("from",)))
         env = {**stage.args, **stage.env}
         if cmd.heredocs:
             return self._copy_heredocs(cmd, stage, flags, env)
@@ -729,11 +729,29 @@ class _Translator:
                 raise RecipeError(f"line {line}: --chmod={flags['chmod']} is not an octal mode: "
                                   "write e.g. --chmod=0755")
             mode = int(flags["chmod"], 8)
+        urls = [s for s in sources if add and re.match(r"https?://", s)]
+        checksum = None
+        if urls:
+            if len(sources) > 1:
+                raise RecipeError(f"line {line}: ADD of the URL {urls[0]} with other sources: give "
+                                  "the URL an ADD of its own")
+            # fetched when the layer's imports are staged, 0600 as Docker makes it
+            mode = 0o600 if mode is None else mode
+            if flags.get("checksum"):
+                checksum = flags["checksum"].removeprefix("sha256:")
+                if not re.fullmatch(r"[0-9a-fA-F]{64}", checksum):
+                    raise RecipeError(f"line {line}: ADD --checksum={flags['checksum']} is not "
+                                      "sha256:HEX (the only digest supported)")
+        elif flags.get("checksum"):
+            raise RecipeError(f"line {line}: ADD --checksum needs a URL source")
         paths = []
         for src in sources:
+            if src in urls:
+                paths.append(src)
+                continue
             if add and (re.match(r"[a-z][a-z0-9+.-]*://", src) or src.startswith("git@")):
-                raise RecipeError(f"line {line}: ADD of the URL {src} is not supported: download it "
-                                  "in a RUN step, or fetch it beside the Dockerfile and COPY it")
+                raise RecipeError(f"line {line}: ADD of the URL {src} is not supported: ADD takes "
+                                  "http(s) URLs; clone a git repository in a RUN step")
             if add and src.lower().endswith(_ARCHIVE):
                 raise RecipeError(f"line {line}: ADD of the archive {src} (which Docker unpacks) is "
                                   "not supported: COPY it and unpack it with tar in a RUN step")
@@ -777,11 +795,12 @@ class _Translator:
                 if owner[1] or owner[0].isdigit():
                     ids.append(f"--gid {_q(owner[1] or owner[0])}")
             for p in paths:
-                opts = [f"--dest {_q(dest)}"] + ([f"--mode 0{mode:o}"] if mode is not None else []) + ids
+                opts = [f"--dest {_q(dest)}"] + ([f"--mode 0{mode:o}"] if mode is not None else []) + ids \
+                    + ([f"--hash {checksum}"] if checksum else [])
                 stage.head.append(f"%import {_q(p)} " + " ".join(opts))
             return None
         for p in new:  # staged once, however often it is copied
-            stage.head.append(f"%import {_q(p)}")
+            stage.head.append(f"%import {_q(p)}" + (f" --hash {checksum}" if checksum else ""))
         once = list({_staged_name(p): p for p in paths}.values())
         return "\n".join(_copy_script(once, dest, owner, mode))
 
