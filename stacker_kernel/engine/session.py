@@ -83,6 +83,43 @@ class _LayerRun:
     base_dir: str | None = None   # directory that relative imports are resolved against
 
 
+def _host_path(root: str, path: str) -> str:
+    from stacker_kernel.engine.inspect import resolve_in_root
+
+    return resolve_in_root(root, path)
+
+
+def _glob_in_root(root: str, pattern: str) -> list[str]:
+    """The container paths of rootfs `root` that `pattern` matches, sorted; each part
+    as Go's filepath.Match (`*` stays within a part), symlinks resolved inside root."""
+    import fnmatch
+
+    from stacker_kernel.engine.inspect import GrabError, resolve_in_root
+
+    found = ["/"]
+    for part in [p for p in pattern.split("/") if p]:
+        nxt = []
+        for base in found:
+            if not any(c in part for c in "*?["):
+                nxt.append(os.path.join(base, part))
+                continue
+            try:
+                host = resolve_in_root(root, base)
+                names = sorted(os.listdir(host)) if os.path.isdir(host) else []
+            except (GrabError, OSError):
+                names = []
+            nxt += [os.path.join(base, n) for n in names if fnmatch.fnmatchcase(n, part)]
+        found = nxt
+    out = []
+    for p in found:
+        try:
+            resolve_in_root(root, p)
+            out.append(p)
+        except (GrabError, OSError):
+            pass
+    return out
+
+
 class BuildSession:
     """A notebook's (or a build's) sequence of layers and steps over one store."""
 
@@ -441,9 +478,25 @@ class BuildSession:
             self._land_dest_imports()
 
     def _fetch_layer_path(self, layer: str, path: str, dest: str) -> str:
+        """Copy `path` of a built layer to `dest`. A path with wildcards (`*`, `?`, `[`,
+        as Docker's COPY --from takes them) copies what matches: one file as itself,
+        else the matches into the directory `dest`, a directory's contents merged."""
         from stacker_kernel.engine.inspect import grab
 
-        return grab(self._resolve_built(layer).path, path, dest)
+        root = str(self._resolve_built(layer).path)
+        if not any(c in path for c in "*?["):
+            return grab(root, path, dest)
+        matches = _glob_in_root(root, path)
+        if not matches:
+            raise RecipeError(f"import stacker://{layer}{path}: no path of layer {layer} matches it")
+        # a trailing / asks for the matches in a directory (a COPY into a directory)
+        if len(matches) == 1 and not path.endswith("/") and not os.path.isdir(_host_path(root, matches[0])):
+            return grab(root, matches[0], dest, into=False)
+        os.makedirs(dest, exist_ok=True)
+        for m in matches:
+            is_dir = os.path.isdir(_host_path(root, m))
+            grab(root, m, dest if is_dir else os.path.join(dest, os.path.basename(m)), into=False)
+        return dest
 
     def _land_dest_imports(self) -> None:
         """Imports with `dest` land in the image, as stacker does: as their own
@@ -489,13 +542,7 @@ class BuildSession:
             return MountPlan()
 
         def built_path(name: str) -> str:
-            tip = self.session.tags.get(name)
-            snap = self.store.get(tip) if tip else None
-            if snap is None and self.external_built is not None:
-                snap = self.external_built(name)
-            if snap is None:
-                raise StepError(f"layer {name} is not built: build it before the step that mounts it")
-            return str(snap.path)
+            return str(self._resolve_built(name).path)
         return plan(specs, storage=self.store.root, scratch=self._mount_scratch(),
                     base_dir=self._run.base_dir, secrets=self.secrets, built_path=built_path)
 

@@ -8,32 +8,41 @@ stacker.yaml, or written as a notebook. The mapping, instruction by instruction:
 - `FROM IMG [AS NAME]`: a layer (`%layer`, `%from`); an earlier stage is
   `%from built STAGE`, `scratch` is `%from scratch`, `bases` maps an image to
   another source (`oci:DIR:TAG`, `tar:PATH`, `docker://REF`), anything else is
-  `%from docker docker://IMG`. Every stage but the last is `%build_only`, as
-  only the last one is the image. A stage built on a stage inherits its
-  environment, working directory, user, shell, CMD and ENTRYPOINT.
+  `%from docker docker://IMG`. Only the stages the target (the last stage, or
+  `target`) needs are layers, as BuildKit builds only them; all but the target
+  are `%build_only` (`all_stages`: every stage, each an image). A stage built
+  on a stage inherits its environment, working directory, user, shell, CMD and
+  ENTRYPOINT, and runs its ONBUILD instructions first. `--platform` must name
+  the platform built (steps run on the host's kernel).
 - `RUN CMD` (shell form): a cell running CMD in a subshell with errexit off,
   so, as Docker's `/bin/sh -c CMD`, it sees the environment and the working
   directory and changes neither; with `SHELL [...]`, that shell runs CMD.
-  `RUN ["a", "b"]` (exec form): a cell running `a b`.
+  `RUN ["a", "b"]` (exec form): a cell running `a b`. Heredocs as BuildKit
+  runs them. After a non-root USER, the cell has `%user USER`; each
+  `--mount=...` is a `%mount` line (a bind's source relative to the cells).
 - `ENV` / `ARG`: `%environment` (ENV only) and, in stages with RUN steps,
   `export` lines, so later steps see them. `${VAR}`, `${VAR:-default}`,
   `${VAR:+alt}` are expanded in the instructions Docker expands them in.
   `build_args` override ARG defaults, as `--build-arg`.
 - `WORKDIR`: `%working_dir` and, in stages with RUN steps, `mkdir -p` + `cd`.
-- `USER`: `%runtime_user` (a RUN after a non-root USER is refused: steps run as root).
-- `COPY`/`ADD` of local files and `COPY --from=STAGE`: imports (`stacker://STAGE/path`
-  for a stage). In a stage without RUN (e.g. `FROM scratch`) they land with
-  `--dest`, `--mode` (--chmod) and `--uid`/`--gid` (--chown); in a stage with RUN
-  they are staged at /stacker/imports and a cell copies them in place, in order.
+- `USER`: `%runtime_user`, and `%user` on the RUN cells after it.
+- `COPY`/`ADD` of local files, of http(s) URLs (ADD) and `COPY --from=STAGE`
+  (wildcards match in the stage): imports (`stacker://STAGE/path` for a stage).
+  In a stage without RUN (e.g. `FROM scratch`) they land with `--dest`,
+  `--mode` (--chmod) and `--uid`/`--gid` (--chown, names resolved in the image);
+  in a stage with RUN they are staged at /stacker/imports and a cell copies them
+  in place, in order. `COPY <<EOF FILE`: a cell writes FILE. With a
+  .dockerignore (`dockerignore`), the stages that import from the context get
+  `%dockerignore`.
 - `LABEL`, `CMD`, `ENTRYPOINT`, `VOLUME`: `%labels`, `%cmd`, `%entrypoint`, `%volumes`;
   `MAINTAINER`: the `org.opencontainers.image.authors` annotation.
-- `EXPOSE`, `STOPSIGNAL`: stacker has no keys for them: the annotations
-  `io.stacker-kernel.config.ExposedPorts` / `.StopSignal`, which the OCI export
-  also writes into the image config. `HEALTHCHECK`: an annotation only, with a
-  warning (an OCI image config has no health check).
-- Refused, naming the line: ONBUILD, ADD of a URL, git repository or archive,
-  `RUN --mount/--network/--security`, heredocs, `FROM --platform`, wildcard
-  sources of `COPY --from`, `COPY --from` an image, and any flag not listed here.
+- `EXPOSE`, `STOPSIGNAL`, `ONBUILD`: stacker has no keys for them: the annotations
+  `io.stacker-kernel.config.ExposedPorts` / `.StopSignal` / `.OnBuild`, which the
+  OCI export also writes into the image config. `HEALTHCHECK`: an annotation only,
+  with a warning (an OCI image config has no health check).
+- Refused, naming the line: ADD of a git repository or a local archive,
+  `RUN --network/--security`, `FROM --platform` of another platform, `COPY --from`
+  an image, COPY heredocs in a stage without RUN, and any flag not listed here.
   Wildcard sources of local files are expanded by the caller's `match`.
 """
 from __future__ import annotations
@@ -762,12 +771,11 @@ class _Translator:
                     raise RecipeError(f"line {line}: COPY --from={source} names no earlier stage: "
                                       "copying from an image is not supported, add a stage "
                                       f"'FROM {source} AS NAME' and copy --from=NAME")
-                stage.deps.add(parent.name)
-                if re.search(r"[*?\[]", src):
-                    raise RecipeError(f"line {line}: the wildcard source {src!r} is not supported: "
-                                      "list the files")
+                stage.deps.add(parent.name)  # wildcards match in the stage when it is copied from
                 inner = posixpath.normpath(posixpath.join(parent.workdir, src))
-                paths.append(f"stacker://{parent.name}{inner}/")
+                # a wildcard into a file dest is the one file it matches (see the engine's fetch)
+                single = re.search(r"[*?\[]", src) and not into_dir
+                paths.append(f"stacker://{parent.name}{inner}" + ("" if single else "/"))
             else:
                 paths.append(_source_path(src, self.context, line))
                 ignore = "%dockerignore " + _q(_source_path(".dockerignore", self.context, line).rstrip("/"))
