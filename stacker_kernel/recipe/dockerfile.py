@@ -705,8 +705,9 @@ class _Translator:
         if len(lines) < 2 or "'" in "".join(lines) or re.search(r"(?m)^#\s*escape\s*=", self.text) \
                 or any(not ln.strip() or ln.lstrip().startswith("#") for ln in lines[1:]):
             return cmd.value[0]
-        first = re.sub(r"^\s*RUN\s+(?:--\S+\s+)*", "", lines[0], flags=re.I)
-        return "\n".join([first] + lines[1:]).rstrip()
+        # the instruction and its flags, which may go on over `\`-continued lines
+        text = re.sub(r"^\s*RUN\s+(?:--\S+(?:\s|\\\n)+)*", "", "\n".join(lines), flags=re.I)
+        return text.rstrip()
 
     def _add(self, cmd, stage: _Stage) -> str | None:
         return self._copy(cmd, stage, add=True)
