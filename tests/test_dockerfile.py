@@ -975,6 +975,14 @@ def test_only_the_target_stages_are_built_and_only_the_target_is_in_the_layout(s
     assert main(base + ["--all-stages", "--oci-dir", str(tmp_path / "oci3")]) == 1  # broken is built
 
 
+def test_a_run_as_a_user_the_image_lacks_fails_naming_it(storage, busybox_oci, tmp_path, capsys):
+    ctx = _context(tmp_path, "FROM busybox\nUSER ghost\nRUN true\n")
+    assert main(["--storage", str(storage), "build", "-f", str(ctx / "Dockerfile"), "--no-oci",
+                 "--base", "busybox=oci:" + busybox_oci]) == 1
+    out = capsys.readouterr()
+    assert "USER ghost: there is no user ghost in the image's /etc/passwd" in out.out + out.err
+
+
 def test_a_dockerfile_imported_as_stacker_yaml_builds_the_same_rootfs(storage, busybox_oci, tmp_path):
     ctx = _context(tmp_path, MULTI)
     assert main(["import", str(ctx / "Dockerfile"), "-o", str(tmp_path / "stacker.yaml"),

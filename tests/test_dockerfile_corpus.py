@@ -37,8 +37,10 @@ def debian_tar(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def debian_oci(debian_tar, tmp_path_factory) -> str:
-    """`LAYOUT:debian`, an OCI layout of the tar (without its device nodes, which
-    neither builder may create unprivileged), made with umoci."""
+    """`LAYOUT:debian`, an OCI layout of the tar, made with umoci. Without its device
+    nodes, which neither builder may create unprivileged, and without shadow's backup
+    files (/etc/group- ...): their rewrite by groupadd keeps size and mtime, so
+    buildah's layer diff (vfs) misses it and its image keeps the base's backups."""
     base = tmp_path_factory.mktemp("debian-oci")
     layout, bundle = base / "oci", base / "bundle"
 
@@ -50,7 +52,8 @@ def debian_oci(debian_tar, tmp_path_factory) -> str:
     umoci("new", "--image", f"{layout}:debian")
     umoci("unpack", *rootless, "--image", f"{layout}:debian", str(bundle))
     with tarfile.open(debian_tar) as tar:
-        members = [m for m in tar.getmembers() if not (m.ischr() or m.isblk())]
+        members = [m for m in tar.getmembers() if not (m.ischr() or m.isblk())
+                   and not (m.name.startswith("./etc/") and m.name.endswith("-"))]
         tar.extractall(bundle / "rootfs", members=members, numeric_owner=True)
     umoci("repack", "--image", f"{layout}:debian", str(bundle))
     shutil.rmtree(bundle, ignore_errors=True)
@@ -96,10 +99,11 @@ def test_a_service_image_equals_what_buildah_builds(service, storage, debian_oci
         image = subprocess.run(buildah + ["images", "-q"], check=True, capture_output=True,
                                text=True).stdout.split()[0]
         subprocess.run(buildah + ["tag", image, "docker.io/library/debian:12"], check=True)
-        subprocess.run(buildah + ["bud", "--isolation", "chroot", "--pull-never", "-q",
-                                  "--secret", f"id=npmrc,src={tmp_path / 'npmrc'}",
-                                  "-f", str(ctx / "Dockerfile"), "-t", "want", str(ctx)],
-                       check=True, capture_output=True)
+        bud = subprocess.run(buildah + ["bud", "--isolation", "chroot", "--pull-never", "-q",
+                                        "--secret", f"id=npmrc,src={tmp_path / 'npmrc'}",
+                                        "-f", str(ctx / "Dockerfile"), "-t", "want", str(ctx)],
+                             capture_output=True, text=True)
+        assert bud.returncode == 0, bud.stderr
         subprocess.run(buildah + ["push", "-q", "want", f"oci:{tmp_path}/want:want"], check=True,
                        capture_output=True)
     finally:
@@ -114,5 +118,10 @@ def test_a_service_image_equals_what_buildah_builds(service, storage, debian_oci
             want_tree.pop(mount_point, None)
     differ = {p: (got_tree.get(p), want_tree.get(p)) for p in set(got_tree) | set(want_tree)
               if got_tree.get(p) != want_tree.get(p)}
+    for p in sorted(differ):
+        if p.startswith("/etc/"):
+            for name, bundle in (("got", "got-bundle"), ("want", "want-bundle")):
+                f = tmp_path / bundle / "rootfs" / p.lstrip("/")
+                print(name, p, f.read_text(errors="replace") if f.is_file() else None)
     assert differ == {}
     assert got_config == want_config
