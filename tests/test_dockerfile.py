@@ -784,6 +784,13 @@ def test_heredocs_link_same_names_and_onbuild_of_a_stage(storage, busybox_oci, t
                  "--base", "busybox=oci:" + busybox_oci, "--oci-dir", str(tmp_path / "oci")]) == 0
     assert OCILayout(str(tmp_path / "oci")).resolve("base").config["config"]["OnBuild"] == [
         'RUN echo "triggered in $(pwd)" > /triggered', "ENV FROM_TRIGGER=yes"]
+    # an image FROM that image (a local OCI base) runs its triggers first, as Docker does
+    (ctx / "Dockerfile").write_text("FROM mybase\nRUN echo \"$FROM_TRIGGER\" > /env\n")
+    assert main(["--storage", str(storage), "build", "-f", str(ctx / "Dockerfile"), "--no-oci",
+                 "--base", f"mybase=oci:{tmp_path / 'oci'}:base"]) == 0
+    with Store.open(storage) as store:
+        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+    assert (root / "triggered").read_text() == "triggered in /\n" and (root / "env").read_text() == "yes\n"
 
 
 CHOWN = """

@@ -77,11 +77,25 @@ def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None)
         return [p for p in glob.glob(pattern, root_dir=build_context, include_hidden=True)
                 if not dockerignore.excluded(ignored, p)]
 
+    # A local OCI base's ONBUILD triggers run in the stages FROM it, as Docker runs them.
+    base_onbuild = {}
+    for source in set(options.bases.values()):
+        if source.startswith("oci:"):
+            from stacker_kernel.oci.layout import OCILayout
+
+            layout, _, tag = source[4:].rpartition(":")
+            try:
+                config = OCILayout(layout).resolve(tag).config.get("config") or {}
+            except (OSError, ValueError, KeyError, StackerKernelError):  # fails where it is imported
+                continue
+            if isinstance(config.get("OnBuild"), list):
+                base_onbuild[source] = [str(t) for t in config["OnBuild"]]
     try:
         nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
                                            bases=options.bases, context=context, match=match,
                                            target=options.target, all_stages=options.all_stages,
-                                           dockerignore=os.path.exists(ignore_file))
+                                           dockerignore=os.path.exists(ignore_file),
+                                           base_onbuild=base_onbuild)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
     for w in warnings:

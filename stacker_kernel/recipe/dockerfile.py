@@ -108,6 +108,7 @@ class _Stage:
     deps: set[str] = field(default_factory=set)  # the stages it is built on or copies from
     onbuild: list[str] = field(default_factory=list)
     onbuild_lines: list[int] = field(default_factory=list)
+    base_onbuild: list[str] = field(default_factory=list)  # the base image's OnBuild
     parent: "_Stage | None" = None
 
 
@@ -251,8 +252,10 @@ def _source_path(src: str, context: str, line: int) -> str:
 class _Translator:
     def __init__(self, text: str, name: str, build_args: dict[str, str],
                  bases: dict[str, str], context: str, platform: str, match,
-                 target: str | None = None, all_stages: bool = False, dockerignore: bool = False):
+                 target: str | None = None, all_stages: bool = False, dockerignore: bool = False,
+                 base_onbuild: dict[str, list[str]] | None = None):
         self.text, self.name, self.context, self.match = text, name, context, match
+        self.base_onbuild, self.used_base_onbuild = dict(base_onbuild or {}), []
         self.target, self.all_stages, self.dockerignore = target, all_stages, dockerignore
         self.build_args, self.bases = dict(build_args), dict(bases)
         self.used_args: set[str] = set()
@@ -322,15 +325,20 @@ class _Translator:
         raise RecipeError(f"--target {self.target} names no stage of the Dockerfile (its stages: "
                           f"{', '.join(names)}): give one of them")
 
-    def _triggers(self, parent: "_Stage | None") -> list:
-        """The ONBUILD instructions of the stage a stage is built on, run first in it
-        (as Docker runs a base image's triggers), each naming its ONBUILD line."""
-        if parent is None or not parent.onbuild:
-            return []
+    def _triggers(self, stage: _Stage) -> list:
+        """The ONBUILD instructions of the stage (or local base image) a stage is built
+        on, run first in it as Docker runs a base image's, each naming its ONBUILD
+        line (a base image's: the FROM line)."""
+        parent = stage.parent
+        if parent is not None:
+            texts, lines = parent.onbuild, parent.onbuild_lines
+        else:
+            texts = stage.base_onbuild
+            lines = [stage.line] * len(texts)
         import dockerfile
 
         out = []
-        for text, line in zip(parent.onbuild, parent.onbuild_lines):
+        for text, line in zip(texts, lines):
             for cmd in dockerfile.parse_string(text + "\n"):
                 if cmd.cmd in ("ONBUILD", "FROM", "MAINTAINER"):
                     raise RecipeError(f"line {line}: ONBUILD {cmd.cmd} is not allowed (as Docker)")
@@ -406,7 +414,9 @@ class _Translator:
         elif image == "scratch":
             stage.head.append("%from scratch")
         else:
+            self.used_base_onbuild = []
             stage.head.append("%from " + self._base(image, cmd.start_line))
+            stage.base_onbuild = list(self.used_base_onbuild)
             stage.env = {"PATH": DEFAULT_PATH}
         if not is_image and not self.all_stages:
             stage.head.append("%build_only")
@@ -447,6 +457,7 @@ class _Translator:
             source = next((v for k, v in self.bases.items() if _normalize(k) == norm), None)
         if source is None:
             return "docker " + _q("docker://" + image)
+        self.used_base_onbuild = self.base_onbuild.get(source, [])
         if source.startswith("oci:"):
             return "oci " + _q(source[4:])
         if source.startswith("docker://"):
@@ -456,7 +467,7 @@ class _Translator:
     def _stage(self, group: list, index: int, last: bool, image: bool) -> None:
         stage = self._from(group[0], index, last, image)
         self.stages.append(stage)
-        body = self._triggers(stage.parent) + group[1:]
+        body = self._triggers(stage) + group[1:]
         stage.has_run = any(c.cmd == "RUN" for c in body)
         if stage.has_run:
             inherited = [_export(k, v) for k, v in stage.env.items()
@@ -564,8 +575,8 @@ class _Translator:
         trigger = cmd.original.split(None, 1)[1].strip()
         if not stage.onbuild:
             self.warnings.append(f"line {cmd.start_line}: ONBUILD is recorded in the image config "
-                                 "(OnBuild, as Docker's format has it); only stages of this "
-                                 "Dockerfile built on this one run it here")
+                                 "(OnBuild, as Docker's format has it): the stages built on "
+                                 "it run it first, here or FROM its image as a local OCI base")
         stage.onbuild.append(trigger)
         stage.onbuild_lines.append(cmd.start_line)
         return [_config_annotation("OnBuild", json.dumps(stage.onbuild))], []
@@ -917,7 +928,8 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
               platform: str | None = None,
               match: Callable[[str], list[str]] | None = None,
               target: str | None = None, all_stages: bool = False,
-              dockerignore: bool = False) -> Translation:
+              dockerignore: bool = False,
+              base_onbuild: dict[str, list[str]] | None = None) -> Translation:
     """The notebook cells of Dockerfile `text` (see the module doc for the mapping).
 
     `name` names the last stage when it has no `AS`; `build_args` are
@@ -933,7 +945,8 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
     them, and they are build_only; `all_stages` keeps every stage, each an image.
     `dockerignore` says the context has a .dockerignore: the layers that import
     from the context filter their imports with it (`%dockerignore`); `match` must
-    leave out what it excludes.
+    leave out what it excludes. `base_onbuild` maps a `bases` source to the
+    ONBUILD instructions of its image config: a stage FROM it runs them first.
     Raises RecipeError naming the line for anything it cannot translate faithfully.
     """
     import dockerfile  # the official Go parser, wrapped
@@ -944,7 +957,7 @@ def translate(text: str, name: str, build_args: dict[str, str] | None = None,
         raise RecipeError(f"the Dockerfile does not parse: {str(e).strip().splitlines()[0]}") from e
     return _Translator(text, name, build_args or {}, bases or {}, context,
                        platform or host_platform(), match, target, all_stages,
-                       dockerignore).run(commands)
+                       dockerignore, base_onbuild).run(commands)
 
 
 def _platform_key(platform: str) -> tuple[str, str, str]:
