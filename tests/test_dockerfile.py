@@ -310,6 +310,8 @@ def test_user_sets_the_runtime_user_and_the_runs_after_it_run_as_that_user():
         RUN echo $HOME
         """)
     assert cells[-1].endswith("%user 1000\n(set +e\nexport HOME=/srv\necho $HOME\n)")
+    assert code_cells("FROM busybox\nRUN --network=default --network=host true\n")[-1].endswith(
+        "(set +e\ntrue\n)")
 
 
 def test_copy_in_a_stage_with_run_is_staged_and_copied_by_a_cell_in_order():
@@ -400,7 +402,8 @@ BAD = [
      r"line 3: RUN --mount=type=cache,target=/c,from=x: a cache mount takes no from"),
     ("FROM busybox\nRUN --mount=type=bind,from=img:1,target=/c true\n",
      r"line 2: RUN --mount from=img:1 names no earlier stage"),
-    ("FROM busybox\nRUN --network=none true\n", r"line 2: RUN --network is not supported"),
+    ("FROM busybox\nRUN --network=none true\n", r"line 2: RUN --network=none is not supported"),
+    ("FROM busybox\nRUN --security=insecure true\n", r"line 2: RUN --security is not supported"),
     ("FROM scratch\nCOPY <<EOF /a\nhi\nEOF\n", r"line 2: COPY <<\.\.\. in a stage without RUN"),
     ("FROM --platform=linux/s390x busybox\n", r"line 1: FROM --platform=linux/s390x is not the platform built"),
     ("FROM busybox\nCOPY *.txt /\n", r"line 2: the wildcard source '\*.txt' needs the build context"),
@@ -466,7 +469,7 @@ def test_import_of_a_bad_dockerfile_is_one_line_naming_file_and_line(tmp_path, c
     dockerfile.write_text("FROM busybox\nRUN --network=none make\n")
     assert main(["import", str(dockerfile), "-o", str(tmp_path / "nb.ipynb")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"stacker-kernel: {dockerfile}: line 2: RUN --network is not supported")
+    assert err.startswith(f"stacker-kernel: {dockerfile}: line 2: RUN --network=none is not supported")
     assert "\n" not in err
 
 

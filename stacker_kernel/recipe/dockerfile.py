@@ -41,7 +41,7 @@ stacker.yaml, or written as a notebook. The mapping, instruction by instruction:
   OCI export also writes into the image config. `HEALTHCHECK`: an annotation only,
   with a warning (an OCI image config has no health check).
 - Refused, naming the line: ADD of a git repository or a local archive,
-  `RUN --network/--security`, `FROM --platform` of another platform, `COPY --from`
+  `RUN --network=none/--security`, `FROM --platform` of another platform, `COPY --from`
   an image, COPY heredocs in a stage without RUN, and any flag not listed here.
   Wildcard sources of local files are expanded by the caller's `match`.
 """
@@ -625,7 +625,11 @@ class _Translator:
         return "".join(line + "\n" for line in lines)
 
     def _run(self, cmd, stage: _Stage) -> str:
-        _flags(cmd, ("mount",))
+        network = _flags(cmd, ("mount", "network")).get("network", "default")
+        if network not in ("default", "host"):  # steps have the build's network, the host's
+            raise RecipeError(f"line {cmd.start_line}: RUN --network={network} is not supported "
+                              "(steps use the build's network): drop it, or use %network none in "
+                              "the notebook for all its steps")
         user = self._mounts(cmd, stage)
         head = ""
         if stage.user not in ("", "root", "0", "root:root", "0:0"):
