@@ -509,6 +509,12 @@ def test_a_dockerfile_notebook_steps_through_in_the_kernel_with_rollback(nbdir, 
             ["one", "two", "hello", "one"]
         assert k.execute(f"%rollback {cells[2].id}", "back", timeout=60).status == "ok"
         assert k.execute("ls /app", "look2", timeout=60).stream_text().split() == ["one"]
+        # a cell of its own as another user, with a tmpfs of its own; the next is root again
+        run = k.execute("%user nobody\n%mount type=tmpfs,target=/scratch\nid -u; echo $HOME; "
+                        "touch /scratch/x && echo tmpfs", "as-nobody", timeout=60)
+        assert run.status == "ok" and run.stream_text().split() == ["65534", "/", "tmpfs"]
+        assert k.execute("id -u; echo $HOME; ls /scratch 2>&1 | wc -l", "as-root",
+                         timeout=60).stream_text().split() == ["0", "/root", "1"]
     finally:
         k.close()
 
