@@ -107,13 +107,20 @@ class LiveRootfs:
                  for i in layer.imports if i.dest]
         run_in_userns(imports_mod.land_in_rootfs, str(self.imports_dir), str(self.path), items)
 
-    def ensure_container(self, layer: Layer, base_dir: str, network: str) -> Container:
-        """The container on the rootfs, started for `layer` (its imports and binds) if needed."""
+    def ensure_container(self, layer: Layer, base_dir: str, network: str,
+                         step_mounts: list[Mount] = ()) -> Container:
+        """The container on the rootfs, started for `layer` (its imports and binds) if needed,
+        with `step_mounts` (the mounts a step asks for by key) staged in it."""
         if self.container is not None and self.container.alive:
-            if self.container.config.network == network:
+            have = {(m.key, m.source) for m in self.container.config.mounts if m.key}
+            if self.container.config.network == network and \
+                    all((m.key, m.source) in have for m in step_mounts):
                 return self.container
-            # `%network` changed: the mode is the container's, so start it again (the
-            # live rootfs and the shell state carry over, as between any two steps).
+            # `%network` changed, or a step needs a mount the container lacks: the mode and the
+            # mounts are the container's, so start it again (the live rootfs and the shell
+            # state carry over, as between any two steps); the mounts staged before stay.
+            step_mounts = [m for m in self.container.config.mounts if m.key
+                           and m.key not in {s.key for s in step_mounts}] + list(step_mounts)
             self.stop_container()
         # The legacy `import:` key put files at /stacker/ (stacker < 1.0); `imports:` at /stacker/imports.
         where = "/stacker" if layer.uses_legacy_import() else "/stacker/imports"
@@ -123,6 +130,7 @@ class LiveRootfs:
             if not os.path.exists(src):
                 raise StepError(f"bind source {src} does not exist: fix the binds of layer {layer.name}")
             mounts.append(Mount(src, b.dest or b.source, readonly=False))
+        mounts += step_mounts
         self.container = Container.start(ContainerConfig(rootfs=str(self.path), mounts=mounts,
                                                          network=network))
         return self.container
