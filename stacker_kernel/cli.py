@@ -710,7 +710,7 @@ def _import_dockerfile(args: argparse.Namespace) -> int:
     if isinstance(out, str):
         _write_output(args.output, lambda p: write_bytes(Path(p), out.encode()))
     else:
-        _write_output(args.output, lambda p: write_bytes(Path(p), (nbformat.writes(out) + "\n").encode()))
+        _write_output(args.output, lambda p: write_bytes(Path(p), (nbformat.writes(nbformat.from_dict(out)) + "\n").encode()))
     print(f"wrote {args.output}")
     return 0
 

@@ -36,6 +36,7 @@ from stacker_kernel.storage.store import process_start_time
 
 START_TIMEOUT = 60.0
 INIT_MODULE = "stacker_kernel.container.init"
+ROOT_HOME = "/root"  # every step's HOME (stacker's steps run as root); a USER step gets its own
 
 
 @dataclass
@@ -153,9 +154,11 @@ class Container:
         user, body = step_user(script)
         shebang = is_shebang(script)
         cmd = {"op": "run", "nonce": nonce, "script": body, "shebang": shebang}
+        # HOME as Docker gives a RUN after USER: the user's, unless the environment sets
+        # another (root's HOME, every step's default, is not the user's)
+        user_home = user is not None and env.get("HOME", ROOT_HOME) == ROOT_HOME
         if user is not None:
-            # HOME as Docker gives a RUN after USER: the user's, unless the image's environment sets it
-            cmd["user"], cmd["home"] = user, "HOME" not in env
+            cmd["user"], cmd["home"] = user, user_home
         if mounts:
             cmd["mounts"] = mounts
         if shebang:
@@ -165,7 +168,7 @@ class Container:
             cmd["env"] = dict(env)
             defined, functions, unclear = functions_to_check(body, state)
             cmd["wrapper"] = build_wrapper(state, env, trace, functions, unclear,
-                                           user_home=user is not None and "HOME" not in env)
+                                           user_home=user_home)
         filt = OutputFilter(nonce, None if shebang else trace, user_trace=bool(state and state.user_trace))
         sink = _OutputSink(on_output, log_path, stream_cap, flush_interval,
                            _ScriptNamer(script_name) if script_name else None)

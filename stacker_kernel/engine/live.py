@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
+from stacker_kernel.container.runtime import ROOT_HOME, Container, ContainerConfig, Mount
 from stacker_kernel.engine import imports as imports_mod
 from stacker_kernel.errors import StepError
 from stacker_kernel.recipe.model import ImageSource, Layer
@@ -34,7 +34,7 @@ def build_environment(layer: Layer, host_env: dict[str, str] | None = None) -> d
     """The environment of a `run` step, as stacker builds it (not `environment:`)."""
     host_env = os.environ if host_env is None else host_env
     # HOME as a login shell of the steps' user (root) has it, as in stacker's containers
-    env = {"PATH": BUILD_PATH, "HOME": "/root"}
+    env = {"PATH": BUILD_PATH, "HOME": ROOT_HOME}
     patterns = DEFAULT_PASSTHROUGH if layer.build_env_passthrough is None else layer.build_env_passthrough
     for key, value in host_env.items():
         if value and any(re.fullmatch(p, key) for p in patterns):

@@ -150,7 +150,8 @@ class Differences:
         out = cls()
         for s in built:
             if s.cell_id not in pos:
-                out.gone.append(named(s.cell_id, s.source))
+                if ran_at.get(s.cell_id, 0.0) <= doc.saved_at:  # (run since: not saved yet)
+                    out.gone.append(named(s.cell_id, s.source))
             elif (scripts.get(s.cell_id) is not None and scripts[s.cell_id].strip() != s.source.strip()
                   and ran_at.get(s.cell_id, 0.0) <= doc.saved_at):  # (run since: the file is behind)
                 out.edited.append(named(s.cell_id, scripts[s.cell_id]))
