@@ -41,6 +41,7 @@ import itertools
 import os
 import queue
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -166,6 +167,21 @@ def rootfs_tree(storage: Path, snapshot: str) -> dict[str, tuple]:
 def tree_difference(a: dict, b: dict) -> list[str]:
     """The paths where two trees differ, for an assertion message."""
     return sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))[:20]
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def grab_log(storage: Path, notebook: Path) -> str:
+    """`stacker-kernel grab -f NOTEBOOK app:/log`: the file, as the CLI finds the notebook's build."""
+    dest = notebook.parent / "grabbed-log"
+    dest.unlink(missing_ok=True)
+    run = subprocess.run([sys.executable, "-m", "stacker_kernel.cli", "--storage", str(storage), "grab",
+                          "-f", str(notebook), f"{LAYER}:/log", str(dest)],
+                         cwd=notebook.parent, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"grab -f {notebook.name} failed:\n{run.stdout}{run.stderr}"
+    return dest.read_text()
 
 
 def headless_build(storage: Path, path: Path) -> str | None:
@@ -343,6 +359,9 @@ class NotebookModel(RuleBasedStateMachine):
         context = f"cell {slot} ({first_line(cell.source)!r}):\n{reply.shown}"
         if cell.fails:
             assert reply.status == "error", context
+            logs = sorted((self.dir / "stacker-logs").glob("*"), key=lambda p: p.stat().st_mtime_ns)
+            assert logs and logs[-1].name.startswith(Path(nb.name).stem + "-"), \
+                f"the failed step's log is {logs[-1].name if logs else None} beside {nb.name}"
         else:
             assert reply.status == "ok", context
         nb.image = keep
@@ -407,6 +426,14 @@ class NotebookModel(RuleBasedStateMachine):
         exported = self.check_export()
         nb = self.nb
         kernel_tree = rootfs_tree(self.storage, nb.image[-1].snapshot) if nb.image else None
+        if kernel_tree is not None:
+            # The image holds what the model's cells wrote, in the model's order.
+            values = [b.source.split()[1] for b in nb.image]
+            assert kernel_tree["/log"][4] == _sha("".join(v + "\n" for v in values)), values
+            for b in nb.image:
+                assert kernel_tree[f"/c_{b.cell[:6]}"][4] == _sha(b.source.split()[1] + "\n"), b.source
+            # The CLI finds the build by the notebook's current name.
+            assert grab_log(self.storage, self.dir / nb.name) == "".join(v + "\n" for v in values)
         built = headless_build(self.headless, exported)
         if kernel_tree is not None:
             assert built is not None, f"the headless build of {exported.name} made no step"
@@ -516,6 +543,20 @@ class NotebookModel(RuleBasedStateMachine):
         self.start()
         for cell in self.nb.cells:
             self.run(cell)
+
+    @rule()
+    @action
+    def duplicate(self) -> None:
+        """File browser > Duplicate, then open the copy (same cell ids): it starts a build
+        of its own, and the original's build is left alone."""
+        name = Path(self.nb.name).stem + "-Copy1.ipynb"
+        if (self.dir / name).exists():
+            return
+        shutil.copyfile(self.dir / self.nb.name, self.dir / name)
+        self.nb = Notebook(name, [Cell(c.id, c.source) for c in self.nb.cells])
+        self.notebooks.append(self.nb)
+        self.used_names.add(name)
+        self.start()
 
     @precondition(lambda self: len(self.notebooks) > 1)
     @rule(i=st.integers(0, 99))
