@@ -88,6 +88,7 @@ class Reply:
     marks: list[str]           # display ids of the display_data the cell showed
     updated: set[str]          # display ids an update_display_data rewrote
     snapshot: str | None       # the committed step's snapshot (reply metadata)
+    cached: bool               # the step came from the cache (reply metadata)
 
 
 def execute(kernel, code: str, cell_id: str) -> Reply:
@@ -130,7 +131,7 @@ def execute(kernel, code: str, cell_id: str) -> Reply:
     error = f"{body.get('ename')}: {body.get('evalue')}" if body["status"] == "error" else ""
     step = reply.get("metadata", {}).get("stacker") or {}
     return Reply(body["status"], body.get("execution_count"), error, "".join(shown), marks, updated,
-                 step.get("snapshot"))
+                 step.get("snapshot"), bool(step.get("cached")))
 
 
 # --- trees ---------------------------------------------------------------------------
@@ -236,6 +237,7 @@ class Notebook:
     name: str
     cells: list[Cell]
     image: list[Built] = field(default_factory=list)
+    based: bool = False  # the build has the base cell's directives (%layer, %from, %build_only)
 
     def position(self, cell_id: str) -> int:
         return next(i for i, c in enumerate(self.cells) if c.id == cell_id)
@@ -243,8 +245,11 @@ class Notebook:
     def steps(self) -> list[Cell]:
         return [c for c in self.cells if c.is_step]
 
-    def recipe(self) -> dict:
-        """The stacker.yaml `%export` should write: what the image holds."""
+    def recipe(self) -> dict | None:
+        """The stacker.yaml `%export` should write: what the image holds (None: no step and
+        no base in this build, e.g. a new one; its default layer is no cell's)."""
+        if not self.based:
+            return None
         layer: dict = {"from": {"type": "tar", "url": "busybox.tar"}, "build_only": True}
         if self.image:
             layer["run"] = "\n".join(b.source for b in self.image)
@@ -325,6 +330,9 @@ class NotebookModel(RuleBasedStateMachine):
         self.kernel = start_kernel(self.dir / self.nb.name, self.kernels,
                                    STACKER_KERNEL_STORAGE=str(self.storage))
         self.prompts, self.mark_of = {}, {}
+        # What a build keeps across kernels is its committed steps, each with its layer's
+        # directives: a build without steps comes back without its base.
+        self.nb.based = bool(self.nb.image)
 
     def stop(self) -> None:
         if self.kernel is not None:
@@ -339,13 +347,16 @@ class NotebookModel(RuleBasedStateMachine):
         return reply
 
     def named(self, text: str, cell: Cell, old_source: str | None = None) -> bool:
-        """Whether `text` names the cell: by its prompt, its first line (now or when it ran),
-        or its id."""
-        names = [first_line(cell.source), cell.id[:8]]
+        """Whether `text` names the cell as the notebook shows it: by its prompt in this
+        kernel (`[7]`), its place in the saved notebook (`#3`), its first line (now or
+        when it ran), or its short id."""
+        names = [re.escape(first_line(cell.source)), re.escape(cell.id[:8])]
         if old_source is not None:
-            names.append(first_line(old_source))
-        names += [f"[{n}]" for n in self.prompts.get(cell.id, [])]
-        return any(n in text for n in names)
+            names.append(re.escape(first_line(old_source)))
+        if cell.id in self.prompts:
+            names.append(re.escape(f"[{self.prompts[cell.id][-1]}]"))
+        names.append(f"#{self.nb.position(cell.id) + 1}(?![0-9])")
+        return re.search("|".join(names), text) is not None
 
     def run(self, cell: Cell) -> Reply:
         """Run one cell of the document (Shift-Enter) and move the model as the kernel must."""
@@ -365,6 +376,8 @@ class NotebookModel(RuleBasedStateMachine):
         else:
             assert reply.status == "ok", context
         nb.image = keep
+        if not cell.is_step:
+            nb.based = True
         if cell.is_step and reply.status == "ok":
             assert reply.snapshot, context
             nb.image.append(Built(cell.id, cell.source, reply.snapshot))
@@ -413,7 +426,10 @@ class NotebookModel(RuleBasedStateMachine):
         changed = {n for n in after if before.get(n) != after[n]}
         assert changed <= {target.name}, f"%export of {nb.name} wrote {sorted(changed)}"
         got = normalized(yaml.safe_load(target.read_text()))
-        assert got == normalized(nb.recipe()), f"%export of {nb.name}:\n{reply.shown}"
+        if nb.recipe() is None:
+            assert not any("run" in layer for layer in got.values()), f"%export of {nb.name}:\n{reply.shown}"
+        else:
+            assert got == normalized(nb.recipe()), f"%export of {nb.name}:\n{reply.shown}"
         for cell, why in nb.differences():
             built = next((b.source for b in nb.image if b.cell == cell.id), None)
             assert self.named(reply.shown, cell, built), \
@@ -421,30 +437,26 @@ class NotebookModel(RuleBasedStateMachine):
         return target
 
     def check_builds(self) -> None:
-        """The exported stacker.yaml and, when the document and the image agree, the saved
-        notebook, built headless on a storage of their own, give the kernel's rootfs."""
+        """The image holds what the model's cells wrote, the CLI finds it by the notebook's
+        current name, and the exported stacker.yaml and (when the document and the image
+        agree) the saved notebook, built headless on a storage of their own, give its rootfs."""
         exported = self.check_export()
         nb = self.nb
-        kernel_tree = rootfs_tree(self.storage, nb.image[-1].snapshot) if nb.image else None
-        if kernel_tree is not None:
-            # The image holds what the model's cells wrote, in the model's order.
-            values = [b.source.split()[1] for b in nb.image]
-            assert kernel_tree["/log"][4] == _sha("".join(v + "\n" for v in values)), values
-            for b in nb.image:
-                assert kernel_tree[f"/c_{b.cell[:6]}"][4] == _sha(b.source.split()[1] + "\n"), b.source
-            # The CLI finds the build by the notebook's current name.
-            assert grab_log(self.storage, self.dir / nb.name) == "".join(v + "\n" for v in values)
-        built = headless_build(self.headless, exported)
-        if kernel_tree is not None:
-            assert built is not None, f"the headless build of {exported.name} made no step"
+        if not nb.image:
+            return  # nothing built to compare
+        kernel_tree = rootfs_tree(self.storage, nb.image[-1].snapshot)
+        values = [b.source.split()[1] for b in nb.image]  # `echo VALUE > /c_TAG`
+        log = "".join(v + "\n" for v in values)
+        assert kernel_tree["/log"][4] == _sha(log), values
+        for b, value in zip(nb.image, values):
+            assert kernel_tree[f"/c_{b.cell[:6]}"][4] == _sha(value + "\n"), b.source
+        assert grab_log(self.storage, self.dir / nb.name) == log
+        sources = [exported] + ([self.dir / nb.name] if not nb.differences() else [])
+        for source in sources:
+            built = headless_build(self.headless, source)
+            assert built is not None, f"the headless build of {source.name} made no step"
             tree = rootfs_tree(self.headless, built)
-            assert tree == kernel_tree, f"{exported.name}: {tree_difference(tree, kernel_tree)}"
-        if not nb.differences():
-            built = headless_build(self.headless, self.dir / nb.name)
-            if kernel_tree is not None:
-                assert built is not None, f"the headless build of {nb.name} made no step"
-                tree = rootfs_tree(self.headless, built)
-                assert tree == kernel_tree, f"{nb.name}: {tree_difference(tree, kernel_tree)}"
+            assert tree == kernel_tree, f"{source.name}: {tree_difference(tree, kernel_tree)}"
 
     # --- the user's actions ----------------------------------------------------------
 
@@ -547,16 +559,31 @@ class NotebookModel(RuleBasedStateMachine):
     @rule()
     @action
     def duplicate(self) -> None:
-        """File browser > Duplicate, then open the copy (same cell ids): it starts a build
-        of its own, and the original's build is left alone."""
+        """File browser > Duplicate, open the copy (same cell ids) and Run All: it builds on
+        its own, its unchanged steps from the cache, and the original's build is left alone."""
         name = Path(self.nb.name).stem + "-Copy1.ipynb"
         if (self.dir / name).exists():
             return
-        shutil.copyfile(self.dir / self.nb.name, self.dir / name)
-        self.nb = Notebook(name, [Cell(c.id, c.source) for c in self.nb.cells])
+        original = self.nb
+        shutil.copyfile(self.dir / original.name, self.dir / name)
+        self.nb = Notebook(name, [Cell(c.id, c.source) for c in original.cells])
         self.notebooks.append(self.nb)
         self.used_names.add(name)
         self.start()
+        # The steps the original built in the copy's order are cache hits.
+        same = 0
+        for built, cell in zip(original.image, self.nb.steps()):
+            if built.source != cell.source:
+                break
+            same += 1
+        replies = []
+        for cell in list(self.nb.cells):
+            reply = self.run(cell)
+            if cell.is_step:
+                replies.append(reply)
+            if reply.status != "ok":
+                break
+        assert all(r.cached for r in replies[:same]), [r.shown for r in replies[:same]]
 
     @precondition(lambda self: len(self.notebooks) > 1)
     @rule(i=st.integers(0, 99))
