@@ -15,7 +15,7 @@ from typing import Any, Callable, NoReturn
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.live import build_environment
 from stacker_kernel.engine.remote_cache import CacheSettings, RemoteCache
-from stacker_kernel.engine.session import BuildSession
+from stacker_kernel.engine.session import BuildSession, RecordedRecipe
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError
 from stacker_kernel.recipe.model import Layer, Recipe, first_line
 from stacker_kernel.storage import btrfs
@@ -280,10 +280,21 @@ def _step_number(store: Store, failed: Snapshot) -> int:
 
 
 def latest_session(store: Store, path: str):
-    """The newest session (build or kernel) of a stacker.yaml or notebook path."""
+    """The newest session (build or kernel) of a stacker.yaml or notebook path. A saved
+    notebook's is found by its cells (engine/identity.py): a session of its name that ran
+    none of them is another notebook's, and a renamed notebook's build is found under
+    its old name."""
+    from stacker_kernel.engine.identity import holds, notebook_cells, session_cells
+
     abspath = os.path.abspath(path)
     # Not a `chroot` (a throwaway session of the same name, open while its shell runs).
     sessions = [s for s in store.find_sessions(name=abspath) if s.kind != "chroot"]
+    cells = set(notebook_cells(abspath) or ()) if abspath.endswith(".ipynb") else set()
+    if cells:
+        sessions = [s for s in sessions if not session_cells(store, s) or session_cells(store, s) & cells]
+        if not sessions:
+            sessions = [s for s in store.find_sessions() if s.kind != "chroot" and s.history
+                        and session_cells(store, s) & cells and not holds(s.name, session_cells(store, s))]
     if not sessions:
         raise RecipeError(f"{path} has not been built in this storage: run 'stacker-kernel build -f {path}' first")
     return sessions[0]
@@ -380,10 +391,13 @@ def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = 
 
         from stacker_kernel.recipe.notebook import recipe_from_notebook
 
-        layers = recipe_from_notebook(nb, Path(path).stem, {}).layers  # as the kernel ran them: defaults
         with open_store() as store:
+            sess = latest_session(store, path)
+            # The layers as they were built (their record), else as the notebook says now.
+            layers = (RecordedRecipe.of(store, sess).recipe.layers if sess.recipe not in ("", "[]")
+                      else recipe_from_notebook(nb, Path(path).stem, {}).layers)
             extra = {"attestations": attestations} if attestations is not None else {}
-            export_stored_session(store, latest_session(store, path), oci_dir, layers=layers,
+            export_stored_session(store, sess, oci_dir, layers=layers,
                                   stacker_yaml=text, progress=progress,
                                   **({"layer_types": layer_types} if layer_types else {}), **extra)
     return text

@@ -198,7 +198,8 @@ class RemoteCache:
             sid = uuid.uuid4().hex  # the next steps will miss, but this one is right
         snap = Snapshot(id=sid, parent=head.id, session=session.session.id, layer=session.layer.name,
                         cell_id=cell_id, source=script, cache_key=key, state=state, status="ok",
-                        started=started, duration=float(record.get("duration") or 0.0))
+                        started=started, duration=float(record.get("duration") or 0.0),
+                        layer_def=session._layer_def())
         try:
             snap = store.commit(session.live, snap)
         except StackerKernelError:

@@ -19,6 +19,7 @@ CLI) call this class; it knows nothing about Jupyter.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -35,7 +36,8 @@ from stacker_kernel.engine.history import History, StepView
 from stacker_kernel.engine.live import BUILD_PATH, LiveRootfs, absolute_source, build_environment
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
 from stacker_kernel.recipe.cells import split_script
-from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, first_line
+from stacker_kernel.recipe.model import (ImageSource, Layer, Recipe, Step, first_line, layer_from_record,
+                                         layer_record)
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Session, Snapshot, Store
 
@@ -83,6 +85,50 @@ class _LayerRun:
     base_dir: str | None = None   # directory that relative imports are resolved against
 
 
+@dataclass
+class RecordedRecipe:
+    """What a session record says about its recipe and cells (see BuildSession._persist)."""
+    recipe: Recipe
+    dirs: dict[str, str]
+    cells: dict[str, str]  # layer -> the cell that started it
+    order: list[str]  # cell ids in the order they were first run
+    hits: dict[str, str | None]  # history entry -> its cell here, where not the snapshot's
+
+    @classmethod
+    def of(cls, store: Store, sess: Session, history: list[str] | None = None) -> "RecordedRecipe":
+        """The recipe of session `sess` with the steps of its history (or of `history`):
+        its recorded layer definitions, else (a store of an older version) those its
+        steps recorded, else empty scratch layers named after them."""
+        try:
+            layers = json.loads(sess.recipe or "[]")
+        except ValueError:
+            layers = []
+        out = cls(Recipe(), {}, {}, list(sess.cell_order), dict(sess.entry_cells))
+        for entry in layers:
+            layer = layer_from_record(entry["layer"])
+            out.recipe.layers[layer.name] = layer
+            out.dirs[layer.name] = entry.get("base_dir") or os.path.dirname(sess.name)
+            if entry.get("cell"):
+                out.cells[layer.name] = entry["cell"]
+        for sid in sess.history if history is None else history:
+            snap = store.get(sid)
+            if snap is None:
+                continue
+            layer = out.recipe.layers.get(snap.layer)
+            if layer is None:
+                layer = Layer(name=snap.layer, from_=ImageSource(type="scratch"))
+                if snap.layer_def:
+                    try:
+                        entry = json.loads(snap.layer_def)
+                        layer = layer_from_record(entry["layer"])
+                        out.dirs[layer.name] = entry.get("base_dir") or os.path.dirname(sess.name)
+                    except (ValueError, KeyError, TypeError):
+                        pass
+                out.recipe.layers[snap.layer] = layer
+            layer.steps.append(Step(snap.source, out.hits.get(sid, snap.cell_id)))
+        return out
+
+
 class BuildSession:
     """A notebook's (or a build's) sequence of layers and steps over one store."""
 
@@ -98,9 +144,17 @@ class BuildSession:
         self.network = "host"
         self.remote_cache = None  # engine/remote_cache.RemoteCache: --cache-from/--cache-to, %cache
         self.resumed: StepView | None = None
+        self.identity = None  # engine.identity.Identity: how open() found the session
+        # How the face names a cell in messages (a kernel: its prompt, [3]), and the saved
+        # notebook's code cell ids in order (None: not saved), where a cell's slot is.
+        self.cell_name: Callable[[str | None], str] = lambda cell_id: (cell_id or "")[:8]
+        self.document: Callable[[], list[str] | None] | None = None
         self.recipe = Recipe()
         self._run = _LayerRun(Layer(name=default_layer, from_=ImageSource(type="scratch")), base_dir=base_dir)
         self.recipe.layers[default_layer] = self._run.layer
+        self._layer_dirs: dict[str, str] = {}  # layer -> the directory its relative paths start from
+        self._layer_cells: dict[str, str] = {}  # layer -> the cell whose %layer started it
+        self._cell_order: list[str] = session.cell_order  # cell ids in the order they were first run
         self.head: Snapshot | None = None  # last committed snapshot of the current layer (or its base)
         self.state: ShellState | None = None
         self.inspecting_failure = False
@@ -109,6 +163,7 @@ class BuildSession:
         self._interrupt_requested = False
         self._live = LiveRootfs(store, session.id)
         self._history = History(store, session)
+        self._history.cell_ids = session.entry_cells  # recorded with the history rows
         self._cache = StepCache(store)
         self._lock = threading.RLock()  # session state; widgets read it from other threads
         self._step_lock = threading.Lock()  # one step at a time
@@ -118,55 +173,110 @@ class BuildSession:
     @classmethod
     def open(cls, store: Store, name: str, *, kind: str = "kernel", resume: bool = True,
              default_layer: str | None = None, base_dir: str | None = None,
-             resolve_built: Callable[[str], Snapshot] | None = None) -> "BuildSession":
+             resolve_built: Callable[[str], Snapshot] | None = None,
+             cells: set[str] | None = None) -> "BuildSession":
         """A new session for `name` (a notebook or stacker.yaml path). With `resume`,
-        a previous session of the same name whose owner is gone is taken over at
-        its last snapshot (`self.resumed` says which).
+        a previous session whose owner is gone is taken over at its last snapshot
+        (`self.resumed` says which, `self.identity` how it was found): with `cells`
+        (the ids of the notebook's cells: the one being run and the saved
+        notebook's), the session that ran any of them (engine/identity.py), never
+        one of another notebook by its name alone; without, the one of the same name.
 
-        One session of a `kind` per name at a time: while another one's owner is
+        One session of a `kind` per notebook at a time: while another one's owner is
         alive (a second build of a file, a second kernel of a notebook), this
         raises SessionBusyError naming it, and nothing of it is touched.
         """
+        from stacker_kernel.engine import identity
+        from stacker_kernel.errors import SessionBusyError
+        from stacker_kernel.storage.store import _busy_message
+
         # Containers of crashed engines on this store (PDEATHSIG should have ended them).
         Container.kill_orphans(str(store.root / "live"))
         default_layer = default_layer or Path(name).stem or "layer"
         base_dir = base_dir or str(Path(name).parent if os.path.isabs(name) else os.getcwd())
+        found = identity.Identity("new")
         # Under the write lock: two opening at once cannot both see the name free.
         with store.write_lock():
-            sess = store.new_session(kind, name, exclusive=True)
+            if cells is None:
+                sess = store.new_session(kind, name, exclusive=True)
+            else:
+                busy = identity.busy_with(store, name, cells, kind)
+                if busy is not None:
+                    raise SessionBusyError(_busy_message(busy))
+                sess = store.new_session(kind, name)
             previous = None
-            if resume:
+            if resume and cells is None:
                 for old in store.find_sessions(name=name, kind=kind):
                     if old.id != sess.id and not store.session_alive(old) and old.history:
                         previous = old
+                        found = identity.Identity("restarted")
                         break
+            elif resume:
+                previous, found = identity.find_previous(store, name, cells, kind, exclude=sess.id)
         self = cls(store, sess, default_layer=default_layer, base_dir=base_dir, resolve_built=resolve_built)
+        self.identity = found
         if previous is not None:
             self._take_over(previous)
         return self
+
+    def rename(self, name: str) -> None:
+        """The notebook was renamed or moved (while its kernel runs): the session takes
+        its new path (exports and logs are named after it)."""
+        with self._lock:
+            if name != self.session.name:
+                self.session.name = name
+                self._persist()
 
     def _take_over(self, old: Session) -> None:
         history = [sid for sid in old.history if self.store.get(sid) is not None]
         if not history:
             return
+        recorded = RecordedRecipe.of(self.store, old, history)
+        self._history.cell_ids.update(recorded.hits)
         self._history.keep(history)
         self.session.tags = dict(old.tags)
         head = self.store.get(history[-1])
-        self.session.head = head.id
-        self.session.layer = head.layer
-        self.store.update_session(self.session)
+        self.recipe = recorded.recipe
+        # A moved notebook's relative paths start from its new folder.
+        moved_from = os.path.dirname(old.name)
+        self._layer_dirs = {name: self.base_dir if d == moved_from else d for name, d in recorded.dirs.items()}
+        self._layer_cells = recorded.cells
+        self._cell_order[:] = recorded.order
         self.store.forget_session(old.id)
-        # Rebuild the layer skeleton: names and order come from the history.
-        self.recipe = Recipe()
-        for sid in history:
-            snap = self.store.get(sid)
-            if snap.layer not in self.recipe.layers:
-                self.recipe.layers[snap.layer] = Layer(name=snap.layer, from_=ImageSource(type="scratch"))
-            self.recipe.layers[snap.layer].steps.append(Step(snap.source, snap.cell_id))
-        self._run = _LayerRun(self.recipe.layers[head.layer], base_dir=self.base_dir)
-        self.head = head
-        self.state = ShellState.of_snapshot(head.state)
+        current = old.layer if old.layer in self.recipe.layers else head.layer
+        self._run = _LayerRun(self.recipe.layers[current], base_dir=self._layer_dirs.get(current, self.base_dir))
+        if current == head.layer:
+            self.head = head
+            self.state = ShellState.of_snapshot(head.state)
+        # else: a layer started after the last step: its base is prepared at its first step
+        self.session.head = self.head.id if self.head else None
+        self.session.layer = current
+        self._persist()
         self.resumed = self._history.views(measure=False)[-1]
+
+    # --- the record of the recipe -------------------------------------------------
+
+    def _persist(self) -> None:
+        """Store the session record: position, history, tags, and the recipe and cells
+        (so that a resumed session, or an export from the CLI, knows them)."""
+        self.session.recipe = json.dumps([
+            {"layer": layer_record(layer), "base_dir": self._layer_dirs.get(name, self.base_dir),
+             "cell": self._layer_cells.get(name)} for name, layer in self.recipe.layers.items()])
+        self.store.update_session(self.session)
+
+    def _layer_def(self) -> str:
+        """The current layer's definition as a step records it (Snapshot.layer_def)."""
+        return json.dumps({"layer": layer_record(self.layer), "base_dir": self._run.base_dir or self.base_dir})
+
+    def note_cell(self, cell_id: str | None) -> None:
+        """Cell `cell_id` runs: the first time, it takes its place in the order of first runs
+        (where it stands when the notebook is not saved)."""
+        if cell_id and cell_id not in self._cell_order:
+            self._cell_order.append(cell_id)
+
+    @property
+    def cell_order(self) -> list[str]:
+        return list(self._cell_order)
 
     def close(self) -> None:
         """Stop the container, drop the live rootfs and give up the name (another
@@ -194,8 +304,10 @@ class BuildSession:
         with self._lock:
             self._finish_layer()
             self.recipe.layers[layer.name] = layer
+            self._layer_dirs[layer.name] = base_dir or self.base_dir
             self._run = _LayerRun(layer, base_dir=base_dir or self.base_dir)
             self._reset_live()
+            self._persist()
 
     def apply_directives(self, directives, cell_id: str | None = None, script: str = "") -> list[str]:
         """Apply the recipe directives of one cell to the session; returns lines to show.
@@ -209,6 +321,7 @@ class BuildSession:
 
         info: list[str] = []
         with self._lock:
+            self.note_cell(cell_id)
             if (cell_id is not None and not self.inspecting_failure
                     and not any(d.name == "layer" for d in directives)):
                 # A cell run again goes back to its step's parent first, so its
@@ -219,7 +332,7 @@ class BuildSession:
                 if d.interactive:
                     continue
                 if d.name == "layer":
-                    info.extend(self._directive_layer(d.args))
+                    info.extend(self._directive_layer(d.args, cell_id))
                     continue
                 if d.name == "from" and self.layer_steps():
                     # A new base invalidates every step of the layer: this is the cell that
@@ -235,13 +348,14 @@ class BuildSession:
                 self._set_layer(apply_directive(self.layer, d, script))
                 if d.name in ("from", "binds", "import"):
                     self._reset_live()
+            self._persist()
         return info
 
     def _set_layer(self, layer: Layer) -> None:
         self._run.layer = layer
         self.recipe.layers[layer.name] = layer
 
-    def _directive_layer(self, name: str) -> list[str]:
+    def _directive_layer(self, name: str, cell_id: str | None = None) -> list[str]:
         if not name or ":" in name:
             raise RecipeError(f"invalid layer name {name!r}: a layer name must be non-empty and must not contain ':'")
         if name == self.layer.name and not self.layer_steps():
@@ -262,10 +376,12 @@ class BuildSession:
             self._finish_layer()
         layer = Layer(name=name, from_=ImageSource(type="scratch"))
         self.recipe.layers[name] = layer
+        if cell_id:
+            self._layer_cells[name] = cell_id
         self._run = _LayerRun(layer, base_dir=self.base_dir)
         self._reset_live()
         self.session.layer = name
-        self.store.update_session(self.session)
+        self._persist()
         return []
 
     def _implicit_layer_unused(self) -> bool:
@@ -276,7 +392,7 @@ class BuildSession:
     def _finish_layer(self) -> None:
         if self.head is not None:
             self.session.tags[self.layer.name] = self.head.id
-            self.store.update_session(self.session)
+            self._persist()
         self._stop_container()
 
     def finish(self) -> None:
@@ -332,11 +448,11 @@ class BuildSession:
             self.session.tags.pop(later, None)
         fresh = Layer(name=name, from_=ImageSource(type="scratch"))
         self.recipe.layers[name] = fresh
-        self._run = _LayerRun(fresh, base_dir=self.base_dir)
+        self._run = _LayerRun(fresh, base_dir=self._layer_dirs.get(name, self.base_dir))
         self._history.keep(keep)
         self.session.head = None
         self.session.layer = name
-        self.store.update_session(self.session)
+        self._persist()
         self._reset_live()
 
     # --- the live rootfs -------------------------------------------------------
@@ -423,7 +539,7 @@ class BuildSession:
             with self.store.write_lock():
                 if self.store.get(base.id) is not None and base.path.is_dir():
                     self.session.head = base.id
-                    self.store.update_session(self.session)
+                    self._persist()
                     return base
         raise StorageError(f"the base of layer {self.layer.name} was deleted while it was being "
                            "imported (a gc running beside the build?): run the step again")
@@ -465,7 +581,7 @@ class BuildSession:
         snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                         layer=self.layer.name, source=source, cache_key=key,
                         state=self.state.to_json() if self.state else "null", started=started,
-                        duration=time.time() - started)
+                        duration=time.time() - started, layer_def=self._layer_def())
         stored = self._cache.commit(self.live, snap, None, reuse_cached=self.use_cache)
         if stored.id != snap.id:  # landed by another session meanwhile: see _run_step
             self._replace_live(stored)
@@ -508,6 +624,7 @@ class BuildSession:
     def _run_step(self, script: str, cell_id: str | None, on_output: OutputFn | None,
                   on_progress: OutputFn | None = None) -> StepOutcome:
         with self._lock:
+            self.note_cell(cell_id)
             if cell_id is not None and not self.inspecting_failure:
                 for line in self._rollback_for_rerun(cell_id):
                     if on_output is not None:
@@ -559,7 +676,7 @@ class BuildSession:
             snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                             layer=self.layer.name, cell_id=cell_id, source=script, cache_key=key,
                             state=result.state.to_json(), status="ok", started=started,
-                            duration=result.duration)
+                            duration=result.duration, layer_def=self._layer_def())
             try:
                 # A step with binds is never taken from the cache (what they hold is not
                 # in its key), so it is not swapped for another's either.
@@ -595,7 +712,7 @@ class BuildSession:
         self._history.append(snap, cell_id, hit=hit)
         self.session.head = snap.id
         self.session.layer = snap.layer
-        self.store.update_session(self.session)
+        self._persist()
 
     def _cached_cells(self, script: str, env: dict[str, str]) -> list[Snapshot]:
         """The snapshots of steps that together are `script` (a `run` that joins
@@ -722,16 +839,80 @@ class BuildSession:
         self._history.wait_for_sizes()
 
     def _rollback_for_rerun(self, cell_id: str) -> list[str]:
-        """Re-running a cell that produced a snapshot: back to that snapshot's parent.
-        Returns a line naming the later layers this drops, said before dropping them."""
+        """A cell keeps its place. Re-running a cell that produced a snapshot goes back to
+        that snapshot's parent; running a cell (failed before, edited, new) whose slot is
+        above steps committed after it goes back to its slot. Either way the later steps
+        are undone. Returns the lines saying so (naming the cells and layers dropped)."""
+        self.note_cell(cell_id)
         keep = self._history.position_of_cell(cell_id)
+        rerun, layer, from_runs = keep is not None, None, False
         if keep is None:
-            return []
+            keep, layer, from_runs = self._slot_position(cell_id)
+            if keep is None:
+                return []
         snaps = self._history.snaps()
-        target = snaps[keep].layer if keep < len(snaps) else self.layer.name
+        target = layer or (snaps[keep].layer if keep < len(snaps) else self.layer.name)
         dropped = self._later_layers_note(target)
-        self._rollback_to_position(keep)
-        return [f"re-running a cell of layer {target}{dropped}"] if dropped else []
+        others = [(i, s) for i, s in enumerate(snaps[keep:], keep + 1) if s.cell_id != cell_id]
+        self._rollback_to_position(keep, layer)
+        lines = []
+        if others:
+            names = "; ".join(f"{self.cell_name(s.cell_id) or f'step {i}'} "
+                              f"{first_line(s.source, skip_shebang=True, width=40)}" for i, s in others)
+            where = (" (the order the cells were first run in: the notebook is not saved)"
+                     if from_runs else "")
+            what = "re-running this cell" if rerun else f"this cell stands above them in the notebook{where}, so"
+            lines.append(f"{what} undoes the step{'s' if len(others) > 1 else ''} of {names}: back to step"
+                         f" {keep}; run {'those cells' if len(others) > 1 else 'that cell'} again to rebuild")
+        if dropped:
+            lines.append(f"re-running a cell of layer {target}{dropped}")
+        return lines
+
+    def slot_order(self) -> tuple[list[str], set[str]]:
+        """Where cells stand: the saved notebook's code cells in order, with the cells it
+        does not hold placed after the cell run before them; and the cells placed by the
+        order they were first run in (not in the saved notebook)."""
+        doc = self.document() if self.document is not None else None
+        runs = self._cell_order
+        if not doc:
+            return list(runs), set(runs)
+        order = list(doc)
+        placed = set(order)
+        by_runs = set()
+        for i, c in enumerate(runs):
+            if c in placed:
+                continue
+            prev = next((runs[j] for j in range(i - 1, -1, -1) if runs[j] in placed), None)
+            order.insert(order.index(prev) + 1 if prev is not None else len(order), c)
+            placed.add(c)
+            by_runs.add(c)
+        return order, by_runs
+
+    def _slot_position(self, cell_id: str) -> tuple[int | None, str | None, bool]:
+        """For a cell with no step: how many history entries stand before its slot
+        (None: every step stands before it), the layer it belongs to if known (the
+        layer whose %layer cell stands last before it), and whether its place came
+        from the order of first runs."""
+        order, by_runs = self.slot_order()
+        pos = {c: i for i, c in enumerate(order)}
+        if cell_id not in pos:
+            return None, None, False
+        mine = pos[cell_id]
+        snaps = self._history.snaps()
+        keep = next((i for i, s in enumerate(snaps) if s.cell_id in pos and pos[s.cell_id] > mine), None)
+        if keep is None:
+            return None, None, False
+        layer = None
+        starts = {c: name for name, c in self._layer_cells.items() if name in self.recipe.layers}
+        for c in order[:mine]:
+            layer = starts.get(c, layer)
+        names = list(self.recipe.layers)
+        if layer is not None and layer in names:
+            later = set(names[names.index(layer) + 1:])
+            keep = next((i for i, s in enumerate(snaps[:keep]) if s.layer in later), keep)
+        else:
+            layer = None
+        return keep, layer, cell_id in by_runs or snaps[keep].cell_id in by_runs
 
     def _later_layers_note(self, name: str) -> str:
         """', so the later layers A, B leave the image (...)': the layers after `name`
@@ -745,10 +926,11 @@ class BuildSession:
                 f" {'leave' if many else 'leaves'} the image (run {'their' if many else 'its'}"
                 " cells again to rebuild)")
 
-    def _rollback_to_position(self, keep: int) -> StepView | None:
-        """Keep the first `keep` history entries; the head becomes the last kept (or a layer base)."""
+    def _rollback_to_position(self, keep: int, layer: str | None = None) -> StepView | None:
+        """Keep the first `keep` history entries; the head becomes the last kept (or a layer
+        base). The session goes on in `layer` (default: that of the first entry dropped)."""
         snaps = self._history.snaps()
-        target_layer = snaps[keep].layer if keep < len(snaps) else self.layer.name
+        target_layer = layer or (snaps[keep].layer if keep < len(snaps) else self.layer.name)
         kept = snaps[:keep]
         self._history.keep([s.id for s in kept])
         # Layers after the target's layer leave the recipe.
@@ -763,7 +945,7 @@ class BuildSession:
             self.recipe.layers[target_layer] = layer
         layer.steps = [Step(s.source, s.cell_id) for s in kept if s.layer == target_layer]
         if self._run.layer is not layer:
-            self._run = _LayerRun(layer, base_dir=self.base_dir)
+            self._run = _LayerRun(layer, base_dir=self._layer_dirs.get(target_layer, self.base_dir))
         same_layer = [s for s in kept if s.layer == target_layer]
         self._stop_container()
         self.inspecting_failure = False
@@ -785,7 +967,7 @@ class BuildSession:
                 self._live.ready = False
         self.session.head = self.head.id if self.head else None
         self.session.layer = target_layer
-        self.store.update_session(self.session)
+        self._persist()
         return self._history.views(measure=False)[-1] if kept else None
 
     def rollback(self, to: int | str | None = None) -> StepView | None:
@@ -802,7 +984,7 @@ class BuildSession:
             return
         with self._lock:
             if self._history.forget_cells(ids):
-                self.store.update_session(self.session)
+                self._persist()
 
     # --- reading snapshots -----------------------------------------------------
 

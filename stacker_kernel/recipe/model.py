@@ -327,3 +327,23 @@ def first_line(script: str, *, skip_shebang: bool = False, width: int | None = N
         lines = [ln for ln in lines if not ln.startswith("#!")] or lines
     line = lines[0] if lines else empty
     return line if width is None or len(line) <= width else line[:width - 1] + "…"
+
+
+def layer_record(layer: Layer) -> dict:
+    """`layer`'s definition without its steps, as plain JSON data (what a session
+    records so that its recipe outlives the process that built it)."""
+    record = {f.name: getattr(layer, f.name) for f in fields(layer) if f.name not in ("steps", "warnings")}
+    record["from_"] = vars(layer.from_).copy()
+    record["imports"] = [vars(i).copy() for i in layer.imports]
+    record["binds"] = [vars(b).copy() for b in layer.binds]
+    return record
+
+
+def layer_from_record(record: dict) -> Layer:
+    """The Layer (without steps) `layer_record` made `record` from."""
+    known = {f.name for f in fields(Layer)} - {"steps", "warnings"}
+    values = {k: v for k, v in record.items() if k in known}
+    values["from_"] = ImageSource(**record["from_"])
+    values["imports"] = [Import(**i) for i in record.get("imports", [])]
+    values["binds"] = [Bind(**b) for b in record.get("binds", [])]
+    return Layer(**values)
