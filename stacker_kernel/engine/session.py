@@ -327,7 +327,8 @@ class BuildSession:
                 # A cell run again goes back to its step's parent first, so its
                 # directives change the layer that step belongs to (not the current
                 # one); a `%layer` cell goes back to the layer's start by itself.
-                info.extend(self._rollback_for_rerun(cell_id))
+                # (A `%from` cell without a step goes back to its layer's start below.)
+                info.extend(self._rollback_for_rerun(cell_id, slot=not any(d.name == "from" for d in directives)))
             for d in directives:
                 if d.interactive:
                     continue
@@ -838,7 +839,7 @@ class BuildSession:
         """Wait until the background size measurements have finished (history() then has them)."""
         self._history.wait_for_sizes()
 
-    def _rollback_for_rerun(self, cell_id: str) -> list[str]:
+    def _rollback_for_rerun(self, cell_id: str, slot: bool = True) -> list[str]:
         """A cell keeps its place. Re-running a cell that produced a snapshot goes back to
         that snapshot's parent; running a cell (failed before, edited, new) whose slot is
         above steps committed after it goes back to its slot. Either way the later steps
@@ -847,6 +848,8 @@ class BuildSession:
         keep = self._history.position_of_cell(cell_id)
         rerun, layer, from_runs = keep is not None, None, False
         if keep is None:
+            if not slot:
+                return []
             keep, layer, from_runs = self._slot_position(cell_id)
             if keep is None:
                 return []
@@ -857,13 +860,17 @@ class BuildSession:
         self._rollback_to_position(keep, layer)
         lines = []
         if others:
+            many = len(others) > 1
             names = "; ".join(f"{self.cell_name(s.cell_id) or f'step {i}'} "
                               f"{first_line(s.source, skip_shebang=True, width=40)}" for i, s in others)
-            where = (" (the order the cells were first run in: the notebook is not saved)"
-                     if from_runs else "")
-            what = "re-running this cell" if rerun else f"this cell stands above them in the notebook{where}, so"
-            lines.append(f"{what} undoes the step{'s' if len(others) > 1 else ''} of {names}: back to step"
-                         f" {keep}; run {'those cells' if len(others) > 1 else 'that cell'} again to rebuild")
+            cells = f"cell{'s' if many else ''} {names}"
+            again = f"(back to step {keep}); run {'them' if many else 'it'} again to rebuild"
+            if rerun:
+                lines.append(f"re-running this cell undoes the step{'s' if many else ''} of the later {cells} {again}")
+            else:
+                where = (" (as the cells were first run: the notebook is not saved yet)" if from_runs else "")
+                lines.append(f"this cell stands above {cells} in the notebook{where}: "
+                             f"{'their steps are' if many else 'its step is'} undone {again}")
         if dropped:
             lines.append(f"re-running a cell of layer {target}{dropped}")
         return lines
