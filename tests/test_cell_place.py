@@ -49,7 +49,7 @@ def test_a_fixed_failed_cell_goes_back_to_its_place_and_undoes_the_cells_below(l
     lab.ok("%rollback 2", "rb")
     exported = text(lab.ok("%export", "x"))
     yaml_text = (nbdir / "fix.stacker.yaml").read_text()
-    assert f"echo {token} > /a" in yaml_text and "echo b > /b" in yaml_text and "echo c" not in yaml_text
+    assert f"echo {token} > /a" in yaml_text and "echo b > /b" in yaml_text and "echo c > /c" not in yaml_text
     assert "[4] echo c > /c" in exported  # named among the executed cells the export leaves out
     lab.ok("echo c > /c", "C")  # C run again: it is in the export again
     lab.ok("%export", "x")
@@ -88,3 +88,24 @@ def test_a_restart_keeps_the_order_cells_were_first_run_in(lab_on, nbdir):
     assert "found by its cells" in said
     assert "this cell stands above cell " in said and "echo c > /c in the notebook: its step is undone" in said
     assert "[step 2, layer order: ran in " in said
+
+
+def test_the_status_line_layers_and_export_say_where_the_notebook_and_the_image_differ(lab_on, nbdir):
+    token = uuid.uuid4().hex[:12]  # cells are named by their first 40 characters
+    cells = [("base", BASE), ("A", f"echo {token} > /a"), ("B", "echo b > /b"), ("C", "echo c > /c"),
+             ("D", "echo d > /d")]
+    path = write_notebook(nbdir / "differ.ipynb", cells)
+    lab = lab_on("differ.ipynb")
+    lab.ok(BASE, "base")
+    lab.ok(f"echo {token} > /a", "A")
+    said = text(lab.ok("echo c > /c", "C"))  # B never ran
+    assert ("[the notebook and the image differ: cell #3 echo b > /b above the last step is not in the"
+            " image (never run, failed or undone: run it)]") in said
+    cells[1] = ("A", f"echo {token} changed > /a")  # edited and saved, not run again
+    write_notebook(path, cells)
+    layers = text(lab.ok("%layers", "l"))
+    assert f"cell [2] echo {token} changed > /a changed since it ran (the image has what ran: run it again)" in layers
+    exported = text(lab.ok("%export", "x"))
+    assert "warning: the notebook and the image differ: cell [2] echo" in exported
+    assert "note: not in this export: cell #5 echo d > /d below the last step (it has not run)" in exported
+    assert f"wrote {nbdir / 'differ.stacker.yaml'}: 2 steps of layer differ" in exported

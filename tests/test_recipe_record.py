@@ -79,3 +79,23 @@ def test_each_step_records_the_definition_of_its_layer(nbdir, kernels, tmp_path)
         assert defs["build"]["build_only"] is True and defs["build"]["from_"]["type"] == "tar"
         assert defs["app"]["environment"] == {"GREETING": "hello"}
         assert defs["app"]["from_"] == {"type": "built", "url": None, "tag": "build", "insecure": False}
+
+
+def test_the_cli_exports_the_images_as_they_were_built_not_as_the_notebook_says_now(nbdir, kernels):
+    import subprocess
+    import sys
+
+    cells = _cells(uuid.uuid4().hex)
+    nb = write_notebook(nbdir / "cli.ipynb", cells)
+    k = start_kernel(nb, kernels)
+    try:
+        for cell_id, source in cells:
+            _ok(k, source, cell_id)
+    finally:
+        k.close()
+    cells[0] = ("b", "%layer build\n%from tar busybox.tar")  # %build_only removed, not run again
+    write_notebook(nb, cells)
+    done = subprocess.run([sys.executable, "-m", "stacker_kernel", "export", str(nb), "--oci",
+                           "--oci-dir", str(nbdir / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert _tags(nbdir / "out") == {"app"}  # the build layer was built build_only

@@ -606,3 +606,14 @@ def test_widgets_use_only_public_session_methods_and_read_no_snapshot_themselves
     assert private == []
     readers = {"stacker_kernel.container.userns", "stacker_kernel.engine.grab", "stacker_kernel.engine.inspect"}
     assert not readers & _imported_modules(KERNEL_DIR / "widgets.py")
+
+
+def test_the_layers_widget_shows_the_failed_state_keep_failed_keeps(ui):
+    ui.ok("echo one > /one", "s1")
+    ui.ok("%layers", "l")
+    ui.ok("%keep_failed on", "k")
+    reply, _ = ui.execute("echo half > /half; false", "bad")
+    assert reply["status"] == "error"
+    # Below the steps, as the README says: the kept state, until %rollback drops it.
+    _wait_html(ui, r"<b>step 2</b> \(layer widgets, cell \[\d+\]: <code>echo half &gt; /half; false</code>\):"
+                   r" FAILED, kept uncommitted \(%rollback drops it\)")

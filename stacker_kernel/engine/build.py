@@ -15,7 +15,7 @@ from typing import Any, Callable, NoReturn
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.live import build_environment
 from stacker_kernel.engine.remote_cache import CacheSettings, RemoteCache
-from stacker_kernel.engine.session import BuildSession, RecordedRecipe
+from stacker_kernel.engine.session import BuildSession, Options, RecordedRecipe
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError
 from stacker_kernel.recipe.model import Layer, Recipe, first_line
 from stacker_kernel.storage import btrfs
@@ -188,8 +188,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
             sys.stdout.flush()
     session = BuildSession.open(store, abspath, kind="build", resume=False,
                                 default_layer=Path(path).stem, base_dir=os.path.dirname(abspath))
-    session.use_cache = not no_cache
-    session.keep_failed = True  # the failed step's rootfs stays, for the shell and chroot
+    # keep_failed: the failed step's rootfs stays, for the shell and chroot
+    session.options = Options(keep_failed=True, use_cache=not no_cache)
     _drop_failed_states(store, abspath, session.session.id)
     result = BuildResult(session)
     try:

@@ -30,18 +30,56 @@ MAX_SCANNED = 400  # notebooks read at most per search (a huge folder stays quic
 SCAN_DEPTH = 2  # subfolder levels below the notebook's folder searched after it
 
 
-def notebook_cells(path: os.PathLike | str) -> list[str] | None:
-    """The ids of the code cells of the saved notebook at `path`, in order; None when
-    there is no readable notebook there (unsaved, gone, not a notebook, too big)."""
+@dataclass(frozen=True)
+class Document:
+    """A saved notebook's code cells, (id, source) in order, and when it was saved."""
+    cells: tuple[tuple[str, str], ...]
+    saved_at: float
+
+    @property
+    def ids(self) -> list[str]:
+        return [cell_id for cell_id, _ in self.cells]
+
+
+_read: dict[str, tuple[tuple[int, float], Document | None]] = {}  # path -> (size, mtime) and its Document
+
+
+def read_document(path: os.PathLike | str) -> Document | None:
+    """The saved notebook at `path`; None when there is no readable notebook there
+    (unsaved, gone, not a notebook, too big). Read again only when the file changed."""
     try:
-        if os.path.getsize(path) > MAX_NOTEBOOK_BYTES:
-            return None
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_size > MAX_NOTEBOOK_BYTES:
+        return None
+    stamp = (st.st_size, st.st_mtime)
+    known = _read.get(str(path))
+    if known is not None and known[0] == stamp:
+        return known[1]
+    try:
         with open(path, encoding="utf-8") as f:  # plain JSON: nbformat's validation is slow
             cells = json.load(f).get("cells", [])
-        return [c["id"] for c in cells
-                if isinstance(c, dict) and c.get("cell_type") == "code" and isinstance(c.get("id"), str)]
+        doc = Document(tuple((c["id"], _source(c.get("source", ""))) for c in cells
+                             if isinstance(c, dict) and c.get("cell_type") == "code"
+                             and isinstance(c.get("id"), str)), st.st_mtime)
     except (OSError, ValueError, AttributeError, TypeError):
-        return None
+        doc = None
+    if len(_read) > 4 * MAX_SCANNED:
+        _read.clear()
+    _read[str(path)] = (stamp, doc)
+    return doc
+
+
+def _source(source) -> str:
+    return "".join(source) if isinstance(source, list) else str(source)
+
+
+def notebook_cells(path: os.PathLike | str) -> list[str] | None:
+    """The ids of the code cells of the saved notebook at `path`, in order; None when
+    there is no readable notebook there."""
+    doc = read_document(path)
+    return doc.ids if doc is not None else None
 
 
 def session_cells(store: Store, sess: Session) -> set[str]:
@@ -124,6 +162,26 @@ def busy_with(store: Store, path: str, ids: set[str], kind: str = "kernel") -> S
         if saved is None or not theirs or theirs.intersection(saved) or theirs & ids:
             return sess
     return None
+
+
+def place_cells(saved: list[str] | None, runs: list[str]) -> tuple[list[str], set[str]]:
+    """Where cells stand: the saved notebook's code cells (`saved`, None when not saved)
+    in order, with each cell it does not hold placed after the cell first run before it
+    (`runs`: cell ids in the order they were first run); and the cells placed by that
+    order of first runs."""
+    if not saved:
+        return list(runs), set(runs)
+    order = list(saved)
+    placed = set(order)
+    by_runs = set()
+    for i, cell_id in enumerate(runs):
+        if cell_id in placed:
+            continue
+        prev = next((runs[j] for j in range(i - 1, -1, -1) if runs[j] in placed), None)
+        order.insert(order.index(prev) + 1 if prev is not None else len(order), cell_id)
+        placed.add(cell_id)
+        by_runs.add(cell_id)
+    return order, by_runs
 
 
 def _candidates(folder: Path):

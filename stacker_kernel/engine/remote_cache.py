@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from stacker_kernel.container.step import ShellState
-from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
+from stacker_kernel.errors import ImageError, StorageError
 from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
 from stacker_kernel.storage.store import Snapshot
 
@@ -163,23 +163,24 @@ class RemoteCache:
                     self._warn(on_output, source.url, f"the entry of {source.url} for this step was made "
                                "on another parent or by another version", "running the step")
                     continue
-                snap = self._commit_hit(session, record, fetched.layer_path, key, script, cell_id, on_output)
+                snap = self._apply_hit(session, record, fetched.layer_path, key, script, cell_id, on_output)
                 if on_output is not None:
                     on_output(f"[cache hit from {source.url}]\n")
-                return session._replay(snap, cell_id, on_output, t0)
+                return session.adopt_fetched(snap, record.get("log", ""), cell_id, on_output, t0)
             except CacheUnavailable as e:
                 self._warn(on_output, source.url, str(e), "running the step without it")
             except (ImageError, StorageError, OSError) as e:
-                session._back_to_head()
+                session.back_to_head()
                 self._warn(on_output, source.url, f"the layer from {source.url} could not be applied ({e})",
                            "running the step")
             finally:
                 remove_quietly(tmp)
         return None
 
-    def _commit_hit(self, session: "BuildSession", record: dict[str, Any], layer_path: str, key: str,
-                    script: str, cell_id: str | None, on_output: OutputFn | None) -> Snapshot:
-        """Apply the verified layer onto a fresh snapshot of the head, commit it."""
+    def _apply_hit(self, session: "BuildSession", record: dict[str, Any], layer_path: str, key: str,
+                   script: str, cell_id: str | None, on_output: OutputFn | None) -> Snapshot:
+        """Apply the verified layer onto a fresh snapshot of the head; the record of the
+        step it makes (the session commits and adopts it: BuildSession.adopt_fetched)."""
         store, head = session.store, session.head
         state, log = record.get("state"), record.get("log", "")
         try:
@@ -188,7 +189,7 @@ class RemoteCache:
                 raise TypeError("log")
         except (TypeError, ValueError, AttributeError):
             raise CacheUnavailable("the entry's record has no valid shell state or output") from None
-        session._replace_live(head)  # exactly the parent the entry was made on
+        session.fresh_live()  # exactly the parent the entry was made on
         started = time.time()
         for line in _as_container_root(_apply, layer_path, str(session.live)):
             if on_output is not None:
@@ -199,15 +200,7 @@ class RemoteCache:
         snap = Snapshot(id=sid, parent=head.id, session=session.session.id, layer=session.layer.name,
                         cell_id=cell_id, source=script, cache_key=key, state=state, status="ok",
                         started=started, duration=float(record.get("duration") or 0.0),
-                        layer_def=session._layer_def())
-        try:
-            snap = store.commit(session.live, snap)
-        except StackerKernelError:
-            session._back_to_head()
-            raise
-        log_path = store.log_path(snap.id)
-        log_path.write_text(log, errors="replace")
-        session._advance(snap)
+                        layer_def=session.layer_definition())
         return snap
 
     # --- pushing ----------------------------------------------------------------------------

@@ -24,9 +24,9 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
 from stacker_kernel.container.step import ShellState
@@ -35,7 +35,7 @@ from stacker_kernel.engine.cache import cache_key as key_of
 from stacker_kernel.engine.history import History, StepView
 from stacker_kernel.engine.live import BUILD_PATH, LiveRootfs, absolute_source, build_environment
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
-from stacker_kernel.recipe.cells import split_script
+from stacker_kernel.recipe.script import split_script
 from stacker_kernel.recipe.model import (ImageSource, Layer, Recipe, Step, first_line, layer_from_record,
                                          layer_record)
 from stacker_kernel.storage import btrfs
@@ -67,6 +67,19 @@ class StepOutcome:
     kept_failed: bool = False
 
 
+@dataclass(frozen=True)
+class Options:
+    """How a session builds, as a face sets it between steps (%keep_failed, %cache, %network)."""
+    keep_failed: bool = False  # a failed step's state stays in the container to inspect
+    use_cache: bool = True  # steps built before are taken from the cache
+    network: str = "host"  # the build container's network: host | none
+
+
+def _option(name: str) -> property:
+    return property(lambda self: getattr(self.options, name),
+                    lambda self, value: self.set_option(name, value), doc=f"options.{name}")
+
+
 @dataclass
 class KeptFailure:
     """The uncommitted state a failed step left under keep_failed (what %layers shows)."""
@@ -83,6 +96,82 @@ class _LayerRun:
     """The engine's view of the layer being built."""
     layer: Layer
     base_dir: str | None = None   # directory that relative imports are resolved against
+
+
+def step_script(source: str) -> str | None:
+    """The step a notebook cell's `source` runs (its script, as the kernel runs it);
+    "" for a cell that runs none (magics only, generate_labels), None if it cannot
+    be parsed."""
+    from stacker_kernel.recipe.cells import parse_cell
+    from stacker_kernel.recipe.stacker_yaml import substitute
+
+    try:
+        cell = parse_cell(substitute(source, {}, in_kernel=True))
+    except StackerKernelError:
+        return None
+    if any(d.name == "generate_labels" for d in cell.directives):
+        return ""
+    return cell.script if cell.script.strip() else ""
+
+
+@dataclass
+class Differences:
+    """Where the saved notebook and the image differ, as lines naming the cells."""
+    edited: list[str] = field(default_factory=list)  # saved source is not what the step ran
+    missing: list[str] = field(default_factory=list)  # step cells above built ones, not in the image
+    out_of_order: list[str] = field(default_factory=list)  # built in another order than they stand
+    gone: list[str] = field(default_factory=list)  # built steps of cells the notebook no longer holds
+    below: list[str] = field(default_factory=list)  # step cells below the last built one, not run
+
+    @classmethod
+    def of(cls, doc, built: list[Snapshot], ran_at: dict[str, float],
+           cell_name: Callable[[str | None], str]) -> "Differences":
+        pos = {cell_id: i for i, cell_id in enumerate(doc.ids)}
+        scripts = {cell_id: step_script(source) for cell_id, source in doc.cells}
+        built_ids = [s.cell_id for s in built]
+        have = set(built_ids)
+
+        def named(cell_id: str, script: str) -> str:
+            return f"{cell_name(cell_id)} {first_line(script, skip_shebang=True, width=40)}".strip()
+
+        out = cls()
+        for s in built:
+            if s.cell_id not in pos:
+                out.gone.append(named(s.cell_id, s.source))
+            elif (scripts.get(s.cell_id) is not None and scripts[s.cell_id].strip() != s.source.strip()
+                  and ran_at.get(s.cell_id, 0.0) <= doc.saved_at):  # (run since: the file is behind)
+                out.edited.append(named(s.cell_id, scripts[s.cell_id]))
+        placed = [c for c in built_ids if c in pos]
+        last = max((pos[c] for c in placed), default=-1)
+        for cell_id in doc.ids:
+            if scripts.get(cell_id) and cell_id not in have:
+                (out.missing if pos[cell_id] < last else out.below).append(named(cell_id, scripts[cell_id]))
+        highest = -1
+        for c in placed:
+            if pos[c] < highest:
+                out.out_of_order.append(named(c, scripts.get(c) or ""))
+            highest = max(highest, pos[c])
+        return out
+
+    def lines(self) -> list[str]:
+        """What differs, a phrase each (the export's cells below the last step are not
+        a difference: they are simply not run yet)."""
+        def cells(names: list[str]) -> str:
+            return f"cell{'s' if len(names) > 1 else ''} {'; '.join(names)}"
+        out = []
+        if self.edited:
+            out.append(f"{cells(self.edited)} changed since {'they' if len(self.edited) > 1 else 'it'} ran"
+                       " (the image has what ran: run it again)")
+        if self.missing:
+            out.append(f"{cells(self.missing)} above the last step {'are' if len(self.missing) > 1 else 'is'}"
+                       " not in the image (never run, failed or undone: run it)")
+        if self.out_of_order:
+            out.append(f"{cells(self.out_of_order)} ran before cells that stand above "
+                       f"{'them' if len(self.out_of_order) > 1 else 'it'} (the image follows the order they ran in)")
+        if self.gone:
+            out.append(f"{cells(self.gone)} no longer in the notebook {'are' if len(self.gone) > 1 else 'is'}"
+                       " in the image (later steps are built on it)")
+        return out
 
 
 @dataclass
@@ -139,16 +228,15 @@ class BuildSession:
         self.default_layer = default_layer
         self.base_dir = base_dir
         self.external_built = resolve_built
-        self.keep_failed = False
-        self.use_cache = True
-        self.network = "host"
+        self.options = Options()
         self.remote_cache = None  # engine/remote_cache.RemoteCache: --cache-from/--cache-to, %cache
         self.resumed: StepView | None = None
         self.identity = None  # engine.identity.Identity: how open() found the session
         # How the face names a cell in messages (a kernel: its prompt, [3]), and the saved
         # notebook's code cell ids in order (None: not saved), where a cell's slot is.
         self.cell_name: Callable[[str | None], str] = lambda cell_id: (cell_id or "")[:8]
-        self.document: Callable[[], list[str] | None] | None = None
+        self.document: Callable[[], Any] | None = None  # -> engine.identity.Document | None
+        self._ran_at: dict[str, float] = {}  # cell id -> when this process last ran it
         self.recipe = Recipe()
         self._run = _LayerRun(Layer(name=default_layer, from_=ImageSource(type="scratch")), base_dir=base_dir)
         self.recipe.layers[default_layer] = self._run.layer
@@ -167,6 +255,15 @@ class BuildSession:
         self._cache = StepCache(store)
         self._lock = threading.RLock()  # session state; widgets read it from other threads
         self._step_lock = threading.Lock()  # one step at a time
+
+    keep_failed = _option("keep_failed")
+    use_cache = _option("use_cache")
+    network = _option("network")
+
+    def set_option(self, name: str, value: Any) -> None:
+        """Change one of the session's Options (between steps: a step reads them once)."""
+        with self._lock:
+            self.options = replace(self.options, **{name: value})
 
     # --- opening and closing -------------------------------------------------
 
@@ -264,15 +361,17 @@ class BuildSession:
              "cell": self._layer_cells.get(name)} for name, layer in self.recipe.layers.items()])
         self.store.update_session(self.session)
 
-    def _layer_def(self) -> str:
+    def layer_definition(self) -> str:
         """The current layer's definition as a step records it (Snapshot.layer_def)."""
         return json.dumps({"layer": layer_record(self.layer), "base_dir": self._run.base_dir or self.base_dir})
 
     def note_cell(self, cell_id: str | None) -> None:
         """Cell `cell_id` runs: the first time, it takes its place in the order of first runs
         (where it stands when the notebook is not saved)."""
-        if cell_id and cell_id not in self._cell_order:
-            self._cell_order.append(cell_id)
+        if cell_id:
+            self._ran_at[cell_id] = time.time()
+            if cell_id not in self._cell_order:
+                self._cell_order.append(cell_id)
 
     @property
     def cell_order(self) -> list[str]:
@@ -500,6 +599,12 @@ class BuildSession:
             self.state = None
         self._set_live(self.head)
 
+    def _base_to_import(self) -> ImageSource | None:
+        """The base the next step needs imported first (its layer's, absolute), if any."""
+        if self._live.ready or self.head is not None:
+            return None
+        return absolute_source(self.layer.from_, self._run.base_dir)
+
     def _set_live(self, snap: Snapshot) -> None:
         """The live rootfs becomes a writable snapshot of `snap`, with the layer's imports."""
         self._live.replace(snap)
@@ -573,8 +678,7 @@ class BuildSession:
         with self.store.write_lock():  # see run_step: gc must not take the hit meanwhile
             hit = self._cache.lookup(key) if self.use_cache else None
             if hit is not None:
-                self._replace_live(hit)
-                self._advance(hit)
+                self._adopt(hit)
         if hit is not None:
             return
         started = time.time()
@@ -582,7 +686,7 @@ class BuildSession:
         snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                         layer=self.layer.name, source=source, cache_key=key,
                         state=self.state.to_json() if self.state else "null", started=started,
-                        duration=time.time() - started, layer_def=self._layer_def())
+                        duration=time.time() - started, layer_def=self.layer_definition())
         stored = self._cache.commit(self.live, snap, None, reuse_cached=self.use_cache)
         if stored.id != snap.id:  # landed by another session meanwhile: see _run_step
             self._replace_live(stored)
@@ -630,6 +734,16 @@ class BuildSession:
                 for line in self._rollback_for_rerun(cell_id):
                     if on_output is not None:
                         on_output(line + "\n")
+            source = self._base_to_import()
+        if source is not None:
+            # The base import (for %from docker, a download) runs outside the session lock:
+            # a widget reading the session meanwhile does not wait for it. (One step at a
+            # time: the step lock is held, nothing else moves the session.)
+            warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
+            base = self._import_with_progress(source, warn, on_progress)
+        with self._lock:
+            if source is not None and self.head is None and not self._live.ready:
+                self.head, self.state = base, None
             self._ensure_live(on_output, on_progress)
             self._check_shell()
             env = build_environment(self.layer)
@@ -644,8 +758,7 @@ class BuildSession:
                     if before:
                         hit = before.pop()
                     if hit is not None:
-                        self._replace_live(hit)
-                        self._advance(hit, cell_id, hit=True)
+                        self._adopt(hit, cell_id)
                 if hit is not None:
                     return self._replay(hit, cell_id, on_output, t0, before)
                 if self.remote_cache is not None:  # remote cache: a hit from --cache-from
@@ -664,7 +777,7 @@ class BuildSession:
                                                 + (f"cell {cell_id[:8]}" if cell_id else "run"))
         except OSError as e:  # the step's log is on the storage: a full disk shows here
             with self._lock:
-                self._back_to_head()
+                self.back_to_head()
             raise StorageError(f"the step's output could not be stored ({e.strerror}): free space "
                                f"on {self.store.root} (e.g. stacker-kernel gc) and run the step again") from None
         with self._lock:
@@ -677,20 +790,19 @@ class BuildSession:
             snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                             layer=self.layer.name, cell_id=cell_id, source=script, cache_key=key,
                             state=result.state.to_json(), status="ok", started=started,
-                            duration=result.duration, layer_def=self._layer_def())
+                            duration=result.duration, layer_def=self.layer_definition())
             try:
                 # A step with binds is never taken from the cache (what they hold is not
                 # in its key), so it is not swapped for another's either.
                 stored = self._cache.commit(self.live, snap, log_tmp,
                                             reuse_cached=self.use_cache and not self.layer.binds)
             except (OSError, StorageError):  # e.g. a full disk: the step leaves no trace
-                self._back_to_head()
+                self.back_to_head()
                 raise
             if stored.id != snap.id:
                 # Another session committed this step first: go on from its snapshot, so
                 # that both sessions (and the cache) agree on what the step made.
-                self._replace_live(stored)
-                self._advance(stored, cell_id, hit=True)
+                self._adopt(stored, cell_id)
             else:
                 self._advance(stored)
             self.layer.steps.append(Step(script, cell_id))
@@ -698,7 +810,7 @@ class BuildSession:
                                result.duration, index=len(self.session.history), layer=self.layer.name,
                                size_delta=stored.size_delta)
 
-    def _back_to_head(self) -> None:
+    def back_to_head(self) -> None:
         """Drop what a step did after an error outside it (a full disk); if even that
         fails, the next step prepares the live rootfs from the head again."""
         self._live.ready = False
@@ -706,6 +818,33 @@ class BuildSession:
             self._set_live(self.head)
         except (OSError, StackerKernelError):
             pass
+
+    def fresh_live(self) -> None:
+        """The live rootfs becomes a plain writable snapshot of the head (for a shared
+        cache's layer to be applied onto: see adopt_fetched)."""
+        self._replace_live(self.head)
+
+    def _adopt(self, snap: Snapshot, cell_id: str | None = None) -> None:
+        """Take cached step `snap` as the next step: the live rootfs becomes a writable
+        snapshot of it and the session goes on from it (the one path of every hit)."""
+        self._replace_live(snap)
+        self._advance(snap, cell_id, hit=True)
+
+    def adopt_fetched(self, snap: Snapshot, log: str, cell_id: str | None, on_output: OutputFn | None,
+                      t0: float) -> StepOutcome:
+        """A step fetched from a shared cache, whose result the live rootfs holds (made by
+        applying its layer after fresh_live): committed through the step cache with its
+        output `log`, then taken as the next step and replayed like a local hit."""
+        tmp = self.store.root / "logs" / f"running-{self.session.id}"
+        try:
+            tmp.write_text(log, errors="replace")
+            stored = self._cache.commit(self.live, snap, tmp, reuse_cached=False)
+        except (OSError, StackerKernelError):
+            tmp.unlink(missing_ok=True)
+            self.back_to_head()
+            raise
+        self._advance(stored, cell_id, hit=True)
+        return self._replay(stored, cell_id, on_output, t0)
 
     def _advance(self, snap: Snapshot, cell_id: str | None = None, *, hit: bool = False) -> None:
         self.head = snap
@@ -879,21 +1018,10 @@ class BuildSession:
         """Where cells stand: the saved notebook's code cells in order, with the cells it
         does not hold placed after the cell run before them; and the cells placed by the
         order they were first run in (not in the saved notebook)."""
-        doc = self.document() if self.document is not None else None
-        runs = self._cell_order
-        if not doc:
-            return list(runs), set(runs)
-        order = list(doc)
-        placed = set(order)
-        by_runs = set()
-        for i, c in enumerate(runs):
-            if c in placed:
-                continue
-            prev = next((runs[j] for j in range(i - 1, -1, -1) if runs[j] in placed), None)
-            order.insert(order.index(prev) + 1 if prev is not None else len(order), c)
-            placed.add(c)
-            by_runs.add(c)
-        return order, by_runs
+        from stacker_kernel.engine.identity import place_cells
+
+        saved = self.document() if self.document is not None else None
+        return place_cells(saved.ids if saved is not None else None, self._cell_order)
 
     def _slot_position(self, cell_id: str) -> tuple[int | None, str | None, bool]:
         """For a cell with no step: how many history entries stand before its slot
@@ -1097,22 +1225,18 @@ class BuildSession:
                 out.layers[name] = replace(layer, steps=steps)
             return out
 
-    def order_warnings(self, notebook_cell_ids: list[str]) -> list[str]:
-        """Where the notebook (its code cells' ids, in order) differs from what was built."""
-        if not notebook_cell_ids:
-            return []  # nothing to compare with (e.g. the notebook is not saved yet)
-        built = [s.cell_id for s in self.built_steps() if s.cell_id]
-        pos = {cid: i for i, cid in enumerate(notebook_cell_ids)}
-        warnings = []
-        gone = [cid for cid in built if cid not in pos]
-        if gone:
-            warnings.append(f"{len(gone)} built step(s) come from cells no longer in the notebook "
-                            f"({', '.join(c[:8] for c in gone)}): the export has them")
-        order = [pos[cid] for cid in built if cid in pos]
-        if order != sorted(order):
-            warnings.append("cells were run in another order than the notebook shows them: "
-                            "the export follows the order they were built in")
-        return warnings
+    def document_differences(self, full: bool = True) -> "Differences":
+        """Where the saved notebook and the image differ (nothing when it is not saved).
+        Unless `full`, only the history's steps are compared (no store reads: after
+        every step), not those of deleted cells that later steps are built on."""
+        doc = self.document() if self.document is not None else None
+        if doc is None:
+            return Differences()
+        with self._lock:
+            steps = self.built_steps() if full else self._history.snaps()
+            built = [s for s in steps if s.cell_id]
+            ran_at = dict(self._ran_at)
+        return Differences.of(doc, built, ran_at, self.cell_name)
 
     def export_yaml(self, path: str | None = None) -> str:
         from stacker_kernel.recipe.stacker_yaml import dump

@@ -364,6 +364,9 @@ class StackerKernel(Kernel):
             if summary is not None and outcome.size_delta is None:
                 # The size is measured in the background: the line is updated in place.
                 self._update_mark_when_measured(outcome, content["transient"]["display_id"], publish)
+            differ = await self._in_engine(self._differences)
+            if differ:
+                publish.line(f"[the notebook and the image differ: {'; '.join(differ)}]")
         return {"cached": outcome.cached, "snapshot": outcome.snapshot_id,
                 "duration": outcome.duration, "log": outcome.log_path, "step": outcome.index,
                 "layer": outcome.layer}
@@ -422,12 +425,20 @@ class StackerKernel(Kernel):
         except Exception:  # finding the file again must never break a cell
             self.log.exception("locating the notebook failed")
 
-    def _document(self) -> list[str] | None:
-        """The code cell ids of the saved notebook, in order (None: not saved)."""
-        from stacker_kernel.engine.identity import notebook_cells
+    def _differences(self) -> list[str]:
+        """Where the saved notebook and the image differ (engine thread); never fails a cell."""
+        try:
+            return self.build.document_differences(full=False).lines()
+        except Exception:
+            self.log.exception("comparing the notebook with the image failed")
+            return []
+
+    def _document(self) -> Any:
+        """The saved notebook (engine.identity.Document; None: not saved)."""
+        from stacker_kernel.engine.identity import read_document
 
         self._locate_notebook()
-        return notebook_cells(self.notebook)
+        return read_document(self.notebook)
 
     # --- interrupts -------------------------------------------------------------
 

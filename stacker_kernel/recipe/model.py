@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Iterable, Literal
 
 from stacker_kernel.errors import RecipeError
+from stacker_kernel.recipe.script import join_steps
 
 SourceType = Literal["scratch", "tar", "oci", "docker", "built"]
 SOURCE_TYPES: tuple[str, ...] = ("docker", "tar", "oci", "built", "scratch")
@@ -113,7 +114,6 @@ class Layer:
 
     def run_script(self) -> str:
         """The layer's steps as one `run` script (see `join_steps`)."""
-        from stacker_kernel.recipe.cells import join_steps  # cells imports this module
         return join_steps([s.source for s in self.steps])
 
     def uses_legacy_import(self) -> bool:
