@@ -72,7 +72,7 @@ if os.environ.get("STACKER_KERNEL_MODEL_SHRINK"):
     PHASES.append(Phase.shrink)
 SETTINGS = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
                     derandomize=bool(os.environ.get("CI")), database=None, phases=PHASES,
-                    suppress_health_check=list(HealthCheck))
+                    suppress_health_check=list(HealthCheck), print_blob=True)
 
 
 # --- the Jupyter side: requests as JupyterLab sends them ------------------------------
@@ -347,16 +347,15 @@ class NotebookModel(RuleBasedStateMachine):
         return reply
 
     def named(self, text: str, cell: Cell, old_source: str | None = None) -> bool:
-        """Whether `text` names the cell as the notebook shows it: by its prompt in this
-        kernel (`[7]`), its place in the saved notebook (`#3`), its first line (now or
-        when it ran), or its short id."""
-        names = [re.escape(first_line(cell.source)), re.escape(cell.id[:8])]
-        if old_source is not None:
-            names.append(re.escape(first_line(old_source)))
+        """Whether `text` names the cell as the notebook shows it: its prompt in this kernel
+        (`[7]`), else its place in the saved notebook (`#3`), then its first line (now or
+        when it ran)."""
         if cell.id in self.prompts:
-            names.append(re.escape(f"[{self.prompts[cell.id][-1]}]"))
-        names.append(f"#{self.nb.position(cell.id) + 1}(?![0-9])")
-        return re.search("|".join(names), text) is not None
+            name = re.escape(f"[{self.prompts[cell.id][-1]}]")
+        else:
+            name = f"#{self.nb.position(cell.id) + 1}"
+        lines = {first_line(cell.source)} | ({first_line(old_source)} if old_source else set())
+        return re.search(f"{name} (?:{'|'.join(map(re.escape, lines))})", text) is not None
 
     def run(self, cell: Cell) -> Reply:
         """Run one cell of the document (Shift-Enter) and move the model as the kernel must."""
