@@ -255,13 +255,16 @@ class Notebook:
             layer["run"] = "\n".join(b.source for b in self.image)
         return {LAYER: layer}
 
-    def differences(self) -> list[tuple[Cell, str]]:
-        """The cells where the document and the image differ, with why."""
+    def differences(self, above_last_step: bool = False) -> list[tuple[Cell, str]]:
+        """The cells where the document and the image differ, with why (`above_last_step`:
+        leaving out the cells below the image's last step, which are only not run yet)."""
         built = {b.cell: b.source for b in self.image}
+        last = max((self.position(b.cell) for b in self.image), default=-1)
         out = []
         for c in self.steps():
             if c.id not in built:
-                out.append((c, "failed" if c.fails else "never run"))
+                if not above_last_step or self.position(c.id) < last:
+                    out.append((c, "failed" if c.fails else "never run"))
             elif built[c.id] != c.source:
                 out.append((c, "edited since it ran"))
         return out
@@ -367,6 +370,10 @@ class NotebookModel(RuleBasedStateMachine):
         keep = [b for b in before if nb.position(b.cell) < slot] if cell.is_step else []
         reply = self.execute(cell.source, cell.id)
         context = f"cell {slot} ({first_line(cell.source)!r}):\n{reply.shown}"
+        if cell.is_step and not nb.based:
+            # A build that came back without its base runs no step until the base cell runs.
+            assert reply.status == "error" and "%from" in reply.error, context
+            return reply
         if cell.fails:
             assert reply.status == "error", context
             logs = sorted((self.dir / "stacker-logs").glob("*"), key=lambda p: p.stat().st_mtime_ns)
@@ -382,6 +389,11 @@ class NotebookModel(RuleBasedStateMachine):
             nb.image.append(Built(cell.id, cell.source, reply.snapshot))
             assert reply.marks, context
             self.mark_of[cell.id] = reply.marks[-1]
+            for other, why in nb.differences(above_last_step=True):
+                # The step's status line says where the notebook and the image differ.
+                built = next((b.source for b in nb.image if b.cell == other.id), None)
+                assert self.named(reply.shown, other, built), \
+                    f"{context}\ndoes not name the cell {first_line(other.source)!r} ({why})"
         dropped = [b for b in before if b not in keep and b.cell != cell.id]
         self.check_undone(reply, dropped, context)
         if cell.is_step and not was_built and dropped:
