@@ -153,10 +153,15 @@ def test_a_failed_cell_fixed_after_the_cells_below_ran_takes_its_place_in_the_re
         assert "snapshot" in output_text(code_cell(page, 3))  # committed on top of the failure
         replace_source(page, 1, FIXED)
         shift_enter(page, 1)
+        fixed = output_text(code_cell(page, 1))
+        assert "mkdir -p /srv/app" in fixed and "echo ready" in fixed, fixed  # names what it undoes
         for below in (2, 3):  # the cells below the fixed one left the image, and say so
-            code_cell(page, below).locator(".jp-OutputArea", has_text="undone").wait_for()
+            code_cell(page, below).locator(".jp-OutputArea", has_text="undone by").wait_for()
         shift_enter(page, 2)
         shift_enter(page, 3)
+        # Running them again keeps the fix: it is not the one undone this time.
+        assert "undone by" not in output_text(code_cell(page, 1))
+        assert "undone by" not in output_text(code_cell(page, 3))
         exported = run_cell(page, "%export")
         recipe = yaml.safe_load((lab.root / "fixrun.stacker.yaml").read_text())
         assert run_lines(recipe) == [PASSWD_LINE, "mkdir -p /home/app", "chown app /home/app",
