@@ -125,3 +125,19 @@ def test_differences_name_the_cells_edited_missing_out_of_order_and_gone(tmp_pat
                                         Snapshot(cell_id="b", source="echo b")], {}, str)
     assert out_of_order.out_of_order == ["b echo b"]
     assert read_document(tmp_path / "missing.ipynb") is None
+
+
+def test_a_cell_goes_back_to_its_slot_in_its_own_layer():
+    from stacker_kernel.engine.identity import slot_position
+
+    order = ["base", "A", "B", "ylayer", "C"]
+    steps = [("A", "x"), ("C", "y")]
+    # B (layer x, the notebook's first layer: no %layer cell) goes after A; layer y goes too
+    assert slot_position(order, "B", steps, {"y": "ylayer"}, ["x", "y"]) == (1, "x")
+    # a cell after every step comes next: nothing goes
+    assert slot_position(order + ["D"], "D", steps, {"y": "ylayer"}, ["x", "y"]) == (None, None)
+    # a cell below the %layer cell belongs to layer y: back to y's start, x stays
+    order = ["base", "A", "ylayer", "B", "C"]
+    assert slot_position(order, "B", steps, {"y": "ylayer"}, ["x", "y"]) == (1, "y")
+    # x started by its own %layer cell: a cell above every %layer cell has no known layer
+    assert slot_position(["B", "xl", "A"], "B", [("A", "x")], {"x": "xl"}, ["x"]) == (0, None)

@@ -184,6 +184,33 @@ def place_cells(saved: list[str] | None, runs: list[str]) -> tuple[list[str], se
     return order, by_runs
 
 
+def slot_position(order: list[str], cell_id: str, steps: list[tuple[str | None, str]],
+                  layer_starts: dict[str, str], layers: list[str]) -> tuple[int | None, str | None]:
+    """Where cell `cell_id` (which has no step) goes in a history of `steps` ((cell id,
+    layer) each, oldest first), cells standing as in `order`: how many steps stand
+    before its slot (None: every step does, it simply comes next), and the layer it
+    belongs to when known: the one whose %layer cell (`layer_starts`: layer -> cell)
+    stands last before it, else the first of `layers` when no %layer cell started
+    that one (cells above every %layer cell belong to it). Steps of layers after its
+    layer go too."""
+    pos = {c: i for i, c in enumerate(order)}
+    if cell_id not in pos:
+        return None, None
+    mine = pos[cell_id]
+    keep = next((i for i, (c, _) in enumerate(steps) if c in pos and pos[c] > mine), None)
+    if keep is None:
+        return None, None
+    starts = {c: name for name, c in layer_starts.items() if name in layers}
+    layer = layers[0] if layers and layers[0] not in layer_starts else None
+    for c in order[:mine]:
+        layer = starts.get(c, layer)
+    if layer is None:
+        return keep, None
+    later = set(layers[layers.index(layer) + 1:])
+    keep = next((i for i, (_, name) in enumerate(steps[:keep]) if name in later), keep)
+    return keep, layer
+
+
 def _candidates(folder: Path):
     """The .ipynb files of `folder`, then of its subfolders up to SCAN_DEPTH (no hidden
     folders, no checkpoints), at most MAX_SCANNED."""

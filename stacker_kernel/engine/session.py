@@ -1028,26 +1028,15 @@ class BuildSession:
         (None: every step stands before it), the layer it belongs to if known (the
         layer whose %layer cell stands last before it), and whether its place came
         from the order of first runs."""
+        from stacker_kernel.engine.identity import slot_position
+
         order, by_runs = self.slot_order()
-        pos = {c: i for i, c in enumerate(order)}
-        if cell_id not in pos:
-            return None, None, False
-        mine = pos[cell_id]
         snaps = self._history.snaps()
-        keep = next((i for i, s in enumerate(snaps) if s.cell_id in pos and pos[s.cell_id] > mine), None)
+        keep, layer = slot_position(order, cell_id, [(s.cell_id, s.layer) for s in snaps],
+                                    self._layer_cells, list(self.recipe.layers))
         if keep is None:
             return None, None, False
-        layer = None
-        starts = {c: name for name, c in self._layer_cells.items() if name in self.recipe.layers}
-        for c in order[:mine]:
-            layer = starts.get(c, layer)
-        names = list(self.recipe.layers)
-        if layer is not None and layer in names:
-            later = set(names[names.index(layer) + 1:])
-            keep = next((i for i, s in enumerate(snaps[:keep]) if s.layer in later), keep)
-        else:
-            layer = None
-        return keep, layer, cell_id in by_runs or snaps[keep].cell_id in by_runs
+        return keep, layer, cell_id in by_runs or (keep < len(snaps) and snaps[keep].cell_id in by_runs)
 
     def _later_layers_note(self, name: str) -> str:
         """', so the later layers A, B leave the image (...)': the layers after `name`
