@@ -342,6 +342,12 @@ class NotebookModel(RuleBasedStateMachine):
             self.kernel.close()
             self.kernel = None
 
+    def copies(self) -> list[Notebook]:
+        """The other notebooks of the folder that hold cells of this one (a duplicate, or
+        the notebook it duplicates)."""
+        ids = {c.id for c in self.nb.cells}
+        return [n for n in self.notebooks if n is not self.nb and ids & {c.id for c in n.cells}]
+
     def execute(self, code: str, cell_id: str | None = None) -> Reply:
         """A cell; a magic the user types goes in a cell of its own (a new id, never saved)."""
         reply = execute(self.kernel, code, cell_id or str(uuid.uuid4()))
@@ -428,13 +434,16 @@ class NotebookModel(RuleBasedStateMachine):
         """`%export` writes CURRENT-NAME.stacker.yaml, the model's recipe, touches no other
         notebook's export and names the cells where the document and the image differ."""
         nb = self.nb
-        before = {p.name: p.read_bytes() for p in self.dir.glob("*.stacker.yaml")}
+        def exports() -> dict[str, tuple[int, bytes]]:
+            return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in self.dir.glob("*.stacker.yaml")}
+
+        before = exports()
         reply = self.execute("%export")
         assert reply.status == "ok", reply.shown
         target = self.dir / (Path(nb.name).stem + ".stacker.yaml")
         assert target.is_file(), f"%export did not write {target.name}:\n{reply.shown}"
-        after = {p.name: p.read_bytes() for p in self.dir.glob("*.stacker.yaml")}
-        changed = {n for n in after if before.get(n) != after[n]}
+        after = exports()
+        changed = {n for n in after if before.get(n) != after[n]}  # written, even with the same text
         assert changed <= {target.name}, f"%export of {nb.name} wrote {sorted(changed)}"
         got = normalized(yaml.safe_load(target.read_text()))
         if nb.recipe() is None:
@@ -546,7 +555,7 @@ class NotebookModel(RuleBasedStateMachine):
     @action
     def rename(self, name: str) -> None:
         """File > Rename Notebook: the .ipynb moves, the kernel keeps running."""
-        if (self.dir / name).exists():
+        if (self.dir / name).exists() or self.copies() or not self.nb.based:
             return
         os.rename(self.dir / self.nb.name, self.dir / name)
         self.nb.name = name
