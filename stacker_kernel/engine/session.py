@@ -12,10 +12,14 @@ The contract is DESIGN.md's step semantics:
   writable snapshot of the cached one and the stored output is replayed;
 - rollback to any earlier snapshot is a snapshot of it, whatever its size.
 
-The session ties three parts together, each in its own module: the live
-rootfs and its container (engine/live.py), the history and positions in it
-(engine/history.py) and the step cache (engine/cache.py). The faces (kernel,
-CLI) call this class; it knows nothing about Jupyter.
+The session ties its parts together, each in its own module: the live
+rootfs and its container (engine/live.py), the position (head, shell state,
+history, tags, recipe, cells: engine/timeline.py, over engine/history.py),
+the step cache (engine/cache.py; every hit, local or from a shared cache, is
+taken as the next step by one path) and which build is a notebook's
+(engine/identity.py). The session record keeps the recipe, so a resumed
+session exports what was built. The faces (kernel, CLI) call this class; it
+knows nothing about Jupyter.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.cache import StepCache, StepInputs, replay_output
 from stacker_kernel.engine.cache import cache_key as key_of
 from stacker_kernel.engine.history import History, StepView
+from stacker_kernel.engine.timeline import Timeline
 from stacker_kernel.engine.live import BUILD_PATH, LiveRootfs, absolute_source, build_environment
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
 from stacker_kernel.recipe.script import split_script
@@ -78,6 +83,11 @@ class Options:
 def _option(name: str) -> property:
     return property(lambda self: getattr(self.options, name),
                     lambda self, value: self.set_option(name, value), doc=f"options.{name}")
+
+
+def _part(name: str) -> property:
+    return property(lambda self: getattr(self.timeline, name),
+                    lambda self, value: setattr(self.timeline, name, value), doc=f"timeline.{name}")
 
 
 @dataclass
@@ -237,24 +247,29 @@ class BuildSession:
         self.cell_name: Callable[[str | None], str] = lambda cell_id: (cell_id or "")[:8]
         self.document: Callable[[], Any] | None = None  # -> engine.identity.Document | None
         self._ran_at: dict[str, float] = {}  # cell id -> when this process last ran it
-        self.recipe = Recipe()
+        self._history = History(store, session)
+        self._history.cell_ids = session.entry_cells  # recorded with the history rows
+        # The position (head, shell state, history, tags, recipe, cells): moved and saved
+        # by the timeline only.
+        self.timeline = Timeline(store, session, self._history, base_dir)
         self._run = _LayerRun(Layer(name=default_layer, from_=ImageSource(type="scratch")), base_dir=base_dir)
         self.recipe.layers[default_layer] = self._run.layer
-        self._layer_dirs: dict[str, str] = {}  # layer -> the directory its relative paths start from
-        self._layer_cells: dict[str, str] = {}  # layer -> the cell whose %layer started it
-        self._cell_order: list[str] = session.cell_order  # cell ids in the order they were first run
-        self.head: Snapshot | None = None  # last committed snapshot of the current layer (or its base)
-        self.state: ShellState | None = None
         self.inspecting_failure = False
         self._kept_failure: KeptFailure | None = None
         self._on_hit: Callable[[StepOutcome], None] | None = None  # see run_step
         self._interrupt_requested = False
         self._live = LiveRootfs(store, session.id)
-        self._history = History(store, session)
-        self._history.cell_ids = session.entry_cells  # recorded with the history rows
         self._cache = StepCache(store)
         self._lock = threading.RLock()  # session state; widgets read it from other threads
         self._step_lock = threading.Lock()  # one step at a time
+
+    # The position is the timeline's (engine/timeline.py); these read and set it.
+    head = _part("head")  # last committed snapshot of the current layer (or its base)
+    state = _part("state")  # the shell state after the head
+    recipe = _part("recipe")
+    _layer_dirs = _part("dirs")
+    _layer_cells = _part("layer_cells")
+    _cell_order = _part("cell_order")
 
     keep_failed = _option("keep_failed")
     use_cache = _option("use_cache")
@@ -354,12 +369,8 @@ class BuildSession:
     # --- the record of the recipe -------------------------------------------------
 
     def _persist(self) -> None:
-        """Store the session record: position, history, tags, and the recipe and cells
-        (so that a resumed session, or an export from the CLI, knows them)."""
-        self.session.recipe = json.dumps([
-            {"layer": layer_record(layer), "base_dir": self._layer_dirs.get(name, self.base_dir),
-             "cell": self._layer_cells.get(name)} for name, layer in self.recipe.layers.items()])
-        self.store.update_session(self.session)
+        """Store the session record (Timeline.persist)."""
+        self.timeline.persist()
 
     def layer_definition(self) -> str:
         """The current layer's definition as a step records it (Snapshot.layer_def)."""
@@ -847,12 +858,7 @@ class BuildSession:
         return self._replay(stored, cell_id, on_output, t0)
 
     def _advance(self, snap: Snapshot, cell_id: str | None = None, *, hit: bool = False) -> None:
-        self.head = snap
-        self.state = ShellState.of_snapshot(snap.state)
-        self._history.append(snap, cell_id, hit=hit)
-        self.session.head = snap.id
-        self.session.layer = snap.layer
-        self._persist()
+        self.timeline.advance(snap, cell_id, hit=hit)
 
     def _cached_cells(self, script: str, env: dict[str, str]) -> list[Snapshot]:
         """The snapshots of steps that together are `script` (a `run` that joins
@@ -1053,46 +1059,16 @@ class BuildSession:
     def _rollback_to_position(self, keep: int, layer: str | None = None) -> StepView | None:
         """Keep the first `keep` history entries; the head becomes the last kept (or a layer
         base). The session goes on in `layer` (default: that of the first entry dropped)."""
-        snaps = self._history.snaps()
-        target_layer = layer or (snaps[keep].layer if keep < len(snaps) else self.layer.name)
-        kept = snaps[:keep]
-        self._history.keep([s.id for s in kept])
-        # Layers after the target's layer leave the recipe.
-        names = list(self.recipe.layers)
-        if target_layer in names:
-            for later in names[names.index(target_layer) + 1:]:
-                del self.recipe.layers[later]
-                self.session.tags.pop(later, None)
-            layer = self.recipe.layers[target_layer]
-        else:
-            layer = Layer(name=target_layer, from_=ImageSource(type="scratch"))
-            self.recipe.layers[target_layer] = layer
-        layer.steps = [Step(s.source, s.cell_id) for s in kept if s.layer == target_layer]
-        if self._run.layer is not layer:
-            self._run = _LayerRun(layer, base_dir=self._layer_dirs.get(target_layer, self.base_dir))
-        same_layer = [s for s in kept if s.layer == target_layer]
+        rolled = self.timeline.rollback_to(keep, layer, self.layer.name)
+        if self._run.layer is not rolled.layer:
+            self._run = _LayerRun(rolled.layer, base_dir=self._layer_dirs.get(rolled.layer.name, self.base_dir))
         self._stop_container()
         self.inspecting_failure = False
-        if same_layer:
-            self.head = same_layer[-1]
-            self.state = ShellState.of_snapshot(self.head.state)
-            self._set_live(self.head)
+        if rolled.live_on is not None:
+            self._set_live(rolled.live_on)
         else:
-            # Back to the layer's base: the parent of the layer's first step (its recipe
-            # may be unknown, e.g. after a resume), else prepared again at the next step.
-            first = next((s for s in snaps if s.layer == target_layer), None)
-            base = self.store.get(first.parent) if first is not None and first.parent else None
-            self.state = None
-            if base is not None:
-                self.head = base
-                self._set_live(base)
-            else:
-                self.head = None
-                self._live.ready = False
-        self.session.head = self.head.id if self.head else None
-        self.session.layer = target_layer
-        self._persist()
-        return self._history.views(measure=False)[-1] if kept else None
+            self._live.ready = False
+        return self._history.views(measure=False)[-1] if rolled.kept else None
 
     def rollback(self, to: int | str | None = None) -> StepView | None:
         """Return to an earlier snapshot: `to` is a 1-based history index, a cell id,
