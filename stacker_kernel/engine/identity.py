@@ -22,6 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from stacker_kernel.storage.store import Session, Store
 
@@ -239,14 +240,19 @@ def _candidates(folder: Path):
         level = deeper
 
 
-def locate_notebook(current: Path, ids: set[str]) -> Path:
+def locate_notebook(current: Path, ids: set[str], taken: Callable[[], set[str]] | None = None) -> Path:
     """The saved notebook holding cells `ids`: `current` when it does (or when no cell
     is known), else the one of `current`'s folder (or its subfolders) holding most of
-    them, the newest on a tie; `current` when none does (not saved yet)."""
+    them, the newest on a tie; `current` when none does (not saved yet). Notebooks
+    named in `taken()` (other builds' notebooks: a copy holds the same cells) are
+    never chosen."""
     if not ids or holds(str(current), ids) or (not current.exists() and not ids):
         return current
+    others = taken() if taken is not None else set()
     best: tuple[int, float, Path] | None = None
     for path in _candidates(current.parent):
+        if str(path) in others:
+            continue
         cells = notebook_cells(path)
         overlap = len(ids.intersection(cells or ()))
         if not overlap:

@@ -420,8 +420,14 @@ class StackerKernel(Kernel):
         ids = set(self.cell_names.counts)
         if self.build is not None:
             ids.update(self.build.cell_order)
+        build = self.build
+
+        def taken() -> set[str]:  # the notebooks of other builds (a copy holds the same cells)
+            if build is None:
+                return set()
+            return {s.name for s in build.store.find_sessions(kind="kernel") if s.id != build.session.id}
         try:
-            self._moved_to(locate_notebook(self.notebook, ids))
+            self._moved_to(locate_notebook(self.notebook, ids, taken))
         except Exception:  # finding the file again must never break a cell
             self.log.exception("locating the notebook failed")
 
