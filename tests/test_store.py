@@ -57,9 +57,18 @@ def test_open_creates_the_layout(storage):
         assert (storage / name).exists(), name
 
 
-def test_open_refuses_storage_not_on_btrfs(tmp_path):
-    with pytest.raises(StorageError, match="btrfs"):
-        Store.open(tmp_path)
+def test_open_refuses_the_btrfs_driver_for_storage_not_on_btrfs(tmp_path):
+    with pytest.raises(StorageError, match="not on btrfs: use --storage-driver overlay"):
+        Store.open(tmp_path, "btrfs")
+    assert not (tmp_path / "driver").exists()
+
+
+def test_open_records_the_btrfs_driver_on_btrfs_and_keeps_it(storage):
+    with Store.open(storage) as store:
+        assert store.driver.name == "btrfs"
+    assert (storage / "driver").read_text().strip() == "btrfs"
+    with pytest.raises(StorageError, match="uses the btrfs driver, not overlay"):
+        Store.open(storage, "overlay")
 
 
 def test_open_refuses_missing_storage(storage):

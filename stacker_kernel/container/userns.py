@@ -207,12 +207,15 @@ def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
 
 
 def run_in_userns(fn: Callable[..., Any], *args: Any, idmap: IdMap | None = None,
-                  flags: int = CLONE_NEWNS, **kwargs: Any) -> Any:
+                  flags: int = CLONE_NEWNS, views: bool = True, **kwargs: Any) -> Any:
     """Run fn(*args, **kwargs) as root of a new user namespace in a forked child and
     return its (picklable) result, or raise its exception here.
 
     Use it for file work on a rootfs, whose files belong to subordinate ids the
     caller cannot read or chown from outside. The child dies with the caller.
+    With `views` (and a mount namespace), a tree of the overlay storage driver
+    named in the arguments is mounted over its own directory first, so `fn`
+    sees it as the directory tree it stands for (storage/overlay.py).
     """
     idmap = idmap or IdMap.for_current_user()
     r, w = os.pipe()
@@ -223,6 +226,10 @@ def run_in_userns(fn: Callable[..., Any], *args: Any, idmap: IdMap | None = None
         try:
             set_pdeathsig()
             enter_new_userns(idmap, flags)
+            if views and flags & CLONE_NEWNS:
+                from stacker_kernel.storage.overlay import mount_views
+
+                mount_views([args, kwargs])
             payload = ("ok", fn(*args, **kwargs))
         except StackerKernelError as e:
             payload, code = ("err", e), 1

@@ -21,7 +21,6 @@ from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
 from stacker_kernel.engine import imports as imports_mod
 from stacker_kernel.errors import StepError
 from stacker_kernel.recipe.model import ImageSource, Layer
-from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Snapshot, Store
 
 BUILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -76,11 +75,17 @@ class LiveRootfs:
     def replace(self, snap: Snapshot) -> None:
         """The rootfs becomes a writable snapshot of `snap` (the container stops)."""
         self.stop_container()
-        live = self.path
-        if live.exists():
-            btrfs.delete_subvolume(live)
-        live.parent.mkdir(parents=True, exist_ok=True)
-        btrfs.snapshot(snap.path, live, readonly=False)
+        self.store.driver.writable_copy(snap.path, self.path)
+
+    def before_commit(self) -> None:
+        """Called before the rootfs is committed or written from outside the container:
+        a driver whose rootfs is a mount of the container's (overlay) needs it stopped."""
+        if self.store.driver.stop_before_commit:
+            self.stop_container()
+
+    def has(self, rel: str) -> bool:
+        """Whether `rel` exists in the rootfs (symlinks not followed), read from the host."""
+        return self.store.driver.lexists(self.path, rel)
 
     def stage_imports(self, layer: Layer, base_dir: str, fetch_layer_path: Callable[[str, str, str], str]) -> None:
         """Copy the layer's imports to the staging dir the container shows read-only at
@@ -94,6 +99,7 @@ class LiveRootfs:
 
         items = [(imports_mod.staged_name(i), i.path.endswith("/"), i.dest, i.mode, i.uid, i.gid)
                  for i in layer.imports if i.dest]
+        self.before_commit()
         run_in_userns(imports_mod.land_in_rootfs, str(self.imports_dir), str(self.path), items)
 
     def ensure_container(self, layer: Layer, base_dir: str, network: str) -> Container:

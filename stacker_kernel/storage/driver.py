@@ -1,0 +1,323 @@
+"""Storage drivers: how the store makes trees, freezes them and deletes them.
+
+The store (storage/store.py) and the engine work on trees at fixed places:
+bases/<digest> and snapshots/<id> (read-only) and live/<session> (writable).
+A driver says what such a tree is:
+
+- `BtrfsDriver`: a btrfs subvolume; a snapshot is a read-only subvolume
+  snapshot, a writable copy a writable one (storage/btrfs.py).
+- `OverlayDriver`: a stack of overlayfs layers (storage/overlay.py). Every
+  step's changes are its own upper directory, moved to layers/<id> when the
+  step commits; a snapshot records the layers it is made of (top first), a
+  writable copy is a fresh empty upper over them. Trees are mounted by whoever
+  uses them, in their own user namespace; nothing is mounted on the host.
+
+The driver of a storage root is chosen when the store is first opened (btrfs
+when the root is on btrfs, overlay otherwise, unless asked for one) and
+recorded in the file `driver` of the root.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from stacker_kernel.errors import StorageError
+from stacker_kernel.storage import btrfs, overlay
+
+DRIVER_FILE = "driver"
+NAMES = ("btrfs", "overlay")
+# A stack deeper than this is flattened into one layer (off the step's path, see
+# OverlayDriver.flatten): overlayfs refuses more than 500 lower layers.
+FLATTEN_DEPTH = 64
+
+
+class Driver:
+    """The operations the store and the engine need on trees (see the module docstring)."""
+
+    name = ""
+    #: True when the container must be stopped before its rootfs is committed
+    #: (an overlay upper cannot change hands under a mount).
+    stop_before_commit = False
+
+    def create(self, path: Path) -> None:
+        """An empty writable tree at `path` that a caller fills as a plain directory (a base)."""
+        raise NotImplementedError
+
+    def adopt(self, tmp: Path, dest: Path, id: str) -> None:
+        """Freeze tree `tmp` (made by `create`, filled) and move it to read-only `dest`."""
+        raise NotImplementedError
+
+    def commit(self, live: Path, dest: Path, id: str) -> None:
+        """A read-only snapshot of writable tree `live` at `dest`; `live` stays writable with the same content."""
+        raise NotImplementedError
+
+    def uncommit(self, live: Path, dest: Path, id: str) -> None:
+        """Undo `commit` (its record could not be written): `live` holds what it held before."""
+        raise NotImplementedError
+
+    def writable_copy(self, src: Path, dest: Path) -> None:
+        """`dest` becomes a writable copy of snapshot `src` (whatever `dest` held is dropped)."""
+        raise NotImplementedError
+
+    def remove(self, path: Path) -> None:
+        """Delete tree (or any directory or file) `path`; a missing one is fine."""
+        raise NotImplementedError
+
+    def remove_many(self, paths: list[Path]) -> None:
+        for p in paths:
+            self.remove(p)
+
+    def lexists(self, tree: Path, rel: str) -> bool:
+        """Whether `rel` exists in `tree` (symlinks not followed), read from the host."""
+        return os.path.lexists(tree / rel.lstrip("/"))
+
+    def usage(self, root: Path) -> int:
+        """Bytes the storage uses."""
+        raise NotImplementedError
+
+    def wait_reclaimed(self, root: Path) -> None:
+        """Return once what deleted trees held is free again."""
+
+    def sync(self, root: Path) -> None:
+        """Push pending deletions so that `usage` shows them."""
+
+    def prepare_db_file(self, path: Path) -> None:
+        """Create the database's shared-memory files as the filesystem needs them."""
+
+    def collect(self, root: Path, trees: list[Path]) -> None:
+        """After records were dropped: free what no tree in `trees` (all that remain) needs."""
+
+
+class BtrfsDriver(Driver):
+    name = "btrfs"
+
+    def create(self, path: Path) -> None:
+        btrfs.create_subvolume(path)
+
+    def adopt(self, tmp: Path, dest: Path, id: str) -> None:
+        btrfs.set_readonly(tmp, True)
+        btrfs.remove_tree(dest)
+        os.rename(tmp, dest)
+
+    def commit(self, live: Path, dest: Path, id: str) -> None:
+        btrfs.snapshot(live, dest, readonly=True)
+
+    def uncommit(self, live: Path, dest: Path, id: str) -> None:
+        btrfs.delete_subvolume(dest)
+
+    def writable_copy(self, src: Path, dest: Path) -> None:
+        if dest.exists():
+            btrfs.delete_subvolume(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        btrfs.snapshot(src, dest, readonly=False)
+
+    def remove(self, path: Path) -> None:
+        btrfs.remove_tree(path)
+
+    def usage(self, root: Path) -> int:
+        return btrfs.fs_usage(root)
+
+    def wait_reclaimed(self, root: Path) -> None:
+        btrfs.wait_reclaimed(root)
+
+    def sync(self, root: Path) -> None:
+        btrfs.sync(root)
+
+    def prepare_db_file(self, path: Path) -> None:
+        # SQLite mmaps the WAL index: on a full btrfs a copy-on-write page fault is
+        # SIGBUS; NOCOW files make it an ordinary "disk is full" error instead.
+        btrfs.create_nocow_file(path)
+
+
+def _rmtree_in_ns(paths: list[str]) -> None:
+    for p in paths:
+        _rmtree(p)
+
+
+def _rmtree(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    shutil.rmtree(path)
+
+
+class OverlayDriver(Driver):
+    name = "overlay"
+    stop_before_commit = True
+
+    @staticmethod
+    def _root(tree: Path) -> Path:
+        return tree.parent.parent  # bases/<x>, snapshots/<x>, live/<x>
+
+    @staticmethod
+    def _layers_dir(root: Path) -> Path:
+        layers = root / "layers"
+        layers.mkdir(mode=0o700, exist_ok=True)
+        (layers / ".empty").mkdir(mode=0o755, exist_ok=True)
+        return layers
+
+    def create(self, path: Path) -> None:
+        path.mkdir(mode=0o755)
+
+    def adopt(self, tmp: Path, dest: Path, id: str) -> None:
+        layers = self._layers_dir(self._root(dest))
+        self.remove_many([dest, layers / id])
+        os.rename(tmp, layers / id)
+        dest.mkdir(mode=0o755)
+        overlay.write_stack(dest, [id], writable=False)
+
+    def commit(self, live: Path, dest: Path, id: str) -> None:
+        stack = overlay.layer_names(live)
+        if not (live / "upper").is_dir():
+            raise StorageError(f"cannot commit {live}: it is not a writable tree of this storage")
+        layers = self._layers_dir(self._root(dest))
+        new_stack = [id, *stack]
+        dest.mkdir(mode=0o755)
+        overlay.write_stack(dest, new_stack, writable=False)
+        # The upper becomes the step's layer; the live tree goes on over it with a fresh upper.
+        os.rename(live / "upper", layers / id)
+        (live / "upper").mkdir(mode=0o755)
+        self._fresh_work(live)
+        overlay.write_stack(live, new_stack, writable=True)
+
+    def uncommit(self, live: Path, dest: Path, id: str) -> None:
+        layers = self._layers_dir(self._root(dest))
+        stack = overlay.layer_names(dest)[1:]
+        self.remove(live / "upper")
+        os.rename(layers / id, live / "upper")
+        overlay.write_stack(live, stack, writable=True)
+        self.remove(dest)
+
+    def _fresh_work(self, live: Path) -> None:
+        old = live / "work"
+        if old.exists():
+            trash = live / f"work.old-{os.getpid()}"
+            os.rename(old, trash)
+            self.remove(trash)
+        (live / "work").mkdir(mode=0o700)
+
+    def writable_copy(self, src: Path, dest: Path) -> None:
+        stack = overlay.layer_names(src)
+        if not stack:
+            raise StorageError(f"cannot copy {src}: it is not a snapshot of this storage")
+        self._layers_dir(self._root(dest))
+        self.remove(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.mkdir(mode=0o755)
+        (dest / "upper").mkdir(mode=0o755)
+        (dest / "work").mkdir(mode=0o700)
+        overlay.write_stack(dest, stack, writable=True)
+
+    def remove(self, path: Path) -> None:
+        self.remove_many([path])
+
+    def remove_many(self, paths: list[Path]) -> None:
+        paths = [p for p in paths if os.path.lexists(p)]
+        if not paths:
+            return
+        if os.geteuid() == 0:
+            _rmtree_in_ns([str(p) for p in paths])
+            return
+        # Layers hold files of the container's ids, which only its root may delete.
+        from stacker_kernel.container.userns import CLONE_NEWNS, run_in_userns
+
+        run_in_userns(_rmtree_in_ns, [str(p) for p in paths], flags=CLONE_NEWNS, views=False)
+
+    def lexists(self, tree: Path, rel: str) -> bool:
+        stack = overlay.read_stack(tree)
+        if stack is None:
+            return False
+        return overlay.lexists(stack, rel)
+
+    def usage(self, root: Path) -> int:
+        return _du(root)
+
+    def prepare_db_file(self, path: Path) -> None:
+        pass
+
+    def collect(self, root: Path, trees: list[Path]) -> None:
+        """Delete the layers no remaining tree is made of (those of dropped steps and
+        bases: a layer lives as long as a snapshot stacks on it)."""
+        layers = root / "layers"
+        if not layers.is_dir():
+            return
+        used: set[str] = set()
+        for tree in trees:
+            used.update(overlay.layer_names(tree))
+        drop = [layers / e.name for e in os.scandir(layers)
+                if e.name != ".empty" and e.name not in used]
+        self.remove_many(drop)
+
+
+def _du(root: Path) -> int:
+    """Bytes allocated under `root` (files the user may not stat count nothing)."""
+    total, seen = 0, set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if st.st_nlink > 1:
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+def by_name(name: str) -> Driver:
+    if name == "btrfs":
+        return BtrfsDriver()
+    if name == "overlay":
+        return OverlayDriver()
+    raise StorageError(f"unknown storage driver {name!r}: use one of {', '.join(NAMES)}")
+
+
+def recorded(root: Path) -> str | None:
+    """The driver recorded in storage root `root`, or None for a root without one."""
+    try:
+        name = (root / DRIVER_FILE).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if name not in NAMES:
+        raise StorageError(f"storage {root} names an unknown driver {name!r} in its file "
+                           f"'{DRIVER_FILE}': write one of {', '.join(NAMES)} there")
+    return name
+
+
+def of_root(root: Path, wanted: str | None = None) -> Driver:
+    """The driver storage root `root` has (or would get on first use), without recording it."""
+    try:
+        have = recorded(root)
+    except StorageError:
+        have = None
+    name = have or wanted or ("btrfs" if btrfs.is_btrfs(root) else "overlay")
+    return by_name(name)
+
+
+def choose(root: Path, wanted: str | None = None) -> Driver:
+    """The driver of storage root `root`: the recorded one, else `wanted`, else btrfs
+    where the root is on btrfs and overlay elsewhere; recorded on first use."""
+    if wanted is not None and wanted not in NAMES:
+        raise StorageError(f"unknown storage driver {wanted!r}: use one of {', '.join(NAMES)}")
+    have = recorded(root)
+    if have is not None:
+        if wanted is not None and wanted != have:
+            raise StorageError(f"storage {root} uses the {have} driver, not {wanted}: pass "
+                               f"--storage-driver {have}, or another --storage for {wanted}")
+        return by_name(have)
+    name = wanted or ("btrfs" if btrfs.is_btrfs(root) else "overlay")
+    if name == "btrfs" and not btrfs.is_btrfs(root):
+        raise StorageError(f"storage {root} is not on btrfs: use --storage-driver overlay, or "
+                           "run 'sudo stacker-kernel setup-storage --user NAME'")
+    tmp = root / (DRIVER_FILE + ".tmp")
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / DRIVER_FILE)
+    return by_name(name)
