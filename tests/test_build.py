@@ -153,8 +153,8 @@ def test_missing_substitution_is_a_clear_error(storage, tmp_path, capsys):
     assert "BUSYBOX_OCI" in capsys.readouterr().err
 
 
-def test_non_btrfs_storage_is_refused_with_one_line(tmp_path, capsys):
-    assert main(["--storage", str(tmp_path), "layers"]) == 1
+def test_the_btrfs_driver_on_storage_not_on_btrfs_is_refused_with_one_line(tmp_path, capsys):
+    assert main(["--storage", str(tmp_path), "--storage-driver", "btrfs", "layers"]) == 1
     err = capsys.readouterr().err.strip()
     assert "btrfs" in err and len(err.splitlines()) == 1
 

@@ -206,6 +206,17 @@ def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
         unshare(flags)
 
 
+def _closure_values(fn: Callable[..., Any]) -> list[Any]:
+    """What a closure `fn` (a lambda) refers to: the paths it reads may be there."""
+    out = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    return out
+
+
 def run_in_userns(fn: Callable[..., Any], *args: Any, idmap: IdMap | None = None,
                   flags: int = CLONE_NEWNS, views: bool = True, **kwargs: Any) -> Any:
     """Run fn(*args, **kwargs) as root of a new user namespace in a forked child and
@@ -229,7 +240,7 @@ def run_in_userns(fn: Callable[..., Any], *args: Any, idmap: IdMap | None = None
             if views and flags & CLONE_NEWNS:
                 from stacker_kernel.storage.overlay import mount_views
 
-                mount_views([args, kwargs])
+                mount_views([args, kwargs, _closure_values(fn)])
             payload = ("ok", fn(*args, **kwargs))
         except StackerKernelError as e:
             payload, code = ("err", e), 1

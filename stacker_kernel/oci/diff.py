@@ -203,6 +203,13 @@ def diff_snapshots(old: str | None, new: str) -> Diff:
     """The difference between snapshot `old` and snapshot `new` (`old=None`:
     everything in `new` is added). Both should be read-only snapshots so they
     do not move under the walk. Run inside the user namespace."""
+    from stacker_kernel.storage import overlay  # storage is below oci; import late to keep diff pure
+
+    layer = overlay.step_layer(old, new)
+    if layer is not None:
+        # Overlay storage: the step's own layer is the difference (its whiteouts the
+        # removals): read it, not the two trees.
+        return Diff(old=old, new=new, changes=layer_changes(old, new, layer))
     new_entries, nested = walk(new)
     old_entries: dict[str, _Entry] = {}
     old_taken_ns: int | None = None
@@ -212,6 +219,39 @@ def diff_snapshots(old: str | None, new: str) -> Diff:
     changes = compare(old_entries, new_entries, old_taken_ns=old_taken_ns,
                       same=lambda path, o, n: _same_in_full(old, new, path, o, n))
     return Diff(old=old, new=new, changes=changes, nested_subvolumes=nested)
+
+
+def layer_changes(old: str, new: str, layer: str) -> list[Change]:
+    """The changes an overlayfs layer directory `layer` makes to tree `old`, giving tree
+    `new` (overlayfs whiteouts and opaque directories, Documentation/filesystems/overlayfs.rst)."""
+    from stacker_kernel.storage.overlay import is_opaque, is_whiteout
+
+    changes: list[Change] = []
+    stack = [("", layer)]
+    while stack:
+        rel_dir, abs_dir = stack.pop()
+        with os.scandir(abs_dir) as it:
+            for de in it:
+                rel = f"{rel_dir}{de.name}"
+                st = de.stat(follow_symlinks=False)
+                try:
+                    ost = os.lstat(os.path.join(old, rel))
+                except (FileNotFoundError, NotADirectoryError):
+                    ost = None
+                if is_whiteout(de.path, st):
+                    if ost is not None:
+                        changes.append(Change(rel, "removed", _TYPES.get(stat.S_IFMT(ost.st_mode), "file"), 0, 0))
+                    continue
+                nst = os.lstat(os.path.join(new, rel))  # the tree's inode numbers: hard links
+                kind = _TYPES.get(stat.S_IFMT(nst.st_mode), "file")
+                same_type = ost is not None and stat.S_IFMT(ost.st_mode) == stat.S_IFMT(nst.st_mode)
+                opaque = kind == "dir" and same_type and is_opaque(de.path)
+                changes.append(Change(rel, "modified" if same_type and not opaque else "added", kind,
+                                      nst.st_ino, nst.st_nlink, opaque=opaque))
+                if kind == "dir":
+                    stack.append((rel + "/", de.path))
+    changes.sort(key=lambda c: c.path)
+    return changes
 
 
 def _same_in_full(old_root: str | None, new_root: str, path: str, o: _Entry, n: _Entry) -> bool:

@@ -69,9 +69,14 @@ class Driver:
         for p in paths:
             self.remove(p)
 
+    def locate(self, tree: Path, rel: str) -> Path | None:
+        """Where `rel` of `tree` is on the host (symlinks not followed), None when it is not there."""
+        path = tree / rel.lstrip("/")
+        return path if os.path.lexists(path) else None
+
     def lexists(self, tree: Path, rel: str) -> bool:
         """Whether `rel` exists in `tree` (symlinks not followed), read from the host."""
-        return os.path.lexists(tree / rel.lstrip("/"))
+        return self.locate(tree, rel) is not None
 
     def usage(self, root: Path) -> int:
         """Bytes the storage uses."""
@@ -229,11 +234,10 @@ class OverlayDriver(Driver):
 
         run_in_userns(_rmtree_in_ns, [str(p) for p in paths], flags=CLONE_NEWNS, views=False)
 
-    def lexists(self, tree: Path, rel: str) -> bool:
+    def locate(self, tree: Path, rel: str) -> Path | None:
         stack = overlay.read_stack(tree)
-        if stack is None:
-            return False
-        return overlay.lexists(stack, rel)
+        found = overlay.locate(stack, rel) if stack is not None else None
+        return Path(found) if found is not None else None
 
     def usage(self, root: Path) -> int:
         return _du(root)

@@ -156,7 +156,7 @@ def mount_stack(stack: Stack, target: str, readonly: bool = False) -> None:
 
 
 def _paths_in(value: Any, out: list[str], depth: int = 0) -> None:
-    if depth > 3:
+    if depth > 8:
         return
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -188,7 +188,28 @@ def mount_views(args: Iterable[Any]) -> None:
         done.add(path)
         stack = read_stack(path)
         if stack is not None:
-            mount_stack(stack, path)
+            try:
+                mount_stack(stack, path)
+            except OSError as e:
+                from stacker_kernel.errors import StorageError
+
+                raise StorageError(f"cannot show snapshot {path} ({e.strerror}): overlayfs must mount in a "
+                                   "user namespace (Linux 5.11 or later)") from None
+            _MOUNTED[path] = stack
+
+
+# What mount_views mounted in this process: path -> stack (the record is hidden under the mount).
+_MOUNTED: dict[str, Stack] = {}
+
+
+def step_layer(old: str | None, new: str) -> str | None:
+    """The layer directory holding exactly what changed from tree `old` to tree `new`
+    (both mounted by mount_views here): new's top layer when new stacks on old's
+    layers alone. None otherwise (the caller then compares the trees)."""
+    a, b = _MOUNTED.get(old or ""), _MOUNTED.get(new)
+    if a is None or b is None or a.upper or b.upper or len(b.layers) != len(a.layers) + 1:
+        return None
+    return b.layers[0] if b.layers[1:] == a.layers else None
 
 
 # --- reading without a mount ------------------------------------------------------
@@ -219,9 +240,10 @@ def is_opaque(path: str) -> bool:
         return False
 
 
-def lexists(stack: Stack, rel: str) -> bool:
-    """Whether `rel` (relative to the tree's root; symlinks not followed) exists in the
-    union of `stack`, as the mounted tree would show it."""
+def locate(stack: Stack, rel: str) -> str | None:
+    """The host path holding `rel` (relative to the tree's root; symlinks not followed)
+    in the union of `stack`, as the mounted tree would show it, or None when it is not
+    there. A directory's entries may lie in lower layers too (see `lexists`)."""
     parts = [p for p in rel.split("/") if p and p != "."]
     layers = ([stack.upper] if stack.upper else []) + list(stack.layers)
     for layer in layers:
@@ -230,20 +252,23 @@ def lexists(stack: Stack, rel: str) -> bool:
             cur = os.path.join(cur, part)
             try:
                 st = os.lstat(cur)
-            except (FileNotFoundError, NotADirectoryError):
-                break
-            except PermissionError:
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
                 break
             if is_whiteout(cur, st):
-                return False
+                return None
             if i == len(parts) - 1:
-                return True
+                return cur
             if not stat.S_ISDIR(st.st_mode):
-                return False  # a file here hides everything below it
+                return None  # a file here hides everything below it
             if is_opaque(cur):
                 stop = True
         else:
-            return True  # the root itself
+            return layer  # the root itself
         if stop:
-            return False
-    return False
+            return None
+    return None
+
+
+def lexists(stack: Stack, rel: str) -> bool:
+    """Whether `rel` exists in the union of `stack` (symlinks not followed)."""
+    return locate(stack, rel) is not None
