@@ -84,6 +84,16 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("storage", ["btrfs", "overlay"], indirect=True)
 
 
+def in_tree(tree: Path, rel: str) -> Path:
+    """Where file `rel` of tree `tree` (a snapshot or live rootfs of either driver) is
+    on the host, for a test that reads it directly (the overlay driver's tree is a
+    stack of layer directories)."""
+    from stacker_kernel.storage import driver
+
+    found = driver.of_root(tree.parent.parent).locate(tree, rel)
+    return found if found is not None else tree / rel
+
+
 @pytest.fixture
 def storage(request) -> Path:
     """A fresh storage root, deleted (with its trees) afterwards: a directory under
