@@ -13,7 +13,7 @@ import pytest
 from stacker_kernel import cli
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.storage import overlay
-from stacker_kernel.storage.store import Session, Snapshot, Store
+from stacker_kernel.storage.store import Snapshot, Store
 
 
 @pytest.fixture

@@ -28,9 +28,6 @@ from stacker_kernel.storage import btrfs, overlay
 
 DRIVER_FILE = "driver"
 NAMES = ("btrfs", "overlay")
-# A stack deeper than this is flattened into one layer (off the step's path, see
-# OverlayDriver.flatten): overlayfs refuses more than 500 lower layers.
-FLATTEN_DEPTH = 64
 
 
 class Driver:

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import stat
-from pathlib import Path
 from typing import Any, Iterable
 
 MARK = "stacker-overlay.json"
