@@ -12,7 +12,7 @@ import pytest
 
 from stacker_kernel import cli
 from stacker_kernel.container.userns import run_in_userns
-from stacker_kernel.storage import overlay
+from stacker_kernel.storage import driver, overlay
 from stacker_kernel.storage.store import Snapshot, Store
 
 
@@ -112,7 +112,7 @@ def test_rollback_drops_the_upper_and_deleting_a_middle_step_keeps_its_layer_for
     store.delete_snapshot(two.id)
     store.end_session("s1")
     with store.write_lock():
-        store.driver.collect(store.root, store._trees())
+        store.driver.collect(store.root, store._trees)
     assert sorted(os.listdir(store.root / "layers")) == [".empty", base.id]
 
 
@@ -131,7 +131,51 @@ def test_gc_deletes_the_layers_of_unreferenced_snapshots(store):
     assert not one.path.exists() and not live.exists()
 
 
-def test_a_stack_deeper_than_a_page_of_mount_options_mounts(store):
+def _chain(store: Store, depth: int) -> tuple[Snapshot, Path]:
+    base = _base(store, {"bottom": "b", "gone": "g"})
+    live = store.live_path("deep")
+    store.driver.writable_copy(base.path, live)
+    parent = base
+    for i in range(depth):
+        parent = _step(store, live, parent, {f"f{i}": str(i)} if i != 1 else {"gone": None})
+    return parent, live
+
+
+def test_flatten_gives_a_deep_snapshot_two_layers_with_the_same_content(store, monkeypatch):
+    monkeypatch.setattr(driver, "FLATTEN_DEPTH", 1000)  # no flattening in the background here
+    snap, live = _chain(store, 12)
+    deep = overlay.layer_names(snap.path)
+    rels = ["bottom", "gone", "f0", "f11"]
+    before = run_in_userns(_read, str(snap.path), rels)
+    assert before == {"bottom": "b", "gone": None, "f0": "0", "f11": "11"}
+    assert store.driver.flatten(store.write_lock, snap.path)
+    assert overlay.layer_names(snap.path) == [snap.id, f"flat-{deep[1]}"]
+    assert overlay.layer_names(live) == [snap.id, f"flat-{deep[1]}"]  # the live tree moved too
+    assert run_in_userns(_read, str(snap.path), rels) == before
+    assert run_in_userns(_read, str(live), rels) == before
+    # The parent's own stack is untouched: its layers stay for it.
+    parent = store.get(snap.parent)
+    assert overlay.layer_names(parent.path) == deep[1:]
+    assert run_in_userns(_read, str(parent.path), ["f10", "f11"]) == {"f10": "10", "f11": None}
+    # The next step stacks on the short stack.
+    nxt = _step(store, live, snap, {"next": "n"})
+    assert overlay.layer_names(nxt.path) == [nxt.id, snap.id, f"flat-{deep[1]}"]
+
+
+def test_a_commit_past_the_depth_flattens_in_the_background(store, monkeypatch):
+    import time
+
+    monkeypatch.setattr(driver, "FLATTEN_DEPTH", 4)
+    snap, _ = _chain(store, 6)
+    deadline = time.monotonic() + 60
+    while len(overlay.layer_names(snap.path)) > 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(overlay.layer_names(snap.path)) == 2
+    assert run_in_userns(_read, str(snap.path), ["bottom", "gone", "f5"]) == {"bottom": "b", "gone": None, "f5": "5"}
+
+
+def test_a_stack_deeper_than_a_page_of_mount_options_mounts(store, monkeypatch):
+    monkeypatch.setattr(driver, "FLATTEN_DEPTH", 1000)
     base = _base(store, {"bottom": "b"})
     live = store.live_path("deep")
     store.driver.writable_copy(base.path, live)

@@ -21,12 +21,20 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import threading
+import uuid
 from pathlib import Path
+from typing import Callable, ContextManager
 
 from stacker_kernel.errors import StorageError
 from stacker_kernel.storage import btrfs, overlay
 
 DRIVER_FILE = "driver"
+# A snapshot whose stack is deeper than this gets its lower layers flattened into one
+# (OverlayDriver.flatten, in the background): a mount's cost grows with its layers,
+# and overlayfs takes at most 500.
+FLATTEN_DEPTH = 64
+FLAT_TMP = ".tmp-flat-"
 NAMES = ("btrfs", "overlay")
 
 
@@ -88,8 +96,11 @@ class Driver:
     def prepare_db_file(self, path: Path) -> None:
         """Create the database's shared-memory files as the filesystem needs them."""
 
-    def collect(self, root: Path, trees: list[Path]) -> None:
-        """After records were dropped: free what no tree in `trees` (all that remain) needs."""
+    def collect(self, root: Path, trees: Callable[[], list[Path]]) -> None:
+        """After records were dropped: free what no tree left (`trees()` lists them) needs."""
+
+    def after_commit(self, lock: Callable[[], ContextManager], snapshot: Path) -> None:
+        """Called once snapshot `snapshot` is committed and recorded (`lock` is the store's write lock)."""
 
 
 class BtrfsDriver(Driver):
@@ -242,18 +253,93 @@ class OverlayDriver(Driver):
     def prepare_db_file(self, path: Path) -> None:
         pass
 
-    def collect(self, root: Path, trees: list[Path]) -> None:
+    def collect(self, root: Path, trees: Callable[[], list[Path]]) -> None:
         """Delete the layers no remaining tree is made of (those of dropped steps and
-        bases: a layer lives as long as a snapshot stacks on it)."""
+        bases: a layer lives as long as a snapshot stacks on it), and flattenings
+        whose process is gone."""
+        from stacker_kernel.storage.store import process_start_time  # late: store imports us
+
         layers = root / "layers"
         if not layers.is_dir():
             return
         used: set[str] = set()
-        for tree in trees:
+        for tree in trees():
             used.update(overlay.layer_names(tree))
-        drop = [layers / e.name for e in os.scandir(layers)
-                if e.name != ".empty" and e.name not in used]
+        drop = []
+        for e in os.scandir(layers):
+            if e.name.startswith(FLAT_TMP):
+                pid = e.name[len(FLAT_TMP):].partition("-")[0]
+                if pid.isdigit() and process_start_time(int(pid)) is not None:
+                    continue  # being flattened
+                drop.append(layers / e.name)
+            elif e.name != ".empty" and e.name not in used:
+                drop.append(layers / e.name)
         self.remove_many(drop)
+
+    def after_commit(self, lock: Callable[[], ContextManager], snapshot: Path) -> None:
+        if len(overlay.layer_names(snapshot)) > FLATTEN_DEPTH:
+            # Off the step's path: the next steps stack on the snapshot as it is meanwhile.
+            threading.Thread(target=self._flatten_quietly, args=(lock, snapshot), daemon=True).start()
+
+    def _flatten_quietly(self, lock: Callable[[], ContextManager], snapshot: Path) -> None:
+        try:
+            self.flatten(lock, snapshot)
+        except Exception:
+            pass  # the stack stays deep and works; the next commit tries again
+
+    def flatten(self, lock: Callable[[], ContextManager], snapshot: Path) -> bool:
+        """Give `snapshot` a stack of two: its own layer over one layer holding the union
+        of the layers below it (copied as the container's root). The layers below stay
+        (the snapshots they make up still use them); live trees on the same stack move
+        to the short one. Returns False when there was nothing to do."""
+        names = overlay.layer_names(snapshot)
+        if len(names) <= 2:
+            return False
+        root = self._root(snapshot)
+        layers = self._layers_dir(root)
+        flat = f"flat-{names[1]}"  # the union of the parent's stack: its content never changes
+        if not (layers / flat).is_dir():
+            tmp = layers / f"{FLAT_TMP}{os.getpid()}-{uuid.uuid4().hex}"
+            tmp.mkdir(mode=0o755)
+            try:
+                from stacker_kernel.container.userns import CLONE_NEWNS, run_in_userns
+
+                # In a mount namespace of its own (also for root): the host sees no mount.
+                run_in_userns(_copy_union, [str(layers / n) for n in names[1:]], str(tmp),
+                              flags=CLONE_NEWNS, views=False)
+                with lock():
+                    if not (layers / flat).is_dir():
+                        os.rename(tmp, layers / flat)
+            finally:
+                self.remove(tmp)
+        with lock():
+            if overlay.layer_names(snapshot) != names:
+                return False  # deleted (or flattened) meanwhile
+            short = [names[0], flat]
+            overlay.write_stack(snapshot, short, writable=False)
+            live = root / "live"
+            for e in os.scandir(live) if live.is_dir() else ():
+                if overlay.layer_names(e.path) == names:
+                    overlay.write_stack(e.path, short, writable=True)
+        return True
+
+
+def _copy_union(layers: list[str], dest: str) -> None:
+    """Copy the union of `layers` (top first) into directory `dest` (inside the user
+    namespace: owners, modes and xattrs are kept; whiteouts are not part of a union)."""
+    import subprocess
+
+    mnt = dest + ".mnt"  # named like `dest`: collect leaves it while its process lives
+    os.mkdir(mnt, 0o700)
+    try:
+        overlay.mount_stack(overlay.Stack(tuple(layers)), mnt, readonly=True)
+        try:
+            subprocess.run(["cp", "-a", "--reflink=auto", f"{mnt}/.", dest], check=True,
+                           capture_output=True)
+        finally:
+            overlay.umount(mnt)
+    finally:
+        os.rmdir(mnt)
 
 
 def _du(root: Path) -> int:

@@ -154,6 +154,13 @@ def mount_stack(stack: Stack, target: str, readonly: bool = False) -> None:
         _mount_legacy(stack, target, readonly)
 
 
+def umount(target: str) -> None:
+    """Detach the mount on `target` (MNT_DETACH)."""
+    if _libc.umount2(target.encode(), ctypes.c_int(2)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
 def _paths_in(value: Any, out: list[str], depth: int = 0) -> None:
     if depth > 8:
         return

@@ -525,6 +525,7 @@ class Store:
             except BaseException:
                 self.driver.uncommit(Path(live), snap.path, snap.id)
                 raise
+        self.driver.after_commit(self.write_lock, snap.path)
         return snap
 
     def _insert_snapshot(self, snap: Snapshot) -> None:
@@ -599,7 +600,7 @@ class Store:
             self.driver.remove(snap.path)
             self.log_path(id).unlink(missing_ok=True)
             self._drop_records({id})
-            self.driver.collect(self.root, self._trees())
+            self.driver.collect(self.root, self._trees)
 
     def _drop_records(self, ids: set[str]) -> None:
         """Delete the records `ids`, re-pointing children and sessions to the nearest kept ancestor."""
@@ -755,7 +756,7 @@ class Store:
                         entry.unlink(missing_ok=True)
                 elif name not in kept:
                     entry.unlink(missing_ok=True)
-            self.driver.collect(self.root, self._trees())
+            self.driver.collect(self.root, self._trees)
 
     def _trees(self) -> list[Path]:
         """Every tree in the store: bases, snapshots and live rootfs (what the driver must keep)."""
@@ -817,5 +818,5 @@ class Store:
                 except StorageFullError:
                     self.driver.wait_reclaimed(self.root)  # the deleted subvolumes make the room
                     self._drop_records({s.id for s in drop})
-                self.driver.collect(self.root, self._trees())
+                self.driver.collect(self.root, self._trees)
         return [s.id for s in drop]
