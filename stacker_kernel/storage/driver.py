@@ -196,7 +196,7 @@ class OverlayDriver(Driver):
         # The upper becomes the step's layer; the live tree goes on over it with a fresh upper.
         os.rename(live / "upper", layers / id)
         (live / "upper").mkdir(mode=0o755)
-        self._fresh_work(live)
+        # The work dir stays: overlayfs empties it at every mount.
         overlay.write_stack(live, new_stack, writable=True)
 
     def uncommit(self, live: Path, dest: Path, id: str) -> None:
@@ -206,14 +206,6 @@ class OverlayDriver(Driver):
         os.rename(layers / id, live / "upper")
         overlay.write_stack(live, stack, writable=True)
         self.remove(dest)
-
-    def _fresh_work(self, live: Path) -> None:
-        old = live / "work"
-        if old.exists():
-            trash = live / f"work.old-{os.getpid()}"
-            os.rename(old, trash)
-            self.remove(trash)
-        (live / "work").mkdir(mode=0o700)
 
     def writable_copy(self, src: Path, dest: Path) -> None:
         stack = overlay.layer_names(src)
