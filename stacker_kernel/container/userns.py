@@ -229,6 +229,12 @@ def run_in_userns(fn: Callable[..., Any], *args: Any, idmap: IdMap | None = None
     sees it as the directory tree it stands for (storage/overlay.py).
     """
     idmap = idmap or IdMap.for_current_user()
+    # What this process buffered must not be written again by the child's flush.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child

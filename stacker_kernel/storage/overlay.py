@@ -181,17 +181,20 @@ def _paths_in(value: Any, out: list[str], depth: int = 0) -> None:
 
 
 def mount_views(args: Iterable[Any]) -> None:
-    """Mount every overlay tree named in `args` (paths, also inside lists, dicts and
-    dataclasses) over its own directory, so that code written for a directory tree reads
+    """Mount every overlay tree named in `args` (paths of trees or of files in them, also
+    inside lists, dicts and dataclasses) over its own directory, so that code written for a directory tree reads
     (or, for a writable tree, writes) the union. Run inside a fresh user + mount
     namespace (`run_in_userns`); nothing is visible outside it."""
     paths: list[str] = []
     _paths_in(list(args), paths)
-    done: set[str] = set()
-    for path in paths:
-        if path in done:
-            continue
-        done.add(path)
+    trees: list[str] = []
+    for path in paths:  # a path inside a tree shows the tree's file: mount the tree
+        cur = os.path.normpath(path)
+        while cur != "/" and not os.path.isfile(os.path.join(cur, MARK)):
+            cur = os.path.dirname(cur)
+        if cur != "/" and cur not in trees:
+            trees.append(cur)
+    for path in trees:
         stack = read_stack(path)
         if stack is not None:
             try:
