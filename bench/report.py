@@ -61,6 +61,9 @@ BENCHES = [
     Bench("export_rootfs.py", ("--rounds", "5"), "Whole rootfs into a fresh layout (issue 14)",
           "a Debian rootfs exported as one layer into an empty OCI layout beside `umoci repack` and "
           "`buildah push oci:` of the same tree, in interleaved rounds", 900),
+    Bench("drivers.py", ("--repeat", "15"), "Storage drivers: btrfs and overlay (issue 24)",
+          "the overlay driver (a folder on ext4) beside btrfs: a step + commit, rollback, export of one "
+          "step's layer, disk per step, and a step at depth 100 beside one at depth 10", 900),
 ]
 
 
