@@ -23,12 +23,12 @@ as_user() {
 # Make $work (owned by the test user) with the "stacker" kernel spec in it.
 sk_prepare_work() {
   as_user mkdir -p "$work/jupyter/kernels"
-  as_user "$VENV/bin/python" -m stacker_kernel.kernel.install --prefix "$work/jupyter-prefix" >/dev/null
+  as_user "$VENV/bin/python" -P -m stacker_kernel.kernel.install --prefix "$work/jupyter-prefix" >/dev/null
   as_user rm -rf "$work/jupyter/kernels/stacker"
   as_user cp -r "$work/jupyter-prefix/share/jupyter/kernels/stacker" "$work/jupyter/kernels/stacker"
 }
 
 # Run a notebook headless through the kernel protocol (JupyterLab-shaped requests).
 run_notebook() {
-  as_user "$VENV/bin/python" -m stacker_kernel.kernel.runner "$@"
+  as_user "$VENV/bin/python" -P -m stacker_kernel.kernel.runner "$@"
 }

@@ -14,7 +14,8 @@ pkgs=(btrfs-progs uidmap util-linux busybox-static umoci skopeo mmdebstrap
       python3 python3-venv python3-dev sqlite3 zstd xz-utils ca-certificates dash bash
       pigz docker-registry apache2-utils oci-image-tool buildah chromium
       squashfs-tools squashfs-tools-ng erofs-utils cryptsetup-bin
-      rpm)  # rpm: reads rpm databases for the SBOM (and makes one for its test)
+      rpm  # rpm: reads rpm databases for the SBOM (and makes one for its test)
+      bindfs)  # bindfs: the FUSE mount a user places over their storage in test_storage_setup
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -33,6 +34,10 @@ if [ ! -e "$stamp" ] || [ "$(cat "$stamp")" != "$repo" ]; then
   echo "$repo" > "$stamp"
 fi
 ln -sf "$VENV/bin/stacker-kernel" /usr/local/bin/stacker-kernel
+# The README's `jupyter lab` (and `jupyter nbconvert --to stacker`) for every user, from the venv.
+for tool in jupyter jupyter-lab; do
+  ln -sf "$VENV/bin/$tool" "/usr/local/bin/$tool"
+done
 
 # Two unprivileged test users (the second for tests of one user against another),
 # each with its own subordinate uid/gid range.

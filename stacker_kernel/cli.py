@@ -28,6 +28,13 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write an output file, never through a link planted in a shared folder (engine/beside.py)."""
+    from stacker_kernel.engine.beside import write_bytes as write
+
+    write(path, data)
+
+
 def _write_output(path: str, write: Callable[[str], object]) -> None:
     """Call `write(path)`; an unwritable output path is a user error, not a traceback."""
     try:
@@ -71,6 +78,9 @@ def add_setup_storage(p: argparse.ArgumentParser) -> None:
                    help=f"where root keeps images and records (default {STATE_DIR})")
     p.add_argument("--teardown", action="store_true",
                    help="unmount and delete the user's storage (only what setup-storage created)")
+    p.add_argument("--max-user-processes", type=int, default=None, metavar="N",
+                   help="cap each user's builds together at N processes (kept for later runs; default: "
+                        "3/4 of kernel.pid_max shared by the users with storage, at most 16384)")
 
 
 def cmd_setup_storage(args: argparse.Namespace) -> int:
@@ -83,7 +93,10 @@ def cmd_setup_storage(args: argparse.Namespace) -> int:
         for line in setup.teardown_storage(args.user, args.mount, args.state_dir):
             print(line)
         return 0
-    print(setup.setup_storage(args.user, args.size, args.image, args.mount, storage, args.state_dir))
+    if args.max_user_processes is not None and args.max_user_processes < 1:
+        raise StackerKernelError(f"--max-user-processes {args.max_user_processes}: give a whole number above 0")
+    print(setup.setup_storage(args.user, args.size, args.image, args.mount, storage, args.state_dir,
+                              args.max_user_processes))
     return 0
 
 
@@ -179,7 +192,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 # --- gc ---------------------------------------------------------------------
 
 def add_gc(p: argparse.ArgumentParser) -> None:
-    pass
+    add_gc_choices(p)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -188,13 +201,98 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from stacker_kernel.storage.store import collect_garbage
 
     root = resolve_storage(args.storage)
+    forget_chosen_sessions(args)
     removed, freed = collect_garbage(root, progress=print, held=held_bytes)
+    report_cache_pruned(args, everything=args.cache)
     for snap in removed:
         what = f"base  {first_line(snap.source, width=48)}" if snap.kind == "base" else (
             f"layer {snap.layer}  {first_line(snap.source, width=48)}  "
             f"{human_size(snap.size_delta, signed=True) if snap.size_delta is not None else ''}".rstrip())
         print(f"removed {snap.id[:12]}  {what}")  # the id status lines and %layers show
     print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}; {storage_total(root)}")
+    return 0
+
+
+def add_gc_choices(p: argparse.ArgumentParser) -> None:
+    """What `gc` drops besides unreferenced snapshots (engine/clean.py)."""
+    p.add_argument("--recipe-gone", action="store_true",
+                   help="also drop the ended builds and kernels of notebooks and stacker.yaml files "
+                        "that were deleted or renamed")
+    p.add_argument("--older-than", metavar="AGE",
+                   help="also drop ended builds and kernels not used for AGE (e.g. 12h, 7d, 2w)")
+    p.add_argument("--cache", action="store_true",
+                   help="also empty the download caches (registry images, downloaded tars) and the "
+                        "export layer cache; builds fill them again")
+
+
+def _say_spared(running) -> None:
+    for sess in running:
+        print(f"kept {sess.kind} of {sess.name}: it is running (pid {sess.owner_pid})")
+
+
+def forget_chosen_sessions(args: argparse.Namespace, recipe: str | None = None,
+                           folder: str | None = None) -> int:
+    """Forget the ended sessions `args` (gc's choices) or `recipe`/`folder` choose; how many."""
+    from stacker_kernel.engine.clean import parse_age, select_sessions
+
+    older = parse_age(args.older_than) if getattr(args, "older_than", None) else None
+    gone = getattr(args, "recipe_gone", False)
+    if recipe is None and folder is None and not gone and older is None:
+        return 0
+    with _open_store(args) as store:
+        chosen = select_sessions(store, recipe=recipe, folder=folder, recipe_gone=gone, older_than=older)
+        for sess in chosen.drop:
+            store.forget_session(sess.id)
+            print(f"forgot {sess.kind} {sess.id[:8]} of {sess.name}")
+    _say_spared(chosen.running)
+    return len(chosen.drop)
+
+
+def report_cache_pruned(args: argparse.Namespace, everything: bool) -> None:
+    """Prune <root>/cache (engine/clean.prune_cache) and say what it freed."""
+    from stacker_kernel.engine.clean import prune_cache
+
+    with _open_store(args) as store:
+        entries, size = prune_cache(store, everything=everything)
+    if entries:
+        print(f"cache: removed {entries} entr{'y' if entries == 1 else 'ies'}, {human_size(size)}")
+
+
+# --- clean ------------------------------------------------------------------
+
+def add_clean(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="a notebook, stacker.yaml or Dockerfile, or a folder of them (default: .)")
+    p.add_argument("--oci-dir", default="oci",
+                   help="the OCI layout to delete, relative to a folder (default oci, as stacker clean)")
+    p.add_argument("--keep-oci", action="store_true", help="keep the OCI layout")
+    p.add_argument("--all", action="store_true", help=argparse.SUPPRESS)  # stacker's no-op flag
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """`stacker clean` for this store: every ended build and kernel of the recipe (or of the
+    recipes under the folder), their snapshots, what they left beside them, the OCI layout."""
+    from stacker_kernel.engine.clean import remove_beside, remove_oci_layout
+    from stacker_kernel.engine.history import held_bytes
+    from stacker_kernel.storage.location import resolve_storage
+    from stacker_kernel.storage.store import collect_garbage
+
+    for given in args.paths or ["."]:
+        path = Path(os.path.abspath(given))
+        if path.is_dir():
+            forget_chosen_sessions(args, folder=str(path))
+            removed = remove_beside(path)
+            oci = path / args.oci_dir
+        else:  # a recipe, perhaps deleted already: its state is still worth cleaning
+            forget_chosen_sessions(args, recipe=str(path))
+            removed, oci = remove_beside(path.parent, path), None
+        if oci is not None and not args.keep_oci and remove_oci_layout(oci):
+            removed.append(str(oci))
+        for item in removed:
+            print(f"removed {item}")
+    dropped, freed = collect_garbage(resolve_storage(args.storage), held=held_bytes)
+    report_cache_pruned(args, everything=False)
+    print(f"removed {len(dropped)} snapshot(s), freed {human_size(max(freed, 0))}")
     return 0
 
 
@@ -256,8 +354,14 @@ def _dockerfile_options(args: argparse.Namespace, relative_to: str = "."):
 
 
 def add_build(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--stacker-file", dest="file", default="stacker.yaml",
-                   help="stacker.yaml, notebook (.ipynb) or Dockerfile to build (default stacker.yaml)")
+    p.add_argument("-f", "--stacker-file", dest="file", action="append", metavar="FILE",
+                   help="stacker.yaml, notebook (.ipynb) or Dockerfile to build (default stacker.yaml; "
+                        "repeat to build several, in order)")
+    add_build_options(p)
+
+
+def add_build_options(p: argparse.ArgumentParser) -> None:
+    """The options `build` and `recursive-build` share."""
     add_dockerfile_options(p)
     p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
     p.add_argument("--oci-dir", default=None, help="write the images to this OCI layout (default: oci)")
@@ -285,6 +389,57 @@ def add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-processes", type=int, metavar="N",
                    help="most processes and threads a step may run at once (default 4096, "
                         "or $STACKER_KERNEL_MAX_PROCESSES, or max_processes in your config file)")
+    add_stacker_build_flags(p)
+
+
+def add_stacker_build_flags(p: argparse.ArgumentParser) -> None:
+    """stacker's build flags that Makefiles use (cmd/stacker/build.go), and --replay-cached."""
+    p.add_argument("--substitute-file", metavar="FILE",
+                   help="a YAML file of substitutions ('FOO: bar' lines); --substitute wins over it")
+    p.add_argument("--require-hash", action="store_true",
+                   help="refuse an http(s) import without a hash (as stacker --require-hash)")
+    p.add_argument("--order-only", action="store_true",
+                   help="print the order the files would build in (with their prerequisites); build nothing")
+    p.add_argument("--replay-cached", action="store_true",
+                   help="show a cached step's stored output again (default: one 'found cached layer' line)")
+
+
+def build_substitutions(args: argparse.Namespace) -> dict[str, str]:
+    """--substitute-file's values, then --substitute's (stacker gives those precedence)."""
+    subs: dict[str, str] = {}
+    if getattr(args, "substitute_file", None):
+        import yaml
+
+        try:
+            with open(args.substitute_file, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError as e:
+            raise StackerKernelError(f"cannot read --substitute-file {args.substitute_file}: "
+                                     f"{e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise StackerKernelError(f"--substitute-file {args.substitute_file} is not YAML: "
+                                     f"{str(e).splitlines()[0]}") from None
+        if data is not None and not isinstance(data, dict):
+            raise StackerKernelError(f"--substitute-file {args.substitute_file} must be a mapping "
+                                     "of names to values, e.g. 'FOO: bar'")
+        for key, value in (data or {}).items():
+            if isinstance(value, (dict, list)):
+                raise StackerKernelError(f"--substitute-file {args.substitute_file}: {key} must be "
+                                         "a plain value, not a list or mapping")
+            subs[str(key)] = "" if value is None else (str(value).lower() if isinstance(value, bool)
+                                                        else str(value))
+    subs.update(_substitutions(args.substitute))
+    return subs
+
+
+def print_build_order(args: argparse.Namespace, files: list[str]) -> int:
+    """--order-only: stacker's `N build PATH: requires: [PATHS]` lines."""
+    from stacker_kernel.engine.build import build_order
+
+    for i, (path, requires) in enumerate(build_order(files, build_substitutions(args),
+                                                     _dockerfile_options(args))):
+        print(f"{i} build {path}: requires: [{' '.join(requires)}]")
+    return 0
 
 
 def add_layer_type_flags(p: argparse.ArgumentParser) -> None:
@@ -331,24 +486,75 @@ def _failure_command(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def cmd_build(args: argparse.Namespace, files: list[str] | None = None) -> int:
     import time
 
     from stacker_kernel.engine.build import build
 
-    t0 = time.monotonic()
+    files = files or args.file or ["stacker.yaml"]
+    if args.order_only:
+        return print_build_order(args, files)
     if args.max_processes is not None:  # the containers read it where they start (container/limits.py)
         os.environ["STACKER_KERNEL_MAX_PROCESSES"] = str(args.max_processes)
     oci_dir = None if args.no_oci else (args.oci_dir or "oci")
-    with _open_store(args) as store:
-        result = build(store, args.file, substitutions=_substitutions(args.substitute),
-                       no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
-                       annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
-                       on_failure=_failure_command(args), dockerfile=_dockerfile_options(args),
-                       layer_types=_layer_types(args), attestations=_attestations(args))
-    print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
-          f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s")
+    for file in files:
+        t0 = time.monotonic()
+        with _open_store(args) as store, offline_base_hint(file):
+            result = build(store, file, substitutions=build_substitutions(args),
+                           no_cache=args.no_cache, oci_dir=oci_dir, squash=args.squash,
+                           annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
+                           on_failure=_failure_command(args), dockerfile=_dockerfile_options(args),
+                           layer_types=_layer_types(args), attestations=_attestations(args),
+                           replay_cached=args.replay_cached, require_hash=args.require_hash)
+        print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
+              f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s"
+              + (f" ({file})" if len(files) > 1 else ""))
     return 0
+
+
+@contextmanager
+def offline_base_hint(file: str) -> Iterator[None]:
+    """A Dockerfile's FROM that cannot be pulled (offline, no DNS): say how to build
+    from a local copy of the image instead (--base IMAGE=SOURCE)."""
+    from stacker_kernel.errors import ImageError
+    from stacker_kernel.recipe.dockerfile import is_dockerfile
+
+    try:
+        yield
+    except ImageError as e:
+        import re
+
+        text = str(e)
+        pulled = re.match(r"cannot pull docker://(.+?)(?:: | \()", text)
+        if not (is_dockerfile(file) and pulled):
+            raise
+        ref = pulled.group(1)
+        raise ImageError(f"{text}; or build from a local copy of the image: --base {ref}=oci:DIR:TAG "
+                         f"(or --base {ref}=tar:ROOTFS.tar)") from e
+
+
+# --- recursive-build -----------------------------------------------------------
+
+def add_recursive_build(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", "--search-dir", default=".",
+                   help="directory under which to search for stacker files to build (default .)")
+    p.add_argument("-p", "--stacker-file-pattern", default=r"\/stacker.yaml$",
+                   help=r"regex a file's path must match (default \/stacker.yaml$, as stacker)")
+    add_build_options(p)
+
+
+def cmd_recursive_build(args: argparse.Namespace) -> int:
+    """stacker's recursive-build: every matching file under --search-dir, each after the
+    files it has as prerequisites."""
+    from stacker_kernel.engine.build import build_order, find_stacker_files
+
+    found = find_stacker_files(args.search_dir, args.stacker_file_pattern)
+    if args.order_only:
+        return print_build_order(args, found)
+    # A file another found file has as prerequisite is built as part of that one.
+    order = build_order(found, build_substitutions(args), _dockerfile_options(args))
+    needed = {os.path.realpath(p) for _, requires in order for p in requires}
+    return cmd_build(args, [path for path, _ in order if os.path.realpath(path) not in needed])
 
 
 # --- grab -------------------------------------------------------------------
@@ -369,11 +575,17 @@ def cmd_grab(args: argparse.Namespace) -> int:
         raise StackerKernelError(f"grab {args.source!r}: give LAYER:/path, e.g. build:/usr/bin/hello")
     with _open_store(args) as store:
         snap = layer_snapshot(store, args.file, layer)
-        grabbed = grab(snap.path, path, args.dest)
-    print(grabbed.path)
+        grabbed = grab(snap.path, path, args.dest, into=_grab_into(args.dest))
+    print("\n".join(grabbed.copied) or grabbed.path)
     for note in grabbed.notes:
         print(note, file=sys.stderr)
     return 0
+
+
+def _grab_into(dest: str) -> bool | None:
+    """A DEST ending in '/' is a directory to put the copy in (made when missing), as
+    `%grab` and cp take it; otherwise cp's rule (an existing directory receives it)."""
+    return True if dest.endswith("/") else None
 
 
 # --- sbom -------------------------------------------------------------------
@@ -398,7 +610,7 @@ def cmd_sbom(args: argparse.Namespace) -> int:
     for note in inv.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.output:
-        _write_output(args.output, lambda p: Path(p).write_bytes(data))
+        _write_output(args.output, lambda p: write_bytes(Path(p), data))
         print(f"wrote {args.output}: {len(inv.packages)} packages of layer {snap.layer}")
     else:
         sys.stdout.write(data.decode())
@@ -413,13 +625,14 @@ def add_chroot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--substitute", action="append", metavar="K=V", help="set ${{K}} in the stacker.yaml")
     p.add_argument("layer", nargs="?",
                    help="layer to enter (default: the one a failed build stopped in, else the last one built)")
+    p.add_argument("cmd", nargs="?", help="the command to run instead of /bin/sh (as stacker chroot LAYER CMD)")
 
 
 def cmd_chroot(args: argparse.Namespace) -> int:
     from stacker_kernel.engine.build import chroot
 
     with _open_store(args) as store:
-        return chroot(store, args.file, args.layer, _substitutions(args.substitute))
+        return chroot(store, args.file, args.layer, _substitutions(args.substitute), command=args.cmd)
 
 
 # --- export / import ----------------------------------------------------------
@@ -443,7 +656,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                            attestations=_attestations(args),
                            progress=lambda line: print(line, file=sys.stderr))  # stdout may be the yaml
     if args.output:
-        _write_output(args.output, lambda p: Path(p).write_text(text))
+        _write_output(args.output, lambda p: write_bytes(Path(p), text.encode()))
         print(f"wrote {args.output}")
     else:
         sys.stdout.write(text)
@@ -465,9 +678,9 @@ def _import_dockerfile(args: argparse.Namespace) -> int:
 
     out = convert_dockerfile(args.stacker_yaml, args.output, _dockerfile_options(args))
     if isinstance(out, str):
-        _write_output(args.output, lambda p: Path(p).write_text(out))
+        _write_output(args.output, lambda p: write_bytes(Path(p), out.encode()))
     else:
-        _write_output(args.output, lambda p: nbformat.write(out, p))
+        _write_output(args.output, lambda p: write_bytes(Path(p), (nbformat.writes(out) + "\n").encode()))
     print(f"wrote {args.output}")
     return 0
 
@@ -490,7 +703,7 @@ def cmd_import(args: argparse.Namespace) -> int:
               "a layer name must be: the notebook has the resolved values of those with a default",
               file=sys.stderr)
     notebook = notebook_from_recipe(recipe)
-    _write_output(args.output, lambda p: nbformat.write(notebook, p))
+    _write_output(args.output, lambda p: write_bytes(Path(p), (nbformat.writes(notebook) + "\n").encode()))
     print(f"wrote {args.output}")
     return 0
 
@@ -508,6 +721,7 @@ def add_publish(p: argparse.ArgumentParser) -> None:
     p.add_argument("--username", help="registry user; the password comes from --password-stdin")
     p.add_argument("--password-stdin", action="store_true", help="read the registry password from stdin")
     _add_attestation_flags(p, "the published images (those in the layout are not pushed)")
+    add_publish_layer_type(p)
     # Kept only to refuse it: argv is visible to every local user (ps).
     p.add_argument("--password", help=argparse.SUPPRESS)
 
@@ -533,9 +747,19 @@ def cmd_publish(args: argparse.Namespace) -> int:
             raise StackerKernelError("--password-stdin read an empty password: pipe the password to stdin")
     for done in publish(args.oci_dir, args.url, args.tag, images=args.image,
                         username=args.username, password=password, authfile=args.authfile,
-                        sbom=not args.no_sbom, provenance=not args.no_provenance):
-        print(f"published {done.image} to {done.destination}")
+                        sbom=not args.no_sbom, provenance=not args.no_provenance,
+                        layer_types=args.layer_type, show_only=args.show_only):
+        print(f"{'would publish' if args.show_only else 'published'} {done.image} to {done.destination}")
     return 0
+
+
+def add_publish_layer_type(p: argparse.ArgumentParser) -> None:
+    """stacker's `publish --layer-type`: which built type of each layer goes out."""
+    p.add_argument("--layer-type", action="append", choices=("tar", "squashfs", "erofs"), metavar="TYPE",
+                   help="publish each layer's image of this type (repeatable): NAME-squashfs goes to "
+                        "NAME:TAG-squashfs, as stacker; default every tag of the layout as it is")
+    p.add_argument("--show-only", action="store_true",
+                   help="print what would be published where, and publish nothing (as stacker)")
 
 
 COMMANDS: list[Command] = [
@@ -544,8 +768,12 @@ COMMANDS: list[Command] = [
     Command("storage-path", "print the storage root", add_storage_path, cmd_storage_path),
     Command("layers", "show the snapshots of every session, per layer", add_layers, cmd_layers),
     Command("gc", "delete snapshots that no session references", add_gc, cmd_gc),
+    Command("clean", "forget the builds of a recipe or folder and delete their snapshots, logs and "
+            "OCI layout (as stacker clean)", add_clean, cmd_clean),
     Command("install", "install the 'stacker' Jupyter kernel spec", add_install, cmd_install),
     Command("build", "build a stacker.yaml or a notebook, layer by layer", add_build, cmd_build),
+    Command("recursive-build", "build every stacker.yaml under a directory, prerequisites first",
+            add_recursive_build, cmd_recursive_build),
     Command("grab", "copy a file out of a built layer", add_grab, cmd_grab),
     Command("sbom", "the SPDX SBOM (packages, unpackaged files) of a built layer", add_sbom, cmd_sbom),
     Command("chroot", "an interactive shell in a throwaway copy of a built layer "

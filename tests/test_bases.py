@@ -350,3 +350,50 @@ def test_tar_from_another_layer_via_stacker_url(store, tmp_path):
     snap = import_base(store, Src("tar", "stacker://one/out/inner.tar"), resolve_built={"one": one}.get)
     assert snap.id == "tar-sha256-" + hashlib.sha256(inner).hexdigest()
     assert (snap.path / "payload").read_bytes() == b"made by layer one"
+
+
+def _owned_root_tar(path: Path, uid: int, bad: bool) -> Path:
+    """A tar whose `./` entry belongs to `uid` (mode 0755), a file, and (if `bad`) an
+    entry the import refuses after them."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        root = tarfile.TarInfo("./")
+        root.type, root.mode, root.uid, root.gid = tarfile.DIRTYPE, 0o755, uid, uid
+        tar.addfile(root)
+        f = tarfile.TarInfo("./file")
+        f.size, f.uid, f.gid = 2, uid, uid
+        tar.addfile(f, io.BytesIO(b"hi"))
+        if bad:
+            tar.addfile(tarfile.TarInfo("../../escape"), io.BytesIO(b""))
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("uid", [0, 1000, 65534])
+def test_a_tar_whose_root_belongs_to_any_id_leaves_nothing_and_blocks_nothing(store, tmp_path, uid):
+    """Issue 23 point 11: whoever the tar says owns `./`, a failed import deletes its
+    temporary subvolume, and a successful base is deleted by gc."""
+    with pytest.raises(ImageError, match=r"'\.\./\.\./escape'"):
+        import_base(store, Src("tar", str(_owned_root_tar(tmp_path / "bad.tar", uid, bad=True))))
+    assert [p.name for p in (store.root / "bases").iterdir()] == []
+    snap = import_base(store, Src("tar", str(_owned_root_tar(tmp_path / "good.tar", uid, bad=False))))
+    assert (snap.path / "file").read_bytes() == b"hi"
+    assert os.lstat(snap.path).st_uid == os.geteuid()  # the container's root: the user can snapshot it
+    assert snap.id in store.gc()
+    assert [p.name for p in (store.root / "bases").iterdir()] == []
+
+
+def test_a_stale_temporary_base_of_a_foreign_owner_never_blocks_opening(storage, tmp_path):
+    """A bases/.tmp-* left by an older version, its root owned by a subordinate id (mode
+    0755): opening the store deletes it from inside the user namespace."""
+    from stacker_kernel.container.userns import run_in_userns
+    from stacker_kernel.storage import btrfs
+    from stacker_kernel.storage.store import Store
+
+    Store.open(storage).close()
+    stale = Path(storage) / "bases" / ".tmp-0123456789abcdef0123456789abcdef"
+    btrfs.create_subvolume(stale)
+    (stale / "f").write_text("x")
+    run_in_userns(os.chown, str(stale), 1000, 1000)
+    with Store.open(storage) as s:
+        assert [p.name for p in (s.root / "bases").iterdir()] == []

@@ -310,6 +310,17 @@ def test_rootful_step_cannot_make_host_files_writable(container):
 
 
 @pytest.mark.rootful
+def test_rootful_step_cannot_read_host_firmware_tables(container):
+    # Issue 23 point 12b: /sys/firmware (ACPI tables, memory map) is root-only on the host.
+    assert os.listdir("/sys/firmware"), "this host shows no firmware tables to hide"
+    result, out = run(container, "ls -A /sys/firmware | wc -l; umount /sys/firmware 2>/dev/null && echo unmounted; "
+                                 "cat /sys/firmware/acpi/tables/DSDT /sys/firmware/memmap/0/type 2>/dev/null "
+                                 "| wc -c")
+    assert result.ok, result.message
+    assert out.split() == ["0", "0"], out
+
+
+@pytest.mark.rootful
 def test_rootful_container_maps_ids_one_to_one(container):
     _, out = run(container, "cat /proc/self/uid_map")
     assert out.split() == ["0", "0", "4294967295"]

@@ -310,3 +310,68 @@ def test_a_changed_uid_lands_again_instead_of_reusing_the_cache(storage, busybox
             yaml.write_text(textwrap.dedent(recipe).replace("UID", uid))
             build(store, str(yaml), substitutions=subs, out=lambda s: None, stream=lambda s: None)
             assert in_tree(layer_snapshot(store, str(yaml), "l").path, "uid").read_text() == uid + "\n"
+
+
+# --- '..' never leaves the rootfs or the layer (issue 23, point 6) ---------------------------
+
+@pytest.mark.parametrize("entry, needle", [
+    ("- path: tool\n    dest: /..", "'dest' /.. has a '..'"),
+    ("- path: tool\n    dest: /usr/../../x", "'dest' /usr/../../x has a '..'"),
+    ("- stacker://first/x/..", "import stacker://first/x/.. has a '..'"),
+    ("- stacker://first/../../etc", "has a '..'"),
+    ("- sub/..", "does not end in a name"),
+])
+def test_dotdot_in_an_import_is_refused_naming_the_line(entry, needle):
+    from stacker_kernel.recipe.stacker_yaml import load
+
+    text = f"first:\n  from:\n    type: scratch\nl:\n  from:\n    type: scratch\n  imports:\n  {entry}\n"
+    with pytest.raises(RecipeError) as e:
+        load(text)
+    assert needle in str(e.value) and "(line 8)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_dotdot_in_an_import_cell_is_refused():
+    from stacker_kernel.recipe.notebook import recipe_from_notebook
+
+    nb = {"nbformat": 4, "metadata": {}, "cells": [
+        {"cell_type": "code", "id": "c1", "metadata": {}, "source": "%from scratch\n%import tool --dest /.."}]}
+    with pytest.raises(RecipeError, match=r"^code cell 1 \(id c1\).*'dest' /\.\. has a '\.\.'"):
+        recipe_from_notebook(nb, "n")
+
+
+def test_dest_dotdot_leaves_a_concurrent_build_alive(storage, busybox_tar, tmp_path):
+    """A build importing to /.. is refused in one line, while another build's rootfs
+    (beside its own in the store) lives on and its step completes."""
+    import subprocess
+    import sys
+    import time
+
+    import nbformat
+
+    tool = str(Path(sys.executable).parent / "stacker-kernel")
+    nb = tmp_path / "a" / "long.ipynb"
+    nb.parent.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(f"%from tar {busybox_tar}\necho x > /mark", id="c0"),
+        nbformat.v4.new_code_cell("sleep 6; wc -l /mark", id="c1")]), nb)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "tool").write_text("t")
+    yaml = tmp_path / "b" / "stacker.yaml"
+    yaml.write_text(f"l:\n  from:\n    type: tar\n    url: {busybox_tar}\n"
+                    "  imports:\n  - path: tool\n    dest: /..\n  run: true\n")
+    a = subprocess.Popen([tool, "--storage", str(storage), "build", "-f", str(nb), "--no-oci"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        live = Path(storage) / "live"
+        deadline = time.monotonic() + 120
+        while not list(live.glob("*/mark")) and a.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        b = subprocess.run([tool, "--storage", str(storage), "build", "-f", str(yaml), "--no-oci"],
+                           capture_output=True, text=True)
+        out, err = a.communicate(timeout=300)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert b.returncode != 0 and "Traceback" not in b.stderr
+    assert "'dest' /.. has a '..'" in b.stderr and "(line 6)" in b.stderr
+    assert a.returncode == 0, err

@@ -6,6 +6,9 @@ test_kernel_protocol.py and test_kernel_conformance.py; these pin the edge cases
 from __future__ import annotations
 
 import os
+import textwrap
+
+import pytest
 
 from stacker_kernel.kernel.completion import complete_path, complete_shell
 from stacker_kernel.kernel.output import OutputSink
@@ -139,3 +142,49 @@ def test_command_help_runs_as_nobody_and_cannot_leave_its_chroot(tmp_path, busyb
     probe.chmod(0o755)
     text = help_text(str(root), "/bin/probe")
     assert "uid=65534" in text and "chroot-refused" in text, text
+
+
+def _rootfs_with(tmp_path, busybox_tar, name: str, script: str):
+    import tarfile
+
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    with tarfile.open(busybox_tar) as tar:
+        tar.extractall(root)
+    probe = root / "bin" / name
+    probe.write_text("#!/bin/sh\n" + script)
+    probe.chmod(0o755)
+    return root
+
+
+def test_command_help_has_a_writable_dev_null_and_tmp_and_its_own_pid_namespace(tmp_path, busybox_tar):
+    """Issue 26 point 10: `git --help` opens /dev/null for writing. Issue 23 point 5:
+    the image's binary is pid 1 of a pid namespace of its own."""
+    from stacker_kernel.engine.command_help import help_text
+
+    root = _rootfs_with(tmp_path, busybox_tar, "gitlike", textwrap.dedent("""\
+        echo x > /dev/null && echo devnull-ok
+        echo kept > /tmp/f && echo "tmp=$(cat /tmp/f)"
+        echo "pid=$$"
+        """))
+    text = help_text(str(root), "/bin/gitlike")
+    assert text.splitlines() == ["devnull-ok", "tmp=kept", "pid=1"], text
+    assert not (root / "tmp/f").exists()  # its /tmp was its own
+
+
+@pytest.mark.rootful
+def test_as_root_command_help_cannot_signal_a_host_process_running_as_nobody(tmp_path, busybox_tar):
+    import subprocess
+
+    from stacker_kernel.engine.command_help import help_text
+
+    victim = subprocess.Popen(["sleep", "300"], user=65534, group=65534)
+    try:
+        root = _rootfs_with(tmp_path, busybox_tar, "killer",
+                            f"kill -9 {victim.pid} 2>/dev/null && echo killed || echo missed\n")
+        text = help_text(str(root), "/bin/killer")
+        assert victim.poll() is None, "the image's binary killed a host process"
+        assert text == "missed", text
+    finally:
+        victim.kill()
+        victim.wait()

@@ -304,7 +304,8 @@ def test_a_squashfs_image_is_a_docker_type_base_through_skopeo(storage, tmp_path
             test "$(cat /data/keep/n)" = new && test ! -e /data/gone
         """))
     assert main(["--storage", str(storage), "build", "-f", str(recipe), "--oci-dir", str(tmp_path / "out")]) == 0
-    assert [d["mediaType"] for d in _image(tmp_path / "out", "dock")[0]["layers"]] == [TAR_MT, TAR_MT]
+    # the base as one tar layer; the step changes no file, so it adds none (as stacker)
+    assert [d["mediaType"] for d in _image(tmp_path / "out", "dock")[0]["layers"]] == [TAR_MT]
 
 
 # --- hostile layers ------------------------------------------------------------------
@@ -423,6 +424,22 @@ def test_fsck_erofs_reads_an_erofs_base_as_nobody_who_can_write_nowhere_else(tmp
     """fsck.erofs parses a base's erofs layer a second time: whatever it makes of a
     hostile image, it can write only its own scratch folder. A stand-in fsck.erofs
     records who runs it and tries to write beside its folder and into the caller's."""
+    _fsck_stand_in(tmp_path, monkeypatch)
+
+
+@pytest.mark.rootful
+def test_as_root_fsck_erofs_cannot_signal_a_host_process_running_as_nobody(tmp_path, monkeypatch):
+    # Issue 23 point 5: it once ran as the host's own nobody, in the host's pid namespace.
+    victim = subprocess.Popen(["sleep", "300"], user=65534, group=65534)
+    try:
+        _fsck_stand_in(tmp_path, monkeypatch, f"kill -9 {victim.pid}\n")
+        assert victim.poll() is None, "fsck.erofs killed a host process"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def _fsck_stand_in(tmp_path, monkeypatch, extra: str = "") -> None:
     import tempfile
 
     from stacker_kernel.oci.layer_types import MEDIA_TYPE_EROFS, fs_layer_to_tar
@@ -440,9 +457,10 @@ def test_fsck_erofs_reads_an_erofs_base_as_nobody_who_can_write_nowhere_else(tmp
         fake = shared / "fsck.erofs"
         fake.write_text("#!/bin/sh\n"
                         f"id -u > {shared}/probe/uid\n"
+                        f"grep -c : /proc/net/dev > {shared}/probe/interfaces\n"
                         f"echo escaped > {tmp_path}/escaped 2>/dev/null\n"
                         "echo escaped > ../escaped 2>/dev/null\n"
-                        "exit 1\n")
+                        + extra + "exit 1\n")
         fake.chmod(0o755)
         monkeypatch.setenv("PATH", f"{shared}:{os.environ['PATH']}")
         scratch = tmp_path / "scratch"
@@ -451,6 +469,62 @@ def test_fsck_erofs_reads_an_erofs_base_as_nobody_who_can_write_nowhere_else(tmp
             run_in_userns(fs_layer_to_tar, str(blob), MEDIA_TYPE_EROFS + "+lz4hc",
                           str(tmp_path / "out.tar"), str(scratch))
         assert (shared / "probe/uid").read_text().strip() == "65534"
+        assert (shared / "probe/interfaces").read_text().strip() == "1"  # lo only: no network
         assert not (tmp_path / "escaped").exists() and not (scratch / "escaped").exists()
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def crafted_erofs(inodes: list[tuple[int, int, int, int]]) -> bytes:
+    """A 4 KiB erofs image (kernel include/uapi erofs_fs.h): 4 KiB blocks, metadata
+    from block 0, root nid 0; `inodes` as (mode, size, layout, blkaddr), extended
+    (64-byte, nids 0, 2, 4, ...) so a size can be 64 bits."""
+    img = bytearray(4096)
+    img[1024:1028] = (0xE0F5E1E2).to_bytes(4, "little")
+    img[1024 + 12] = 12  # blkszbits
+    for i, (mode, size, layout, blkaddr) in enumerate(inodes):
+        off = 1024 + 128 + i * 64  # nid = off / 32, past the superblock
+        img[off:off + 2] = (1 | layout << 1).to_bytes(2, "little")
+        img[off + 4:off + 6] = mode.to_bytes(2, "little")
+        img[off + 8:off + 16] = size.to_bytes(8, "little")
+        img[off + 16:off + 20] = blkaddr.to_bytes(4, "little")
+    img[1024 + 14:1024 + 16] = ((1024 + 128) // 32).to_bytes(2, "little")  # root nid
+    return bytes(img)
+
+
+def test_an_erofs_root_inode_claiming_2_to_the_62_bytes_is_refused_in_one_line(tmp_path):
+    # Issue 23 point 8: this 4 KiB image once made the directory walk spin for ever.
+    from test_oci_hostile import run_bounded
+
+    img = tmp_path / "huge-root.erofs"
+    img.write_bytes(crafted_erofs([(stat.S_IFDIR | 0o755, 1 << 62, 0, 0)]))
+    res = run_bounded("import sys\n"
+                      "from stacker_kernel.errors import ImageError\n"
+                      "from stacker_kernel.oci.layer_types import erofs_metadata\n"
+                      f"try: erofs_metadata({str(img)!r})\n"
+                      "except ImageError as e: print(e); sys.exit(2)\n", "reading a 4 KiB erofs image")
+    assert res.returncode == 2, res.stderr
+    assert res.stdout == (f"erofs layer {img} has an inode whose size ({1 << 62} bytes) exceeds the image's own "
+                          "(4096 bytes): it is hostile or corrupt; do not use it\n")
+
+
+def test_erofs_directories_sharing_blocks_cannot_multiply_the_walk(tmp_path):
+    # Distinct directory inodes over the same block: each is within the image, together not.
+    root = bytearray(4096)
+    names = [b"d%d" % i for i in range(40)]
+    nids = [(1024 + 128 + 64 * (i + 1)) // 32 for i in range(len(names))]
+    heads = 12 * len(names)
+    pos = heads
+    for i, (name, nid) in enumerate(zip(names, nids)):
+        root[i * 12:i * 12 + 8] = nid.to_bytes(8, "little")
+        root[i * 12 + 8:i * 12 + 10] = pos.to_bytes(2, "little")
+        root[i * 12 + 10] = 2  # directory
+        root[pos:pos + len(name)] = name
+        pos += len(name)
+    img = bytearray(crafted_erofs([(stat.S_IFDIR | 0o755, 3000, 0, 1)] +
+                                  [(stat.S_IFDIR | 0o755, 4096, 0, 2)] * len(names)))
+    data = img + root + bytes(4096)  # block 2: an empty directory, 40 times
+    path = tmp_path / "shared-dirs.erofs"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageError, match=r"has more directory data than the image holds: it is hostile"):
+        erofs_metadata(str(path))

@@ -160,8 +160,10 @@ def test_an_unprivileged_users_build_is_capped_with_or_without_a_delegated_cgrou
     existed = mine.exists()
     if existed and not delegated:
         mine.rmdir()  # as on a machine where setup-storage gave no cgroup (restored below)
-    # setup-host.sh gives every test user a storage dir next to root's
-    storage = Path(os.environ["STACKER_KERNEL_STORAGE"]).parent / user / f"t-limits-{os.getpid()}"
+    # setup-host.sh gives every test user storage; root's record says where
+    from stacker_kernel.storage.setup import storage_path
+
+    storage = storage_path(user) / f"t-limits-{os.getpid()}"
     work = Path(tempfile.mkdtemp(prefix="sk-limits-"))  # readable by the user, unlike pytest's tmp
     shutil.copy(busybox_tar, work / "busybox.tar")
     (work / "stacker.yaml").write_text(textwrap.dedent(f"""\
@@ -237,3 +239,14 @@ def test_a_dead_engines_cgroup_is_removed_when_the_next_container_starts():
     finally:
         limits.remove_cgroup(mine)
         limits.remove_cgroup(str(leftover))
+
+
+def test_users_caps_together_leave_the_host_a_quarter_of_its_pids():
+    # Issue 23 point 12e: a fixed 16384 per user was half of the default pid_max (32768).
+    for pids in (32768, 65536, 4194304):
+        for users in (1, 2, 3, 10, 200):
+            cap = limits.user_cap(pids, users)
+            assert cap * users <= pids * 3 // 4 and cap <= limits.USER_MAX_PROCESSES
+    assert limits.user_cap(32768, 2) == 12288 and limits.user_cap(32768, 1) == 16384
+    assert limits.user_cap(4194304, 2) == 16384  # a large pid_max: the per-user maximum
+    assert limits.user_cap(32768, 2, configured=1000) == 1000  # the admin's choice wins

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from stacker_kernel.container import limits
 from stacker_kernel.storage import location, setup
 
 pytestmark = pytest.mark.rootful
@@ -46,6 +47,9 @@ def host(busybox_tar):
     top = Path(tempfile.mkdtemp(prefix="sk-users-", dir="/var/tmp"))
     os.chmod(top, 0o755)
     saved = _restore_configs([ALICE, BOB])
+    # setup-storage re-caps each user's pids cgroup (shared with their real builds): put the caps back after
+    caps = {u: limits.V1_PIDS / limits.DELEGATED_DIR / u / "pids.max" for u in (ALICE, BOB)}
+    saved_caps = {u: p.read_text() for u, p in caps.items() if p.exists()}
     try:
         work = top / "work"
         work.mkdir(mode=0o777)
@@ -56,9 +60,11 @@ def host(busybox_tar):
         yield top, work, roots
     finally:
         for u in (ALICE, BOB):
-            if location.is_mount_point(top / "btrfs" / u):
-                unmount(top / "btrfs" / u)
+            if location.is_mount_point(top / "btrfs" / u / "storage"):
+                unmount(top / "btrfs" / u / "storage")
         shutil.rmtree(top)
+        for user, cap in saved_caps.items():
+            limits.delegate(user, int(cap))
         for user, (cfg, data) in saved.items():
             if data is not None:
                 info = setup.lookup_user(user)

@@ -165,6 +165,16 @@ def test_prerequisites_travel_in_notebook_metadata():
     assert recipe_from_notebook(nb, "x").prerequisites == ["base.yaml"]
 
 
+@pytest.mark.parametrize("meta", ["base.yaml", ["base.yaml"], {"prerequisites": "base.yaml"},
+                                  {"prerequisites": [1]}])
+def test_malformed_stacker_metadata_is_one_line(meta):
+    nb = nb_of("%from scratch")
+    nb.metadata["stacker"] = meta
+    with pytest.raises(RecipeError, match=r"^the notebook's metadata \"stacker\" must be an object") as e:
+        recipe_from_notebook(nb, "x")
+    assert "\n" not in str(e.value)
+
+
 # --- per-cell -------------------------------------------------------------------------
 
 

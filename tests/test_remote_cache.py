@@ -63,7 +63,8 @@ def _new_storage() -> Path:
 def _build(root: Path, nb: Path, **cache):
     out: list[str] = []
     with Store.open(root) as store:
-        result = build(store, str(nb), out=out.append, stream=out.append, cache=CacheSettings(**cache))
+        result = build(store, str(nb), out=out.append, stream=out.append, cache=CacheSettings(**cache),
+                       replay_cached=True)
         tip = layer_snapshot(store, str(nb), None)
     return result, "".join(o if o.endswith("\n") else o + "\n" for o in out), str(tip.path)
 
@@ -381,16 +382,14 @@ def test_a_truncated_layer_is_never_applied(built_a, registry, storage_b, tmp_pa
                                        "was cut short", tree_a)
 
 
-def test_an_entry_with_a_broken_record_is_a_miss(busybox_oci, storage, storage_b, tmp_path):
-    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:1])
-    cache = tmp_path / "cache"
-    _build(storage, nb, cache_to=f"oci:{cache}")
+def _tamper_oci_cache(cache: Path, change) -> None:
+    """Rewrite the record of the only entry of OCI layout `cache` with `change(record)`."""
     index = json.loads((cache / "index.json").read_text())
     manifest_path = cache / "blobs" / "sha256" / index["manifests"][0]["digest"].split(":")[1]
     manifest = json.loads(manifest_path.read_text())
     config_path = cache / "blobs" / "sha256" / manifest["config"]["digest"].split(":")[1]
     record = json.loads(config_path.read_text())
-    record["state"] = "not json"
+    change(record)
     data = json.dumps(record).encode()
     digest = hashlib.sha256(data).hexdigest()
     (cache / "blobs" / "sha256" / digest).write_bytes(data)
@@ -400,9 +399,62 @@ def test_an_entry_with_a_broken_record_is_a_miss(busybox_oci, storage, storage_b
     (cache / "blobs" / "sha256" / digest).write_bytes(data)
     index["manifests"][0].update(digest=f"sha256:{digest}", size=len(data))
     (cache / "index.json").write_text(json.dumps(index))
-    result, out, _ = _build(storage_b, _copy(nb, tmp_path), cache_from=[f"oci:{cache}"])
+
+
+def _set_state(record, exported):
+    state = json.loads(record["state"])
+    state["exported"] = exported
+    record["state"] = json.dumps(state)
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda r: r.update(state="not json"), "its shell state is not JSON"),
+    (lambda r: r.update(duration="abc"), "its duration is not a number"),
+    (lambda r: r.update(duration=[1]), "its duration is not a number"),
+    (lambda r: r.update(log=[1]), "its log is not text"),
+    (lambda r: r.update(snapshot=7), "its snapshot id"),
+    (lambda r: _set_state(r, {"GREETING": 1}), "its shell state's exported are not all strings"),
+    (lambda r: _set_state(r, ["x"]), "its shell state's exported are not all strings"),
+])
+def test_an_entry_with_a_broken_record_is_a_miss(busybox_oci, storage, storage_b, tmp_path, change, why):
+    """Issue 23 point 9: any malformed field is one warning and a local run, and the
+    step's later builds (without --cache-from) run too."""
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, ["mkdir -p /app && cd /app\nexport GREETING=hello", CELLS[3]])
+    cache = tmp_path / "cache"
+    _build(storage, nb, cache_to=f"oci:{cache}")
+    _tamper_oci_cache(cache, change)
+    mine = _copy(nb, tmp_path)
+    result, out, _ = _build(storage_b, mine, cache_from=[f"oci:{cache}"])
     warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
-    assert result.steps_run == 1 and len(warnings) == 1 and "no valid shell state" in warnings[0], warnings
+    assert result.steps_run >= 1 and len(warnings) == 1, warnings
+    assert "malformed" in warnings[0] and why in warnings[0] and "Traceback" not in out
+    again, out, tip = _build(storage_b, mine)
+    assert again.steps_run == 0 and (Path(tip) / "app" / "greeting").read_text() == "hello\n"
+
+
+def test_a_bad_entry_committed_before_is_a_miss_then_replaced(busybox_oci, storage_b, tmp_path):
+    """An entry an older version committed from a bad record (an exported variable that
+    is not a string) does not crash later builds: it is a miss, the step runs, and the
+    new snapshot is the entry."""
+    import sqlite3
+
+    from stacker_kernel.storage.store import DB_NAME
+
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, ["mkdir -p /app && cd /app\nexport GREETING=hello", CELLS[3]])
+    _build(storage_b, nb)
+    with Store.open(storage_b) as store:
+        snap = next(s for s in store.snapshots() if s.kind == "step" and "GREETING" in s.state)
+    state = json.loads(snap.state)
+    state["exported"]["GREETING"] = 1
+    db = sqlite3.connect(storage_b / DB_NAME)
+    with db:
+        db.execute("UPDATE snapshots SET state = ?, duration = 'abc' WHERE id = ?", (json.dumps(state), snap.id))
+    db.close()
+    result, out, tip = _build(storage_b, nb)
+    assert result.steps_run == 2 and "Traceback" not in out
+    assert (Path(tip) / "app" / "greeting").read_text() == "hello\n"
+    again, _, _ = _build(storage_b, nb)
+    assert again.steps_run == 0
 
 
 def test_a_registry_that_is_down_for_pushing_costs_one_warning(busybox_oci, storage, tmp_path):
@@ -554,3 +606,93 @@ def test_a_kernel_pushes_with_cache_to_and_another_hits_with_the_config_default(
         b.close()
     assert all(r.cached and f"[cache hit from {cache}]" in r.text() for r in runs)
     assert "made one" in runs[0].text()
+
+
+def _registry_entries(registry: str, repo: str) -> list[bytes]:
+    """The manifest and config bytes of every entry under docker://REGISTRY/REPO."""
+    def get(path: str, accept: str = "") -> bytes:
+        req = urllib.request.Request(f"http://{registry}/v2/{repo}/{path}", headers={"Accept": accept} if accept else {})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read()
+
+    out = []
+    for tag in json.loads(get("tags/list"))["tags"]:
+        manifest = get(f"manifests/{tag}", "application/vnd.oci.image.manifest.v1+json")
+        out += [manifest, get(f"blobs/{json.loads(manifest)['config']['digest']}")]
+    return out
+
+
+def test_build_env_values_stay_out_of_pushed_entries_and_image_annotations(registry, busybox_oci, storage,
+                                                                         storage_b, tmp_path):
+    """Issue 23 point 3: a build_env value is in no pushed cache record (state, log) and
+    not in the image's stacker.yaml annotation nor its provenance; the entries still hit,
+    with the value back in the shell state from the consumer's own build_env."""
+    token = f"s3cr3t-{uuid.uuid4().hex}"
+    repo = f"team/secrets-{uuid.uuid4().hex[:8]}"
+    cells = [f"%build_env API_TOKEN={token}",
+             'export COPY="$API_TOKEN"; echo "using $API_TOKEN"; echo done > /done',
+             "echo ok > /ok"]
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, cells)
+    oci = tmp_path / "oci"
+    out: list[str] = []
+    with Store.open(storage) as store:
+        build(store, str(nb), out=out.append, stream=out.append, oci_dir=str(oci),
+              cache=CacheSettings(cache_to=f"docker://{registry}/{repo}"))
+    assert any(f"using {token}" in o for o in out)  # the step really saw it
+    entries = _registry_entries(registry, repo)
+    assert len(entries) == 4 and all(token.encode() not in e for e in entries)
+    records = [json.loads(e) for e in entries[1::2]]
+    assert any(r.get("env_refs", {}).get("exported", {}).get("COPY") == "API_TOKEN" for r in records)
+    assert any("using [build_env API_TOKEN]" in r["log"] for r in records)
+    # The image: no file of the layout holds it (annotation, provenance, SBOM), the annotation names it.
+    for f in oci.rglob("*"):
+        if f.is_file():
+            assert token.encode() not in f.read_bytes(), f
+    index = json.loads((oci / "index.json").read_text())
+    manifest = json.loads((oci / "blobs" / "sha256" / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    assert "API_TOKEN: ${{API_TOKEN}}" in manifest["annotations"]["io.stackeroci.stacker.stacker_yaml"]
+    # B hits both steps, and a step of B's own after them sees the state with the value.
+    mine = _copy(nb, tmp_path)
+    book = nbformat.read(mine, as_version=4)
+    book.cells.append(nbformat.v4.new_code_cell(f'test "$COPY" = "{token}"', id="check"))
+    nbformat.write(book, mine)
+    result, out_b, _ = _build(storage_b, mine, cache_from=[f"docker://{registry}/{repo}"])
+    assert result.steps_cached == 2 and result.steps_run == 1 and "warning" not in out_b, out_b
+
+
+def test_a_pull_killed_leaves_no_temporary_folder_once_the_store_opens(busybox_oci, tmp_path):
+    """Issue 23 point 10: kill -9 while a cache pull waits on the registry; opening the
+    store again (and gc) deletes its cache/remote/tmp-* folder."""
+    import signal
+
+    root = _new_storage()
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:1])
+    tool = str(Path(sys.executable).parent / "stacker-kernel")
+    try:
+        with _Server(_silent) as server:
+            child = subprocess.Popen([tool, "--storage", str(root), "build", "-f", str(nb), "--no-oci",
+                                      "--cache-from", f"docker://127.0.0.1:{server.port}/team/cache"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            remote = root / "cache" / "remote"
+            deadline = time.monotonic() + 120
+            while not (remote.is_dir() and any(remote.iterdir())) and time.monotonic() < deadline:
+                assert child.poll() is None
+                time.sleep(0.05)
+            tmp = list(remote.iterdir())
+            assert [p.name.startswith("tmp-") for p in tmp] == [True]
+            (tmp[0] / "partial-blob").write_bytes(b"x" * (1 << 20))  # what a download left
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        legacy = remote / "tmp-abc123"  # a folder of a version that did not name its owner
+        legacy.mkdir()
+        os.utime(legacy, (time.time() - 7200, time.time() - 7200))
+        young = remote / "tmp-def456"
+        young.mkdir()
+        with Store.open(root) as store:
+            assert list(remote.iterdir()) == [young]  # an owner of unknown age may still be running
+            dead = remote / "tmp-999999999-1-x"  # a pull killed while this store is open
+            dead.mkdir()
+            store.gc()
+            assert list(remote.iterdir()) == [young]
+    finally:
+        btrfs.remove_tree(root)

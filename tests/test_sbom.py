@@ -7,6 +7,7 @@ every document, Debian's docker-registry for the publish tests.
 """
 import hashlib
 import json
+import os
 import sys
 import textwrap
 import urllib.request
@@ -421,6 +422,49 @@ def test_an_rpm_database_without_the_rpm_tool_is_named_in_the_sbom(storage, busy
     assert inv.notes == ("the rpm database /var/lib/rpm was not read: this host has no rpm tool "
                          "(apt-get install rpm), so its packages are missing here",)
     assert "/var/lib/rpm was not read" in spdx_document(inv, "apk")["comment"]
+
+
+def test_a_hard_linked_sparse_rpm_database_is_copied_once_into_the_users_storage(
+        storage, busybox_oci, tmp_path, monkeypatch):
+    # Issue 23 point 4: a 64 MiB sparse Packages under 24 names once made the export
+    # write every name in full to the host's /tmp. A wrapper in front of the real rpm
+    # records the folder it is given to read, as the export hands it over.
+    record = tmp_path / "rpm-saw"
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "rpm").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        [ "$1" = --dbpath ] && {{ echo "$2"; du -sk "$2" | cut -f1; du -sk --apparent-size "$2" | cut -f1
+                                 stat -c %i "$2"/* | sort -u | wc -l; }} > {record}
+        exec /usr/bin/rpm "$@"
+        """))
+    (wrapper / "rpm").chmod(0o755)
+    links = " ".join(["Packages.db", "rpmdb.sqlite", "Index.db"] + [f"junk{i}" for i in range(20)])
+    yaml = apk_yaml(tmp_path, busybox_oci, f"""mkdir -p /var/lib/rpm && cd /var/lib/rpm
+                dd if=/dev/zero of=Packages bs=1 count=1 seek=67108863 2>/dev/null
+                for n in {links}; do ln Packages $n; done; cd /""")
+    monkeypatch.setenv("PATH", f"{wrapper}:{os.environ['PATH']}")
+    oci = tmp_path / "oci"
+    with Store.open(storage) as store:
+        build(store, str(yaml), oci_dir=str(oci), out=lambda s: None, stream=lambda s: None)
+    dbpath, used_kib, apparent_kib, inodes = record.read_text().split()
+    assert Path(dbpath).resolve().is_relative_to(Path(storage).resolve())  # the user's storage, not /tmp
+    assert int(inodes) == 1 and int(apparent_kib) < (64 << 10) + 64  # one file, copied once
+    assert int(used_kib) < 1024  # its holes stay holes
+    assert not any(p.name.startswith(".tmp-sbom-") for p in Path(storage).iterdir())
+    doc = json.loads(attached(oci, "apk", SPDX)[1])
+    assert "/var/lib/rpm could not be read by rpm" in doc["comment"]  # garbage, said so; the export went on
+
+
+def test_an_rpm_database_over_the_cap_is_named_not_copied(storage, busybox_oci, tmp_path):
+    yaml = apk_yaml(tmp_path, busybox_oci, """mkdir -p /var/lib/rpm && cd /var/lib/rpm
+                dd if=/dev/zero of=Packages bs=1 count=1 seek=200000000 2>/dev/null
+                dd if=/dev/zero of=rpmdb.sqlite bs=1 count=1 seek=200000000 2>/dev/null; cd /""")
+    with Store.open(storage) as store:
+        build(store, str(yaml), out=lambda s: None, stream=lambda s: None)
+        inv = inventory(layer_snapshot(store, str(yaml), "apk").path)
+    assert inv.notes == ("the rpm database /var/lib/rpm was not read: its files total more than 256 MiB, "
+                         "larger than any package database",)
 
 
 def test_without_spdx_tools_the_sbom_says_how_to_install_it(monkeypatch):

@@ -212,6 +212,31 @@ def test_a_failed_steps_log_is_saved_beside_the_notebook_named_after_the_step(ke
     assert wrong.status == "error" and "no step 7" in wrong.error
 
 
+def test_replayed_and_shown_logs_carry_no_terminal_control(nbdir, kernels):
+    """Issue 23 12c: a cached step's replayed output keeps colours but no OSC 52
+    clipboard write, cursor move or CR-overwritten fake line; %log shows no escape."""
+    token = uuid.uuid4().hex
+    loud = (f"printf 'ok-{token}\\n\\033]52;c;ZXZpbA==\\007\\033[2A\\033[Kbuild succeeded"
+            "\\rfake\\033[31mred\\033[0m\\n'")
+    cells = [("base", BASE), ("loud", loud)]
+    nb = write_notebook(nbdir / "loud.ipynb", cells)
+    for run in range(2):
+        k = start_kernel(nb, kernels)
+        try:
+            outs = [k.execute(src, cid, timeout=120) for cid, src in cells]
+            shown = k.execute("%log 1", "log")
+        finally:
+            k.close()
+        assert all(o.status == "ok" for o in outs) and shown.status == "ok"
+        if run == 1:  # a cache hit: the stored output replayed
+            text = outs[1].text()
+            assert f"ok-{token}" in text and "cached" in text
+            assert "\x1b]" not in text and "\x1b[2A" not in text and "\x1b[K" not in text
+            assert "\r" not in text and "\x07" not in text and "\x1b[31mred" in text
+        for part in (shown.text(), shown.outputs[0]["data"]["text/html"]):
+            assert f"ok-{token}" in part and "\x1b" not in part and "\r" not in part and "red" in part
+
+
 def test_capped_output_points_to_log_n(kernel):
     run = kernel.execute(f": {uuid.uuid4().hex}; yes 0123456789abcdef | head -c 1200000", "big")
     assert run.status == "ok"

@@ -128,6 +128,11 @@ def user_config():
 
 
 @pytest.fixture
+def user2_config():
+    yield from _saved_config(TEST_USER2)
+
+
+@pytest.fixture
 def root_config():
     yield from _saved_config("root")
 
@@ -148,7 +153,7 @@ def _image(scratch: Path, user: str = TEST_USER) -> Path:
 def test_setup_storage_mounts_the_users_own_image_with_the_needed_options(scratch, user_config):
     target = _setup(scratch)
     mount = location.find_mount(target)
-    assert mount.mount_point == scratch / "btrfs" / TEST_USER and mount.fstype == "btrfs"
+    assert mount.mount_point == scratch / "btrfs" / TEST_USER / "storage" and mount.fstype == "btrfs"
     assert {"user_subvol_rm_allowed", "noatime"} <= mount.options
     assert setup._backing_file(target) == _image(scratch)
 
@@ -181,10 +186,28 @@ def test_setup_storage_gives_the_user_a_private_dir_and_config(scratch, user_con
     target = _setup(scratch)
     info = setup.lookup_user(TEST_USER)
     st = target.stat()
-    assert target == scratch / "btrfs" / TEST_USER
+    assert target == scratch / "btrfs" / TEST_USER / "storage"
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (info.uid, info.gid, 0o700)
     assert json.loads(user_config.read_text()) == {"storage": str(target)}
     assert user_config.stat().st_uid == info.uid
+
+
+@pytest.mark.rootful
+def test_another_user_cannot_see_a_users_usage_with_df(scratch, user_config):
+    # Issue 23 point 12a: statfs needs no permission on the mount point itself, only on
+    # the way there: each user's mount point lies behind a gate only they may pass.
+    mine = _setup(scratch)
+    free = "import os, sys; st = os.statvfs(sys.argv[1]); print(st.f_blocks - st.f_bfree)"
+    me = subprocess.run(["runuser", "-u", TEST_USER, "--", sys.executable, "-c", free, str(mine)],
+                        capture_output=True, text=True, cwd="/")
+    assert me.returncode == 0 and int(me.stdout) > 0, me.stderr  # the user sees their own
+    other = subprocess.run(["runuser", "-u", TEST_USER2, "--", "df", str(mine)], capture_output=True,
+                           text=True, cwd="/")
+    assert other.returncode != 0 and "Permission denied" in other.stderr, other.stdout
+    gate = mine.parent
+    assert (gate.stat().st_uid, gate.stat().st_mode & 0o777) == (0, 0o710)  # group bits: the ACL's mask
+    _teardown(scratch)
+    assert not gate.exists()
 
 
 @pytest.mark.rootful
@@ -298,6 +321,103 @@ def test_teardown_unmounts_and_deletes_the_users_image(scratch, user_config):
     assert not user_config.exists()
 
 
+@pytest.fixture
+def fuse_over_storage(scratch, user_config):
+    """The test user's storage set up, then a FUSE mount of their own (bindfs) placed
+    over it by them, as a user may: the mount point is their directory."""
+    target = _setup(scratch)
+    src = scratch / "fuse-src"
+    src.mkdir()
+    os.chown(src, setup.lookup_user(TEST_USER).uid, -1)
+    subprocess.run(["runuser", "-u", TEST_USER, "--", "bindfs", "--no-allow-other", str(src), str(target)], check=True, cwd="/")
+    try:
+        yield target
+    finally:
+        subprocess.run(["runuser", "-u", TEST_USER, "--", "fusermount3", "-u", str(target)], cwd="/")
+
+
+def _top_mount(path: Path) -> str:
+    return [m.fstype for m in location.mounts() if m.mount_point == path][-1]
+
+
+@pytest.mark.rootful
+def test_setup_storage_refuses_in_one_line_when_a_users_fuse_mount_covers_their_storage(fuse_over_storage, scratch):
+    # Issue 23 point 7: it once ended in a traceback (root may not enter another user's FUSE mount).
+    fstype = _top_mount(fuse_over_storage)
+    assert fstype.startswith("fuse")
+    with pytest.raises(StorageError) as e:
+        _setup(scratch)
+    assert str(e.value) == (f"{fuse_over_storage} has a {fstype} mount over {TEST_USER}'s storage, not the "
+                            f"image {_image(scratch)}: {TEST_USER} should unmount it (fusermount3 -u "
+                            f"{fuse_over_storage}), then run setup-storage again")
+    assert _top_mount(fuse_over_storage) == fstype  # theirs, untouched
+    # The hub's spawn hook runs the command: one line, exit status 1.
+    proc = subprocess.run([sys.executable, "-m", "stacker_kernel", "setup-storage", "--user", TEST_USER,
+                           "--size", "256M", "--state-dir", str(scratch), "--mount", str(scratch / "btrfs")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 1 and proc.stderr == f"stacker-kernel: {e.value}\n", proc.stderr
+
+
+@pytest.mark.rootful
+def test_teardown_neither_unmounts_a_users_fuse_mount_nor_deletes_the_image_under_it(fuse_over_storage, scratch):
+    fstype = _top_mount(fuse_over_storage)
+    with pytest.raises(StorageError) as e:
+        _teardown(scratch)
+    assert "\n" not in str(e.value) and str(e.value).startswith(
+        f"{fuse_over_storage} has a {fstype} mount over {TEST_USER}'s storage")
+    assert _top_mount(fuse_over_storage) == fstype and _image(scratch).exists()
+    assert setup.read_record(TEST_USER, scratch) is not None  # kept: the next teardown still knows the image
+
+
+@pytest.mark.rootful
+def test_teardown_does_not_delete_an_image_that_is_still_mounted_elsewhere(scratch, user_config):
+    target = _setup(scratch)
+    elsewhere = scratch / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["mount", "--bind", str(target), str(elsewhere)], check=True)
+    subprocess.run(["umount", str(target)], check=True)
+    with pytest.raises(StorageError, match=r"is still mounted at .*elsewhere: unmount it"):
+        _teardown(scratch)
+    assert _image(scratch).exists()
+
+
+@pytest.fixture
+def kept_caps():
+    """The delegated cgroups' pids.max as they were, put back afterwards (the real users' builds use them)."""
+    from stacker_kernel.container import limits
+
+    caps = {u: (limits.V1_PIDS / limits.DELEGATED_DIR / u / "pids.max") for u in (TEST_USER, TEST_USER2)}
+    saved = {u: p.read_text() if p.exists() else None for u, p in caps.items()}
+    yield caps
+    for u in caps:
+        if saved[u] is not None:
+            limits.delegate(u, int(saved[u]))
+
+
+@pytest.mark.rootful
+def test_every_users_process_cap_is_a_share_of_pid_max(scratch, user_config, user2_config, kept_caps, monkeypatch):
+    # Issue 23 point 12e: two users at 16384 each once took all of a 32768 pid_max.
+    from stacker_kernel.container import limits
+
+    if not (limits.V1_PIDS / "cgroup.procs").exists():
+        pytest.fail("this host has no cgroup v1 pids hierarchy: setup-storage delegates none here")
+    monkeypatch.setattr(limits, "pid_max", lambda: 32768)
+    cap = lambda u: int(kept_caps[u].read_text())  # noqa: E731
+    try:
+        _setup(scratch)
+        assert cap(TEST_USER) == 16384
+        _setup(scratch, TEST_USER2)
+        assert cap(TEST_USER) == cap(TEST_USER2) == 12288  # together 3/4 of pid_max: the host keeps the rest
+        _setup(scratch, max_user_processes=5000)
+        _setup(scratch, TEST_USER2)  # the admin's number is kept for later runs
+        assert cap(TEST_USER) == cap(TEST_USER2) == 5000
+        (scratch / "limits.json").unlink()
+        _teardown(scratch)
+        assert cap(TEST_USER2) == 16384  # one user fewer: a larger share
+    finally:
+        _teardown(scratch, TEST_USER2)
+
+
 @pytest.mark.rootful
 def test_setup_delegates_a_process_limit_cgroup_and_teardown_removes_it(scratch):
     from stacker_kernel.container import limits
@@ -321,7 +441,7 @@ def test_teardown_keeps_the_other_users_storage(scratch, user_config, root_confi
     target = _setup(scratch)
     _teardown(scratch)
     assert not target.exists()
-    assert location.is_mount_point(scratch / "btrfs" / "root") and _image(scratch, "root").exists()
+    assert location.is_mount_point(scratch / "btrfs" / "root" / "storage") and _image(scratch, "root").exists()
 
 
 @pytest.mark.rootful
@@ -373,4 +493,4 @@ def test_two_setups_of_one_user_at_once_both_succeed(scratch, user_config):
                               env={**os.environ, "PYTHONPATH": REPO}) for _ in range(3)]
     results = [p.communicate() + (p.returncode,) for p in procs]
     assert [r[2] for r in results] == [0, 0, 0], results
-    assert sum(1 for m in location.mounts() if m.mount_point == scratch / "btrfs" / TEST_USER) == 1
+    assert sum(1 for m in location.mounts() if m.mount_point == scratch / "btrfs" / TEST_USER / "storage") == 1

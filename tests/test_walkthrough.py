@@ -93,7 +93,7 @@ def test_fail_chroot_fix_rebuild_grab_publish(storage, busybox_oci, tmp_path, re
     second = _sk(storage, "build", "-f", str(yaml), "--oci-dir", str(tmp_path / "oci"), cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     lines = [line.strip() for line in second.stdout.splitlines()]
-    assert any(line.startswith("base") and " cached in " in line for line in lines), second.stdout
+    assert any(line.startswith("found cached layer base") for line in lines), second.stdout
     assert any(line.startswith("app") and " ran in " in line for line in lines), second.stdout
 
     # 4. Grab the artifact.

@@ -6,8 +6,9 @@
 #   - configurable-http-proxy (npm, as JupyterHub's docs install it),
 #   - the stacker kernel spec in the venv, readable by every user,
 #   - the group `stacker-users` whose members may log in.
-# With --service it also installs the hub's config as
-# /etc/stacker-kernel/jupyterhub_config.py and a systemd unit
+# With --service it also replaces an editable install of stacker-kernel in the
+# venv by a wheel built from this checkout (deploy/install-package.sh), and
+# installs the hub's config as /etc/stacker-kernel/jupyterhub_config.py and a systemd unit
 # `stacker-jupyterhub.service` (not started: `systemctl enable --now stacker-jupyterhub`).
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root (it installs into the venv, npm and /etc)" >&2; exit 1; }
@@ -34,6 +35,15 @@ chmod -R a+rX "$VENV/share/jupyter/kernels/stacker"
 getent group stacker-users >/dev/null || groupadd --system stacker-users
 
 if [ "${1:-}" = --service ]; then
+  # A deployed hub runs the package, not a checkout (setup-host.sh's venv is an
+  # editable install of it, for development): replace it with a built wheel.
+  if "$VENV/bin/python" -c '
+import json, sys
+from importlib.metadata import distribution
+url = distribution("stacker-kernel").read_text("direct_url.json")
+sys.exit(0 if url and json.loads(url).get("dir_info", {}).get("editable") else 1)'; then
+    "$here/../install-package.sh" "$VENV"
+  fi
   install -d -m 0755 /etc/stacker-kernel
   install -m 0644 "$here/jupyterhub_config.py" /etc/stacker-kernel/jupyterhub_config.py
   install -d -m 0700 /srv/jupyterhub

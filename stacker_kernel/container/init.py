@@ -4,7 +4,7 @@ Started by `runtime.Container.start` on a pty. P0 (this process) enters a new
 user namespace with mount, pid, uts, ipc (and, for network "none", net)
 namespaces and forks P1, pid 1 of the new pid namespace; P0 only waits. P1
 builds the root (the rootfs nodev, proc with a read-only /proc/sys, a tmpfs
-/dev, read-only /sys, staged binds), pivots into it, then enters a second user
+/dev, read-only /sys without /sys/firmware, staged binds), pivots into it, then enters a second user
 namespace (same ids) with its own mount namespace, writes the ready sentinel
 and serves one command per line from the pty (protocol in step.py).
 
@@ -82,6 +82,11 @@ class StepMounts:
     """The per-step binds made, and the placeholders created for them (to remove)."""
     mounted: list[str] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
+    # (directory, atime_ns, mtime_ns, entries) of each directory a placeholder was
+    # made in, its times restored once it is removed if its entries are as before:
+    # a step that changes nothing leaves no trace (stacker emits no layer for it),
+    # not even a parent's mtime; a step that added or removed an entry keeps its mtime.
+    parent_times: list[tuple[str, int, int, list[str]]] = field(default_factory=list)
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -186,6 +191,11 @@ def setup_root(config: dict) -> list[StagedMount]:
         except OSError:
             if point == f"{root}/sys":
                 raise
+    if os.path.isdir(f"{root}/sys/firmware"):
+        # Firmware tables (ACPI, DMI, memory map) are root-only on the host: a root-run
+        # step would read them through the bind. An empty read-only tmpfs hides them,
+        # locked in place by lock_mounts.
+        mount("tmpfs", f"{root}/sys/firmware", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     staged = _stage_binds(config, root)
     name = config.get("hostname", "stacker").encode()
     userns.libc_call("sethostname", name, ctypes.c_size_t(len(name)))
@@ -242,9 +252,11 @@ def mount_step(staged: list[StagedMount]) -> StepMounts:
             for i in range(1, len(parts)):
                 d = "/" + "/".join(parts[:i])
                 if not os.path.lexists(d):
+                    _keep_times(done, os.path.dirname(d))
                     os.mkdir(d, 0o755)
                     done.created.append(d)
             if not os.path.lexists(path):
+                _keep_times(done, os.path.dirname(path))
                 _create_placeholder(path, s.is_dir)
                 done.created.append(path)
             mount(s.staged, path, None, MS_BIND | MS_REC)
@@ -255,6 +267,14 @@ def mount_step(staged: list[StagedMount]) -> StepMounts:
         unmount_step(done)  # a half-mounted step must not leave mounts or placeholders
         raise
     return done
+
+
+def _keep_times(done: StepMounts, directory: str) -> None:
+    """Record `directory`'s times before the first placeholder is made in it."""
+    if any(d == directory for d, _, _, _ in done.parent_times):
+        return
+    st = os.lstat(directory)
+    done.parent_times.append((directory, st.st_atime_ns, st.st_mtime_ns, sorted(os.listdir(directory))))
 
 
 def _mount_or_answer(staged: list[StagedMount], nonce: str) -> StepMounts | None:
@@ -283,6 +303,12 @@ def unmount_step(done: StepMounts) -> None:
                 os.unlink(path)
         except OSError:
             pass
+    for directory, atime_ns, mtime_ns, entries in reversed(done.parent_times):
+        try:
+            if sorted(os.listdir(directory)) == entries:
+                os.utime(directory, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+        except OSError:
+            pass  # e.g. the step removed the directory
 
 
 class CommandReader:

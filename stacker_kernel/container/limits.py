@@ -31,8 +31,10 @@ from pathlib import Path
 from stacker_kernel.errors import ContainerError
 
 DEFAULT_MAX_PROCESSES = 4096
-#: the whole of one user's builds, set by root on the delegated cgroup
+#: the whole of one user's builds, set by root on the delegated cgroup, at most
 USER_MAX_PROCESSES = 4 * DEFAULT_MAX_PROCESSES
+#: the share of pid_max all users' builds together may take; the rest stays the host's
+USERS_SHARE = 3 / 4
 ENV_VAR = "STACKER_KERNEL_MAX_PROCESSES"
 CONFIG_KEY = "max_processes"
 V1_PIDS = Path("/sys/fs/cgroup/pids")
@@ -80,6 +82,22 @@ def _user_name() -> str:
 
 
 # --- root side: delegation at setup-storage ----------------------------------------
+
+def pid_max() -> int:
+    """The host's kernel.pid_max: how many pids (processes and threads) there are."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        return int(f.read())
+
+
+def user_cap(pids: int, users: int, configured: int | None = None) -> int:
+    """Each user's cap for all their builds together: `configured` (the admin's
+    `setup-storage --max-user-processes`), else an equal share of USERS_SHARE of
+    `pids` among the `users` with storage, at most USER_MAX_PROCESSES. So all users
+    at their caps together leave the host a quarter of its pids."""
+    if configured:
+        return configured
+    return max(1, min(USER_MAX_PROCESSES, int(pids * USERS_SHARE) // max(1, users)))
+
 
 def delegate(user: str, limit: int = USER_MAX_PROCESSES) -> Path | None:
     """As root: give `user` the pids cgroup v1 stacker-kernel/<user> (capped at

@@ -119,7 +119,7 @@ class Container:
             "interrupt_grace": config.interrupt_grace, "engine_pid": os.getpid(),
         })
         try:
-            child = pexpect.spawn(sys.executable, ["-m", INIT_MODULE, payload], echo=False,
+            child = pexpect.spawn(sys.executable, ["-P", "-m", INIT_MODULE, payload], echo=False,
                                   cwd="/", env=dict(os.environ), preexec_fn=_reset_signals)
         except BaseException:
             limits.remove_cgroup(cgroup)
@@ -248,11 +248,13 @@ class Container:
         variables. Returns its exit status once it exits; what it started is killed then."""
         if not self.alive:
             raise ContainerError("the container is not running: start a new one")
+        stdin = sys.stdin.fileno()
+        is_tty = os.isatty(stdin)
+        if not is_tty and (argv is None or argv == ["/bin/sh"] or argv[:2] == ["/bin/sh", "-c"]):
+            return self._run_piped(env, state, argv)
         nonce = secrets.token_hex(8)
         shell_env = state.environment(env) if state else dict(env)
         shell_env.setdefault("TERM", os.environ.get("TERM", "xterm"))
-        stdin = sys.stdin.fileno()
-        is_tty = os.isatty(stdin)
         if is_tty:
             rows, cols = os.get_terminal_size(stdin)
             self.child.setwinsize(rows, cols)
@@ -300,6 +302,22 @@ class Container:
             if saved is not None:
                 termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         return filt.sentinel.status
+
+    def _run_piped(self, env: dict[str, str], state: ShellState | None, argv: list[str] | None) -> int:
+        """`interact` when stdin is no terminal (a pipe, a file): as `echo CMD |
+        stacker chroot`, the shell runs the commands read from stdin (or the
+        `sh -c` command line) without a prompt and ends with their status."""
+        script = argv[2] if argv and len(argv) > 2 else sys.stdin.buffer.read().decode("utf-8", "replace")
+        out = sys.stdout
+
+        def write(text: str) -> None:
+            out.write(text)
+            out.flush()
+
+        result = self.run_step("#!/bin/sh\n" + script, env, state, on_output=write, stream_cap=1 << 62)
+        if result.container_died:
+            raise ContainerError("the container died while running the commands read from stdin")
+        return result.status
 
     # -- lifetime ----------------------------------------------------------
 

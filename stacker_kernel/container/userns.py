@@ -70,6 +70,82 @@ def become_nobody() -> None:
     libc_call("prctl", ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), 0, 0, 0)
 
 
+# A root-run kernel has no subordinate range to take an unused id from: its tools on
+# untrusted input run as this host id, which no account and no process should use
+# (README, Security). Below 2^31: some tools still read ids as signed.
+ISOLATED_HOST_ID = 2147483646
+DEVICES = ("null", "zero", "full", "random", "urandom")
+
+
+def isolated_id() -> int:
+    """The id, as the calling namespace sees it, that `isolate` runs a tool as: the
+    namespace's nobody (a subordinate id) in a user namespace of ours, else
+    ISOLATED_HOST_ID, never the host's own nobody."""
+    with open("/proc/self/uid_map") as f:
+        initial = f.read().split() == ["0", "0", "4294967295"]
+    if not initial:
+        return NOBODY
+    try:
+        name = pwd.getpwuid(ISOLATED_HOST_ID).pw_name
+    except KeyError:
+        return ISOLATED_HOST_ID
+    raise ContainerError(f"uid {ISOLATED_HOST_ID} belongs to the account {name}, but stacker-kernel runs "
+                         "image tools as that id because no one uses it: give the account another uid")
+
+
+def isolate(root: str | None = None, *, dev_and_tmp: bool = False, outside: int | None = None) -> None:
+    """preexec_fn for a tool on untrusted input (Shift-Tab's --help, fsck.erofs), from
+    root of a namespace: it runs as nobody of a new user namespace whose nobody is
+    `isolated_id()` outside, pid 1 of a new pid namespace (it sees and can signal
+    no process but its own), without network or shared IPC, chrooted into `root`
+    if given, with fresh /dev/null, /dev/zero... and an empty /tmp there (tmpfs,
+    gone with it) if `dev_and_tmp` and the image has those folders. A helper
+    process outside waits for it and exits with its status, so the caller's Popen
+    sees the tool's. Pass `outside` (isolated_id(), looked up before the fork)
+    from a process with threads."""
+    outside = isolated_id() if outside is None else outside
+    ids = (IdRange(0, 0, 1), IdRange(NOBODY, outside, 1))
+    enter_new_userns(IdMap(ids, ids, rootful=True), CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC)
+    if root is not None and dev_and_tmp:
+        _dev_and_tmp(root)
+    pid = os.fork()  # the first child of the new pid namespace is its pid 1
+    if pid:
+        code = 1
+        try:
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # Popen's error pipe: its end is the tool's alone
+            _, wstatus = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(wstatus)
+            code = 128 - code if code < 0 else code
+        finally:
+            os._exit(code)
+    set_pdeathsig()
+    if root is not None:
+        os.chroot(root)
+        os.chdir("/")
+    become_nobody()
+
+
+def _dev_and_tmp(root: str) -> None:
+    """A tmpfs /dev holding the host's harmless devices, and a tmpfs /tmp, in `root`
+    (read-only: only its existing folders can be mount points)."""
+    def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+        enc = (lambda v: v.encode() if v is not None else None)
+        libc_call("mount", enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
+
+    ms_nosuid, ms_nodev, ms_bind, ms_rec, ms_private = 2, 4, 4096, 16384, 1 << 18
+    mount(None, "/", None, ms_rec | ms_private)  # nothing made here reaches the caller
+    dev, tmp = os.path.join(root, "dev"), os.path.join(root, "tmp")
+    # a symlinked /dev or /tmp of the image must not put a mount elsewhere
+    if os.path.isdir(dev) and not os.path.islink(dev):
+        mount("tmpfs", dev, "tmpfs", ms_nosuid, "mode=755,size=64k")
+        for name in DEVICES:
+            if os.path.exists(f"/dev/{name}"):
+                os.close(os.open(f"{dev}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                mount(f"/dev/{name}", f"{dev}/{name}", None, ms_bind)
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
+        mount("tmpfs", tmp, "tmpfs", ms_nosuid | ms_nodev, "mode=1777,size=16m")
+
+
 @dataclass(frozen=True)
 class IdRange:
     """`count` ids starting at `inside` map onto ids starting at `outside`."""

@@ -129,6 +129,10 @@ def prepare_download(snapshot_root: str | Path, path: str, copy_to: Path, limit:
     name, size, data = run_in_userns(_read_in_ns, str(snapshot_root), path, limit)
     if data is not None:
         return Download(name, size, data=data)
+    from stacker_kernel.engine.beside import own_dir
+
+    own_dir(copy_to.parent)  # stacker-downloads/ and its folder of this snapshot: ours, no links
+    own_dir(copy_to)
     dest = copy_to / path.lstrip("/")
     dest.parent.mkdir(parents=True, exist_ok=True)
     return Download(name, size, copy=grab(snapshot_root, path, dest, into=False).path)

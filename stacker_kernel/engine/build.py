@@ -89,6 +89,11 @@ def load_dockerfile(path: str, options=None, warn: Printer | None = None) -> Rec
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
     recipe.source_path = os.path.abspath(path)
+    context = os.path.dirname(recipe.source_path)
+    for layer in recipe.layers.values():  # COPY sources resolve inside the context (engine/imports.py)
+        for imp in layer.imports:
+            if "://" not in imp.path and not os.path.isabs(imp.path):
+                imp.within = context
     return recipe
 
 
@@ -166,7 +171,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
           annotations_namespace: str = "io.stackeroci", out: Printer = print,
           stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None,
           on_failure: list[str] | None = None, dockerfile=None,
-          layer_types: tuple[Any, ...] | None = None, attestations=None) -> BuildResult:
+          layer_types: tuple[Any, ...] | None = None, attestations=None,
+          replay_cached: bool = False, require_hash: bool = False) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). `cache` names the
@@ -179,8 +185,16 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     `layer_types` (oci/layer_types.py) are the
     output layer types (default tar), as stacker's --layer-type. The images get an
     SBOM and provenance unless `attestations` (engine/attest.Attestations) turns them off.
+    A cached step is one line, as stacker's `found cached layer NAME`; with
+    `replay_cached` its stored output is shown again too. `require_hash` refuses
+    an http(s) import without a hash before anything runs (stacker's --require-hash).
     """
     recipes = load_recipes(path, substitutions, dockerfile)
+    if require_hash:
+        from stacker_kernel.recipe.model import require_import_hashes
+
+        for recipe in recipes:
+            require_import_hashes(recipe)
     abspath = os.path.abspath(path)
     if stream is None:
         def stream(text: str) -> None:
@@ -189,6 +203,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     session = BuildSession.open(store, abspath, kind="build", resume=False,
                                 default_layer=Path(path).stem, base_dir=os.path.dirname(abspath))
     session.use_cache = not no_cache
+    session.replay_cached = replay_cached
     session.keep_failed = True  # the failed step's rootfs stays, for the shell and chroot
     _drop_failed_states(store, abspath, session.session.id)
     result = BuildResult(session)
@@ -207,16 +222,20 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                     took = time.monotonic() - t0
                     if not outcome.ok:
                         _fail(session, path, name, i, step, outcome.message, on_failure, out)
-                    mark = "cached" if outcome.cached else "ran"
                     result.steps_cached += outcome.cached
                     result.steps_run += not outcome.cached
                     shown = first_line(step.source, skip_shebang=True)[:60]
-                    out(f"  {name} step {i}/{len(layer.steps)} {mark} in {took:.2f}s"
+                    mark = "cached" if outcome.cached else "ran"
+                    # stacker's words for a cache hit, for scripts that grep a build's output
+                    where = f"found cached layer {name}: step" if outcome.cached else f"{name} step"
+                    out(f"  {where} {i}/{len(layer.steps)} {mark} in {took:.2f}s"
                         f" (snapshot {outcome.snapshot_id[:12]}): {shown}")
                 if not layer.steps:
                     # A layer without run: its base is its content (prepared now so it can be built on).
                     session.prepare_empty_layer()
             session.finish()
+        if session.remote_cache is not None and (pushed := session.remote_cache.summary()):
+            out(pushed)
         result.tags = dict(session.session.tags)
         if oci_dir:
             extra = {"attestations": attestations} if attestations is not None else {}
@@ -233,6 +252,49 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
         return result
     finally:
         session.close()
+
+
+def build_order(paths: list[str], substitutions: dict[str, str] | None = None,
+                dockerfile=None) -> list[tuple[str, list[str]]]:
+    """The files `paths` build, prerequisites first, each once, with its direct
+    prerequisites (absolute paths): what stacker's --order-only shows."""
+    order: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    for path in paths:
+        for recipe in load_recipes(path, substitutions, dockerfile):
+            where = os.path.normpath(os.path.abspath(recipe.source_path or path))
+            if os.path.realpath(where) in seen:
+                continue
+            seen.add(os.path.realpath(where))
+            base = os.path.dirname(where)
+            order.append((where, [os.path.normpath(os.path.join(base, p)) for p in recipe.prerequisites]))
+    return order
+
+
+def find_stacker_files(search_dir: str, pattern: str) -> list[str]:
+    """The files under `search_dir` whose path matches regex `pattern`, sorted, as
+    stacker's recursive-build finds them (paths joined as Go's filepath.Walk does,
+    so the default pattern `/stacker.yaml$` skips a stacker.yaml in `search_dir` itself
+    only when `search_dir` is '.')."""
+    import re
+
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise RecipeError(f"--stacker-file-pattern {pattern!r} is not a regular expression: {e}") from None
+    if not os.path.isdir(search_dir):
+        raise RecipeError(f"--search-dir {search_dir} is not a directory")
+    found = []
+    for top, dirs, files in os.walk(search_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.normpath(os.path.join(top, name))
+            if regex.search(path):
+                found.append(path)
+    if not found:
+        raise RecipeError(f"no file under {search_dir} matches {pattern}: give --search-dir or "
+                          "--stacker-file-pattern")
+    return found
 
 
 def _fail(session: BuildSession, path: str, layer: str, index: int, step, message: str,
@@ -313,12 +375,14 @@ def layer_snapshot(store: Store, path: str, layer: str | None) -> Snapshot:
 
 
 def chroot(store: Store, path: str, layer: str | None, substitutions: dict[str, str] | None = None,
-           note: Printer | None = None) -> int:
+           note: Printer | None = None, command: str | None = None) -> int:
     """An interactive shell in a throwaway writable snapshot of a built layer, as
     `stacker chroot`: nothing done in it is kept. After a failed build, the layer
     that failed (the default layer then) opens in the failed step's state. The
     layer's imports are at /stacker/imports and its binds mounted, as in the
-    build. `note` says what is opened (default: stderr). Returns the shell's status."""
+    build. `note` says what is opened (default: stderr). `command` runs instead of
+    /bin/sh (stacker's `chroot [tag] [cmd]`; found on the PATH unless absolute).
+    Returns the shell's status."""
     from stacker_kernel.engine.inspect import grab
     from stacker_kernel.engine.live import LiveRootfs
     from stacker_kernel.recipe.model import ImageSource
@@ -342,7 +406,12 @@ def chroot(store: Store, path: str, layer: str | None, substitutions: dict[str, 
             note(f"the imports of layer {snap.layer} are not at /stacker/imports: {e}")
         container = live.ensure_container(definition, base_dir, "host")
         state = ShellState.of_snapshot(snap.state) if snap.kind == "step" else None
-        return container.interact(build_environment(definition), state)
+        argv = None
+        if command:
+            import shlex
+
+            argv = [command] if command.startswith("/") else ["/bin/sh", "-c", f"exec {shlex.quote(command)}"]
+        return container.interact(build_environment(definition), state, argv)
     finally:
         live.stop_container()
         store.forget_session(sess.id)

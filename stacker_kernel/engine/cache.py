@@ -61,8 +61,16 @@ class StepCache:
 
     def lookup(self, key: str) -> Snapshot | None:
         """The snapshot stored for `key`, or None. The caller holds the store's write
-        lock, so a concurrent gc cannot delete it before the session points at it."""
-        return self.store.find_cache(key)
+        lock, so a concurrent gc cannot delete it before the session points at it.
+        An entry whose record cannot be used (engine/cache_record.py) is dropped: a miss,
+        and the step's new snapshot becomes the entry."""
+        from stacker_kernel.engine.cache_record import usable_entry
+
+        snap = self.store.find_cache(key)
+        if snap is not None and not usable_entry(snap.state, snap.duration):
+            self.store.forget_cache(key)
+            return None
+        return snap
 
     def commit(self, live: os.PathLike | str, snap: Snapshot, log: Path | None, *,
                reuse_cached: bool) -> Snapshot:
@@ -81,7 +89,10 @@ class StepCache:
 
 
 def replay_output(log: Path, on_output: Callable[[str], None] | None) -> None:
-    """Send a hit's stored output to `on_output` (the first REPLAY_CAP bytes)."""
+    """Send a hit's stored output to `on_output` (the first REPLAY_CAP bytes), without
+    terminal control but colours (engine/terminal.py): it may come from a shared cache."""
+    from stacker_kernel.engine.terminal import safe_text
+
     if on_output is None or not log.exists():
         return
     with open(log, "rb") as f:
@@ -90,4 +101,4 @@ def replay_output(log: Path, on_output: Callable[[str], None] | None) -> None:
     if len(data) > REPLAY_CAP:
         text += f"\n[output truncated: full log in {log}]\n"
     if text:
-        on_output(text)
+        on_output(safe_text(text))

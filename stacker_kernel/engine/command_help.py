@@ -6,10 +6,13 @@ step runs and cannot change the image:
 - `whatis` reads the NAME section of the command's man page from the host
   side (man pages are world-readable in an image; nothing runs);
 - `help_text` runs `COMMAND --help` chrooted into the read-only snapshot, as
-  `nobody` of a user namespace with the user's subordinate ids, with no
-  capabilities and no_new_privs (a chroot alone would not hold root), in
-  a new network namespace (no network), with stdin at /dev/null, its output
-  capped and its run bounded in time. It runs from a fresh interpreter: a
+  `nobody` of a user namespace whose nobody is an id the host does not use
+  (userns.isolate), with no capabilities and no_new_privs (a chroot alone
+  would not hold root), as pid 1 of its own pid namespace (it can signal no
+  other process), in a new network namespace (no network), with stdin at
+  /dev/null, a fresh /dev/null and an empty /tmp where the image has those
+  folders (`git --help` opens /dev/null for writing), its output capped and
+  its run bounded in time. It runs from a fresh interpreter: a
   user namespace needs a single-threaded process, and forking the kernel
   (several threads) could inherit a lock another thread holds.
 """
@@ -25,7 +28,7 @@ import subprocess
 import sys
 
 import stacker_kernel
-from stacker_kernel.container.userns import become_nobody
+from stacker_kernel.container.userns import isolate, isolated_id
 from stacker_kernel.engine.live import BUILD_PATH
 
 HELP_SECONDS = 3.0  # a --help that takes longer is cut off
@@ -82,11 +85,10 @@ def whatis(rootfs: str, name: str) -> str | None:
 def _help_in_ns(root: str, command: str, seconds: float) -> tuple[str, bool]:
     """In the user namespace: run `command --help` chrooted into `root`."""
     devnull = os.open("/dev/null", os.O_RDONLY)
+    outside = isolated_id()
 
     def enter() -> None:
-        os.chroot(root)
-        os.chdir("/")
-        become_nobody()  # a chroot holds no root: the image's binary gets none
+        isolate(root, dev_and_tmp=True, outside=outside)  # a chroot holds no root: the binary gets none
 
     env = {"PATH": BUILD_PATH, "HOME": "/root", "TERM": "dumb", "COLUMNS": "80", "LANG": "C"}
     try:
@@ -121,7 +123,7 @@ def help_text(snapshot: str, command: str, lines: int = 15, seconds: float = HEL
     top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
     try:
-        proc = subprocess.run([sys.executable, "-c", _RUN], input=json.dumps([snapshot, command, seconds]),
+        proc = subprocess.run([sys.executable, "-P", "-c", _RUN], input=json.dumps([snapshot, command, seconds]),
                               capture_output=True, text=True, env=env, timeout=seconds + 10)
         text, finished = json.loads(proc.stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, ValueError, IndexError, OSError):

@@ -64,6 +64,26 @@ def image_specs(store: Store, history: list[Snapshot], tags: dict[str, str],
     return specs
 
 
+def carried_yaml(text: str | None) -> str | None:
+    """The stacker.yaml an image carries (its annotation, and what its provenance
+    digests): `text` with each build_env value replaced by a `${{NAME}}` placeholder,
+    so the values stay on the build machine and the recipe still builds with
+    `--substitute NAME=...`. None when the text cannot be read back (then no recipe
+    travels rather than one with values)."""
+    if not text or "build_env" not in text:
+        return text
+    from stacker_kernel.errors import RecipeError
+    from stacker_kernel.recipe.stacker_yaml import dump, load
+
+    try:
+        recipe = load(text, keep_placeholders=True, keep_missing=True)
+    except RecipeError:
+        return None
+    for layer in recipe.layers.values():
+        layer.build_env = {k: "${{" + k + "}}" for k in layer.build_env}
+    return dump(recipe)
+
+
 def export_session_oci(session, oci_dir: str, *, squash: bool = False,
                        stacker_yaml: str | None = None, annotations_namespace: str = "io.stackeroci",
                        progress=None,
@@ -74,6 +94,7 @@ def export_session_oci(session, oci_dir: str, *, squash: bool = False,
     history = session.built_steps()
     if stacker_yaml is None:
         stacker_yaml = session.export_yaml()
+    stacker_yaml = carried_yaml(stacker_yaml)
     # generate_labels scripts run now, on each layer's last snapshot (as stacker runs them
     # after the layer's run); their labels join the image config, not the recipe.
     layers = {name: replace(layer, labels={**layer.labels, **session.generated_labels(name)})
@@ -96,6 +117,7 @@ def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: 
     """Write the images of a stored (ended) session to `oci_dir`, with their SBOM and
     provenance (as `attestations` says); returns the tags."""
     history = [s for s in (store.get(i) for i in sess.history) if s is not None]
+    stacker_yaml = carried_yaml(stacker_yaml)
     specs = image_specs(store, history, sess.tags, layers or {})
     epoch = source_date_epoch_from_env()
     tags = export_image(oci_dir, specs, source_date_epoch=epoch,

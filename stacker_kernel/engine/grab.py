@@ -43,6 +43,7 @@ class Grabbed:
 
     path: str
     notes: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)  # the copies, when a wildcard matched several
 
     def __fspath__(self) -> str:
         return self.path
@@ -332,12 +333,88 @@ def _grab_in_ns(root: str, path: str, dest: str, into: bool | None) -> Grabbed:
         os.close(sdir)
 
 
+def has_glob(path: str) -> bool:
+    """Whether `path` has shell wildcards (`*`, `?`, `[...]`) to expand."""
+    return any(c in path for c in "*?[")
+
+
+def _expand_in_ns(root: str, pattern: str) -> list[str]:
+    """The container paths matching `pattern`, sorted, as the container's shell would
+    expand it (a wildcard matches no leading '.' unless the pattern has one; symlinks
+    are followed within the rootfs, never out of it)."""
+    import fnmatch
+
+    rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        found = [""]
+        for part in _parts(pattern):
+            if not has_glob(part):
+                found = [f"{p}/{part}" for p in found]
+                continue
+            matched = []
+            for p in found:
+                try:
+                    parent, name, st, _ = resolve_at(rootfd, p or "/")
+                except GrabError:
+                    continue
+                try:
+                    if not stat.S_ISDIR(st.st_mode):
+                        continue
+                    fd = os.open(name, _DIR, dir_fd=parent)
+                    try:
+                        names = os.listdir(fd)
+                    finally:
+                        os.close(fd)
+                finally:
+                    os.close(parent)
+                matched += [f"{p}/{n}" for n in sorted(names)
+                            if fnmatch.fnmatchcase(n, part) and (part.startswith(".") or not n.startswith("."))]
+            found = matched
+        return [p for p in found if _exists(rootfd, p)]
+    finally:
+        os.close(rootfd)
+
+
+def _exists(rootfd: int, path: str) -> bool:
+    try:
+        os.close(resolve_at(rootfd, path)[0])
+        return True
+    except GrabError:
+        return False
+
+
+def _grab_all_in_ns(root: str, paths: list[str], dest: str) -> Grabbed:
+    """Each of `paths` into directory `dest` (one user namespace for them all)."""
+    done = Grabbed(dest)
+    for path in paths:
+        one = _grab_in_ns(root, path, dest, True)
+        done.notes += one.notes
+        done.copied.append(one.path)
+    return done
+
+
 def grab(snapshot_root: str | Path, path: str, dest: str | Path, into: bool | None = None) -> Grabbed:
     """Copy container path `path` out of a snapshot to host path `dest`, owned by the caller.
 
     `into` None is `cp -r`: an existing directory `dest` receives the copy under its
-    own name. `into` True always does that; False makes `dest` the copy itself (a
-    directory is merged into an existing one, so grabbing twice gives the same tree),
-    except that a file still lands inside an existing directory."""
+    own name. `into` True always does that (creating `dest`); False makes `dest` the
+    copy itself (a directory is merged into an existing one, so grabbing twice gives
+    the same tree), except that a file still lands inside an existing directory.
+    Wildcards in `path` (`/build/*.deb`) expand in the snapshot, as the container's
+    shell would; several matches all go into directory `dest`."""
     dest = os.path.abspath(str(dest))
+    try:
+        planted = os.path.islink(dest) and os.lstat(dest).st_uid != os.geteuid()
+    except FileNotFoundError:
+        planted = False
+    if planted:  # in a folder others can write, theirs could lead anywhere of ours
+        raise GrabError(f"{dest} is a symbolic link another user made: not followed; remove it or "
+                        "grab to another place")
+    if has_glob(path):
+        matches = run_in_userns(_expand_in_ns, str(snapshot_root), path)
+        if not matches:
+            raise GrabError(f"nothing in the rootfs matches {path}")
+        if len(matches) > 1:
+            return run_in_userns(_grab_all_in_ns, str(snapshot_root), matches, dest)
+        path = matches[0]
     return run_in_userns(_grab_in_ns, str(snapshot_root), path, dest, into)

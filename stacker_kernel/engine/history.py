@@ -46,7 +46,7 @@ def measure_sizes(pairs: list[tuple[str | None, str]]) -> list[int]:
     """
     top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", _MEASURE], input=json.dumps(pairs), capture_output=True,
+    proc = subprocess.run([sys.executable, "-P", "-c", _MEASURE], input=json.dumps(pairs), capture_output=True,
                           text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]

@@ -23,6 +23,8 @@ def _source_path(imp, base_dir: str, download_dir: Path, fetch_layer_path=None) 
     path = imp.path
     if path.startswith("stacker://"):
         layer, _, inner = path[len("stacker://"):].partition("/")
+        if ".." in inner.split("/"):  # the recipe checks refuse it; never act on it
+            raise RecipeError(f"import {path} has a '..': name the path in the layer without it")
         if not layer or not inner:
             raise RecipeError(f"import {path}: a stacker:// import is stacker://LAYER/path")
         if fetch_layer_path is None:
@@ -49,6 +51,23 @@ def _source_path(imp, base_dir: str, download_dir: Path, fetch_layer_path=None) 
     return src
 
 
+def _in_context(imp, src: Path) -> Path:
+    """Host path `src` of a Dockerfile COPY source resolved inside the build context
+    `imp.within`, as Docker resolves it: a symlink on the way (`etc -> /etc`, `leak ->
+    /etc/shadow`) is followed within the context, never to the host's file; links
+    inside a copied directory are copied as links."""
+    from stacker_kernel.engine.inspect import GrabError, resolve_in_root
+
+    rel = os.path.relpath(src, imp.within)
+    if rel == ".." or rel.startswith("../"):
+        raise RecipeError(f"import {imp.path} is outside the build context {imp.within}")
+    try:
+        return Path(resolve_in_root(imp.within, rel, clamp=True))
+    except GrabError:
+        raise RecipeError(f"COPY source {imp.path.rstrip('/')} does not exist in the build context "
+                          f"{imp.within} (its symbolic links resolve inside it, as in Docker)") from None
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -71,6 +90,9 @@ def stage(layer, dest_dir: Path, base_dir: str, fetch_layer_path=None) -> str:
         return ""
     for imp in layer.imports:
         src = _source_path(imp, base_dir, dest_dir.parent / (dest_dir.name + ".downloads"), fetch_layer_path)
+        name = os.path.basename(str(src).rstrip("/"))
+        if imp.within is not None:
+            src = _in_context(imp, src)
         if imp.hash:
             if not src.is_file():
                 raise RecipeError(f"import {imp.path} has a hash but is not a file: remove the hash "
@@ -78,7 +100,6 @@ def stage(layer, dest_dir: Path, base_dir: str, fetch_layer_path=None) -> str:
             got = _file_digest(src)
             if got.lower() != imp.hash.lower().removeprefix("sha256:"):
                 raise RecipeError(f"import {imp.path} has sha256 {got}, not the {imp.hash} the recipe says")
-        name = os.path.basename(str(src).rstrip("/"))
         target = dest_dir / name
         if src.is_dir():
             shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
@@ -150,6 +171,8 @@ def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, bool, str, i
       stacker's validateOverlayDirs does (pkg/overlay/overlay-dirs.go:99-150).
     """
     for name, contents, dest, mode, uid, gid in items:
+        if ".." in dest.split("/") or name in ("", ".."):  # the recipe checks refuse it; never act on it
+            raise RecipeError(f"import dest {dest}: has a '..': write it without")
         src = os.path.join(staged, name)
         owner = (0 if uid is None else uid, 0 if gid is None else gid)
         is_dir = os.path.isdir(src) and not os.path.islink(src)

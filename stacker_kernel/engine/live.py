@@ -32,7 +32,8 @@ DEFAULT_PASSTHROUGH = ["ftp_proxy", "http_proxy", "https_proxy", "no_proxy", "FT
 def build_environment(layer: Layer, host_env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a `run` step, as stacker builds it (not `environment:`)."""
     host_env = os.environ if host_env is None else host_env
-    env = {"PATH": BUILD_PATH}
+    # HOME as a login shell of the steps' user (root) has it, as in stacker's containers
+    env = {"PATH": BUILD_PATH, "HOME": "/root"}
     patterns = DEFAULT_PASSTHROUGH if layer.build_env_passthrough is None else layer.build_env_passthrough
     for key, value in host_env.items():
         if value and any(re.fullmatch(p, key) for p in patterns):

@@ -15,13 +15,13 @@ step hit too. Any failure (down, slow, refused, wrong or truncated blob,
 an entry for another parent) leaves the step to run locally, after one
 warning line; a source or target that failed is not asked again in this
 session, so a dead registry costs one timeout, not one per step.
-Whoever can push to a cache decides what its hits contain.
+Whoever can push to a cache decides what its hits contain, unless the user
+trusts signing keys: then only entries they signed are taken (oci/signing.py).
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,9 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from stacker_kernel.container.step import ShellState
+from stacker_kernel.engine.cache_record import (
+    BadRecord, check_fetched, redact_log, redact_state, restore_state, secret_env)
+from stacker_kernel.engine.live import build_environment
 from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
+from stacker_kernel.recipe.model import human_size
 from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
-from stacker_kernel.storage.store import Snapshot
+from stacker_kernel.oci.signing import Trust
+from stacker_kernel.storage.store import Snapshot, make_tmp_dir
 
 if TYPE_CHECKING:
     from stacker_kernel.engine.session import BuildSession, StepOutcome
@@ -119,6 +124,17 @@ class RemoteCache:
                                                      authfile=settings.authfile)
                                           if settings.cache_to else None)
         self._failed: set[str] = set()
+        self.trust = Trust.configured()  # signing key and trusted keys (oci/signing.py)
+        # What --cache-to did, for the build's summary line.
+        self.pushed, self.pushed_bytes, self.skipped = 0, 0, 0
+
+    def summary(self) -> str | None:
+        """One line: what went to the cache-to target (None without one)."""
+        if self.target is None:
+            return None
+        failed = "; pushing stopped at an error (see the warning)" if self.target.url in self._failed else ""
+        return (f"cache-to {self.target.url}: {self.pushed} entr{'y' if self.pushed == 1 else 'ies'} pushed "
+                f"({human_size(self.pushed_bytes)}), {self.skipped} skipped (already there){failed}")
 
     @classmethod
     def from_settings(cls, settings: CacheSettings) -> "RemoteCache | None":
@@ -134,9 +150,8 @@ class RemoteCache:
 
     @staticmethod
     def _tmp(session: "BuildSession") -> str:
-        base = session.store.root / "cache" / "remote"
-        base.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkdtemp(prefix="tmp-", dir=base)
+        # named after this process: the store collects it if the process dies (storage/store.py)
+        return str(make_tmp_dir(session.store.root / "cache" / "remote", "tmp-"))
 
     # --- a hit -----------------------------------------------------------------------------
 
@@ -157,7 +172,17 @@ class RemoteCache:
                 fetched = source.fetch(tag, tmp)
                 if fetched is None:
                     continue
-                record = fetched.record
+                if (why := self.trust.refusal(source, fetched)) is not None:
+                    self._warn(on_output, source.url, why, "running the step")
+                    continue
+                try:
+                    record = check_fetched(fetched.record)
+                    record["state"] = restore_state(record["state"], record.get("env_refs", {}),
+                                                    build_environment(session.layer))
+                except BadRecord as e:
+                    self._warn(on_output, source.url, f"the entry of {source.url} for this step is "
+                               f"malformed ({e})", "running the step")
+                    continue
                 if (record.get("format") != FORMAT or record.get("key") != key
                         or record.get("parent_key") != parent_key(head) or record.get("parent") != head.id):
                     self._warn(on_output, source.url, f"the entry of {source.url} for this step was made "
@@ -226,7 +251,10 @@ class RemoteCache:
         tmp = None
         try:
             if target.has(tag):
+                self.skipped += 1
                 return
+            if on_output is not None:
+                on_output(f"[cache-to: pushing step of layer {snap.layer} to {target.url}]\n")
             tmp = self._tmp(session)
             blob = _as_container_root(_make_layer, str(parent.path), str(snap.path), tmp)
             log = b""
@@ -235,11 +263,22 @@ class RemoteCache:
                     log = f.read(LOG_CAP)
             except FileNotFoundError:
                 pass
+            # build_env values stay here: the record names their variables (engine/cache_record.py)
+            secrets = secret_env(build_environment(session.layer))
+            state, env_refs = redact_state(snap.state, secrets)
             record = {"format": FORMAT, "key": snap.cache_key, "parent_key": parent_key(parent),
                       "parent": parent.id, "snapshot": snap.id, "layer": snap.layer,
-                      "source": snap.source, "state": snap.state, "duration": snap.duration,
-                      "log": log.decode("utf-8", errors="replace"), "diff_id": blob.diff_id}
+                      "source": snap.source, "state": state, "duration": snap.duration,
+                      "log": redact_log(log.decode("utf-8", errors="replace"), secrets),
+                      "diff_id": blob.diff_id}
+            if env_refs:
+                record["env_refs"] = env_refs
             target.put(tag, record, tmp, blob.digest, blob.size)
+            self.trust.sign(target, record, blob.digest, blob.size)
+            self.pushed += 1
+            self.pushed_bytes += blob.size
+            if on_output is not None:
+                on_output(f"[cache-to: pushed {human_size(blob.size)} ({self.pushed} so far)]\n")
         except (ImageError, OSError) as e:
             self._warn(on_output, target.url, f"the step could not be pushed to {target.url} ({e})",
                        "the build goes on without pushing")

@@ -21,12 +21,15 @@ from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.grab import GrabError, open_in_snapshot, resolve_at
 from stacker_kernel.engine.inspect import resolve_in_root
 from stacker_kernel.oci.sbom import DirSummary, Inventory, Package, Unowned
+from stacker_kernel.storage.btrfs import copy_data
 
 DPKG_STATUS = "/var/lib/dpkg/status"
 DPKG_INFO = "/var/lib/dpkg/info"
 APK_INSTALLED = "/lib/apk/db/installed"
 RPM_DBS = ("/var/lib/rpm", "/usr/lib/sysimage/rpm")
 RPM_FILES = ("rpmdb.sqlite", "Packages", "Packages.db")
+# What rpm's backends open: sqlite (with its journal), bdb_ro, ndb. Nothing else is copied.
+RPM_READ = ("rpmdb.sqlite", "rpmdb.sqlite-wal", "rpmdb.sqlite-shm", "Packages", "Packages.db", "Index.db")
 _MAX_DB = 256 << 20  # no package database is bigger; a larger file is not one
 _TOP_DIRS = 10
 # dpkg states whose files are on disk (dpkg-query -W also lists config-files, whose are not)
@@ -209,21 +212,21 @@ def _apk(root: str, distro: str, found: _Found, files: bool) -> None:
 
 def _rpm(root: str, distro: str, found: _Found, files: bool) -> None:
     for dbdir in RPM_DBS:
-        names = [n for n in _listdir(root, dbdir) if n in RPM_FILES]
-        if not names:
+        names = _listdir(root, dbdir)
+        if not any(n in RPM_FILES for n in names):
             continue
         tool = shutil.which("rpm")
         if tool is None:
             found.notes.append(f"the rpm database {dbdir} was not read: this host has no rpm tool "
                                "(apt-get install rpm), so its packages are missing here")
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            # rpm writes beside its database (locks, sqlite journals): read a copy.
-            for n in _listdir(root, dbdir):
-                data = _read(root, f"{dbdir}/{n}")
-                if data is not None:
-                    with open(os.path.join(tmp, n), "wb") as f:
-                        f.write(data)
+        with tempfile.TemporaryDirectory(prefix=".tmp-sbom-", dir=_scratch_dir(root)) as tmp:
+            # rpm writes beside its database (locks, sqlite journals): read a copy of
+            # the files its backends open, each inode once, within a total cap.
+            problem = _copy_rpm_db(root, dbdir, names, tmp)
+            if problem:
+                found.notes.append(f"the rpm database {dbdir} was not read: {problem}")
+                return
             fmt = "%{NAME}\\t%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\\t%{ARCH}\\t%{LICENSE}\\n"
             res = subprocess.run([tool, "--dbpath", tmp, "-qa", "--qf", fmt], capture_output=True, text=True)
             if res.returncode != 0:
@@ -239,6 +242,48 @@ def _rpm(root: str, distro: str, found: _Found, files: bool) -> None:
                 listed = subprocess.run([tool, "--dbpath", tmp, "-qal"], capture_output=True, text=True)
                 found.owned += [p for p in listed.stdout.splitlines() if p.startswith("/")]
         return
+
+
+def _scratch_dir(root: str) -> str:
+    """Where a copy for `root` goes: the store holding it (root/bases|snapshots/ID),
+    the user's own bounded storage, never the host's /tmp."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(root)))
+
+
+def _copy_rpm_db(root: str, dbdir: str, names: list[str], dest: str) -> str:
+    """Copy the rpm database files `dbdir` of `root` holds into `dest` (reflinks or
+    data extents only, hard links of one file copied once); '' or why not."""
+    copied: dict[tuple[int, int], str] = {}
+    total = 0
+    for n in RPM_READ:
+        if n not in names:
+            continue
+        try:
+            fd, _, st = open_in_snapshot(root, f"{dbdir}/{n}")
+        except (GrabError, OSError):
+            continue
+        if fd is None:
+            continue
+        try:
+            target = os.path.join(dest, n)
+            if (st.st_dev, st.st_ino) in copied:
+                os.link(copied[st.st_dev, st.st_ino], target)
+                continue
+            total += st.st_size
+            if total > _MAX_DB:
+                return (f"its files total more than {_MAX_DB >> 20} MiB, "
+                        "larger than any package database")
+            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                copy_data(fd, out, st.st_size)
+            finally:
+                os.close(out)
+            copied[st.st_dev, st.st_ino] = target
+        except OSError as e:
+            return f"copying {n} failed: {e.strerror}"
+        finally:
+            os.close(fd)
+    return ""
 
 
 def _host_dir(root: str, directory: str, cache: dict[str, str]) -> str:

@@ -36,7 +36,7 @@ from stacker_kernel.engine.live import BUILD_PATH, LiveRootfs, absolute_source, 
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
 from stacker_kernel.recipe.cells import split_script
 from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, first_line
-from stacker_kernel.storage.store import Session, Snapshot, Store
+from stacker_kernel.storage.store import Session, Snapshot, Store, make_tmp_dir
 
 __all__ = ["BUILD_PATH", "BuildSession", "StepOutcome", "StepView", "build_environment"]
 
@@ -94,6 +94,9 @@ class BuildSession:
         self.external_built = resolve_built
         self.keep_failed = False
         self.use_cache = True
+        # A cache hit replays the step's stored output (the kernel shows it under
+        # the cell); a headless build prints one line per cached step instead.
+        self.replay_cached = True
         self.network = "host"
         self.remote_cache = None  # engine/remote_cache.RemoteCache: --cache-from/--cache-to, %cache
         self.resumed: StepView | None = None
@@ -287,7 +290,6 @@ class BuildSession:
         """stacker's generate_labels for layer `name`: its script runs in a throwaway
         copy of the layer's last snapshot; each file it writes to
         /stacker/oci-labels/NAME becomes label NAME. {} when the layer has none."""
-        import tempfile
 
         layer = self.recipe.layers.get(name)
         tip = self.layer_tips().get(name) or (self.head if name == self.layer.name else None)
@@ -295,7 +297,7 @@ class BuildSession:
             return {}
         throwaway = self.store.new_session("chroot", self.session.name + "#generate_labels")
         live = self.store.live_path(throwaway.id)
-        labels_dir = Path(tempfile.mkdtemp(prefix="oci-labels-", dir=self.store.root))
+        labels_dir = make_tmp_dir(self.store.root, "oci-labels-")  # collected if this process dies
         container = None
         try:
             self.store.driver.writable_copy(tip.path, live)
@@ -629,9 +631,10 @@ class BuildSession:
                               size_delta=hit.size_delta)
         if self._on_hit is not None:
             self._on_hit(outcome)
-        for cell in before:
-            replay_output(self.store.log_path(cell.id), on_output)
-        replay_output(log, on_output)
+        if self.replay_cached:
+            for cell in before:
+                replay_output(self.store.log_path(cell.id), on_output)
+            replay_output(log, on_output)
         self.layer.steps.append(Step(hit.source, cell_id))
         outcome.duration = time.monotonic() - t0
         return outcome
@@ -932,7 +935,9 @@ class BuildSession:
 
         text = dump(self.export_recipe())
         if path:
-            Path(path).write_text(text)
+            from stacker_kernel.engine.beside import write_bytes
+
+            write_bytes(Path(path), text.encode())  # never through a link planted in a shared folder
         return text
 
     def export_oci(self, oci_dir: str, **kwargs) -> list[str]:

@@ -1,5 +1,6 @@
 """Tab completion of a cell: magic names and arguments, rootfs paths, rootfs commands,
-and `$NAME` from the layer shell's variables.
+and `$NAME` from the layer shell's variables; host paths (relative to the notebook)
+for `%from tar|oci` and `%import`, layer names for `%browse` and `%from built`.
 
 Paths and commands are read from the host side of the container's rootfs,
 so completion never waits for the build shell. The rootfs belongs to the
@@ -166,3 +167,45 @@ def complete_magic_line(line: str, line_start: int, cursor_pos: int,
     else:
         previous, prefix = rest[:-1], rest[-1] if rest else ""
     return Completion(arguments(name, previous, prefix), cursor_pos - len(prefix), cursor_pos)
+
+
+def complete_host_path(directory: str, word: str) -> list[str]:
+    """Host paths completing `word`, relative to `directory` unless absolute (or ~);
+    directories get a trailing '/', dot files only for a word starting with '.'."""
+    head, _, prefix = word.rpartition("/")
+    base = head + "/" if "/" in word else ""
+    listed = os.path.join(directory, os.path.expanduser(base) or ".")
+    try:
+        names = sorted(os.listdir(listed))
+    except OSError:
+        return []
+    matches = []
+    for name in names:
+        if not name.startswith(prefix) or (name.startswith(".") and not prefix.startswith(".")):
+            continue
+        matches.append(base + name + ("/" if os.path.isdir(os.path.join(listed, name)) else ""))
+    return matches
+
+
+# Magics whose argument (after these leading words) is a host path or a layer name.
+_HOST_PATH_ARGS = {("from", "tar"), ("from", "oci"), ("import",)}
+_LAYER_ARGS = {("from", "built"), ("browse",)}
+
+
+def complete_magic_argument(line: str, cursor_pos: int, notebook_dir: str,
+                            layers: Callable[[], Iterable[str]]) -> Completion | None:
+    """The word at the cursor of `%from tar|oci PATH`, `%import PATH` (host paths, relative
+    to the notebook's directory) or `%from built LAYER`, `%browse LAYER` (layer names,
+    and rootfs paths for a word starting with '/' there); None for other magic lines."""
+    words = line.lstrip()[1:].split()
+    if line[-1:].isspace():
+        words.append("")
+    if len(words) < 2:
+        return None
+    lead, word = tuple(words[:-1]), words[-1]
+    start = cursor_pos - len(word)
+    if lead in _HOST_PATH_ARGS:
+        return Completion(complete_host_path(notebook_dir, word), start, cursor_pos)
+    if lead in _LAYER_ARGS and not word.startswith("/"):
+        return Completion(sorted({n for n in layers() if n.startswith(word)}), start, cursor_pos)
+    return None

@@ -1,7 +1,9 @@
 """Install the `stacker` kernel spec (`stacker-kernel install`, `python install_kernel.py`).
 
 The spec runs this very Python (absolute `sys.executable`) so the kernel
-finds the package it was installed with. Its language is `stacker`, never
+finds the package it was installed with, with `-P`: the kernel starts in the
+notebook's folder, which others may be able to write, and a `json.py` planted
+there must not be imported in place of the library's. Its language is `stacker`, never
 `bash`: front-ends fall back to any kernel of the notebook's language when the
 named one is missing, and a bash fallback would run build steps on the host
 (jupyter_client falls back on a kernel spec of the notebook's language).
@@ -26,7 +28,7 @@ RESOURCES = Path(__file__).with_name("resources")
 def kernel_json(python: str | None = None) -> dict:
     """The kernel.json content: argv with an absolute python, message interrupts, no debugger."""
     return {
-        "argv": [python or sys.executable, "-m", "stacker_kernel", "-f", "{connection_file}"],
+        "argv": [python or sys.executable, "-P", "-m", "stacker_kernel", "-f", "{connection_file}"],
         "display_name": DISPLAY_NAME,
         "language": LANGUAGE,
         "interrupt_mode": "message",

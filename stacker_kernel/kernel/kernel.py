@@ -447,12 +447,23 @@ class StackerKernel(Kernel):
                 word = line.rsplit(None, 1)[-1] if not line[-1:].isspace() else ""
                 start = cursor_pos - len(word)
             elif " " in line.strip():
+                argument = completion.complete_magic_argument(line, cursor_pos, str(self.notebook.parent),
+                                                              self._layer_names)
+                if argument is not None:
+                    return argument
                 # Arguments that are paths: %grab, %diff, %import, %binds ...
                 return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd(),
                                                  self._shell_variables())
             return completion.Completion(matches, start, cursor_pos)
         return completion.complete_shell(self._rootfs(), code, cursor_pos, self._cwd(),
                                          self._shell_variables())
+
+    def _layer_names(self) -> set[str]:
+        """The layers this notebook's session has built, and the current one."""
+        build = self.build
+        if build is None:
+            return set()
+        return set(build.session.tags) | ({build.layer.name} if build.layer is not None else set())
 
     def _shell_variables(self) -> set[str]:
         """The variables the next step's shell starts with: what earlier steps of the layer
@@ -651,4 +662,6 @@ def launch() -> None:
 
     # Helper processes (btrfs, tar, newuidmap) must not write into cells through
     # the process's fds 1/2: the engine captures what it needs itself.
-    IPKernelApp.launch_instance(kernel_class=StackerKernel, capture_fd_output=False)
+    # ignore_cwd: the notebook's folder (the kernel's cwd) never joins sys.path, even
+    # without the spec's `python -P` (kernel/install.py).
+    IPKernelApp.launch_instance(kernel_class=StackerKernel, capture_fd_output=False, ignore_cwd=True)

@@ -17,13 +17,14 @@ import html
 import json
 import os
 import re
-import shutil
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from stacker_kernel.errors import RecipeError
+from stacker_kernel.engine import beside
+from stacker_kernel.engine.terminal import safe_text
+from stacker_kernel.errors import RecipeError, StorageError
 from stacker_kernel.kernel.tables import CellName, Shown, layers_table, short_id, step_label, table
 
 __all__ = ["MagicContext", "ON_EVENT_LOOP", "Shown", "needs_session", "run_magic"]
@@ -70,11 +71,17 @@ def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     changing) beside the notebook or to DEST; link the copy when JupyterLab can serve it."""
     from stacker_kernel.engine.grab import grab
 
-    dest = _beside_notebook(ctx, args.dest or os.path.basename(args.path.rstrip("/")) or "rootfs")
+    from stacker_kernel.engine.grab import has_glob
+
+    name = os.path.basename(args.path.rstrip("/")) or "rootfs"
+    # A wildcard without DEST (%grab /build/*.deb): the matches go beside the notebook.
+    dest = _beside_notebook(ctx, args.dest or ("./" if has_glob(name) else name))
     # DEST names the copy itself (DEST/ puts it inside), so running the cell again
     # refreshes the same tree instead of nesting DIR/DIR as `cp -r` would.
     grabbed = grab(session.snapshot_at().path, args.path, str(dest),
-                   into=bool(args.dest and args.dest.endswith("/")))
+                   into=bool(args.dest and args.dest.endswith("/")) or (not args.dest and has_glob(name)))
+    if grabbed.copied:
+        return _grabbed_several(args.path, grabbed, ctx)
     written = Path(grabbed.path)
     text = "\n".join([f"grabbed {args.path} to {written}", *grabbed.notes])
     notes = "".join(f"<br>{html.escape(n)}" for n in grabbed.notes)
@@ -92,6 +99,22 @@ def _grab(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     return Shown(text, f"grabbed {shown_path} to "
                        f"<a href=\"{html.escape(href)}\" download=\"{html.escape(written.name)}\">"
                        f"{html.escape(link)}</a>{notes}")
+
+
+def _grabbed_several(pattern: str, grabbed: Any, ctx: "MagicContext") -> Shown:
+    """What `%grab PATTERN` shows when its wildcard matched several paths: each copy,
+    linked for download when JupyterLab can serve it."""
+    text = "\n".join([f"grabbed {pattern} ({len(grabbed.copied)} matches) to {grabbed.path}",
+                      *grabbed.copied, *grabbed.notes])
+    items = []
+    for copy in map(Path, grabbed.copied):
+        link = _link(ctx, copy)
+        shown = html.escape(link or str(copy))
+        items.append(f"<li><a href=\"{html.escape(urllib.parse.quote(link))}\" download=\"{html.escape(copy.name)}\">"
+                     f"{shown}</a></li>" if link and copy.is_file() else f"<li><code>{shown}</code></li>")
+    notes = "".join(f"<br>{html.escape(n)}" for n in grabbed.notes)
+    return Shown(text, f"grabbed <code>{html.escape(pattern)}</code> ({len(items)} matches):"
+                       f"<ul>{''.join(items)}</ul>{notes}")
 
 
 def default_export_names(notebook: str) -> tuple[str, str]:
@@ -139,6 +162,7 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
         flags = {a for a in args.args or [] if a in _ATTESTATION_FLAGS}
         args = replace(args, args=[a for a in args.args or [] if a not in flags])
         target = _beside_notebook(ctx, _export_target(args, oci_name))
+        beside.check_target(target, "dir")  # a link planted there would take the layout elsewhere
         layer_types = parse_layer_types(getattr(args, "layer_types", None), getattr(args, "no_verity", False))
         tags = session.export_oci(str(target), progress=ctx.progress, layer_types=layer_types,
                                   attestations=Attestations(sbom="--no-sbom" not in flags,
@@ -247,10 +271,10 @@ def save_log(notebook_dir: Path, notebook: str, log: str | None, index: int, lay
         return None
     layer = re.sub(r"[^\w.-]", "_", layer)
     dest = notebook_dir / LOG_DIR / f"{notebook}-step{index}-{layer}{'-failed' if failed else ''}.log"
-    try:
-        dest.parent.mkdir(exist_ok=True)
-        shutil.copyfile(log, dest)
-    except OSError:
+    try:  # written safely: the notebook's folder may be shared (engine/beside.py)
+        beside.own_dir(dest.parent)
+        beside.copy_file(log, dest)
+    except (OSError, StorageError):
         return None
     return dest
 
@@ -288,6 +312,7 @@ def _log(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
         size = f.tell()
         f.seek(max(0, size - LOG_SHOWN))
         text = f.read().decode("utf-8", "replace")
+    text = safe_text(text, keep_colours=False)  # shown as text and in html: no escape is rendered
     head = log_link(ctx.notebook_dir, path, what)
     if size > LOG_SHOWN:
         head.text += f" (its last {LOG_SHOWN >> 10} KiB below)"

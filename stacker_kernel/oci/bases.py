@@ -315,6 +315,17 @@ _SKOPEO_CAUSES: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
+def registry_host(url: str) -> str:
+    """The registry a `docker://REF` is pulled from, as docker resolves REF: its first
+    component when that has a '.' or ':' or is localhost and more follows, else Docker
+    Hub (`debian:bookworm`, `library/debian`: docker.io, served by registry-1.docker.io)."""
+    ref = url.removeprefix("docker://")
+    first, slash, _ = ref.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io (registry-1.docker.io)"
+
+
 def skopeo_failure(url: str, stderr: str, status: int) -> str:
     """One line from what a failed `skopeo copy` of `url` wrote: the cause in plain words
     and the fix (with the cell syntax where a flag helps), not skopeo's log."""
@@ -323,7 +334,7 @@ def skopeo_failure(url: str, stderr: str, status: int) -> str:
     # skopeo logs as `time="..." level=fatal msg="..."`: the message is what counts
     msg = last.split(' msg="', 1)[1].rstrip('"') if ' msg="' in last else last
     msg = " ".join(msg.replace("\\n", " ").replace("\\t", " ").replace('\\"', '"').split())
-    host = url.split("://", 1)[1].split("/", 1)[0] if url.startswith("docker://") else url
+    host = registry_host(url) if url.startswith("docker://") else url
     lowered = msg.lower()
     for words, cause, fix in _SKOPEO_CAUSES:
         if any(w in lowered for w in words):

@@ -167,6 +167,11 @@ def compare(old: dict[str, _Entry], new: dict[str, _Entry], *, old_taken_ns: int
                 opaque_dirs.append(path)
             continue
         in_window = old_taken_ns is None or n.ctime_ns >= old_taken_ns - COARSE_CLOCK_WINDOW_NS
+        if o.ctime_ns != n.ctime_ns and n.type == "dir" and same is not None and same(path, o, n):
+            # A directory's own record (mode, owner, mtime, xattrs) is as before: its
+            # ctime moved only because something was made and removed in it with
+            # its times restored (the container's mount points): no change.
+            continue
         if o.ctime_ns != n.ctime_ns or (in_window and same is not None and not same(path, o, n)):
             metadata_only = o.mtime_ns == n.mtime_ns and o.size == n.size and n.type != "symlink"
             changes.append(Change(path, "metadata" if metadata_only else "modified", n.type, n.ino, n.nlink))

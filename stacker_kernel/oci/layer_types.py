@@ -32,6 +32,7 @@ entry rules as any tar layer (oci/tarlayer.py apply_layer).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -44,7 +45,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterable
 
-from stacker_kernel.container.userns import NOBODY, become_nobody
+from stacker_kernel.container.userns import isolate, isolated_id
 from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci.diff import Diff
 from stacker_kernel.oci.tarwriter import LayerBlob
@@ -277,8 +278,9 @@ def _which(program: str) -> str | None:
     return shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
 
 
-def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, as_nobody: bool = False,
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, as_nobody: int | None = None,
          cwd: str | None = None) -> str:
+    """Run a tool; with `as_nobody` (userns.isolated_id()), isolated as that id (userns.isolate)."""
     exe = _which(cmd[0])
     if exe is None:
         package = {"mksquashfs": "squashfs-tools", "mkfs.erofs": "erofs-utils", "fsck.erofs": "erofs-utils",
@@ -286,7 +288,8 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, as_nobody
         raise ImageError(f"{what} needs the {cmd[0]} program, which is missing: "
                          f"install Debian's {package} package (apt-get install {package})")
     proc = subprocess.run([exe, *cmd[1:]], stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                          cwd=cwd, preexec_fn=become_nobody if as_nobody else None)
+                          cwd=cwd,
+                          preexec_fn=None if as_nobody is None else functools.partial(isolate, outside=as_nobody))
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
         raise ImageError(f"{what} failed ({cmd[0]}: {detail[-1] if detail else proc.returncode}): "
@@ -387,18 +390,20 @@ def fs_layer_to_tar(blob: str, media_type: str, out_tar: str, scratch_dir: str) 
         # refuse hostile names, then take the file data from its extraction.
         meta = erofs_metadata(blob)
         # fsck.erofs parses the image again, and an image it reads otherwise than we
-        # do must not make it write anywhere else: it runs as the namespace's nobody,
-        # who may write only `tmp` (owners and modes come from `meta`, not from it).
+        # do must not make it write anywhere else: it runs as a nobody the host does
+        # not use, in a pid namespace of its own (userns.isolate), and may write only
+        # `tmp` (owners and modes come from `meta`, not from it).
         tmp = tempfile.mkdtemp(prefix=".erofs-", dir=scratch_dir)
+        nobody = isolated_id()
         try:
-            os.chown(tmp, NOBODY, NOBODY)
+            os.chown(tmp, nobody, nobody)
             image = os.path.join(tmp, "layer.erofs")  # nobody may not reach the blob's folder
             _copy_file(blob, image)  # a reflink on btrfs
-            os.chown(image, NOBODY, NOBODY)
+            os.chown(image, nobody, nobody)
             tree = os.path.join(tmp, "tree")
             # relative paths from inside `tmp`: nobody may not pass through its parents
             _run(["fsck.erofs", "--extract=tree", "layer.erofs"], f"reading erofs layer {blob}",
-                 as_nobody=True, cwd=tmp)
+                 as_nobody=nobody, cwd=tmp)
             _convert(_walk_tree(tree, meta), out_tar)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -505,6 +510,12 @@ def erofs_metadata(img: str) -> dict[str, ErofsEntry]:
         core = 64 if extended else 32
         size = u(off + 8, 8) if extended else u(off + 8, 4)
         uid, gid = (u(off + 24, 4), u(off + 28, 4)) if extended else (u(off + 24, 2), u(off + 26, 2))
+        layout = (fmt >> 1) & 7
+        # Uncompressed layouts keep every byte in the image: a larger size is a lie
+        # (2^62 once made the directory walk below spin for ever).
+        if layout in (0, 2) and size > len(data):
+            raise ImageError(f"erofs layer {img} has an inode whose size ({size} bytes) exceeds the image's "
+                             f"own ({len(data)} bytes): it is hostile or corrupt; do not use it")
         xsize = 12 + (icount - 1) * 4 if icount else 0
         xattrs: dict[str, bytes] = {}
         if xsize:
@@ -517,12 +528,21 @@ def erofs_metadata(img: str) -> dict[str, ErofsEntry]:
                     break
             for _, kv in entries(off + core + 12 + 4 * shared, off + core + xsize):
                 xattrs.update(kv)
-        return mode, (fmt >> 1) & 7, size, u(off + 16, 4), off + core + xsize, xattrs, uid, gid
+        return mode, layout, size, u(off + 16, 4), off + core + xsize, xattrs, uid, gid
+
+    dir_bytes = 0
 
     def dir_blocks(nid: int) -> Iterable[bytes]:
+        nonlocal dir_bytes
         mode, layout, size, blkaddr, tail, *_ = inode(nid)
         if layout not in (0, 2):
             raise ImageError(f"erofs layer {img} has a directory in layout {layout}, which is not read: rebuild it with mkfs.erofs")
+        # Directories hold distinct blocks of the image: together no more than it,
+        # however many inodes point at the same blocks.
+        dir_bytes += size
+        if dir_bytes > len(data):
+            raise ImageError(f"erofs layer {img} has more directory data than the image holds: "
+                             "it is hostile or corrupt; do not use it")
         full = size // blksz if layout == 2 else -(-size // blksz)
         for i in range(full):
             yield data[(blkaddr + i) << blkbits:((blkaddr + i) << blkbits) + min(blksz, size - i * blksz)]

@@ -51,6 +51,27 @@ def layout_tags(layout_dir: str) -> list[str]:
     return [t for t in tags if t]
 
 
+def layer_type_name(name: str, layer_type: str) -> str:
+    """stacker's LayerType.LayerName: NAME for tar, NAME-squashfs / NAME-erofs otherwise."""
+    from stacker_kernel.oci.layer_types import LayerType
+
+    return LayerType(layer_type).tag(name)
+
+
+def typed_destinations(url: str, images: list[str], tags: list[str] | None,
+                       layer_types: list[str]) -> list[Published]:
+    """stacker's `publish --layer-type`: per image, tag and type, the layout's
+    `NAME-TYPE` goes to `NAME:TAG-TYPE` (`NAME:TAG` for tar); pure, no I/O."""
+    done = []
+    for image in images:
+        for tag in tags or ["latest"]:
+            for layer_type in layer_types:
+                source = layer_type_name(image, layer_type)
+                for p in destinations(url, [image], [layer_type_name(tag, layer_type)]):
+                    done.append(Published(source, p.destination))
+    return done
+
+
 def destinations(url: str, images: list[str], tags: list[str] | None) -> list[Published]:
     """Where each image goes (see the module docstring); pure, no I/O."""
     if url.startswith("docker://"):
@@ -93,7 +114,8 @@ def _authfile_for(destination: str, authfile: str | None) -> str | None:
 
 def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images: list[str] | None = None,
             username: str | None = None, password: str | None = None,
-            authfile: str | None = None, sbom: bool = True, provenance: bool = True) -> list[Published]:
+            authfile: str | None = None, sbom: bool = True, provenance: bool = True,
+            layer_types: list[str] | None = None, show_only: bool = False) -> list[Published]:
     """Copy `images` (default: every tag of the layout) to `url` with skopeo,
     each under every tag in `tags` (default `latest`); the copies made, in order.
     The SBOM and provenance attached to each image go along (oci/referrers.py)
@@ -104,6 +126,11 @@ def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images:
     files are used (`authfile`, else the default lookup of registry_auth).
     Neither ever appears on a command line.
 
+    With `layer_types` (stacker's --layer-type), `images` are layer names and
+    each type's image of them (`NAME-squashfs`) is pushed under `TAG-squashfs`.
+    With `show_only` (stacker's --show-only), nothing is copied: the copies that
+    would be made are returned, once the images are checked.
+
     Raises ImageError naming the registry when it cannot be reached or refuses
     the push, and when an image is not in the layout.
     """
@@ -113,14 +140,31 @@ def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images:
     if username is not None and authfile is not None:
         raise RecipeError("give either --authfile or --username with --password-stdin, not both")
     available = layout_tags(layout_dir)
-    chosen = list(images) if images else available
+    if layer_types:
+        names = list(images or [])
+        if not names:  # every layer whose image of each requested type is in the layout
+            suffixes = tuple(f"-{t}" for t in ("squashfs", "erofs"))
+            layers = dict.fromkeys(t.rsplit("-", 1)[0] if t.endswith(suffixes) else t for t in available)
+            names = [n for n in layers if all(layer_type_name(n, t) in available for t in layer_types)]
+            if not names:
+                raise ImageError(f"{layout_dir} has no image of type {', '.join(layer_types)}: build with "
+                                 f"--layer-type {' --layer-type '.join(layer_types)} (tags there: "
+                                 f"{', '.join(available) or 'none'})")
+        plan = typed_destinations(url, names, tags, layer_types)
+    else:
+        plan = destinations(url, list(images) if images else available, tags)
+    chosen = list(dict.fromkeys(p.image for p in plan))
     missing = [i for i in chosen if i not in available]
     if missing:
-        raise ImageError(f"{', '.join(missing)} not in {layout_dir}: build it first (tags there: {', '.join(available) or 'none'})")
+        hint = f" (build with --layer-type {' --layer-type '.join(layer_types)})" if layer_types else ""
+        raise ImageError(f"{', '.join(missing)} not in {layout_dir}: build it first{hint} "
+                         f"(tags there: {', '.join(available) or 'none'})")
     layout = OCILayout(layout_dir)
     digests = {}
     for image in chosen:  # skopeo would follow a blob symlinked to /dev/zero forever
         digests[image] = layout.check_image(image).manifest_digest
+    if show_only:
+        return plan
     skopeo = shutil.which("skopeo")
     if skopeo is None:
         raise ImageError("skopeo is missing: install Debian's skopeo package (apt-get install skopeo)")
@@ -130,7 +174,7 @@ def publish(layout_dir: str, url: str, tags: list[str] | None = None, *, images:
         if username is not None and url.startswith("docker://"):
             registry = url[len("docker://"):].split("/", 1)[0]
             given_auth = stack.enter_context(private_auth_file(registry, username, password or ""))
-        for p in destinations(url, chosen, tags):
+        for p in plan:
             cmd = [skopeo, "copy", "--quiet"]
             to_registry = p.destination.startswith("docker://")
             if to_registry and _is_local(p.destination):

@@ -12,10 +12,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -259,12 +257,8 @@ def document_bytes(document: dict[str, Any]) -> bytes:
 def validate_bytes(data: bytes) -> list[str]:
     """The validation messages of SPDX JSON `data` (parsed and checked by spdx-tools); [] when valid."""
     _spdx()
-    from spdx_tools.spdx.parser.parse_anything import parse_file
+    from spdx_tools.spdx.parser.jsonlikedict.json_like_dict_parser import JsonLikeDictParser
     from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "sbom.spdx.json")
-        with open(path, "wb") as f:
-            f.write(data)
-        doc = parse_file(path)
+    doc = JsonLikeDictParser().parse(json.loads(data))  # in memory: nothing written to /tmp
     return [m.validation_message for m in validate_full_spdx_document(doc)]

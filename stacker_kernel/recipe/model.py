@@ -47,7 +47,9 @@ class Import:
 
     `legacy` marks the deprecated `import:` key (files land at /stacker/);
     `mode`, `uid`, `gid` are None when unset; a trailing `/` on `path` or
-    `dest` is significant and kept.
+    `dest` is significant and kept. `within` (set by the engine for a
+    Dockerfile's COPY, never written to a recipe) is the build context: the
+    path and its symlinks resolve inside it, as Docker's COPY.
     """
     path: str
     hash: str | None = None
@@ -56,6 +58,7 @@ class Import:
     uid: int | None = None
     gid: int | None = None
     legacy: bool = False
+    within: str | None = field(default=None, compare=False)
 
     def is_simple(self) -> bool:
         """True when only `path` is set, so the plain string form expresses it."""
@@ -241,10 +244,30 @@ def stacker_url_host(url: str) -> str:
 _LAYER_NAME_RE = re.compile(r"[A-Za-z0-9]+(?:(?:[-._@+]|--)[A-Za-z0-9]+)*")
 
 
+_PLACEHOLDER_DEFAULT = re.compile(r"\$\{\{([^}:]+):([^}]*)\}\}")
+_PLACEHOLDER_PLAIN = re.compile(r"\$\{\{([^}:]+)\}\}")
+
+
+def as_substituted(text: str) -> str:
+    """`text` as stacker's substitution would make it, for checking a value that
+    keeps its placeholders (import, export): `${{NAME:default}}` is its default,
+    `${{NAME}}` (its value comes later) a plain word."""
+    return _PLACEHOLDER_PLAIN.sub("x", _PLACEHOLDER_DEFAULT.sub(lambda m: m.group(2), text))
+
+
 def check_layer_name(name: str, where: str = "") -> None:
     """Raise RecipeError unless `name` is a usable layer name: one OCI ref-name
     component without ':' (letters and digits joined by single `.`, `_`, `-`,
-    `@`, `+` or `--`), not 'config'. `where` (e.g. " (line 3)") goes after the name."""
+    `@`, `+` or `--`), not 'config'. `where` (e.g. " (line 3)") goes after the name.
+    A name with placeholders ("${{REPO_NAME:zot}}") is checked as it will be built."""
+    if "${{" in name:
+        resolved = as_substituted(name)
+        if resolved != name:
+            try:
+                check_layer_name(resolved, where)
+            except RecipeError as e:
+                raise RecipeError(f"layer {name} is {resolved!r} once substituted: {e}") from None
+            return
     if not name:
         raise RecipeError(f"empty layer name{where}: give the layer a name")
     if ":" in name:
@@ -260,6 +283,16 @@ def check_layer_name(name: str, where: str = "") -> None:
             "or last), e.g. my-layer")
 
 
+def require_import_hashes(recipe: "Recipe") -> None:
+    """stacker's --require-hash: every http(s) import names its hash (local files
+    and stacker:// imports need none). RecipeError naming the layer and import."""
+    for layer in recipe.layers.values():
+        for imp in layer.imports:
+            if imp.path.lower().startswith(("http://", "https://")) and not imp.hash:
+                raise RecipeError(f"layer {layer.name}: remote import needs a hash in yaml for path: "
+                                  f"{imp.path} (--require-hash): add 'hash: <sha256>' to the import")
+
+
 def check_import(imp: Import, layer: str) -> None:
     """Raise RecipeError if an import breaks stacker's rules (absolute dest, ids, hash)."""
     if not imp.path:
@@ -267,6 +300,18 @@ def check_import(imp: Import, layer: str) -> None:
     if imp.dest is not None and not imp.dest.startswith("/"):
         raise RecipeError(f"layer {layer}: import {imp.path}: 'dest' path cannot be relative "
                           f"({imp.dest}): make it absolute, e.g. /{imp.dest}")
+    # `..` would climb out of the rootfs (into other sessions' rootfs beside it) or out of
+    # the layer a stacker:// path names; a local path may climb (it is the host's), but
+    # must end in a name: the import is staged under it.
+    if imp.dest is not None and ".." in imp.dest.split("/"):
+        raise RecipeError(f"layer {layer}: import {imp.path}: 'dest' {imp.dest} has a '..': "
+                          "write the destination in the rootfs without '..'")
+    if imp.path.startswith("stacker://") and ".." in imp.path[len("stacker://"):].split("/"):
+        raise RecipeError(f"layer {layer}: import {imp.path} has a '..': name the path in the "
+                          "layer without '..'")
+    if imp.path.rstrip("/").rpartition("/")[2] in ("", ".."):
+        raise RecipeError(f"layer {layer}: import {imp.path} does not end in a name: name the "
+                          "file or directory itself (a trailing '/' imports its contents)")
     for key in ("uid", "gid"):
         value = getattr(imp, key)
         if value is not None and value < 0:

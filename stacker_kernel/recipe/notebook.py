@@ -83,7 +83,11 @@ def recipe_from_notebook(nb: Mapping[str, Any], name: str,
     """
     recipe = Recipe()
     meta = (nb.get("metadata") or {}).get("stacker") or {}
-    recipe.prerequisites = list(meta.get("prerequisites") or [])
+    prerequisites = meta.get("prerequisites") or [] if isinstance(meta, dict) else None
+    if not (isinstance(prerequisites, list) and all(isinstance(p, str) for p in prerequisites)):
+        raise RecipeError("the notebook's metadata \"stacker\" must be an object whose \"prerequisites\" "
+                          "is a list of stacker.yaml paths: fix it in the notebook's metadata")
+    recipe.prerequisites = list(prerequisites)
     current: Layer | None = None
     has_from: dict[str, int] = {}
     started: dict[str, int] = {}

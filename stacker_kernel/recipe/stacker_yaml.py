@@ -231,8 +231,17 @@ def _import_entry(node: yaml.Node, ctx: _Ctx, legacy: bool, layer: Layer) -> Imp
     return Import(legacy=legacy, **values)
 
 
+def _empty(node: yaml.Node) -> bool:
+    """A null or empty list/mapping value (`import:` with nothing after it)."""
+    if isinstance(node, yaml.ScalarNode):
+        return node.tag == _NULL
+    return not node.value
+
+
 def _imports(layer: Layer, node: yaml.Node, ctx: _Ctx) -> None:
     legacy = ctx.key == "import"
+    if legacy and _empty(node):
+        return  # nothing imported: no deprecation warning either
     if isinstance(node, yaml.MappingNode):
         raise ctx.fail("expected an array: write each import as a list item ('- path: ...')")
     if isinstance(node, yaml.ScalarNode):
@@ -241,7 +250,10 @@ def _imports(layer: Layer, node: yaml.Node, ctx: _Ctx) -> None:
         entries = node.value
     for entry in entries:
         imp = _import_entry(entry, ctx, legacy, layer)
-        check_import(imp, layer.name)
+        try:
+            check_import(imp, layer.name)
+        except RecipeError as e:
+            raise RecipeError(f"{e} (line {_line(entry)})") from None
         layer.imports.append(imp)
     if legacy:
         layer.warnings.append("'import' is deprecated: use 'imports' (files then appear "
@@ -349,7 +361,9 @@ def _layer(name: str, node: yaml.Node, line: int) -> Layer:
     layer = Layer(name, ImageSource("scratch"))
     pairs = _pairs(node, top, "directives")
     keys = [k for k, _, _ in pairs]
-    if "import" in keys and "imports" in keys:
+    # As stacker: both only when each has entries (an empty `import:` beside `imports:` is fine).
+    given = {k for k, v, _ in pairs if k in ("import", "imports") and not _empty(v)}
+    if given == {"import", "imports"}:
         raise RecipeError(f"layer {name}: 'import' and 'imports' cannot be used together "
                           f"(line {line}): move every entry to 'imports'")
     for key, vnode, kline in pairs:

@@ -110,8 +110,10 @@ class BtrfsDriver(Driver):
         btrfs.create_subvolume(path)
 
     def adopt(self, tmp: Path, dest: Path, id: str) -> None:
-        btrfs.set_readonly(tmp, True)
-        btrfs.remove_tree(dest)
+        from stacker_kernel.storage.store import _any_owner  # late: store imports us
+
+        _any_owner(btrfs.set_readonly, tmp, True)
+        self.remove(dest)
         os.rename(tmp, dest)
 
     def commit(self, live: Path, dest: Path, id: str) -> None:
@@ -127,7 +129,9 @@ class BtrfsDriver(Driver):
         btrfs.snapshot(src, dest, readonly=False)
 
     def remove(self, path: Path) -> None:
-        btrfs.remove_tree(path)
+        from stacker_kernel.storage.store import remove_any_owner  # late: store imports us
+
+        remove_any_owner(path)  # whoever owns its top
 
     def usage(self, root: Path) -> int:
         return btrfs.fs_usage(root)

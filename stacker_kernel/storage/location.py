@@ -22,7 +22,7 @@ ENV_VAR = "STACKER_KERNEL_STORAGE"
 DRIVER_ENV_VAR = "STACKER_KERNEL_STORAGE_DRIVER"
 CONFIG_RELPATH = Path(".config/stacker-kernel/config.json")
 # Root's state: images/<user>.img (each user's btrfs), users/<user>.json (what
-# setup-storage created, for teardown) and btrfs/<user> (where it is mounted).
+# setup-storage created, for teardown) and btrfs/<user>/storage (where it is mounted).
 STATE_DIR = Path("/var/lib/stacker-kernel")
 DEFAULT_MOUNT = STATE_DIR / "btrfs"
 # The one image all users shared before per-user images (still mounted at DEFAULT_MOUNT there).

@@ -1,7 +1,10 @@
 """Root-only storage setup: one loop-mounted btrfs image per user, bounded by its size.
 
 Each user gets a sparse image STATE/images/<user>.img (root-owned, 0600, in a
-0700 directory: no other user can read it) loop-mounted at MOUNT/<user> with
+0700 directory: no other user can read it) loop-mounted at MOUNT/<user>/storage
+(MOUNT/<user> is root's, 0700, with an ACL letting only that user pass: a mount
+point others can reach answers their statfs, so `df` would show the user's
+usage; users set up before keep MOUNT/<user>) with
 `user_subvol_rm_allowed` (users may delete their own subvolumes) and `noatime`
 (reads do not dirty snapshots' ctransid). The filesystem's top directory is
 the user's storage root, owned by them with mode 0700. Its size is the
@@ -36,10 +39,12 @@ from stacker_kernel.container import limits
 from stacker_kernel.errors import StorageError
 from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.location import (
-    DEFAULT_MOUNT, STATE_DIR, config_file, find_mount, is_mount_point, read_config_storage)
+    DEFAULT_MOUNT, STATE_DIR, config_file, find_mount, is_mount_point, mounts, read_config_storage)
 
 MOUNT_OPTIONS = "loop,user_subvol_rm_allowed,noatime"
 DEFAULT_SIZE = "20G"
+LIMITS_FILE = "limits.json"  # the admin's --max-user-processes, in STATE
+STORAGE_NAME = "storage"  # MOUNT/<user>/storage: the mount point, behind the user's gate
 # The btrfs superblock sits at 64 KiB; its magic at offset 0x40 inside it.
 _SUPER_MAGIC_OFFSET = 0x10040
 _SUPER_MAGIC = b"_BHRfS_M"
@@ -159,6 +164,47 @@ def _backing_file(mount_point: Path) -> Path | None:
     return Path(text.removesuffix(" (deleted)"))
 
 
+def _mounts_at(path: Path) -> list:
+    """The mounts whose mount point is `path` itself, bottom first (never touching `path`:
+    a user's FUSE mount there answers root with EACCES)."""
+    path = Path(os.path.abspath(path))
+    return [m for m in mounts() if m.mount_point == path]
+
+
+def _check_mounts(rec: Record, action: str) -> bool:
+    """True when rec.storage is rec.image loop-mounted (btrfs, and nothing else is mounted
+    there), False when nothing is mounted there; StorageError, touching nothing, when
+    something else is (a user's FUSE mount over their storage)."""
+    found = _mounts_at(rec.storage)
+    for m in found:
+        ours = (rec.image is not None and m.fstype == "btrfs" and re.fullmatch(r"/dev/loop\d+", m.source)
+                and _loop_backing(m.source) == rec.image)
+        if not ours:
+            fix = (f"{rec.user} should unmount it (fusermount3 -u {rec.storage})" if m.fstype.startswith("fuse")
+                   else f"unmount it (umount {rec.storage})")
+            what = f"the image {rec.image}" if rec.image is not None else "their directory"
+            raise StorageError(f"{rec.storage} has a {m.fstype} mount over {rec.user}'s storage, not {what}: "
+                               f"{fix}, then run {action} again")
+    return bool(found)
+
+
+def _loop_backing(device: str) -> Path | None:
+    """The image file behind loop `device` (/dev/loopN); None when gone or deleted."""
+    try:
+        text = Path(f"/sys/block/{device[5:]}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+    return None if text.endswith(" (deleted)") else Path(text)
+
+
+def _check_unmounted(image: Path) -> None:
+    """StorageError when `image` is loop-mounted anywhere (it would keep its space, deleted)."""
+    for m in mounts():
+        if re.fullmatch(r"/dev/loop\d+", m.source) and _loop_backing(m.source) == image:
+            raise StorageError(f"{image} is still mounted at {m.mount_point}: unmount it, "
+                               "then run setup-storage --teardown again")
+
+
 def _restrict_image(image: Path, create_size: int | None = None, grow_to: int | None = None) -> bool:
     """Make `image` root-owned 0600 (creating it sparse with `create_size`); grow it to `grow_to`.
 
@@ -256,7 +302,7 @@ def storage_path(user: str, mount: Path = DEFAULT_MOUNT, state: Path = STATE_DIR
     if rec is not None:
         return rec.storage
     configured = read_config_storage(lookup_user(user).home)
-    return configured if configured is not None else mount / user
+    return configured if configured is not None else mount / user / STORAGE_NAME
 
 
 # --- acting as the user -------------------------------------------------------------------
@@ -310,14 +356,12 @@ def _mount_image(rec: Record, size: str | None) -> None:
     image, mnt = rec.image, rec.storage
     want = parse_size(size) if size else None
     grown = _restrict_image(image, create_size=want or parse_size(DEFAULT_SIZE), grow_to=want)
+    mounted = _check_mounts(rec, "setup-storage")  # before touching what is mounted there
     if not _has_btrfs_superblock(image):
         _run(["mkfs.btrfs", "-q", str(image)])
     os.close(_open_dir(mnt, create=True))  # the mount point: no links, every ancestor root's
-    if is_mount_point(mnt):
+    if mounted:
         m = find_mount(mnt)
-        if m is None or m.fstype != "btrfs" or _backing_file(mnt) != image:
-            raise StorageError(f"{mnt} is already a mount point of something other than {image}: "
-                               "unmount it, or run setup-storage --teardown and set up again")
         if "user_subvol_rm_allowed" not in m.options:
             _run(["mount", "-o", "remount,user_subvol_rm_allowed,noatime", str(mnt)])
         if grown:
@@ -353,8 +397,41 @@ def _new_record(info: UserInfo, image: Path | None, mount: Path, storage: Path |
     target = Path(os.path.abspath(mount)) / info.name
     if target.is_dir() and not target.is_symlink() and not is_mount_point(target) and _usable(target):
         return Record(info.name, info.uid, info.gid, target, None)  # set up on the old shared image
-    return Record(info.name, info.uid, info.gid, target,
+    return Record(info.name, info.uid, info.gid, target / STORAGE_NAME,
                   Path(os.path.abspath(image)) if image else state / "images" / f"{info.name}.img")
+
+
+def _gate(rec: Record, mount: Path) -> Path | None:
+    """MOUNT/<user> when rec's mount point lies in it (set up since the gate exists)."""
+    gate = Path(os.path.abspath(mount)) / rec.user
+    return gate if rec.image is not None and rec.storage == gate / STORAGE_NAME else None
+
+
+def _make_gate(gate: Path, uid: int, gid: int) -> None:
+    """`gate` root's, mode 0700 plus an ACL giving `uid` search (--x) only: the user
+    passes to their mount point, no one else reaches it (not even to statfs it).
+    Without ACLs on that filesystem: group `gid`, 0710."""
+    os.close(_open_dir(gate.parent, create=True))  # MOUNT: everyone passes to their own gate
+    fd = _open_dir(gate, create=True, mode=0o700)
+    try:
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o700)
+        # posix_acl_xattr (include/uapi/linux/posix_acl_xattr.h): version 2, then
+        # (tag, perm, id) for user::rwx, user:UID:--x, group::---, mask::--x, other::---
+        undefined = 0xFFFFFFFF
+        entries = [(0x01, 7, undefined), (0x02, 1, uid), (0x04, 0, undefined), (0x10, 1, undefined),
+                   (0x20, 0, undefined)]
+        acl = (2).to_bytes(4, "little") + b"".join(
+            t.to_bytes(2, "little") + p.to_bytes(2, "little") + i.to_bytes(4, "little") for t, p, i in entries)
+        try:
+            os.setxattr(fd, "system.posix_acl_access", acl)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            os.fchown(fd, 0, gid)
+            os.fchmod(fd, 0o710)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -369,7 +446,8 @@ def _state_lock(state: Path) -> Iterator[None]:
 
 
 def setup_storage(user: str, size: str | None = None, image: Path | None = None, mount: Path = DEFAULT_MOUNT,
-                  storage: Path | None = None, state: Path = STATE_DIR) -> Path:
+                  storage: Path | None = None, state: Path = STATE_DIR,
+                  max_user_processes: int | None = None) -> Path:
     """Give `user` a private, bounded storage root on btrfs; return it. Root only, idempotent.
 
     By default the user's own image (of `size`, default 20G) is created and
@@ -381,11 +459,11 @@ def setup_storage(user: str, size: str | None = None, image: Path | None = None,
     _require_root()
     info = lookup_user(user)
     with _state_lock(state):
-        return _setup_storage(info, size, image, mount, storage, state)
+        return _setup_storage(info, size, image, mount, storage, state, max_user_processes)
 
 
 def _setup_storage(info: UserInfo, size: str | None, image: Path | None, mount: Path,
-                   storage: Path | None, state: Path) -> Path:
+                   storage: Path | None, state: Path, max_user_processes: int | None = None) -> Path:
     _mount_old_shared_image(Path(os.path.abspath(mount)), state)
     rec = read_record(info.name, state)
     if rec is None:
@@ -394,12 +472,15 @@ def _setup_storage(info: UserInfo, size: str | None, image: Path | None, mount: 
         raise StorageError(f"{info.name} already has storage at {rec.storage}: "
                            "run 'stacker-kernel setup-storage --teardown' first to move it")
     if rec.image is not None:
+        gate = _gate(rec, mount)
+        if gate is not None:
+            _make_gate(gate, info.uid, info.gid)
         _mount_image(rec, size)
         if rec.image.parent == state / "images":
             dfd = _open_dir(rec.image.parent)
             os.fchmod(dfd, 0o700)  # nobody else even sees whose images exist
             os.close(dfd)
-    elif not _usable(rec.storage):
+    elif not _check_mounts(rec, "setup-storage") and not _usable(rec.storage):  # nothing over a directory
         raise StorageError(f"storage {rec.storage} is no longer on a btrfs mounted with user_subvol_rm_allowed: "
                            "mount that filesystem again, then re-run setup-storage")
     # A directory the admin named may lie in the user's own tree; an image's mount point is root's.
@@ -418,8 +499,48 @@ def _setup_storage(info: UserInfo, size: str | None, image: Path | None, mount: 
         _restrict_image(backing)  # also the old shared image: it holds every user's files
     _write_record(rec, state)
     _write_config(info, rec.storage)
-    limits.delegate(info.name)  # a pids cgroup for the user's builds (container/limits.py)
+    _cap_processes(state, max_user_processes)  # a pids cgroup per user's builds (container/limits.py)
     return rec.storage
+
+
+def _record_users(state: Path) -> list[str]:
+    try:
+        dfd = _open_dir(_users_dir(state))
+    except FileNotFoundError:
+        return []
+    try:
+        return sorted(n[:-5] for n in os.listdir(dfd) if n.endswith(".json") and not n.startswith("."))
+    finally:
+        os.close(dfd)
+
+
+def _cap_processes(state: Path, configured: int | None = None) -> None:
+    """Give every user with storage their pids cgroup, capped at an equal share of
+    pid_max (limits.user_cap): one more user lowers everyone's cap. `configured`
+    (--max-user-processes) is kept in STATE/limits.json for later runs."""
+    path = state / LIMITS_FILE
+    if configured is not None:
+        dfd = _open_dir(state)
+        try:
+            fd = os.open(LIMITS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=dfd)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"max_user_processes": configured}, f)
+                f.write("\n")
+        finally:
+            os.close(dfd)
+    else:
+        try:
+            configured = json.loads(path.read_text()).get("max_user_processes")
+        except (OSError, ValueError, AttributeError):
+            configured = None
+    users = _record_users(state)
+    cap = limits.user_cap(limits.pid_max(), len(users), configured if isinstance(configured, int) else None)
+    for user in users:
+        try:
+            limits.delegate(user, cap)
+        except KeyError:
+            pass  # an account deleted since: its record waits for --teardown
 
 
 # --- teardown -----------------------------------------------------------------------------
@@ -457,15 +578,17 @@ def _teardown_storage(user: str, mount: Path, state: Path) -> list[str]:
     if rec is None:
         rec = Record(info.name, info.uid, info.gid, Path(os.path.abspath(mount)) / info.name, None)
     done = []
+    mounted = _check_mounts(rec, "setup-storage --teardown")  # before touching what is mounted there
     parent = _open_dir(rec.storage.parent, frozenset({0, info.uid}))
     try:
         if rec.image is not None:
-            if is_mount_point(rec.storage):
+            if mounted:
                 proc = subprocess.run(["umount", str(rec.storage)], capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise StorageError(f"cannot unmount {rec.storage} ({proc.stderr.strip()}): stop {info.name}'s "
                                        "kernels and builds first, then run --teardown again")
                 done.append(f"unmounted {rec.storage}")
+            _check_unmounted(rec.image)  # mounted elsewhere, a deleted image would keep its space
             ifd = _open_dir(rec.image.parent)
             try:
                 os.unlink(rec.image.name, dir_fd=ifd)
@@ -492,8 +615,19 @@ def _teardown_storage(user: str, mount: Path, state: Path) -> list[str]:
             pass
     finally:
         os.close(parent)
+    gate = _gate(rec, mount)
+    if gate is not None:
+        gfd = _open_dir(gate.parent)
+        try:
+            os.rmdir(gate.name, dir_fd=gfd)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                raise
+        finally:
+            os.close(gfd)
     _delete_record(info.name, state)
     _remove_config(info)
     if limits.undelegate(info.name):
         done.append(f"removed the process-limit cgroup of {info.name}")
+    _cap_processes(state)  # one user fewer: the others' shares grow
     return done

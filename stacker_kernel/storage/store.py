@@ -293,6 +293,73 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+# Temporary folders a process makes in the store (a cache pull's downloads, a
+# generate_labels run's labels) are named after it, PREFIX<pid>-<start time>-…, so
+# that opening the store and gc delete those of processes gone (a kill -9).
+# Where they are: (folder below the root, prefix).
+TMP_DIRS = (("cache/remote", "tmp-"), (".", "oci-labels-"))
+_LEGACY_TMP_AGE = 3600  # seconds: a folder of a version that did not name its owner
+
+
+def _any_owner(fn: Callable[..., None], path: Path, *args) -> None:
+    """fn(path, *args) on a subvolume, also one whose top belongs to one of the user's
+    subordinate ids (a base whose tar said `./` is someone's, a step that chowned `/`):
+    the user may not change or delete that from outside, so then it is done from
+    inside the user namespace, where those ids are the user's."""
+    try:
+        fn(path, *args)
+    except (StorageError, PermissionError):
+        if os.geteuid() == 0 or not os.path.lexists(path):
+            raise
+        from stacker_kernel.container.userns import run_in_userns  # only then: the store needs no namespace
+
+        run_in_userns(fn, str(path), *args)
+
+
+def _chown_top(path: str | Path) -> None:
+    os.lchown(path, 0, 0)  # raises outside the namespace: then _any_owner does it inside
+
+
+def remove_any_owner(path: Path) -> None:
+    """btrfs.remove_tree(path), whoever owns its top (see _any_owner)."""
+    _any_owner(btrfs.remove_tree, path)
+
+
+def make_tmp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in `parent` (one of TMP_DIRS) named after this process."""
+    import tempfile
+
+    parent.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{pid}-{process_start_time(pid)}-", dir=parent))
+
+
+def _tmp_owner_gone(entry: Path, prefix: str) -> bool:
+    pid, _, rest = entry.name[len(prefix):].partition("-")
+    start, _, _ = rest.partition("-")
+    if not (pid.isdigit() and start.isdigit()):
+        try:
+            return time.time() - entry.lstat().st_mtime > _LEGACY_TMP_AGE
+        except FileNotFoundError:
+            return False
+    return process_start_time(int(pid)) != int(start)
+
+
+def collect_tmp_dirs(root: Path) -> list[Path]:
+    """Delete the temporary folders of processes gone (see TMP_DIRS); returns them."""
+    gone = []
+    for where, prefix in TMP_DIRS:
+        try:
+            entries = list((root / where).iterdir())
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(prefix) and _tmp_owner_gone(entry, prefix):
+                btrfs.remove_tree(entry)
+                gone.append(entry)
+    return gone
+
+
 def _busy_message(other: Session) -> str:
     what = {"kernel": "shut that kernel down, then run the cell again",
             "build": "wait for that build to finish, or stop it, then build again"}.get(other.kind, "try again later")
@@ -492,6 +559,10 @@ class Store:
                 return snap
         return None
 
+    def forget_cache(self, key: str) -> None:
+        """Drop the cache entry of `key` (its snapshot stays while something uses it)."""
+        self._write([("DELETE FROM cache WHERE key = ?", (key,))])
+
     def log_path(self, id: str) -> Path:
         """Where the output of step `id` is (or will be) stored."""
         return self.root / "logs" / id
@@ -560,6 +631,10 @@ class Store:
             self.driver.create(tmp)
             try:
                 populate(tmp)
+                if os.geteuid() != 0 and os.lstat(tmp).st_uid != os.geteuid():
+                    # A tar said its `./` is another id's: the top of a rootfs stays the
+                    # container's root (the user), or the user could not snapshot it.
+                    _any_owner(_chown_top, tmp)
                 with self.write_lock():
                     existing = self.get(digest)
                     if existing is not None and existing.path.is_dir():
@@ -576,7 +651,7 @@ class Store:
                         raise
                     return snap
             except BaseException:
-                self.driver.remove(tmp)
+                self.driver.remove(tmp)  # whoever the tar said owns its root
                 raise
         finally:
             Path(f"{tmp}.lock").unlink(missing_ok=True)
@@ -756,6 +831,7 @@ class Store:
                         entry.unlink(missing_ok=True)
                 elif name not in kept:
                     entry.unlink(missing_ok=True)
+            collect_tmp_dirs(self.root)
             self.driver.collect(self.root, self._trees)
 
     def _trees(self) -> list[Path]:
@@ -772,7 +848,7 @@ class Store:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            self.driver.remove(entry)  # its importer is gone (it unlinks the lock last)
+            self._drop_tmp_base(entry)  # its importer is gone (it unlinks the lock last)
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -780,8 +856,16 @@ class Store:
             return  # still being populated by a live process
         finally:
             os.close(fd)
-        self.driver.remove(entry)
+        self._drop_tmp_base(entry)
         lock.unlink(missing_ok=True)
+
+    def _drop_tmp_base(self, entry: Path) -> None:
+        """Delete a temporary base its importer left; one that cannot be deleted is left
+        for the next open: a stale temporary never stops the store from opening."""
+        try:
+            self.driver.remove(entry)
+        except (StorageError, OSError):
+            pass
 
     def referenced(self) -> set[str]:
         """Ids that gc keeps: the chains of every session's head, tags and history,
@@ -808,6 +892,7 @@ class Store:
     def gc(self) -> list[str]:
         """Delete every snapshot and base nothing references (see `referenced`); return their ids."""
         with self.write_lock():
+            collect_tmp_dirs(self.root)  # e.g. a pull killed since this store was opened
             drop = self.unreferenced()
             self.driver.remove_many([snap.path for snap in drop])
             for snap in drop:

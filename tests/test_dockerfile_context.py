@@ -1,0 +1,94 @@
+"""A Dockerfile's COPY resolves its sources inside the build context, as Docker does
+(issue 23, point 2): a symlink in the context whose target is outside it (`leak ->
+/etc/shadow`, `hostetc -> /etc`) resolves within the context root, never to the
+host's file; a link inside a copied directory is copied as a link."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stacker_kernel.engine.build import build, layer_snapshot
+from stacker_kernel.errors import RecipeError
+from stacker_kernel.recipe.dockerfile import DockerfileOptions
+from stacker_kernel.storage.store import Store
+
+DOCKERFILE = """\
+FROM busybox
+COPY leak /s1
+COPY hostetc/shadow /s2
+COPY dir/ /d/
+"""
+
+
+def _context(tmp_path: Path, secret: Path) -> Path:
+    """A context whose links point at `secret` (a host file) and at its folder."""
+    ctx = tmp_path / "ctx"
+    own = ctx / str(secret).lstrip("/")  # where the links lead when resolved inside the context
+    own.parent.mkdir(parents=True)
+    own.write_text("the context's own\n")
+    (ctx / "dir").mkdir()
+    (ctx / "dir" / "inner").symlink_to(secret)
+    (ctx / "leak").symlink_to(secret)
+    (ctx / "hostetc").symlink_to(secret.parent)
+    (ctx / "Dockerfile").write_text(DOCKERFILE.replace("shadow", secret.name))
+    return ctx
+
+
+def _build(storage, busybox_oci, ctx: Path, oci: Path) -> Path:
+    with Store.open(storage) as store:
+        build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None, oci_dir=str(oci),
+              dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
+        return layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+
+
+def _no_blob_holds(oci: Path, data: bytes) -> None:
+    import gzip
+
+    for blob in (oci / "blobs" / "sha256").iterdir():
+        raw = blob.read_bytes()
+        try:
+            raw = gzip.decompress(raw)
+        except OSError:
+            pass
+        assert data not in raw, blob
+
+
+def test_copy_resolves_symlinks_inside_the_context(storage, busybox_oci, tmp_path):
+    secret = tmp_path / "outside" / "shadow"
+    secret.parent.mkdir()
+    secret.write_text("host secret 5b1d\n")
+    ctx = _context(tmp_path, secret)
+    root = _build(storage, busybox_oci, ctx, tmp_path / "oci")
+    assert (root / "s1").read_text() == "the context's own\n"
+    assert (root / "s2").read_text() == "the context's own\n"
+    assert os.readlink(root / "d" / "inner") == str(secret)  # a link, as in the context
+    _no_blob_holds(tmp_path / "oci", b"host secret 5b1d")
+
+
+def test_a_source_whose_link_leads_nowhere_in_the_context_is_one_line(storage, busybox_oci, tmp_path):
+    secret = tmp_path / "outside" / "key"
+    secret.parent.mkdir()
+    secret.write_text("host key\n")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "leak").symlink_to(secret)
+    (ctx / "Dockerfile").write_text("FROM busybox\nCOPY leak /k\n")
+    with pytest.raises(RecipeError, match=r"COPY source leak does not exist in the build context"):
+        _build(storage, busybox_oci, ctx, tmp_path / "oci")
+
+
+@pytest.mark.rootful
+def test_a_root_build_never_copies_the_hosts_etc_shadow(storage, busybox_oci, tmp_path):
+    shadow = Path("/etc/shadow")
+    line = next(ln for ln in shadow.read_text().splitlines() if ln.startswith("root:")).encode()
+    ctx = _context(tmp_path, shadow)
+    root = _build(storage, busybox_oci, ctx, tmp_path / "oci")
+    assert (root / "s1").read_text() == "the context's own\n"
+    assert (root / "s2").read_text() == "the context's own\n"
+    assert os.readlink(root / "d" / "inner") == "/etc/shadow"
+    _no_blob_holds(tmp_path / "oci", line)
+    found = subprocess.run(["grep", "-rlF", line.decode(), str(root)], capture_output=True, text=True)
+    assert found.stdout == ""
