@@ -251,12 +251,26 @@ def layer_changes(old: str, new: str, layer: str) -> list[Change]:
                 kind = _TYPES.get(stat.S_IFMT(nst.st_mode), "file")
                 same_type = ost is not None and stat.S_IFMT(ost.st_mode) == stat.S_IFMT(nst.st_mode)
                 opaque = kind == "dir" and same_type and is_opaque(de.path)
+                if kind == "dir" and same_type and not opaque and _same_dir_attrs(old, new, rel, ost, nst):
+                    # Only copied up for what changed below it (or for a mount point the
+                    # container made and removed): the directory itself is unchanged.
+                    stack.append((rel + "/", de.path))
+                    continue
                 changes.append(Change(rel, "modified" if same_type and not opaque else "added", kind,
                                       nst.st_ino, nst.st_nlink, opaque=opaque))
                 if kind == "dir":
                     stack.append((rel + "/", de.path))
     changes.sort(key=lambda c: c.path)
     return changes
+
+
+def _same_dir_attrs(old: str, new: str, rel: str, o: os.stat_result, n: os.stat_result) -> bool:
+    if (o.st_mode, o.st_uid, o.st_gid, o.st_mtime_ns) != (n.st_mode, n.st_uid, n.st_gid, n.st_mtime_ns):
+        return False
+    try:
+        return _xattrs(os.path.join(old, rel)) == _xattrs(os.path.join(new, rel))
+    except OSError:
+        return False
 
 
 def _same_in_full(old_root: str | None, new_root: str, path: str, o: _Entry, n: _Entry) -> bool:
