@@ -7,11 +7,12 @@ prints the ratio (bench/snapshot.py: the raw ioctl; bench/step.py: `sh -c
 true` and `buildah run` + `buildah commit`; bench/export.py: `umoci repack`;
 bench/cell.py: bash_kernel and ipykernel; bench/remote_cache.py: a GET and
 untar of the same blobs; bench/long_session.py: step 10, and no %layers output;
-bench/headless.py: the interpreter and the imports; bench/export_rootfs.py:
-umoci repack and buildah push oci:). This script only runs them one
-after the other, each with a time limit, and writes their output with the
-machine it ran on. Run as root so buildah (chroot isolation) takes part; the
-whole report takes a few minutes.
+bench/headless.py: the interpreter and the imports; bench/versus_buildah.py:
+buildah bud, buildah push oci: and mkfs.erofs, as an unprivileged user). This
+script only runs them one after the other, each with a time limit, and writes
+their output with the machine it ran on. Run as root so buildah (chroot
+isolation) takes part in bench/step.py; bench/versus_buildah.py runs itself as
+$SUDO_USER (else sktest).
 """
 from __future__ import annotations
 
@@ -58,9 +59,10 @@ BENCHES = [
     Bench("headless.py", ("--rounds", "10"), "Cached headless build (issue 14)",
           "a fully cached `stacker-kernel build -f notebook.ipynb` (fresh interpreter, layout up to date) "
           "beside the interpreter alone and the command's imports, in turns", 300),
-    Bench("export_rootfs.py", ("--rounds", "5"), "Whole rootfs into a fresh layout (issue 14)",
-          "a Debian rootfs exported as one layer into an empty OCI layout beside `umoci repack` and "
-          "`buildah push oci:` of the same tree, in interleaved rounds", 900),
+    Bench("versus_buildah.py", ("--rounds", "3"), "Beside rootless buildah, as users run both (issue 25)",
+          "`stacker-kernel build` of a Dockerfile (OCI layout, SBOM and provenance written) beside `buildah bud`, "
+          "`buildah push oci:` and `mkfs.erofs`, every command in a fresh process as an unprivileged user, "
+          "pairs taken in turns", 1800),
     Bench("drivers.py", ("--repeat", "15"), "Storage drivers: btrfs and overlay (issue 24)",
           "the overlay driver (a folder on ext4) beside btrfs: a step + commit, rollback, export of one "
           "step's layer, disk per step, and a step at depth 100 beside one at depth 10", 900),
@@ -133,9 +135,12 @@ NOTES = [
     "fresh interpreter: a plain nbformat 4 notebook is read as JSON, so neither nbformat nor "
     "jsonschema is imported, and an unchanged layout is left as it is (no layer is made again, "
     "no file is written).",
-    "- **Whole rootfs export** is one layer of the whole tree: our walk, tar (PAX, sorted, "
-    "clamped mtimes) and gzip through pigz, with both digests taken on the way; umoci and "
-    "buildah compress with parallel gzip in Go. All three start from an empty layout.",
+    "- **Beside buildah** (bench/versus_buildah.py) runs both as the same unprivileged user, as "
+    "users run them: `stacker-kernel build` writes the OCI layout with an SBOM and provenance (its "
+    "defaults), buildah keeps its images in its own storage (overlay through fuse-overlayfs). A "
+    "whole-rootfs export takes the layer the store kept from an earlier export (copied and "
+    "verified, never compressed again), or compresses it anew through pigz; `buildah push "
+    "oci:` compresses every time.",
 ]
 
 

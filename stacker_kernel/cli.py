@@ -196,6 +196,7 @@ def add_gc(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from stacker_kernel.engine.export import prune_layer_cache
     from stacker_kernel.engine.history import held_bytes
     from stacker_kernel.storage.location import resolve_storage
     from stacker_kernel.storage.store import collect_garbage
@@ -204,6 +205,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     forget_chosen_sessions(args)
     removed, freed = collect_garbage(root, progress=print, held=held_bytes)
     report_cache_pruned(args, everything=args.cache)
+    kept = prune_layer_cache(root)
+    if kept:
+        print(f"deleted {human_size(kept)} of exported layers kept for the removed snapshots")
     for snap in removed:
         what = f"base  {first_line(snap.source, width=48)}" if snap.kind == "base" else (
             f"layer {snap.layer}  {first_line(snap.source, width=48)}  "

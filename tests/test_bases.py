@@ -137,6 +137,26 @@ def test_same_tar_twice_reuses_the_snapshot_without_extracting(store, busybox_ta
     assert [s.id for s in store.snapshots() if s.kind == "base"] == [first.id]
 
 
+def test_a_tar_base_is_hashed_once_until_the_file_changes(store, busybox_tar, tmp_path, monkeypatch):
+    from stacker_kernel.oci import bases
+
+    tar = tmp_path / "base.tar"
+    tar.write_bytes(busybox_tar.read_bytes())
+    read = []
+    real = bases._sha256_file
+    monkeypatch.setattr(bases, "_sha256_file", lambda p: read.append(p) or real(p))
+    first = import_base(store, Src("tar", str(tar)))
+    assert import_base(store, Src("tar", str(tar))).id == first.id
+    assert len(read) == 1  # the second import knew the file's digest
+    data = bytearray(tar.read_bytes())
+    data[-1] ^= 0xFF  # same size, same mtime: only the ctime says it was written
+    mtime = tar.stat().st_mtime_ns
+    tar.write_bytes(bytes(data))
+    os.utime(tar, ns=(mtime, mtime))
+    assert bases._remembered_sha256(store, tar) == hashlib.sha256(bytes(data)).hexdigest()
+    assert len(read) == 2
+
+
 def test_tar_from_http_url_is_downloaded_and_imported(store, busybox_tar):
     directory = str(busybox_tar.parent)
 

@@ -4,6 +4,7 @@ import os
 import pickle
 import stat
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,49 @@ def test_unknown_snapshot_time_compares_every_unchanged_looking_entry_in_full(ch
     changes = compare(old, new, old_taken_ns=None, same=same)
     assert sorted(asked) == sorted(new)
     assert [c.path for c in changes] == ["etc/keep"]
+
+
+def test_a_base_made_read_only_after_filling_is_not_hashed_whole(chain, monkeypatch):
+    """A base subvolume is created, filled, then made read-only (store.add_base): its
+    creation time is older than its files, yet only entries stamped in the clock tick
+    of its last change are compared in full, and a change in that tick still shows."""
+    from stacker_kernel.oci import diff as diff_mod
+    base = chain.root / "base"
+    btrfs.create_subvolume(base)
+    run_in_userns(_base, str(base))
+    time.sleep(0.05)  # more than the clock window: only the last file is stamped near the end
+    run_in_userns(lambda root: Path(f"{root}/etc/last").write_text("last\n"), str(base))
+    btrfs.set_readonly(base, True)
+    over = chain.root / "over"
+    btrfs.snapshot(base, over)  # a rootfs over that base, and its read-only snapshot
+    s1 = str(chain.root / "s1")
+    btrfs.snapshot(over, s1, readonly=True)
+    hashed = []
+    real = diff_mod._sha256
+
+    def counting(path):
+        hashed.append(path)
+        return real(path)
+    monkeypatch.setattr(diff_mod, "_sha256", counting)
+    d = diff_snapshots(str(base), s1)  # as root of the test's own files: no namespace needed
+    assert d.empty
+    # both sides of the one file stamped in the last tick, and no other file
+    assert sorted(hashed) == sorted([f"{base}/etc/last", f"{s1}/etc/last"])
+
+
+def test_size_changes_of_a_chain_walk_each_snapshot_once(chain, monkeypatch):
+    """The background size measurement of consecutive steps (engine/inspect.py) walks
+    each snapshot once: a step's snapshot is the next one's parent."""
+    from stacker_kernel.engine.inspect import _size_changes_in_ns
+    from stacker_kernel.oci import diff as diff_mod
+    chain.change(_base)
+    s0 = chain.snap()
+    chain.change(lambda live: Path(f"{live}/etc/big").write_bytes(b"x" * 5000))
+    s1 = chain.snap()
+    chain.change(lambda live: os.unlink(f"{live}/etc/keep"))
+    s2 = chain.snap()
+    walked = []
+    real = diff_mod.walk
+    monkeypatch.setattr(diff_mod, "walk", lambda root: walked.append(root) or real(root))
+    assert _size_changes_in_ns([(s0, s1), (s1, s2)]) == [5000, -len("keep\n")]
+    assert sorted(walked) == sorted([s0, s1, s2])

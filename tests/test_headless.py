@@ -3,9 +3,11 @@ build imports no nbformat, an unchanged re-export writes nothing new and keeps i
 digests, gc reports the space btrfs really gives back, long work says how far it is."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -58,6 +60,53 @@ def test_a_cached_notebook_build_imports_neither_nbformat_nor_jupyter_client(sto
     assert "heavy: []" in again.stdout, again.stdout
 
 
+_HEAVY_FOR_DOCKERFILE = ("nbformat", "jsonschema", "lark", "jupyter_client", "spdx_tools")
+_BUILD_DOCKERFILE = _BUILD.replace(repr(_HEAVY), repr(_HEAVY_FOR_DOCKERFILE))
+
+
+def test_a_cached_dockerfile_build_imports_no_nbformat_lark_or_spdx_tools(storage, busybox_tar, tmp_path):
+    (tmp_path / "busybox.tar").write_bytes(busybox_tar.read_bytes())
+    (tmp_path / "Dockerfile").write_text("FROM busybox\nRUN echo one > /one\nRUN echo two > /two\n")
+    args = [sys.executable, "-c", _BUILD_DOCKERFILE, "--storage", str(storage), "build", "-f", "Dockerfile",
+            "--base", "busybox=tar:busybox.tar", "--oci-dir", str(tmp_path / "oci")]
+    first = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "spdx_tools" in first.stdout  # the first build writes the SBOM: the check sees imports
+    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 step(s) ran, 3 cached" in again.stdout, again.stdout
+    assert "heavy: []" in again.stdout, again.stdout
+
+
+def test_cache_hits_make_no_rootfs_snapshot_until_a_step_runs(storage, busybox_tar, tmp_path, monkeypatch):
+    from stacker_kernel.engine import live as live_mod
+    from stacker_kernel.engine.build import build
+
+    (tmp_path / "busybox.tar").write_bytes(busybox_tar.read_bytes())
+    sources = ["%layer app\n%from tar busybox.tar\necho one > /one", "echo two > /two", "echo three > /three"]
+    nb = _plain_notebook(tmp_path / "app.ipynb", sources)
+    with Store.open(storage) as store:
+        build(store, str(nb), out=lambda line: None, stream=lambda text: None)
+    made = []
+    real = live_mod.btrfs.snapshot
+    def snapshot(src, dest, readonly=False):
+        if not readonly:  # a writable rootfs, not a step's read-only snapshot
+            made.append(src)
+        return real(src, dest, readonly=readonly)
+    monkeypatch.setattr(live_mod.btrfs, "snapshot", snapshot)
+    with Store.open(storage) as store:
+        assert build(store, str(nb), out=lambda line: None, stream=lambda text: None).steps_cached == 3
+    assert made == []  # three hits, no writable snapshot of any of them
+    nb = _plain_notebook(tmp_path / "app.ipynb", sources + ["cat /one /two /three > /all"])
+    out: list[str] = []
+    with Store.open(storage) as store:
+        result = build(store, str(nb), out=out.append, stream=out.append)
+        assert (result.steps_cached, result.steps_run) == (3, 1)
+        tip = store.get(result.tags["app"])
+        assert (tip.path / "all").read_text() == "one\ntwo\nthree\n"  # the step ran on the last hit
+    assert len(made) == 1, out
+
+
 def test_a_notebook_that_is_not_plain_nbformat_4_is_still_checked_by_nbformat(tmp_path):
     nb = _plain_notebook(tmp_path / "bad.ipynb", ["%from tar busybox.tar\ntrue"])
     data = json.loads(nb.read_text())
@@ -105,6 +154,64 @@ def test_an_unchanged_re_export_writes_nothing_new_and_keeps_its_digests(storage
     export_image(str(layout), specs, layer_cache=cache)
     assert index(layout) == first
     assert _files(layout) == before  # no new blob, and no file written again
+
+
+def test_a_fresh_layout_gets_the_stores_layers_without_compressing_them_again(storage, busybox_base, monkeypatch):
+    from stacker_kernel.oci import export as export_mod
+
+    c, base = busybox_base
+    steps = [step(c, "echo a > a"), step(c, "mkdir b")]
+    specs = [ImageSpec("r", Cfg(), steps, base_rootfs=base)]
+    cache = str(storage / "cache" / "layers")
+    export_image(str(storage / "first"), specs, layer_cache=cache)
+    layers = manifest(storage / "first", "r")["layers"]
+
+    def no_new_layers(*args, **kwargs):
+        raise AssertionError("a layer was made again")
+    monkeypatch.setattr(export_mod, "_made_in_userns", no_new_layers)
+    export_image(str(storage / "second"), specs, layer_cache=cache)  # a fresh layout
+    assert manifest(storage / "second", "r")["layers"] == layers
+    for d in layers:  # each blob is there whole, as its digest says
+        data = (storage / "second" / "blobs" / "sha256" / d["digest"].split(":")[1]).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == d["digest"]
+
+    # A kept blob that was damaged is not used: the layer is made again.
+    kept = Path(export_mod.kept_blobs(cache)) / "blobs" / "sha256" / layers[-1]["digest"].split(":")[1]
+    kept.write_bytes(b"x" * kept.stat().st_size)
+    monkeypatch.undo()
+    export_image(str(storage / "third"), specs, layer_cache=cache)
+    assert manifest(storage / "third", "r")["layers"] == layers
+    assert "sha256:" + hashlib.sha256(kept.read_bytes()).hexdigest() == layers[-1]["digest"]  # kept anew
+
+    # gc: the layers of a deleted snapshot are forgotten and their kept blobs deleted.
+    from stacker_kernel.storage import btrfs
+    btrfs.delete_subvolume(Path(steps[-1].path))
+    assert export_mod.prune_layer_cache(cache) > 0
+    names = set(os.listdir(kept.parent))
+    assert layers[-1]["digest"].split(":")[1] not in names
+    assert {d["digest"].split(":")[1] for d in layers[:-1]} <= names
+
+
+def test_a_layout_off_the_stores_filesystem_lends_its_layers_to_the_next_one(storage, busybox_base, tmp_path,
+                                                                            monkeypatch):
+    from stacker_kernel.oci import export as export_mod
+    from stacker_kernel.storage import btrfs
+
+    assert not btrfs.is_btrfs(tmp_path)  # no reflink into the store: the layout is remembered instead
+    c, base = busybox_base
+    specs = [ImageSpec("r", Cfg(), [step(c, "echo a > a")], base_rootfs=base)]
+    cache = str(storage / "cache" / "layers")
+    export_image(str(tmp_path / "first"), specs, layer_cache=cache)
+    layers = manifest(tmp_path / "first", "r")["layers"]
+    made = []
+    real = export_mod._made_in_userns
+    monkeypatch.setattr(export_mod, "_made_in_userns", lambda *a, **k: made.append(1) or real(*a, **k))
+    export_image(str(tmp_path / "second"), specs, layer_cache=cache)
+    assert made == [] and manifest(tmp_path / "second", "r")["layers"] == layers
+    for layout in ("first", "second"):
+        shutil.rmtree(tmp_path / layout)
+    export_image(str(tmp_path / "third"), specs, layer_cache=cache)  # no copy left: made again
+    assert made == [1] and manifest(tmp_path / "third", "r")["layers"] == layers
 
 
 def test_a_changed_image_config_is_written_anew(storage, busybox_base):

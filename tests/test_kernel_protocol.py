@@ -159,7 +159,9 @@ def _run_all(nb: Path, kernels: Path):
 
 
 def test_restart_resumes_the_previous_session_with_a_line_saying_so(nbdir, kernels):
-    nb = nbdir / "resume.ipynb"
+    # The build is found by its cells: the saved notebook holds the cell run after the restart.
+    nb = write_notebook(nbdir / "resume.ipynb", [("base", BASE), ("m", "echo resumable > /marker"),
+                                                 ("after-restart", "cat /marker")])
     k = start_kernel(nb, kernels)
     try:
         assert k.execute(BASE, "base", timeout=120).status == "ok"

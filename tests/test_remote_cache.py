@@ -457,6 +457,60 @@ def test_a_bad_entry_committed_before_is_a_miss_then_replaced(busybox_oci, stora
     assert again.steps_run == 0
 
 
+def test_steps_are_pushed_on_their_own_thread_while_the_next_steps_run_and_all_before_the_end(
+        busybox_oci, storage, storage_b, tmp_path, monkeypatch):
+    from stacker_kernel.engine import remote_cache
+
+    started = threading.Event()
+    release = threading.Event()
+    threads = []
+    real = remote_cache._make_layer_apart
+
+    def held_first(parent, new, out_dir):  # the first push waits until a later step has run
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            started.set()
+            assert release.wait(120)
+        return real(parent, new, out_dir)
+    monkeypatch.setattr(remote_cache, "_make_layer_apart", held_first)
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS)
+    cache = tmp_path / "cache"
+    out: list[str] = []
+
+    def stream(text: str) -> None:
+        out.append(text)
+        if started.is_set() and not release.is_set() and "step 3/" in text:
+            release.set()  # step 3 finished while step 1 was still being pushed
+    from stacker_kernel.oci import export as export_mod
+    made = []
+    real_made = export_mod._made_in_userns
+    monkeypatch.setattr(export_mod, "_made_in_userns", lambda jobs, *a: made.extend(jobs) or real_made(jobs, *a))
+    with Store.open(storage) as store:
+        result = build(store, str(nb), out=stream, stream=out.append, cache=CacheSettings(cache_to=f"oci:{cache}"),
+                       oci_dir=str(tmp_path / "oci"))
+    text = "\n".join(out)
+    # The export took the layers the pushes made (none was diffed and compressed again),
+    # and the step that changed nothing is still no layer of the image.
+    assert made == [] and "wrote nb to" in text, (made, text)
+    layout = tmp_path / "oci"
+    index = json.loads((layout / "index.json").read_text())
+    blob = lambda d: json.loads((layout / "blobs" / "sha256" / d["digest"].split(":")[1]).read_text())  # noqa: E731
+    image = blob(index["manifests"][0])
+    steps = [h for h in blob(image["config"])["history"] if "step" in h.get("created_by", "")]
+    empty = [h["created_by"] for h in steps if h.get("empty_layer")]
+    assert len(steps) == len(CELLS) and len(empty) == 1 and "step 3 " in empty[0], steps
+    for d in image["layers"][-(len(CELLS) - 1):]:  # each step's layer whole, as its digest says
+        data = (layout / "blobs" / "sha256" / d["digest"].split(":")[1]).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == d["digest"]
+    assert release.is_set(), text
+    assert result.steps_run == len(CELLS) and "warning" not in text
+    assert threads and all(name.startswith("cache-push") for name in threads)
+    assert any(line.startswith(f"cache-to oci:{cache}: {len(CELLS)} entries pushed (")
+               for line in text.splitlines()), text
+    result, out_b, _ = _build(storage_b, _copy(nb, tmp_path), cache_from=[f"oci:{cache}"])
+    assert result.steps_run == 0 and result.steps_cached == len(CELLS), out_b
+
+
 def test_a_registry_that_is_down_for_pushing_costs_one_warning(busybox_oci, storage, tmp_path):
     nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:2])
     result, out, _ = _build(storage, nb, cache_to=f"docker://127.0.0.1:{_free_port()}/team/cache")

@@ -258,8 +258,8 @@ def test_restart_and_run_all_says_what_was_resumed_and_what_comes_from_the_cache
             k.close()
     first, second = (r.text() for r in runs)
     assert ("[the kernel restarted: this notebook's build goes on where it stopped, at step 1 "
-            f"(layer again: echo {token}). Cells run again are not rebuilt when unchanged: they "
-            "come from the cache") in first
+            f"(layer again: echo {token}), found by its cells. Cells run again are not rebuilt when"
+            " unchanged: they come from the cache") in first
     assert "layer again starts again from its base" in first
     assert second.index("cached (unchanged, not run again)") < second.index(token)
     assert "its output below is from when it was built" in second

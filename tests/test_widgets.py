@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from kernel_support import BASE, kernels, nbdir, start_kernel, write_notebook  # noqa: F401 (fixtures)
@@ -295,17 +296,20 @@ def test_layers_table_names_cells_by_their_execution_count(plain):
     assert "0f6b9a2e" not in text
 
 
-def test_a_resumed_step_is_named_by_its_place_in_the_saved_notebook(nbdir, kernels):
+def test_a_resumed_step_is_named_by_its_prompt_in_the_saved_notebook(nbdir, kernels):
     path = write_notebook(nbdir / "resumed.ipynb", [("base", BASE), ("md", "# notes"), (UUID, "echo one > /one")])
     first = FrontEnd(start_kernel(path, kernels))
     first.ok(BASE, "base")
     first.ok("echo one > /one", UUID)
     first.kernel.close()
+    nb = nbformat.read(path, as_version=4)  # saved as JupyterLab saves it: with the prompts
+    nb.cells[0].execution_count, nb.cells[2].execution_count = 1, 2
+    nbformat.write(nb, path)
     again = FrontEnd(start_kernel(path, kernels))
     try:
         outputs = again.ok("%layers", "l")
         text = [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "display_data"][0]
-        assert re.search(r"#3 +echo one > /one", text), text  # the notebook's third cell
+        assert re.search(r"\[2\] +echo one > /one", text), text  # the prompt the saved notebook shows
     finally:
         again.kernel.close()
 
@@ -602,3 +606,14 @@ def test_widgets_use_only_public_session_methods_and_read_no_snapshot_themselves
     assert private == []
     readers = {"stacker_kernel.container.userns", "stacker_kernel.engine.grab", "stacker_kernel.engine.inspect"}
     assert not readers & _imported_modules(KERNEL_DIR / "widgets.py")
+
+
+def test_the_layers_widget_shows_the_failed_state_keep_failed_keeps(ui):
+    ui.ok("echo one > /one", "s1")
+    ui.ok("%layers", "l")
+    ui.ok("%keep_failed on", "k")
+    reply, _ = ui.execute("echo half > /half; false", "bad")
+    assert reply["status"] == "error"
+    # Below the steps, as the README says: the kept state, until %rollback drops it.
+    _wait_html(ui, r"<b>step 2</b> \(layer widgets, cell \[\d+\]: <code>echo half &gt; /half; false</code>\):"
+                   r" FAILED, kept uncommitted \(%rollback drops it\)")

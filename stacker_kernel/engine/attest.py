@@ -121,6 +121,15 @@ def _spec_of(tag: str, by_name: dict[str, ImageSpec]) -> ImageSpec | None:
     return by_name.get(name) if kind in ("squashfs", "erofs") else None
 
 
+def _attached(layout_dir: str, digest: str, which: Attestations) -> bool:
+    """Whether the image `digest` already has every document `which` asks for."""
+    from stacker_kernel.oci import sbom
+
+    have = {d.get("artifactType") for d in attach.referrers(layout_dir, digest)}
+    return ((not which.sbom or sbom.MEDIA_TYPE in have)
+            and (not which.provenance or provenance.MEDIA_TYPE in have))
+
+
 def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx: BuildContext,
                   which: Attestations, *, source_date_epoch: int | None = None) -> None:
     """Attach the documents `which` asks for to each image of `tags` (made from
@@ -137,6 +146,8 @@ def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx:
         if spec is None:
             continue
         digest = attach.tagged_manifest(layout_dir, tag)["digest"]
+        if _attached(layout_dir, digest, which):
+            continue  # an unchanged image keeps its documents: its rootfs and steps are the same
         documents: list[tuple[str, bytes]] = []
         if which.sbom:
             from stacker_kernel.oci import sbom

@@ -15,7 +15,7 @@ from typing import Any, Callable, NoReturn
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.live import build_environment
 from stacker_kernel.engine.remote_cache import CacheSettings, RemoteCache
-from stacker_kernel.engine.session import BuildSession
+from stacker_kernel.engine.session import BuildSession, Options, RecordedRecipe
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError
 from stacker_kernel.recipe.model import Layer, Recipe, first_line
 from stacker_kernel.storage import btrfs
@@ -202,11 +202,11 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
             sys.stdout.flush()
     session = BuildSession.open(store, abspath, kind="build", resume=False,
                                 default_layer=Path(path).stem, base_dir=os.path.dirname(abspath))
-    session.use_cache = not no_cache
-    session.replay_cached = replay_cached
-    session.keep_failed = True  # the failed step's rootfs stays, for the shell and chroot
+    # keep_failed: the failed step's rootfs stays, for the shell and chroot
+    session.options = Options(keep_failed=True, use_cache=not no_cache, replay_cached=replay_cached)
     _drop_failed_states(store, abspath, session.session.id)
     result = BuildResult(session)
+    pushes_reported = False
     try:
         session.remote_cache = RemoteCache.from_settings(cache or CacheSettings())
         for recipe in recipes:
@@ -234,9 +234,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                     # A layer without run: its base is its content (prepared now so it can be built on).
                     session.prepare_empty_layer()
             session.finish()
-        if session.remote_cache is not None and (pushed := session.remote_cache.summary()):
-            out(pushed)
         result.tags = dict(session.session.tags)
+        pushes_reported = _finish_pushes(session, out)  # first: the export takes the layers they made
         if oci_dir:
             extra = {"attestations": attestations} if attestations is not None else {}
             result.oci_tags = session.export_oci(oci_dir, squash=squash,
@@ -251,6 +250,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                 store.forget_session(old.id)
         return result
     finally:
+        if not pushes_reported:  # a failed build still sends the steps it made
+            _finish_pushes(session, out)
         session.close()
 
 
@@ -295,6 +296,16 @@ def find_stacker_files(search_dir: str, pattern: str) -> list[str]:
         raise RecipeError(f"no file under {search_dir} matches {pattern}: give --search-dir or "
                           "--stacker-file-pattern")
     return found
+
+
+def _finish_pushes(session: BuildSession, out: Printer) -> bool:
+    """Wait for the steps still being pushed to --cache-to (they went on while the
+    next steps ran) and say how many went; True once said."""
+    remote = session.remote_cache
+    if remote is not None and remote.target is not None:
+        remote.finish(lambda line: out(line.rstrip()))
+        out(remote.summary())
+    return True
 
 
 def _fail(session: BuildSession, path: str, layer: str, index: int, step, message: str,
@@ -342,10 +353,21 @@ def _step_number(store: Store, failed: Snapshot) -> int:
 
 
 def latest_session(store: Store, path: str):
-    """The newest session (build or kernel) of a stacker.yaml or notebook path."""
+    """The newest session (build or kernel) of a stacker.yaml or notebook path. A saved
+    notebook's is found by its cells (engine/identity.py): a session of its name that ran
+    none of them is another notebook's, and a renamed notebook's build is found under
+    its old name."""
+    from stacker_kernel.engine.identity import holds, notebook_cells, session_cells
+
     abspath = os.path.abspath(path)
     # Not a `chroot` (a throwaway session of the same name, open while its shell runs).
     sessions = [s for s in store.find_sessions(name=abspath) if s.kind != "chroot"]
+    cells = set(notebook_cells(abspath) or ()) if abspath.endswith(".ipynb") else set()
+    if cells:
+        sessions = [s for s in sessions if not session_cells(store, s) or session_cells(store, s) & cells]
+        if not sessions:
+            sessions = [s for s in store.find_sessions() if s.kind != "chroot" and s.history
+                        and session_cells(store, s) & cells and not holds(s.name, session_cells(store, s))]
     if not sessions:
         raise RecipeError(f"{path} has not been built in this storage: run 'stacker-kernel build -f {path}' first")
     return sessions[0]
@@ -449,10 +471,13 @@ def export_notebook(path: str, *, per_cell: bool = False, oci_dir: str | None = 
 
         from stacker_kernel.recipe.notebook import recipe_from_notebook
 
-        layers = recipe_from_notebook(nb, Path(path).stem, {}).layers  # as the kernel ran them: defaults
         with open_store() as store:
+            sess = latest_session(store, path)
+            # The layers as they were built (their record), else as the notebook says now.
+            layers = (RecordedRecipe.of(store, sess).recipe.layers if sess.recipe not in ("", "[]")
+                      else recipe_from_notebook(nb, Path(path).stem, {}).layers)
             extra = {"attestations": attestations} if attestations is not None else {}
-            export_stored_session(store, latest_session(store, path), oci_dir, layers=layers,
+            export_stored_session(store, sess, oci_dir, layers=layers,
                                   stacker_yaml=text, progress=progress,
                                   **({"layer_types": layer_types} if layer_types else {}), **extra)
     return text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from stacker_kernel.engine.attest import Attestations, BuildContext, attest_images
@@ -126,6 +127,13 @@ def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: 
     context = BuildContext(sess.name, stacker_yaml, {str(s.path): s for s in history}, os.path.dirname(sess.name))
     attest_images(oci_dir, specs, tags, context, attestations, source_date_epoch=epoch)
     return tags
+
+
+def prune_layer_cache(root) -> int:
+    """For gc: forget the layers of deleted snapshots and delete their kept blobs; the bytes."""
+    from stacker_kernel.oci.export import prune_layer_cache as prune
+
+    return prune(str(Path(root) / "cache" / "layers"))
 
 
 def layer_cache(store: Store) -> str:

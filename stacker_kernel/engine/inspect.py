@@ -95,9 +95,12 @@ def _size_changes_in_ns(pairs: list[tuple[str | None, str]]) -> list[int]:
     from stacker_kernel.oci.diff import diff_snapshots
 
     out = []
+    walks: dict = {}  # a step's snapshot is the next step's parent: walked once for both
     for old, new in pairs:
+        for path in [p for p in walks if p != old]:
+            del walks[path]  # only the walk the next pair may share is kept (a rootfs's entries each)
         delta = 0
-        for change in diff_snapshots(old, new).changes:
+        for change in diff_snapshots(old, new, walks).changes:
             if change.kind == "removed":
                 delta -= _tree_bytes(os.path.join(old, change.path)) if old else 0
             elif change.kind in ("added", "modified") and change.type == "file":

@@ -64,19 +64,33 @@ class LiveRootfs:
         self.container: Container | None = None
         self.ready = False
         self.imports_digest = ""  # of the staged imports: part of every step's cache key
+        self._pending: Snapshot | None = None  # what the rootfs is to be a snapshot of (see replace)
 
     @property
     def path(self) -> Path:
-        return self.store.live_path(self.session_id)
+        """The rootfs, made now if `replace` left it to be made."""
+        live = self.store.live_path(self.session_id)
+        if self._pending is not None:
+            live.parent.mkdir(parents=True, exist_ok=True)
+            self.store.driver.writable_copy(self._pending.path, live)
+            self._pending = None  # only once made: a failure (a full disk) is tried again
+        return live
 
     @property
     def imports_dir(self) -> Path:
         return self.store.root / "imports" / self.session_id
 
     def replace(self, snap: Snapshot) -> None:
-        """The rootfs becomes a writable snapshot of `snap` (the container stops)."""
+        """The rootfs becomes a writable snapshot of `snap` (the container stops).
+
+        The old rootfs goes now; the snapshot is made when the rootfs is next used
+        (`path`): a run of cache hits, each the session's new head, makes one at the
+        end, not one per step. `snap` is the session's head by then, which gc keeps."""
         self.stop_container()
-        self.store.driver.writable_copy(snap.path, self.path)
+        live = self.store.live_path(self.session_id)
+        if live.exists():  # now: its space is freed while the next steps hit the cache
+            self.store.driver.remove(live)
+        self._pending = snap
 
     def before_commit(self) -> None:
         """Called before the rootfs is committed or written from outside the container:

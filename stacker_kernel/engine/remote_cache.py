@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -32,7 +34,7 @@ from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.cache_record import (
     BadRecord, check_fetched, redact_log, redact_state, restore_state, secret_env)
 from stacker_kernel.engine.live import build_environment
-from stacker_kernel.errors import ImageError, StackerKernelError, StorageError
+from stacker_kernel.errors import ImageError, StorageError
 from stacker_kernel.recipe.model import human_size
 from stacker_kernel.oci.registry import CacheStore, CacheUnavailable, cache_tag, open_cache, remove_quietly
 from stacker_kernel.oci.signing import Trust
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 FORMAT = 1  # of the record; an entry of another format is a miss
 LOG_CAP = 2_000_000  # bytes of output kept in an entry (the replay shows as much)
+PUSH_QUEUE = 4  # steps made but not yet pushed, at most: a build further ahead waits for its uploads
 
 OutputFn = Callable[[str], None]
 
@@ -97,6 +100,13 @@ def _as_container_root(fn: Callable[..., Any], *args: Any) -> Any:
     return run_in_userns(fn, *args)
 
 
+def layer_cache(store) -> str:
+    """Where the layers made from the store's snapshots are remembered (engine/export.py's)."""
+    from stacker_kernel.engine.export import layer_cache as of_store
+
+    return of_store(store)
+
+
 def _make_layer(parent: str, new: str, out_dir: str):
     """The step's diff as export's tar writer makes it (no SOURCE_DATE_EPOCH: a
     hit must give back the mtimes too)."""
@@ -104,6 +114,32 @@ def _make_layer(parent: str, new: str, out_dir: str):
     from stacker_kernel.oci.tarwriter import write_layer
 
     return write_layer(new, diff_snapshots(parent, new), out_dir, source_date_epoch=None)
+
+
+_MAKE_LAYER = ("import dataclasses, json, sys\n"
+               "from stacker_kernel.engine.remote_cache import _as_container_root, _make_layer\n"
+               "print(json.dumps(dataclasses.asdict(_as_container_root(_make_layer, *sys.argv[1:4]))))")
+
+
+def _make_layer_apart(parent: str, new: str, out_dir: str):
+    """_make_layer in a fresh interpreter: the pushing thread runs beside the
+    engine's, and a child forked from it without exec (run_in_userns) could
+    inherit a lock another thread holds and wait for it forever (as
+    engine/history.measure_sizes)."""
+    import subprocess
+    import sys
+
+    import stacker_kernel
+    from stacker_kernel.oci.tarwriter import LayerBlob
+
+    top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", _MAKE_LAYER, parent, new, out_dir], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ImageError(f"the step's layer could not be made: {last}")
+    return LayerBlob(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def _apply(layer_path: str, rootfs: str) -> list[str]:
@@ -125,15 +161,21 @@ class RemoteCache:
                                           if settings.cache_to else None)
         self._failed: set[str] = set()
         self.trust = Trust.configured()  # signing key and trusted keys (oci/signing.py)
+        # Pushes run on one thread while the next steps run; at most PUSH_QUEUE wait.
+        self._pusher: ThreadPoolExecutor | None = None
+        self._slots = threading.BoundedSemaphore(PUSH_QUEUE)
+        self._pushes: list[Future] = []
+        self._pushed = 0
+        self._push_messages: list[str] = []
         # What --cache-to did, for the build's summary line.
-        self.pushed, self.pushed_bytes, self.skipped = 0, 0, 0
+        self.pushed_bytes, self.skipped = 0, 0
 
     def summary(self) -> str | None:
         """One line: what went to the cache-to target (None without one)."""
         if self.target is None:
             return None
         failed = "; pushing stopped at an error (see the warning)" if self.target.url in self._failed else ""
-        return (f"cache-to {self.target.url}: {self.pushed} entr{'y' if self.pushed == 1 else 'ies'} pushed "
+        return (f"cache-to {self.target.url}: {self._pushed} entr{'y' if self._pushed == 1 else 'ies'} pushed "
                 f"({human_size(self.pushed_bytes)}), {self.skipped} skipped (already there){failed}")
 
     @classmethod
@@ -188,23 +230,24 @@ class RemoteCache:
                     self._warn(on_output, source.url, f"the entry of {source.url} for this step was made "
                                "on another parent or by another version", "running the step")
                     continue
-                snap = self._commit_hit(session, record, fetched.layer_path, key, script, cell_id, on_output)
+                snap = self._apply_hit(session, record, fetched.layer_path, key, script, cell_id, on_output)
                 if on_output is not None:
                     on_output(f"[cache hit from {source.url}]\n")
-                return session._replay(snap, cell_id, on_output, t0)
+                return session.adopt_fetched(snap, record.get("log", ""), cell_id, on_output, t0)
             except CacheUnavailable as e:
                 self._warn(on_output, source.url, str(e), "running the step without it")
             except (ImageError, StorageError, OSError) as e:
-                session._back_to_head()
+                session.back_to_head()
                 self._warn(on_output, source.url, f"the layer from {source.url} could not be applied ({e})",
                            "running the step")
             finally:
                 remove_quietly(tmp)
         return None
 
-    def _commit_hit(self, session: "BuildSession", record: dict[str, Any], layer_path: str, key: str,
-                    script: str, cell_id: str | None, on_output: OutputFn | None) -> Snapshot:
-        """Apply the verified layer onto a fresh snapshot of the head, commit it."""
+    def _apply_hit(self, session: "BuildSession", record: dict[str, Any], layer_path: str, key: str,
+                   script: str, cell_id: str | None, on_output: OutputFn | None) -> Snapshot:
+        """Apply the verified layer onto a fresh snapshot of the head; the record of the
+        step it makes (the session commits and adopts it: BuildSession.adopt_fetched)."""
         store, head = session.store, session.head
         state, log = record.get("state"), record.get("log", "")
         try:
@@ -213,7 +256,7 @@ class RemoteCache:
                 raise TypeError("log")
         except (TypeError, ValueError, AttributeError):
             raise CacheUnavailable("the entry's record has no valid shell state or output") from None
-        session._replace_live(head)  # exactly the parent the entry was made on
+        session.fresh_live()  # exactly the parent the entry was made on
         started = time.time()
         for line in _as_container_root(_apply, layer_path, str(session.live)):
             if on_output is not None:
@@ -223,22 +266,18 @@ class RemoteCache:
             sid = uuid.uuid4().hex  # the next steps will miss, but this one is right
         snap = Snapshot(id=sid, parent=head.id, session=session.session.id, layer=session.layer.name,
                         cell_id=cell_id, source=script, cache_key=key, state=state, status="ok",
-                        started=started, duration=float(record.get("duration") or 0.0))
-        try:
-            snap = store.commit(session.live, snap)
-        except StackerKernelError:
-            session._back_to_head()
-            raise
-        log_path = store.log_path(snap.id)
-        log_path.write_text(log, errors="replace")
-        session._advance(snap)
+                        started=started, duration=float(record.get("duration") or 0.0),
+                        layer_def=session.layer_definition())
         return snap
 
     # --- pushing ----------------------------------------------------------------------------
 
     def push(self, session: "BuildSession", snapshot_id: str, on_output: OutputFn | None) -> None:
-        """Store step `snapshot_id` (just committed, or a local or remote hit) in the
-        cache-to target unless it is there. Failures are one warning line."""
+        """Queue step `snapshot_id` (just committed, or a local or remote hit) for the
+        cache-to target, which gets it unless it is there, while the next steps run.
+        What the push needs from the store is read now; a full queue waits here.
+        Failures are one warning line, shown with the next step (or by `finish`)."""
+        self._report(on_output)
         target = self.target
         if target is None or target.url in self._failed or session.layer.binds:
             return  # a step that saw bind mounts depends on more than its key says
@@ -247,41 +286,75 @@ class RemoteCache:
         parent = store.get(snap.parent) if snap is not None and snap.parent else None
         if snap is None or parent is None or snap.kind != "step" or not snap.cache_key:
             return
-        tag = cache_tag(snap.cache_key)
-        tmp = None
+        log = b""
         try:
-            if target.has(tag):
+            with open(store.log_path(snap.id), "rb") as f:
+                log = f.read(LOG_CAP)
+        except FileNotFoundError:
+            pass
+        # build_env values stay here: the record names their variables (engine/cache_record.py)
+        secrets = secret_env(build_environment(session.layer))
+        state, env_refs = redact_state(snap.state, secrets)
+        record = {"format": FORMAT, "key": snap.cache_key, "parent_key": parent_key(parent),
+                  "parent": parent.id, "snapshot": snap.id, "layer": snap.layer,
+                  "source": snap.source, "state": state, "duration": snap.duration,
+                  "log": redact_log(log.decode("utf-8", errors="replace"), secrets)}
+        if env_refs:
+            record["env_refs"] = env_refs
+        tmp = self._tmp(session)
+        if self._pusher is None:
+            self._pusher = ThreadPoolExecutor(1, thread_name_prefix="cache-push")
+        self._pushes = [f for f in self._pushes if not f.done()]
+        self._slots.acquire()
+        try:
+            self._pushes.append(self._pusher.submit(self._push_one, target, record, str(parent.path),
+                                                    str(snap.path), tmp, layer_cache(store)))
+        except BaseException:
+            self._slots.release()
+            remove_quietly(tmp)
+            raise
+
+    def _push_one(self, target: CacheStore, record: dict[str, Any], parent: str, new: str, tmp: str,
+                  layers: str) -> None:
+        """On the pushing thread: make the step's layer (or take the one an export
+        made) and put the entry; the export of the build takes this layer in turn."""
+        from stacker_kernel.oci.export import layer_made_before, remember_made_layer
+
+        try:
+            if target.url in self._failed:
+                return
+            if target.has(cache_tag(record["key"])):
                 self.skipped += 1
                 return
-            if on_output is not None:
-                on_output(f"[cache-to: pushing step of layer {snap.layer} to {target.url}]\n")
-            tmp = self._tmp(session)
-            blob = _as_container_root(_make_layer, str(parent.path), str(snap.path), tmp)
-            log = b""
-            try:
-                with open(store.log_path(snap.id), "rb") as f:
-                    log = f.read(LOG_CAP)
-            except FileNotFoundError:
-                pass
-            # build_env values stay here: the record names their variables (engine/cache_record.py)
-            secrets = secret_env(build_environment(session.layer))
-            state, env_refs = redact_state(snap.state, secrets)
-            record = {"format": FORMAT, "key": snap.cache_key, "parent_key": parent_key(parent),
-                      "parent": parent.id, "snapshot": snap.id, "layer": snap.layer,
-                      "source": snap.source, "state": state, "duration": snap.duration,
-                      "log": redact_log(log.decode("utf-8", errors="replace"), secrets),
-                      "diff_id": blob.diff_id}
-            if env_refs:
-                record["env_refs"] = env_refs
-            target.put(tag, record, tmp, blob.digest, blob.size)
+            self._push_messages.append(f"[cache-to: pushing step of layer {record['layer']} to {target.url}]\n")
+            blob = layer_made_before(layers, parent, new, tmp)
+            if blob is None:
+                blob = _make_layer_apart(parent, new, tmp)
+                remember_made_layer(layers, parent, new, tmp, blob)
+            record = {**record, "diff_id": blob.diff_id}
+            target.put(cache_tag(record["key"]), record, tmp, blob.digest, blob.size)
             self.trust.sign(target, record, blob.digest, blob.size)
-            self.pushed += 1
+            self._pushed += 1
             self.pushed_bytes += blob.size
-            if on_output is not None:
-                on_output(f"[cache-to: pushed {human_size(blob.size)} ({self.pushed} so far)]\n")
-        except (ImageError, OSError) as e:
-            self._warn(on_output, target.url, f"the step could not be pushed to {target.url} ({e})",
-                       "the build goes on without pushing")
+            self._push_messages.append(f"[cache-to: pushed {human_size(blob.size)} ({self._pushed} so far)]\n")
+        except Exception as e:  # noqa: BLE001 (one warning line, as for a step's own push before)
+            self._failed.add(target.url)
+            self._push_messages.append(f"warning: a step could not be pushed to {target.url} ({e}); "
+                                       "the build goes on without pushing\n")
         finally:
-            if tmp is not None:
-                remove_quietly(tmp)
+            remove_quietly(tmp)
+            self._slots.release()
+
+    def _report(self, on_output: OutputFn | None) -> None:
+        while self._push_messages:
+            line = self._push_messages.pop(0)
+            if on_output is not None:
+                on_output(line)
+
+    def finish(self, on_output: OutputFn | None = None) -> int:
+        """Wait for the queued pushes (before the build ends); their warnings go to
+        `on_output`. The number of steps pushed so far."""
+        pending, self._pushes = self._pushes, []
+        wait(pending)
+        self._report(on_output)
+        return self._pushed

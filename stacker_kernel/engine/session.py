@@ -12,30 +12,37 @@ The contract is docs/architecture.md §1-§5:
   writable snapshot of the cached one and the stored output is replayed;
 - rollback to any earlier snapshot is a snapshot of it, whatever its size.
 
-The session ties three parts together, each in its own module: the live
-rootfs and its container (engine/live.py), the history and positions in it
-(engine/history.py) and the step cache (engine/cache.py). The faces (kernel,
-CLI) call this class; it knows nothing about Jupyter.
+The session ties its parts together, each in its own module: the live
+rootfs and its container (engine/live.py), the position (head, shell state,
+history, tags, recipe, cells: engine/timeline.py, over engine/history.py),
+the step cache (engine/cache.py; every hit, local or from a shared cache, is
+taken as the next step by one path) and which build is a notebook's
+(engine/identity.py). The session record keeps the recipe, so a resumed
+session exports what was built. The faces (kernel, CLI) call this class; it
+knows nothing about Jupyter.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.cache import StepCache, StepInputs, replay_output
 from stacker_kernel.engine.cache import cache_key as key_of
 from stacker_kernel.engine.history import History, StepView
+from stacker_kernel.engine.timeline import Timeline
 from stacker_kernel.engine.live import BUILD_PATH, LiveRootfs, absolute_source, build_environment
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, StorageError
-from stacker_kernel.recipe.cells import split_script
-from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, first_line
+from stacker_kernel.recipe.script import split_script
+from stacker_kernel.recipe.model import (ImageSource, Layer, Recipe, Step, first_line, layer_from_record,
+                                         layer_record)
 from stacker_kernel.storage.store import Session, Snapshot, Store, make_tmp_dir
 
 __all__ = ["BUILD_PATH", "BuildSession", "StepOutcome", "StepView", "build_environment"]
@@ -64,6 +71,27 @@ class StepOutcome:
     kept_failed: bool = False
 
 
+@dataclass(frozen=True)
+class Options:
+    """How a session builds, as a face sets it between steps (%keep_failed, %cache, %network)."""
+    keep_failed: bool = False  # a failed step's state stays in the container to inspect
+    use_cache: bool = True  # steps built before are taken from the cache
+    network: str = "host"  # the build container's network: host | none
+    # A cache hit replays the step's stored output (the kernel shows it under the
+    # cell); a headless build prints one line per cached step instead.
+    replay_cached: bool = True
+
+
+def _option(name: str) -> property:
+    return property(lambda self: getattr(self.options, name),
+                    lambda self, value: self.set_option(name, value), doc=f"options.{name}")
+
+
+def _part(name: str) -> property:
+    return property(lambda self: getattr(self.timeline, name),
+                    lambda self, value: setattr(self.timeline, name, value), doc=f"timeline.{name}")
+
+
 @dataclass
 class KeptFailure:
     """The uncommitted state a failed step left under keep_failed (what %layers shows)."""
@@ -82,6 +110,126 @@ class _LayerRun:
     base_dir: str | None = None   # directory that relative imports are resolved against
 
 
+def step_script(source: str) -> str | None:
+    """The step a notebook cell's `source` runs (its script, as the kernel runs it);
+    "" for a cell that runs none (magics only, generate_labels), None if it cannot
+    be parsed."""
+    from stacker_kernel.recipe.cells import parse_cell
+    from stacker_kernel.recipe.stacker_yaml import substitute
+
+    try:
+        cell = parse_cell(substitute(source, {}, in_kernel=True))
+    except StackerKernelError:
+        return None
+    if any(d.name == "generate_labels" for d in cell.directives):
+        return ""
+    return cell.script if cell.script.strip() else ""
+
+
+@dataclass
+class Differences:
+    """Where the saved notebook and the image differ, as lines naming the cells."""
+    edited: list[str] = field(default_factory=list)  # saved source is not what the step ran
+    missing: list[str] = field(default_factory=list)  # step cells above built ones, not in the image
+    out_of_order: list[str] = field(default_factory=list)  # built in another order than they stand
+    gone: list[str] = field(default_factory=list)  # built steps of cells the notebook no longer holds
+    below: list[str] = field(default_factory=list)  # step cells below the last built one, not run
+
+    @classmethod
+    def of(cls, doc, built: list[Snapshot], ran_at: dict[str, float],
+           cell_name: Callable[[str | None], str]) -> "Differences":
+        pos = {cell_id: i for i, cell_id in enumerate(doc.ids)}
+        scripts = {cell_id: step_script(source) for cell_id, source in doc.cells}
+        built_ids = [s.cell_id for s in built]
+        have = set(built_ids)
+
+        def named(cell_id: str, script: str) -> str:
+            return f"{cell_name(cell_id)} {first_line(script, skip_shebang=True, width=40)}".strip()
+
+        out = cls()
+        for s in built:
+            if s.cell_id not in pos:
+                out.gone.append(named(s.cell_id, s.source))
+            elif (scripts.get(s.cell_id) is not None and scripts[s.cell_id].strip() != s.source.strip()
+                  and ran_at.get(s.cell_id, 0.0) <= doc.saved_at):  # (run since: the file is behind)
+                out.edited.append(named(s.cell_id, scripts[s.cell_id]))
+        placed = [c for c in built_ids if c in pos]
+        last = max((pos[c] for c in placed), default=-1)
+        for cell_id in doc.ids:
+            if scripts.get(cell_id) and cell_id not in have:
+                (out.missing if pos[cell_id] < last else out.below).append(named(cell_id, scripts[cell_id]))
+        highest = -1
+        for c in placed:
+            if pos[c] < highest:
+                out.out_of_order.append(named(c, scripts.get(c) or ""))
+            highest = max(highest, pos[c])
+        return out
+
+    def lines(self) -> list[str]:
+        """What differs, a phrase each (the export's cells below the last step are not
+        a difference: they are simply not run yet)."""
+        def cells(names: list[str]) -> str:
+            return f"cell{'s' if len(names) > 1 else ''} {'; '.join(names)}"
+        out = []
+        if self.edited:
+            out.append(f"{cells(self.edited)} changed since {'they' if len(self.edited) > 1 else 'it'} ran"
+                       " (the image has what ran: run it again)")
+        if self.missing:
+            out.append(f"{cells(self.missing)} above the last step {'are' if len(self.missing) > 1 else 'is'}"
+                       " not in the image (never run, failed or undone: run it)")
+        if self.out_of_order:
+            out.append(f"{cells(self.out_of_order)} ran before cells that stand above "
+                       f"{'them' if len(self.out_of_order) > 1 else 'it'} (the image follows the order they ran in)")
+        if self.gone:
+            out.append(f"{cells(self.gone)} no longer in the notebook {'are' if len(self.gone) > 1 else 'is'}"
+                       " in the image (later steps are built on it)")
+        return out
+
+
+@dataclass
+class RecordedRecipe:
+    """What a session record says about its recipe and cells (see BuildSession._persist)."""
+    recipe: Recipe
+    dirs: dict[str, str]
+    cells: dict[str, str]  # layer -> the cell that started it
+    order: list[str]  # cell ids in the order they were first run
+    hits: dict[str, str | None]  # history entry -> its cell here, where not the snapshot's
+
+    @classmethod
+    def of(cls, store: Store, sess: Session, history: list[str] | None = None) -> "RecordedRecipe":
+        """The recipe of session `sess` with the steps of its history (or of `history`):
+        its recorded layer definitions, else (a store of an older version) those its
+        steps recorded, else empty scratch layers named after them."""
+        try:
+            layers = json.loads(sess.recipe or "[]")
+        except ValueError:
+            layers = []
+        out = cls(Recipe(), {}, {}, list(sess.cell_order), dict(sess.entry_cells))
+        for entry in layers:
+            layer = layer_from_record(entry["layer"])
+            out.recipe.layers[layer.name] = layer
+            out.dirs[layer.name] = entry.get("base_dir") or os.path.dirname(sess.name)
+            if entry.get("cell"):
+                out.cells[layer.name] = entry["cell"]
+        for sid in sess.history if history is None else history:
+            snap = store.get(sid)
+            if snap is None:
+                continue
+            layer = out.recipe.layers.get(snap.layer)
+            if layer is None:
+                layer = Layer(name=snap.layer, from_=ImageSource(type="scratch"))
+                if snap.layer_def:
+                    try:
+                        entry = json.loads(snap.layer_def)
+                        layer = layer_from_record(entry["layer"])
+                        out.dirs[layer.name] = entry.get("base_dir") or os.path.dirname(sess.name)
+                    except (ValueError, KeyError, TypeError):
+                        pass
+                out.recipe.layers[snap.layer] = layer
+            layer.steps.append(Step(snap.source, out.hits.get(sid, snap.cell_id)))
+        return out
+
+
 class BuildSession:
     """A notebook's (or a build's) sequence of layers and steps over one store."""
 
@@ -92,83 +240,156 @@ class BuildSession:
         self.default_layer = default_layer
         self.base_dir = base_dir
         self.external_built = resolve_built
-        self.keep_failed = False
-        self.use_cache = True
-        # A cache hit replays the step's stored output (the kernel shows it under
-        # the cell); a headless build prints one line per cached step instead.
-        self.replay_cached = True
-        self.network = "host"
+        self.options = Options()
         self.remote_cache = None  # engine/remote_cache.RemoteCache: --cache-from/--cache-to, %cache
         self.resumed: StepView | None = None
-        self.recipe = Recipe()
+        self.identity = None  # engine.identity.Identity: how open() found the session
+        # How the face names a cell in messages (a kernel: its prompt, [3]), and the saved
+        # notebook's code cell ids in order (None: not saved), where a cell's slot is.
+        self.cell_name: Callable[[str | None], str] = lambda cell_id: (cell_id or "")[:8]
+        self.document: Callable[[], Any] | None = None  # -> engine.identity.Document | None
+        self._ran_at: dict[str, float] = {}  # cell id -> when this process last ran it
+        self._history = History(store, session)
+        self._history.cell_ids = session.entry_cells  # recorded with the history rows
+        # The position (head, shell state, history, tags, recipe, cells): moved and saved
+        # by the timeline only.
+        self.timeline = Timeline(store, session, self._history, base_dir)
         self._run = _LayerRun(Layer(name=default_layer, from_=ImageSource(type="scratch")), base_dir=base_dir)
         self.recipe.layers[default_layer] = self._run.layer
-        self.head: Snapshot | None = None  # last committed snapshot of the current layer (or its base)
-        self.state: ShellState | None = None
         self.inspecting_failure = False
         self._kept_failure: KeptFailure | None = None
         self._on_hit: Callable[[StepOutcome], None] | None = None  # see run_step
         self._interrupt_requested = False
         self._live = LiveRootfs(store, session.id)
-        self._history = History(store, session)
         self._cache = StepCache(store)
         self._lock = threading.RLock()  # session state; widgets read it from other threads
         self._step_lock = threading.Lock()  # one step at a time
+
+    # The position is the timeline's (engine/timeline.py); these read and set it.
+    head = _part("head")  # last committed snapshot of the current layer (or its base)
+    state = _part("state")  # the shell state after the head
+    recipe = _part("recipe")
+    _layer_dirs = _part("dirs")
+    _layer_cells = _part("layer_cells")
+    _cell_order = _part("cell_order")
+
+    keep_failed = _option("keep_failed")
+    use_cache = _option("use_cache")
+    network = _option("network")
+    replay_cached = _option("replay_cached")
+
+    def set_option(self, name: str, value: Any) -> None:
+        """Change one of the session's Options (between steps: a step reads them once)."""
+        with self._lock:
+            self.options = replace(self.options, **{name: value})
 
     # --- opening and closing -------------------------------------------------
 
     @classmethod
     def open(cls, store: Store, name: str, *, kind: str = "kernel", resume: bool = True,
              default_layer: str | None = None, base_dir: str | None = None,
-             resolve_built: Callable[[str], Snapshot] | None = None) -> "BuildSession":
+             resolve_built: Callable[[str], Snapshot] | None = None,
+             cells: set[str] | None = None) -> "BuildSession":
         """A new session for `name` (a notebook or stacker.yaml path). With `resume`,
-        a previous session of the same name whose owner is gone is taken over at
-        its last snapshot (`self.resumed` says which).
+        a previous session whose owner is gone is taken over at its last snapshot
+        (`self.resumed` says which, `self.identity` how it was found): with `cells`
+        (the ids of the notebook's cells: the one being run and the saved
+        notebook's), the session that ran any of them (engine/identity.py), never
+        one of another notebook by its name alone; without, the one of the same name.
 
-        One session of a `kind` per name at a time: while another one's owner is
+        One session of a `kind` per notebook at a time: while another one's owner is
         alive (a second build of a file, a second kernel of a notebook), this
         raises SessionBusyError naming it, and nothing of it is touched.
         """
+        from stacker_kernel.engine import identity
+        from stacker_kernel.errors import SessionBusyError
+        from stacker_kernel.storage.store import _busy_message
+
         # Containers of crashed engines on this store (PDEATHSIG should have ended them).
         Container.kill_orphans(str(store.root / "live"))
         default_layer = default_layer or Path(name).stem or "layer"
         base_dir = base_dir or str(Path(name).parent if os.path.isabs(name) else os.getcwd())
+        found = identity.Identity("new")
         # Under the write lock: two opening at once cannot both see the name free.
         with store.write_lock():
-            sess = store.new_session(kind, name, exclusive=True)
+            if cells is None:
+                sess = store.new_session(kind, name, exclusive=True)
+            else:
+                busy = identity.busy_with(store, name, cells, kind)
+                if busy is not None:
+                    raise SessionBusyError(_busy_message(busy))
+                sess = store.new_session(kind, name)
             previous = None
-            if resume:
+            if resume and cells is None:
                 for old in store.find_sessions(name=name, kind=kind):
                     if old.id != sess.id and not store.session_alive(old) and old.history:
                         previous = old
+                        found = identity.Identity("restarted")
                         break
+            elif resume:
+                previous, found = identity.find_previous(store, name, cells, kind, exclude=sess.id)
         self = cls(store, sess, default_layer=default_layer, base_dir=base_dir, resolve_built=resolve_built)
+        self.identity = found
         if previous is not None:
             self._take_over(previous)
         return self
+
+    def rename(self, name: str) -> None:
+        """The notebook was renamed or moved (while its kernel runs): the session takes
+        its new path (exports and logs are named after it)."""
+        with self._lock:
+            if name != self.session.name:
+                self.session.name = name
+                self._persist()
 
     def _take_over(self, old: Session) -> None:
         history = [sid for sid in old.history if self.store.get(sid) is not None]
         if not history:
             return
+        recorded = RecordedRecipe.of(self.store, old, history)
+        self._history.cell_ids.update(recorded.hits)
         self._history.keep(history)
         self.session.tags = dict(old.tags)
         head = self.store.get(history[-1])
-        self.session.head = head.id
-        self.session.layer = head.layer
-        self.store.update_session(self.session)
+        self.recipe = recorded.recipe
+        # A moved notebook's relative paths start from its new folder.
+        moved_from = os.path.dirname(old.name)
+        self._layer_dirs = {name: self.base_dir if d == moved_from else d for name, d in recorded.dirs.items()}
+        self._layer_cells = recorded.cells
+        self._cell_order[:] = recorded.order
         self.store.forget_session(old.id)
-        # Rebuild the layer skeleton: names and order come from the history.
-        self.recipe = Recipe()
-        for sid in history:
-            snap = self.store.get(sid)
-            if snap.layer not in self.recipe.layers:
-                self.recipe.layers[snap.layer] = Layer(name=snap.layer, from_=ImageSource(type="scratch"))
-            self.recipe.layers[snap.layer].steps.append(Step(snap.source, snap.cell_id))
-        self._run = _LayerRun(self.recipe.layers[head.layer], base_dir=self.base_dir)
-        self.head = head
-        self.state = ShellState.of_snapshot(head.state)
+        current = old.layer if old.layer in self.recipe.layers else head.layer
+        self._run = _LayerRun(self.recipe.layers[current], base_dir=self._layer_dirs.get(current, self.base_dir))
+        if current == head.layer:
+            self.head = head
+            self.state = ShellState.of_snapshot(head.state)
+        # else: a layer started after the last step: its base is prepared at its first step
+        self.session.head = self.head.id if self.head else None
+        self.session.layer = current
+        self._persist()
         self.resumed = self._history.views(measure=False)[-1]
+
+    # --- the record of the recipe -------------------------------------------------
+
+    def _persist(self) -> None:
+        """Store the session record (Timeline.persist)."""
+        self.timeline.persist()
+
+    def layer_definition(self) -> str:
+        """The current layer's definition as a step records it (Snapshot.layer_def)."""
+        return json.dumps({"layer": layer_record(self.layer), "base_dir": self._run.base_dir or self.base_dir})
+
+    def note_cell(self, cell_id: str | None) -> None:
+        """Cell `cell_id` runs: the first time, it takes its place in the order of first runs
+        (where it stands when the notebook is not saved)."""
+        if cell_id:
+            self._ran_at[cell_id] = time.time()
+            if cell_id not in self._cell_order:
+                self._cell_order.append(cell_id)
+
+    @property
+    def cell_order(self) -> list[str]:
+        return list(self._cell_order)
 
     def close(self) -> None:
         """Stop the container, drop the live rootfs and give up the name (another
@@ -196,8 +417,10 @@ class BuildSession:
         with self._lock:
             self._finish_layer()
             self.recipe.layers[layer.name] = layer
+            self._layer_dirs[layer.name] = base_dir or self.base_dir
             self._run = _LayerRun(layer, base_dir=base_dir or self.base_dir)
             self._reset_live()
+            self._persist()
 
     def apply_directives(self, directives, cell_id: str | None = None, script: str = "") -> list[str]:
         """Apply the recipe directives of one cell to the session; returns lines to show.
@@ -211,17 +434,19 @@ class BuildSession:
 
         info: list[str] = []
         with self._lock:
+            self.note_cell(cell_id)
             if (cell_id is not None and not self.inspecting_failure
                     and not any(d.name == "layer" for d in directives)):
                 # A cell run again goes back to its step's parent first, so its
                 # directives change the layer that step belongs to (not the current
                 # one); a `%layer` cell goes back to the layer's start by itself.
-                info.extend(self._rollback_for_rerun(cell_id))
+                # (A `%from` cell without a step goes back to its layer's start below.)
+                info.extend(self._rollback_for_rerun(cell_id, slot=not any(d.name == "from" for d in directives)))
             for d in directives:
                 if d.interactive:
                     continue
                 if d.name == "layer":
-                    info.extend(self._directive_layer(d.args))
+                    info.extend(self._directive_layer(d.args, cell_id))
                     continue
                 if d.name == "from" and self.layer_steps():
                     # A new base invalidates every step of the layer: this is the cell that
@@ -237,13 +462,14 @@ class BuildSession:
                 self._set_layer(apply_directive(self.layer, d, script))
                 if d.name in ("from", "binds", "import"):
                     self._reset_live()
+            self._persist()
         return info
 
     def _set_layer(self, layer: Layer) -> None:
         self._run.layer = layer
         self.recipe.layers[layer.name] = layer
 
-    def _directive_layer(self, name: str) -> list[str]:
+    def _directive_layer(self, name: str, cell_id: str | None = None) -> list[str]:
         if not name or ":" in name:
             raise RecipeError(f"invalid layer name {name!r}: a layer name must be non-empty and must not contain ':'")
         if name == self.layer.name and not self.layer_steps():
@@ -264,10 +490,12 @@ class BuildSession:
             self._finish_layer()
         layer = Layer(name=name, from_=ImageSource(type="scratch"))
         self.recipe.layers[name] = layer
+        if cell_id:
+            self._layer_cells[name] = cell_id
         self._run = _LayerRun(layer, base_dir=self.base_dir)
         self._reset_live()
         self.session.layer = name
-        self.store.update_session(self.session)
+        self._persist()
         return []
 
     def _implicit_layer_unused(self) -> bool:
@@ -278,7 +506,7 @@ class BuildSession:
     def _finish_layer(self) -> None:
         if self.head is not None:
             self.session.tags[self.layer.name] = self.head.id
-            self.store.update_session(self.session)
+            self._persist()
         self._stop_container()
 
     def finish(self) -> None:
@@ -333,11 +561,11 @@ class BuildSession:
             self.session.tags.pop(later, None)
         fresh = Layer(name=name, from_=ImageSource(type="scratch"))
         self.recipe.layers[name] = fresh
-        self._run = _LayerRun(fresh, base_dir=self.base_dir)
+        self._run = _LayerRun(fresh, base_dir=self._layer_dirs.get(name, self.base_dir))
         self._history.keep(keep)
         self.session.head = None
         self.session.layer = name
-        self.store.update_session(self.session)
+        self._persist()
         self._reset_live()
 
     # --- the live rootfs -------------------------------------------------------
@@ -384,6 +612,12 @@ class BuildSession:
             self.state = None
         self._set_live(self.head)
 
+    def _base_to_import(self) -> ImageSource | None:
+        """The base the next step needs imported first (its layer's, absolute), if any."""
+        if self._live.ready or self.head is not None:
+            return None
+        return absolute_source(self.layer.from_, self._run.base_dir)
+
     def _set_live(self, snap: Snapshot) -> None:
         """The live rootfs becomes a writable snapshot of `snap`, with the layer's imports."""
         self._live.replace(snap)
@@ -424,7 +658,7 @@ class BuildSession:
             with self.store.write_lock():
                 if self.store.get(base.id) is not None and base.path.is_dir():
                     self.session.head = base.id
-                    self.store.update_session(self.session)
+                    self._persist()
                     return base
         raise StorageError(f"the base of layer {self.layer.name} was deleted while it was being "
                            "imported (a gc running beside the build?): run the step again")
@@ -457,8 +691,7 @@ class BuildSession:
         with self.store.write_lock():  # see run_step: gc must not take the hit meanwhile
             hit = self._cache.lookup(key) if self.use_cache else None
             if hit is not None:
-                self._replace_live(hit)
-                self._advance(hit)
+                self._adopt(hit)
         if hit is not None:
             return
         started = time.time()
@@ -466,7 +699,7 @@ class BuildSession:
         snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                         layer=self.layer.name, source=source, cache_key=key,
                         state=self.state.to_json() if self.state else "null", started=started,
-                        duration=time.time() - started)
+                        duration=time.time() - started, layer_def=self.layer_definition())
         self._live.before_commit()
         stored = self._cache.commit(self.live, snap, None, reuse_cached=self.use_cache)
         if stored.id != snap.id:  # landed by another session meanwhile: see _run_step
@@ -510,10 +743,21 @@ class BuildSession:
     def _run_step(self, script: str, cell_id: str | None, on_output: OutputFn | None,
                   on_progress: OutputFn | None = None) -> StepOutcome:
         with self._lock:
+            self.note_cell(cell_id)
             if cell_id is not None and not self.inspecting_failure:
                 for line in self._rollback_for_rerun(cell_id):
                     if on_output is not None:
                         on_output(line + "\n")
+            source = self._base_to_import()
+        if source is not None:
+            # The base import (for %from docker, a download) runs outside the session lock:
+            # a widget reading the session meanwhile does not wait for it. (One step at a
+            # time: the step lock is held, nothing else moves the session.)
+            warn = (lambda msg: on_output(f"warning: {msg}\n")) if on_output else None
+            base = self._import_with_progress(source, warn, on_progress)
+        with self._lock:
+            if source is not None and self.head is None and not self._live.ready:
+                self.head, self.state = base, None
             self._ensure_live(on_output, on_progress)
             self._check_shell()
             env = build_environment(self.layer)
@@ -528,8 +772,7 @@ class BuildSession:
                     if before:
                         hit = before.pop()
                     if hit is not None:
-                        self._replace_live(hit)
-                        self._advance(hit, cell_id, hit=True)
+                        self._adopt(hit, cell_id)
                 if hit is not None:
                     return self._replay(hit, cell_id, on_output, t0, before)
                 if self.remote_cache is not None:  # remote cache: a hit from --cache-from
@@ -548,7 +791,7 @@ class BuildSession:
                                                 + (f"cell {cell_id[:8]}" if cell_id else "run"))
         except OSError as e:  # the step's log is on the storage: a full disk shows here
             with self._lock:
-                self._back_to_head()
+                self.back_to_head()
             raise StorageError(f"the step's output could not be stored ({e.strerror}): free space "
                                f"on {self.store.root} (e.g. stacker-kernel gc) and run the step again") from None
         with self._lock:
@@ -561,7 +804,7 @@ class BuildSession:
             snap = Snapshot(parent=self.head.id if self.head else None, session=self.session.id,
                             layer=self.layer.name, cell_id=cell_id, source=script, cache_key=key,
                             state=result.state.to_json(), status="ok", started=started,
-                            duration=result.duration)
+                            duration=result.duration, layer_def=self.layer_definition())
             try:
                 self._live.before_commit()
                 # A step with binds is never taken from the cache (what they hold is not
@@ -569,13 +812,12 @@ class BuildSession:
                 stored = self._cache.commit(self.live, snap, log_tmp,
                                             reuse_cached=self.use_cache and not self.layer.binds)
             except (OSError, StorageError):  # e.g. a full disk: the step leaves no trace
-                self._back_to_head()
+                self.back_to_head()
                 raise
             if stored.id != snap.id:
                 # Another session committed this step first: go on from its snapshot, so
                 # that both sessions (and the cache) agree on what the step made.
-                self._replace_live(stored)
-                self._advance(stored, cell_id, hit=True)
+                self._adopt(stored, cell_id)
             else:
                 self._advance(stored)
             self.layer.steps.append(Step(script, cell_id))
@@ -583,7 +825,7 @@ class BuildSession:
                                result.duration, index=len(self.session.history), layer=self.layer.name,
                                size_delta=stored.size_delta)
 
-    def _back_to_head(self) -> None:
+    def back_to_head(self) -> None:
         """Drop what a step did after an error outside it (a full disk); if even that
         fails, the next step prepares the live rootfs from the head again."""
         self._live.ready = False
@@ -592,13 +834,35 @@ class BuildSession:
         except (OSError, StackerKernelError):
             pass
 
+    def fresh_live(self) -> None:
+        """The live rootfs becomes a plain writable snapshot of the head (for a shared
+        cache's layer to be applied onto: see adopt_fetched)."""
+        self._replace_live(self.head)
+
+    def _adopt(self, snap: Snapshot, cell_id: str | None = None) -> None:
+        """Take cached step `snap` as the next step: the live rootfs becomes a writable
+        snapshot of it and the session goes on from it (the one path of every hit)."""
+        self._replace_live(snap)
+        self._advance(snap, cell_id, hit=True)
+
+    def adopt_fetched(self, snap: Snapshot, log: str, cell_id: str | None, on_output: OutputFn | None,
+                      t0: float) -> StepOutcome:
+        """A step fetched from a shared cache, whose result the live rootfs holds (made by
+        applying its layer after fresh_live): committed through the step cache with its
+        output `log`, then taken as the next step and replayed like a local hit."""
+        tmp = self.store.root / "logs" / f"running-{self.session.id}"
+        try:
+            tmp.write_text(log, errors="replace")
+            stored = self._cache.commit(self.live, snap, tmp, reuse_cached=False)
+        except (OSError, StackerKernelError):
+            tmp.unlink(missing_ok=True)
+            self.back_to_head()
+            raise
+        self._advance(stored, cell_id, hit=True)
+        return self._replay(stored, cell_id, on_output, t0)
+
     def _advance(self, snap: Snapshot, cell_id: str | None = None, *, hit: bool = False) -> None:
-        self.head = snap
-        self.state = ShellState.of_snapshot(snap.state)
-        self._history.append(snap, cell_id, hit=hit)
-        self.session.head = snap.id
-        self.session.layer = snap.layer
-        self.store.update_session(self.session)
+        self.timeline.advance(snap, cell_id, hit=hit)
 
     def _cached_cells(self, script: str, env: dict[str, str]) -> list[Snapshot]:
         """The snapshots of steps that together are `script` (a `run` that joins
@@ -726,17 +990,65 @@ class BuildSession:
         """Wait until the background size measurements have finished (history() then has them)."""
         self._history.wait_for_sizes()
 
-    def _rollback_for_rerun(self, cell_id: str) -> list[str]:
-        """Re-running a cell that produced a snapshot: back to that snapshot's parent.
-        Returns a line naming the later layers this drops, said before dropping them."""
+    def _rollback_for_rerun(self, cell_id: str, slot: bool = True) -> list[str]:
+        """A cell keeps its place. Re-running a cell that produced a snapshot goes back to
+        that snapshot's parent; running a cell (failed before, edited, new) whose slot is
+        above steps committed after it goes back to its slot. Either way the later steps
+        are undone. Returns the lines saying so (naming the cells and layers dropped)."""
+        self.note_cell(cell_id)
         keep = self._history.position_of_cell(cell_id)
+        rerun, layer, from_runs = keep is not None, None, False
         if keep is None:
-            return []
+            if not slot:
+                return []
+            keep, layer, from_runs = self._slot_position(cell_id)
+            if keep is None:
+                return []
         snaps = self._history.snaps()
-        target = snaps[keep].layer if keep < len(snaps) else self.layer.name
+        target = layer or (snaps[keep].layer if keep < len(snaps) else self.layer.name)
         dropped = self._later_layers_note(target)
-        self._rollback_to_position(keep)
-        return [f"re-running a cell of layer {target}{dropped}"] if dropped else []
+        others = [(i, s) for i, s in enumerate(snaps[keep:], keep + 1) if s.cell_id != cell_id]
+        self._rollback_to_position(keep, layer)
+        lines = []
+        if others:
+            many = len(others) > 1
+            names = "; ".join(f"{self.cell_name(s.cell_id) or f'step {i}'} "
+                              f"{first_line(s.source, skip_shebang=True, width=40)}" for i, s in others)
+            cells = f"cell{'s' if many else ''} {names}"
+            again = f"(back to step {keep}); run {'them' if many else 'it'} again to rebuild"
+            if rerun:
+                lines.append(f"re-running this cell undoes the step{'s' if many else ''} of the later {cells} {again}")
+            else:
+                where = (" (as the cells were first run: the notebook is not saved yet)" if from_runs else "")
+                lines.append(f"this cell stands above {cells} in the notebook{where}: "
+                             f"{'their steps are' if many else 'its step is'} undone {again}")
+        if dropped:
+            lines.append(f"re-running a cell of layer {target}{dropped}")
+        return lines
+
+    def slot_order(self) -> tuple[list[str], set[str]]:
+        """Where cells stand: the saved notebook's code cells in order, with the cells it
+        does not hold placed after the cell run before them; and the cells placed by the
+        order they were first run in (not in the saved notebook)."""
+        from stacker_kernel.engine.identity import place_cells
+
+        saved = self.document() if self.document is not None else None
+        return place_cells(saved.ids if saved is not None else None, self._cell_order)
+
+    def _slot_position(self, cell_id: str) -> tuple[int | None, str | None, bool]:
+        """For a cell with no step: how many history entries stand before its slot
+        (None: every step stands before it), the layer it belongs to if known (the
+        layer whose %layer cell stands last before it), and whether its place came
+        from the order of first runs."""
+        from stacker_kernel.engine.identity import slot_position
+
+        order, by_runs = self.slot_order()
+        snaps = self._history.snaps()
+        keep, layer = slot_position(order, cell_id, [(s.cell_id, s.layer) for s in snaps],
+                                    self._layer_cells, list(self.recipe.layers))
+        if keep is None:
+            return None, None, False
+        return keep, layer, cell_id in by_runs or (keep < len(snaps) and snaps[keep].cell_id in by_runs)
 
     def _later_layers_note(self, name: str) -> str:
         """', so the later layers A, B leave the image (...)': the layers after `name`
@@ -750,48 +1062,19 @@ class BuildSession:
                 f" {'leave' if many else 'leaves'} the image (run {'their' if many else 'its'}"
                 " cells again to rebuild)")
 
-    def _rollback_to_position(self, keep: int) -> StepView | None:
-        """Keep the first `keep` history entries; the head becomes the last kept (or a layer base)."""
-        snaps = self._history.snaps()
-        target_layer = snaps[keep].layer if keep < len(snaps) else self.layer.name
-        kept = snaps[:keep]
-        self._history.keep([s.id for s in kept])
-        # Layers after the target's layer leave the recipe.
-        names = list(self.recipe.layers)
-        if target_layer in names:
-            for later in names[names.index(target_layer) + 1:]:
-                del self.recipe.layers[later]
-                self.session.tags.pop(later, None)
-            layer = self.recipe.layers[target_layer]
-        else:
-            layer = Layer(name=target_layer, from_=ImageSource(type="scratch"))
-            self.recipe.layers[target_layer] = layer
-        layer.steps = [Step(s.source, s.cell_id) for s in kept if s.layer == target_layer]
-        if self._run.layer is not layer:
-            self._run = _LayerRun(layer, base_dir=self.base_dir)
-        same_layer = [s for s in kept if s.layer == target_layer]
+    def _rollback_to_position(self, keep: int, layer: str | None = None) -> StepView | None:
+        """Keep the first `keep` history entries; the head becomes the last kept (or a layer
+        base). The session goes on in `layer` (default: that of the first entry dropped)."""
+        rolled = self.timeline.rollback_to(keep, layer, self.layer.name)
+        if self._run.layer is not rolled.layer:
+            self._run = _LayerRun(rolled.layer, base_dir=self._layer_dirs.get(rolled.layer.name, self.base_dir))
         self._stop_container()
         self.inspecting_failure = False
-        if same_layer:
-            self.head = same_layer[-1]
-            self.state = ShellState.of_snapshot(self.head.state)
-            self._set_live(self.head)
+        if rolled.live_on is not None:
+            self._set_live(rolled.live_on)
         else:
-            # Back to the layer's base: the parent of the layer's first step (its recipe
-            # may be unknown, e.g. after a resume), else prepared again at the next step.
-            first = next((s for s in snaps if s.layer == target_layer), None)
-            base = self.store.get(first.parent) if first is not None and first.parent else None
-            self.state = None
-            if base is not None:
-                self.head = base
-                self._set_live(base)
-            else:
-                self.head = None
-                self._live.ready = False
-        self.session.head = self.head.id if self.head else None
-        self.session.layer = target_layer
-        self.store.update_session(self.session)
-        return self._history.views(measure=False)[-1] if kept else None
+            self._live.ready = False
+        return self._history.views(measure=False)[-1] if rolled.kept else None
 
     def rollback(self, to: int | str | None = None) -> StepView | None:
         """Return to an earlier snapshot: `to` is a 1-based history index, a cell id,
@@ -807,7 +1090,7 @@ class BuildSession:
             return
         with self._lock:
             if self._history.forget_cells(ids):
-                self.store.update_session(self.session)
+                self._persist()
 
     # --- reading snapshots -----------------------------------------------------
 
@@ -913,22 +1196,18 @@ class BuildSession:
                 out.layers[name] = replace(layer, steps=steps)
             return out
 
-    def order_warnings(self, notebook_cell_ids: list[str]) -> list[str]:
-        """Where the notebook (its code cells' ids, in order) differs from what was built."""
-        if not notebook_cell_ids:
-            return []  # nothing to compare with (e.g. the notebook is not saved yet)
-        built = [s.cell_id for s in self.built_steps() if s.cell_id]
-        pos = {cid: i for i, cid in enumerate(notebook_cell_ids)}
-        warnings = []
-        gone = [cid for cid in built if cid not in pos]
-        if gone:
-            warnings.append(f"{len(gone)} built step(s) come from cells no longer in the notebook "
-                            f"({', '.join(c[:8] for c in gone)}): the export has them")
-        order = [pos[cid] for cid in built if cid in pos]
-        if order != sorted(order):
-            warnings.append("cells were run in another order than the notebook shows them: "
-                            "the export follows the order they were built in")
-        return warnings
+    def document_differences(self, full: bool = True) -> "Differences":
+        """Where the saved notebook and the image differ (nothing when it is not saved).
+        Unless `full`, only the history's steps are compared (no store reads: after
+        every step), not those of deleted cells that later steps are built on."""
+        doc = self.document() if self.document is not None else None
+        if doc is None:
+            return Differences()
+        with self._lock:
+            steps = self.built_steps() if full else self._history.snaps()
+            built = [s for s in steps if s.cell_id]
+            ran_at = dict(self._ran_at)
+        return Differences.of(doc, built, ran_at, self.cell_name)
 
     def export_yaml(self, path: str | None = None) -> str:
         from stacker_kernel.recipe.stacker_yaml import dump

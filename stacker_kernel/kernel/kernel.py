@@ -216,7 +216,7 @@ class StackerKernel(Kernel):
                                     for d in cell.directives)
         deleted = [c for c in cell_meta.get("deletedCells", []) or [] if isinstance(c, str)]
         if needs:
-            await self._ensure_session(publish)
+            await self._ensure_session(publish, cell_id)
         if deleted and self.build is not None:
             await self._in_engine(self.build.forget_cells, deleted)
         pending: list = []  # consecutive recipe directives go to the engine together
@@ -226,6 +226,7 @@ class StackerKernel(Kernel):
                 continue
             await self._apply(pending, cell_id, publish)
             pending = []
+            self._locate_notebook()  # %export, %log name files after it
             progress = OutputSink()  # thread-safe: long magics (%export oci) report as they go
             ctx = magics.MagicContext(self.notebook.parent, self._magic_specs(),
                                       self._widget_host(), left_out=self.marks.left_out,
@@ -335,6 +336,7 @@ class StackerKernel(Kernel):
         publish.stream(sink.take(final=True))
         if not outcome.ok:
             self.marks.failed(self.execution_count, cell_id, script)
+            self._locate_notebook()  # the log is named after it
             self._failed_log = await self._in_engine(
                 magics.save_log, self.notebook.parent, self.notebook.stem, outcome.log_path,
                 outcome.index, outcome.layer, True)
@@ -362,6 +364,9 @@ class StackerKernel(Kernel):
             if summary is not None and outcome.size_delta is None:
                 # The size is measured in the background: the line is updated in place.
                 self._update_mark_when_measured(outcome, content["transient"]["display_id"], publish)
+            differ = await self._in_engine(self._differences)
+            if differ:
+                publish.line(f"[the notebook and the image differ: {'; '.join(differ)}]")
         return {"cached": outcome.cached, "snapshot": outcome.snapshot_id,
                 "duration": outcome.duration, "log": outcome.log_path, "step": outcome.index,
                 "layer": outcome.layer}
@@ -378,18 +383,62 @@ class StackerKernel(Kernel):
             if done:
                 return future.result()
 
-    async def _ensure_session(self, publish: "_Publisher") -> None:
-        """Open the notebook's build session on first use; StorageError leaves it closed."""
+    async def _ensure_session(self, publish: "_Publisher", cell_id: str | None = None) -> None:
+        """Open the notebook's build session on first use, found by its cells (the one
+        being run and the saved notebook's: engine/identity.py); StorageError leaves it
+        closed."""
+        from stacker_kernel.engine.identity import locate_notebook, notebook_cells
+
         if self.build is not None:
             return
-        self.build = await self._in_engine(open_session, self.notebook)
-        resumed = self.build.resumed
-        if resumed is not None:
-            publish.line(f"[the kernel restarted: this notebook's build goes on where it stopped,"
-                         f" at step {resumed.index} (layer {resumed.layer}: {resumed.first_line})."
-                         " Cells run again are not rebuilt when unchanged: they come from the cache,"
-                         " marked cached, with the output they had; a changed cell and the cells"
-                         " after it run. %layers lists the steps]")
+        if cell_id:
+            # JupyterLab keeps JPY_SESSION_NAME across a rename and a restart: the
+            # notebook is the saved one holding the cell being run.
+            self._moved_to(locate_notebook(self.notebook, {cell_id}))
+        cells = {cell_id} if cell_id else set()
+        cells.update(notebook_cells(self.notebook) or ())
+        self.build = await self._in_engine(open_session, self.notebook, cells)
+        self.build.cell_name = self.cell_names
+        self.build.document = self._document
+        line = identity_line(self.build, self.notebook)
+        if line:
+            publish.line(line)
+
+    def _moved_to(self, path: Path) -> None:
+        if path != self.notebook:
+            self.notebook = path
+            self.cell_names.notebook = path
+            if self.build is not None:
+                self.build.rename(str(path))
+
+    def _locate_notebook(self) -> None:
+        """Find the notebook again by the cells this kernel ran, in case it was renamed or
+        moved while the kernel runs (before writing a file named after it, or comparing
+        with it)."""
+        from stacker_kernel.engine.identity import locate_notebook
+
+        ids = set(self.cell_names.counts)
+        if self.build is not None:
+            ids.update(self.build.cell_order)
+        try:
+            self._moved_to(locate_notebook(self.notebook, ids))
+        except Exception:  # finding the file again must never break a cell
+            self.log.exception("locating the notebook failed")
+
+    def _differences(self) -> list[str]:
+        """Where the saved notebook and the image differ (engine thread); never fails a cell."""
+        try:
+            return self.build.document_differences(full=False).lines()
+        except Exception:
+            self.log.exception("comparing the notebook with the image failed")
+            return []
+
+    def _document(self) -> Any:
+        """The saved notebook (engine.identity.Document; None: not saved)."""
+        from stacker_kernel.engine.identity import read_document
+
+        self._locate_notebook()
+        return read_document(self.notebook)
 
     # --- interrupts -------------------------------------------------------------
 
@@ -592,8 +641,31 @@ def _nonempty(path: str) -> bool:
         return False
 
 
-def open_session(notebook: Path) -> Any:
-    """The notebook's BuildSession on the user's storage, resuming its previous one.
+def identity_line(build: Any, notebook: Path) -> str | None:
+    """The line a kernel's first cell says about which build it goes on with, and why."""
+    found, resumed = build.identity, build.resumed
+    how = found.how if found is not None else "new"
+    other = Path(found.other).name if found is not None and found.other else ""
+    if resumed is not None:
+        where = (f"at step {resumed.index} (layer {resumed.layer}: {resumed.first_line}), found by its cells")
+        rest = (" Cells run again are not rebuilt when unchanged: they come from the cache,"
+                " marked cached, with the output they had; a changed cell and the cells"
+                " after it run. %layers lists the steps]")
+        if how == "renamed":
+            return f"[this notebook's build goes on where it stopped, {where}; it was {other}.{rest}"
+        return f"[the kernel restarted: this notebook's build goes on where it stopped, {where}.{rest}"
+    if how == "copy":
+        return (f"[a new build for this notebook: its cells are also those of {other}, whose build stays"
+                " its own]")
+    if how == "new-name-reused":
+        return (f"[a new build: the earlier build named {notebook.name} has none of this notebook's"
+                " cells, so it stays the build of the notebook it belongs to]")
+    return None
+
+
+def open_session(notebook: Path, cells: set[str] | None = None) -> Any:
+    """The notebook's BuildSession on the user's storage, resuming its previous one
+    (found by `cells`: engine/identity.py).
 
     Raises StorageError (one line with the fix) when the storage is unusable.
     """
@@ -605,7 +677,8 @@ def open_session(notebook: Path) -> Any:
     remote = RemoteCache.from_settings(configured())  # the config file's shared cache, if any
     store = Store.open(resolve_storage(), resolve_driver())
     session = BuildSession.open(store, str(notebook), kind="kernel", resume=True,
-                                default_layer=notebook.stem, base_dir=str(notebook.parent))
+                                default_layer=notebook.stem, base_dir=str(notebook.parent),
+                                cells=cells if cells is not None else set())
     session.remote_cache = remote
     return session
 

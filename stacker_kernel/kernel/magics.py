@@ -14,7 +14,6 @@ others run on the engine thread.
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
 import urllib.parse
@@ -167,12 +166,31 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
         tags = session.export_oci(str(target), progress=ctx.progress, layer_types=layer_types,
                                   attestations=Attestations(sbom="--no-sbom" not in flags,
                                                             provenance="--no-provenance" not in flags))
+        notes += _differences_notes(session)
         return Shown(f"{notes}wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
     target = _beside_notebook(ctx, _export_target(args, yaml_name))
     text = session.export_yaml(str(target))
-    warnings = session.order_warnings(_notebook_cell_ids(session.session.name))
-    notes += "".join(f"warning: {w}\n" for w in warnings)
-    return Shown(f"{notes}wrote {target}\n\n{text}")
+    notes += _differences_notes(session)
+    return Shown(f"{notes}wrote {target}: {_what_is_written(session)}\n\n{text}")
+
+
+def _differences_notes(session: Any) -> str:
+    """What the export leaves out or has otherwise than the saved notebook shows."""
+    diffs = session.document_differences()
+    notes = "".join(f"warning: the notebook and the image differ: {line}\n" for line in diffs.lines())
+    if diffs.below:
+        many = len(diffs.below) > 1
+        notes += (f"note: not in this export: cell{'s' if many else ''} {'; '.join(diffs.below)} below the"
+                  f" last step ({'they have' if many else 'it has'} not run)\n")
+    return notes
+
+
+def _what_is_written(session: Any) -> str:
+    """'3 steps of layer build (build only), 2 of layer app': what a stacker.yaml export holds."""
+    recipe = session.export_recipe()
+    parts = [f"{len(layer.steps)} step{'' if len(layer.steps) == 1 else 's'} of layer {name}"
+             + (" (build only)" if layer.build_only else "") for name, layer in recipe.layers.items()]
+    return ", ".join(parts) or "no layer yet"
 
 
 def _sbom(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
@@ -201,19 +219,9 @@ def _sbom(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
                  f"<p>{html.escape(head)}</p>{packages.html}<p>package changes by step:</p>{diff.html}")
 
 
-def _notebook_cell_ids(path: str) -> list[str]:
-    """The ids of the saved notebook's code cells, in order ([] if it cannot be read)."""
-    try:  # plain JSON: nbformat's validation costs most of a second
-        with open(path, encoding="utf-8") as f:
-            cells = json.load(f).get("cells", [])
-    except (OSError, ValueError, AttributeError):  # unsaved or not a notebook: nothing to compare
-        return []
-    return [c["id"] for c in cells if isinstance(c, dict) and c.get("cell_type") == "code" and c.get("id")]
-
-
 def _switch(attribute: str, label: str) -> Callable[..., Shown]:
     def run(session: Any, value: Any, ctx: "MagicContext") -> Shown:
-        setattr(session, attribute, value)
+        session.set_option(attribute, value)
         shown = ("on" if value else "off") if isinstance(value, bool) else value
         return Shown(f"{label} is {shown}")
     return run
@@ -240,6 +248,10 @@ def _cache(session: Any, value: Any, ctx: "MagicContext") -> Shown:
 def _layers(session: Any, args: Any, ctx: "MagicContext") -> Shown:
     # Never waits for a diff: sizes not measured yet show as '…' and fill in later.
     shown = layers_table(session.history(), ctx.cell_name, session.kept_failure())
+    lines = session.document_differences().lines()
+    if lines:
+        note = "the notebook and the image differ: " + "; ".join(lines)
+        shown = Shown(f"{shown.text}\n{note}", f"{shown.html}<p>{html.escape(note)}</p>")
     if ctx.widgets is None:
         return shown
     return Shown(shown.text, shown.html, ctx.widgets.layer_history().widget)

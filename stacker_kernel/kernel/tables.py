@@ -81,9 +81,10 @@ def step_label(view: Any, cell_name: CellName = _by_id) -> str:
 
 
 class CellNames:
-    """Names cells as the notebook shows them, never by their uuid: `[3]` is the execution
-    count this kernel gave the cell (its prompt), `#4` its place among the cells of
-    the saved notebook (a step resumed from an earlier kernel), else its short id.
+    """Names cells as the notebook shows them, never by their uuid: `[3]` is the cell's
+    prompt (the execution count this kernel gave it, else the one the saved notebook
+    shows: a step resumed from an earlier kernel); a cell the saved notebook holds
+    without a prompt is `#4`, its place there; else its short id.
 
     The kernel calls `ran` for each cell it executes; calling the object names a cell.
     """
@@ -91,32 +92,39 @@ class CellNames:
     def __init__(self, notebook: Path | None = None) -> None:
         self.notebook = notebook
         self.counts: dict[str, int] = {}
-        self._saved: tuple[float, dict[str, int]] = (-1.0, {})
+        self._saved: tuple[float, dict[str, int], dict[str, int]] = (-1.0, {}, {})
 
     def ran(self, cell_id: str | None, execution_count: int) -> None:
         if cell_id:
             self.counts[cell_id] = execution_count
 
-    def _positions(self) -> dict[str, int]:
-        """Cell id -> 1-based place in the saved notebook (re-read when the file changes)."""
+    def _saved_cells(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Cell id -> 1-based place in the saved notebook, and -> the prompt it shows there
+        (re-read when the file changes)."""
         try:
             mtime = os.stat(self.notebook).st_mtime if self.notebook else -1.0
         except OSError:
-            return {}
+            return {}, {}
         if mtime != self._saved[0]:
             try:  # plain JSON: nbformat's validation costs most of a second
                 with open(self.notebook, encoding="utf-8") as f:
                     cells = json.load(f).get("cells", [])
-                places = {c["id"]: i for i, c in enumerate(cells, 1) if isinstance(c, dict) and c.get("id")}
+                cells = [c for c in cells if isinstance(c, dict) and isinstance(c.get("id"), str)]
+                places = {c["id"]: i for i, c in enumerate(cells, 1)}
+                prompts = {c["id"]: c["execution_count"] for c in cells
+                           if isinstance(c.get("execution_count"), int)}
             except (OSError, ValueError, AttributeError, TypeError):  # not a notebook (yet)
-                places = {}
-            self._saved = (mtime, places)
-        return self._saved[1]
+                places, prompts = {}, {}
+            self._saved = (mtime, places, prompts)
+        return self._saved[1], self._saved[2]
 
     def __call__(self, cell_id: str | None) -> str:
         if not cell_id:
             return ""
         if cell_id in self.counts:
             return f"[{self.counts[cell_id]}]"
-        place = self._positions().get(cell_id)
+        places, prompts = self._saved_cells()
+        if cell_id in prompts:
+            return f"[{prompts[cell_id]}]"
+        place = places.get(cell_id)
         return f"#{place}" if place else short_id(cell_id)

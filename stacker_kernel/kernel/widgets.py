@@ -565,13 +565,17 @@ class LayerHistory(_Panel):
         self.later_steps.on_click(self.guarded(lambda _: self.show_from(self.first + self.ROWS)))
         self.pages = w.HTML("")
         self.pager = w.HBox([self.earlier, self.pages, self.later_steps], layout=w.Layout(display="none"))
-        self.widget = w.VBox([w.HTML(STYLE), self.table, self.pager, self.status, self.detail])
+        # Below the steps: the failed state kept uncommitted (%keep_failed), and where the
+        # saved notebook and the image differ.
+        self.notes = w.HTML("")
+        self.widget = w.VBox([w.HTML(STYLE), self.table, self.notes, self.pager, self.status, self.detail])
         self.widget.add_class("stacker-layers")
         self.refresh()
 
     def text(self) -> str:
         """The same table as plain text (text/plain of the display)."""
-        return layers_table(self.host.session.history(), self.host.cell_name).text
+        session = self.host.session
+        return layers_table(session.history(), self.host.cell_name, session.kept_failure()).text
 
     def show_from(self, first: int) -> None:
         """Show the page that starts at 0-based step position `first`."""
@@ -588,6 +592,7 @@ class LayerHistory(_Panel):
         if views is None:
             views = self.host.session.history()
         name = self.host.cell_name
+        self._show_notes()
         if not views:
             if self._empty is None:
                 old, self._shown = self._shown, []
@@ -623,6 +628,26 @@ class LayerHistory(_Panel):
                             f" of {len(views)}&nbsp;")
         if any(v.size_delta is None for v in views):
             self._when_sizes_known()
+
+    def _show_notes(self) -> None:
+        session, name = self.host.session, self.host.cell_name
+        notes = []
+        failure = session.kept_failure()
+        if failure is not None:
+            cell = f", cell {name(failure.cell_id)}" if failure.cell_id else ""
+            notes.append(f"<b>step {failure.index}</b> (layer {html.escape(failure.layer)}{html.escape(cell)}:"
+                         f" <code>{html.escape(failure.first_line)}</code>): FAILED, kept uncommitted"
+                         " (%rollback drops it)")
+        try:
+            lines = session.document_differences(full=False).lines()  # no store reads: after every cell
+        except Exception:
+            log.exception("comparing the notebook with the image failed")
+            lines = []
+        if lines:
+            notes.append("the notebook and the image differ: " + html.escape("; ".join(lines)))
+        value = "<br>".join(notes)
+        if self.notes.value != value:
+            self.notes.value = value
 
     def _when_sizes_known(self) -> None:
         """Refresh again once the sizes being measured in the background are known."""

@@ -164,9 +164,34 @@ def _apply_tar_in_root(tar: str, rootfs: str) -> ApplyReport:
     return apply_layer(tar, rootfs)
 
 
-def _import_tar_file(store: Store, path: Path, source: str, warn: Warn | None) -> Snapshot:
+def _remembered_sha256(store: Store, path: Path) -> str:
+    """sha256 of the local tar at `path`, remembered in the store by the file's
+    identity (device, inode, size, mtime, ctime; any write changes the ctime), so
+    a cached build does not read a whole base again."""
+    st = os.stat(path)
+    ident = f"{os.path.realpath(path)}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    memo = store.root / "cache" / "tar-digests" / hashlib.sha256(ident.encode()).hexdigest()
     try:
-        digest = _sha256_file(path)
+        known = memo.read_text()
+        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+            return known
+    except OSError:
+        pass
+    digest = _sha256_file(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # only a cache: the next build hashes the file again
+    return digest
+
+
+def _import_tar_file(store: Store, path: Path, source: str, warn: Warn | None,
+                     remember: bool = False) -> Snapshot:
+    try:
+        digest = _remembered_sha256(store, path) if remember else _sha256_file(path)
     except FileNotFoundError:
         raise ImageError(f"base tar {path} does not exist: fix the path in 'from'") from None
     except OSError as e:
@@ -188,7 +213,7 @@ def _import_tar(store: Store, url: str, resolve_built: Callable[[str], Snapshot]
             tmp.unlink(missing_ok=True)
     if url.startswith(STACKER_URL):
         return _import_stacker_tar(store, url, resolve_built, warn)
-    return _import_tar_file(store, Path(url), url, warn)
+    return _import_tar_file(store, Path(url), url, warn, remember=True)
 
 
 def _hash_in_rootfs(rootfs: str, rel: str) -> str:

@@ -204,10 +204,14 @@ def _replaced_ancestor(path: str, replaced: set[str]) -> bool:
     return False
 
 
-def diff_snapshots(old: str | None, new: str) -> Diff:
+def diff_snapshots(old: str | None, new: str,
+                   walks: dict[str, tuple[dict[str, _Entry], list[str]]] | None = None) -> Diff:
     """The difference between snapshot `old` and snapshot `new` (`old=None`:
     everything in `new` is added). Both should be read-only snapshots so they
-    do not move under the walk. Run inside the user namespace."""
+    do not move under the walk. Run inside the user namespace.
+
+    `walks` (snapshot path -> its walk) lends walks made before and gets this
+    diff's: a chain of steps is walked once per snapshot, not twice."""
     from stacker_kernel.storage import overlay  # storage is below oci; import late to keep diff pure
 
     layer = overlay.step_layer(old, new)
@@ -215,12 +219,25 @@ def diff_snapshots(old: str | None, new: str) -> Diff:
         # Overlay storage: the step's own layer is the difference (its whiteouts the
         # removals): read it, not the two trees.
         return Diff(old=old, new=new, changes=layer_changes(old, new, layer))
-    new_entries, nested = walk(new)
+
+    def walked(root: str) -> tuple[dict[str, _Entry], list[str]]:
+        if walks is None:
+            return walk(root)
+        if root not in walks:
+            walks[root] = walk(root)
+        return walks[root]
+
+    new_entries, nested = walked(new)
     old_entries: dict[str, _Entry] = {}
     old_taken_ns: int | None = None
     if old is not None:
-        old_entries, _ = walk(old)
+        old_entries, _ = walked(old)
         old_taken_ns = _snapshot_time_ns(old)
+        if old_taken_ns is not None and old_entries:
+            # A subvolume filled and then made read-only (a base) was created before
+            # its files: it froze no earlier than its newest ctime, so the window
+            # starts there, and the base's files are not all hashed on every export.
+            old_taken_ns = max(old_taken_ns, max(e.ctime_ns for e in old_entries.values()))
     changes = compare(old_entries, new_entries, old_taken_ns=old_taken_ns,
                       same=lambda path, o, n: _same_in_full(old, new, path, o, n))
     return Diff(old=old, new=new, changes=changes, nested_subvolumes=nested)

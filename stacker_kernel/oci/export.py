@@ -15,8 +15,10 @@ canonical, and nothing depends on dict or directory order.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import fcntl
 import getpass
 import hashlib
 import json
@@ -381,38 +383,144 @@ def _cache_file(cache_dir: str, job: _Job, epoch: int | None, layer_type: LayerT
     return os.path.join(cache_dir, key + ".json")
 
 
-def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int | None,
-                  layer_type: LayerType = TAR_TYPE):
-    """The layer made before for `job` if its blob is in `layout_dir` (None: an empty
-    diff), else _MISS."""
-    if cache_dir is None:
-        return _MISS
+def kept_blobs(cache_dir: str) -> str:
+    """Where the blobs of the layers `cache_dir` remembers are kept (an OCI-style
+    `blobs/sha256/` tree beside it, in the store): a layer made once is copied
+    into any later layout, never compressed again."""
+    return os.path.join(os.path.dirname(os.path.abspath(cache_dir)), "layer-blobs")
+
+
+_PLACES = 4  # other layouts remembered as holding a layer's blob (when the store cannot keep a reflink)
+
+
+def _read_entry(cache_dir: str, job: _Job, epoch: int | None, layer_type: LayerType) -> dict[str, Any] | None:
     try:
         with open(_cache_file(cache_dir, job, epoch, layer_type)) as f:
             data = json.load(f)
     except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int | None,
+                  layer_type: LayerType = TAR_TYPE):
+    """The layer made before for `job` if its blob is in `layout_dir` or can be
+    copied there (verified while copied) from the store's kept blobs or another
+    layout that holds it (None: an empty diff), else _MISS."""
+    data = _read_entry(cache_dir, job, epoch, layer_type) if cache_dir is not None else None
+    if data is None:
         return _MISS
     if data.get("empty"):
         return None
+    places = [kept_blobs(cache_dir)] + [p for p in data.pop("places", []) if isinstance(p, str)]
+    data.pop("snapshots", None)
     try:
         blob = LayerBlob(**data) if layer_type == TAR_TYPE else FsLayerBlob(**data)
         if os.path.getsize(lw.blob_path(layout_dir, blob.digest)) == blob.size:
             return blob
-    except (OSError, TypeError, ValueError, ImageError):
+        return _MISS  # a damaged blob under that name: made again
+    except FileNotFoundError:
         pass
+    except (OSError, TypeError, ValueError, ImageError):
+        return _MISS
+    for place in places:
+        if os.path.abspath(place) == os.path.abspath(layout_dir):
+            continue
+        try:
+            cas.copy_blob(cas.Blobs(place), layout_dir, blob.digest, blob.size)
+            return blob
+        except ImageError:  # damaged: not used again
+            if place == places[0]:
+                with contextlib.suppress(OSError, ImageError):
+                    os.unlink(lw.blob_path(place, blob.digest))
+        except OSError:
+            pass  # gone
     return _MISS
 
 
-def _remember_layer(cache_dir: str | None, job: _Job, epoch: int | None, blob: LayerBlob | None,
-                    layer_type: LayerType = TAR_TYPE) -> None:
+def _reflink_into(src: str, dest: str) -> bool:
+    """`src` reflinked to `dest` (atomically; True), when both are on one btrfs."""
+    from stacker_kernel.storage.btrfs import FICLONE
+
+    if os.path.exists(dest):
+        return True
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = f"{dest}.tmp{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(src, "rb") as s, open(tmp, "wb") as d:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+        os.replace(tmp, dest)
+        return True
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        return False
+
+
+def _remember_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int | None,
+                    blob: LayerBlob | None, layer_type: LayerType = TAR_TYPE) -> None:
+    """Remember the layer made for `job` (its blob in `layout_dir`): kept in the store
+    as a reflink when the layout is on the store's btrfs (no data copied), else
+    the layout is remembered as a place to copy it from."""
     if cache_dir is None:
         return
     os.makedirs(cache_dir, exist_ok=True)
-    data = {"empty": True} if blob is None else asdict(blob)
-    tmp = _cache_file(cache_dir, job, epoch, layer_type) + f".tmp{os.getpid()}"
+    data: dict[str, Any] = {"empty": True} if blob is None else asdict(blob)
+    if blob is not None:
+        kept = lw.blob_path(kept_blobs(cache_dir), blob.digest)
+        if not _reflink_into(lw.blob_path(layout_dir, blob.digest), kept):
+            before = (_read_entry(cache_dir, job, epoch, layer_type) or {}).get("places") or []
+            data["places"] = ([os.path.abspath(layout_dir)]
+                              + [p for p in before if p != os.path.abspath(layout_dir)])[:_PLACES]
+    data["snapshots"] = [p for p in (job.old, job.new) if p]  # what gc checks (prune_layer_cache)
+    tmp = _cache_file(cache_dir, job, epoch, layer_type) + f".tmp{os.getpid()}.{threading.get_ident()}"
     with open(tmp, "w") as f:
         json.dump(data, f)
     os.replace(tmp, _cache_file(cache_dir, job, epoch, layer_type))
+
+
+def layer_made_before(cache_dir: str, old: str, new: str, dest_dir: str) -> LayerBlob | None:
+    """The tar layer of `old` -> `new` (no SOURCE_DATE_EPOCH) copied into `dest_dir`
+    when it was made before (by an export or a push), else None."""
+    hit = _cached_layer(cache_dir, dest_dir, _Job(old, new, ""), None)
+    return hit if isinstance(hit, LayerBlob) else None
+
+
+def remember_made_layer(cache_dir: str, old: str, new: str, dest_dir: str, blob: LayerBlob) -> None:
+    """Remember the tar layer of `old` -> `new` (no SOURCE_DATE_EPOCH) made into
+    `dest_dir`: an export of that step copies it instead of making it again."""
+    with contextlib.suppress(OSError):  # an empty diff is no layer in an export (an empty_layer entry)
+        _remember_layer(cache_dir, dest_dir, _Job(old, new, ""), None, None if blob.empty else blob)
+
+
+def prune_layer_cache(cache_dir: str) -> int:
+    """Forget the layers of snapshots that are gone and delete the kept blobs no
+    remembered layer names; the bytes deleted. For `gc`, after it removed snapshots."""
+    if not os.path.isdir(cache_dir):
+        return 0
+    wanted: set[str] = set()
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict) or not all(os.path.isdir(p) for p in data.get("snapshots") or [""]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a layer of a deleted snapshot (or a torn or old-format entry)
+            continue
+        if isinstance(data.get("digest"), str):
+            wanted.add(data["digest"].partition(":")[2])
+    freed = 0
+    blob_dir = os.path.join(kept_blobs(cache_dir), "blobs", "sha256")
+    for name in os.listdir(blob_dir) if os.path.isdir(blob_dir) else []:
+        if name not in wanted:
+            path = os.path.join(blob_dir, name)
+            with contextlib.suppress(FileNotFoundError):
+                freed += os.lstat(path).st_size
+                os.unlink(path)
+    return freed
 
 
 def _run_jobs(layout_dir: str, jobs: list[_Job], epoch: int | None,
@@ -436,7 +544,7 @@ def _run_jobs(layout_dir: str, jobs: list[_Job], epoch: int | None,
         made = _made_in_userns([jobs[i] for i in todo], os.path.abspath(layout_dir), epoch, layer_type, report)
         for i, blob in zip(todo, made):
             results[i] = blob
-            _remember_layer(cache_dir, jobs[i], epoch, blob, layer_type)
+            _remember_layer(cache_dir, layout_dir, jobs[i], epoch, blob, layer_type)
     return results
 
 

@@ -157,12 +157,16 @@ def set_tags(layout: str, tagged: list[tuple[str, Descriptor]]) -> None:
         with open(index_path, "rb") as f:
             index = json.load(f)
         before = canonical_json(index)
-        kept = [m for m in index.get("manifests") or []
-                if (m.get("annotations") or {}).get(REF_NAME) not in new_tags]
+        descs = []
         for tag, desc in tagged:
             d = desc.to_json()
             d["annotations"] = {**d.get("annotations", {}), REF_NAME: tag}
-            kept.append(d)
+            descs.append(d)
+        if all(d in (index.get("manifests") or []) for d in descs):
+            return  # every tag points where it did: nothing moves (its attached documents stay after it)
+        kept = [m for m in index.get("manifests") or []
+                if (m.get("annotations") or {}).get(REF_NAME) not in new_tags]
+        kept.extend(descs)
         index["manifests"] = kept
         index.setdefault("schemaVersion", 2)
         index.setdefault("mediaType", MEDIA_TYPE_INDEX)

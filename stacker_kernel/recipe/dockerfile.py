@@ -738,15 +738,17 @@ def dockerfile_notebook(text: str, name: str, **options) -> tuple[dict, list[str
     from stacker_kernel.recipe.notebook import KERNELSPEC, LANGUAGE_INFO
 
     t = translate(text, name, **options)
-    import nbformat  # not at import time: a cached notebook build must not pay for it
-
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = dict(KERNELSPEC)
-    nb.metadata["language_info"] = dict(LANGUAGE_INFO)
+    # Plain nbformat 4.5 JSON, as nbformat.v4.new_notebook makes it: importing
+    # nbformat (jsonschema, lark grammars) would be most of a cached build's time.
+    cells = []
     for i, (kind, source) in enumerate(t.cells):
-        cell = (nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell)(source)
-        cell["id"] = hashlib.sha1(f"{name}\0{i}\0{source}".encode()).hexdigest()[:12]
-        nb.cells.append(cell)
+        cell: dict = {"id": hashlib.sha1(f"{name}\0{i}\0{source}".encode()).hexdigest()[:12],
+                      "cell_type": kind, "metadata": {}, "source": source}
+        if kind == "code":
+            cell.update(execution_count=None, outputs=[])
+        cells.append(cell)
+    nb = {"nbformat": 4, "nbformat_minor": 5, "cells": cells,
+          "metadata": {"kernelspec": dict(KERNELSPEC), "language_info": dict(LANGUAGE_INFO)}}
     return nb, t.warnings
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Iterable, Literal
 
 from stacker_kernel.errors import RecipeError
+from stacker_kernel.recipe.script import join_steps
 
 SourceType = Literal["scratch", "tar", "oci", "docker", "built"]
 SOURCE_TYPES: tuple[str, ...] = ("docker", "tar", "oci", "built", "scratch")
@@ -116,7 +117,6 @@ class Layer:
 
     def run_script(self) -> str:
         """The layer's steps as one `run` script (see `join_steps`)."""
-        from stacker_kernel.recipe.cells import join_steps  # cells imports this module
         return join_steps([s.source for s in self.steps])
 
     def uses_legacy_import(self) -> bool:
@@ -372,3 +372,23 @@ def first_line(script: str, *, skip_shebang: bool = False, width: int | None = N
         lines = [ln for ln in lines if not ln.startswith("#!")] or lines
     line = lines[0] if lines else empty
     return line if width is None or len(line) <= width else line[:width - 1] + "…"
+
+
+def layer_record(layer: Layer) -> dict:
+    """`layer`'s definition without its steps, as plain JSON data (what a session
+    records so that its recipe outlives the process that built it)."""
+    record = {f.name: getattr(layer, f.name) for f in fields(layer) if f.name not in ("steps", "warnings")}
+    record["from_"] = vars(layer.from_).copy()
+    record["imports"] = [vars(i).copy() for i in layer.imports]
+    record["binds"] = [vars(b).copy() for b in layer.binds]
+    return record
+
+
+def layer_from_record(record: dict) -> Layer:
+    """The Layer (without steps) `layer_record` made `record` from."""
+    known = {f.name for f in fields(Layer)} - {"steps", "warnings"}
+    values = {k: v for k, v in record.items() if k in known}
+    values["from_"] = ImageSource(**record["from_"])
+    values["imports"] = [Import(**i) for i in record.get("imports", [])]
+    values["binds"] = [Bind(**b) for b in record.get("binds", [])]
+    return Layer(**values)

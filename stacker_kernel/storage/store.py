@@ -169,6 +169,9 @@ class Snapshot:
     duration: float = 0.0
     size_delta: int | None = None
     created: float = field(default_factory=time.time)
+    # The step's layer as it was defined when the step ran (its base, directives,
+    # config; not its steps), opaque JSON text: an export needs it (None: unknown).
+    layer_def: str | None = None
     root: Path | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -194,15 +197,24 @@ class Session:
     history: list[str] = field(default_factory=list)  # active history, oldest first
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    # The recipe the session builds: its layer definitions in recipe order, without
+    # their steps (engine/session.py writes and reads it), opaque JSON text.
+    recipe: str = "[]"
+    # The cells the session ran, in the order they were first run in (a row each).
+    cell_order: list[str] = field(default_factory=list)
+    # History entry -> the cell it belongs to in this session, where that is not the
+    # snapshot's own (a cache hit first built by another cell); kept with its history row.
+    entry_cells: dict[str, str] = field(default_factory=dict)
+    stored_cell_order: list[str] | None = field(default=None, compare=False, repr=False)
     # The history as the store last read or wrote it: a write then only adds (and
     # deletes) the rows that differ, so a step's write does not grow with the history.
     stored_history: list[str] | None = field(default=None, compare=False, repr=False)
 
 
 _SNAP_COLS = ("id", "kind", "parent", "session", "layer", "cell_id", "source", "cache_key",
-              "state", "status", "started", "duration", "size_delta", "created")
+              "state", "status", "started", "duration", "size_delta", "created", "layer_def")
 _SESS_COLS = ("id", "kind", "name", "owner_pid", "owner_start", "head", "layer", "tags",
-              "created", "updated")
+              "created", "updated", "recipe")
 
 # The schema's version, in `PRAGMA user_version`. 1: snapshots and sessions (stores
 # made before versioning say 0); 2: the cache table; 3: the history table (a row per
@@ -244,6 +256,29 @@ _MIGRATIONS = {
         "ALTER TABLE sessions DROP COLUMN history"],
 }
 
+# Additions a version of the same schema ignores (a column with a default, a table of
+# its own): made when missing, without a new schema version, so that an older
+# stacker-kernel of this schema still opens a store a newer one used. Each is
+# (table, column or None for the table itself, the statement).
+_ADDITIONS = [
+    # the recipe a session builds, and the layer definition each step ran with
+    ("sessions", "recipe", "ALTER TABLE sessions ADD COLUMN recipe TEXT NOT NULL DEFAULT '[]'"),
+    ("snapshots", "layer_def", "ALTER TABLE snapshots ADD COLUMN layer_def TEXT"),
+    # the cell of a history entry in its session; the cells a session ran, in first-run order
+    ("history", "cell_id", "ALTER TABLE history ADD COLUMN cell_id TEXT"),
+    ("cells", None, "CREATE TABLE IF NOT EXISTS cells (session TEXT NOT NULL, pos INTEGER NOT NULL, "
+                    "cell TEXT NOT NULL, PRIMARY KEY (session, pos)) WITHOUT ROWID"),
+]
+
+
+def _missing_additions(conn: sqlite3.Connection) -> list[str]:
+    missing = []
+    for table, column, stmt in _ADDITIONS:
+        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+        if (column is None and not columns) or (column is not None and column not in columns):
+            missing.append(stmt)
+    return missing
+
 
 def _prepare_schema(conn: sqlite3.Connection, root: Path) -> None:
     """Create the schema in a new database, migrate an older one, refuse a newer one
@@ -252,7 +287,7 @@ def _prepare_schema(conn: sqlite3.Connection, root: Path) -> None:
     if version > SCHEMA_VERSION:
         raise StorageError(f"storage {root} was written by a newer stacker-kernel (schema {version}): "
                            "upgrade, or use another --storage")
-    if version == SCHEMA_VERSION:
+    if version == SCHEMA_VERSION and not _missing_additions(conn):
         return  # nothing to write: a full disk must not stop the store from opening
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -267,6 +302,8 @@ def _prepare_schema(conn: sqlite3.Connection, root: Path) -> None:
         for n in range(version, SCHEMA_VERSION):
             for stmt in _MIGRATIONS[n]:
                 conn.execute(stmt)
+        for stmt in _missing_additions(conn):
+            conn.execute(stmt)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException as e:
@@ -506,9 +543,12 @@ class Store:
     def _sess(self, row: tuple) -> Session:
         d = dict(zip(_SESS_COLS, row))
         d["tags"] = json.loads(d["tags"])
-        history = [r[0] for r in self._query("SELECT snapshot FROM history WHERE session = ? ORDER BY pos",
-                                             (d["id"],))]
-        return Session(**d, history=history, stored_history=list(history))
+        rows = self._query("SELECT snapshot, cell_id FROM history WHERE session = ? ORDER BY pos", (d["id"],))
+        history = [r[0] for r in rows]
+        order = [r[0] for r in self._query("SELECT cell FROM cells WHERE session = ? ORDER BY pos", (d["id"],))]
+        return Session(**d, history=history, stored_history=list(history),
+                       entry_cells={r[0]: r[1] for r in rows if r[1] is not None},
+                       cell_order=order, stored_cell_order=list(order))
 
     @staticmethod
     def _snap_values(s: Snapshot) -> tuple:
@@ -517,7 +557,7 @@ class Store:
     @staticmethod
     def _sess_values(s: Session) -> tuple:
         return (s.id, s.kind, s.name, s.owner_pid, s.owner_start, s.head, s.layer,
-                json.dumps(s.tags, sort_keys=True), s.created, s.updated)
+                json.dumps(s.tags, sort_keys=True), s.created, s.updated, s.recipe)
 
     # --- snapshots ------------------------------------------------------------------
 
@@ -725,8 +765,10 @@ class Store:
                         raise SessionBusyError(_busy_message(other))
             self._write([(f"INSERT INTO sessions ({','.join(_SESS_COLS)}) VALUES ({marks})",
                           self._sess_values(sess)),
-                         ("DELETE FROM history WHERE session = ?", (sess.id,))])
+                         ("DELETE FROM history WHERE session = ?", (sess.id,)),
+                         ("DELETE FROM cells WHERE session = ?", (sess.id,))])
         sess.stored_history = []
+        sess.stored_cell_order = []
         return sess
 
     def _session_update(self, sess: Session) -> list[tuple[str, tuple]]:
@@ -742,8 +784,15 @@ class Store:
                 same += 1
         if old is None or same < len(old):
             stmts.append(("DELETE FROM history WHERE session = ? AND pos >= ?", (sess.id, same)))
-        stmts.extend(("INSERT OR REPLACE INTO history (session, pos, snapshot) VALUES (?, ?, ?)",
-                      (sess.id, pos, new[pos])) for pos in range(same, len(new)))
+        stmts.extend(("INSERT OR REPLACE INTO history (session, pos, snapshot, cell_id) VALUES (?, ?, ?, ?)",
+                      (sess.id, pos, new[pos], sess.entry_cells.get(new[pos]))) for pos in range(same, len(new)))
+        # The cells' order only grows (a cell keeps its first run's place).
+        old_cells, cells = sess.stored_cell_order, sess.cell_order
+        if old_cells is None or cells[:len(old_cells)] != old_cells:
+            stmts.append(("DELETE FROM cells WHERE session = ?", (sess.id,)))
+            old_cells = []
+        stmts.extend(("INSERT OR REPLACE INTO cells (session, pos, cell) VALUES (?, ?, ?)",
+                      (sess.id, pos, cells[pos])) for pos in range(len(old_cells), len(cells)))
         return stmts
 
     def update_session(self, session: Session) -> None:
@@ -752,6 +801,7 @@ class Store:
         with self.write_lock():
             self._write(self._session_update(session))
         session.stored_history = list(session.history)
+        session.stored_cell_order = list(session.cell_order)
 
     def get_session(self, id: str) -> Session | None:
         """The session record `id`, or None."""
@@ -792,7 +842,8 @@ class Store:
         with self.write_lock():
             self.driver.remove(self.live_path(session_id))
             self._write([("DELETE FROM sessions WHERE id = ?", (session_id,)),
-                         ("DELETE FROM history WHERE session = ?", (session_id,))])
+                         ("DELETE FROM history WHERE session = ?", (session_id,)),
+                         ("DELETE FROM cells WHERE session = ?", (session_id,))])
 
     # --- recovery and gc ------------------------------------------------------
 
