@@ -193,3 +193,15 @@ def test_layers_names_the_overlay_driver(storage, capsys):
     Store.open(storage).close()
     assert cli.main(["--storage", str(storage), "layers"]) == 0
     assert f"storage {storage} (overlay driver)" in capsys.readouterr().out
+
+
+def test_a_kernel_too_old_for_unprivileged_overlayfs_is_one_line_with_the_fix():
+    from stacker_kernel.errors import StorageError
+    from stacker_kernel.storage import location
+
+    with pytest.raises(StorageError) as e:
+        location.check_overlay_kernel("5.10.0-28-amd64")
+    assert "Linux 5.10.0-28-amd64 cannot mount overlayfs without root (needs 5.11 or later)" in str(e.value)
+    assert "setup-storage" in str(e.value) and "\n" not in str(e.value)
+    location.check_overlay_kernel("5.11.0")
+    location.check_overlay_kernel(os.uname().release)
