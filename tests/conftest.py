@@ -87,7 +87,8 @@ OVERLAY_PARENT = Path(os.environ.get("STACKER_KERNEL_OVERLAY_TEST_DIR", "/var/tm
 def pytest_generate_tests(metafunc):
     module = metafunc.module.__name__.rpartition(".")[2]
     if "storage" in metafunc.fixturenames and module in BOTH_DRIVERS:
-        metafunc.parametrize("storage", ["btrfs", "overlay"], indirect=True)
+        only_btrfs = metafunc.definition.get_closest_marker("btrfs_only") is not None
+        metafunc.parametrize("storage", ["btrfs"] if only_btrfs else ["btrfs", "overlay"], indirect=True)
 
 
 def in_tree(tree: Path, rel: str) -> Path:
