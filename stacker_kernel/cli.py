@@ -330,6 +330,16 @@ def add_dockerfile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", action="append", metavar="IMAGE=SOURCE",
                    help="build a Dockerfile's FROM IMAGE from SOURCE instead: oci:DIR:TAG, tar:PATH "
                         "or docker://REF (repeatable; for offline builds)")
+    p.add_argument("--target", metavar="STAGE",
+                   help="the Dockerfile stage that is the image (default the last), as docker "
+                        "build --target: only the stages it needs are built")
+    p.add_argument("--secret", action="append", metavar="id=ID,src=FILE|env=VAR",
+                   help="what a secret mount (RUN --mount=type=secret,id=ID) shows: a file or an "
+                        "environment variable; never in a layer, the cache or the provenance "
+                        "(repeatable)")
+    p.add_argument("--all-stages", action="store_true",
+                   help="build every stage of a Dockerfile and make each an image (tagged by "
+                        "its name), not only the target")
 
 
 def _dockerfile_options(args: argparse.Namespace, relative_to: str = "."):
@@ -354,7 +364,7 @@ def _dockerfile_options(args: argparse.Namespace, relative_to: str = "."):
         if not key:
             raise StackerKernelError(f"--build-arg {pair!r} is not NAME=VALUE")
         build_args[key] = value if sep else os.environ.get(key, "")  # as docker: NAME alone takes $NAME
-    return DockerfileOptions(build_args, bases)
+    return DockerfileOptions(build_args, bases, args.target, args.all_stages)
 
 
 def add_build(p: argparse.ArgumentParser) -> None:
@@ -490,6 +500,22 @@ def _failure_command(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
+def _secrets(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """`--secret id=ID,src=FILE` / `--secret id=ID,env=VARIABLE`, as docker build's."""
+    out = {}
+    for text in getattr(args, "secret", None) or []:
+        opts = dict(p.partition("=")[::2] for p in text.split(",") if p)
+        sid = opts.pop("id", "")
+        src = opts.pop("src", opts.pop("source", ""))
+        env = opts.pop("env", "")
+        opts.pop("type", None)
+        if not sid or bool(src) == bool(env) or opts:
+            raise StackerKernelError(f"--secret {text!r}: write --secret id=ID,src=FILE or "
+                                     "--secret id=ID,env=VARIABLE")
+        out[sid] = ("src", os.path.abspath(src)) if src else ("env", env)
+    return out
+
+
 def cmd_build(args: argparse.Namespace, files: list[str] | None = None) -> int:
     import time
 
@@ -509,7 +535,8 @@ def cmd_build(args: argparse.Namespace, files: list[str] | None = None) -> int:
                            annotations_namespace=args.annotations_namespace, cache=_cache_settings(args),
                            on_failure=_failure_command(args), dockerfile=_dockerfile_options(args),
                            layer_types=_layer_types(args), attestations=_attestations(args),
-                           replay_cached=args.replay_cached, require_hash=args.require_hash)
+                           replay_cached=args.replay_cached, require_hash=args.require_hash,
+                           secrets=_secrets(args))
         print(f"built {len(result.tags)} layer(s): {result.steps_run} step(s) ran, "
               f"{result.steps_cached} cached, in {time.monotonic() - t0:.2f}s"
               + (f" ({file})" if len(files) > 1 else ""))
@@ -684,7 +711,7 @@ def _import_dockerfile(args: argparse.Namespace) -> int:
     if isinstance(out, str):
         _write_output(args.output, lambda p: write_bytes(Path(p), out.encode()))
     else:
-        _write_output(args.output, lambda p: write_bytes(Path(p), (nbformat.writes(out) + "\n").encode()))
+        _write_output(args.output, lambda p: write_bytes(Path(p), (nbformat.writes(nbformat.from_dict(out)) + "\n").encode()))
     print(f"wrote {args.output}")
     return 0
 

@@ -70,11 +70,13 @@ _STEP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTERM,
 
 @dataclass(frozen=True)
 class StagedMount:
-    """A host source bound under STAGING before pivot_root, bound at `dest` per step."""
+    """A host source bound under STAGING before pivot_root, bound at `dest` per step
+    (with a `key`: only in the steps that ask for it)."""
     staged: str
     dest: str
     readonly: bool
     is_dir: bool
+    key: str | None = None
 
 
 @dataclass
@@ -214,14 +216,15 @@ def setup_root(config: dict) -> list[StagedMount]:
 
 
 def _stage_binds(config: dict, root: str) -> list[StagedMount]:
-    binds = [(m["source"], m["dest"], bool(m.get("readonly", True))) for m in config.get("mounts", [])]
+    binds = [(m["source"], m["dest"], bool(m.get("readonly", True)), m.get("key"))
+             for m in config.get("mounts", [])]
     if os.path.exists("/etc/resolv.conf") and os.path.isdir(f"{root}/etc"):
-        binds.append(("/etc/resolv.conf", "/etc/resolv.conf", True))
+        binds.append(("/etc/resolv.conf", "/etc/resolv.conf", True, None))
     if not binds:
         return []
     os.mkdir(f"{root}{STAGING}", 0o700)
     staged = []
-    for i, (source, dest, readonly) in enumerate(binds):
+    for i, (source, dest, readonly, key) in enumerate(binds):
         if not os.path.exists(source):
             raise ContainerError(f"the bind source {source} does not exist: create it or remove it from the binds")
         is_dir = os.path.isdir(source)
@@ -230,7 +233,7 @@ def _stage_binds(config: dict, root: str) -> list[StagedMount]:
         mount(source, path, None, MS_BIND | MS_REC)
         if readonly:
             remount_readonly(path)
-        staged.append(StagedMount(f"{STAGING}/{i}", "/" + dest.strip("/"), readonly, is_dir))
+        staged.append(StagedMount(f"{STAGING}/{i}", "/" + dest.strip("/"), readonly, is_dir, key))
     return staged
 
 
@@ -241,13 +244,25 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
 
 
-def mount_step(staged: list[StagedMount]) -> StepMounts:
-    """Bind the staged sources at their destinations, creating (and recording)
+def mount_step(staged: list[StagedMount], requests: list[dict] | None = None) -> StepMounts:
+    """Bind the staged sources at their destinations, and the step's own mounts
+    (`requests`, see runtime.Container.run_step), creating (and recording)
     whatever mount points the rootfs lacks, so `unmount_step` leaves no trace."""
     done = StepMounts()
+    by_key = {s.key: s for s in staged if s.key}
+    todo: list[tuple[StagedMount | None, dict]] = [(s, {}) for s in staged if not s.key]
+    for r in requests or []:
+        if "tmpfs" in r:
+            todo.append((None, r))
+        elif r.get("key") in by_key:
+            s = by_key[r["key"]]
+            todo.append((StagedMount(s.staged, "/" + r["dest"].strip("/"), bool(r.get("readonly")),
+                                     s.is_dir, s.key), r))
+        else:
+            raise OSError(f"the step's mount {r.get('dest')} was not staged in this container")
     try:
-        for s in staged:
-            path = os.path.realpath(s.dest)  # a symlinked resolv.conf mounts at its target
+        for s, r in todo:
+            path = os.path.realpath(s.dest if s is not None else r["tmpfs"])  # a symlinked resolv.conf mounts at its target
             parts = path.strip("/").split("/")
             for i in range(1, len(parts)):
                 d = "/" + "/".join(parts[:i])
@@ -257,10 +272,19 @@ def mount_step(staged: list[StagedMount]) -> StepMounts:
                     done.created.append(d)
             if not os.path.lexists(path):
                 _keep_times(done, os.path.dirname(path))
-                _create_placeholder(path, s.is_dir)
+                _create_placeholder(path, s.is_dir if s is not None else True)
                 done.created.append(path)
+            if s is None:
+                size = f",size={r['size']}" if r.get("size") else ""
+                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size)
+                done.mounted.append(path)
+                continue
             mount(s.staged, path, None, MS_BIND | MS_REC)
             done.mounted.append(path)
+            if s.is_dir and ("uid" in r or "gid" in r or "mode" in r) and not os.listdir(path):
+                # a new cache directory gets the owner and mode its mount asks for, as BuildKit's
+                os.chown(path, int(r.get("uid", 0)), int(r.get("gid", 0)))
+                os.chmod(path, int(r.get("mode", "755"), 8))
             if s.readonly:
                 remount_readonly(path)
     except OSError:
@@ -277,10 +301,11 @@ def _keep_times(done: StepMounts, directory: str) -> None:
     done.parent_times.append((directory, st.st_atime_ns, st.st_mtime_ns, sorted(os.listdir(directory))))
 
 
-def _mount_or_answer(staged: list[StagedMount], nonce: str) -> StepMounts | None:
+def _mount_or_answer(staged: list[StagedMount], nonce: str, requests: list[dict] | None = None
+                     ) -> StepMounts | None:
     """mount_step, or (None) the error and a status-125 sentinel for the engine."""
     try:
-        return mount_step(staged)
+        return mount_step(staged, requests)
     except OSError as e:
         _write_all(1, f"stacker-kernel: cannot mount the step's binds: {e}\n".encode())
         _write_all(1, format_sentinel(nonce, 125, b""))
@@ -371,6 +396,58 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
+def _id_file(path: str) -> list[list[str]]:
+    """The entries of the rootfs's /etc/passwd or /etc/group (none when it is missing)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [ln.rstrip("\n").split(":") for ln in f if ln.strip() and not ln.startswith("#")]
+    except OSError:
+        return []
+
+
+def resolve_user(spec: str, passwd: list[list[str]], group: list[list[str]]
+                 ) -> tuple[int, int, list[int], str]:
+    """uid, gid, supplementary gids and home of USER[:GROUP] (names or numbers), as
+    runc resolves a Dockerfile USER (libcontainer/user.GetExecUser): a user missing from
+    /etc/passwd is an error unless numeric (then gid 0, home /); with a GROUP, that
+    group only, else the groups that list the user."""
+    user, _, grp = spec.partition(":")
+    entry = next((e for e in passwd if len(e) >= 6 and (e[0] == user or e[2] == user)), None)
+    if entry is None:
+        if not user.isdigit():
+            raise ContainerError(f"USER {user}: there is no user {user} in the image's /etc/passwd: "
+                                 "add it (useradd) or give a numeric uid")
+        uid, gid, name, home = int(user), 0, None, "/"
+    else:
+        uid, gid, name, home = int(entry[2]), int(entry[3]), entry[0], entry[5] or "/"
+    if grp:
+        g = next((e for e in group if len(e) >= 3 and (e[0] == grp or e[2] == grp)), None)
+        if g is None and not grp.isdigit():
+            raise ContainerError(f"USER {spec}: there is no group {grp} in the image's /etc/group: "
+                                 "add it (groupadd) or give a numeric gid")
+        gid = int(g[2]) if g is not None else int(grp)
+        return uid, gid, [gid], home
+    extra = [int(e[2]) for e in group if len(e) >= 4 and name and name in e[3].split(",")
+             and e[2].isdigit()]
+    return uid, gid, list(dict.fromkeys([gid] + extra)), home
+
+
+def _become_user(cmd: dict, env: dict[str, str]) -> None:
+    """Drop the step to cmd["user"] (ids from the rootfs's own files), setting
+    `__sk_home` (the wrapper's HOME) or, for a shebang step, HOME itself."""
+    uid, gid, groups, home = resolve_user(cmd["user"], _id_file("/etc/passwd"), _id_file("/etc/group"))
+    if cmd.get("home"):
+        env["HOME" if cmd.get("shebang") else "__sk_home"] = home
+    try:
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as e:
+        raise ContainerError(f"USER {cmd['user']} (uid {uid}, gid {gid}) cannot be taken in this "
+                             f"container ({e.strerror}): its ids are outside the user namespace's "
+                             "range (give the build user a subuid/subgid range)") from None
+
+
 def _exec_step(cmd: dict, state_w: int, wrapper_fd: int | None, script_fd: int) -> None:
     """In the forked child: become the step. Never returns."""
     try:
@@ -393,10 +470,14 @@ def _exec_step(cmd: dict, state_w: int, wrapper_fd: int | None, script_fd: int) 
             os.closerange(WRAPPER_FD, WRAPPER_FD + 1)
         os.chdir(cmd.get("cwd") or "/")
         env = {str(k): str(v) for k, v in cmd["env"].items()}
+        if cmd.get("user"):
+            _become_user(cmd, env)
         if cmd.get("shebang"):
             path = f"/proc/self/fd/{SCRIPT_FD}"
             os.execve(path, [path], env)
         os.execve("/bin/sh", ["/bin/sh", "-e", f"/proc/self/fd/{WRAPPER_FD}"], env)
+    except ContainerError as e:
+        os.write(2, f"stacker-kernel: {e}\n".encode(errors="replace"))
     except BaseException as e:
         os.write(2, f"stacker-kernel: cannot start the step: {e}\n".encode(errors="replace"))
     os._exit(127)
@@ -407,7 +488,7 @@ def run_step(cmd: dict, staged: list[StagedMount], grace: float, reader: Command
     """Run one step and answer with its sentinel. Returns when everything the
     step started is dead, its mounts are gone and the sentinel is written."""
     nonce = cmd["nonce"]
-    done = _mount_or_answer(staged, nonce)
+    done = _mount_or_answer(staged, nonce, cmd.get("mounts"))
     if done is None:
         return
     script_fd = _memfd("step", cmd["script"].encode("utf-8", "surrogateescape"))

@@ -28,7 +28,7 @@ import pexpect
 from stacker_kernel.container import limits
 from stacker_kernel.container.step import (
     SCRIPT_FD, SENTINEL_RE, WRAPPER_FD, OutputFilter, ShellState, StepResult, build_wrapper, carry_functions,
-    encode_command, failure_message, format_sentinel, functions_to_check, is_shebang, parse_state_dump,
+    encode_command, failure_message, format_sentinel, functions_to_check, is_shebang, parse_state_dump, step_user,
 )
 from stacker_kernel.container.userns import IdMap
 from stacker_kernel.errors import ContainerError
@@ -36,14 +36,17 @@ from stacker_kernel.storage.store import process_start_time
 
 START_TIMEOUT = 60.0
 INIT_MODULE = "stacker_kernel.container.init"
+ROOT_HOME = "/root"  # every step's HOME (stacker's steps run as root); a USER step gets its own
 
 
 @dataclass
 class Mount:
-    """A host path bound into the container at `dest` during every step."""
+    """A host path bound into the container at `dest` during every step; with a
+    `key`, only during the steps that ask for it (`run_step`'s mounts), at their dest."""
     source: str
     dest: str
     readonly: bool = True
+    key: str | None = None
 
 
 def _overlay_spec(rootfs: str) -> dict | None:
@@ -137,8 +140,13 @@ class Container:
     def run_step(self, script: str, env: dict[str, str], state: ShellState | None,
                  on_output: Callable[[str], None] | None = None, log_path: str | None = None,
                  stream_cap: int = 2_000_000, flush_interval: float = 0.05,
-                 interrupted: Callable[[], bool] | None = None, script_name: str | None = None) -> StepResult:
+                 interrupted: Callable[[], bool] | None = None, script_name: str | None = None,
+                 mounts: list[dict] | None = None) -> StepResult:
         """Run one step and block until it ended and everything it started is dead.
+
+        `mounts` are this step's own: {"key": K, "dest": D, "readonly": B} binds the
+        container's mount K (plus "uid", "gid", "mode" set on an empty directory);
+        {"tmpfs": D, "size": S} mounts a tmpfs.
 
         `script_name` (e.g. "layer web run") replaces the fd paths the shell calls the
         step's script in its error lines.
@@ -155,15 +163,24 @@ class Container:
         if not self.alive:
             return _died_result(0.0, 0)
         nonce, trace = secrets.token_hex(8), secrets.token_hex(8)
+        user, body = step_user(script)
         shebang = is_shebang(script)
-        cmd = {"op": "run", "nonce": nonce, "script": script, "shebang": shebang}
+        cmd = {"op": "run", "nonce": nonce, "script": body, "shebang": shebang}
+        # HOME as Docker gives a RUN after USER: the user's, unless the environment sets
+        # another (root's HOME, every step's default, is not the user's)
+        user_home = user is not None and env.get("HOME", ROOT_HOME) == ROOT_HOME
+        if user is not None:
+            cmd["user"], cmd["home"] = user, user_home
+        if mounts:
+            cmd["mounts"] = mounts
         if shebang:
             cmd["env"] = state.environment(env) if state else dict(env)
             cmd["cwd"] = state.cwd if state else "/"
         else:
             cmd["env"] = dict(env)
-            defined, functions, unclear = functions_to_check(script, state)
-            cmd["wrapper"] = build_wrapper(state, env, trace, functions, unclear)
+            defined, functions, unclear = functions_to_check(body, state)
+            cmd["wrapper"] = build_wrapper(state, env, trace, functions, unclear,
+                                           user_home=user_home)
         filt = OutputFilter(nonce, None if shebang else trace, user_trace=bool(state and state.user_trace))
         sink = _OutputSink(on_output, log_path, stream_cap, flush_interval,
                            _ScriptNamer(script_name) if script_name else None)

@@ -33,10 +33,15 @@ SCRIPT_FD = 11
 
 # Variables the shell owns or recomputes: never saved, never restored.
 SPECIAL_VARS = (
-    "PPID PWD OLDPWD OPTIND LINENO RANDOM SECONDS PS1 PS2 PS4 _ SHLVL EUID UID GROUPS "
-    "FUNCNAME HISTCMD SHELLOPTS BASHOPTS DIRSTACK PIPESTATUS IFS"
+    "PWD OLDPWD OPTIND LINENO RANDOM SECONDS PS1 PS2 PS4 _ SHLVL "
+    "FUNCNAME HISTCMD DIRSTACK PIPESTATUS IFS"
 ).split()
 _SPECIAL_PATTERN = "|".join(SPECIAL_VARS + ["BASH*", "__sk_*"])
+# Variables some shells own (bash: read-only UID, EUID, PPID...; dash: PPID) that are
+# ordinary in others, and often a Dockerfile's ARG or ENV (ARG UID=1000): saved
+# when exported (as a build argument is), restored where the shell lets them be set.
+GUARDED_VARS = "UID EUID GROUPS PPID SHELLOPTS BASHOPTS".split()
+_GUARDED_PATTERN = "|".join(GUARDED_VARS)
 #: `set` options the wrapper applies (x is the wrapper's too: see XTRACE)
 CARRIED_OPTIONS = "aCfuv"
 #: the letter a ShellState's options carry when the user's own `set -x` is on
@@ -158,9 +163,37 @@ def failure_message(status: int, has_state: bool, failed_command: str | None,
     return f"step failed with status {status}{at}"
 
 
+#: first line of a step that runs as another user (a cell's `%user USER[:GROUP]`;
+#: recipe/model.USER_MARKER writes it)
+USER_MARKER = "#%user "
+
+
+#: a first line of a step with a mount of its own (recipe/model.MOUNT_MARKER)
+MOUNT_MARKER = "#%mount "
+
+
+def step_directives(script: str) -> tuple[str | None, list[str], str]:
+    """The user a step runs as (None: root), its mount specs, and its script
+    without the marker lines."""
+    user, mounts = None, []
+    while script.startswith((USER_MARKER, MOUNT_MARKER)):
+        first, _, script = script.partition("\n")
+        if first.startswith(USER_MARKER):
+            user = first[len(USER_MARKER):].strip() or None
+        else:
+            mounts.append(first[len(MOUNT_MARKER):].strip())
+    return user, mounts, script
+
+
+def step_user(script: str) -> tuple[str | None, str]:
+    """The user a step runs as (None: root) and its script without the marker lines."""
+    user, _, body = step_directives(script)
+    return user, body
+
+
 def is_shebang(script: str) -> bool:
     """True when the step chooses its own interpreter (`#!` first line), as in stacker."""
-    return script.startswith("#!")
+    return step_user(script)[1].startswith("#!")
 
 
 def sh_quote(value: str) -> str:
@@ -177,10 +210,12 @@ def _restore_lines(state: ShellState, env: dict[str, str]) -> list[str]:
     if gone:
         lines.append("unset -v " + " ".join(sorted(gone)))
     for name, value in sorted(state.plain.items()):
-        if _NAME_RE.match(name) and name not in SPECIAL_VARS:
+        if _NAME_RE.match(name) and name not in SPECIAL_VARS + GUARDED_VARS:
             lines.append(f"{name}={sh_quote(value)}")
     for name, value in sorted(state.exported.items()):
-        if _NAME_RE.match(name) and name not in SPECIAL_VARS:
+        if name in GUARDED_VARS:  # a read-only one would end the shell: try in a subshell first
+            lines.append(f"if ({name}=) 2>/dev/null; then {name}={sh_quote(value)}; export {name}; fi")
+        elif _NAME_RE.match(name) and name not in SPECIAL_VARS:
             lines.append(f"{name}={sh_quote(value)}; export {name}")
     if "IFS" in state.plain:
         lines.append(f"IFS={sh_quote(state.plain['IFS'])}")
@@ -251,6 +286,7 @@ for __sk_l in $__sk_set; do
   case $__sk_l in [A-Za-z_]*=*) ;; *) continue ;; esac
   __sk_n=${__sk_l%%=*}
   case $__sk_n in *[!A-Za-z0-9_]*|@SPECIAL@) continue ;; esac
+  case $__sk_n in @GUARDED@) case $__sk_x in *" $__sk_n "*) ;; *) continue ;; esac ;; esac
   eval "__sk_s=\${$__sk_n+x}"
   case $__sk_s in x) ;; *) continue ;; esac
   case $__sk_x in *" $__sk_n "*) __sk_t=x ;; *) __sk_t=v ;; esac
@@ -262,7 +298,7 @@ esac
 printf 'e\0'
 } >&@STATE_FD@
 exit 0
-""".replace("@SPECIAL@", _SPECIAL_PATTERN).replace("@DEFAULT_IFS@", sh_quote(DEFAULT_IFS)) \
+""".replace("@SPECIAL@", _SPECIAL_PATTERN).replace("@GUARDED@", _GUARDED_PATTERN).replace("@DEFAULT_IFS@", sh_quote(DEFAULT_IFS)) \
    .replace("@STATE_FD@", str(STATE_FD))
 
 
@@ -278,7 +314,8 @@ def trace_marker(token: str, quoted: bool = True, nested: bool = False) -> bytes
 
 
 def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: str,
-                  functions: tuple[str, ...] = (), unclear: tuple[str, ...] = ()) -> str:
+                  functions: tuple[str, ...] = (), unclear: tuple[str, ...] = (),
+                  user_home: bool = False) -> str:
     """The `/bin/sh -e` script that restores `state`, traces and sources the
     user's script from fd SCRIPT_FD, and dumps the state after it to fd STATE_FD.
 
@@ -287,8 +324,17 @@ def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: st
     from the sentinel nonce: the script can read PS4. `functions` are the
     names whose existence as functions the dump reports (for `sh_functions`);
     `unclear` those that get a note when they exist (they cannot carry).
+    `user_home`: the step runs as another user whose home init gives in
+    `__sk_home`: HOME is that home during the step (as Docker sets it for a
+    RUN when the image's environment has no HOME), and what it was after it,
+    unless the script set HOME itself.
     """
     lines = _restore_lines(state, env) if state is not None else []
+    after = ""
+    if user_home:
+        lines.append('__sk_hs=${HOME+x}; __sk_h=${HOME-}; HOME=$__sk_home; export HOME')
+        after = ('case $HOME in "$__sk_home") case $__sk_hs in x) HOME=$__sk_h ;; *) unset HOME ;; '
+                 'esac ;; esac\n')
     quoted, plain = (sh_quote(trace_marker(trace_token, q).decode()) for q in (True, False))
     nested = sh_quote(trace_marker(trace_token, nested=True).decode())
     # dash traces arguments unquoted, bash the sourced script one level deeper: PS4 tells the filter
@@ -301,7 +347,7 @@ def build_wrapper(state: ShellState | None, env: dict[str, str], trace_token: st
     lines.append("; ".join(run))
     def words(names: tuple[str, ...]) -> str:
         return " ".join(n for n in names if _NAME_RE.match(n))
-    return ("\n".join(lines) + "\n"
+    return ("\n".join(lines) + "\n" + after
             + _POSTAMBLE.replace("@FUNCTIONS@", words(functions)).replace("@UNCLEAR@", words(unclear)))
 
 

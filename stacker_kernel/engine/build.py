@@ -61,18 +61,43 @@ def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None)
     name = layer_name_for(path)
     build_context = os.path.dirname(os.path.abspath(path))
 
+    from stacker_kernel.recipe import dockerignore
+
+    ignore_file = os.path.join(build_context, ".dockerignore")
+    try:
+        ignored = dockerignore.parse(Path(ignore_file).read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        ignored = []
+    except OSError as e:
+        raise RecipeError(f"cannot read {ignore_file}: {e.strerror}") from None
+
     def match(pattern: str) -> list[str]:  # as Docker: `*` matches dot files too
         import glob
 
-        return glob.glob(pattern, root_dir=build_context, include_hidden=True)
+        return [p for p in glob.glob(pattern, root_dir=build_context, include_hidden=True)
+                if not dockerignore.excluded(ignored, p)]
 
+    # A local OCI base's ONBUILD triggers run in the stages FROM it, as Docker runs them.
+    base_onbuild = {}
+    for source in set(options.bases.values()):
+        if source.startswith("oci:"):
+            from stacker_kernel.oci.layout import OCILayout
+
+            layout, _, tag = source[4:].rpartition(":")
+            try:
+                config = OCILayout(layout).resolve(tag).config.get("config") or {}
+            except (OSError, ValueError, KeyError, StackerKernelError):  # fails where it is imported
+                continue
+            if isinstance(config.get("OnBuild"), list):
+                base_onbuild[source] = [str(t) for t in config["OnBuild"]]
     try:
         nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
-                                           bases=options.bases, context=context, match=match)
+                                           bases=options.bases, context=context, match=match,
+                                           target=options.target, all_stages=options.all_stages,
+                                           dockerignore=os.path.exists(ignore_file),
+                                           base_onbuild=base_onbuild)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
-    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), ".dockerignore")):
-        warnings.append(".dockerignore is not applied: COPY and ADD take every file they name")
     for w in warnings:
         (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {path}: {w}")
     return nb, name
@@ -172,7 +197,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
           stream: Callable[[str], None] | None = None, cache: CacheSettings | None = None,
           on_failure: list[str] | None = None, dockerfile=None,
           layer_types: tuple[Any, ...] | None = None, attestations=None,
-          replay_cached: bool = False, require_hash: bool = False) -> BuildResult:
+          replay_cached: bool = False, require_hash: bool = False,
+          secrets: dict[str, tuple[str, str]] | None = None) -> BuildResult:
     """Build every layer of `path` in dependency order; print a line per layer and step.
 
     Step output goes to `stream` (default: stdout as it comes). `cache` names the
@@ -188,6 +214,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     A cached step is one line, as stacker's `found cached layer NAME`; with
     `replay_cached` its stored output is shown again too. `require_hash` refuses
     an http(s) import without a hash before anything runs (stacker's --require-hash).
+    `secrets` (id -> ("src", FILE) or ("env", VARIABLE)) are what secret mounts show.
     """
     recipes = load_recipes(path, substitutions, dockerfile)
     if require_hash:
@@ -204,6 +231,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                                 default_layer=Path(path).stem, base_dir=os.path.dirname(abspath))
     # keep_failed: the failed step's rootfs stays, for the shell and chroot
     session.options = Options(keep_failed=True, use_cache=not no_cache, replay_cached=replay_cached)
+    session.secrets = dict(secrets or {})
     _drop_failed_states(store, abspath, session.session.id)
     result = BuildResult(session)
     pushes_reported = False

@@ -85,6 +85,21 @@ def carried_yaml(text: str | None) -> str | None:
     return dump(recipe)
 
 
+def images_to_write(specs: list[ImageSpec]) -> list[ImageSpec]:
+    """The specs whose layers reach the layout: every image (not build_only) and the
+    layers it is built on. A build_only layer nothing is built on (a Dockerfile stage
+    only copied from) gets no tag, so its blobs would be garbage in the layout."""
+    by_name = {s.name: s for s in specs}
+    needed: set[str] = set()
+    for spec in specs:
+        if not spec.build_only:
+            s: ImageSpec | None = spec
+            while s is not None and s.name not in needed:
+                needed.add(s.name)
+                s = by_name.get(s.parent) if s.parent else None
+    return [s for s in specs if s.name in needed]
+
+
 def export_session_oci(session, oci_dir: str, *, squash: bool = False,
                        stacker_yaml: str | None = None, annotations_namespace: str = "io.stackeroci",
                        progress=None,
@@ -100,7 +115,7 @@ def export_session_oci(session, oci_dir: str, *, squash: bool = False,
     # after the layer's run); their labels join the image config, not the recipe.
     layers = {name: replace(layer, labels={**layer.labels, **session.generated_labels(name)})
               if layer.generate_labels else layer for name, layer in session.recipe.layers.items()}
-    specs = image_specs(session.store, history, session.session.tags, layers)
+    specs = images_to_write(image_specs(session.store, history, session.session.tags, layers))
     epoch = source_date_epoch_from_env()
     tags = export_image(oci_dir, specs, source_date_epoch=epoch,
                         annotations_namespace=annotations_namespace, stacker_yaml=stacker_yaml,
@@ -119,7 +134,7 @@ def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: 
     provenance (as `attestations` says); returns the tags."""
     history = [s for s in (store.get(i) for i in sess.history) if s is not None]
     stacker_yaml = carried_yaml(stacker_yaml)
-    specs = image_specs(store, history, sess.tags, layers or {})
+    specs = images_to_write(image_specs(store, history, sess.tags, layers or {}))
     epoch = source_date_epoch_from_env()
     tags = export_image(oci_dir, specs, source_date_epoch=epoch,
                         stacker_yaml=stacker_yaml, squash=squash, layer_cache=layer_cache(store),

@@ -40,8 +40,16 @@ def _source_path(imp, base_dir: str, download_dir: Path, fetch_layer_path=None) 
         try:
             with urllib.request.urlopen(path, timeout=60) as r, open(dest, "wb") as f:
                 shutil.copyfileobj(r, f)
+                modified = r.headers.get("Last-Modified")
         except OSError as e:
             raise RecipeError(f"cannot download import {path}: {e}") from None
+        if modified:  # the file's time is the server's, as Docker's ADD of a URL sets it
+            from email.utils import parsedate_to_datetime
+            try:
+                t = parsedate_to_datetime(modified).timestamp()
+                os.utime(dest, (t, t))
+            except (TypeError, ValueError, OverflowError):
+                pass
         return dest
     if "://" in path:
         raise RecipeError(f"import {path}: only local paths and http(s) URLs can be imported here")
@@ -88,9 +96,9 @@ def stage(layer, dest_dir: Path, base_dir: str, fetch_layer_path=None) -> str:
     dest_dir.mkdir(parents=True)
     if not layer.imports:
         return ""
+    ignore = _dockerignore(layer, base_dir)
     for imp in layer.imports:
         src = _source_path(imp, base_dir, dest_dir.parent / (dest_dir.name + ".downloads"), fetch_layer_path)
-        name = os.path.basename(str(src).rstrip("/"))
         if imp.within is not None:
             src = _in_context(imp, src)
         if imp.hash:
@@ -100,14 +108,67 @@ def stage(layer, dest_dir: Path, base_dir: str, fetch_layer_path=None) -> str:
             got = _file_digest(src)
             if got.lower() != imp.hash.lower().removeprefix("sha256:"):
                 raise RecipeError(f"import {imp.path} has sha256 {got}, not the {imp.hash} the recipe says")
+        name = staged_name(imp)
         target = dest_dir / name
+        skip = ignore(imp, src) if ignore is not None else None
         if src.is_dir():
-            shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+            shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True, ignore=skip)
         else:
             shutil.copy2(src, target)
         if imp.mode is not None and target.is_file():
             os.chmod(target, imp.mode)
     return tree_digest(dest_dir)
+
+
+def _dockerignore(layer, base_dir: str):
+    """For a layer with `dockerignore`: a function giving, per import from that file's
+    directory (the build context), the copytree `ignore` of what it excludes; it raises
+    RecipeError for an import that is excluded whole (as Docker's COPY fails)."""
+    from stacker_kernel.recipe import dockerignore as di
+
+    if not layer.dockerignore:
+        return None
+    path = os.path.join(base_dir, layer.dockerignore)
+    try:
+        patterns = di.parse(Path(path).read_text(encoding="utf-8", errors="replace"))
+    except OSError as e:
+        raise RecipeError(f"%dockerignore {layer.dockerignore}: cannot read it ({e.strerror})") from None
+    context = os.path.realpath(os.path.dirname(path))
+
+    def rel(p: str) -> str | None:
+        r = os.path.relpath(os.path.realpath(os.path.dirname(p)), context)
+        r = os.path.normpath(os.path.join(r, os.path.basename(p)))
+        return None if r == ".." or r.startswith("../") else r.replace(os.sep, "/")
+
+    def kept_below(host_dir: str, r: str) -> bool:  # an exception includes something inside
+        if not di.may_include_below(patterns, r):
+            return False
+        for dirpath, dirs, files in os.walk(host_dir):
+            for n in files + dirs:
+                sub = os.path.relpath(os.path.join(dirpath, n), context).replace(os.sep, "/")
+                if not di.excluded(patterns, sub):
+                    return True
+        return False
+
+    def for_import(imp, src: Path):
+        r = rel(str(src).rstrip("/")) if str(src) != context else "."
+        if r is None:
+            return None  # not from the context (another layer, a download)
+        if r != "." and di.excluded(patterns, r) and not (src.is_dir() and kept_below(str(src), r)):
+            raise RecipeError(f"import {imp.path} is excluded by {layer.dockerignore}: change the "
+                              "pattern that excludes it or do not copy it")
+
+        def skip(directory: str, names: list[str]) -> set[str]:
+            out = set()
+            for n in names:
+                sub = rel(os.path.join(directory, n))
+                full = os.path.join(directory, n)
+                if sub is not None and di.excluded(patterns, sub) and not (
+                        os.path.isdir(full) and not os.path.islink(full) and kept_below(full, sub)):
+                    out.add(n)
+            return out
+        return skip
+    return for_import
 
 
 def tree_digest(root: Path) -> str:
@@ -130,8 +191,10 @@ def tree_digest(root: Path) -> str:
 
 
 def staged_name(imp) -> str:
-    """The name an import has in the staging dir (and at /stacker/imports)."""
-    return os.path.basename(imp.path.rstrip("/")) or "import"
+    """The name an import has in the staging dir (and at /stacker/imports); `import`
+    for a path without a name of its own (`.`, the directory the recipe is in)."""
+    name = os.path.basename(os.path.normpath(imp.path.rstrip("/") or "/"))
+    return name if name not in ("", ".", "..", "/") else "import"
 
 
 def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, bool, str, int | None, int | None, int | None]]) -> None:
@@ -174,7 +237,7 @@ def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, bool, str, i
         if ".." in dest.split("/") or name in ("", ".."):  # the recipe checks refuse it; never act on it
             raise RecipeError(f"import dest {dest}: has a '..': write it without")
         src = os.path.join(staged, name)
-        owner = (0 if uid is None else uid, 0 if gid is None else gid)
+        owner = _owner(rootfs, uid, gid, dest)
         is_dir = os.path.isdir(src) and not os.path.islink(src)
         # A directory's contents into dest is the directory put at dest (merged or replacing).
         if dest.endswith("/") and not (is_dir and contents):
@@ -187,6 +250,35 @@ def land_in_rootfs(staged: str, rootfs: str, items: list[tuple[str, bool, str, i
             _merge_dir(src, host_parent, mode, owner)
         else:
             _put(src, os.path.join(host_parent, entry), mode, owner)
+
+
+def _id_entries(rootfs: str, path: str) -> list[list[str]]:
+    """The entries of the rootfs's /etc/passwd or /etc/group (symlinks resolve inside it)."""
+    try:
+        with open(_dest_in_root(rootfs, path), encoding="utf-8", errors="replace") as f:
+            return [ln.rstrip("\n").split(":") for ln in f if ln.strip() and not ln.startswith("#")]
+    except (OSError, RecipeError):
+        return []
+
+
+def _owner(rootfs: str, uid, gid, dest: str) -> tuple[int, int]:
+    """Numeric owner of an import: names from the image's /etc/passwd and /etc/group;
+    a named uid without gid takes the gid of the same number (as Docker's --chown)."""
+    if isinstance(uid, str):
+        entry = next((e for e in _id_entries(rootfs, "/etc/passwd") if len(e) > 2 and e[0] == uid), None)
+        if entry is None or not entry[2].isdigit():
+            raise RecipeError(f"import dest {dest}: there is no user {uid} in the image's /etc/passwd: "
+                              "add it before, or give a numeric uid")
+        uid = int(entry[2])
+        if gid is None:
+            gid = uid
+    if isinstance(gid, str):
+        entry = next((e for e in _id_entries(rootfs, "/etc/group") if len(e) > 2 and e[0] == gid), None)
+        if entry is None or not entry[2].isdigit():
+            raise RecipeError(f"import dest {dest}: there is no group {gid} in the image's /etc/group: "
+                              "add it before, or give a numeric gid")
+        gid = int(entry[2])
+    return (0 if uid is None else uid, 0 if gid is None else gid)
 
 
 def _make_dirs(rootfs: str, host_dir: str, dest: str) -> None:

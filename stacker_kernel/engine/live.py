@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
+from stacker_kernel.container.runtime import ROOT_HOME, Container, ContainerConfig, Mount
 from stacker_kernel.engine import imports as imports_mod
 from stacker_kernel.errors import StepError
 from stacker_kernel.recipe.model import ImageSource, Layer
@@ -33,7 +33,7 @@ def build_environment(layer: Layer, host_env: dict[str, str] | None = None) -> d
     """The environment of a `run` step, as stacker builds it (not `environment:`)."""
     host_env = os.environ if host_env is None else host_env
     # HOME as a login shell of the steps' user (root) has it, as in stacker's containers
-    env = {"PATH": BUILD_PATH, "HOME": "/root"}
+    env = {"PATH": BUILD_PATH, "HOME": ROOT_HOME}
     patterns = DEFAULT_PASSTHROUGH if layer.build_env_passthrough is None else layer.build_env_passthrough
     for key, value in host_env.items():
         if value and any(re.fullmatch(p, key) for p in patterns):
@@ -117,13 +117,20 @@ class LiveRootfs:
         self.before_commit()
         run_in_userns(imports_mod.land_in_rootfs, str(self.imports_dir), str(self.path), items)
 
-    def ensure_container(self, layer: Layer, base_dir: str, network: str) -> Container:
-        """The container on the rootfs, started for `layer` (its imports and binds) if needed."""
+    def ensure_container(self, layer: Layer, base_dir: str, network: str,
+                         step_mounts: list[Mount] = ()) -> Container:
+        """The container on the rootfs, started for `layer` (its imports and binds) if needed,
+        with `step_mounts` (the mounts a step asks for by key) staged in it."""
         if self.container is not None and self.container.alive:
-            if self.container.config.network == network:
+            have = {(m.key, m.source) for m in self.container.config.mounts if m.key}
+            if self.container.config.network == network and \
+                    all((m.key, m.source) in have for m in step_mounts):
                 return self.container
-            # `%network` changed: the mode is the container's, so start it again (the
-            # live rootfs and the shell state carry over, as between any two steps).
+            # `%network` changed, or a step needs a mount the container lacks: the mode and the
+            # mounts are the container's, so start it again (the live rootfs and the shell
+            # state carry over, as between any two steps); the mounts staged before stay.
+            step_mounts = [m for m in self.container.config.mounts if m.key
+                           and m.key not in {s.key for s in step_mounts}] + list(step_mounts)
             self.stop_container()
         # The legacy `import:` key put files at /stacker/ (stacker < 1.0); `imports:` at /stacker/imports.
         where = "/stacker" if layer.uses_legacy_import() else "/stacker/imports"
@@ -133,6 +140,7 @@ class LiveRootfs:
             if not os.path.exists(src):
                 raise StepError(f"bind source {src} does not exist: fix the binds of layer {layer.name}")
             mounts.append(Mount(src, b.dest or b.source, readonly=False))
+        mounts += step_mounts
         self.container = Container.start(ContainerConfig(rootfs=str(self.path), mounts=mounts,
                                                          network=network))
         return self.container

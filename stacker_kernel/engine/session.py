@@ -149,7 +149,8 @@ class Differences:
         out = cls()
         for s in built:
             if s.cell_id not in pos:
-                out.gone.append(named(s.cell_id, s.source))
+                if ran_at.get(s.cell_id, 0.0) <= doc.saved_at:  # (run since: not saved yet)
+                    out.gone.append(named(s.cell_id, s.source))
             elif (scripts.get(s.cell_id) is not None and scripts[s.cell_id].strip() != s.source.strip()
                   and ran_at.get(s.cell_id, 0.0) <= doc.saved_at):  # (run since: the file is behind)
                 out.edited.append(named(s.cell_id, scripts[s.cell_id]))
@@ -230,6 +231,43 @@ class RecordedRecipe:
         return out
 
 
+def _host_path(root: str, path: str) -> str:
+    from stacker_kernel.engine.inspect import resolve_in_root
+
+    return resolve_in_root(root, path)
+
+
+def _glob_in_root(root: str, pattern: str) -> list[str]:
+    """The container paths of rootfs `root` that `pattern` matches, sorted; each part
+    as Go's filepath.Match (`*` stays within a part), symlinks resolved inside root."""
+    import fnmatch
+
+    from stacker_kernel.engine.inspect import GrabError, resolve_in_root
+
+    found = ["/"]
+    for part in [p for p in pattern.split("/") if p]:
+        nxt = []
+        for base in found:
+            if not any(c in part for c in "*?["):
+                nxt.append(os.path.join(base, part))
+                continue
+            try:
+                host = resolve_in_root(root, base)
+                names = sorted(os.listdir(host)) if os.path.isdir(host) else []
+            except (GrabError, OSError):
+                names = []
+            nxt += [os.path.join(base, n) for n in names if fnmatch.fnmatchcase(n, part)]
+        found = nxt
+    out = []
+    for p in found:
+        try:
+            resolve_in_root(root, p)
+            out.append(p)
+        except (GrabError, OSError):
+            pass
+    return out
+
+
 class BuildSession:
     """A notebook's (or a build's) sequence of layers and steps over one store."""
 
@@ -242,6 +280,7 @@ class BuildSession:
         self.external_built = resolve_built
         self.options = Options()
         self.remote_cache = None  # engine/remote_cache.RemoteCache: --cache-from/--cache-to, %cache
+        self.secrets: dict[str, tuple[str, str]] = {}  # id -> ("src", FILE) | ("env", VAR): --secret
         self.resumed: StepView | None = None
         self.identity = None  # engine.identity.Identity: how open() found the session
         # How the face names a cell in messages (a kernel: its prompt, [3]), and the saved
@@ -397,6 +436,7 @@ class BuildSession:
         with self._lock:
             self._stop_container()
             self._history.stop_measuring()
+            shutil.rmtree(self._mount_scratch(), ignore_errors=True)  # secrets, rw bind copies
             try:
                 self.store.end_session(self.session.id)
             except StackerKernelError:
@@ -674,9 +714,25 @@ class BuildSession:
             self._land_dest_imports()
 
     def _fetch_layer_path(self, layer: str, path: str, dest: str) -> str:
+        """Copy `path` of a built layer to `dest`. A path with wildcards (`*`, `?`, `[`,
+        as Docker's COPY --from takes them) copies what matches: one file as itself,
+        else the matches into the directory `dest`, a directory's contents merged."""
         from stacker_kernel.engine.inspect import grab
 
-        return grab(self._resolve_built(layer).path, path, dest)
+        root = str(self._resolve_built(layer).path)
+        if not any(c in path for c in "*?["):
+            return grab(root, path, dest)
+        matches = _glob_in_root(root, path)
+        if not matches:
+            raise RecipeError(f"import stacker://{layer}{path}: no path of layer {layer} matches it")
+        # a trailing / asks for the matches in a directory (a COPY into a directory)
+        if len(matches) == 1 and not path.endswith("/") and not os.path.isdir(_host_path(root, matches[0])):
+            return grab(root, matches[0], dest, into=False)
+        os.makedirs(dest, exist_ok=True)
+        for m in matches:
+            is_dir = os.path.isdir(_host_path(root, m))
+            grab(root, m, dest if is_dir else os.path.join(dest, os.path.basename(m)), into=False)
+        return dest
 
     def _land_dest_imports(self) -> None:
         """Imports with `dest` land in the image, as stacker does: as their own
@@ -706,19 +762,40 @@ class BuildSession:
             self._replace_live(stored)
         self._advance(stored)
 
-    def _ensure_container(self) -> Container:
-        return self._live.ensure_container(self.layer, self._run.base_dir, self.network)
+    def _ensure_container(self, step_mounts: list[Mount] = ()) -> Container:
+        return self._live.ensure_container(self.layer, self._run.base_dir, self.network, step_mounts)
+
+    def _mount_scratch(self) -> Path:
+        return self.store.root / "tmp" / f"mounts-{self.session.id}"
+
+    def _mount_plan(self, script: str):
+        """The step's own mounts (engine/run_mounts.py); an empty plan for most steps."""
+        from stacker_kernel.container.step import step_directives
+        from stacker_kernel.engine.run_mounts import MountPlan, plan
+
+        specs = step_directives(script)[1]
+        if not specs:
+            return MountPlan()
+
+        def built_path(name: str) -> str:
+            return str(self._resolve_built(name).path)
+        return plan(specs, storage=self.store.root, scratch=self._mount_scratch(),
+                    base_dir=self._run.base_dir, secrets=self.secrets, built_path=built_path)
 
     def _stop_container(self) -> None:
         self._live.stop_container()
 
     # --- steps ---------------------------------------------------------------
 
-    def cache_key(self, script: str, env: dict[str, str]) -> str:
-        """The cache key of `script` run next, with `env`, in this session."""
+    def cache_key(self, script: str, env: dict[str, str], mounts_digest: str | None = None) -> str:
+        """The cache key of `script` run next, with `env`, in this session (and what the
+        step's bind mounts show: `mounts_digest`, computed when not given)."""
+        if mounts_digest is None:
+            mounts_digest = self._mount_plan(script).digest
+        imports = self._live.imports_digest + (f"+mounts:{mounts_digest}" if mounts_digest else "")
         return key_of(StepInputs(parent=self.head.id if self.head else "",
                                   state=self.state.to_json() if self.state else None,
-                                  script=script, imports=self._live.imports_digest,
+                                  script=script, imports=imports,
                                   env=env, network=self.network))
 
     def run_step(self, script: str, cell_id: str | None = None,
@@ -761,7 +838,8 @@ class BuildSession:
             self._ensure_live(on_output, on_progress)
             self._check_shell()
             env = build_environment(self.layer)
-            key = self.cache_key(script, env)
+            mount_plan = self._mount_plan(script)
+            key = self.cache_key(script, env, mount_plan.digest)
             if self.use_cache and not self.layer.binds and not self.inspecting_failure:
                 # Under the write lock, so a concurrent gc cannot delete the hit
                 # between finding it and the session pointing at it.
@@ -779,13 +857,14 @@ class BuildSession:
                     remote = self.remote_cache.lookup(self, key, script, cell_id, on_output)
                     if remote is not None:
                         return remote
-            container = self._ensure_container()
+            container = self._ensure_container(mount_plan.mounts)
             state = self.state
         log_tmp = self.store.root / "logs" / f"running-{self.session.id}"
         log_tmp.parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
         try:
             result = container.run_step(script, env, state, on_output=on_output, log_path=str(log_tmp),
+                                    mounts=mount_plan.requests,
                                     interrupted=lambda: self._interrupt_requested,
                                     script_name=f"layer {self.layer.name} "
                                                 + (f"cell {cell_id[:8]}" if cell_id else "run"))

@@ -625,6 +625,8 @@ def _apply_directives(image: _Image, layer: Any) -> None:
         cfg["ExposedPorts"] = {**(cfg.get("ExposedPorts") or {}), **{p: {} for p in ports.split()}}
     if annotations.get(CONFIG_ANNOTATION + "StopSignal"):
         cfg["StopSignal"] = annotations[CONFIG_ANNOTATION + "StopSignal"]
+    if annotations.get(CONFIG_ANNOTATION + "OnBuild"):  # a Dockerfile's ONBUILD (a JSON list)
+        cfg["OnBuild"] = json.loads(annotations[CONFIG_ANNOTATION + "OnBuild"])
     if getattr(layer, "os", None):
         image.config["os"] = layer.os
     if getattr(layer, "arch", None):

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.model import (
-    SOURCE_TYPES, Bind, ImageSource, Import, Layer, check_import, check_imports_kinds,
-    check_layer_name, check_source,
+    MOUNT_MARKER, SOURCE_TYPES, USER_MARKER, Bind, ImageSource, Import, Layer, check_import, check_imports_kinds,
+    check_layer_name, check_source, parse_mount,
 )
 
 from stacker_kernel.recipe.script import (  # noqa: F401 (split_script, join_steps: part of this module's interface)
@@ -214,6 +214,20 @@ def _parse_from(rest: str) -> ImageSource:
     return src
 
 
+def _mount(rest: str) -> str:
+    spec = rest.strip()
+    try:
+        parse_mount(spec)
+    except RecipeError as e:
+        raise _Bad(str(e)) from None
+    return spec
+
+
+def _id(text: str, what: str) -> int | str:
+    """A uid or gid: a number, or a name the image's /etc/passwd or /etc/group gives."""
+    return text if re.match(r"[A-Za-z_]", text) else _int(text, what)
+
+
 def _parse_import(rest: str) -> list[Import]:
     pos, opts = _options(_tokens(rest), {"dest": True, "mode": True, "uid": True,
                                           "gid": True, "hash": True, "legacy": False})
@@ -222,8 +236,8 @@ def _parse_import(rest: str) -> list[Import]:
     for path in pos:
         imp = Import(path, hash=opts.get("hash"), dest=opts.get("dest"),
                      mode=_int(opts["mode"], "mode", 8) if "mode" in opts else None,
-                     uid=_int(opts["uid"], "uid") if "uid" in opts else None,
-                     gid=_int(opts["gid"], "gid") if "gid" in opts else None,
+                     uid=_id(opts["uid"], "uid") if "uid" in opts else None,
+                     gid=_id(opts["gid"], "gid") if "gid" in opts else None,
                      legacy="legacy" in opts)
         try:
             check_import(imp, "")
@@ -408,6 +422,16 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
     (MagicSpec("volumes", "%volumes PATH ...", "image volumes", False, "list[str]"),
      lambda rest: _count(_tokens(rest), 1, 999)),
     (MagicSpec("runtime_user", "%runtime_user USER", "image user", False, "str"), _one),
+    (MagicSpec("dockerignore", "%dockerignore FILE", "imports from FILE's directory skip what "
+               "FILE excludes (Docker's .dockerignore rules)", False, "str"), _one),
+    (MagicSpec("mount", "%mount type=cache|bind|secret|tmpfs,target=PATH[,OPTION=VALUE...]",
+               "a mount of this cell's step only, as a Dockerfile's RUN --mount: cache (kept in "
+               "your storage between builds), bind (a context path or from=LAYER, read-only "
+               "unless rw), secret (id=ID, given with --secret), tmpfs", False, "str"),
+     _mount),
+    (MagicSpec("user", "%user USER[:GROUP]", "run this cell's script as USER (names from the "
+               "image's /etc/passwd and /etc/group, or numbers), HOME the user's", False, "str"),
+     _one),
     (MagicSpec("annotations", "%annotations K=V ...", "image manifest annotations", False,
                "dict[str, str]"), _pairs),
     (MagicSpec("build_only", "%build_only", "build the layer but emit no image", False,
@@ -512,6 +536,12 @@ def parse_cell(text: str) -> Cell:
         if d.name == "layer":
             raise RecipeError(f"%layer on line {d.line} is not the cell's first magic: "
                               "start the new layer in its own cell or put %layer first")
+    users = [d.args for d in directives if d.name == "user"]
+    mounts = [d.args for d in directives if d.name == "mount"]
+    if script.strip():  # the step carries its user and mounts (see model.Step)
+        script = "".join(f"{MOUNT_MARKER}{m}\n" for m in mounts) + script
+        if users:
+            script = f"{USER_MARKER}{users[-1]}\n{script}"
     return Cell(directives, script)
 
 
@@ -573,6 +603,8 @@ def apply_directive(layer: Layer, d: Directive, script: str = "") -> Layer:
         new.build_only = True
     elif d.name == "generate_labels":
         new.generate_labels = script
+    elif d.name in ("user", "mount"):
+        pass  # the cell's step, not the layer (parse_cell marks its script)
     else:  # cmd, entrypoint, full_command, working_dir, runtime_user, os, arch
         setattr(new, d.name, copy.deepcopy(a))
     return new
@@ -633,7 +665,7 @@ def format_directives(layer: Layer) -> str:
     for magic in ("cmd", "entrypoint", "full_command"):
         if getattr(layer, magic) is not None:
             out.append(f"%{magic} {_command_text(getattr(layer, magic))}")
-    for magic in ("working_dir", "runtime_user", "os", "arch"):
+    for magic in ("working_dir", "runtime_user", "os", "arch", "dockerignore"):
         if getattr(layer, magic) is not None:
             out.append(f"%{magic} {_q(getattr(layer, magic))}")
     if layer.volumes:

@@ -50,14 +50,17 @@ class Import:
     `mode`, `uid`, `gid` are None when unset; a trailing `/` on `path` or
     `dest` is significant and kept. `within` (set by the engine for a
     Dockerfile's COPY, never written to a recipe) is the build context: the
-    path and its symlinks resolve inside it, as Docker's COPY.
+    path and its symlinks resolve inside it, as Docker's COPY. Ours, not stacker's: `uid`/`gid` may be
+    names of the image's /etc/passwd and /etc/group (a Dockerfile's
+    `COPY --chown=app:app`), and a named uid without gid means the gid of the
+    same number (Docker's rule).
     """
     path: str
     hash: str | None = None
     dest: str | None = None
     mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
+    uid: int | str | None = None
+    gid: int | str | None = None
     legacy: bool = False
     within: str | None = field(default=None, compare=False)
 
@@ -73,15 +76,69 @@ class Bind:
     dest: str
 
 
+#: the first line of a step that runs as another user: a cell's `%user USER[:GROUP]`
+#: (container/step.USER_MARKER, which the container reads, is the same text)
+USER_MARKER = "#%user "
+#: a first line of a step with a mount of its own: a cell's `%mount SPEC` (one line each)
+MOUNT_MARKER = "#%mount "
+
+_MOUNT_KEYS = {
+    "cache": {"target", "id", "sharing", "mode", "uid", "gid", "ro", "readonly"},
+    "bind": {"target", "source", "from", "rw", "readwrite", "ro", "readonly"},
+    "secret": {"target", "id", "required", "mode", "uid", "gid"},
+    "tmpfs": {"target", "size"},
+}
+
+
+def parse_mount(spec: str) -> dict[str, str]:
+    """The options of a mount spec (a Dockerfile's `RUN --mount=...`): `type` (bind when
+    absent, as Docker) and the others as written (`dst`/`destination` are `target`,
+    `src` is `source`, a bare `ro`/`rw`/`required` is `=true`). Raises RecipeError."""
+    out: dict[str, str] = {}
+    for part in filter(None, spec.split(",")):
+        key, eq, value = part.partition("=")
+        key = {"dst": "target", "destination": "target", "src": "source"}.get(key.strip(), key.strip())
+        out[key] = value.strip() if eq else "true"
+    kind = out.setdefault("type", "bind")
+    if kind not in _MOUNT_KEYS:
+        raise RecipeError(f"mount type {kind} is not one of {', '.join(_MOUNT_KEYS)}")
+    unknown = sorted(set(out) - _MOUNT_KEYS[kind] - {"type"})
+    if unknown:
+        raise RecipeError(f"a {kind} mount takes no {', '.join(unknown)}")
+    if kind == "secret":
+        if not out.get("id") and not out.get("target"):
+            raise RecipeError("a secret mount needs id=ID")
+        out.setdefault("id", (out.get("target") or "").rsplit("/", 1)[-1])
+        out.setdefault("target", "/run/secrets/" + out["id"])
+    if "target" not in out:
+        raise RecipeError(f"a {kind} mount needs target=PATH")
+    if "target" in out and not out["target"].startswith("/"):
+        raise RecipeError(f"mount target {out['target']} is not absolute")
+    for key in ("mode",):
+        if key in out and not re.fullmatch(r"[0-7]{1,4}", out[key]):
+            raise RecipeError(f"mount mode={out[key]} is not an octal mode")
+    for key in ("uid", "gid"):
+        if key in out and not out[key].isdigit():
+            raise RecipeError(f"mount {key}={out[key]} is not a number")
+    return out
+
+
 @dataclass
 class Step:
     """One build step: a script run in the layer's container.
 
     From a stacker.yaml a layer has one step (its whole `run`); from a
-    notebook, one step per code cell, carrying the nbformat cell id.
+    notebook, one step per code cell, carrying the nbformat cell id. A step
+    run as another user starts with the line USER_MARKER + USER.
     """
     source: str
     cell_id: str | None = None
+
+    @property
+    def user(self) -> str | None:
+        if not self.source.startswith(USER_MARKER):
+            return None
+        return self.source.split("\n", 1)[0][len(USER_MARKER):].strip() or None
 
 
 @dataclass(eq=False)
@@ -113,6 +170,8 @@ class Layer:
     build_only: bool = False
     binds: list[Bind] = field(default_factory=list)
     overlay_dirs: list[dict[str, str]] = field(default_factory=list)
+    # ours, not stacker's: a .dockerignore whose rules filter the imports from its directory
+    dockerignore: str | None = None
     warnings: list[str] = field(default_factory=list)
 
     def run_script(self) -> str:
@@ -293,6 +352,9 @@ def require_import_hashes(recipe: "Recipe") -> None:
                                   f"{imp.path} (--require-hash): add 'hash: <sha256>' to the import")
 
 
+_ID_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?")
+
+
 def check_import(imp: Import, layer: str) -> None:
     """Raise RecipeError if an import breaks stacker's rules (absolute dest, ids, hash)."""
     if not imp.path:
@@ -314,7 +376,10 @@ def check_import(imp: Import, layer: str) -> None:
                           "file or directory itself (a trailing '/' imports its contents)")
     for key in ("uid", "gid"):
         value = getattr(imp, key)
-        if value is not None and value < 0:
+        if isinstance(value, str) and not _ID_NAME_RE.fullmatch(value):
+            raise RecipeError(f"layer {layer}: import {imp.path}: {key} {value!r} is neither a "
+                              "number nor a user or group name")
+        if isinstance(value, int) and value < 0:
             raise RecipeError(f"layer {layer}: import {imp.path}: {key} must be >= 0, "
                               f"not {value}")
     if imp.mode is not None and not 0 <= imp.mode <= 0o7777:

@@ -17,7 +17,7 @@ import yaml
 
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.model import (
-    SOURCE_TYPES, Bind, ImageSource, Import, Layer, Recipe, Step, check_import,
+    SOURCE_TYPES, USER_MARKER, Bind, ImageSource, Import, Layer, Recipe, Step, check_import,
     check_imports_kinds, check_layer_name, check_source,
 )
 
@@ -635,5 +635,11 @@ def dump(recipe: Recipe) -> str:
         return ""
     text = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
                      allow_unicode=True, width=1 << 16)
+    # stacker runs every step as root: say which steps it would run otherwise than built
+    notes = [f"# layer {name}: the steps starting '{USER_MARKER}USER' ran as USER here (%user, a "
+             "Dockerfile RUN after USER); stacker runs them as root\n"
+             for name, layer in recipe.layers.items() if any(s.user for s in layer.steps)]
+    notes += [f"# layer {name}: its imports skipped what {layer.dockerignore} excludes here; "
+              "stacker takes them whole\n" for name, layer in recipe.layers.items() if layer.dockerignore]
     # A blank line between layers, as stacker files are usually written.
-    return re.sub(r"\n(?=[^\s#-])", "\n\n", text)
+    return "".join(notes) + re.sub(r"\n(?=[^\s#-])", "\n\n", text)
