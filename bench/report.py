@@ -63,6 +63,9 @@ BENCHES = [
           "`stacker-kernel build` of a Dockerfile (OCI layout, SBOM and provenance written) beside `buildah bud`, "
           "`buildah push oci:` and `mkfs.erofs`, every command in a fresh process as an unprivileged user, "
           "pairs taken in turns", 1800),
+    Bench("drivers.py", ("--repeat", "15"), "Storage drivers: btrfs and overlay (issue 24)",
+          "the overlay driver (a folder on ext4) beside btrfs: a step + commit, rollback, export of one "
+          "step's layer, disk per step, and a step at depth 100 beside one at depth 10", 900),
 ]
 
 

@@ -50,10 +50,10 @@ def _open_store(args: argparse.Namespace) -> Iterator:
     import errno
     import sqlite3
 
-    from stacker_kernel.storage.location import resolve_storage
+    from stacker_kernel.storage.location import resolve_driver, resolve_storage
     from stacker_kernel.storage.store import Store, storage_error
 
-    with Store.open(resolve_storage(args.storage)) as store:
+    with Store.open(resolve_storage(args.storage), resolve_driver(getattr(args, "storage_driver", None))) as store:
         try:
             yield store
         except (OSError, sqlite3.Error) as e:
@@ -165,12 +165,13 @@ def render_layers(store) -> list[str]:
     return lines
 
 
-def storage_total(root) -> str:
-    """One line: what the storage's filesystem uses and has free."""
-    from stacker_kernel.storage import btrfs
+def storage_total(root, driver=None) -> str:
+    """One line: the storage's driver, what it uses and what its filesystem has free."""
+    from stacker_kernel.storage import driver as drivers
 
+    driver = driver or drivers.of_root(Path(root))
     st = os.statvfs(root)
-    return (f"storage {root}: {human_size(btrfs.fs_usage(root))} used, "
+    return (f"storage {root} ({driver.name} driver): {human_size(driver.usage(Path(root)))} used, "
             f"{human_size(st.f_bavail * st.f_frsize)} free")
 
 
@@ -179,7 +180,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         lines = render_layers(store)
         steps = [s for s in store.snapshots() if s.kind == "step"]
         measured = [s.size_delta for s in steps if s.size_delta is not None]
-        total = storage_total(store.root)
+        total = storage_total(store.root, store.driver)
     print("\n".join(lines) if lines else "no snapshots")
     if steps:  # kernels measure their steps' sizes; builds do not (it would slow them)
         print(f"{len(measured)} of {len(steps)} step(s) measured, adding "
@@ -820,7 +821,11 @@ def build_parser() -> argparse.ArgumentParser:
     def storage_option(default: object) -> argparse.ArgumentParser:
         common = argparse.ArgumentParser(add_help=False)
         common.add_argument("--storage", metavar="DIR", default=default,
-                            help="storage root (default: $STACKER_KERNEL_STORAGE, else your config file)")
+                            help="storage root (default: $STACKER_KERNEL_STORAGE, else your config file, "
+                                 "else $XDG_DATA_HOME/stacker-kernel)")
+        common.add_argument("--storage-driver", choices=("btrfs", "overlay"), default=default,
+                            help="for a new storage root: btrfs subvolumes or overlayfs layers (default: "
+                                 "btrfs where the storage is on btrfs, else overlay); an existing root keeps its own")
         return common
 
     parser = argparse.ArgumentParser(prog="stacker-kernel", parents=[storage_option(None)],

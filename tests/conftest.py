@@ -70,13 +70,54 @@ def busybox_tar(tmp_path_factory) -> Path:
     return _busybox_rootfs_tar(tmp_path_factory.mktemp("busybox") / "busybox.tar")
 
 
+# Test modules whose `storage` tests run on both storage drivers (storage/driver.py):
+# btrfs (the root-prepared storage) and overlay (a folder on ext4). Add a module
+# here once its tests pass on overlay.
+BOTH_DRIVERS = {"test_engine", "test_grab", "test_export", "test_build", "test_sbom", "test_remote_cache",
+                "test_shell_state", "test_shell_fail", "test_imports_cp", "test_cli_recipe", "test_substitution",
+                "test_concurrency", "test_hostile", "test_limits", "test_layer_types", "test_oci_hostile",
+                "test_export_reuse", "test_headless", "test_headless_magics", "test_publish", "test_status",
+                "test_walkthrough", "test_acceptance"}
+# More, for a run that tries them: STACKER_KERNEL_TEST_BOTH_DRIVERS=test_diff,test_sbom
+BOTH_DRIVERS |= {m for m in os.environ.get("STACKER_KERNEL_TEST_BOTH_DRIVERS", "").split(",") if m}
+# Where overlay stores are made: on the machine's / (ext4), not on the btrfs storage.
+OVERLAY_PARENT = Path(os.environ.get("STACKER_KERNEL_OVERLAY_TEST_DIR", "/var/tmp"))
+
+
+def pytest_generate_tests(metafunc):
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if "storage" in metafunc.fixturenames and module in BOTH_DRIVERS:
+        only_btrfs = metafunc.definition.get_closest_marker("btrfs_only") is not None
+        metafunc.parametrize("storage", ["btrfs"] if only_btrfs else ["btrfs", "overlay"], indirect=True)
+
+
+def in_tree(tree: Path, rel: str) -> Path:
+    """Where file `rel` of tree `tree` (a snapshot or live rootfs of either driver) is
+    on the host, for a test that reads it directly (the overlay driver's tree is a
+    stack of layer directories)."""
+    from stacker_kernel.storage import driver
+
+    found = driver.of_root(tree.parent.parent).locate(tree, rel)
+    return found if found is not None else tree / rel
+
+
 @pytest.fixture
-def storage() -> Path:
-    """A fresh storage root directory under $STACKER_KERNEL_STORAGE, deleted (with its subvolumes) afterwards."""
+def storage(request) -> Path:
+    """A fresh storage root, deleted (with its trees) afterwards: a directory under
+    $STACKER_KERNEL_STORAGE (btrfs), or, for the overlay parameter, a folder on ext4
+    recorded for the overlay driver."""
     import uuid
 
-    from stacker_kernel.storage import btrfs
+    from stacker_kernel.storage import btrfs, driver
 
+    name = getattr(request, "param", "btrfs")
+    if name == "overlay":
+        root = Path(tempfile.mkdtemp(prefix="sk-overlay-", dir=OVERLAY_PARENT))
+        assert not btrfs.is_btrfs(root), f"{OVERLAY_PARENT} is on btrfs: set STACKER_KERNEL_OVERLAY_TEST_DIR"
+        driver.choose(root, "overlay")
+        yield root
+        driver.OverlayDriver().remove(root)
+        return
     root = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-{uuid.uuid4().hex}"
     root.mkdir()
     yield root

@@ -21,6 +21,7 @@ import nbformat
 
 from stacker_kernel.engine.build import layer_snapshot
 from stacker_kernel.storage.store import Store
+from conftest import in_tree
 
 STEPS = 30
 STACKER_KERNEL = str(Path(sys.executable).parent / "stacker-kernel")
@@ -62,12 +63,12 @@ def test_three_builds_and_gc_at_once_keep_results_and_cache_right(storage, busyb
         for k, path in books.items():
             word = "other" if k == "c" else "nb"
             snap = layer_snapshot(store, str(path), None)
-            assert (snap.path / "log").read_text() == "".join(f"{word} {n}\n" for n in range(1, STEPS + 1))
+            assert in_tree(snap.path, "log").read_text() == "".join(f"{word} {n}\n" for n in range(1, STEPS + 1))
         assert_store_consistent(store)
         # A gc after the builds keeps what the builds' sessions point at.
         store.gc()
         for path in books.values():
-            assert (layer_snapshot(store, str(path), None).path / "log").is_file()
+            assert in_tree(layer_snapshot(store, str(path), None).path, "log").is_file()
 
 
 def assert_store_consistent(store: Store) -> None:
@@ -78,7 +79,7 @@ def assert_store_consistent(store: Store) -> None:
     for snap in steps:
         chain = store.chain(snap.id)
         assert chain[0].kind == "base", f"{snap.id} lost its base"
-        lines = (snap.path / "log").read_text().splitlines()
+        lines = in_tree(snap.path, "log").read_text().splitlines()
         # chain = base, the `%from` cell, then one step per line.
         assert len(lines) == len(chain) - 2, f"{snap.id}: {len(lines)} lines, chain of {len(chain)}"
         assert len({ln.split()[0] for ln in lines}) <= 1  # one build's words only
@@ -126,7 +127,7 @@ def test_two_builds_of_one_notebook_at_once_one_refuses_and_the_other_is_kept(st
     with Store.open(storage) as store:
         ids = {s.id[:12]: s for s in store.snapshots()}
         assert all(p in ids for p in printed)  # nothing the winner reported was deleted
-        assert (layer_snapshot(store, str(nb), None).path / "log").read_text() == \
+        assert in_tree(layer_snapshot(store, str(nb), None).path, "log").read_text() == \
             "".join(f"nb {n}\n" for n in range(1, STEPS + 1))
         assert_store_consistent(store)
     # Built again: every step is a hit, on exactly the snapshots the winner reported.

@@ -14,6 +14,7 @@ from stacker_kernel.engine.session import BuildSession
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.model import ImageSource, Layer
 from stacker_kernel.storage.store import Store
+from conftest import in_tree
 
 
 def busybox_layer(name, tar):
@@ -139,7 +140,7 @@ def test_imports_are_read_only_and_not_in_the_layer(storage, busybox_tar, tmp_pa
         out, o = run_ok(s, "cat /stacker/imports/data.txt; touch /stacker/imports/x 2>/dev/null || echo ro")
         assert out.split() == ["imported", "ro"]
         snap = store.get(o.snapshot_id)
-        assert not (snap.path / "stacker" / "imports").exists()
+        assert not in_tree(snap.path, "stacker/imports").exists()
     finally:
         s.close()
         store.close()
@@ -171,7 +172,7 @@ def test_killed_build_loses_no_snapshot_and_leaves_no_process(storage, busybox_t
     try:
         snap = store.get(snap_id)
         assert snap is not None
-        assert (snap.path / "c").read_text() == "committed\n"
+        assert in_tree(snap.path, "c").read_text() == "committed\n"
         assert list((storage / "live").iterdir()) == []
     finally:
         store.close()
@@ -352,8 +353,8 @@ def test_a_step_committed_first_by_another_session_is_the_one_both_go_on_from(st
         assert store.find_cache(store.get(a.snapshot_id).cache_key).id == a.snapshot_id
         # Both live rootfs are that snapshot now (read from here: the step threads, and
         # with them the containers they started, are gone).
-        want = (store.get(a.snapshot_id).path / "id").read_text()
-        assert [(s.live / "id").read_text() for s in sessions] == [want, want]
+        want = in_tree(store.get(a.snapshot_id).path, "id").read_text()
+        assert [in_tree(s.live, "id").read_text() for s in sessions] == [want, want]
     finally:
         for s in sessions:
             s.close()

@@ -20,6 +20,7 @@ from stacker_kernel.oci.diff import diff_snapshots
 from stacker_kernel.oci.export import ImageSpec, OciBase, StepSnapshot, export_image
 from stacker_kernel.oci.tarwriter import write_layer
 from stacker_kernel.storage import btrfs
+from stacker_kernel.storage import driver as drivers
 
 EPOCH = 1700000000
 
@@ -42,12 +43,22 @@ class Cfg:
 
 
 class Chain:
-    """A writable subvolume and its read-only snapshots, changed in a userns."""
+    """A writable tree and its read-only snapshots, changed in a userns, made by the
+    storage root's driver (a btrfs subvolume and its snapshots, or overlay layers)."""
 
     def __init__(self, root: Path, name: str = "live"):
         self.root = root
-        self.live = root / name
-        btrfs.create_subvolume(self.live)
+        self.driver = drivers.of_root(root)
+        trees = root / "trees"
+        trees.mkdir(exist_ok=True)
+        self.live = trees / name
+        if self.driver.name == "btrfs":
+            btrfs.create_subvolume(self.live)
+        else:  # an overlay tree stacks on a layer: an empty one
+            tmp, base = trees / f".tmp-{name}", trees / f"{name}-empty"
+            self.driver.create(tmp)
+            self.driver.adopt(tmp, base, f"{name}-empty")
+            self.driver.writable_copy(base, self.live)
         self.count = 0
         self.name = name
 
@@ -60,9 +71,9 @@ class Chain:
         self.change(run)
 
     def snap(self) -> str:
-        dest = self.root / f"{self.name}-s{self.count}"
+        dest = self.live.parent / f"{self.name}-s{self.count}"
         self.count += 1
-        btrfs.snapshot(self.live, dest, readonly=True)
+        self.driver.commit(self.live, dest, dest.name)
         return str(dest)
 
 
@@ -160,7 +171,10 @@ def tree_in_userns(root: str) -> dict:
 def unpack_with_owners(storage: Path, layout, tag) -> Path:
     """`umoci unpack` as root of a user namespace, so owners are restored."""
     holder = storage / f"owned-{tag}-{os.urandom(4).hex()}"
-    btrfs.create_subvolume(holder)  # deleted with one ioctl whatever the owners inside
+    if btrfs.is_btrfs(storage):
+        btrfs.create_subvolume(holder)  # deleted with one ioctl whatever the owners inside
+    else:
+        holder.mkdir()  # overlay storage: the fixture deletes the root as the container's root
 
     def unpack(layout, tag, bundle):
         subprocess.run(["umoci", "unpack", "--image", f"{layout}:{tag}", bundle], check=True, capture_output=True)

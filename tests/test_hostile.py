@@ -27,6 +27,7 @@ from stacker_kernel.cli import main
 from stacker_kernel.engine.session import BuildSession
 from stacker_kernel.recipe.model import ImageSource, Layer
 from stacker_kernel.storage.store import Store
+from conftest import in_tree
 
 CANARY_TEXT = "the host is untouched\n"
 # The console script (not `python -m stacker_kernel`, which takes `-f` for a kernel connection file).
@@ -181,7 +182,7 @@ def test_symlink_from_a_lower_oci_layer_is_followed_inside_the_rootfs(storage, t
     assert_canary(canary)
     with Store.open(storage) as store:
         base = next(s for s in store.snapshots() if s.kind == "base")
-        assert (base.path / str(canary).lstrip("/") / "pwned").read_bytes() == b"pwned"
+        assert in_tree(base.path, str(canary).lstrip("/") + "/pwned").read_bytes() == b"pwned"
 
 
 def busybox_plus(busybox_tar: Path, dest: Path, extra) -> Path:
@@ -224,7 +225,7 @@ def test_setuid_root_file_in_a_base_is_owned_by_the_subordinate_root_on_the_host
     assert proc.returncode == 0, proc.stderr
     with Store.open(storage) as store:
         base = next(s for s in store.snapshots() if s.kind == "base")
-        st = os.lstat(base.path / "bin" / "suid-shell")
+        st = os.lstat(in_tree(base.path, "bin/suid-shell"))
     # The bit is kept (the image asked for it), but the container's root is the
     # calling user on the host: the file is setuid to that user, never to real root.
     assert st.st_mode & 0o4000
@@ -482,13 +483,13 @@ def test_step_forking_1000_processes_ends_and_leaves_none_behind(session):
     assert _count_procs(b"86399") == 0
     again = session.run_step("echo alive > /after")
     assert again.ok, again.message
-    assert (session.store.get(again.snapshot_id).path / "after").read_text() == "alive\n"
+    assert in_tree(session.store.get(again.snapshot_id).path, "after").read_text() == "alive\n"
 
 
 def test_step_closing_its_stdout_is_committed_and_the_engine_goes_on(session):
     o = session.run_step("exec >&- 2>&-\ntouch /closed")
     assert o.ok, o.message
-    assert (session.store.get(o.snapshot_id).path / "closed").exists()
+    assert in_tree(session.store.get(o.snapshot_id).path, "closed").exists()
     out = []
     nxt = session.run_step("echo still-talking", on_output=out.append)
     assert nxt.ok and "still-talking" in "".join(out)

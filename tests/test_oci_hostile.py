@@ -24,7 +24,6 @@ from stacker_kernel.engine.export import image_specs
 from stacker_kernel.errors import ImageError
 from stacker_kernel.oci.bases import base_layers, import_base
 from stacker_kernel.oci.export import OciBase, export_image
-from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Snapshot, Store
 
 from test_bases import Src, store  # noqa: F401 (fixture)
@@ -235,13 +234,13 @@ def test_layer_blob_longer_than_its_descriptor_is_not_read_past_it(store, tmp_pa
 
 def _step(store: Store, base: Snapshot, layer: str, script: str) -> Snapshot:
     """One step on `base` committed to the store, as the engine does it."""
-    live = store.root / f"live-{layer}"
-    btrfs.snapshot(base.path, live)
+    live = store.live_path(f"test-{layer}")
+    store.driver.writable_copy(base.path, live)
     try:
         run_in_userns(lambda root: subprocess.run(["/bin/sh", "-ec", script], cwd=root, check=True), str(live))
         return store.commit(live, Snapshot(parent=base.id, layer=layer, source=script))
     finally:
-        btrfs.delete_subvolume(live)
+        store.driver.remove(live)
 
 
 def _export(store: Store, steps: list[Snapshot], out: Path) -> list[str]:

@@ -11,6 +11,7 @@ import pexpect
 
 from stacker_kernel.cli import main
 from stacker_kernel.storage.store import Store
+from conftest import in_tree
 
 FAILING = """
     broken:
@@ -67,8 +68,8 @@ def test_chroot_after_a_failed_build_opens_the_failed_step_with_imports_and_bind
     child.close()
     assert child.exitstatus == 4
     failed = _failed_snapshots(storage)
-    assert len(failed) == 1 and (failed[0].path / "made").is_file()
-    assert not (failed[0].path / "scribble").exists()  # a throwaway copy, as for a built layer
+    assert len(failed) == 1 and in_tree(failed[0].path, "made").is_file()
+    assert not in_tree(failed[0].path, "scribble").exists()  # a throwaway copy, as for a built layer
     assert list((storage / "live").iterdir()) == []
 
 

@@ -39,10 +39,22 @@ def test_resolve_storage_falls_back_to_the_config_file(monkeypatch, tmp_path):
     assert location.resolve_storage() == Path("/from/config")
 
 
-def test_resolve_storage_without_any_source_says_how_to_set_up(monkeypatch, tmp_path):
+def test_resolve_storage_without_any_source_is_the_users_data_dir(monkeypatch, tmp_path):
     monkeypatch.delenv(location.ENV_VAR, raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(StorageError, match="btrfs.*setup-storage"):
+    assert location.resolve_storage() == tmp_path / ".local/share/stacker-kernel"
+    assert (tmp_path / ".local/share/stacker-kernel").is_dir()
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert location.resolve_storage() == tmp_path / "data/stacker-kernel"
+
+
+def test_resolve_storage_says_how_to_fix_an_uncreatable_data_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv(location.ENV_VAR, raising=False)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "file"))
+    with pytest.raises(StorageError, match="cannot be created.*--storage DIR.*setup-storage"):
         location.resolve_storage()
 
 

@@ -57,9 +57,18 @@ def test_open_creates_the_layout(storage):
         assert (storage / name).exists(), name
 
 
-def test_open_refuses_storage_not_on_btrfs(tmp_path):
-    with pytest.raises(StorageError, match="btrfs"):
-        Store.open(tmp_path)
+def test_open_refuses_the_btrfs_driver_for_storage_not_on_btrfs(tmp_path):
+    with pytest.raises(StorageError, match="is not on btrfs: run 'sudo stacker-kernel setup-storage"):
+        Store.open(tmp_path, "btrfs")
+    assert not (tmp_path / "driver").exists()
+
+
+def test_open_records_the_btrfs_driver_on_btrfs_and_keeps_it(storage):
+    with Store.open(storage) as store:
+        assert store.driver.name == "btrfs"
+    assert (storage / "driver").read_text().strip() == "btrfs"
+    with pytest.raises(StorageError, match="uses the btrfs driver, not overlay"):
+        Store.open(storage, "overlay")
 
 
 def test_open_refuses_missing_storage(storage):
@@ -628,6 +637,6 @@ def test_cli_gc_prints_what_it_removed(store, capsys):
 
 
 def test_cli_reports_storage_errors_in_one_line(tmp_path, capsys):
-    assert cli.main(["layers", "--storage", str(tmp_path)]) == 1
+    assert cli.main(["layers", "--storage", str(tmp_path), "--storage-driver", "btrfs"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("stacker-kernel: storage ") and "btrfs" in err and err.count("\n") == 1

@@ -47,6 +47,7 @@ from stacker_kernel.container.step import (
     SCRIPT_FD, STATE_FD, WRAPPER_FD, decode_command, format_sentinel,
 )
 from stacker_kernel.errors import ContainerError, StackerKernelError
+from stacker_kernel.storage.overlay import Stack, mount_stack
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
@@ -152,7 +153,13 @@ def setup_root(config: dict) -> list[StagedMount]:
     if not os.path.isdir(root):
         raise ContainerError(f"the rootfs {root} is not a directory: give the path of an extracted root filesystem")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    mount(root, root, None, MS_BIND | MS_REC)
+    if config.get("overlay"):
+        # The overlay storage driver: the rootfs is the stack of its layers, the
+        # step writing to its own upper dir (storage/overlay.py).
+        spec = config["overlay"]
+        mount_stack(Stack(tuple(spec["layers"]), spec.get("upper"), spec.get("work")), root)
+    else:
+        mount(root, root, None, MS_BIND | MS_REC)
     # A device node in the rootfs (from a layer, a bind, anywhere) opens nothing; /dev is set up below.
     remount_adding(root, MS_NODEV)
     for d in ("proc", "dev", "sys"):

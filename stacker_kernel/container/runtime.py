@@ -49,6 +49,16 @@ class Mount:
     key: str | None = None
 
 
+def _overlay_spec(rootfs: str) -> dict | None:
+    """The layers, upper and work dir of an overlay-driver rootfs, None for any other."""
+    from stacker_kernel.storage.overlay import read_stack
+
+    stack = read_stack(rootfs)
+    if stack is None:
+        return None
+    return {"layers": list(stack.layers), "upper": stack.upper, "work": stack.work}
+
+
 @dataclass
 class ContainerConfig:
     """What a container is made of. `rootfs` is a writable directory (a btrfs
@@ -105,6 +115,8 @@ class Container:
         payload = json.dumps({
             "max_processes": limit, "cgroup": cgroup,
             "rootfs": os.path.abspath(config.rootfs),
+            # A rootfs of the overlay storage driver: init mounts its stack over it.
+            "overlay": _overlay_spec(config.rootfs),
             "mounts": [asdict(m) for m in config.mounts],
             "network": config.network, "hostname": config.hostname,
             "interrupt_grace": config.interrupt_grace, "engine_pid": os.getpid(),

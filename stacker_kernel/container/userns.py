@@ -282,15 +282,35 @@ def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
         unshare(flags)
 
 
+def _closure_values(fn: Callable[..., Any]) -> list[Any]:
+    """What a closure `fn` (a lambda) refers to: the paths it reads may be there."""
+    out = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    return out
+
+
 def run_in_userns(fn: Callable[..., Any], *args: Any, idmap: IdMap | None = None,
-                  flags: int = CLONE_NEWNS, **kwargs: Any) -> Any:
+                  flags: int = CLONE_NEWNS, views: bool = True, **kwargs: Any) -> Any:
     """Run fn(*args, **kwargs) as root of a new user namespace in a forked child and
     return its (picklable) result, or raise its exception here.
 
     Use it for file work on a rootfs, whose files belong to subordinate ids the
     caller cannot read or chown from outside. The child dies with the caller.
+    With `views` (and a mount namespace), a tree of the overlay storage driver
+    named in the arguments is mounted over its own directory first, so `fn`
+    sees it as the directory tree it stands for (storage/overlay.py).
     """
     idmap = idmap or IdMap.for_current_user()
+    # What this process buffered must not be written again by the child's flush.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -299,6 +319,10 @@ def run_in_userns(fn: Callable[..., Any], *args: Any, idmap: IdMap | None = None
         try:
             set_pdeathsig()
             enter_new_userns(idmap, flags)
+            if views and flags & CLONE_NEWNS:
+                from stacker_kernel.storage.overlay import mount_views
+
+                mount_views([args, kwargs, _closure_values(fn)])
             payload = ("ok", fn(*args, **kwargs))
         except StackerKernelError as e:
             payload, code = ("err", e), 1

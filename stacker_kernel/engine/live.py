@@ -21,7 +21,6 @@ from stacker_kernel.container.runtime import ROOT_HOME, Container, ContainerConf
 from stacker_kernel.engine import imports as imports_mod
 from stacker_kernel.errors import StepError
 from stacker_kernel.recipe.model import ImageSource, Layer
-from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Snapshot, Store
 
 BUILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -73,7 +72,7 @@ class LiveRootfs:
         live = self.store.live_path(self.session_id)
         if self._pending is not None:
             live.parent.mkdir(parents=True, exist_ok=True)
-            btrfs.snapshot(self._pending.path, live, readonly=False)
+            self.store.driver.writable_copy(self._pending.path, live)
             self._pending = None  # only once made: a failure (a full disk) is tried again
         return live
 
@@ -90,8 +89,18 @@ class LiveRootfs:
         self.stop_container()
         live = self.store.live_path(self.session_id)
         if live.exists():  # now: its space is freed while the next steps hit the cache
-            btrfs.delete_subvolume(live)
+            self.store.driver.remove(live)
         self._pending = snap
+
+    def before_commit(self) -> None:
+        """Called before the rootfs is committed or written from outside the container:
+        a driver whose rootfs is a mount of the container's (overlay) needs it stopped."""
+        if self.store.driver.stop_before_commit:
+            self.stop_container()
+
+    def has(self, rel: str) -> bool:
+        """Whether `rel` exists in the rootfs (symlinks not followed), read from the host."""
+        return self.store.driver.lexists(self.path, rel)
 
     def stage_imports(self, layer: Layer, base_dir: str, fetch_layer_path: Callable[[str, str, str], str]) -> None:
         """Copy the layer's imports to the staging dir the container shows read-only at
@@ -105,6 +114,7 @@ class LiveRootfs:
 
         items = [(imports_mod.staged_name(i), i.path.endswith("/"), i.dest, i.mode, i.uid, i.gid)
                  for i in layer.imports if i.dest]
+        self.before_commit()
         run_in_userns(imports_mod.land_in_rootfs, str(self.imports_dir), str(self.path), items)
 
     def ensure_container(self, layer: Layer, base_dir: str, network: str,

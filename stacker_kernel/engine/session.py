@@ -43,7 +43,6 @@ from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, St
 from stacker_kernel.recipe.script import split_script
 from stacker_kernel.recipe.model import (ImageSource, Layer, Recipe, Step, first_line, layer_from_record,
                                          layer_record)
-from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Session, Snapshot, Store, make_tmp_dir
 
 __all__ = ["BUILD_PATH", "BuildSession", "StepOutcome", "StepView", "build_environment"]
@@ -569,7 +568,7 @@ class BuildSession:
         labels_dir = make_tmp_dir(self.store.root, "oci-labels-")  # collected if this process dies
         container = None
         try:
-            btrfs.snapshot(tip.path, live, readonly=False)
+            self.store.driver.writable_copy(tip.path, live)
             container = Container.start(ContainerConfig(rootfs=str(live), mounts=[
                 Mount(str(labels_dir), "/stacker/oci-labels", readonly=False)], network=self.network))
             result = container.run_step(layer.generate_labels, build_environment(layer), None)
@@ -757,6 +756,7 @@ class BuildSession:
                         layer=self.layer.name, source=source, cache_key=key,
                         state=self.state.to_json() if self.state else "null", started=started,
                         duration=time.time() - started, layer_def=self.layer_definition())
+        self._live.before_commit()
         stored = self._cache.commit(self.live, snap, None, reuse_cached=self.use_cache)
         if stored.id != snap.id:  # landed by another session meanwhile: see _run_step
             self._replace_live(stored)
@@ -885,6 +885,7 @@ class BuildSession:
                             state=result.state.to_json(), status="ok", started=started,
                             duration=result.duration, layer_def=self.layer_definition())
             try:
+                self._live.before_commit()
                 # A step with binds is never taken from the cache (what they hold is not
                 # in its key), so it is not swapped for another's either.
                 stored = self._cache.commit(self.live, snap, log_tmp,
@@ -986,7 +987,7 @@ class BuildSession:
         %from) has no shell to run a cell: say how to pick a base instead."""
         if self.layer.from_.type != "scratch" or self.layer_steps():
             return
-        if self.layer.binds or os.path.lexists(self.live / "bin" / "sh"):
+        if self.layer.binds or self._live.has("bin/sh"):
             return
         if self.session.kind != "kernel":
             raise RecipeError(f"layer {self.layer.name} is from scratch, which is empty: it has no"
@@ -1029,6 +1030,7 @@ class BuildSession:
                             layer=self.layer.name, cell_id=cell_id, source=script, cache_key=None,
                             state=self.state.to_json() if self.state else "null", status="failed",
                             started=time.time())
+            self._live.before_commit()
             return self.store.commit(self.live, snap)
 
     def failure_shell(self, argv: list[str] | None = None) -> int:

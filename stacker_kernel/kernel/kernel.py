@@ -677,11 +677,11 @@ def open_session(notebook: Path, cells: set[str] | None = None) -> Any:
     """
     from stacker_kernel.engine.remote_cache import RemoteCache, configured
     from stacker_kernel.engine.session import BuildSession
-    from stacker_kernel.storage.location import resolve_storage
+    from stacker_kernel.storage.location import resolve_driver, resolve_storage
     from stacker_kernel.storage.store import Store
 
     remote = RemoteCache.from_settings(configured())  # the config file's shared cache, if any
-    store = Store.open(resolve_storage())
+    store = Store.open(resolve_storage(), resolve_driver())
     session = BuildSession.open(store, str(notebook), kind="kernel", resume=True,
                                 default_layer=notebook.stem, base_dir=str(notebook.parent),
                                 cells=cells if cells is not None else set())

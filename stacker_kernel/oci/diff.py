@@ -212,6 +212,14 @@ def diff_snapshots(old: str | None, new: str,
 
     `walks` (snapshot path -> its walk) lends walks made before and gets this
     diff's: a chain of steps is walked once per snapshot, not twice."""
+    from stacker_kernel.storage import overlay  # storage is below oci; import late to keep diff pure
+
+    layer = overlay.step_layer(old, new)
+    if layer is not None:
+        # Overlay storage: the step's own layer is the difference (its whiteouts the
+        # removals): read it, not the two trees.
+        return Diff(old=old, new=new, changes=layer_changes(old, new, layer))
+
     def walked(root: str) -> tuple[dict[str, _Entry], list[str]]:
         if walks is None:
             return walk(root)
@@ -233,6 +241,53 @@ def diff_snapshots(old: str | None, new: str,
     changes = compare(old_entries, new_entries, old_taken_ns=old_taken_ns,
                       same=lambda path, o, n: _same_in_full(old, new, path, o, n))
     return Diff(old=old, new=new, changes=changes, nested_subvolumes=nested)
+
+
+def layer_changes(old: str, new: str, layer: str) -> list[Change]:
+    """The changes an overlayfs layer directory `layer` makes to tree `old`, giving tree
+    `new` (overlayfs whiteouts and opaque directories, Documentation/filesystems/overlayfs.rst)."""
+    from stacker_kernel.storage.overlay import is_opaque, is_whiteout
+
+    changes: list[Change] = []
+    stack = [("", layer)]
+    while stack:
+        rel_dir, abs_dir = stack.pop()
+        with os.scandir(abs_dir) as it:
+            for de in it:
+                rel = f"{rel_dir}{de.name}"
+                st = de.stat(follow_symlinks=False)
+                try:
+                    ost = os.lstat(os.path.join(old, rel))
+                except (FileNotFoundError, NotADirectoryError):
+                    ost = None
+                if is_whiteout(de.path, st):
+                    if ost is not None:
+                        changes.append(Change(rel, "removed", _TYPES.get(stat.S_IFMT(ost.st_mode), "file"), 0, 0))
+                    continue
+                nst = os.lstat(os.path.join(new, rel))  # the tree's inode numbers: hard links
+                kind = _TYPES.get(stat.S_IFMT(nst.st_mode), "file")
+                same_type = ost is not None and stat.S_IFMT(ost.st_mode) == stat.S_IFMT(nst.st_mode)
+                opaque = kind == "dir" and same_type and is_opaque(de.path)
+                if kind == "dir" and same_type and not opaque and _same_dir_attrs(old, new, rel, ost, nst):
+                    # Only copied up for what changed below it (or for a mount point the
+                    # container made and removed): the directory itself is unchanged.
+                    stack.append((rel + "/", de.path))
+                    continue
+                changes.append(Change(rel, "modified" if same_type and not opaque else "added", kind,
+                                      nst.st_ino, nst.st_nlink, opaque=opaque))
+                if kind == "dir":
+                    stack.append((rel + "/", de.path))
+    changes.sort(key=lambda c: c.path)
+    return changes
+
+
+def _same_dir_attrs(old: str, new: str, rel: str, o: os.stat_result, n: os.stat_result) -> bool:
+    if (o.st_mode, o.st_uid, o.st_gid, o.st_mtime_ns) != (n.st_mode, n.st_uid, n.st_gid, n.st_mtime_ns):
+        return False
+    try:
+        return _xattrs(os.path.join(old, rel)) == _xattrs(os.path.join(new, rel))
+    except OSError:
+        return False
 
 
 def _same_in_full(old_root: str | None, new_root: str, path: str, o: _Entry, n: _Entry) -> bool:

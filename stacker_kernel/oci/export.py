@@ -26,6 +26,7 @@ import os
 import platform
 import shlex
 import socket
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -438,8 +439,9 @@ def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int 
     return _MISS
 
 
-def _reflink_into(src: str, dest: str) -> bool:
-    """`src` reflinked to `dest` (atomically; True), when both are on one btrfs."""
+def _reflink_into(src: str, dest: str, or_copy: bool = False) -> bool:
+    """`src` reflinked to `dest` (atomically; True), when both are on one btrfs; with
+    `or_copy`, copied where no reflink can be made."""
     from stacker_kernel.storage.btrfs import FICLONE
 
     if os.path.exists(dest):
@@ -448,7 +450,12 @@ def _reflink_into(src: str, dest: str) -> bool:
     tmp = f"{dest}.tmp{os.getpid()}.{threading.get_ident()}"
     try:
         with open(src, "rb") as s, open(tmp, "wb") as d:
-            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+            try:
+                fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+            except OSError:
+                if not or_copy:
+                    raise
+                shutil.copyfileobj(s, d, 1 << 20)
         os.replace(tmp, dest)
         return True
     except OSError:
@@ -458,17 +465,18 @@ def _reflink_into(src: str, dest: str) -> bool:
 
 
 def _remember_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int | None,
-                    blob: LayerBlob | None, layer_type: LayerType = TAR_TYPE) -> None:
+                    blob: LayerBlob | None, layer_type: LayerType = TAR_TYPE, keep: bool = False) -> None:
     """Remember the layer made for `job` (its blob in `layout_dir`): kept in the store
     as a reflink when the layout is on the store's btrfs (no data copied), else
-    the layout is remembered as a place to copy it from."""
+    the layout is remembered as a place to copy it from; with `keep` (a layout about
+    to be deleted) copied into the store instead."""
     if cache_dir is None:
         return
     os.makedirs(cache_dir, exist_ok=True)
     data: dict[str, Any] = {"empty": True} if blob is None else asdict(blob)
     if blob is not None:
         kept = lw.blob_path(kept_blobs(cache_dir), blob.digest)
-        if not _reflink_into(lw.blob_path(layout_dir, blob.digest), kept):
+        if not _reflink_into(lw.blob_path(layout_dir, blob.digest), kept, or_copy=keep):
             before = (_read_entry(cache_dir, job, epoch, layer_type) or {}).get("places") or []
             data["places"] = ([os.path.abspath(layout_dir)]
                               + [p for p in before if p != os.path.abspath(layout_dir)])[:_PLACES]
@@ -490,7 +498,7 @@ def remember_made_layer(cache_dir: str, old: str, new: str, dest_dir: str, blob:
     """Remember the tar layer of `old` -> `new` (no SOURCE_DATE_EPOCH) made into
     `dest_dir`: an export of that step copies it instead of making it again."""
     with contextlib.suppress(OSError):  # an empty diff is no layer in an export (an empty_layer entry)
-        _remember_layer(cache_dir, dest_dir, _Job(old, new, ""), None, None if blob.empty else blob)
+        _remember_layer(cache_dir, dest_dir, _Job(old, new, ""), None, None if blob.empty else blob, keep=True)
 
 
 def prune_layer_cache(cache_dir: str) -> int:

@@ -1,9 +1,11 @@
 """Where a user's storage root is, and whether it is usable.
 
 The root comes from `--storage DIR`, else `$STACKER_KERNEL_STORAGE`, else the
-config file that `stacker-kernel setup-storage` writes for the user. A usable
+config file that `stacker-kernel setup-storage` writes for the user, else
+`$XDG_DATA_HOME/stacker-kernel` (no setup: the overlay driver). A usable btrfs
 root is an existing directory on btrfs mounted with `user_subvol_rm_allowed`
-(unprivileged users may delete their subvolumes only with that option).
+(unprivileged users may delete their subvolumes only with that option); an
+overlay root needs a kernel whose overlayfs mounts in a user namespace.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from stacker_kernel.errors import StorageError
 from stacker_kernel.storage import btrfs
 
 ENV_VAR = "STACKER_KERNEL_STORAGE"
+DRIVER_ENV_VAR = "STACKER_KERNEL_STORAGE_DRIVER"
 CONFIG_RELPATH = Path(".config/stacker-kernel/config.json")
 # Root's state: images/<user>.img (each user's btrfs), users/<user>.json (what
 # setup-storage created, for teardown) and btrfs/<user>/storage (where it is mounted).
@@ -128,12 +131,44 @@ def resolve_storage(arg: str | os.PathLike | None = None) -> Path:
     configured = read_config_storage(Path.home())
     if configured is not None:
         return configured
-    raise StorageError(f"no btrfs storage is configured: {_fix()}, "
-                       f"or pass --storage DIR or set {ENV_VAR}")
+    # No storage root prepared: one of the user's own, on the overlay driver
+    # unless it is on btrfs (storage/driver.py).
+    default = default_storage()
+    try:
+        default.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"no storage is configured and {default} cannot be created ({e.strerror}): "
+                           f"pass --storage DIR, set {ENV_VAR}, or {_fix()}") from None
+    return default
 
 
-def check_storage(path: os.PathLike | str) -> None:
-    """Raise StorageError unless `path` is an existing directory on btrfs mounted with user_subvol_rm_allowed."""
+def default_storage() -> Path:
+    """$XDG_DATA_HOME/stacker-kernel (~/.local/share/stacker-kernel): storage without setup."""
+    data = os.environ.get("XDG_DATA_HOME") or ""
+    base = Path(data) if os.path.isabs(data) else Path.home() / ".local" / "share"
+    return base / "stacker-kernel"
+
+
+def resolve_driver(arg: str | None = None) -> str | None:
+    """The storage driver asked for: `arg` (--storage-driver), else $STACKER_KERNEL_STORAGE_DRIVER,
+    else "storage-driver" in the user's config file; None to let the storage root decide."""
+    if arg:
+        return arg
+    env = os.environ.get(DRIVER_ENV_VAR)
+    if env:
+        return env
+    try:
+        data = json.loads(config_file(Path.home()).read_text())
+    except (OSError, ValueError):
+        return None
+    value = data.get("storage-driver") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def check_storage(path: os.PathLike | str, driver: str = "btrfs") -> None:
+    """Raise StorageError unless `path` is an existing directory of the user's, usable by
+    `driver`: for btrfs, on btrfs mounted with user_subvol_rm_allowed; for overlay, on a
+    kernel whose overlayfs mounts in a user namespace."""
     path = Path(path)
     try:
         exists = path.is_dir()
@@ -145,7 +180,13 @@ def check_storage(path: os.PathLike | str) -> None:
         raise StorageError(f"permission denied: storage {path} is not yours ({current_user()} may not "
                            f"read and write it); use your own storage: {_fix()}")
     if not exists:
+        if driver == "overlay":
+            raise StorageError(f"storage {path} does not exist: create it (mkdir -p {path}) or "
+                               "leave out --storage to use the default")
         raise StorageError(f"storage {path} does not exist: {_fix()} to create it on btrfs")
+    if driver == "overlay":
+        check_overlay_kernel()
+        return
     if not btrfs.is_btrfs(path):
         raise StorageError(f"storage {path} is not on btrfs: {_fix()}")
     mount = find_mount(path)
@@ -153,3 +194,16 @@ def check_storage(path: os.PathLike | str) -> None:
         where = mount.mount_point if mount else path
         raise StorageError(f"storage {path} is on a btrfs mounted without user_subvol_rm_allowed: "
                            f"run 'sudo mount -o remount,user_subvol_rm_allowed {where}' or {_setup_command()}")
+
+
+def check_overlay_kernel(release: str | None = None) -> None:
+    """Raise StorageError unless the kernel mounts overlayfs in a user namespace (Linux >= 5.11)."""
+    release = release or os.uname().release
+    try:
+        major, minor = (int(x) for x in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return  # an unusual version string: let the first mount tell
+    if (major, minor) < (5, 11):
+        raise StorageError(f"Linux {release} cannot mount overlayfs without root (needs 5.11 or later): "
+                           "upgrade the kernel, or use btrfs storage ('sudo stacker-kernel setup-storage --user "
+                           f"{current_user()}')")

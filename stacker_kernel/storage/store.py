@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 
 from stacker_kernel.errors import SessionBusyError, StorageError
 from stacker_kernel.storage import btrfs
+from stacker_kernel.storage import driver as drivers
 from stacker_kernel.storage.location import check_storage
 
 DB_NAME = "stacker-kernel.db"
@@ -104,8 +105,9 @@ def collect_garbage(root: os.PathLike | str, *, progress: Progress | None = None
     """
     say = progress or (lambda line: None)
     root = Path(os.path.realpath(root))
-    check_storage(root)
-    before = btrfs.fs_usage(root)
+    drv = drivers.of_root(root)
+    check_storage(root, drv.name)
+    before = drv.usage(root)
     try:
         try:
             store = Store.open(root)
@@ -113,7 +115,7 @@ def collect_garbage(root: os.PathLike | str, *, progress: Progress | None = None
             if not (root / RESERVE_NAME).exists():
                 raise
             (root / RESERVE_NAME).unlink()
-            btrfs.wait_reclaimed(root)
+            drv.wait_reclaimed(root)
             store = Store.open(root)
     except StorageFullError as e:
         raise StorageFullError(f"storage {root} is full and gc cannot open its records: delete files of "
@@ -130,18 +132,18 @@ def collect_garbage(root: os.PathLike | str, *, progress: Progress | None = None
             store.gc()
         if drop:
             say("waiting for btrfs to free their space")
-        btrfs.wait_reclaimed(root)
+        drv.wait_reclaimed(root)
         deadline = time.monotonic() + settle
-        low = btrfs.fs_usage(root)
+        low = drv.usage(root)
         while before - low < expected * 0.9 and time.monotonic() < deadline:
             time.sleep(0.2)
-            btrfs.sync(root)
-            now = btrfs.fs_usage(root)
+            drv.sync(root)
+            now = drv.usage(root)
             if now > low + (1 << 20):
                 break  # another writer fills the storage meanwhile: no figure would settle
             low = min(low, now)
         _keep_reserve(root)
-    return drop, before - btrfs.fs_usage(root)
+    return drop, before - drv.usage(root)
 
 
 def new_id() -> str:
@@ -440,9 +442,10 @@ def _process_lock(root: Path) -> _ProcessLock:
 class Store:
     """Snapshots and sessions of one storage root. Thread-safe; many processes may share a root."""
 
-    def __init__(self, root: Path, conn: sqlite3.Connection):
+    def __init__(self, root: Path, conn: sqlite3.Connection, driver: drivers.Driver | None = None):
         """Use `Store.open`."""
         self.root = root
+        self.driver = driver or drivers.BtrfsDriver()
         self._conn = conn
         self._db_lock = threading.Lock()
         self._lock = _process_lock(root)
@@ -450,36 +453,38 @@ class Store:
     # --- opening --------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: os.PathLike | str) -> "Store":
+    def open(cls, root: os.PathLike | str, driver: str | None = None) -> "Store":
         """Open (creating the layout if needed) the store at `root` and run crash recovery.
 
-        Raises StorageError when `root` is not a usable btrfs storage root.
+        `driver` ("btrfs" or "overlay", storage/driver.py) is the one a new root
+        gets (default: btrfs on btrfs, overlay elsewhere); an existing root keeps
+        its own and refuses another. Raises StorageError when `root` is not a
+        usable storage root for its driver.
         """
         root = Path(os.path.realpath(root))
-        check_storage(root)
+        check_storage(root, drivers.of_root(root, driver).name)
+        drv = drivers.choose(root, driver)
         for attempt in (1, 2):
             try:
-                store = cls._open(root)
+                store = cls._open(root, drv)
                 break
             except (OSError, sqlite3.Error) as e:
                 err = storage_error(root, e)
                 if attempt == 2 or not isinstance(err, StorageFullError):
                     raise err from e
             # Often only subvolumes deleted a moment ago (a failed step's) still hold the space.
-            btrfs.wait_reclaimed(root)
+            drv.wait_reclaimed(root)
         _keep_reserve(root)
         return store
 
     @classmethod
-    def _open(cls, root: Path) -> "Store":
+    def _open(cls, root: Path, driver: drivers.Driver) -> "Store":
         for sub in ("bases", "snapshots", "live", "logs"):
             (root / sub).mkdir(mode=0o700, exist_ok=True)
-        store = cls(root, None)  # type: ignore[arg-type]
+        store = cls(root, None, driver)  # type: ignore[arg-type]
         with store.write_lock():
-            # SQLite mmaps the WAL index: on a full btrfs a copy-on-write page fault is
-            # SIGBUS; NOCOW files make it an ordinary "disk is full" error instead.
             for suffix in ("-wal", "-shm"):
-                btrfs.create_nocow_file(root / (DB_NAME + suffix))
+                driver.prepare_db_file(root / (DB_NAME + suffix))
             conn = sqlite3.connect(root / DB_NAME, timeout=60, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 60000")
@@ -625,12 +630,13 @@ class Store:
                 first = self.find_cache(snap.cache_key)
                 if first is not None:
                     return first
-            btrfs.snapshot(live, snap.path, readonly=True)
+            self.driver.commit(Path(live), snap.path, snap.id)
             try:
                 self._insert_snapshot(snap)
             except BaseException:
-                btrfs.delete_subvolume(snap.path)
+                self.driver.uncommit(Path(live), snap.path, snap.id)
                 raise
+        self.driver.after_commit(self.write_lock, snap.path)
         return snap
 
     def _insert_snapshot(self, snap: Snapshot) -> None:
@@ -662,32 +668,30 @@ class Store:
         lock_fd = os.open(f"{tmp}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            btrfs.create_subvolume(tmp)
+            self.driver.create(tmp)
             try:
                 populate(tmp)
                 if os.geteuid() != 0 and os.lstat(tmp).st_uid != os.geteuid():
                     # A tar said its `./` is another id's: the top of a rootfs stays the
                     # container's root (the user), or the user could not snapshot it.
                     _any_owner(_chown_top, tmp)
-                _any_owner(btrfs.set_readonly, tmp, True)
                 with self.write_lock():
                     existing = self.get(digest)
                     if existing is not None and existing.path.is_dir():
-                        btrfs.delete_subvolume(tmp)
+                        self.driver.remove(tmp)
                         return existing
                     snap = Snapshot(id=digest, kind="base", source=source, root=self.root)
                     if existing is not None:  # record left without subvolume: replace it
                         self._write([("DELETE FROM snapshots WHERE id = ?", (digest,))])
-                    btrfs.remove_tree(snap.path)
-                    os.rename(tmp, snap.path)
+                    self.driver.adopt(tmp, snap.path, digest)
                     try:
                         self._insert_snapshot(snap)
                     except BaseException:
-                        btrfs.delete_subvolume(snap.path)
+                        self.driver.remove(snap.path)
                         raise
                     return snap
             except BaseException:
-                remove_any_owner(tmp)  # whoever the tar said owns its root
+                self.driver.remove(tmp)  # whoever the tar said owns its root
                 raise
         finally:
             Path(f"{tmp}.lock").unlink(missing_ok=True)
@@ -708,9 +712,10 @@ class Store:
             snap = self.get(id)
             if snap is None:
                 return
-            remove_any_owner(snap.path)
+            self.driver.remove(snap.path)
             self.log_path(id).unlink(missing_ok=True)
             self._drop_records({id})
+            self.driver.collect(self.root, self._trees)
 
     def _drop_records(self, ids: set[str]) -> None:
         """Delete the records `ids`, re-pointing children and sessions to the nearest kept ancestor."""
@@ -829,13 +834,13 @@ class Store:
         is free for another session to open or resume); its records stay (for gc and
         history)."""
         with self.write_lock():
-            btrfs.remove_tree(self.live_path(session_id))
+            self.driver.remove(self.live_path(session_id))
             self._write([("UPDATE sessions SET owner_pid = 0, owner_start = 0 WHERE id = ?", (session_id,))])
 
     def forget_session(self, session_id: str) -> None:
         """Delete session `session_id` entirely (live subvolume and record); gc may then drop its snapshots."""
         with self.write_lock():
-            btrfs.remove_tree(self.live_path(session_id))
+            self.driver.remove(self.live_path(session_id))
             self._write([("DELETE FROM sessions WHERE id = ?", (session_id,)),
                          ("DELETE FROM history WHERE session = ?", (session_id,)),
                          ("DELETE FROM cells WHERE session = ?", (session_id,))])
@@ -859,7 +864,7 @@ class Store:
                     if kind == "base" and name.startswith(TMP_PREFIX):
                         self._recover_tmp_base(entry)
                     elif name not in known or known[name].kind != kind:
-                        remove_any_owner(entry)
+                        self.driver.remove(entry)
             missing = {sid for sid, s in known.items() if not s.path.is_dir()}
             if missing:
                 self._drop_records(missing)
@@ -867,7 +872,7 @@ class Store:
             for entry in (self.root / "live").iterdir():
                 sess = sessions.get(entry.name)
                 if sess is None or not self.session_alive(sess):
-                    btrfs.remove_tree(entry)
+                    self.driver.remove(entry)
             kept = set(known) - missing
             for entry in (self.root / "logs").iterdir():
                 name = entry.name
@@ -878,6 +883,12 @@ class Store:
                 elif name not in kept:
                     entry.unlink(missing_ok=True)
             collect_tmp_dirs(self.root)
+            self.driver.collect(self.root, self._trees)
+
+    def _trees(self) -> list[Path]:
+        """Every tree in the store: bases, snapshots and live rootfs (what the driver must keep)."""
+        return [Path(e.path) for sub in ("bases", "snapshots", "live")
+                for e in os.scandir(self.root / sub) if e.is_dir(follow_symlinks=False)]
 
     def _recover_tmp_base(self, entry: Path) -> None:
         if entry.name.endswith(".lock"):
@@ -899,12 +910,11 @@ class Store:
         self._drop_tmp_base(entry)
         lock.unlink(missing_ok=True)
 
-    @staticmethod
-    def _drop_tmp_base(entry: Path) -> None:
+    def _drop_tmp_base(self, entry: Path) -> None:
         """Delete a temporary base its importer left; one that cannot be deleted is left
         for the next open: a stale temporary never stops the store from opening."""
         try:
-            remove_any_owner(entry)
+            self.driver.remove(entry)
         except (StorageError, OSError):
             pass
 
@@ -935,13 +945,14 @@ class Store:
         with self.write_lock():
             collect_tmp_dirs(self.root)  # e.g. a pull killed since this store was opened
             drop = self.unreferenced()
+            self.driver.remove_many([snap.path for snap in drop])
             for snap in drop:
-                remove_any_owner(snap.path)
                 self.log_path(snap.id).unlink(missing_ok=True)
             if drop:
                 try:
                     self._drop_records({s.id for s in drop})
                 except StorageFullError:
-                    btrfs.wait_reclaimed(self.root)  # the deleted subvolumes make the room
+                    self.driver.wait_reclaimed(self.root)  # the deleted subvolumes make the room
                     self._drop_records({s.id for s in drop})
+                self.driver.collect(self.root, self._trees)
         return [s.id for s in drop]
