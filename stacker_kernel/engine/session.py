@@ -812,6 +812,10 @@ class BuildSession:
                 outcome = self._run_step(script, cell_id, on_output, on_progress)
                 if self.remote_cache is not None and outcome.ok and outcome.snapshot_id:  # remote cache: push
                     self.remote_cache.push(self, outcome.snapshot_id, on_output)
+                    if self.session.kind == "kernel":
+                        # A kernel can be shut down at any moment (its manager kills it within
+                        # seconds): its cell ends once the step is pushed. A build flushes at its end.
+                        self.remote_cache.finish(on_output)
                 return outcome
             finally:
                 self._on_hit = None
