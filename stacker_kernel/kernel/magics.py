@@ -146,11 +146,23 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
                                   attestations=Attestations(sbom="--no-sbom" not in flags,
                                                             provenance="--no-provenance" not in flags))
         return Shown(f"{notes}wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
+    if args.format == "dockerfile":
+        return _export_dockerfile(session, args, ctx, notes)
     target = _beside_notebook(ctx, _export_target(args, yaml_name))
     text = session.export_yaml(str(target))
     warnings = session.order_warnings(_notebook_cell_ids(session.session.name))
     notes += "".join(f"warning: {w}\n" for w in warnings)
     return Shown(f"{notes}wrote {target}\n\n{text}")
+
+
+def _export_dockerfile(session: Any, args: Any, ctx: "MagicContext", notes: str) -> Shown:
+    """`%export dockerfile [PATH]`: NAME.Dockerfile beside the notebook (context: its folder)."""
+    from stacker_kernel.recipe.dockerfile_out import recipe_to_dockerfile
+
+    target = _beside_notebook(ctx, _export_target(args, Path(session.session.name).stem + ".Dockerfile"))
+    text = recipe_to_dockerfile(session.export_recipe())
+    beside.write_bytes(target, text.encode())  # never through a link planted in a shared folder
+    return Shown(f"{notes}wrote {target} (build it with: buildah bud -f {target.name} .)\n\n{text}")
 
 
 def _sbom(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:

@@ -212,7 +212,7 @@ class BrowseArgs:
 
 @dataclass
 class ExportArgs:
-    """`%export [stacker.yaml|oci] [ARGS]`: the format and the remaining arguments.
+    """`%export [stacker.yaml|oci|dockerfile] [ARGS]`: the format and the remaining arguments.
 
     For oci, stacker's `--layer-type TYPE` (repeatable) and `--no-verity` are
     taken out of ARGS into `layer_types` (None: tar) and `no_verity`.
@@ -440,9 +440,11 @@ def _parse_export(rest: str) -> ExportArgs:
         return ExportArgs("stacker.yaml", toks[1:])
     if first == "oci":
         return _parse_export_oci(toks[1:])
+    if first.lower() in ("dockerfile", "containerfile"):
+        return ExportArgs("dockerfile", toks[1:])
     if first.endswith((".yaml", ".yml")) or first.startswith("-"):
         return ExportArgs("stacker.yaml", toks)
-    raise _Bad(f"unknown export format {first!r}: use stacker.yaml or oci")
+    raise _Bad(f"unknown export format {first!r}: use stacker.yaml, oci or dockerfile")
 
 
 def _parse_log(rest: str) -> int | str | None:
@@ -593,8 +595,8 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
     (MagicSpec("browse", "%browse [LAYER|N] [PATH]", "browse and download files", True,
                "BrowseArgs"), _parse_browse),
     (MagicSpec("export", "%export [stacker.yaml|oci [DIR] [--layer-type T]... [--no-verity] [--no-sbom] "
-               "[--no-provenance]]", "export the build (oci: with an SBOM and provenance)", True,
-               "ExportArgs", ("stacker.yaml", "oci")), _parse_export),
+               "[--no-provenance] | dockerfile [PATH]]", "export the build (oci: with an SBOM and provenance)",
+               True, "ExportArgs", ("stacker.yaml", "oci", "dockerfile")), _parse_export),
     (MagicSpec("keep_failed", "%keep_failed on|off", "keep a failed step's state to inspect "
                "it", True, "bool", ("on", "off")), _on_off),
     (MagicSpec("cache", "%cache on|off | to URL | from URL...", "reuse cached steps; push them to "
