@@ -165,6 +165,27 @@ def _export_dockerfile(session: Any, args: Any, ctx: "MagicContext", notes: str)
     return Shown(f"{notes}wrote {target} (build it with: buildah bud -f {target.name} .)\n\n{text}")
 
 
+#: the extension (labextension/) opens a terminal when it renders this, once and only while fresh
+SHELL_MIME = "application/vnd.stacker-kernel.shell+json"
+_SHELL_FRESH_SECONDS = 60  # a saved notebook reopened later must not open terminals
+
+
+def _shell(session: Any, _args: Any, ctx: "MagicContext") -> Shown:
+    """`%shell`: the JupyterLab extension opens a terminal running `stacker-kernel chroot`
+    into this notebook's state; other front-ends show the command to run."""
+    import secrets
+    import shlex
+    import time
+
+    notebook = session.session.name
+    command = f"stacker-kernel chroot -f {shlex.quote(notebook)}"
+    return Shown(f"a terminal in a throwaway copy of this notebook's current state (nothing done "
+                 f"there is kept); without the JupyterLab extension run: {command}",
+                 mime={SHELL_MIME: {"notebook": notebook, "command": command,
+                                    "nonce": secrets.token_hex(8),
+                                    "expires": time.time() + _SHELL_FRESH_SECONDS}})
+
+
 def _sbom(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
     """`%sbom [LAYER|N]`: the packages of a step, then which cell of its layer changed which."""
     from stacker_kernel.engine.sbom import step_changes
@@ -345,6 +366,7 @@ HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
     "layers": _layers,
     "diff": _diff,
     "grab": _grab,
+    "shell": _shell,
     "sbom": _sbom,
     "export": _export,
     "keep_failed": _switch("keep_failed", "keep_failed"),

@@ -606,6 +606,8 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
                "str", ("none", "host")), _network),
     (MagicSpec("log", "%log [N|failed]", "a step's whole output, saved beside the notebook "
                "(default: the latest step's)", True, "int | str | None"), _parse_log),
+    (MagicSpec("shell", "%shell", "a JupyterLab terminal in a throwaway copy of the current (or "
+               "kept failed) state: nothing done there is kept", True, "None"), _no_args),
     (MagicSpec("help", "%help [MAGIC]", "list the magics, or explain one", True,
                "str | None"), _parse_help),
 ]
