@@ -95,10 +95,14 @@ def _terminal_text(page) -> str:
 
 
 def _wait_terminal_shows(page, text: str) -> None:
-    page.wait_for_function(
-        """t => [...document.querySelectorAll('.jp-Terminal .xterm-accessibility-tree')]
-                .some(e => e.textContent.includes(t))""",
-        arg=text, timeout=90_000)
+    try:
+        page.wait_for_function(
+            """t => [...document.querySelectorAll('.jp-Terminal .xterm-accessibility-tree')]
+                    .some(e => e.textContent.includes(t))""",
+            arg=text, timeout=90_000)
+    except Exception:
+        shown = page.locator(".jp-Terminal .xterm-accessibility-tree").all_inner_texts()
+        raise AssertionError(f"no terminal shows {text!r}; they show: {shown}") from None
 
 
 def _back_to_notebook(page) -> None:
@@ -165,3 +169,44 @@ def test_open_as_stacker_notebook_on_a_dockerfile_opens_its_steps(page, lab):
     notebook.locator(".jp-CodeCell", has_text="echo from-dockerfile").first.wait_for()
     assert (lab.root / "Dockerfile.ipynb").is_file()
     assert "from-dockerfile" in (lab.root / "Dockerfile.ipynb").read_text()
+    tab.locator(".lm-TabBar-tabCloseIcon").click()  # the next tests use marker.ipynb's cells
+    tab.wait_for(state="detached")
+
+
+def _post(lab, endpoint: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{lab.url}/stacker-kernel/{endpoint}", data=json.dumps(body).encode(),
+                                 method="POST", headers={"Authorization": f"token {lab.token}"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_open_as_notebook_never_overwrites_and_a_bad_file_is_one_line(lab):
+    (lab.root / "app.Containerfile").write_text("FROM busybox\nFROBNICATE now\n")
+    status, answer = _post(lab, "open-as-notebook", {"path": "app.Containerfile"})
+    assert status == 400 and "\n" not in answer["message"]
+    assert re.search(r"line 2.*FROBNICATE", answer["message"], re.I), answer
+    assert not (lab.root / "app.Containerfile.ipynb").exists()
+    (lab.root / "stacker.yaml").write_text("app:\n  from:\n    type: tar\n    url: busybox.tar\n  run: echo hi\n")
+    names = [_post(lab, "open-as-notebook", {"path": "stacker.yaml"}) for _ in range(2)]
+    assert names == [(200, {"path": "stacker.ipynb"}), (200, {"path": "stacker-2.ipynb"})]
+    status, answer = _post(lab, "open-as-notebook", {"path": "../home/jupyterlab.log"})
+    assert status == 400
+
+
+def test_after_a_failed_cell_under_keep_failed_the_terminal_opens_in_the_failed_state(page, lab):
+    _back_to_notebook(page)
+    run_cell(page, "%keep_failed on")
+    failed = run_cell(page, "echo partial > /etc/partial\nfalse")
+    assert "Step failed" in output_text(failed)
+    page.locator(".jp-StackerShell-button").click()
+    _wait_terminal_shows(page, "the failed state of step")
+    page.locator(".jp-Terminal:visible .xterm-screen").click()
+    page.keyboard.type("cat /etc/partial; echo d$((40+3))ne\n")
+    _wait_terminal_shows(page, "d43ne")
+    assert "partial" in _terminal_text(page).split("cat /etc/partial", 1)[1]

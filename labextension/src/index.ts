@@ -47,10 +47,38 @@ async function openShell(app: JupyterFrontEnd, body: object): Promise<void> {
   }
 }
 
+// The toolbar button asks the kernel (`%shell`, kept out of the history) so that a kept
+// failed state is frozen for the terminal first; without a kernel, the server opens the
+// notebook's last build.
+async function shellFromPanel(app: JupyterFrontEnd, panel: NotebookPanel): Promise<void> {
+  const kernel = panel.sessionContext.session?.kernel;
+  if (!kernel) {
+    return openShell(app, { path: panel.context.path });
+  }
+  let opened = false;
+  let failure = '';
+  const future = kernel.requestExecute({ code: '%shell', silent: false, store_history: false });
+  future.onIOPub = msg => {
+    const content = msg.content as any;
+    if (msg.header.msg_type === 'display_data' && content.data?.[SHELL_MIME] && !opened) {
+      const data = content.data[SHELL_MIME];
+      opened = true;
+      ShellOutput.opened.add(data.nonce);
+      void openShell(app, { notebook: data.notebook });
+    } else if (msg.header.msg_type === 'error') {
+      failure = `${content.ename}: ${content.evalue}`;
+    }
+  };
+  await future.done;
+  if (!opened) {
+    void showErrorMessage('Terminal in the image', failure || 'the kernel did not answer %shell');
+  }
+}
+
 // Rendered %shell output: opens the terminal once while fresh (a reopened notebook
 // does not), and keeps a button to open another.
 class ShellOutput extends Widget implements IRenderMime.IRenderer {
-  private static opened = new Set<string>();
+  static opened = new Set<string>();
 
   constructor(private app: JupyterFrontEnd) {
     super();
@@ -103,8 +131,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       execute: async () => {
         const panel = notebooks?.currentWidget;
         if (panel) {
-          await panel.context.save();
-          await openShell(app, { path: panel.context.path });
+          await shellFromPanel(app, panel);
         }
       }
     });
@@ -112,7 +139,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       const button = new ToolbarButton({
         label: 'Terminal in image',
         tooltip: 'Open a terminal in a throwaway copy of this notebook\'s current (or failed) state',
-        onClick: () => void openShell(app, { path: panel.context.path })
+        onClick: () => void shellFromPanel(app, panel)
       });
       button.addClass('jp-StackerShell-button');
       panel.toolbar.insertItem(10, 'stacker-shell', button);

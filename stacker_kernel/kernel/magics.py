@@ -172,11 +172,15 @@ _SHELL_FRESH_SECONDS = 60  # a saved notebook reopened later must not open termi
 
 def _shell(session: Any, _args: Any, ctx: "MagicContext") -> Shown:
     """`%shell`: the JupyterLab extension opens a terminal running `stacker-kernel chroot`
-    into this notebook's state; other front-ends show the command to run."""
+    into this notebook's state (the kept failed state under keep_failed, frozen now);
+    other front-ends show the command to run."""
     import secrets
     import shlex
     import time
 
+    kept = session.kept_failure()
+    if kept is not None:  # freeze it where `chroot` finds a failed build's state
+        session.keep_failed_state(kept.first_line, kept.cell_id)
     notebook = session.session.name
     command = f"stacker-kernel chroot -f {shlex.quote(notebook)}"
     return Shown(f"a terminal in a throwaway copy of this notebook's current state (nothing done "
