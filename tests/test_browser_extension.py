@@ -210,3 +210,18 @@ def test_after_a_failed_cell_under_keep_failed_the_terminal_opens_in_the_failed_
     page.keyboard.type("cat /etc/partial; echo d$((40+3))ne\n")
     _wait_terminal_shows(page, "d43ne")
     assert "partial" in _terminal_text(page).split("cat /etc/partial", 1)[1]
+    page.keyboard.type("exit\n")  # the terminal closes (closeOnExit)
+    page.locator(".jp-Terminal:visible").wait_for(state="detached")
+    # once the notebook goes on (the failure rolled back, a new step), the terminal is back in it
+    _back_to_notebook(page)
+    run_cell(page, "%rollback")
+    run_cell(page, "echo after > /etc/after")
+    page.locator(".jp-StackerShell-button").click()
+    page.locator(".jp-Terminal:visible .xterm-accessibility-tree",
+                 has_text="nothing done here is kept").wait_for(timeout=90_000)
+    page.locator(".jp-Terminal:visible .xterm-screen").click()
+    page.keyboard.type("cat /etc/after; test -e /etc/partial || echo no-partial; echo d$((40+4))ne\n")
+    _wait_terminal_shows(page, "d44ne")
+    shown = _terminal_text(page)
+    assert "failed state" not in shown and "no-partial" in shown.split("d$((40+4))ne", 1)[1]
+    assert "after" in shown.split("cat /etc/after", 1)[1]

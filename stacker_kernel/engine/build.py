@@ -271,13 +271,13 @@ def _drop_failed_states(store: Store, abspath: str, keep_session: str) -> None:
 def failed_state(store: Store, path: str, layer: str | None) -> Snapshot | None:
     """The state a failed step of the last build of `path` left (in `layer`, if given), or None.
 
-    Only while it is where the build stands (its parent is the head): a kernel that went
-    on after a kept failure (%rollback, new steps) is back in a committed state."""
+    Only while no step was committed after it: a kernel that went on after a kept
+    failure (new steps) stands in a committed state again."""
     sess = latest_session(store, path)
-    head = sess.history[-1] if sess.history else None
+    head = store.get(sess.history[-1]) if sess.history else None
     for snap in reversed(store.snapshots(session=sess.id)):
         if snap.status == "failed" and (layer is None or snap.layer == layer) and snap.path.is_dir():
-            return snap if snap.parent == head else None
+            return None if head is not None and head.started > snap.started else snap
     return None
 
 
