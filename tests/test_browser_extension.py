@@ -105,6 +105,15 @@ def _wait_terminal_shows(page, text: str) -> None:
         raise AssertionError(f"no terminal shows {text!r}; they show: {shown}") from None
 
 
+def _type_in_terminal(page, text: str) -> None:
+    """Type into the visible terminal once its shell prompts (keys sent while the chroot
+    starts may be lost)."""
+    page.locator(".jp-Terminal:visible .xterm-accessibility-tree",
+                 has_text=re.compile(r"[/\w]+ # ")).wait_for(timeout=90_000)
+    page.locator(".jp-Terminal:visible .xterm-screen").click()
+    page.keyboard.type(text)
+
+
 def _back_to_notebook(page) -> None:
     page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text="marker.ipynb").click()
 
@@ -117,8 +126,7 @@ def test_the_toolbar_button_opens_a_terminal_in_the_image_and_nothing_is_kept(pa
     _wait_terminal_shows(page, "nothing done here is kept")
     first = _terminal_text(page).strip().splitlines()[0]
     assert first == "stacker-kernel: a throwaway copy of marker.ipynb's state: nothing done here is kept"
-    page.locator(".jp-Terminal:visible .xterm-screen").click()
-    page.keyboard.type("cat /etc/marker /etc/second; echo changed > /etc/marker; echo d$((40+2))ne\n")
+    _type_in_terminal(page, "cat /etc/marker /etc/second; echo changed > /etc/marker; echo d$((40+2))ne\n")
     _wait_terminal_shows(page, "d42ne")
     shown = _terminal_text(page)
     assert "image-marker" in shown and "second" in shown
@@ -137,14 +145,23 @@ def test_the_shell_magic_opens_a_terminal_and_says_the_command_for_other_front_e
 
     before = len(terminals())
     _back_to_notebook(page)
-    cell = run_cell(page, "%shell")
-    cell.locator("button", has_text="Open terminal in the image").wait_for()
-    assert f"stacker-kernel chroot -f {lab.root / 'marker.ipynb'}" in output_text(cell)
+    # run_cell's wait would race with the terminal taking the main area: type it here
+    index = page.locator(".jp-Notebook .jp-CodeCell").count()
+    page.locator(".jp-Notebook .jp-Cell").last.locator(".jp-Cell-inputArea").first.click()
+    page.keyboard.press("Escape")
+    page.keyboard.press("b")
+    page.keyboard.press("Enter")
+    page.keyboard.type("%shell")
+    page.keyboard.press("Shift+Enter")
     page.wait_for_function(
         """([url, n]) => fetch(url).then(r => r.json()).then(t => t.length > n)""",
-        arg=[f"{lab.url}/api/terminals?token={lab.token}", before], timeout=60_000)
+        arg=[f"{lab.url}/api/terminals?token={lab.token}", before], timeout=BUILD_TIMEOUT_MS)
     _wait_terminal_shows(page, "nothing done here is kept")
     assert len(terminals()) == before + 1
+    _back_to_notebook(page)
+    cell = page.locator(".jp-Notebook .jp-CodeCell").nth(index)
+    cell.locator("button", has_text="Open terminal in the image").wait_for()
+    assert f"stacker-kernel chroot -f {lab.root / 'marker.ipynb'}" in output_text(cell)
 
 
 def test_export_dockerfile_writes_the_file_beside_the_notebook(page, lab):
@@ -206,8 +223,7 @@ def test_after_a_failed_cell_under_keep_failed_the_terminal_opens_in_the_failed_
     assert "Step failed" in output_text(failed)
     page.locator(".jp-StackerShell-button").click()
     _wait_terminal_shows(page, "the failed state of step")
-    page.locator(".jp-Terminal:visible .xterm-screen").click()
-    page.keyboard.type("cat /etc/partial; echo d$((40+3))ne\n")
+    _type_in_terminal(page, "cat /etc/partial; echo d$((40+3))ne\n")
     _wait_terminal_shows(page, "d43ne")
     assert "partial" in _terminal_text(page).split("cat /etc/partial", 1)[1]
     page.keyboard.type("exit\n")  # the terminal closes (closeOnExit)
@@ -219,8 +235,7 @@ def test_after_a_failed_cell_under_keep_failed_the_terminal_opens_in_the_failed_
     page.locator(".jp-StackerShell-button").click()
     page.locator(".jp-Terminal:visible .xterm-accessibility-tree",
                  has_text="nothing done here is kept").wait_for(timeout=90_000)
-    page.locator(".jp-Terminal:visible .xterm-screen").click()
-    page.keyboard.type("cat /etc/after; test -e /etc/partial || echo no-partial; echo d$((40+4))ne\n")
+    _type_in_terminal(page, "cat /etc/after; test -e /etc/partial || echo no-partial; echo d$((40+4))ne\n")
     _wait_terminal_shows(page, "d44ne")
     shown = _terminal_text(page)
     assert "failed state" not in shown and "no-partial" in shown.split("d$((40+4))ne", 1)[1]
