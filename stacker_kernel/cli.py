@@ -672,6 +672,8 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("notebook", help="the notebook (.ipynb) to export")
     p.add_argument("-o", "--output", default=None, help="stacker.yaml to write (default: print it)")
     p.add_argument("--per-cell", action="store_true", help="one build_only layer per cell")
+    p.add_argument("--to", choices=("stacker.yaml", "dockerfile"), default="stacker.yaml",
+                   help="dockerfile: a Dockerfile that buildah bud builds into the same image")
     p.add_argument("--oci", action="store_true", help="also write the images of the notebook's last session")
     p.add_argument("--oci-dir", default="oci", help="OCI layout for --oci (default oci)")
     add_layer_type_flags(p)
@@ -681,11 +683,34 @@ def add_export(p: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from stacker_kernel.engine.build import export_notebook
 
+    if args.to == "dockerfile":
+        return _export_dockerfile(args)
     text = export_notebook(args.notebook, per_cell=args.per_cell,
                            oci_dir=args.oci_dir if args.oci else None,
                            open_store=lambda: _open_store(args), layer_types=_layer_types(args),
                            attestations=_attestations(args),
                            progress=lambda line: print(line, file=sys.stderr))  # stdout may be the yaml
+    if args.output:
+        _write_output(args.output, lambda p: write_bytes(Path(p), text.encode()))
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _export_dockerfile(args: argparse.Namespace) -> int:
+    """`export NOTEBOOK --to dockerfile [-o FILE]`: its build context is the notebook's folder."""
+    import nbformat
+
+    from stacker_kernel.recipe.dockerfile_out import notebook_to_dockerfile
+
+    if args.per_cell or args.oci:
+        raise StackerKernelError("--to dockerfile takes neither --per-cell nor --oci")
+    try:
+        nb = nbformat.read(args.notebook, as_version=4)
+    except (OSError, ValueError) as e:
+        raise StackerKernelError(f"cannot read notebook {args.notebook}: {e}") from None
+    text = notebook_to_dockerfile(nb, Path(args.notebook).stem)
     if args.output:
         _write_output(args.output, lambda p: write_bytes(Path(p), text.encode()))
         print(f"wrote {args.output}")

@@ -21,6 +21,7 @@ NO_EFFECT = {
     "sbom": "%sbom",
     "log": "%log",
     "help": "%help",
+    "shell": "%shell",
 }
 
 

@@ -365,11 +365,15 @@ def _drop_failed_states(store: Store, abspath: str, keep_session: str) -> None:
 
 
 def failed_state(store: Store, path: str, layer: str | None) -> Snapshot | None:
-    """The state a failed step of the last build of `path` left (in `layer`, if given), or None."""
+    """The state a failed step of the last build of `path` left (in `layer`, if given), or None.
+
+    Only while no step was committed after it: a kernel that went on after a kept
+    failure (new steps) stands in a committed state again."""
     sess = latest_session(store, path)
+    head = store.get(sess.history[-1]) if sess.history else None
     for snap in reversed(store.snapshots(session=sess.id)):
         if snap.status == "failed" and (layer is None or snap.layer == layer) and snap.path.is_dir():
-            return snap
+            return None if head is not None and head.started > snap.started else snap
     return None
 
 

@@ -725,6 +725,7 @@ class _Publisher:
             # renderers without widgets (a saved notebook on GitHub, nbconvert).
             data.update(shown.widget._repr_mimebundle_())
             data["text/plain"] = shown.text
+        data.update(shown.mime or {})
         self.send("display_data", {"data": data, "metadata": {}, "transient": {}})
 
     def error(self, execution_count: int, ename: str, evalue: str,

@@ -168,6 +168,8 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
                                                             provenance="--no-provenance" not in flags))
         notes += _differences_notes(session)
         return Shown(f"{notes}wrote OCI layout {target} with tags: {', '.join(tags) or '(none)'}")
+    if args.format == "dockerfile":
+        return _export_dockerfile(session, args, ctx, notes)
     target = _beside_notebook(ctx, _export_target(args, yaml_name))
     text = session.export_yaml(str(target))
     notes += _differences_notes(session)
@@ -191,6 +193,41 @@ def _what_is_written(session: Any) -> str:
     parts = [f"{len(layer.steps)} step{'' if len(layer.steps) == 1 else 's'} of layer {name}"
              + (" (build only)" if layer.build_only else "") for name, layer in recipe.layers.items()]
     return ", ".join(parts) or "no layer yet"
+
+
+def _export_dockerfile(session: Any, args: Any, ctx: "MagicContext", notes: str) -> Shown:
+    """`%export dockerfile [PATH]`: NAME.Dockerfile beside the notebook (context: its folder)."""
+    from stacker_kernel.recipe.dockerfile_out import recipe_to_dockerfile
+
+    target = _beside_notebook(ctx, _export_target(args, Path(session.session.name).stem + ".Dockerfile"))
+    text = recipe_to_dockerfile(session.export_recipe())
+    beside.write_bytes(target, text.encode())  # never through a link planted in a shared folder
+    return Shown(f"{notes}wrote {target} (build it with: buildah bud -f {target.name} .)\n\n{text}")
+
+
+#: the extension (labextension/) opens a terminal when it renders this, once and only while fresh
+SHELL_MIME = "application/vnd.stacker-kernel.shell+json"
+_SHELL_FRESH_SECONDS = 60  # a saved notebook reopened later must not open terminals
+
+
+def _shell(session: Any, _args: Any, ctx: "MagicContext") -> Shown:
+    """`%shell`: the JupyterLab extension opens a terminal running `stacker-kernel chroot`
+    into this notebook's state (the kept failed state under keep_failed, frozen now);
+    other front-ends show the command to run."""
+    import secrets
+    import shlex
+    import time
+
+    kept = session.kept_failure()
+    if kept is not None:  # freeze it where `chroot` finds a failed build's state
+        session.keep_failed_state(kept.first_line, kept.cell_id)
+    notebook = session.session.name
+    command = f"stacker-kernel chroot -f {shlex.quote(notebook)}"
+    return Shown(f"a terminal in a throwaway copy of this notebook's current state (nothing done "
+                 f"there is kept); without the JupyterLab extension run: {command}",
+                 mime={SHELL_MIME: {"notebook": notebook, "command": command,
+                                    "nonce": secrets.token_hex(8),
+                                    "expires": time.time() + _SHELL_FRESH_SECONDS}})
 
 
 def _sbom(session: Any, target: int | str | None, ctx: "MagicContext") -> Shown:
@@ -367,6 +404,7 @@ HANDLERS: dict[str, Callable[[Any, Any, MagicContext], Shown]] = {
     "layers": _layers,
     "diff": _diff,
     "grab": _grab,
+    "shell": _shell,
     "sbom": _sbom,
     "export": _export,
     "keep_failed": _switch("keep_failed", "keep_failed"),

@@ -24,6 +24,7 @@ class Shown:
     text: str
     html: str | None = None
     widget: Any = None  # an ipywidgets widget to display (front-ends without widgets show html)
+    mime: dict[str, Any] | None = None  # more representations (the JupyterLab extension's)
 
 
 def size_change(n: int | None) -> str:

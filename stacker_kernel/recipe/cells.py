@@ -46,7 +46,7 @@ class BrowseArgs:
 
 @dataclass
 class ExportArgs:
-    """`%export [stacker.yaml|oci] [ARGS]`: the format and the remaining arguments.
+    """`%export [stacker.yaml|oci|dockerfile] [ARGS]`: the format and the remaining arguments.
 
     For oci, stacker's `--layer-type TYPE` (repeatable) and `--no-verity` are
     taken out of ARGS into `layer_types` (None: tar) and `no_verity`.
@@ -288,9 +288,11 @@ def _parse_export(rest: str) -> ExportArgs:
         return ExportArgs("stacker.yaml", toks[1:])
     if first == "oci":
         return _parse_export_oci(toks[1:])
+    if first.lower() in ("dockerfile", "containerfile"):
+        return ExportArgs("dockerfile", toks[1:])
     if first.endswith((".yaml", ".yml")) or first.startswith("-"):
         return ExportArgs("stacker.yaml", toks)
-    raise _Bad(f"unknown export format {first!r}: use stacker.yaml or oci")
+    raise _Bad(f"unknown export format {first!r}: use stacker.yaml, oci or dockerfile")
 
 
 def _parse_log(rest: str) -> int | str | None:
@@ -451,8 +453,8 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
     (MagicSpec("browse", "%browse [LAYER|N] [PATH]", "browse and download files", True,
                "BrowseArgs"), _parse_browse),
     (MagicSpec("export", "%export [stacker.yaml|oci [DIR] [--layer-type T]... [--no-verity] [--no-sbom] "
-               "[--no-provenance]]", "export the build (oci: with an SBOM and provenance)", True,
-               "ExportArgs", ("stacker.yaml", "oci")), _parse_export),
+               "[--no-provenance] | dockerfile [PATH]]", "export the build (oci: with an SBOM and provenance)",
+               True, "ExportArgs", ("stacker.yaml", "oci", "dockerfile")), _parse_export),
     (MagicSpec("keep_failed", "%keep_failed on|off", "keep a failed step's state to inspect "
                "it", True, "bool", ("on", "off")), _on_off),
     (MagicSpec("cache", "%cache on|off | to URL | from URL...", "reuse cached steps; push them to "
@@ -462,6 +464,8 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
                "str", ("none", "host")), _network),
     (MagicSpec("log", "%log [N|failed]", "a step's whole output, saved beside the notebook "
                "(default: the latest step's)", True, "int | str | None"), _parse_log),
+    (MagicSpec("shell", "%shell", "a JupyterLab terminal in a throwaway copy of the current (or "
+               "kept failed) state: nothing done there is kept", True, "None"), _no_args),
     (MagicSpec("help", "%help [MAGIC]", "list the magics, or explain one", True,
                "str | None"), _parse_help),
 ]

@@ -94,3 +94,20 @@ class StackerExporter(Exporter):
         nb_copy, resources = super().from_notebook_node(nb, resources, **kw)
         name = (resources.get("metadata") or {}).get("name") or "notebook"
         return notebook_to_stacker_yaml(nb_copy, name), resources
+
+
+class DockerfileExporter(Exporter):
+    """`jupyter nbconvert --to dockerfile NB.ipynb` writes NB.Dockerfile (context: its folder)."""
+
+    export_from_notebook = "Dockerfile"
+    output_mimetype = "text/x-dockerfile"
+
+    def _file_extension_default(self) -> str:
+        return ".Dockerfile"
+
+    def from_notebook_node(self, nb, resources=None, **kw):
+        from stacker_kernel.recipe.dockerfile_out import notebook_to_dockerfile
+
+        nb_copy, resources = super().from_notebook_node(nb, resources, **kw)
+        name = (resources.get("metadata") or {}).get("name") or "notebook"
+        return notebook_to_dockerfile(nb_copy, name), resources
