@@ -185,6 +185,7 @@ def root_snapshot(storage, built) -> Path:
 
 
 @pytest.mark.rootful
+@pytest.mark.btrfs_only  # its fixture sets a btrfs snapshot's read-only flag
 def test_root_grab_skips_device_nodes_and_drops_setuid_root(storage, built, root_snapshot, tmp_path):
     dest = tmp_path / "out"
     proc = grab_cli(storage, built, "hostile:/d", dest)
@@ -199,6 +200,7 @@ def test_root_grab_skips_device_nodes_and_drops_setuid_root(storage, built, root
 
 
 @pytest.mark.rootful
+@pytest.mark.btrfs_only  # its fixture sets a btrfs snapshot's read-only flag
 def test_root_grab_of_a_device_itself_is_one_line_error(storage, built, root_snapshot, tmp_path):
     proc = grab_cli(storage, built, "hostile:/d/loop", tmp_path / "loop")
     assert_one_line_error(proc, "/d/loop is a block device")

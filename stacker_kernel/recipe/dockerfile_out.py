@@ -9,7 +9,7 @@ notebook exports, because each instruction keeps the kernel's step semantics
 - a layer's cells, joined as one `run:` script (the shell state carries between
   cells exactly as between its lines), are ONE exec-form RUN that runs
   `/bin/sh -ec SCRIPT` from `/`, with stdin /dev/null and only the build
-  environment (PATH, STACKER_LAYER_NAME, build_env), as a step runs here:
+  environment (PATH, HOME, STACKER_LAYER_NAME, build_env), as a step runs here:
   neither the base image's ENV nor its WORKDIR reach the step;
 - the image config (ENV, LABEL, ENTRYPOINT, CMD, WORKDIR, VOLUME, USER) comes
   after the RUN, since here it describes the image and never the build;
@@ -204,7 +204,8 @@ def recipe_to_dockerfile(recipe: Recipe) -> str:
         lines.append(f"{first} AS {stages[name]}")
         lines += rest
         lines += _copies(layer, stages)
-        env = {"PATH": BUILD_PATH, **{k: str(v) for k, v in layer.build_env.items() if str(v) != ""},
+        env = {"PATH": BUILD_PATH, "HOME": "/root",
+               **{k: str(v) for k, v in layer.build_env.items() if str(v) != ""},
                "STACKER_LAYER_NAME": name}
         run = _run(layer, env)
         user = _runs_as(layer, recipe) if run else None

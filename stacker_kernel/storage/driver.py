@@ -369,6 +369,9 @@ def recorded(root: Path) -> str | None:
         name = (root / DRIVER_FILE).read_text().strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except PermissionError:  # another user's storage (each is 0700)
+        raise StorageError(f"permission denied: storage {root} is not yours: use your own storage "
+                           "(leave out --storage)") from None
     if name not in NAMES:
         raise StorageError(f"storage {root} names an unknown driver {name!r} in its file "
                            f"'{DRIVER_FILE}': write one of {', '.join(NAMES)} there")
