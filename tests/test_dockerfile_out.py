@@ -126,6 +126,6 @@ def test_buildah_builds_the_exported_dockerfile_into_the_notebooks_own_image(
               if got_tree.get(p) != want_tree.get(p)}
     assert differ == {}
     marker = (tmp_path / "got-bundle" / "rootfs" / "etc" / "marker").read_text()
-    assert marker == "hey world|kept|/opt/app||app|unset\n"  # the state and environment of a step
+    assert marker == "hey world|kept|/opt/app||app|/root\n"  # the state and environment of a step
     assert got_tree["/opt/app/data/out.txt"][:3] == ("0o100640", 1000, 1000)
     assert json.dumps(got_config, sort_keys=True, indent=1) == json.dumps(want_config, sort_keys=True, indent=1)
