@@ -119,17 +119,19 @@ class Lab:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory, busybox_tar):
+def running_lab(tmp_path_factory, busybox_tar, name: str, prepare=None):
+    """A JupyterLab serving a fresh folder holding busybox.tar (and what `prepare(root,
+    home)` adds), on a storage of its own; a generator for module-scoped fixtures."""
     from stacker_kernel.storage import btrfs
 
-    base = tmp_path_factory.mktemp("lab")
+    base = tmp_path_factory.mktemp(name)
     root, home = base / "nb", base / "home"
     root.mkdir()
     home.mkdir()
-    shutil.copyfile(REPO / "notebooks" / "hello.ipynb", root / "hello.ipynb")
     shutil.copyfile(busybox_tar, root / "busybox.tar")
-    storage = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-browser-{secrets.token_hex(6)}"
+    if prepare is not None:
+        prepare(root, home)
+    storage = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-{name}-{secrets.token_hex(6)}"
     storage.mkdir()
     server = Lab(root, home, storage)
     try:
@@ -137,6 +139,12 @@ def lab(tmp_path_factory, busybox_tar):
     finally:
         server.stop()
         btrfs.remove_tree(storage)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, busybox_tar):
+    yield from running_lab(tmp_path_factory, busybox_tar, "lab", lambda root, home: shutil.copyfile(
+        REPO / "notebooks" / "hello.ipynb", root / "hello.ipynb"))
 
 
 @pytest.fixture(scope="module")

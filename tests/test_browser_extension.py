@@ -9,17 +9,14 @@ reader mode (a setting), whose accessibility tree holds its text as DOM.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import shutil
-from pathlib import Path
 
 import pytest
 
 from kernel_support import write_notebook
 from test_browser import (
-    BUILD_TIMEOUT_MS, CHROMIUM, CHROMIUM_ARGS, REPO, Lab, _wait_all_ran, _wait_idle, output_text,
+    BUILD_TIMEOUT_MS, CHROMIUM, CHROMIUM_ARGS, REPO, _wait_all_ran, _wait_idle, output_text, running_lab,
     run_cell,
 )
 
@@ -30,15 +27,8 @@ SERVER_CONFIG = REPO / "jupyter-config" / "jupyter_server_config.d" / "stacker_k
 DOCKERFILE = "FROM busybox\nRUN echo from-dockerfile > /x\nCMD [\"cat\", \"/x\"]\n"
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory, busybox_tar):
-    from stacker_kernel.storage import btrfs
-
-    base = tmp_path_factory.mktemp("lab-ext")
-    root, home = base / "nb", base / "home"
-    root.mkdir()
-    home.mkdir()
-    shutil.copyfile(busybox_tar, root / "busybox.tar")
+def _prepare(root, home):
+    """marker.ipynb, a Dockerfile, and the extension where a wheel's data files put it."""
     write_notebook(root / "marker.ipynb", [
         ("base", "%layer img\n%from tar busybox.tar\necho image-marker > /etc/marker"),
         ("more", "echo second > /etc/second")])
@@ -53,14 +43,11 @@ def lab(tmp_path_factory, busybox_tar):
     terminal = home / "lab-settings" / "@jupyterlab" / "terminal-extension" / "plugin.jupyterlab-settings"
     terminal.parent.mkdir(parents=True)
     terminal.write_text(json.dumps({"screenReaderMode": True}))
-    storage = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-browser-ext-{secrets.token_hex(6)}"
-    storage.mkdir()
-    server = Lab(root, home, storage)
-    try:
-        yield server
-    finally:
-        server.stop()
-        btrfs.remove_tree(storage)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, busybox_tar):
+    yield from running_lab(tmp_path_factory, busybox_tar, "lab-ext", _prepare)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,12 @@ server and helpers this reuses), with the user's ordinary habits:
 from __future__ import annotations
 
 import re
-import secrets
-import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 
 from kernel_support import write_notebook
-from test_browser import (BUILD_TIMEOUT_MS, CHROMIUM, CHROMIUM_ARGS, Lab, _wait_all_ran, _wait_idle,
+from test_browser import (BUILD_TIMEOUT_MS, CHROMIUM, CHROMIUM_ARGS, _wait_all_ran, running_lab, _wait_idle,
                           output_text, run_cell)
 
 pytestmark = pytest.mark.slow
@@ -32,23 +29,7 @@ BASE = "%layer app\n%from tar busybox.tar"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, busybox_tar):
-    import os
-
-    from stacker_kernel.storage import btrfs
-
-    base = tmp_path_factory.mktemp("lab-recipe")
-    root, home = base / "nb", base / "home"
-    root.mkdir()
-    home.mkdir()
-    shutil.copyfile(busybox_tar, root / "busybox.tar")
-    storage = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-browser-{secrets.token_hex(6)}"
-    storage.mkdir()
-    server = Lab(root, home, storage)
-    try:
-        yield server
-    finally:
-        server.stop()
-        btrfs.remove_tree(storage)
+    yield from running_lab(tmp_path_factory, busybox_tar, "lab-recipe")
 
 
 @pytest.fixture(scope="module")
