@@ -1033,6 +1033,16 @@ def _tree(root: Path) -> dict[str, tuple]:
     return out
 
 
+def tree_differences(got_tree: dict, want_tree: dict) -> dict:
+    """Path -> (ours, buildah's) where the unpacked trees differ, leaving out the empty
+    mount points buildah's RUN leaves behind (/etc/hostname, /etc/hosts, /etc/resolv.conf)."""
+    for mount_point in ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf"):
+        if mount_point not in got_tree and want_tree.get(mount_point, ("",) * 4)[3] == EMPTY:
+            want_tree.pop(mount_point, None)
+    return {p: (got_tree.get(p), want_tree.get(p)) for p in set(got_tree) | set(want_tree)
+            if got_tree.get(p) != want_tree.get(p)}
+
+
 def _unpack(layout: str, tag: str, dest: Path) -> tuple[dict, dict]:
     subprocess.run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(dest)], check=True,
                    capture_output=True)
@@ -1079,10 +1089,6 @@ def test_the_image_equals_what_buildah_builds_from_the_same_dockerfile(
                  "--base", "busybox=oci:" + busybox_oci, "--oci-dir", str(tmp_path / "got")]) == 0
     want_tree, want_config = _unpack(f"{tmp_path}/want", "want", tmp_path / "want-bundle")
     got_tree, got_config = _unpack(str(tmp_path / "got"), "image", tmp_path / "got-bundle")
-    for mount_point in ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf"):  # buildah's RUN mounts
-        if mount_point not in got_tree and want_tree.get(mount_point, ("",) * 4)[3] == EMPTY:
-            want_tree.pop(mount_point, None)
-    differ = {p: (got_tree.get(p), want_tree.get(p)) for p in set(got_tree) | set(want_tree)
-              if got_tree.get(p) != want_tree.get(p)}
+    differ = tree_differences(got_tree, want_tree)
     assert differ == {}
     assert json.dumps(got_config, sort_keys=True, indent=1) == json.dumps(want_config, sort_keys=True, indent=1)

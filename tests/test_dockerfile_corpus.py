@@ -18,7 +18,7 @@ import pytest
 
 from stacker_kernel.cli import main
 from stacker_kernel.oci.layout import OCILayout
-from test_dockerfile import EMPTY, _unpack
+from test_dockerfile import _unpack, tree_differences
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "data" / "dockerfiles"
@@ -113,11 +113,7 @@ def test_a_service_image_equals_what_buildah_builds(service, storage, debian_oci
     _ours(storage, ctx, "oci:" + debian_oci, tmp_path / "got")
     want_tree, want_config = _unpack(f"{tmp_path}/want", "want", tmp_path / "want-bundle")
     got_tree, got_config = _unpack(str(tmp_path / "got"), "image", tmp_path / "got-bundle")
-    for mount_point in ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf"):  # buildah's RUN mounts
-        if mount_point not in got_tree and want_tree.get(mount_point, ("",) * 4)[3] == EMPTY:
-            want_tree.pop(mount_point, None)
-    differ = {p: (got_tree.get(p), want_tree.get(p)) for p in set(got_tree) | set(want_tree)
-              if got_tree.get(p) != want_tree.get(p)}
+    differ = tree_differences(got_tree, want_tree)
     for p in sorted(differ):
         if p.startswith("/etc/"):
             for name, bundle in (("got", "got-bundle"), ("want", "want-bundle")):

@@ -13,7 +13,7 @@ import pytest
 from stacker_kernel.cli import main
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.dockerfile_out import notebook_to_dockerfile
-from test_dockerfile import EMPTY, _unpack, buildah  # noqa: F401 (fixture)
+from test_dockerfile import _unpack, buildah, tree_differences  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,11 +119,7 @@ def test_buildah_builds_the_exported_dockerfile_into_the_notebooks_own_image(
                  "--oci-dir", str(tmp_path / "got")]) == 0
     want_tree, want_config = _unpack(f"{tmp_path}/want", "want", tmp_path / "want-bundle")
     got_tree, got_config = _unpack(str(tmp_path / "got"), "app", tmp_path / "got-bundle")
-    for mount_point in ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf"):  # buildah's RUN mounts
-        if mount_point not in got_tree and want_tree.get(mount_point, ("",) * 4)[3] == EMPTY:
-            want_tree.pop(mount_point, None)
-    differ = {p: (got_tree.get(p), want_tree.get(p)) for p in set(got_tree) | set(want_tree)
-              if got_tree.get(p) != want_tree.get(p)}
+    differ = tree_differences(got_tree, want_tree)
     assert differ == {}
     marker = (tmp_path / "got-bundle" / "rootfs" / "etc" / "marker").read_text()
     assert marker == "hey world|kept|/opt/app||app|/root\n"  # the state and environment of a step
