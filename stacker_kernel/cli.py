@@ -690,9 +690,14 @@ def cmd_export(args: argparse.Namespace) -> int:
                            open_store=lambda: _open_store(args), layer_types=_layer_types(args),
                            attestations=_attestations(args),
                            progress=lambda line: print(line, file=sys.stderr))  # stdout may be the yaml
-    if args.output:
-        _write_output(args.output, lambda p: write_bytes(Path(p), text.encode()))
-        print(f"wrote {args.output}")
+    return _print_or_write(args.output, text)
+
+
+def _print_or_write(output: str | None, text: str) -> int:
+    """An export's text to file `output` (written as files beside a notebook are), else to stdout."""
+    if output:
+        _write_output(output, lambda p: write_bytes(Path(p), text.encode()))
+        print(f"wrote {output}")
     else:
         sys.stdout.write(text)
     return 0
@@ -711,12 +716,7 @@ def _export_dockerfile(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise StackerKernelError(f"cannot read notebook {args.notebook}: {e}") from None
     text = notebook_to_dockerfile(nb, Path(args.notebook).stem)
-    if args.output:
-        _write_output(args.output, lambda p: write_bytes(Path(p), text.encode()))
-        print(f"wrote {args.output}")
-    else:
-        sys.stdout.write(text)
-    return 0
+    return _print_or_write(args.output, text)
 
 
 def add_import(p: argparse.ArgumentParser) -> None:
