@@ -455,8 +455,8 @@ class _Translator:
         if source is None:
             norm = _normalize(image)
             source = next((v for k, v in self.bases.items() if _normalize(k) == norm), None)
-        if source is None:
-            return "docker " + _q("docker://" + image)
+        if source is None:  # buildah takes `FROM docker://busybox` too
+            return "docker " + _q("docker://" + image.removeprefix("docker://"))
         self.used_base_onbuild = self.base_onbuild.get(source, [])
         if source.startswith("oci:"):
             return "oci " + _q(source[4:])
