@@ -74,6 +74,8 @@ def is_dockerfile(path: str) -> bool:
     """True for the names Docker and Podman build by default: `Dockerfile`,
     `Containerfile`, `Dockerfile.*`, `*.Dockerfile` (and the same for Containerfile)."""
     name = posixpath.basename(path.replace("\\", "/")).lower()  # docker build reads `dockerfile` too
+    if name.endswith((".ipynb", ".yaml", ".yml")):  # Dockerfile.ipynb is what Open as notebook writes
+        return False
     return any(name == base or name.startswith(base + ".") or name.endswith("." + base)
                for base in ("dockerfile", "containerfile"))
 
