@@ -6,12 +6,19 @@ files keep their owners. The maps are written by the setuid helpers
 newuidmap/newgidmap (Debian's `uidmap`), which check /etc/subuid and
 /etc/subgid. Real root needs no subordinate ranges: it maps ids one to one.
 
+Single-id mode: a user with no subordinate range (or no newuidmap, or
+STACKER_KERNEL_SINGLE_ID=1) gets a namespace holding only their own uid/gid, as
+root, as `unshare -r` makes it; the caller writes that map itself. Every file
+is then owned by root inside, chown to other ids fails, setgroups is denied,
+and a tool `isolate` runs has no spare id to run as (README, Security).
+
 Everything here works in a forked, single-threaded child: unshare(CLONE_NEWUSER)
 fails with EINVAL in a process with several threads (ipykernel has several).
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import pickle
 import pwd
@@ -56,8 +63,12 @@ def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
     libc_call("prctl", ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), 0, 0, 0)
 
 
-NOBODY = 65534  # mapped in every user namespace this project makes (NS_SIZE ids)
+NOBODY = 65534  # mapped in every user namespace this project makes (NS_SIZE ids), but single-id ones
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECUREBITS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 28, 24, 47, 4
+# SECBIT_NOROOT, _NO_SETUID_FIXUP and _NO_CAP_AMBIENT_RAISE, and the lock bits of all four
+SECURE_ALL = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+SINGLE_ID_ENV = "STACKER_KERNEL_SINGLE_ID"
 
 
 def become_nobody() -> None:
@@ -70,6 +81,38 @@ def become_nobody() -> None:
     libc_call("prctl", ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), 0, 0, 0)
 
 
+def drop_all_capabilities() -> None:
+    """For a root with no other id to become (a single-id namespace): keep the id
+    but give up every capability for good, so no chroot is climbed out of and no
+    mount is made or undone: empty bounding, ambient, inheritable, permitted and
+    effective sets, securebits that stop an exec as root (or a setuid file) from
+    giving any back, and no_new_privs. Needs CAP_SETPCAP (root of a namespace)."""
+    def prctl(option: int, arg: int) -> None:
+        libc_call("prctl", ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0), 0, 0)
+
+    prctl(PR_SET_SECUREBITS, SECURE_ALL)
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}: all empty
+    libc_call("capset", header, data)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _ids_mapped() -> int:
+    """How many uids this process's user namespace holds (1 in single-id mode)."""
+    with open("/proc/self/uid_map") as f:
+        return sum(int(line.split()[2]) for line in f if line.strip())
+
+
+def in_single_id_namespace() -> bool:
+    """Whether this process runs in a user namespace that holds one id only."""
+    return _ids_mapped() == 1
+
+
 # A root-run kernel has no subordinate range to take an unused id from: its tools on
 # untrusted input run as this host id, which no account and no process should use
 # (README, Security). Below 2^31: some tools still read ids as signed.
@@ -79,12 +122,13 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 
 def isolated_id() -> int:
     """The id, as the calling namespace sees it, that `isolate` runs a tool as: the
-    namespace's nobody (a subordinate id) in a user namespace of ours, else
-    ISOLATED_HOST_ID, never the host's own nobody."""
+    namespace's nobody (a subordinate id) in a user namespace of ours, 0 in a
+    single-id namespace (there is no other id: the tool keeps root's id without
+    any capability), else ISOLATED_HOST_ID, never the host's own nobody."""
     with open("/proc/self/uid_map") as f:
         initial = f.read().split() == ["0", "0", "4294967295"]
     if not initial:
-        return NOBODY
+        return 0 if in_single_id_namespace() else NOBODY
     try:
         name = pwd.getpwuid(ISOLATED_HOST_ID).pw_name
     except KeyError:
@@ -102,9 +146,11 @@ def isolate(root: str | None = None, *, dev_and_tmp: bool = False, outside: int 
     gone with it) if `dev_and_tmp` and the image has those folders. A helper
     process outside waits for it and exits with its status, so the caller's Popen
     sees the tool's. Pass `outside` (isolated_id(), looked up before the fork)
-    from a process with threads."""
+    from a process with threads. With `outside` 0 (a single-id namespace) the new
+    namespace maps root only and the tool runs as that root without capabilities
+    (drop_all_capabilities): it can still write what the user can."""
     outside = isolated_id() if outside is None else outside
-    ids = (IdRange(0, 0, 1), IdRange(NOBODY, outside, 1))
+    ids = (IdRange(0, 0, 1),) if outside == 0 else (IdRange(0, 0, 1), IdRange(NOBODY, outside, 1))
     enter_new_userns(IdMap(ids, ids, rootful=True), CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC)
     if root is not None and dev_and_tmp:
         _dev_and_tmp(root)
@@ -122,7 +168,10 @@ def isolate(root: str | None = None, *, dev_and_tmp: bool = False, outside: int 
     if root is not None:
         os.chroot(root)
         os.chdir("/")
-    become_nobody()
+    if outside == 0:
+        drop_all_capabilities()
+    else:
+        become_nobody()
 
 
 def _dev_and_tmp(root: str) -> None:
@@ -159,6 +208,7 @@ class IdMap:
     uids: tuple[IdRange, ...]
     gids: tuple[IdRange, ...]
     rootful: bool
+    single: str = ""  # single-id mode: why (the line single_id_notice prints); "" for a full range
 
     def to_outside_uid(self, uid: int) -> int:
         return _translate(self.uids, uid)
@@ -179,6 +229,10 @@ class IdMap:
             name = str(uid)
         sub_u = _subordinate_start("/etc/subuid", name, uid)
         sub_g = _subordinate_start("/etc/subgid", name, uid)
+        why = _single_id_reason(name, sub_u, sub_g)
+        if why:  # only the user's own ids, as root (what `unshare -r` maps)
+            return cls((IdRange(0, uid, 1),), (IdRange(0, gid, 1),), rootful=False, single=why)
+        assert sub_u is not None and sub_g is not None
         return cls(
             (IdRange(0, uid, 1), IdRange(1, sub_u + 1, NS_SIZE - 1)),
             (IdRange(0, gid, 1), IdRange(1, sub_g + 1, NS_SIZE - 1)),
@@ -193,8 +247,57 @@ def _translate(ranges: tuple[IdRange, ...], ident: int) -> int:
     raise ValueError(f"id {ident} is not mapped")
 
 
-def _subordinate_start(path: str, name: str, uid: int) -> int:
-    """Start of the first range in `path` for this user that holds NS_SIZE ids."""
+def _single_id_reason(name: str, sub_u: int | None, sub_g: int | None) -> str:
+    """Why this user's namespaces hold only their own id, with the fix; "" if they need not."""
+    if os.environ.get(SINGLE_ID_ENV, "") not in ("", "0"):
+        return f"{SINGLE_ID_ENV} is set"
+    if sub_u is None or sub_g is None:
+        missing = " and ".join(p for p, s in (("/etc/subuid", sub_u), ("/etc/subgid", sub_g)) if s is None)
+        start = _free_subordinate_start()
+        return (f"user {name} has no subordinate range of {NS_SIZE} ids in {missing}; for full mode, as root: "
+                f"usermod --add-subuids {start}-{start + NS_SIZE - 1} --add-subgids {start}-{start + NS_SIZE - 1} {name}")
+    for tool in ("newuidmap", "newgidmap"):
+        if _id_tool(tool) is None:
+            return f"{tool} is missing; for full mode, install Debian's uidmap package (apt-get install uidmap)"
+    return ""
+
+
+def single_id_notice() -> str | None:
+    """The one line that says this user builds in single-id mode, what it cannot do
+    and how to get the full mode; None with a full range (or as root)."""
+    if os.geteuid() == 0:
+        return None
+    why = IdMap.for_current_user().single
+    if not why:
+        return None
+    return (f"[single-id mode: {why}. The container holds only your own uid, as root: every file of the "
+            "image is owned by root, chown to other ids fails, setgroups is denied (apt cannot drop to "
+            "_apt: give it -o APT::Sandbox::User=root)]")
+
+
+def _free_subordinate_start() -> int:
+    """A start for a new range in /etc/subuid and /etc/subgid after every range there."""
+    end = 100000
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    parts = line.strip().split(":")
+                    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                        end = max(end, int(parts[1]) + int(parts[2]))
+        except OSError:
+            pass
+    return end
+
+
+def _id_tool(tool: str) -> str | None:
+    """The path of newuidmap/newgidmap: on PATH, else /usr/bin (a kernel's PATH may lack it)."""
+    exe = shutil.which(tool) or f"/usr/bin/{tool}"
+    return exe if os.path.exists(exe) else None
+
+
+def _subordinate_start(path: str, name: str, uid: int) -> int | None:
+    """Start of the first range in `path` for this user that holds NS_SIZE ids, if any."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -210,28 +313,45 @@ def _subordinate_start(path: str, name: str, uid: int) -> int:
             continue
         if count >= NS_SIZE:
             return start
-    raise ContainerError(
-        f"user {name} has no subordinate range of {NS_SIZE} ids in {path}: "
-        f"as root, add a line like '{name}:100000:{NS_SIZE}' to /etc/subuid and /etc/subgid "
-        f"(or run 'usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}')"
-    )
+    return None
 
 
 def write_maps(pid: int, idmap: IdMap) -> None:
     """Write the uid/gid maps of `pid`, which has just unshared its user namespace."""
-    if idmap.rootful:
+    if idmap.rootful or idmap.single:
+        if idmap.single:  # an unprivileged writer maps its own ids only, and gives up setgroups
+            with open(f"/proc/{pid}/setgroups", "w") as f:
+                f.write("deny")
         for kind, ranges in (("uid_map", idmap.uids), ("gid_map", idmap.gids)):
             with open(f"/proc/{pid}/{kind}", "w") as f:
                 f.write("".join(f"{r.inside} {r.outside} {r.count}\n" for r in ranges))
         return
     for tool, ranges in (("newuidmap", idmap.uids), ("newgidmap", idmap.gids)):
-        exe = shutil.which(tool) or f"/usr/bin/{tool}"
-        if not os.path.exists(exe):
+        exe = _id_tool(tool)
+        if exe is None:
             raise ContainerError(f"{tool} is missing: install Debian's uidmap package (apt-get install uidmap)")
         args = [exe, str(pid)] + [str(x) for r in ranges for x in (r.inside, r.outside, r.count)]
         res = subprocess.run(args, capture_output=True, text=True)
         if res.returncode != 0:
             raise ContainerError(f"{tool} refused the id map ({res.stderr.strip()}): check /etc/subuid and /etc/subgid")
+
+
+def _userns_refused(e: OSError) -> str:
+    """The one line for an unshare(CLONE_NEWUSER) the kernel refused: which setting, and its fix."""
+    if e.errno == errno.ENOSPC:  # user.max_user_namespaces (0: disabled), in this namespace or above
+        try:
+            with open("/proc/sys/user/max_user_namespaces") as f:
+                limit = f.read().strip()
+        except OSError:
+            limit = "?"
+        return (f"cannot create a user namespace: the limit user.max_user_namespaces ({limit} here) is reached "
+                "(0 disables them): as root, sysctl -w user.max_user_namespaces=15000")
+    if e.errno == errno.EPERM:
+        return ("cannot create a user namespace: unprivileged user namespaces are disabled: as root, "
+                "sysctl -w kernel.unprivileged_userns_clone=1 (Debian) or, on Ubuntu, allow them in AppArmor "
+                "(kernel.apparmor_restrict_unprivileged_userns=0)")
+    return (f"cannot create a user namespace ({e.strerror}): enable unprivileged user namespaces "
+            "(sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0)")
 
 
 def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
@@ -263,10 +383,7 @@ def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
         try:
             unshare(CLONE_NEWUSER)
         except OSError as e:
-            raise ContainerError(
-                f"cannot create a user namespace ({e.strerror}): enable unprivileged user namespaces "
-                "(sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0)"
-            ) from None
+            raise ContainerError(_userns_refused(e)) from None
         os.write(go_w, b"x")
         answer = os.read(done_r, 4096)
     finally:
@@ -275,7 +392,9 @@ def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
         os.waitpid(helper, 0)
     if answer != b"ok":
         raise ContainerError(answer.decode(errors="replace"))
-    os.setgroups([0])
+    with open("/proc/self/setgroups") as f:
+        if f.read().strip() == "allow":  # "deny" in (and under) a single-id namespace
+            os.setgroups([0])
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
     if flags:
