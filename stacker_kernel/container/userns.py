@@ -81,18 +81,22 @@ def become_nobody() -> None:
     libc_call("prctl", ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), 0, 0, 0)
 
 
-def drop_all_capabilities() -> None:
+def last_capability() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def drop_all_capabilities(last: int) -> None:
     """For a root with no other id to become (a single-id namespace): keep the id
     but give up every capability for good, so no chroot is climbed out of and no
     mount is made or undone: empty bounding, ambient, inheritable, permitted and
     effective sets, securebits that stop an exec as root (or a setuid file) from
-    giving any back, and no_new_privs. Needs CAP_SETPCAP (root of a namespace)."""
+    giving any back, and no_new_privs. Needs CAP_SETPCAP (root of a namespace);
+    `last` is last_capability(), read while /proc is still there."""
     def prctl(option: int, arg: int) -> None:
         libc_call("prctl", ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0), 0, 0)
 
     prctl(PR_SET_SECUREBITS, SECURE_ALL)
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
     for cap in range(last + 1):
         prctl(PR_CAPBSET_DROP, cap)
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
@@ -148,10 +152,14 @@ def isolate(root: str | None = None, *, dev_and_tmp: bool = False, outside: int 
     sees the tool's. Pass `outside` (isolated_id(), looked up before the fork)
     from a process with threads. With `outside` 0 (a single-id namespace) the new
     namespace maps root only and the tool runs as that root without capabilities
-    (drop_all_capabilities): it can still write what the user can."""
+    (drop_all_capabilities), which is the user's own id on the host: what it could
+    reach is taken out of its view instead (_confine_single_id)."""
     outside = isolated_id() if outside is None else outside
     ids = (IdRange(0, 0, 1),) if outside == 0 else (IdRange(0, 0, 1), IdRange(NOBODY, outside, 1))
     enter_new_userns(IdMap(ids, ids, rootful=True), CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC)
+    last_cap = last_capability()
+    if outside == 0:
+        _confine_single_id(chroot=root is not None)
     if root is not None and dev_and_tmp:
         _dev_and_tmp(root)
     pid = os.fork()  # the first child of the new pid namespace is its pid 1
@@ -169,9 +177,52 @@ def isolate(root: str | None = None, *, dev_and_tmp: bool = False, outside: int 
         os.chroot(root)
         os.chdir("/")
     if outside == 0:
-        drop_all_capabilities()
+        drop_all_capabilities(last_cap)
     else:
         become_nobody()
+
+
+# Where a user's own files and sockets are (ssh-agent, the D-Bus session, systemd --user):
+# hidden from a tool that runs as the user's own id (single-id mode).
+_HIDDEN = ("/home", "/root", "/run", "/var/run", "/var/tmp", "/dev/shm", "/proc", "/mnt", "/media", "/srv",
+           "/var/lib/stacker-kernel")
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442  # the same on every architecture
+_OPEN_TREE_CLONE, _AT_RECURSIVE, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x8000, 4
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 1, 2
+
+
+def _confine_single_id(chroot: bool) -> None:
+    """In isolate's new mount namespace, for a tool that keeps the user's own host id:
+    every mount read-only and nosuid; unless it is chrooted into an image, empty
+    read-only tmpfs over _HIDDEN and $HOME, and its working folder (fsck.erofs's
+    scratch, the one place it may write) moved over /tmp, which it runs in."""
+    syscall = _libc.syscall
+    syscall.restype = ctypes.c_long
+
+    def check(ret: int, what: str) -> int:
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        return ret
+
+    work = None
+    if not chroot:  # a detached copy of the working folder's mount, still writable
+        work = check(syscall(ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(-100), b".",
+                             ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC)), "open_tree")
+    attr = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)  # devices: /dev/null
+    check(syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(-100), b"/", ctypes.c_uint(_AT_RECURSIVE),
+                  attr, ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
+    if work is None:
+        return
+    ms_rdonly, ms_nosuid, ms_nodev = 1, 2, 4
+    for path in _HIDDEN + tuple(p for p in (os.environ.get("HOME"),) if p):
+        if os.path.isdir(path) and not os.path.islink(path):
+            libc_call("mount", b"tmpfs", path.encode(), b"tmpfs", ctypes.c_ulong(ms_rdonly | ms_nosuid | ms_nodev),
+                      b"size=4k")
+    check(syscall(ctypes.c_long(_SYS_MOVE_MOUNT), ctypes.c_int(work), b"", ctypes.c_int(-100), b"/tmp",
+                  ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH)), "move_mount")
+    os.close(work)
+    os.chdir("/tmp")
 
 
 def _dev_and_tmp(root: str) -> None:
