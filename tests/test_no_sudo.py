@@ -269,7 +269,8 @@ def test_an_account_without_subordinate_ids_builds_in_single_id_mode(user_withou
     work.mkdir()
     tar = _tar_with_other_owners(busybox_tar, work / "owned.tar")
     (work / "stacker.yaml").write_text(OWNED_BASE.format(tar=tar))
-    (work / "chown.yaml").write_text(f"c:\n  from:\n    type: tar\n    url: {tar}\n  run: echo y > /y && chown 1000 /y\n")
+    (work / "chown.yaml").write_text(f"c:\n  from:\n    type: tar\n    url: {tar}\n"
+                                     "  run: echo y > /y && chown 1000 /y\n")
     give(user, work)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
@@ -280,12 +281,10 @@ def test_an_account_without_subordinate_ids_builds_in_single_id_mode(user_withou
     notices = [line for line in built.stderr.splitlines() if "single-id mode" in line]
     assert len(notices) == 1, built.stderr
     assert f"user {user.pw_name} has no subordinate range" in notices[0]
-    assert f"usermod --add-subuids" in notices[0] and notices[0].endswith(f"{user.pw_name}. The container "
-                                                                          "holds only your own uid, as root: every "
-                                                                          "file of the image is owned by root, chown "
-                                                                          "to other ids fails, setgroups is denied "
-                                                                          "(apt cannot drop to _apt: give it -o "
-                                                                          "APT::Sandbox::User=root)]")
+    assert "usermod --add-subuids" in notices[0] and notices[0].endswith(
+        f"{user.pw_name}. The container holds only your own uid, as root: every file of the image is owned by "
+        "root, chown to other ids fails, setgroups is denied (apt cannot drop to _apt: give it -o "
+        "APT::Sandbox::User=root)]")
     # the archive's other owners collapse to root, said once
     warned = [line for line in built.stdout.splitlines() if "by root here: in single-id mode" in line]
     assert len(warned) == 1 and "'home/user1' of" in warned[0], built.stdout

@@ -12,8 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from stacker_kernel.container import userns
 from stacker_kernel.container.userns import IdMap, isolate, isolated_id, run_in_userns
 
@@ -40,8 +38,9 @@ def test_the_mode_is_chosen_by_the_variable_and_maps_only_the_users_ids(monkeypa
     monkeypatch.setenv(userns.SINGLE_ID_ENV, "1")
     m = IdMap.for_current_user()
     assert m.uids == (userns.IdRange(0, os.getuid(), 1),) and m.gids == (userns.IdRange(0, os.getgid(), 1),)
-    seen = run_in_userns(lambda: (open("/proc/self/uid_map").read().split(), open("/proc/self/setgroups").read(),
-                                  os.getuid(), userns.in_single_id_namespace()))
+    seen = run_in_userns(lambda: (Path("/proc/self/uid_map").read_text().split(),
+                                  Path("/proc/self/setgroups").read_text(), os.getuid(),
+                                  userns.in_single_id_namespace()))
     assert seen == (["0", str(os.getuid()), "1"], "deny\n", 0, True)
     assert userns.single_id_notice().startswith(f"[single-id mode: {userns.SINGLE_ID_ENV} is set. ")
 
@@ -117,7 +116,7 @@ def test_a_tool_isolated_in_single_id_mode_writes_only_its_scratch_and_sees_no_h
                   "ls /proc | grep -c . ; ls /run | grep -c . \n"
                   "mkdir y; chroot y /bin/true 2>/dev/null && echo chroot-allowed || echo chroot-refused\n"
                   "pwd\n")
-        out, code, stdout, stderr = run_in_userns(_confined_run, str(tmp_path), script, idmap=single_map())
+        out, _, stdout, stderr = run_in_userns(_confined_run, str(tmp_path), script, idmap=single_map())
     finally:
         secret.unlink()
     assert out == 0
@@ -151,6 +150,6 @@ def test_user_namespaces_disabled_by_their_limit_is_one_line_naming_the_sysctl(s
     prefix = ("unshare", "-U", "-r", "sh", "-c", 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"', "sh")
     built = cli(storage, tmp_path, "build", "-f", "stacker.yaml", "--no-oci", single=False, prefix=prefix)
     assert built.returncode == 1
-    assert built.stderr.strip().splitlines() == [
+    assert built.stderr.strip().splitlines() == [(
         "stacker-kernel: cannot create a user namespace: the limit user.max_user_namespaces (0 here) is reached "
-        "(0 disables them): as root, sysctl -w user.max_user_namespaces=15000"], built.stderr
+        "(0 disables them): as root, sysctl -w user.max_user_namespaces=15000")], built.stderr

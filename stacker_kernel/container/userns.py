@@ -217,8 +217,8 @@ def _confine_single_id(chroot: bool) -> None:
     ms_rdonly, ms_nosuid, ms_nodev = 1, 2, 4
     for path in _HIDDEN + tuple(p for p in (os.environ.get("HOME"),) if p):
         if os.path.isdir(path) and not os.path.islink(path):
-            libc_call("mount", b"tmpfs", path.encode(), b"tmpfs", ctypes.c_ulong(ms_rdonly | ms_nosuid | ms_nodev),
-                      b"size=4k")
+            libc_call("mount", b"tmpfs", path.encode(), b"tmpfs",
+                      ctypes.c_ulong(ms_rdonly | ms_nosuid | ms_nodev), b"size=4k")
     check(syscall(ctypes.c_long(_SYS_MOVE_MOUNT), ctypes.c_int(work), b"", ctypes.c_int(-100), b"/tmp",
                   ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH)), "move_mount")
     os.close(work)
@@ -305,8 +305,9 @@ def _single_id_reason(name: str, sub_u: int | None, sub_g: int | None) -> str:
     if sub_u is None or sub_g is None:
         missing = " and ".join(p for p, s in (("/etc/subuid", sub_u), ("/etc/subgid", sub_g)) if s is None)
         start = _free_subordinate_start()
+        ids = f"{start}-{start + NS_SIZE - 1}"
         return (f"user {name} has no subordinate range of {NS_SIZE} ids in {missing}; for full mode, as root: "
-                f"usermod --add-subuids {start}-{start + NS_SIZE - 1} --add-subgids {start}-{start + NS_SIZE - 1} {name}")
+                f"usermod --add-subuids {ids} --add-subgids {ids} {name}")
     for tool in ("newuidmap", "newgidmap"):
         if _id_tool(tool) is None:
             return f"{tool} is missing; for full mode, install Debian's uidmap package (apt-get install uidmap)"
