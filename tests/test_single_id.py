@@ -12,8 +12,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from stacker_kernel.container import userns
 from stacker_kernel.container.userns import IdMap, isolate, isolated_id, run_in_userns
+from stacker_kernel.errors import ContainerError
 
 REPO = str(Path(__file__).resolve().parent.parent)
 
@@ -153,3 +156,11 @@ def test_user_namespaces_disabled_by_their_limit_is_one_line_naming_the_sysctl(s
     assert built.stderr.strip().splitlines() == [(
         "stacker-kernel: cannot create a user namespace: the limit user.max_user_namespaces (0 here) is reached "
         "(0 disables them): as root, sysctl -w user.max_user_namespaces=15000")], built.stderr
+
+
+def test_a_kernel_too_old_to_confine_tools_in_single_id_mode_is_one_line():
+
+    with pytest.raises(ContainerError, match=r"^Linux 5\.10\.0-28-amd64 cannot confine image tools in single-id "
+                                             r"mode \(needs 5\.12 or later for mount_setattr\): upgrade"):
+        userns._check_confinement_kernel("5.10.0-28-amd64")
+    userns._check_confinement_kernel("5.12.0")

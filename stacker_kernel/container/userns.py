@@ -132,7 +132,10 @@ def isolated_id() -> int:
     with open("/proc/self/uid_map") as f:
         initial = f.read().split() == ["0", "0", "4294967295"]
     if not initial:
-        return 0 if in_single_id_namespace() else NOBODY
+        if not in_single_id_namespace():
+            return NOBODY
+        _check_confinement_kernel()
+        return 0
     try:
         name = pwd.getpwuid(ISOLATED_HOST_ID).pw_name
     except KeyError:
@@ -189,6 +192,19 @@ _HIDDEN = ("/home", "/root", "/run", "/var/run", "/var/tmp", "/dev/shm", "/proc"
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442  # the same on every architecture
 _OPEN_TREE_CLONE, _AT_RECURSIVE, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x8000, 4
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 1, 2
+
+
+def _check_confinement_kernel(release: str | None = None) -> None:
+    """_confine_single_id needs mount_setattr (Linux 5.12): say so before the fork, where
+    an error still reaches the user."""
+    release = release or os.uname().release
+    try:
+        major, minor = (int(x) for x in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return  # an unusual version string: let the call tell
+    if (major, minor) < (5, 12):
+        raise ContainerError(f"Linux {release} cannot confine image tools in single-id mode (needs 5.12 or later "
+                             "for mount_setattr): upgrade the kernel, or give the user a subordinate id range")
 
 
 def _confine_single_id(chroot: bool) -> None:
