@@ -77,7 +77,7 @@ BOTH_DRIVERS = {"test_engine", "test_grab", "test_export", "test_build", "test_s
                 "test_shell_state", "test_shell_fail", "test_imports_cp", "test_cli_recipe", "test_substitution",
                 "test_concurrency", "test_hostile", "test_limits", "test_layer_types", "test_oci_hostile",
                 "test_export_reuse", "test_headless", "test_headless_magics", "test_publish", "test_status",
-                "test_walkthrough", "test_acceptance"}
+                "test_walkthrough", "test_acceptance", "test_single_id"}
 # More, for a run that tries them: STACKER_KERNEL_TEST_BOTH_DRIVERS=test_diff,test_sbom
 BOTH_DRIVERS |= {m for m in os.environ.get("STACKER_KERNEL_TEST_BOTH_DRIVERS", "").split(",") if m}
 # Where overlay stores are made: on the machine's / (ext4), not on the btrfs storage.
