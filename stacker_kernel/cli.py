@@ -483,7 +483,7 @@ def _attestations(args: argparse.Namespace):
 
 
 def _cache_settings(args: argparse.Namespace):
-    from stacker_kernel.engine.remote_cache import CacheSettings, configured
+    from stacker_kernel.engine.cache_settings import CacheSettings, configured
 
     defaults = configured()
     return CacheSettings(args.cache_from if args.cache_from is not None else defaults.cache_from,
@@ -637,8 +637,8 @@ def cmd_sbom(args: argparse.Namespace) -> int:
 
     with _open_store(args) as store:
         snap = layer_snapshot(store, args.file, args.layer)
-        inv = inventory(snap.path)
         cache = sbom_cache(store)
+        inv = inventory(snap.path, cache_dir=cache)
     data = document_bytes(spdx_document(inv, snap.layer, source_date_epoch=source_date_epoch_from_env(),
                                         cache_dir=cache))
     for note in inv.notes:

@@ -16,9 +16,12 @@ from stacker_kernel.cli import COMMANDS, build_parser, command_of
 
 # What a cached build of a Dockerfile or a plain notebook never needs: notebook
 # validation, the kernel and its widgets, SBOM and signing libraries (an SBOM is made
-# only for an image that changed), a container (none starts).
-NEVER_PACKAGES = {"nbformat", "jsonschema", "ipykernel", "ipywidgets", "spdx_tools", "cryptography", "pexpect"}
-NEVER_OURS = {"stacker_kernel.kernel", "stacker_kernel.engine.sbom"}
+# only for an image that changed), a container (none starts), an HTTP client (it
+# downloads nothing, and names no shared cache).
+NEVER_PACKAGES = {"nbformat", "jsonschema", "ipykernel", "ipywidgets", "spdx_tools", "cryptography", "pexpect",
+                  "http", "ssl", "email"}
+NEVER_OURS = {"stacker_kernel.kernel", "stacker_kernel.engine.sbom", "stacker_kernel.oci.registry",
+              "stacker_kernel.engine.remote_cache", "urllib.request"}
 
 
 def unneeded(loaded: set[str], more: set[str] = set()) -> set[str]:

@@ -139,3 +139,48 @@ def test_a_rebuild_attaches_the_sbom_a_fresh_build_attaches(storage, busybox_oci
     assert reused == fresh
     unowned = next(p for p in json.loads(fresh)["packages"] if p["SPDXID"] == "SPDXRef-Unpackaged-Files")
     assert "/late: 1 files, 14 bytes" in unowned["description"]
+
+
+def test_a_snapshots_inventory_is_kept_and_read_back_without_the_rootfs(storage, busybox_oci, tmp_path,
+                                                                         monkeypatch):
+    from stacker_kernel.engine import sbom as reader
+    from stacker_kernel.engine.build import layer_snapshot
+    from stacker_kernel.engine.export import sbom_cache
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    yaml = apk_yaml(tmp_path, busybox_oci)
+
+    def build_into(layout: str) -> bytes:
+        with Store.open(storage) as store:
+            build(store, str(yaml), oci_dir=str(tmp_path / layout), out=lambda s: None, stream=lambda s: None)
+        return attached(tmp_path / layout, "apk", SPDX)[1]
+
+    build_into("oci")
+    with Store.open(storage) as store:
+        snap = layer_snapshot(store, str(yaml), "apk")
+        cache = sbom_cache(store)
+    made = reader.inventory(snap.path)
+    assert [p.name for p in made.packages] == ["busybox", "musl"] and made.unowned.files > 0
+    assert len(list((storage / "cache" / "sbom" / "inventories").glob("*.json"))) == 1  # the export kept it
+
+    def no_rootfs(*args, **kwargs):
+        raise AssertionError("the rootfs was read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(reader, "run_in_userns", no_rootfs)
+        assert reader.inventory(snap.path, cache_dir=cache) == made
+        again = build_into("again")  # another layout of the same image: its SBOM from what was kept
+    for kept in (storage / "cache" / "sbom").rglob("*.json"):
+        kept.unlink()
+    assert build_into("anew") == again
+
+
+def test_an_inventory_with_a_note_is_not_kept(tmp_path, monkeypatch):
+    from stacker_kernel.engine import sbom as reader
+
+    noted = Inventory((), None, notes=("the rpm database /var/lib/rpm was not read: no rpm tool",))
+    monkeypatch.setattr(reader, "run_in_userns", lambda fn, *args: noted)
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    assert reader.inventory(root, cache_dir=str(tmp_path / "sbom")) == noted
+    assert not (tmp_path / "sbom").exists()

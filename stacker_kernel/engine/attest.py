@@ -156,7 +156,7 @@ def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx:
             rootfs = image_rootfs(spec, by_name)
             if rootfs is not None:
                 if rootfs not in inventories:
-                    inventories[rootfs] = inventory(rootfs)
+                    inventories[rootfs] = inventory(rootfs, cache_dir=ctx.sbom_cache)
                 doc = sbom.spdx_document(inventories[rootfs], tag, subject_digest=digest,
                                          source_date_epoch=source_date_epoch, cache_dir=ctx.sbom_cache)
                 documents.append((sbom.MEDIA_TYPE, sbom.document_bytes(doc)))

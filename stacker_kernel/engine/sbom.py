@@ -6,10 +6,15 @@ a user namespace (the files belong to subordinate ids). Databases read:
 dpkg (`/var/lib/dpkg/status`, licences from the machine-readable
 `/usr/share/doc/PKG/copyright`), apk (`/lib/apk/db/installed`) and rpm (with
 the host's `rpm` tool, which is the only reader of its formats; without it the
-inventory says so in `notes`). Formats (SPDX) are oci/sbom.py's job.
+inventory says so in `notes`). Formats (SPDX) are oci/sbom.py's job. A committed
+snapshot's inventory is kept in the store's cache (it never changes), so an image
+exported again is not read again.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import stat
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.grab import GrabError, open_in_snapshot, resolve_at
 from stacker_kernel.engine.inspect import resolve_in_root
-from stacker_kernel.oci.sbom import DirSummary, Inventory, Package, Unowned
+from stacker_kernel.oci.sbom import DirSummary, Inventory, Package, Unowned, keep_recent
 from stacker_kernel.storage.btrfs import copy_data
 
 DPKG_STATUS = "/var/lib/dpkg/status"
@@ -46,10 +51,52 @@ class PackageChange:
     new: str = ""
 
 
-def inventory(root: str | os.PathLike, files: bool = True) -> Inventory:
+def inventory(root: str | os.PathLike, files: bool = True, cache_dir: str | None = None) -> Inventory:
     """The packages installed in the rootfs `root` (a snapshot); with `files`, also
-    the files no package owns, summarised. Runs in a user-namespace helper."""
-    return run_in_userns(_inventory_in_ns, os.fspath(root), files)
+    the files no package owns, summarised. Runs in a user-namespace helper.
+
+    With `cache_dir`, `root` is a committed snapshot of the store, which never changes:
+    its inventory is kept there, so exporting it again (into another layout, as
+    another layer type, by the `sbom` command) reads nothing of the rootfs."""
+    root = os.fspath(root)
+    kept = _kept_inventory(cache_dir, root, files) if cache_dir else None
+    if kept is not None:
+        try:
+            with open(kept, "rb") as f:
+                found = _inventory_of(json.load(f))
+            os.utime(kept)  # recently used: kept longest
+            return found
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    inv = run_in_userns(_inventory_in_ns, root, files)
+    if kept is not None and not inv.notes:  # a note says what could not be read: try again next time
+        keep_recent(kept, dataclasses.asdict(inv), _INVENTORIES_KEPT)
+    return inv
+
+
+_INVENTORIES_KEPT = 64
+_INVENTORY_FORMAT = 1  # bump when what an inventory holds or how it is read changes
+
+
+def _kept_inventory(cache_dir: str, root: str, files: bool) -> str | None:
+    """Where the inventory of snapshot `root` is kept: named by its path and its root
+    directory's inode times (a snapshot made again at the same path is another)."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    key = json.dumps([_INVENTORY_FORMAT, os.path.abspath(root), files, st.st_ino, st.st_ctime_ns, st.st_mtime_ns])
+    return os.path.join(cache_dir, "inventories", hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+
+def _inventory_of(data: dict) -> Inventory:
+    """An Inventory back from its JSON (dataclasses.asdict) form."""
+    unowned = data["unowned"]
+    return Inventory(
+        tuple(Package(**{**p, "licenses": tuple(p["licenses"])}) for p in data["packages"]),
+        None if unowned is None else Unowned(unowned["files"], unowned["size"],
+                                             tuple(DirSummary(**d) for d in unowned["top"])),
+        data["distro"], data["distro_version"], tuple(data["notes"]))
 
 
 def inventories(roots: list[str | os.PathLike]) -> list[Inventory]:

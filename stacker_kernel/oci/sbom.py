@@ -6,6 +6,8 @@ document is made, so the kernel starts fast; a broken install without it gets on
 ImageError that says how to install it. The document is deterministic: same
 inventory, name, subject and time give the same bytes (sorted JSON, a
 namespace derived from the content, the creation time from SOURCE_DATE_EPOCH).
+What a package list gives (most of the work) is kept and reused for the next
+image with the same packages (spdx_document's `cache_dir`).
 """
 from __future__ import annotations
 
@@ -225,7 +227,7 @@ def _skeleton(inv: Inventory, name: str, with_subject: bool, cache_dir: str | No
     doc = _made(inv, name, _STAND_IN_DIGEST if with_subject else None, 0,
                 _STAND_IN_UNOWNED if inv.unowned is not None else None)
     if path is not None:
-        _keep(path, doc)
+        keep_recent(path, doc, _SKELETONS_KEPT)
     return doc
 
 
@@ -251,20 +253,21 @@ def _library_versions() -> list[str] | None:
     return found
 
 
-def _keep(path: str, doc: dict[str, Any]) -> None:
-    """Write a skeleton (atomically; a cache that cannot be written is no error) and
-    drop the least recently used beyond _SKELETONS_KEPT."""
+def keep_recent(path: str, data: Any, most: int) -> None:
+    """Write JSON `data` to the cache file `path` (atomically; a cache that cannot be
+    written is no error) and drop the least recently used .json files of its directory
+    beyond `most` (a reader touches what it uses)."""
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, sort_keys=True)
+            json.dump(data, f, sort_keys=True)
         os.replace(tmp, path)
         kept = [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".json")]
-        if len(kept) > _SKELETONS_KEPT:
+        if len(kept) > most:
             kept.sort(key=lambda p: os.stat(p).st_mtime_ns)
-            for old in kept[:-_SKELETONS_KEPT]:
+            for old in kept[:-most]:
                 os.unlink(old)
     except OSError:
         pass
