@@ -184,3 +184,13 @@ def test_an_inventory_with_a_note_is_not_kept(tmp_path, monkeypatch):
     root.mkdir()
     assert reader.inventory(root, cache_dir=str(tmp_path / "sbom")) == noted
     assert not (tmp_path / "sbom").exists()
+
+
+def test_a_damaged_kept_part_is_made_again(tmp_path):
+    cache = tmp_path / "sbom"
+    spdx_document(FIRST, "app", subject_digest=DIGEST_A, source_date_epoch=1, cache_dir=str(cache))
+    (kept,) = cache.glob("*.json")
+    kept.write_text(json.dumps({"packages": "not a list of packages"}))
+    doc = spdx_document(LATER, "app", subject_digest=DIGEST_B, source_date_epoch=2, cache_dir=str(cache))
+    assert document_bytes(doc) == made_anew(LATER, "app", DIGEST_B, 2)
+    assert json.loads(kept.read_text())["spdxVersion"] == "SPDX-2.3"  # kept whole again

@@ -195,8 +195,12 @@ def spdx_document(inv: Inventory, name: str, *, subject_digest: str | None = Non
     and, with `cache_dir`, kept there; this document's digest, time and unowned files
     are then set in it. So a rebuild that changed no package loads no spdx-tools, and
     its document is byte for byte the one made anew."""
-    return _filled(_skeleton(inv, name, subject_digest is not None, cache_dir), inv, name, subject_digest,
-                   source_date_epoch)
+    with_subject = subject_digest is not None
+    try:
+        return _filled(_skeleton(inv, name, with_subject, cache_dir), inv, name, subject_digest, source_date_epoch)
+    except (KeyError, IndexError, TypeError, AttributeError):  # a kept part damaged (by hand): made again
+        return _filled(_skeleton(inv, name, with_subject, cache_dir, reuse=False), inv, name, subject_digest,
+                       source_date_epoch)
 
 
 # A document made with these stand-ins has every field the real values go into.
@@ -206,9 +210,11 @@ _SKELETON_FORMAT = 1  # bump when _made or _filled change what they write
 _SKELETONS_KEPT = 32
 
 
-def _skeleton(inv: Inventory, name: str, with_subject: bool, cache_dir: str | None) -> dict[str, Any]:
+def _skeleton(inv: Inventory, name: str, with_subject: bool, cache_dir: str | None,
+              reuse: bool = True) -> dict[str, Any]:
     """The document of `inv` with stand-ins for what _filled sets: from `cache_dir` when
-    it was made there before (by the same spdx-tools), else made now and kept there."""
+    it was made there before (by the same spdx-tools) and `reuse`, else made now and
+    kept there."""
     path = None
     versions = _library_versions() if cache_dir else None
     if versions:
@@ -217,13 +223,14 @@ def _skeleton(inv: Inventory, name: str, with_subject: bool, cache_dir: str | No
              inv.unowned is not None, inv.distro, inv.distro_version, list(inv.notes)],
             sort_keys=True).encode()).hexdigest()
         path = os.path.join(cache_dir, f"{key}.json")
-        try:
-            with open(path, "rb") as f:
-                doc = json.load(f)
-            os.utime(path)  # recently used: kept longest
-            return doc
-        except (OSError, ValueError):
-            pass
+        if reuse:
+            try:
+                with open(path, "rb") as f:
+                    doc = json.load(f)
+                os.utime(path)  # recently used: kept longest
+                return doc
+            except (OSError, ValueError):
+                pass
     doc = _made(inv, name, _STAND_IN_DIGEST if with_subject else None, 0,
                 _STAND_IN_UNOWNED if inv.unowned is not None else None)
     if path is not None:
