@@ -22,6 +22,7 @@ crun refuses to start ("cgroups in hybrid mode not supported"), runc does not.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -39,7 +40,7 @@ import pytest
 import websocket
 import yaml
 
-pytestmark = pytest.mark.rootful
+from stacker_kernel.container.userns import IdMap, IdRange, libc_call, run_in_userns
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "deploy" / "kubernetes" / "image" / "stacker.yaml"
@@ -68,6 +69,26 @@ def _has_cap(bit: int) -> bool:
     with open("/proc/self/status") as f:
         eff = next(line.split()[1] for line in f if line.startswith("CapEff:"))
     return bool(int(eff, 16) >> bit & 1)
+
+
+def _maps() -> tuple[list[str], list[str]]:
+    with open("/proc/self/uid_map") as u, open("/proc/self/gid_map") as g:
+        return u.read().split(), g.read().split()
+
+
+def _nested_maps() -> tuple[list[str], list[str]]:
+    # Dumpable again, as a process of the pod that was exec'd: the change of ids on
+    # entering made /proc/PID of this process and its children root's of the host.
+    libc_call("prctl", ctypes.c_int(4), ctypes.c_ulong(1), 0, 0, 0)  # PR_SET_DUMPABLE
+    return run_in_userns(_maps, views=False)
+
+
+@pytest.mark.rootful
+def test_root_of_a_namespace_of_65536_ids_maps_those_ids_one_to_one():
+    """As root of a pod: the ids its namespace holds, not all 2^32 (which it may not map)."""
+    pod = (IdRange(0, 1_000_000, 65536),)
+    assert run_in_userns(_nested_maps, idmap=IdMap(pod, pod, rootful=True), views=False) == \
+        (["0", "0", "65536"], ["0", "0", "65536"])
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +237,10 @@ def server(singleuser_image, home, podman_env):
         s.wait_ready()
         yield s
     finally:
-        subprocess.run(["podman", "rm", "-f", "-t", "5", name], capture_output=True, env=podman_env)
+        subprocess.run(["podman", "rm", "-f", "-t", "2", name], capture_output=True, env=podman_env)
 
 
+@pytest.mark.rootful
 def test_the_server_runs_as_root_of_65536_ids_with_podmans_default_seccomp_and_capabilities(server):
     status = server.exec("cat", "/proc/self/status")
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
@@ -247,6 +269,7 @@ def _apt_owned(oci: Path) -> list[str]:
     return found
 
 
+@pytest.mark.rootful
 def test_the_server_builds_the_debian_demo_notebook_with_the_full_id_range(server, home):
     nb = json.loads((home / "demo" / DEMO.name).read_text())
     kernel = Kernel(server, f"demo/{DEMO.name}")
@@ -296,10 +319,11 @@ def kube_pod(singleuser_image, podman_env, tmp_path, busybox_tar):
         _run("podman", "cp", str(busybox_tar), f"{s.name}:/home/jovyan/busybox.tar", env=podman_env)
         yield s
     finally:
-        subprocess.run(["podman", "kube", "down", str(tmp_path / "pod.yaml")], capture_output=True, env=podman_env)
+        subprocess.run(["podman", "pod", "rm", "-f", "-t", "2", name], capture_output=True, env=podman_env)
         subprocess.run(["podman", "volume", "rm", "-f", claim], capture_output=True, env=podman_env)
 
 
+@pytest.mark.rootful
 def test_the_pod_manifest_runs_in_podman_kube_play(kube_pod):
     """The manifest's server starts with 65536 ids and the seccomp profile it names. A build
     needs /proc unmasked: where this podman applies `procMount: Unmasked` it builds, where it
@@ -323,3 +347,21 @@ def test_the_pod_manifest_runs_in_podman_kube_play(kube_pod):
     else:
         assert status == "ok", f"{error}\n{text}"
         assert "4242 4242" in text
+
+
+def test_the_zero_to_jupyterhub_values_ask_for_the_pod_of_the_manifest():
+    """values.yaml makes KubeSpawner create the pod of pod.yaml (the one podman runs above)."""
+    values = yaml.safe_load((REPO / "deploy/kubernetes/values.yaml").read_text())["singleuser"]
+    pod = yaml.safe_load(POD_YAML.read_text())["spec"]
+    ctr = pod["containers"][0]
+    assert values["extraPodConfig"]["hostUsers"] is pod["hostUsers"] is False
+    assert values["extraPodConfig"]["securityContext"]["seccompProfile"] == pod["securityContext"]["seccompProfile"]
+    for key in ("runAsUser", "procMount", "appArmorProfile", "privileged"):
+        assert values["extraContainerConfig"]["securityContext"][key] == ctr["securityContext"][key], key
+    assert values["uid"] == ctr["securityContext"]["runAsUser"] == 0
+    assert values["storage"]["homeMountPath"] == ctr["volumeMounts"][0]["mountPath"] == "/home/jovyan"
+    assert values["image"]["name"].rsplit("/", 1)[1] == ctr["image"].rsplit("/", 1)[1].split(":")[0]
+    # The image's command serves the same port and runs as root.
+    recipe = yaml.safe_load(RECIPE.read_text())["stacker-singleuser"]
+    assert "--allow-root" in recipe["cmd"] and "--allow-root" in values["cmd"]
+    assert ctr["ports"][0]["containerPort"] == 8888 and "--port=8888" in recipe["cmd"]
