@@ -15,7 +15,8 @@ pkgs=(btrfs-progs uidmap util-linux busybox-static umoci skopeo mmdebstrap
       pigz docker-registry apache2-utils oci-image-tool buildah chromium
       squashfs-tools squashfs-tools-ng erofs-utils cryptsetup-bin
       rpm  # rpm: reads rpm databases for the SBOM (and makes one for its test)
-      bindfs)  # bindfs: the FUSE mount a user places over their storage in test_storage_setup
+      bindfs  # bindfs: the FUSE mount a user places over their storage in test_storage_setup
+      podman runc)  # podman: runs the single-user image as a pod does (test_pod); runc: crun refuses cgroup v1 hosts
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -55,6 +56,11 @@ add_test_user() {
     grep -qE "^($user|$uid):" "$f" || usermod --add-subuids "$range" --add-subgids "$range" "$user"
   done
 }
+# podman --userns=auto (test_pod: a container with 65536 ids of its own, as a
+# pod with hostUsers: false) takes its ranges from the user `containers`.
+for f in /etc/subuid /etc/subgid; do
+  grep -q '^containers:' "$f" 2>/dev/null || echo "containers:2000000:2000000" >> "$f"
+done
 add_test_user "$TEST_USER" 200000-265535
 add_test_user "$TEST_USER2" 300000-365535
 
