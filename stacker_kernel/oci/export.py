@@ -313,7 +313,8 @@ def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None,
         if diff.empty:
             out.append(None)
         elif layer_type.type == "tar":
-            out.append(write_layer(job.new, diff, layout_dir, source_date_epoch=epoch))
+            out.append(write_layer(job.new, diff, layout_dir, source_date_epoch=epoch,
+                                   compression=layer_type.compression))
         else:
             out.append(write_fs_layer(job.new, diff, layout_dir, layer_type, source_date_epoch=epoch,
                                       scratch_dir=_scratch_beside(job.new)))
@@ -416,7 +417,7 @@ def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int 
     places = [kept_blobs(cache_dir)] + [p for p in data.pop("places", []) if isinstance(p, str)]
     data.pop("snapshots", None)
     try:
-        blob = LayerBlob(**data) if layer_type == TAR_TYPE else FsLayerBlob(**data)
+        blob = LayerBlob(**data) if layer_type.type == "tar" else FsLayerBlob(**data)
         if os.path.getsize(lw.blob_path(layout_dir, blob.digest)) == blob.size:
             return blob
         return _MISS  # a damaged blob under that name: made again
@@ -562,8 +563,8 @@ def _ensure_a_layer(layout_dir: str, image: _Image, name: str, created: str,
     # (scratch, no changes) gets one empty tar layer (or empty filesystem).
     if image.layers:
         return
-    if layer_type == TAR_TYPE:
-        blob: LayerBlob = write_layer("/", Diff(old=None, new="/"), layout_dir)
+    if layer_type.type == "tar":
+        blob: LayerBlob = write_layer("/", Diff(old=None, new="/"), layout_dir, compression=layer_type.compression)
     else:
         blob = run_in_userns(write_fs_layer, "/", Diff(old=None, new="/"), os.path.abspath(layout_dir), layer_type)
     image.layers.append(_descriptor(blob))

@@ -68,9 +68,11 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class LayerType:
-    """One output layer type; `verity` only for squashfs/erofs (pkg/types/layer_type.go)."""
+    """One output layer type; `verity` only for squashfs/erofs (pkg/types/layer_type.go);
+    `compression` (gzip or zstd) only for tar: squashfs/erofs images carry their own."""
     type: str = TAR
     verity: bool = False
+    compression: str = "gzip"
 
     def tag(self, name: str) -> str:
         """The tag stacker gives layer `name` in this type (LayerName)."""
@@ -84,19 +86,27 @@ class LayerType:
         return kind == TAR or self.verity == bool(root_hash_of(annotations))
 
     def __str__(self) -> str:
+        if self.type == TAR:
+            return TAR if self.compression == "gzip" else f"{TAR}+{self.compression}"
         return f"{self.type}+verity" if self.verity else self.type
 
 
 TAR_TYPE = LayerType()
 
 
-def parse_layer_types(values: Iterable[str] | None, no_verity: bool = False) -> tuple[LayerType, ...]:
-    """`--layer-type` values (default tar; duplicates dropped) with `--no-verity`."""
+def parse_layer_types(values: Iterable[str] | None, no_verity: bool = False,
+                      compression: str | None = None) -> tuple[LayerType, ...]:
+    """`--layer-type` values (default tar; duplicates dropped) with `--no-verity`
+    and `--compression` (gzip, the default, or zstd: tar layers only)."""
+    compression = compression or "gzip"
+    if compression not in ("gzip", "zstd"):
+        raise RecipeError(f"invalid compression {compression!r}: use --compression gzip or zstd")
     out: list[LayerType] = []
     for value in values or [TAR]:
         if value not in LAYER_TYPES:
             raise RecipeError(f"invalid layer type {value!r}: use --layer-type tar, squashfs or erofs")
-        lt = LayerType(value, verity=value != TAR and not no_verity)
+        lt = LayerType(value, verity=value != TAR and not no_verity,
+                       compression=compression if value == TAR else "gzip")
         if lt not in out:
             out.append(lt)
     return tuple(out)
