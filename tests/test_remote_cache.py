@@ -464,15 +464,22 @@ def test_steps_are_pushed_on_their_own_thread_while_the_next_steps_run_and_all_b
     started = threading.Event()
     release = threading.Event()
     threads = []
-    real = remote_cache._make_layer_apart
+    real = remote_cache._LayerMaker.make
+    real_init = remote_cache._LayerMaker.__init__
+    makers = []
 
-    def held_first(parent, new, out_dir):  # the first push waits until a later step has run
+    def held_first(self, parent, new, out_dir):  # the first push waits until a later step has run
         threads.append(threading.current_thread().name)
         if len(threads) == 1:
             started.set()
             assert release.wait(120)
-        return real(parent, new, out_dir)
-    monkeypatch.setattr(remote_cache, "_make_layer_apart", held_first)
+        return real(self, parent, new, out_dir)
+
+    def counted(self):
+        makers.append(self)
+        real_init(self)
+    monkeypatch.setattr(remote_cache._LayerMaker, "make", held_first)
+    monkeypatch.setattr(remote_cache._LayerMaker, "__init__", counted)
     nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS)
     cache = tmp_path / "cache"
     out: list[str] = []
@@ -505,6 +512,8 @@ def test_steps_are_pushed_on_their_own_thread_while_the_next_steps_run_and_all_b
     assert release.is_set(), text
     assert result.steps_run == len(CELLS) and "warning" not in text
     assert threads and all(name.startswith("cache-push") for name in threads)
+    # one interpreter made every step's layer (not one per step), and it ended with the build
+    assert len(makers) == 1 and len(threads) == len(CELLS) and makers[0]._proc.poll() == 0
     assert any(line.startswith(f"cache-to oci:{cache}: {len(CELLS)} entries pushed (")
                for line in text.splitlines()), text
     result, out_b, _ = _build(storage_b, _copy(nb, tmp_path), cache_from=[f"oci:{cache}"])
@@ -750,3 +759,13 @@ def test_a_pull_killed_leaves_no_temporary_folder_once_the_store_opens(busybox_o
             assert list(remote.iterdir()) == [young]
     finally:
         btrfs.remove_tree(root)
+
+
+def test_a_step_whose_layer_cannot_be_made_is_one_warning_naming_the_path(busybox_oci, storage, tmp_path):
+    # the layer maker (one interpreter for the build) answers with the reason, in one line
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, ["touch /.wh.odd", "echo after > /after"])
+    result, out, _ = _build(storage, nb, cache_to=f"oci:{tmp_path / 'cache'}")
+    assert result.steps_run == 2
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "could not be pushed" in warnings[0], warnings
+    assert "/.wh.odd cannot go into an OCI layer" in warnings[0] and "Traceback" not in out, warnings
