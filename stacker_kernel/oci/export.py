@@ -37,7 +37,8 @@ from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci import cas
 from stacker_kernel.oci import layout_write as lw
 from stacker_kernel.oci.diff import Diff, diff_snapshots
-from stacker_kernel.oci.layer_types import TAR_TYPE, FsLayerBlob, LayerType, write_fs_layer
+from stacker_kernel.oci.layer_types import (TAR_TYPE, FsLayerBlob, LayerType, write_fs_layer,
+                                            write_whole_fs_layer)
 from stacker_kernel.oci.layout import OCILayout
 from stacker_kernel.oci.tarwriter import LayerBlob, write_layer
 from stacker_kernel.recipe.model import first_line, human_size
@@ -309,8 +310,11 @@ def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None,
     per job (-1: empty) as each is done."""
     out: list[LayerBlob | None] = []
     for i, job in enumerate(jobs):
-        diff: Diff = diff_snapshots(job.old, job.new)
-        if diff.empty:
+        if layer_type.type != "tar" and job.old is None and epoch is None:
+            # a whole rootfs: packed from the snapshot while its diff is walked
+            out.append(write_whole_fs_layer(job.new, layout_dir, layer_type,
+                                            scratch_dir=_scratch_beside(job.new))[0])
+        elif (diff := diff_snapshots(job.old, job.new)).empty:
             out.append(None)
         elif layer_type.type == "tar":
             out.append(write_layer(job.new, diff, layout_dir, source_date_epoch=epoch,
