@@ -406,6 +406,7 @@ class RemoteCache:
 
     def close(self) -> None:
         """End the layer maker (after `finish`); a later push starts another."""
+        wait(self._pushes)  # a push still going uses it
         if self._maker is not None:
             self._maker.close()
             self._maker = None

@@ -278,6 +278,8 @@ def _cache(session: Any, value: Any, ctx: "MagicContext") -> Shown:
         settings = replace(current, cache_to=value.urls[0] if value.urls else None)
     else:
         settings = replace(current, cache_from=list(value.urls))
+    if session.remote_cache is not None:
+        session.remote_cache.close()  # its layer maker ends (a kernel's pushes are done with each cell)
     session.remote_cache = RemoteCache.from_settings(settings)
     where = " ".join(value.urls) or "none"
     return Shown(f"steps are {'pushed to' if value.direction == 'to' else 'taken from'} {where}")
