@@ -5,7 +5,8 @@ touching a single file, one installing a package (dpkg-deb -x of a .deb from
 apt's cache, or of a generated tree when the cache is empty), one deleting a
 directory. For each layer: our diff + tar+gzip layer (inside the user
 namespace, on read-only btrfs snapshots) beside `umoci repack --refresh-bundle`
-of the same change in an unpacked bundle (umoci re-hashes every file).
+of the same change in an unpacked bundle (umoci re-hashes every file), and
+our layer again as zstd (`--compression zstd`: zstd -T0).
 
     STACKER_KERNEL_STORAGE=/var/lib/stacker-kernel/btrfs/root python bench/export.py [ROOTFS.tar]
 """
@@ -43,13 +44,14 @@ def steps(deb: str | None) -> list[tuple[str, str]]:
             ("delete a directory", "rm -rf usr/share/doc")]
 
 
-def our_layers(pairs: list[tuple[str | None, str]], out: str) -> list[tuple[float, int, int]]:
+def our_layers(pairs: list[tuple[str | None, str]], out: str,
+               compression: str = "gzip") -> list[tuple[float, int, int]]:
     """(seconds, entries, blob bytes) per (old, new) pair; runs in the userns."""
     res = []
     for old, new in pairs:
         t = time.perf_counter()
         d = diff_snapshots(old, new)
-        blob = write_layer(new, d, out)
+        blob = write_layer(new, d, out, compression=compression)
         res.append((time.perf_counter() - t, len(d.changes), blob.size))
     return res
 
@@ -110,6 +112,7 @@ def main() -> None:
             btrfs.snapshot(live, snaps[-1], readonly=True)
         pairs = [(None, snaps[0])] + list(zip(snaps, snaps[1:]))
         ours = run_in_userns(our_layers, pairs, str(work / "layers"))
+        zstd = run_in_userns(our_layers, pairs, str(work / "layers"), "zstd")  # --compression zstd
         t = time.perf_counter()
         export_image(str(work / "oci"), [ImageSpec("bench", object(), [StepSnapshot(s, lbl) for s, (lbl, _) in zip(snaps[1:], plan)],
                                                    base_rootfs=snaps[0])], source_date_epoch=1700000000)
@@ -119,9 +122,11 @@ def main() -> None:
         btrfs.remove_tree(work)
     labels = ["whole rootfs (base)"] + [lbl for lbl, _ in plan]
     print(f"rootfs: {rootfs_tar}; package: {deb or 'generated files'}; pigz: {bool(shutil.which('pigz'))}")
-    print(f"{'layer':<22} {'entries':>8} {'gzip MB':>8} {'ours s':>8} {'umoci s':>8} {'umoci/ours':>10}")
-    for label, (secs, entries, size), u in zip(labels, ours, theirs):
-        print(f"{label:<22} {entries:>8} {size / 1e6:>8.1f} {secs:>8.3f} {u:>8.3f} {u / secs:>9.1f}x")
+    print(f"{'layer':<22} {'entries':>8} {'gzip MB':>8} {'ours s':>8} {'umoci s':>8} {'umoci/ours':>10}"
+          f" {'zstd MB':>8} {'zstd s':>8}")
+    for label, (secs, entries, size), u, (zsecs, _, zsize) in zip(labels, ours, theirs, zstd):
+        print(f"{label:<22} {entries:>8} {size / 1e6:>8.1f} {secs:>8.3f} {u:>8.3f} {u / secs:>9.1f}x"
+              f" {zsize / 1e6:>8.1f} {zsecs:>8.3f}")
     print(f"export_image of the whole chain (4 layers, config, manifest): {whole:.3f} s; "
           f"umoci total {sum(theirs):.3f} s")
 

@@ -463,12 +463,15 @@ def add_layer_type_flags(p: argparse.ArgumentParser) -> None:
                         "non-tar images are tagged NAME-squashfs / NAME-erofs")
     p.add_argument("--no-verity", "--no-squashfs-verity", action="store_true", dest="no_verity",
                    help="do not append dm-verity data to squashfs/erofs layers")
+    p.add_argument("--compression", choices=("gzip", "zstd"), default="gzip",
+                   help="compression of new tar layers (default gzip; zstd: media type tar+zstd, "
+                        "on every core); a base's layers are kept as they are")
 
 
 def _layer_types(args: argparse.Namespace):
     from stacker_kernel.oci.layer_types import parse_layer_types
 
-    return parse_layer_types(args.layer_type, args.no_verity)
+    return parse_layer_types(args.layer_type, args.no_verity, args.compression)
 
 
 def _add_attestation_flags(p: argparse.ArgumentParser, what: str = "the images") -> None:

@@ -464,15 +464,22 @@ def test_steps_are_pushed_on_their_own_thread_while_the_next_steps_run_and_all_b
     started = threading.Event()
     release = threading.Event()
     threads = []
-    real = remote_cache._make_layer_apart
+    real = remote_cache._LayerMaker.make
+    real_init = remote_cache._LayerMaker.__init__
+    makers = []
 
-    def held_first(parent, new, out_dir):  # the first push waits until a later step has run
+    def held_first(self, parent, new, out_dir):  # the first push waits until a later step has run
         threads.append(threading.current_thread().name)
         if len(threads) == 1:
             started.set()
             assert release.wait(120)
-        return real(parent, new, out_dir)
-    monkeypatch.setattr(remote_cache, "_make_layer_apart", held_first)
+        return real(self, parent, new, out_dir)
+
+    def counted(self):
+        makers.append(self)
+        real_init(self)
+    monkeypatch.setattr(remote_cache._LayerMaker, "make", held_first)
+    monkeypatch.setattr(remote_cache._LayerMaker, "__init__", counted)
     nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS)
     cache = tmp_path / "cache"
     out: list[str] = []
@@ -505,6 +512,8 @@ def test_steps_are_pushed_on_their_own_thread_while_the_next_steps_run_and_all_b
     assert release.is_set(), text
     assert result.steps_run == len(CELLS) and "warning" not in text
     assert threads and all(name.startswith("cache-push") for name in threads)
+    # one interpreter made every step's layer (not one per step), and it ended with the build
+    assert len(makers) == 1 and len(threads) == len(CELLS) and makers[0]._proc.poll() == 0
     assert any(line.startswith(f"cache-to oci:{cache}: {len(CELLS)} entries pushed (")
                for line in text.splitlines()), text
     result, out_b, _ = _build(storage_b, _copy(nb, tmp_path), cache_from=[f"oci:{cache}"])
@@ -662,6 +671,38 @@ def test_a_kernel_pushes_with_cache_to_and_another_hits_with_the_config_default(
     assert "made one" in runs[0].text()
 
 
+def _layer_makers() -> list[int]:
+    """Pids of the pushing thread's layer makers (engine/remote_cache.py _LayerMaker) running now."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"answers = os.fdopen(os.dup(1)" in cmdline:  # its program (_MAKER), nothing older
+            found.append(int(pid))
+    return found
+
+
+def test_a_kernel_whose_cache_target_changes_ends_the_old_layer_maker(kernels, busybox_tar, storage, tmp_path):
+    before = set(_layer_makers())
+    k = start_kernel(notebook_dir(tmp_path / "a", busybox_tar) / "nb.ipynb", kernels,
+                     STACKER_KERNEL_STORAGE=str(storage))
+    try:
+        assert k.execute(f"%cache to oci:{tmp_path / 'one'}", "to1", timeout=120).status == "ok"
+        _kernel_cells(k, CELLS[:1])
+        first = set(_layer_makers()) - before
+        assert len(first) == 1  # one maker for the session's pushes, kept between cells
+        assert k.execute(f"%cache to oci:{tmp_path / 'two'}", "to2", timeout=120).status == "ok"
+        assert not first & set(_layer_makers())  # the old target's maker has ended
+        run = k.execute(CELLS[1], "c9", timeout=120)
+        assert run.status == "ok" and "warning" not in run.text(), run.text()
+        assert len(set(_layer_makers()) - before) == 1
+    finally:
+        k.close()
+    assert any((tmp_path / "two").iterdir()) and any((tmp_path / "one").iterdir())
+
+
 def _registry_entries(registry: str, repo: str) -> list[bytes]:
     """The manifest and config bytes of every entry under docker://REGISTRY/REPO."""
     def get(path: str, accept: str = "") -> bytes:
@@ -750,3 +791,13 @@ def test_a_pull_killed_leaves_no_temporary_folder_once_the_store_opens(busybox_o
             assert list(remote.iterdir()) == [young]
     finally:
         btrfs.remove_tree(root)
+
+
+def test_a_step_whose_layer_cannot_be_made_is_one_warning_naming_the_path(busybox_oci, storage, tmp_path):
+    # the layer maker (one interpreter for the build) answers with the reason, in one line
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, ["touch /.wh.odd", "echo after > /after"])
+    result, out, _ = _build(storage, nb, cache_to=f"oci:{tmp_path / 'cache'}")
+    assert result.steps_run == 2
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "could not be pushed" in warnings[0], warnings
+    assert "/.wh.odd cannot go into an OCI layer" in warnings[0] and "Traceback" not in out, warnings

@@ -336,6 +336,7 @@ def _finish_pushes(session: BuildSession, out: Printer) -> bool:
     remote = session.remote_cache
     if remote is not None and remote.target is not None:
         remote.finish(lambda line: out(line.rstrip()))
+        remote.close()
         out(remote.summary())
     return True
 

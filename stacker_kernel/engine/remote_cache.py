@@ -85,30 +85,72 @@ def _make_layer(parent: str, new: str, out_dir: str):
     return write_layer(new, diff_snapshots(parent, new), out_dir, source_date_epoch=None)
 
 
-_MAKE_LAYER = ("import dataclasses, json, sys\n"
-               "from stacker_kernel.engine.remote_cache import _as_container_root, _make_layer\n"
-               "print(json.dumps(dataclasses.asdict(_as_container_root(_make_layer, *sys.argv[1:4]))))")
+# The pushing thread's layer maker: one fresh interpreter for the session, fed a
+# JSON line (parent, new, out_dir) per layer, answering a JSON line. Its own
+# stdout goes to stderr, so that nothing else can be taken for an answer.
+_MAKER = ("import dataclasses, json, os, sys\n"
+          "answers = os.fdopen(os.dup(1), 'w')\n"
+          "os.dup2(2, 1)\n"
+          "from stacker_kernel.engine.remote_cache import _as_container_root, _make_layer\n"
+          "for line in sys.stdin:\n"
+          "    try:\n"
+          "        blob = _as_container_root(_make_layer, *json.loads(line))\n"
+          "        answer = {'ok': dataclasses.asdict(blob)}\n"
+          "    except Exception as e:\n"
+          "        answer = {'error': (str(e).strip().splitlines() or [type(e).__name__])[-1]}\n"
+          "    answers.write(json.dumps(answer) + '\\n')\n"
+          "    answers.flush()\n")
 
 
-def _make_layer_apart(parent: str, new: str, out_dir: str):
-    """_make_layer in a fresh interpreter: the pushing thread runs beside the
-    engine's, and a child forked from it without exec (run_in_userns) could
-    inherit a lock another thread holds and wait for it forever (as
-    engine/history.measure_sizes)."""
-    import subprocess
-    import sys
+class _LayerMaker:
+    """_make_layer in a fresh interpreter that stays for the session: the pushing
+    thread runs beside the engine's, and a child forked from it without exec
+    (run_in_userns) could inherit a lock another thread holds and wait for it
+    forever (as engine/history.measure_sizes). Started once (not per step: an
+    interpreter's start was most of a small step's push)."""
 
-    import stacker_kernel
-    from stacker_kernel.oci.tarwriter import LayerBlob
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+        import tempfile
 
-    top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", _MAKE_LAYER, parent, new, out_dir], capture_output=True,
-                          text=True, env=env)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise ImageError(f"the step's layer could not be made: {last}")
-    return LayerBlob(**json.loads(proc.stdout.strip().splitlines()[-1]))
+        import stacker_kernel
+
+        top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
+        self._errors = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen([sys.executable, "-c", _MAKER], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._errors, env=env, text=True)
+
+    def make(self, parent: str, new: str, out_dir: str):
+        from stacker_kernel.oci.tarwriter import LayerBlob
+
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        try:
+            self._proc.stdin.write(json.dumps([parent, new, out_dir]) + "\n")
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        except OSError:
+            line = ""
+        if not line:  # it ended: its last words say why
+            self._errors.seek(0)
+            last = (self._errors.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+            raise ImageError(f"the step's layer could not be made: {last}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise ImageError(f"the step's layer could not be made: {answer['error']}")
+        return LayerBlob(**answer["ok"])
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+        self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._errors.close()
 
 
 def _apply(layer_path: str, rootfs: str) -> list[str]:
@@ -136,6 +178,7 @@ class RemoteCache:
         self._pushes: list[Future] = []
         self._pushed = 0
         self._push_messages: list[str] = []
+        self._maker: _LayerMaker | None = None  # started with the first push
         # What --cache-to did, for the build's summary line.
         self.pushed_bytes, self.skipped = 0, 0
 
@@ -298,7 +341,9 @@ class RemoteCache:
             self._push_messages.append(f"[cache-to: pushing step of layer {record['layer']} to {target.url}]\n")
             blob = layer_made_before(layers, parent, new, tmp)
             if blob is None:
-                blob = _make_layer_apart(parent, new, tmp)
+                if self._maker is None:
+                    self._maker = _LayerMaker()
+                blob = self._maker.make(parent, new, tmp)
                 remember_made_layer(layers, parent, new, tmp, blob)
             record = {**record, "diff_id": blob.diff_id}
             target.put(cache_tag(record["key"]), record, tmp, blob.digest, blob.size)
@@ -327,3 +372,10 @@ class RemoteCache:
         wait(pending)
         self._report(on_output)
         return self._pushed
+
+    def close(self) -> None:
+        """End the layer maker (after `finish`); a later push starts another."""
+        wait(self._pushes)  # a push still going uses it
+        if self._maker is not None:
+            self._maker.close()
+            self._maker = None

@@ -162,7 +162,8 @@ def _export(session: Any, args: Any, ctx: "MagicContext") -> Shown:
         args = replace(args, args=[a for a in args.args or [] if a not in flags])
         target = _beside_notebook(ctx, _export_target(args, oci_name))
         beside.check_target(target, "dir")  # a link planted there would take the layout elsewhere
-        layer_types = parse_layer_types(getattr(args, "layer_types", None), getattr(args, "no_verity", False))
+        layer_types = parse_layer_types(getattr(args, "layer_types", None), getattr(args, "no_verity", False),
+                                        getattr(args, "compression", None))
         tags = session.export_oci(str(target), progress=ctx.progress, layer_types=layer_types,
                                   attestations=Attestations(sbom="--no-sbom" not in flags,
                                                             provenance="--no-provenance" not in flags))
@@ -277,6 +278,8 @@ def _cache(session: Any, value: Any, ctx: "MagicContext") -> Shown:
         settings = replace(current, cache_to=value.urls[0] if value.urls else None)
     else:
         settings = replace(current, cache_from=list(value.urls))
+    if session.remote_cache is not None:
+        session.remote_cache.close()  # its layer maker ends (a kernel's pushes are done with each cell)
     session.remote_cache = RemoteCache.from_settings(settings)
     where = " ".join(value.urls) or "none"
     return Shown(f"steps are {'pushed to' if value.direction == 'to' else 'taken from'} {where}")

@@ -37,7 +37,8 @@ from stacker_kernel.errors import ImageError, RecipeError
 from stacker_kernel.oci import cas
 from stacker_kernel.oci import layout_write as lw
 from stacker_kernel.oci.diff import Diff, diff_snapshots
-from stacker_kernel.oci.layer_types import TAR_TYPE, FsLayerBlob, LayerType, write_fs_layer
+from stacker_kernel.oci.layer_types import (TAR_TYPE, FsLayerBlob, LayerType, write_fs_layer,
+                                            write_whole_fs_layer)
 from stacker_kernel.oci.layout import OCILayout
 from stacker_kernel.oci.tarwriter import LayerBlob, write_layer
 from stacker_kernel.recipe.model import first_line, human_size
@@ -309,11 +310,15 @@ def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None,
     per job (-1: empty) as each is done."""
     out: list[LayerBlob | None] = []
     for i, job in enumerate(jobs):
-        diff: Diff = diff_snapshots(job.old, job.new)
-        if diff.empty:
+        if layer_type.type != "tar" and job.old is None and epoch is None:
+            # a whole rootfs: packed from the snapshot while its diff is walked
+            out.append(write_whole_fs_layer(job.new, layout_dir, layer_type,
+                                            scratch_dir=_scratch_beside(job.new))[0])
+        elif (diff := diff_snapshots(job.old, job.new)).empty:
             out.append(None)
         elif layer_type.type == "tar":
-            out.append(write_layer(job.new, diff, layout_dir, source_date_epoch=epoch))
+            out.append(write_layer(job.new, diff, layout_dir, source_date_epoch=epoch,
+                                   compression=layer_type.compression))
         else:
             out.append(write_fs_layer(job.new, diff, layout_dir, layer_type, source_date_epoch=epoch,
                                       scratch_dir=_scratch_beside(job.new)))
@@ -416,7 +421,7 @@ def _cached_layer(cache_dir: str | None, layout_dir: str, job: _Job, epoch: int 
     places = [kept_blobs(cache_dir)] + [p for p in data.pop("places", []) if isinstance(p, str)]
     data.pop("snapshots", None)
     try:
-        blob = LayerBlob(**data) if layer_type == TAR_TYPE else FsLayerBlob(**data)
+        blob = LayerBlob(**data) if layer_type.type == "tar" else FsLayerBlob(**data)
         if os.path.getsize(lw.blob_path(layout_dir, blob.digest)) == blob.size:
             return blob
         return _MISS  # a damaged blob under that name: made again
@@ -562,8 +567,8 @@ def _ensure_a_layer(layout_dir: str, image: _Image, name: str, created: str,
     # (scratch, no changes) gets one empty tar layer (or empty filesystem).
     if image.layers:
         return
-    if layer_type == TAR_TYPE:
-        blob: LayerBlob = write_layer("/", Diff(old=None, new="/"), layout_dir)
+    if layer_type.type == "tar":
+        blob: LayerBlob = write_layer("/", Diff(old=None, new="/"), layout_dir, compression=layer_type.compression)
     else:
         blob = run_in_userns(write_fs_layer, "/", Diff(old=None, new="/"), os.path.abspath(layout_dir), layer_type)
     image.layers.append(_descriptor(blob))

@@ -47,7 +47,7 @@ from typing import Iterable
 
 from stacker_kernel.container.userns import isolate, isolated_id
 from stacker_kernel.errors import ImageError, RecipeError
-from stacker_kernel.oci.diff import Diff
+from stacker_kernel.oci.diff import Diff, diff_snapshots
 from stacker_kernel.oci.tarwriter import LayerBlob
 from stacker_kernel.storage.btrfs import copy_data
 
@@ -68,9 +68,11 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class LayerType:
-    """One output layer type; `verity` only for squashfs/erofs (pkg/types/layer_type.go)."""
+    """One output layer type; `verity` only for squashfs/erofs (pkg/types/layer_type.go);
+    `compression` (gzip or zstd) only for tar: squashfs/erofs images carry their own."""
     type: str = TAR
     verity: bool = False
+    compression: str = "gzip"
 
     def tag(self, name: str) -> str:
         """The tag stacker gives layer `name` in this type (LayerName)."""
@@ -84,19 +86,27 @@ class LayerType:
         return kind == TAR or self.verity == bool(root_hash_of(annotations))
 
     def __str__(self) -> str:
+        if self.type == TAR:
+            return TAR if self.compression == "gzip" else f"{TAR}+{self.compression}"
         return f"{self.type}+verity" if self.verity else self.type
 
 
 TAR_TYPE = LayerType()
 
 
-def parse_layer_types(values: Iterable[str] | None, no_verity: bool = False) -> tuple[LayerType, ...]:
-    """`--layer-type` values (default tar; duplicates dropped) with `--no-verity`."""
+def parse_layer_types(values: Iterable[str] | None, no_verity: bool = False,
+                      compression: str | None = None) -> tuple[LayerType, ...]:
+    """`--layer-type` values (default tar; duplicates dropped) with `--no-verity`
+    and `--compression` (gzip, the default, or zstd: tar layers only)."""
+    compression = compression or "gzip"
+    if compression not in ("gzip", "zstd"):
+        raise RecipeError(f"invalid compression {compression!r}: use --compression gzip or zstd")
     out: list[LayerType] = []
     for value in values or [TAR]:
         if value not in LAYER_TYPES:
             raise RecipeError(f"invalid layer type {value!r}: use --layer-type tar, squashfs or erofs")
-        lt = LayerType(value, verity=value != TAR and not no_verity)
+        lt = LayerType(value, verity=value != TAR and not no_verity,
+                       compression=compression if value == TAR else "gzip")
         if lt not in out:
             out.append(lt)
     return tuple(out)
@@ -155,23 +165,80 @@ def write_fs_layer(new_root: str, diff: Diff, out_dir: str, layer_type: LayerTyp
             upper = os.path.join(scratch, "upper")
             os.mkdir(upper)
             _materialize(new_root, diff, upper, source_date_epoch)
-        if layer_type.type == SQUASHFS:
-            media_type = _mksquashfs(upper, img, source_date_epoch)
-        elif layer_type.type == EROFS:
-            media_type = _mkfs_erofs(upper, img, source_date_epoch)
-        else:
-            raise ImageError(f"layer type {layer_type.type!r} is not a filesystem layer type")
-        root_hash = append_verity(img) if layer_type.verity else ""
-        digest = "sha256:" + _sha256(img)
-        size = os.path.getsize(img)
-        os.chmod(img, 0o644)
-        os.replace(img, os.path.join(blob_dir, digest.split(":", 1)[1]))
+        media_type = _pack(upper, img, layer_type, source_date_epoch)
+        digest, size, root_hash = _seal(img, blob_dir, layer_type)
     finally:
         if os.path.exists(img):
             os.unlink(img)
         shutil.rmtree(scratch, ignore_errors=True)
     return FsLayerBlob(digest=digest, diff_id=digest, size=size, media_type=media_type,
                        empty=diff.empty, root_hash=root_hash)
+
+
+def write_whole_fs_layer(root: str, out_dir: str, layer_type: LayerType, *,
+                         scratch_dir: str | None = None) -> tuple[FsLayerBlob | None, Diff]:
+    """The layer of the whole read-only snapshot `root` (no older side, no
+    SOURCE_DATE_EPOCH) as write_fs_layer makes it, and its diff; None for an
+    empty rootfs. The packer starts at once on the snapshot while the diff is
+    walked beside it (all the walk can change is a snapshot holding nested
+    subvolumes, which is then laid out as write_fs_layer does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if os.path.realpath(root) == "/":  # never the host's root: only snapshots are packed whole
+        raise ImageError("the whole-rootfs layer of / is not made: export a snapshot")
+    blob_dir = os.path.join(out_dir, "blobs", "sha256")
+    os.makedirs(blob_dir, exist_ok=True)
+    fd, img = tempfile.mkstemp(prefix=".layer-", dir=blob_dir)
+    os.close(fd)
+    os.unlink(img)  # the packers want to create it
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            walk = pool.submit(diff_snapshots, None, root)
+            try:
+                media_type = _pack(root, img, layer_type, None)
+            finally:
+                diff = walk.result()
+        if diff.empty:
+            return None, diff
+        if diff.nested_subvolumes:
+            os.unlink(img)
+            return write_fs_layer(root, diff, out_dir, layer_type, scratch_dir=scratch_dir), diff
+        digest, size, root_hash = _seal(img, blob_dir, layer_type)
+    finally:
+        if os.path.exists(img):
+            os.unlink(img)
+    return FsLayerBlob(digest=digest, diff_id=digest, size=size, media_type=media_type,
+                       empty=False, root_hash=root_hash), diff
+
+
+def _pack(upper: str, img: str, layer_type: LayerType, epoch: int | None) -> str:
+    """Pack the directory `upper` into `img`; the media type."""
+    if layer_type.type == SQUASHFS:
+        return _mksquashfs(upper, img, epoch)
+    if layer_type.type == EROFS:
+        return _mkfs_erofs(upper, img, epoch)
+    raise ImageError(f"layer type {layer_type.type!r} is not a filesystem layer type")
+
+
+def _seal(img: str, blob_dir: str, layer_type: LayerType) -> tuple[str, int, str]:
+    """Verity data appended (when asked), the image hashed and moved to its name in
+    `blob_dir`: (digest, size, root hash or ""). The image is read once for the
+    verity salt and only the appended hash tree again for the digest."""
+    if layer_type.verity:
+        h = _sha256_of(img)
+        before = os.path.getsize(img)
+        root_hash = append_verity(img, h.hexdigest())
+        with open(img, "rb") as f:
+            f.seek(before)
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    else:
+        h, root_hash = _sha256_of(img), ""
+    digest = "sha256:" + h.hexdigest()
+    size = os.path.getsize(img)
+    os.chmod(img, 0o644)
+    os.replace(img, os.path.join(blob_dir, digest.split(":", 1)[1]))
+    return digest, size, root_hash
 
 
 def _clamp(mtime_ns: int, epoch: int | None) -> int:
@@ -316,12 +383,13 @@ def _mkfs_erofs(upper: str, img: str, epoch: int | None) -> str:
     return MEDIA_TYPE_EROFS + "+lz4hc"
 
 
-def append_verity(img: str) -> str:
-    """Append the dm-verity hash tree of `img` to `img` (atomfs AppendVerityData); its root hash (hex)."""
+def append_verity(img: str, digest: str | None = None) -> str:
+    """Append the dm-verity hash tree of `img` to `img` (atomfs AppendVerityData); its
+    root hash (hex). `digest`: the image's sha256 (hex), when the caller has it."""
     size = os.path.getsize(img)
     if size % 512:
         raise ImageError(f"layer image {img} is {size} bytes, not a multiple of 512: dm-verity cannot cover it")
-    digest = _sha256(img)
+    digest = digest or _sha256(img)
     out = _run(["veritysetup", "format", img, img, f"--hash-offset={size}", f"--data-blocks={size // VERITY_BLOCK}",
                 f"--data-block-size={VERITY_BLOCK}", f"--hash-block-size={VERITY_BLOCK}", "--hash=sha256",
                 "--format=1", f"--salt={digest}", f"--uuid={uuid.UUID(digest[:32])}"],
@@ -346,12 +414,16 @@ def verity_data_offset(img: str, kind: str) -> int:
     return -(-used // VERITY_BLOCK) * VERITY_BLOCK
 
 
-def _sha256(path: str) -> str:
+def _sha256_of(path: str):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+    return h
+
+
+def _sha256(path: str) -> str:
+    return _sha256_of(path).hexdigest()
 
 
 # --- reading ----------------------------------------------------------------

@@ -89,47 +89,64 @@ def detect_compression(src: str | os.PathLike) -> str:
 
 
 @contextmanager
-def open_decompressed(src: str | os.PathLike) -> Iterator[IO[bytes]]:
+def open_decompressed(src: str | os.PathLike, name: str | None = None) -> Iterator[IO[bytes]]:
     """A binary stream of the uncompressed content of `src` (gzip/xz/zstd/bzip2/plain).
 
-    zstd goes through the `zstd` program (no stdlib module); its exit status
-    is checked when the stream is closed, so a corrupt zstd file is an error.
+    gzip goes through `pigz -d` when present and zstd through `zstd -d` (no
+    stdlib module): the decompression runs in another process, on another core,
+    beside the extraction. Their exit status is checked when the stream is
+    closed, so a corrupt file is an error. `name` is how messages call it.
     """
     kind = detect_compression(src)
     with ExitStack() as stack:
         raw = stack.enter_context(open(src, "rb"))
-        if kind == "gzip":
-            yield stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
-        elif kind == "xz":
-            yield stack.enter_context(lzma.LZMAFile(raw, "rb"))
-        elif kind == "bzip2":
-            yield stack.enter_context(bz2.BZ2File(raw, "rb"))
+        pigz = shutil.which("pigz") if kind == "gzip" else None
+        if pigz is not None:
+            yield stack.enter_context(_piped([pigz, "-dc"], raw, name or str(src), "gzip"))
+        elif kind in ("gzip", "xz", "bzip2"):
+            stream = stack.enter_context({"gzip": lambda: gzip.GzipFile(fileobj=raw, mode="rb"),
+                                          "xz": lambda: lzma.LZMAFile(raw, "rb"),
+                                          "bzip2": lambda: bz2.BZ2File(raw, "rb")}[kind]())
+            yield stream
+            try:  # to the end: the tar ends before the trailer, whose checksum is read last
+                while stream.read(CHUNK):
+                    pass
+            except (*_STREAM_ERRORS, OSError) as e:
+                raise ImageError(f"{name or src} is not a readable {kind} stream ({e}): "
+                                 "it is truncated or corrupt; download or rebuild it") from None
         elif kind == "zstd":
             exe = shutil.which("zstd")
             if exe is None:
-                raise ImageError(f"{src} is zstd-compressed but the zstd program is missing: "
+                raise ImageError(f"{name or src} is zstd-compressed but the zstd program is missing: "
                                  "install Debian's zstd package (apt-get install zstd)")
-            proc = subprocess.Popen([exe, "-dcq"], stdin=raw, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
-            try:
-                yield proc.stdout
-                while proc.stdout.read(CHUNK):  # drain, so zstd reaches the end and reports errors
-                    pass
-            except BaseException:
-                proc.kill()  # the reader's error is the one to report
-                raise
-            else:
-                err = proc.stderr.read().decode(errors="replace").strip()
-                if proc.wait() != 0:
-                    detail = err.splitlines()[-1] if err else "zstd failed"
-                    raise ImageError(f"{src} is not a readable zstd stream ({detail}): "
-                                     "it is truncated or corrupt; download or rebuild it")
-            finally:
-                proc.stdout.close()
-                proc.stderr.close()
-                proc.wait()
+            yield stack.enter_context(_piped([exe, "-dcq"], raw, name or str(src), "zstd"))
         else:
             yield raw
+
+
+@contextmanager
+def _piped(argv: list[str], raw: IO[bytes], name: str, what: str) -> Iterator[IO[bytes]]:
+    """The output of the decompressor `argv` reading `raw`, drained at the end so
+    that it reaches the end of its input and reports corruption (ImageError)."""
+    proc = subprocess.Popen(argv, stdin=raw, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=CHUNK)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        yield proc.stdout
+        while proc.stdout.read(CHUNK):  # drain, so it reaches the end and reports errors
+            pass
+    except BaseException:
+        proc.kill()  # the reader's error is the one to report
+        raise
+    else:
+        err = proc.stderr.read().decode(errors="replace").strip()
+        if proc.wait() != 0:
+            detail = err.splitlines()[-1] if err else f"{os.path.basename(argv[0])} failed"
+            raise ImageError(f"{name} is not a readable {what} stream ({detail}): "
+                             "it is truncated or corrupt; download or rebuild it")
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.wait()
 
 
 class _Warnings:
@@ -286,6 +303,28 @@ class _Applier:
         self.dir_times: list[tuple[list[str], int]] = []
         self.free = self._free_bytes()
         self.single_id = in_single_id_namespace()  # every owner becomes root (the one id there is)
+        # The directory of the last entry, kept open: entries come grouped by
+        # directory, and resolving every component again is most of the syscalls.
+        # Only an entry in that same directory uses it; an entry there changes no
+        # directory above it, and a whiteout (which may remove any) drops it.
+        self._parent: tuple[tuple[str, ...], int, list[str]] | None = None
+
+    def close(self) -> None:
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
+
+    def _directory_of(self, dir_parts: list[str], entry: str) -> tuple[int, list[str]]:
+        """(fd, resolved parts) of the directory `dir_parts`, made if missing (Root.directory)."""
+        key = tuple(dir_parts)
+        if self._parent is not None and self._parent[0] == key:
+            return self._parent[1], self._parent[2]
+        self.close()
+        with self.root.directory(dir_parts, entry, create=True) as found:
+            assert found is not None  # create=True never yields None
+            fd, resolved = found
+            self._parent = (key, os.dup(fd), list(resolved))
+        return self._parent[1], self._parent[2]
 
     def _free_bytes(self) -> int:
         st = os.statvfs(self.root.fd)
@@ -308,19 +347,18 @@ class _Applier:
         parts = _normalize(member.name, member.name, self.src)
         base = parts[-1] if parts else ""
         if self.whiteouts and base.startswith(WHITEOUT_PREFIX):
+            self.close()
             self._whiteout(parts, member)
             return
         if not parts:  # the root itself ("./"): only its metadata
             self._metadata(self.root.fd, None, member, [])
             return
-        with self.root.directory(parts[:-1], member.name, create=True) as found:
-            assert found is not None  # create=True never yields None
-            dirfd, dir_parts = found
-            path = "/".join(dir_parts + [base])
-            if member.isdir():
-                self._directory(dirfd, base, path, dir_parts, member)
-            else:
-                self._non_directory(tar, dirfd, base, path, member)
+        dirfd, dir_parts = self._directory_of(parts[:-1], member.name)
+        path = "/".join(dir_parts + [base])
+        if member.isdir():
+            self._directory(dirfd, base, path, dir_parts, member)
+        else:
+            self._non_directory(tar, dirfd, base, path, member)
 
     def _directory(self, dirfd: int, name: str, path: str, dir_parts: list[str],
                    member: tarfile.TarInfo) -> None:
@@ -590,9 +628,10 @@ def apply_layer(src: str | os.PathLike, rootfs: str | os.PathLike, *, whiteouts:
     src_name = name or str(src)
     root = _Root(Path(rootfs), src_name)
     report = ApplyReport()
+    applier = None
     try:
         applier = _Applier(root, src_name, whiteouts)
-        with open_decompressed(src) as stream:
+        with open_decompressed(src, src_name) as stream:
             try:
                 tar = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
             except _STREAM_ERRORS as e:
@@ -620,8 +659,11 @@ def apply_layer(src: str | os.PathLike, rootfs: str | os.PathLike, *, whiteouts:
                 except (*_STREAM_ERRORS, OSError) as e:  # bz2 reports corruption as OSError
                     raise ImageError(f"{src_name} is not a readable tar archive ({e}, at entry {current!r}): "
                                      "it is truncated or corrupt; download or rebuild it") from None
+        applier.close()
         applier.finish()
         report.warnings = applier.warnings.lines()
     finally:
+        if applier is not None:
+            applier.close()
         root.close()
     return report

@@ -49,12 +49,14 @@ class ExportArgs:
     """`%export [stacker.yaml|oci|dockerfile] [ARGS]`: the format and the remaining arguments.
 
     For oci, stacker's `--layer-type TYPE` (repeatable) and `--no-verity` are
-    taken out of ARGS into `layer_types` (None: tar) and `no_verity`.
+    taken out of ARGS into `layer_types` (None: tar) and `no_verity`, and
+    `--compression gzip|zstd` (of tar layers) into `compression`.
     """
     format: str = "stacker.yaml"
     args: list[str] | None = None
     layer_types: list[str] | None = None
     no_verity: bool = False
+    compression: str = "gzip"
 
 
 @dataclass
@@ -308,11 +310,22 @@ def _parse_export_oci(toks: list[str]) -> ExportArgs:
     args: list[str] = []
     types: list[str] = []
     no_verity = False
+    compression = "gzip"
     i = 0
     while i < len(toks):
         tok = toks[i]
         if tok in ("--no-verity", "--no-squashfs-verity"):
             no_verity = True
+        elif tok == "--compression" or tok.startswith("--compression="):
+            if tok == "--compression":
+                if i + 1 >= len(toks):
+                    raise _Bad("--compression needs gzip or zstd")
+                i += 1
+                compression = toks[i]
+            else:
+                compression = tok.split("=", 1)[1]
+            if compression not in ("gzip", "zstd"):
+                raise _Bad(f"invalid compression {compression!r}: use --compression gzip or zstd")
         elif tok == "--layer-type" or tok.startswith("--layer-type="):
             if tok == "--layer-type":
                 if i + 1 >= len(toks):
@@ -327,7 +340,7 @@ def _parse_export_oci(toks: list[str]) -> ExportArgs:
         else:
             args.append(tok)
         i += 1
-    return ExportArgs("oci", args, types or None, no_verity)
+    return ExportArgs("oci", args, types or None, no_verity, compression)
 
 
 def _parse_help(rest: str) -> str | None:
@@ -452,7 +465,7 @@ _SPECS: list[tuple[MagicSpec, Callable[[str], Any]]] = [
                "GrabArgs"), _grab),
     (MagicSpec("browse", "%browse [LAYER|N] [PATH]", "browse and download files", True,
                "BrowseArgs"), _parse_browse),
-    (MagicSpec("export", "%export [stacker.yaml|oci [DIR] [--layer-type T]... [--no-verity] [--no-sbom] "
+    (MagicSpec("export", "%export [stacker.yaml|oci [DIR] [--layer-type T]... [--no-verity] [--compression gzip|zstd] [--no-sbom] "
                "[--no-provenance] | dockerfile [PATH]]", "export the build (oci: with an SBOM and provenance)",
                True, "ExportArgs", ("stacker.yaml", "oci", "dockerfile")), _parse_export),
     (MagicSpec("keep_failed", "%keep_failed on|off", "keep a failed step's state to inspect "
