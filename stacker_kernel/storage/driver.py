@@ -42,8 +42,9 @@ class Driver:
     """The operations the store and the engine need on trees (see the module docstring)."""
 
     name = ""
-    #: True when the container must be stopped before its rootfs is committed
-    #: (an overlay upper cannot change hands under a mount).
+    #: True when the container's mount of its rootfs must be gone before the rootfs is
+    #: committed (an overlay upper cannot change hands under a mount): the engine parks
+    #: the container then and builds its root again on the new stack (engine/live.py).
     stop_before_commit = False
 
     def create(self, path: Path) -> None:
