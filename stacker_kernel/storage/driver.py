@@ -84,6 +84,11 @@ class Driver:
         """Whether `rel` exists in `tree` (symlinks not followed), read from the host."""
         return self.locate(tree, rel) is not None
 
+    def listdir(self, tree: Path, rel: str) -> list[str]:
+        """The names in directory `rel` of `tree` (symlinks not followed), read from the
+        host; OSError when it is no directory there or cannot be read."""
+        return sorted(os.listdir(Path(tree) / rel.lstrip("/")))
+
     def usage(self, root: Path) -> int:
         """Bytes the storage uses."""
         raise NotImplementedError
@@ -243,6 +248,13 @@ class OverlayDriver(Driver):
         stack = overlay.read_stack(tree)
         found = overlay.locate(stack, rel) if stack is not None else None
         return Path(found) if found is not None else None
+
+    def listdir(self, tree: Path, rel: str) -> list[str]:
+        stack = overlay.read_stack(tree)
+        names = overlay.listdir(stack, rel) if stack is not None else None
+        if names is None:
+            raise NotADirectoryError(f"{rel} is no directory of {tree}")
+        return names
 
     def usage(self, root: Path) -> int:
         return _du(root)
