@@ -35,6 +35,9 @@ DRIVER_FILE = "driver"
 # and overlayfs takes at most 500.
 FLATTEN_DEPTH = 64
 FLAT_TMP = ".tmp-flat-"
+# <root>/layer-sizes/<layer>: the bytes layer <layer> holds, measured the first time
+# `usage` counts it (a layer never changes once made), dropped with it.
+SIZES = "layer-sizes"
 NAMES = ("btrfs", "overlay")
 
 
@@ -191,6 +194,7 @@ class OverlayDriver(Driver):
     def adopt(self, tmp: Path, dest: Path, id: str) -> None:
         layers = self._layers_dir(self._root(dest))
         self.remove_many([dest, layers / id])
+        _forget_size(self._root(dest), id)
         os.rename(tmp, layers / id)
         dest.mkdir(mode=0o755)
         overlay.write_stack(dest, [id], writable=False)
@@ -212,6 +216,7 @@ class OverlayDriver(Driver):
     def uncommit(self, live: Path, dest: Path, id: str) -> None:
         layers = self._layers_dir(self._root(dest))
         stack = overlay.layer_names(dest)[1:]
+        _forget_size(self._root(dest), id)  # measured meanwhile: it is an upper again
         self.remove(live / "upper")
         os.rename(layers / id, live / "upper")
         overlay.write_stack(live, stack, writable=True)
@@ -257,7 +262,32 @@ class OverlayDriver(Driver):
         return names
 
     def usage(self, root: Path) -> int:
-        return _du(root)
+        """What the storage holds: its layers by their recorded sizes (each measured once,
+        the first time it is counted), the rest (live uppers, logs, records) walked. So a
+        call costs what changed since the last one, not the whole storage."""
+        layers, sizes = root / "layers", root / SIZES
+        total = 0
+        try:
+            recorded = set(os.listdir(sizes))
+        except FileNotFoundError:
+            recorded = set()
+        present = set()
+        for e in os.scandir(layers) if layers.is_dir() else ():
+            present.add(e.name)
+            frozen = not e.name.startswith(".")  # not a flattening under way (nor .empty)
+            if frozen and e.name in recorded:
+                try:
+                    total += int((sizes / e.name).read_text())
+                    continue
+                except (OSError, ValueError):
+                    pass
+            size = _du_entry(e.path)
+            if frozen:
+                _record_size(root, e.name, size)
+            total += size
+        for name in recorded - present:  # a layer removed by another route: its record goes too
+            _forget_size(root, name)
+        return total + _du(root, skip=layers)  # last: with the records just written
 
     def prepare_db_file(self, path: Path) -> None:
         pass
@@ -284,6 +314,8 @@ class OverlayDriver(Driver):
             elif e.name != ".empty" and e.name not in used:
                 drop.append(layers / e.name)
         self.remove_many(drop)
+        for path in drop:
+            _forget_size(root, path.name)
 
     def after_commit(self, lock: Callable[[], ContextManager], snapshot: Path) -> None:
         if len(overlay.layer_names(snapshot)) > FLATTEN_DEPTH:
@@ -351,10 +383,14 @@ def _copy_union(layers: list[str], dest: str) -> None:
         os.rmdir(mnt)
 
 
-def _du(root: Path) -> int:
-    """Bytes allocated under `root` (files the user may not stat count nothing)."""
+def _du(root: Path, skip: Path | None = None) -> int:
+    """Bytes allocated under `root` (files the user may not stat count nothing), not
+    counting what lies inside directory `skip`."""
     total, seen = 0, set()
     for dirpath, dirnames, filenames in os.walk(root):
+        if skip is not None and dirpath == str(skip):
+            dirnames[:] = []
+            continue
         for name in dirnames + filenames:
             try:
                 st = os.lstat(os.path.join(dirpath, name))
@@ -366,6 +402,33 @@ def _du(root: Path) -> int:
                 seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512
     return total
+
+
+def _du_entry(path: str) -> int:
+    """Bytes allocated by `path` itself and, for a directory, everything under it."""
+    try:
+        own = os.lstat(path).st_blocks * 512
+    except OSError:
+        return 0
+    return own + (_du(Path(path)) if os.path.isdir(path) and not os.path.islink(path) else 0)
+
+
+def _record_size(root: Path, name: str, size: int) -> None:
+    sizes = root / SIZES
+    sizes.mkdir(mode=0o700, exist_ok=True)
+    tmp = sizes / f".{name}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(f"{size}\n")
+        os.replace(tmp, sizes / name)
+    except OSError:  # a full disk: measured again next time
+        tmp.unlink(missing_ok=True)
+
+
+def _forget_size(root: Path, name: str) -> None:
+    try:
+        (root / SIZES / name).unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
 
 
 def by_name(name: str) -> Driver:
