@@ -397,10 +397,12 @@ class Container:
             self.settle()  # its new P1's pid, to wait for below
         except ContainerError:
             pass
-        try:
-            pidfd = os.pidfd_open(self.init_pid)
-        except OSError:
-            pidfd = None
+        pidfds = []
+        for pid in dict.fromkeys((self.init_pid, self.host_pid)):  # P1, and P0 (see the close below)
+            try:
+                pidfds.append(os.pidfd_open(pid))
+            except OSError:
+                pass
         if self.alive and not self._running:
             try:  # init exits and P0 reaps it, so no zombie outlives stop()
                 self._send({"op": "exit"})
@@ -411,10 +413,11 @@ class Container:
             os.kill(self.host_pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        if pidfd is not None:
+        for pidfd in pidfds:
             select.select([pidfd], [], [], 10)
             os.close(pidfd)
-        # pexpect sleeps delayafterclose/delayafterterminate (0.1 s each) by default.
+        # P0 is dead by now, so pexpect's close needs none of its sleeps
+        # (delayafterclose/delayafterterminate, 0.1 s each by default).
         self.child.delayafterclose = self.child.delayafterterminate = 0
         self.child.ptyproc.delayafterclose = self.child.ptyproc.delayafterterminate = 0
         self.child.close(force=True)
