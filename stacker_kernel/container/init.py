@@ -2,9 +2,9 @@
 
 Started by `runtime.Container.start` on a pty. P0 (this process) enters a new
 user namespace with uts, ipc (and, for network "none", net) namespaces. For
-each life of the container's root it forks a child that enters a new mount
-and pid namespace and forks P1, pid 1 of the new pid namespace; P0 only
-waits. P1 builds the root (the rootfs nodev, proc with a read-only /proc/sys, a tmpfs
+each life of the container's root it forks a child that enters a new pid
+namespace and forks P1, pid 1 of the new pid namespace, in a new mount
+namespace; P0 only waits. P1 builds the root (the rootfs nodev, proc with a read-only /proc/sys, a tmpfs
 /dev, read-only /sys without /sys/firmware, staged binds), pivots into it, then enters a second user
 namespace (same ids) with its own mount namespace, writes the ready sentinel
 and serves one command per line from the pty (protocol in step.py).
@@ -642,15 +642,55 @@ def serve(staged: list[StagedMount], grace: float, watch: limits.Watch) -> None:
         # "int" between steps: nothing to interrupt
 
 
-def lock_mounts() -> None:
+def lock_mounts(request: int, answer: int) -> None:
     """Enter a nested user namespace (the same ids, one to one) with a copy of
     this mount namespace: every mount made so far is locked there, so root in
     the container can no longer make a read-only mount writable or undo nodev.
-    Its process cap is our RLIMIT_NPROC, fixed now (limits.py)."""
-    # The same extents as ours: the kernel maps each extent through one extent of the parent.
-    uids, gids = _same_ids("/proc/self/uid_map"), _same_ids("/proc/self/gid_map")
-    # rootful=True: we are root of the outer namespace, so the maps are written directly
-    userns.enter_new_userns(userns.IdMap(uids, gids, rootful=True), userns.CLONE_NEWNS)
+    Its process cap is our RLIMIT_NPROC, fixed now (limits.py). Our parent, in the
+    outer namespace, writes the maps (`_write_nested_maps`): a process cannot map
+    more than its own id in a namespace it made, and the parent is already there."""
+    userns.unshare(userns.CLONE_NEWUSER)
+    os.write(request, b"x")
+    os.close(request)
+    reply = _read_all(answer)
+    if reply != b"ok":
+        raise ContainerError(reply.decode(errors="replace") or "the nested user namespace got no id map")
+    os.setgroups([0])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    userns.unshare(userns.CLONE_NEWNS)
+
+
+def _write_nested_maps(p1: int, request: int, answer: int) -> None:
+    """The parent's side of `lock_mounts`: once P1 asks, map P1's nested namespace onto
+    the same ids as ours, one to one (the kernel maps each extent through one extent
+    of the parent). Nothing when P1 ends before it asks."""
+    if not _read_all(request):
+        os.close(answer)
+        return
+    try:
+        uids, gids = _same_ids("/proc/self/uid_map"), _same_ids("/proc/self/gid_map")
+        # rootful=True: we are root of the outer namespace, so the maps are written directly
+        userns.write_maps(p1, userns.IdMap(uids, gids, rootful=True))
+        reply = b"ok"
+    except (OSError, StackerKernelError) as e:
+        reply = f"cannot map the container's nested user namespace: {e}".encode()
+    _write_all(answer, reply)
+    os.close(answer)
+
+
+def _read_all(fd: int) -> bytes:
+    """What `fd` gives until its writers close it (then closed)."""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except InterruptedError:
+            continue
+        if not chunk:
+            os.close(fd)
+            return data
+        data += chunk
 
 
 def _same_ids(path: str) -> tuple[userns.IdRange, ...]:
@@ -663,7 +703,7 @@ def report_error(message: str) -> None:
     _write_all(1, format_sentinel("error", 1, message.encode("utf-8", "replace")))
 
 
-def p1_main(config: dict, pid_r: int) -> None:
+def p1_main(config: dict, pid_r: int, request: int, answer: int) -> None:
     """pid 1 of the container. Never returns."""
     code = 1
     try:
@@ -680,8 +720,9 @@ def p1_main(config: dict, pid_r: int) -> None:
         limit = int(config.get("max_processes") or limits.DEFAULT_MAX_PROCESSES)
         cgroup = config.get("cgroup")
         watch = limits.Watch(limit if cgroup else limits.set_nproc(limit), cgroup)
+        userns.unshare(userns.CLONE_NEWNS)
         staged = setup_root(config)
-        lock_mounts()
+        lock_mounts(request, answer)
         serve(staged, float(config.get("interrupt_grace", 3.0)), watch)
         code = 0
     except StackerKernelError as e:
@@ -737,24 +778,30 @@ def main(argv: list[str]) -> None:
 
 
 def _generation(config: dict) -> int:
-    """One life of the root: a child enters a new mount and pid namespace and forks P1
-    (pid 1 there), tells the engine P1's pid and waits for it. Returns P1's status."""
+    """One life of the root: a child enters a new pid namespace and forks P1 (pid 1
+    there, in a mount namespace of its own), tells the engine P1's pid, maps P1's
+    nested user namespace and waits for it. Returns P1's status."""
     pid = os.fork()
     if pid == 0:
         try:
             userns.set_pdeathsig()
-            userns.unshare(userns.CLONE_NEWNS | userns.CLONE_NEWPID)
+            userns.unshare(userns.CLONE_NEWPID)  # P1 makes its own mount namespace: we keep the host's view
         except OSError as e:
             report_error(f"cannot create the container's namespaces: {e}")
             os._exit(1)
         pid_r, pid_w = os.pipe()
+        request_r, request_w = os.pipe()
+        answer_r, answer_w = os.pipe()
         p1 = os.fork()
         if p1 == 0:
-            os.close(pid_w)
-            p1_main(config, pid_r)
-        os.close(pid_r)
+            for fd in (pid_w, request_r, answer_w):
+                os.close(fd)
+            p1_main(config, pid_r, request_w, answer_r)
+        for fd in (pid_r, request_w, answer_r):
+            os.close(fd)
         _write_all(1, format_sentinel("pid", p1, b""))
         os.close(pid_w)
+        _write_nested_maps(p1, request_r, answer_w)
         os._exit(_wait(p1))
     return _wait(pid)
 
