@@ -177,6 +177,9 @@ class OverlayDriver(Driver):
     name = "overlay"
     stop_before_commit = True
 
+    def __init__(self) -> None:
+        self._flattening = threading.Lock()  # held while a flattening runs (after_commit)
+
     @staticmethod
     def _root(tree: Path) -> Path:
         return tree.parent.parent  # bases/<x>, snapshots/<x>, live/<x>
@@ -318,7 +321,9 @@ class OverlayDriver(Driver):
             _forget_size(root, path.name)
 
     def after_commit(self, lock: Callable[[], ContextManager], snapshot: Path) -> None:
-        if len(overlay.layer_names(snapshot)) > FLATTEN_DEPTH:
+        # One flattening at a time: steps committed meanwhile move onto its result too
+        # (see flatten), and a second copy of the same union would only compete with them.
+        if len(overlay.layer_names(snapshot)) > FLATTEN_DEPTH and self._flattening.acquire(blocking=False):
             # Off the step's path: the next steps stack on the snapshot as it is meanwhile.
             threading.Thread(target=self._flatten_quietly, args=(lock, snapshot), daemon=True).start()
 
@@ -327,12 +332,15 @@ class OverlayDriver(Driver):
             self.flatten(lock, snapshot)
         except Exception:
             pass  # the stack stays deep and works; the next commit tries again
+        finally:
+            self._flattening.release()
 
     def flatten(self, lock: Callable[[], ContextManager], snapshot: Path) -> bool:
         """Give `snapshot` a stack of two: its own layer over one layer holding the union
         of the layers below it (copied as the container's root). The layers below stay
-        (the snapshots they make up still use them); live trees on the same stack move
-        to the short one. Returns False when there was nothing to do."""
+        (the snapshots they make up still use them); live trees on the same stack, or
+        on steps committed over it meanwhile, move to the short one. Returns False
+        when there was nothing to do."""
         names = overlay.layer_names(snapshot)
         if len(names) <= 2:
             return False
@@ -356,12 +364,15 @@ class OverlayDriver(Driver):
         with lock():
             if overlay.layer_names(snapshot) != names:
                 return False  # deleted (or flattened) meanwhile
-            short = [names[0], flat]
-            overlay.write_stack(snapshot, short, writable=False)
+            below = names[1:]
+            overlay.write_stack(snapshot, [names[0], flat], writable=False)
             live = root / "live"
             for e in os.scandir(live) if live.is_dir() else ():
-                if overlay.layer_names(e.path) == names:
-                    overlay.write_stack(e.path, short, writable=True)
+                # A live tree on this stack, or on steps committed over it since: the
+                # same union, with the flat layer for what lies below the snapshot's own.
+                stack = overlay.layer_names(e.path)
+                if len(stack) >= len(below) and stack[len(stack) - len(below):] == below:
+                    overlay.write_stack(e.path, stack[:len(stack) - len(below)] + [flat], writable=True)
         return True
 
 
