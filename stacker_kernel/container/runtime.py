@@ -393,17 +393,22 @@ class Container:
         gone (so its rootfs can be deleted). Idempotent."""
         if self.child is None:
             return
-        try:
-            self.settle()  # its new P1's pid, to wait for below
-        except ContainerError:
-            pass
+        # An init between steps is asked to exit; a resumed one whose root is still being
+        # built is not waited for (it reads no command yet): only its P1's pid is.
+        ask = self.alive and not self._running and not self._starting
+        if self._starting:
+            self._starting = False
+            try:
+                self.init_pid = _await_ready(self.child, b"pid")
+            except ContainerError:
+                self._mark_dead()
         pidfds = []
         for pid in dict.fromkeys((self.init_pid, self.host_pid)):  # P1, and P0 (see the close below)
             try:
                 pidfds.append(os.pidfd_open(pid))
             except OSError:
                 pass
-        if self.alive and not self._running:
+        if ask:
             try:  # init exits and P0 reaps it, so no zombie outlives stop()
                 self._send({"op": "exit"})
                 self.child.expect(pexpect.EOF, timeout=2)
@@ -496,6 +501,8 @@ def _await_ready(child: pexpect.spawn, want: bytes = b"ready") -> int:
                 raise ContainerError(base64.b64decode(m.group(3)).decode(errors="replace"))
             elif kind == want:
                 return init_pid
+        if want == b"pid" and init_pid:
+            return init_pid
 
 
 def _died_result(duration: float, total: int) -> StepResult:

@@ -173,6 +173,24 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path)
 
 
+def _rmtree_own(path: str) -> None:
+    """Delete `path` as the user: any file in a directory of the user's own goes, and the
+    user's own directories are made writable first (overlayfs makes its work dir mode 0).
+    OSError (EPERM) at a directory of another id: the namespace's root deletes the rest."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    if st.st_mode & 0o700 != 0o700:
+        os.chmod(path, 0o700)
+    for e in os.scandir(path):
+        _rmtree_own(e.path)
+    os.rmdir(path)
+
+
 class OverlayDriver(Driver):
     name = "overlay"
     stop_before_commit = True
@@ -247,6 +265,14 @@ class OverlayDriver(Driver):
         if os.geteuid() == 0:
             _rmtree_in_ns([str(p) for p in paths])
             return
+        try:
+            # Most often all the user's own (a live tree whose upper holds only files of the
+            # container's root, or nothing after a commit): no namespace needed.
+            for p in paths:
+                _rmtree_own(str(p))
+            return
+        except OSError:
+            pass
         # Layers hold files of the container's ids, which only its root may delete.
         from stacker_kernel.container.userns import CLONE_NEWNS, run_in_userns
 
