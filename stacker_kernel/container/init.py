@@ -4,9 +4,10 @@ Started by `runtime.Container.start` on a pty. P0 (this process) enters a new
 user namespace with uts, ipc (and, for network "none", net) namespaces. For
 each life of the container's root it forks a child that enters a new pid
 namespace and forks P1, pid 1 of the new pid namespace, in a new mount
-namespace; P0 only waits. P1 builds the root (the rootfs nodev, proc with a read-only /proc/sys, a tmpfs
-/dev, read-only /sys without /sys/firmware, staged binds), pivots into it, then enters a second user
-namespace (same ids) with its own mount namespace, writes the ready sentinel
+namespace; P0 only waits. P1 builds the root (the rootfs nodev, proc with a
+read-only /proc/sys, a tmpfs /dev, read-only /sys without /sys/firmware,
+staged binds), pivots into it, then enters a second user namespace (same ids,
+mapped by its parent) with its own mount namespace, writes the ready sentinel
 and serves one command per line from the pty (protocol in step.py).
 
 The second user namespace is what makes "read-only" hold against the
@@ -70,10 +71,10 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 STAGING = "/dev/.stacker-kernel"
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-# signals P1 ignores (Python's SIGINT handler would raise in pid 1) and every
-# step gets back at their defaults: ignored dispositions survive exec
 # P1's exit status for "park": P0 then waits for "resume" (or "exit")
 PARK_STATUS = 75
+# signals P1 ignores (Python's SIGINT handler would raise in pid 1) and every
+# step gets back at their defaults: ignored dispositions survive exec
 _STEP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTERM,
                  signal.SIGHUP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
