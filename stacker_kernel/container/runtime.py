@@ -358,11 +358,22 @@ class Container:
         if not self.alive or self._running:
             raise ContainerError("the container cannot be parked: it is not waiting between steps")
         try:
+            pidfd = os.pidfd_open(self.init_pid)
+        except OSError:
+            self._mark_dead()
+            raise ContainerError("the container died before it was parked") from None
+        try:
             self._send({"op": "park"})
-            _await_ready(self.child, b"parked")
+            # P1's exit is the park: the kernel releases an exiting task's namespaces (and
+            # so the root's mounts) before it says the task exited. P0's "parked" line
+            # comes later; resume's wait for "ready" passes over it.
+            if not select.select([pidfd], [], [], START_TIMEOUT)[0]:
+                raise ContainerError("the container did not park")
         except (OSError, ContainerError):
             self._mark_dead()
             raise ContainerError("the container died while it was parked") from None
+        finally:
+            os.close(pidfd)
         self.parked = True
         self.init_pid = self.host_pid  # what is left of it: stop waits for this one
 
