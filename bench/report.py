@@ -63,9 +63,9 @@ BENCHES = [
           "`stacker-kernel build` of a Dockerfile (OCI layout, SBOM and provenance written) beside `buildah bud`, "
           "`buildah push oci:` and `mkfs.erofs`, every command in a fresh process as an unprivileged user, "
           "pairs taken in turns", 1800),
-    Bench("drivers.py", ("--repeat", "15"), "Storage drivers: btrfs and overlay (issue 24)",
+    Bench("drivers.py", ("--repeat", "15", "--deep", "1000"), "Storage drivers: btrfs and overlay (issue 24)",
           "the overlay driver (a folder on ext4) beside btrfs: a step + commit, rollback, export of one "
-          "step's layer, disk per step, and a step at depth 100 beside one at depth 10", 900),
+          "step's layer, disk per step, and a step at depth 1000 beside one at depth 10", 900),
 ]
 
 
@@ -135,6 +135,11 @@ NOTES = [
     "fresh interpreter: a plain nbformat 4 notebook is read as JSON, so neither nbformat nor "
     "jsonschema is imported, and an unchanged layout is left as it is (no layer is made again, "
     "no file is written).",
+    "- **Storage drivers**: on overlay a step's commit turns the container's upper directory into "
+    "the step's layer, which needs the container's mount of it gone: the container is parked (its "
+    "root's processes and mounts end, its user namespace, cgroup and interpreter stay) and its root "
+    "is built again on the new stack while the engine finishes the cell. Past 64 layers a stack is "
+    "flattened in the background, so a step's mount never stacks more than 65.",
     "- **Beside buildah** (bench/versus_buildah.py) runs both as the same unprivileged user, as "
     "users run them: `stacker-kernel build` writes the OCI layout with an SBOM and provenance (its "
     "defaults), buildah keeps its images in its own storage (overlay through fuse-overlayfs). A "

@@ -80,6 +80,7 @@ BOTH_DRIVERS = {"test_engine", "test_grab", "test_export", "test_build", "test_s
                 "test_walkthrough", "test_acceptance", "test_single_id"}
 # More, for a run that tries them: STACKER_KERNEL_TEST_BOTH_DRIVERS=test_diff,test_sbom
 BOTH_DRIVERS |= {m for m in os.environ.get("STACKER_KERNEL_TEST_BOTH_DRIVERS", "").split(",") if m}
+BOTH_DRIVERS |= {"test_completion_drivers"}
 # Where overlay stores are made: on the machine's / (ext4), not on the btrfs storage.
 OVERLAY_PARENT = Path(os.environ.get("STACKER_KERNEL_OVERLAY_TEST_DIR", "/var/tmp"))
 

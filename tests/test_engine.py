@@ -257,6 +257,21 @@ def test_network_none_takes_effect_in_a_running_layer(session):
     assert out.split() == ["lo"]
 
 
+def test_a_commit_keeps_the_layers_container_on_both_drivers(session):
+    """A step's commit does not start the container again (overlay builds only its root
+    again, on the new stack): the next steps see the files and shell state of the last."""
+    run_ok(session, "echo one > /f; X=1\nf() { echo fn; }\ncd /tmp")
+    container = session._live.container
+    run_ok(session, "echo two >> /f; X=$((X+1))")
+    session.network = "none"  # starts it again, once: the network is the container's
+    run_ok(session, "echo three >> /f")
+    started = session._live.container
+    out, _ = run_ok(session, "cat /f; echo x=$X; f; pwd; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
+    assert out.split() == ["one", "two", "three", "x=2", "fn", "/tmp", "lo"]
+    assert container is not None and started is not container
+    assert session._live.container is started and started.alive
+
+
 def test_rerunning_a_cell_whose_step_came_from_the_cache_rolls_back(session):
     script = "echo x >> /log"
     run_ok(session, script, cell_id="c1")

@@ -1,11 +1,13 @@
 """The container's init: `python -m stacker_kernel.container.init CONFIG_JSON`.
 
 Started by `runtime.Container.start` on a pty. P0 (this process) enters a new
-user namespace with mount, pid, uts, ipc (and, for network "none", net)
-namespaces and forks P1, pid 1 of the new pid namespace; P0 only waits. P1
-builds the root (the rootfs nodev, proc with a read-only /proc/sys, a tmpfs
-/dev, read-only /sys without /sys/firmware, staged binds), pivots into it, then enters a second user
-namespace (same ids) with its own mount namespace, writes the ready sentinel
+user namespace with uts, ipc (and, for network "none", net) namespaces. For
+each life of the container's root it forks a child that enters a new pid
+namespace and forks P1, pid 1 of the new pid namespace, in a new mount
+namespace; P0 only waits. P1 builds the root (the rootfs nodev, proc with a
+read-only /proc/sys, a tmpfs /dev, read-only /sys without /sys/firmware,
+staged binds), pivots into it, then enters a second user namespace (same ids,
+mapped by its parent) with its own mount namespace, writes the ready sentinel
 and serves one command per line from the pty (protocol in step.py).
 
 The second user namespace is what makes "read-only" hold against the
@@ -14,6 +16,13 @@ namespace of a less privileged user namespace are locked (the kernel refuses
 to make them writable, drop nodev or unmount them), so neither a step of a
 root-run build (uid 0 on the host) nor a rootless one can remount /proc/sys,
 /sys or a host file given read-only (resolv.conf, imports) writable.
+
+`park` ends P1 (its pid namespace, and with it every process and mount of the
+root, ends too) while P0 stays, still outside the root: `resume` builds the
+root again in a new generation, on the rootfs as it is then. The overlay
+storage driver parks the container before it commits the rootfs (its upper
+directory cannot become a layer under a mount) and resumes it on the new
+stack: no new interpreter, user namespace or cgroup per commit.
 
 The whole container is in a pids cgroup of its own, or else under
 RLIMIT_NPROC (limits.py), so a fork bomb stops at the cap. Both P0 and P1 die
@@ -62,6 +71,8 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 STAGING = "/dev/.stacker-kernel"
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+# P1's exit status for "park": P0 then waits for "resume" (or "exit")
+PARK_STATUS = 75
 # signals P1 ignores (Python's SIGINT handler would raise in pid 1) and every
 # step gets back at their defaults: ignored dispositions survive exec
 _STEP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTERM,
@@ -626,7 +637,7 @@ def _cooked(attrs: list) -> list:
 
 def serve(staged: list[StagedMount], grace: float, watch: limits.Watch) -> None:
     """P1's loop: one command at a time until `exit` or EOF."""
-    orig = termios.tcgetattr(0)
+    orig = _PTY_MODES or termios.tcgetattr(0)
     tty.setraw(0)  # no echo, no line editing, no signals, no output processing
     raw = termios.tcgetattr(0)
     cooked = _cooked(orig)
@@ -637,6 +648,9 @@ def serve(staged: list[StagedMount], grace: float, watch: limits.Watch) -> None:
         if cmd is None or cmd.get("op") == "exit":
             kill_all()
             os._exit(0)
+        if cmd.get("op") == "park":
+            kill_all()
+            os._exit(PARK_STATUS)
         if cmd.get("op") == "run":
             run_step(cmd, staged, grace, reader, watch)
         elif cmd.get("op") == "shell":
@@ -644,15 +658,55 @@ def serve(staged: list[StagedMount], grace: float, watch: limits.Watch) -> None:
         # "int" between steps: nothing to interrupt
 
 
-def lock_mounts() -> None:
+def lock_mounts(request: int, answer: int) -> None:
     """Enter a nested user namespace (the same ids, one to one) with a copy of
     this mount namespace: every mount made so far is locked there, so root in
     the container can no longer make a read-only mount writable or undo nodev.
-    Its process cap is our RLIMIT_NPROC, fixed now (limits.py)."""
-    # The same extents as ours: the kernel maps each extent through one extent of the parent.
-    uids, gids = _same_ids("/proc/self/uid_map"), _same_ids("/proc/self/gid_map")
-    # rootful=True: we are root of the outer namespace, so the maps are written directly
-    userns.enter_new_userns(userns.IdMap(uids, gids, rootful=True), userns.CLONE_NEWNS)
+    Its process cap is our RLIMIT_NPROC, fixed now (limits.py). Our parent, in the
+    outer namespace, writes the maps (`_write_nested_maps`): a process cannot map
+    more than its own id in a namespace it made, and the parent is already there."""
+    userns.unshare(userns.CLONE_NEWUSER)
+    os.write(request, b"x")
+    os.close(request)
+    reply = _read_all(answer)
+    if reply != b"ok":
+        raise ContainerError(reply.decode(errors="replace") or "the nested user namespace got no id map")
+    os.setgroups([0])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    userns.unshare(userns.CLONE_NEWNS)
+
+
+def _write_nested_maps(p1: int, request: int, answer: int) -> None:
+    """The parent's side of `lock_mounts`: once P1 asks, map P1's nested namespace onto
+    the same ids as ours, one to one (the kernel maps each extent through one extent
+    of the parent). Nothing when P1 ends before it asks."""
+    if not _read_all(request):
+        os.close(answer)
+        return
+    try:
+        uids, gids = _same_ids("/proc/self/uid_map"), _same_ids("/proc/self/gid_map")
+        # rootful=True: we are root of the outer namespace, so the maps are written directly
+        userns.write_maps(p1, userns.IdMap(uids, gids, rootful=True))
+        reply = b"ok"
+    except (OSError, StackerKernelError) as e:
+        reply = f"cannot map the container's nested user namespace: {e}".encode()
+    _write_all(answer, reply)
+    os.close(answer)
+
+
+def _read_all(fd: int) -> bytes:
+    """What `fd` gives until its writers close it (then closed)."""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except InterruptedError:
+            continue
+        if not chunk:
+            os.close(fd)
+            return data
+        data += chunk
 
 
 def _same_ids(path: str) -> tuple[userns.IdRange, ...]:
@@ -665,7 +719,7 @@ def report_error(message: str) -> None:
     _write_all(1, format_sentinel("error", 1, message.encode("utf-8", "replace")))
 
 
-def p1_main(config: dict, pid_r: int) -> None:
+def p1_main(config: dict, pid_r: int, request: int, answer: int) -> None:
     """pid 1 of the container. Never returns."""
     code = 1
     try:
@@ -682,8 +736,9 @@ def p1_main(config: dict, pid_r: int) -> None:
         limit = int(config.get("max_processes") or limits.DEFAULT_MAX_PROCESSES)
         cgroup = config.get("cgroup")
         watch = limits.Watch(limit if cgroup else limits.set_nproc(limit), cgroup)
+        userns.unshare(userns.CLONE_NEWNS)
         staged = setup_root(config)
-        lock_mounts()
+        lock_mounts(request, answer)
         serve(staged, float(config.get("interrupt_grace", 3.0)), watch)
         code = 0
     except StackerKernelError as e:
@@ -695,8 +750,13 @@ def p1_main(config: dict, pid_r: int) -> None:
     os._exit(code)
 
 
+# The pty's modes when the container started (P1 sets it raw; the shell op wants it cooked).
+_PTY_MODES: list | None = None
+
+
 def main(argv: list[str]) -> None:
-    """P0: namespaces, fork P1, wait for it and exit with its status."""
+    """P0: namespaces, then one generation of the root after another (see `park`)."""
+    global _PTY_MODES
     config = json.loads(argv[1])
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
@@ -706,7 +766,9 @@ def main(argv: list[str]) -> None:
             os._exit(1)  # the engine died before we could tie ourselves to it
         if config.get("cgroup"):
             limits.join_cgroup(config["cgroup"])  # before any fork: all of the container is in it
-        flags = userns.CLONE_NEWNS | userns.CLONE_NEWPID | userns.CLONE_NEWUTS | userns.CLONE_NEWIPC
+        # The mount and pid namespaces are each generation's (_generation): P0 keeps the
+        # host's view, to build the root again after a park.
+        flags = userns.CLONE_NEWUTS | userns.CLONE_NEWIPC
         if config.get("network") == "none":
             flags |= userns.CLONE_NEWNET
         userns.enter_new_userns(userns.IdMap.for_current_user(), flags)
@@ -716,21 +778,56 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         report_error(f"cannot create the container's namespaces: {e}")
         os._exit(1)
-    pid_r, pid_w = os.pipe()
+    _PTY_MODES = termios.tcgetattr(0)
+    while True:
+        status = _generation(config)
+        if status != PARK_STATUS:
+            os._exit(status)
+        # P1's process group owned the pty and is gone: take it back to read the next command
+        # (SIGTTOU is ignored, so this works from the background).
+        os.tcsetpgrp(0, os.getpgrp())
+        _write_all(1, format_sentinel("parked", 0, b""))
+        cmd = CommandReader(0).next()  # the engine sends nothing else before "parked"
+        if cmd is None or cmd.get("op") != "resume":
+            os._exit(0)
+        config = dict(config, overlay=cmd.get("overlay"))
+
+
+def _generation(config: dict) -> int:
+    """One life of the root: a child enters a new pid namespace and forks P1 (pid 1
+    there, in a mount namespace of its own), tells the engine P1's pid, maps P1's
+    nested user namespace and waits for it. Returns P1's status."""
     pid = os.fork()
     if pid == 0:
+        try:
+            userns.set_pdeathsig()
+            userns.unshare(userns.CLONE_NEWPID)  # P1 makes its own mount namespace: we keep the host's view
+        except OSError as e:
+            report_error(f"cannot create the container's namespaces: {e}")
+            os._exit(1)
+        pid_r, pid_w = os.pipe()
+        request_r, request_w = os.pipe()
+        answer_r, answer_w = os.pipe()
+        p1 = os.fork()
+        if p1 == 0:
+            for fd in (pid_w, request_r, answer_w):
+                os.close(fd)
+            p1_main(config, pid_r, request_w, answer_r)
+        for fd in (pid_r, request_w, answer_r):
+            os.close(fd)
+        _write_all(1, format_sentinel("pid", p1, b""))
         os.close(pid_w)
-        p1_main(config, pid_r)
-    os.close(pid_r)
-    _write_all(1, format_sentinel("pid", pid, b""))
-    os.close(pid_w)
+        _write_nested_maps(p1, request_r, answer_w)
+        os._exit(_wait(p1))
+    return _wait(pid)
+
+
+def _wait(pid: int) -> int:
     while True:
         try:
-            wstatus = os.waitpid(pid, 0)[1]
-            break
+            return _status(os.waitpid(pid, 0)[1])
         except InterruptedError:
             continue
-    os._exit(_status(wstatus))
 
 
 if __name__ == "__main__":

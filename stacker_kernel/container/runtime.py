@@ -92,6 +92,8 @@ class Container:
         self.host_pid: int = child.pid
         self.init_pid = init_pid  # P1 as the host sees it
         self.alive = True
+        self.parked = False  # see park
+        self._starting = False  # resumed: its ready sentinel not read yet (see settle)
         self._write_lock = threading.Lock()
         self._running = False
         self._interrupted = False
@@ -160,7 +162,12 @@ class Container:
         at once.
         """
         t0 = time.monotonic()
-        if not self.alive:
+        if self.alive and not self.parked:
+            try:
+                self.settle()
+            except ContainerError:
+                pass  # dead now: answered below like any container that died
+        if not self.alive or self.parked:
             return _died_result(0.0, 0)
         nonce, trace = secrets.token_hex(8), secrets.token_hex(8)
         user, body = step_user(script)
@@ -263,7 +270,9 @@ class Container:
         """An interactive /bin/sh (or `argv`, an absolute path first) in the container
         on this process's terminal (for `chroot`), with `state`'s cwd and exported
         variables. Returns its exit status once it exits; what it started is killed then."""
-        if not self.alive:
+        if self.alive and not self.parked:
+            self.settle()
+        if not self.alive or self.parked:
             raise ContainerError("the container is not running: start a new one")
         stdin = sys.stdin.fileno()
         is_tty = os.isatty(stdin)
@@ -338,16 +347,79 @@ class Container:
 
     # -- lifetime ----------------------------------------------------------
 
+    def park(self) -> None:
+        """End the container's root between steps, keeping the container: once this
+        returns, every process of the root is dead and its rootfs is no longer
+        mounted (an overlay upper can be committed). `resume` builds the root
+        again, a few ms where `stop` and `start` take a new interpreter, user
+        namespace and cgroup. Raises ContainerError (the container is dead then)
+        when it does not answer."""
+        self.settle()
+        if not self.alive or self._running:
+            raise ContainerError("the container cannot be parked: it is not waiting between steps")
+        try:
+            pidfd = os.pidfd_open(self.init_pid)
+        except OSError:
+            self._mark_dead()
+            raise ContainerError("the container died before it was parked") from None
+        try:
+            self._send({"op": "park"})
+            # P1's exit is the park: the kernel releases an exiting task's namespaces (and
+            # so the root's mounts) before it says the task exited. P0's "parked" line
+            # comes later; resume's wait for "ready" passes over it.
+            if not select.select([pidfd], [], [], START_TIMEOUT)[0]:
+                raise ContainerError("the container did not park")
+        except (OSError, ContainerError):
+            self._mark_dead()
+            raise ContainerError("the container died while it was parked") from None
+        finally:
+            os.close(pidfd)
+        self.parked = True
+        self.init_pid = self.host_pid  # what is left of it: stop waits for this one
+
+    def resume(self, rootfs: str | None = None) -> None:
+        """Build the parked container's root again, on `rootfs` (default: the one it
+        was started on) as it is now: for the overlay driver, its stack after a
+        commit. Returns at once; the next step (or `settle`) waits for it to be ready."""
+        if not self.parked:
+            return
+        rootfs = rootfs or self.config.rootfs
+        self._send({"op": "resume", "overlay": _overlay_spec(rootfs)})
+        self.parked, self._starting = False, True
+
+    def settle(self) -> None:
+        """Wait until a resumed container is ready for steps (a no-op otherwise). Raises
+        ContainerError with init's message when its root could not be built."""
+        if not self._starting:
+            return
+        self._starting = False
+        try:
+            self.init_pid = _await_ready(self.child)
+        except BaseException:
+            self._mark_dead()
+            raise
+
     def stop(self) -> None:
         """Kill the container and everything in it; returns once all of it is
         gone (so its rootfs can be deleted). Idempotent."""
         if self.child is None:
             return
-        try:
-            pidfd = os.pidfd_open(self.init_pid)
-        except OSError:
-            pidfd = None
-        if self.alive and not self._running:
+        # An init between steps is asked to exit; a resumed one whose root is still being
+        # built is not waited for (it reads no command yet): only its P1's pid is.
+        ask = self.alive and not self._running and not self._starting
+        if self._starting:
+            self._starting = False
+            try:
+                self.init_pid = _await_ready(self.child, b"pid")
+            except ContainerError:
+                self._mark_dead()
+        pidfds = []
+        for pid in dict.fromkeys((self.init_pid, self.host_pid)):  # P1, and P0 (see the close below)
+            try:
+                pidfds.append(os.pidfd_open(pid))
+            except OSError:
+                pass
+        if ask:
             import pexpect
 
             try:  # init exits and P0 reaps it, so no zombie outlives stop()
@@ -359,10 +431,11 @@ class Container:
             os.kill(self.host_pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        if pidfd is not None:
+        for pidfd in pidfds:
             select.select([pidfd], [], [], 10)
             os.close(pidfd)
-        # pexpect sleeps delayafterclose/delayafterterminate (0.1 s each) by default.
+        # P0 is dead by now, so pexpect's close needs none of its sleeps
+        # (delayafterclose/delayafterterminate, 0.1 s each by default).
         self.child.delayafterclose = self.child.delayafterterminate = 0
         self.child.ptyproc.delayafterclose = self.child.ptyproc.delayafterterminate = 0
         self.child.close(force=True)
@@ -415,9 +488,9 @@ def _write_all(fd: int, data: bytes) -> None:
         data = data[os.write(fd, data):]
 
 
-def _await_ready(child: pexpect.spawn) -> int:
-    """Wait for init's ready sentinel; return P1's host pid. Raises ContainerError
-    with init's own message if it failed."""
+def _await_ready(child: pexpect.spawn, want: bytes = b"ready") -> int:
+    """Wait for init's ready sentinel (or sentinel `want`); return P1's host pid (0 if
+    it said none). Raises ContainerError with init's own message if it failed."""
     fd, buf, init_pid = child.child_fd, b"", 0
     deadline = time.monotonic() + START_TIMEOUT
     while True:
@@ -439,8 +512,10 @@ def _await_ready(child: pexpect.spawn) -> int:
                 init_pid = int(m.group(2))
             elif kind == b"error":
                 raise ContainerError(base64.b64decode(m.group(3)).decode(errors="replace"))
-            elif kind == b"ready":
+            elif kind == want:
                 return init_pid
+        if want == b"pid" and init_pid:
+            return init_pid
 
 
 def _died_result(duration: float, total: int) -> StepResult:

@@ -4,7 +4,8 @@ Both read a read-only snapshot, never the build shell, so they answer while a
 step runs and cannot change the image:
 
 - `whatis` reads the NAME section of the command's man page from the host
-  side (man pages are world-readable in an image; nothing runs);
+  side, through the tree's storage driver (man pages are world-readable in
+  an image; nothing runs);
 - `help_text` runs `COMMAND --help` chrooted into the read-only snapshot, as
   `nobody` of a user namespace whose nobody is an id the host does not use
   (userns.isolate; in single-id mode, root of that namespace holding only the
@@ -30,6 +31,7 @@ import sys
 
 import stacker_kernel
 from stacker_kernel.container.userns import isolate, isolated_id
+from stacker_kernel.engine.inspect import TreeReader
 from stacker_kernel.engine.live import BUILD_PATH
 
 HELP_SECONDS = 3.0  # a --help that takes longer is cut off
@@ -60,17 +62,17 @@ def _name_section(text: str) -> str | None:
     return None
 
 
-def whatis(rootfs: str, name: str) -> str | None:
-    """`name (SECTION) - description` from the man page in `rootfs`, or None."""
+def whatis(rootfs: "str | TreeReader", name: str) -> str | None:
+    """`name (SECTION) - description` from the man page in `rootfs` (a tree's path or
+    its reader), or None."""
     if "/" in name or name.startswith("."):
         return None
+    tree = rootfs if isinstance(rootfs, TreeReader) else TreeReader(rootfs)
     for section in MAN_SECTIONS:
         for suffix in ("", ".gz"):
-            path = os.path.join(rootfs, "usr/share/man", f"man{section}", f"{name}.{section}{suffix}")
-            real = os.path.realpath(path)
-            # any symlink on the way (usr, share/man, the page) could point out of the rootfs
-            if real != os.path.join(os.path.realpath(rootfs), os.path.relpath(path, rootfs)) \
-                    or not os.path.isfile(real):
+            # resolved inside the rootfs: a symlink on the way (usr, share/man, the page) never leaves it
+            path = tree.host_path(f"/usr/share/man/man{section}/{name}.{section}{suffix}")
+            if path is None or not os.path.isfile(path):
                 continue
             try:
                 raw = gzip.open(path).read(HELP_BYTES) if suffix else open(path, "rb").read(HELP_BYTES)

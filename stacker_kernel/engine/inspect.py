@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.grab import MAX_SYMLINKS, GrabError, Grabbed, escapes, grab
 
-__all__ = ["GrabError", "Grabbed", "grab", "resolve_in_root", "diff_summary", "size_changes"]
+if TYPE_CHECKING:
+    from stacker_kernel.storage.driver import Driver
+
+__all__ = ["TreeReader", "GrabError", "Grabbed", "grab", "resolve_in_root", "diff_summary", "size_changes"]
 
 
 def resolve_in_root(root: str, path: str, missing_ok: bool = False, clamp: bool = False) -> str:
@@ -54,6 +58,77 @@ def resolve_in_root(root: str, path: str, missing_ok: bool = False, clamp: bool 
             continue
         done.append(part)
     return os.path.join(root, *done)
+
+
+class TreeReader:
+    """A rootfs (a snapshot or a live tree) read from the host through its storage
+    driver, by the paths the container sees: an overlay tree is a stack of layer
+    directories (storage/overlay.py), a btrfs one a plain directory. Symlinks are
+    resolved inside the rootfs (an absolute target starts at its root, `..` stops
+    there), never on the host. Files the user cannot read from the host (other
+    subordinate ids' private ones) read as absent."""
+
+    def __init__(self, tree: str | Path, driver: "Driver | None" = None) -> None:
+        from stacker_kernel.storage import driver as drivers, overlay
+
+        self.tree = Path(tree)
+        if driver is None:  # a tree of either driver: an overlay tree holds its stack's record
+            driver = drivers.OverlayDriver() if overlay.read_stack(self.tree) is not None else drivers.Driver()
+        self.driver = driver
+
+    def resolve(self, path: str) -> str | None:
+        """Container path `path` with its symlinks resolved, None if it is not there."""
+        todo = [p for p in path.split("/") if p not in ("", ".")]
+        done: list[str] = []
+        links = 0
+        while todo:
+            part = todo.pop(0)
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            host = self.driver.locate(self.tree, "/".join(done + [part]))
+            if host is None:
+                return None
+            try:
+                st = os.lstat(host)
+                if stat.S_ISLNK(st.st_mode):
+                    links += 1
+                    if links > MAX_SYMLINKS:
+                        return None
+                    target = os.readlink(host)
+                    if target.startswith("/"):
+                        done = []
+                    todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+                    continue
+            except OSError:
+                return None
+            done.append(part)
+        return "/" + "/".join(done)
+
+    def host_path(self, path: str) -> str | None:
+        """Where container path `path` (symlinks resolved) is on the host, None if absent."""
+        resolved = self.resolve(path)
+        found = self.driver.locate(self.tree, resolved) if resolved is not None else None
+        return str(found) if found is not None else None
+
+    def listdir(self, path: str) -> list[str]:
+        """The names in directory `path` (symlinks resolved), sorted; [] when it is none."""
+        resolved = self.resolve(path)
+        if resolved is None:
+            return []
+        try:
+            return self.driver.listdir(self.tree, resolved)
+        except OSError:
+            return []
+
+    def is_dir(self, path: str) -> bool:
+        host = self.host_path(path)
+        return host is not None and os.path.isdir(host)
+
+    def is_file(self, path: str) -> bool:
+        host = self.host_path(path)
+        return host is not None and os.path.isfile(host)
 
 
 def _diff_in_ns(old: str | None, new: str) -> list[tuple[str, str]]:

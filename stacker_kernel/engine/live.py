@@ -19,7 +19,7 @@ from typing import Callable
 
 from stacker_kernel.container.runtime import ROOT_HOME, Container, ContainerConfig, Mount
 from stacker_kernel.engine import imports as imports_mod
-from stacker_kernel.errors import StepError
+from stacker_kernel.errors import ContainerError, StepError
 from stacker_kernel.recipe.model import ImageSource, Layer
 from stacker_kernel.storage.store import Snapshot, Store
 
@@ -94,9 +94,24 @@ class LiveRootfs:
 
     def before_commit(self) -> None:
         """Called before the rootfs is committed or written from outside the container:
-        a driver whose rootfs is a mount of the container's (overlay) needs it stopped."""
-        if self.store.driver.stop_before_commit:
-            self.stop_container()
+        a driver whose rootfs is a mount of the container's (overlay) needs that mount
+        gone. The container is parked, not stopped: `after_commit` builds its root again."""
+        if self.store.driver.stop_before_commit and self.container is not None:
+            try:
+                self.container.park()
+            except ContainerError:
+                self.stop_container()
+
+    def after_commit(self) -> None:
+        """Called once the rootfs is committed: a parked container builds its root again
+        on the new stack while the engine finishes the cell (the next step finds it
+        ready: see ensure_container)."""
+        container = self.container
+        if container is not None and container.parked:
+            try:
+                container.resume(str(self.path))
+            except (OSError, ContainerError):
+                self.stop_container()
 
     def has(self, rel: str) -> bool:
         """Whether `rel` exists in the rootfs (symlinks not followed), read from the host."""
@@ -121,6 +136,12 @@ class LiveRootfs:
                          step_mounts: list[Mount] = ()) -> Container:
         """The container on the rootfs, started for `layer` (its imports and binds) if needed,
         with `step_mounts` (the mounts a step asks for by key) staged in it."""
+        self.after_commit()  # parked (e.g. a commit left it so): its root again
+        if self.container is not None:
+            try:
+                self.container.settle()
+            except ContainerError:
+                self.stop_container()  # started afresh below, which says what is wrong
         if self.container is not None and self.container.alive:
             have = {(m.key, m.source) for m in self.container.config.mounts if m.key}
             if self.container.config.network == network and \

@@ -766,6 +766,7 @@ class BuildSession:
         stored = self._cache.commit(self.live, snap, None, reuse_cached=self.use_cache)
         if stored.id != snap.id:  # landed by another session meanwhile: see _run_step
             self._replace_live(stored)
+        self._live.after_commit()
         self._advance(stored)
 
     def _ensure_container(self, step_mounts: list[Mount] = ()) -> Container:
@@ -908,6 +909,7 @@ class BuildSession:
                 # that both sessions (and the cache) agree on what the step made.
                 self._adopt(stored, cell_id)
             else:
+                self._live.after_commit()  # overlay: the container's root on the new stack, meanwhile
                 self._advance(stored)
             self.layer.steps.append(Step(script, cell_id))
             return StepOutcome(True, False, stored.id, "", 0, False, str(self.store.log_path(stored.id)),

@@ -2,8 +2,9 @@
 and `$NAME` from the layer shell's variables; host paths (relative to the notebook)
 for `%from tar|oci` and `%import`, layer names for `%browse` and `%from built`.
 
-Paths and commands are read from the host side of the container's rootfs,
-so completion never waits for the build shell. The rootfs belongs to the
+Paths and commands are read from the host side of the container's rootfs
+through its storage driver (engine/inspect.py TreeReader: an overlay tree is
+the union of its layers), so completion never waits for the build shell. The rootfs belongs to the
 user's subordinate ids; directories the user cannot read simply give no
 matches. Symlinks are resolved inside the rootfs (an absolute link target
 is taken relative to the rootfs), never on the host.
@@ -13,9 +14,9 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Union
 
-from stacker_kernel.engine.inspect import GrabError, resolve_in_root
+from stacker_kernel.engine.inspect import TreeReader
 from stacker_kernel.engine.session import BUILD_PATH
 
 # The PATH a step gets (stacker's default for `run`), searched in order.
@@ -42,33 +43,16 @@ class Completion:
                 "cursor_end": self.cursor_end, "metadata": {}}
 
 
-def _inside(rootfs: str, path: str) -> str | None:
-    """Host path of container path `path`, symlinks resolved as the container sees
-    them (never out of the rootfs); None if absent."""
-    try:
-        host = resolve_in_root(rootfs, path, clamp=True)
-    except (GrabError, OSError):  # absent, a symlink loop, or unreadable from the host
-        return None
-    return host if os.path.lexists(host) else None
+Rootfs = Union[str, TreeReader]  # a tree's path, or its reader (kernel.py gives its driver's)
 
 
-def _is_dir(rootfs: str, container_path: str) -> bool:
-    host = _inside(rootfs, container_path)
-    return bool(host) and os.path.isdir(host) and not os.path.islink(host)
+def _reader(rootfs: Rootfs) -> TreeReader:
+    return rootfs if isinstance(rootfs, TreeReader) else TreeReader(rootfs)
 
 
-def _list(rootfs: str, container_dir: str) -> list[str]:
-    host = _inside(rootfs, container_dir)
-    if host is None:
-        return []
-    try:
-        return sorted(os.listdir(host))
-    except OSError:
-        return []
-
-
-def complete_path(rootfs: str, word: str, cwd: str = "/") -> list[str]:
+def complete_path(rootfs: Rootfs, word: str, cwd: str = "/") -> list[str]:
     """Entries of the container rootfs that complete `word` (directories get a trailing /)."""
+    tree = _reader(rootfs)
     head, _, prefix = word.rpartition("/")
     if "/" in word:
         base = head + "/" if head else "/"
@@ -76,32 +60,33 @@ def complete_path(rootfs: str, word: str, cwd: str = "/") -> list[str]:
         base = ""
     container_dir = base if base.startswith("/") else os.path.join(cwd, base)
     matches = []
-    for name in _list(rootfs, container_dir):
+    for name in tree.listdir(container_dir):
         if not name.startswith(prefix) or (name.startswith(".") and not prefix.startswith(".")):
             continue
         candidate = base + name
-        if _is_dir(rootfs, os.path.join(container_dir, name)):
+        if tree.is_dir(os.path.join(container_dir, name)):
             candidate += "/"
         matches.append(candidate)
     return matches
 
 
-def complete_command(rootfs: str, prefix: str) -> list[str]:
+def complete_command(rootfs: Rootfs, prefix: str) -> list[str]:
     """Executables on the container's PATH whose names start with `prefix`, without duplicates."""
+    tree = _reader(rootfs)
     seen: dict[str, None] = {}
     for directory in CONTAINER_PATH:
-        for name in _list(rootfs, directory):
+        for name in tree.listdir(directory):
             if name.startswith(prefix):
                 seen.setdefault(name)
     return sorted(seen)
 
 
-def find_command(rootfs: str, name: str) -> str | None:
+def find_command(rootfs: Rootfs, name: str) -> str | None:
     """The container path of command `name` on the container's PATH, or None."""
+    tree = _reader(rootfs)
     for directory in CONTAINER_PATH:
         candidate = f"{directory}/{name}"
-        host = _inside(rootfs, candidate)
-        if host and os.path.isfile(host):
+        if tree.is_file(candidate):
             return candidate
     return None
 
@@ -129,7 +114,7 @@ def complete_variable(word: str, names: Iterable[str]) -> list[str] | None:
     return [head + name + ("}" if brace else "") for name in sorted(set(names)) if name.startswith(prefix)]
 
 
-def complete_shell(rootfs: str | None, code: str, cursor_pos: int, cwd: str = "/",
+def complete_shell(rootfs: Rootfs | None, code: str, cursor_pos: int, cwd: str = "/",
                    variables: Iterable[str] = ()) -> Completion:
     """`$NAME` from `variables` (and the names the cell assigns before the cursor),
     commands in command position, else paths; no commands or paths without a rootfs."""

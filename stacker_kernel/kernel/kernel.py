@@ -27,6 +27,7 @@ from typing import Any, Callable
 import comm
 from ipykernel.kernelbase import Kernel
 
+from stacker_kernel.engine.inspect import TreeReader
 from stacker_kernel.errors import StackerKernelError
 from stacker_kernel.kernel import completion, magics
 from stacker_kernel.kernel.marks import StepMarks, rollback_cause
@@ -483,9 +484,11 @@ class StackerKernel(Kernel):
             self.log.exception("completion failed")
             return completion.Completion([], cursor_pos or 0, cursor_pos or 0).reply()
 
-    def _rootfs(self) -> str | None:
+    def _rootfs(self) -> TreeReader | None:
+        """The layer's rootfs as completion reads it: through the storage's driver."""
         try:
-            return self.build.rootfs_path() if self.build is not None else None
+            build = self.build
+            return TreeReader(build.rootfs_path(), build.store.driver) if build is not None else None
         except Exception:
             return None
 
@@ -580,7 +583,7 @@ class StackerKernel(Kernel):
             return []
         snapshot = str(head.path)
         lines = []
-        summary = whatis(snapshot, name)
+        summary = whatis(TreeReader(snapshot, self.build.store.driver), name)
         if summary:
             lines.append(summary)
         usage = help_text(snapshot, path)

@@ -35,6 +35,9 @@ DRIVER_FILE = "driver"
 # and overlayfs takes at most 500.
 FLATTEN_DEPTH = 64
 FLAT_TMP = ".tmp-flat-"
+# <root>/layer-sizes/<layer>: the bytes layer <layer> holds, measured the first time
+# `usage` counts it (a layer never changes once made), dropped with it.
+SIZES = "layer-sizes"
 NAMES = ("btrfs", "overlay")
 
 
@@ -42,8 +45,9 @@ class Driver:
     """The operations the store and the engine need on trees (see the module docstring)."""
 
     name = ""
-    #: True when the container must be stopped before its rootfs is committed
-    #: (an overlay upper cannot change hands under a mount).
+    #: True when the container's mount of its rootfs must be gone before the rootfs is
+    #: committed (an overlay upper cannot change hands under a mount): the engine parks
+    #: the container then and builds its root again on the new stack (engine/live.py).
     stop_before_commit = False
 
     def create(self, path: Path) -> None:
@@ -82,6 +86,11 @@ class Driver:
     def lexists(self, tree: Path, rel: str) -> bool:
         """Whether `rel` exists in `tree` (symlinks not followed), read from the host."""
         return self.locate(tree, rel) is not None
+
+    def listdir(self, tree: Path, rel: str) -> list[str]:
+        """The names in directory `rel` of `tree` (symlinks not followed), read from the
+        host; OSError when it is no directory there or cannot be read."""
+        return sorted(os.listdir(Path(tree) / rel.lstrip("/")))
 
     def usage(self, root: Path) -> int:
         """Bytes the storage uses."""
@@ -164,9 +173,30 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path)
 
 
+def _rmtree_own(path: str) -> None:
+    """Delete `path` as the user: any file in a directory of the user's own goes, and the
+    user's own directories are made writable first (overlayfs makes its work dir mode 0).
+    OSError (EPERM) at a directory of another id: the namespace's root deletes the rest."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    if st.st_mode & 0o700 != 0o700:
+        os.chmod(path, 0o700)
+    for e in os.scandir(path):
+        _rmtree_own(e.path)
+    os.rmdir(path)
+
+
 class OverlayDriver(Driver):
     name = "overlay"
     stop_before_commit = True
+
+    def __init__(self) -> None:
+        self._flattening = threading.Lock()  # held while a flattening runs (after_commit)
 
     @staticmethod
     def _root(tree: Path) -> Path:
@@ -185,6 +215,7 @@ class OverlayDriver(Driver):
     def adopt(self, tmp: Path, dest: Path, id: str) -> None:
         layers = self._layers_dir(self._root(dest))
         self.remove_many([dest, layers / id])
+        _forget_size(self._root(dest), id)
         os.rename(tmp, layers / id)
         dest.mkdir(mode=0o755)
         overlay.write_stack(dest, [id], writable=False)
@@ -206,6 +237,7 @@ class OverlayDriver(Driver):
     def uncommit(self, live: Path, dest: Path, id: str) -> None:
         layers = self._layers_dir(self._root(dest))
         stack = overlay.layer_names(dest)[1:]
+        _forget_size(self._root(dest), id)  # measured meanwhile: it is an upper again
         self.remove(live / "upper")
         os.rename(layers / id, live / "upper")
         overlay.write_stack(live, stack, writable=True)
@@ -233,6 +265,14 @@ class OverlayDriver(Driver):
         if os.geteuid() == 0:
             _rmtree_in_ns([str(p) for p in paths])
             return
+        try:
+            # Most often all the user's own (a live tree whose upper holds only files of the
+            # container's root, or nothing after a commit): no namespace needed.
+            for p in paths:
+                _rmtree_own(str(p))
+            return
+        except OSError:
+            pass
         # Layers hold files of the container's ids, which only its root may delete.
         from stacker_kernel.container.userns import CLONE_NEWNS, run_in_userns
 
@@ -243,8 +283,40 @@ class OverlayDriver(Driver):
         found = overlay.locate(stack, rel) if stack is not None else None
         return Path(found) if found is not None else None
 
+    def listdir(self, tree: Path, rel: str) -> list[str]:
+        stack = overlay.read_stack(tree)
+        names = overlay.listdir(stack, rel) if stack is not None else None
+        if names is None:
+            raise NotADirectoryError(f"{rel} is no directory of {tree}")
+        return names
+
     def usage(self, root: Path) -> int:
-        return _du(root)
+        """What the storage holds: its layers by their recorded sizes (each measured once,
+        the first time it is counted), the rest (live uppers, logs, records) walked. So a
+        call costs what changed since the last one, not the whole storage."""
+        layers, sizes = root / "layers", root / SIZES
+        total = 0
+        try:
+            recorded = set(os.listdir(sizes))
+        except FileNotFoundError:
+            recorded = set()
+        present = set()
+        for e in os.scandir(layers) if layers.is_dir() else ():
+            present.add(e.name)
+            frozen = not e.name.startswith(".")  # not a flattening under way (nor .empty)
+            if frozen and e.name in recorded:
+                try:
+                    total += int((sizes / e.name).read_text())
+                    continue
+                except (OSError, ValueError):
+                    pass
+            size = _du_entry(e.path)
+            if frozen:
+                _record_size(root, e.name, size)
+            total += size
+        for name in recorded - present:  # a layer removed by another route: its record goes too
+            _forget_size(root, name)
+        return total + _du(root, skip=layers)  # last: with the records just written
 
     def prepare_db_file(self, path: Path) -> None:
         pass
@@ -271,9 +343,13 @@ class OverlayDriver(Driver):
             elif e.name != ".empty" and e.name not in used:
                 drop.append(layers / e.name)
         self.remove_many(drop)
+        for path in drop:
+            _forget_size(root, path.name)
 
     def after_commit(self, lock: Callable[[], ContextManager], snapshot: Path) -> None:
-        if len(overlay.layer_names(snapshot)) > FLATTEN_DEPTH:
+        # One flattening at a time: steps committed meanwhile move onto its result too
+        # (see flatten), and a second copy of the same union would only compete with them.
+        if len(overlay.layer_names(snapshot)) > FLATTEN_DEPTH and self._flattening.acquire(blocking=False):
             # Off the step's path: the next steps stack on the snapshot as it is meanwhile.
             threading.Thread(target=self._flatten_quietly, args=(lock, snapshot), daemon=True).start()
 
@@ -282,12 +358,15 @@ class OverlayDriver(Driver):
             self.flatten(lock, snapshot)
         except Exception:
             pass  # the stack stays deep and works; the next commit tries again
+        finally:
+            self._flattening.release()
 
     def flatten(self, lock: Callable[[], ContextManager], snapshot: Path) -> bool:
         """Give `snapshot` a stack of two: its own layer over one layer holding the union
         of the layers below it (copied as the container's root). The layers below stay
-        (the snapshots they make up still use them); live trees on the same stack move
-        to the short one. Returns False when there was nothing to do."""
+        (the snapshots they make up still use them); live trees on the same stack, or
+        on steps committed over it meanwhile, move to the short one. Returns False
+        when there was nothing to do."""
         names = overlay.layer_names(snapshot)
         if len(names) <= 2:
             return False
@@ -311,12 +390,15 @@ class OverlayDriver(Driver):
         with lock():
             if overlay.layer_names(snapshot) != names:
                 return False  # deleted (or flattened) meanwhile
-            short = [names[0], flat]
-            overlay.write_stack(snapshot, short, writable=False)
+            below = names[1:]
+            overlay.write_stack(snapshot, [names[0], flat], writable=False)
             live = root / "live"
             for e in os.scandir(live) if live.is_dir() else ():
-                if overlay.layer_names(e.path) == names:
-                    overlay.write_stack(e.path, short, writable=True)
+                # A live tree on this stack, or on steps committed over it since: the
+                # same union, with the flat layer for what lies below the snapshot's own.
+                stack = overlay.layer_names(e.path)
+                if len(stack) >= len(below) and stack[len(stack) - len(below):] == below:
+                    overlay.write_stack(e.path, stack[:len(stack) - len(below)] + [flat], writable=True)
         return True
 
 
@@ -338,10 +420,14 @@ def _copy_union(layers: list[str], dest: str) -> None:
         os.rmdir(mnt)
 
 
-def _du(root: Path) -> int:
-    """Bytes allocated under `root` (files the user may not stat count nothing)."""
+def _du(root: Path, skip: Path | None = None) -> int:
+    """Bytes allocated under `root` (files the user may not stat count nothing), not
+    counting what lies inside directory `skip`."""
     total, seen = 0, set()
     for dirpath, dirnames, filenames in os.walk(root):
+        if skip is not None and dirpath == str(skip):
+            dirnames[:] = []
+            continue
         for name in dirnames + filenames:
             try:
                 st = os.lstat(os.path.join(dirpath, name))
@@ -353,6 +439,33 @@ def _du(root: Path) -> int:
                 seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512
     return total
+
+
+def _du_entry(path: str) -> int:
+    """Bytes allocated by `path` itself and, for a directory, everything under it."""
+    try:
+        own = os.lstat(path).st_blocks * 512
+    except OSError:
+        return 0
+    return own + (_du(Path(path)) if os.path.isdir(path) and not os.path.islink(path) else 0)
+
+
+def _record_size(root: Path, name: str, size: int) -> None:
+    sizes = root / SIZES
+    sizes.mkdir(mode=0o700, exist_ok=True)
+    tmp = sizes / f".{name}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(f"{size}\n")
+        os.replace(tmp, sizes / name)
+    except OSError:  # a full disk: measured again next time
+        tmp.unlink(missing_ok=True)
+
+
+def _forget_size(root: Path, name: str) -> None:
+    try:
+        (root / SIZES / name).unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
 
 
 def by_name(name: str) -> Driver:

@@ -278,6 +278,52 @@ def locate(stack: Stack, rel: str) -> str | None:
     return None
 
 
+def listdir(stack: Stack, rel: str) -> list[str] | None:
+    """The names in directory `rel` of the union of `stack`, as the mounted tree would
+    list them (whiteouts hide names of the layers below; an opaque directory, or a
+    file or whiteout in the way, hides all of them), sorted; None when `rel` is no
+    directory there. Entries the user may not read from the host are left out."""
+    parts = [p for p in rel.split("/") if p and p != "."]
+    layers = ([stack.upper] if stack.upper else []) + list(stack.layers)
+    names: set[str] = set()
+    decided: set[str] = set()  # shown or whited out by a layer above
+    found = False
+    for layer in layers:
+        cur, last = layer, False
+        for part in parts:
+            cur = os.path.join(cur, part)
+            try:
+                st = os.lstat(cur)
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                cur = None
+                break
+            if not stat.S_ISDIR(st.st_mode):  # a whiteout or a file hides what lies below
+                return sorted(names) if found else None
+            last = last or is_opaque(cur)
+        if cur is None:
+            if last:
+                break
+            continue
+        try:
+            entries = list(os.scandir(cur))
+        except OSError:
+            entries = []
+        found = True
+        for e in entries:
+            if e.name in decided:
+                continue
+            decided.add(e.name)
+            try:
+                if is_whiteout(e.path, e.stat(follow_symlinks=False)):
+                    continue
+            except OSError:
+                continue
+            names.add(e.name)
+        if last:
+            break
+    return sorted(names) if found else None
+
+
 def lexists(stack: Stack, rel: str) -> bool:
     """Whether `rel` exists in the union of `stack` (symlinks not followed)."""
     return locate(stack, rel) is not None
