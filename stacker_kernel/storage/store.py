@@ -716,8 +716,12 @@ class Store:
 
     def set_size_delta(self, id: str, size_delta: int | None) -> None:
         """Record how much step `id` changed the filesystem's usage (known only after its snapshot)."""
+        self.set_size_deltas({id: size_delta})
+
+    def set_size_deltas(self, deltas: dict[str, int | None]) -> None:
+        """set_size_delta of several steps, in one transaction."""
         with self.write_lock():
-            self._write([("UPDATE snapshots SET size_delta = ? WHERE id = ?", (size_delta, id))])
+            self._write([("UPDATE snapshots SET size_delta = ? WHERE id = ?", (d, sid)) for sid, d in deltas.items()])
 
     def delete_snapshot(self, id: str) -> None:
         """Delete snapshot or base `id`: its subvolume, log and record.
