@@ -644,18 +644,6 @@ def test_gc_of_many_snapshots_removes_exactly_the_unreferenced_and_keeps_the_res
     assert (steps[4].path / "step.txt").read_text() == "step 4"
 
 
-def test_gc_clears_every_read_only_flag_before_it_destroys_any_snapshot(store, monkeypatch):
-    # One after the other, each flag's commit writes the previous destroy's work (25 ms a
-    # snapshot); flags first, then destroys, costs a few ms each.
-    _, steps = _ended_session_with_steps(store, 6, keep=1)
-    calls = []
-    set_readonly, destroy = btrfs.set_readonly, btrfs._destroy
-    monkeypatch.setattr(btrfs, "set_readonly", lambda p, ro: calls.append("flag") or set_readonly(p, ro))
-    monkeypatch.setattr(btrfs, "_destroy", lambda p: calls.append("destroy") or destroy(p))
-    assert len(store.gc()) == 5
-    assert calls == ["flag"] * 5 + ["destroy"] * 5
-
-
 def test_gc_removes_a_snapshot_whose_top_a_step_gave_to_another_id(store):
     from stacker_kernel.container.userns import run_in_userns
 

@@ -366,46 +366,6 @@ def remove_tree(path: os.PathLike | str) -> None:
     _remove(path, st, on_btrfs)
 
 
-def remove_trees(paths: list[os.PathLike | str]) -> None:
-    """remove_tree of each of `paths`, in two passes when they are subvolumes: first
-    every read-only flag is cleared, then every subvolume is destroyed.
-
-    Clearing the flag commits a transaction (SUBVOL_SETFLAGS); a destroy leaves
-    work for that commit to write. One after the other, each commit writes the
-    previous destroy's work and the cleaner competes with it (about 25 ms a
-    snapshot); all flags first, while nothing is pending, costs a few ms each,
-    and the destroys then commit nothing. A failure leaves what is not deleted
-    read-only again and raises.
-    """
-    subvols: list[Path] = []
-    for p in map(Path, paths):
-        if is_subvolume(p):
-            subvols.append(p)
-        else:
-            remove_tree(p)
-    cleared: list[Path] = []
-    try:
-        for p in subvols:
-            if is_readonly(p):
-                set_readonly(p, False)
-                cleared.append(p)
-        for p in subvols:
-            try:
-                _destroy(p)
-            except OSError as e:
-                if e.errno != errno.ENOTEMPTY:
-                    raise _delete_error(p, e) from None
-                delete_subvolume(p)  # nested subvolumes first (rare: the slow way)
-    except BaseException:
-        for p in cleared:
-            if p.exists():
-                try:
-                    set_readonly(p, True)  # a snapshot that stays must stay frozen
-                except StorageError:
-                    pass
-        raise
-
-
 def _remove(path: Path, st: os.stat_result, on_btrfs: bool) -> None:
     if on_btrfs and st.st_ino == SUBVOL_ROOT_INO:
         delete_subvolume(path)

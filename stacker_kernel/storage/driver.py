@@ -133,11 +133,6 @@ class BtrfsDriver(Driver):
 
         remove_any_owner(path)  # whoever owns its top
 
-    def remove_many(self, paths: list[Path]) -> None:
-        from stacker_kernel.storage.store import remove_many_any_owner
-
-        remove_many_any_owner(paths)  # gc's batch: see btrfs.remove_trees
-
     def usage(self, root: Path) -> int:
         return btrfs.fs_usage(root)
 

@@ -362,23 +362,6 @@ def remove_any_owner(path: Path) -> None:
     _any_owner(btrfs.remove_tree, path)
 
 
-def remove_many_any_owner(paths: list[Path]) -> None:
-    """btrfs.remove_trees(paths) (gc's batch), whoever owns their tops: those whose top
-    belongs to a subordinate id are removed from inside the user namespace, in one go."""
-    mine, theirs = [], []
-    for p in paths:
-        try:
-            owned = os.geteuid() == 0 or os.lstat(p).st_uid == os.geteuid()
-        except FileNotFoundError:
-            continue
-        (mine if owned else theirs).append(p)
-    btrfs.remove_trees(mine)
-    if theirs:
-        from stacker_kernel.container.userns import run_in_userns  # only then: the store needs no namespace
-
-        run_in_userns(btrfs.remove_trees, [str(p) for p in theirs])
-
-
 def make_tmp_dir(parent: Path, prefix: str) -> Path:
     """A fresh folder in `parent` (one of TMP_DIRS) named after this process."""
     import tempfile
