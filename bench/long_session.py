@@ -41,6 +41,7 @@ from stacker_kernel.kernel.install import write_spec
 from stacker_kernel.kernel.runner import NotebookKernel
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
 BATCH = 20
 
 
@@ -143,6 +144,48 @@ def disk_per_step(storage: Path, nbdir: Path, kernels: Path, base: str, n: int =
         k.close()
 
 
+def buildah_disk_per_commit(tar: Path, n: int = 20) -> float | None:
+    """Bytes buildah's storage grows by per `buildah run CTR true` + `buildah commit` on a
+    container of `tar` (rootless, overlay through fuse-overlayfs, as bench/versus_buildah.py
+    runs it; `du` of its storage before and after `n` of them); None without buildah."""
+    import shutil
+
+    if shutil.which("buildah") is None:
+        return None
+    from versus_buildah import _buildah_env  # bench/versus_buildah.py
+
+    work = Path(tempfile.mkdtemp(prefix="bench-long-buildah-", dir="/var/tmp"))
+    env = _buildah_env(work, "overlay")
+
+    def bh(*args: str) -> str:
+        return subprocess.run(["buildah", *args], check=True, capture_output=True, text=True, env=env).stdout.strip()
+
+    def used() -> int:
+        out = bh("unshare", "du", "-s", "--block-size=1", str(work / "buildah-root"))
+        return int(out.split()[0])
+
+    try:
+        ctr = bh("from", "scratch")
+        bh("add", ctr, str(tar), "/")
+        bh("commit", "--quiet", ctr, "bench-base")
+        bh("rm", ctr)
+        ctr = bh("from", "bench-base")
+        bh("run", "--isolation", "chroot", ctr, "--", "true")
+        bh("commit", "--quiet", ctr, "bench-0")  # the first commit pays one-time setup
+        before = used()
+        for i in range(1, n + 1):
+            bh("run", "--isolation", "chroot", ctr, "--", "true")
+            bh("commit", "--quiet", ctr, f"bench-{i}")
+        return (used() - before) / n
+    except subprocess.CalledProcessError as e:
+        print(f"buildah failed: {e.stderr.strip()[:300]}", file=sys.stderr)
+        return None
+    finally:
+        subprocess.run(["buildah", "rm", "--all"], capture_output=True, env=env)
+        subprocess.run(["buildah", "unshare", "rm", "-rf", str(work)], capture_output=True, env=env)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def sizes_known(k: Kernel, timeout: float = 600) -> None:
     """Wait (as a pause in a session) until %layers shows every step's size."""
     deadline = time.monotonic() + timeout
@@ -196,6 +239,10 @@ def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int) -> None
         per_step = disk_per_step(fresh, nbdir, kernels, base)
         print(f"disk per committed `true` step (usage over 200 steps, synced): {per_step / 1024:.1f} KiB "
               "(goal <= 64 KiB)", flush=True)
+        theirs = buildah_disk_per_commit(tar)
+        if theirs is not None:
+            print(f"disk per `buildah run true` + `buildah commit` (du of its storage over 20): "
+                  f"{theirs / 1024:.1f} KiB; ours / buildah's: {per_step / theirs:.2f}x", flush=True)
         gc_ms = gc_ms_per_snapshot(big, n)
         print(f"stacker-kernel gc of {n} unused snapshots: {gc_ms:.1f} ms per snapshot (goal <= 5 ms)",
               flush=True)
