@@ -824,6 +824,14 @@ class Store:
         rows = self._query(sql + " ORDER BY created DESC, rowid DESC", tuple(args))
         return [self._sess(r) for r in rows]
 
+    def session_names(self, kind: str | None = None) -> dict[str, str]:
+        """Session id -> name (optionally of `kind` only), without their histories: what
+        a cell may read about every other session, whatever their histories hold."""
+        sql, args = "SELECT id, name FROM sessions", ()
+        if kind is not None:
+            sql, args = sql + " WHERE kind = ?", (kind,)
+        return dict(self._query(sql, args))
+
     @staticmethod
     def session_alive(session: Session) -> bool:
         """True while the process that owns `session` runs (same pid and same start time)."""
