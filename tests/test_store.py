@@ -663,6 +663,18 @@ def test_gc_removes_a_snapshot_whose_top_a_step_gave_to_another_id(store):
     assert list((store.root / "snapshots").iterdir()) == []
 
 
+def test_session_names_are_read_without_any_history(store, monkeypatch):
+    _, steps = _ended_session_with_steps(store, 3, keep=3)
+    build = store.new_session("build", "/b.yaml")
+    kernels = {s.id: s.name for s in store.find_sessions(kind="kernel")}
+    reads = []
+    query = store._query
+    monkeypatch.setattr(store, "_query", lambda sql, args=(): reads.append(sql) or query(sql, args))
+    assert store.session_names(kind="kernel") == kernels == {k: "/many.ipynb" for k in kernels}
+    assert store.session_names()[build.id] == "/b.yaml"
+    assert len(reads) == 2 and not any("history" in sql for sql in reads)
+
+
 # --- CLI ---------------------------------------------------------------------------------
 
 def test_cli_layers_shows_sessions_layers_and_steps(store, capsys):
