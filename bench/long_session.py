@@ -16,14 +16,18 @@ in any session):
   (a finished session's steps, made through the engine without a kernel)
   beside one in a fresh store (goal <= 1.1x), then the disk a committed
   `true` step costs (the filesystem's usage over 200 steps back to back,
-  synced; goal <= 64 KiB) and `stacker-kernel gc` of those N snapshots (goal <= 5 ms each).
+  synced; goal <= 64 KiB; a raw read-only snapshot's beside it) and
+  `stacker-kernel gc` of those N snapshots (goal <= 5 ms each);
+- with --before CHECKOUT: `true` cells in a kernel of that checkout's code
+  (e.g. `git worktree add /tmp/before COMMIT`) beside a kernel of this one,
+  taken in turns at steps 10, 100 and 200.
 
 A cell's time is the wall time from its execute_request to its `idle`
 status (so work the kernel does after the reply, such as refreshing
 widgets, is counted), the median over a batch of cells.
 
     STACKER_KERNEL_STORAGE=/var/lib/stacker-kernel/btrfs/$USER python bench/long_session.py \
-        [STEPS] [--base busybox|debian] [--store-snapshots N] [--no-widgets]
+        [STEPS] [--base busybox|debian] [--store-snapshots N] [--before CHECKOUT] [--no-widgets]
 """
 from __future__ import annotations
 
@@ -48,10 +52,13 @@ BATCH = 20
 class Kernel:
     """A stacker-kernel on the base tar `base` with the cache off, counting its steps."""
 
-    def __init__(self, nbdir: Path, kernels: Path, name: str, base: str = "base.tar", storage: Path | None = None):
+    def __init__(self, nbdir: Path, kernels: Path, name: str, base: str = "base.tar", storage: Path | None = None,
+                 code: Path | None = None):
         env = dict(os.environ)
         if storage is not None:
             env["STACKER_KERNEL_STORAGE"] = str(storage)
+        if code is not None:  # the kernel runs the stacker_kernel package of this checkout
+            env["PYTHONPATH"] = str(code)
         self.k = NotebookKernel(nbdir / f"{name}-{uuid.uuid4().hex[:6]}.ipynb", kernels_dir=kernels, env=env)
         self.steps = 0
         for line in (f"%from tar {base}", "%cache off"):
@@ -267,6 +274,7 @@ def main() -> None:
     ap.add_argument("steps", nargs="?", type=int, default=1000)
     ap.add_argument("--base", choices=("busybox", "debian"), default="busybox")
     ap.add_argument("--store-snapshots", type=int, default=0, help="also the big-store, disk and gc rows")
+    ap.add_argument("--before", type=Path, help="a checkout whose kernel runs beside this one's")
     ap.add_argument("--no-widgets", action="store_true", help="skip the live %%layers outputs case")
     args = ap.parse_args()
     steps = args.steps
@@ -282,6 +290,20 @@ def main() -> None:
 
         if args.store_snapshots:
             store_size(nbdir, kernels, nbdir / "base.tar", "base.tar", args.store_snapshots)
+        if args.before:
+            before, after = Kernel(nbdir, kernels, "before", code=args.before.resolve()), Kernel(nbdir, kernels, "after")
+            try:
+                print(f"\n`true` cells ({args.base}), median of {BATCH}, taken in turns: a kernel of "
+                      f"{args.before} beside one of this checkout")
+                for n in (10, 100, 200):
+                    before.steps_to(n)
+                    after.steps_to(n)
+                    old, new = alternate(before, after)
+                    print(f"cells {n + 1}-{n + BATCH}: before {old:.1f} ms, after {new:.1f} ms, "
+                          f"after / before {new / old:.2f}x", flush=True)
+            finally:
+                before.close()
+                after.close()
         if not steps:
             return
         short, long = Kernel(nbdir, kernels, "short"), Kernel(nbdir, kernels, "long")
