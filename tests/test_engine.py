@@ -230,6 +230,42 @@ def test_the_history_shows_recorded_sizes_without_diffing(session, monkeypatch):
     assert [session.store.get(v.snapshot_id).size_delta for v in session.history()] == [1000, 2000, 3000]
 
 
+def test_no_size_is_measured_while_steps_follow_each_other(session, monkeypatch):
+    from stacker_kernel.engine import history
+
+    measured = []
+    measure = history.measure_sizes
+    monkeypatch.setattr(history, "measure_sizes", lambda pairs: measured.append(len(pairs)) or measure(pairs))
+    monkeypatch.setattr(history, "QUIET", 3600.0)  # the session is never quiet long enough
+    for n in range(3):
+        run_ok(session, f"head -c {n + 1}000 /dev/zero > /f{n}")
+        assert [v.size_delta for v in session.history()] == [None] * (n + 1)
+    assert measured == [] and session.sizes_pending()
+    monkeypatch.setattr(history, "QUIET", 0.0)  # quiet now: a new look measures them all
+    session._history.measure_later()
+    session.wait_for_sizes()
+    assert [v.size_delta for v in session.history()] == [1000, 2000, 3000]
+    assert sum(measured) == 3
+
+
+def test_a_step_rolled_back_before_the_session_is_quiet_is_never_measured(session, monkeypatch):
+    from stacker_kernel.engine import history
+
+    pairs_measured = []
+    measure = history.measure_sizes
+    monkeypatch.setattr(history, "measure_sizes", lambda pairs: pairs_measured.extend(pairs) or measure(pairs))
+    monkeypatch.setattr(history, "QUIET", 3600.0)
+    for n in range(3):
+        run_ok(session, f"head -c {n + 1}000 /dev/zero > /f{n}")
+    kept = session.history(measure=False)[0].snapshot_id
+    session.rollback(1)
+    monkeypatch.setattr(history, "QUIET", 0.0)
+    session.history()
+    session.wait_for_sizes()
+    assert [v.size_delta for v in session.history()] == [1000]
+    assert [new for _, new in pairs_measured] == [str(session.store.get(kept).path)]
+
+
 def test_an_interrupt_while_the_step_is_being_prepared_still_ends_it(storage, busybox_tar, tmp_path):
     store = Store.open(storage)
     s = BuildSession.open(store, str(tmp_path / "i.ipynb"), resume=False)

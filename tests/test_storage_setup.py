@@ -1,6 +1,7 @@
 """Storage location, checks and root-only setup-storage (on separate loop images)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -156,6 +157,15 @@ def test_setup_storage_mounts_the_users_own_image_with_the_needed_options(scratc
     assert mount.mount_point == scratch / "btrfs" / TEST_USER / "storage" and mount.fstype == "btrfs"
     assert {"user_subvol_rm_allowed", "noatime"} <= mount.options
     assert setup._backing_file(target) == _image(scratch)
+
+
+@pytest.mark.rootful
+def test_setup_storage_formats_the_image_with_small_tree_blocks(scratch, user_config):
+    # A snapshot's cost grows with the children of its tree's root: 4 KiB nodes keep it flat.
+    _setup(scratch)
+    out = subprocess.run(["btrfs", "inspect-internal", "dump-super", str(_image(scratch))], check=True,
+                         capture_output=True, text=True).stdout
+    assert re.search(r"^nodesize\s+4096$", out, re.M), out
 
 
 @pytest.mark.rootful

@@ -619,6 +619,62 @@ def test_gc_after_forget_session_removes_everything(store):
     assert list((store.root / "snapshots").iterdir()) == []
 
 
+def _ended_session_with_steps(store: Store, n: int, keep: int):
+    """A session whose owner is gone, base -> n steps, its history the first `keep`."""
+    sess = store.new_session("kernel", "/many.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    steps, parent = [], base
+    for i in range(n):
+        parent = _step(store, live, parent, f"step {i}", session=sess.id)
+        steps.append(parent)
+    sess.head, sess.history, sess.owner_start = steps[keep - 1].id, [s.id for s in steps[:keep]], sess.owner_start + 1
+    store.update_session(sess)
+    store.end_session(sess.id)
+    return base, steps
+
+
+def test_gc_of_many_snapshots_removes_exactly_the_unreferenced_and_keeps_the_rest_frozen(store):
+    base, steps = _ended_session_with_steps(store, 12, keep=5)
+    assert sorted(store.gc()) == sorted(s.id for s in steps[5:])
+    assert sorted(p.name for p in (store.root / "snapshots").iterdir()) == sorted(s.id for s in steps[:5])
+    assert [store.get(s.id) for s in steps[5:]] == [None] * 7
+    for snap in [base, *steps[:5]]:
+        assert btrfs.is_readonly(snap.path) and store.get(snap.id) is not None
+    assert (steps[4].path / "step.txt").read_text() == "step 4"
+
+
+def test_gc_removes_a_snapshot_whose_top_a_step_gave_to_another_id(store):
+    from stacker_kernel.container.userns import run_in_userns
+
+    sess = store.new_session("kernel", "/chowned.ipynb")
+    base = _base(store)
+    live = _live_from(store, sess.id, base)
+    mine = _step(store, live, base, "mine", session=sess.id)
+    theirs = Snapshot(parent=mine.id, layer="l", source="chown 1000 /", session=sess.id, root=store.root)
+    btrfs.snapshot(live, theirs.path)
+    run_in_userns(os.lchown, str(theirs.path), 1000, 1000)  # what the step did to its `/`
+    run_in_userns(btrfs.set_readonly, str(theirs.path), True)
+    with store.write_lock():
+        store._insert_snapshot(theirs)
+    assert os.lstat(theirs.path).st_uid != os.geteuid()
+    store.forget_session(sess.id)
+    assert sorted(store.gc()) == sorted([base.id, mine.id, theirs.id])
+    assert list((store.root / "snapshots").iterdir()) == []
+
+
+def test_session_names_are_read_without_any_history(store, monkeypatch):
+    _, steps = _ended_session_with_steps(store, 3, keep=3)
+    build = store.new_session("build", "/b.yaml")
+    kernels = {s.id: s.name for s in store.find_sessions(kind="kernel")}
+    reads = []
+    query = store._query
+    monkeypatch.setattr(store, "_query", lambda sql, args=(): reads.append(sql) or query(sql, args))
+    assert store.session_names(kind="kernel") == kernels == {k: "/many.ipynb" for k in kernels}
+    assert store.session_names()[build.id] == "/b.yaml"
+    assert len(reads) == 2 and not any("history" in sql for sql in reads)
+
+
 # --- CLI ---------------------------------------------------------------------------------
 
 def test_cli_layers_shows_sessions_layers_and_steps(store, capsys):

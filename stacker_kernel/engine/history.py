@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
@@ -31,6 +32,14 @@ def _lowest_priority() -> None:
     except OSError:
         pass
 
+
+# A step's size change is measured once the session has been quiet this long (no step
+# committed meanwhile): the diff walks both snapshots whole (a Debian rootfs: 8,728
+# entries each, some 0.3 s), many times a trivial cell's time, so it must not run
+# beside cells that follow each other; a step rolled back before then is never measured.
+QUIET = 1.0
+# Steps measured per helper process: the session's quiet is checked between them.
+CHUNK = 4
 
 _MEASURE = ("import json, sys\n"
             "from stacker_kernel.engine.inspect import size_changes\n"
@@ -110,7 +119,10 @@ class History:
     A step's size change comes from diffing its snapshot against its parent,
     which takes seconds for a big step: it is measured on a background thread
     (after each commit in a kernel, else when the steps are first shown) and
-    recorded, so that showing the history never waits for a diff.
+    recorded, so that showing the history never waits for a diff. The thread
+    measures only while the session is quiet (QUIET): cells run back to back
+    never share the machine with a diff, and it measures the steps still in
+    the history then, so a step rolled back meanwhile costs nothing.
     """
 
     def __init__(self, store: Store, session: Session):
@@ -125,6 +137,10 @@ class History:
         self._sizer: ThreadPoolExecutor | None = None
         self._sizing: Future | None = None  # the latest background size measurement
         self._size_lock = threading.Lock()
+        self._looping = False  # the measuring thread is in _measure_loop (under _size_lock)
+        self._wanted = False  # steps were added since the loop last looked (under _size_lock)
+        self._last_step = time.monotonic()  # when the latest step was committed
+        self._stop = threading.Event()
         self._unmeasurable: set[str] = set()  # whose measurement failed: not retried forever
 
     @property
@@ -160,6 +176,7 @@ class History:
                 self.cell_ids.pop(snap.id, None)
             snap = replace(snap, cell_id=cell_id)
         self._records[snap.id] = snap
+        self._last_step = time.monotonic()
         if self._cell_pos is not None and snap.cell_id is not None:
             self._cell_pos.setdefault(snap.cell_id, len(self.session.history))
         self.session.history.append(snap.id)
@@ -188,15 +205,17 @@ class History:
                 for i, snap in enumerate(snaps, 1)]
 
     def measure_later(self) -> None:
-        """Measure the size changes not known yet, on the background thread."""
+        """Measure the size changes not known yet, on the background thread, once the
+        session is quiet (see QUIET)."""
         with self._size_lock:
-            pending = self._sizing
-            if pending is not None and not pending.running() and not pending.done():
-                return  # the queued run has not started: it will see the new steps too
+            self._wanted = True
+            if self._looping:
+                return  # the running loop looks again before it ends
             if self._sizer is None:
                 self._sizer = ThreadPoolExecutor(1, thread_name_prefix="step-sizes",
                                                  initializer=_lowest_priority)
-            self._sizing = self._sizer.submit(self._measure_sizes)
+            self._looping = True
+            self._sizing = self._sizer.submit(self._measure_loop)
 
     def sizes_pending(self) -> bool:
         """True while a background size measurement is queued or running."""
@@ -223,16 +242,41 @@ class History:
 
     def stop_measuring(self) -> None:
         """Drop queued size measurements and wait for a running one (before the store closes)."""
+        self._stop.set()  # a loop waiting for quiet ends at once
         with self._size_lock:
             sizer, self._sizer = self._sizer, None
         if sizer is not None:
             sizer.shutdown(wait=True, cancel_futures=True)
 
-    def _measure_sizes(self) -> None:
+    def _quiet(self) -> bool:
+        """Wait until no step was committed for QUIET seconds; False if stopped meanwhile."""
+        while not self._stop.is_set():
+            left = self._last_step + QUIET - time.monotonic()
+            if left <= 0:
+                return True
+            self._stop.wait(min(left, 0.2))  # QUIET may change meanwhile (a test's)
+        return False
+
+    def _measure_loop(self) -> None:
         try:
-            todo = [s for s in self.snaps() if s.size_delta is None and s.id not in self._unmeasurable]
-            if not todo:
-                return
+            while True:
+                with self._size_lock:
+                    if not self._wanted or self._stop.is_set():
+                        self._looping = False
+                        return
+                    self._wanted = False
+                while self._quiet():
+                    todo = [s for s in self.snaps() if s.size_delta is None and s.id not in self._unmeasurable]
+                    if not todo:
+                        break
+                    self._measure_sizes(todo[:CHUNK])
+        except BaseException:
+            with self._size_lock:
+                self._looping = False
+            raise
+
+    def _measure_sizes(self, todo: list[Snapshot]) -> None:
+        try:
             parents = [(self._records.get(s.parent) or self.store.get(s.parent)) if s.parent else None
                        for s in todo]
             try:
@@ -243,7 +287,7 @@ class History:
                 raise
             for snap, delta in zip(todo, deltas):
                 snap.size_delta = delta  # the record kept in _records
-                self.store.set_size_delta(snap.id, delta)
+            self.store.set_size_deltas({snap.id: delta for snap, delta in zip(todo, deltas)})
         except Exception:
             log.exception("measuring the size changes of steps failed")
             raise

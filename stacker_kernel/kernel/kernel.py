@@ -430,7 +430,8 @@ class StackerKernel(Kernel):
         def taken() -> set[str]:  # the notebooks of other builds (a copy holds the same cells)
             if build is None:
                 return set()
-            return {s.name for s in build.store.find_sessions(kind="kernel") if s.id != build.session.id}
+            # Names only: another session's history (thousands of steps) is not a cell's to read.
+            return {name for sid, name in build.store.session_names(kind="kernel").items() if sid != build.session.id}
         try:
             self._moved_to(locate_notebook(self.notebook, ids, taken))
         except Exception:  # finding the file again must never break a cell

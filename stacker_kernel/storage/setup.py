@@ -42,6 +42,12 @@ from stacker_kernel.storage.location import (
     DEFAULT_MOUNT, STATE_DIR, config_file, find_mount, is_mount_point, mounts, read_config_storage)
 
 MOUNT_OPTIONS = "loop,user_subvol_rm_allowed,noatime"
+# btrfs tree blocks of 4 KiB (mkfs's default is 16 KiB). A Debian rootfs's tree then has a
+# root of a dozen children instead of hundreds, and a snapshot adds a back reference to
+# each child of its tree's root: with 16 KiB nodes a step in a store of 400 snapshots of
+# one base took 2.8x a fresh store's, with 4 KiB 1.2x; a `true` step's disk went from
+# 67 to 29 KiB (docs/benchmarks.md, issue 25). Only a new image gets it.
+NODESIZE = "4096"
 DEFAULT_SIZE = "20G"
 LIMITS_FILE = "limits.json"  # the admin's --max-user-processes, in STATE
 STORAGE_NAME = "storage"  # MOUNT/<user>/storage: the mount point, behind the user's gate
@@ -358,7 +364,7 @@ def _mount_image(rec: Record, size: str | None) -> None:
     grown = _restrict_image(image, create_size=want or parse_size(DEFAULT_SIZE), grow_to=want)
     mounted = _check_mounts(rec, "setup-storage")  # before touching what is mounted there
     if not _has_btrfs_superblock(image):
-        _run(["mkfs.btrfs", "-q", str(image)])
+        _run(["mkfs.btrfs", "-q", "--nodesize", NODESIZE, str(image)])
     os.close(_open_dir(mnt, create=True))  # the mount point: no links, every ancestor root's
     if mounted:
         m = find_mount(mnt)

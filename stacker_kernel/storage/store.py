@@ -699,8 +699,12 @@ class Store:
 
     def set_size_delta(self, id: str, size_delta: int | None) -> None:
         """Record how much step `id` changed the filesystem's usage (known only after its snapshot)."""
+        self.set_size_deltas({id: size_delta})
+
+    def set_size_deltas(self, deltas: dict[str, int | None]) -> None:
+        """set_size_delta of several steps, in one transaction."""
         with self.write_lock():
-            self._write([("UPDATE snapshots SET size_delta = ? WHERE id = ?", (size_delta, id))])
+            self._write([("UPDATE snapshots SET size_delta = ? WHERE id = ?", (d, sid)) for sid, d in deltas.items()])
 
     def delete_snapshot(self, id: str) -> None:
         """Delete snapshot or base `id`: its subvolume, log and record.
@@ -819,6 +823,14 @@ class Store:
             args.append(kind)
         rows = self._query(sql + " ORDER BY created DESC, rowid DESC", tuple(args))
         return [self._sess(r) for r in rows]
+
+    def session_names(self, kind: str | None = None) -> dict[str, str]:
+        """Session id -> name (optionally of `kind` only), without their histories: what
+        a cell may read about every other session, whatever their histories hold."""
+        sql, args = "SELECT id, name FROM sessions", ()
+        if kind is not None:
+            sql, args = sql + " WHERE kind = ?", (kind,)
+        return dict(self._query(sql, args))
 
     @staticmethod
     def session_alive(session: Session) -> bool:
