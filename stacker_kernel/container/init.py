@@ -671,9 +671,7 @@ def lock_mounts(request: int, answer: int) -> None:
     reply = _read_all(answer)
     if reply != b"ok":
         raise ContainerError(reply.decode(errors="replace") or "the nested user namespace got no id map")
-    os.setgroups([0])
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
+    userns.become_root()
     userns.unshare(userns.CLONE_NEWNS)
 
 

@@ -438,6 +438,15 @@ def _userns_refused(e: OSError) -> str:
             "(sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0)")
 
 
+def become_root() -> None:
+    """Become root of the user namespace just entered (its maps written)."""
+    with open("/proc/self/setgroups") as f:
+        if f.read().strip() == "allow":  # "deny" in (and under) a single-id namespace
+            os.setgroups([0])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
 def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
     """Move the calling (single-threaded) process into a new user namespace with
     `idmap`, plus the other namespaces in `flags`, and become root in it.
@@ -476,11 +485,7 @@ def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
         os.waitpid(helper, 0)
     if answer != b"ok":
         raise ContainerError(answer.decode(errors="replace"))
-    with open("/proc/self/setgroups") as f:
-        if f.read().strip() == "allow":  # "deny" in (and under) a single-id namespace
-            os.setgroups([0])
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
+    become_root()
     if flags:
         unshare(flags)
 
