@@ -82,7 +82,6 @@ BTRFS_ONLY_MODULES = {
     "test_btrfs",              # the btrfs ioctls and subvolume flags themselves
     "test_diff",               # oci/diff.py's tree walk between btrfs subvolumes it makes itself
     "test_storage_setup",      # root's setup-storage: the btrfs image and its mount options
-    "test_store",              # TODO(issue 24): its tests write and snapshot btrfs trees directly
 }
 OVERLAY_ONLY_MODULES = {"test_overlay_store"}  # the overlay driver's layers themselves
 # Where overlay stores are made: on the machine's / (ext4), not on the btrfs storage.
