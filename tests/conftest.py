@@ -141,6 +141,26 @@ def in_tree(tree: Path, rel: str) -> Path:
     return found if found is not None else tree / rel
 
 
+def _copy_union(tree: str, dest: str) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    subprocess.run(["cp", "-a", "--", tree, dest], check=True)
+
+
+def host_view(tree: Path) -> Path:
+    """A directory on the host that holds snapshot `tree` as the container sees it, owners
+    and all, for a test that walks or lists it: the tree itself on btrfs; on overlay, a
+    copy of its union made once beside the storage's trees (deleted with the storage)."""
+    from stacker_kernel.container.userns import run_in_userns
+    from stacker_kernel.storage import overlay
+
+    if overlay.read_stack(tree) is None:
+        return tree
+    dest = tree.parent.parent / "test-views" / f"{tree.parent.name}-{tree.name}"
+    if not dest.exists():
+        run_in_userns(_copy_union, str(tree), str(dest))
+    return dest
+
+
 def is_frozen(tree: Path) -> bool:
     """Whether snapshot or base `tree` of either driver can no longer change: a read-only
     btrfs subvolume, or an overlay stack without an upper directory."""

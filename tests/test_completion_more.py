@@ -1,5 +1,7 @@
 """Completion a daily user reaches for (issue 26): `$HO`/`${HO` (steps have HOME, as
 stacker's), `%from tar book` (host paths beside the notebook), `%browse p` (layers)."""
+import pytest
+
 from kernel_support import BASE, kernel, kernels, nbdir  # noqa: F401 (fixtures)
 
 
@@ -25,6 +27,7 @@ def test_from_tar_completes_host_paths_relative_to_the_notebook(kernel, nbdir):
     assert _complete(kernel, "%import bookw")["matches"] == ["bookworm.tar"]
 
 
+@pytest.mark.btrfs_only  # kernel/completion.py reads the rootfs on the host: not yet on overlay (issue 24)
 def test_browse_completes_layer_names(kernel):
     assert kernel.execute("touch /in-test", "t").status == "ok"
     run = kernel.execute("%layer pkg\n%from built test\ntouch /in-pkg", "pkg")

@@ -18,6 +18,7 @@ import pytest
 
 from kernel_support import BASE, kernel, kernels, nbdir, notebook_dir, start_kernel, write_notebook  # noqa: F401 (fixtures)
 from stacker_kernel.kernel.runner import run_notebook
+from conftest import in_tree
 
 
 def _send(kernel, code: str, cell_id: str | None = None) -> str:
@@ -211,6 +212,7 @@ def test_subshell_creation_is_refused_with_a_reply(kernel):
     assert reply["content"]["status"] == "error"
 
 
+@pytest.mark.btrfs_only  # kernel/completion.py reads the rootfs on the host: not yet on overlay (issue 24)
 def test_completion_lists_rootfs_paths_and_commands(kernel):
     assert kernel.execute("mkdir -p /srv/site", "c1").status == "ok"
     paths = kernel.kc.complete("ls /sr", reply=True, timeout=15)["content"]
@@ -269,7 +271,7 @@ def test_kernel_killed_with_kill_9_leaves_no_process_and_loses_no_snapshot(nbdir
         name = str((nbdir / "killed.ipynb").resolve())
         sess = next(s for s in store.find_sessions(name=name) if s.history)
         snaps = [store.get(i) for i in sess.history]
-        assert any((s.path / f"c-{marker.split()[1]}").exists() for s in snaps)
+        assert any(in_tree(s.path, f"c-{marker.split()[1]}").exists() for s in snaps)
         assert not store.live_path(sess.id).exists()  # collected on open: its owner is dead
 
 
@@ -303,6 +305,7 @@ def test_generate_labels_cell_is_not_a_step_and_labels_the_exported_image(kernel
     assert config["config"]["Labels"]["version"] == "2.0"
 
 
+@pytest.mark.btrfs_only  # kernel/completion.py reads the rootfs on the host: not yet on overlay (issue 24)
 def test_completion_of_a_relative_path_starts_at_the_shells_cwd(kernel):
     assert kernel.execute("mkdir -p /srv/site/htdocs; cd /srv/site", "c1").status == "ok"
     paths = kernel.kc.complete("ls htd", reply=True, timeout=15)["content"]
@@ -328,6 +331,7 @@ def _inspect(kernel, code: str) -> str:
     return reply["data"]["text/plain"]
 
 
+@pytest.mark.btrfs_only  # kernel/completion.py reads the rootfs on the host: not yet on overlay (issue 24)
 def test_inspection_shows_whatis_and_the_first_lines_of_help_from_the_snapshot(kernel):
     setup = kernel.execute(
         "mkdir -p /usr/share/man/man1\n"
@@ -346,6 +350,7 @@ def test_inspection_shows_whatis_and_the_first_lines_of_help_from_the_snapshot(k
     assert "Usage: ls" in _inspect(kernel, "ls")  # busybox's help of the applet
 
 
+@pytest.mark.btrfs_only  # kernel/completion.py reads the rootfs on the host: not yet on overlay (issue 24)
 def test_inspection_cuts_off_a_help_that_never_ends(kernel):
     slow = kernel.execute("printf '#!/bin/sh\\necho starting\\nsleep 1000\\n' > /usr/bin/slowpoke;"
                           " chmod +x /usr/bin/slowpoke", "slow")
