@@ -103,7 +103,7 @@ def pytest_generate_tests(metafunc):
                              ids=drivers, scope="module")
 
 
-def _overlay_root() -> Path:
+def overlay_root() -> Path:
     from stacker_kernel.storage import btrfs, driver
 
     root = Path(tempfile.mkdtemp(prefix="sk-overlay-", dir=OVERLAY_PARENT))
@@ -122,7 +122,7 @@ def driver_storage(request):
     if getattr(request, "param", "btrfs") != "overlay":
         yield Path(os.environ["STACKER_KERNEL_STORAGE"])
         return
-    root, before = _overlay_root(), os.environ["STACKER_KERNEL_STORAGE"]
+    root, before = overlay_root(), os.environ["STACKER_KERNEL_STORAGE"]
     os.environ["STACKER_KERNEL_STORAGE"] = str(root)
     try:
         yield root
@@ -183,7 +183,7 @@ def storage(request) -> Path:
 
     name = getattr(request, "param", "btrfs")
     if name == "overlay":
-        root = _overlay_root()
+        root = overlay_root()
         yield root
         driver.OverlayDriver().remove(root)
         return
