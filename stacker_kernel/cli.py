@@ -527,6 +527,7 @@ def cmd_build(args: argparse.Namespace, files: list[str] | None = None) -> int:
     if args.max_processes is not None:  # the containers read it where they start (container/limits.py)
         os.environ["STACKER_KERNEL_MAX_PROCESSES"] = str(args.max_processes)
     oci_dir = None if args.no_oci else (args.oci_dir or "oci")
+    _say_single_id_mode()
     for file in files:
         t0 = time.monotonic()
         with _open_store(args) as store, offline_base_hint(file):
@@ -659,9 +660,19 @@ def add_chroot(p: argparse.ArgumentParser) -> None:
     p.add_argument("cmd", nargs="?", help="the command to run instead of /bin/sh (as stacker chroot LAYER CMD)")
 
 
+def _say_single_id_mode() -> None:
+    """Before a build or chroot: the one line on single-id mode, if the user is in it."""
+    from stacker_kernel.container.userns import single_id_notice
+
+    notice = single_id_notice()
+    if notice:
+        print(notice, file=sys.stderr)
+
+
 def cmd_chroot(args: argparse.Namespace) -> int:
     from stacker_kernel.engine.build import chroot
 
+    _say_single_id_mode()
     with _open_store(args) as store:
         return chroot(store, args.file, args.layer, _substitutions(args.substitute), command=args.cmd)
 

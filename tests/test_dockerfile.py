@@ -365,6 +365,18 @@ def test_base_maps_a_from_image_to_another_source_by_name_or_normalized():
     assert r.layers["app"].from_.url == "docker://localhost:5000/alpine"
 
 
+def test_the_notebook_and_yaml_made_from_a_dockerfile_are_no_dockerfiles():
+    from stacker_kernel.recipe.dockerfile import is_dockerfile
+
+    assert is_dockerfile("Dockerfile") and is_dockerfile("app.Containerfile") and is_dockerfile("Dockerfile.dev")
+    assert not is_dockerfile("ctx/Dockerfile.ipynb") and not is_dockerfile("Dockerfile.yaml")
+
+
+def test_from_with_buildahs_docker_transport_is_that_image():
+    r = recipe("FROM docker://docker.io/library/busybox:1.36\n")
+    assert r.layers["app"].from_.url == "docker://docker.io/library/busybox:1.36"
+
+
 def test_a_stage_built_on_a_stage_inherits_its_environment_workdir_and_command():
     r = recipe("""
         FROM busybox AS base

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kernel_support import kernels  # noqa: F401 (fixture)
 from stacker_kernel.engine.build import build, layer_snapshot
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.dockerfile import DockerfileOptions
@@ -93,3 +94,56 @@ def test_a_root_build_never_copies_the_hosts_etc_shadow(storage, busybox_oci, tm
     _no_blob_holds(tmp_path / "oci", line)
     found = subprocess.run(["grep", "-rlF", line.decode(), str(root)], capture_output=True, text=True)
     assert found.stdout == ""
+
+
+def _as_notebook(ctx: Path, busybox_oci: str) -> Path:
+    """The context's Dockerfile made a notebook beside it, as `stacker-kernel import` and
+    JupyterLab's Open as stacker notebook make it."""
+    import nbformat
+
+    from stacker_kernel.engine.build import convert_dockerfile
+
+    nb_path = ctx / "Dockerfile.ipynb"
+    nb = convert_dockerfile(str(ctx / "Dockerfile"), str(nb_path),
+                            DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
+    nbformat.write(nbformat.from_dict(nb), nb_path)
+    return nb_path
+
+
+def test_a_notebook_made_from_a_dockerfile_keeps_its_copies_inside_the_context(storage, busybox_oci, tmp_path):
+    secret = tmp_path / "outside" / "shadow"
+    secret.parent.mkdir()
+    secret.write_text("host secret 6c2e\n")
+    ctx = _context(tmp_path, secret)
+    nb_path = _as_notebook(ctx, busybox_oci)
+    with Store.open(storage) as store:
+        build(store, str(nb_path), out=lambda s: None, stream=lambda s: None, oci_dir=str(tmp_path / "oci"))
+        root = layer_snapshot(store, str(nb_path), "image").path
+    from conftest import in_tree
+
+    assert in_tree(root, "s1").read_text() == "the context's own\n"
+    assert in_tree(root, "s2").read_text() == "the context's own\n"
+    _no_blob_holds(tmp_path / "oci", b"host secret 6c2e")
+
+
+def test_its_cells_run_in_the_kernel_keep_them_inside_the_context_too(busybox_oci, tmp_path, kernels):
+    import nbformat
+
+    from kernel_support import start_kernel
+
+    secret = tmp_path / "outside" / "shadow"
+    secret.parent.mkdir()
+    secret.write_text("host secret 7d3f\n")
+    ctx = _context(tmp_path, secret)
+    nb_path = _as_notebook(ctx, busybox_oci)
+    cells = [c for c in nbformat.read(nb_path, as_version=4).cells if c.cell_type == "code"]
+    k = start_kernel(nb_path, kernels)
+    try:
+        for cell in cells:
+            run = k.execute(cell.source, cell.id, timeout=120)
+            assert run.status == "ok", run.error
+        shown = k.execute("cat /s1 /s2", "show", timeout=120)
+        assert shown.text().split("\n")[:2] == ["the context's own", "the context's own"], shown.text()
+        assert "host secret" not in shown.text()
+    finally:
+        k.close()

@@ -98,3 +98,16 @@ def test_a_grab_never_follows_a_link_another_user_planted(share):
     grabbed = sk(ALICE, roots[ALICE], "grab", "-f", str(yaml), "base:/mine", str(folder / "out"), cwd=folder)
     assert "is a symbolic link another user made: not followed" in one_line_error(grabbed)
     assert list(private.iterdir()) == []
+    # Nor a link on the way to the destination: `out/sub/` would be made in Alice's folder.
+    grabbed = sk(ALICE, roots[ALICE], "grab", "-f", str(yaml), "base:/mine", str(folder / "out" / "sub") + "/",
+                 cwd=folder)
+    assert one_line_error(grabbed).endswith(f"{folder / 'out'} is a symbolic link another user made: not followed;"
+                                            " remove it or grab to another place")
+    assert list(private.iterdir()) == []
+    # A link of her own is hers to follow.
+    os.symlink(private, folder / "mine")
+    os.lchown(folder / "mine", alice.uid, alice.gid)
+    grabbed = sk(ALICE, roots[ALICE], "grab", "-f", str(yaml), "base:/mine", str(folder / "mine" / "sub") + "/",
+                 cwd=folder)
+    assert grabbed.returncode == 0, grabbed.stderr
+    assert (private / "sub" / "mine").read_text() == "mine\n"

@@ -30,7 +30,6 @@ from stacker_kernel.container.step import (
     SCRIPT_FD, SENTINEL_RE, WRAPPER_FD, OutputFilter, ShellState, StepResult, build_wrapper, carry_functions,
     encode_command, failure_message, format_sentinel, functions_to_check, is_shebang, parse_state_dump, step_user,
 )
-from stacker_kernel.container.userns import IdMap
 from stacker_kernel.errors import ContainerError
 from stacker_kernel.storage.store import process_start_time
 
@@ -100,16 +99,14 @@ class Container:
     def start(cls, config: ContainerConfig) -> "Container":
         """Start a container on `config.rootfs`; returns when it is ready for steps.
 
-        Raises ContainerError with the fix when it cannot start (no subordinate
-        id range, no user namespaces, no /bin/sh in the rootfs, a missing bind
-        source). Call it from a thread that outlives the container: the
+        Raises ContainerError with the fix when it cannot start (no user
+        namespaces, no /bin/sh in the rootfs, a missing bind source). Call it from a thread that outlives the container: the
         container dies with the thread that started it (PR_SET_PDEATHSIG).
         """
         if config.network not in ("host", "none"):
             raise ContainerError(f"unknown network mode {config.network!r}: use 'host' or 'none'")
         if not os.path.isdir(config.rootfs):
             raise ContainerError(f"the rootfs {config.rootfs} does not exist: create the layer's subvolume first")
-        IdMap.for_current_user()  # the subuid error, here rather than from the pty
         limit = config.max_processes or limits.max_processes()
         cgroup = limits.make_cgroup(limit)
         payload = json.dumps({

@@ -6,12 +6,19 @@ files keep their owners. The maps are written by the setuid helpers
 newuidmap/newgidmap (Debian's `uidmap`), which check /etc/subuid and
 /etc/subgid. Real root needs no subordinate ranges: it maps ids one to one.
 
+Single-id mode: a user with no subordinate range (or no newuidmap, or
+STACKER_KERNEL_SINGLE_ID=1) gets a namespace holding only their own uid/gid, as
+root, as `unshare -r` makes it; the caller writes that map itself. Every file
+is then owned by root inside, chown to other ids fails, setgroups is denied,
+and a tool `isolate` runs has no spare id to run as (README, Security).
+
 Everything here works in a forked, single-threaded child: unshare(CLONE_NEWUSER)
 fails with EINVAL in a process with several threads (ipykernel has several).
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import pickle
 import pwd
@@ -56,8 +63,12 @@ def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
     libc_call("prctl", ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), 0, 0, 0)
 
 
-NOBODY = 65534  # mapped in every user namespace this project makes (NS_SIZE ids)
+NOBODY = 65534  # mapped in every user namespace this project makes (NS_SIZE ids), but single-id ones
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECUREBITS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 28, 24, 47, 4
+# SECBIT_NOROOT, _NO_SETUID_FIXUP and _NO_CAP_AMBIENT_RAISE, and the lock bits of all four
+SECURE_ALL = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+SINGLE_ID_ENV = "STACKER_KERNEL_SINGLE_ID"
 
 
 def become_nobody() -> None:
@@ -70,6 +81,42 @@ def become_nobody() -> None:
     libc_call("prctl", ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), 0, 0, 0)
 
 
+def last_capability() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def drop_all_capabilities(last: int) -> None:
+    """For a root with no other id to become (a single-id namespace): keep the id
+    but give up every capability for good, so no chroot is climbed out of and no
+    mount is made or undone: empty bounding, ambient, inheritable, permitted and
+    effective sets, securebits that stop an exec as root (or a setuid file) from
+    giving any back, and no_new_privs. Needs CAP_SETPCAP (root of a namespace);
+    `last` is last_capability(), read while /proc is still there."""
+    def prctl(option: int, arg: int) -> None:
+        libc_call("prctl", ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0), 0, 0)
+
+    prctl(PR_SET_SECUREBITS, SECURE_ALL)
+    for cap in range(last + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}: all empty
+    libc_call("capset", header, data)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _ids_mapped() -> int:
+    """How many uids this process's user namespace holds (1 in single-id mode)."""
+    with open("/proc/self/uid_map") as f:
+        return sum(int(line.split()[2]) for line in f if line.strip())
+
+
+def in_single_id_namespace() -> bool:
+    """Whether this process runs in a user namespace that holds one id only."""
+    return _ids_mapped() == 1
+
+
 # A root-run kernel has no subordinate range to take an unused id from: its tools on
 # untrusted input run as this host id, which no account and no process should use
 # (README, Security). Below 2^31: some tools still read ids as signed.
@@ -79,12 +126,16 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 
 def isolated_id() -> int:
     """The id, as the calling namespace sees it, that `isolate` runs a tool as: the
-    namespace's nobody (a subordinate id) in a user namespace of ours, else
-    ISOLATED_HOST_ID, never the host's own nobody."""
+    namespace's nobody (a subordinate id) in a user namespace of ours, 0 in a
+    single-id namespace (there is no other id: the tool keeps root's id without
+    any capability), else ISOLATED_HOST_ID, never the host's own nobody."""
     with open("/proc/self/uid_map") as f:
         initial = f.read().split() == ["0", "0", "4294967295"]
     if not initial:
-        return NOBODY
+        if not in_single_id_namespace():
+            return NOBODY
+        _check_confinement_kernel()
+        return 0
     try:
         name = pwd.getpwuid(ISOLATED_HOST_ID).pw_name
     except KeyError:
@@ -102,10 +153,16 @@ def isolate(root: str | None = None, *, dev_and_tmp: bool = False, outside: int 
     gone with it) if `dev_and_tmp` and the image has those folders. A helper
     process outside waits for it and exits with its status, so the caller's Popen
     sees the tool's. Pass `outside` (isolated_id(), looked up before the fork)
-    from a process with threads."""
+    from a process with threads. With `outside` 0 (a single-id namespace) the new
+    namespace maps root only and the tool runs as that root without capabilities
+    (drop_all_capabilities), which is the user's own id on the host: what it could
+    reach is taken out of its view instead (_confine_single_id)."""
     outside = isolated_id() if outside is None else outside
-    ids = (IdRange(0, 0, 1), IdRange(NOBODY, outside, 1))
+    ids = (IdRange(0, 0, 1),) if outside == 0 else (IdRange(0, 0, 1), IdRange(NOBODY, outside, 1))
     enter_new_userns(IdMap(ids, ids, rootful=True), CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC)
+    last_cap = last_capability()
+    if outside == 0:
+        _confine_single_id(chroot=root is not None)
     if root is not None and dev_and_tmp:
         _dev_and_tmp(root)
     pid = os.fork()  # the first child of the new pid namespace is its pid 1
@@ -122,7 +179,66 @@ def isolate(root: str | None = None, *, dev_and_tmp: bool = False, outside: int 
     if root is not None:
         os.chroot(root)
         os.chdir("/")
-    become_nobody()
+    if outside == 0:
+        drop_all_capabilities(last_cap)
+    else:
+        become_nobody()
+
+
+# Where a user's own files and sockets are (ssh-agent, the D-Bus session, systemd --user):
+# hidden from a tool that runs as the user's own id (single-id mode).
+_HIDDEN = ("/home", "/root", "/run", "/var/run", "/var/tmp", "/dev/shm", "/proc", "/mnt", "/media", "/srv",
+           "/var/lib/stacker-kernel")
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442  # the same on every architecture
+_OPEN_TREE_CLONE, _AT_RECURSIVE, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x8000, 4
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 1, 2
+
+
+def _check_confinement_kernel(release: str | None = None) -> None:
+    """_confine_single_id needs mount_setattr (Linux 5.12): say so before the fork, where
+    an error still reaches the user."""
+    release = release or os.uname().release
+    try:
+        major, minor = (int(x) for x in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return  # an unusual version string: let the call tell
+    if (major, minor) < (5, 12):
+        raise ContainerError(f"Linux {release} cannot confine image tools in single-id mode (needs 5.12 or later "
+                             "for mount_setattr): upgrade the kernel, or give the user a subordinate id range")
+
+
+def _confine_single_id(chroot: bool) -> None:
+    """In isolate's new mount namespace, for a tool that keeps the user's own host id:
+    every mount read-only and nosuid; unless it is chrooted into an image, empty
+    read-only tmpfs over _HIDDEN and $HOME, and its working folder (fsck.erofs's
+    scratch, the one place it may write) moved over /tmp, which it runs in."""
+    syscall = _libc.syscall
+    syscall.restype = ctypes.c_long
+
+    def check(ret: int, what: str) -> int:
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        return ret
+
+    work = None
+    if not chroot:  # a detached copy of the working folder's mount, still writable
+        work = check(syscall(ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(-100), b".",
+                             ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC)), "open_tree")
+    attr = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)  # devices: /dev/null
+    check(syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(-100), b"/", ctypes.c_uint(_AT_RECURSIVE),
+                  attr, ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
+    if work is None:
+        return
+    ms_rdonly, ms_nosuid, ms_nodev = 1, 2, 4
+    for path in _HIDDEN + tuple(p for p in (os.environ.get("HOME"),) if p):
+        if os.path.isdir(path) and not os.path.islink(path):
+            libc_call("mount", b"tmpfs", path.encode(), b"tmpfs",
+                      ctypes.c_ulong(ms_rdonly | ms_nosuid | ms_nodev), b"size=4k")
+    check(syscall(ctypes.c_long(_SYS_MOVE_MOUNT), ctypes.c_int(work), b"", ctypes.c_int(-100), b"/tmp",
+                  ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH)), "move_mount")
+    os.close(work)
+    os.chdir("/tmp")
 
 
 def _dev_and_tmp(root: str) -> None:
@@ -159,6 +275,7 @@ class IdMap:
     uids: tuple[IdRange, ...]
     gids: tuple[IdRange, ...]
     rootful: bool
+    single: str = ""  # single-id mode: why (the line single_id_notice prints); "" for a full range
 
     def to_outside_uid(self, uid: int) -> int:
         return _translate(self.uids, uid)
@@ -179,6 +296,10 @@ class IdMap:
             name = str(uid)
         sub_u = _subordinate_start("/etc/subuid", name, uid)
         sub_g = _subordinate_start("/etc/subgid", name, uid)
+        why = _single_id_reason(name, sub_u, sub_g)
+        if why:  # only the user's own ids, as root (what `unshare -r` maps)
+            return cls((IdRange(0, uid, 1),), (IdRange(0, gid, 1),), rootful=False, single=why)
+        assert sub_u is not None and sub_g is not None
         return cls(
             (IdRange(0, uid, 1), IdRange(1, sub_u + 1, NS_SIZE - 1)),
             (IdRange(0, gid, 1), IdRange(1, sub_g + 1, NS_SIZE - 1)),
@@ -193,8 +314,58 @@ def _translate(ranges: tuple[IdRange, ...], ident: int) -> int:
     raise ValueError(f"id {ident} is not mapped")
 
 
-def _subordinate_start(path: str, name: str, uid: int) -> int:
-    """Start of the first range in `path` for this user that holds NS_SIZE ids."""
+def _single_id_reason(name: str, sub_u: int | None, sub_g: int | None) -> str:
+    """Why this user's namespaces hold only their own id, with the fix; "" if they need not."""
+    if os.environ.get(SINGLE_ID_ENV, "") not in ("", "0"):
+        return f"{SINGLE_ID_ENV} is set"
+    if sub_u is None or sub_g is None:
+        missing = " and ".join(p for p, s in (("/etc/subuid", sub_u), ("/etc/subgid", sub_g)) if s is None)
+        start = _free_subordinate_start()
+        ids = f"{start}-{start + NS_SIZE - 1}"
+        return (f"user {name} has no subordinate range of {NS_SIZE} ids in {missing}; for full mode, as root: "
+                f"usermod --add-subuids {ids} --add-subgids {ids} {name}")
+    for tool in ("newuidmap", "newgidmap"):
+        if _id_tool(tool) is None:
+            return f"{tool} is missing; for full mode, install Debian's uidmap package (apt-get install uidmap)"
+    return ""
+
+
+def single_id_notice() -> str | None:
+    """The one line that says this user builds in single-id mode, what it cannot do
+    and how to get the full mode; None with a full range (or as root)."""
+    if os.geteuid() == 0:
+        return None
+    why = IdMap.for_current_user().single
+    if not why:
+        return None
+    return (f"[single-id mode: {why}. The container holds only your own uid, as root: every file of the "
+            "image is owned by root, chown to other ids fails, setgroups is denied (apt cannot drop to "
+            "_apt: give it -o APT::Sandbox::User=root)]")
+
+
+def _free_subordinate_start() -> int:
+    """A start for a new range in /etc/subuid and /etc/subgid after every range there."""
+    end = 100000
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    parts = line.strip().split(":")
+                    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                        end = max(end, int(parts[1]) + int(parts[2]))
+        except OSError:
+            pass
+    return end
+
+
+def _id_tool(tool: str) -> str | None:
+    """The path of newuidmap/newgidmap: on PATH, else /usr/bin (a kernel's PATH may lack it)."""
+    exe = shutil.which(tool) or f"/usr/bin/{tool}"
+    return exe if os.path.exists(exe) else None
+
+
+def _subordinate_start(path: str, name: str, uid: int) -> int | None:
+    """Start of the first range in `path` for this user that holds NS_SIZE ids, if any."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -210,28 +381,45 @@ def _subordinate_start(path: str, name: str, uid: int) -> int:
             continue
         if count >= NS_SIZE:
             return start
-    raise ContainerError(
-        f"user {name} has no subordinate range of {NS_SIZE} ids in {path}: "
-        f"as root, add a line like '{name}:100000:{NS_SIZE}' to /etc/subuid and /etc/subgid "
-        f"(or run 'usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}')"
-    )
+    return None
 
 
 def write_maps(pid: int, idmap: IdMap) -> None:
     """Write the uid/gid maps of `pid`, which has just unshared its user namespace."""
-    if idmap.rootful:
+    if idmap.rootful or idmap.single:
+        if idmap.single:  # an unprivileged writer maps its own ids only, and gives up setgroups
+            with open(f"/proc/{pid}/setgroups", "w") as f:
+                f.write("deny")
         for kind, ranges in (("uid_map", idmap.uids), ("gid_map", idmap.gids)):
             with open(f"/proc/{pid}/{kind}", "w") as f:
                 f.write("".join(f"{r.inside} {r.outside} {r.count}\n" for r in ranges))
         return
     for tool, ranges in (("newuidmap", idmap.uids), ("newgidmap", idmap.gids)):
-        exe = shutil.which(tool) or f"/usr/bin/{tool}"
-        if not os.path.exists(exe):
+        exe = _id_tool(tool)
+        if exe is None:
             raise ContainerError(f"{tool} is missing: install Debian's uidmap package (apt-get install uidmap)")
         args = [exe, str(pid)] + [str(x) for r in ranges for x in (r.inside, r.outside, r.count)]
         res = subprocess.run(args, capture_output=True, text=True)
         if res.returncode != 0:
             raise ContainerError(f"{tool} refused the id map ({res.stderr.strip()}): check /etc/subuid and /etc/subgid")
+
+
+def _userns_refused(e: OSError) -> str:
+    """The one line for an unshare(CLONE_NEWUSER) the kernel refused: which setting, and its fix."""
+    if e.errno == errno.ENOSPC:  # user.max_user_namespaces (0: disabled), in this namespace or above
+        try:
+            with open("/proc/sys/user/max_user_namespaces") as f:
+                limit = f.read().strip()
+        except OSError:
+            limit = "?"
+        return (f"cannot create a user namespace: the limit user.max_user_namespaces ({limit} here) is reached "
+                "(0 disables them): as root, sysctl -w user.max_user_namespaces=15000")
+    if e.errno == errno.EPERM:
+        return ("cannot create a user namespace: unprivileged user namespaces are disabled: as root, "
+                "sysctl -w kernel.unprivileged_userns_clone=1 (Debian) or, on Ubuntu, allow them in AppArmor "
+                "(kernel.apparmor_restrict_unprivileged_userns=0)")
+    return (f"cannot create a user namespace ({e.strerror}): enable unprivileged user namespaces "
+            "(sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0)")
 
 
 def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
@@ -263,10 +451,7 @@ def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
         try:
             unshare(CLONE_NEWUSER)
         except OSError as e:
-            raise ContainerError(
-                f"cannot create a user namespace ({e.strerror}): enable unprivileged user namespaces "
-                "(sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0)"
-            ) from None
+            raise ContainerError(_userns_refused(e)) from None
         os.write(go_w, b"x")
         answer = os.read(done_r, 4096)
     finally:
@@ -275,7 +460,9 @@ def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
         os.waitpid(helper, 0)
     if answer != b"ok":
         raise ContainerError(answer.decode(errors="replace"))
-    os.setgroups([0])
+    with open("/proc/self/setgroups") as f:
+        if f.read().strip() == "allow":  # "deny" in (and under) a single-id namespace
+            os.setgroups([0])
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
     if flags:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from stacker_kernel.container.step import ShellState
+from stacker_kernel.engine import imports as imports_mod
 from stacker_kernel.engine.live import build_environment
 from stacker_kernel.engine.remote_cache import CacheSettings, RemoteCache
 from stacker_kernel.engine.session import BuildSession, Options, RecordedRecipe
@@ -38,6 +39,9 @@ def load_recipes(path: str, substitutions: dict[str, str] | None = None,
         nb = read_notebook(path)
         recipe = recipe_from_notebook(nb, Path(path).stem, substitutions or {})
         recipe.source_path = os.path.abspath(path)
+        context = imports_mod.notebook_context(nb, path)
+        if context is not None:
+            imports_mod.confine(recipe.layers.values(), context)
         return [recipe]
     from stacker_kernel.recipe.stacker_yaml import load_with_prerequisites
 
@@ -114,11 +118,7 @@ def load_dockerfile(path: str, options=None, warn: Printer | None = None) -> Rec
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
     recipe.source_path = os.path.abspath(path)
-    context = os.path.dirname(recipe.source_path)
-    for layer in recipe.layers.values():  # COPY sources resolve inside the context (engine/imports.py)
-        for imp in layer.imports:
-            if "://" not in imp.path and not os.path.isabs(imp.path):
-                imp.within = context
+    imports_mod.confine(recipe.layers.values(), os.path.dirname(recipe.source_path))
     return recipe
 
 
@@ -131,7 +131,8 @@ def convert_dockerfile(path: str, output: str, options=None, warn: Printer | Non
     context = os.path.relpath(os.path.dirname(os.path.abspath(path)),
                               os.path.dirname(os.path.abspath(output)))
     nb, name = _dockerfile_notebook(path, options, "" if context == "." else context, warn)
-    if not output.endswith((".yaml", ".yml")):
+    if not output.endswith((".yaml", ".yml")):  # a stacker.yaml has no context: stacker's imports
+        nb.setdefault("metadata", {}).setdefault("stacker", {})[imports_mod.CONTEXT_KEY] = context
         return nb
     try:
         return dump(recipe_from_notebook(nb, name))

@@ -7,7 +7,8 @@ step runs and cannot change the image:
   side (man pages are world-readable in an image; nothing runs);
 - `help_text` runs `COMMAND --help` chrooted into the read-only snapshot, as
   `nobody` of a user namespace whose nobody is an id the host does not use
-  (userns.isolate), with no capabilities and no_new_privs (a chroot alone
+  (userns.isolate; in single-id mode, root of that namespace holding only the
+  user's id), with no capabilities and no_new_privs (a chroot alone
   would not hold root), as pid 1 of its own pid namespace (it can signal no
   other process), in a new network namespace (no network), with stdin at
   /dev/null, a fresh /dev/null and an empty /tmp where the image has those

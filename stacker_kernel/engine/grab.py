@@ -393,6 +393,34 @@ def _grab_all_in_ns(root: str, paths: list[str], dest: str) -> Grabbed:
     return done
 
 
+def _planted(path: str) -> GrabError:
+    return GrabError(f"{path} is a symbolic link another user made: not followed; remove it or "
+                     "grab to another place")
+
+
+def _make_dirs(path: str) -> None:
+    """mkdir -p `path` on the host, as the caller, refusing a symbolic link on the way that
+    neither the caller nor root made: in a folder others can write (`share/out/` with `out`
+    theirs) it could lead anywhere of ours. Like the kernel's protected_symlinks, which
+    covers the last component only in sticky folders, this covers every one."""
+    done = "/"
+    for part in Path(path).parts[1:]:
+        done = os.path.join(done, part)
+        try:
+            try:
+                st = os.lstat(done)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(done, 0o777)  # the umask decides, as for any folder the user makes
+                    continue
+                except FileExistsError:
+                    st = os.lstat(done)
+        except OSError as e:
+            raise GrabError(f"cannot make the folder {done}: {e.strerror or e}") from e
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (os.geteuid(), 0):
+            raise _planted(done)
+
+
 def grab(snapshot_root: str | Path, path: str, dest: str | Path, into: bool | None = None) -> Grabbed:
     """Copy container path `path` out of a snapshot to host path `dest`, owned by the caller.
 
@@ -408,8 +436,8 @@ def grab(snapshot_root: str | Path, path: str, dest: str | Path, into: bool | No
     except FileNotFoundError:
         planted = False
     if planted:  # in a folder others can write, theirs could lead anywhere of ours
-        raise GrabError(f"{dest} is a symbolic link another user made: not followed; remove it or "
-                        "grab to another place")
+        raise _planted(dest)
+    _make_dirs(os.path.dirname(dest))
     if has_glob(path):
         matches = run_in_userns(_expand_in_ns, str(snapshot_root), path)
         if not matches:

@@ -76,6 +76,46 @@ def _in_context(imp, src: Path) -> Path:
                           f"{imp.within} (its symbolic links resolve inside it, as in Docker)") from None
 
 
+CONTEXT_KEY = "context"  # metadata.stacker.context of a notebook made from a Dockerfile
+
+
+def confine(layers, context: str) -> None:
+    """Have the relative local imports of `layers` resolve inside directory `context`
+    (a Dockerfile's build context), symlinks included, as Docker's COPY does."""
+    for layer in layers:
+        for imp in layer.imports:
+            if "://" not in imp.path and not os.path.isabs(imp.path):
+                imp.within = context
+
+
+def notebook_context(nb: dict, path: str) -> str | None:
+    """The build context of a notebook made from a Dockerfile (`stacker-kernel import`,
+    Open as stacker notebook), from its metadata.stacker.context (relative to the
+    notebook's folder), or None for any other notebook: its COPY cells stay confined
+    to the context, so a symlink in a cloned repository cannot copy ~/.ssh into the image."""
+    meta = ((nb.get("metadata") or {}).get("stacker") or {}) if isinstance(nb, dict) else {}
+    context = meta.get(CONTEXT_KEY) if isinstance(meta, dict) else None
+    if context is None:
+        return None
+    if not isinstance(context, str) or os.path.isabs(context):
+        raise RecipeError(f"{path}: the notebook's metadata \"stacker\" has a \"context\" that is not a "
+                          "folder relative to the notebook: fix it in the notebook's metadata")
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), context))
+
+
+def saved_notebook_context(path: str) -> str | None:
+    """notebook_context of the notebook saved at `path` (None when there is none or it is
+    not JSON: an unsaved notebook has no context)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            nb = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return notebook_context(nb, path)
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -703,7 +703,13 @@ class BuildSession:
 
     def _stage_imports(self) -> None:
         """Stage the layer's imports for the container, and land `dest` imports in the
-        rootfs before the layer's first step."""
+        rootfs before the layer's first step. A notebook made from a Dockerfile keeps its
+        imports inside the Dockerfile's build context (engine/imports.notebook_context)."""
+        from stacker_kernel.engine.imports import confine, saved_notebook_context
+
+        context = saved_notebook_context(self.session.name) if self.session.name.endswith(".ipynb") else None
+        if context is not None:
+            confine([self.layer], context)
         self._live.stage_imports(self.layer, self._run.base_dir, self._fetch_layer_path)
         if not self.layer_steps():
             self._land_dest_imports()

@@ -387,6 +387,7 @@ class StackerKernel(Kernel):
         """Open the notebook's build session on first use, found by its cells (the one
         being run and the saved notebook's: engine/identity.py); StorageError leaves it
         closed."""
+        from stacker_kernel.container.userns import single_id_notice
         from stacker_kernel.engine.identity import locate_notebook, notebook_cells
 
         if self.build is not None:
@@ -403,6 +404,9 @@ class StackerKernel(Kernel):
         line = identity_line(self.build, self.notebook)
         if line:
             publish.line(line)
+        notice = single_id_notice()
+        if notice:
+            publish.line(notice)
 
     def _moved_to(self, path: Path) -> None:
         if path != self.notebook:

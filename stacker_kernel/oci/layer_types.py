@@ -392,7 +392,8 @@ def fs_layer_to_tar(blob: str, media_type: str, out_tar: str, scratch_dir: str) 
         # fsck.erofs parses the image again, and an image it reads otherwise than we
         # do must not make it write anywhere else: it runs as a nobody the host does
         # not use, in a pid namespace of its own (userns.isolate), and may write only
-        # `tmp` (owners and modes come from `meta`, not from it).
+        # `tmp` (owners and modes come from `meta`, not from it). In single-id mode
+        # there is no such id (isolated_id() is 0): isolate confines it otherwise.
         tmp = tempfile.mkdtemp(prefix=".erofs-", dir=scratch_dir)
         nobody = isolated_id()
         try:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
+from stacker_kernel.container.userns import in_single_id_namespace
 from stacker_kernel.errors import ImageError
 
 PATH_MAX = 4096
@@ -284,6 +285,7 @@ class _Applier:
         self.warnings = _Warnings()
         self.dir_times: list[tuple[list[str], int]] = []
         self.free = self._free_bytes()
+        self.single_id = in_single_id_namespace()  # every owner becomes root (the one id there is)
 
     def _free_bytes(self) -> int:
         st = os.statvfs(self.root.fd)
@@ -483,12 +485,17 @@ class _Applier:
         Directory mtimes are only recorded here: set last, after their contents.
         """
         is_link = member.issym()
+        uid, gid = member.uid, member.gid
+        if self.single_id and (uid, gid) != (0, 0):
+            self.warnings.add("single-id", f"{member.name!r} of {self.src} is owned by {uid}:{gid} in the archive, "
+                              "by root here: in single-id mode every file is root's")
+            uid = gid = 0
         try:
             if fd is not None:
-                os.chown(fd, member.uid, member.gid)
+                os.chown(fd, uid, gid)
             else:
                 dirfd, name = at
-                os.chown(name, member.uid, member.gid, dir_fd=dirfd, follow_symlinks=False)
+                os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
         except OSError as e:
             self.warnings.add(f"chown-{e.errno}", f"could not give {member.name!r} of {self.src} the owner "
                               f"{member.uid}:{member.gid} ({e.strerror}): ids above 65535 are not mapped")

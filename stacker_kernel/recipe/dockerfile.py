@@ -74,6 +74,8 @@ def is_dockerfile(path: str) -> bool:
     """True for the names Docker and Podman build by default: `Dockerfile`,
     `Containerfile`, `Dockerfile.*`, `*.Dockerfile` (and the same for Containerfile)."""
     name = posixpath.basename(path.replace("\\", "/")).lower()  # docker build reads `dockerfile` too
+    if name.endswith((".ipynb", ".yaml", ".yml")):  # Dockerfile.ipynb is what Open as notebook writes
+        return False
     return any(name == base or name.startswith(base + ".") or name.endswith("." + base)
                for base in ("dockerfile", "containerfile"))
 
@@ -455,8 +457,8 @@ class _Translator:
         if source is None:
             norm = _normalize(image)
             source = next((v for k, v in self.bases.items() if _normalize(k) == norm), None)
-        if source is None:
-            return "docker " + _q("docker://" + image)
+        if source is None:  # buildah takes `FROM docker://busybox` too
+            return "docker " + _q("docker://" + image.removeprefix("docker://"))
         self.used_base_onbuild = self.base_onbuild.get(source, [])
         if source.startswith("oci:"):
             return "oci " + _q(source[4:])
