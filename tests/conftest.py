@@ -77,7 +77,8 @@ def busybox_tar(tmp_path_factory) -> Path:
 # $STACKER_KERNEL_STORAGE, as kernel_support's `kernels` does): pytest_generate_tests
 # gives each such test one parameter per driver. A test of a btrfs-only feature (subvolume
 # flags, ioctls, reflinked blobs) is marked `btrfs_only` with a one-line reason; the
-# modules below are wholly about btrfs and run on it alone.
+# modules below are wholly about btrfs and run on it alone. (Tests that make a btrfs of
+# their own, as test_full_disk and test_multiuser_storage do, take neither fixture.)
 BTRFS_ONLY_MODULES = {
     "test_btrfs",              # the btrfs ioctls and subvolume flags themselves
     "test_diff",               # oci/diff.py's tree walk between btrfs subvolumes it makes itself
@@ -104,6 +105,7 @@ def pytest_generate_tests(metafunc):
 
 
 def overlay_root() -> Path:
+    """A fresh, empty overlay storage folder on ext4 (the caller deletes it)."""
     from stacker_kernel.storage import btrfs, driver
 
     root = Path(tempfile.mkdtemp(prefix="sk-overlay-", dir=OVERLAY_PARENT))
