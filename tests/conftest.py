@@ -88,6 +88,9 @@ OVERLAY_ONLY_MODULES = {"test_overlay_store"}  # the overlay driver's layers the
 # Where overlay stores are made: on the machine's / (ext4), not on the btrfs storage.
 OVERLAY_PARENT = Path(os.environ.get("STACKER_KERNEL_OVERLAY_TEST_DIR", "/var/tmp"))
 DRIVERS = ["btrfs", "overlay"]
+# The machine's btrfs storage ($STACKER_KERNEL_STORAGE as the run began): driver_storage
+# points the variable elsewhere while a module's overlay tests run.
+BTRFS_STORAGE = os.environ.get("STACKER_KERNEL_STORAGE", "")
 
 
 def pytest_generate_tests(metafunc):
@@ -122,14 +125,14 @@ def driver_storage(request):
     from stacker_kernel.storage import driver
 
     if getattr(request, "param", "btrfs") != "overlay":
-        yield Path(os.environ["STACKER_KERNEL_STORAGE"])
+        yield Path(BTRFS_STORAGE)
         return
-    root, before = overlay_root(), os.environ["STACKER_KERNEL_STORAGE"]
+    root = overlay_root()
     os.environ["STACKER_KERNEL_STORAGE"] = str(root)
     try:
         yield root
     finally:
-        os.environ["STACKER_KERNEL_STORAGE"] = before
+        os.environ["STACKER_KERNEL_STORAGE"] = BTRFS_STORAGE
         driver.OverlayDriver().remove(root)
 
 
@@ -177,7 +180,7 @@ def is_frozen(tree: Path) -> bool:
 @pytest.fixture
 def storage(request) -> Path:
     """A fresh storage root, deleted (with its trees) afterwards: a directory under
-    $STACKER_KERNEL_STORAGE (btrfs), or, for the overlay parameter, a folder on ext4
+    the machine's $STACKER_KERNEL_STORAGE (btrfs), or, for the overlay parameter, a folder on ext4
     recorded for the overlay driver."""
     import uuid
 
@@ -189,8 +192,9 @@ def storage(request) -> Path:
         yield root
         driver.OverlayDriver().remove(root)
         return
-    root = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-{uuid.uuid4().hex}"
+    root = Path(BTRFS_STORAGE) / f"t-{uuid.uuid4().hex}"
     root.mkdir()
+    assert btrfs.is_btrfs(root), f"{root} is not on btrfs: STACKER_KERNEL_STORAGE names no btrfs storage"
     yield root
     btrfs.remove_tree(root)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import overlay_root
+from conftest import BTRFS_STORAGE, overlay_root
 from kernel_support import install_spec, start_kernel
 from stacker_kernel.cli import main
 from stacker_kernel.recipe.stacker_yaml import load
@@ -85,7 +85,7 @@ def demo(tmp_path_factory, driver_storage) -> DemoDir:
         yield DemoDir(notebook, work / "oci", storage)
         driver.OverlayDriver().remove(storage)
         return
-    storage = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-deb-{uuid.uuid4().hex}"
+    storage = Path(BTRFS_STORAGE) / f"t-deb-{uuid.uuid4().hex}"
     storage.mkdir()
     yield DemoDir(notebook, work / "oci", storage)
     btrfs.remove_tree(storage)

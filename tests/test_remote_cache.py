@@ -36,7 +36,7 @@ from stacker_kernel.oci.registry import auth_for, cache_tag
 from stacker_kernel.recipe.cells import CacheSource, parse_magic
 from stacker_kernel.storage import btrfs, driver
 from stacker_kernel.storage.store import Store
-from conftest import in_tree, overlay_root
+from conftest import BTRFS_STORAGE, in_tree, overlay_root
 
 REPO = Path(__file__).resolve().parent.parent
 CELLS = [
@@ -60,7 +60,7 @@ def _new_storage(driver_storage: Path) -> Path:
     on the btrfs storage, or an overlay storage folder of its own."""
     if driver.recorded(driver_storage) == "overlay":
         return overlay_root()
-    root = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-{uuid.uuid4().hex}"
+    root = Path(BTRFS_STORAGE) / f"t-{uuid.uuid4().hex}"
     root.mkdir()
     return root
 
