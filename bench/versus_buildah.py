@@ -26,7 +26,7 @@ buildah):
 - cold build with --cache-to: from scratch, pushing each step to a local
   docker-registry (a new repository each round), beside the same build without
 
-    STACKER_KERNEL_STORAGE=$(stacker-kernel storage-path) python bench/versus_buildah.py [--rounds N]
+    STACKER_KERNEL_STORAGE=$(stacker-kernel storage-path) python bench/versus_buildah.py [--rounds N] [--rows ROW...]
     (as root it runs itself as --as-user, $SUDO_USER or sktest, in that user's storage:
     the checkout must be readable by that user)
 """
@@ -50,6 +50,13 @@ from remote_cache import start_registry  # noqa: E402 (bench/remote_cache.py)
 
 from stacker_kernel.container.userns import run_in_userns  # noqa: E402
 from stacker_kernel.storage import btrfs  # noqa: E402
+
+# The rows, by the short name --rows takes.
+ROWS = {"rebuild": "rebuild after a late RUN changed", "cached": "fully cached", "scratch": "from scratch",
+        "cache-to": "cold build with --cache-to (vs without)",
+        "kept": "whole rootfs -> fresh OCI layout (layer kept)",
+        "anew": "whole rootfs -> fresh OCI layout (compressed anew)",
+        "erofs": "erofs layer, made anew (vs mkfs.erofs)"}
 
 DOCKERFILE = """FROM debian:12
 RUN cp -a /usr/share /opt/share && rm -rf /opt/share/doc
@@ -83,6 +90,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--buildah-driver", choices=("overlay", "vfs"), default="overlay")
     ap.add_argument("--as-user", help="run as root: the unprivileged user to run as (default $SUDO_USER, else sktest)")
+    ap.add_argument("--rows", nargs="+", choices=ROWS, metavar="ROW",
+                    help=f"only these rows (default all): {', '.join(ROWS)}")
     args = ap.parse_args()
     if os.geteuid() == 0:  # as users run both: again as an unprivileged user, in that user's storage
         user = args.as_user or os.environ.get("SUDO_USER") or "sktest"
@@ -91,7 +100,7 @@ def main() -> None:
                                  env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.strip()
         os.execvp("runuser", ["runuser", "-u", user, "--", "env", f"STACKER_KERNEL_STORAGE={storage}",
                               f"PYTHONPATH={REPO}", sys.executable, __file__, "--rounds", str(args.rounds),
-                              "--buildah-driver", args.buildah_driver])
+                              "--buildah-driver", args.buildah_driver, *(["--rows", *args.rows] if args.rows else [])])
     top = Path(os.environ["STACKER_KERNEL_STORAGE"])
     store = top / f"bench-{uuid.uuid4().hex[:12]}"
     store.mkdir()
@@ -137,15 +146,20 @@ def run(args, store: Path, work: Path, tar: Path):
     rows: dict[str, list[tuple[float, float]]] = {}
     notes: list[str] = []
 
-    def pair(name: str, ours, theirs, first_ours: bool) -> None:
+    def pair(row: str, ours, theirs, first_ours: bool) -> None:
         """Time both (thunks), in the given order: rounds alternate who goes first (a warm page cache)."""
+        if args.rows and row not in args.rows:
+            if row == "rebuild":  # untimed: the next row is a fully cached build of this round's change
+                ours()
+                theirs()
+            return
         if first_ours:
             a = ours()
             b = theirs()
         else:
             b = theirs()
             a = ours()
-        rows.setdefault(name, []).append((a, b))
+        rows.setdefault(ROWS[row], []).append((a, b))
 
     def dockerfile(d: Path, late: str) -> None:
         (d / "Dockerfile").write_text(DOCKERFILE.format(late=late))
@@ -162,17 +176,17 @@ def run(args, store: Path, work: Path, tar: Path):
             timed(sk + ["build", "-f", "Dockerfile", *base, "--oci-dir", "warm"], base_dir, env)  # layer kept again
             for d in (ours_dir, theirs_dir):
                 dockerfile(d, f"round-{r}")
-            pair("rebuild after a late RUN changed", lambda: timed(build, ours_dir, env),
+            pair("rebuild", lambda: timed(build, ours_dir, env),
                  lambda: timed(bud + ["-t", "app", "."], theirs_dir, benv), first)
-            pair("fully cached", lambda: timed(build, ours_dir, env),
+            pair("cached", lambda: timed(build, ours_dir, env),
                  lambda: timed(bud + ["-t", "app", "."], theirs_dir, benv), first)
-            pair("from scratch", lambda: timed(build + ["--no-cache"], ours_dir, env),
+            pair("scratch", lambda: timed(build + ["--no-cache"], ours_dir, env),
                  lambda: timed(bud + ["--no-cache", "-t", "app", "."], theirs_dir, benv), first)
-            pair("cold build with --cache-to (vs without)",
+            pair("cache-to",
                  lambda: timed(build + ["--no-cache", "--cache-to", f"docker://{reg}/bench/r{r}"], ours_dir, env),
                  lambda: timed(build + ["--no-cache"], ours_dir, env), first)
             fresh = base_dir / f"fresh-{r}"
-            pair("whole rootfs -> fresh OCI layout (layer kept)",
+            pair("kept",
                  lambda: timed(sk + ["build", "-f", "Dockerfile", *base, "--oci-dir", f"{fresh}-kept"], base_dir, env),
                  lambda: timed(["buildah", "push", "--quiet", "localhost/debian:12", f"oci:{fresh}-b1"],
                                base_dir, benv), first)
@@ -182,14 +196,14 @@ def run(args, store: Path, work: Path, tar: Path):
                     shutil.rmtree(store / "cache" / cache, ignore_errors=True)
                 return timed(sk + ["build", "-f", "Dockerfile", *base, *more, "--oci-dir", f"{fresh}-{name}"],
                              base_dir, env)
-            pair("whole rootfs -> fresh OCI layout (compressed anew)", anew,
+            pair("anew", anew,
                  lambda: timed(["buildah", "push", "--quiet", "localhost/debian:12", f"oci:{fresh}-b2"],
                                base_dir, benv), first)
             img = str(work / f"erofs-{r}.img")
-            pair("erofs layer, made anew (vs mkfs.erofs)",
+            pair("erofs",
                  lambda: anew("--layer-type", "erofs", "--no-verity", "--no-sbom", "--no-provenance", name="erofs"),
                  lambda: run_in_userns(_mkfs_erofs, rootfs, img), first)
-            os.unlink(img)
+            Path(img).unlink(missing_ok=True)  # not made when --rows leaves the erofs row out
             for d in base_dir.glob(f"fresh-{r}-*"):
                 shutil.rmtree(d, ignore_errors=True)
     finally:

@@ -226,7 +226,7 @@ def add_gc_choices(p: argparse.ArgumentParser) -> None:
                    help="also drop ended builds and kernels not used for AGE (e.g. 12h, 7d, 2w)")
     p.add_argument("--cache", action="store_true",
                    help="also empty the download caches (registry images, downloaded tars) and the "
-                        "export layer cache; builds fill them again")
+                        "export layer cache and SBOM parts; builds fill them again")
 
 
 def _say_spared(running) -> None:
@@ -483,7 +483,7 @@ def _attestations(args: argparse.Namespace):
 
 
 def _cache_settings(args: argparse.Namespace):
-    from stacker_kernel.engine.remote_cache import CacheSettings, configured
+    from stacker_kernel.engine.cache_settings import CacheSettings, configured
 
     defaults = configured()
     return CacheSettings(args.cache_from if args.cache_from is not None else defaults.cache_from,
@@ -631,14 +631,17 @@ def add_sbom(p: argparse.ArgumentParser) -> None:
 
 def cmd_sbom(args: argparse.Namespace) -> int:
     from stacker_kernel.engine.build import layer_snapshot
+    from stacker_kernel.engine.export import sbom_cache
     from stacker_kernel.engine.sbom import inventory
     from stacker_kernel.oci.export import source_date_epoch_from_env
     from stacker_kernel.oci.sbom import document_bytes, spdx_document
 
     with _open_store(args) as store:
         snap = layer_snapshot(store, args.file, args.layer)
-        inv = inventory(snap.path)
-    data = document_bytes(spdx_document(inv, snap.layer, source_date_epoch=source_date_epoch_from_env()))
+        cache = sbom_cache(store)
+        inv = inventory(snap.path, cache_dir=cache)
+    data = document_bytes(spdx_document(inv, snap.layer, source_date_epoch=source_date_epoch_from_env(),
+                                        cache_dir=cache))
     for note in inv.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.output:
@@ -852,8 +855,9 @@ COMMANDS: list[Command] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every registered subcommand."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand; with `command`, only that
+    one gets its options (each command's are many, and some import what they name)."""
     def storage_option(default: object) -> argparse.ArgumentParser:
         common = argparse.ArgumentParser(add_help=False)
         common.add_argument("--storage", metavar="DIR", default=default,
@@ -871,14 +875,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub_common = storage_option(argparse.SUPPRESS)
     for c in COMMANDS:
         p = sub.add_parser(c.name, help=c.help, description=c.help, parents=[sub_common])
-        c.add_arguments(p)
+        if command in (None, c.name):
+            c.add_arguments(p)
         p.set_defaults(run=c.run)
     return parser
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand `argv` names (its first word that is not a global option or an
+    option's value), None when it names none that exists."""
+    words = iter(argv)
+    for word in words:
+        if len(word) > 2 and any(o.startswith(word) for o in ("--storage", "--storage-driver")):
+            next(words, None)  # its value (argparse takes a long option's unambiguous prefix too)
+        elif not word.startswith("-"):
+            return word if word in {c.name for c in COMMANDS} else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     try:
         # Line by line also into a file or pipe (CI logs): a buffered line would be

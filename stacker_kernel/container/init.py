@@ -166,7 +166,16 @@ def setup_root(config: dict) -> list[StagedMount]:
         # A rootfs without them gains the empty directory, as LXC does.
         if not os.path.isdir(f"{root}/{d}"):
             os.mkdir(f"{root}/{d}", 0o555 if d != "dev" else 0o755)
-    mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    try:
+        mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except PermissionError:
+        # The kernel lets a user namespace mount a procfs only where the one it
+        # sees is not partly covered (fs/namespace.c, mnt_already_visible): a
+        # container runtime masks paths of /proc unless told otherwise.
+        raise ContainerError(
+            "cannot mount /proc for the build container: the container this kernel runs in masks "
+            "parts of /proc; run it unmasked (Kubernetes: securityContext.procMount: Unmasked; "
+            "podman: --security-opt unmask=/proc/*)") from None
     for name in PROC_READONLY:
         path = f"{root}/proc/{name}"
         if os.path.exists(path):
@@ -200,7 +209,13 @@ def setup_root(config: dict) -> list[StagedMount]:
         mount("tmpfs", f"{root}/sys/firmware", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     staged = _stage_binds(config, root)
     name = config.get("hostname", "stacker").encode()
-    userns.libc_call("sethostname", name, ctypes.c_size_t(len(name)))
+    try:
+        userns.libc_call("sethostname", name, ctypes.c_size_t(len(name)))
+    except PermissionError:
+        # Podman's default seccomp profile (and so a pod's, with that profile)
+        # refuses sethostname without CAP_SYS_ADMIN, even in a UTS namespace of
+        # our own: the step sees the pod's hostname then, in a namespace of its own.
+        pass
     os.chdir(root)
     nr = _SYS_PIVOT_ROOT.get(platform.machine())
     if nr is None:

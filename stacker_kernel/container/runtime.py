@@ -21,9 +21,7 @@ import threading
 import time
 import tty
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Callable
-
-import pexpect
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from stacker_kernel.container import limits
 from stacker_kernel.container.step import (
@@ -32,6 +30,9 @@ from stacker_kernel.container.step import (
 )
 from stacker_kernel.errors import ContainerError
 from stacker_kernel.storage.store import process_start_time
+
+if TYPE_CHECKING:  # imported where a container starts: a fully cached build starts none
+    import pexpect
 
 START_TIMEOUT = 60.0
 INIT_MODULE = "stacker_kernel.container.init"
@@ -118,6 +119,8 @@ class Container:
             "network": config.network, "hostname": config.hostname,
             "interrupt_grace": config.interrupt_grace, "engine_pid": os.getpid(),
         })
+        import pexpect
+
         try:
             child = pexpect.spawn(sys.executable, ["-P", "-m", INIT_MODULE, payload], echo=False,
                                   cwd="/", env=dict(os.environ), preexec_fn=_reset_signals)
@@ -345,6 +348,8 @@ class Container:
         except OSError:
             pidfd = None
         if self.alive and not self._running:
+            import pexpect
+
             try:  # init exits and P0 reaps it, so no zombie outlives stop()
                 self._send({"op": "exit"})
                 self.child.expect(pexpect.EOF, timeout=2)

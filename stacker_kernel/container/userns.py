@@ -4,7 +4,8 @@ Inside, root is the caller and ids 1..65535 are the caller's subordinate ids
 (inside id N is outside id SUBID_START + N), so `apt` can drop to `_apt` and
 files keep their owners. The maps are written by the setuid helpers
 newuidmap/newgidmap (Debian's `uidmap`), which check /etc/subuid and
-/etc/subgid. Real root needs no subordinate ranges: it maps ids one to one.
+/etc/subgid. Root needs no subordinate ranges: it maps the ids its own
+namespace holds one to one (all of them on a host, 65536 in a pod).
 
 Single-id mode: a user with no subordinate range (or no newuidmap, or
 STACKER_KERNEL_SINGLE_ID=1) gets a namespace holding only their own uid/gid, as
@@ -287,8 +288,7 @@ class IdMap:
     def for_current_user(cls) -> "IdMap":
         """The map for this process's user; a clear error if it has no subordinate range."""
         if os.geteuid() == 0:
-            full = (IdRange(0, 0, 4294967295),)
-            return cls(full, full, rootful=True)
+            return root_idmap()
         uid, gid = os.getuid(), os.getgid()
         try:
             name = pwd.getpwuid(uid).pw_name
@@ -305,6 +305,22 @@ class IdMap:
             (IdRange(0, gid, 1), IdRange(1, sub_g + 1, NS_SIZE - 1)),
             rootful=False,
         )
+
+
+def root_idmap() -> IdMap:
+    """Root's map: every id its own namespace holds, one to one. That is all 2^32
+    ids on a host, but only 0..65535 as root of a Kubernetes pod with
+    `hostUsers: false` or of `podman --userns=auto`: a map naming an id the
+    namespace lacks is refused (EPERM), so read what it holds."""
+    return IdMap(_held_ids("/proc/self/uid_map"), _held_ids("/proc/self/gid_map"), rootful=True)
+
+
+def _held_ids(path: str) -> tuple[IdRange, ...]:
+    """The extents of this process's namespace (`path` is its uid_map or gid_map),
+    each mapped onto itself."""
+    with open(path) as f:
+        rows = [line.split() for line in f if line.strip()]
+    return tuple(IdRange(int(r[0]), int(r[0]), int(r[2])) for r in rows)
 
 
 def _translate(ranges: tuple[IdRange, ...], ident: int) -> int:

@@ -33,12 +33,14 @@ class BuildContext:
     """What the provenance says an export was built from, besides the specs.
 
     `snapshots` maps a step snapshot's path to its store record (cell id, times);
-    `base_dir` is where the recipe's relative import paths start."""
+    `base_dir` is where the recipe's relative import paths start; `sbom_cache` is
+    where SBOMs keep what their packages give (oci/sbom.spdx_document)."""
     recipe: str
     stacker_yaml: str | None = None
     snapshots: dict[str, Any] | None = None
     base_dir: str | None = None
     substitutions: dict[str, str] | None = None
+    sbom_cache: str | None = None
 
 
 def _chain(spec: ImageSpec, by_name: dict[str, ImageSpec]) -> list[ImageSpec]:
@@ -136,8 +138,6 @@ def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx:
     `specs`) in `layout_dir`. ImageError when spdx-tools is missing for an SBOM."""
     if not which.any or not tags:
         return
-    from stacker_kernel.engine.sbom import inventory
-
     by_name = {s.name: s for s in specs}
     created = provenance.timestamp(source_date_epoch)
     inventories: dict[str, Any] = {}  # rootfs -> its packages: NAME and NAME-squashfs share one
@@ -150,14 +150,15 @@ def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx:
             continue  # an unchanged image keeps its documents: its rootfs and steps are the same
         documents: list[tuple[str, bytes]] = []
         if which.sbom:
+            from stacker_kernel.engine.sbom import inventory  # only for an image that changed
             from stacker_kernel.oci import sbom
 
             rootfs = image_rootfs(spec, by_name)
             if rootfs is not None:
                 if rootfs not in inventories:
-                    inventories[rootfs] = inventory(rootfs)
+                    inventories[rootfs] = inventory(rootfs, cache_dir=ctx.sbom_cache)
                 doc = sbom.spdx_document(inventories[rootfs], tag, subject_digest=digest,
-                                         source_date_epoch=source_date_epoch)
+                                         source_date_epoch=source_date_epoch, cache_dir=ctx.sbom_cache)
                 documents.append((sbom.MEDIA_TYPE, sbom.document_bytes(doc)))
         if which.provenance:
             statement = provenance.statement(tag, digest, _record(_chain(spec, by_name), ctx),

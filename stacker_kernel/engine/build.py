@@ -15,7 +15,7 @@ from typing import Any, Callable, NoReturn
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine import imports as imports_mod
 from stacker_kernel.engine.live import build_environment
-from stacker_kernel.engine.remote_cache import CacheSettings, RemoteCache
+from stacker_kernel.engine.cache_settings import CacheSettings
 from stacker_kernel.engine.session import BuildSession, Options, RecordedRecipe
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError
 from stacker_kernel.recipe.model import Layer, Recipe, first_line
@@ -237,7 +237,10 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     result = BuildResult(session)
     pushes_reported = False
     try:
-        session.remote_cache = RemoteCache.from_settings(cache or CacheSettings())
+        if cache is not None and cache.any:  # the registry client, only for a named cache
+            from stacker_kernel.engine.remote_cache import RemoteCache
+
+            session.remote_cache = RemoteCache.from_settings(cache)
         for recipe in recipes:
             base_dir = os.path.dirname(recipe.source_path or abspath)
             for name in recipe.dependency_order():

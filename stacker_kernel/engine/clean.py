@@ -115,8 +115,8 @@ def _size(path: Path) -> int:
 def prune_cache(store: Store, everything: bool = False) -> tuple[int, int]:
     """Delete from <root>/cache what nothing needs: the records and layer blobs of
     bases gc removed; with `everything`, also the download caches (registry images,
-    downloaded tars) and the export layer cache, which builds fill again on demand.
-    Returns (entries removed, bytes)."""
+    downloaded tars), the export layer cache and the SBOM parts, which builds fill
+    again on demand. Returns (entries removed, bytes)."""
     from stacker_kernel.oci.bases import _locked, base_layers, cache_root
 
     cache = cache_root(store)
@@ -152,7 +152,7 @@ def prune_cache(store: Store, everything: bool = False) -> tuple[int, int]:
                 drop(blob)
         if everything:
             with _locked(cache / "images.lock"):
-                for name in ("images", "downloads", "layers"):
+                for name in ("images", "downloads", "layers", "sbom"):
                     if (cache / name).exists():
                         drop(cache / name)
     return removed, freed

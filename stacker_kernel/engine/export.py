@@ -121,7 +121,8 @@ def export_session_oci(session, oci_dir: str, *, squash: bool = False,
                         annotations_namespace=annotations_namespace, stacker_yaml=stacker_yaml,
                         squash=squash, layer_cache=layer_cache(session.store), progress=progress,
                         layer_types=layer_types)
-    context = BuildContext(session.session.name, stacker_yaml, {str(s.path): s for s in history}, session.base_dir)
+    context = BuildContext(session.session.name, stacker_yaml, {str(s.path): s for s in history}, session.base_dir,
+                           sbom_cache=sbom_cache(session.store))
     attest_images(oci_dir, specs, tags, context, attestations, source_date_epoch=epoch)
     return tags
 
@@ -139,7 +140,8 @@ def export_stored_session(store: Store, sess: Session, oci_dir: str, *, layers: 
     tags = export_image(oci_dir, specs, source_date_epoch=epoch,
                         stacker_yaml=stacker_yaml, squash=squash, layer_cache=layer_cache(store),
                         progress=progress, layer_types=layer_types)
-    context = BuildContext(sess.name, stacker_yaml, {str(s.path): s for s in history}, os.path.dirname(sess.name))
+    context = BuildContext(sess.name, stacker_yaml, {str(s.path): s for s in history}, os.path.dirname(sess.name),
+                           sbom_cache=sbom_cache(store))
     attest_images(oci_dir, specs, tags, context, attestations, source_date_epoch=epoch)
     return tags
 
@@ -154,3 +156,8 @@ def prune_layer_cache(root) -> int:
 def layer_cache(store: Store) -> str:
     """Where the layers made from this store's snapshots are remembered."""
     return str(store.root / "cache" / "layers")
+
+
+def sbom_cache(store: Store) -> str:
+    """Where the SBOMs of this store's images keep what their packages give (oci/sbom.py)."""
+    return str(store.root / "cache" / "sbom")

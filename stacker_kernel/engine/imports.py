@@ -12,7 +12,6 @@ import hashlib
 import os
 import shutil
 import stat
-import urllib.request
 from pathlib import Path
 
 from stacker_kernel.errors import RecipeError
@@ -37,6 +36,8 @@ def _source_path(imp, base_dir: str, download_dir: Path, fetch_layer_path=None) 
     if path.startswith(("http://", "https://")):
         download_dir.mkdir(parents=True, exist_ok=True)
         dest = download_dir / (os.path.basename(path.rstrip("/")) or "download")
+        import urllib.request  # here: http.client, ssl and email take a cached build's start otherwise
+
         try:
             with urllib.request.urlopen(path, timeout=60) as r, open(dest, "wb") as f:
                 shutil.copyfileobj(r, f)

@@ -26,11 +26,10 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from stacker_kernel.container.step import ShellState
+from stacker_kernel.engine.cache_settings import CacheSettings, configured  # noqa: F401 (used from here too)
 from stacker_kernel.engine.cache_record import (
     BadRecord, check_fetched, redact_log, redact_state, restore_state, secret_env)
 from stacker_kernel.engine.live import build_environment
@@ -48,36 +47,6 @@ LOG_CAP = 2_000_000  # bytes of output kept in an entry (the replay shows as muc
 PUSH_QUEUE = 4  # steps made but not yet pushed, at most: a build further ahead waits for its uploads
 
 OutputFn = Callable[[str], None]
-
-
-@dataclass
-class CacheSettings:
-    """The cache URLs of a build or a kernel: flags, `%cache`, or the config file."""
-    cache_from: list[str] = field(default_factory=list)
-    cache_to: str | None = None
-    insecure: bool = False
-    authfile: str | None = None
-
-
-def configured(home: str | os.PathLike | None = None) -> CacheSettings:
-    """The defaults of ~/.config/stacker-kernel/config.json: "cache_from" (a URL or a
-    list), "cache_to" (a URL) and "cache_insecure" (true: as --insecure). Empty
-    settings when the file has none."""
-    from stacker_kernel.storage.location import config_file
-
-    path = config_file(home or Path.home())
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return CacheSettings()
-    except (OSError, ValueError) as e:
-        raise StorageError(f"{path} is not valid JSON ({e}): fix it") from None
-    sources = data.get("cache_from") or []
-    sources = [sources] if isinstance(sources, str) else list(sources)
-    target = data.get("cache_to") or None
-    if not all(isinstance(s, str) for s in sources) or not isinstance(target, (str, type(None))):
-        raise StorageError(f"{path}: cache_from must be a URL or a list of URLs and cache_to a URL")
-    return CacheSettings(sources, target, bool(data.get("cache_insecure", False)))
 
 
 def parent_key(parent: Snapshot | None) -> str:

@@ -6,10 +6,15 @@ a user namespace (the files belong to subordinate ids). Databases read:
 dpkg (`/var/lib/dpkg/status`, licences from the machine-readable
 `/usr/share/doc/PKG/copyright`), apk (`/lib/apk/db/installed`) and rpm (with
 the host's `rpm` tool, which is the only reader of its formats; without it the
-inventory says so in `notes`). Formats (SPDX) are oci/sbom.py's job.
+inventory says so in `notes`). Formats (SPDX) are oci/sbom.py's job. A committed
+snapshot's inventory is kept in the store's cache (it never changes), so an image
+exported again is not read again.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import stat
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.grab import GrabError, open_in_snapshot, resolve_at
 from stacker_kernel.engine.inspect import resolve_in_root
-from stacker_kernel.oci.sbom import DirSummary, Inventory, Package, Unowned
+from stacker_kernel.oci.sbom import DirSummary, Inventory, Package, Unowned, keep_recent
 from stacker_kernel.storage.btrfs import copy_data
 
 DPKG_STATUS = "/var/lib/dpkg/status"
@@ -46,10 +51,52 @@ class PackageChange:
     new: str = ""
 
 
-def inventory(root: str | os.PathLike, files: bool = True) -> Inventory:
+def inventory(root: str | os.PathLike, files: bool = True, cache_dir: str | None = None) -> Inventory:
     """The packages installed in the rootfs `root` (a snapshot); with `files`, also
-    the files no package owns, summarised. Runs in a user-namespace helper."""
-    return run_in_userns(_inventory_in_ns, os.fspath(root), files)
+    the files no package owns, summarised. Runs in a user-namespace helper.
+
+    With `cache_dir`, `root` is a committed snapshot of the store, which never changes:
+    its inventory is kept there, so exporting it again (into another layout, as
+    another layer type, by the `sbom` command) reads nothing of the rootfs."""
+    root = os.fspath(root)
+    kept = _kept_inventory(cache_dir, root, files) if cache_dir else None
+    if kept is not None:
+        try:
+            with open(kept, "rb") as f:
+                found = _inventory_of(json.load(f))
+            os.utime(kept)  # recently used: kept longest
+            return found
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    inv = run_in_userns(_inventory_in_ns, root, files)
+    if kept is not None and not inv.notes:  # a note says what could not be read: try again next time
+        keep_recent(kept, dataclasses.asdict(inv), _INVENTORIES_KEPT)
+    return inv
+
+
+_INVENTORIES_KEPT = 64
+_INVENTORY_FORMAT = 1  # bump when what an inventory holds or how it is read changes
+
+
+def _kept_inventory(cache_dir: str, root: str, files: bool) -> str | None:
+    """Where the inventory of snapshot `root` is kept: named by its path and its root
+    directory's inode times (a snapshot made again at the same path is another)."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    key = json.dumps([_INVENTORY_FORMAT, os.path.abspath(root), files, st.st_ino, st.st_ctime_ns, st.st_mtime_ns])
+    return os.path.join(cache_dir, "inventories", hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+
+def _inventory_of(data: dict) -> Inventory:
+    """An Inventory back from its JSON (dataclasses.asdict) form."""
+    unowned = data["unowned"]
+    return Inventory(
+        tuple(Package(**{**p, "licenses": tuple(p["licenses"])}) for p in data["packages"]),
+        None if unowned is None else Unowned(unowned["files"], unowned["size"],
+                                             tuple(DirSummary(**d) for d in unowned["top"])),
+        data["distro"], data["distro_version"], tuple(data["notes"]))
 
 
 def inventories(roots: list[str | os.PathLike]) -> list[Inventory]:
@@ -126,7 +173,7 @@ def _stanzas(text: str) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     current: dict[str, str] = {}
     for line in text.splitlines():
-        if not line.strip():
+        if not line or line.isspace():  # as `not line.strip()`, without a copy of every line
             if current:
                 out.append(current)
                 current = {}
@@ -288,13 +335,29 @@ def _copy_rpm_db(root: str, dbdir: str, names: list[str], dest: str) -> str:
 
 def _host_dir(root: str, directory: str, cache: dict[str, str]) -> str:
     """Container directory `directory` as a path relative to the rootfs, through its
-    symlinks (/bin/ls of a merged-/usr system is the file usr/bin/ls)."""
-    if directory not in cache:
+    symlinks (/bin/ls of a merged-/usr system is the file usr/bin/ls). A directory
+    that is no symlink, under a parent resolved before, is the parent's path and its
+    name: one lstat, where resolve_in_root walks every component again (a Debian
+    rootfs lists some 1,000 directories)."""
+    if directory in cache:
+        return cache[directory]
+    parent, _, name = directory.rpartition("/")
+    rel = None
+    if parent.startswith("/") and name not in ("", ".", "..") and "//" not in directory:
+        above = _host_dir(root, parent, cache)
+        candidate = name if above == "." else f"{above}/{name}"
         try:
-            cache[directory] = os.path.relpath(resolve_in_root(root, directory, missing_ok=True, clamp=True), root)
+            if not stat.S_ISLNK(os.lstat(os.path.join(root, candidate)).st_mode):
+                rel = candidate
+        except OSError:
+            pass  # missing: resolve_in_root says how it reads then
+    if rel is None:
+        try:
+            rel = os.path.relpath(resolve_in_root(root, directory, missing_ok=True, clamp=True), root)
         except GrabError:
-            cache[directory] = directory.strip("/")
-    return cache[directory]
+            rel = directory.strip("/")
+    cache[directory] = rel
+    return rel
 
 
 def _unowned(root: str, owned: list[str]) -> Unowned:
@@ -306,25 +369,47 @@ def _unowned(root: str, owned: list[str]) -> Unowned:
         owned_rel.add(os.path.normpath(os.path.join(rel, base)))
     count = total = 0
     per_dir: dict[str, list[int]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):  # never follows symlinks
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in filenames:
-            rel = os.path.normpath(os.path.join(rel_dir, name))
+    # As os.walk (no symlink followed into), with the paths joined once per directory:
+    # a rootfs has some 10,000 files, and this walk is most of an SBOM's time.
+    todo = [("", root)]
+    while todo:
+        rel_dir, path = todo.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        parts = rel_dir[:-1].split("/")[:2] if rel_dir else []
+        top = "/" + "/".join(parts) if parts else None  # files at the top get their own
+        n = size_sum = 0
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # through a symlink too: os.walk lists those as directories
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not entry.is_symlink():
+                    todo.append((rel_dir + entry.name + "/", entry.path))
+                continue
+            rel = rel_dir + entry.name
             if rel in owned_rel:
                 continue
             try:
-                st = os.lstat(os.path.join(dirpath, name))
+                size = entry.stat(follow_symlinks=False).st_size if entry.is_file(follow_symlinks=False) else 0
             except OSError:
                 continue
-            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-            count += 1
-            total += size
-            parts = rel.split("/")
-            top = "/" + "/".join(parts[:2] if len(parts) > 2 else parts[:1])
-            entry = per_dir.setdefault(top, [0, 0])
-            entry[0] += 1
-            entry[1] += size
+            if top is None:
+                entry_sum = per_dir.setdefault("/" + rel, [0, 0])
+                entry_sum[0] += 1
+                entry_sum[1] += size
+            n += 1
+            size_sum += size
+        count += n
+        total += size_sum
+        if top is not None and n:
+            entry_sum = per_dir.setdefault(top, [0, 0])
+            entry_sum[0] += n
+            entry_sum[1] += size_sum
     ranked = sorted(per_dir.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))[:_TOP_DIRS]
     return Unowned(count, total, tuple(DirSummary(d, n, s) for d, (n, s) in ranked))
 

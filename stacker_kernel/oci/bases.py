@@ -24,8 +24,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +146,9 @@ def _sha256_file(path: str | os.PathLike) -> str:
 
 def _download(url: str, dest_dir: Path) -> Path:
     """Download `url` into dest_dir (streamed); one clear ImageError on any failure."""
+    import urllib.error  # here: http.client, ssl and email take a cached build's start otherwise
+    import urllib.request
+
     dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".part-")
     try:

@@ -6,12 +6,15 @@ document is made, so the kernel starts fast; a broken install without it gets on
 ImageError that says how to install it. The document is deterministic: same
 inventory, name, subject and time give the same bytes (sorted JSON, a
 namespace derived from the content, the creation time from SOURCE_DATE_EPOCH).
+What a package list gives (most of the work) is kept and reused for the next
+image with the same packages (spdx_document's `cache_dir`).
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import json
+import os
 import re
 import sys
 import urllib.parse
@@ -175,29 +178,144 @@ def _spdx_id(prefix: str, text: str, used: set[str]) -> str:
     return candidate
 
 
-def _unowned_text(inv: Inventory) -> tuple[str, str]:
-    u = inv.unowned
-    assert u is not None
+def _unowned_text(u: Unowned) -> tuple[str, str]:
     summary = f"{u.files} files ({u.size} bytes) that no package database lists"
     lines = [f"{d.path}: {d.files} files, {d.size} bytes" for d in u.top]
     return summary, "Directories holding the most of them:\n" + "\n".join(lines) if lines else summary
 
 
 def spdx_document(inv: Inventory, name: str, *, subject_digest: str | None = None,
-                  source_date_epoch: int | None = None) -> dict[str, Any]:
+                  source_date_epoch: int | None = None, cache_dir: str | None = None) -> dict[str, Any]:
     """The SPDX 2.3 document (as JSON data) of the rootfs inventory `inv` of image or
     layer `name` (manifest `subject_digest`, when it is an exported image).
-    Validated with spdx-tools; ImageError when the library is missing."""
-    model, licensing, DocumentConverter, validate = _spdx()
-    noassert = model.SpdxNoAssertion()
+    Validated with spdx-tools; ImageError when the library is missing.
+
+    What the packages give (their entries, licence expressions, relationships: what
+    spdx-tools makes and validates, most of the time) is made once per package list
+    and, with `cache_dir`, kept there; this document's digest, time and unowned files
+    are then set in it. So a rebuild that changed no package loads no spdx-tools, and
+    its document is byte for byte the one made anew."""
+    with_subject = subject_digest is not None
+    try:
+        return _filled(_skeleton(inv, name, with_subject, cache_dir), inv, name, subject_digest, source_date_epoch)
+    except (KeyError, IndexError, TypeError, AttributeError):  # a kept part damaged (by hand): made again
+        return _filled(_skeleton(inv, name, with_subject, cache_dir, reuse=False), inv, name, subject_digest,
+                       source_date_epoch)
+
+
+# A document made with these stand-ins has every field the real values go into.
+_STAND_IN_DIGEST = "sha256:" + "0" * 64
+_STAND_IN_UNOWNED = Unowned(0, 0)
+_SKELETON_FORMAT = 1  # bump when _made or _filled change what they write
+_SKELETONS_KEPT = 32
+
+
+def _skeleton(inv: Inventory, name: str, with_subject: bool, cache_dir: str | None,
+              reuse: bool = True) -> dict[str, Any]:
+    """The document of `inv` with stand-ins for what _filled sets: from `cache_dir` when
+    it was made there before (by the same spdx-tools) and `reuse`, else made now and
+    kept there."""
+    path = None
+    versions = _library_versions() if cache_dir else None
+    if versions:
+        key = hashlib.sha256(json.dumps(
+            [_SKELETON_FORMAT, TOOL, versions, name, with_subject, [p.__dict__ for p in inv.packages],
+             inv.unowned is not None, inv.distro, inv.distro_version, list(inv.notes)],
+            sort_keys=True).encode()).hexdigest()
+        path = os.path.join(cache_dir, f"{key}.json")
+        if reuse:
+            try:
+                with open(path, "rb") as f:
+                    doc = json.load(f)
+                os.utime(path)  # recently used: kept longest
+                return doc
+            except (OSError, ValueError):
+                pass
+    doc = _made(inv, name, _STAND_IN_DIGEST if with_subject else None, 0,
+                _STAND_IN_UNOWNED if inv.unowned is not None else None)
+    if path is not None:
+        keep_recent(path, doc, _SKELETONS_KEPT)
+    return doc
+
+
+def _library_versions() -> list[str] | None:
+    """The installed spdx-tools and license-expression (their dist-info names, found
+    without importing them), None when either is missing."""
+    import importlib.util
+
+    found: list[str] = []
+    for package in ("spdx_tools", "license_expression"):
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            return None
+        where = spec and (spec.origin or next(iter(spec.submodule_search_locations or []), None))
+        if not where:
+            return None
+        site = os.path.dirname(os.path.dirname(where) if spec.origin else where)
+        try:
+            found += sorted(n for n in os.listdir(site) if n.startswith(f"{package}-") and n.endswith(".dist-info"))
+        except OSError:
+            return None
+    return found
+
+
+def keep_recent(path: str, data: Any, most: int) -> None:
+    """Write JSON `data` to the cache file `path` (atomically; a cache that cannot be
+    written is no error) and drop the least recently used .json files of its directory
+    beyond `most` (a reader touches what it uses)."""
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, sort_keys=True)
+        os.replace(tmp, path)
+        kept = [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".json")]
+        if len(kept) > most:
+            kept.sort(key=lambda p: os.stat(p).st_mtime_ns)
+            for old in kept[:-most]:
+                os.unlink(old)
+    except OSError:
+        pass
+
+
+def _namespace(inv: Inventory, name: str, subject_digest: str | None) -> str:
     identity = hashlib.sha256(json.dumps([name, subject_digest, [p.__dict__ for p in inv.packages],
                                           inv.unowned and inv.unowned.__dict__ and
                                           [inv.unowned.files, inv.unowned.size]], default=str,
                                          sort_keys=True).encode()).hexdigest()
+    return f"https://stacker-kernel.invalid/spdx/{re.sub(r'[^A-Za-z0-9._-]', '-', name)}-{identity}"
+
+
+def _image_purl(name: str, subject_digest: str) -> str:
+    return f"pkg:oci/{re.sub(r'[^A-Za-z0-9._-]', '-', name).lower()}@{subject_digest.replace(':', '%3A')}"
+
+
+def _filled(doc: dict[str, Any], inv: Inventory, name: str, subject_digest: str | None,
+            source_date_epoch: int | None) -> dict[str, Any]:
+    """`doc` (a skeleton) with the fields that differ between documents of the same
+    packages set as _made sets them (spdx-tools writes a time as ISO 8601 with a Z)."""
+    doc["creationInfo"]["created"] = _created(source_date_epoch).replace(microsecond=0).isoformat() + "Z"
+    doc["documentNamespace"] = _namespace(inv, name, subject_digest)
+    for package in doc["packages"]:
+        if package["SPDXID"] == "SPDXRef-Image" and subject_digest:
+            package["versionInfo"] = subject_digest
+            package["externalRefs"][0]["referenceLocator"] = _image_purl(name, subject_digest)
+        elif package["SPDXID"] == "SPDXRef-Unpackaged-Files" and inv.unowned is not None:
+            package["summary"], package["description"] = _unowned_text(inv.unowned)
+    return doc
+
+
+def _made(inv: Inventory, name: str, subject_digest: str | None, source_date_epoch: int | None,
+          unowned: Unowned | None) -> dict[str, Any]:
+    """The document made and validated by spdx-tools (with `unowned` for the inventory's)."""
+    model, licensing, DocumentConverter, validate = _spdx()
+    noassert = model.SpdxNoAssertion()
     comment = "; ".join(inv.notes) or None
     info = model.CreationInfo(
         spdx_version="SPDX-2.3", spdx_id="SPDXRef-DOCUMENT", name=f"{name} (stacker-kernel SBOM)",
-        document_namespace=f"https://stacker-kernel.invalid/spdx/{re.sub(r'[^A-Za-z0-9._-]', '-', name)}-{identity}",
+        document_namespace=_namespace(inv, name, subject_digest),
         creators=[model.Actor(model.ActorType.TOOL, TOOL)], created=_created(source_date_epoch),
         document_comment=comment)
     used: set[str] = {"SPDXRef-DOCUMENT", "SPDXRef-Image"}
@@ -209,7 +327,7 @@ def spdx_document(inv: Inventory, name: str, *, subject_digest: str | None = Non
     if subject_digest:
         image.external_references = [model.ExternalPackageRef(
             model.ExternalPackageRefCategory.PACKAGE_MANAGER, "purl",
-            f"pkg:oci/{re.sub(r'[^A-Za-z0-9._-]', '-', name).lower()}@{subject_digest.replace(':', '%3A')}")]
+            _image_purl(name, subject_digest))]
     packages = [image]
     relationships = [model.Relationship("SPDXRef-DOCUMENT", model.RelationshipType.DESCRIBES, "SPDXRef-Image")]
     extracted: dict[str, str] = {}
@@ -226,8 +344,8 @@ def spdx_document(inv: Inventory, name: str, *, subject_digest: str | None = Non
                                                           "purl", _purl(p))])
         packages.append(pkg)
         relationships.append(model.Relationship("SPDXRef-Image", model.RelationshipType.CONTAINS, pkg.spdx_id))
-    if inv.unowned is not None:
-        summary, description = _unowned_text(inv)
+    if unowned is not None:
+        summary, description = _unowned_text(unowned)
         rest = model.Package(spdx_id="SPDXRef-Unpackaged-Files", name="files no package owns",
                              download_location=noassert, files_analyzed=False, summary=summary,
                              description=description)

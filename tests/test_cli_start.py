@@ -1,0 +1,92 @@
+"""The CLI imports only what the command needs (issue 25: a cached build starts fast).
+
+Each check runs a fresh interpreter and looks at sys.modules, as a user's command
+starts: nothing here times anything."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stacker_kernel.cli import COMMANDS, build_parser, command_of
+
+# What a cached build of a Dockerfile or a plain notebook never needs: notebook
+# validation, the kernel and its widgets, SBOM and signing libraries (an SBOM is made
+# only for an image that changed), a container (none starts), an HTTP client (it
+# downloads nothing, and names no shared cache).
+NEVER_PACKAGES = {"nbformat", "jsonschema", "ipykernel", "ipywidgets", "spdx_tools", "cryptography", "pexpect",
+                  "http", "ssl", "email"}
+NEVER_OURS = {"stacker_kernel.kernel", "stacker_kernel.engine.sbom", "stacker_kernel.oci.registry",
+              "stacker_kernel.engine.remote_cache", "urllib.request"}
+
+
+def unneeded(loaded: set[str], more: set[str] = set()) -> set[str]:
+    return {m for m in loaded if m.split(".")[0] in NEVER_PACKAGES | more} | (NEVER_OURS & loaded)
+
+
+def modules_after(code: str, cwd: Path | None = None) -> set[str]:
+    """The modules a fresh interpreter has imported after running `code`."""
+    run = code + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
+    proc = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout.splitlines()[-1]))
+
+
+def test_parsing_a_build_command_adds_only_the_build_options():
+    loaded = modules_after("from stacker_kernel.cli import build_parser, command_of\n"
+                           "argv = ['--storage', '/x', 'build', '-f', 'Dockerfile', '--no-oci']\n"
+                           "args = build_parser(command_of(argv)).parse_args(argv)\n"
+                           "assert args.file == ['Dockerfile'] and args.no_oci and args.storage == '/x'\n")
+    # setup-storage and install name their defaults from these: not parsed, not imported
+    assert not {"stacker_kernel.storage.location", "stacker_kernel.kernel.install", "btrfs"} & loaded
+    assert not unneeded(loaded, {"yaml", "dockerfile"})
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["build", "-f", "x"], "build"),
+    (["--storage", "gc", "build"], "build"),  # an option's value is no command
+    (["--stor", "gc", "layers"], "layers"),  # nor a prefix's (argparse takes those)
+    (["--storage=gc", "sbom"], "sbom"),
+    (["--storage-driver", "btrfs", "clean", "."], "clean"),
+    (["-h"], None), ([], None), (["bogus", "build"], None),
+])
+def test_the_command_is_found_before_parsing(argv, command):
+    assert command_of(argv) == command
+
+
+def test_every_command_still_parses_its_own_options_and_help_lists_them_all(capsys):
+    for c in COMMANDS:
+        parser = build_parser(c.name)
+        sub = next(a for a in parser._actions if a.dest == "command").choices[c.name]
+        assert len(sub._actions) > 3 or c.name == "layers", c.name  # -h, --storage, --storage-driver + its own
+    with pytest.raises(SystemExit):
+        build_parser(None).parse_args(["--help"])
+    listed = capsys.readouterr().out
+    assert all(c.name in listed for c in COMMANDS)
+
+
+def test_a_cached_dockerfile_build_imports_no_notebook_kernel_or_sbom_library(storage, busybox_tar, tmp_path):
+    (tmp_path / "Dockerfile").write_text("FROM busybox\nRUN echo hi > /hi\n")
+    argv = ["--storage", str(storage), "build", "-f", "Dockerfile", "--base", f"busybox=tar:{busybox_tar}"]
+    build = f"import sys\nfrom stacker_kernel.cli import main\nassert main({argv!r}) == 0\n"
+    first = modules_after(build, tmp_path)  # runs the step, writes the OCI layout with its SBOM
+    assert unneeded(first) >= {"spdx_tools.spdx.model", "stacker_kernel.engine.sbom", "pexpect"}
+    assert not unneeded(modules_after(build, tmp_path))
+
+
+def test_a_cached_notebook_build_imports_no_nbformat_or_dockerfile_parser(storage, busybox_tar, tmp_path):
+    nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": "code", "id": "c1", "metadata": {}, "execution_count": None, "outputs": [],
+         "source": f"%layer app\n%from tar {busybox_tar}"},
+        {"cell_type": "code", "id": "c2", "metadata": {}, "execution_count": None, "outputs": [],
+         "source": "echo hi > /hi"}]}
+    (tmp_path / "app.ipynb").write_text(json.dumps(nb))
+    argv = ["--storage", str(storage), "build", "-f", "app.ipynb"]
+    build = f"from stacker_kernel.cli import main\nassert main({argv!r}) == 0\n"
+    modules_after(build, tmp_path)
+    assert not unneeded(modules_after(build, tmp_path), {"dockerfile"})
