@@ -102,9 +102,8 @@ def pytest_generate_tests(metafunc):
     drivers = ["btrfs"] if only_btrfs else ["overlay"] if module in OVERLAY_ONLY_MODULES else DRIVERS
     if names == ["storage"]:
         metafunc.parametrize("storage", drivers, indirect=True)
-    else:  # one driver for the module's kernels and for the test's own storage, if any
-        metafunc.parametrize(names, [(d,) * len(names) for d in drivers], indirect=True,
-                             ids=drivers, scope="module")
+    else:  # the test's own storage, if any, takes the driver of the module's kernels (`storage`)
+        metafunc.parametrize("driver_storage", drivers, indirect=True, scope="module")
 
 
 def overlay_root() -> Path:
@@ -186,7 +185,8 @@ def storage(request) -> Path:
 
     from stacker_kernel.storage import btrfs, driver
 
-    name = getattr(request, "param", "btrfs")
+    callspec = getattr(request.node, "callspec", None)
+    name = getattr(request, "param", None) or (callspec.params.get("driver_storage") if callspec else None)
     if name == "overlay":
         root = overlay_root()
         yield root
