@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import in_tree, is_frozen
 
 from stacker_kernel.container.userns import IdMap, run_in_userns
 from stacker_kernel.errors import ImageError
@@ -24,7 +25,6 @@ from stacker_kernel.oci.bases import base_config, base_image, import_base
 from stacker_kernel.oci.layout import OCILayout, parse_oci_ref
 from stacker_kernel.storage import btrfs, overlay
 from stacker_kernel.storage.store import Store
-from conftest import in_tree, is_frozen
 
 MTIME = 1600000000
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import in_tree, is_frozen
 
 from stacker_kernel.storage import overlay
 from stacker_kernel.storage.store import Store
-from conftest import in_tree, is_frozen
 
 STEPS = 10
 POINTS = int(os.environ.get("STACKER_KERNEL_CRASH_POINTS") or "8")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,9 +23,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import BTRFS_STORAGE, overlay_root
 from kernel_support import install_spec, start_kernel
+
 from stacker_kernel.cli import main
 from stacker_kernel.recipe.stacker_yaml import load
 

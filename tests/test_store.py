@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import in_tree, is_frozen
 
 from stacker_kernel import cli
 from stacker_kernel.errors import SessionBusyError, StorageError
 from stacker_kernel.storage.store import Snapshot, Store
-from conftest import in_tree, is_frozen
 
 
 @pytest.fixture
