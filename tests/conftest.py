@@ -5,7 +5,6 @@ range, deselecting `rootful` tests, and as root running only them. Tests are
 deselected rather than skipped so that a skip never hides a missing feature.
 """
 import os
-import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -70,26 +69,69 @@ def busybox_tar(tmp_path_factory) -> Path:
     return _busybox_rootfs_tar(tmp_path_factory.mktemp("busybox") / "busybox.tar")
 
 
-# Test modules whose `storage` tests run on both storage drivers (storage/driver.py):
-# btrfs (the root-prepared storage) and overlay (a folder on ext4). Add a module
-# here once its tests pass on overlay.
-BOTH_DRIVERS = {"test_engine", "test_grab", "test_export", "test_build", "test_sbom", "test_remote_cache",
-                "test_shell_state", "test_shell_fail", "test_imports_cp", "test_cli_recipe", "test_substitution",
-                "test_concurrency", "test_hostile", "test_limits", "test_layer_types", "test_oci_hostile",
-                "test_export_reuse", "test_headless", "test_headless_magics", "test_publish", "test_status",
-                "test_walkthrough", "test_acceptance", "test_single_id"}
-# More, for a run that tries them: STACKER_KERNEL_TEST_BOTH_DRIVERS=test_diff,test_sbom
-BOTH_DRIVERS |= {m for m in os.environ.get("STACKER_KERNEL_TEST_BOTH_DRIVERS", "").split(",") if m}
-BOTH_DRIVERS |= {"test_completion_drivers"}
+# Every test whose storage matters runs on both storage drivers (storage/driver.py):
+# btrfs (the root-prepared storage) and overlay (a folder on ext4). Storage matters to a
+# test that takes the `storage` fixture (a fresh storage root of the driver) or
+# `driver_storage` (the storage of the kernels and commands that use
+# $STACKER_KERNEL_STORAGE, as kernel_support's `kernels` does): pytest_generate_tests
+# gives each such test one parameter per driver. A test of a btrfs-only feature (subvolume
+# flags, ioctls, reflinked blobs) is marked `btrfs_only` with a one-line reason; the
+# modules below are wholly about btrfs and run on it alone. (Tests that make a btrfs of
+# their own, as test_full_disk and test_multiuser_storage do, take neither fixture.)
+BTRFS_ONLY_MODULES = {
+    "test_btrfs",              # the btrfs ioctls and subvolume flags themselves
+    "test_diff",               # oci/diff.py's tree walk between btrfs subvolumes it makes itself
+    "test_storage_setup",      # root's setup-storage: the btrfs image and its mount options
+}
+OVERLAY_ONLY_MODULES = {"test_overlay_store"}  # the overlay driver's layers themselves
 # Where overlay stores are made: on the machine's / (ext4), not on the btrfs storage.
 OVERLAY_PARENT = Path(os.environ.get("STACKER_KERNEL_OVERLAY_TEST_DIR", "/var/tmp"))
+DRIVERS = ["btrfs", "overlay"]
+# The machine's btrfs storage ($STACKER_KERNEL_STORAGE as the run began): driver_storage
+# points the variable elsewhere while a module's overlay tests run.
+BTRFS_STORAGE = os.environ.get("STACKER_KERNEL_STORAGE", "")
 
 
 def pytest_generate_tests(metafunc):
     module = metafunc.module.__name__.rpartition(".")[2]
-    if "storage" in metafunc.fixturenames and module in BOTH_DRIVERS:
-        only_btrfs = metafunc.definition.get_closest_marker("btrfs_only") is not None
-        metafunc.parametrize("storage", ["btrfs"] if only_btrfs else ["btrfs", "overlay"], indirect=True)
+    names = [n for n in ("storage", "driver_storage") if n in metafunc.fixturenames]
+    if not names or module in BTRFS_ONLY_MODULES:
+        return
+    only_btrfs = metafunc.definition.get_closest_marker("btrfs_only") is not None
+    drivers = ["btrfs"] if only_btrfs else ["overlay"] if module in OVERLAY_ONLY_MODULES else DRIVERS
+    if names == ["storage"]:
+        metafunc.parametrize("storage", drivers, indirect=True)
+    else:  # the test's own storage, if any, takes the driver of the module's kernels (`storage`)
+        metafunc.parametrize("driver_storage", drivers, indirect=True, scope="module")
+
+
+def overlay_root() -> Path:
+    """A fresh, empty overlay storage folder on ext4 (the caller deletes it)."""
+    from stacker_kernel.storage import btrfs, driver
+
+    root = Path(tempfile.mkdtemp(prefix="sk-overlay-", dir=OVERLAY_PARENT))
+    assert not btrfs.is_btrfs(root), f"{OVERLAY_PARENT} is on btrfs: set STACKER_KERNEL_OVERLAY_TEST_DIR"
+    driver.choose(root, "overlay")
+    return root
+
+
+@pytest.fixture(scope="module")
+def driver_storage(request):
+    """The storage that $STACKER_KERNEL_STORAGE names while the tests of one module run (the
+    one kernels and commands of the test build on): the machine's btrfs storage, or, for
+    the overlay parameter, a fresh overlay storage folder on ext4, deleted afterwards."""
+    from stacker_kernel.storage import driver
+
+    if getattr(request, "param", "btrfs") != "overlay":
+        yield Path(BTRFS_STORAGE)
+        return
+    root = overlay_root()
+    os.environ["STACKER_KERNEL_STORAGE"] = str(root)
+    try:
+        yield root
+    finally:
+        os.environ["STACKER_KERNEL_STORAGE"] = BTRFS_STORAGE
+        driver.OverlayDriver().remove(root)
 
 
 def in_tree(tree: Path, rel: str) -> Path:
@@ -102,25 +144,56 @@ def in_tree(tree: Path, rel: str) -> Path:
     return found if found is not None else tree / rel
 
 
+def _copy_union(tree: str, dest: str) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    subprocess.run(["cp", "-a", "--", tree, dest], check=True)
+
+
+def host_view(tree: Path) -> Path:
+    """A directory on the host that holds snapshot `tree` as the container sees it, owners
+    and all, for a test that walks or lists it: the tree itself on btrfs; on overlay, a
+    copy of its union made once beside the storage's trees (deleted with the storage)."""
+    from stacker_kernel.container.userns import run_in_userns
+    from stacker_kernel.storage import overlay
+
+    if overlay.read_stack(tree) is None:
+        return tree
+    dest = tree.parent.parent / "test-views" / f"{tree.parent.name}-{tree.name}"
+    if not dest.exists():
+        run_in_userns(_copy_union, str(tree), str(dest))
+    return dest
+
+
+def is_frozen(tree: Path) -> bool:
+    """Whether snapshot or base `tree` of either driver can no longer change: a read-only
+    btrfs subvolume, or an overlay stack without an upper directory."""
+    from stacker_kernel.storage import btrfs, driver, overlay
+
+    if driver.of_root(tree.parent.parent).name == "btrfs":
+        return btrfs.is_readonly(tree)
+    stack = overlay.read_stack(tree)
+    return stack is not None and stack.upper is None and all(os.path.isdir(layer) for layer in stack.layers)
+
+
 @pytest.fixture
 def storage(request) -> Path:
     """A fresh storage root, deleted (with its trees) afterwards: a directory under
-    $STACKER_KERNEL_STORAGE (btrfs), or, for the overlay parameter, a folder on ext4
+    the machine's $STACKER_KERNEL_STORAGE (btrfs), or, for the overlay parameter, a folder on ext4
     recorded for the overlay driver."""
     import uuid
 
     from stacker_kernel.storage import btrfs, driver
 
-    name = getattr(request, "param", "btrfs")
+    callspec = getattr(request.node, "callspec", None)
+    name = getattr(request, "param", None) or (callspec.params.get("driver_storage") if callspec else None)
     if name == "overlay":
-        root = Path(tempfile.mkdtemp(prefix="sk-overlay-", dir=OVERLAY_PARENT))
-        assert not btrfs.is_btrfs(root), f"{OVERLAY_PARENT} is on btrfs: set STACKER_KERNEL_OVERLAY_TEST_DIR"
-        driver.choose(root, "overlay")
+        root = overlay_root()
         yield root
         driver.OverlayDriver().remove(root)
         return
-    root = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-{uuid.uuid4().hex}"
+    root = Path(BTRFS_STORAGE) / f"t-{uuid.uuid4().hex}"
     root.mkdir()
+    assert btrfs.is_btrfs(root), f"{root} is not on btrfs: STACKER_KERNEL_STORAGE names no btrfs storage"
     yield root
     btrfs.remove_tree(root)
 

@@ -3,7 +3,9 @@
 The kernel runs for real: its spec is installed into a temporary kernels
 directory (never the user's Jupyter path), it is started the way
 jupyter_server starts it (cwd = the notebook's directory, JPY_SESSION_NAME =
-the notebook path), and it builds on the storage of $STACKER_KERNEL_STORAGE.
+the notebook path), and it builds on the storage of $STACKER_KERNEL_STORAGE: for a
+module's tests that take `kernels`, once on the machine's btrfs storage and once on an
+overlay storage (conftest's `driver_storage`).
 """
 from __future__ import annotations
 
@@ -56,8 +58,9 @@ BASE = "%from tar busybox.tar"
 
 # Fixtures shared by the kernel test modules (each imports the ones it uses).
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory) -> Path:
-    """A kernels directory holding the "stacker" spec, for the tests of one module."""
+def kernels(tmp_path_factory, driver_storage) -> Path:
+    """A kernels directory holding the "stacker" spec, for the tests of one module; its
+    kernels build on `driver_storage` (each storage driver in turn)."""
     return install_spec(tmp_path_factory.mktemp("jupyter"))
 
 

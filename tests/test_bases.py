@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import in_tree, is_frozen
 
-from stacker_kernel.container.userns import IdMap
+from stacker_kernel.container.userns import IdMap, run_in_userns
 from stacker_kernel.errors import ImageError
 from stacker_kernel.oci.bases import base_config, base_image, import_base
 from stacker_kernel.oci.layout import OCILayout, parse_oci_ref
-from stacker_kernel.storage import btrfs
+from stacker_kernel.storage import btrfs, overlay
 from stacker_kernel.storage.store import Store
 
 MTIME = 1600000000
@@ -95,6 +96,22 @@ def make_layout(layout: Path, tag: str, layers: list[bytes], env: list[str] | No
     return mdesc
 
 
+def listdir(path: Path) -> list[str]:
+    """The names in directory `path` of a base, as the container sees them (an overlay
+    base is shown as its union)."""
+    return run_in_userns(os.listdir, str(path))
+
+
+def made(tree: Path) -> tuple:
+    """What tells one making of base `tree` from another: its btrfs subvolume's uuid, or
+    the inode and change time of its overlay layer directory."""
+    stack = overlay.read_stack(tree)
+    if stack is None:
+        return btrfs.subvolume_info(tree).uuid
+    st = os.stat(stack.layers[0])
+    return stack.layers, st.st_ino, st.st_ctime_ns
+
+
 def owner(path: Path) -> tuple[int, int]:
     st = os.lstat(path)
     return st.st_uid, st.st_gid
@@ -109,8 +126,8 @@ def container_root() -> tuple[int, int]:
 
 def test_scratch_is_an_empty_read_only_subvolume(store):
     snap = import_base(store, Src("scratch"))
-    assert snap.id == "scratch" and os.listdir(snap.path) == []
-    assert btrfs.is_readonly(snap.path)
+    assert snap.id == "scratch" and listdir(snap.path) == []
+    assert is_frozen(snap.path)
 
 
 @pytest.mark.parametrize("compress", ["none", "gzip", "xz", "zstd"])
@@ -123,17 +140,17 @@ def test_busybox_tar_imports_in_every_compression(store, busybox_tar, tmp_path, 
     path.write_bytes(packed)
     snap = import_base(store, Src("tar", str(path)))
     assert snap.id == "tar-sha256-" + hashlib.sha256(packed).hexdigest()
-    assert btrfs.is_readonly(snap.path)
-    assert os.readlink(snap.path / "bin/sh") == "/bin/busybox"
-    assert owner(snap.path / "bin/busybox") == container_root()
+    assert is_frozen(snap.path)
+    assert os.readlink(in_tree(snap.path, "bin/sh")) == "/bin/busybox"
+    assert owner(in_tree(snap.path, "bin/busybox")) == container_root()
 
 
 def test_same_tar_twice_reuses_the_snapshot_without_extracting(store, busybox_tar):
     first = import_base(store, Src("tar", str(busybox_tar)))
-    uuid_before = btrfs.subvolume_info(first.path).uuid
+    made_before = made(first.path)
     second = import_base(store, Src("tar", str(busybox_tar)))
     assert second.id == first.id
-    assert btrfs.subvolume_info(second.path).uuid == uuid_before
+    assert made(second.path) == made_before
     assert [s.id for s in store.snapshots() if s.kind == "base"] == [first.id]
 
 
@@ -176,7 +193,7 @@ def test_tar_from_http_url_is_downloaded_and_imported(store, busybox_tar):
     finally:
         server.shutdown()
     assert snap.id == "tar-sha256-" + hashlib.sha256(busybox_tar.read_bytes()).hexdigest()
-    assert (snap.path / "etc/passwd").exists()
+    assert in_tree(snap.path, "etc/passwd").exists()
 
 
 def test_unreachable_tar_url_is_one_clear_error(store):
@@ -214,7 +231,7 @@ def test_device_node_in_base_tar_becomes_an_empty_file_with_a_warning(store, tmp
     (tmp_path / "dev.tar").write_bytes(buf.getvalue())
     warnings: list[str] = []
     snap = import_base(store, Src("tar", str(tmp_path / "dev.tar")), warn=warnings.append)
-    assert stat.S_ISREG(os.lstat(snap.path / "null").st_mode)
+    assert stat.S_ISREG(os.lstat(in_tree(snap.path, "null")).st_mode)
     assert len(warnings) == 1 and "null" in warnings[0]
 
 
@@ -227,13 +244,13 @@ def test_device_node_in_base_tar_is_an_empty_file_even_as_real_root(store, tmp_p
         tar.addfile(ti)
     (tmp_path / "dev.tar").write_bytes(buf.getvalue())
     snap = import_base(store, Src("tar", str(tmp_path / "dev.tar")))
-    assert stat.S_ISREG(os.lstat(snap.path / "null").st_mode)  # never a device from a layer (issue 13)
+    assert stat.S_ISREG(os.lstat(in_tree(snap.path, "null")).st_mode)  # never a device from a layer (issue 13)
 
 
 @pytest.mark.rootful
 def test_busybox_tar_imports_as_real_root_owned_by_root(store, busybox_tar):
     snap = import_base(store, Src("tar", str(busybox_tar)))
-    assert owner(snap.path / "etc/passwd") == (0, 0)
+    assert owner(in_tree(snap.path, "etc/passwd")) == (0, 0)
 
 
 # --- oci layouts -----------------------------------------------------------------------------
@@ -252,8 +269,8 @@ def test_busybox_oci_layout_made_by_umoci_imports(store, busybox_tar, tmp_path):
     snap = import_base(store, Src("oci", f"{layout}:busybox"))
     digest = OCILayout(layout).resolve("busybox").manifest_digest
     assert snap.id == "oci-" + digest.split(":")[1]
-    assert os.readlink(snap.path / "bin/ls") == "/bin/busybox"
-    assert owner(snap.path / "bin/busybox") == container_root()
+    assert os.readlink(in_tree(snap.path, "bin/ls")) == "/bin/busybox"
+    assert owner(in_tree(snap.path, "bin/busybox")) == container_root()
     assert "GREETING=hi" in base_config(store, snap)["config"]["Env"]
 
 
@@ -264,17 +281,17 @@ def test_whiteouts_and_opaque_directories_apply_across_layers(store, tmp_path):
                        ("opq/.wh..wh..opq", b""), ("opq/new", b"5")])
     make_layout(tmp_path / "oci", "two", [lower, upper])
     snap = import_base(store, Src("oci", f"{tmp_path / 'oci'}:two"))
-    assert sorted(os.listdir(snap.path)) == ["etc", "opq"]
-    assert os.listdir(snap.path / "etc") == ["keep"]
-    assert os.listdir(snap.path / "opq") == ["new"]
+    assert sorted(listdir(snap.path)) == ["etc", "opq"]
+    assert listdir(snap.path / "etc") == ["keep"]
+    assert listdir(snap.path / "opq") == ["new"]
 
 
 def test_same_manifest_twice_reuses_the_snapshot(store, tmp_path):
     make_layout(tmp_path / "oci", "t", [tar_bytes([("f", b"x")])])
     first = import_base(store, Src("oci", f"{tmp_path / 'oci'}:t"))
-    uuid_before = btrfs.subvolume_info(first.path).uuid
+    made_before = made(first.path)
     second = import_base(store, Src("oci", f"{tmp_path / 'oci'}:t"))
-    assert second.id == first.id and btrfs.subvolume_info(second.path).uuid == uuid_before
+    assert second.id == first.id and made(second.path) == made_before
 
 
 def test_oci_base_config_is_kept_for_the_engine(store, tmp_path):
@@ -340,7 +357,7 @@ def test_oci_reference_without_tag_is_refused():
 def test_docker_source_with_oci_url_goes_through_skopeo(store, tmp_path):
     make_layout(tmp_path / "src", "img", [tar_bytes([("hello", b"from skopeo")])], env=["X=1"])
     snap = import_base(store, Src("docker", f"oci:{tmp_path / 'src'}:img"))
-    assert (snap.path / "hello").read_bytes() == b"from skopeo"
+    assert in_tree(snap.path, "hello").read_bytes() == b"from skopeo"
     assert base_config(store, snap)["config"]["Env"] == ["X=1"]
     assert (store.root / "cache/images/index.json").exists()
 
@@ -369,7 +386,7 @@ def test_tar_from_another_layer_via_stacker_url(store, tmp_path):
     one = import_base(store, Src("tar", str(outer)))
     snap = import_base(store, Src("tar", "stacker://one/out/inner.tar"), resolve_built={"one": one}.get)
     assert snap.id == "tar-sha256-" + hashlib.sha256(inner).hexdigest()
-    assert (snap.path / "payload").read_bytes() == b"made by layer one"
+    assert in_tree(snap.path, "payload").read_bytes() == b"made by layer one"
 
 
 def _owned_root_tar(path: Path, uid: int, bad: bool) -> Path:
@@ -397,22 +414,23 @@ def test_a_tar_whose_root_belongs_to_any_id_leaves_nothing_and_blocks_nothing(st
         import_base(store, Src("tar", str(_owned_root_tar(tmp_path / "bad.tar", uid, bad=True))))
     assert [p.name for p in (store.root / "bases").iterdir()] == []
     snap = import_base(store, Src("tar", str(_owned_root_tar(tmp_path / "good.tar", uid, bad=False))))
-    assert (snap.path / "file").read_bytes() == b"hi"
+    assert in_tree(snap.path, "file").read_bytes() == b"hi"
     assert os.lstat(snap.path).st_uid == os.geteuid()  # the container's root: the user can snapshot it
     assert snap.id in store.gc()
     assert [p.name for p in (store.root / "bases").iterdir()] == []
+    assert not (store.root / "layers").exists() or os.listdir(store.root / "layers") == [".empty"]
 
 
 def test_a_stale_temporary_base_of_a_foreign_owner_never_blocks_opening(storage, tmp_path):
     """A bases/.tmp-* left by an older version, its root owned by a subordinate id (mode
     0755): opening the store deletes it from inside the user namespace."""
     from stacker_kernel.container.userns import run_in_userns
-    from stacker_kernel.storage import btrfs
+    from stacker_kernel.storage import driver
     from stacker_kernel.storage.store import Store
 
     Store.open(storage).close()
     stale = Path(storage) / "bases" / ".tmp-0123456789abcdef0123456789abcdef"
-    btrfs.create_subvolume(stale)
+    driver.of_root(storage).create(stale)
     (stale / "f").write_text("x")
     run_in_userns(os.chown, str(stale), 1000, 1000)
     with Store.open(storage) as s:

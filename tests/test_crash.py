@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import in_tree, is_frozen
 
-from stacker_kernel.storage import btrfs
+from stacker_kernel.storage import overlay
 from stacker_kernel.storage.store import Store
 
 STEPS = 10
@@ -152,17 +153,20 @@ def assert_store_consistent(store: Store, attempt: Attempt) -> None:
                   if not p.name.endswith(".lock")) == sorted(s.id for s in snaps if s.kind == "base")
     assert list((store.root / "live").iterdir()) == []
     assert {p.name for p in (store.root / "logs").iterdir()} <= {s.id for s in steps}
+    if store.driver.name == "overlay":  # and no layer left that no tree is made of
+        used = {name for s in snaps for name in overlay.layer_names(s.path)}
+        assert {p.name for p in (store.root / "layers").iterdir()} - {".empty"} == used
     by_digest = {}
     for snap in steps:
-        assert btrfs.is_readonly(snap.path)
+        assert is_frozen(snap.path)
         i = int(snap.layer[1:])
         # Every snapshot is intact: each data file of its chain matches the sum its step wrote.
         for k in range(1, i + 1):
-            want = (snap.path / f"sum{k}").read_text().split()[0]
-            assert sha256(snap.path / f"data{k}") == want, f"{snap.layer}: data{k} corrupt"
+            want = in_tree(snap.path, f"sum{k}").read_text().split()[0]
+            assert sha256(in_tree(snap.path, f"data{k}")) == want, f"{snap.layer}: data{k} corrupt"
         chain = store.chain(snap.id)
         assert chain[0].kind == "base" and chain[-1].id == snap.id
-        by_digest[(i, sha256(snap.path / f"data{i}"))] = snap
+        by_digest[(i, sha256(in_tree(snap.path, f"data{i}")))] = snap
     # Every step the build reported done is stored, with the digest it printed.
     for i in attempt.done:
         assert (i, attempt.digests[i]) in by_digest, f"committed step l{i} lost"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,8 +23,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
+from conftest import BTRFS_STORAGE, overlay_root
 from kernel_support import install_spec, start_kernel
+
 from stacker_kernel.cli import main
 from stacker_kernel.recipe.stacker_yaml import load
 
@@ -69,17 +69,22 @@ def timed_build(demo: DemoDir) -> Built:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> DemoDir:
-    """The notebook and its base tar in a fresh directory, on storage of its own
-    (removed afterwards); the repository itself may not be writable."""
-    from stacker_kernel.storage import btrfs
+def demo(tmp_path_factory, driver_storage) -> DemoDir:
+    """The notebook and its base tar in a fresh directory, on storage of its own of the
+    module's driver (removed afterwards); the repository itself may not be writable."""
+    from stacker_kernel.storage import btrfs, driver
 
     work = tmp_path_factory.mktemp("deb-build")
     notebook = work / NOTEBOOK.name
     shutil.copyfile(NOTEBOOK, notebook)
     subprocess.run([str(REPO / "scripts/debian-rootfs.sh"), str(work / BASE_TAR)],
                    check=True, stdout=subprocess.DEVNULL)
-    storage = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-deb-{uuid.uuid4().hex}"
+    if driver.recorded(driver_storage) == "overlay":
+        storage = overlay_root()
+        yield DemoDir(notebook, work / "oci", storage)
+        driver.OverlayDriver().remove(storage)
+        return
+    storage = Path(BTRFS_STORAGE) / f"t-deb-{uuid.uuid4().hex}"
     storage.mkdir()
     yield DemoDir(notebook, work / "oci", storage)
     btrfs.remove_tree(storage)

@@ -44,6 +44,7 @@ from stacker_kernel.recipe.dockerfile import (
 )
 from stacker_kernel.recipe.stacker_yaml import dump, load
 from stacker_kernel.storage.store import Store
+from conftest import host_view
 
 
 def df(text: str) -> str:
@@ -642,7 +643,7 @@ def test_a_dockerfile_builds_like_docker_runs_it(storage, busybox_oci, tmp_path)
         build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
               oci_dir=str(tmp_path / "oci"),
               dockerfile=DockerfileOptions({"GREETING": "hey"}, {"busybox": "oci:" + busybox_oci}))
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
     app = root / "opt/app"
     assert (app / "version.txt").read_text() == "version 1.0 greeting hey home /root\n"
     assert (app / "mode.txt").read_text() == "release build\n"
@@ -688,7 +689,7 @@ def test_runs_after_user_run_as_that_user_with_its_home(storage, busybox_oci, tm
     with Store.open(storage) as store:
         build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
               dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
     data = root / "data"
     assert (data / "id.txt").read_text() == "uid=1000(app) gid=1000(app) groups=1000(app),2000(crew)\n"
     assert (data / "home.txt").read_text() == "/home/app hi\n"
@@ -729,7 +730,7 @@ def test_dockerignore_keeps_excluded_files_out_of_copy(storage, busybox_oci, tmp
     with Store.open(storage) as store:
         build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
               dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
     plain = sorted(str(p.relative_to(root / "plain")) for p in (root / "plain").rglob("*"))
     assert plain == ["conf", "conf/app.conf", "data.txt", "hello.sh", "src", "src/link",
                      "src/main.txt", "src/run.sh"]
@@ -785,7 +786,7 @@ def test_heredocs_link_same_names_and_onbuild_of_a_stage(storage, busybox_oci, t
         build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
               oci_dir=str(tmp_path / "oci"),
               dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
     w = root / "w"
     assert (w / "run.txt").read_text() == "hello world\nsecond line\n"
     assert (w / "shebang.txt").read_text() == "shebang script\n"
@@ -810,7 +811,7 @@ def test_heredocs_link_same_names_and_onbuild_of_a_stage(storage, busybox_oci, t
     assert main(["--storage", str(storage), "build", "-f", str(ctx / "Dockerfile"), "--no-oci",
                  "--base", f"mybase=oci:{tmp_path / 'oci'}:base"]) == 0
     with Store.open(storage) as store:
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
     assert (root / "triggered").read_text() == "triggered in /\n" and (root / "env").read_text() == "yes\n"
 
 
@@ -833,7 +834,7 @@ def test_chown_names_in_a_stage_without_run_are_the_images_users(storage, busybo
     with Store.open(storage) as store:
         build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
               dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
         base = (root / "etc").stat()  # owned by the image's root
         ids = {p: ((root / p).lstat().st_uid - base.st_uid, (root / p).lstat().st_gid - base.st_gid)
                for p in ("etc/app.conf", "data.txt", "notes.txt")}
@@ -875,7 +876,7 @@ def test_run_mounts_cache_secret_bind_and_tmpfs(storage, busybox_oci, tmp_path, 
             "busybox=oci:" + busybox_oci, "--secret", "id=token,env=SK_TEST_TOKEN"]
     assert main(args + ["--oci-dir", str(tmp_path / "oci")]) == 0
     with Store.open(storage) as store:
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
     w = root / "w"
     assert (w / "cache-log").read_text() == "run 1\n"
     assert not (w / "cache").exists() and not (root / "run" / "secrets").exists()
@@ -896,7 +897,7 @@ def test_run_mounts_cache_secret_bind_and_tmpfs(storage, busybox_oci, tmp_path, 
     (ctx / "conf" / "app.conf").write_text("key=changed\n")
     assert main(args + ["--build-arg", "RUNID=2", "--no-oci"]) == 0
     with Store.open(storage) as store:
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
     assert (root / "w" / "cache-log").read_text() == "run 1\nrun 2\n"
     assert (root / "w" / "bound").read_text() == "key=changed\n"
     monkeypatch.delenv("SK_TEST_TOKEN")
@@ -939,7 +940,7 @@ def test_add_of_a_url_is_fetched_with_its_checksum_and_the_servers_mtime(storage
     with Store.open(storage) as store:
         build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
               dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
     assert (root / "opt" / "tool").read_text() == "#!/bin/sh\necho tool\n"
     assert (root / "stats").read_text() == "600 1600000000\n755 1600000000\n600 1600000000\n"
     (ctx / "Dockerfile").write_text(f"FROM busybox\nADD --checksum=sha256:{'0' * 64} {url}/tool.sh /t\n")
@@ -970,7 +971,7 @@ def test_wildcards_in_copy_from_match_in_the_stage(storage, busybox_oci, tmp_pat
     with Store.open(storage) as store:
         build(store, str(ctx / "Dockerfile"), out=lambda s: None, stream=lambda s: None,
               dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
-        root = layer_snapshot(store, str(ctx / "Dockerfile"), "image").path
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
     assert (root / "app.jar").read_text() == "jar\n"
     assert sorted(os.listdir(root / "bin")) == ["a.bin", "b.bin"]
     assert (root / "listing").read_text().split() == [
@@ -1019,7 +1020,7 @@ def test_a_dockerfile_imported_as_stacker_yaml_builds_the_same_rootfs(storage, b
         for f in (ctx / "Dockerfile", tmp_path / "stacker.yaml"):
             build(store, str(f), out=lambda s: None, stream=lambda s: None,
                   dockerfile=DockerfileOptions({}, {"busybox": "oci:" + busybox_oci}))
-        trees = [_tree(layer_snapshot(store, str(f), "image").path)
+        trees = [_tree(host_view(layer_snapshot(store, str(f), "image").path))
                  for f in (ctx / "Dockerfile", tmp_path / "stacker.yaml")]
     assert trees[0] == trees[1]
     assert trees[0]["/app"][1] != trees[0]["/etc/app/stamp"][1]  # --chown

@@ -15,6 +15,7 @@ from stacker_kernel.engine.build import build, layer_snapshot
 from stacker_kernel.errors import RecipeError
 from stacker_kernel.recipe.dockerfile import DockerfileOptions
 from stacker_kernel.storage.store import Store
+from conftest import in_tree
 
 DOCKERFILE = """\
 FROM busybox
@@ -63,9 +64,9 @@ def test_copy_resolves_symlinks_inside_the_context(storage, busybox_oci, tmp_pat
     secret.write_text("host secret 5b1d\n")
     ctx = _context(tmp_path, secret)
     root = _build(storage, busybox_oci, ctx, tmp_path / "oci")
-    assert (root / "s1").read_text() == "the context's own\n"
-    assert (root / "s2").read_text() == "the context's own\n"
-    assert os.readlink(root / "d" / "inner") == str(secret)  # a link, as in the context
+    assert in_tree(root, "s1").read_text() == "the context's own\n"
+    assert in_tree(root, "s2").read_text() == "the context's own\n"
+    assert os.readlink(in_tree(root, "d/inner")) == str(secret)  # a link, as in the context
     _no_blob_holds(tmp_path / "oci", b"host secret 5b1d")
 
 
@@ -87,9 +88,9 @@ def test_a_root_build_never_copies_the_hosts_etc_shadow(storage, busybox_oci, tm
     line = next(ln for ln in shadow.read_text().splitlines() if ln.startswith("root:")).encode()
     ctx = _context(tmp_path, shadow)
     root = _build(storage, busybox_oci, ctx, tmp_path / "oci")
-    assert (root / "s1").read_text() == "the context's own\n"
-    assert (root / "s2").read_text() == "the context's own\n"
-    assert os.readlink(root / "d" / "inner") == "/etc/shadow"
+    assert in_tree(root, "s1").read_text() == "the context's own\n"
+    assert in_tree(root, "s2").read_text() == "the context's own\n"
+    assert os.readlink(in_tree(root, "d/inner")) == "/etc/shadow"
     _no_blob_holds(tmp_path / "oci", line)
     found = subprocess.run(["grep", "-rlF", line.decode(), str(root)], capture_output=True, text=True)
     assert found.stdout == ""

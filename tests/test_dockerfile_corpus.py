@@ -86,32 +86,47 @@ def test_a_service_dockerfile_builds_unprivileged(service, storage, debian_oci, 
             assert b"corpus-secret" not in p.read_bytes()
 
 
-@pytest.mark.rootful
-@pytest.mark.parametrize("service", SERVICES)
-def test_a_service_image_equals_what_buildah_builds(service, storage, debian_oci, tmp_path):
-    ctx = _context(tmp_path, service)
-    root = tmp_path / "buildah"
+def _buildah(ctx: Path, base: str, work: Path) -> str:
+    """The image buildah builds from the service's Dockerfile: `LAYOUT:want`."""
+    root = work / "buildah"
     buildah = ["buildah", "--root", str(root / "root"), "--runroot", str(root / "run"),
                "--storage-driver", "vfs"]
     made_run = not os.path.exists("/run/containers")
     try:
-        subprocess.run(buildah + ["pull", "-q", "oci:" + debian_oci], check=True, capture_output=True)
+        subprocess.run(buildah + ["pull", "-q", base], check=True, capture_output=True)
         image = subprocess.run(buildah + ["images", "-q"], check=True, capture_output=True,
                                text=True).stdout.split()[0]
         subprocess.run(buildah + ["tag", image, "docker.io/library/debian:12"], check=True)
         bud = subprocess.run(buildah + ["bud", "--isolation", "chroot", "--pull-never", "-q",
-                                        "--secret", f"id=npmrc,src={tmp_path / 'npmrc'}",
+                                        "--secret", f"id=npmrc,src={ctx.parent / 'npmrc'}",
                                         "-f", str(ctx / "Dockerfile"), "-t", "want", str(ctx)],
                              capture_output=True, text=True)
         assert bud.returncode == 0, bud.stderr
-        subprocess.run(buildah + ["push", "-q", "want", f"oci:{tmp_path}/want:want"], check=True,
+        subprocess.run(buildah + ["push", "-q", "want", f"oci:{work}/want:want"], check=True,
                        capture_output=True)
     finally:
         subprocess.run(buildah + ["rmi", "-a", "-f"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
         if made_run:
             shutil.rmtree("/run/containers", ignore_errors=True)
+    return f"{work}/want"
+
+
+@pytest.fixture(scope="module")
+def buildah_images(tmp_path_factory) -> dict:
+    """Service -> the layout of buildah's image of it, built once for both storage drivers."""
+    return {}
+
+
+@pytest.mark.rootful
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_service_image_equals_what_buildah_builds(service, storage, debian_oci, buildah_images, tmp_path,
+                                                    tmp_path_factory):
+    ctx = _context(tmp_path, service)
+    if service not in buildah_images:
+        buildah_images[service] = _buildah(ctx, "oci:" + debian_oci, tmp_path_factory.mktemp(f"buildah-{service}"))
     _ours(storage, ctx, "oci:" + debian_oci, tmp_path / "got")
-    want_tree, want_config = _unpack(f"{tmp_path}/want", "want", tmp_path / "want-bundle")
+    want_tree, want_config = _unpack(buildah_images[service], "want", tmp_path / "want-bundle")
     got_tree, got_config = _unpack(str(tmp_path / "got"), "image", tmp_path / "got-bundle")
     differ = tree_differences(got_tree, want_tree)
     for p in sorted(differ):

@@ -18,6 +18,7 @@ import pytest
 
 from stacker_kernel.engine.build import layer_snapshot
 from stacker_kernel.storage.store import Store
+from conftest import in_tree
 from test_hostile import STACKER_KERNEL, assert_one_line_error, stacker_yaml
 
 SPARSE_SIZE = 10 << 30
@@ -167,25 +168,29 @@ def _writable(path: Path, flag: str) -> None:
 
 @pytest.fixture
 def root_snapshot(storage, built) -> Path:
-    """The built snapshot with, added by root while it is briefly writable: /d/loop (a block
-    device), /d/null (a character device) and /d/rootsuid (setuid root, 04755)."""
+    """The built snapshot with, added by root while it is briefly writable (a btrfs
+    snapshot; on overlay, its step's layer directory): /d/loop (a block device), /d/null
+    (a character device) and /d/rootsuid (setuid root, 04755)."""
     with Store.open(storage) as store:
         snap = layer_snapshot(store, str(built), "hostile").path
-    _writable(snap, "false")
+        on_btrfs = store.driver.name == "btrfs"
+    d = in_tree(snap, "d")
+    if on_btrfs:
+        _writable(snap, "false")
     try:
         # Major 60 is reserved for local use: no driver, so even old code cannot copy 40 GiB.
-        os.mknod(snap / "d" / "loop", 0o666 | stat.S_IFBLK, os.makedev(60, 0))
-        os.mknod(snap / "d" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-        (snap / "d" / "rootsuid").write_text("#!/bin/sh\n")
-        os.chown(snap / "d" / "rootsuid", 0, 0)
-        os.chmod(snap / "d" / "rootsuid", 0o4755)
+        os.mknod(d / "loop", 0o666 | stat.S_IFBLK, os.makedev(60, 0))
+        os.mknod(d / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        (d / "rootsuid").write_text("#!/bin/sh\n")
+        os.chown(d / "rootsuid", 0, 0)
+        os.chmod(d / "rootsuid", 0o4755)
     finally:
-        _writable(snap, "true")
+        if on_btrfs:
+            _writable(snap, "true")
     return snap
 
 
 @pytest.mark.rootful
-@pytest.mark.btrfs_only  # its fixture sets a btrfs snapshot's read-only flag
 def test_root_grab_skips_device_nodes_and_drops_setuid_root(storage, built, root_snapshot, tmp_path):
     dest = tmp_path / "out"
     proc = grab_cli(storage, built, "hostile:/d", dest)
@@ -200,7 +205,6 @@ def test_root_grab_skips_device_nodes_and_drops_setuid_root(storage, built, root
 
 
 @pytest.mark.rootful
-@pytest.mark.btrfs_only  # its fixture sets a btrfs snapshot's read-only flag
 def test_root_grab_of_a_device_itself_is_one_line_error(storage, built, root_snapshot, tmp_path):
     proc = grab_cli(storage, built, "hostile:/d/loop", tmp_path / "loop")
     assert_one_line_error(proc, "/d/loop is a block device")

@@ -23,11 +23,6 @@ def store(storage):
         yield s
 
 
-def pytest_generate_tests(metafunc):
-    if "storage" in metafunc.fixturenames:
-        metafunc.parametrize("storage", ["overlay"], indirect=True)
-
-
 def _write(root: str, files: dict[str, str | None]) -> None:
     for rel, text in files.items():
         path = os.path.join(root, rel)

@@ -34,8 +34,9 @@ from stacker_kernel.engine.remote_cache import CacheSettings, configured
 from stacker_kernel.errors import ImageError
 from stacker_kernel.oci.registry import auth_for, cache_tag
 from stacker_kernel.recipe.cells import CacheSource, parse_magic
-from stacker_kernel.storage import btrfs
+from stacker_kernel.storage import btrfs, driver
 from stacker_kernel.storage.store import Store
+from conftest import BTRFS_STORAGE, in_tree, overlay_root
 
 REPO = Path(__file__).resolve().parent.parent
 CELLS = [
@@ -54,10 +55,21 @@ def _notebook(path: Path, base: str, cells: list[str]) -> Path:
     return path
 
 
-def _new_storage() -> Path:
-    root = Path(os.environ["STACKER_KERNEL_STORAGE"]) / f"t-{uuid.uuid4().hex}"
+def _new_storage(driver_storage: Path) -> Path:
+    """A fresh storage of the module's driver (conftest's driver_storage): a directory
+    on the btrfs storage, or an overlay storage folder of its own."""
+    if driver.recorded(driver_storage) == "overlay":
+        return overlay_root()
+    root = Path(BTRFS_STORAGE) / f"t-{uuid.uuid4().hex}"
     root.mkdir()
     return root
+
+
+def _remove_storage(root: Path) -> None:
+    if driver.recorded(root) == "overlay":
+        driver.OverlayDriver().remove(root)
+    else:
+        btrfs.remove_tree(root)
 
 
 def _build(root: Path, nb: Path, **cache):
@@ -97,23 +109,24 @@ def registry(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built_a(registry, busybox_oci, tmp_path_factory):
+def built_a(registry, busybox_oci, tmp_path_factory, driver_storage):
     """User A built the notebook with --cache-to the registry: (notebook, A's rootfs tree, output)."""
     nb = _notebook(tmp_path_factory.mktemp("a") / "nb.ipynb", busybox_oci, CELLS)
-    root = _new_storage()
+    root = _new_storage(driver_storage)
     try:
         result, out, tip = _build(root, nb, cache_to=f"docker://{registry}/team/cache")
         assert result.steps_run == len(CELLS) and "warning" not in out
         yield nb, _tree(tip), out
     finally:
-        btrfs.remove_tree(root)
+        _remove_storage(root)
 
 
 @pytest.fixture
-def storage_b():
-    root = _new_storage()
+def storage_b(driver_storage):
+    """User B's storage, empty, of the module's driver."""
+    root = _new_storage(driver_storage)
     yield root
-    btrfs.remove_tree(root)
+    _remove_storage(root)
 
 
 def _copy(nb: Path, tmp_path: Path) -> Path:
@@ -429,7 +442,7 @@ def test_an_entry_with_a_broken_record_is_a_miss(busybox_oci, storage, storage_b
     assert result.steps_run >= 1 and len(warnings) == 1, warnings
     assert "malformed" in warnings[0] and why in warnings[0] and "Traceback" not in out
     again, out, tip = _build(storage_b, mine)
-    assert again.steps_run == 0 and (Path(tip) / "app" / "greeting").read_text() == "hello\n"
+    assert again.steps_run == 0 and in_tree(Path(tip), "app/greeting").read_text() == "hello\n"
 
 
 def test_a_bad_entry_committed_before_is_a_miss_then_replaced(busybox_oci, storage_b, tmp_path):
@@ -452,7 +465,7 @@ def test_a_bad_entry_committed_before_is_a_miss_then_replaced(busybox_oci, stora
     db.close()
     result, out, tip = _build(storage_b, nb)
     assert result.steps_run == 2 and "Traceback" not in out
-    assert (Path(tip) / "app" / "greeting").read_text() == "hello\n"
+    assert in_tree(Path(tip), "app/greeting").read_text() == "hello\n"
     again, _, _ = _build(storage_b, nb)
     assert again.steps_run == 0
 
@@ -755,42 +768,39 @@ def test_build_env_values_stay_out_of_pushed_entries_and_image_annotations(regis
     assert result.steps_cached == 2 and result.steps_run == 1 and "warning" not in out_b, out_b
 
 
-def test_a_pull_killed_leaves_no_temporary_folder_once_the_store_opens(busybox_oci, tmp_path):
+def test_a_pull_killed_leaves_no_temporary_folder_once_the_store_opens(busybox_oci, storage, tmp_path):
     """Issue 23 point 10: kill -9 while a cache pull waits on the registry; opening the
     store again (and gc) deletes its cache/remote/tmp-* folder."""
     import signal
 
-    root = _new_storage()
+    root = storage
     nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:1])
     tool = str(Path(sys.executable).parent / "stacker-kernel")
-    try:
-        with _Server(_silent) as server:
-            child = subprocess.Popen([tool, "--storage", str(root), "build", "-f", str(nb), "--no-oci",
-                                      "--cache-from", f"docker://127.0.0.1:{server.port}/team/cache"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            remote = root / "cache" / "remote"
-            deadline = time.monotonic() + 120
-            while not (remote.is_dir() and any(remote.iterdir())) and time.monotonic() < deadline:
-                assert child.poll() is None
-                time.sleep(0.05)
-            tmp = list(remote.iterdir())
-            assert [p.name.startswith("tmp-") for p in tmp] == [True]
-            (tmp[0] / "partial-blob").write_bytes(b"x" * (1 << 20))  # what a download left
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-        legacy = remote / "tmp-abc123"  # a folder of a version that did not name its owner
-        legacy.mkdir()
-        os.utime(legacy, (time.time() - 7200, time.time() - 7200))
-        young = remote / "tmp-def456"
-        young.mkdir()
-        with Store.open(root) as store:
-            assert list(remote.iterdir()) == [young]  # an owner of unknown age may still be running
-            dead = remote / "tmp-999999999-1-x"  # a pull killed while this store is open
-            dead.mkdir()
-            store.gc()
-            assert list(remote.iterdir()) == [young]
-    finally:
-        btrfs.remove_tree(root)
+    with _Server(_silent) as server:
+        child = subprocess.Popen([tool, "--storage", str(root), "build", "-f", str(nb), "--no-oci",
+                                  "--cache-from", f"docker://127.0.0.1:{server.port}/team/cache"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        remote = root / "cache" / "remote"
+        deadline = time.monotonic() + 120
+        while not (remote.is_dir() and any(remote.iterdir())) and time.monotonic() < deadline:
+            assert child.poll() is None
+            time.sleep(0.05)
+        tmp = list(remote.iterdir())
+        assert [p.name.startswith("tmp-") for p in tmp] == [True]
+        (tmp[0] / "partial-blob").write_bytes(b"x" * (1 << 20))  # what a download left
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    legacy = remote / "tmp-abc123"  # a folder of a version that did not name its owner
+    legacy.mkdir()
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))
+    young = remote / "tmp-def456"
+    young.mkdir()
+    with Store.open(root) as store:
+        assert list(remote.iterdir()) == [young]  # an owner of unknown age may still be running
+        dead = remote / "tmp-999999999-1-x"  # a pull killed while this store is open
+        dead.mkdir()
+        store.gc()
+        assert list(remote.iterdir()) == [young]
 
 
 def test_a_step_whose_layer_cannot_be_made_is_one_warning_naming_the_path(busybox_oci, storage, tmp_path):

@@ -62,8 +62,11 @@ def _lstat(path):
 
 @pytest.fixture
 def work(storage) -> Path:
-    (storage / "rootfs").mkdir()
-    return storage
+    """A directory on the storage's filesystem (btrfs, or ext4 where overlay layers are
+    extracted) with an empty rootfs/ in it."""
+    work = storage / "work"
+    (work / "rootfs").mkdir(parents=True)
+    return work
 
 
 @pytest.fixture

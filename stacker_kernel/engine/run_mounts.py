@@ -49,7 +49,8 @@ def plan(specs: list[str], *, storage: Path, scratch: Path, base_dir: str,
     copies), `secrets` maps an id to ("src", FILE) or ("env", VALUE-NAME), and
     `built_path(LAYER)` is the rootfs of a built layer. Raises StepError."""
     from stacker_kernel.engine.imports import _file_digest, tree_digest
-    from stacker_kernel.engine.inspect import GrabError, resolve_in_root
+    from stacker_kernel.engine.inspect import GrabError, grab, resolve_in_root
+    from stacker_kernel.storage.overlay import read_stack
 
     out = MountPlan()
     digests = []
@@ -101,7 +102,16 @@ def plan(specs: list[str], *, storage: Path, scratch: Path, base_dir: str,
             if "from" in m:
                 try:
                     root = built_path(m["from"])
-                    source = Path(resolve_in_root(root, inner))
+                    if read_stack(root) is None:
+                        source = Path(resolve_in_root(root, inner))
+                    else:
+                        # An overlay snapshot is a stack of layer directories, which the
+                        # container does not mount: it binds a copy of the path instead.
+                        scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+                        source = scratch / f"from-{_key(spec)}"
+                        if source.exists() or source.is_symlink():
+                            shutil.rmtree(source) if source.is_dir() and not source.is_symlink() else source.unlink()
+                        grab(root, inner, source, into=False)
                 except (GrabError, StepError, RecipeError) as e:
                     raise StepError(f"%mount {spec}: {e}") from None
                 digests.append(f"{spec}\0{root}")

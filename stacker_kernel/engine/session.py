@@ -231,15 +231,11 @@ class RecordedRecipe:
         return out
 
 
-def _host_path(root: str, path: str) -> str:
-    from stacker_kernel.engine.inspect import resolve_in_root
-
-    return resolve_in_root(root, path)
-
-
-def _glob_in_root(root: str, pattern: str) -> list[str]:
-    """The container paths of rootfs `root` that `pattern` matches, sorted; each part
-    as Go's filepath.Match (`*` stays within a part), symlinks resolved inside root."""
+def _glob_in_root(root: str, pattern: str) -> list[tuple[str, bool]]:
+    """The container paths of rootfs `root` that `pattern` matches, sorted, each with
+    whether it is a directory; each part as Go's filepath.Match (`*` stays within a
+    part), symlinks resolved inside root. Run in the user namespace (run_in_userns),
+    where the tree of either storage driver shows its files."""
     import fnmatch
 
     from stacker_kernel.engine.inspect import GrabError, resolve_in_root
@@ -261,8 +257,7 @@ def _glob_in_root(root: str, pattern: str) -> list[str]:
     out = []
     for p in found:
         try:
-            resolve_in_root(root, p)
-            out.append(p)
+            out.append((p, os.path.isdir(resolve_in_root(root, p))))
         except (GrabError, OSError):
             pass
     return out
@@ -723,20 +718,20 @@ class BuildSession:
         """Copy `path` of a built layer to `dest`. A path with wildcards (`*`, `?`, `[`,
         as Docker's COPY --from takes them) copies what matches: one file as itself,
         else the matches into the directory `dest`, a directory's contents merged."""
+        from stacker_kernel.container.userns import run_in_userns
         from stacker_kernel.engine.inspect import grab
 
         root = str(self._resolve_built(layer).path)
         if not any(c in path for c in "*?["):
             return grab(root, path, dest)
-        matches = _glob_in_root(root, path)
+        matches = run_in_userns(_glob_in_root, root, path)
         if not matches:
             raise RecipeError(f"import stacker://{layer}{path}: no path of layer {layer} matches it")
         # a trailing / asks for the matches in a directory (a COPY into a directory)
-        if len(matches) == 1 and not path.endswith("/") and not os.path.isdir(_host_path(root, matches[0])):
-            return grab(root, matches[0], dest, into=False)
+        if len(matches) == 1 and not path.endswith("/") and not matches[0][1]:
+            return grab(root, matches[0][0], dest, into=False)
         os.makedirs(dest, exist_ok=True)
-        for m in matches:
-            is_dir = os.path.isdir(_host_path(root, m))
+        for m, is_dir in matches:
             grab(root, m, dest if is_dir else os.path.join(dest, os.path.basename(m)), into=False)
         return dest
 
