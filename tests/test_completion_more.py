@@ -1,6 +1,5 @@
 """Completion a daily user reaches for (issue 26): `$HO`/`${HO` (steps have HOME, as
 stacker's), `%from tar book` (host paths beside the notebook), `%browse p` (layers)."""
-import pytest
 from kernel_support import BASE, kernel, kernels, nbdir  # noqa: F401 (fixtures)
 
 
