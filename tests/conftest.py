@@ -83,7 +83,7 @@ BTRFS_ONLY_MODULES = {
     "test_diff",               # oci/diff.py's tree walk between btrfs subvolumes it makes itself
     "test_storage_setup",      # root's setup-storage: the btrfs image and its mount options
 }
-OVERLAY_ONLY_MODULES = {"test_overlay_store"}  # the overlay driver's layers themselves
+OVERLAY_ONLY_MODULES = {"test_overlay_store", "test_overlay_depth", "test_overlay_usage"}  # the overlay driver's layers
 # Where overlay stores are made: on the machine's / (ext4), not on the btrfs storage.
 OVERLAY_PARENT = Path(os.environ.get("STACKER_KERNEL_OVERLAY_TEST_DIR", "/var/tmp"))
 DRIVERS = ["btrfs", "overlay"]

@@ -13,11 +13,6 @@ from stacker_kernel.storage import driver, overlay
 from stacker_kernel.storage.store import Snapshot, Store
 
 
-def pytest_generate_tests(metafunc):
-    if "storage" in metafunc.fixturenames:
-        metafunc.parametrize("storage", ["overlay"], indirect=True)
-
-
 @pytest.fixture
 def store(storage):
     with Store.open(storage) as s:

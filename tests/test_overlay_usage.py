@@ -7,17 +7,11 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from stacker_kernel.engine.session import BuildSession
 from stacker_kernel.recipe.model import ImageSource, Layer
 from stacker_kernel.storage import driver
 from stacker_kernel.storage.store import Store
-
-
-def pytest_generate_tests(metafunc):
-    if "storage" in metafunc.fixturenames:
-        metafunc.parametrize("storage", ["overlay"], indirect=True)
 
 
 def _du(root: Path) -> int:
