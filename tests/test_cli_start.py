@@ -17,11 +17,13 @@ from stacker_kernel.cli import COMMANDS, build_parser, command_of
 # What a cached build of a Dockerfile or a plain notebook never needs: notebook
 # validation, the kernel and its widgets, SBOM and signing libraries (an SBOM is made
 # only for an image that changed), a container (none starts), an HTTP client (it
-# downloads nothing, and names no shared cache).
+# downloads nothing, and names no shared cache), python-btrfs (its ioctl numbers are
+# storage/btrfs.py's own; it only syncs and reads the space usage), a thread pool (no
+# step's size is measured), ctypes.util (whose find_library runs ldconfig).
 NEVER_PACKAGES = {"nbformat", "jsonschema", "ipykernel", "ipywidgets", "spdx_tools", "cryptography", "pexpect",
-                  "http", "ssl", "email"}
+                  "http", "ssl", "email", "btrfs", "concurrent"}
 NEVER_OURS = {"stacker_kernel.kernel", "stacker_kernel.engine.sbom", "stacker_kernel.oci.registry",
-              "stacker_kernel.engine.remote_cache", "urllib.request"}
+              "stacker_kernel.engine.remote_cache", "urllib.request", "ctypes.util"}
 
 
 def unneeded(loaded: set[str], more: set[str] = set()) -> set[str]:

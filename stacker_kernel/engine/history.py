@@ -13,13 +13,16 @@ import os
 import subprocess
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import stacker_kernel
 from stacker_kernel.errors import RecipeError, StorageError
 from stacker_kernel.recipe.model import first_line
 from stacker_kernel.storage.store import Session, Snapshot, Store
+
+if TYPE_CHECKING:  # imported where sizes are measured: a build measures none (History.append)
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,8 @@ class History:
             if pending is not None and not pending.running() and not pending.done():
                 return  # the queued run has not started: it will see the new steps too
             if self._sizer is None:
+                from concurrent.futures import ThreadPoolExecutor
+
                 self._sizer = ThreadPoolExecutor(1, thread_name_prefix="step-sizes",
                                                  initializer=_lowest_priority)
             self._sizing = self._sizer.submit(self._measure_sizes)
@@ -218,6 +223,8 @@ class History:
 
     def wait_for_sizes(self) -> None:
         """Wait until the background size measurements have finished."""
+        from concurrent.futures import wait
+
         while (pending := self._sizing) is not None and not pending.done():
             wait([pending])  # an error was logged by the measurement itself
 
