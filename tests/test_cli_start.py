@@ -116,9 +116,10 @@ def test_a_cached_no_oci_build_loads_no_image_writer(storage, busybox_tar, tmp_p
     assert not modules_after(build, tmp_path) & (LAYOUT_HELD | {"stacker_kernel.oci.provenance"})
 
 
-def _cli(storage, cwd: Path, *args: str) -> str:
+def _cli(storage, cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), *args], cwd=cwd,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})})
     assert proc.returncode == 0, proc.stderr
     # what it says of the images (the steps' lines carry timings)
     return "".join(line for line in proc.stdout.splitlines(keepends=True) if "image" in line and " in " not in line)
@@ -150,3 +151,15 @@ def test_a_layout_changed_since_the_build_gets_its_image_again(storage, busybox_
     layer.unlink()
     assert _cli(storage, tmp_path, *build) == again
     assert layer.is_file()
+
+    # Another user's build of the same steps: its image names that author
+    _cli(storage, tmp_path, *build, env={"LOGNAME": "someone-else"})
+    manifest = json.loads((tmp_path / "oci/blobs/sha256" / _tagged(tmp_path, "image").split(":")[1]).read_text())
+    config = json.loads((tmp_path / "oci/blobs/sha256" / manifest["config"]["digest"].split(":")[1]).read_text())
+    assert config["author"].startswith("someone-else@")
+
+
+def _tagged(tmp_path: Path, tag: str) -> str:
+    index = json.loads((tmp_path / "oci" / "index.json").read_text())
+    return next(d["digest"] for d in index["manifests"]
+                if d.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)

@@ -189,7 +189,10 @@ def _export_key(session, oci_dir: str, stacker_yaml, squash, namespace, layer_ty
               "stacker_yaml": stacker_yaml, "squash": squash, "namespace": namespace,
               "layer_types": repr(layer_types), "attestations": repr(attestations),
               "epoch": os.environ.get("SOURCE_DATE_EPOCH"), "name": session.session.name,
-              "base_dir": session.base_dir}
+              "base_dir": session.base_dir,
+              # the image config's author (user@host, getpass's sources) and architecture
+              "host": [os.uname().nodename, os.uname().machine, os.getuid()],
+              "user": [os.environ.get(k) for k in ("LOGNAME", "USER", "LNAME", "USERNAME")]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
