@@ -245,7 +245,7 @@ def _remember(oci_dir: str, record: Path, key: str, tags: list[str], lines: list
         return
     text = json.dumps({"key": key, "index": hashlib.sha256(index).hexdigest(), "tags": tags, "lines": lines})
     try:
-        record.parent.mkdir(parents=True, exist_ok=True)
+        record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
         os.replace(tmp, record)  # a lost record only means the next build checks the layout in full
