@@ -469,6 +469,8 @@ def add_layer_type_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _layer_types(args: argparse.Namespace):
+    if not args.layer_type:
+        return None  # the default, tar (--no-verity is for squashfs/erofs): the layer writers load if needed
     from stacker_kernel.oci.layer_types import parse_layer_types
 
     return parse_layer_types(args.layer_type, args.no_verity, args.compression)

@@ -17,11 +17,21 @@ from stacker_kernel.cli import COMMANDS, build_parser, command_of
 # What a cached build of a Dockerfile or a plain notebook never needs: notebook
 # validation, the kernel and its widgets, SBOM and signing libraries (an SBOM is made
 # only for an image that changed), a container (none starts), an HTTP client (it
-# downloads nothing, and names no shared cache).
+# downloads nothing, and names no shared cache), python-btrfs (its ioctl numbers are
+# storage/btrfs.py's own; it only syncs and reads the space usage), a thread pool (no
+# step's size is measured), ctypes.util (whose find_library runs ldconfig).
 NEVER_PACKAGES = {"nbformat", "jsonschema", "ipykernel", "ipywidgets", "spdx_tools", "cryptography", "pexpect",
-                  "http", "ssl", "email"}
+                  "http", "ssl", "email", "btrfs", "concurrent"}
 NEVER_OURS = {"stacker_kernel.kernel", "stacker_kernel.engine.sbom", "stacker_kernel.oci.registry",
-              "stacker_kernel.engine.remote_cache", "urllib.request"}
+              "stacker_kernel.engine.remote_cache", "urllib.request", "ctypes.util"}
+
+
+# What a cached build whose OCI layout already holds its images never needs: the image
+# writers and their tar, diff and socket modules, the YAML of the recipe the image
+# carries, the base importers' layer readers.
+LAYOUT_HELD = {"tarfile", "gzip", "socket", "yaml", "stacker_kernel.oci.export", "stacker_kernel.oci.layer_types",
+               "stacker_kernel.oci.diff", "stacker_kernel.oci.tarwriter", "stacker_kernel.oci.tarlayer",
+               "stacker_kernel.oci.attach", "stacker_kernel.oci.sbom", "stacker_kernel.recipe.stacker_yaml"}
 
 
 def unneeded(loaded: set[str], more: set[str] = set()) -> set[str]:
@@ -76,7 +86,10 @@ def test_a_cached_dockerfile_build_imports_no_notebook_kernel_or_sbom_library(st
     build = f"import sys\nfrom stacker_kernel.cli import main\nassert main({argv!r}) == 0\n"
     first = modules_after(build, tmp_path)  # runs the step, writes the OCI layout with its SBOM
     assert unneeded(first) >= {"spdx_tools.spdx.model", "stacker_kernel.engine.sbom", "pexpect"}
-    assert not unneeded(modules_after(build, tmp_path))
+    assert first >= LAYOUT_HELD
+    cached = modules_after(build, tmp_path)
+    assert not unneeded(cached)
+    assert not cached & LAYOUT_HELD
 
 
 def test_a_cached_notebook_build_imports_no_nbformat_or_dockerfile_parser(storage, busybox_tar, tmp_path):
@@ -89,4 +102,64 @@ def test_a_cached_notebook_build_imports_no_nbformat_or_dockerfile_parser(storag
     argv = ["--storage", str(storage), "build", "-f", "app.ipynb"]
     build = f"from stacker_kernel.cli import main\nassert main({argv!r}) == 0\n"
     modules_after(build, tmp_path)
-    assert not unneeded(modules_after(build, tmp_path), {"dockerfile"})
+    cached = modules_after(build, tmp_path)
+    assert not unneeded(cached, {"dockerfile"})
+    assert not cached & LAYOUT_HELD
+
+
+def test_a_cached_no_oci_build_loads_no_image_writer(storage, busybox_tar, tmp_path):
+    (tmp_path / "Dockerfile").write_text("FROM busybox\nRUN echo hi > /hi\n")
+    argv = ["--storage", str(storage), "build", "-f", "Dockerfile", "--base", f"busybox=tar:{busybox_tar}",
+            "--no-oci"]
+    build = f"from stacker_kernel.cli import main\nassert main({argv!r}) == 0\n"
+    modules_after(build, tmp_path)
+    assert not modules_after(build, tmp_path) & (LAYOUT_HELD | {"stacker_kernel.oci.provenance"})
+
+
+def _cli(storage, cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), *args], cwd=cwd,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    # what it says of the images (the steps' lines carry timings)
+    return "".join(line for line in proc.stdout.splitlines(keepends=True) if "image" in line and " in " not in line)
+
+
+def test_a_layout_changed_since_the_build_gets_its_image_again(storage, busybox_tar, tmp_path):
+    """The cached build trusts the layout only as it left it: a tag dropped or a blob
+    deleted by hand (or another tool) is written again, and it says the same either way."""
+    (tmp_path / "Dockerfile").write_text("FROM busybox\nRUN echo hi > /hi\n")
+    build = ["build", "-f", "Dockerfile", "--base", f"busybox=tar:{busybox_tar}"]
+    _cli(storage, tmp_path, *build)
+    full = _cli(storage, tmp_path, *build)  # the first cached build checks the layout in full
+    assert "wrote image to oci" in full and "manifest sha256:" in full
+    assert _cli(storage, tmp_path, *build) == full  # the layout held: the same lines, nothing written
+
+    index_path = tmp_path / "oci" / "index.json"
+    index = json.loads(index_path.read_text())
+    tagged = [d for d in index["manifests"] if d.get("annotations", {}).get("org.opencontainers.image.ref.name")]
+    index["manifests"] = [d for d in index["manifests"] if d not in tagged]
+    index_path.write_text(json.dumps(index))
+    again = _cli(storage, tmp_path, *build)
+    assert "wrote image to oci" in again and "manifest sha256:" in again
+    tagged = [d for d in json.loads(index_path.read_text())["manifests"]
+              if d.get("annotations", {}).get("org.opencontainers.image.ref.name") == "image"]
+    assert len(tagged) == 1
+
+    manifest = json.loads((tmp_path / "oci/blobs/sha256" / tagged[0]["digest"].split(":")[1]).read_text())
+    layer = tmp_path / "oci/blobs/sha256" / manifest["layers"][-1]["digest"].split(":")[1]
+    layer.unlink()
+    assert _cli(storage, tmp_path, *build) == again
+    assert layer.is_file()
+
+    # Another user's build of the same steps: its image names that author
+    _cli(storage, tmp_path, *build, env={"LOGNAME": "someone-else"})
+    manifest = json.loads((tmp_path / "oci/blobs/sha256" / _tagged(tmp_path, "image").split(":")[1]).read_text())
+    config = json.loads((tmp_path / "oci/blobs/sha256" / manifest["config"]["digest"].split(":")[1]).read_text())
+    assert config["author"].startswith("someone-else@")
+
+
+def _tagged(tmp_path: Path, tag: str) -> str:
+    index = json.loads((tmp_path / "oci" / "index.json").read_text())
+    return next(d["digest"] for d in index["manifests"]
+                if d.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)

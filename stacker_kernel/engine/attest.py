@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stacker_kernel.oci import attach, provenance
-from stacker_kernel.oci.export import ImageSpec
+if TYPE_CHECKING:  # the image writers load where an image is written: not for --no-oci (cli.py makes Attestations)
+    from stacker_kernel.oci import provenance
+    from stacker_kernel.oci.export import ImageSpec
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ def _sha256_file(path: str) -> str | None:
 
 
 def _dependencies(chain: list[ImageSpec], ctx: BuildContext) -> list[provenance.Dependency]:
+    from stacker_kernel.oci import provenance
+
     deps: list[provenance.Dependency] = []
     first = chain[0]
     if first.base_oci is not None:
@@ -96,6 +99,8 @@ def _dependencies(chain: list[ImageSpec], ctx: BuildContext) -> list[provenance.
 
 
 def _record(chain: list[ImageSpec], ctx: BuildContext) -> provenance.BuildRecord:
+    from stacker_kernel.oci import provenance
+
     steps: list[provenance.Step] = []
     started: list[float] = []
     finished: list[float] = []
@@ -125,7 +130,7 @@ def _spec_of(tag: str, by_name: dict[str, ImageSpec]) -> ImageSpec | None:
 
 def _attached(layout_dir: str, digest: str, which: Attestations) -> bool:
     """Whether the image `digest` already has every document `which` asks for."""
-    from stacker_kernel.oci import sbom
+    from stacker_kernel.oci import attach, provenance, sbom
 
     have = {d.get("artifactType") for d in attach.referrers(layout_dir, digest)}
     return ((not which.sbom or sbom.MEDIA_TYPE in have)
@@ -138,6 +143,8 @@ def attest_images(layout_dir: str, specs: list[ImageSpec], tags: list[str], ctx:
     `specs`) in `layout_dir`. ImageError when spdx-tools is missing for an SBOM."""
     if not which.any or not tags:
         return
+    from stacker_kernel.oci import attach, provenance
+
     by_name = {s.name: s for s in specs}
     created = provenance.timestamp(source_date_epoch)
     inventories: dict[str, Any] = {}  # rootfs -> its packages: NAME and NAME-squashfs share one

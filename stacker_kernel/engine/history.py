@@ -14,13 +14,16 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import stacker_kernel
 from stacker_kernel.errors import RecipeError, StorageError
 from stacker_kernel.recipe.model import first_line
 from stacker_kernel.storage.store import Session, Snapshot, Store
+
+if TYPE_CHECKING:  # imported where sizes are measured: a build measures none (History.append)
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +215,8 @@ class History:
             if self._looping:
                 return  # the running loop looks again before it ends
             if self._sizer is None:
+                from concurrent.futures import ThreadPoolExecutor
+
                 self._sizer = ThreadPoolExecutor(1, thread_name_prefix="step-sizes",
                                                  initializer=_lowest_priority)
             self._looping = True
@@ -237,6 +242,8 @@ class History:
 
     def wait_for_sizes(self) -> None:
         """Wait until the background size measurements have finished."""
+        from concurrent.futures import wait
+
         while (pending := self._sizing) is not None and not pending.done():
             wait([pending])  # an error was logged by the measurement itself
 

@@ -27,15 +27,15 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import ImageError
 from stacker_kernel.oci import cas
-from stacker_kernel.oci.layer_types import EROFS, SQUASHFS, fs_layer_to_tar, kind_of
 from stacker_kernel.oci.layout import ImageRef, OCILayout, parse_oci_ref
-from stacker_kernel.oci.tarlayer import ApplyReport, apply_layer, open_in_root
 from stacker_kernel.storage.store import Snapshot, Store
+
+if TYPE_CHECKING:  # the layer readers load where a base is imported: a cached build's base is there
+    from stacker_kernel.oci.tarlayer import ApplyReport
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ def _in_container_ids(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """
     if os.geteuid() == 0:
         return fn(*args, **kwargs)
+    from stacker_kernel.container.userns import run_in_userns
+
     return run_in_userns(fn, *args, **kwargs)
 
 
@@ -162,6 +164,8 @@ def _download(url: str, dest_dir: Path) -> Path:
 
 
 def _apply_tar_in_root(tar: str, rootfs: str) -> ApplyReport:
+    from stacker_kernel.oci.tarlayer import apply_layer
+
     return apply_layer(tar, rootfs)
 
 
@@ -219,6 +223,8 @@ def _import_tar(store: Store, url: str, resolve_built: Callable[[str], Snapshot]
 
 def _hash_in_rootfs(rootfs: str, rel: str) -> str:
     """sha256 of the file `rel` inside `rootfs`, read as the container's root."""
+    from stacker_kernel.oci.tarlayer import open_in_root
+
     h = hashlib.sha256()
     with os.fdopen(open_in_root(rootfs, rel), "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -228,6 +234,8 @@ def _hash_in_rootfs(rootfs: str, rel: str) -> str:
 
 def _apply_tar_from_rootfs(rootfs: str, rel: str, dest: str, name: str) -> ApplyReport:
     """Apply the tar at `rel` inside another (read-only) rootfs onto `dest`."""
+    from stacker_kernel.oci.tarlayer import apply_layer, open_in_root
+
     fd = open_in_root(rootfs, rel)
     try:
         # the same file the hash was taken of, reached without re-resolving the path
@@ -262,6 +270,9 @@ def _apply_layers(layers: list[str], rootfs: str, media_types: list[str] | None 
     squashfs/erofs layers (stacker's layer types) are first turned into their
     OCI tar form beside the blob, then applied by the same rules as any tar.
     """
+    from stacker_kernel.oci.layer_types import EROFS, SQUASHFS, fs_layer_to_tar, kind_of
+    from stacker_kernel.oci.tarlayer import apply_layer
+
     reports = []
     for blob, media_type in zip(layers, media_types or [""] * len(layers)):
         if kind_of(media_type) in (SQUASHFS, EROFS):

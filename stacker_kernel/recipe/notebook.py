@@ -17,7 +17,7 @@ from stacker_kernel.recipe.cells import (
     split_script,
 )
 from stacker_kernel.recipe.model import ImageSource, Layer, Recipe, Step, check_layer_name
-from stacker_kernel.recipe.stacker_yaml import substitute
+from stacker_kernel.recipe.substitution import substitute
 
 if TYPE_CHECKING:  # nbformat (with jsonschema) takes over a second to import: only where needed
     from nbformat import NotebookNode

@@ -9,7 +9,6 @@ one `struct.Struct` per kernel structure (python-btrfs style).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -21,10 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-
-import btrfs.ctree
-import btrfs.ioctl
-from btrfs.ioctl import BTRFS_IOCTL_MAGIC, _IOR, _IOW
 
 from stacker_kernel.errors import StorageError
 
@@ -47,6 +42,20 @@ subvol_flags = struct.Struct("=Q")
 # struct btrfs_ioctl_get_subvol_info_args (504 bytes); the four timespecs are
 # { __u64 sec; __u32 nsec; } padded to 16 bytes.
 get_subvol_info_args = struct.Struct("=Q256sQQQQ16s16s16sQQQQ" + "QI4x" * 4 + "8Q")
+
+# The ioctl numbers, as linux/btrfs.h and asm-generic/ioctl.h make them (_IOW, _IOR):
+# defined here, python-btrfs (the `btrfs` package) is imported only by the functions
+# that use its ioctls (sync, fs_usage), not by every command that opens a store.
+BTRFS_IOCTL_MAGIC = 0x94
+
+
+def _IOW(type_: int, nr: int, arg: struct.Struct) -> int:
+    return (1 << 30) | (arg.size << 16) | (type_ << 8) | nr
+
+
+def _IOR(type_: int, nr: int, arg: struct.Struct) -> int:
+    return (2 << 30) | (arg.size << 16) | (type_ << 8) | nr
+
 
 IOC_SNAP_DESTROY = _IOW(BTRFS_IOCTL_MAGIC, 15, vol_args)
 IOC_SNAP_CREATE_V2 = _IOW(BTRFS_IOCTL_MAGIC, 23, vol_args_v2)
@@ -89,7 +98,7 @@ class _Statfs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc, already loaded (find_library would run ldconfig)
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
 
 
@@ -390,6 +399,8 @@ def _remove(path: Path, st: os.stat_result, on_btrfs: bool) -> None:
 
 def sync(path: os.PathLike | str) -> None:
     """Commit the current btrfs transaction of the filesystem holding `path` (BTRFS_IOC_SYNC)."""
+    import btrfs.ioctl
+
     with _open_dir(path, "directory") as fd:
         try:
             btrfs.ioctl.sync(fd)
@@ -403,6 +414,9 @@ def fs_usage(path: os.PathLike | str) -> int:
     From SPACE_INFO (unprivileged). Deleted subvolumes are freed in the
     background, so a drop shows up only after btrfs's cleaner has run.
     """
+    import btrfs.ctree
+    import btrfs.ioctl
+
     with _open_dir(path, "directory") as fd:
         try:
             spaces = btrfs.ioctl.space_info(fd)
