@@ -94,13 +94,8 @@ def main() -> None:
                     help=f"only these rows (default all): {', '.join(ROWS)}")
     args = ap.parse_args()
     if os.geteuid() == 0:  # as users run both: again as an unprivileged user, in that user's storage
-        user = args.as_user or os.environ.get("SUDO_USER") or "sktest"
-        storage = subprocess.run([sys.executable, "-m", "stacker_kernel", "storage-path", "--user", user],
-                                 check=True, capture_output=True, text=True, cwd=REPO,
-                                 env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.strip()
-        os.execvp("runuser", ["runuser", "-u", user, "--", "env", f"STACKER_KERNEL_STORAGE={storage}",
-                              f"PYTHONPATH={REPO}", sys.executable, __file__, "--rounds", str(args.rounds),
-                              "--buildah-driver", args.buildah_driver, *(["--rows", *args.rows] if args.rows else [])])
+        rerun_as_user(args.as_user, __file__, ["--rounds", str(args.rounds), "--buildah-driver", args.buildah_driver,
+                                               *(["--rows", *args.rows] if args.rows else [])])
     top = Path(os.environ["STACKER_KERNEL_STORAGE"])
     store = top / f"bench-{uuid.uuid4().hex[:12]}"
     store.mkdir()
@@ -113,6 +108,17 @@ def main() -> None:
                        env=_buildah_env(work, args.buildah_driver))
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows, args, notes)
+
+
+def rerun_as_user(user: str | None, script: str, argv: list[str]) -> None:
+    """Replace this root process by `script argv` run as `user` (default $SUDO_USER, else
+    sktest) in that user's storage: rootless buildah runs as an ordinary user runs it."""
+    user = user or os.environ.get("SUDO_USER") or "sktest"
+    storage = subprocess.run([sys.executable, "-m", "stacker_kernel", "storage-path", "--user", user],
+                             check=True, capture_output=True, text=True, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.strip()
+    os.execvp("runuser", ["runuser", "-u", user, "--", "env", f"STACKER_KERNEL_STORAGE={storage}",
+                          f"PYTHONPATH={REPO}", sys.executable, script, *argv])
 
 
 def _buildah_env(work: Path, driver: str) -> dict[str, str]:
