@@ -1,7 +1,9 @@
 """Local network peers for tests: a free port, and Debian's docker-registry on it."""
+import json
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 
@@ -38,3 +40,33 @@ http:
     finally:
         proc.terminate()
         proc.wait()
+
+
+def execute_over_websocket(ws, session: str, username: str, code: str) -> tuple[str | None, str, str]:
+    """Run one cell through a Jupyter server's kernel websocket `ws` (client session
+    `session`, as `username`): (status, the text it showed, the error text)."""
+    msg_id = uuid.uuid4().hex
+    ws.send(json.dumps({
+        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": username,
+                   "session": session, "version": "5.3",
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True}}))
+    text, error, status, idle = [], [], None, False
+    while status is None or not idle:
+        msg = json.loads(ws.recv())
+        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            text.append(content["text"])
+        elif kind in ("display_data", "execute_result"):
+            text.append(content["data"].get("text/plain", ""))
+        elif kind == "error":
+            error.append(f"{content['ename']}: {content['evalue']}")
+        elif kind == "execute_reply":
+            status = content["status"]
+        elif kind == "status":
+            idle = content["execution_state"] == "idle"
+    return status, "".join(text), "\n".join(error)

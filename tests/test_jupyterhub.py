@@ -25,7 +25,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,18 +38,14 @@ from pathlib import Path
 import pytest
 import websocket
 
+from net_support import execute_over_websocket, free_port as _free_port
+
 pytestmark = pytest.mark.rootful
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "deploy" / "jupyterhub" / "jupyterhub_config.py"
 OWNER, OTHER = "sktest", "sktest2"
 CELL_TIMEOUT = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_user(user: str, *argv: str) -> subprocess.CompletedProcess:
@@ -178,31 +173,7 @@ class RemoteKernel:
 
     def execute(self, code: str) -> tuple[str, str, str]:
         """Run one cell; returns (status, the text it showed, the error text)."""
-        msg_id = uuid.uuid4().hex
-        self.ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": self.user,
-                       "session": self.client_session, "version": "5.3",
-                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True}}))
-        text, error, status, idle = [], [], None, False
-        while status is None or not idle:
-            msg = json.loads(self.ws.recv())
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                text.append(content["text"])
-            elif kind in ("display_data", "execute_result"):
-                text.append(content["data"].get("text/plain", ""))
-            elif kind == "error":
-                error.append(f"{content['ename']}: {content['evalue']}")
-            elif kind == "execute_reply":
-                status = content["status"]
-            elif kind == "status":
-                idle = content["execution_state"] == "idle"
-        return status, "".join(text), "\n".join(error)
+        return execute_over_websocket(self.ws, self.client_session, self.user, code)
 
     def close(self) -> None:
         self.ws.close()

@@ -27,7 +27,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import pytest
 import websocket
 import yaml
 
+from net_support import execute_over_websocket, free_port as _free_port
 from stacker_kernel.container.userns import IdMap, IdRange, libc_call, run_in_userns
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,12 +51,6 @@ CELL_TIMEOUT = 600
 APT_UID = 42  # Debian's _apt: apt-get update leaves it files (var/lib/apt/lists/auxfiles)
 # The settings the pod needs beyond podman's defaults (README, Kubernetes).
 POD_SETTINGS = ["--userns=auto:size=65536", "--security-opt", "unmask=/proc/*"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(*argv: str, env: dict | None = None, timeout: float = 1800) -> str:
@@ -183,31 +177,7 @@ class Kernel:
 
     def execute(self, code: str) -> tuple[str, str, str]:
         """Run one cell: (status, the text it showed, the error text)."""
-        msg_id = uuid.uuid4().hex
-        self.ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "jovyan",
-                       "session": self.client_session, "version": "5.3",
-                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True}}))
-        text, error, status, idle = [], [], None, False
-        while status is None or not idle:
-            msg = json.loads(self.ws.recv())
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                text.append(content["text"])
-            elif kind in ("display_data", "execute_result"):
-                text.append(content["data"].get("text/plain", ""))
-            elif kind == "error":
-                error.append(f"{content['ename']}: {content['evalue']}")
-            elif kind == "execute_reply":
-                status = content["status"]
-            elif kind == "status":
-                idle = content["execution_state"] == "idle"
-        return status, "".join(text), "\n".join(error)
+        return execute_over_websocket(self.ws, self.client_session, "jovyan", code)
 
     def close(self) -> None:
         self.ws.close()
