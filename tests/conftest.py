@@ -82,6 +82,7 @@ BTRFS_ONLY_MODULES = {
     "test_btrfs",              # the btrfs ioctls and subvolume flags themselves
     "test_diff",               # oci/diff.py's tree walk between btrfs subvolumes it makes itself
     "test_storage_setup",      # root's setup-storage: the btrfs image and its mount options
+    "test_layer_types_whole",  # a whole-rootfs squashfs/erofs packed from btrfs subvolumes it makes itself
 }
 OVERLAY_ONLY_MODULES = {"test_overlay_store", "test_overlay_depth", "test_overlay_usage"}  # the overlay driver's layers
 # Where overlay stores are made: on the machine's / (ext4), not on the btrfs storage.
