@@ -469,7 +469,7 @@ def add_layer_type_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _layer_types(args: argparse.Namespace):
-    if not args.layer_type:
+    if not args.layer_type and args.compression == "gzip":
         return None  # the default, tar (--no-verity is for squashfs/erofs): the layer writers load if needed
     from stacker_kernel.oci.layer_types import parse_layer_types
 
