@@ -3,6 +3,8 @@ import json
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -70,3 +72,17 @@ def execute_over_websocket(ws, session: str, username: str, code: str) -> tuple[
         elif kind == "status":
             idle = content["execution_state"] == "idle"
     return status, "".join(text), "\n".join(error)
+
+
+def api_request(url: str, token: str, method: str = "GET", body: dict | None = None):
+    """(status, decoded JSON or None) of a Jupyter server or hub REST request with `token`."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": f"token {token}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        return e.code, None

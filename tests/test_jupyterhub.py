@@ -19,7 +19,6 @@ puts jupyterhub, configurable-http-proxy and the system-wide kernel spec here.
 from __future__ import annotations
 
 import http.cookiejar
-import json
 import os
 import pwd
 import re
@@ -38,7 +37,7 @@ from pathlib import Path
 import pytest
 import websocket
 
-from net_support import execute_over_websocket, free_port as _free_port
+from net_support import api_request, execute_over_websocket, free_port as _free_port
 
 pytestmark = pytest.mark.rootful
 
@@ -109,16 +108,7 @@ c.JupyterHub.load_roles = [{{"name": "stacker-test", "services": ["stacker-test"
 
     def api(self, method: str, path: str, token: str | None = None, body: dict | None = None):
         """(status, decoded JSON or None) of a request through the proxy."""
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
-                                     headers={"Authorization": f"token {token or self.token}",
-                                              "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                raw = resp.read()
-                return resp.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as e:
-            return e.code, None
+        return api_request(f"{self.url}{path}", token or self.token, method, body)
 
     def request_server(self, user: str) -> None:
         status, _ = self.api("POST", f"/hub/api/users/{user}/server")

@@ -30,8 +30,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -39,7 +37,7 @@ import pytest
 import websocket
 import yaml
 
-from net_support import execute_over_websocket, free_port as _free_port
+from net_support import api_request, execute_over_websocket, free_port as _free_port
 from stacker_kernel.container.userns import IdMap, IdRange, libc_call, run_in_userns
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,16 +131,7 @@ class Server:
         return (res.stdout + res.stderr)[-4000:]
 
     def api(self, method: str, path: str, body: dict | None = None):
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
-                                     headers={"Authorization": f"token {self.token}",
-                                              "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                raw = resp.read()
-                return resp.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as e:
-            return e.code, None
+        return api_request(f"http://127.0.0.1:{self.port}{path}", self.token, method, body)
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
