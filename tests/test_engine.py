@@ -146,6 +146,21 @@ def test_imports_are_read_only_and_not_in_the_layer(storage, busybox_tar, tmp_pa
         store.close()
 
 
+def test_a_step_sees_the_image_and_a_step_that_changes_nothing_touches_nothing(session):
+    """Without imports nothing of the container's own shows in the rootfs a step sees
+    (no /stacker mount point), and `/` keeps its times: a `true` step's layer is empty and
+    its snapshot changed no directory."""
+    run_ok(session, "echo one > /f")
+    out, o = run_ok(session, "ls -a1 /; stat -c '%Z %Y' /")
+    *names, ctime, mtime = out.split()
+    snap = session.store.get(o.snapshot_id)
+    assert sorted(n for n in names if n not in (".", "..")) == session.store.driver.listdir(snap.path, "/")
+    out, _ = run_ok(session, "sleep 1.1; stat -c '%Z %Y' /")
+    assert out.split() == [ctime, mtime]
+    assert session.diff() == []
+    assert [p for _, p in session.diff(1)] == ["/f"]
+
+
 def test_killed_build_loses_no_snapshot_and_leaves_no_process(storage, busybox_tar, tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
@@ -385,10 +400,15 @@ def test_a_step_committed_first_by_another_session_is_the_one_both_go_on_from(st
     # Both run the same step at once: each waits (after the cache lookup missed) for a
     # file the test puts in its imports dir, so the two commits come in a known order.
     script = "cat /proc/sys/kernel/random/uuid > /id; echo waiting; while [ ! -e /stacker/imports/go ]; do sleep 0.05; done"
+    from stacker_kernel.recipe.model import Import
+
+    (tmp_path / "data.txt").write_text("the layer has imports: they are mounted\n")
     outcomes, waiting, workers = {}, {}, []
     try:
         for s in sessions:
-            s.begin_layer(busybox_layer("same", busybox_tar))
+            layer = busybox_layer("same", busybox_tar)
+            layer.imports = [Import(path="data.txt")]
+            s.begin_layer(layer, base_dir=str(tmp_path))
             waiting[s] = threading.Event()
             workers.append(threading.Thread(target=lambda s=s: outcomes.__setitem__(
                 s, s.run_step(script, on_output=lambda t, s=s: waiting[s].set()))))

@@ -137,6 +137,7 @@ class LiveRootfs:
         """The container on the rootfs, started for `layer` (its imports and binds) if needed,
         with `step_mounts` (the mounts a step asks for by key) staged in it."""
         self.after_commit()  # parked (e.g. a commit left it so): its root again
+        mounts = self._layer_mounts(layer, base_dir)
         if self.container is not None:
             try:
                 self.container.settle()
@@ -145,26 +146,35 @@ class LiveRootfs:
         if self.container is not None and self.container.alive:
             have = {(m.key, m.source) for m in self.container.config.mounts if m.key}
             if self.container.config.network == network and \
+                    [m for m in self.container.config.mounts if not m.key] == mounts and \
                     all((m.key, m.source) in have for m in step_mounts):
                 return self.container
-            # `%network` changed, or a step needs a mount the container lacks: the mode and the
-            # mounts are the container's, so start it again (the live rootfs and the shell
-            # state carry over, as between any two steps); the mounts staged before stay.
+            # `%network` changed, the layer's imports or binds did, or a step needs a mount the
+            # container lacks: the mode and the mounts are the container's, so start it again
+            # (the live rootfs and the shell state carry over, as between any two steps); the
+            # mounts staged before stay.
             step_mounts = [m for m in self.container.config.mounts if m.key
                            and m.key not in {s.key for s in step_mounts}] + list(step_mounts)
             self.stop_container()
-        # The legacy `import:` key put files at /stacker/ (stacker < 1.0); `imports:` at /stacker/imports.
-        where = "/stacker" if layer.uses_legacy_import() else "/stacker/imports"
-        mounts = [Mount(str(self.imports_dir), where, readonly=True)]
+        mounts += step_mounts
+        self.container = Container.start(ContainerConfig(rootfs=str(self.path), mounts=mounts,
+                                                         network=network))
+        return self.container
+
+    def _layer_mounts(self, layer: Layer, base_dir: str) -> list[Mount]:
+        """The mounts every step of `layer` has: its imports (only when it has some: a mount
+        point made and removed at every step would change `/` in every snapshot) and its binds."""
+        mounts = []
+        if layer.imports:
+            # The legacy `import:` key put files at /stacker/ (stacker < 1.0); `imports:` at /stacker/imports.
+            where = "/stacker" if layer.uses_legacy_import() else "/stacker/imports"
+            mounts.append(Mount(str(self.imports_dir), where, readonly=True))
         for b in layer.binds:
             src = b.source if os.path.isabs(b.source) else os.path.join(base_dir, b.source)
             if not os.path.exists(src):
                 raise StepError(f"bind source {src} does not exist: fix the binds of layer {layer.name}")
             mounts.append(Mount(src, b.dest or b.source, readonly=False))
-        mounts += step_mounts
-        self.container = Container.start(ContainerConfig(rootfs=str(self.path), mounts=mounts,
-                                                         network=network))
-        return self.container
+        return mounts
 
     def stop_container(self) -> None:
         if self.container is not None:
