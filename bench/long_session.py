@@ -17,7 +17,9 @@ in any session):
   beside one in a fresh store (goal <= 1.1x), then the disk a committed
   `true` step costs (the filesystem's usage over 200 steps back to back,
   synced; goal <= 64 KiB; a raw read-only snapshot's beside it) and
-  `stacker-kernel gc` of those N snapshots (goal <= 5 ms each);
+  `stacker-kernel gc` of those N snapshots (goal <= 5 ms each, the time the
+  command takes), and the time until btrfs gave their space back (gc's
+  background reaper destroys them; --gc-only: this row alone);
 - with --before CHECKOUT: `true` cells in a kernel of that checkout's code
   (e.g. `git worktree add /tmp/before COMMIT`) beside a kernel of this one,
   taken in turns at steps 10, 100 and 200.
@@ -27,7 +29,7 @@ status (so work the kernel does after the reply, such as refreshing
 widgets, is counted), the median over a batch of cells.
 
     STACKER_KERNEL_STORAGE=/var/lib/stacker-kernel/btrfs/$USER python bench/long_session.py \
-        [STEPS] [--base busybox|debian] [--store-snapshots N] [--before CHECKOUT] [--no-widgets]
+        [STEPS] [--base busybox|debian] [--store-snapshots N [--gc-only]] [--before CHECKOUT] [--no-widgets]
 """
 from __future__ import annotations
 
@@ -215,8 +217,11 @@ def sizes_known(k: Kernel, timeout: float = 600) -> None:
     raise SystemExit("the steps' sizes were not measured in time")
 
 
-def gc_ms_per_snapshot(storage: Path, n: int) -> float:
-    """`stacker-kernel gc` of a store whose n snapshots no session uses any more, ms each."""
+def gc_ms_per_snapshot(storage: Path, n: int) -> tuple[float, float]:
+    """`stacker-kernel gc` of a store whose n snapshots no session uses any more: ms each
+    as the command takes, and seconds from its start until their space is free again
+    (no deleted snapshot left in the store, btrfs's cleaner done)."""
+    from stacker_kernel.storage import btrfs
     from stacker_kernel.storage.store import Store
 
     with Store.open(storage) as store:
@@ -225,10 +230,14 @@ def gc_ms_per_snapshot(storage: Path, n: int) -> float:
     t = time.monotonic()
     subprocess.run([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), "gc"], check=True,
                    stdout=subprocess.DEVNULL)
-    return (time.monotonic() - t) * 1000 / n
+    done = time.monotonic()
+    while any(e.name.startswith(".trash-") for sub in ("snapshots", "bases") for e in os.scandir(storage / sub)):
+        time.sleep(0.05)
+    btrfs.wait_reclaimed(storage)
+    return (done - t) * 1000 / n, time.monotonic() - t
 
 
-def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int) -> None:
+def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int, gc_only: bool = False) -> None:
     from stacker_kernel.storage import btrfs
     from stacker_kernel.storage.location import resolve_storage
 
@@ -240,33 +249,39 @@ def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int) -> None
         t = time.monotonic()
         fill_store(big, tar, n)
         print(f"\n(a store of {n} snapshots made in {time.monotonic() - t:.0f} s)", flush=True)
-        a, b = Kernel(nbdir, kernels, "fresh", base, fresh), Kernel(nbdir, kernels, "big", base, big)
-        try:
-            a.steps_to(10)
-            b.steps_to(10)
-            in_fresh, in_big = alternate(a, b)
-        finally:
-            a.close()
-            b.close()
-        print(f"a `true` cell at step 10: median of {BATCH}, taken in turns in two kernels")
-        print(f"{'':<44} {'ms':>9}")
-        print(f"{'in a fresh store':<44} {in_fresh:>9.1f}")
-        print(f"{f'in a store of {n} snapshots':<44} {in_big:>9.1f}")
-        print(f"{n} snapshots / fresh: {in_big / in_fresh:.2f}x (goal <= 1.1x)", flush=True)
-        per_step, floor = disk_per_step(fresh, nbdir, kernels, base)
-        print(f"disk per committed `true` step (usage over 200 steps, synced): {per_step / 1024:.1f} KiB "
-              f"(goal <= 64 KiB); a raw read-only snapshot of its live rootfs: {floor / 1024:.1f} KiB",
-              flush=True)
-        theirs = buildah_disk_per_commit(tar)
-        if theirs is not None:
-            print(f"disk per `buildah run true` + `buildah commit` (du of its storage over 20): "
-                  f"{theirs / 1024:.1f} KiB; ours / buildah's: {per_step / theirs:.2f}x", flush=True)
-        gc_ms = gc_ms_per_snapshot(big, n)
-        print(f"stacker-kernel gc of {n} unused snapshots: {gc_ms:.1f} ms per snapshot (goal <= 5 ms)",
-              flush=True)
+        if not gc_only:
+            cells_and_disk(nbdir, kernels, tar, base, n, fresh, big)
+        gc_ms, freed_s = gc_ms_per_snapshot(big, n)
+        print(f"stacker-kernel gc of {n} unused snapshots: {gc_ms:.1f} ms per snapshot (goal <= 5 ms); "
+              f"their space free {freed_s:.1f} s after gc started", flush=True)
     finally:
         btrfs.remove_tree(fresh)
         btrfs.remove_tree(big)
+
+
+def cells_and_disk(nbdir: Path, kernels: Path, tar: Path, base: str, n: int, fresh: Path, big: Path) -> None:
+    """The big-store, disk and buildah rows of store_size."""
+    a, b = Kernel(nbdir, kernels, "fresh", base, fresh), Kernel(nbdir, kernels, "big", base, big)
+    try:
+        a.steps_to(10)
+        b.steps_to(10)
+        in_fresh, in_big = alternate(a, b)
+    finally:
+        a.close()
+        b.close()
+    print(f"a `true` cell at step 10: median of {BATCH}, taken in turns in two kernels")
+    print(f"{'':<44} {'ms':>9}")
+    print(f"{'in a fresh store':<44} {in_fresh:>9.1f}")
+    print(f"{f'in a store of {n} snapshots':<44} {in_big:>9.1f}")
+    print(f"{n} snapshots / fresh: {in_big / in_fresh:.2f}x (goal <= 1.1x)", flush=True)
+    per_step, floor = disk_per_step(fresh, nbdir, kernels, base)
+    print(f"disk per committed `true` step (usage over 200 steps, synced): {per_step / 1024:.1f} KiB "
+          f"(goal <= 64 KiB); a raw read-only snapshot of its live rootfs: {floor / 1024:.1f} KiB",
+          flush=True)
+    theirs = buildah_disk_per_commit(tar)
+    if theirs is not None:
+        print(f"disk per `buildah run true` + `buildah commit` (du of its storage over 20): "
+              f"{theirs / 1024:.1f} KiB; ours / buildah's: {per_step / theirs:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -274,6 +289,7 @@ def main() -> None:
     ap.add_argument("steps", nargs="?", type=int, default=1000)
     ap.add_argument("--base", choices=("busybox", "debian"), default="busybox")
     ap.add_argument("--store-snapshots", type=int, default=0, help="also the big-store, disk and gc rows")
+    ap.add_argument("--gc-only", action="store_true", help="with --store-snapshots: the gc row alone")
     ap.add_argument("--before", type=Path, help="a checkout whose kernel runs beside this one's")
     ap.add_argument("--no-widgets", action="store_true", help="skip the live %%layers outputs case")
     args = ap.parse_args()
@@ -289,7 +305,7 @@ def main() -> None:
                        stdout=subprocess.DEVNULL)
 
         if args.store_snapshots:
-            store_size(nbdir, kernels, nbdir / "base.tar", "base.tar", args.store_snapshots)
+            store_size(nbdir, kernels, nbdir / "base.tar", "base.tar", args.store_snapshots, args.gc_only)
         if args.before:
             before, after = Kernel(nbdir, kernels, "before", code=args.before.resolve()), Kernel(nbdir, kernels, "after")
             try:

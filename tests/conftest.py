@@ -132,7 +132,16 @@ def driver_storage(request):
         yield root
     finally:
         os.environ["STACKER_KERNEL_STORAGE"] = BTRFS_STORAGE
+        _after_reaper(root)
         driver.OverlayDriver().remove(root)
+
+
+def _after_reaper(root: Path) -> None:
+    """Wait until no gc reaper works in storage `root` (it would race with the
+    deletion of the storage) and destroy what is left in its trash."""
+    from stacker_kernel.storage.store import reap_trash
+
+    reap_trash(root, wait=True)
 
 
 def in_tree(tree: Path, rel: str) -> Path:
@@ -190,12 +199,14 @@ def storage(request) -> Path:
     if name == "overlay":
         root = overlay_root()
         yield root
+        _after_reaper(root)
         driver.OverlayDriver().remove(root)
         return
     root = Path(BTRFS_STORAGE) / f"t-{uuid.uuid4().hex}"
     root.mkdir()
     assert btrfs.is_btrfs(root), f"{root} is not on btrfs: STACKER_KERNEL_STORAGE names no btrfs storage"
     yield root
+    _after_reaper(root)
     btrfs.remove_tree(root)
 
 
