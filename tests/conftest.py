@@ -136,6 +136,19 @@ def driver_storage(request):
         driver.OverlayDriver().remove(root)
 
 
+def reaped(root: Path, timeout: float = 120) -> None:
+    """Wait until gc's background reaper has emptied the trash of storage `root` (a
+    test that waits longer than `timeout` fails)."""
+    import time
+
+    from stacker_kernel.storage import driver
+
+    deadline = time.monotonic() + timeout
+    while driver.trash_entries(root):
+        assert time.monotonic() < deadline, f"the reaper left {driver.trash_entries(root)}"
+        time.sleep(0.05)
+
+
 def _after_reaper(root: Path) -> None:
     """Wait until no gc reaper works in storage `root` (it would race with the
     deletion of the storage) and destroy what is left in its trash."""

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import in_tree, is_frozen
+from conftest import in_tree, is_frozen, reaped
 
 from stacker_kernel import cli
 from stacker_kernel.errors import SessionBusyError, StorageError
@@ -612,14 +612,6 @@ def _ended_session_with_chain(store: Store):
     return sess, base, s1, s2
 
 
-def _reaped(root: Path, timeout: float = 120) -> None:
-    """Wait until the background reaper has emptied the trash of `root` (fails after `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while drivers.trash_entries(root):
-        assert time.monotonic() < deadline, f"the reaper left {drivers.trash_entries(root)}"
-        time.sleep(0.05)
-
-
 def _in_sight(root: Path, sub: str = "snapshots") -> list[str]:
     return sorted(n for n in os.listdir(root / sub) if not n.startswith(drivers.TRASH_PREFIX))
 
@@ -634,14 +626,14 @@ def test_gc_moves_snapshots_into_the_trash_and_a_background_reaper_destroys_them
     _, base, s1, s2 = _ended_session_with_chain(store)
     from stacker_kernel.storage import store as store_module
 
-    reaped = []
+    started = []
     start = store_module.start_reaper
-    monkeypatch.setattr(store_module, "start_reaper", lambda root: reaped.append(root) or start(root))
+    monkeypatch.setattr(store_module, "start_reaper", lambda root: started.append(root) or start(root))
     assert store.gc() == [s2.id]
     # On return: out of sight, record dropped, the tree still there in the trash (or being destroyed).
     assert not s2.path.exists() and store.get(s2.id) is None
-    assert _in_sight(store.root) == [s1.id] and reaped == [store.root]
-    _reaped(store.root)
+    assert _in_sight(store.root) == [s1.id] and started == [store.root]
+    reaped(store.root)
     assert os.listdir(store.root / "snapshots") == [s1.id]
     # What a session references was never touched: still frozen, same content.
     for snap in (base, s1):
@@ -658,7 +650,7 @@ def test_a_trash_a_killed_gc_left_is_destroyed_when_the_store_is_next_opened(sto
     store.close()
     with Store.open(store.root) as again:
         assert again.get(s2.id) is None and again.get(s1.id) is not None  # the record without its tree goes
-        _reaped(again.root)
+        reaped(again.root)
         assert os.listdir(again.root / "snapshots") == [s1.id] and is_frozen(s1.path)
 
 
@@ -667,7 +659,7 @@ def test_a_trash_a_killed_reaper_left_is_destroyed_by_the_next_gc(store):
     assert store.gc(reap=False) == [s2.id]  # as if its reaper was killed before it began
     assert len(drivers.trash_entries(store.root)) >= 1
     assert store.gc() == []  # nothing new to delete: it still starts a reaper for the old trash
-    _reaped(store.root)
+    reaped(store.root)
     assert os.listdir(store.root / "snapshots") == [s1.id]
 
 
@@ -708,7 +700,7 @@ def test_gc_after_forget_session_removes_everything(store):
     store.forget_session(sess.id)
     assert sorted(store.gc()) == sorted([base.id, s1.id, s2.id])
     assert _in_sight(store.root) == [] and _in_sight(store.root, "bases") == []
-    _reaped(store.root)
+    reaped(store.root)
     assert list((store.root / "snapshots").iterdir()) == [] and os.listdir(store.root / "bases") == []
     assert not (store.root / "layers").exists() or os.listdir(store.root / "layers") == [".empty"]
 
@@ -732,7 +724,7 @@ def test_gc_of_many_snapshots_removes_exactly_the_unreferenced_and_keeps_the_res
     base, steps = _ended_session_with_steps(store, 12, keep=5)
     assert sorted(store.gc()) == sorted(s.id for s in steps[5:])
     assert _in_sight(store.root) == sorted(s.id for s in steps[:5])
-    _reaped(store.root)
+    reaped(store.root)
     assert sorted(p.name for p in (store.root / "snapshots").iterdir()) == sorted(s.id for s in steps[:5])
     assert [store.get(s.id) for s in steps[5:]] == [None] * 7
     for snap in [base, *steps[:5]]:
@@ -759,7 +751,7 @@ def test_gc_removes_a_snapshot_whose_top_a_step_gave_to_another_id(store):
     store.forget_session(sess.id)
     assert sorted(store.gc()) == sorted([base.id, mine.id, theirs.id])
     assert _in_sight(store.root) == []
-    _reaped(store.root)  # the reaper destroys it from inside the user namespace
+    reaped(store.root)  # the reaper destroys it from inside the user namespace
     assert list((store.root / "snapshots").iterdir()) == []
 
 
@@ -793,7 +785,7 @@ def test_cli_gc_prints_what_it_removed(store, capsys):
     out = capsys.readouterr().out
     assert f"removed {s2.id[:12]} " in out
     assert "removed 1 snapshot(s) holding 3.0 MiB, freed in the background ('gc --wait' waits for it)" in out
-    _reaped(store.root)
+    reaped(store.root)
     assert cli.main(["--storage", str(store.root), "layers"]) == 0
     assert "being freed" not in capsys.readouterr().out
 
