@@ -19,7 +19,8 @@ in any session):
   synced; goal <= 64 KiB; a raw read-only snapshot's beside it) and
   `stacker-kernel gc` of those N snapshots (goal <= 5 ms each, the time the
   command takes), and the time until btrfs gave their space back (gc's
-  background reaper destroys them; --gc-only: this row alone);
+  background reaper destroys them; --gc-only: this row alone, also of a store
+  of the overlay driver with --storage-driver overlay, in a folder on /var/tmp);
 - with --before CHECKOUT: `true` cells in a kernel of that checkout's code
   (e.g. `git worktree add /tmp/before COMMIT`) beside a kernel of this one,
   taken in turns at steps 10, 100 and 200.
@@ -29,7 +30,7 @@ status (so work the kernel does after the reply, such as refreshing
 widgets, is counted), the median over a batch of cells.
 
     STACKER_KERNEL_STORAGE=/var/lib/stacker-kernel/btrfs/$USER python bench/long_session.py \
-        [STEPS] [--base busybox|debian] [--store-snapshots N [--gc-only]] [--before CHECKOUT] [--no-widgets]
+        [STEPS] [--base busybox|debian] [--store-snapshots N [--gc-only [--storage-driver overlay]]] [--before CHECKOUT] [--no-widgets]
 """
 from __future__ import annotations
 
@@ -221,7 +222,7 @@ def gc_ms_per_snapshot(storage: Path, n: int) -> tuple[float, float]:
     """`stacker-kernel gc` of a store whose n snapshots no session uses any more: ms each
     as the command takes, and seconds from its start until their space is free again
     (no deleted snapshot left in the store, btrfs's cleaner done)."""
-    from stacker_kernel.storage import btrfs
+    from stacker_kernel.storage import driver
     from stacker_kernel.storage.store import Store
 
     with Store.open(storage) as store:
@@ -231,20 +232,25 @@ def gc_ms_per_snapshot(storage: Path, n: int) -> tuple[float, float]:
     subprocess.run([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), "gc"], check=True,
                    stdout=subprocess.DEVNULL)
     done = time.monotonic()
-    while any(e.name.startswith(".trash-") for sub in ("snapshots", "bases") for e in os.scandir(storage / sub)):
+    # What gc moved into the trash (storage/driver.py TRASH_PREFIX), until its reaper is done.
+    while any(e.name.startswith(".trash-") for sub in ("snapshots", "bases", "layers")
+              if (storage / sub).is_dir() for e in os.scandir(storage / sub)):
         time.sleep(0.05)
-    btrfs.wait_reclaimed(storage)
+    driver.of_root(storage).wait_reclaimed(storage)
     return (done - t) * 1000 / n, time.monotonic() - t
 
 
-def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int, gc_only: bool = False) -> None:
-    from stacker_kernel.storage import btrfs
+def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int, gc_only: bool = False,
+               overlay: bool = False) -> None:
+    from stacker_kernel.storage import btrfs, driver
     from stacker_kernel.storage.location import resolve_storage
 
-    top = resolve_storage(None)
+    top = Path("/var/tmp") if overlay else resolve_storage(None)
     fresh, big = top / f"bench-fresh-{uuid.uuid4().hex[:6]}", top / f"bench-big-{uuid.uuid4().hex[:6]}"
     fresh.mkdir()
     big.mkdir()
+    if overlay:
+        driver.choose(big, "overlay")
     try:
         t = time.monotonic()
         fill_store(big, tar, n)
@@ -255,8 +261,9 @@ def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int, gc_only
         print(f"stacker-kernel gc of {n} unused snapshots: {gc_ms:.1f} ms per snapshot (goal <= 5 ms); "
               f"their space free {freed_s:.1f} s after gc started", flush=True)
     finally:
-        btrfs.remove_tree(fresh)
-        btrfs.remove_tree(big)
+        remove = driver.OverlayDriver().remove if overlay else btrfs.remove_tree
+        remove(fresh)
+        remove(big)
 
 
 def cells_and_disk(nbdir: Path, kernels: Path, tar: Path, base: str, n: int, fresh: Path, big: Path) -> None:
@@ -290,9 +297,13 @@ def main() -> None:
     ap.add_argument("--base", choices=("busybox", "debian"), default="busybox")
     ap.add_argument("--store-snapshots", type=int, default=0, help="also the big-store, disk and gc rows")
     ap.add_argument("--gc-only", action="store_true", help="with --store-snapshots: the gc row alone")
+    ap.add_argument("--storage-driver", choices=("btrfs", "overlay"), default="btrfs",
+                    help="with --gc-only: the driver of the store gc works on")
     ap.add_argument("--before", type=Path, help="a checkout whose kernel runs beside this one's")
     ap.add_argument("--no-widgets", action="store_true", help="skip the live %%layers outputs case")
     args = ap.parse_args()
+    if args.storage_driver == "overlay" and not args.gc_only:
+        ap.error("--storage-driver overlay goes with --gc-only (the other rows measure btrfs)")
     steps = args.steps
     with tempfile.TemporaryDirectory(prefix="bench-long-") as tmp:
         root = Path(tmp)
@@ -305,7 +316,8 @@ def main() -> None:
                        stdout=subprocess.DEVNULL)
 
         if args.store_snapshots:
-            store_size(nbdir, kernels, nbdir / "base.tar", "base.tar", args.store_snapshots, args.gc_only)
+            store_size(nbdir, kernels, nbdir / "base.tar", "base.tar", args.store_snapshots, args.gc_only,
+                       args.storage_driver == "overlay")
         if args.before:
             before, after = Kernel(nbdir, kernels, "before", code=args.before.resolve()), Kernel(nbdir, kernels, "after")
             try:
