@@ -212,8 +212,8 @@ def removed_line(removed, freed: int | None) -> str:
     unknown = len(removed) - len(sizes)
     held = human_size(sum(max(n, 0) for n in sizes))
     return (f"removed {len(removed)} snapshot(s) holding {held}"
-            + (f" and {unknown} not measured" if unknown else "")
-            + ", freed in the background ('gc --wait' waits for it)")
+            + (f" ({unknown} of them not measured)" if unknown else "")
+            + "; their space is freed in the background ('gc --wait' waits for it)")
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

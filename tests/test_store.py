@@ -784,7 +784,8 @@ def test_cli_gc_prints_what_it_removed(store, capsys):
     assert cli.main(["--storage", str(store.root), "gc"]) == 0
     out = capsys.readouterr().out
     assert f"removed {s2.id[:12]} " in out
-    assert "removed 1 snapshot(s) holding 3.0 MiB, freed in the background ('gc --wait' waits for it)" in out
+    assert ("removed 1 snapshot(s) holding 3.0 MiB; their space is freed in the background "
+            "('gc --wait' waits for it)") in out
     reaped(store.root)
     assert cli.main(["--storage", str(store.root), "layers"]) == 0
     assert "being freed" not in capsys.readouterr().out
