@@ -663,6 +663,21 @@ def test_a_trash_a_killed_reaper_left_is_destroyed_by_the_next_gc(store):
     assert os.listdir(store.root / "snapshots") == [s1.id]
 
 
+def test_a_reaper_starts_without_setsid_too(store, monkeypatch):
+    run = subprocess.run
+
+    def no_setsid(cmd, *a, **kw):
+        if cmd[0] == "setsid":
+            raise FileNotFoundError(2, "No such file or directory", "setsid")
+        return run(cmd, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", no_setsid)
+    _, _, s1, s2 = _ended_session_with_chain(store)
+    assert store.gc() == [s2.id]
+    reaped(store.root)
+    assert os.listdir(store.root / "snapshots") == [s1.id]
+
+
 def test_one_reaper_at_a_time_and_a_waiting_one_finishes_the_trash(store):
     import fcntl
 

@@ -182,12 +182,16 @@ def start_reaper(root: Path) -> None:
 
     top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-P", "-c", _REAP, str(root)]
+    quiet = dict(env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                 close_fds=True)
     try:
-        subprocess.run(["setsid", "--fork", sys.executable, "-P", "-c", _REAP, str(root)], env=env,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       close_fds=True, check=False)
-    except OSError:
-        pass  # no reaper now: the next gc or opening of the store starts one
+        subprocess.run(["setsid", "--fork", *cmd], check=False, **quiet)
+        return
+    except FileNotFoundError:  # no util-linux: our own child, in a session of its own
+        pass
+    proc = subprocess.Popen(cmd, start_new_session=True, **quiet)
+    threading.Thread(target=proc.wait, daemon=True).start()  # no zombie in a long-lived kernel
 
 
 def reaper_main(root: str) -> None:
