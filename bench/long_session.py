@@ -218,26 +218,51 @@ def sizes_known(k: Kernel, timeout: float = 600) -> None:
     raise SystemExit("the steps' sizes were not measured in time")
 
 
-def gc_ms_per_snapshot(storage: Path, n: int) -> tuple[float, float]:
-    """`stacker-kernel gc` of a store whose n snapshots no session uses any more: ms each
-    as the command takes, and seconds from its start until their space is free again
-    (no deleted snapshot left in the store, btrfs's cleaner done)."""
-    from stacker_kernel.storage import driver
+def _trash_left(storage: Path) -> bool:
+    """Whether what gc moved into the trash (storage/driver.py TRASH_PREFIX) is still there."""
+    return any(e.name.startswith(".trash-") for sub in ("snapshots", "bases", "layers")
+               if (storage / sub).is_dir() for e in os.scandir(storage / sub))
+
+
+def _forget_sessions(storage: Path) -> None:
     from stacker_kernel.storage.store import Store
 
     with Store.open(storage) as store:
         for sess in store.find_sessions():
             store.forget_session(sess.id)
+
+
+def gc_ms_per_snapshot(storage: Path, n: int) -> tuple[float, float]:
+    """`stacker-kernel gc` of a store whose n snapshots no session uses any more: ms each
+    as the command takes, and seconds from its start until their space is free again
+    (no deleted snapshot left in the store, btrfs's cleaner done)."""
+    from stacker_kernel.storage import driver
+
+    _forget_sessions(storage)
     t = time.monotonic()
     subprocess.run([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), "gc"], check=True,
                    stdout=subprocess.DEVNULL)
     done = time.monotonic()
-    # What gc moved into the trash (storage/driver.py TRASH_PREFIX), until its reaper is done.
-    while any(e.name.startswith(".trash-") for sub in ("snapshots", "bases", "layers")
-              if (storage / sub).is_dir() for e in os.scandir(storage / sub)):
+    while _trash_left(storage):
         time.sleep(0.05)
     driver.of_root(storage).wait_reclaimed(storage)
     return (done - t) * 1000 / n, time.monotonic() - t
+
+
+def cells_beside_gc(k: Kernel, storage: Path) -> tuple[float, int, float]:
+    """`true` cells of kernel `k` (another store on the same filesystem) while a gc of
+    `storage` deletes (the command running, or its reaper): their median ms and count,
+    and the median of BATCH cells right after, the deleting done."""
+    _forget_sessions(storage)
+    gc = subprocess.Popen([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), "gc"],
+                          stdout=subprocess.DEVNULL)
+    beside = []
+    while gc.poll() is None or _trash_left(storage):
+        beside.append(k.run("true") * 1000)
+    k.steps += len(beside)
+    if gc.wait() != 0:
+        raise SystemExit("gc failed")
+    return statistics.median(beside), len(beside), k.cell_ms()
 
 
 def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int, gc_only: bool = False,
@@ -260,6 +285,17 @@ def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int, gc_only
         gc_ms, freed_s = gc_ms_per_snapshot(big, n)
         print(f"stacker-kernel gc of {n} unused snapshots: {gc_ms:.1f} ms per snapshot (goal <= 5 ms); "
               f"their space free {freed_s:.1f} s after gc started", flush=True)
+        if gc_only:  # the same again, a kernel of another store taking cells meanwhile
+            fill_store(big, tar, n)
+            k = Kernel(nbdir, kernels, "beside", base, fresh)
+            try:
+                k.steps_to(10)
+                k.cell_ms()
+                during, count, after = cells_beside_gc(k, big)
+            finally:
+                k.close()
+            print(f"a `true` cell in another store while gc of {n} deletes (the command or its reaper): "
+                  f"median {during:.1f} ms of {count}; right after: {after:.1f} ms", flush=True)
     finally:
         remove = driver.OverlayDriver().remove if overlay else btrfs.remove_tree
         remove(fresh)
