@@ -16,7 +16,7 @@ from conftest import in_tree, is_frozen, reaped
 from stacker_kernel import cli
 from stacker_kernel.errors import SessionBusyError, StorageError
 from stacker_kernel.storage import driver as drivers
-from stacker_kernel.storage.store import Snapshot, Store, reap_trash
+from stacker_kernel.storage.store import Snapshot, Store, reap_trash, start_reaper
 
 
 @pytest.fixture
@@ -678,7 +678,7 @@ def test_a_reaper_starts_without_setsid_too(store, monkeypatch):
     assert os.listdir(store.root / "snapshots") == [s1.id]
 
 
-def test_one_reaper_at_a_time_and_a_waiting_one_finishes_the_trash(store):
+def test_one_reaper_at_a_time_and_a_waiting_one_finishes_the_trash(store, monkeypatch):
     import fcntl
 
     _, _, s1, s2 = _ended_session_with_chain(store)
@@ -688,6 +688,12 @@ def test_one_reaper_at_a_time_and_a_waiting_one_finishes_the_trash(store):
         fcntl.flock(fd, fcntl.LOCK_EX)  # another reaper at work
         reap_trash(store.root)  # returns at once: that one empties the trash
         assert drivers.trash_entries(store.root)
+        spawned = []
+        run = subprocess.run
+        monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **kw: spawned.append(cmd) or run(["true"]))
+        start_reaper(store.root)  # none started beside it
+        assert spawned == []
+        monkeypatch.undo()
     finally:
         os.close(fd)  # ... or is gone: the next one with `wait` does it
     reap_trash(store.root, wait=True)

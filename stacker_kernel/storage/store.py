@@ -180,6 +180,8 @@ def start_reaper(root: Path) -> None:
 
     import stacker_kernel
 
+    if _reaper_at_work(root):
+        return  # it looks at the trash again once it lets go of its lock: what is there now is its
     top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-P", "-c", _REAP, str(root)]
@@ -192,6 +194,20 @@ def start_reaper(root: Path) -> None:
         pass
     proc = subprocess.Popen(cmd, start_new_session=True, **quiet)
     threading.Thread(target=proc.wait, daemon=True).start()  # no zombie in a long-lived kernel
+
+
+def _reaper_at_work(root: Path) -> bool:
+    try:
+        fd = os.open(root / REAPER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the lock, if it was taken here
 
 
 def reaper_main(root: str) -> None:
