@@ -17,7 +17,10 @@ in any session):
   beside one in a fresh store (goal <= 1.1x), then the disk a committed
   `true` step costs (the filesystem's usage over 200 steps back to back,
   synced; goal <= 64 KiB; a raw read-only snapshot's beside it) and
-  `stacker-kernel gc` of those N snapshots (goal <= 5 ms each);
+  `stacker-kernel gc` of those N snapshots (goal <= 5 ms each, the time the
+  command takes), and the time until btrfs gave their space back (gc's
+  background reaper destroys them; --gc-only: this row alone, also of a store
+  of the overlay driver with --storage-driver overlay, in a folder on /var/tmp);
 - with --before CHECKOUT: `true` cells in a kernel of that checkout's code
   (e.g. `git worktree add /tmp/before COMMIT`) beside a kernel of this one,
   taken in turns at steps 10, 100 and 200.
@@ -27,7 +30,7 @@ status (so work the kernel does after the reply, such as refreshing
 widgets, is counted), the median over a batch of cells.
 
     STACKER_KERNEL_STORAGE=/var/lib/stacker-kernel/btrfs/$USER python bench/long_session.py \
-        [STEPS] [--base busybox|debian] [--store-snapshots N] [--before CHECKOUT] [--no-widgets]
+        [STEPS] [--base busybox|debian] [--store-snapshots N [--gc-only [--storage-driver overlay]]] [--before CHECKOUT] [--no-widgets]
 """
 from __future__ import annotations
 
@@ -215,58 +218,113 @@ def sizes_known(k: Kernel, timeout: float = 600) -> None:
     raise SystemExit("the steps' sizes were not measured in time")
 
 
-def gc_ms_per_snapshot(storage: Path, n: int) -> float:
-    """`stacker-kernel gc` of a store whose n snapshots no session uses any more, ms each."""
+def _trash_left(storage: Path) -> bool:
+    """Whether what gc moved into the trash (storage/driver.py TRASH_PREFIX) is still there."""
+    return any(e.name.startswith(".trash-") for sub in ("snapshots", "bases", "layers")
+               if (storage / sub).is_dir() for e in os.scandir(storage / sub))
+
+
+def _forget_sessions(storage: Path) -> None:
     from stacker_kernel.storage.store import Store
 
     with Store.open(storage) as store:
         for sess in store.find_sessions():
             store.forget_session(sess.id)
+
+
+def gc_ms_per_snapshot(storage: Path, n: int) -> tuple[float, float]:
+    """`stacker-kernel gc` of a store whose n snapshots no session uses any more: ms each
+    as the command takes, and seconds from its start until their space is free again
+    (no deleted snapshot left in the store, btrfs's cleaner done)."""
+    from stacker_kernel.storage import driver
+
+    _forget_sessions(storage)
     t = time.monotonic()
     subprocess.run([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), "gc"], check=True,
                    stdout=subprocess.DEVNULL)
-    return (time.monotonic() - t) * 1000 / n
+    done = time.monotonic()
+    while _trash_left(storage):
+        time.sleep(0.05)
+    driver.of_root(storage).wait_reclaimed(storage)
+    return (done - t) * 1000 / n, time.monotonic() - t
 
 
-def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int) -> None:
-    from stacker_kernel.storage import btrfs
+def cells_beside_gc(k: Kernel, storage: Path) -> tuple[float, int, float]:
+    """`true` cells of kernel `k` (another store on the same filesystem) while a gc of
+    `storage` deletes (the command running, or its reaper): their median ms and count,
+    and the median of BATCH cells right after, the deleting done."""
+    _forget_sessions(storage)
+    gc = subprocess.Popen([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), "gc"],
+                          stdout=subprocess.DEVNULL)
+    beside = []
+    while gc.poll() is None or _trash_left(storage):
+        beside.append(k.run("true") * 1000)
+    k.steps += len(beside)
+    if gc.wait() != 0:
+        raise SystemExit("gc failed")
+    return statistics.median(beside), len(beside), k.cell_ms()
+
+
+def store_size(nbdir: Path, kernels: Path, tar: Path, base: str, n: int, gc_only: bool = False,
+               overlay: bool = False) -> None:
+    from stacker_kernel.storage import btrfs, driver
     from stacker_kernel.storage.location import resolve_storage
 
-    top = resolve_storage(None)
+    top = Path("/var/tmp") if overlay else resolve_storage(None)
     fresh, big = top / f"bench-fresh-{uuid.uuid4().hex[:6]}", top / f"bench-big-{uuid.uuid4().hex[:6]}"
     fresh.mkdir()
     big.mkdir()
+    if overlay:
+        driver.choose(big, "overlay")
     try:
         t = time.monotonic()
         fill_store(big, tar, n)
         print(f"\n(a store of {n} snapshots made in {time.monotonic() - t:.0f} s)", flush=True)
-        a, b = Kernel(nbdir, kernels, "fresh", base, fresh), Kernel(nbdir, kernels, "big", base, big)
-        try:
-            a.steps_to(10)
-            b.steps_to(10)
-            in_fresh, in_big = alternate(a, b)
-        finally:
-            a.close()
-            b.close()
-        print(f"a `true` cell at step 10: median of {BATCH}, taken in turns in two kernels")
-        print(f"{'':<44} {'ms':>9}")
-        print(f"{'in a fresh store':<44} {in_fresh:>9.1f}")
-        print(f"{f'in a store of {n} snapshots':<44} {in_big:>9.1f}")
-        print(f"{n} snapshots / fresh: {in_big / in_fresh:.2f}x (goal <= 1.1x)", flush=True)
-        per_step, floor = disk_per_step(fresh, nbdir, kernels, base)
-        print(f"disk per committed `true` step (usage over 200 steps, synced): {per_step / 1024:.1f} KiB "
-              f"(goal <= 64 KiB); a raw read-only snapshot of its live rootfs: {floor / 1024:.1f} KiB",
-              flush=True)
-        theirs = buildah_disk_per_commit(tar)
-        if theirs is not None:
-            print(f"disk per `buildah run true` + `buildah commit` (du of its storage over 20): "
-                  f"{theirs / 1024:.1f} KiB; ours / buildah's: {per_step / theirs:.2f}x", flush=True)
-        gc_ms = gc_ms_per_snapshot(big, n)
-        print(f"stacker-kernel gc of {n} unused snapshots: {gc_ms:.1f} ms per snapshot (goal <= 5 ms)",
-              flush=True)
+        if not gc_only:
+            cells_and_disk(nbdir, kernels, tar, base, n, fresh, big)
+        gc_ms, freed_s = gc_ms_per_snapshot(big, n)
+        print(f"stacker-kernel gc of {n} unused snapshots: {gc_ms:.1f} ms per snapshot (goal <= 5 ms); "
+              f"their space free {freed_s:.1f} s after gc started", flush=True)
+        if gc_only:  # the same again, a kernel of another store taking cells meanwhile
+            fill_store(big, tar, n)
+            k = Kernel(nbdir, kernels, "beside", base, fresh)
+            try:
+                k.steps_to(10)
+                k.cell_ms()
+                during, count, after = cells_beside_gc(k, big)
+            finally:
+                k.close()
+            print(f"a `true` cell in another store while gc of {n} deletes (the command or its reaper): "
+                  f"median {during:.1f} ms of {count}; right after: {after:.1f} ms", flush=True)
     finally:
-        btrfs.remove_tree(fresh)
-        btrfs.remove_tree(big)
+        remove = driver.OverlayDriver().remove if overlay else btrfs.remove_tree
+        remove(fresh)
+        remove(big)
+
+
+def cells_and_disk(nbdir: Path, kernels: Path, tar: Path, base: str, n: int, fresh: Path, big: Path) -> None:
+    """The big-store, disk and buildah rows of store_size."""
+    a, b = Kernel(nbdir, kernels, "fresh", base, fresh), Kernel(nbdir, kernels, "big", base, big)
+    try:
+        a.steps_to(10)
+        b.steps_to(10)
+        in_fresh, in_big = alternate(a, b)
+    finally:
+        a.close()
+        b.close()
+    print(f"a `true` cell at step 10: median of {BATCH}, taken in turns in two kernels")
+    print(f"{'':<44} {'ms':>9}")
+    print(f"{'in a fresh store':<44} {in_fresh:>9.1f}")
+    print(f"{f'in a store of {n} snapshots':<44} {in_big:>9.1f}")
+    print(f"{n} snapshots / fresh: {in_big / in_fresh:.2f}x (goal <= 1.1x)", flush=True)
+    per_step, floor = disk_per_step(fresh, nbdir, kernels, base)
+    print(f"disk per committed `true` step (usage over 200 steps, synced): {per_step / 1024:.1f} KiB "
+          f"(goal <= 64 KiB); a raw read-only snapshot of its live rootfs: {floor / 1024:.1f} KiB",
+          flush=True)
+    theirs = buildah_disk_per_commit(tar)
+    if theirs is not None:
+        print(f"disk per `buildah run true` + `buildah commit` (du of its storage over 20): "
+              f"{theirs / 1024:.1f} KiB; ours / buildah's: {per_step / theirs:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -274,9 +332,14 @@ def main() -> None:
     ap.add_argument("steps", nargs="?", type=int, default=1000)
     ap.add_argument("--base", choices=("busybox", "debian"), default="busybox")
     ap.add_argument("--store-snapshots", type=int, default=0, help="also the big-store, disk and gc rows")
+    ap.add_argument("--gc-only", action="store_true", help="with --store-snapshots: the gc row alone")
+    ap.add_argument("--storage-driver", choices=("btrfs", "overlay"), default="btrfs",
+                    help="with --gc-only: the driver of the store gc works on")
     ap.add_argument("--before", type=Path, help="a checkout whose kernel runs beside this one's")
     ap.add_argument("--no-widgets", action="store_true", help="skip the live %%layers outputs case")
     args = ap.parse_args()
+    if args.storage_driver == "overlay" and not args.gc_only:
+        ap.error("--storage-driver overlay goes with --gc-only (the other rows measure btrfs)")
     steps = args.steps
     with tempfile.TemporaryDirectory(prefix="bench-long-") as tmp:
         root = Path(tmp)
@@ -289,7 +352,8 @@ def main() -> None:
                        stdout=subprocess.DEVNULL)
 
         if args.store_snapshots:
-            store_size(nbdir, kernels, nbdir / "base.tar", "base.tar", args.store_snapshots)
+            store_size(nbdir, kernels, nbdir / "base.tar", "base.tar", args.store_snapshots, args.gc_only,
+                       args.storage_driver == "overlay")
         if args.before:
             before, after = Kernel(nbdir, kernels, "before", code=args.before.resolve()), Kernel(nbdir, kernels, "after")
             try:

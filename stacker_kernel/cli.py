@@ -166,13 +166,16 @@ def render_layers(store) -> list[str]:
 
 
 def storage_total(root, driver=None) -> str:
-    """One line: the storage's driver, what it uses and what its filesystem has free."""
+    """One line: the storage's driver, what it uses and what its filesystem has free, and
+    how many snapshots gc deleted that are not destroyed yet (they still hold their space)."""
     from stacker_kernel.storage import driver as drivers
 
     driver = driver or drivers.of_root(Path(root))
     st = os.statvfs(root)
+    pending = sum(p.parent.name != "layers" for p in drivers.trash_entries(Path(root)))
     return (f"storage {root} ({driver.name} driver): {human_size(driver.usage(Path(root)))} used, "
-            f"{human_size(st.f_bavail * st.f_frsize)} free")
+            f"{human_size(st.f_bavail * st.f_frsize)} free"
+            + (f", {pending} deleted snapshot(s) being freed in the background" if pending else ""))
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -193,6 +196,24 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def add_gc(p: argparse.ArgumentParser) -> None:
     add_gc_choices(p)
+    p.add_argument("--wait", action="store_true",
+                   help="wait until the space of the deleted snapshots is free again and say how much "
+                        "was freed (by default it is freed in the background; a full storage always waits)")
+
+
+def removed_line(removed, freed: int | None) -> str:
+    """What gc removed: the bytes freed when it waited for them, else what the removed
+    snapshots hold by their recorded sizes (being freed in the background)."""
+    if freed is not None:
+        return f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}"
+    if not removed:
+        return "removed 0 snapshot(s)"
+    sizes = [s.size_delta for s in removed if s.kind == "step" and s.size_delta is not None]
+    unknown = len(removed) - len(sizes)
+    held = human_size(sum(max(n, 0) for n in sizes))
+    return (f"removed {len(removed)} snapshot(s) holding {held}"
+            + (f" ({unknown} of them not measured)" if unknown else "")
+            + "; their space is freed in the background ('gc --wait' waits for it)")
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -203,7 +224,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     root = resolve_storage(args.storage)
     forget_chosen_sessions(args)
-    removed, freed = collect_garbage(root, progress=print, held=held_bytes)
+    removed, freed = collect_garbage(root, progress=print, held=held_bytes, wait=args.wait)
     report_cache_pruned(args, everything=args.cache)
     kept = prune_layer_cache(root)
     if kept:
@@ -213,7 +234,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"layer {snap.layer}  {first_line(snap.source, width=48)}  "
             f"{human_size(snap.size_delta, signed=True) if snap.size_delta is not None else ''}".rstrip())
         print(f"removed {snap.id[:12]}  {what}")  # the id status lines and %layers show
-    print(f"removed {len(removed)} snapshot(s), freed {human_size(max(freed, 0))}; {storage_total(root)}")
+    print(f"{removed_line(removed, freed)}; {storage_total(root)}")
     return 0
 
 
@@ -296,7 +317,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
             print(f"removed {item}")
     dropped, freed = collect_garbage(resolve_storage(args.storage), held=held_bytes)
     report_cache_pruned(args, everything=False)
-    print(f"removed {len(dropped)} snapshot(s), freed {human_size(max(freed, 0))}")
+    print(removed_line(dropped, freed))
     return 0
 
 

@@ -132,7 +132,29 @@ def driver_storage(request):
         yield root
     finally:
         os.environ["STACKER_KERNEL_STORAGE"] = BTRFS_STORAGE
+        _after_reaper(root)
         driver.OverlayDriver().remove(root)
+
+
+def reaped(root: Path, timeout: float = 120) -> None:
+    """Wait until gc's background reaper has emptied the trash of storage `root` (a
+    test that waits longer than `timeout` fails)."""
+    import time
+
+    from stacker_kernel.storage import driver
+
+    deadline = time.monotonic() + timeout
+    while driver.trash_entries(root):
+        assert time.monotonic() < deadline, f"the reaper left {driver.trash_entries(root)}"
+        time.sleep(0.05)
+
+
+def _after_reaper(root: Path) -> None:
+    """Wait until no gc reaper works in storage `root` (it would race with the
+    deletion of the storage) and destroy what is left in its trash."""
+    from stacker_kernel.storage.store import reap_trash
+
+    reap_trash(root, wait=True)
 
 
 def in_tree(tree: Path, rel: str) -> Path:
@@ -190,12 +212,14 @@ def storage(request) -> Path:
     if name == "overlay":
         root = overlay_root()
         yield root
+        _after_reaper(root)
         driver.OverlayDriver().remove(root)
         return
     root = Path(BTRFS_STORAGE) / f"t-{uuid.uuid4().hex}"
     root.mkdir()
     assert btrfs.is_btrfs(root), f"{root} is not on btrfs: STACKER_KERNEL_STORAGE names no btrfs storage"
     yield root
+    _after_reaper(root)
     btrfs.remove_tree(root)
 
 

@@ -152,7 +152,7 @@ def test_a_full_storage_says_so_in_one_line_and_stops_only_its_user(host):
     for args in (["layers"], ["grab", "-f", str(yaml), "base:/keep", str(work / "got")],
                  ["build", "--no-oci", "-f", str(yaml)]):
         line = one_line_error(sk(ALICE, roots[ALICE], *args, cwd=work))
-        assert f"storage {roots[ALICE]} is full: run 'stacker-kernel gc'" in line
+        assert f"storage {roots[ALICE]} is full: run 'stacker-kernel gc --wait'" in line
     # Bob's space is his own: his build works while Alice's storage is full.
     bob = sk(BOB, roots[BOB], "build", "--no-oci", "-f", str(recipe(work, "bob.yaml", "echo bob > /bob")), cwd=work)
     assert bob.returncode == 0, bob.stderr
@@ -180,7 +180,7 @@ def test_gc_frees_a_storage_that_a_failed_step_filled(host):
     # Right after the failure every command still answers without a traceback.
     layers = sk(ALICE, root, "layers", cwd=work)
     assert "Traceback" not in layers.stderr
-    gc = sk(ALICE, root, "gc", cwd=work)
+    gc = sk(ALICE, root, "gc", "--wait", cwd=work)
     assert gc.returncode == 0, gc.stderr
     assert "removed 1 snapshot(s)" in gc.stdout
     freed_mib = float(gc.stdout.split("freed ")[1].split()[0]) * (1024 if "GiB" in gc.stdout else 1)

@@ -1,6 +1,7 @@
 """The snapshot store on either storage driver (real btrfs, or overlay on ext4): records,
 cache, chains, crash recovery, concurrency, gc, CLI."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,11 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import in_tree, is_frozen
+from conftest import in_tree, is_frozen, reaped
 
 from stacker_kernel import cli
 from stacker_kernel.errors import SessionBusyError, StorageError
-from stacker_kernel.storage.store import Snapshot, Store
+from stacker_kernel.storage import driver as drivers
+from stacker_kernel.storage.store import Snapshot, Store, reap_trash, start_reaper
 
 
 @pytest.fixture
@@ -610,10 +612,92 @@ def _ended_session_with_chain(store: Store):
     return sess, base, s1, s2
 
 
+def _in_sight(root: Path, sub: str = "snapshots") -> list[str]:
+    return sorted(n for n in os.listdir(root / sub) if not n.startswith(drivers.TRASH_PREFIX))
+
+
 def test_gc_removes_unreferenced_snapshots(store):
     _, _, _, s2 = _ended_session_with_chain(store)
     assert store.gc() == [s2.id]
     assert not s2.path.exists() and store.get(s2.id) is None
+
+
+def test_gc_moves_snapshots_into_the_trash_and_a_background_reaper_destroys_them(store, monkeypatch):
+    _, base, s1, s2 = _ended_session_with_chain(store)
+    from stacker_kernel.storage import store as store_module
+
+    started = []
+    start = store_module.start_reaper
+    monkeypatch.setattr(store_module, "start_reaper", lambda root: started.append(root) or start(root))
+    assert store.gc() == [s2.id]
+    # On return: out of sight, record dropped, the tree still there in the trash (or being destroyed).
+    assert not s2.path.exists() and store.get(s2.id) is None
+    assert _in_sight(store.root) == [s1.id] and started == [store.root]
+    reaped(store.root)
+    assert os.listdir(store.root / "snapshots") == [s1.id]
+    # What a session references was never touched: still frozen, same content.
+    for snap in (base, s1):
+        assert is_frozen(snap.path) and store.get(snap.id) is not None
+    assert in_tree(s1.path, "step.txt").read_text() == "one"
+    assert not (store.root / "logs" / s2.id).exists()
+
+
+def test_a_trash_a_killed_gc_left_is_destroyed_when_the_store_is_next_opened(store):
+    _, base, s1, s2 = _ended_session_with_chain(store)
+    # Killed right after its rename: the tree in the trash, its record still there.
+    gone = store.driver.trash(s2.path)
+    assert gone.name.startswith(drivers.TRASH_PREFIX + s2.id)
+    store.close()
+    with Store.open(store.root) as again:
+        assert again.get(s2.id) is None and again.get(s1.id) is not None  # the record without its tree goes
+        reaped(again.root)
+        assert os.listdir(again.root / "snapshots") == [s1.id] and is_frozen(s1.path)
+
+
+def test_a_trash_a_killed_reaper_left_is_destroyed_by_the_next_gc(store):
+    _, _, s1, s2 = _ended_session_with_chain(store)
+    assert store.gc(reap=False) == [s2.id]  # as if its reaper was killed before it began
+    assert len(drivers.trash_entries(store.root)) >= 1
+    assert store.gc() == []  # nothing new to delete: it still starts a reaper for the old trash
+    reaped(store.root)
+    assert os.listdir(store.root / "snapshots") == [s1.id]
+
+
+def test_a_reaper_starts_without_setsid_too(store, monkeypatch):
+    run = subprocess.run
+
+    def no_setsid(cmd, *a, **kw):
+        if cmd[0] == "setsid":
+            raise FileNotFoundError(2, "No such file or directory", "setsid")
+        return run(cmd, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", no_setsid)
+    _, _, s1, s2 = _ended_session_with_chain(store)
+    assert store.gc() == [s2.id]
+    reaped(store.root)
+    assert os.listdir(store.root / "snapshots") == [s1.id]
+
+
+def test_one_reaper_at_a_time_and_a_waiting_one_finishes_the_trash(store, monkeypatch):
+    import fcntl
+
+    _, _, s1, s2 = _ended_session_with_chain(store)
+    store.gc(reap=False)
+    fd = os.open(store.root / "reaper.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another reaper at work
+        reap_trash(store.root)  # returns at once: that one empties the trash
+        assert drivers.trash_entries(store.root)
+        spawned = []
+        run = subprocess.run
+        monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **kw: spawned.append(cmd) or run(["true"]))
+        start_reaper(store.root)  # none started beside it
+        assert spawned == []
+        monkeypatch.undo()
+    finally:
+        os.close(fd)  # ... or is gone: the next one with `wait` does it
+    reap_trash(store.root, wait=True)
+    assert drivers.trash_entries(store.root) == [] and os.listdir(store.root / "snapshots") == [s1.id]
 
 
 def test_gc_keeps_the_chain_of_a_session_head(store):
@@ -636,7 +720,9 @@ def test_gc_after_forget_session_removes_everything(store):
     sess, base, s1, s2 = _ended_session_with_chain(store)
     store.forget_session(sess.id)
     assert sorted(store.gc()) == sorted([base.id, s1.id, s2.id])
-    assert list((store.root / "snapshots").iterdir()) == []
+    assert _in_sight(store.root) == [] and _in_sight(store.root, "bases") == []
+    reaped(store.root)
+    assert list((store.root / "snapshots").iterdir()) == [] and os.listdir(store.root / "bases") == []
     assert not (store.root / "layers").exists() or os.listdir(store.root / "layers") == [".empty"]
 
 
@@ -658,6 +744,8 @@ def _ended_session_with_steps(store: Store, n: int, keep: int):
 def test_gc_of_many_snapshots_removes_exactly_the_unreferenced_and_keeps_the_rest_frozen(store):
     base, steps = _ended_session_with_steps(store, 12, keep=5)
     assert sorted(store.gc()) == sorted(s.id for s in steps[5:])
+    assert _in_sight(store.root) == sorted(s.id for s in steps[:5])
+    reaped(store.root)
     assert sorted(p.name for p in (store.root / "snapshots").iterdir()) == sorted(s.id for s in steps[:5])
     assert [store.get(s.id) for s in steps[5:]] == [None] * 7
     for snap in [base, *steps[:5]]:
@@ -683,6 +771,8 @@ def test_gc_removes_a_snapshot_whose_top_a_step_gave_to_another_id(store):
     assert os.lstat(theirs.path).st_uid != os.geteuid()
     store.forget_session(sess.id)
     assert sorted(store.gc()) == sorted([base.id, mine.id, theirs.id])
+    assert _in_sight(store.root) == []
+    reaped(store.root)  # the reaper destroys it from inside the user namespace
     assert list((store.root / "snapshots").iterdir()) == []
 
 
@@ -709,10 +799,35 @@ def test_cli_layers_shows_sessions_layers_and_steps(store, capsys):
 
 
 def test_cli_gc_prints_what_it_removed(store, capsys):
-    _, _, _, s2 = _ended_session_with_chain(store)
+    _, _, s1, s2 = _ended_session_with_chain(store)
+    with store.write_lock():
+        store._write([("UPDATE snapshots SET size_delta = ? WHERE id = ?", (3 << 20, s2.id))])
     assert cli.main(["--storage", str(store.root), "gc"]) == 0
     out = capsys.readouterr().out
-    assert f"removed {s2.id[:12]} " in out and "removed 1 snapshot(s), freed" in out
+    assert f"removed {s2.id[:12]} " in out
+    assert ("removed 1 snapshot(s) holding 3.0 MiB; their space is freed in the background "
+            "('gc --wait' waits for it)") in out
+    reaped(store.root)
+    assert cli.main(["--storage", str(store.root), "layers"]) == 0
+    assert "being freed" not in capsys.readouterr().out
+
+
+def test_cli_gc_wait_destroys_the_snapshots_before_it_returns(store, capsys):
+    sess, base, s1, s2 = _ended_session_with_chain(store)
+    store.forget_session(sess.id)
+    assert cli.main(["--storage", str(store.root), "gc", "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 3 snapshot(s), freed " in out and "being freed" not in out
+    assert drivers.trash_entries(store.root) == [] and os.listdir(store.root / "snapshots") == []
+
+
+def test_cli_layers_says_how_many_deleted_snapshots_are_not_freed_yet(store, capsys):
+    _, _, s1, s2 = _ended_session_with_chain(store)
+    store.gc(reap=False)  # their reaper has not run yet
+    assert cli.main(["layers", "--storage", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert s2.id[:8] not in out and s1.id[:8] in out
+    assert re.search(r" used, [0-9.]+ \w?i?B free, 1 deleted snapshot\(s\) being freed in the background", out), out
 
 
 def test_cli_reports_storage_errors_in_one_line(tmp_path, capsys):

@@ -878,7 +878,7 @@ class BuildSession:
             with self._lock:
                 self.back_to_head()
             raise StorageError(f"the step's output could not be stored ({e.strerror}): free space "
-                               f"on {self.store.root} (e.g. stacker-kernel gc) and run the step again") from None
+                               f"on {self.store.root} (e.g. stacker-kernel gc --wait) and run the step again") from None
         with self._lock:
             if not result.ok:
                 return self._failed(result, str(log_tmp), script, cell_id)

@@ -171,7 +171,7 @@ def _fail(action: str, path: Path, err: OSError) -> StorageError:
                             "target directory must belong to you")
     if code == errno.ENOSPC:
         return StorageError(f"cannot {action} {path}: the btrfs filesystem is full; "
-                            "run 'stacker-kernel gc' or grow the image")
+                            "run 'stacker-kernel gc --wait' or grow the image")
     return StorageError(f"cannot {action} {path}: {os.strerror(code)}")
 
 

@@ -39,6 +39,25 @@ FLAT_TMP = ".tmp-flat-"
 # `usage` counts it (a layer never changes once made), dropped with it.
 SIZES = "layer-sizes"
 NAMES = ("btrfs", "overlay")
+# What gc deleted waits under this prefix, in the folder it was in (a rename within a
+# folder: moving a read-only subvolume to another folder needs write access to it,
+# which btrfs refuses), until the store's reaper destroys it (storage/store.py
+# reap_trash). Nothing else in the store starts with it.
+TRASH_PREFIX = ".trash-"
+# The folders of a storage root that may hold trash.
+TRASH_DIRS = ("snapshots", "bases", "layers")
+
+
+def trash_entries(root: Path) -> list[Path]:
+    """What waits in the trash of storage root `root` (see TRASH_PREFIX)."""
+    found = []
+    for sub in TRASH_DIRS:
+        try:
+            with os.scandir(root / sub) as it:
+                found.extend(Path(e.path) for e in it if e.name.startswith(TRASH_PREFIX))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    return found
 
 
 class Driver:
@@ -78,6 +97,13 @@ class Driver:
         for p in paths:
             self.remove(p)
 
+    def trash(self, path: Path) -> Path:
+        """Move tree `path` out of sight into the trash of its folder (see TRASH_PREFIX),
+        where the reaper destroys it; returns where it went."""
+        dest = path.with_name(f"{TRASH_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+        os.rename(path, dest)
+        return dest
+
     def locate(self, tree: Path, rel: str) -> Path | None:
         """Where `rel` of `tree` is on the host (symlinks not followed), None when it is not there."""
         path = tree / rel.lstrip("/")
@@ -105,8 +131,11 @@ class Driver:
     def prepare_db_file(self, path: Path) -> None:
         """Create the database's shared-memory files as the filesystem needs them."""
 
-    def collect(self, root: Path, trees: Callable[[], list[Path]]) -> None:
-        """After records were dropped: free what no tree left (`trees()` lists them) needs."""
+    def collect(self, root: Path, trees: Callable[[], list[Path]], later: bool = False) -> bool:
+        """After records were dropped: free what no tree left (`trees()` lists them) needs
+        (with `later`: move it into the trash, for the reaper). True when a trash of the
+        driver's own is left (one that the store's folders do not show)."""
+        return False
 
     def after_commit(self, lock: Callable[[], ContextManager], snapshot: Path) -> None:
         """Called once snapshot `snapshot` is committed and recorded (`lock` is the store's write lock)."""
@@ -302,6 +331,8 @@ class OverlayDriver(Driver):
             recorded = set()
         present = set()
         for e in os.scandir(layers) if layers.is_dir() else ():
+            if e.name.startswith(TRASH_PREFIX):
+                continue  # deleted, being destroyed: not the user's any more
             present.add(e.name)
             frozen = not e.name.startswith(".")  # not a flattening under way (nor .empty)
             if frozen and e.name in recorded:
@@ -321,30 +352,38 @@ class OverlayDriver(Driver):
     def prepare_db_file(self, path: Path) -> None:
         pass
 
-    def collect(self, root: Path, trees: Callable[[], list[Path]]) -> None:
+    def collect(self, root: Path, trees: Callable[[], list[Path]], later: bool = False) -> bool:
         """Delete the layers no remaining tree is made of (those of dropped steps and
         bases: a layer lives as long as a snapshot stacks on it), and flattenings
-        whose process is gone."""
+        whose process is gone; with `later`, move them into the trash instead (the
+        reaper deletes them). True when layers wait in the trash."""
         from stacker_kernel.storage.store import process_start_time  # late: store imports us
 
         layers = root / "layers"
         if not layers.is_dir():
-            return
+            return False
         used: set[str] = set()
         for tree in trees():
             used.update(overlay.layer_names(tree))
-        drop = []
+        drop, trash = [], False
         for e in os.scandir(layers):
-            if e.name.startswith(FLAT_TMP):
+            if e.name.startswith(TRASH_PREFIX):
+                trash = True
+            elif e.name.startswith(FLAT_TMP):
                 pid = e.name[len(FLAT_TMP):].partition("-")[0]
                 if pid.isdigit() and process_start_time(int(pid)) is not None:
                     continue  # being flattened
                 drop.append(layers / e.name)
             elif e.name != ".empty" and e.name not in used:
                 drop.append(layers / e.name)
-        self.remove_many(drop)
+        if later:
+            for path in drop:
+                self.trash(path)
+        else:
+            self.remove_many(drop)
         for path in drop:
             _forget_size(root, path.name)
+        return trash or (later and bool(drop))
 
     def after_commit(self, lock: Callable[[], ContextManager], snapshot: Path) -> None:
         # One flattening at a time: steps committed meanwhile move onto its result too

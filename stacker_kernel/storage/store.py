@@ -10,11 +10,16 @@ Layout under the storage root (docs/architecture.md §6):
     live/<session>      writable subvolumes of running containers
     logs/<id>           step output (logs/running-<session> while the step runs)
     lock                flock(2)ed for every write
+    reaper.lock         flock(2)ed by the one process destroying the trash
+    <folder>/.trash-*   what gc deleted, waiting for the reaper (driver.TRASH_PREFIX)
 
 Invariant: a record exists only once its subvolume is read-only. Every write
 (btrfs and SQLite) happens under the exclusive write lock, so opening a store
 (which collects orphans in both directions) never deletes what another process
-is in the middle of committing.
+is in the middle of committing. The one exception is the trash: gc renames what
+it deletes to .trash-* in the same folder and drops the records; a detached
+reaper process destroys the trash without the write lock (no record names it,
+and nothing but the reaper touches it), see `reap_trash`.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ RUNNING_LOG_PREFIX = "running-"
 # storage: it deletes this file first (see `collect_garbage`).
 RESERVE_NAME = "reserve"
 RESERVE_SIZE = 8 << 20
+REAPER_LOCK = "reaper.lock"
 
 
 class StorageFullError(StorageError):
@@ -64,7 +70,7 @@ def storage_error(root: Path, e: BaseException) -> StorageError:
             nearly_full = False
         full = "full" in str(e) or ("I/O error" in str(e) and nearly_full)
     if full:
-        return StorageFullError(f"storage {root} is full: run 'stacker-kernel gc' to delete snapshots no "
+        return StorageFullError(f"storage {root} is full: run 'stacker-kernel gc --wait' to delete snapshots no "
                                 "session uses, or ask the admin for more space (setup-storage --size)")
     return StorageError(f"the store in {root} could not be used ({e}): check the storage and try again")
 
@@ -89,34 +95,42 @@ Progress = Callable[[str], None]
 
 def collect_garbage(root: os.PathLike | str, *, progress: Progress | None = None,
                     held: Callable[["Store", list["Snapshot"]], int] | None = None,
-                    settle: float = 10.0) -> tuple[list["Snapshot"], int]:
-    """`stacker-kernel gc`: delete what no session references and wait until btrfs freed it.
+                    settle: float = 10.0, wait: bool = False) -> tuple[list["Snapshot"], int | None]:
+    """`stacker-kernel gc`: delete what no session references. Returns the removed
+    snapshots and, with `wait`, the bytes freed (else None).
 
-    Works on a full storage: opening lets btrfs finish freeing deleted
-    subvolumes, and if the records still cannot be opened gc gives up the
-    reserve file for the room to do so. Returns the removed snapshots and the
-    bytes freed: the drop of the filesystem's usage once btrfs freed them.
-    btrfs frees a deleted subvolume in the background, and not before the
-    last process with a file of it open closes it: with `held` (the store and
-    the snapshots to remove -> the bytes they hold, measured before they go),
-    gc waits up to `settle` seconds for the usage to drop by most of that
-    (unless another writer makes it grow meanwhile), instead of reporting a
-    figure taken before btrfs got to it. `progress` gets one line per stage.
+    The snapshots leave the user's sight and records at once (Store.gc) and a
+    background reaper destroys them; btrfs frees their space after that, in the
+    background too. With `wait`, gc destroys them itself and waits until btrfs
+    freed them, and reports the drop of the filesystem's usage: btrfs frees a
+    deleted subvolume not before the last process with a file of it open closes
+    it, so with `held` (the store and the snapshots to remove -> the bytes they
+    hold, measured before they go) gc waits up to `settle` seconds for the usage
+    to drop by most of that (unless another writer makes it grow meanwhile),
+    instead of reporting a figure taken before btrfs got to it.
+
+    Works on a full storage (and then always waits: the room is what the user
+    needs): opening lets btrfs finish freeing deleted snapshots, and if the
+    records still cannot be opened gc gives up the reserve file for the room to
+    do so. `progress` gets one line per stage.
     """
     say = progress or (lambda line: None)
     root = Path(os.path.realpath(root))
     drv = drivers.of_root(root)
     check_storage(root, drv.name)
-    before = drv.usage(root)
+    before = drv.usage(root) if wait else 0
     try:
         try:
-            store = Store.open(root)
+            store = Store.open(root, reap=not wait)
         except StorageFullError:
             if not (root / RESERVE_NAME).exists():
                 raise
             (root / RESERVE_NAME).unlink()
+            if not wait:
+                wait, before = True, drv.usage(root)
+            reap_trash(root, wait=True)
             drv.wait_reclaimed(root)
-            store = Store.open(root)
+            store = Store.open(root, reap=False)
     except StorageFullError as e:
         raise StorageFullError(f"storage {root} is full and gc cannot open its records: delete files of "
                                "your own you put there, or ask the admin for more space (setup-storage --size)") from e
@@ -124,14 +138,17 @@ def collect_garbage(root: os.PathLike | str, *, progress: Progress | None = None
         with store.write_lock():
             drop = store.unreferenced()
             expected = 0
-            if drop and held is not None:
+            if drop and held is not None and wait:
                 say(f"measuring what {len(drop)} unreferenced snapshot(s) hold")
                 expected = held(store, drop)
             if drop:
                 say(f"deleting {len(drop)} snapshot(s)")
-            store.gc()
-        if drop:
-            say("waiting for btrfs to free their space")
+            store.gc(reap=not wait)
+        if not wait:
+            return drop, None
+        if drop or drivers.trash_entries(root):
+            say("waiting for btrfs to free their space" if drv.name == "btrfs" else "deleting their layers")
+        reap_trash(root, wait=True)
         drv.wait_reclaimed(root)
         deadline = time.monotonic() + settle
         low = drv.usage(root)
@@ -144,6 +161,122 @@ def collect_garbage(root: os.PathLike | str, *, progress: Progress | None = None
             low = min(low, now)
         _keep_reserve(root)
     return drop, before - drv.usage(root)
+
+
+# The background reaper: a fresh interpreter (the caller may run threads, a fork
+# without exec could inherit a lock another thread holds), like engine/history.py's
+# size measurement.
+_REAP = ("import sys\n"
+         "from stacker_kernel.storage.store import reaper_main\n"
+         "reaper_main(sys.argv[1])")
+
+
+def start_reaper(root: Path) -> None:
+    """Start a reaper for storage root `root` (reap_trash) and return at once: a process
+    of its own session, detached (setsid --fork: its parent exits at once, so it is
+    nobody's child to wait for and outlives this one), at nice 19."""
+    import subprocess
+    import sys
+
+    import stacker_kernel
+
+    if _reaper_at_work(root):
+        return  # it looks at the trash again once it lets go of its lock: what is there now is its
+    top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-P", "-c", _REAP, str(root)]
+    quiet = dict(env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                 close_fds=True)
+    try:
+        subprocess.run(["setsid", "--fork", *cmd], check=False, **quiet)
+        return
+    except FileNotFoundError:  # no util-linux: our own child, in a session of its own
+        pass
+    proc = subprocess.Popen(cmd, start_new_session=True, **quiet)
+    threading.Thread(target=proc.wait, daemon=True).start()  # no zombie in a long-lived kernel
+
+
+def _reaper_at_work(root: Path) -> bool:
+    try:
+        fd = os.open(root / REAPER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the lock, if it was taken here
+
+
+def reaper_main(root: str) -> None:
+    """The background reaper's body (see start_reaper): nothing to report to, so a
+    failure leaves the trash for the next reaper."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    except OSError:
+        pass
+    try:
+        reap_trash(Path(root))
+    except Exception:
+        pass
+
+
+def reap_trash(root: Path, *, wait: bool = False) -> None:
+    """Destroy what waits in the trash of storage root `root` (driver.TRASH_PREFIX), one
+    reaper at a time per store (flock on REAPER_LOCK), until the trash is empty.
+
+    Without `wait` (the background reaper) it returns at once when another reaper
+    holds the lock: that one looks again once it lets go. With `wait` (gc --wait, a
+    full storage) it waits for that one, then destroys what is left itself, and
+    raises StorageError when something could not be destroyed (it stays in the trash
+    for the next reaper)."""
+    try:
+        fd = os.open(root / REAPER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # the storage is gone
+    drv = drivers.of_root(root)
+    failed: dict[Path, BaseException] = {}
+
+    def pending() -> list[Path]:
+        return [p for p in drivers.trash_entries(root) if p not in failed]
+
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return
+            try:
+                while trash := pending():
+                    _destroy_trash(drv, trash, failed)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            # A gc that moved more into the trash while the lock was held started no
+            # reaper of its own (it found the lock taken): look once more, unlocked.
+            if not pending():
+                break
+    finally:
+        os.close(fd)
+    if failed and wait:
+        first = next(iter(failed.values()))
+        raise StorageError(f"{len(failed)} deleted snapshot(s) of storage {root} could not be destroyed "
+                           f"({first}): gc tries again next time")
+
+
+def _destroy_trash(drv: drivers.Driver, trash: list[Path], failed: dict[Path, BaseException]) -> None:
+    try:
+        drv.remove_many(trash)  # the overlay driver enters a user namespace once for all
+        return
+    except (StorageError, OSError):
+        pass
+    for path in trash:
+        try:
+            drv.remove(path)
+        except (StorageError, OSError) as e:
+            if os.path.lexists(path):
+                failed[path] = e
 
 
 def new_id() -> str:
@@ -449,17 +582,19 @@ class Store:
         self._conn = conn
         self._db_lock = threading.Lock()
         self._lock = _process_lock(root)
+        self.trash_seen = False  # recover found a trash (what gc deleted, not destroyed yet)
 
     # --- opening --------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: os.PathLike | str, driver: str | None = None) -> "Store":
+    def open(cls, root: os.PathLike | str, driver: str | None = None, *, reap: bool = True) -> "Store":
         """Open (creating the layout if needed) the store at `root` and run crash recovery.
 
         `driver` ("btrfs" or "overlay", storage/driver.py) is the one a new root
         gets (default: btrfs on btrfs, overlay elsewhere); an existing root keeps
         its own and refuses another. Raises StorageError when `root` is not a
-        usable storage root for its driver.
+        usable storage root for its driver. A trash that a gc or reaper left
+        (killed, or the machine stopped) gets a reaper (unless not `reap`).
         """
         root = Path(os.path.realpath(root))
         check_storage(root, drivers.of_root(root, driver).name)
@@ -472,9 +607,12 @@ class Store:
                 err = storage_error(root, e)
                 if attempt == 2 or not isinstance(err, StorageFullError):
                     raise err from e
-            # Often only subvolumes deleted a moment ago (a failed step's) still hold the space.
+            # Often only subvolumes deleted a moment ago (a failed step's, gc's trash) still hold the space.
+            reap_trash(root, wait=True)
             drv.wait_reclaimed(root)
         _keep_reserve(root)
+        if reap and store.trash_seen:
+            start_reaper(root)
         return store
 
     @classmethod
@@ -866,14 +1004,17 @@ class Store:
         temporary bases whose importer is gone), records without a subvolume
         (re-pointing children and sessions to the nearest existing ancestor),
         live subvolumes whose session is unknown or whose owner is dead, and
-        logs of neither a snapshot nor a step running in a live session.
+        logs of neither a snapshot nor a step running in a live session. The
+        trash is the reaper's: it only notes that there is one (`trash_seen`).
         """
         with self.write_lock():
             known = {s.id: s for s in self.snapshots()}
             for sub, kind in (("snapshots", "step"), ("bases", "base")):
                 for entry in (self.root / sub).iterdir():
                     name = entry.name
-                    if kind == "base" and name.startswith(TMP_PREFIX):
+                    if name.startswith(drivers.TRASH_PREFIX):
+                        self.trash_seen = True
+                    elif kind == "base" and name.startswith(TMP_PREFIX):
                         self._recover_tmp_base(entry)
                     elif name not in known or known[name].kind != kind:
                         self.driver.remove(entry)
@@ -895,12 +1036,15 @@ class Store:
                 elif name not in kept:
                     entry.unlink(missing_ok=True)
             collect_tmp_dirs(self.root)
-            self.driver.collect(self.root, self._trees)
+            if self.driver.collect(self.root, self._trees):
+                self.trash_seen = True
 
     def _trees(self) -> list[Path]:
-        """Every tree in the store: bases, snapshots and live rootfs (what the driver must keep)."""
+        """Every tree in the store: bases, snapshots and live rootfs (what the driver must
+        keep), not the trash."""
         return [Path(e.path) for sub in ("bases", "snapshots", "live")
-                for e in os.scandir(self.root / sub) if e.is_dir(follow_symlinks=False)]
+                for e in os.scandir(self.root / sub)
+                if e.is_dir(follow_symlinks=False) and not e.name.startswith(drivers.TRASH_PREFIX)]
 
     def _recover_tmp_base(self, entry: Path) -> None:
         if entry.name.endswith(".lock"):
@@ -952,19 +1096,31 @@ class Store:
             keep = self.referenced()
             return [s for s in self.snapshots() if s.id not in keep]
 
-    def gc(self) -> list[str]:
-        """Delete every snapshot and base nothing references (see `referenced`); return their ids."""
+    def gc(self, *, reap: bool = True) -> list[str]:
+        """Delete every snapshot and base nothing references (see `referenced`); return their ids.
+
+        They are moved into the trash (a rename each, in their own folder) and their
+        records dropped; a background reaper destroys them (not with `reap` False:
+        then the caller does, reap_trash). Nothing referenced is ever moved, and a
+        crash leaves either the records of trees already in the trash (opening the
+        store drops them, as it drops any record without its tree) or trash that the
+        next gc, or the next opening of the store, gives to a reaper.
+        """
         with self.write_lock():
             collect_tmp_dirs(self.root)  # e.g. a pull killed since this store was opened
             drop = self.unreferenced()
-            self.driver.remove_many([snap.path for snap in drop])
             for snap in drop:
+                if os.path.lexists(snap.path):
+                    self.driver.trash(snap.path)
                 self.log_path(snap.id).unlink(missing_ok=True)
             if drop:
                 try:
                     self._drop_records({s.id for s in drop})
                 except StorageFullError:
-                    self.driver.wait_reclaimed(self.root)  # the deleted subvolumes make the room
+                    reap_trash(self.root, wait=True)  # destroyed, the trash makes the room
+                    self.driver.wait_reclaimed(self.root)
                     self._drop_records({s.id for s in drop})
-                self.driver.collect(self.root, self._trees)
+                self.driver.collect(self.root, self._trees, later=True)
+        if reap and (drop or drivers.trash_entries(self.root)):
+            start_reaper(self.root)
         return [s.id for s in drop]
