@@ -311,9 +311,9 @@ def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None,
     out: list[LayerBlob | None] = []
     for i, job in enumerate(jobs):
         if layer_type.type != "tar" and job.old is None and epoch is None:
-            # a whole rootfs: packed from the snapshot while its diff is walked
+            # a whole rootfs: packed from the snapshot while its directories are scanned
             out.append(write_whole_fs_layer(job.new, layout_dir, layer_type,
-                                            scratch_dir=_scratch_beside(job.new))[0])
+                                            scratch_dir=_scratch_beside(job.new)))
         elif (diff := diff_snapshots(job.old, job.new)).empty:
             out.append(None)
         elif layer_type.type == "tar":
