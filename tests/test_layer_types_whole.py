@@ -2,7 +2,8 @@
 write_whole_fs_layer): packed straight from the read-only snapshot while its
 directories are scanned beside it (diff.scan_nested), and hashed in one pass
 with its verity data; the same blob as write_fs_layer makes from a walked diff,
-on real btrfs in a real user namespace."""
+on real btrfs in a real user namespace. And a chain of layers walks each
+snapshot once."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,7 @@ import pytest
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import ImageError
 from stacker_kernel.oci.diff import diff_snapshots, scan_nested, walk
+from stacker_kernel.oci import layer_types
 from stacker_kernel.oci.layer_types import LayerType, erofs_metadata, write_fs_layer, write_whole_fs_layer
 from stacker_kernel.storage import btrfs
 
@@ -127,3 +129,43 @@ def test_the_directory_scan_finds_the_nested_subvolumes_the_walk_finds(storage):
 def test_the_hosts_root_is_never_packed_whole(tmp_path):
     with pytest.raises(ImageError, match="not made"):
         write_whole_fs_layer("/", str(tmp_path), LayerType("erofs"))
+
+
+@pytest.mark.parametrize("kind", ["erofs", "tar"])
+def test_a_chain_of_layers_walks_each_snapshot_once(storage, tmp_path, kind):
+    # a step's snapshot is the next step's older side: its walk serves both diffs; a
+    # whole-rootfs erofs layer walks its snapshot in full beside the packer when a
+    # step follows (and only scans its directories when none does)
+    from stacker_kernel.oci import diff as diff_module
+    from stacker_kernel.oci.export import _Job, _layers_in_userns
+
+    live = storage / "live"
+    btrfs.create_subvolume(live)
+    run_in_userns(_fill, str(live))
+    snaps = []
+    for i in range(3):
+        if i:
+            run_in_userns(lambda n=i: Path(f"{live}/step{n}").write_text(str(n)))
+        snaps.append(str(storage / f"s{i}"))
+        btrfs.snapshot(live, snaps[-1], readonly=True)
+    jobs = [_Job(None, snaps[0], "base")] + [_Job(a, b, "step") for a, b in zip(snaps, snaps[1:])]
+
+    def work(jobs):
+        walked, scanned = [], []
+        real_walk, real_scan = diff_module.walk, layer_types.scan_nested
+
+        def walk(root):
+            walked.append(root)
+            return real_walk(root)
+
+        def scan(root):
+            scanned.append(root)
+            return real_scan(root)
+        diff_module.walk = layer_types.walk = walk
+        layer_types.scan_nested = scan
+        blobs = _layers_in_userns(jobs, str(tmp_path / f"out-{len(jobs)}"), None, LayerType(kind))
+        return blobs, sorted(walked), scanned
+    blobs, walked, scanned = run_in_userns(work, jobs)
+    assert all(blobs) and walked == snaps and scanned == []
+    blobs, walked, scanned = run_in_userns(work, jobs[:1])
+    assert blobs[0] is not None and (walked, scanned) == (([], [snaps[0]]) if kind == "erofs" else ([snaps[0]], []))
