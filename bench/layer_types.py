@@ -3,7 +3,7 @@
 A Debian minbase rootfs (scripts/debian-rootfs.sh) as a read-only btrfs
 snapshot. For the whole rootfs as one layer: our export (packed straight
 from the read-only snapshot by mksquashfs -comp zstd or mkfs.erofs while
-the diff is walked beside it, dm-verity, the sha256) beside the packer alone on the same snapshot; the same with the
+its directories are scanned beside it, dm-verity, the sha256) beside the packer alone on the same snapshot; the same with the
 overlay upper dir laid out first (what every step layer costs: reflinks,
 owners, modes, xattrs); and our tar+gzip layer for scale. Everything runs
 inside the user namespace, as the export does.
@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 def _ours(snap: str, out: str, scratch: str, kind: str, verity: bool, epoch: int | None = None) -> tuple[float, int]:
     """As the export makes it (oci/export.py _layers_in_userns)."""
     t = time.perf_counter()
-    if epoch is None:  # packed from the snapshot while the diff is walked
-        blob, _ = write_whole_fs_layer(snap, out, LayerType(kind, verity), scratch_dir=scratch)
+    if epoch is None:  # packed from the snapshot while its directories are scanned
+        blob = write_whole_fs_layer(snap, out, LayerType(kind, verity), scratch_dir=scratch)
     else:
         d = diff_snapshots(None, snap)
         blob = write_fs_layer(snap, d, out, LayerType(kind, verity), scratch_dir=scratch, source_date_epoch=epoch)

@@ -1,8 +1,9 @@
 """A whole rootfs as one squashfs/erofs layer (oci/layer_types.py
-write_whole_fs_layer): packed straight from the read-only snapshot while the
-diff is walked beside it, and hashed in one pass with its verity data; the
-same blob as write_fs_layer makes from a walked diff, on real btrfs in a real
-user namespace."""
+write_whole_fs_layer): packed straight from the read-only snapshot while its
+directories are scanned beside it (diff.scan_nested), and hashed in one pass
+with its verity data; the same blob as write_fs_layer makes from a walked diff,
+on real btrfs in a real user namespace. And a chain of layers walks each
+snapshot once."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,8 @@ import pytest
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.errors import ImageError
-from stacker_kernel.oci.diff import diff_snapshots
+from stacker_kernel.oci.diff import diff_snapshots, scan_nested, walk
+from stacker_kernel.oci import layer_types
 from stacker_kernel.oci.layer_types import LayerType, erofs_metadata, write_fs_layer, write_whole_fs_layer
 from stacker_kernel.storage import btrfs
 
@@ -56,9 +58,9 @@ def _same_layer(whole, walked, out: Path, kind: str) -> None:
 
 def _both(snap: str, out: Path, layer_type: LayerType):
     def work():
-        whole, diff = write_whole_fs_layer(snap, str(out / "whole"), layer_type)
-        walked = write_fs_layer(snap, diff_snapshots(None, snap), str(out / "walked"), layer_type)
-        return whole, diff, walked
+        whole = write_whole_fs_layer(snap, str(out / "whole"), layer_type)
+        diff = diff_snapshots(None, snap)
+        return whole, diff, write_fs_layer(snap, diff, str(out / "walked"), layer_type)
     return run_in_userns(work)
 
 
@@ -80,8 +82,8 @@ def test_the_whole_rootfs_layer_is_the_blob_write_fs_layer_makes(storage, tmp_pa
 
 def test_an_empty_rootfs_is_no_layer_and_leaves_nothing(storage, tmp_path):
     snap = _snapshot(storage, None)
-    blob, diff = run_in_userns(write_whole_fs_layer, snap, str(tmp_path / "out"), LayerType("erofs"))
-    assert blob is None and diff.empty
+    assert run_in_userns(write_whole_fs_layer, snap, str(tmp_path / "out"), LayerType("erofs")) is None
+    assert run_in_userns(scan_nested, snap) == (False, [])
     assert os.listdir(tmp_path / "out/blobs/sha256") == []
 
 
@@ -101,6 +103,69 @@ def test_a_rootfs_holding_a_nested_subvolume_is_laid_out_first(storage, tmp_path
     btrfs.remove_tree(live / "nested")
 
 
+def test_the_directory_scan_finds_the_nested_subvolumes_the_walk_finds(storage):
+    # what decides between packing the snapshot as it is and laying it out: a
+    # placeholder in a snapshot (inode 2), a live nested subvolume (inode 256,
+    # another st_dev), deep or at the top, and none below a nested one
+    live = storage / "live"
+    btrfs.create_subvolume(live)
+    run_in_userns(_fill, str(live))
+    btrfs.create_subvolume(live / "top")
+    os.makedirs(live / "usr/lib/deep")
+    btrfs.create_subvolume(live / "usr/lib/deep/sub")
+    btrfs.create_subvolume(live / "usr/lib/deep/sub/inner")
+    (live / "usr/lib/deep/sub/inner/f").write_text("x")
+    btrfs.snapshot(live, storage / "snap", readonly=True)
+    try:
+        for tree, want in ((live, ["top", "usr/lib/deep/sub"]), (storage / "snap", ["top", "usr/lib/deep/sub"]),
+                           (live / "usr/lib/deep/sub", ["inner"]), (live / "etc", [])):
+            found = run_in_userns(scan_nested, str(tree))
+            assert found == (True, want) == (True, run_in_userns(walk, str(tree))[1]), tree
+    finally:
+        for sub in ("usr/lib/deep/sub/inner", "usr/lib/deep/sub", "top"):
+            btrfs.remove_tree(live / sub)
+
+
 def test_the_hosts_root_is_never_packed_whole(tmp_path):
     with pytest.raises(ImageError, match="not made"):
         write_whole_fs_layer("/", str(tmp_path), LayerType("erofs"))
+
+
+@pytest.mark.parametrize("kind", ["erofs", "tar"])
+def test_a_chain_of_layers_walks_each_snapshot_once(storage, tmp_path, kind):
+    # a step's snapshot is the next step's older side: its walk serves both diffs; a
+    # whole-rootfs erofs layer walks its snapshot in full beside the packer when a
+    # step follows (and only scans its directories when none does)
+    from stacker_kernel.oci import diff as diff_module
+    from stacker_kernel.oci.export import _Job, _layers_in_userns
+
+    live = storage / "live"
+    btrfs.create_subvolume(live)
+    run_in_userns(_fill, str(live))
+    snaps = []
+    for i in range(3):
+        if i:
+            run_in_userns(lambda n=i: Path(f"{live}/step{n}").write_text(str(n)))
+        snaps.append(str(storage / f"s{i}"))
+        btrfs.snapshot(live, snaps[-1], readonly=True)
+    jobs = [_Job(None, snaps[0], "base")] + [_Job(a, b, "step") for a, b in zip(snaps, snaps[1:])]
+
+    def work(jobs):
+        walked, scanned = [], []
+        real_walk, real_scan = diff_module.walk, layer_types.scan_nested
+
+        def walk(root):
+            walked.append(root)
+            return real_walk(root)
+
+        def scan(root):
+            scanned.append(root)
+            return real_scan(root)
+        diff_module.walk = layer_types.walk = walk
+        layer_types.scan_nested = scan
+        blobs = _layers_in_userns(jobs, str(tmp_path / f"out-{len(jobs)}"), None, LayerType(kind))
+        return blobs, sorted(walked), scanned
+    blobs, walked, scanned = run_in_userns(work, jobs)
+    assert all(blobs) and walked == snaps and scanned == []
+    blobs, walked, scanned = run_in_userns(work, jobs[:1])
+    assert blobs[0] is not None and (walked, scanned) == (([], [snaps[0]]) if kind == "erofs" else ([snaps[0]], []))

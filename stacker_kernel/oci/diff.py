@@ -128,11 +128,42 @@ def walk(root: str) -> tuple[dict[str, _Entry], list[str]]:
                 entries[rel] = e
                 if e.type != "dir":
                     continue
-                if st.st_ino in (SUBVOL_ROOT_INO, EMPTY_SUBVOL_DIR_INO) or st.st_dev != root_dev:
+                if _is_nested(st, root_dev):
                     nested.append(rel)
                     continue
                 stack.append((rel + "/", de.path))
     return entries, sorted(nested)
+
+
+def _is_nested(st: os.stat_result, root_dev: int) -> bool:
+    """Whether a directory is (the placeholder of) a nested subvolume, or another mount."""
+    return st.st_ino in (SUBVOL_ROOT_INO, EMPTY_SUBVOL_DIR_INO) or st.st_dev != root_dev
+
+
+def scan_nested(root: str) -> tuple[bool, list[str]]:
+    """Whether `root` holds any entry, and its nested subvolumes, as `walk` finds
+    them; only directories are stat'ed (the file types come from readdir), a
+    quarter of walk's time: all a whole-rootfs layer needs to know."""
+    try:
+        root_dev = os.lstat(root).st_dev
+    except OSError as e:
+        raise ImageError(f"cannot read snapshot {root} ({e.strerror}): check that it exists and run inside the user namespace") from None
+    nested: list[str] = []
+    anything = False
+    stack = [("", root)]
+    while stack:
+        rel_dir, abs_dir = stack.pop()
+        with os.scandir(abs_dir) as it:
+            for de in it:
+                anything = True
+                if not de.is_dir(follow_symlinks=False):
+                    continue
+                rel = f"{rel_dir}{de.name}"
+                if _is_nested(de.stat(follow_symlinks=False), root_dev):
+                    nested.append(rel)
+                else:
+                    stack.append((rel + "/", de.path))
+    return anything, sorted(nested)
 
 
 def compare(old: dict[str, _Entry], new: dict[str, _Entry], *, old_taken_ns: int | None = None,

@@ -309,12 +309,17 @@ def _layers_in_userns(jobs: list[_Job], layout_dir: str, epoch: int | None,
     namespace); None for an empty diff. With `progress_fd`, a line `INDEX SIZE`
     per job (-1: empty) as each is done."""
     out: list[LayerBlob | None] = []
+    walks: dict = {}  # a step's snapshot is the next step's older side: walked once for both
     for i, job in enumerate(jobs):
+        for path in [p for p in walks if p != job.old]:
+            del walks[path]  # only the walk this job shares is kept (a rootfs's entries each)
         if layer_type.type != "tar" and job.old is None and epoch is None:
-            # a whole rootfs: packed from the snapshot while its diff is walked
+            # a whole rootfs: packed from the snapshot while its directories are scanned (walked
+            # in full when the next layer's diff needs its walk)
+            shared = walks if any(later.old == job.new for later in jobs[i + 1:]) else None
             out.append(write_whole_fs_layer(job.new, layout_dir, layer_type,
-                                            scratch_dir=_scratch_beside(job.new))[0])
-        elif (diff := diff_snapshots(job.old, job.new)).empty:
+                                            scratch_dir=_scratch_beside(job.new), walks=shared))
+        elif (diff := diff_snapshots(job.old, job.new, walks)).empty:
             out.append(None)
         elif layer_type.type == "tar":
             out.append(write_layer(job.new, diff, layout_dir, source_date_epoch=epoch,

@@ -47,7 +47,7 @@ from typing import Iterable
 
 from stacker_kernel.container.userns import isolate, isolated_id
 from stacker_kernel.errors import ImageError, RecipeError
-from stacker_kernel.oci.diff import Diff, diff_snapshots
+from stacker_kernel.oci.diff import Diff, diff_snapshots, scan_nested, walk
 from stacker_kernel.oci.tarwriter import LayerBlob
 from stacker_kernel.storage.btrfs import copy_data
 
@@ -176,12 +176,16 @@ def write_fs_layer(new_root: str, diff: Diff, out_dir: str, layer_type: LayerTyp
 
 
 def write_whole_fs_layer(root: str, out_dir: str, layer_type: LayerType, *,
-                         scratch_dir: str | None = None) -> tuple[FsLayerBlob | None, Diff]:
+                         scratch_dir: str | None = None,
+                         walks: dict[str, tuple[dict, list[str]]] | None = None) -> FsLayerBlob | None:
     """The layer of the whole read-only snapshot `root` (no older side, no
-    SOURCE_DATE_EPOCH) as write_fs_layer makes it, and its diff; None for an
-    empty rootfs. The packer starts at once on the snapshot while the diff is
-    walked beside it (all the walk can change is a snapshot holding nested
-    subvolumes, which is then laid out as write_fs_layer does)."""
+    SOURCE_DATE_EPOCH) as write_fs_layer makes it; None for an empty rootfs.
+    The packer starts at once on the snapshot while its directories are scanned
+    beside it (diff.scan_nested: all that can change the layer is a snapshot
+    holding nested subvolumes, which is then walked and laid out as
+    write_fs_layer does). With `walks` (diff_snapshots's), the snapshot is
+    walked in full beside the packer instead and its walk kept there, for a
+    next layer's diff."""
     from concurrent.futures import ThreadPoolExecutor
 
     if os.path.realpath(root) == "/":  # never the host's root: only snapshots are packed whole
@@ -191,24 +195,31 @@ def write_whole_fs_layer(root: str, out_dir: str, layer_type: LayerType, *,
     fd, img = tempfile.mkstemp(prefix=".layer-", dir=blob_dir)
     os.close(fd)
     os.unlink(img)  # the packers want to create it
+
+    def look() -> tuple[bool, list[str]]:
+        if walks is None:
+            return scan_nested(root)
+        walks[root] = walk(root)
+        return bool(walks[root][0]), walks[root][1]
     try:
         with ThreadPoolExecutor(1) as pool:
-            walk = pool.submit(diff_snapshots, None, root)
+            scan = pool.submit(look)
             try:
                 media_type = _pack(root, img, layer_type, None)
             finally:
-                diff = walk.result()
-        if diff.empty:
-            return None, diff
-        if diff.nested_subvolumes:
+                anything, nested = scan.result()
+        if not anything:
+            return None
+        if nested:
             os.unlink(img)
-            return write_fs_layer(root, diff, out_dir, layer_type, scratch_dir=scratch_dir), diff
+            return write_fs_layer(root, diff_snapshots(None, root, walks), out_dir, layer_type,
+                                  scratch_dir=scratch_dir)
         digest, size, root_hash = _seal(img, blob_dir, layer_type)
     finally:
         if os.path.exists(img):
             os.unlink(img)
     return FsLayerBlob(digest=digest, diff_id=digest, size=size, media_type=media_type,
-                       empty=False, root_hash=root_hash), diff
+                       empty=False, root_hash=root_hash)
 
 
 def _pack(upper: str, img: str, layer_type: LayerType, epoch: int | None) -> str:
