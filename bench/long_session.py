@@ -101,11 +101,16 @@ class Kernel:
 
 def alternate(a: Kernel, b: Kernel) -> tuple[float, float]:
     """Median ms of BATCH `true` cells in each of `a` and `b`, taken in turns (a machine
-    busy with other work slows both alike)."""
+    busy with other work slows both alike); who goes first alternates, as the cell right
+    after another kernel's meets what that one's commit left the filesystem to do."""
     ta, tb = [], []
-    for _ in range(BATCH):
-        ta.append(a.run("true") * 1000)
-        tb.append(b.run("true") * 1000)
+    for i in range(BATCH):
+        if i % 2:
+            tb.append(b.run("true") * 1000)
+            ta.append(a.run("true") * 1000)
+        else:
+            ta.append(a.run("true") * 1000)
+            tb.append(b.run("true") * 1000)
     a.steps += BATCH
     b.steps += BATCH
     return statistics.median(ta), statistics.median(tb)
