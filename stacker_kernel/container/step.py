@@ -17,7 +17,6 @@ import base64
 import json
 import re
 import shlex
-import subprocess
 from dataclasses import dataclass, field, replace
 
 #: the OSC number that opens every sentinel init writes
@@ -411,6 +410,8 @@ _CLOSE_RE = re.compile(r"(?<=[;&\n \t])\}(?=[ \t\n;&|<>)]|\Z)")
 
 def _parses(text: str) -> bool:
     """Whether `text` is complete shell syntax (the host's `sh -n`)."""
+    import subprocess  # here: a cached build's start does without it
+
     r = subprocess.run(["/bin/sh", "-n"], input=text.encode("utf-8", "surrogateescape"),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return r.returncode == 0

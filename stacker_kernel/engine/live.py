@@ -65,12 +65,15 @@ class LiveRootfs:
         self.ready = False
         self.imports_digest = ""  # of the staged imports: part of every step's cache key
         self._pending: Snapshot | None = None  # what the rootfs is to be a snapshot of (see replace)
+        self.before_making: Callable[[], None] | None = None  # called before the rootfs is made
 
     @property
     def path(self) -> Path:
         """The rootfs, made now if `replace` left it to be made."""
         live = self.store.live_path(self.session_id)
         if self._pending is not None:
+            if self.before_making is not None:
+                self.before_making()
             live.parent.mkdir(parents=True, exist_ok=True)
             self.store.driver.writable_copy(self._pending.path, live)
             self._pending = None  # only once made: a failure (a full disk) is tried again
@@ -122,6 +125,16 @@ class LiveRootfs:
         /stacker/imports (stale files gone); `imports_digest` says what they are."""
         self.imports_digest = imports_mod.stage(layer, self.imports_dir, base_dir,
                                                 fetch_layer_path=fetch_layer_path)
+
+    def drop_imports(self) -> None:
+        """Delete the staged imports and their downloads (the session ends)."""
+        from stacker_kernel.storage import btrfs
+
+        for staged in (self.imports_dir, self.imports_dir.parent / (self.imports_dir.name + ".downloads")):
+            try:
+                btrfs.remove_tree(staged)
+            except OSError:
+                pass  # e.g. a full disk: the folder stays, as it did before sessions dropped it
 
     def land_dest_imports(self, layer: Layer) -> None:
         """Copy the staged imports with a `dest` into the rootfs, as the container's root."""
