@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from stacker_kernel.container import limits
 from stacker_kernel.container.step import (
-    SCRIPT_FD, SENTINEL_RE, WRAPPER_FD, OutputFilter, ShellState, StepResult, build_wrapper, carry_functions,
+    ROOT_HOME, SCRIPT_FD, SENTINEL_RE, WRAPPER_FD, OutputFilter, ShellState, StepResult, build_wrapper, carry_functions,
     encode_command, failure_message, format_sentinel, functions_to_check, is_shebang, parse_state_dump, step_user,
 )
 from stacker_kernel.errors import ContainerError
@@ -33,7 +33,6 @@ if TYPE_CHECKING:  # imported where a container starts: a fully cached build sta
 
 START_TIMEOUT = 60.0
 INIT_MODULE = "stacker_kernel.container.init"
-ROOT_HOME = "/root"  # every step's HOME (stacker's steps run as root); a USER step gets its own
 
 
 @dataclass

@@ -29,6 +29,7 @@ TRACE_LEAD = b"\x1e"
 STATE_FD = 9
 WRAPPER_FD = 10
 SCRIPT_FD = 11
+ROOT_HOME = "/root"  # every step's HOME (stacker's steps run as root); a USER step gets its own
 
 # Variables the shell owns or recomputes: never saved, never restored.
 SPECIAL_VARS = (

@@ -15,13 +15,16 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from stacker_kernel.container.runtime import ROOT_HOME, Container, ContainerConfig, Mount
+from stacker_kernel.container.step import ROOT_HOME
 from stacker_kernel.engine import imports as imports_mod
 from stacker_kernel.errors import ContainerError, StepError
 from stacker_kernel.recipe.model import ImageSource, Layer
 from stacker_kernel.storage.store import Snapshot, Store
+
+if TYPE_CHECKING:  # loaded where a container starts: a build that takes every step from the cache starts none
+    from stacker_kernel.container.runtime import Container, Mount
 
 BUILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # stacker's default build_env_passthrough (pkg/types/layer.go)
@@ -166,6 +169,8 @@ class LiveRootfs:
             step_mounts = [m for m in self.container.config.mounts if m.key
                            and m.key not in {s.key for s in step_mounts}] + list(step_mounts)
             self.stop_container()
+        from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
+
         # The legacy `import:` key put files at /stacker/ (stacker < 1.0); `imports:` at /stacker/imports.
         where = "/stacker" if layer.uses_legacy_import() else "/stacker/imports"
         mounts = [Mount(str(self.imports_dir), where, readonly=True)]

@@ -30,9 +30,8 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.cache import StepCache, StepInputs, replay_output
 from stacker_kernel.engine.cache import cache_key as key_of
@@ -44,6 +43,9 @@ from stacker_kernel.recipe.script import split_script
 from stacker_kernel.recipe.model import (ImageSource, Layer, Recipe, Step, first_line, layer_from_record,
                                          layer_record)
 from stacker_kernel.storage.store import Session, Snapshot, Store, make_tmp_dir
+
+if TYPE_CHECKING:  # loaded where a container starts (engine/live.py)
+    from stacker_kernel.container.runtime import Container, Mount
 
 __all__ = ["BUILD_PATH", "BuildSession", "StepOutcome", "StepView", "build_environment"]
 
@@ -572,6 +574,8 @@ class BuildSession:
         tip = self.layer_tips().get(name) or (self.head if name == self.layer.name else None)
         if layer is None or not layer.generate_labels or tip is None:
             return {}
+        from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
+
         throwaway = self.store.new_session("chroot", self.session.name + "#generate_labels")
         live = self.store.live_path(throwaway.id)
         labels_dir = make_tmp_dir(self.store.root, "oci-labels-")  # collected if this process dies

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from stacker_kernel.errors import ImageError
-from stacker_kernel.oci import cas
-from stacker_kernel.oci.layout import ImageRef, OCILayout, parse_oci_ref
 from stacker_kernel.storage.store import Snapshot, Store
 
 if TYPE_CHECKING:  # the layer readers load where a base is imported: a cached build's base is there
+    from stacker_kernel.oci.layout import ImageRef, OCILayout
     from stacker_kernel.oci.tarlayer import ApplyReport
 
 
@@ -296,6 +295,8 @@ def _apply_layers(layers: list[str], rootfs: str, media_types: list[str] | None 
 
 
 def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn: Warn | None) -> Snapshot:
+    from stacker_kernel.oci import cas
+
     image: ImageRef = layout.resolve(tag)
     base_id = "oci-" + image.manifest_digest.split(":", 1)[1]
 
@@ -318,6 +319,8 @@ def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn:
 
 
 def _import_oci(store: Store, ref: str, warn: Warn | None) -> Snapshot:
+    from stacker_kernel.oci.layout import OCILayout, parse_oci_ref
+
     layout_dir, tag = parse_oci_ref(ref)
     return _import_layout(store, OCILayout(layout_dir), tag, ref, warn)
 
@@ -420,6 +423,8 @@ def _import_docker(store: Store, url: str, insecure: bool, warn: Warn | None) ->
     with _locked(cache_root(store) / "images.lock"):
         # copied again every time, as stacker does: the registry's tag may have moved
         _skopeo_copy(url, images, tag, insecure)
+        from stacker_kernel.oci.layout import OCILayout
+
         return _import_layout(store, OCILayout(images), tag, url, warn)
 
 
