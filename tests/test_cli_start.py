@@ -35,11 +35,13 @@ LAYOUT_HELD = {"tarfile", "gzip", "socket", "yaml", "stacker_kernel.oci.export",
 
 
 # What a build whose steps all come from the cache no longer loads: the Dockerfile
-# translator and its Go parser (the store keeps the notebook a Dockerfile gave), and what
+# translator and its Go parser (the store keeps the notebook a Dockerfile gave), the
+# .dockerignore parser (there is none), and what
 # only a step, a container, a base import or a mistake needs: the container runtime and
 # its limits, the OCI layout reader, logging, subprocess, tempfile, pickle, difflib, uuid
 # and platform, secrets, the terminal modules.
-CACHED_NEVER = {"stacker_kernel.recipe.dockerfile", "dockerfile", "stacker_kernel.container.runtime",
+CACHED_NEVER = {"stacker_kernel.recipe.dockerfile", "dockerfile", "stacker_kernel.recipe.dockerignore",
+                "stacker_kernel.container.runtime",
                 "stacker_kernel.container.limits", "stacker_kernel.oci.layout", "stacker_kernel.oci.cas",
                 "logging", "subprocess", "tempfile", "pickle", "difflib", "uuid", "platform", "secrets", "termios",
                 "tty"}

@@ -67,23 +67,26 @@ def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None,
     name = layer_name_for(path)
     build_context = os.path.dirname(os.path.abspath(path))
 
-    from stacker_kernel.recipe import dockerignore
-
     ignore_file = os.path.join(build_context, ".dockerignore")
     try:
-        ignored = dockerignore.parse(Path(ignore_file).read_text(encoding="utf-8", errors="replace"))
+        ignore_text: str | None = Path(ignore_file).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        ignored = []
+        ignore_text = None
     except OSError as e:
         raise RecipeError(f"cannot read {ignore_file}: {e.strerror}") from None
+    excluded: Callable[[str], bool] = lambda p: False  # noqa: E731
+    if ignore_text is not None:
+        from stacker_kernel.recipe import dockerignore
+
+        ignored = dockerignore.parse(ignore_text)
+        excluded = lambda p: dockerignore.excluded(ignored, p)  # noqa: E731
 
     matched: list[tuple[str, list[str]]] = []  # what the translation asked `match`, in order
 
     def context_paths(pattern: str) -> list[str]:  # as Docker: `*` matches dot files too
         import glob
 
-        return [p for p in glob.glob(pattern, root_dir=build_context, include_hidden=True)
-                if not dockerignore.excluded(ignored, p)]
+        return [p for p in glob.glob(pattern, root_dir=build_context, include_hidden=True) if not excluded(p)]
 
     def match(pattern: str) -> list[str]:
         found = context_paths(pattern)

@@ -739,6 +739,7 @@ class BuildSession:
         from stacker_kernel.container.userns import run_in_userns
         from stacker_kernel.engine.inspect import grab
 
+        self.keep()  # the layer's snapshot is read: gc must keep it
         root = str(self._resolve_built(layer).path)
         if not any(c in path for c in "*?["):
             return grab(root, path, dest)
