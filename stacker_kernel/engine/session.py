@@ -433,8 +433,10 @@ class BuildSession:
     def keep(self) -> None:
         """Write the session to the store now if it was opened with record=False (it
         holds more than cache hits from here on, or its snapshots are read): gc keeps
-        what it points at, and another build of its file waits for it. Raises
-        SessionBusyError when such a build started meanwhile."""
+        what it points at, and another build of its file is refused while it runs.
+        Raises SessionBusyError when such a build started meanwhile."""
+        if self.session.recorded:  # a kernel's always is: no lock taken (widgets read the rootfs)
+            return
         with self._lock:
             if not self.session.recorded:
                 self.store.record_session(self.session, exclusive=True)
