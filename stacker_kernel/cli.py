@@ -365,7 +365,7 @@ def add_dockerfile_options(p: argparse.ArgumentParser) -> None:
 
 def _dockerfile_options(args: argparse.Namespace, relative_to: str = "."):
     """The Dockerfile options of `args`, local --base paths made absolute."""
-    from stacker_kernel.recipe.dockerfile import DockerfileOptions
+    from stacker_kernel.recipe.dockerfile_options import DockerfileOptions
 
     bases = {}
     for pair in args.base or []:
@@ -575,7 +575,7 @@ def offline_base_hint(file: str) -> Iterator[None]:
     """A Dockerfile's FROM that cannot be pulled (offline, no DNS): say how to build
     from a local copy of the image instead (--base IMAGE=SOURCE)."""
     from stacker_kernel.errors import ImageError
-    from stacker_kernel.recipe.dockerfile import is_dockerfile
+    from stacker_kernel.recipe.dockerfile_options import is_dockerfile
 
     try:
         yield
@@ -784,7 +784,7 @@ def _import_dockerfile(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     import nbformat
 
-    from stacker_kernel.recipe.dockerfile import is_dockerfile
+    from stacker_kernel.recipe.dockerfile_options import is_dockerfile
     from stacker_kernel.recipe.notebook import notebook_from_recipe
     from stacker_kernel.recipe.stacker_yaml import load_file
 
@@ -883,7 +883,8 @@ COMMANDS: list[Command] = [
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand; with `command`, only that
-    one gets its options (each command's are many, and some import what they name)."""
+    one, with its options (each command's are many, some import what they name, and
+    each parser's words go through gettext)."""
     def storage_option(default: object) -> argparse.ArgumentParser:
         common = argparse.ArgumentParser(add_help=False)
         common.add_argument("--storage", metavar="DIR", default=default,
@@ -900,9 +901,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     # SUPPRESS: a subcommand without --storage keeps the value given before it.
     sub_common = storage_option(argparse.SUPPRESS)
     for c in COMMANDS:
+        if command not in (None, c.name):
+            continue
         p = sub.add_parser(c.name, help=c.help, description=c.help, parents=[sub_common])
-        if command in (None, c.name):
-            c.add_arguments(p)
+        c.add_arguments(p)
         p.set_defaults(run=c.run)
     return parser
 

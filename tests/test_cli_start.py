@@ -34,6 +34,19 @@ LAYOUT_HELD = {"tarfile", "gzip", "socket", "yaml", "stacker_kernel.oci.export",
                "stacker_kernel.oci.attach", "stacker_kernel.oci.sbom", "stacker_kernel.recipe.stacker_yaml"}
 
 
+# What a build whose steps all come from the cache no longer loads: the Dockerfile
+# translator and its Go parser (the store keeps the notebook a Dockerfile gave), the
+# .dockerignore parser (there is none), and what
+# only a step, a container, a base import or a mistake needs: the container runtime and
+# its limits, the OCI layout reader, logging, subprocess, tempfile, pickle, difflib, uuid
+# and platform, secrets, the terminal modules.
+CACHED_NEVER = {"stacker_kernel.recipe.dockerfile", "dockerfile", "stacker_kernel.recipe.dockerignore",
+                "stacker_kernel.container.runtime",
+                "stacker_kernel.container.limits", "stacker_kernel.oci.layout", "stacker_kernel.oci.cas",
+                "logging", "subprocess", "tempfile", "pickle", "difflib", "uuid", "platform", "secrets", "termios",
+                "tty"}
+
+
 def unneeded(loaded: set[str], more: set[str] = set()) -> set[str]:
     return {m for m in loaded if m.split(".")[0] in NEVER_PACKAGES | more} | (NEVER_OURS & loaded)
 
@@ -90,6 +103,7 @@ def test_a_cached_dockerfile_build_imports_no_notebook_kernel_or_sbom_library(st
     cached = modules_after(build, tmp_path)
     assert not unneeded(cached)
     assert not cached & LAYOUT_HELD
+    assert not cached & CACHED_NEVER
 
 
 def test_a_cached_notebook_build_imports_no_nbformat_or_dockerfile_parser(storage, busybox_tar, tmp_path):
@@ -105,6 +119,7 @@ def test_a_cached_notebook_build_imports_no_nbformat_or_dockerfile_parser(storag
     cached = modules_after(build, tmp_path)
     assert not unneeded(cached, {"dockerfile"})
     assert not cached & LAYOUT_HELD
+    assert not cached & CACHED_NEVER
 
 
 def test_a_cached_no_oci_build_loads_no_image_writer(storage, busybox_tar, tmp_path):

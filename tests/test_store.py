@@ -406,6 +406,50 @@ def test_an_exclusive_session_takes_a_name_whose_owner_died(store):
     store.new_session("build", "/nb.ipynb", exclusive=True)
 
 
+def test_an_unrecorded_session_is_written_only_by_record_session(store):
+    """A build opens its session unrecorded (engine/build.py): nothing is written until
+    record_session, which writes everything it holds by then, in one go."""
+    base = _base(store)
+    live = _live_from(store, "x", base)
+    step = _step(store, live, base, "one")
+    sess = store.new_session("build", "/nb.ipynb", exclusive=True, record=False)
+    sess.history, sess.head, sess.tags = [step.id], step.id, {"l": step.id}
+    sess.entry_cells, sess.cell_order = {step.id: "c1"}, ["c1"]
+    store.update_session(sess)
+    assert store.find_sessions() == [] and not sess.recorded
+    # Another build of the name meanwhile (this process owns both): refused at the record
+    other = store.new_session("build", "/nb.ipynb", exclusive=True)
+    with pytest.raises(SessionBusyError):
+        store.record_session(sess, exclusive=True)
+    store.end_session(other.id)
+    store.record_session(sess, exclusive=True)
+    got = store.get_session(sess.id)
+    assert sess.recorded and got.same_position(sess) and got.entry_cells == {step.id: "c1"}
+    sess.history.append(base.id)  # recorded now: a change is written at once
+    store.update_session(sess)
+    assert store.get_session(sess.id).history == [step.id, base.id]
+
+
+def test_recording_a_session_whose_snapshot_was_collected_meanwhile_is_refused(store):
+    base = _base(store)
+    step = _step(store, _live_from(store, "x", base), base, "one")
+    sess = store.new_session("build", "/nb.ipynb", record=False)  # gc does not see it
+    sess.history, sess.head = [step.id], step.id
+    store.gc()
+    with pytest.raises(StorageError, match=f"snapshot {step.id[:12]} was deleted while /nb.ipynb was being built"):
+        store.record_session(sess)
+    assert store.find_sessions() == []
+
+
+def test_an_unrecorded_session_does_not_hold_its_name_against_one_that_is(store):
+    """Only a recorded session holds its name: two builds that take everything from the
+    cache write nothing and need not exclude each other."""
+    store.new_session("build", "/nb.ipynb", exclusive=True, record=False)
+    store.new_session("build", "/nb.ipynb", exclusive=True)
+    with pytest.raises(SessionBusyError):  # but it checks the recorded ones
+        store.new_session("build", "/nb.ipynb", exclusive=True, record=False)
+
+
 # --- write lock ------------------------------------------------------------------------
 
 def test_write_lock_is_reentrant(store):
@@ -548,6 +592,44 @@ def test_open_deletes_live_subvolumes_without_a_session(store):
     live = _live_from(store, "no-such-session", _base(store))
     Store.open(store.root).close()
     assert not live.exists()
+
+
+def _fake_container(rootfs: Path, engine_pid: int) -> subprocess.Popen:
+    """A process that looks like a container's init (its argv is what ps shows)."""
+    import json
+
+    from stacker_kernel.container.runtime import INIT_MODULE
+
+    config = json.dumps({"rootfs": str(rootfs), "engine_pid": engine_pid})
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", INIT_MODULE, config])
+
+
+def test_open_ends_the_container_left_on_a_rootfs_it_deletes_and_looks_for_none_otherwise(store):
+    """A container whose engine died is ended when its session's rootfs is found left
+    (before the rootfs is deleted); while no rootfs is left, opening the store or a
+    session does not look through the host's processes at all."""
+    from stacker_kernel.engine.session import BuildSession
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = _live_from(store, "no-such-session", _base(store))
+    orphan = _fake_container(live, dead.pid)
+    unseen = None
+    try:
+        time.sleep(0.2)
+        Store.open(store.root).close()
+        assert orphan.wait(5) == -9
+        assert not live.exists()
+        unseen = _fake_container(store.live_path("long-gone"), dead.pid)  # its rootfs deleted before
+        time.sleep(0.2)
+        with Store.open(store.root) as again:
+            BuildSession.open(again, "/nb.ipynb", kind="build", resume=False).close()
+        assert unseen.poll() is None
+    finally:
+        for p in (orphan, unseen):
+            if p is not None:
+                p.kill()
+                p.wait()
 
 
 def test_open_deletes_temporary_bases_of_dead_importers(store):

@@ -24,7 +24,6 @@ import json
 import os
 import pwd
 import resource
-import secrets
 import time
 from pathlib import Path
 
@@ -179,7 +178,7 @@ def make_cgroup(limit: int) -> str | None:
             if not _usable_base(base):
                 continue
             _remove_stale(base)
-            path = base / f"{BUILD_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+            path = base / f"{BUILD_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
             path.mkdir()
             try:
                 (path / "pids.max").write_text(f"{limit}\n")

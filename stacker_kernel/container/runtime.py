@@ -12,20 +12,17 @@ import codecs
 import json
 import os
 import re
-import secrets
 import select
 import signal
 import sys
-import termios
 import threading
 import time
-import tty
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from stacker_kernel.container import limits
 from stacker_kernel.container.step import (
-    SCRIPT_FD, SENTINEL_RE, WRAPPER_FD, OutputFilter, ShellState, StepResult, build_wrapper, carry_functions,
+    ROOT_HOME, SCRIPT_FD, SENTINEL_RE, WRAPPER_FD, OutputFilter, ShellState, StepResult, build_wrapper, carry_functions,
     encode_command, failure_message, format_sentinel, functions_to_check, is_shebang, parse_state_dump, step_user,
 )
 from stacker_kernel.errors import ContainerError
@@ -36,7 +33,6 @@ if TYPE_CHECKING:  # imported where a container starts: a fully cached build sta
 
 START_TIMEOUT = 60.0
 INIT_MODULE = "stacker_kernel.container.init"
-ROOT_HOME = "/root"  # every step's HOME (stacker's steps run as root); a USER step gets its own
 
 
 @dataclass
@@ -169,7 +165,7 @@ class Container:
                 pass  # dead now: answered below like any container that died
         if not self.alive or self.parked:
             return _died_result(0.0, 0)
-        nonce, trace = secrets.token_hex(8), secrets.token_hex(8)
+        nonce, trace = os.urandom(8).hex(), os.urandom(8).hex()
         user, body = step_user(script)
         shebang = is_shebang(script)
         cmd = {"op": "run", "nonce": nonce, "script": body, "shebang": shebang}
@@ -278,7 +274,10 @@ class Container:
         is_tty = os.isatty(stdin)
         if not is_tty and (argv is None or argv == ["/bin/sh"] or argv[:2] == ["/bin/sh", "-c"]):
             return self._run_piped(env, state, argv)
-        nonce = secrets.token_hex(8)
+        import termios  # here: only an interactive shell sets the terminal
+        import tty
+
+        nonce = os.urandom(8).hex()
         shell_env = state.environment(env) if state else dict(env)
         shell_env.setdefault("TERM", os.environ.get("TERM", "xterm"))
         if is_tty:

@@ -17,7 +17,6 @@ import base64
 import json
 import re
 import shlex
-import subprocess
 from dataclasses import dataclass, field, replace
 
 #: the OSC number that opens every sentinel init writes
@@ -30,6 +29,7 @@ TRACE_LEAD = b"\x1e"
 STATE_FD = 9
 WRAPPER_FD = 10
 SCRIPT_FD = 11
+ROOT_HOME = "/root"  # every step's HOME (stacker's steps run as root); a USER step gets its own
 
 # Variables the shell owns or recomputes: never saved, never restored.
 SPECIAL_VARS = (
@@ -411,6 +411,8 @@ _CLOSE_RE = re.compile(r"(?<=[;&\n \t])\}(?=[ \t\n;&|<>)]|\Z)")
 
 def _parses(text: str) -> bool:
     """Whether `text` is complete shell syntax (the host's `sh -n`)."""
+    import subprocess  # here: a cached build's start does without it
+
     r = subprocess.run(["/bin/sh", "-n"], input=text.encode("utf-8", "surrogateescape"),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return r.returncode == 0

@@ -21,13 +21,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import pickle
 import pwd
 import shutil
 import signal
-import subprocess
 import sys
-import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -410,6 +407,8 @@ def write_maps(pid: int, idmap: IdMap) -> None:
             with open(f"/proc/{pid}/{kind}", "w") as f:
                 f.write("".join(f"{r.inside} {r.outside} {r.count}\n" for r in ranges))
         return
+    import subprocess  # loaded by enter_new_userns before its helper forks
+
     for tool, ranges in (("newuidmap", idmap.uids), ("newgidmap", idmap.gids)):
         exe = _id_tool(tool)
         if exe is None:
@@ -454,6 +453,8 @@ def enter_new_userns(idmap: IdMap, flags: int = 0) -> None:
     A helper forked before the unshare writes the maps from outside, as the
     setuid helpers require; the pipes order the two processes.
     """
+    import subprocess  # noqa: F401 (write_maps runs the setuid helpers: loaded before the fork)
+
     go_r, go_w = os.pipe()
     done_r, done_w = os.pipe()
     me = os.getpid()
@@ -512,6 +513,12 @@ def run_in_userns(fn: Callable[..., Any], *args: Any, idmap: IdMap | None = None
     named in the arguments is mounted over its own directory first, so `fn`
     sees it as the directory tree it stands for (storage/overlay.py).
     """
+    # Loaded before the fork (a forked child of a threaded process must not import), and
+    # only here: the CLI loads this module for its single-id notice alone.
+    import pickle
+    import subprocess  # noqa: F401 (for enter_new_userns in the child)
+    import traceback
+
     idmap = idmap or IdMap.for_current_user()
     # What this process buffered must not be written again by the child's flush.
     for stream in (sys.stdout, sys.stderr):

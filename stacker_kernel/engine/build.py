@@ -19,20 +19,20 @@ from stacker_kernel.engine.cache_settings import CacheSettings
 from stacker_kernel.engine.session import BuildSession, Options, RecordedRecipe
 from stacker_kernel.errors import RecipeError, StackerKernelError, StepError
 from stacker_kernel.recipe.model import Layer, Recipe, first_line
-from stacker_kernel.storage import btrfs
 from stacker_kernel.storage.store import Snapshot, Store
 
 Printer = Callable[[str], None]
 
 
 def load_recipes(path: str, substitutions: dict[str, str] | None = None,
-                 dockerfile=None) -> list[Recipe]:
+                 dockerfile=None, cache: Path | None = None) -> list[Recipe]:
     """The recipes to build for `path`, prerequisites first. A notebook is one recipe,
-    and so is a Dockerfile (`dockerfile`: its recipe.dockerfile.DockerfileOptions)."""
-    from stacker_kernel.recipe.dockerfile import is_dockerfile
+    and so is a Dockerfile (`dockerfile`: its recipe.dockerfile.DockerfileOptions;
+    `cache`: a store's cache folder, where its translation is kept)."""
+    from stacker_kernel.recipe.dockerfile_options import is_dockerfile
 
     if is_dockerfile(path):
-        return [load_dockerfile(path, dockerfile)]
+        return [load_dockerfile(path, dockerfile, cache=cache)]
     if path.endswith(".ipynb"):
         from stacker_kernel.recipe.notebook import recipe_from_notebook
 
@@ -50,10 +50,12 @@ def load_recipes(path: str, substitutions: dict[str, str] | None = None,
     return load_with_prerequisites(path, substitutions or {})
 
 
-def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None):
+def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None,
+                         cache: Path | None = None):
     """The notebook of the Dockerfile at `path` (recipe.dockerfile), its warnings to
-    `warn` (default: stderr), and the last stage's name."""
-    from stacker_kernel.recipe.dockerfile import DockerfileOptions, dockerfile_notebook, layer_name_for
+    `warn` (default: stderr), and the last stage's name. With `cache` (a store's cache
+    folder), a translation of the same inputs made before is taken from there."""
+    from stacker_kernel.recipe.dockerfile_options import DockerfileOptions, layer_name_for
 
     options = options or DockerfileOptions()
     try:
@@ -65,21 +67,31 @@ def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None)
     name = layer_name_for(path)
     build_context = os.path.dirname(os.path.abspath(path))
 
-    from stacker_kernel.recipe import dockerignore
-
     ignore_file = os.path.join(build_context, ".dockerignore")
     try:
-        ignored = dockerignore.parse(Path(ignore_file).read_text(encoding="utf-8", errors="replace"))
+        ignore_text: str | None = Path(ignore_file).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        ignored = []
+        ignore_text = None
     except OSError as e:
         raise RecipeError(f"cannot read {ignore_file}: {e.strerror}") from None
+    excluded: Callable[[str], bool] = lambda p: False  # noqa: E731
+    if ignore_text is not None:
+        from stacker_kernel.recipe import dockerignore
 
-    def match(pattern: str) -> list[str]:  # as Docker: `*` matches dot files too
+        ignored = dockerignore.parse(ignore_text)
+        excluded = lambda p: dockerignore.excluded(ignored, p)  # noqa: E731
+
+    matched: list[tuple[str, list[str]]] = []  # what the translation asked `match`, in order
+
+    def context_paths(pattern: str) -> list[str]:  # as Docker: `*` matches dot files too
         import glob
 
-        return [p for p in glob.glob(pattern, root_dir=build_context, include_hidden=True)
-                if not dockerignore.excluded(ignored, p)]
+        return [p for p in glob.glob(pattern, root_dir=build_context, include_hidden=True) if not excluded(p)]
+
+    def match(pattern: str) -> list[str]:
+        found = context_paths(pattern)
+        matched.append((pattern, found))
+        return found
 
     # A local OCI base's ONBUILD triggers run in the stages FROM it, as Docker runs them.
     base_onbuild = {}
@@ -94,25 +106,99 @@ def _dockerfile_notebook(path: str, options, context: str, warn: Printer | None)
                 continue
             if isinstance(config.get("OnBuild"), list):
                 base_onbuild[source] = [str(t) for t in config["OnBuild"]]
-    try:
-        nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
-                                           bases=options.bases, context=context, match=match,
-                                           target=options.target, all_stages=options.all_stages,
-                                           dockerignore=os.path.exists(ignore_file),
-                                           base_onbuild=base_onbuild)
-    except RecipeError as e:
-        raise RecipeError(f"{path}: {e}") from e
+    inputs = {"text": text, "name": name, "build_args": options.build_args, "bases": options.bases,
+              "context": context, "target": options.target, "all_stages": options.all_stages,
+              "dockerignore": os.path.exists(ignore_file), "base_onbuild": base_onbuild,
+              "machine": os.uname().machine}
+    record = _translation_record(cache, path) if cache is not None else None
+    translated = _kept_translation(record, inputs, context_paths) if record is not None else None
+    if translated is not None:
+        nb, warnings = translated
+    else:
+        from stacker_kernel.recipe.dockerfile import dockerfile_notebook
+
+        try:
+            nb, warnings = dockerfile_notebook(text, name, build_args=options.build_args,
+                                               bases=options.bases, context=context, match=match,
+                                               target=options.target, all_stages=options.all_stages,
+                                               dockerignore=inputs["dockerignore"], base_onbuild=base_onbuild)
+        except RecipeError as e:
+            raise RecipeError(f"{path}: {e}") from e
+        if record is not None:
+            _keep_translation(record, inputs, nb, warnings, matched)
     for w in warnings:
         (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {path}: {w}")
     return nb, name
 
 
-def load_dockerfile(path: str, options=None, warn: Printer | None = None) -> Recipe:
+# --- a Dockerfile translated before ----------------------------------------------------
+
+# The code a kept translation stands for: one made by other code is not used.
+_TRANSLATORS = ("recipe/dockerfile.py", "recipe/dockerfile_options.py", "recipe/notebook.py", "recipe/model.py",
+                "engine/build.py")
+
+
+def _translation_record(cache: Path, path: str) -> Path:
+    """Where the last translation of the Dockerfile at `path` is kept (one file per path)."""
+    import hashlib
+
+    name = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:32]
+    return cache / "dockerfiles" / f"{name}.json"
+
+
+def _translation_key(inputs: dict) -> str:
+    """A digest of what a translation is made of: the Dockerfile, its options, the
+    translator's code and the Go parser it calls."""
+    import hashlib
+    import importlib.util
+    import json
+
+    top = Path(__file__).resolve().parent.parent
+    code = [(rel, st.st_size, st.st_mtime_ns) for rel in _TRANSLATORS for st in [(top / rel).stat()]]
+    spec = importlib.util.find_spec("dockerfile")
+    parser = os.stat(spec.origin) if spec is not None and spec.origin else None
+    stamp = [spec.origin, parser.st_size, parser.st_mtime_ns] if parser else None
+    return hashlib.sha256(json.dumps([inputs, code, stamp], sort_keys=True).encode()).hexdigest()
+
+
+def _kept_translation(record: Path, inputs: dict, context_paths: Callable[[str], list[str]]):
+    """The notebook and warnings kept for these inputs, if the context still matches
+    every wildcard source as it did; else None (translate again)."""
+    import json
+
+    try:
+        kept = json.loads(record.read_text())
+        if kept["key"] != _translation_key(inputs):
+            return None
+        if any(context_paths(pattern) != found for pattern, found in kept["matches"]):
+            return None
+        return kept["notebook"], kept["warnings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none kept, or unreadable: translated again
+
+
+def _keep_translation(record: Path, inputs: dict, nb: dict, warnings: list[str],
+                      matched: list[tuple[str, list[str]]]) -> None:
+    import json
+
+    text = json.dumps({"key": _translation_key(inputs), "notebook": nb, "warnings": warnings,
+                       "matches": matched})
+    try:
+        record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, record)  # a lost record only means the next build translates again
+    except OSError:
+        pass
+
+
+def load_dockerfile(path: str, options=None, warn: Printer | None = None, cache: Path | None = None) -> Recipe:
     """The recipe of the Dockerfile at `path`, as its notebook gives it; relative
-    COPY sources are in the Dockerfile's directory (the build context)."""
+    COPY sources are in the Dockerfile's directory (the build context). `cache`: see
+    _dockerfile_notebook."""
     from stacker_kernel.recipe.notebook import recipe_from_notebook
 
-    nb, name = _dockerfile_notebook(path, options, "", warn)
+    nb, name = _dockerfile_notebook(path, options, "", warn, cache)
     try:
         recipe = recipe_from_notebook(nb, name)
     except RecipeError as e:
@@ -217,7 +303,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
     an http(s) import without a hash before anything runs (stacker's --require-hash).
     `secrets` (id -> ("src", FILE) or ("env", VARIABLE)) are what secret mounts show.
     """
-    recipes = load_recipes(path, substitutions, dockerfile)
+    recipes = load_recipes(path, substitutions, dockerfile, cache=store.root / "cache")
     if require_hash:
         from stacker_kernel.recipe.model import require_import_hashes
 
@@ -228,7 +314,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
         def stream(text: str) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
-    session = BuildSession.open(store, abspath, kind="build", resume=False,
+    # Not written to the store while every step comes from the cache (see _supersede).
+    session = BuildSession.open(store, abspath, kind="build", resume=False, record=False,
                                 default_layer=Path(path).stem, base_dir=os.path.dirname(abspath))
     # keep_failed: the failed step's rootfs stays, for the shell and chroot
     session.options = Options(keep_failed=True, use_cache=not no_cache, replay_cached=replay_cached)
@@ -241,6 +328,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
             from stacker_kernel.engine.remote_cache import RemoteCache
 
             session.remote_cache = RemoteCache.from_settings(cache)
+            if session.remote_cache.target is not None:
+                session.keep()  # the pushes read the steps' snapshots, cached ones too
         for recipe in recipes:
             base_dir = os.path.dirname(recipe.source_path or abspath)
             for name in recipe.dependency_order():
@@ -276,15 +365,33 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                                                  **({"layer_types": layer_types} if layer_types else {}),
                                                  **extra)
             out(f"wrote {', '.join(result.oci_tags) or 'no tags'} to {oci_dir}")
-        # Older builds of the same file are superseded: let gc reclaim them.
-        for old in store.find_sessions(name=abspath, kind="build"):
-            if old.id != session.session.id and not store.session_alive(old):
-                store.forget_session(old.id)
+        _supersede(store, session)
         return result
     finally:
         if not pushes_reported:  # a failed build still sends the steps it made
             _finish_pushes(session, out)
         session.close()
+
+
+# How old the record of a build may be for a build that changes nothing to leave it as
+# it is: its time is when the file was last built (gc --older-than counts from it).
+RECORD_KEPT_FOR = 600.0
+
+
+def _supersede(store: Store, session: BuildSession) -> None:
+    """The build is the file's build from now on: older builds are forgotten (gc may
+    reclaim what only they hold). A build that took every step from the cache and left
+    the layout as it was (its session never recorded) writes nothing when the file's
+    one build recorded exactly this, less than RECORD_KEPT_FOR ago: it stands for it."""
+    olds = [old for old in store.find_sessions(name=session.session.name, kind="build")
+            if old.id != session.session.id]
+    if (not session.session.recorded and len(olds) == 1 and not store.session_alive(olds[0])
+            and olds[0].same_position(session.session) and 0 <= time.time() - olds[0].updated < RECORD_KEPT_FOR):
+        return
+    session.keep()
+    for old in olds:
+        if not store.session_alive(old):
+            store.forget_session(old.id)
 
 
 def build_order(paths: list[str], substitutions: dict[str, str] | None = None,
@@ -474,8 +581,7 @@ def chroot(store: Store, path: str, layer: str | None, substitutions: dict[str, 
     finally:
         live.stop_container()
         store.forget_session(sess.id)
-        for staged in (live.imports_dir, live.imports_dir.parent / (live.imports_dir.name + ".downloads")):
-            btrfs.remove_tree(staged)
+        live.drop_imports()
 
 
 def _layer_definition(path: str, name: str, substitutions: dict[str, str] | None,

@@ -129,6 +129,7 @@ def export_session_oci(session, oci_dir: str, *, squash: bool = False,
             if progress:
                 progress(line)
         return held["tags"]
+    session.keep()  # the images are read from its snapshots: gc must keep them meanwhile
     from stacker_kernel.oci.export import export_image, source_date_epoch_from_env
     from stacker_kernel.oci.layer_types import TAR_TYPE
 

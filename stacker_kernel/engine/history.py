@@ -8,9 +8,7 @@ it in their chain (see BuildSession.built_steps).
 from __future__ import annotations
 
 import json
-import logging
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -24,9 +22,6 @@ from stacker_kernel.storage.store import Session, Snapshot, Store
 
 if TYPE_CHECKING:  # imported where sizes are measured: a build measures none (History.append)
     from concurrent.futures import Future, ThreadPoolExecutor
-
-log = logging.getLogger(__name__)
-
 
 def _lowest_priority() -> None:
     """Run this thread (and the helpers it forks) at nice 19: a cell goes first."""
@@ -56,6 +51,8 @@ def measure_sizes(pairs: list[tuple[str | None, str]]) -> list[int]:
     could inherit a lock another thread holds (an import's, a stream's) and wait
     for it forever, so it execs a fresh interpreter (single-threaded) instead.
     """
+    import subprocess
+
     top = os.path.dirname(os.path.dirname(stacker_kernel.__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [top, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-P", "-c", _MEASURE], input=json.dumps(pairs), capture_output=True,
@@ -296,7 +293,9 @@ class History:
                 snap.size_delta = delta  # the record kept in _records
             self.store.set_size_deltas({snap.id: delta for snap, delta in zip(todo, deltas)})
         except Exception:
-            log.exception("measuring the size changes of steps failed")
+            import logging  # here: a build, which measures nothing, does not load it
+
+            logging.getLogger(__name__).exception("measuring the size changes of steps failed")
             raise
 
     def position_of_cell(self, cell_id: str) -> int | None:

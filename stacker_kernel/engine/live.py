@@ -15,13 +15,16 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from stacker_kernel.container.runtime import ROOT_HOME, Container, ContainerConfig, Mount
+from stacker_kernel.container.step import ROOT_HOME
 from stacker_kernel.engine import imports as imports_mod
 from stacker_kernel.errors import ContainerError, StepError
 from stacker_kernel.recipe.model import ImageSource, Layer
 from stacker_kernel.storage.store import Snapshot, Store
+
+if TYPE_CHECKING:  # loaded where a container starts: a build that takes every step from the cache starts none
+    from stacker_kernel.container.runtime import Container, Mount
 
 BUILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # stacker's default build_env_passthrough (pkg/types/layer.go)
@@ -65,12 +68,15 @@ class LiveRootfs:
         self.ready = False
         self.imports_digest = ""  # of the staged imports: part of every step's cache key
         self._pending: Snapshot | None = None  # what the rootfs is to be a snapshot of (see replace)
+        self.before_making: Callable[[], None] | None = None  # called before the rootfs is made
 
     @property
     def path(self) -> Path:
         """The rootfs, made now if `replace` left it to be made."""
         live = self.store.live_path(self.session_id)
         if self._pending is not None:
+            if self.before_making is not None:
+                self.before_making()
             live.parent.mkdir(parents=True, exist_ok=True)
             self.store.driver.writable_copy(self._pending.path, live)
             self._pending = None  # only once made: a failure (a full disk) is tried again
@@ -123,6 +129,16 @@ class LiveRootfs:
         self.imports_digest = imports_mod.stage(layer, self.imports_dir, base_dir,
                                                 fetch_layer_path=fetch_layer_path)
 
+    def drop_imports(self) -> None:
+        """Delete the staged imports and their downloads (the session ends)."""
+        from stacker_kernel.storage import btrfs
+
+        for staged in (self.imports_dir, self.imports_dir.parent / (self.imports_dir.name + ".downloads")):
+            try:
+                btrfs.remove_tree(staged)
+            except OSError:
+                pass  # e.g. a full disk: the folder stays, as it did before sessions dropped it
+
     def land_dest_imports(self, layer: Layer) -> None:
         """Copy the staged imports with a `dest` into the rootfs, as the container's root."""
         from stacker_kernel.container.userns import run_in_userns
@@ -156,6 +172,8 @@ class LiveRootfs:
             step_mounts = [m for m in self.container.config.mounts if m.key
                            and m.key not in {s.key for s in step_mounts}] + list(step_mounts)
             self.stop_container()
+        from stacker_kernel.container.runtime import Container, ContainerConfig
+
         mounts += step_mounts
         self.container = Container.start(ContainerConfig(rootfs=str(self.path), mounts=mounts,
                                                          network=network))
@@ -164,6 +182,8 @@ class LiveRootfs:
     def _layer_mounts(self, layer: Layer, base_dir: str) -> list[Mount]:
         """The mounts every step of `layer` has: its imports (only when it has some: a mount
         point made and removed at every step would change `/` in every snapshot) and its binds."""
+        from stacker_kernel.container.runtime import Mount
+
         mounts = []
         if layer.imports:
             # The legacy `import:` key put files at /stacker/ (stacker < 1.0); `imports:` at /stacker/imports.

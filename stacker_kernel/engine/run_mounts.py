@@ -22,11 +22,13 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from stacker_kernel.container.runtime import Mount
 from stacker_kernel.errors import RecipeError, StepError
 from stacker_kernel.recipe.model import parse_mount
+
+if TYPE_CHECKING:  # loaded by `plan` (a step without mounts needs no container module)
+    from stacker_kernel.container.runtime import Mount
 
 
 @dataclass
@@ -48,6 +50,7 @@ def plan(specs: list[str], *, storage: Path, scratch: Path, base_dir: str,
     root (cache dirs), `scratch` a private directory of the session (secrets, rw
     copies), `secrets` maps an id to ("src", FILE) or ("env", VALUE-NAME), and
     `built_path(LAYER)` is the rootfs of a built layer. Raises StepError."""
+    from stacker_kernel.container.runtime import Mount
     from stacker_kernel.engine.imports import _file_digest, tree_digest
     from stacker_kernel.engine.inspect import GrabError, grab, resolve_in_root
     from stacker_kernel.storage.overlay import read_stack

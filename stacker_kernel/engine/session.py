@@ -30,9 +30,8 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
 from stacker_kernel.container.step import ShellState
 from stacker_kernel.engine.cache import StepCache, StepInputs, replay_output
 from stacker_kernel.engine.cache import cache_key as key_of
@@ -44,6 +43,9 @@ from stacker_kernel.recipe.script import split_script
 from stacker_kernel.recipe.model import (ImageSource, Layer, Recipe, Step, first_line, layer_from_record,
                                          layer_record)
 from stacker_kernel.storage.store import Session, Snapshot, Store, make_tmp_dir
+
+if TYPE_CHECKING:  # loaded where a container starts (engine/live.py)
+    from stacker_kernel.container.runtime import Container, Mount
 
 __all__ = ["BUILD_PATH", "BuildSession", "StepOutcome", "StepView", "build_environment"]
 
@@ -295,6 +297,7 @@ class BuildSession:
         self._on_hit: Callable[[StepOutcome], None] | None = None  # see run_step
         self._interrupt_requested = False
         self._live = LiveRootfs(store, session.id)
+        self._live.before_making = self.keep  # a rootfs of its own: the session must be in the store
         self._cache = StepCache(store)
         self._lock = threading.RLock()  # session state; widgets read it from other threads
         self._step_lock = threading.Lock()  # one step at a time
@@ -323,7 +326,7 @@ class BuildSession:
     def open(cls, store: Store, name: str, *, kind: str = "kernel", resume: bool = True,
              default_layer: str | None = None, base_dir: str | None = None,
              resolve_built: Callable[[str], Snapshot] | None = None,
-             cells: set[str] | None = None) -> "BuildSession":
+             cells: set[str] | None = None, record: bool = True) -> "BuildSession":
         """A new session for `name` (a notebook or stacker.yaml path). With `resume`,
         a previous session whose owner is gone is taken over at its last snapshot
         (`self.resumed` says which, `self.identity` how it was found): with `cells`
@@ -334,20 +337,22 @@ class BuildSession:
         One session of a `kind` per notebook at a time: while another one's owner is
         alive (a second build of a file, a second kernel of a notebook), this
         raises SessionBusyError naming it, and nothing of it is touched.
+
+        With `record=False` (a build, without `resume`), the session is written to the
+        store only once it does more than take steps from the cache (`keep`): a build
+        that changes nothing need write nothing (engine/build.py).
         """
         from stacker_kernel.engine import identity
         from stacker_kernel.errors import SessionBusyError
         from stacker_kernel.storage.store import _busy_message
 
-        # Containers of crashed engines on this store (PDEATHSIG should have ended them).
-        Container.kill_orphans(str(store.root / "live"))
         default_layer = default_layer or Path(name).stem or "layer"
         base_dir = base_dir or str(Path(name).parent if os.path.isabs(name) else os.getcwd())
         found = identity.Identity("new")
         # Under the write lock: two opening at once cannot both see the name free.
         with store.write_lock():
             if cells is None:
-                sess = store.new_session(kind, name, exclusive=True)
+                sess = store.new_session(kind, name, exclusive=True, record=record or resume)
             else:
                 busy = identity.busy_with(store, name, cells, kind)
                 if busy is not None:
@@ -425,6 +430,17 @@ class BuildSession:
     def cell_order(self) -> list[str]:
         return list(self._cell_order)
 
+    def keep(self) -> None:
+        """Write the session to the store now if it was opened with record=False (it
+        holds more than cache hits from here on, or its snapshots are read): gc keeps
+        what it points at, and another build of its file is refused while it runs.
+        Raises SessionBusyError when such a build started meanwhile."""
+        if self.session.recorded:  # a kernel's always is: no lock taken (widgets read the rootfs)
+            return
+        with self._lock:
+            if not self.session.recorded:
+                self.store.record_session(self.session, exclusive=True)
+
     def close(self) -> None:
         """Stop the container, drop the live rootfs and give up the name (another
         session may open or resume it); snapshots and records stay."""
@@ -432,10 +448,12 @@ class BuildSession:
             self._stop_container()
             self._history.stop_measuring()
             shutil.rmtree(self._mount_scratch(), ignore_errors=True)  # secrets, rw bind copies
-            try:
-                self.store.end_session(self.session.id)
-            except StackerKernelError:
-                pass
+            self._live.drop_imports()
+            if self.session.recorded:  # else there is no record and no rootfs
+                try:
+                    self.store.end_session(self.session.id)
+                except StackerKernelError:
+                    pass
             self.session.owner_pid = self.session.owner_start = 0
 
     # --- layers and directives -------------------------------------------------
@@ -558,6 +576,8 @@ class BuildSession:
         tip = self.layer_tips().get(name) or (self.head if name == self.layer.name else None)
         if layer is None or not layer.generate_labels or tip is None:
             return {}
+        from stacker_kernel.container.runtime import Container, ContainerConfig, Mount
+
         throwaway = self.store.new_session("chroot", self.session.name + "#generate_labels")
         live = self.store.live_path(throwaway.id)
         labels_dir = make_tmp_dir(self.store.root, "oci-labels-")  # collected if this process dies
@@ -721,6 +741,7 @@ class BuildSession:
         from stacker_kernel.container.userns import run_in_userns
         from stacker_kernel.engine.inspect import grab
 
+        self.keep()  # the layer's snapshot is read: gc must keep it
         root = str(self._resolve_built(layer).path)
         if not any(c in path for c in "*?["):
             return grab(root, path, dest)

@@ -19,25 +19,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import shutil
-import subprocess
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from stacker_kernel.errors import ImageError
-from stacker_kernel.oci import cas
-from stacker_kernel.oci.layout import ImageRef, OCILayout, parse_oci_ref
 from stacker_kernel.storage.store import Snapshot, Store
 
 if TYPE_CHECKING:  # the layer readers load where a base is imported: a cached build's base is there
+    from stacker_kernel.oci.layout import ImageRef, OCILayout
     from stacker_kernel.oci.tarlayer import ApplyReport
 
-log = logging.getLogger(__name__)
 
 STACKER_URL = "stacker://"
 _CHUNK = 1 << 20
@@ -104,6 +99,8 @@ def base_config(store: Store, snapshot: Snapshot) -> dict[str, Any] | None:
 
 def _write_record(store: Store, base_id: str, image: BaseImage) -> None:
     path = _record_path(store, base_id)
+    import tempfile  # here, as the other modules a base import alone needs: not on a cached build's path
+
     path.parent.mkdir(mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
@@ -127,7 +124,13 @@ def _in_container_ids(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def _report(reports: list[ApplyReport], warn: Warn | None) -> None:
     for rep in reports:
         for line in rep.warnings:
-            (warn or log.warning)(line)
+            (warn or _log().warning)(line)
+
+
+def _log():
+    import logging
+
+    return logging.getLogger(__name__)
 
 
 # --- scratch ---------------------------------------------------------------------
@@ -150,6 +153,7 @@ def _download(url: str, dest_dir: Path) -> Path:
     """Download `url` into dest_dir (streamed); one clear ImageError on any failure."""
     import urllib.error  # here: http.client, ssl and email take a cached build's start otherwise
     import urllib.request
+    import tempfile
 
     dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".part-")
@@ -271,6 +275,8 @@ def _apply_layers(layers: list[str], rootfs: str, media_types: list[str] | None 
     OCI tar form beside the blob, then applied by the same rules as any tar.
     """
     from stacker_kernel.oci.layer_types import EROFS, SQUASHFS, fs_layer_to_tar, kind_of
+    import tempfile
+
     from stacker_kernel.oci.tarlayer import apply_layer
 
     reports = []
@@ -289,6 +295,8 @@ def _apply_layers(layers: list[str], rootfs: str, media_types: list[str] | None 
 
 
 def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn: Warn | None) -> Snapshot:
+    from stacker_kernel.oci import cas
+
     image: ImageRef = layout.resolve(tag)
     base_id = "oci-" + image.manifest_digest.split(":", 1)[1]
 
@@ -311,6 +319,8 @@ def _import_layout(store: Store, layout: OCILayout, tag: str, source: str, warn:
 
 
 def _import_oci(store: Store, ref: str, warn: Warn | None) -> Snapshot:
+    from stacker_kernel.oci.layout import OCILayout, parse_oci_ref
+
     layout_dir, tag = parse_oci_ref(ref)
     return _import_layout(store, OCILayout(layout_dir), tag, ref, warn)
 
@@ -384,6 +394,8 @@ def skopeo_failure(url: str, stderr: str, status: int) -> str:
 
 
 def _skopeo_copy(url: str, layout: Path, tag: str, insecure: bool) -> None:
+    import subprocess
+
     exe = shutil.which("skopeo")
     if exe is None:
         raise ImageError(f"cannot import {url}: skopeo is missing; install Debian's skopeo package "
@@ -396,7 +408,7 @@ def _skopeo_copy(url: str, layout: Path, tag: str, insecure: bool) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         # skopeo's own words stay in the kernel's log for whoever debugs
-        log.info("skopeo copy %s failed: %s", url, res.stderr.strip())
+        _log().info("skopeo copy %s failed: %s", url, res.stderr.strip())
         raise ImageError(skopeo_failure(url, res.stderr, res.returncode))
 
 
@@ -411,6 +423,8 @@ def _import_docker(store: Store, url: str, insecure: bool, warn: Warn | None) ->
     with _locked(cache_root(store) / "images.lock"):
         # copied again every time, as stacker does: the registry's tag may have moved
         _skopeo_copy(url, images, tag, insecure)
+        from stacker_kernel.oci.layout import OCILayout
+
         return _import_layout(store, OCILayout(images), tag, url, warn)
 
 

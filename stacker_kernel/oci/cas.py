@@ -28,7 +28,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -278,6 +277,8 @@ def copy_blob(src: Blobs, dst: str | os.PathLike, digest: str, size: Any, what: 
     algorithm, hexdigest = digest.split(":", 1)
     directory = Path(dst) / "blobs" / algorithm
     directory.mkdir(parents=True, exist_ok=True)
+    import tempfile  # here: reading a layout (a cached build) needs none of it
+
     with src.open(digest, size, what) as reader:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         try:

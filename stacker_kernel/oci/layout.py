@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +73,7 @@ def parse_oci_ref(ref: str) -> tuple[str, str]:
 
 def host_platform() -> tuple[str, str]:
     """(os, architecture) of this machine in OCI's words (linux, amd64/arm64/...)."""
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()  # platform.machine(), without loading platform
     arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
             "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}.get(machine, machine)
     return "linux", arch

@@ -10,7 +10,6 @@ recipe/script.py's.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import re
 import shlex
@@ -26,6 +25,14 @@ from stacker_kernel.recipe.model import (
 from stacker_kernel.recipe.script import (  # noqa: F401 (split_script, join_steps: part of this module's interface)
     CELL_MARKER, _top_level, join_steps, split_script,
 )
+
+
+def _close_matches(word: str, names, n: int) -> list[str]:
+    """difflib's close matches (for "did you mean"), loaded only for a mistake."""
+    import difflib
+
+    return difflib.get_close_matches(word, names, n)
+
 
 # --- magic records ------------------------------------------------------------
 
@@ -144,7 +151,7 @@ def _options(tokens: list[str], names: dict[str, bool]) -> tuple[list[str], dict
         if tok.startswith("--"):
             key, eq, value = tok[2:].partition("=")
             if key not in names:
-                close = difflib.get_close_matches(key, names, 1)
+                close = _close_matches(key, names, 1)
                 hint = f" (did you mean --{close[0]}?)" if close else ""
                 raise _Bad(f"unknown option --{key}{hint}")
             if names[key]:
@@ -197,7 +204,7 @@ def _parse_from(rest: str) -> ImageSource:
         raise _Bad("expected a base type")
     kind, toks = toks[0], toks[1:]
     if kind not in SOURCE_TYPES:
-        close = difflib.get_close_matches(kind, SOURCE_TYPES, 1)
+        close = _close_matches(kind, SOURCE_TYPES, 1)
         raise _Bad(f"unknown base type {kind!r}"
                    + (f" (did you mean {close[0]}?)" if close else "")
                    + f"; types are {', '.join(SOURCE_TYPES)}")
@@ -508,7 +515,7 @@ def parse_magic(line: str, lineno: int = 1) -> Directive:
     assert m is not None  # callers pass lines starting with %
     name, rest = m.group(1), m.group(2).strip()
     if name not in MAGICS:
-        close = difflib.get_close_matches(name, MAGICS, 1)
+        close = _close_matches(name, MAGICS, 1)
         hint = f"did you mean %{close[0]}? " if close else ""
         raise RecipeError(f"unknown magic %{name} on line {lineno}: {hint}(%help lists them)")
     try:

@@ -57,6 +57,9 @@ from typing import Callable
 
 
 from stacker_kernel.errors import RecipeError
+from stacker_kernel.recipe.dockerfile_options import (  # noqa: F401 (part of this module's interface)
+    DockerfileOptions, is_dockerfile, layer_name_for,
+)
 from stacker_kernel.recipe.model import Recipe, check_layer_name
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -68,16 +71,6 @@ HEALTHCHECK_ANNOTATION = "io.stacker-kernel.dockerfile.healthcheck"
 # on them alone; removed in the same step, so it never reaches a layer.
 COPY_TMP = "/.stacker-kernel-copy"
 _ARCHIVE = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
-
-
-def is_dockerfile(path: str) -> bool:
-    """True for the names Docker and Podman build by default: `Dockerfile`,
-    `Containerfile`, `Dockerfile.*`, `*.Dockerfile` (and the same for Containerfile)."""
-    name = posixpath.basename(path.replace("\\", "/")).lower()  # docker build reads `dockerfile` too
-    if name.endswith((".ipynb", ".yaml", ".yml")):  # Dockerfile.ipynb is what Open as notebook writes
-        return False
-    return any(name == base or name.startswith(base + ".") or name.endswith("." + base)
-               for base in ("dockerfile", "containerfile"))
 
 
 @dataclass
@@ -907,26 +900,6 @@ def _normalize(image: str) -> str:
     if "/" not in name or not ("." in first or ":" in first or first == "localhost"):
         name = "docker.io/" + (name if "/" in name else "library/" + name)
     return name + at + digest
-
-
-@dataclass
-class DockerfileOptions:
-    """What `docker build` takes beside the Dockerfile: `--build-arg NAME=VALUE` and,
-    ours, `--base IMAGE=SOURCE` (see `translate`)."""
-    build_args: dict[str, str] = field(default_factory=dict)
-    bases: dict[str, str] = field(default_factory=dict)
-    target: str | None = None
-    all_stages: bool = False
-
-
-def layer_name_for(path: str) -> str:
-    """The name of a Dockerfile's last stage when it has no `AS`: `app` for
-    `app.Dockerfile` or `Dockerfile.app`, else `image`."""
-    name = posixpath.basename(path)
-    for base in ("Dockerfile", "Containerfile", "dockerfile", "containerfile"):
-        name = name.removeprefix(base + ".").removesuffix("." + base)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("._-")
-    return "image" if name.lower() in ("", "dockerfile", "containerfile") else name
 
 
 def translate(text: str, name: str, build_args: dict[str, str] | None = None,

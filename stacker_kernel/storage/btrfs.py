@@ -15,7 +15,6 @@ import os
 import stat
 import struct
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +243,8 @@ def set_readonly(path: os.PathLike | str, readonly: bool) -> None:
 
 
 def _uuid(raw: bytes) -> str | None:
+    import uuid
+
     return None if raw == bytes(16) else str(uuid.UUID(bytes=raw))
 
 

@@ -22,7 +22,6 @@ import os
 import shutil
 import stat
 import threading
-import uuid
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -413,7 +412,7 @@ class OverlayDriver(Driver):
         layers = self._layers_dir(root)
         flat = f"flat-{names[1]}"  # the union of the parent's stack: its content never changes
         if not (layers / flat).is_dir():
-            tmp = layers / f"{FLAT_TMP}{os.getpid()}-{uuid.uuid4().hex}"
+            tmp = layers / f"{FLAT_TMP}{os.getpid()}-{os.urandom(16).hex()}"
             tmp.mkdir(mode=0o755)
             try:
                 from stacker_kernel.container.userns import CLONE_NEWNS, run_in_userns

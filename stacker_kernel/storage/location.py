@@ -41,6 +41,8 @@ class Mount:
 
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in field:
+        return field
     out, i = [], 0
     while i < len(field):
         if field[i] == "\\" and field[i + 1:i + 4].isdigit() and len(field[i + 1:i + 4]) == 3:
@@ -68,10 +70,11 @@ def mounts() -> list[Mount]:
 
 def find_mount(path: os.PathLike | str) -> Mount | None:
     """The mount that holds `path` (longest matching mount point; the last one wins on overmounts)."""
-    real = Path(os.path.realpath(path))
+    real = os.path.realpath(path)
     best: Mount | None = None
     for m in mounts():
-        if real == m.mount_point or m.mount_point in real.parents:
+        point = str(m.mount_point)
+        if real == point or real.startswith(point.rstrip("/") + "/"):  # (strings: Path's parents cost)
             if best is None or len(m.mount_point.parts) >= len(best.mount_point.parts):
                 best = m
     return best

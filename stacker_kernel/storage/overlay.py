@@ -21,7 +21,6 @@ import dataclasses
 import errno
 import json
 import os
-import platform
 import stat
 from typing import Any, Iterable
 
@@ -88,9 +87,9 @@ def layer_names(tree: os.PathLike | str) -> list[str]:
 # --- mounting (inside a user + mount namespace) --------------------------------
 
 def _syscall(name: str, *args: Any) -> int:
-    nr = _SYS[name] if platform.machine() in ("x86_64", "aarch64") else None
+    nr = _SYS[name] if os.uname().machine in ("x86_64", "aarch64") else None
     if nr is None:
-        raise OSError(errno.ENOSYS, f"{name}: unknown syscall number on {platform.machine()}")
+        raise OSError(errno.ENOSYS, f"{name}: unknown syscall number on {os.uname().machine}")
     ret = _libc.syscall(ctypes.c_long(nr), *args)
     if ret < 0:
         err = ctypes.get_errno()

@@ -30,7 +30,6 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -280,8 +279,12 @@ def _destroy_trash(drv: drivers.Driver, trash: list[Path], failed: dict[Path, Ba
 
 
 def new_id() -> str:
-    """A fresh snapshot or session id (uuid4 hex)."""
-    return uuid.uuid4().hex
+    """A fresh snapshot or session id: a random uuid4 in hex (made here: the uuid module
+    loads platform, and every command makes ids)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return raw.hex()
 
 
 @dataclass
@@ -342,6 +345,19 @@ class Session:
     # The history as the store last read or wrote it: a write then only adds (and
     # deletes) the rows that differ, so a step's write does not grow with the history.
     stored_history: list[str] | None = field(default=None, compare=False, repr=False)
+    # False for a session made with new_session(record=False) until record_session
+    # writes it: until then its changes stay in memory (update_session writes nothing).
+    recorded: bool = field(default=True, compare=False, repr=False)
+
+    def same_position(self, other: "Session") -> bool:
+        """Whether `other` records what this session holds: head, layer, tags, history
+        and each entry's cell, recipe and cells (not its id, owner or times)."""
+        def cells(s: Session) -> dict[str, str]:
+            return {h: s.entry_cells[h] for h in s.history if s.entry_cells.get(h) is not None}
+        return ((self.kind, self.name, self.head, self.layer, self.tags, self.history, self.recipe,
+                 self.cell_order, cells(self))
+                == (other.kind, other.name, other.head, other.layer, other.tags, other.history, other.recipe,
+                    other.cell_order, cells(other)))
 
 
 _SNAP_COLS = ("id", "kind", "parent", "session", "layer", "cell_id", "source", "cache_key",
@@ -889,29 +905,55 @@ class Store:
 
     # --- sessions -------------------------------------------------------------
 
-    def new_session(self, kind: str, name: str, *, exclusive: bool = False) -> Session:
+    def new_session(self, kind: str, name: str, *, exclusive: bool = False, record: bool = True) -> Session:
         """Record a new session of `kind` for `name`, owned by this process.
 
         With `exclusive`, a session of the same kind and name whose owner is
         alive (this process included) means SessionBusyError instead: one
         build, or one kernel, of a notebook or stacker.yaml at a time.
+
+        With `record=False` the session is checked but not written (a build that
+        may change nothing writes nothing: engine/build.py): `record_session`
+        writes it, with everything it holds by then, once it must be in the store.
         """
         pid = os.getpid()
         sess = Session(id=new_id(), kind=kind, name=name, owner_pid=pid,
-                       owner_start=process_start_time(pid) or 0)
+                       owner_start=process_start_time(pid) or 0, recorded=False)
+        sess.stored_history = []
+        sess.stored_cell_order = []
+        if record:
+            self.record_session(sess, exclusive=exclusive)
+        elif exclusive:
+            with self.write_lock():
+                self._check_free(sess)
+        return sess
+
+    def _check_free(self, sess: Session) -> None:
+        for other in self.find_sessions(name=sess.name, kind=sess.kind):
+            if other.id != sess.id and self.session_alive(other):
+                raise SessionBusyError(_busy_message(other))
+
+    def record_session(self, sess: Session, *, exclusive: bool = False) -> None:
+        """Write session `sess` (made with record=False) with what it holds now; from then
+        on it is a session like any other. `exclusive` as for new_session. What it points
+        at must still exist: gc kept none of it for an unrecorded session."""
         marks = ",".join("?" * len(_SESS_COLS))
         with self.write_lock():
             if exclusive:
-                for other in self.find_sessions(name=name, kind=kind):
-                    if self.session_alive(other):
-                        raise SessionBusyError(_busy_message(other))
+                self._check_free(sess)
+            points_at = {i for i in [sess.head, *sess.tags.values(), *sess.history] if i}
+            gone = sorted(i for i in points_at if (snap := self.get(i)) is None or not snap.path.is_dir())
+            if gone:
+                raise StorageError(f"snapshot {gone[0][:12]} was deleted while {sess.name} was being built "
+                                   "(a gc beside the build?): build again")
             self._write([(f"INSERT INTO sessions ({','.join(_SESS_COLS)}) VALUES ({marks})",
                           self._sess_values(sess)),
                          ("DELETE FROM history WHERE session = ?", (sess.id,)),
-                         ("DELETE FROM cells WHERE session = ?", (sess.id,))])
-        sess.stored_history = []
-        sess.stored_cell_order = []
-        return sess
+                         ("DELETE FROM cells WHERE session = ?", (sess.id,)),
+                         *self._session_update(sess)])
+            sess.recorded = True
+        sess.stored_history = list(sess.history)
+        sess.stored_cell_order = list(sess.cell_order)
 
     def _session_update(self, sess: Session) -> list[tuple[str, tuple]]:
         """The statements that store `sess`: its record, and the history rows that differ
@@ -940,6 +982,8 @@ class Store:
     def update_session(self, session: Session) -> None:
         """Store every field of `session` (its `updated` becomes now)."""
         session.updated = time.time()
+        if not session.recorded:
+            return  # kept in memory until record_session
         with self.write_lock():
             self._write(self._session_update(session))
         session.stored_history = list(session.history)
@@ -1022,10 +1066,17 @@ class Store:
             if missing:
                 self._drop_records(missing)
             sessions = {s.id: s for s in self.find_sessions()}
-            for entry in (self.root / "live").iterdir():
-                sess = sessions.get(entry.name)
-                if sess is None or not self.session_alive(sess):
-                    self.driver.remove(entry)
+            left = [entry for entry in (self.root / "live").iterdir()
+                    if (sess := sessions.get(entry.name)) is None or not self.session_alive(sess)]
+            if left:
+                # A rootfs its session left (it ended without closing): its container may
+                # still run (PDEATHSIG should have ended it). Only then are the processes
+                # looked through: a container's rootfs is a session's live/<id>.
+                from stacker_kernel.container.runtime import Container
+
+                Container.kill_orphans(str(self.root / "live"))
+            for entry in left:
+                self.driver.remove(entry)
             kept = set(known) - missing
             for entry in (self.root / "logs").iterdir():
                 name = entry.name
