@@ -99,7 +99,7 @@ class Driver:
     def trash(self, path: Path) -> Path:
         """Move tree `path` out of sight into the trash of its folder (see TRASH_PREFIX),
         where the reaper destroys it; returns where it went."""
-        dest = path.with_name(f"{TRASH_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+        dest = path.with_name(f"{TRASH_PREFIX}{path.name}.{os.urandom(4).hex()}")
         os.rename(path, dest)
         return dest
 
