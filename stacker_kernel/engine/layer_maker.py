@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import IO, Any, Iterable
+from collections.abc import Iterable
+from typing import IO, Any
 
 
 def _enter_namespace() -> str | None:
