@@ -653,6 +653,27 @@ def test_the_layer_maker_walks_each_snapshot_of_a_chain_once_for_the_same_layers
         assert kept == [pairs[-1][1]]  # only the walk the next step may share stays
 
 
+def test_the_layer_maker_walks_again_a_tree_made_anew_at_a_path_it_walked(tmp_path):
+    # (a cache hit keeps the snapshot id it had where it was built: a path can come back)
+    from stacker_kernel.engine.layer_maker import make_layer
+
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    (b / "f").write_text("one")
+    (c / "f").write_text("one")
+    (c / "g").write_text("two")
+    walks: dict = {}
+    make_layer(str(a), str(b), str(tmp_path / "lent"), walks, False)
+    shutil.rmtree(b)
+    b.mkdir()  # another tree at b's path, with a file c has not: c's layer removes it
+    (b / "f").write_text("one")
+    (b / "h").write_text("three")
+    lent = make_layer(str(b), str(c), str(tmp_path / "lent"), walks, False)
+    fresh = make_layer(str(b), str(c), str(tmp_path / "fresh"), {}, False)
+    assert lent == fresh
+
+
 def test_a_registry_that_is_down_for_pushing_costs_one_warning(busybox_oci, storage, tmp_path):
     nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:2])
     result, out, _ = _build(storage, nb, cache_to=f"docker://127.0.0.1:{_free_port()}/team/cache")

@@ -45,12 +45,27 @@ def make_layer(parent: str, new: str, out_dir: str, walks: dict[str, Any], views
         from stacker_kernel.storage.overlay import mount_views
 
         mount_views([parent, new])
-    for path in [p for p in walks if p != parent]:
-        del walks[path]  # not this layer's parent: a push was skipped
+    for path in [p for p in walks if p != parent or _STAMPS.get(p) != _stamp(p)]:
+        del walks[path]  # not this layer's parent (a push was skipped), or another tree at its path
     diff = diff_snapshots(parent, new, walks)
     for path in [p for p in walks if p != new]:
         del walks[path]  # only the walk the next layer may share is kept (a rootfs's entries each)
+    _STAMPS.clear()
+    _STAMPS[new] = _stamp(new)
     return write_layer(new, diff, out_dir, source_date_epoch=None)
+
+
+# What the tree walked last was when walked: a snapshot deleted and made again at its
+# path (a cache hit keeps the id it had where it was built) is walked again.
+_STAMPS: dict[str, tuple[int, int, int] | None] = {}
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns  # a btrfs subvolume: its own device number, its creation
 
 
 def serve(requests: Iterable[str], answers: IO[str]) -> None:
