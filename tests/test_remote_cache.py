@@ -533,6 +533,147 @@ def test_steps_are_pushed_on_their_own_thread_while_the_next_steps_run_and_all_b
     assert result.steps_run == 0 and result.steps_cached == len(CELLS), out_b
 
 
+def _layer_digests(layout: Path, manifest: dict) -> list[str]:
+    blob = json.loads((layout / "blobs" / "sha256" / manifest["digest"].split(":")[1]).read_text())
+    return [d["digest"] for d in blob["layers"]]
+
+
+def test_the_export_runs_beside_the_last_uploads_and_takes_the_layers_they_push(
+        busybox_oci, storage, storage_b, tmp_path, monkeypatch):
+    from stacker_kernel.oci import registry as reg
+
+    wrote = threading.Event()
+    held: list[bool] = []
+    real_put = reg.LayoutCache.put
+
+    def held_put(self, *args):  # the first upload waits until the export has written the image
+        if not held:
+            held.append(wrote.wait(60))
+        return real_put(self, *args)
+    monkeypatch.setattr(reg.LayoutCache, "put", held_put)
+    out: list[str] = []
+
+    def say(line: str) -> None:
+        out.append(line)
+        if line.startswith("wrote "):
+            wrote.set()
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS)
+    cache, layout = tmp_path / "cache", tmp_path / "oci"
+    with Store.open(storage) as store:
+        result = build(store, str(nb), out=say, stream=out.append, cache=CacheSettings(cache_to=f"oci:{cache}"),
+                       oci_dir=str(layout))
+    text = "\n".join(out)
+    assert held == [True], text  # released by the export's end: the upload was still going then
+    assert result.steps_run == len(CELLS) and "warning" not in text, text
+    lines = text.splitlines()
+    summary = [i for i, ln in enumerate(lines) if ln.startswith(f"cache-to oci:{cache}: {len(CELLS)} entries pushed")]
+    assert len(summary) == 1 and summary[0] > next(i for i, ln in enumerate(lines) if ln.startswith("wrote ")), text
+    # The image's step layers are the pushed entries' layers, byte for byte (the step that
+    # changed nothing is an entry, with an empty layer, but no layer of the image).
+    pushed = {d for m in json.loads((cache / "index.json").read_text())["manifests"]
+              for d in _layer_digests(cache, m)}
+    image = _layer_digests(layout, json.loads((layout / "index.json").read_text())["manifests"][0])
+    assert len(pushed) == len(CELLS) and set(image[-(len(CELLS) - 1):]) <= pushed, (pushed, image)
+    for d in image:
+        data = (layout / "blobs" / "sha256" / d.split(":")[1]).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == d
+    result, out_b, _ = _build(storage_b, _copy(nb, tmp_path), cache_from=[f"oci:{cache}"])
+    assert result.steps_run == 0 and result.steps_cached == len(CELLS), out_b
+
+
+class _FailsAfter(_Proxy):
+    """Forwards to the registry until `entries` entries were stored, then answers
+    HTTP 500 to every request: a registry that fails in the middle of a build."""
+
+    def __init__(self, upstream: str, entries: int):
+        self.entries, self.stored = entries, 0
+        super().__init__(upstream)
+
+    def _forward(self, h, body):
+        if self.stored >= self.entries:
+            return _status(500)(h, b"")
+        if h.command == "PUT" and "/manifests/" in h.path:
+            self.stored += 1
+        return super()._forward(h, body)
+
+
+def test_a_registry_failing_mid_build_is_one_warning_and_the_build_ends_with_its_image(
+        registry, busybox_oci, storage, tmp_path):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS)
+    layout = tmp_path / "oci"
+    with _FailsAfter(registry, 1) as proxy:
+        out: list[str] = []
+        with Store.open(storage) as store:
+            result = build(store, str(nb), out=out.append, stream=out.append, oci_dir=str(layout),
+                           cache=CacheSettings(cache_to=f"docker://127.0.0.1:{proxy.port}/team/midway"))
+            leftovers = list((store.root / "cache" / "remote").glob("tmp-*"))
+    text = "".join(o if o.endswith("\n") else o + "\n" for o in out)
+    assert result.steps_run == len(CELLS), text
+    warnings = [ln for ln in text.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "could not be pushed" in warnings[0] and "HTTP 500" in warnings[0], warnings
+    assert "1 entry pushed" in text and "pushing stopped at an error" in text, text
+    assert "wrote nb to" in text and leftovers == [], (text, leftovers)
+    image = _layer_digests(layout, json.loads((layout / "index.json").read_text())["manifests"][0])
+    for d in image:  # every layer of the image is there, whole
+        data = (layout / "blobs" / "sha256" / d.split(":")[1]).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == d
+
+
+def _chain_layers(pairs: list[tuple[str, str]], out_dir: str, shared: bool):
+    """In the user namespace: the layers of a chain of steps made as the layer maker
+    makes them (one `walks` for the chain, or none) and the trees walked."""
+    from stacker_kernel.engine.layer_maker import make_layer
+    from stacker_kernel.oci import diff
+
+    walked: list[str] = []
+    real = diff.walk
+    diff.walk = lambda root: walked.append(root) or real(root)
+    walks: dict = {}
+    blobs = [make_layer(old, new, out_dir, walks if shared else {}, False) for old, new in pairs]
+    return [(b.digest, b.diff_id) for b in blobs], walked, sorted(walks)
+
+
+def test_the_layer_maker_walks_each_snapshot_of_a_chain_once_for_the_same_layers(busybox_oci, storage, tmp_path):
+    nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS)
+    result, _, _ = _build(storage, nb)
+    assert result.steps_run == len(CELLS)
+    with Store.open(storage) as store:
+        steps = sorted((s for s in store.snapshots() if s.kind == "step"), key=lambda s: s.started)
+        pairs = [(str(store.get(s.parent).path), str(s.path)) for s in steps]
+    overlay = driver.recorded(storage) == "overlay"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shared, walked, kept = run_in_userns(_chain_layers, pairs, str(tmp_path / "a"), True, views=overlay)
+    alone, walked_alone, _ = run_in_userns(_chain_layers, pairs, str(tmp_path / "b"), False, views=overlay)
+    assert shared == alone  # the same blobs and diff ids
+    if overlay:  # a step's own layer is read: no tree is walked
+        assert walked == walked_alone == []
+    else:
+        assert sorted(walked) == sorted({p for pair in pairs for p in pair}) and len(walked_alone) == 2 * len(pairs)
+        assert kept == [pairs[-1][1]]  # only the walk the next step may share stays
+
+
+def test_the_layer_maker_walks_again_a_tree_made_anew_at_a_path_it_walked(tmp_path):
+    # (a cache hit keeps the snapshot id it had where it was built: a path can come back)
+    from stacker_kernel.engine.layer_maker import make_layer
+
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    (b / "f").write_text("one")
+    (c / "f").write_text("one")
+    (c / "g").write_text("two")
+    walks: dict = {}
+    make_layer(str(a), str(b), str(tmp_path / "lent"), walks, False)
+    shutil.rmtree(b)
+    b.mkdir()  # another tree at b's path, with a file c has not: c's layer removes it
+    (b / "f").write_text("one")
+    (b / "h").write_text("three")
+    lent = make_layer(str(b), str(c), str(tmp_path / "lent"), walks, False)
+    fresh = make_layer(str(b), str(c), str(tmp_path / "fresh"), {}, False)
+    assert lent == fresh
+
+
 def test_a_registry_that_is_down_for_pushing_costs_one_warning(busybox_oci, storage, tmp_path):
     nb = _notebook(tmp_path / "nb.ipynb", busybox_oci, CELLS[:2])
     result, out, _ = _build(storage, nb, cache_to=f"docker://127.0.0.1:{_free_port()}/team/cache")

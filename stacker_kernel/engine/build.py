@@ -356,7 +356,8 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                     session.prepare_empty_layer()
             session.finish()
         result.tags = dict(session.session.tags)
-        pushes_reported = _finish_pushes(session, out)  # first: the export takes the layers they made
+        if session.remote_cache is not None and oci_dir:
+            session.remote_cache.wait_for_layers()  # the export takes the layers the pushes made
         if oci_dir:
             extra = {"attestations": attestations} if attestations is not None else {}
             result.oci_tags = session.export_oci(oci_dir, squash=squash,
@@ -365,6 +366,7 @@ def build(store: Store, path: str, *, substitutions: dict[str, str] | None = Non
                                                  **({"layer_types": layer_types} if layer_types else {}),
                                                  **extra)
             out(f"wrote {', '.join(result.oci_tags) or 'no tags'} to {oci_dir}")
+        pushes_reported = _finish_pushes(session, out)  # the last uploads went on beside the export
         _supersede(store, session)
         return result
     finally:

@@ -76,38 +76,24 @@ def layer_cache(store) -> str:
     return of_store(store)
 
 
-def _make_layer(parent: str, new: str, out_dir: str):
-    """The step's diff as export's tar writer makes it (no SOURCE_DATE_EPOCH: a
-    hit must give back the mtimes too)."""
-    from stacker_kernel.oci.diff import diff_snapshots
-    from stacker_kernel.oci.tarwriter import write_layer
-
-    return write_layer(new, diff_snapshots(parent, new), out_dir, source_date_epoch=None)
-
-
-# The pushing thread's layer maker: one fresh interpreter for the session, fed a
-# JSON line (parent, new, out_dir) per layer, answering a JSON line. Its own
-# stdout goes to stderr, so that nothing else can be taken for an answer.
-_MAKER = ("import dataclasses, json, os, sys\n"
+# The pushing thread's layer maker: one fresh interpreter for the session
+# (engine/layer_maker.py), fed a JSON line (parent, new, out_dir) per layer,
+# answering a JSON line. Its own stdout goes to stderr, so that nothing else can
+# be taken for an answer.
+_MAKER = ("import os, sys\n"
           "answers = os.fdopen(os.dup(1), 'w')\n"
           "os.dup2(2, 1)\n"
-          "from stacker_kernel.engine.remote_cache import _as_container_root, _make_layer\n"
-          "for line in sys.stdin:\n"
-          "    try:\n"
-          "        blob = _as_container_root(_make_layer, *json.loads(line))\n"
-          "        answer = {'ok': dataclasses.asdict(blob)}\n"
-          "    except Exception as e:\n"
-          "        answer = {'error': (str(e).strip().splitlines() or [type(e).__name__])[-1]}\n"
-          "    answers.write(json.dumps(answer) + '\\n')\n"
-          "    answers.flush()\n")
+          "from stacker_kernel.engine.layer_maker import serve\n"
+          "serve(sys.stdin, answers)\n")
 
 
 class _LayerMaker:
-    """_make_layer in a fresh interpreter that stays for the session: the pushing
+    """Layers made in a fresh interpreter that stays for the session: the pushing
     thread runs beside the engine's, and a child forked from it without exec
     (run_in_userns) could inherit a lock another thread holds and wait for it
     forever (as engine/history.measure_sizes). Started once (not per step: an
-    interpreter's start was most of a small step's push)."""
+    interpreter's start was most of a small step's push), in one user namespace
+    where a step's walk serves the next step's layer (engine/layer_maker.py)."""
 
     def __init__(self) -> None:
         import subprocess
@@ -172,10 +158,15 @@ class RemoteCache:
                                           if settings.cache_to else None)
         self._failed: set[str] = set()
         self.trust = Trust.configured()  # signing key and trusted keys (oci/signing.py)
-        # Pushes run on one thread while the next steps run; at most PUSH_QUEUE wait.
-        self._pusher: ThreadPoolExecutor | None = None
+        # Pushes run while the next steps run, on two threads: one makes the layers
+        # (in order: a step's walk serves the next), the other uploads them, so a
+        # layer goes up while the next is made. At most PUSH_QUEUE steps wait.
+        self._maker_thread: ThreadPoolExecutor | None = None
+        self._uploader: ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(PUSH_QUEUE)
-        self._pushes: list[Future] = []
+        self._pushes: list[Future] = []  # layers being made
+        self._uploads: list[Future] = []  # entries being put
+        self._fail_lock = threading.Lock()
         self._pushed = 0
         self._push_messages: list[str] = []
         self._maker: _LayerMaker | None = None  # started with the first push
@@ -314,13 +305,14 @@ class RemoteCache:
         if env_refs:
             record["env_refs"] = env_refs
         tmp = self._tmp(session)
-        if self._pusher is None:
-            self._pusher = ThreadPoolExecutor(1, thread_name_prefix="cache-push")
+        if self._maker_thread is None:
+            self._maker_thread = ThreadPoolExecutor(1, thread_name_prefix="cache-push-layers")
+            self._uploader = ThreadPoolExecutor(1, thread_name_prefix="cache-push-upload")
         self._pushes = [f for f in self._pushes if not f.done()]
         self._slots.acquire()
         try:
-            self._pushes.append(self._pusher.submit(self._push_one, target, record, str(parent.path),
-                                                    str(snap.path), tmp, layer_cache(store)))
+            self._pushes.append(self._maker_thread.submit(self._push_one, target, record, str(parent.path),
+                                                          str(snap.path), tmp, layer_cache(store)))
         except BaseException:
             self._slots.release()
             remove_quietly(tmp)
@@ -328,10 +320,12 @@ class RemoteCache:
 
     def _push_one(self, target: CacheStore, record: dict[str, Any], parent: str, new: str, tmp: str,
                   layers: str) -> None:
-        """On the pushing thread: make the step's layer (or take the one an export
-        made) and put the entry; the export of the build takes this layer in turn."""
+        """On the layer thread: make the step's layer (or take the one an export
+        made), remember it for the export of the build, which takes it in turn,
+        and hand the entry to the upload thread."""
         from stacker_kernel.oci.export import layer_made_before, remember_made_layer
 
+        handed = False
         try:
             if target.url in self._failed:
                 return
@@ -345,19 +339,43 @@ class RemoteCache:
                     self._maker = _LayerMaker()
                 blob = self._maker.make(parent, new, tmp)
                 remember_made_layer(layers, parent, new, tmp, blob)
+            assert self._uploader is not None
+            # only this thread changes the list while layers are being made (finish waits for them first)
+            self._uploads = [f for f in self._uploads if not f.done()]
+            self._uploads.append(self._uploader.submit(self._put_one, target, record, tmp, blob))
+            handed = True
+        except Exception as e:  # noqa: BLE001 (one warning line, as for a step's own push before)
+            self._push_failed(target, e)
+        finally:
+            if not handed:
+                remove_quietly(tmp)
+                self._slots.release()
+
+    def _put_one(self, target: CacheStore, record: dict[str, Any], tmp: str, blob) -> None:
+        """On the upload thread: put the entry (its layer in `tmp`) and sign it."""
+        try:
+            if target.url in self._failed:
+                return
             record = {**record, "diff_id": blob.diff_id}
             target.put(cache_tag(record["key"]), record, tmp, blob.digest, blob.size)
             self.trust.sign(target, record, blob.digest, blob.size)
             self._pushed += 1
             self.pushed_bytes += blob.size
             self._push_messages.append(f"[cache-to: pushed {human_size(blob.size)} ({self._pushed} so far)]\n")
-        except Exception as e:  # noqa: BLE001 (one warning line, as for a step's own push before)
-            self._failed.add(target.url)
-            self._push_messages.append(f"warning: a step could not be pushed to {target.url} ({e}); "
-                                       "the build goes on without pushing\n")
+        except Exception as e:  # noqa: BLE001
+            self._push_failed(target, e)
         finally:
             remove_quietly(tmp)
             self._slots.release()
+
+    def _push_failed(self, target: CacheStore, e: Exception) -> None:
+        """Pushing to `target` stops: one warning line, whichever thread failed first."""
+        with self._fail_lock:
+            if target.url in self._failed:
+                return
+            self._failed.add(target.url)
+        self._push_messages.append(f"warning: a step could not be pushed to {target.url} ({e}); "
+                                   "the build goes on without pushing\n")
 
     def _report(self, on_output: OutputFn | None) -> None:
         while self._push_messages:
@@ -368,14 +386,22 @@ class RemoteCache:
     def finish(self, on_output: OutputFn | None = None) -> int:
         """Wait for the queued pushes (before the build ends); their warnings go to
         `on_output`. The number of steps pushed so far."""
-        pending, self._pushes = self._pushes, []
+        self.wait_for_layers()
+        pending, self._uploads = self._uploads, []
         wait(pending)
         self._report(on_output)
         return self._pushed
 
+    def wait_for_layers(self) -> None:
+        """Wait until every queued step's layer is made and remembered (the uploads
+        may still go on): an export then takes these layers, beside the uploads."""
+        pending, self._pushes = self._pushes, []
+        wait(pending)
+
     def close(self) -> None:
         """End the layer maker (after `finish`); a later push starts another."""
-        wait(self._pushes)  # a push still going uses it
+        self.wait_for_layers()  # a push still going uses it
+        wait(self._uploads)
         if self._maker is not None:
             self._maker.close()
             self._maker = None

@@ -189,9 +189,9 @@ def mount_views(args: Iterable[Any]) -> None:
     trees: list[str] = []
     for path in paths:  # a path inside a tree shows the tree's file: mount the tree
         cur = os.path.normpath(path)
-        while cur != "/" and not os.path.isfile(os.path.join(cur, MARK)):
+        while cur != "/" and cur not in _MOUNTED and not os.path.isfile(os.path.join(cur, MARK)):
             cur = os.path.dirname(cur)
-        if cur != "/" and cur not in trees:
+        if cur != "/" and cur not in trees and cur not in _MOUNTED:  # mounted before, in a long-lived helper
             trees.append(cur)
     for path in trees:
         stack = read_stack(path)
