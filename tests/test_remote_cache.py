@@ -825,33 +825,37 @@ def test_a_kernel_pushes_with_cache_to_and_another_hits_with_the_config_default(
     assert "made one" in runs[0].text()
 
 
-def _layer_makers() -> list[int]:
-    """Pids of the pushing thread's layer makers (engine/remote_cache.py _LayerMaker) running now."""
+def _layer_makers(storage: Path) -> list[int]:
+    """Pids of the pushing thread's layer makers (engine/remote_cache.py _LayerMaker) running
+    now for storage `storage` (another build on the machine has makers of its own)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            if b"answers = os.fdopen(os.dup(1)" not in cmdline:  # its program (_MAKER), nothing older
+                continue
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"answers = os.fdopen(os.dup(1)" in cmdline:  # its program (_MAKER), nothing older
+        if f"STACKER_KERNEL_STORAGE={storage}".encode() in environ:
             found.append(int(pid))
     return found
 
 
 def test_a_kernel_whose_cache_target_changes_ends_the_old_layer_maker(kernels, busybox_tar, storage, tmp_path):
-    before = set(_layer_makers())
+    before = set(_layer_makers(storage))
     k = start_kernel(notebook_dir(tmp_path / "a", busybox_tar) / "nb.ipynb", kernels,
                      STACKER_KERNEL_STORAGE=str(storage))
     try:
         assert k.execute(f"%cache to oci:{tmp_path / 'one'}", "to1", timeout=120).status == "ok"
         _kernel_cells(k, CELLS[:1])
-        first = set(_layer_makers()) - before
+        first = set(_layer_makers(storage)) - before
         assert len(first) == 1  # one maker for the session's pushes, kept between cells
         assert k.execute(f"%cache to oci:{tmp_path / 'two'}", "to2", timeout=120).status == "ok"
-        assert not first & set(_layer_makers())  # the old target's maker has ended
+        assert not first & set(_layer_makers(storage))  # the old target's maker has ended
         run = k.execute(CELLS[1], "c9", timeout=120)
         assert run.status == "ok" and "warning" not in run.text(), run.text()
-        assert len(set(_layer_makers()) - before) == 1
+        assert len(set(_layer_makers(storage)) - before) == 1
     finally:
         k.close()
     assert any((tmp_path / "two").iterdir()) and any((tmp_path / "one").iterdir())
