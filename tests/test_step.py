@@ -6,6 +6,7 @@ and bash); the pure parts (output filter, state dump) also get unit tests.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -322,8 +323,14 @@ def test_an_output_callback_error_surfaces_after_the_step(container):
 
 
 def test_sigint_in_the_waiting_thread_interrupts_the_step(container):
-    threading.Timer(0.5, os.kill, (os.getpid(), 2)).start()
-    result = container.run_step("sleep 1000", ENV, None)
+    # Python's own SIGINT handler (a kernel's interrupt), also where the suite was
+    # started in the background of a script, which leaves SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), 2)).start()
+        result = container.run_step("sleep 1000", ENV, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     after, out = run(container, "echo in-sync")
     assert result.interrupted and not result.ok
     assert out == "in-sync\n"
