@@ -198,10 +198,20 @@ def run(args, store: Path, work: Path, tar: Path):
                                base_dir, benv), first)
 
             def anew(*more: str, name: str = "anew") -> float:
-                for cache in ("layers", "layer-blobs"):  # the store's kept layers: compressed anew
-                    shutil.rmtree(store / "cache" / cache, ignore_errors=True)
-                return timed(sk + ["build", "-f", "Dockerfile", *base, *more, "--oci-dir", f"{fresh}-{name}"],
-                             base_dir, env)
+                # The store's kept layers, set aside for this build (compressed anew) and put
+                # back after it: the next round's rebuild is a user's, who deletes no cache.
+                kept = [(store / "cache" / c, store / "cache" / f"{c}.set-aside") for c in ("layers", "layer-blobs")]
+                for path, aside in kept:
+                    if path.exists():
+                        path.rename(aside)
+                try:
+                    return timed(sk + ["build", "-f", "Dockerfile", *base, *more, "--oci-dir", f"{fresh}-{name}"],
+                                 base_dir, env)
+                finally:
+                    for path, aside in kept:
+                        if aside.exists():
+                            shutil.rmtree(path, ignore_errors=True)
+                            aside.rename(path)
             pair("anew", anew,
                  lambda: timed(["buildah", "push", "--quiet", "localhost/debian:12", f"oci:{fresh}-b2"],
                                base_dir, benv), first)

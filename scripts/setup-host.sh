@@ -12,7 +12,7 @@ STORAGE_SIZE=${STACKER_KERNEL_STORAGE_SIZE:-40G}
 
 pkgs=(btrfs-progs uidmap util-linux busybox-static umoci skopeo mmdebstrap
       python3 python3-venv python3-dev sqlite3 zstd xz-utils ca-certificates dash bash
-      pigz docker-registry apache2-utils oci-image-tool buildah chromium
+      pigz isal docker-registry apache2-utils oci-image-tool buildah chromium
       squashfs-tools squashfs-tools-ng erofs-utils cryptsetup-bin
       rpm  # rpm: reads rpm databases for the SBOM (and makes one for its test)
       bindfs  # bindfs: the FUSE mount a user places over their storage in test_storage_setup
