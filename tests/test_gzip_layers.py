@@ -8,7 +8,6 @@ import io
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 from stacker_kernel.cli import main
 from stacker_kernel.oci import tarwriter
