@@ -14,6 +14,8 @@ from pathlib import Path
 
 from stacker_kernel.storage.store import DB_NAME, Store
 
+from kernel_support import write_notebook
+
 
 def _cli(storage, cwd: Path, *args: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "stacker_kernel", "--storage", str(storage), *args], cwd=cwd,
@@ -52,12 +54,7 @@ def test_a_build_that_changes_nothing_writes_nothing(storage, busybox_tar, tmp_p
     assert (tmp_path / "got").read_text() == "one\n"
 
     # A notebook's build alike
-    nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
-        {"cell_type": "code", "id": "c1", "metadata": {}, "execution_count": None, "outputs": [],
-         "source": f"%layer app\n%from tar {busybox_tar}"},
-        {"cell_type": "code", "id": "c2", "metadata": {}, "execution_count": None, "outputs": [],
-         "source": "echo hi > /hi"}]}
-    (tmp_path / "app.ipynb").write_text(json.dumps(nb))
+    write_notebook(tmp_path / "app.ipynb", [("c1", f"%layer app\n%from tar {busybox_tar}"), ("c2", "echo hi > /hi")])
     _cli(storage, tmp_path, "build", "-f", "app.ipynb")
     _cli(storage, tmp_path, "build", "-f", "app.ipynb")
     before = _db(storage)
