@@ -82,6 +82,34 @@ def test_open_records_the_driver_and_keeps_it(storage):
         Store.open(storage, other)
 
 
+def test_first_opens_at_once_record_one_driver_and_refuse_the_other(storage):
+    """Two builds started at once on a fresh storage both record its driver: one wins,
+    the one that wanted another driver gets the usual line, the rest agree (CI once
+    saw a traceback here, one writer's temp file moved by the other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for round_ in range(20):
+        root = storage / f"fresh{round_}"
+        root.mkdir()
+        wanted = [None, "overlay", None, "overlay"] * 2
+
+        def first_open(w):
+            try:
+                return drivers.choose(root, w).name
+            except StorageError as e:
+                return str(e)
+
+        with ThreadPoolExecutor(len(wanted)) as pool:
+            got = list(pool.map(first_open, wanted))
+        have = (root / "driver").read_text().strip()
+        for w, g in zip(wanted, got):
+            if w in (None, have):
+                assert g == have, (w, got)
+            else:
+                assert g.startswith(f"storage {root} uses the {have} driver, not {w}"), got
+        assert sorted(p.name for p in root.iterdir()) == ["driver"]
+
+
 def test_open_refuses_missing_storage(storage):
     with pytest.raises(StorageError, match="does not exist: create it"):
         Store.open(storage / "missing")

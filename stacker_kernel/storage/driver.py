@@ -554,7 +554,14 @@ def choose(root: Path, wanted: str | None = None) -> Driver:
     if name == "btrfs" and not btrfs.is_btrfs(root):
         raise StorageError(f"storage {root} is not on btrfs: use --storage-driver overlay, or "
                            "run 'sudo stacker-kernel setup-storage --user NAME'")
-    tmp = root / (DRIVER_FILE + ".tmp")
+    # Two first opens may race (two builds started at once): each writes its own file and
+    # links it in, so exactly one records the driver and the other takes what it recorded.
+    tmp = root / f".{DRIVER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
     tmp.write_text(name + "\n")
-    os.replace(tmp, root / DRIVER_FILE)
+    try:
+        os.link(tmp, root / DRIVER_FILE)
+    except FileExistsError:
+        return choose(root, wanted)
+    finally:
+        tmp.unlink()
     return by_name(name)
