@@ -905,6 +905,37 @@ def test_run_mounts_cache_secret_bind_and_tmpfs(storage, busybox_oci, tmp_path, 
     assert main(args[:-2] + ["--no-oci"]) == 1
 
 
+STAGE_OWNERS = """
+    FROM busybox AS tools
+    RUN mkdir -p /opt/tools/sub && echo v1 > /opt/tools/version && echo s > /opt/tools/sub/s && \\
+        chown -R 1000:1001 /opt/tools && chmod 600 /opt/tools/version && chmod 750 /opt/tools/sub
+    FROM busybox
+    RUN --mount=type=bind,from=tools,source=/opt/tools,target=/tools \\
+        stat -c '%n %u:%g %a' /tools /tools/version /tools/sub /tools/sub/s > /ro && cat /tools/version >> /ro
+    RUN --mount=type=bind,from=tools,source=/opt/tools,target=/tools,rw \\
+        stat -c '%n %u:%g %a' /tools /tools/version /tools/sub /tools/sub/s > /rw && \\
+        echo w > /tools/sub/new && rm /tools/version && ls /tools > /rw-after
+    RUN --mount=type=bind,from=tools,source=/opt/tools,target=/tools ls /tools > /ro-after
+    """
+
+
+def test_a_bind_from_a_stage_keeps_its_owners_and_modes_also_rw(storage, busybox_oci, tmp_path):
+    """BuildKit shows a stage's files as they are in the stage, copied (rw) or not; the
+    overlay driver binds a copy of them, which must keep owners as btrfs's bind does."""
+    ctx = _context(tmp_path, STAGE_OWNERS)
+    assert main(["--storage", str(storage), "build", "-f", str(ctx / "Dockerfile"), "--base",
+                 "busybox=oci:" + busybox_oci, "--no-oci"]) == 0
+    with Store.open(storage) as store:
+        root = host_view(layer_snapshot(store, str(ctx / "Dockerfile"), "image").path)
+    owners = ("/tools 1000:1001 755\n/tools/version 1000:1001 600\n"
+              "/tools/sub 1000:1001 750\n/tools/sub/s 1000:1001 644\n")
+    assert (root / "ro").read_text() == owners + "v1\n"
+    assert (root / "rw").read_text() == owners
+    assert (root / "rw-after").read_text().split() == ["sub"]
+    assert (root / "ro-after").read_text().split() == ["sub", "version"]  # rw writes are discarded
+    assert not (storage / "tmp").exists() or not any((storage / "tmp").iterdir())
+
+
 @pytest.fixture
 def http_files(tmp_path):
     """A local http.server over tmp_path/www (Last-Modified from the files' mtimes)."""

@@ -478,3 +478,37 @@ def test_a_cells_store_reads_do_not_grow_with_the_history(session, monkeypatch):
     for n in range(3, 13):
         reads_of_a_cell(n)
     assert reads_of_a_cell(13) == short
+
+
+def test_a_rw_bind_is_a_fresh_copy_at_every_step_and_goes_with_the_session(session, tmp_path, storage):
+    """A cell run again with a writable bind of a context folder sees the folder as it is
+    now, not the copy the last run wrote into (the container keeps the copy staged), and
+    closing the session deletes the copies; a killed session's go at the store's next open."""
+    from stacker_kernel.container.step import MOUNT_MARKER
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "a").write_text("1\n")
+    cell = f"{MOUNT_MARKER} type=bind,source=conf,target=/src,rw\ncat /src/a; ls /src; echo w > /src/written"
+    out, _ = run_ok(session, cell)
+    assert out.split() == ["1", "a"]
+    (tmp_path / "conf" / "a").write_text("2\n")
+    (tmp_path / "conf" / "b").write_text("b\n")
+    out, _ = run_ok(session, cell)
+    assert out.split() == ["2", "a", "b"]
+    assert sorted(os.listdir(tmp_path / "conf")) == ["a", "b"]
+    copies = list((storage / "tmp").iterdir())
+    assert [p.name.startswith("mounts-") for p in copies] == [True]
+    session.close()
+    assert list((storage / "tmp").iterdir()) == []
+    # a session whose process died: its folder (here a copy owned by another of the user's ids) goes
+    dead = storage / "tmp" / "mounts-999999999-1-x"
+    from stacker_kernel.container.userns import run_in_userns
+
+    def plant(where: str) -> None:
+        os.makedirs(os.path.join(where, "copy-dir"))
+        Path(where, "copy-dir", "f").write_text("secret\n")
+        os.chown(os.path.join(where, "copy-dir"), 1000, 1000)
+    dead.mkdir()
+    run_in_userns(plant, str(dead))
+    Store.open(storage).close()
+    assert not dead.exists()

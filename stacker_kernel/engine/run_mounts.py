@@ -6,7 +6,7 @@ BuildKit's mount types (frontend/dockerfile/docs/reference.md, "RUN --mount"):
   key (as BuildKit); `uid`, `gid`, `mode` apply when it is created.
 - bind: a path of the build context (the directory the recipe is in) or, with
   `from=LAYER`, of a built layer; read-only unless `rw`, and then what the step
-  writes is discarded (it gets a fresh copy). What it shows is in the step's
+  writes is discarded (it gets a fresh copy; a layer's copy keeps its owners). What it shows is in the step's
   cache key (the tree's digest, or the layer's snapshot).
 - secret: the file or environment variable given at build time for `id`
   (`--secret id=ID,src=FILE|env=VAR`), at `target` (default /run/secrets/ID),
@@ -44,6 +44,29 @@ def _key(*parts: str) -> str:
     return "m-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+def _copy_in_ns(root: str | None, path: str, scratch: str, name: str) -> str:
+    """Copy `path` (container path of rootfs `root`, or a host path when `root` is None) as
+    it is (owners, modes, links) to SCRATCH/NAME-dir or -file; returns that path. Run as root
+    of the user namespace, where a layer's ids are ours. A copy made before keeps its inode:
+    the container staged it, and the step's bind sees the fresh content through it."""
+    import subprocess
+
+    from stacker_kernel.engine.inspect import resolve_in_root
+
+    src = resolve_in_root(root, path) if root is not None else os.path.realpath(path)
+    is_dir = os.path.isdir(src)
+    dest = os.path.join(scratch, f"{name}-{'dir' if is_dir else 'file'}")
+    if is_dir and os.path.isdir(dest):
+        for entry in os.scandir(dest):
+            shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+    done = subprocess.run(["cp", "-a", "--reflink=auto", "--no-target-directory", src, dest],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["cp failed"])[-1].rsplit(": ", 1)[-1]
+        raise StepError(f"cannot copy {path} for the step: {why}")  # (cp's line names our copy)
+    return dest
+
+
 def plan(specs: list[str], *, storage: Path, scratch: Path, base_dir: str,
          secrets: dict[str, tuple[str, str]], built_path: Callable[[str], str]) -> MountPlan:
     """The plan for mount `specs` (parse_mount's syntax). `storage` is the user's store
@@ -51,8 +74,9 @@ def plan(specs: list[str], *, storage: Path, scratch: Path, base_dir: str,
     copies), `secrets` maps an id to ("src", FILE) or ("env", VALUE-NAME), and
     `built_path(LAYER)` is the rootfs of a built layer. Raises StepError."""
     from stacker_kernel.container.runtime import Mount
+    from stacker_kernel.container.userns import run_in_userns
     from stacker_kernel.engine.imports import _file_digest, tree_digest
-    from stacker_kernel.engine.inspect import GrabError, grab, resolve_in_root
+    from stacker_kernel.engine.inspect import GrabError, resolve_in_root
     from stacker_kernel.storage.overlay import read_stack
 
     out = MountPlan()
@@ -102,19 +126,17 @@ def plan(specs: list[str], *, storage: Path, scratch: Path, base_dir: str,
             request.update({k: m[k] for k in ("uid", "gid") if k in m})
         else:  # bind
             inner = m.get("source", ".")
+            rw = m.get("rw", m.get("readwrite", "false")) == "true"
             if "from" in m:
                 try:
                     root = built_path(m["from"])
-                    if read_stack(root) is None:
+                    if read_stack(root) is None and not rw:
                         source = Path(resolve_in_root(root, inner))
                     else:
-                        # An overlay snapshot is a stack of layer directories, which the
-                        # container does not mount: it binds a copy of the path instead.
-                        scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
-                        source = scratch / f"from-{_key(spec)}"
-                        if source.exists() or source.is_symlink():
-                            shutil.rmtree(source) if source.is_dir() and not source.is_symlink() else source.unlink()
-                        grab(root, inner, source, into=False)
+                        # The step writes into a fresh copy (rw: writes are discarded), and an
+                        # overlay snapshot is a stack of layer directories, which the container
+                        # does not mount. The copy keeps the layer's owners and modes.
+                        source = Path(run_in_userns(_copy_in_ns, root, inner, str(scratch), _key(spec)))
                 except (GrabError, StepError, RecipeError) as e:
                     raise StepError(f"%mount {spec}: {e}") from None
                 digests.append(f"{spec}\0{root}")
@@ -123,17 +145,8 @@ def plan(specs: list[str], *, storage: Path, scratch: Path, base_dir: str,
                 if not source.exists():
                     raise StepError(f"%mount {spec}: {source} does not exist")
                 digests.append(f"{spec}\0" + (tree_digest(source) if source.is_dir() else _file_digest(source)))
-            rw = m.get("rw", m.get("readwrite", "false")) == "true"
-            if rw:  # writes are discarded: the step writes into a fresh copy
-                copy = scratch / f"rw-{_key(spec)}"
-                if copy.exists() or copy.is_symlink():
-                    shutil.rmtree(copy) if copy.is_dir() and not copy.is_symlink() else copy.unlink()
-                scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
-                if source.is_dir():
-                    shutil.copytree(source, copy, symlinks=True)
-                else:
-                    shutil.copy2(source, copy)
-                source = copy
+                if rw:  # writes are discarded: the step writes into a fresh copy
+                    source = Path(run_in_userns(_copy_in_ns, None, str(source), str(scratch), _key(spec)))
             request["readonly"] = not rw
         key = _key(kind, str(source))
         if key not in {mt.key for mt in out.mounts}:

@@ -42,7 +42,7 @@ from stacker_kernel.errors import RecipeError, StackerKernelError, StepError, St
 from stacker_kernel.recipe.script import split_script
 from stacker_kernel.recipe.model import (ImageSource, Layer, Recipe, Step, first_line, layer_from_record,
                                          layer_record)
-from stacker_kernel.storage.store import Session, Snapshot, Store, make_tmp_dir
+from stacker_kernel.storage.store import Session, Snapshot, Store, make_tmp_dir, remove_any_owner
 
 if TYPE_CHECKING:  # loaded where a container starts (engine/live.py)
     from stacker_kernel.container.runtime import Container, Mount
@@ -278,6 +278,7 @@ class BuildSession:
         self.options = Options()
         self.remote_cache = None  # engine/remote_cache.RemoteCache: --cache-from/--cache-to, %cache
         self.secrets: dict[str, tuple[str, str]] = {}  # id -> ("src", FILE) | ("env", VAR): --secret
+        self._scratch: Path | None = None  # the step mounts' folder (_mount_scratch)
         self.resumed: StepView | None = None
         self.identity = None  # engine.identity.Identity: how open() found the session
         # How the face names a cell in messages (a kernel: its prompt, [3]), and the saved
@@ -447,7 +448,9 @@ class BuildSession:
         with self._lock:
             self._stop_container()
             self._history.stop_measuring()
-            shutil.rmtree(self._mount_scratch(), ignore_errors=True)  # secrets, rw bind copies
+            if self._scratch is not None:  # secrets, copies of binds: files of the container's ids
+                remove_any_owner(self._scratch)
+                self._scratch = None
             self._live.drop_imports()
             if self.session.recorded:  # else there is no record and no rootfs
                 try:
@@ -789,7 +792,11 @@ class BuildSession:
         return self._live.ensure_container(self.layer, self._run.base_dir, self.network, step_mounts)
 
     def _mount_scratch(self) -> Path:
-        return self.store.root / "tmp" / f"mounts-{self.session.id}"
+        """This session's folder for its steps' secrets and bind copies: named after the
+        process, so that a killed kernel's secrets go at the store's next open."""
+        if self._scratch is None:
+            self._scratch = make_tmp_dir(self.store.root / "tmp", "mounts-")
+        return self._scratch
 
     def _mount_plan(self, script: str):
         """The step's own mounts (engine/run_mounts.py); an empty plan for most steps."""

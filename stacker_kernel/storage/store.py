@@ -480,10 +480,10 @@ def process_start_time(pid: int) -> int | None:
 
 
 # Temporary folders a process makes in the store (a cache pull's downloads, a
-# generate_labels run's labels) are named after it, PREFIX<pid>-<start time>-…, so
+# generate_labels run's labels, a session's secrets and bind copies) are named after it, PREFIX<pid>-<start time>-…, so
 # that opening the store and gc delete those of processes gone (a kill -9).
 # Where they are: (folder below the root, prefix).
-TMP_DIRS = (("cache/remote", "tmp-"), (".", "oci-labels-"))
+TMP_DIRS = (("cache/remote", "tmp-"), (".", "oci-labels-"), ("tmp", "mounts-"))
 _LEGACY_TMP_AGE = 3600  # seconds: a folder of a version that did not name its owner
 
 
@@ -541,7 +541,7 @@ def collect_tmp_dirs(root: Path) -> list[Path]:
             continue
         for entry in entries:
             if entry.name.startswith(prefix) and _tmp_owner_gone(entry, prefix):
-                btrfs.remove_tree(entry)
+                remove_any_owner(entry)  # a bind's copy keeps the container's ids
                 gone.append(entry)
     return gone
 
