@@ -138,3 +138,44 @@ def test_two_builds_of_one_notebook_at_once_one_refuses_and_the_other_is_kept(st
     assert again.returncode == 0, err
     assert _snapshot_ids(out) == printed
     assert out.count(" cached in ") == STEPS + 1
+
+
+def test_a_killed_build_leaves_no_staged_imports_or_secrets_after_the_next_open(storage, busybox_tar, tmp_path):
+    """kill -9 of a build while a step runs with imports staged and a secret mounted: the
+    next open of the store deletes both (they are named after the build's process); a
+    live process's folder stays."""
+    (tmp_path / "payload.txt").write_text("imported\n")
+    (tmp_path / "token").write_text("s3cr3t\n")
+    (tmp_path / "stacker.yaml").write_text(
+        f"img:\n  from:\n    type: tar\n    url: {busybox_tar}\n  imports:\n    - payload.txt\n"
+        f"  binds:\n    - {tmp_path} -> /signal\n"
+        "  run: |\n    #%mount type=secret,id=token\n    touch /signal/started; sleep 1000\n")
+    build = start(storage, "build", "-f", str(tmp_path / "stacker.yaml"), "--no-oci",
+                  "--secret", f"id=token,src={tmp_path / 'token'}")
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists():
+            assert build.poll() is None and time.monotonic() < deadline, "the step did not start"
+            time.sleep(0.1)
+        staged = [p.name for p in (storage / "imports").iterdir()]
+        assert [n.startswith(f"{build.pid}-") for n in staged] == [True]
+        assert (storage / "imports" / staged[0] / "payload.txt").read_text() == "imported\n"
+        assert len(list((storage / "tmp").glob(f"mounts-{build.pid}-*"))) == 1
+        build.kill()
+        build.communicate()
+        # a live process's folder stays
+        mine = storage / "imports" / f"{os.getpid()}-{_start_time(os.getpid())}-x"
+        mine.mkdir()
+        Store.open(storage).close()
+        assert [p.name for p in (storage / "imports").iterdir()] == [mine.name]
+        assert list((storage / "tmp").iterdir()) == []
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.communicate()
+
+
+def _start_time(pid: int) -> int:
+    from stacker_kernel.storage.store import process_start_time
+
+    return process_start_time(pid)

@@ -67,6 +67,7 @@ class LiveRootfs:
         self.container: Container | None = None
         self.ready = False
         self.imports_digest = ""  # of the staged imports: part of every step's cache key
+        self._imports_name: str | None = None
         self._pending: Snapshot | None = None  # what the rootfs is to be a snapshot of (see replace)
         self.before_making: Callable[[], None] | None = None  # called before the rootfs is made
 
@@ -84,7 +85,12 @@ class LiveRootfs:
 
     @property
     def imports_dir(self) -> Path:
-        return self.store.root / "imports" / self.session_id
+        """The layer's imports, staged (named after this process: collected once it is gone)."""
+        if self._imports_name is None:
+            from stacker_kernel.storage.store import process_tmp_name
+
+            self._imports_name = process_tmp_name("") + self.session_id
+        return self.store.root / "imports" / self._imports_name
 
     def replace(self, snap: Snapshot) -> None:
         """The rootfs becomes a writable snapshot of `snap` (the container stops).

@@ -480,10 +480,11 @@ def process_start_time(pid: int) -> int | None:
 
 
 # Temporary folders a process makes in the store (a cache pull's downloads, a
-# generate_labels run's labels, a session's secrets and bind copies) are named after it, PREFIX<pid>-<start time>-…, so
-# that opening the store and gc delete those of processes gone (a kill -9).
+# generate_labels run's labels, a session's secrets, bind copies and staged
+# imports) are named after it, PREFIX<pid>-<start time>-…, so that opening the
+# store and gc delete those of processes gone (a kill -9).
 # Where they are: (folder below the root, prefix).
-TMP_DIRS = (("cache/remote", "tmp-"), (".", "oci-labels-"), ("tmp", "mounts-"))
+TMP_DIRS = (("cache/remote", "tmp-"), (".", "oci-labels-"), ("tmp", "mounts-"), ("imports", ""))
 _LEGACY_TMP_AGE = 3600  # seconds: a folder of a version that did not name its owner
 
 
@@ -511,13 +512,18 @@ def remove_any_owner(path: Path) -> None:
     _any_owner(btrfs.remove_tree, path)
 
 
+def process_tmp_name(prefix: str) -> str:
+    """The start of a name in one of TMP_DIRS that says this process owns it."""
+    pid = os.getpid()
+    return f"{prefix}{pid}-{process_start_time(pid)}-"
+
+
 def make_tmp_dir(parent: Path, prefix: str) -> Path:
     """A fresh folder in `parent` (one of TMP_DIRS) named after this process."""
     import tempfile
 
     parent.mkdir(parents=True, exist_ok=True)
-    pid = os.getpid()
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{pid}-{process_start_time(pid)}-", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=process_tmp_name(prefix), dir=parent))
 
 
 def _tmp_owner_gone(entry: Path, prefix: str) -> bool:
