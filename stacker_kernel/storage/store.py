@@ -1058,17 +1058,22 @@ class Store:
         trash is the reaper's: it only notes that there is one (`trash_seen`).
         """
         with self.write_lock():
-            known = {s.id: s for s in self.snapshots()}
+            # Ids and kinds only, and one listing per folder: opening a store of thousands
+            # of snapshots stays a few milliseconds (every build and kernel opens it).
+            known = dict(self._query("SELECT id, kind FROM snapshots"))
+            present = set()
             for sub, kind in (("snapshots", "step"), ("bases", "base")):
-                for entry in (self.root / sub).iterdir():
+                for entry in os.scandir(self.root / sub):
                     name = entry.name
                     if name.startswith(drivers.TRASH_PREFIX):
                         self.trash_seen = True
                     elif kind == "base" and name.startswith(TMP_PREFIX):
-                        self._recover_tmp_base(entry)
-                    elif name not in known or known[name].kind != kind:
-                        self.driver.remove(entry)
-            missing = {sid for sid, s in known.items() if not s.path.is_dir()}
+                        self._recover_tmp_base(Path(entry.path))
+                    elif known.get(name) != kind:
+                        self.driver.remove(Path(entry.path))
+                    elif entry.is_dir():
+                        present.add(name)
+            missing = set(known) - present
             if missing:
                 self._drop_records(missing)
             sessions = {s.id: s for s in self.find_sessions()}
