@@ -449,7 +449,10 @@ class BuildSession:
             self._stop_container()
             self._history.stop_measuring()
             if self._scratch is not None:  # secrets, copies of binds: files of the container's ids
-                remove_any_owner(self._scratch)
+                try:
+                    remove_any_owner(self._scratch)
+                except (OSError, StackerKernelError):
+                    pass  # named after this process: the store's next open after it deletes it
                 self._scratch = None
             self._live.drop_imports()
             if self.session.recorded:  # else there is no record and no rootfs
