@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from stacker_kernel.container.userns import run_in_userns
 from stacker_kernel.engine.grab import MAX_SYMLINKS, GrabError, Grabbed, escapes, grab
@@ -21,12 +21,13 @@ if TYPE_CHECKING:
 __all__ = ["TreeReader", "GrabError", "Grabbed", "grab", "resolve_in_root", "diff_summary", "size_changes"]
 
 
-def resolve_in_root(root: str, path: str, missing_ok: bool = False, clamp: bool = False) -> str:
-    """The host path of container path `path` in rootfs `root`, following symlinks
-    inside the rootfs. Raises GrabError if it would leave the rootfs, or (unless
-    `missing_ok`, which keeps the missing rest as plain names) if it does not exist.
-    With `clamp`, `..` at the root stays at the root, as inside the container."""
-    root = os.path.abspath(root)
+def _follow(path: str, host_of: Callable[[list[str]], "str | os.PathLike | None"],
+            clamp: bool) -> tuple[list[str], list[str] | None]:
+    """Walk container path `path` part by part, following symlinks inside the rootfs
+    (`host_of(parts)` is where those parts are on the host, None when absent). Returns
+    the resolved parts and, from the first missing part on, the rest (None when all
+    exist). Raises GrabError on a loop, or when the path escapes the rootfs, unless
+    `clamp` (`..` at the root stays there, as inside the container)."""
     todo = [p for p in path.split("/") if p not in ("", ".")]
     done: list[str] = []
     links = 0
@@ -38,13 +39,13 @@ def resolve_in_root(root: str, path: str, missing_ok: bool = False, clamp: bool 
             elif not clamp:
                 raise GrabError(f"{path} escapes the rootfs through '..'")
             continue
-        host = os.path.join(root, *done, part)
+        host = host_of(done + [part])
         try:
-            st = os.lstat(host)
+            st = os.lstat(host) if host is not None else None
         except FileNotFoundError:
-            if missing_ok and ".." not in todo:
-                return os.path.join(root, *done, part, *todo)
-            raise GrabError(f"{path} does not exist in the rootfs") from None
+            st = None
+        if st is None:
+            return done, [part] + todo
         if stat.S_ISLNK(st.st_mode):
             links += 1
             if links > MAX_SYMLINKS:
@@ -57,7 +58,21 @@ def resolve_in_root(root: str, path: str, missing_ok: bool = False, clamp: bool 
             todo = [p for p in target.split("/") if p not in ("", ".")] + todo
             continue
         done.append(part)
-    return os.path.join(root, *done)
+    return done, None
+
+
+def resolve_in_root(root: str, path: str, missing_ok: bool = False, clamp: bool = False) -> str:
+    """The host path of container path `path` in rootfs `root`, following symlinks
+    inside the rootfs. Raises GrabError if it would leave the rootfs, or (unless
+    `missing_ok`, which keeps the missing rest as plain names) if it does not exist.
+    With `clamp`, `..` at the root stays at the root, as inside the container."""
+    root = os.path.abspath(root)
+    done, missing = _follow(path, lambda parts: os.path.join(root, *parts), clamp)
+    if missing is None:
+        return os.path.join(root, *done)
+    if missing_ok and ".." not in missing[1:]:
+        return os.path.join(root, *done, *missing)
+    raise GrabError(f"{path} does not exist in the rootfs")
 
 
 class TreeReader:
@@ -78,33 +93,12 @@ class TreeReader:
 
     def resolve(self, path: str) -> str | None:
         """Container path `path` with its symlinks resolved, None if it is not there."""
-        todo = [p for p in path.split("/") if p not in ("", ".")]
-        done: list[str] = []
-        links = 0
-        while todo:
-            part = todo.pop(0)
-            if part == "..":
-                if done:
-                    done.pop()
-                continue
-            host = self.driver.locate(self.tree, "/".join(done + [part]))
-            if host is None:
-                return None
-            try:
-                st = os.lstat(host)
-                if stat.S_ISLNK(st.st_mode):
-                    links += 1
-                    if links > MAX_SYMLINKS:
-                        return None
-                    target = os.readlink(host)
-                    if target.startswith("/"):
-                        done = []
-                    todo = [p for p in target.split("/") if p not in ("", ".")] + todo
-                    continue
-            except OSError:
-                return None
-            done.append(part)
-        return "/" + "/".join(done)
+        try:
+            done, missing = _follow(path, lambda parts: self.driver.locate(self.tree, "/".join(parts)),
+                                    clamp=True)
+        except (GrabError, OSError):  # a loop, or a file the user may not read from the host
+            return None
+        return "/" + "/".join(done) if missing is None else None
 
     def host_path(self, path: str) -> str | None:
         """Where container path `path` (symlinks resolved) is on the host, None if absent."""
