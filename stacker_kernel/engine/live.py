@@ -21,7 +21,7 @@ from stacker_kernel.container.step import ROOT_HOME
 from stacker_kernel.engine import imports as imports_mod
 from stacker_kernel.errors import ContainerError, StepError
 from stacker_kernel.recipe.model import ImageSource, Layer
-from stacker_kernel.storage.store import Snapshot, Store
+from stacker_kernel.storage.store import Snapshot, Store, process_tmp_name
 
 if TYPE_CHECKING:  # loaded where a container starts: a build that takes every step from the cache starts none
     from stacker_kernel.container.runtime import Container, Mount
@@ -67,7 +67,7 @@ class LiveRootfs:
         self.container: Container | None = None
         self.ready = False
         self.imports_digest = ""  # of the staged imports: part of every step's cache key
-        self._imports_name: str | None = None
+        self._imports_name = process_tmp_name("") + session_id  # this process's, not a fork's
         self._pending: Snapshot | None = None  # what the rootfs is to be a snapshot of (see replace)
         self.before_making: Callable[[], None] | None = None  # called before the rootfs is made
 
@@ -86,10 +86,6 @@ class LiveRootfs:
     @property
     def imports_dir(self) -> Path:
         """The layer's imports, staged (named after this process: collected once it is gone)."""
-        if self._imports_name is None:
-            from stacker_kernel.storage.store import process_tmp_name
-
-            self._imports_name = process_tmp_name("") + self.session_id
         return self.store.root / "imports" / self._imports_name
 
     def replace(self, snap: Snapshot) -> None:
