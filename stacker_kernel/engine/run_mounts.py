@@ -135,8 +135,16 @@ def plan(specs: list[str], *, storage: Path, scratch: Path, base_dir: str,
                     else:
                         # The step writes into a fresh copy (rw: writes are discarded), and an
                         # overlay snapshot is a stack of layer directories, which the container
-                        # does not mount. The copy keeps the layer's owners and modes.
-                        source = Path(run_in_userns(_copy_in_ns, root, inner, str(scratch), _key(spec)))
+                        # does not mount. The copy keeps the layer's owners and modes. A snapshot
+                        # never changes: a read-only copy of it is made once per session.
+                        made = scratch / f"{_key(spec)}.from"
+                        held = made.read_text().split("\0") if made.exists() else []
+                        if not rw and held[:2] == [root, inner] and os.path.lexists(held[2]):
+                            source = Path(held[2])
+                        else:
+                            made.unlink(missing_ok=True)
+                            source = Path(run_in_userns(_copy_in_ns, root, inner, str(scratch), _key(spec)))
+                            made.write_text(f"{root}\0{inner}\0{source}")
                 except (GrabError, StepError, RecipeError) as e:
                     raise StepError(f"%mount {spec}: {e}") from None
                 digests.append(f"{spec}\0{root}")
