@@ -6,8 +6,9 @@ BuildKit's mount types (frontend/dockerfile/docs/reference.md, "RUN --mount"):
   key (as BuildKit); `uid`, `gid`, `mode` apply when it is created.
 - bind: a path of the build context (the directory the recipe is in) or, with
   `from=LAYER`, of a built layer; read-only unless `rw`, and then what the step
-  writes is discarded (it gets a fresh copy; a layer's copy keeps its owners). What it shows is in the step's
-  cache key (the tree's digest, or the layer's snapshot).
+  writes is discarded (it gets a fresh copy; a layer's copy keeps its owners).
+  What it shows is in the step's cache key (the tree's digest, or the layer's
+  snapshot).
 - secret: the file or environment variable given at build time for `id`
   (`--secret id=ID,src=FILE|env=VAR`), at `target` (default /run/secrets/ID),
   mode 0400 unless `mode`. Its content is in no layer, no cache key and no
