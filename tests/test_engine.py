@@ -512,3 +512,26 @@ def test_a_rw_bind_is_a_fresh_copy_at_every_step_and_goes_with_the_session(sessi
     run_in_userns(plant, str(dead))
     Store.open(storage).close()
     assert not dead.exists()
+
+
+def test_a_gc_right_after_a_build_imported_its_base_keeps_the_base(storage, busybox_tar, tmp_path, monkeypatch):
+    """A build records its session only when it writes (a fully cached one writes nothing);
+    importing a base is such a write, so a gc that runs right after the import (three
+    builds and gc at once in test_concurrency met it) sees the base referenced."""
+    real = BuildSession._import_pinned_base
+
+    def import_then_gc(self, source, warn):
+        base = real(self, source, warn)
+        with Store.open(storage) as other:
+            other.gc(reap=False)
+        return base
+
+    monkeypatch.setattr(BuildSession, "_import_pinned_base", import_then_gc)
+    with Store.open(storage) as store:
+        s = BuildSession.open(store, str(tmp_path / "nb.ipynb"), kind="build", resume=False, record=False)
+        try:
+            s.begin_layer(busybox_layer("nb", busybox_tar))
+            out, _ = run_ok(s, "echo built")
+            assert out.strip() == "built"
+        finally:
+            s.close()

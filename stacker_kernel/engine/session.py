@@ -715,7 +715,12 @@ class BuildSession:
         from stacker_kernel.oci.bases import import_base
 
         for _ in range(3):
+            started = time.time()
             base = import_base(self.store, source, resolve_built=self._resolve_built, warn=warn)
+            if base.created >= started:
+                # Just imported: nothing points at it until a recorded session does (a build
+                # records itself only when it writes, and importing a base is a write).
+                self.keep()
             with self.store.write_lock():
                 if self.store.get(base.id) is not None and base.path.is_dir():
                     self.session.head = base.id
